@@ -47,6 +47,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import hmac
 import http.client
@@ -59,6 +60,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -2122,7 +2124,7 @@ class Daemon:
         self._load_saved()
         host, port = self.config.get("api.host"), self.config.get("api.port")
         self.http = ApiServer((host, port), self)
-        self._spawn(self.http.serve_forever, "wingslite-http")
+        self._spawn(lambda: self.http.serve_forever(poll_interval=0.1), "wingslite-http")
         LOG.info("wingslite %s serving the API on %s:%d", VERSION, host, self.http.server_address[1])
         if not self.config.get("wingslite.sftp_enabled"):
             LOG.info("SFTP is off (wingslite.sftp_enabled is false)")
