@@ -10,10 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import errno
 import http.client
 import http.server
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import wingslite as w
 
@@ -1168,6 +1173,682 @@ class TestDemo:
 
 # -- marker: docker tests --
 
+TEST_IMAGE = os.environ.get("WINGSLITE_TEST_IMAGE", "wingslite-test:latest")
+# A console program for the test image: prints "ready" (the done line), then runs each stdin line
+# as a shell command ("echo $X", "exit 3"); a stop command "quit" ends it cleanly.
+CONSOLE_STARTUP = 'echo "booting $GREETING"; echo ready; while read -r line; do [ "$line" = quit ] && exit 0; eval "$line"; done'
+
+
+def docker_document(
+    uuid: str | None = None,
+    *,
+    startup: str = CONSOLE_STARTUP,
+    memory_mb: int = 64,
+    cpu: int = 0,
+    threads=None,
+    swap: int = 0,
+    env=None,
+    stop=("command", "quit"),
+    image: str = TEST_IMAGE,
+    port: int | None = None,
+    mounts=(),
+) -> dict:
+    """A Panel document for a server that really runs in the test image (``wingslite-test``)."""
+    doc = panel_document(uuid)
+    s = doc["settings"]
+    port = port or free_port()
+    s["environment"] = {"GREETING": "hello", **(env or {})}
+    s["invocation"] = startup
+    s["build"].update(memory_limit=memory_mb, swap=swap, cpu_limit=cpu, threads=threads, disk_space=0)
+    s["container"]["image"] = image
+    s["allocations"] = {"force_outgoing_ip": False, "default": {"ip": "127.0.0.1", "port": port}, "mappings": {"127.0.0.1": [port]}}
+    s["mounts"] = list(mounts)
+    doc["process_configuration"] = {
+        "startup": {"done": ["ready"], "user_interaction": [], "strip_ansi": False},
+        "stop": {"type": stop[0], "value": stop[1]},
+        "configs": [],
+    }
+    return doc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float = 20, what: str = "condition", interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """The real Docker engine (``.ci/run`` starts it and builds ``wingslite-test``)."""
+    docker = pytest.importorskip("docker")
+    client = docker.APIClient(version="1.41")
+    try:
+        client.inspect_image(TEST_IMAGE)
+    except Exception as exc:
+        pytest.fail(f"Docker engine or the test image {TEST_IMAGE} is not available ({exc}); run .ci/run or .ci/test-env.sh")
+    return client
+
+
+class DockerServers:
+    """Servers running in real containers under one daemon: ``add()`` then ``start()``.
+
+    Every container it created is removed at teardown.
+    """
+
+    def __init__(self, engine, panel: FakePanel, make_daemon: DaemonFactory):
+        self.engine, self.panel, self.make_daemon = engine, panel, make_daemon
+        self.uuids: list[str] = []
+        self.daemon: w.Daemon | None = None
+
+    def add(self, **document_options) -> str:
+        uuid = self.panel.add(docker_document(**document_options))
+        self.uuids.append(uuid)
+        return uuid
+
+    def boot(self, **config_overrides) -> w.Daemon:
+        self.daemon = self.make_daemon(self.panel, **config_overrides)
+        return self.daemon
+
+    def start(self, uuid: str, timeout_s: float = 20) -> w.Server:
+        assert api(self.daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        return self.wait_state(uuid, "running", timeout_s)
+
+    def wait_state(self, uuid: str, state: str, timeout_s: float = 20) -> w.Server:
+        server = self.daemon.get_server(uuid)
+        wait_until(lambda: server.state == state, timeout_s, f"server {uuid[:8]} to be {state} (is {server.state})")
+        return server
+
+    def inspect(self, uuid: str) -> dict:
+        return self.engine.inspect_container(uuid)
+
+    def console(self, uuid: str) -> list[str]:
+        return self.daemon.get_server(uuid).console.tail(1000)
+
+    def wait_console(self, uuid: str, text: str, timeout_s: float = 15) -> str:
+        return wait_until(
+            lambda: next((line for line in self.console(uuid) if text in line), None), timeout_s, f"{text!r} on the console of {uuid[:8]}"
+        )
+
+    def cleanup(self) -> None:
+        for uuid in self.uuids:
+            with contextlib.suppress(Exception):
+                self.engine.remove_container(uuid, force=True)
+
+
+@pytest.fixture
+def docker_servers(docker_engine, panel, make_daemon):
+    servers = DockerServers(docker_engine, panel, make_daemon)
+    yield servers
+    servers.make_daemon.stop_all()
+    servers.cleanup()
+
+
+@pytest.fixture
+def docker_daemon(docker_servers):
+    """A daemon with one server running in a real container (console: each stdin line is run by sh).
+
+    Yields the ``DockerServers`` harness with ``.daemon`` and ``.uuid`` set.
+    """
+    uuid = docker_servers.add()
+    docker_servers.boot()
+    docker_servers.start(uuid)
+    docker_servers.uuid = uuid
+    return docker_servers
+
+
+def cgroup_file(controller: str, container_id: str, name: str) -> str:
+    return Path(f"/sys/fs/cgroup/{controller}/docker/{container_id}/{name}").read_text().strip()
+
+
+class TestConsolePipeline:
+    def test_lines_are_cut_at_the_limit_and_the_rest_of_the_line_is_dropped(self):
+        # Wings' own test case (system/utils_test.go) with a 10-byte limit.
+        splitter = w.LineSplitter(10)
+        lines = splitter.feed(b"hello world this is a long line\nof text that should be truncated\nnot here\nbut definitely on this line")
+        assert lines + splitter.flush() == ["hello worl", "of text th", "not here", "but defini"]
+
+    def test_space_carriage_return_becomes_a_line_break_and_empty_lines_are_dropped(self):
+        splitter = w.LineSplitter()
+        assert splitter.feed(b"50% \r60%\r\n\r\npart") == ["50%\r\n60%"]
+        assert splitter.feed(b"ial\n") == ["partial"]
+
+    def test_an_endless_line_does_not_grow_the_buffer(self):
+        splitter = w.LineSplitter()
+        for _ in range(100):
+            out = splitter.feed(b"x" * 10_000)
+            assert all(len(line) == w.CONSOLE_LINE_MAX_BYTES for line in out)
+        assert len(splitter._buffer) <= w.CONSOLE_LINE_MAX_BYTES
+        assert splitter.feed(b"end\nnext\n") == ["next"]
+
+    def test_throttle_allows_the_window_then_strikes_once_per_flood(self):
+        now = [0.0]
+        strikes = []
+        throttle = w.ConsoleThrottle(2, 100, lambda: strikes.append(now[0]), clock=lambda: now[0])
+        assert [throttle.allow() for _ in range(5)] == [True, True, False, False, False]
+        assert strikes == [0.0]
+        now[0] = 0.15  # a new window
+        assert throttle.allow() and throttle.allow() and not throttle.allow()
+        assert strikes == [0.0, 0.15]
+
+    def test_done_matches_before_the_throttle_and_only_once(self):
+        bus = w.EventBus()
+        seen = []
+        bus.subscribe(lambda event, *args: seen.append((event, *args)))
+        console = w.ConsolePipeline(bus, throttle_lines=1, throttle_interval_ms=60_000)
+        done = []
+        process = w.ProcessConfig(done=("regex:^Done \\(\\d+s\\)",))
+        console.begin(process.done_matchers(), False, lambda: done.append(1))
+        console.feed(b"line one\nDone (3s)!\nDone (4s)!\n")
+        assert done == [1]
+        published = [args[0] for event, *args in seen if event == "console output"]
+        assert published[0] == "line one" and "throttling" in published[1] and len(published) == 2
+
+    def test_signal_names_are_sent_as_docker_expects_them(self):
+        assert [w.signal_name(v) for v in ("SIGTERM", "sigint", "C", "ABRT", "SIGKILL", "bogus", "")] == [
+            "SIGTERM",
+            "SIGINT",
+            "SIGINT",
+            "SIGABRT",
+            "SIGKILL",
+            "SIGKILL",
+            "SIGKILL",
+        ]
+
+
+class TestCgroups:
+    def make_v2(self, tmp_path: Path, rel: str) -> Path:
+        root = tmp_path / "cgroup2"
+        (root / rel).mkdir(parents=True)
+        (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+        (root / rel).parent.joinpath("cpuset.cpus.effective").write_text("0-3\n")
+        files = {
+            "memory.max": "104857600",
+            "memory.swap.max": "0",
+            "memory.low": "52428800",
+            "cpu.max": "50000 100000",
+            "cpuset.cpus": "1",
+            "pids.max": "512",
+        }
+        for name, value in files.items():
+            (root / rel / name).write_text(value + "\n")
+        return root
+
+    def test_v2_systemd_layout_is_found_read_and_lifted(self, tmp_path):
+        cid = "c" * 64
+        root = self.make_v2(tmp_path, f"system.slice/docker-{cid}.scope")
+        cgroup = w.Cgroup.locate(root, cid, driver="systemd")
+        assert cgroup.version == 2
+        k = cgroup.read()
+        assert (k.memory_bytes, k.swap_bytes, k.cpu_quota_us, k.cpu_period_us, k.cpuset, k.all_cpus, k.pids) == (
+            104857600,
+            0,
+            50000,
+            100000,
+            "1",
+            "0-3",
+            512,
+        )
+        cgroup.lift_memory_limit()
+        cgroup.lift_cpu_quota()
+        cgroup.lift_cpuset()
+        k = cgroup.read()
+        assert (k.memory_bytes, k.swap_bytes, k.cpu_quota_us, k.cpuset) == (None, None, None, "")
+        d = root / f"system.slice/docker-{cid}.scope"
+        assert (d / "memory.max").read_text() == "max" and (d / "memory.low").read_text() == "0"
+
+    def test_v2_cgroupfs_layout_and_nested_systemd_slices(self, tmp_path):
+        cid = "d" * 64
+        root = self.make_v2(tmp_path, f"docker/{cid}")
+        assert w.Cgroup.locate(root, cid).dirs["memory"] == root / "docker" / cid
+        assert (
+            w._container_cgroup_relpath(cid, "systemd", "games-minecraft.slice") == f"games.slice/games-minecraft.slice/docker-{cid}.scope"
+        )
+        assert w._container_cgroup_relpath(cid, "cgroupfs", "/games/") == f"games/{cid}"
+
+    def test_a_missing_cgroup_names_where_it_was_looked_for(self, tmp_path):
+        root = self.make_v2(tmp_path, "docker/other")
+        with pytest.raises(w.WingsliteError, match="cgroup v2, cgroupfs driver"):
+            w.Cgroup.locate(root, "e" * 64)
+
+    def test_v1_cgroup_of_a_process_is_written_directly(self, tmp_path):
+        # A real v1 hierarchy, no Docker: a group of our own holding a sleeping process.
+        group = f"wingslite-test-{os.getpid()}"
+        dirs = {c: Path("/sys/fs/cgroup") / c / "wingslite-tests" / group for c in w.Cgroup.V1_CONTROLLERS}
+        if not Path("/sys/fs/cgroup/memory").is_dir():
+            pytest.skip("no cgroup v1 memory hierarchy on this machine")
+        proc = subprocess.Popen(["sleep", "60"])
+        try:
+            for c, d in dirs.items():
+                d.mkdir(parents=True, exist_ok=True)
+                if c == "cpuset":
+                    for f in ("cpuset.cpus", "cpuset.mems"):
+                        for p in (d.parent, d):
+                            (p / f).write_text((p.parent / f).read_text())
+                (d / "cgroup.procs").write_text(str(proc.pid))
+            (dirs["memory"] / "memory.limit_in_bytes").write_text("100000000")
+            (dirs["cpu"] / "cpu.cfs_quota_us").write_text("50000")
+            (dirs["cpuset"] / "cpuset.cpus").write_text("0")
+            cgroup = w.Cgroup.locate("/sys/fs/cgroup", group, parent="/wingslite-tests")
+            k = cgroup.read()
+            assert (k.memory_bytes, k.cpu_quota_us, k.cpuset) == (99999744, 50000, "0")
+            cgroup.lift_memory_limit()
+            cgroup.lift_cpu_quota()
+            cgroup.lift_cpuset()
+            k = cgroup.read()
+            assert (k.memory_bytes, k.swap_bytes, k.cpu_quota_us) == (None, None, None)
+            assert w._cpu_set(k.cpuset) == w._cpu_set(k.all_cpus)
+            assert proc.poll() is None
+        finally:
+            proc.kill()
+            proc.wait()
+            for d in dirs.values():
+                wait_until(lambda d=d: not (d / "cgroup.procs").read_text().strip(), 5, "the cgroup to empty")
+                d.rmdir()
+                with contextlib.suppress(OSError):
+                    d.parent.rmdir()
+
+
+class TestDockerEnvironment:
+    def test_container_is_created_as_wings_creates_it(self, docker_servers, tmp_path):
+        allowed = tmp_path / "srv" / "data"
+        sibling = tmp_path / "srv" / "database"
+        (allowed / "maps").mkdir(parents=True)
+        sibling.mkdir(parents=True)
+        (allowed / "escape").symlink_to(sibling)
+        mounts = [
+            {"source": str(allowed / "maps"), "target": "/maps", "read_only": True},
+            {"source": str(sibling), "target": "/db", "read_only": False},  # a string prefix match only
+            {"source": str(allowed / "escape"), "target": "/esc", "read_only": False},  # symlink out
+        ]
+        uuid = docker_servers.add(env={"P_SERVER_ALLOCATION_LIMIT": 0}, mounts=mounts, cpu=50, threads="0")
+        daemon = docker_servers.boot(allowed_mounts=[str(allowed)], docker__container_pid_limit=256)
+        docker_servers.start(uuid)
+        info = docker_servers.inspect(uuid)
+        hc, cfg = info["HostConfig"], info["Config"]
+        port = docker_servers.panel.servers[uuid]["settings"]["allocations"]["default"]["port"]
+        assert info["Name"] == f"/{uuid}" and cfg["Hostname"] == uuid
+        assert cfg["Env"][:5] == [
+            "TZ=" + w._timezone(daemon.config),
+            f"STARTUP={CONSOLE_STARTUP}",
+            "SERVER_MEMORY=64",
+            "SERVER_IP=127.0.0.1",
+            f"SERVER_PORT={port}",
+        ]
+        assert "P_SERVER_ALLOCATION_LIMIT=0" in cfg["Env"]
+        assert cfg["Tty"] and cfg["OpenStdin"] and cfg["StdinOnce"] is False
+        assert cfg["Labels"]["Service"] == "Pterodactyl" and cfg["Labels"]["ContainerType"] == "server_process"
+        assert hc["PortBindings"] == {
+            f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}],
+            f"{port}/udp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}],
+        }
+        assert hc["Tmpfs"] == {"/tmp": "rw,exec,nosuid,size=100M"}
+        assert hc["ReadonlyRootfs"] and hc["SecurityOpt"] == ["no-new-privileges"]
+        assert sorted(c.lower() for c in hc["CapDrop"]) == sorted(w._CAP_DROP)
+        assert hc["PidsLimit"] == 256 and hc["Memory"] == w.memory_limit_bytes(64) and hc["CpuQuota"] == 50_000 and hc["CpusetCpus"] == "0"
+        binds = {m["Target"]: (m["Source"], m.get("ReadOnly", False)) for m in hc["Mounts"]}
+        assert binds == {"/home/container": (str(daemon.config.data_dir / uuid), False), "/maps": (str(allowed / "maps"), True)}
+        # The server directory is the process's working directory.
+        api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["pwd > where.txt"]})
+        wait_until(lambda: (daemon.config.data_dir / uuid / "where.txt").exists(), 10, "where.txt")
+        assert (daemon.config.data_dir / uuid / "where.txt").read_text().strip() == "/home/container"
+
+    def test_sync_changes_limits_on_the_running_process_and_lifts_them(self, docker_servers):
+        uuid = docker_servers.add(memory_mb=64, cpu=50, threads="0")
+        daemon = docker_servers.boot()
+        docker_servers.start(uuid)
+        assert any(line == "ready" for line in docker_servers.console(uuid))
+        before = docker_servers.inspect(uuid)
+        cid, pid = before["Id"], before["State"]["Pid"]
+
+        docker_servers.panel.servers[uuid]["settings"]["build"].update(memory_limit=128, cpu_limit=150, threads="1", swap=64)
+        started = time.monotonic()
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        sync_ms = (time.monotonic() - started) * 1000
+        after = docker_servers.inspect(uuid)
+        assert (after["Id"], after["State"]["Pid"]) == (cid, pid)
+        assert (
+            after["HostConfig"]["Memory"] == w.memory_limit_bytes(128)
+            and after["HostConfig"]["CpuQuota"] == 150_000
+            and after["HostConfig"]["CpusetCpus"] == "1"
+        )
+        assert int(cgroup_file("memory", cid, "memory.limit_in_bytes")) // 4096 == w.memory_limit_bytes(128) // 4096
+        assert int(cgroup_file("memory", cid, "memory.memsw.limit_in_bytes")) // 4096 == (w.memory_limit_bytes(128) + 64_000_000) // 4096
+        assert cgroup_file("cpu", cid, "cpu.cfs_quota_us") == "150000" and cgroup_file("cpuset", cid, "cpuset.cpus") == "1"
+        assert cgroup_file("pids", cid, "pids.max") == "512"
+
+        docker_servers.panel.servers[uuid]["settings"]["build"].update(memory_limit=0, cpu_limit=0, threads=None, swap=-1)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        unlimited = str(9223372036854771712)
+        assert cgroup_file("memory", cid, "memory.limit_in_bytes") == unlimited
+        assert cgroup_file("memory", cid, "memory.memsw.limit_in_bytes") == unlimited
+        assert cgroup_file("cpu", cid, "cpu.cfs_quota_us") == "-1"
+        assert cgroup_file("cpuset", cid, "cpuset.cpus") == Path("/sys/fs/cgroup/cpuset/docker/cpuset.cpus").read_text().strip()
+        after = docker_servers.inspect(uuid)
+        assert (after["Id"], after["State"]["Pid"], after["State"]["Running"]) == (cid, pid, True)
+        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert record["failed"] == [] and "memory unlimited" in record["applied"] and "cpu quota unlimited" in record["applied"]
+        assert sync_ms < 1000, f"a sync with live limits took {sync_ms:.0f} ms"
+
+    def test_sync_lifts_limits_in_a_cgroup_v2_layout(self, docker_servers, tmp_path):
+        # This node is cgroup v1; the v2 writers run against a directory laid out like v2.
+        uuid = docker_servers.add(memory_mb=64, cpu=50, threads="0")
+        root = tmp_path / "cgroup2"
+        daemon = docker_servers.boot(wingslite__cgroup_root=str(root))
+        docker_servers.start(uuid)
+        cid = docker_servers.inspect(uuid)["Id"]
+        d = root / "docker" / cid
+        d.mkdir(parents=True)
+        (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+        (root / "docker" / "cpuset.cpus.effective").write_text("0-1\n")
+        for name, value in {
+            "memory.max": "73600000",
+            "memory.swap.max": "0",
+            "memory.low": "64000000",
+            "cpu.max": "50000 100000",
+            "cpuset.cpus": "0",
+            "pids.max": "512",
+        }.items():
+            (d / name).write_text(value + "\n")
+        docker_servers.panel.servers[uuid]["settings"]["build"].update(memory_limit=0, cpu_limit=0, threads=None, swap=-1)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert [(d / f).read_text().strip() for f in ("memory.max", "memory.swap.max", "memory.low", "cpu.max", "cpuset.cpus")] == [
+            "max",
+            "max",
+            "0",
+            "max",
+            "",
+        ]
+
+    def test_environment_change_shows_only_after_a_restart(self, docker_servers):
+        uuid = docker_servers.add(env={"GREETING": "first"})
+        daemon = docker_servers.boot()
+        docker_servers.start(uuid)
+        docker_servers.wait_console(uuid, "booting first")
+        docker_servers.panel.servers[uuid]["settings"]["environment"]["GREETING"] = "second"
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        pending = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["pending_next_start"]
+        assert "environment variables" in pending
+        assert api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["echo now $GREETING"]})[0] == 204
+        docker_servers.wait_console(uuid, "now first")
+        assert "GREETING=first" in docker_servers.inspect(uuid)["Config"]["Env"]
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "restart"})[0] == 202
+        docker_servers.wait_console(uuid, "booting second")
+        docker_servers.wait_state(uuid, "running")
+        assert "GREETING=second" in docker_servers.inspect(uuid)["Config"]["Env"]
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["pending_next_start"] == []
+
+    def test_a_crash_restarts_once_and_a_second_crash_inside_the_window_does_not(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot(system__crash_detection__timeout=60)
+        server = docker_servers.start(uuid)
+        first_id = docker_servers.inspect(uuid)["Id"]
+        fetches = docker_servers.panel.calls.get(f"/api/remote/servers/{uuid}", 0)
+        api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 3"]})
+        docker_servers.wait_console(uuid, "Detected server process in a crashed state")
+        docker_servers.wait_console(uuid, "Exit code: 3")
+        wait_until(lambda: docker_servers.inspect(uuid)["Id"] != first_id and server.state == "running", 20, "the restart after the crash")
+        assert docker_servers.panel.calls[f"/api/remote/servers/{uuid}"] > fetches  # the restart synced first
+        api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 4"]})
+        docker_servers.wait_console(uuid, "Aborting automatic restart, last crash occurred less than 60 seconds ago.")
+        assert server.state == "offline" and not docker_servers.inspect(uuid)["State"]["Running"]
+
+    def test_a_clean_exit_is_not_a_crash_when_so_configured(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot(system__crash_detection__detect_clean_exit_as_crash=False)
+        server = docker_servers.start(uuid)
+        api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 0"]})
+        wait_until(lambda: server.state == "offline", 10, "the exit")
+        time.sleep(0.5)  # a restart would have begun by now: nothing to poll for when nothing happens
+        assert server.state == "offline"
+        assert not any("crashed state" in line for line in docker_servers.console(uuid))
+
+    def test_stop_by_signal_sends_the_real_signal_name(self, docker_servers):
+        startup = "trap 'echo got-term; exit 0' TERM; echo ready; while true; do sleep 0.1; done"
+        uuid = docker_servers.add(startup=startup, stop=("signal", "SIGTERM"))
+        daemon = docker_servers.boot()
+        server = docker_servers.start(uuid)
+        started = time.monotonic()
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
+        wait_until(lambda: server.state == "offline", 10, "the stop")
+        assert time.monotonic() - started < 5  # stopped by SIGTERM, not by the kill after the timeout
+        assert "got-term" in docker_servers.console(uuid)
+        assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 0
+
+    def test_stop_by_command_and_kill_after_the_timeout(self, docker_servers):
+        uuid = docker_servers.add()  # stop command "quit"
+        stubborn = docker_servers.add(startup="trap '' INT; echo ready; while true; do sleep 0.1; done", stop=("signal", "SIGINT"))
+        daemon = docker_servers.boot(wingslite__stop_timeout_s=1)
+        server = docker_servers.start(uuid)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
+        wait_until(lambda: server.state == "offline", 10, "the stop command")
+        assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 0
+        server = docker_servers.start(stubborn)
+        started = time.monotonic()
+        assert api(daemon, "POST", f"/api/servers/{stubborn}/power", {"action": "stop"})[0] == 202
+        wait_until(lambda: server.state == "offline", 10, "the kill after the timeout")
+        assert 1 <= time.monotonic() - started < 8
+        assert docker_servers.inspect(stubborn)["State"]["ExitCode"] == 137
+        docker_servers.wait_console(stubborn, "did not stop within 1 seconds")
+        assert not any("crashed state" in line for line in docker_servers.console(stubborn))
+
+    def test_kill_power_action(self, docker_daemon):
+        uuid, daemon = docker_daemon.uuid, docker_daemon.daemon
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "kill"})[0] == 202
+        docker_daemon.wait_state(uuid, "offline")
+        assert docker_daemon.inspect(uuid)["State"]["ExitCode"] == 137
+
+    def test_power_validation(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "explode"})
+        assert status == 422 and "not valid" in body["error"]
+        docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        for action in ("start", "restart"):
+            status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": action})
+            assert status == 400 and "suspended" in body["error"]
+        assert daemon.get_server(uuid).state == "offline"
+
+    def test_start_refuses_when_the_panel_now_says_suspended(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        docker_servers.panel.servers[uuid]["settings"]["suspended"] = True  # not synced yet
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        docker_servers.wait_console(uuid, "suspended and cannot be started")
+        assert daemon.get_server(uuid).state == "offline"
+        with pytest.raises(Exception, match=r"(?i)no such container|not found|404"):
+            docker_servers.inspect(uuid)
+
+    def test_commands_logs_and_stats(self, docker_daemon):
+        uuid, daemon = docker_daemon.uuid, docker_daemon.daemon
+        assert api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["echo one", "echo two"]})[0] == 204
+        docker_daemon.wait_console(uuid, "two")
+        status, _, body = api(daemon, "GET", f"/api/servers/{uuid}/logs?size=3")
+        assert status == 200 and len(body["data"]) == 3 and body["data"][-1] == "two"
+        util = wait_until(
+            lambda: (u := api(daemon, "GET", f"/api/servers/{uuid}")[2]["utilization"])["memory_bytes"] and u, 10, "a stats sample"
+        )
+        assert set(util) == {"memory_bytes", "memory_limit_bytes", "cpu_absolute", "network", "uptime", "state", "disk_bytes"}
+        assert util["state"] == "running" and util["uptime"] > 0 and util["memory_limit_bytes"] // 4096 == w.memory_limit_bytes(64) // 4096
+        assert set(util["network"]) == {"rx_bytes", "tx_bytes"}
+        api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "kill"})
+        docker_daemon.wait_state(uuid, "offline")
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["echo three"]})
+        assert status == 502 and body["error"] == "Cannot send commands to a stopped server instance."
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[2]["utilization"]["memory_bytes"] == 0
+
+    def test_console_flood_is_throttled(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot(throttles__lines=50, throttles__line_reset_interval=60_000)
+        docker_servers.start(uuid)
+        api(
+            daemon,
+            "POST",
+            f"/api/servers/{uuid}/commands",
+            {"commands": ["i=0; while [ $i -lt 500 ]; do echo flood$i; i=$((i+1)); done; echo flood-end"]},
+        )
+        docker_servers.wait_console(uuid, "throttling")
+        wait_until(lambda: "flood-end" in docker_servers.daemon.get_server(uuid).logs(5)[-1], 10, "the flood to end")
+        shown = [line for line in docker_servers.console(uuid) if line.startswith("flood")]
+        assert len(shown) < 50
+        assert sum("throttling" in line for line in docker_servers.console(uuid)) == 1
+
+    def test_an_image_that_is_neither_local_nor_pullable_fails_the_start(self, docker_servers):
+        uuid = docker_servers.add(image="wingslite-missing.invalid/nothing:1")
+        good = docker_servers.add()
+        daemon = docker_servers.boot()
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        line = docker_servers.wait_console(uuid, "could not be started")
+        assert "neither on this node nor pullable" in line
+        assert daemon.get_server(uuid).state == "offline"
+        assert api(daemon, "GET", "/api/system")[0] == 200
+        docker_servers.start(good)  # the daemon and other servers carry on
+
+    def test_docker_down_during_a_sync_is_a_500_naming_docker_and_limits_apply_at_next_start(self, docker_servers, tmp_path):
+        proxy = DockerSocketProxy(tmp_path / "docker.sock")
+        try:
+            uuid = docker_servers.add(memory_mb=64)
+            daemon = docker_servers.boot(wingslite__docker_url=f"unix://{proxy.path}")
+            docker_servers.start(uuid)
+            api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})
+            docker_servers.wait_state(uuid, "offline")
+            proxy.stop()
+            docker_servers.panel.servers[uuid]["settings"]["build"]["memory_limit"] = 96
+            status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+            assert status == 500 and "Docker" in body["error"]
+            view = api(daemon, "GET", f"/api/servers/{uuid}")[2]
+            assert view["configuration"]["build"]["memory_limit"] == 96
+            assert "resource limits" in view["wingslite"]["pending_next_start"]
+            proxy.start()
+            docker_servers.start(uuid)
+            assert docker_servers.inspect(uuid)["HostConfig"]["Memory"] == w.memory_limit_bytes(96)
+        finally:
+            proxy.stop()
+
+    def test_daemon_killed_with_sigkill_reattaches_and_restores_states(self, docker_servers, tmp_path):
+        keeps_running = docker_servers.add()
+        was_running = docker_servers.add()
+        never_started = docker_servers.add()
+        config = node_config(tmp_path, docker_servers.panel.url)
+        port = free_port()
+        config["api"]["port"] = port
+        config_path = tmp_path / "config.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        log = open(tmp_path / "daemon.log", "wb")
+
+        def spawn():
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE / "wingslite.py"), "--config", str(config_path)], stdout=log, stderr=subprocess.STDOUT
+            )
+            wait_until(lambda: _port_open(port) and api(port, "GET", f"/api/servers/{never_started}")[0] == 200, 20, "the daemon's API")
+            return proc
+
+        proc = spawn()
+        try:
+            for uuid in (keeps_running, was_running):
+                assert api(port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+            for uuid in (keeps_running, was_running):
+                wait_until(lambda uuid=uuid: api(port, "GET", f"/api/servers/{uuid}")[2]["state"] == "running", 20, "running")
+            before = docker_servers.inspect(keeps_running)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            docker_servers.engine.kill(was_running)  # e.g. the host rebooted under it
+            proc = spawn()
+            wait_until(
+                lambda: api(port, "GET", f"/api/servers/{was_running}")[2]["state"] == "running",
+                30,
+                "the restore of a server that was running",
+            )
+            after = docker_servers.inspect(keeps_running)
+            assert (after["Id"], after["State"]["Pid"], after["State"]["StartedAt"]) == (
+                before["Id"],
+                before["State"]["Pid"],
+                before["State"]["StartedAt"],
+            )
+            assert api(port, "GET", f"/api/servers/{keeps_running}")[2]["state"] == "running"
+            assert api(port, "POST", f"/api/servers/{keeps_running}/commands", {"commands": ["echo still-here"]})[0] == 204
+            wait_until(
+                lambda: "still-here" in api(port, "GET", f"/api/servers/{keeps_running}/logs?size=5")[2]["data"],
+                10,
+                "the console after re-attaching",
+            )
+            assert api(port, "GET", f"/api/servers/{never_started}")[2]["state"] == "offline"
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            log.close()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class DockerSocketProxy:
+    """A Unix socket that forwards to the real engine and can be stopped (the engine "goes down")."""
+
+    def __init__(self, path: Path, target: str = "/var/run/docker.sock"):
+        self.path, self.target = path, target
+        self.server: socket.socket | None = None
+        self.connections: list[socket.socket] = []
+        self.start()
+
+    def start(self):
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(self.path))
+        self.server.listen(64)
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def stop(self):
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.connections.clear()
+
+    def _accept(self, server):
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.target)
+            self.connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
 
 ##############################################################################
 # websocket (issue 4) -- tests go below this marker
@@ -1182,6 +1863,488 @@ class TestDemo:
 
 # -- marker: sftp tests --
 
+try:  # optional, like in the daemon: without it the SFTP tests are skipped, the rest still run
+    import paramiko
+except ImportError:
+    paramiko = None
+needs_paramiko = pytest.mark.skipif(paramiko is None, reason="paramiko is not installed")
+
+SFTP_USER = "alice"
+SFTP_PASSWORD = "correct horse"
+SFTP_LIMIT_MB = 1
+
+
+def _sftp_daemon(panel, make_daemon, perms=("*",), **overrides):
+    """A daemon with SFTP on a free loopback port and one server (1 MiB disk) alice may log into."""
+    uuid = panel.add(panel_document(build__disk_space=SFTP_LIMIT_MB))
+    panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = list(perms)
+    settings = {"wingslite__sftp_enabled": True, "system__sftp__bind_address": "127.0.0.1", "system__sftp__bind_port": 0}
+    daemon = make_daemon(panel, **{**settings, **overrides})
+    server = daemon.get_server(uuid)
+    server.fs.ensure()
+    return daemon, server
+
+
+@contextlib.contextmanager
+def sftp_client(daemon, server, user=SFTP_USER, password=SFTP_PASSWORD, key=None):
+    """A real paramiko SFTP client logged in as ``<user>.<server id>``."""
+    transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
+    try:
+        transport.connect(username=f"{user}.{server.uuid[:8]}", password=None if key else password, pkey=key)
+        client = paramiko.SFTPClient.from_transport(transport)
+        yield client
+    finally:
+        transport.close()
+
+
+def openssh_sftp(daemon, server, commands, password=SFTP_PASSWORD, key_file=None, cwd=None):
+    """OpenSSH ``sftp -b`` (password through sshpass, or a key): returns the finished process."""
+    batch = Path(cwd or ".") / "batch.txt"
+    batch.write_text("\n".join(commands) + "\n")
+    argv = ["sftp", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    if key_file:
+        argv += ["-o", "PasswordAuthentication=no", "-o", "IdentitiesOnly=yes", "-i", str(key_file)]
+    else:
+        # sftp -b turns BatchMode on (no password prompt); an earlier -o wins, so sshpass can type it.
+        argv = ["sshpass", "-p", password, *argv, "-o", "BatchMode=no", "-o", "PubkeyAuthentication=no"]
+    argv += ["-b", str(batch), "-P", str(daemon.sftp.port), f"{SFTP_USER}.{server.uuid[:8]}@127.0.0.1"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def sftp_refused(action, *args) -> bool:
+    """True when an SFTP operation was refused with "permission denied"."""
+    try:
+        action(*args)
+    except PermissionError:
+        return True
+    return False
+
+
+@needs_paramiko
+class TestSftpLogin:
+    def test_host_key_is_ed25519_made_once_and_private(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        path = daemon.config.root_dir / ".sftp" / "id_ed25519"
+        assert path.stat().st_mode & 0o777 == 0o600
+        with sftp_client(daemon, server) as client:
+            first = client.get_channel().get_transport().get_remote_server_key()
+        assert first.get_name() == "ssh-ed25519"
+        daemon.stop()
+        again = make_daemon(panel, wingslite__sftp_enabled=True, system__sftp__bind_address="127.0.0.1", system__sftp__bind_port=0)
+        with sftp_client(again, again.get_server(server.uuid)) as client:
+            assert client.get_channel().get_transport().get_remote_server_key() == first
+
+    def test_password_login_is_checked_by_the_panel(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+            assert daemon.sessions.count(server.uuid, "sftp") == 1
+        wait_for(lambda: daemon.sessions.count(server.uuid, "sftp") == 0, what="the session to leave the table")
+        sent = [r for r in panel.requests if r[1] == "/api/remote/sftp/auth"]
+        assert sent, "the Panel was not asked"
+
+    def test_public_key_login_sends_the_authorized_keys_line(self, panel, make_daemon, tmp_path):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
+        key = paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "id"))
+        panel.sftp_users[(SFTP_USER, f"{key.get_name()} {key.get_base64()}")] = ["*"]
+        with sftp_client(daemon, server, key=key) as client:
+            client.mkdir("from-paramiko")
+        (tmp_path / "work").mkdir()
+        done = openssh_sftp(daemon, server, ["mkdir from-openssh", "ls"], key_file=tmp_path / "id", cwd=tmp_path / "work")
+        assert done.returncode == 0, done.stderr
+        assert {"from-paramiko", "from-openssh"} <= set(os.listdir(server.fs.root))
+
+    def test_bad_logins_are_refused(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        for user, password in [(SFTP_USER, "wrong"), ("mallory", SFTP_PASSWORD)]:
+            with pytest.raises(paramiko.AuthenticationException):
+                with sftp_client(daemon, server, user=user, password=password):
+                    pass
+        asked = panel.calls.get("/api/remote/sftp/auth", 0)
+        transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
+        with pytest.raises(paramiko.AuthenticationException):
+            transport.connect(username=SFTP_USER, password=SFTP_PASSWORD)  # no server id: refused unasked
+        transport.close()
+        assert panel.calls.get("/api/remote/sftp/auth", 0) == asked
+        assert daemon.sessions.count() == 0
+
+    def test_openssh_password_login_and_bad_password(self, panel, make_daemon, tmp_path):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        (server.fs.root / "motd.txt").write_text("hello from the node\n")
+        (tmp_path / "upload.txt").write_text("uploaded\n")
+        done = openssh_sftp(
+            daemon,
+            server,
+            ["ls", "get motd.txt", "put upload.txt", "mkdir plugins", "rename upload.txt plugins/up.txt", "rm motd.txt", "ls -l plugins"],
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "motd.txt").read_text() == "hello from the node\n"
+        assert (server.fs.root / "plugins" / "up.txt").read_text() == "uploaded\n"
+        assert not (server.fs.root / "motd.txt").exists()
+        refused = openssh_sftp(daemon, server, ["ls"], password="wrong", cwd=tmp_path)
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+    def test_failed_logins_are_limited_per_client_ip(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_login_attempts_per_minute=3)
+        for _ in range(3):
+            with pytest.raises(paramiko.AuthenticationException):
+                with sftp_client(daemon, server, password="guess"):
+                    pass
+        asked = panel.calls.get("/api/remote/sftp/auth", 0)
+        with pytest.raises(paramiko.AuthenticationException):
+            with sftp_client(daemon, server):  # the right password, but this address is over budget
+                pass
+        assert panel.calls.get("/api/remote/sftp/auth", 0) == asked
+
+    def test_panel_down_refuses_logins_and_nothing_else(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, remote_query__timeout=1)
+        panel.down = True
+        started = time.monotonic()
+        with pytest.raises(paramiko.AuthenticationException):
+            with sftp_client(daemon, server):
+                pass
+        assert time.monotonic() - started < 10
+        assert api(daemon, "GET", "/api/system")[0] == 200
+        panel.down = False
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_only_the_sftp_subsystem_is_served(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
+        try:
+            transport.connect(username=f"{SFTP_USER}.{server.uuid[:8]}", password=SFTP_PASSWORD)
+            for request in (lambda ch: ch.exec_command("id"), lambda ch: ch.invoke_shell(), lambda ch: ch.invoke_subsystem("netconf")):
+                channel = transport.open_session()
+                with pytest.raises(paramiko.SSHException):
+                    request(channel)
+                channel.close()
+            with pytest.raises(paramiko.ChannelException):
+                transport.open_channel("direct-tcpip", ("127.0.0.1", 22), ("127.0.0.1", 0))
+        finally:
+            transport.close()
+
+    def test_malformed_packets_and_floods_leave_the_daemon_serving(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_max_connections=4)
+        port = daemon.sftp.port
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # garbage after a valid banner
+            sock.recv(256)
+            sock.sendall(b"SSH-2.0-fuzz\r\n" + os.urandom(4096) + b"\x00\x00\xff\xff" * 64)
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # no banner at all
+            sock.sendall(b"\x00" * 65536)
+        # an SFTP packet claiming 2 GiB after a good login
+        transport = paramiko.Transport(("127.0.0.1", port))
+        transport.connect(username=f"{SFTP_USER}.{server.uuid[:8]}", password=SFTP_PASSWORD)
+        channel = transport.open_session()
+        channel.invoke_subsystem("sftp")
+        channel.sendall(b"\x7f\xff\xff\xff" + b"\x01" * 1024)
+        wait_for(lambda: channel.closed or channel.exit_status_ready() or channel.eof_received, what="the channel to be closed")
+        transport.close()
+        # the connection bound: idle connections fill it, the next one is closed at once
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        try:
+            wait_for(lambda: daemon.sftp.connections() == 4, what="four open connections")
+            with socket.create_connection(("127.0.0.1", port)) as extra:
+                extra.settimeout(5)
+                assert extra.recv(256) == b""
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_for(lambda: daemon.sftp.connections() == 0, what="the idle connections to end")
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_without_paramiko_the_daemon_says_once_that_sftp_is_off(self, panel, tmp_path):
+        config = node_config(tmp_path, panel.url, wingslite__sftp_enabled=True, system__sftp__bind_port=0)
+        (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+        script = (
+            "import sys, logging, io; sys.modules['paramiko'] = None\n"
+            "stream = io.StringIO(); logging.getLogger('wingslite').addHandler(logging.StreamHandler(stream))\n"
+            "logging.getLogger('wingslite').setLevel(logging.INFO)\n"
+            "import wingslite as w\n"
+            f"d = w.Daemon(w.load_config({str(tmp_path / 'config.yml')!r})); d.start(); assert d.wait_booted(10)\n"
+            "assert d.sftp is None; d.stop(); print(stream.getvalue())\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=HERE)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("SFTP is off") == 1
+
+
+# (operation name, the permission it needs, what it does on a client whose files exist)
+SFTP_OPERATIONS = [
+    ("list", "file.read", lambda c: c.listdir("/")),
+    ("stat", "file.read", lambda c: c.stat("data.txt")),
+    ("download", "file.read-content", lambda c: c.open("data.txt").read()),
+    ("create", "file.create", lambda c: c.open("new.txt", "w").close()),
+    ("mkdir", "file.create", lambda c: c.mkdir("newdir")),
+    ("symlink", "file.create", lambda c: c.symlink("data.txt", "link.txt")),
+    ("overwrite", "file.update", lambda c: c.open("data.txt", "w").close()),
+    ("rename", "file.update", lambda c: c.rename("data.txt", "renamed.txt")),
+    ("chmod", "file.update", lambda c: c.chmod("data.txt", 0o600)),
+    ("delete", "file.delete", lambda c: c.remove("data.txt")),
+    ("rmdir", "file.delete", lambda c: c.rmdir("olddir")),
+]
+SFTP_PERMISSIONS = ["file.read", "file.read-content", "file.create", "file.update", "file.delete"]
+
+
+@needs_paramiko
+class TestSftpPermissions:
+    @pytest.fixture
+    def node(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, perms=())
+        return panel, daemon, server
+
+    def _fresh(self, server):
+        for name in os.listdir(server.fs.root):
+            path = server.fs.root / name
+            os.rmdir(path) if path.is_dir() and not path.is_symlink() else os.unlink(path)
+        (server.fs.root / "data.txt").write_text("data")
+        (server.fs.root / "olddir").mkdir()
+
+    def test_each_operation_needs_its_permission(self, node):
+        panel, daemon, server = node
+        for name, needed, operation in SFTP_OPERATIONS:
+            others = [p for p in SFTP_PERMISSIONS if p != needed]
+            panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = others
+            self._fresh(server)
+            before = sorted(os.listdir(server.fs.root)), (server.fs.root / "data.txt").stat().st_mode
+            with sftp_client(daemon, server) as client:
+                assert sftp_refused(operation, client), f"{name} was allowed without {needed}"
+            assert (sorted(os.listdir(server.fs.root)), (server.fs.root / "data.txt").stat().st_mode) == before, name
+            assert (server.fs.root / "data.txt").read_text() == "data", name
+            for granted in ([needed], ["*"]):
+                panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = granted
+                self._fresh(server)
+                with sftp_client(daemon, server) as client:
+                    assert not sftp_refused(operation, client), f"{name} was refused with {granted}"
+
+    def test_read_only_node_refuses_every_change(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, system__sftp__read_only=True)
+        (server.fs.root / "data.txt").write_text("data")
+        with sftp_client(daemon, server) as client:
+            assert client.open("data.txt").read() == b"data"
+            for operation in (lambda: client.open("new.txt", "w"), lambda: client.remove("data.txt"), lambda: client.mkdir("d")):
+                with pytest.raises(IOError):
+                    operation()
+        assert sorted(os.listdir(server.fs.root)) == ["data.txt"]
+
+    def test_the_egg_denylist_holds_on_every_operation(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        doc = panel.servers[server.uuid]
+        doc["settings"]["egg"]["file_denylist"] = ["*.secret", "/locked/"]
+        assert api(daemon, "POST", f"/api/servers/{server.uuid}/sync")[0] == 204
+        (server.fs.root / "locked").mkdir()
+        (server.fs.root / "locked" / "a.txt").write_text("a")
+        (server.fs.root / "key.secret").write_text("k")
+        os.symlink("key.secret", server.fs.root / "alias.txt")
+        with sftp_client(daemon, server) as client:
+            for operation in (
+                lambda: client.open("key.secret").read(),
+                lambda: client.open("alias.txt").read(),  # through a symlink
+                lambda: client.open("new.secret", "w"),
+                lambda: client.rename("alias.txt", "x.secret"),
+                lambda: client.remove("key.secret"),
+                lambda: client.listdir("locked"),
+                lambda: client.open("locked/a.txt").read(),
+                lambda: client.chmod("key.secret", 0o777),
+            ):
+                assert sftp_refused(operation)
+            assert "key.secret" in client.listdir("/")
+        assert (server.fs.root / "key.secret").read_text() == "k"
+
+
+@needs_paramiko
+class TestSftpJail:
+    @pytest.fixture
+    def node(self, panel, make_daemon, tmp_path):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret.txt").write_text("OUTSIDE")
+        (server.fs.root / "inside.txt").write_text("inside")
+        return daemon, server, outside
+
+    def test_dot_dot_and_absolute_paths_stay_inside(self, node):
+        daemon, server, _ = node
+        with sftp_client(daemon, server) as client:
+            assert client.normalize("../../..") == "/"
+            for path in ["..", "../outside/secret.txt", "/../../etc/passwd", "a/../../inside.txt", "/x/../../../etc"]:
+                with pytest.raises(IOError):
+                    client.stat(path)
+                with pytest.raises(IOError):
+                    client.open(path, "w")
+            with pytest.raises(IOError):  # the node's /etc/passwd is not the jail's
+                client.open("/etc/passwd").read()
+            assert client.open("/inside.txt").read() == b"inside"
+
+    def test_symlinks_out_are_not_followed_and_cannot_be_made(self, node):
+        daemon, server, outside = node
+        root = server.fs.root
+        os.symlink("/etc", root / "etc-link")  # as a game server could have made them
+        os.symlink(str(outside), root / "out")
+        os.symlink(str(outside / "secret.txt"), root / "secret-link")
+        os.chmod(outside / "secret.txt", 0o640)
+        with sftp_client(daemon, server) as client:
+            for action in (
+                lambda: client.listdir("etc-link"),
+                lambda: client.open("etc-link/passwd").read(),
+                lambda: client.open("out/secret.txt").read(),
+                lambda: client.open("secret-link").read(),
+                lambda: client.open("secret-link", "w").write(b"pwned"),
+                lambda: client.open("out/new.txt", "w"),
+                lambda: client.chmod("secret-link", 0o777),
+                lambda: client.truncate("secret-link", 0),
+                lambda: client.stat("out/secret.txt"),
+            ):
+                with pytest.raises(IOError):
+                    action()
+            for target in ["/etc", "../..", "../outside/secret.txt", str(outside)]:
+                with pytest.raises(IOError):
+                    client.symlink(target, "new-link")
+            target_mtime = (outside / "secret.txt").stat().st_mtime
+            client.utime("secret-link", (1, 1))  # touches the link itself, never its target
+            assert (outside / "secret.txt").stat().st_mtime == target_mtime
+            client.mkdir("sub")
+            with pytest.raises(IOError):
+                client.symlink("../../inside.txt", "sub/up-too-far")
+            client.symlink("../inside.txt", "sub/ok-link")  # pointing inside is fine
+            assert client.open("sub/ok-link").read() == b"inside"
+            assert client.lstat("secret-link")  # the link itself can be seen ...
+            client.remove("secret-link")  # ... and removed, leaving its target alone
+        assert not os.path.lexists(root / "new-link")
+        assert (outside / "secret.txt").read_text() == "OUTSIDE"
+        assert (outside / "secret.txt").stat().st_mode & 0o777 == 0o640
+        assert os.listdir(outside) == ["secret.txt"]
+
+    def test_a_symlink_swapped_in_during_operations_is_never_followed(self, node):
+        daemon, server, outside = node
+        root = server.fs.root
+        (root / "dir").mkdir()
+        (root / "dir" / "secret.txt").write_text("inside")
+        stop = threading.Event()
+
+        def swap():
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    os.rename(root / "dir", root / "dir.real")
+                    os.symlink(str(outside), root / "dir")
+                    os.unlink(root / "dir")
+                    os.rename(root / "dir.real", root / "dir")
+
+        swapper = threading.Thread(target=swap)
+        swapper.start()
+        seen = set()
+        try:
+            with sftp_client(daemon, server) as client:
+                for _ in range(300):
+                    with contextlib.suppress(IOError):
+                        seen.add(client.open("dir/secret.txt").read())
+                    with contextlib.suppress(IOError):
+                        seen.update(client.listdir("dir"))
+                    with contextlib.suppress(IOError):
+                        with client.open("dir/written.txt", "w") as fh:
+                            fh.write(b"w")
+        finally:
+            stop.set()
+            swapper.join()
+        assert b"OUTSIDE" not in seen and b"inside" in seen
+        assert os.listdir(outside) == ["secret.txt"]
+
+
+@needs_paramiko
+class TestSftpDiskLimit:
+    def test_a_write_past_the_limit_stops_at_the_limit(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        limit = SFTP_LIMIT_MB * 1024 * 1024
+        (server.fs.root / "keep.txt").write_text("keep me")
+        server.fs.recalculate()
+        chunk = b"x" * 32768
+        with sftp_client(daemon, server) as client:
+            with pytest.raises(IOError):
+                with client.open("big.bin", "w") as fh:
+                    for _ in range(2 * limit // len(chunk)):
+                        fh.write(chunk)
+            size = (server.fs.root / "big.bin").stat().st_size
+            assert limit - len(chunk) < size + 7 <= limit
+            assert (server.fs.root / "keep.txt").read_text() == "keep me"
+            assert server.fs.usage_bytes() <= limit
+            assert server.fs.recalculate() == size + 7
+            with pytest.raises(IOError):  # far past the end: the gap counts, nothing is written
+                with client.open("sparse.bin", "w") as fh:
+                    fh.seek(1 << 40)
+                    fh.write(b"x")
+            assert (server.fs.root / "sparse.bin").stat().st_size == 0
+            client.remove("big.bin")  # freed bytes are given back at once
+            with client.open("again.bin", "w") as fh:
+                fh.write(b"y" * (limit // 2))
+        assert (server.fs.root / "again.bin").stat().st_size == limit // 2
+
+    def test_two_streams_cannot_outrun_the_accounting(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        limit = SFTP_LIMIT_MB * 1024 * 1024
+        server.fs.recalculate()
+
+        def stream(name):
+            with sftp_client(daemon, server) as client:
+                with contextlib.suppress(IOError):
+                    with client.open(name, "w") as fh:
+                        fh.set_pipelined(True)  # stream without waiting for each answer
+                        for _ in range(limit // 4096):
+                            fh.write(b"z" * 4096)
+
+        threads = [threading.Thread(target=stream, args=(f"s{i}.bin",)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert server.fs.recalculate() <= limit
+
+    def test_openssh_put_past_the_limit_fails(self, panel, make_daemon, tmp_path):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        server.fs.recalculate()
+        (tmp_path / "huge.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+        done = openssh_sftp(daemon, server, ["put huge.bin"], cwd=tmp_path)
+        assert done.returncode != 0
+        assert (server.fs.root / "huge.bin").stat().st_size <= SFTP_LIMIT_MB * 1024 * 1024
+
+
+@needs_paramiko
+class TestSftpSessions:
+    def test_a_suspending_sync_closes_ten_sessions_before_its_204(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(sftp_client(daemon, server)) for _ in range(10)]
+            assert daemon.sessions.count(server.uuid, "sftp") == 10
+            panel.servers[server.uuid]["settings"]["suspended"] = True
+            status = api(daemon, "POST", f"/api/servers/{server.uuid}/sync")[0]
+            assert status == 204
+            # closed, not merely refused: the node's end of every connection is gone already
+            assert daemon.sessions.count(server.uuid, "sftp") == 0
+            assert daemon.sftp.connections() == 0
+            for client in clients:
+                transport = client.get_channel().get_transport()
+                wait_for(lambda t=transport: not t.is_active(), timeout_s=5, what="the client to see its connection closed")
+        # still suspended here; the Panel answers "yes" again: the node still refuses
+        panel.servers[server.uuid]["settings"]["suspended"] = False
+        with pytest.raises(paramiko.AuthenticationException):
+            with sftp_client(daemon, server):
+                pass
+        assert api(daemon, "POST", f"/api/servers/{server.uuid}/sync")[0] == 204
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_deauthorize_user_closes_their_sessions(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        with sftp_client(daemon, server) as client:
+            client.listdir("/")
+            body = {"user": panel.user_uuid, "servers": [server.uuid]}
+            assert api(daemon, "POST", "/api/deauthorize-user", body)[0] == 204
+            assert daemon.sessions.count(server.uuid, "sftp") == 0
+            assert daemon.sftp.connections() == 0
+            wait_for(lambda: not client.get_channel().get_transport().is_active(), timeout_s=5, what="the connection to close")
+
 
 ##############################################################################
 # disk quotas (issue 6) -- tests go below this marker
@@ -1190,7 +2353,835 @@ class TestDemo:
 # -- marker: quota tests --
 
 
+@pytest.fixture(scope="session")
+def btrfs_mount(tmp_path_factory):
+    """A loop-mounted btrfs image (under /tmp) for the whole session; unmounted and deleted at the end."""
+    if os.geteuid() != 0:
+        print("SKIP btrfs quota tests: not root (a loop mount needs root)")
+        pytest.skip("btrfs quota tests need root (loop mount)")
+    if not (shutil.which("mkfs.btrfs") and shutil.which("btrfs")):
+        print("SKIP btrfs quota tests: btrfs-progs (mkfs.btrfs, btrfs) is not installed")
+        pytest.skip("btrfs quota tests need btrfs-progs (mkfs.btrfs, btrfs)")
+    base = tmp_path_factory.mktemp("btrfs")
+    image, mnt = base / "disk.img", base / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(400 * 1024 * 1024)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        image.unlink()
+
+
+def write_until_refused(path: Path, chunk: int = 1024 * 1024, most: int = 64) -> tuple[int, int | None]:
+    """Append ``chunk``-byte blocks (fsynced) until the kernel refuses; (bytes written, errno or None)."""
+    written = 0
+    try:
+        fh = open(path, "ab")  # creating the file may be what is refused
+    except OSError as exc:
+        return 0, exc.errno
+    with fh:
+        for _ in range(most):
+            try:
+                fh.write(b"\0" * chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as exc:
+                return written, exc.errno
+            written += chunk
+    return written, None
+
+
+class FakeQuotaCalls:
+    """Records the ioctls and quotactls the project backend builds; keeps project ids per inode."""
+
+    def __init__(self, quotactl_errno: int | None = None):
+        self.calls: list[tuple] = []
+        self.projids: dict[int, int] = {}
+        self.space: dict[int, int] = {}
+        self.quotactl_errno = quotactl_errno
+
+    def ioctl(self, fd, request, buf):
+        ino = os.fstat(fd).st_ino
+        if request == w.FS_IOC_FSGETXATTR:
+            buf[:] = w.FSXATTR.pack(0, 0, 0, self.projids.get(ino, 0), 0)
+        elif request == w.FS_IOC_FSSETXATTR:
+            xflags, _, _, projid, _ = w.FSXATTR.unpack(buf)
+            self.projids[ino] = projid
+            self.calls.append(("setxattr", ino, xflags, projid))
+        else:
+            raise AssertionError(f"unexpected ioctl {request:#x}")
+
+    def quotactl(self, cmd, device, ident, buf):
+        if self.quotactl_errno:
+            raise OSError(self.quotactl_errno, os.strerror(self.quotactl_errno))
+        self.calls.append(("quotactl", cmd, device, ident, bytes(buf)))
+        if cmd == w.qcmd(w.Q_GETQUOTA, w.PRJQUOTA):
+            buf[:] = w.IF_DQBLK.pack(0, 0, self.space.get(ident, 0), 0, 0, 0, 0, 0, 0x1FF)
+
+
+class TestQuotaSelection:
+    MOUNTINFO = (
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "44 27 0:39 / /srv/data\\040disk rw,relatime - btrfs /dev/loop0 rw,subvolid=5\n"
+        "45 27 0:40 / /srv rw - xfs /dev/sdb1 rw\n"
+    )
+
+    def test_mount_of_takes_the_longest_mount_point_and_decodes_escapes(self):
+        assert w.mount_of("/srv/data disk/x", self.MOUNTINFO) == ("/srv/data disk", "btrfs", "/dev/loop0")
+        assert w.mount_of("/srv/other", self.MOUNTINFO) == ("/srv", "xfs", "/dev/sdb1")
+        assert w.mount_of("/srvx", self.MOUNTINFO) == ("/", "ext4", "/dev/vda")
+
+    def test_qgroup_show_output_is_parsed_for_referenced_bytes(self):
+        out = "Qgroupid    Referenced    Exclusive   Path\n--------    ----------    ---------   ----\n1/100  999 999 x\n0/257   10469376   10469376   data/s\n"
+        assert w.parse_qgroup_referenced(out) == 10469376
+        assert w.parse_qgroup_referenced(out, "1/100") == 999
+        with pytest.raises(ValueError):
+            w.parse_qgroup_referenced("Qgroupid Referenced\n")
+
+    def test_auto_takes_project_quotas_on_ext4_when_the_kernel_has_them_else_soft_with_the_reason(self, tmp_path):
+        mi = "27 1 254:0 / / rw - ext4 /dev/sdz rw\n"
+        assert w.select_quota_backend("auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls()).name == "project"
+        soft = w.select_quota_backend("auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls(errno.ENOSYS))
+        assert soft.name == "soft" and "no quota support" in soft.reason and soft.stops_running_servers
+        tmpfs = w.select_quota_backend("project", tmp_path, mountinfo="1 1 0:1 / / rw - tmpfs tmpfs rw\n")
+        assert tmpfs.name == "soft" and "not ext4 or xfs" in tmpfs.reason
+
+    def test_btrfs_requested_on_ext4_falls_back_to_soft_and_says_why(self, tmp_path):
+        backend = w.select_quota_backend("btrfs", tmp_path, mountinfo="27 1 254:0 / / rw - ext4 /dev/vda rw\n")
+        assert backend.name == "soft" and "not btrfs" in backend.reason
+
+    def test_off_never_stops_a_server_and_bad_modes_are_refused(self, tmp_path):
+        off = w.select_quota_backend("off", tmp_path)
+        assert off.name == "off" and not off.stops_running_servers
+        with pytest.raises(w.ConfigError):
+            w.select_quota_backend("zfs", tmp_path)
+
+    def test_system_reports_the_backend_in_force_and_why(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__disk_quota="off")
+        status, _, body = api(daemon, "GET", "/api/system")
+        assert status == 200
+        assert body["wingslite"]["disk_quota"]["configured"] == "off"
+        assert body["wingslite"]["disk_quota"]["backend"] == "off" and "off" in body["wingslite"]["disk_quota"]["reason"]
+
+
+class TestProjectQuota:
+    def test_request_numbers_match_the_kernel_headers(self):
+        # linux/fs.h and linux/quota.h on every architecture with the generic ioctl layout
+        assert (w.FS_IOC_FSGETXATTR, w.FS_IOC_FSSETXATTR) == (0x801C581F, 0x401C5820)
+        assert w.qcmd(w.Q_SETQUOTA, w.PRJQUOTA) == 0x80000802 and w.qcmd(w.Q_GETQUOTA, w.PRJQUOTA) == 0x80000702
+        assert (w.IF_DQBLK.size, w.FSXATTR.size, w.IF_DQINFO.size) == (72, 28, 24)
+
+    def test_block_limit_rounds_up_to_whole_kib_and_zero_removes_it(self):
+        hard, soft, *_, valid = w.IF_DQBLK.unpack(w.setquota_block(10 * 1024 * 1024 + 1))
+        assert (hard, soft, valid) == (10241, 10241, w.QIF_BLIMITS)
+        assert w.IF_DQBLK.unpack(w.setquota_block(0))[:2] == (0, 0)
+
+    def test_prepare_tags_the_directory_to_inherit_and_tags_what_is_already_there_once(self, tmp_path):
+        calls = FakeQuotaCalls()
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
+        root = tmp_path / "3f1c8a"
+        (root / "sub").mkdir(parents=True)
+        (root / "sub" / "file").write_bytes(b"x")
+        (root / "link").symlink_to("/etc/passwd")
+        backend.prepare(root)
+        pid = backend.project_id(root)
+        assert pid != 0 and backend.enforced(root)
+        tagged = {ino: (flags, projid) for _, ino, flags, projid in (c for c in calls.calls if c[0] == "setxattr")}
+        assert tagged == {
+            root.stat().st_ino: (w.FS_XFLAG_PROJINHERIT, pid),
+            (root / "sub").stat().st_ino: (w.FS_XFLAG_PROJINHERIT, pid),
+            (root / "sub" / "file").stat().st_ino: (0, pid),
+        }
+        calls.calls.clear()
+        backend.prepare(root)
+        assert calls.calls == []
+
+    def test_project_ids_are_stable_and_never_shared(self, tmp_path):
+        calls = FakeQuotaCalls()
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
+        a, b = tmp_path / "a", tmp_path / "b"
+        backend.prepare(a)
+        calls.projids[a.stat().st_ino] = backend.choose_project_id(b)  # b's natural id is taken by a
+        backend.prepare(b)
+        assert backend.project_id(a) != backend.project_id(b) != 0
+        assert backend.choose_project_id(tmp_path / "c") == backend.choose_project_id(tmp_path / "c")
+
+    def test_set_limit_builds_setquota_for_the_directory_project_and_usage_comes_from_getquota(self, tmp_path):
+        calls = FakeQuotaCalls()
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
+        root = tmp_path / "srv"
+        root.mkdir()
+        notes = backend.set_limit(root, 5 * 1024 * 1024)  # an untagged directory is tagged first
+        pid = backend.project_id(root)
+        _, cmd, device, ident, buf = calls.calls[-1]
+        assert (cmd, device, ident, w.IF_DQBLK.unpack(buf)[0]) == (0x80000802, "/dev/sdz", pid, 5120)
+        assert "5242880 bytes" in notes[0]
+        assert "removed" in backend.set_limit(root, 0)[0] and w.IF_DQBLK.unpack(calls.calls[-1][4])[0] == 0
+        calls.space[pid] = 12345
+        assert backend.usage_bytes(root) == 12345
+
+    @pytest.mark.parametrize("err, text", [(errno.ENOSYS, "no quota support"), (errno.ESRCH, "prjquota"), (errno.EPERM, "root")])
+    def test_probe_explains_why_project_quotas_are_unavailable(self, tmp_path, err, text):
+        backend, why = w.ProjectQuota.probe(tmp_path, "ext4", "/dev/sdz", FakeQuotaCalls(err))
+        assert backend is None and text in why
+
+    def test_filesystem_reads_usage_from_the_quota_not_the_walk(self, tmp_path):
+        calls = FakeQuotaCalls()
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
+        fs = w.Filesystem(tmp_path / "srv", 10_000, check_interval_s=60, quota=backend)
+        fs.ensure()
+        (fs.root / "f").write_bytes(b"x" * 9000)
+        calls.space[backend.project_id(fs.root)] = 4096
+        assert fs.usage_bytes() == 4096 and fs.reserve(5904) and not fs.reserve(5905)  # checked against the kernel's figure
+        assert not w.must_stop_for_disk(fs)  # the kernel holds it: no stop
+
+    def test_kernel_project_quota_refuses_a_write_past_the_limit(self, tmp_path):
+        _, fstype, device = w.mount_of(tmp_path)
+        backend, why = w.ProjectQuota.probe(tmp_path, fstype, device)
+        if backend is None:
+            print(f"SKIP kernel project quota test: {why}")
+            pytest.skip(f"no kernel project quotas here: {why}")
+        root = tmp_path / "srv"
+        backend.prepare(root)
+        backend.set_limit(root, 1024 * 1024)
+        written, err = write_until_refused(root / "f", 256 * 1024, 16)
+        assert err == errno.EDQUOT and written <= 1024 * 1024
+
+
+class TestBtrfsQuota:
+    def test_limit_holds_any_writer_and_follows_raise_lower_and_removal(self, btrfs_mount):
+        data = btrfs_mount / f"data-{uuidlib.uuid4().hex[:8]}"
+        backend = w.select_quota_backend("auto", data)
+        assert backend.name == "btrfs", backend.reason
+        backend.usage_ttl_s = 0
+        root = data / "srv"
+        backend.prepare(root)
+        assert backend.enforced(root)
+        assert "4194304 bytes" in backend.set_limit(root, 4 * 1024 * 1024)[0]
+        written, err = write_until_refused(root / "a")
+        assert err == errno.EDQUOT and 3 * 1024 * 1024 <= written <= 4 * 1024 * 1024
+        os.sync()
+        assert 3 * 1024 * 1024 <= backend.usage_bytes(root) <= 4 * 1024 * 1024
+        backend.set_limit(root, 8 * 1024 * 1024)
+        written, err = write_until_refused(root / "b")
+        assert err == errno.EDQUOT and 3 * 1024 * 1024 <= written <= 5 * 1024 * 1024
+        backend.set_limit(root, 1024 * 1024)  # far below usage: accepted, and nothing more fits
+        assert write_until_refused(root / "c", 4096, 4) == (0, errno.EDQUOT)
+        assert "removed" in backend.set_limit(root, 0)[0]
+        assert write_until_refused(root / "d", most=16) == (16 * 1024 * 1024, None)
+        os.sync()
+        assert backend.usage_bytes(root) > 20 * 1024 * 1024
+
+    def test_plain_directory_is_soft_for_that_server_and_stopped_when_over(self, btrfs_mount):
+        data = btrfs_mount / f"data-{uuidlib.uuid4().hex[:8]}"
+        backend = w.select_quota_backend("btrfs", data)
+        root = data / "plain"
+        root.mkdir(parents=True)
+        backend.prepare(root)  # cannot make it a subvolume: logs, does not fail
+        assert not backend.enforced(root) and backend.usage_bytes(root) is None
+        fs = w.Filesystem(root, 0, check_interval_s=60, quota=backend)
+        (root / "f").write_bytes(b"x" * 5000)
+        fs.recalculate()
+        notes = fs.set_limit(1000)
+        assert any("soft for this server" in n for n in notes) and any("over the new limit" in n for n in notes)
+        assert w.must_stop_for_disk(fs)
+
+
+class _RunningEnvironment(w.Environment):
+    """A process that is running until stopped; the test publishes its stats ticks."""
+
+    kind = "test"
+
+    def __init__(self, server_uuid, events):
+        super().__init__(server_uuid, events)
+        self._state = w.OFFLINE
+        self.stops: list[float] = []
+
+    @property
+    def state(self):
+        return self._state
+
+    def start(self, config):
+        for state in (w.STARTING, w.RUNNING):
+            self._state = state
+            self.events.publish("status", state)
+
+    def stop(self, config, timeout_s):
+        self.stops.append(timeout_s)
+        for state in (w.STOPPING, w.OFFLINE):
+            self._state = state
+            self.events.publish("status", state)
+
+    def tick(self):
+        self.events.publish("stats", json.dumps({"state": self._state}))
+
+
+class TestQuotaDaemon:
+    def _daemon(self, make_daemon, panel, **overrides) -> w.Daemon:
+        daemon = w.Daemon(
+            w.Config(node_config(make_daemon.tmp_path, panel.url, **overrides), "test"),
+            environment_factory=lambda server: _RunningEnvironment(server.uuid, server.events),
+        )
+        daemon.start()
+        make_daemon.daemons.append(daemon)
+        assert daemon.wait_booted(10)
+        return daemon
+
+    @pytest.mark.parametrize("mode, stops", [("soft", True), ("off", False)])
+    def test_a_running_server_over_its_limit_is_stopped_with_a_console_message_unless_off(self, panel, make_daemon, mode, stops):
+        uuid = panel.add(panel_document(build__disk_space=1))
+        daemon = self._daemon(make_daemon, panel, wingslite__disk_quota=mode)
+        server = daemon.get_server(uuid)
+        server.power("start", 5)
+        server.env.tick()
+        assert server.state == w.RUNNING and server.env.stops == []  # under the limit: runs on
+        (server.fs.root / "world.dat").write_bytes(b"\0" * (2 * 1024 * 1024))  # the game writes past 1 MiB
+        server.fs.recalculate()
+        server.env.tick()
+        if stops:
+            wait_for(lambda: server.state == w.OFFLINE, 5, what="the server over its disk limit to stop")
+            assert server.env.stops == [60]
+            assert any("exceeding the assigned disk space limit" in line for line in server.console.tail(20))
+        else:
+            time.sleep(0.2)  # nothing to wait for: give a wrongly started stop thread the chance to run
+            assert server.state == w.RUNNING and server.env.stops == []
+
+    def test_sync_sets_the_btrfs_limit_at_once_and_disk_bytes_comes_from_the_quota(self, panel, make_daemon, btrfs_mount):
+        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
+        daemon = make_daemon(panel, system__data=str(data), wingslite__disk_quota="auto")
+        _, _, info = api(daemon, "GET", "/api/system")
+        assert info["wingslite"]["disk_quota"]["backend"] == "btrfs", info["wingslite"]["disk_quota"]
+        assert "subvolume" in info["wingslite"]["disk_quota"]["reason"]
+        new = panel_document(build__disk_space=4)
+        new_uuid = panel.add(new)
+        assert api(daemon, "POST", "/api/servers", {"uuid": new_uuid, "start_on_completion": False})[0] == 202
+        root = data / new_uuid
+        wait_for(lambda: daemon.quota.enforced(root), 5, what="the server directory to be a subvolume")
+        assert write_until_refused(root / "a")[1] == errno.EDQUOT  # created with its limit already set
+
+        new["settings"]["build"]["disk_space"] = 8
+        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
+        assert write_until_refused(root / "b")[1] == errno.EDQUOT
+        _, _, view = api(daemon, "GET", f"/api/servers/{new_uuid}")
+        assert any("btrfs qgroup 0/" in n and "8388608 bytes" in n for n in view["wingslite"]["last_sync"]["applied"])
+        assert view["wingslite"]["disk"]["quota"] == "btrfs"
+
+        new["settings"]["build"]["disk_space"] = 1  # below usage: accepted, reported, writes refused
+        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
+        _, _, view = api(daemon, "GET", f"/api/servers/{new_uuid}")
+        assert any("over the new limit" in n for n in view["wingslite"]["last_sync"]["applied"])
+        assert write_until_refused(root / "c", 4096, 4) == (0, errno.EDQUOT)
+
+        new["settings"]["build"]["disk_space"] = 0
+        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
+        assert write_until_refused(root / "d", most=12)[1] is None
+        with open(root / "sparse", "wb") as fh:  # 1 GiB apparent, no blocks: the walk and the quota disagree
+            fh.truncate(1 << 30)
+        os.sync()
+        disk_bytes = wait_for(
+            lambda: (b := api(daemon, "GET", f"/api/servers/{new_uuid}")[2]["utilization"]["disk_bytes"]) > 16 * 1024 * 1024 and b,
+            5,
+            what="disk_bytes to follow the qgroup",
+        )
+        assert disk_bytes < 64 * 1024 * 1024  # the qgroup's referenced bytes, not the 1 GiB a walk would count
+
+    def test_an_existing_plain_directory_is_reported_as_soft_for_that_server(self, panel, make_daemon, btrfs_mount):
+        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
+        doc = panel_document(build__disk_space=4)
+        uuid = panel.add(doc)
+        (data / uuid).mkdir(parents=True)
+        daemon = make_daemon(panel, system__data=str(data), wingslite__disk_quota="btrfs")
+        assert daemon.quota.name == "btrfs"
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
+        assert any("soft for this server" in n for n in view["wingslite"]["last_sync"]["applied"])
+
+
+# The game server itself writes 1 MiB files with dd, retrying a refused one every 0.1 s and printing
+# the first refusal of each streak.
+DD_WRITER = (
+    "echo ready; n=0; b=0; while [ $n -lt 40 ]; do "
+    "if dd if=/dev/zero of=f$n bs=1M count=1 2>/tmp/e; then n=$((n+1)); b=0; echo wrote $n; "
+    "else [ $b = 0 ] && echo refused $n: $(cat /tmp/e); b=1; sleep 0.1; fi; done; echo finished; sleep 600"
+)
+
+
+class TestQuotaContainer:
+    def test_a_container_writing_with_dd_stops_at_the_limit_and_follows_every_sync(self, docker_servers, btrfs_mount):
+        mib = 1024 * 1024
+        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
+        uuid = docker_servers.add(startup=DD_WRITER)
+        doc = docker_servers.panel.servers[uuid]
+        doc["settings"]["build"]["disk_space"] = 4
+        daemon = docker_servers.boot(system__data=str(data), wingslite__disk_quota="auto")
+        assert daemon.quota.name == "btrfs", daemon.quota.reason
+        docker_servers.start(uuid)
+        root = data / uuid
+
+        def written() -> int:
+            return sum(p.stat().st_size for p in root.glob("f*"))
+
+        def sync(disk_mb: int) -> dict:
+            doc["settings"]["build"]["disk_space"] = disk_mb
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+            return api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+
+        assert "Disk quota exceeded" in docker_servers.wait_console(uuid, "refused")
+        assert 2 * mib <= written() <= 4 * mib
+
+        sync(12)  # raised: the same process carries on
+        docker_servers.wait_console(uuid, "wrote 8")
+        wait_until(lambda: sum("refused" in line for line in docker_servers.console(uuid)) >= 2, 15, "the second refusal")
+        assert 10 * mib <= written() <= 12 * mib
+
+        record = sync(4)  # lowered below usage: accepted, reported, and nothing more is written
+        assert any("over the new limit" in n for n in record["applied"]), record
+        before = written()
+        time.sleep(1)  # the writer retries every 0.1 s: ten chances to get a byte through
+        assert written() == before and docker_servers.daemon.get_server(uuid).state == "running"
+
+        sync(0)  # removed: it writes freely to the end
+        docker_servers.wait_console(uuid, "finished", 20)
+        assert written() == 40 * mib
+
+
 ##############################################################################
+
+
+class _DrillLog(logging.Handler):
+    """Collects every wingslite log record that carries a traceback."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.tracebacks: list[str] = []
+
+    def emit(self, record):
+        if record.exc_info:
+            self.tracebacks.append(self.format(record))
+
+
+@contextlib.contextmanager
+def _no_tracebacks_logged():
+    handler = _DrillLog()
+    w.LOG.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        w.LOG.removeHandler(handler)
+    assert not handler.tracebacks, f"{len(handler.tracebacks)} traceback(s) logged; the first:\n{handler.tracebacks[0]}"
+
+
+def _handler_threads() -> int:
+    return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
+
+
+def _bare_daemon(tmp_path: Path, panel: FakePanel, **overrides) -> w.Daemon:
+    """A daemon whose servers have no process (never Docker): for drills that send arbitrary requests."""
+    config = w.Config(node_config(tmp_path, panel.url, **overrides), "drill")
+    daemon = w.Daemon(config, environment_factory=lambda server: w.Environment(server.uuid, server.events))
+    daemon.start()
+    assert daemon.wait_booted(10)
+    return daemon
+
+
+def _streaming_route(panel: FakePanel, path: str, answer):
+    """Make ``panel`` answer ``GET path`` with ``answer(handler)``; other paths as before."""
+    original = panel.route
+
+    def route(h, method, p, query, body):
+        if p == path:
+            return answer(h)
+        return original(h, method, p, query, body)
+
+    panel.route = route
+
+
+# Generated HTTP requests -------------------------------------------------------------------
+
+_DRILL_UUID = "8d2b8c7e-4f3a-4b1d-9c6e-0a1b2c3d4e5f"
+_PATHS = (
+    "/api/system",
+    "/api/system?v=2",
+    "/api/servers",
+    "/api/servers/{s}",
+    "/api/servers/{s}/sync",
+    "/api/servers/{s}/power",
+    "/api/servers/{s}/commands",
+    "/api/servers/{s}/logs?size={x}",
+    "/api/servers/{s}/ws",
+    "/api/servers/{s}/ws/deny",
+    "/api/deauthorize-user",
+    "/{x}",
+    "/api/{x}/{s}",
+)
+_HEADER_NAMES = (
+    "Content-Type",
+    "Content-Length",
+    "Transfer-Encoding",
+    "Origin",
+    "Connection",
+    "Expect",
+    "Upgrade",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Accept-Encoding",
+    "X-Real-IP",
+    "Host",
+)
+_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=255, blacklist_characters="\x7f"), max_size=40)
+_TOKEN_CHARS = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()%"), max_size=24)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | _TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_TEXT, children, max_size=4),
+    max_leaves=12,
+)
+_BODIES = st.one_of(
+    st.just(b""),
+    st.binary(max_size=200),
+    _JSON.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "action": st.sampled_from(["stop", "kill", "explode", ""]) | _JSON,  # never "start": nothing may run here
+            "wait_seconds": _JSON,
+            "commands": _JSON,
+            "jtis": _JSON,
+            "user": _JSON,
+            "servers": _JSON,
+            "uuid": st.sampled_from([_DRILL_UUID, str(uuidlib.uuid4())]) | _JSON,
+            "start_on_completion": _JSON,
+        },
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@st.composite
+def _http_requests(draw):
+    method = draw(st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"]) | _TOKEN_CHARS.filter(bool))
+    segment = draw(st.sampled_from([_DRILL_UUID, _DRILL_UUID[:8], ""]) | _TOKEN_CHARS | _TEXT.map(urllib.parse.quote))
+    path = draw(st.sampled_from(_PATHS)).format(s=segment, x=draw(_TOKEN_CHARS))
+    version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.x"]))
+    body = draw(_BODIES)
+    headers = draw(st.lists(st.tuples(st.sampled_from(_HEADER_NAMES) | _TOKEN_CHARS.filter(bool), _TEXT), max_size=4))
+    auth = draw(st.sampled_from([f"Bearer {TOKEN}", f"Bearer {TOKEN}", "Bearer wrong", f"bearer {TOKEN}", "Basic eDp5", "Bearer ", None]))
+    if auth is not None:
+        headers.append(("Authorization", auth))
+    length = draw(st.sampled_from(["exact", "exact", "none", "short", "long", "text", "negative", "huge"]))
+    value = {
+        "exact": str(len(body)),
+        "short": str(max(0, len(body) - 1)),
+        "long": str(len(body) + 7),
+        "text": "ten",
+        "negative": "-1",
+        "huge": str(2**62),
+    }.get(length)
+    if value is not None:
+        headers.append(("Content-Length", value))
+    head = f"{method} {path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    in_step = length in ("exact", "none") and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in headers[:-1])
+    return head.encode("latin-1") + body, in_step
+
+
+def _exchange(port: int, raw: bytes, in_step: bool) -> None:
+    """Send one generated request; check the answer; on a kept-alive connection check it stays in step."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        if not in_step:
+            sock.shutdown(socket.SHUT_WR)  # a body that never comes must not hold a thread forever
+        resp = http.client.HTTPResponse(sock, method="HEAD" if raw.startswith(b"HEAD ") else "GET")
+        resp.begin()
+        body = resp.read()
+        assert 200 <= resp.status < 600 and resp.status not in (500, 502, 503), (resp.status, body, raw[:300])
+        assert b"Traceback" not in body and b"<html" not in body.lower(), body
+        if body:
+            parsed = json.loads(body)
+            if resp.status >= 400:
+                assert isinstance(parsed, dict) and isinstance(parsed.get("error"), str) and parsed["error"], parsed
+        if in_step and not resp.will_close:
+            sock.sendall(f"GET /api/system HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+            follow = http.client.HTTPResponse(sock, method="GET")
+            follow.begin()
+            assert follow.status == 200 and json.loads(follow.read())["version"] == w.VERSION, raw[:300]
+
+
+# Generated Panel documents -----------------------------------------------------------------
+
+
+def _nested_lists(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+_DOC_PATHS = (
+    ("settings",),
+    ("settings", "uuid"),
+    ("settings", "suspended"),
+    ("settings", "environment"),
+    ("settings", "environment", "SERVER_JARFILE"),
+    ("settings", "invocation"),
+    ("settings", "build"),
+    ("settings", "build", "memory_limit"),
+    ("settings", "build", "swap"),
+    ("settings", "build", "io_weight"),
+    ("settings", "build", "cpu_limit"),
+    ("settings", "build", "threads"),
+    ("settings", "build", "disk_space"),
+    ("settings", "build", "oom_disabled"),
+    ("settings", "container"),
+    ("settings", "container", "image"),
+    ("settings", "allocations"),
+    ("settings", "allocations", "default"),
+    ("settings", "allocations", "default", "port"),
+    ("settings", "allocations", "mappings"),
+    ("settings", "mounts"),
+    ("settings", "egg"),
+    ("settings", "egg", "file_denylist"),
+    ("settings", "labels"),
+    ("settings", "meta"),
+    ("settings", "crash_detection_enabled"),
+    ("process_configuration",),
+    ("process_configuration", "startup"),
+    ("process_configuration", "startup", "done"),
+    ("process_configuration", "stop"),
+    ("process_configuration", "stop", "type"),
+    ("process_configuration", "configs"),
+)
+_DOC_VALUES = st.one_of(
+    _JSON,
+    st.integers(-(2**64), 2**64),
+    st.floats(),  # NaN and infinities too: Python's json module reads them
+    st.sampled_from(["0-1,4", "4-1", "99999", "", " ", "a", "\x00", "[]", 0.5, -0.5, 1e300, [], {}]),
+    st.integers(1, 990).map(_nested_lists),  # deeper than ~990 never gets past json.loads
+)
+
+
+@st.composite
+def _panel_documents(draw):
+    if draw(st.integers(0, 9)) == 0:
+        return draw(_JSON)
+    doc = panel_document(_DRILL_UUID)
+    for _ in range(draw(st.integers(1, 4))):
+        *parents, last = draw(st.sampled_from(_DOC_PATHS))
+        node = doc
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        if draw(st.booleans()) and last in node:
+            del node[last]
+        else:
+            node[last] = draw(_DOC_VALUES)
+    return doc
+
+
+class TestFaultDrills:
+    """Faults the node must survive: a failing, hanging or hostile Panel, SIGKILL, hostile clients."""
+
+    def test_panel_answering_500_then_recovering(self, panel, make_daemon):
+        uuids = [panel.add(panel_document()) for _ in range(6)]
+        daemon = make_daemon(panel)  # remote_query.timeout: 3 s
+        saved = {u: saved_document(daemon, u) for u in uuids}
+        for u in uuids:
+            panel.servers[u]["settings"]["build"]["memory_limit"] = 6000
+        panel.down = True
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(len(uuids)) as pool:
+            futures = [pool.submit(api, daemon, "POST", f"/api/servers/{u}/sync") for u in uuids]
+            wait_for(lambda: len(panel.requests) > len(uuids), what="the syncs to reach the Panel")
+            t0 = time.monotonic()
+            assert api(daemon, "GET", f"/api/servers/{uuids[0]}")[0] == 200  # the API answers during the outage
+            assert time.monotonic() - t0 < 1.0
+            results = [f.result() for f in futures]
+        assert time.monotonic() - started < 3 + 2, "the retry budget was not respected"
+        for status, _, body in results:
+            assert status == 500 and "HTTP 500" in body["error"] and "nothing on this node was changed" in body["error"]
+        assert {u: saved_document(daemon, u) for u in uuids} == saved
+        assert all(daemon.servers[u].config.build.memory_mb == 4096 for u in uuids)
+        panel.down = False
+        with concurrent.futures.ThreadPoolExecutor(len(uuids)) as pool:
+            statuses = list(pool.map(lambda u: api(daemon, "POST", f"/api/servers/{u}/sync")[0], uuids))
+        assert statuses == [204] * len(uuids)
+        assert all(saved_document(daemon, u)["settings"]["build"]["memory_limit"] == 6000 for u in uuids)
+
+    def test_a_hanging_panel_respects_the_budget_and_other_servers_sync_meanwhile(self, panel, make_daemon):
+        stuck = panel.add(panel_document())
+        others = [panel.add(panel_document()) for _ in range(5)]
+        daemon = make_daemon(panel)  # remote_query.timeout: 3 s
+        path = f"/api/remote/servers/{stuck}"
+        panel.hang_s[path] = 8
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            future = pool.submit(api, daemon, "POST", f"/api/servers/{stuck}/sync")
+            wait_for(lambda: panel.calls.get(path), what="the stuck sync to reach the Panel")
+            for uuid in others:
+                panel.servers[uuid]["settings"]["build"]["disk_space"] = 321
+                t0 = time.monotonic()
+                assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+                assert time.monotonic() - t0 < 1.0, "another server's sync waited for the hanging one"
+                assert daemon.servers[uuid].fs.limit_bytes == 321 * 1_048_576
+            status, _, body = future.result(timeout=15)
+            elapsed = time.monotonic() - started
+        assert status == 500 and "did not answer" in body["error"] and "nothing on this node was changed" in body["error"], body
+        assert 2.5 < elapsed < 3 + 1.5, f"the stuck sync took {elapsed:.1f}s for a 3 s budget"
+        assert daemon.servers[stuck].config.build.disk_mb == 20480
+
+    def test_a_huge_panel_answer_is_read_only_up_to_the_limit_and_is_a_clear_500(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, wingslite__max_panel_document_bytes=1 << 20)
+        sent = []
+
+        def endless(h):  # 256 MB, made up as it is sent: the daemon must stop reading at its limit
+            total = 256 << 20
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(total))
+            h.end_headers()
+            chunk = b"[" * 65536
+            written = 0
+            try:
+                while written < total:
+                    h.wfile.write(chunk)
+                    written += len(chunk)
+            except OSError:
+                pass
+            sent.append(written)
+            h.close_connection = True
+
+        _streaming_route(panel, f"/api/remote/servers/{uuid}", endless)
+        before = saved_document(daemon, uuid)
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 500 and "larger than 1048576 bytes" in body["error"], body
+        wait_for(lambda: sent, what="the Panel to notice the daemon hung up")
+        assert sent[0] < 48 << 20, f"the daemon read {sent[0]} bytes of a 256 MB answer"
+        assert saved_document(daemon, uuid) == before
+        assert api(daemon, "GET", "/api/system")[0] == 200
+
+    @pytest.mark.parametrize("depth, says", [(600, "nested deeper than 64 levels"), (200_000, "not valid JSON")])
+    def test_a_deeply_nested_panel_document_is_a_clear_500(self, panel, make_daemon, depth, says):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        text = json.dumps(panel_document(uuid))[:-1] + ', "extra": ' + "[" * depth + "]" * depth + "}"
+
+        def deep(h):
+            data = text.encode()
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+
+        _streaming_route(panel, f"/api/remote/servers/{uuid}", deep)
+        with _no_tracebacks_logged():
+            status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 500 and says in body["error"] and "nothing on this node was changed" in body["error"], body
+
+    def test_a_deeply_nested_document_in_the_boot_list_skips_only_that_server(self, panel, make_daemon):
+        good = panel.add(panel_document())
+        bad = panel.add(panel_document())
+        panel.servers[bad]["settings"]["labels"] = json.loads("[" * 600 + "]" * 600)
+        daemon = make_daemon(panel)
+        assert good in daemon.servers and bad not in daemon.servers
+
+    def test_sigkill_during_100_concurrent_syncs_leaves_old_or_new_configurations(self, panel, tmp_path):
+        uuids = [panel.add(panel_document()) for _ in range(100)]
+        raw = node_config(tmp_path, panel.url, remote_query__timeout=5)
+        port = raw["api"]["port"] = _free_port()
+        config_path = tmp_path / "config.yml"
+        config_path.write_text(yaml.safe_dump(raw))
+        store = tmp_path / "root" / "wingslite" / "servers"
+
+        def start():
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE / "wingslite.py"), "--config", str(config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            wait_for(lambda: _answers(port), what="the daemon to answer")
+            wait_for(lambda: api(port, "GET", "/api/system")[2]["wingslite"]["booted"], what="the daemon to boot")
+            return proc
+
+        def sync(uuid):
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                return api(port, "POST", f"/api/servers/{uuid}/sync")[0]
+
+        old = 4096
+        proc = start()
+        try:
+            for round_no, threshold in enumerate((10, 40, 70), start=1):
+                new = 5000 + round_no
+                for uuid in uuids:
+                    panel.servers[uuid]["settings"]["build"]["memory_limit"] = new
+                fetched = sum(panel.calls.get(f"/api/remote/servers/{u}", 0) for u in uuids)
+                with concurrent.futures.ThreadPoolExecutor(100) as pool:
+                    futures = [pool.submit(sync, u) for u in uuids]
+                    wait_for(
+                        lambda fetched=fetched, threshold=threshold: (
+                            sum(panel.calls.get(f"/api/remote/servers/{u}", 0) for u in uuids) - fetched >= threshold
+                        ),
+                        what=f"{threshold} syncs to reach the Panel",
+                    )
+                    proc.kill()
+                    proc.wait(10)
+                    statuses = [f.result() for f in futures]
+                values = {}
+                for uuid in uuids:
+                    document = json.loads((store / f"{uuid}.json").read_bytes())
+                    w.parse_server_document(document, expect_uuid=uuid)
+                    values[uuid] = document["settings"]["build"]["memory_limit"]
+                assert set(values.values()) <= {old, new}, f"round {round_no}: {set(values.values())}"
+                assert all(values[u] == new for u, s in zip(uuids, statuses, strict=True) if s == 204), "a 204 was answered before the write"
+                proc = start()  # the boot brings every server to the Panel's state
+                _, _, servers = api(port, "GET", "/api/servers")
+                assert len(servers) == 100 and {s["configuration"]["build"]["memory_limit"] for s in servers} == {new}
+                assert all(json.loads((store / f"{u}.json").read_bytes())["settings"]["build"]["memory_limit"] == new for u in uuids)
+                old = new
+            assert api(port, "POST", f"/api/servers/{uuids[0]}/sync")[0] == 204
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+    def test_10000_generated_http_requests_get_clean_answers(self, panel, tmp_path):
+        panel.add(panel_document(_DRILL_UUID))
+        daemon = _bare_daemon(tmp_path, panel)
+        baseline = _handler_threads()
+        sent = [0]
+
+        @settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(_http_requests(), min_size=40, max_size=40))
+        def batch(requests):
+            for raw, in_step in requests:
+                _exchange(daemon.port, raw, in_step)
+                sent[0] += 1
+
+        try:
+            with _no_tracebacks_logged():
+                batch()
+            assert sent[0] >= 10_000, f"only {sent[0]} requests were generated"
+            wait_for(lambda: _handler_threads() <= baseline, timeout_s=10, what="every connection thread to finish")
+            assert api(daemon, "GET", "/api/system")[0] == 200
+        finally:
+            daemon.stop()
+
+    @settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_panel_documents())
+    def test_generated_panel_documents_are_a_server_config_or_a_document_error(self, document):
+        try:
+            config = w.parse_server_document(document, expect_uuid=_DRILL_UUID)
+        except w.DocumentError as exc:
+            assert exc.message.startswith("the Panel's server document is invalid: ") and exc.status == 500
+            return
+        assert isinstance(config, w.ServerConfig) and config.uuid == _DRILL_UUID
+        json.dumps(w.server_document_json(config))
+        w.container_resources(config.build)
+        w.container_environment(config)
+        config.process.done_matchers()
+        assert config.disk_limit_bytes >= 0
 # fault drills (issue 7) -- tests go below this marker
 ##############################################################################
 

@@ -46,8 +46,11 @@ import base64
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import hmac
 import http.client
@@ -57,11 +60,15 @@ import logging
 import math
 import os
 import platform
+import posixpath
 import random
 import re
 import shutil
 import signal
 import socket
+import stat
+import struct
+import subprocess
 import threading
 import time
 import types
@@ -69,8 +76,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid as uuidlib
+import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +213,7 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.docker_network", str, "bridge"),
     ("wingslite.sftp_enabled", bool, True),
     ("wingslite.sftp_login_attempts_per_minute", int, 10),
+    ("wingslite.sftp_max_connections", int, 64),
     ("wingslite.websocket_max_per_server", int, 30),
 )
 
@@ -227,6 +236,7 @@ _NON_NEGATIVE = {
     "wingslite.stop_timeout_s",
     "wingslite.panel_retry_initial_ms",
     "wingslite.sftp_login_attempts_per_minute",
+    "wingslite.sftp_max_connections",
     "wingslite.websocket_max_per_server",
 }
 
@@ -689,6 +699,21 @@ def _json_type(value: Any) -> str:
 
 _THREADS_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
+# A real Panel document is about six levels deep. Deeper ones are refused before anything
+# recursive (deepcopy, json.dumps) sees them: nesting of a few hundred levels parses as JSON
+# but would exhaust the interpreter's recursion limit further on.
+_MAX_DOCUMENT_DEPTH = 64
+
+
+def _check_depth(document: Any, limit: int = _MAX_DOCUMENT_DEPTH) -> None:
+    stack = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            raise DocumentError(f"the Panel's server document is invalid: it is nested deeper than {limit} levels")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
 
 def _parse_threads(doc: _Doc) -> str:
     text = doc.str().replace(" ", "")
@@ -713,6 +738,7 @@ def parse_server_document(document: Any, *, expect_uuid: str | None = None, cras
     """
     root = _Doc(document, "document")
     root.obj(required=True)
+    _check_depth(document)
     settings = root.at("settings", required=True)
     settings.obj(required=True)
     uuid = settings.at("uuid", required=True).str(required=True)
@@ -963,12 +989,16 @@ class QuotaBackend:
 
     Methods that may be overridden: ``prepare(root)`` (make the directory able to carry a limit,
     before anything is written into it), ``set_limit(root, limit_bytes)`` (0 removes it; returns
-    notes for the sync record), ``usage_bytes(root)`` (``None`` when the backend cannot tell).
-    Class variables: ``name`` and ``reason`` (why this backend is in force, for ``/api/system``).
+    notes for the sync record), ``usage_bytes(root)`` (``None`` when the backend cannot tell),
+    ``enforced(root)`` (True when the kernel holds this directory to its limit).
+    Class variables: ``name`` and ``reason`` (why this backend is in force, for ``/api/system``),
+    ``stops_running_servers`` (stop a running server over its limit that no kernel quota holds).
+    The backends are at the end of this section.
     """
 
     name = "soft"
     reason = "no kernel quota in force: the daemon's own write paths check the limit, and a server over it is stopped"
+    stops_running_servers = True
 
     def prepare(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -978,6 +1008,9 @@ class QuotaBackend:
 
     def usage_bytes(self, root: Path) -> int | None:
         return None
+
+    def enforced(self, root: Path) -> bool:
+        return False
 
 
 class Filesystem:
@@ -1028,6 +1061,8 @@ class Filesystem:
     def usage_bytes(self, allow_stale: bool = True) -> int:
         quota_usage = self.quota.usage_bytes(self.root)
         if quota_usage is not None:
+            with self._lock:  # reserve() books on top of the kernel's figure
+                self._usage, self._measured_at = quota_usage, time.monotonic()
             return quota_usage
         with self._lock:
             fresh = self._measured_at is not None and time.monotonic() - self._measured_at < self.check_interval_s
@@ -1129,6 +1164,661 @@ def _glob_to_regex(pattern: str) -> str:
     return f"(?:{prefix}{''.join(out)}(/|$))"
 
 
+# -- the path jail ------------------------------------------------------------------------------
+#
+# A client's path (SFTP today) names something beneath a server's directory, and nothing else:
+# not through "..", not through an absolute path, not through a symlink the game server made,
+# not through one swapped in while an operation runs.
+
+
+class PathEscape(PermissionError):
+    """A path that would leave the jail (``..`` above the root, an absolute symlink, a NUL byte)."""
+
+    def __init__(self, what: str):
+        super().__init__(errno.EACCES, f"path escapes the server directory: {what}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    dir_fd: int  # the directory that holds ``name`` (or the target itself when ``name`` is None)
+    name: str | None
+    relpath: str  # the resolved path, relative to the jail root ("" for the root)
+
+
+class Jail:
+    """Every path resolved beneath one directory, never through a symlink that leads out of it.
+
+    Methods for the caller (paths as a client writes them; ``/`` is the jail's root, ``..`` may not
+    climb above it): ``normalize``, ``resolve``, ``open``, ``stat``, ``lstat``, ``listdir``,
+    ``mkdir``, ``rmdir``, ``remove``, ``rename``, ``symlink``, ``readlink``, ``chmod``, ``chown``,
+    ``utime``, ``close``. Errors are ``OSError``; escapes are ``PathEscape`` (EACCES).
+    ``is_denied(relpath)`` (the egg's ``file_denylist``) is asked about the path as written and the
+    path a symlink resolves to; a match is refused (EACCES) before any operation.
+
+    Class variables that may be overridden: ``max_symlinks``, ``max_entries``.
+
+    How: the root is held open as a directory fd. A path is cleaned lexically, then walked one
+    component at a time with ``os.open(name, O_NOFOLLOW | O_DIRECTORY, dir_fd=parent)``, so the
+    kernel never follows a symlink on our behalf. A symlink met on the way is read and its target
+    spliced into the rest of the walk -- ``..`` pops our own stack of directory fds and may not pop
+    the root, an absolute target is refused -- which is what ``openat2(RESOLVE_BENEATH)`` does. The
+    last component is always operated on with no-follow semantics (``O_NOFOLLOW``,
+    ``follow_symlinks=False``), so a symlink swapped in after the walk looked fails with ELOOP or
+    acts on the link itself; it is never followed. (``realpath`` and a prefix compare would race.)
+    """
+
+    max_symlinks = 40
+    max_entries = 100_000  # a listing larger than this is refused rather than built in memory
+
+    _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def __init__(self, root: str | os.PathLike[str], is_denied: Callable[[str], bool] | None = None):
+        self.root = os.fspath(root)
+        self.is_denied = is_denied
+        self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Jail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def parts(path: str) -> list[str]:
+        """``path`` cleaned lexically into components; ``PathEscape`` if it climbs above the root."""
+        if "\x00" in path:
+            raise PathEscape("NUL byte in path")
+        out: list[str] = []
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not out:
+                    raise PathEscape(repr(path))
+                out.pop()
+            else:
+                out.append(part)
+        return out
+
+    def normalize(self, path: str) -> str:
+        """The absolute jail path (``/a/b``) a client path names, without touching the disk."""
+        return "/" + "/".join(self.parts(path))
+
+    @contextlib.contextmanager
+    def resolve(self, path: str, follow: bool = True) -> Iterator[_Where]:
+        """Walk ``path`` beneath the root; yields where its last component lives.
+
+        ``follow`` resolves a symlink in the last component too (staying inside); without it the
+        last component is the link itself. The directory fds are closed when the block ends.
+        """
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the jail is closed")
+        stack = [self._fd]
+        names: list[str] = []
+        asked = self.parts(path)
+        pending = deque(asked)
+        links = 0
+        try:
+            while pending:
+                name = pending.popleft()
+                if name == "..":  # only link targets bring these; the client's own were cleaned away
+                    if not names:
+                        raise PathEscape(f"a symlink climbs above the root ({path!r})")
+                    os.close(stack.pop())
+                    names.pop()
+                    continue
+                last = not pending
+                if last:
+                    target = self._link_target(stack[-1], name) if follow else None
+                    if target is None:
+                        yield self._checked(asked, _Where(stack[-1], name, "/".join([*names, name])))
+                        return
+                else:
+                    try:
+                        fd = os.open(name, self._DIR_FLAGS, dir_fd=stack[-1])
+                    except OSError as exc:
+                        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                            raise
+                        target = self._link_target(stack[-1], name)
+                        if target is None:
+                            raise OSError(errno.ENOTDIR, f"not a directory: {'/'.join([*names, name])}") from None
+                    else:
+                        stack.append(fd)
+                        names.append(name)
+                        continue
+                links += 1
+                if links > self.max_symlinks:
+                    raise OSError(errno.ELOOP, f"too many levels of symbolic links: {path!r}")
+                if target.startswith("/") or "\x00" in target:
+                    raise PathEscape(f"{'/'.join([*names, name])} is a symlink to an absolute path")
+                pending.extendleft(reversed([p for p in target.split("/") if p not in ("", ".")]))
+            yield self._checked(asked, _Where(stack[-1], None, "/".join(names)))
+        finally:
+            for fd in stack[1:]:
+                os.close(fd)
+
+    def _checked(self, asked: list[str], where: _Where) -> _Where:
+        if self.is_denied is not None and (self.is_denied("/".join(asked)) or self.is_denied(where.relpath)):
+            raise PermissionError(errno.EACCES, "this file is in the egg's file_denylist", "/".join(asked))
+        return where
+
+    @staticmethod
+    def _link_target(dir_fd: int, name: str) -> str | None:
+        """The target when ``name`` is a symlink; None when it is something else or missing."""
+        try:
+            return os.readlink(name, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT):
+                return None
+            raise
+
+    def _check_link_target(self, link_parts: list[str], target: str) -> None:
+        """Refuse a symlink target that would point outside the root from where the link sits."""
+        if not target or "\x00" in target:
+            raise OSError(errno.EINVAL, "empty symlink target")
+        if target.startswith("/"):
+            raise PathEscape(f"symlink to an absolute path {target!r}")
+        depth = len(link_parts) - 1
+        for part in target.split("/"):
+            if part == "..":
+                depth -= 1
+                if depth < 0:
+                    raise PathEscape(f"symlink target {target!r} leads outside")
+            elif part not in ("", "."):
+                depth += 1
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        """A file descriptor for a regular file (never a device, FIFO, directory or symlink).
+
+        ``O_TRUNC`` is dropped: the caller truncates, so that it can account for the freed bytes.
+        """
+        flags = (flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK) & ~os.O_TRUNC
+        with self.resolve(path) as where:
+            if where.name is None:
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            fd = os.open(where.name, flags, mode, dir_fd=where.dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EPERM, kind, path)
+            os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from hanging the open
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def stat(self, path: str) -> os.stat_result:
+        """Like ``os.stat``: a symlink inside the jail is followed (never out of it)."""
+        with self.resolve(path) as where:
+            if where.name is None:
+                return os.fstat(where.dir_fd)
+            return os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+
+    def lstat(self, path: str) -> os.stat_result:
+        with self.resolve(path, follow=False) as where:
+            if where.name is None:
+                return os.fstat(where.dir_fd)
+            return os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+
+    def listdir(self, path: str) -> list[tuple[str, os.stat_result]]:
+        """``(name, lstat)`` of every entry of a directory (entries that vanish meanwhile are skipped)."""
+        with self.resolve(path) as where:
+            fd = os.open(where.name or ".", self._DIR_FLAGS, dir_fd=where.dir_fd)
+        try:
+            out = []
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if len(out) >= self.max_entries:
+                        raise OSError(errno.EFBIG, f"more than {self.max_entries} entries in {path!r}")
+                    with contextlib.suppress(FileNotFoundError):
+                        out.append((entry.name, entry.stat(follow_symlinks=False)))
+            return out
+        finally:
+            os.close(fd)
+
+    def mkdir(self, path: str, mode: int = 0o755) -> None:
+        with self.resolve(path, follow=False) as where:
+            if where.name is None:
+                raise FileExistsError(errno.EEXIST, "exists", path)
+            os.mkdir(where.name, mode, dir_fd=where.dir_fd)
+
+    def rmdir(self, path: str) -> None:
+        with self.resolve(path, follow=False) as where:
+            if where.name is None:
+                raise PermissionError(errno.EPERM, "the root cannot be removed", path)
+            os.rmdir(where.name, dir_fd=where.dir_fd)
+
+    def remove(self, path: str) -> os.stat_result:
+        """Unlink a file or symlink (the link itself, never its target); returns what it was."""
+        with self.resolve(path, follow=False) as where:
+            if where.name is None:
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            st = os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            os.unlink(where.name, dir_fd=where.dir_fd)
+            return st
+
+    def rename(self, src: str, dst: str, overwrite: bool = True) -> os.stat_result | None:
+        """Move ``src`` to ``dst``; returns the lstat of a file that was replaced (for accounting)."""
+        dst_parts = self.parts(dst)
+        with self.resolve(src, follow=False) as a, self.resolve(dst, follow=False) as b:
+            if a.name is None or b.name is None:
+                raise PermissionError(errno.EPERM, "the root cannot be renamed or replaced")
+            st = os.stat(a.name, dir_fd=a.dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):  # a relative link may point elsewhere from its new place
+                self._check_link_target(dst_parts, os.readlink(a.name, dir_fd=a.dir_fd))
+            try:
+                old = os.stat(b.name, dir_fd=b.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                old = None
+            if old is not None and not overwrite:
+                raise FileExistsError(errno.EEXIST, "the target exists", dst)
+            os.rename(a.name, b.name, src_dir_fd=a.dir_fd, dst_dir_fd=b.dir_fd)
+            return old
+
+    def symlink(self, target: str, path: str) -> None:
+        """Create ``path`` -> ``target``; refused when the target would point outside the root."""
+        self._check_link_target(self.parts(path), target)
+        with self.resolve(path, follow=False) as where:
+            if where.name is None:
+                raise FileExistsError(errno.EEXIST, "exists", path)
+            os.symlink(target, where.name, dir_fd=where.dir_fd)
+
+    def readlink(self, path: str) -> str:
+        with self.resolve(path, follow=False) as where:
+            if where.name is None:
+                raise OSError(errno.EINVAL, "not a symlink", path)
+            return os.readlink(where.name, dir_fd=where.dir_fd)
+
+    def chmod(self, path: str, mode: int) -> None:
+        """chmod that never follows a symlink (Linux cannot chmod a link itself: EPERM)."""
+        with self.resolve(path, follow=False) as where:
+            fd = os.open(where.name or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where.dir_fd)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise PermissionError(errno.EPERM, "a symlink's mode cannot be changed", path)
+            # An O_PATH fd cannot fchmod; its /proc/self/fd entry names exactly this inode.
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        with self.resolve(path, follow=False) as where:
+            os.chown(where.name or ".", uid, gid, dir_fd=where.dir_fd, follow_symlinks=False)
+
+    def utime(self, path: str, times: tuple[float, float]) -> None:
+        with self.resolve(path, follow=False) as where:
+            os.utime(where.name or ".", times, dir_fd=where.dir_fd, follow_symlinks=False)
+
+
+# -- disk quota backends ------------------------------------------------------------------------
+#
+# A limit that only wingslite's own write paths respect is not a limit: the game server writes to
+# /home/container directly (panel#4554: an 858 GB file on a 1 GB server). Where the data
+# directory's filesystem can, the kernel holds each server directory to its limit. Chosen once per
+# node by ``wingslite.disk_quota`` (``select_quota_backend``), strongest first:
+#
+#   btrfs     each server directory is a subvolume; its qgroup carries the limit (``btrfs`` CLI)
+#   project   ext4/xfs project quotas: the directory's project id carries a hard block limit
+#   soft      no kernel limit (``QuotaBackend``): wingslite's writes are checked, and a running
+#             server over its limit is stopped, as Wings does
+#   off       wingslite's writes are checked; a running server is never stopped for its disk
+
+
+class NoQuota(QuotaBackend):
+    """``wingslite.disk_quota: off``: only wingslite's own writes are checked against the limit."""
+
+    name = "off"
+    reason = "wingslite.disk_quota is off: only the daemon's own write paths check the limit"
+    stops_running_servers = False
+
+
+def mount_of(path: str | os.PathLike[str], mountinfo: str | None = None) -> tuple[str, str, str]:
+    """``(mount point, filesystem type, source)`` of the mount holding ``path`` (from /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    if mountinfo is None:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            mountinfo = fh.read()
+    best, best_len = ("/", "", ""), -1
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        point = _unescape_mount(fields[4])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best_len:  # on equal points the later line wins: it is mounted on top
+            best, best_len = (point, tail[0], _unescape_mount(tail[1])), len(point)
+    return best
+
+
+def _unescape_mount(text: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+class BtrfsQuota(QuotaBackend):
+    """Each server directory a btrfs subvolume whose qgroup ``0/<subvolume id>`` carries the limit.
+
+    Needs the ``btrfs`` command (btrfs-progs). A server directory that already existed as a plain
+    directory cannot become a subvolume: that server is soft (its sync record says so).
+    """
+
+    name = "btrfs"
+    usage_ttl_s = 1.0  # metered writers ask before every chunk; the kernel enforces whatever this says
+    _SUBVOLUME_ROOT_INODE = 256  # BTRFS_FIRST_FREE_OBJECTID: the root directory of every subvolume
+
+    def __init__(self, btrfs: str = "btrfs", reason: str = "", run: Callable[..., subprocess.CompletedProcess] = subprocess.run):
+        self.reason = reason
+        self._btrfs = btrfs
+        self._run = run
+        self._lock = threading.Lock()
+        self._usage_cache: dict[str, tuple[float, int]] = {}
+
+    @classmethod
+    def probe(cls, data_dir: Path, fstype: str) -> tuple[BtrfsQuota | None, str]:
+        """The backend for ``data_dir``, turning btrfs quotas on if they are off; else ``None`` and why not."""
+        if fstype != "btrfs":
+            return None, f"{data_dir} is on {fstype or 'an unknown filesystem'}, not btrfs"
+        exe = shutil.which("btrfs")
+        if exe is None:
+            return None, f"{data_dir} is on btrfs but the btrfs command (btrfs-progs) is not installed"
+        backend = cls(exe)
+        try:
+            backend._cli("qgroup", "show", "--raw", str(data_dir))
+        except OSError:
+            try:
+                backend._cli("quota", "enable", str(data_dir))
+            except OSError as exc:
+                return None, f"{data_dir} is on btrfs but its quotas cannot be enabled: {exc}"
+            LOG.info("disk quota: enabled btrfs quotas on the filesystem holding %s", data_dir)
+        backend.reason = f"{data_dir} is on btrfs with quotas on: each server directory is a subvolume with a qgroup limit"
+        return backend, backend.reason
+
+    def _cli(self, *args: str) -> str:
+        try:
+            done = self._run([self._btrfs, *args], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise OSError(f"btrfs {' '.join(args)}: {exc}") from None
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise OSError(f"btrfs {' '.join(args)}: {lines[-1] if lines else f'exit status {done.returncode}'}")
+        return done.stdout
+
+    def enforced(self, root: Path) -> bool:
+        try:
+            st, parent = os.stat(root), os.stat(Path(root).parent)
+        except OSError:
+            return False
+        return st.st_ino == self._SUBVOLUME_ROOT_INODE and st.st_dev != parent.st_dev
+
+    def prepare(self, root: Path) -> None:
+        if root.is_dir():
+            if not self.enforced(root):
+                LOG.warning("disk quota: %s", self._soft_note(root))
+            return
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._cli("subvolume", "create", str(root))
+        except OSError as exc:
+            LOG.warning("disk quota: %s; %s is a plain directory, soft for this server", exc, root)
+            root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _soft_note(root: Path) -> str:
+        return (
+            f"disk limit: soft for this server: {root} is a plain directory, not a btrfs subvolume, so the kernel cannot hold it"
+            " to the limit (the daemon's writes are checked and the running server is stopped when over it)"
+        )
+
+    def set_limit(self, root: Path, limit_bytes: int) -> list[str]:
+        if not self.enforced(root):
+            return [self._soft_note(root)]
+        qgroup = f"0/{int(self._cli('inspect-internal', 'rootid', str(root)).strip())}"
+        # Name the qgroup and point the command at the parent: run against the subvolume itself, btrfs
+        # charges the command's own metadata to that qgroup and refuses (EDQUOT) once it is over its
+        # limit, so a full server could never have its limit raised or removed.
+        self._cli("qgroup", "limit", str(limit_bytes) if limit_bytes > 0 else "none", qgroup, str(root.parent))
+        # qgroup figures move at transaction commits; commit now so the sync record's usage is today's
+        self._read_usage(root, "--sync")
+        return [f"disk limit: btrfs qgroup {qgroup} limit " + (f"{limit_bytes} bytes" if limit_bytes > 0 else "removed")]
+
+    def usage_bytes(self, root: Path) -> int | None:
+        key, now = str(root), time.monotonic()
+        with self._lock:
+            cached = self._usage_cache.get(key)
+        if cached and now - cached[0] < self.usage_ttl_s:
+            return cached[1]
+        return self._read_usage(root) if self.enforced(root) else None
+
+    def _read_usage(self, root: Path, *flags: str) -> int | None:
+        try:
+            used = parse_qgroup_referenced(self._cli("qgroup", "show", "--raw", *flags, "-f", str(root)))
+        except (OSError, ValueError) as exc:
+            LOG.warning("disk quota: cannot read the btrfs qgroup usage of %s: %s", root, exc)
+            return None
+        with self._lock:
+            self._usage_cache[str(root)] = (time.monotonic(), used)
+        return used
+
+
+def parse_qgroup_referenced(text: str, qgroup: str | None = None) -> int:
+    """Referenced bytes of ``qgroup`` (default: the level-0 one) in ``btrfs qgroup show --raw`` output."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            continue
+        if parts[0] == qgroup or (qgroup is None and parts[0].startswith("0/")):
+            return int(parts[1])
+    raise ValueError(f"no qgroup {qgroup or '0/*'} in the output of btrfs qgroup show")
+
+
+def _ioc(direction: int, kind: str, nr: int, size: int) -> int:
+    # asm-generic/ioctl.h: direction (2 bits), size (14), type (8), number (8)
+    return (direction << 30) | (size << 16) | (ord(kind) << 8) | nr
+
+
+FSXATTR = struct.Struct("=IIIII8x")  # struct fsxattr: xflags, extsize, nextents, projid, cowextsize
+FS_IOC_FSGETXATTR = _ioc(2, "X", 31, FSXATTR.size)
+FS_IOC_FSSETXATTR = _ioc(1, "X", 32, FSXATTR.size)
+FS_XFLAG_PROJINHERIT = 0x200  # what is created inside inherits the directory's project id
+IF_DQBLK = struct.Struct("=QQQQQQQQI4x")  # struct if_dqblk, padded to 8 bytes as the kernel lays it out
+IF_DQINFO = struct.Struct("=QQII")  # struct if_dqinfo
+Q_GETINFO, Q_GETQUOTA, Q_SETQUOTA = 0x800005, 0x800007, 0x800008
+PRJQUOTA = 2
+QIF_BLIMITS = 1
+QUOTA_BLOCK_BYTES = 1024  # if_dqblk's block limits count 1 KiB blocks; dqb_curspace is in bytes
+
+
+def qcmd(cmd: int, quota_type: int) -> int:
+    return (cmd << 8) | (quota_type & 0xFF)
+
+
+def setquota_block(limit_bytes: int) -> bytes:
+    """The ``if_dqblk`` for ``Q_SETQUOTA``: a hard (and soft) block limit rounded up to whole KiB; 0 = none."""
+    blocks = -(-limit_bytes // QUOTA_BLOCK_BYTES) if limit_bytes > 0 else 0
+    return IF_DQBLK.pack(blocks, blocks, 0, 0, 0, 0, 0, 0, QIF_BLIMITS)
+
+
+class KernelCalls:
+    """The two system calls project quotas need (``ioctl``, ``quotactl``); tests substitute a recorder."""
+
+    def ioctl(self, fd: int, request: int, buf: bytearray) -> None:
+        fcntl.ioctl(fd, request, buf)
+
+    def quotactl(self, cmd: int, device: str, ident: int, buf: bytearray) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        addr = (ctypes.c_char * len(buf)).from_buffer(buf)
+        if libc.quotactl(ctypes.c_int(cmd), os.fsencode(device), ctypes.c_int(ident), addr) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"quotactl: {os.strerror(err)}")
+
+
+class ProjectQuota(QuotaBackend):
+    """ext4/xfs project quotas: each server directory tagged with its own project id, which carries a hard limit.
+
+    The id lives on the directory itself (``FS_IOC_FSSETXATTR`` with inheritance), so it survives
+    restarts without a table; it is derived from the directory name and stepped past ids that other
+    server directories already hold. Needs a kernel with ``CONFIG_QUOTA`` and a ``prjquota`` mount.
+    """
+
+    name = "project"
+
+    def __init__(self, data_dir: Path, device: str, reason: str = "", calls: KernelCalls | None = None):
+        self.data_dir = Path(data_dir)
+        self.device = device
+        self.reason = reason
+        self._calls = calls or KernelCalls()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def probe(cls, data_dir: Path, fstype: str, device: str, calls: KernelCalls | None = None) -> tuple[ProjectQuota | None, str]:
+        if fstype not in ("ext4", "xfs"):
+            return None, f"{data_dir} is on {fstype or 'an unknown filesystem'}, not ext4 or xfs"
+        calls = calls or KernelCalls()
+        try:
+            calls.quotactl(qcmd(Q_GETINFO, PRJQUOTA), device, 0, bytearray(IF_DQINFO.size))
+        except OSError as exc:
+            why = {
+                errno.ENOSYS: "this kernel has no quota support (CONFIG_QUOTA)",
+                errno.ESRCH: f"project quotas are not on for {device} (it needs a prjquota mount, which needs a kernel with CONFIG_QUOTA)",
+                errno.EPERM: "managing quotas needs root",
+            }.get(exc.errno or 0, str(exc))
+            return None, f"{data_dir} is on {fstype} but {why}"
+        backend = cls(data_dir, device, calls=calls)
+        backend.reason = f"{data_dir} is on {fstype} ({device}) with project quotas on: each server directory has its own project id"
+        return backend, backend.reason
+
+    def _xattr(self, fd: int) -> tuple[int, ...]:
+        buf = bytearray(FSXATTR.size)
+        self._calls.ioctl(fd, FS_IOC_FSGETXATTR, buf)
+        return FSXATTR.unpack(buf)
+
+    def _tag(self, path: Path, project_id: int, inherit: bool) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            xflags, extsize, nextents, _, cow = self._xattr(fd)
+            xflags = xflags | FS_XFLAG_PROJINHERIT if inherit else xflags
+            self._calls.ioctl(fd, FS_IOC_FSSETXATTR, bytearray(FSXATTR.pack(xflags, extsize, nextents, project_id, cow)))
+        finally:
+            os.close(fd)
+
+    def project_id(self, root: Path) -> int:
+        """The directory's project id (0: none yet)."""
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return self._xattr(fd)[3]
+        finally:
+            os.close(fd)
+
+    def choose_project_id(self, root: Path) -> int:
+        taken = set()
+        for sibling in self.data_dir.iterdir() if self.data_dir.is_dir() else ():
+            if sibling.name != root.name and sibling.is_dir() and not sibling.is_symlink():
+                with contextlib.suppress(OSError):
+                    taken.add(self.project_id(sibling))
+        candidate = zlib.crc32(root.name.encode()) & 0x7FFFFFFF
+        while candidate in taken or candidate == 0:
+            candidate = (candidate + 1) & 0x7FFFFFFF
+        return candidate
+
+    def enforced(self, root: Path) -> bool:
+        try:
+            return self.project_id(root) != 0
+        except OSError:
+            return False
+
+    def prepare(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if self.project_id(root):
+                return
+            project_id = self.choose_project_id(root)
+            self._tag(root, project_id, inherit=True)
+        # What was there before the tag belongs to no project: tag it too, once.
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                if not os.path.islink(os.path.join(dirpath, name)):
+                    with contextlib.suppress(OSError):
+                        self._tag(Path(dirpath, name), project_id, inherit=name in dirnames)
+        LOG.info("disk quota: project id %d assigned to %s", project_id, root)
+
+    def set_limit(self, root: Path, limit_bytes: int) -> list[str]:
+        if not self.enforced(root):
+            self.prepare(root)
+        project_id = self.project_id(root)
+        self._calls.quotactl(qcmd(Q_SETQUOTA, PRJQUOTA), self.device, project_id, bytearray(setquota_block(limit_bytes)))
+        return [f"disk limit: project {project_id} hard limit " + (f"{limit_bytes} bytes" if limit_bytes > 0 else "removed")]
+
+    def usage_bytes(self, root: Path) -> int | None:
+        try:
+            project_id = self.project_id(root)
+            if not project_id:
+                return None
+            buf = bytearray(IF_DQBLK.size)
+            self._calls.quotactl(qcmd(Q_GETQUOTA, PRJQUOTA), self.device, project_id, buf)
+        except OSError as exc:
+            LOG.warning("disk quota: cannot read the project quota usage of %s: %s", root, exc)
+            return None
+        return IF_DQBLK.unpack(buf)[2]
+
+
+QUOTA_MODES = ("auto", "btrfs", "project", "soft", "off")
+
+
+def select_quota_backend(mode: str, data_dir: Path, *, mountinfo: str | None = None, calls: KernelCalls | None = None) -> QuotaBackend:
+    """The backend for ``wingslite.disk_quota``; ``auto`` takes the strongest the data directory's filesystem supports.
+
+    ``btrfs`` or ``project`` that cannot work here fall back to soft, with a warning that says why.
+    """
+    if mode not in QUOTA_MODES:
+        raise ConfigError(f"wingslite.disk_quota must be one of {', '.join(QUOTA_MODES)}, not {mode!r}")
+    if mode == "off":
+        return NoQuota()
+    soft = QuotaBackend()
+    if mode == "soft":
+        soft.reason = "wingslite.disk_quota is soft: the daemon's own write paths check the limit, and a server over it is stopped"
+        return soft
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _, fstype, device = mount_of(data_dir, mountinfo)
+    reasons = []
+    if mode in ("auto", "btrfs"):
+        backend, why = BtrfsQuota.probe(data_dir, fstype)
+        if backend:
+            return backend
+        reasons.append(why)
+    if mode in ("auto", "project"):
+        backend, why = ProjectQuota.probe(data_dir, fstype, device, calls)
+        if backend:
+            return backend
+        reasons.append(why)
+    prefix = "no kernel quota here" if mode == "auto" else f"wingslite.disk_quota is {mode}, but it cannot work here"
+    soft.reason = f"{prefix} ({'; '.join(reasons)}): the daemon's own write paths check the limit, and a server over it is stopped"
+    (LOG.info if mode == "auto" else LOG.warning)("disk quota: soft: %s", soft.reason)
+    return soft
+
+
+def must_stop_for_disk(fs: Filesystem) -> bool:
+    """True when a running server is over its disk limit and no kernel quota holds it there.
+
+    Wings stops such a server ("Server is exceeding the assigned disk space limit, stopping process
+    now.", server/listeners.go); under a kernel quota the writes are refused instead and the server runs on.
+    """
+    return bool(fs.limit_bytes) and fs.quota.stops_running_servers and not fs.quota.enforced(fs.root) and not fs.has_space()
+
+
 ##############################################################################
 # environments
 ##############################################################################
@@ -1201,6 +1891,923 @@ class Environment:
         return None
 
 
+# -- cgroups -------------------------------------------------------------------------------------
+#
+# Docker's update API cannot lift a memory limit (``Memory: 0`` means "unchanged" and ``-1`` is
+# refused), does not lift a memory+swap limit when sent ``MemorySwap: -1``, and cannot unpin a
+# cpuset (moby#41946). wingslite writes those into the container's cgroup files directly; the
+# process keeps running in the same container. Docker's inspect output keeps the old values
+# afterwards, so what the kernel enforces is read back from the same files.
+
+# cgroup v1 reports "no limit" as the largest page-aligned counter (9223372036854771712 on x86-64).
+_CGROUP_NO_LIMIT = 1 << 62
+_PAGE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class CgroupLimits:
+    """What the kernel enforces on one container, read from its cgroup files (``None`` = no limit).
+
+    ``swap_bytes`` is memory+swap on cgroup v1 (``memory.memsw.limit_in_bytes``) and swap alone on
+    v2 (``memory.swap.max``), as each kernel interface defines it; ``None`` also when the kernel
+    does not account swap. ``cpuset`` is the container's own list ("" on v2 = inherited).
+    """
+
+    memory_bytes: int | None
+    swap_bytes: int | None
+    cpu_quota_us: int | None
+    cpu_period_us: int
+    cpuset: str
+    all_cpus: str
+    pids: int | None
+
+
+class Cgroup:
+    """The cgroup directories of one container, and the writes Docker cannot make live.
+
+    Methods for the caller: ``Cgroup.locate(root, container_id, driver=..., parent=..., pid=...)``,
+    ``read()``, ``lift_memory_limit()``, ``lift_swap_limit()``, ``lift_cpu_quota()``,
+    ``lift_cpuset()``. Every failure is a ``WingsliteError`` naming the file.
+    """
+
+    V1_CONTROLLERS = ("memory", "cpu", "cpuset", "pids")
+
+    def __init__(self, version: int, dirs: Mapping[str, Path]):
+        self.version = version
+        self.dirs = dict(dirs)
+
+    @classmethod
+    def locate(cls, root: str | os.PathLike[str], container_id: str, *, driver: str = "cgroupfs", parent: str = "", pid: int = 0) -> Cgroup:
+        """Find a container's cgroup the way the engine lays it out (cgroupfs or systemd driver).
+
+        The hierarchy version is read from ``root`` itself (v2 has ``cgroup.controllers`` at its
+        top). When the expected directory is missing, ``/proc/<pid>/cgroup`` of the container's
+        main process is consulted (nested or unusual ``cgroup_parent`` layouts).
+        """
+        root = Path(root)
+        rel = _container_cgroup_relpath(container_id, driver, parent)
+        proc: dict[str, str] | None = None
+        if (root / "cgroup.controllers").is_file():
+            found = root / rel
+            if not found.is_dir() and pid:
+                proc = _proc_cgroup_paths(pid)
+                if "" in proc:
+                    found = root / proc[""].lstrip("/")
+            if not found.is_dir():
+                raise WingsliteError(f"the cgroup of container {container_id[:12]} is not at {root / rel} (cgroup v2, {driver} driver)")
+            return cls(2, {c: found for c in cls.V1_CONTROLLERS})
+        dirs = {}
+        for controller in cls.V1_CONTROLLERS:
+            found = root / controller / rel
+            if not found.is_dir() and pid:
+                proc = proc if proc is not None else _proc_cgroup_paths(pid)
+                if controller in proc:
+                    found = root / controller / proc[controller].lstrip("/")
+            dirs[controller] = found
+        if not dirs["memory"].is_dir():
+            raise WingsliteError(f"the cgroup of container {container_id[:12]} is not at {dirs['memory']} (cgroup v1, {driver} driver)")
+        return cls(1, dirs)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read(self) -> CgroupLimits:
+        mem, cpu, cpuset, pids = (self.dirs[c] for c in self.V1_CONTROLLERS)
+        if self.version == 1:
+            memsw = mem / "memory.memsw.limit_in_bytes"
+            quota = _read_int(cpu / "cpu.cfs_quota_us")
+            return CgroupLimits(
+                memory_bytes=_limit(_read_int(mem / "memory.limit_in_bytes")),
+                swap_bytes=_limit(_read_int(memsw)) if memsw.exists() else None,
+                cpu_quota_us=None if quota is None or quota < 0 else quota,
+                cpu_period_us=_read_int(cpu / "cpu.cfs_period_us") or 100_000,
+                cpuset=_read_text(cpuset / "cpuset.cpus"),
+                all_cpus=_read_text(cpuset.parent / "cpuset.cpus"),
+                pids=_limit(_read_int(pids / "pids.max")),
+            )
+        quota_text, _, period_text = (_read_text(cpu / "cpu.max") or "max").partition(" ")
+        swap = mem / "memory.swap.max"
+        all_cpus = cpuset.parent / "cpuset.cpus.effective"
+        return CgroupLimits(
+            memory_bytes=_limit(_read_int(mem / "memory.max")),
+            swap_bytes=_limit(_read_int(swap)) if swap.exists() else None,
+            cpu_quota_us=None if quota_text == "max" else int(quota_text),
+            cpu_period_us=int(period_text or 100_000),
+            cpuset=_read_text(cpuset / "cpuset.cpus") if (cpuset / "cpuset.cpus").exists() else "",
+            all_cpus=_read_text(all_cpus) if all_cpus.exists() else "",
+            pids=_limit(_read_int(pids / "pids.max")),
+        )
+
+    # -- writing (only lifting: everything else goes through Docker) -------------------------------
+
+    def lift_memory_limit(self) -> None:
+        """No memory limit, no swap limit, no reservation."""
+        self.lift_swap_limit()  # v1: memory+swap must stay >= memory, so it is raised first
+        mem = self.dirs["memory"]
+        if self.version == 1:
+            _write(mem / "memory.limit_in_bytes", "-1")
+            _write(mem / "memory.soft_limit_in_bytes", "-1", optional=True)
+        else:
+            _write(mem / "memory.max", "max")
+            _write(mem / "memory.low", "0", optional=True)
+
+    def lift_swap_limit(self) -> None:
+        mem = self.dirs["memory"]
+        if self.version == 1:
+            _write(mem / "memory.memsw.limit_in_bytes", "-1", optional=True)
+        else:
+            _write(mem / "memory.swap.max", "max", optional=True)
+
+    def lift_cpu_quota(self) -> None:
+        if self.version == 1:
+            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", "-1")
+        else:
+            _write(self.dirs["cpu"] / "cpu.max", "max")
+
+    def lift_cpuset(self) -> None:
+        """Unpin: v1 copies the parent's CPU list (v1 has no "inherit"); v2 empties the list."""
+        path = self.dirs["cpuset"] / "cpuset.cpus"
+        if self.version == 1:
+            _write(path, _read_text(self.dirs["cpuset"].parent / "cpuset.cpus"))
+        else:
+            _write(path, "\n")
+
+
+def _container_cgroup_relpath(container_id: str, driver: str, parent: str) -> str:
+    """Where the engine puts a container's cgroup below a hierarchy's root (moby's layout)."""
+    if driver == "systemd":
+        return f"{_expand_slice(parent or 'system.slice')}/docker-{container_id}.scope".lstrip("/")
+    return f"{(parent or '/docker').strip('/')}/{container_id}"
+
+
+def _expand_slice(name: str) -> str:
+    """systemd nests ``a-b.slice`` inside ``a.slice``: ``a-b-c.slice`` -> ``a.slice/a-b.slice/a-b-c.slice``."""
+    if name in ("", "-.slice"):
+        return ""
+    if not name.endswith(".slice"):
+        return name.strip("/")
+    parts = name[: -len(".slice")].split("-")
+    return "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
+
+
+def _proc_cgroup_paths(pid: int) -> dict[str, str]:
+    """``/proc/<pid>/cgroup`` as ``{controller: path}`` (the v2 entry under ``""``)."""
+    paths: dict[str, str] = {}
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return paths
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path
+    return paths
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise WingsliteError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _read_int(path: Path) -> int | None:
+    """An integer cgroup value; ``None`` for ``max``."""
+    text = _read_text(path).split(" ")[0]
+    return None if text == "max" else int(text)
+
+
+def _limit(value: int | None) -> int | None:
+    return None if value is None or value < 0 or value >= _CGROUP_NO_LIMIT else value
+
+
+def _write(path: Path, value: str, optional: bool = False) -> None:
+    if not path.exists():
+        if optional:  # e.g. memory.memsw.* without swap accounting
+            return
+        raise WingsliteError(f"cannot write {path}: no such cgroup file")
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise WingsliteError(f"cannot write {value.strip() or 'an empty list'} to {path}: {exc.strerror}") from None
+
+
+def _cpu_set(text: str) -> frozenset[int]:
+    """``"0-2,5"`` -> {0, 1, 2, 5}."""
+    cpus: set[int] = set()
+    for part in filter(None, text.replace(" ", "").split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(cpus)
+
+
+# -- Docker ---------------------------------------------------------------------------------------
+
+# Wings' dropped capabilities (environment/docker/container.go).
+_CAP_DROP = ("setpcap", "mknod", "audit_write", "net_raw", "dac_override", "fowner", "fsetid", "net_bind_service", "sys_chroot", "setfcap")
+_SIGNALS = frozenset(s.name for s in signal.Signals if not s.name.startswith("SIG_"))
+
+
+def _docker() -> Any:
+    import docker  # a required package, imported on first use: ~9 MB that embedders without Docker do not pay
+
+    return docker
+
+
+def docker_client(config: Config) -> Any:
+    """A low-level Docker API client for ``wingslite.docker_url`` (else ``DOCKER_HOST``, else the socket).
+
+    No engine is contacted here: the API version is fixed (1.41, Docker 20.10, understood by every
+    later engine), so a daemon starts while the engine is still down.
+    """
+    docker = _docker()
+    kwargs = docker.utils.kwargs_from_env()
+    if config.get("wingslite.docker_url"):
+        kwargs["base_url"] = config.get("wingslite.docker_url")
+    # Each running server holds one pooled connection for its stats stream.
+    return docker.APIClient(version="1.41", timeout=60, max_pool_size=256, **kwargs)
+
+
+def signal_name(value: str) -> str:
+    """A stop signal as Docker wants it (``SIGTERM``). Unknown names become SIGKILL, as in Wings.
+
+    Wings v1.11 passed Go's signal description ("terminated") and so only SIGKILL ever worked
+    (panel#4783); wingslite sends the real name.
+    """
+    name = value.strip().upper()
+    if name == "C":  # the Panel turns an egg's "^C" (Ctrl-C) into "C"
+        return "SIGINT"
+    if name and not name.startswith("SIG"):
+        name = "SIG" + name
+    return name if name in _SIGNALS else "SIGKILL"
+
+
+class DockerEnvironment(Environment):
+    """A server's process in a Docker container named by the server's uuid.
+
+    Every start re-creates the container from the current configuration (as Wings), so a new
+    image, startup command, environment, port binding or mount takes effect there; limits also
+    change live through ``apply_limits()``. The container's output is read from an attach stream
+    (opened before the container starts, so nothing is missed) and fed to ``console``, an object
+    with ``begin(matchers, strip_ansi, on_done)``, ``feed(bytes)``, ``end()`` and
+    ``daemon_message(text)`` (``ConsolePipeline`` of the console section). A daemon that stops
+    leaves containers running; ``attach_if_running()`` picks them up again.
+
+    Methods for the caller: those of ``Environment`` plus ``exit_status()`` and ``cgroup()``.
+    Class variables that may be overridden: ``kill_wait_s``, ``log_config``.
+    """
+
+    kind = "docker"
+    kill_wait_s = 30.0
+    log_config = {"type": "local", "config": {"max-size": "5m", "max-file": "1", "compress": "false", "mode": "non-blocking"}}
+
+    def __init__(
+        self,
+        server_uuid: str,
+        events: EventBus,
+        *,
+        client: Any,
+        config: Config,
+        data_dir: Path,
+        console: ConsolePipeline,
+        disk_bytes: Callable[[], int] | None = None,
+    ):
+        super().__init__(server_uuid, events)
+        self.name = server_uuid
+        self.client = client
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.console = console
+        self._disk_bytes = disk_bytes or (lambda: 0)
+        self._lock = threading.RLock()
+        self._state = OFFLINE
+        self._generation = 0  # bumped whenever the attach stream is dropped on purpose
+        self._sock: Any = None
+        self._sock_owner: Any = None
+        self._exited = threading.Event()
+        self._exited.set()
+        self._exit: tuple[int, bool] | None = None
+        self._process = ProcessConfig()
+        self._started_at = 0.0
+        self._stats = _zero_stats()
+        self._driver: str | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _set_state(self, state: str) -> None:
+        # Published under the lock so that subscribers see the transitions in order.
+        with self._lock:
+            if self._state == state:
+                return
+            self._state = state
+            self.events.publish("status", state)
+            if state == OFFLINE:
+                self._stats = _zero_stats()
+                self.events.publish("stats", json.dumps({**self._stats, "state": OFFLINE, "disk_bytes": self._safe_disk_bytes()}))
+
+    def _on_done(self) -> None:
+        with self._lock:
+            if self._state == STARTING:
+                self._set_state(RUNNING)
+
+    # -- Docker helpers --------------------------------------------------------------------------
+
+    def _inspect(self) -> dict[str, Any] | None:
+        docker = _docker()
+        try:
+            return self.client.inspect_container(self.name)
+        except docker.errors.NotFound:
+            return None
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _docker_error("inspecting the container", exc) from None
+
+    def exists(self) -> bool:
+        return self._inspect() is not None
+
+    def exit_status(self) -> tuple[int, bool]:
+        """``(exit code, killed by the OOM killer)`` of the last exit; a missing container is (1, False)."""
+        if self._exit is not None:
+            return self._exit
+        try:
+            info = self._inspect()
+        except WingsliteError:
+            info = None
+        if info is None:
+            return 1, False
+        return int(info["State"].get("ExitCode") or 0), bool(info["State"].get("OOMKilled"))
+
+    def cgroup(self, info: dict[str, Any] | None = None) -> Cgroup:
+        """The running container's cgroup, found from the engine's driver and the container's id."""
+        info = info or self._inspect()
+        if info is None:
+            raise WingsliteError(f"container {self.name} does not exist")
+        driver = self._cgroup_driver()
+        return Cgroup.locate(
+            self.config.get("wingslite.cgroup_root"),
+            info["Id"],
+            driver=driver,
+            parent=(info.get("HostConfig") or {}).get("CgroupParent") or "",
+            pid=int(info["State"].get("Pid") or 0),
+        )
+
+    def _cgroup_driver(self) -> str:
+        if self._driver is None:
+            try:
+                self._driver = str(self.client.info().get("CgroupDriver") or "cgroupfs")
+            except Exception:  # the engine's default layout; asked again next time
+                return "cgroupfs"
+        return self._driver
+
+    # -- limits ----------------------------------------------------------------------------------
+
+    def apply_limits(self, config: ServerConfig) -> LimitReport:
+        """Make the running container's limits match ``config.build`` now (SPEC sync step 6).
+
+        What Docker's update API can express goes through it (one raw ``POST /containers/{id}/update``
+        so that ``PidsLimit`` goes too, which the SDK lacks); lifting a memory, swap or CPU limit or a
+        cpuset is written into the cgroup files. The kernel's files are then read back: what they
+        do not show is reported as failed. A stopped container is left alone: the next start
+        re-creates it with the new limits.
+        """
+        build = config.build
+        everything = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
+        docker = _docker()
+        try:
+            info = self._inspect()
+        except WingsliteError as exc:
+            return LimitReport(pending=[f"{everything} (next start)"], failed=[exc.message])
+        if info is None:
+            return LimitReport(pending=[f"{everything} (no container yet; next start)"])
+        if not info["State"].get("Running"):
+            return LimitReport(pending=[f"{everything} (container stopped; next start re-creates it)"])
+
+        resources = container_resources(build, self.config)
+        body: dict[str, Any] = {"BlkioWeight": build.io_weight, "PidsLimit": resources["PidsLimit"] or -1}
+        if resources["Memory"]:
+            body.update(Memory=resources["Memory"], MemoryReservation=resources["MemoryReservation"], MemorySwap=resources["MemorySwap"])
+        if build.cpu_percent:
+            body.update(CpuQuota=resources["CpuQuota"], CpuPeriod=resources["CpuPeriod"], CpuShares=resources["CpuShares"])
+        else:
+            body["CpuQuota"] = -1
+        if build.threads:
+            body["CpusetCpus"] = build.threads
+        report = LimitReport()
+        try:
+            answer = self.client._result(self.client._post_json(self.client._url("/containers/{0}/update", info["Id"]), data=body), True)
+        except (docker.errors.DockerException, OSError) as exc:
+            error = _docker_error("updating the container's limits", exc)
+            report.failed.append(error.message)
+            report.pending.append(f"{everything} (next start)")
+            return report
+        warnings = [w for w in (answer or {}).get("Warnings") or [] if w]
+        blkio_unsupported = any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
+        for warning in warnings:
+            LOG.info("server %s: Docker warned while updating limits: %s", self.server_uuid, warning)
+
+        try:
+            cgroup = self.cgroup(info)
+            kernel = cgroup.read()
+            if not resources["Memory"] and kernel.memory_bytes is not None:
+                cgroup.lift_memory_limit()
+            elif resources["MemorySwap"] < 0 and kernel.swap_bytes is not None:
+                cgroup.lift_swap_limit()  # the engine ignores MemorySwap -1 on update
+            if not build.cpu_percent and kernel.cpu_quota_us is not None:
+                cgroup.lift_cpu_quota()
+            if not build.threads and _cpu_set(kernel.cpuset or kernel.all_cpus) != _cpu_set(kernel.all_cpus):
+                cgroup.lift_cpuset()
+            kernel = cgroup.read()
+        except WingsliteError as exc:
+            report.failed.append(f"cgroup: {exc.message}")
+            return report
+
+        def check(what: str, ok: bool, shows: Any, text: str) -> None:
+            (report.applied if ok else report.failed).append(text if ok else f"{what}: the kernel enforces {shows}, expected {text}")
+
+        memory, swap = resources["Memory"] or None, resources["MemorySwap"]
+        check(
+            "memory",
+            _pages(kernel.memory_bytes) == _pages(memory),
+            kernel.memory_bytes,
+            f"memory {memory} bytes" if memory else "memory unlimited",
+        )
+        if kernel.swap_bytes is not None or swap > 0:
+            expect_swap = None if swap < 0 or memory is None else (swap if cgroup.version == 1 else swap - memory)
+            shown = "memory+swap" if cgroup.version == 1 else "swap"
+            check(
+                "swap",
+                _pages(kernel.swap_bytes) == _pages(expect_swap),
+                kernel.swap_bytes,
+                f"{shown} {expect_swap} bytes" if expect_swap is not None else f"{shown} unlimited",
+            )
+        quota = resources.get("CpuQuota")
+        check(
+            "cpu",
+            kernel.cpu_quota_us == quota,
+            kernel.cpu_quota_us,
+            f"cpu quota {quota}/{kernel.cpu_period_us} us" if quota else "cpu quota unlimited",
+        )
+        expect_cpus = build.threads or kernel.all_cpus
+        check(
+            "cpuset",
+            _cpu_set(kernel.cpuset or kernel.all_cpus) == _cpu_set(expect_cpus),
+            kernel.cpuset,
+            f"cpuset {build.threads or 'all (' + kernel.all_cpus + ')'}",
+        )
+        pids = resources["PidsLimit"] or None
+        check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
+        if blkio_unsupported:
+            report.applied.append(f"io weight {build.io_weight}: not supported by this kernel, skipped")
+        else:
+            report.applied.append(f"io weight {build.io_weight}")
+        return report
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def start(self, config: ServerConfig) -> None:
+        """Re-create the container from ``config``, attach, start. Returns once it is started.
+
+        The state is ``starting`` until a ``done`` line is seen. On any failure the state goes
+        ``stopping`` -> ``offline`` (never counted as a crash) and a ``WingsliteError`` says why.
+        """
+        info = self._inspect()
+        if info is not None and info["State"].get("Running"):
+            self.attach_if_running(config)  # as Wings: already running means running
+            return
+        with self._lock:
+            self._process = config.process
+            self._exit = None
+            self.console.begin(config.process.done_matchers(), config.process.strip_ansi, self._on_done)
+            self._set_state(STARTING)
+        docker = _docker()
+        try:
+            image = self._ensure_image(config.image)
+            self._remove_container()
+            self._create_container(config, image)
+            info = self._inspect()
+            self._attach(info)  # before the start, so that no early output is lost
+            self.client.start(self.name)
+            info = self._inspect() or info
+            self._started_at = _docker_time(info["State"].get("StartedAt"))
+        except (WingsliteError, docker.errors.DockerException, OSError) as exc:
+            error = exc if isinstance(exc, WingsliteError) else _docker_error("starting the container", exc)
+            with self._lock:
+                self._set_state(STOPPING)
+                self._detach()
+            self.console.daemon_message(f"The server could not be started: {error.message}")
+            self._set_state(OFFLINE)
+            raise error from None
+
+    def _ensure_image(self, image: str) -> str:
+        """The image to run: local if present, else pulled. ``~image`` means local only (as Wings).
+
+        Unlike Wings, a local image is not pulled again at every start: nodes without a registry
+        would pay a failed pull per start, and a Panel image change names a new tag anyway.
+        """
+        docker = _docker()
+        name = image.lstrip("~").strip()
+        if not name:
+            raise WingsliteError("the server has no Docker image configured")
+        try:
+            self.client.inspect_image(name)
+            return name
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _docker_error(f"looking up image {name}", exc) from None
+        if image.startswith("~"):
+            raise WingsliteError(f"image {name} is not on this node and is marked local-only ('~'), so it is not pulled")
+        self.console.daemon_message("Pulling Docker container image, this could take a few minutes to complete...")
+        repository, tag = docker.utils.parse_repository_tag(name)
+        try:
+            self.client.pull(repository, tag=tag or "latest")
+            self.client.inspect_image(name)
+        except (docker.errors.DockerException, OSError) as exc:
+            reason = getattr(exc, "explanation", None) or str(exc)
+            raise WingsliteError(f"image {name} is neither on this node nor pullable: {reason}") from None
+        self.console.daemon_message("Finished pulling Docker container image")
+        return name
+
+    def _remove_container(self) -> None:
+        docker = _docker()
+        try:
+            self.client.remove_container(self.name, force=True)
+        except docker.errors.NotFound:
+            pass
+
+    def _create_container(self, config: ServerConfig, image: str) -> None:
+        """Create the container as Wings does (environment/docker/container.go), see the README."""
+        docker = _docker()
+        node = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        mounts = [docker.types.Mount("/home/container", str(self.data_dir), type="bind", read_only=False)]
+        for mount in self.allowed_mounts(config):
+            mounts.append(docker.types.Mount(mount.target, mount.source, type="bind", read_only=mount.read_only))
+        bindings: dict[str, list[tuple[str, int]]] = {}
+        for ip, ports in config.allocations.mappings:
+            for port in ports:
+                for proto in ("tcp", "udp"):
+                    bindings.setdefault(f"{port}/{proto}", []).append((ip, port))
+        host_config = self.client.create_host_config(
+            mounts=mounts,
+            port_bindings=bindings,
+            tmpfs={"/tmp": f"rw,exec,nosuid,size={node.get('docker.tmpfs_size')}M"},
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            cap_drop=list(_CAP_DROP),
+            dns=[str(d) for d in node.get("docker.network.dns")],
+            network_mode=node.get("wingslite.docker_network"),
+            log_config=self.log_config,
+            userns_mode=node.get("docker.userns_mode") or None,
+        )
+        host_config.update(container_resources(config.build, node))
+        labels = {str(k): str(v) for k, v in config.labels.items()}
+        labels.update(Service="Pterodactyl", ContainerType="server_process")
+        container = self.client.create_container_config(
+            image,
+            None,
+            hostname=self.name,
+            domainname=node.get("docker.domainname") or None,
+            environment=container_environment(config, _timezone(node)),
+            labels=labels,
+            ports=[(int(key.split("/")[0]), key.split("/")[1]) for key in bindings],
+            tty=True,
+            stdin_open=True,
+            host_config=host_config,
+        )
+        # docker-py sets StdinOnce with stdin_open: the engine would then close the process's
+        # stdin when the first attach ends, e.g. when the daemon restarts. Wings leaves it off.
+        container["StdinOnce"] = False
+        try:
+            self.client.create_container_from_config(container, self.name)
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _docker_error("creating the container", exc) from None
+
+    def allowed_mounts(self, config: ServerConfig) -> list[Mount]:
+        """The server's custom mounts that ``allowed_mounts`` permits, compared as resolved paths.
+
+        Wings compares by string prefix (``/srv/data`` would allow ``/srv/database``) and does
+        not resolve symlinks; here the source's real path must equal or lie below an allowed one.
+        Refused mounts are logged and skipped.
+        """
+        allowed = [Path(os.path.realpath(a)) for a in self.config.get("allowed_mounts") if isinstance(a, str) and a.strip()]
+        accepted = []
+        for mount in config.mounts:
+            source = Path(os.path.realpath(mount.source))
+            target = os.path.normpath(mount.target) if mount.target.startswith("/") else ""
+            problem = ""
+            if not os.path.isabs(mount.source):
+                problem = "the source is not an absolute path"
+            elif not any(source == a or a in source.parents for a in allowed):
+                problem = "the source is not under any of the node's allowed_mounts"
+            elif not target or target == "/" or target == "/home/container" or target.startswith("/home/container/"):
+                problem = "the target must be an absolute path outside /home/container"
+            elif not source.exists():
+                problem = "the source does not exist"
+            if problem:
+                LOG.warning("server %s: mount %s -> %s skipped: %s", self.server_uuid, mount.source, mount.target, problem)
+                continue
+            accepted.append(Mount(str(source), target, mount.read_only))
+        return accepted
+
+    # -- the attach stream -----------------------------------------------------------------------
+
+    def _attach(self, info: dict[str, Any]) -> None:
+        owner = self.client.attach_socket(self.name, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        sock = getattr(owner, "_sock", owner)
+        with self._lock:
+            self._detach()
+            self._generation += 1
+            generation = self._generation
+            self._sock, self._sock_owner = sock, owner
+            self._exited.clear()
+            self._started_at = _docker_time(info["State"].get("StartedAt")) or time.time()
+        short = self.name[:8]
+        threading.Thread(target=self._read_output, args=(sock, generation), name=f"wingslite-console-{short}", daemon=True).start()
+        threading.Thread(target=self._poll_stats, args=(generation,), name=f"wingslite-stats-{short}", daemon=True).start()
+
+    def _detach(self) -> None:
+        """Drop the attach stream on purpose: its reader then leaves the state alone."""
+        with self._lock:
+            self._generation += 1
+            sock, self._sock, self._sock_owner = self._sock, None, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _read_output(self, sock: Any, generation: int) -> None:
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                self.console.feed(data)
+        except OSError:
+            pass
+        except Exception:
+            LOG.exception("server %s: console reader failed", self.server_uuid)
+        self.console.end()
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._sock = self._sock_owner = None
+        self._stream_ended()
+
+    def _stream_ended(self) -> None:
+        """The process exited (or the stream broke): record the exit and go offline."""
+        try:
+            info = self._inspect()
+        except WingsliteError as exc:
+            LOG.warning("server %s: %s", self.server_uuid, exc.message)
+            info = None
+        if info is not None and info["State"].get("Running"):
+            LOG.warning("server %s: the console stream ended but the container runs; attaching again", self.server_uuid)
+            try:
+                self._attach(info)
+                return
+            except Exception as exc:
+                LOG.error("server %s: re-attaching failed: %s", self.server_uuid, exc)
+        state = (info or {}).get("State") or {}
+        self._exit = (int(state.get("ExitCode") or 0), bool(state.get("OOMKilled"))) if info else (1, False)
+        self._set_state(OFFLINE)
+        self._exited.set()
+
+    def _poll_stats(self, generation: int) -> None:
+        """Docker's stats stream (about one sample a second) -> ``stats`` events, while attached."""
+        try:
+            for sample in self.client.stats(self.name, decode=True, stream=True):
+                if generation != self._generation or self._state == OFFLINE:
+                    break
+                if not sample.get("read") or sample.get("read", "").startswith("0001-"):
+                    continue
+                stats = utilization_from_docker(sample, self._started_at)
+                with self._lock:
+                    if generation != self._generation:
+                        break
+                    self._stats = stats
+                self.events.publish("stats", json.dumps({**stats, "state": self._state, "disk_bytes": self._safe_disk_bytes()}))
+        except Exception as exc:  # the stream ends with the container; nothing to report
+            LOG.debug("server %s: stats stream ended: %s", self.server_uuid, exc)
+
+    def _safe_disk_bytes(self) -> int:
+        try:
+            return int(self._disk_bytes())
+        except Exception:
+            return 0
+
+    # -- stop, kill, destroy -----------------------------------------------------------------------
+
+    def stop(self, config: ServerConfig, timeout_s: float) -> None:
+        """Stop as the server's stop type says, then SIGKILL after ``timeout_s``; returns when offline.
+
+        ``command``: the stop command is written to the process's stdin (Docker's stop when not
+        attached); ``signal``: that signal, by its real name; ``stop``: the image's stop signal.
+        """
+        docker = _docker()
+        info = self._inspect()
+        if info is None or not info["State"].get("Running"):
+            with self._lock:
+                self._detach()
+                self._set_state(OFFLINE)
+            return
+        self._set_state(STOPPING)
+        process = config.process
+        try:
+            if process.stop_type == "command" and self._sock is not None:
+                self._write_stdin(process.stop_value + "\n")
+            elif process.stop_type in ("command", "stop"):
+                self.client.kill(self.name, signal=signal_name((info.get("Config") or {}).get("StopSignal") or "SIGTERM"))
+            else:
+                self.client.kill(self.name, signal=signal_name(process.stop_value))
+        except (docker.errors.DockerException, OSError) as exc:
+            LOG.warning("server %s: graceful stop failed (%s); killing it", self.server_uuid, exc)
+            timeout_s = 0
+        if not self._wait_exit(timeout_s):
+            self.console.daemon_message(f"The server did not stop within {timeout_s:g} seconds; killing it.")
+            self._kill_now()
+            if not self._wait_exit(self.kill_wait_s):
+                raise WingsliteError(f"the container of server {self.server_uuid} did not stop, even after SIGKILL")
+
+    def kill(self) -> None:
+        info = self._inspect()
+        if info is None or not info["State"].get("Running"):
+            self._set_state(OFFLINE)
+            return
+        self._set_state(STOPPING)
+        self._kill_now()
+        if not self._wait_exit(self.kill_wait_s):
+            raise WingsliteError(f"the container of server {self.server_uuid} did not stop after SIGKILL")
+
+    def _kill_now(self) -> None:
+        docker = _docker()
+        try:
+            self.client.kill(self.name, signal="SIGKILL")
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "is not running" not in str(exc):
+                raise _docker_error("killing the container", exc) from None
+
+    def _wait_exit(self, timeout_s: float) -> bool:
+        """True once the process has exited and the state is offline."""
+        if self._sock is not None:
+            return self._exited.wait(max(0.0, timeout_s))
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            info = self._inspect()
+            if info is None or not info["State"].get("Running"):
+                if info is not None:
+                    self._exit = (int(info["State"].get("ExitCode") or 0), bool(info["State"].get("OOMKilled")))
+                self._set_state(OFFLINE)
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+    def destroy(self) -> None:
+        """Remove the container (forced, with its anonymous volumes); a missing one is fine."""
+        docker = _docker()
+        with self._lock:
+            if self._state != OFFLINE:
+                self._set_state(STOPPING)
+            self._detach()
+        try:
+            self.client.remove_container(self.name, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _docker_error("removing the container", exc) from None
+        self._set_state(OFFLINE)
+        self._exited.set()
+
+    # -- console ---------------------------------------------------------------------------------
+
+    def send_command(self, line: str) -> None:
+        if self._state == OFFLINE or self._sock is None:
+            raise WingsliteError("Cannot send commands to a stopped server instance.", 502)
+        self._write_stdin(line + "\n")
+        process = self._process
+        if process.stop_type == "command" and line == process.stop_value:
+            self._set_state(STOPPING)  # as Wings: a manual stop command is an intentional stop
+
+    def _write_stdin(self, text: str) -> None:
+        sock = self._sock
+        if sock is None:
+            raise WingsliteError("Cannot send commands to a stopped server instance.", 502)
+        try:
+            sock.sendall(text.encode())
+        except OSError as exc:
+            raise WingsliteError(f"could not write to the server's console: {exc}", 502) from None
+
+    def logs(self, lines: int) -> list[str]:
+        """The last ``lines`` lines of the container's output from Docker's log (as Wings)."""
+        docker = _docker()
+        try:
+            data = self.client.logs(self.name, stdout=True, stderr=True, tail=max(1, lines))
+        except docker.errors.NotFound:
+            return []
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _docker_error("reading the container's log", exc) from None
+        text = data.decode("utf-8", "replace").replace("\r\n", "\n")
+        return [line for line in text.split("\n") if line][-lines:]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return json.loads(json.dumps(self._stats))
+
+    # -- boot ------------------------------------------------------------------------------------
+
+    def attach_if_running(self, config: ServerConfig) -> bool:
+        """Re-attach to a running container without restarting it (daemon restart). True if running."""
+        try:
+            info = self._inspect()
+        except WingsliteError as exc:
+            LOG.error("server %s: %s", self.server_uuid, exc.message)
+            return False
+        if info is None or not info["State"].get("Running"):
+            return False
+        with self._lock:
+            self._process = config.process
+            self.console.begin([], config.process.strip_ansi, None)
+            self._set_state(RUNNING)  # as Wings: no done matching for a process that already runs
+        self._attach(info)
+        return True
+
+    def close(self) -> None:
+        """Stop reading the console and stats; the container keeps running."""
+        self._detach()
+
+
+def _zero_stats() -> dict[str, Any]:
+    return {"memory_bytes": 0, "memory_limit_bytes": 0, "cpu_absolute": 0.0, "network": {"rx_bytes": 0, "tx_bytes": 0}, "uptime": 0}
+
+
+def utilization_from_docker(sample: Mapping[str, Any], started_at: float, now: float | None = None) -> dict[str, Any]:
+    """One Docker stats sample in Wings' ``utilization`` shape (environment/docker/stats.go).
+
+    ``memory_bytes`` is usage minus inactive file cache, ``cpu_absolute`` the Docker CLI's
+    percentage (100 per CPU), ``uptime`` milliseconds since the container started.
+    """
+    memory = sample.get("memory_stats") or {}
+    usage = int(memory.get("usage") or 0)
+    detail = memory.get("stats") or {}
+    inactive = detail.get("total_inactive_file", detail.get("inactive_file", 0)) or 0
+    cpu, pre = sample.get("cpu_stats") or {}, sample.get("precpu_stats") or {}
+    cpu_delta = ((cpu.get("cpu_usage") or {}).get("total_usage") or 0) - ((pre.get("cpu_usage") or {}).get("total_usage") or 0)
+    system_delta = (cpu.get("system_cpu_usage") or 0) - (pre.get("system_cpu_usage") or 0)
+    online = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get("percpu_usage") or []) or 1
+    cpu_percent = round(cpu_delta / system_delta * online * 100, 3) if cpu_delta > 0 and system_delta > 0 else 0.0
+    networks = (sample.get("networks") or {}).values()
+    now = time.time() if now is None else now
+    return {
+        "memory_bytes": usage - inactive if 0 < inactive < usage else usage,
+        "memory_limit_bytes": int(memory.get("limit") or 0),
+        "cpu_absolute": cpu_percent,
+        "network": {
+            "rx_bytes": sum(int(n.get("rx_bytes") or 0) for n in networks),
+            "tx_bytes": sum(int(n.get("tx_bytes") or 0) for n in networks),
+        },
+        "uptime": max(0, int((now - started_at) * 1000)) if started_at else 0,
+    }
+
+
+def _docker_error(what: str, exc: BaseException) -> WingsliteError:
+    """A Docker failure as the operator should read it: always naming Docker."""
+    docker = _docker()
+    if isinstance(exc, docker.errors.APIError):
+        return WingsliteError(f"Docker: {what} failed: {exc.explanation or exc}")
+    return WingsliteError(f"Docker engine unreachable while {what}: {exc}")
+
+
+def _docker_time(text: str | None) -> float:
+    """Docker's RFC 3339 nano timestamp as epoch seconds (0 for the zero time)."""
+    if not text or text.startswith("0001-"):
+        return 0.0
+    whole, _, frac = text.rstrip("Z").partition(".")
+    stamp = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return stamp + (float("0." + frac.split("+")[0]) if frac else 0.0)
+
+
+def _timezone(config: Config) -> str:
+    """``system.timezone``, else the host's (``$TZ``, ``/etc/timezone``), else UTC (as Wings)."""
+    if config.get("system.timezone"):
+        return config.get("system.timezone")
+    if os.environ.get("TZ"):
+        return os.environ["TZ"]
+    with contextlib.suppress(OSError):
+        return Path("/etc/timezone").read_text().strip() or "UTC"
+    return "UTC"
+
+
+def _pages(value: int | None) -> int | None:
+    return None if value is None else value // _PAGE
+
+
 ##############################################################################
 # console and events
 ##############################################################################
@@ -1258,6 +2865,170 @@ class LogRing:
 def daemon_message(text: str, app_name: str = "Pterodactyl") -> str:
     """A console line from the daemon itself, coloured as Wings colours it (server/console.go)."""
     return f"\x1b[33m\x1b[1m[{app_name} Daemon]:\x1b[39m {text}\x1b[0m"
+
+
+# -- the console pipeline: process output -> lines -> done detection -> throttle -> events -------
+
+CONSOLE_LINE_MAX_BYTES = 64 * 1024  # Wings system/utils.go: longer lines are cut here
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+class LineSplitter:
+    """Raw console bytes -> lines, by Wings' rules (``ScanReader``, system/utils.go).
+
+    Lines end at ``\\n`` (a ``\\r`` before it is dropped); inside a line, ``" \\r"`` becomes
+    ``"\\r\\n"`` (games such as Minecraft emit stray carriage returns at the terminal width);
+    empty lines are not emitted; a line longer than ``max_bytes`` is cut there and the rest of
+    it, up to the next newline, is dropped, so one endless line cannot grow the buffer.
+    """
+
+    def __init__(self, max_bytes: int = CONSOLE_LINE_MAX_BYTES):
+        self.max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[str]:
+        self._buffer += data
+        lines: list[str] = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if self._skipping:
+                self._skipping = False
+                continue
+            self._emit(line, lines)
+        if len(self._buffer) > self.max_bytes:
+            if not self._skipping:
+                self._emit(bytes(self._buffer), lines)
+            self._skipping = True
+            self._buffer.clear()
+        return lines
+
+    def flush(self) -> list[str]:
+        """The unterminated rest, as a last line (end of stream)."""
+        lines: list[str] = []
+        if self._buffer and not self._skipping:
+            self._emit(bytes(self._buffer), lines)
+        self._buffer.clear()
+        self._skipping = False
+        return lines
+
+    def _emit(self, line: bytes, out: list[str]) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        line = line.replace(b" \r", b"\r\n")[: self.max_bytes]
+        if line:
+            out.append(line.decode("utf-8", "replace"))
+
+
+class ConsoleThrottle:
+    """Wings' console flood limit: ``lines`` per ``interval_ms`` fixed window (server/console.go).
+
+    ``allow()`` is False for lines over the limit; the first refusal after an allowed line calls
+    ``on_strike`` once (Wings prints "Server is outputting console data too quickly --
+    throttling..."). ``lines`` 0 means no limit.
+    """
+
+    def __init__(
+        self, lines: int, interval_ms: int, on_strike: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic
+    ):
+        self.lines = lines
+        self.interval_s = interval_ms / 1000
+        self.on_strike = on_strike
+        self._clock = clock
+        self._count = 0
+        self._window_start = clock()
+        self._struck = False
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        if not self.lines:
+            return True
+        with self._lock:
+            now = self._clock()
+            if now - self._window_start > self.interval_s:
+                self._count, self._window_start = 0, now
+            if self._count < self.lines:
+                self._count += 1
+                self._struck = False
+                return True
+            strike, self._struck = not self._struck, True
+        if strike and self.on_strike is not None:
+            self.on_strike()
+        return False
+
+    def reset(self) -> None:
+        with self._lock:
+            self._count, self._window_start, self._struck = 0, self._clock(), False
+
+
+class ConsolePipeline:
+    """One server's console: process output -> lines -> ``done`` detection -> throttle -> events.
+
+    The environment feeds it raw bytes (``feed``); every complete line is matched against the
+    startup ``done`` matchers while armed (before the throttle, as Wings: a dropped line still
+    counts), then published as ``("console output", line)`` unless the throttle drops it.
+    Methods for the caller: ``begin(matchers, strip_ansi, on_done)``, ``feed(data)``, ``end()``,
+    ``daemon_message(text)``.
+    """
+
+    def __init__(self, events: EventBus, *, throttle_lines: int = 2000, throttle_interval_ms: int = 100, app_name: str = "Pterodactyl"):
+        self.events = events
+        self.app_name = app_name
+        self.throttle = ConsoleThrottle(throttle_lines, throttle_interval_ms, self._strike)
+        self._splitter = LineSplitter()
+        self._matchers: list[Callable[[str], Any]] = []
+        self._strip_ansi = False
+        self._on_done: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, events: EventBus, config: Config) -> ConsolePipeline:
+        # Wings never consults throttles.enabled; wingslite honours it (false = no limit).
+        lines = config.get("throttles.lines") if config.get("throttles.enabled") else 0
+        app_name = config.raw.get("app_name") if isinstance(config.raw.get("app_name"), str) else "Pterodactyl"
+        return cls(events, throttle_lines=lines, throttle_interval_ms=config.get("throttles.line_reset_interval"), app_name=app_name)
+
+    def begin(self, matchers: Iterable[Callable[[str], Any]], strip_ansi: bool, on_done: Callable[[], None] | None) -> None:
+        """A new process: arm ``done`` detection (``on_done`` runs once) and reset the throttle."""
+        with self._lock:
+            self._matchers = list(matchers) if on_done is not None else []
+            self._strip_ansi = strip_ansi
+            self._on_done = on_done
+            self._splitter = LineSplitter()
+        self.throttle.reset()
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            lines = self._splitter.feed(data)
+        for line in lines:
+            self._line(line)
+
+    def end(self) -> None:
+        with self._lock:
+            lines = self._splitter.flush()
+        for line in lines:
+            self._line(line)
+
+    def daemon_message(self, text: str) -> None:
+        self.events.publish("console output", daemon_message(text, self.app_name))
+
+    def _line(self, line: str) -> None:
+        if self._matchers:
+            probe = _ANSI_RE.sub("", line) if self._strip_ansi else line
+            if any(match(probe) for match in self._matchers):
+                with self._lock:
+                    on_done, self._on_done, self._matchers = self._on_done, None, []
+                if on_done is not None:
+                    on_done()
+        if self.throttle.allow():
+            self.events.publish("console output", line)
+
+    def _strike(self) -> None:
+        self.daemon_message("Server is outputting console data too quickly -- throttling...")
 
 
 ##############################################################################
@@ -1395,6 +3166,14 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
 ##############################################################################
 
 
+# Wings answers a write past the disk limit with SFTP status 15, "Quota Exceeded" (sftp/utils.go).
+# SFTP v3 has no such code and paramiko no constant for it; clients show it as an unknown error.
+SFTP_QUOTA_EXCEEDED = 15
+# Wings' username pre-check (sftp/server.go): "<panel user>.<first 8 characters of the server uuid>".
+_SFTP_USERNAME_RE = re.compile(r"^(.+)\.([a-z0-9]{8})$", re.IGNORECASE)
+_SFTP_MAX_FILE_BYTES = (1 << 63) - 1  # the largest offset a file can have (off_t); beyond it a write is refused
+
+
 def sftp_available() -> bool:
     """True when paramiko can be imported (SFTP is optional)."""
     try:
@@ -1404,18 +3183,700 @@ def sftp_available() -> bool:
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class SftpLogin:
+    """A login the Panel accepted: which server, which user, which permissions."""
+
+    username: str
+    server_uuid: str
+    user_uuid: str
+    permissions: frozenset[str]
+    ip: str
+    at: float
+
+    def can(self, permission: str) -> bool:
+        # For SFTP, "*" grants everything (Wings sftp/handler.go); admin.* never matters here.
+        return "*" in self.permissions or permission in self.permissions
+
+
+class _LoginLimiter:
+    """Failed logins per client IP in a sliding minute; over budget, logins are refused unasked.
+
+    The Panel throttles too, but per server and per *node* IP, so one client failing over and
+    over would lock every user of that server out; this stops it at the node first.
+    """
+
+    window_s = 60.0
+    max_ips = 10_000  # bounded memory under a flood from many addresses
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._fails: dict[str, deque[tuple[float, float]]] = {}
+        self._lock = threading.Lock()
+
+    def _weight(self, ip: str, now: float) -> float:
+        fails = self._fails.get(ip)
+        if not fails:
+            return 0.0
+        while fails and fails[0][0] < now - self.window_s:
+            fails.popleft()
+        if not fails:
+            del self._fails[ip]
+            return 0.0
+        return sum(w for _, w in fails)
+
+    def blocked(self, ip: str) -> bool:
+        if self.per_minute <= 0:
+            return False
+        with self._lock:
+            return self._weight(ip, time.monotonic()) >= self.per_minute
+
+    def failed(self, ip: str, weight: float = 1.0) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if ip not in self._fails and len(self._fails) >= self.max_ips:
+                for old in list(self._fails)[: self.max_ips // 10]:
+                    self._weight(old, now)  # drops the expired ones
+                if len(self._fails) >= self.max_ips:
+                    self._fails.pop(next(iter(self._fails)))
+            self._fails.setdefault(ip, deque()).append((now, weight))
+            if len(self._fails[ip]) > 4 * max(1, self.per_minute):
+                self._fails[ip].popleft()
+
+
 class SftpServer:
-    """The node's SFTP server (needs paramiko)."""
+    """The node's SFTP server: Panel-checked logins, one jail per session, metered writes.
+
+    Methods for the caller: ``start()``, ``stop()``, ``port`` (bound port, after ``start``),
+    ``connections()`` (how many are open). Class variables that may be overridden:
+    ``max_channels``, ``max_handles``, ``max_read_bytes``, ``max_packet_bytes``,
+    ``handshake_timeout_s``, ``auth_timeout_s``, ``pubkey_failure_weight``.
+
+    A login is ``<panel user>.<8-char server id>`` with a password or a public key; both are
+    checked by ``POST /api/remote/sftp/auth`` (any Panel 4xx is bad credentials; a Panel that does
+    not answer within the retry budget refuses the login and nothing else). Failed logins are
+    limited per client IP (``wingslite.sftp_login_attempts_per_minute``). A login for a suspended
+    server is refused even when the Panel accepts it.
+
+    Each SFTP channel is a session in the daemon's ``SessionTable``: suspension, deletion and
+    ``POST /api/deauthorize-user`` close its connection before they return. Every path goes
+    through a ``Jail`` over the server's directory; every written byte is booked with the
+    server's ``Filesystem.reserve()`` before it is written, and refused with status 15 when it
+    would pass the disk limit.
+
+    Threads: one accept thread; per connection one thread that runs it start to end, paramiko's
+    transport thread and one thread per SFTP channel. At most ``wingslite.sftp_max_connections``
+    connections are open; more are closed at once.
+    """
+
+    max_channels = 4  # per connection; OpenSSH and paramiko clients use one
+    max_handles = 256  # open files and directories per channel
+    max_read_bytes = 256 * 1024  # per read request, as OpenSSH's sftp-server
+    max_packet_bytes = 256 * 1024 + 1024  # an SFTP packet larger than this closes the channel
+    handshake_timeout_s = 15.0
+    auth_timeout_s = 30.0
+    pubkey_failure_weight = 0.25  # clients offer several keys before the right one
 
     def __init__(self, daemon: Any):
+        import paramiko  # optional dependency: the caller checked ``sftp_available()``
+
         self.daemon = daemon
+        self.config = daemon.config
         self.port = 0
+        self.read_only = bool(self.config.get("system.sftp.read_only"))
+        self._paramiko = paramiko
+        self._glue = _paramiko_glue(paramiko)
+        self._limiter = _LoginLimiter(self.config.get("wingslite.sftp_login_attempts_per_minute"))
+        self._slots = threading.BoundedSemaphore(max(1, self.config.get("wingslite.sftp_max_connections")))
+        self._host_key: Any = None
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._live: set[Any] = set()
+        self._live_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    @property
+    def host_key_path(self) -> str:
+        return os.path.join(self.config.root_dir, ".sftp", "id_ed25519")
 
     def start(self) -> None:
-        LOG.warning("SFTP server is not available in this build")
+        self._host_key = self._load_host_key()
+        host, port = self.config.get("system.sftp.bind_address"), self.config.get("system.sftp.bind_port")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, name="wingslite-sftp", daemon=True)
+        self._thread.start()
+        LOG.info("SFTP listening on %s:%d (host key %s)", host, self.port, self.host_key_path)
 
     def stop(self) -> None:
-        return None
+        self._stopping.set()
+        if self._sock is not None:
+            # shutdown() wakes the accept() blocked in the other thread; close() alone does not.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._live_lock:
+            live = list(self._live)
+        for transport in live:
+            transport.close()
+
+    def connections(self) -> int:
+        """How many client connections are open (a closed one stops counting at once)."""
+        with self._live_lock:
+            return sum(1 for transport in self._live if transport.is_active())
+
+    def _load_host_key(self) -> Any:
+        """The node's ed25519 host key, generated once (0600) so clients can pin it."""
+        path = self.host_key_path
+        if not os.path.exists(path):
+            from cryptography.hazmat.primitives import serialization  # paramiko's own dependency
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            pem = Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            atomic_write(Path(path), pem, mode=0o600)
+            LOG.info("SFTP host key generated at %s", path)
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)  # a private key readable by others is a key anyone may have copied
+        return self._paramiko.Ed25519Key.from_private_key_file(path)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)  # EMFILE and friends: do not spin
+                continue
+            if not self._slots.acquire(blocking=False):
+                LOG.warning("SFTP: refusing %s: %d connections are already open", addr[0], self.config.get("wingslite.sftp_max_connections"))
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, addr), name=f"wingslite-sftp-{addr[0]}", daemon=True).start()
+
+    def _serve(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+        """One connection, start to end. Nothing a client sends may take the daemon down."""
+        transport = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            transport = self._paramiko.Transport(sock)
+            transport.local_version = f"SSH-2.0-wingslite_{VERSION}"
+            transport.handshake_timeout = self.handshake_timeout_s
+            transport.banner_timeout = self.handshake_timeout_s
+            transport.auth_timeout = self.auth_timeout_s
+            transport.add_server_key(self._host_key)
+            transport.set_subsystem_handler("sftp", self._glue.Subsystem, _SftpSession)
+            with self._live_lock:
+                self._live.add(transport)
+            if self._stopping.is_set():
+                return
+            connection = _SftpConnection(self, transport, addr)
+            transport.start_server(server=self._glue.SshServer(connection))
+            transport.join()
+        except Exception as exc:  # a bad handshake, a reset, garbage: that connection only
+            LOG.debug("SFTP connection from %s ended: %s", addr[0], exc)
+        finally:
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    transport.close()
+                with self._live_lock:
+                    self._live.discard(transport)
+            with contextlib.suppress(OSError):
+                sock.close()
+            self._slots.release()
+
+    # -- logins --------------------------------------------------------------------------------
+
+    def server_of(self, uuid: str) -> Any:
+        """The daemon's server with this uuid, or None when this node has none."""
+        try:
+            return self.daemon.get_server(uuid)
+        except NotFound:
+            return None
+
+    def authenticate(self, kind: str, username: str, secret: str, addr: tuple[Any, ...], session_id: bytes, client_version: bytes) -> SftpLogin | None:
+        """Ask the Panel; ``None`` means refused (the reason is logged, the client learns nothing)."""
+        ip = str(addr[0])
+        weight = 1.0 if kind == "password" else self.pubkey_failure_weight
+        if self._limiter.blocked(ip):
+            LOG.warning("SFTP login refused for %s: too many failed logins from this address", ip)
+            return None
+        match = _SFTP_USERNAME_RE.fullmatch(username)
+        if not match or not secret:
+            self._limiter.failed(ip, weight)
+            return None
+        try:
+            answer = self.daemon.panel.sftp_auth(kind, username, secret, f"{ip}:{addr[1]}", session_id, client_version)
+        except PanelError as exc:
+            if 400 <= exc.http_status < 500:
+                self._limiter.failed(ip, weight)
+                LOG.info("SFTP login %r from %s refused by the Panel (%d %s)", username, ip, exc.http_status, exc.message)
+            else:
+                LOG.warning("SFTP login %r from %s refused: the Panel could not check it: %s", username, ip, exc.message)
+            return None
+        permissions = answer.get("permissions")
+        server = self.server_of(answer["server"])
+        if server is None or not answer["server"].lower().startswith(match.group(2).lower()):
+            LOG.warning("SFTP login %r: the Panel answered for server %s, which is not this login's server on this node", username, answer["server"])
+            return None
+        if server.suspended:
+            LOG.info("SFTP login %r from %s refused: server %s is suspended", username, ip, server.uuid)
+            return None
+        return SftpLogin(
+            username=username,
+            server_uuid=server.uuid,
+            user_uuid=answer["user"],
+            permissions=frozenset(p for p in permissions if isinstance(p, str)) if isinstance(permissions, list) else frozenset(),
+            ip=ip,
+            at=time.time(),
+        )
+
+
+class _SftpConnection:
+    """One SSH connection: its transport, its client's address, and the login being attempted.
+
+    paramiko asks ``check_auth_publickey`` before it verifies the key's signature, so a Panel
+    "yes" is only kept as ``pending`` until paramiko declares the whole attempt good; a later
+    failed attempt replaces it. Sessions take the login from here once the transport is
+    authenticated (paramiko ignores further attempts then).
+    """
+
+    def __init__(self, sftp: SftpServer, transport: Any, addr: tuple[Any, ...]):
+        self.sftp = sftp
+        self.transport = transport
+        self.addr = addr
+        self.pending: SftpLogin | None = None
+        self.channels = 0
+        self._answers: dict[tuple[str, str, str], SftpLogin | None] = {}
+
+    def check(self, kind: str, username: str, secret: str) -> bool:
+        key = (kind, username, secret)
+        if key not in self._answers:  # paramiko asks twice per key (query, then signed)
+            if len(self._answers) >= 16:
+                self._answers.clear()
+            version = (self.transport.remote_version or "").encode()
+            self._answers[key] = self.sftp.authenticate(kind, username, secret, self.addr, self.transport.session_id or b"", version)
+        self.pending = self._answers[key]
+        return self.pending is not None
+
+    def login(self) -> SftpLogin | None:
+        """The login this connection authenticated with, or None."""
+        login = self.pending
+        if login is None or not self.transport.is_authenticated() or self.transport.get_username() != login.username:
+            return None
+        return login
+
+
+def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
+    """The three classes that must subclass paramiko's own, made once paramiko is imported.
+
+    Everything they do is delegated to the plain classes around them; they exist because
+    paramiko checks ``isinstance`` (handles) or calls many optional hooks (the server interface).
+    """
+
+    class SshServer(paramiko.ServerInterface):
+        def __init__(self, connection: _SftpConnection):
+            self.connection = connection
+
+        def get_allowed_auths(self, username: str) -> str:
+            return "password,publickey"
+
+        def check_auth_password(self, username: str, password: str) -> int:
+            ok = self.connection.check("password", username, password)
+            return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+
+        def check_auth_publickey(self, username: str, key: Any) -> int:
+            # The Panel compares an authorized_keys line's fingerprint with the user's keys.
+            ok = self.connection.check("public_key", username, f"{key.get_name()} {key.get_base64()}")
+            return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+
+        def check_channel_request(self, kind: str, chanid: int) -> int:
+            if kind != "session" or self.connection.channels >= self.connection.sftp.max_channels:
+                return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            self.connection.channels += 1
+            return paramiko.OPEN_SUCCEEDED
+
+        # Only the "sftp" subsystem is served (paramiko looks it up among the registered
+        # handlers); shells, exec, ptys, forwarding and agents keep paramiko's default "no".
+
+    class Subsystem(paramiko.SFTPServer):
+        def _read_packet(self) -> tuple[int, bytes]:
+            size = int.from_bytes(self._read_all(4), "big")
+            if size > self.server.sftp.max_packet_bytes:
+                raise EOFError(f"SFTP packet of {size} bytes refused")
+            data = self._read_all(size)
+            return (data[0], data[1:]) if size else (0, b"")
+
+        def _open_folder(self, request_number: int, path: str) -> None:
+            # paramiko keeps every open listing in memory: bound how many a channel may hold.
+            if len(self.folder_table) >= self.server.sftp.max_handles:
+                self._send_status(request_number, 4, "too many open directories")
+                return
+            super()._open_folder(request_number, path)
+
+    class Handle(paramiko.SFTPHandle):
+        def __init__(self, file: _SftpFile):
+            super().__init__()
+            self.file = file
+
+        def read(self, offset: int, length: int) -> bytes | int:
+            return self.file.read(offset, length)
+
+        def write(self, offset: int, data: bytes) -> int:
+            return self.file.write(offset, data)
+
+        def stat(self) -> Any:
+            return self.file.stat()
+
+        def chattr(self, attr: Any) -> int:
+            return self.file.chattr(attr)
+
+        def close(self) -> None:
+            self.file.close()
+
+    return types.SimpleNamespace(SshServer=SshServer, Subsystem=Subsystem, Handle=Handle)
+
+
+def _sftp_status(exc: OSError) -> int:
+    """An OSError as the SFTP v3 status a client understands."""
+    if isinstance(exc, PathEscape) or exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
+        return 3  # SSH_FX_PERMISSION_DENIED
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return 2  # SSH_FX_NO_SUCH_FILE
+    if exc.errno in (errno.EDQUOT, errno.ENOSPC):
+        return SFTP_QUOTA_EXCEEDED
+    return 4  # SSH_FX_FAILURE
+
+
+class _SftpSession:
+    """One SFTP channel: paramiko's ``SFTPServerInterface``, each operation checked and jailed.
+
+    Permissions (Wings sftp/handler.go): ``file.read`` lists and stats, ``file.read-content``
+    downloads, ``file.create`` makes files, directories and symlinks, ``file.update``
+    overwrites, renames and sets attributes, ``file.delete`` removes. While the server is
+    suspended every check fails, whatever the login says. The egg's ``file_denylist`` is checked
+    on the path asked for and on the path a symlink resolves to.
+    """
+
+    def __init__(self, ssh_server: Any, *args: Any, **kwargs: Any):
+        self.connection: _SftpConnection = ssh_server.connection
+        self.sftp = self.connection.sftp
+        self.attrs = self.sftp._paramiko.SFTPAttributes
+        self.login: SftpLogin | None = None
+        self.server: Any = None
+        self.jail: Jail | None = None
+        self.session: Any = None
+        self.handles = 0
+        self.refused = False
+        # paramiko builds this object in the transport thread while it answers the client's
+        # subsystem request, so the session is in the table before the client hears "yes".
+        self._begin()
+
+    # -- paramiko's hooks ----------------------------------------------------------------------
+
+    def session_started(self) -> None:
+        # Runs in the channel's own thread, where closing the connection is safe; until then
+        # every operation is refused anyway (no jail).
+        if self.refused:
+            self.connection.transport.close()
+
+    def _begin(self) -> None:
+        daemon = self.sftp.daemon
+        login = self.connection.login()
+        server = self.sftp.server_of(login.server_uuid) if login else None
+        transport = self.connection.transport
+        if login is None or server is None:
+            self.refused = True
+            return
+        self.login, self.server = login, server
+        # Registered before the checks below: a suspension that lands in between either is seen
+        # here or closes this session itself (the sync marks the server suspended first).
+        self.session = daemon.sessions.register(server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close())
+        revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
+        if server.suspended or revoked:
+            LOG.info("SFTP session of %s refused: server %s is suspended or the user was deauthorized", login.username, server.uuid)
+            self.refused = True
+            return
+        try:
+            server.fs.ensure()
+            self.jail = Jail(server.fs.root, is_denied=server.fs.is_denied)
+        except OSError as exc:
+            LOG.error("SFTP session of %s refused: the directory of server %s cannot be opened: %s", login.username, server.uuid, exc)
+            self.refused = True
+            return
+        LOG.info("SFTP session opened: %s from %s on server %s", login.username, login.ip, server.uuid)
+
+    def session_ended(self) -> None:
+        if self.session is not None:
+            self.sftp.daemon.sessions.unregister(self.session)
+            self.session = None
+        if self.jail is not None:
+            self.jail.close()
+            self.jail = None
+        if self.login is not None:
+            LOG.info("SFTP session closed: %s on server %s", self.login.username, self.login.server_uuid)
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def _refuse(self, permission: str) -> int | None:
+        """The status that refuses ``permission`` now, or None when it is granted."""
+        if self.jail is None or self.login is None or self.server.suspended:
+            return 3
+        if self.sftp.read_only and permission in ("file.create", "file.update", "file.delete"):
+            return 8  # SSH_FX_OP_UNSUPPORTED, as Wings with system.sftp.read_only
+        return None if self.login.can(permission) else 3
+
+    def _run(self, permission: str, action: Callable[[], Any]) -> Any:
+        refused = self._refuse(permission)
+        if refused is not None:
+            return refused
+        try:
+            return action()
+        except OSError as exc:
+            return _sftp_status(exc)
+        except ValueError:  # e.g. a path that is not valid text
+            return 4
+
+    def _attributes(self, st: os.stat_result, name: str | None = None) -> Any:
+        return self.attrs.from_stat(st, name)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def canonicalize(self, path: str) -> str:
+        # Lexical only, and clamped at the root like a chroot: it reveals nothing and opens nothing.
+        return posixpath.normpath("/" + path.replace("\x00", "")) if path else "/"
+
+    def list_folder(self, path: str) -> Any:
+        def action() -> Any:
+            return [self._attributes(st, name) for name, st in self.jail.listdir(path)]
+
+        return self._run("file.read", action)
+
+    def stat(self, path: str) -> Any:
+        return self._run("file.read", lambda: self._attributes(self.jail.stat(path)))
+
+    def lstat(self, path: str) -> Any:
+        return self._run("file.read", lambda: self._attributes(self.jail.lstat(path)))
+
+    def readlink(self, path: str) -> Any:
+        return self._run("file.read", lambda: self.jail.readlink(path))
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int, attr: Any) -> Any:
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            return self._run("file.read-content", lambda: self._open(path, flags))
+        if flags & os.O_RDWR and (refused := self._refuse("file.read-content")) is not None:
+            return refused
+        if self.jail is None:
+            return 3
+        try:  # writing into an existing file is an update, making one is a create (Wings)
+            exists = self.jail.lstat(path) is not None
+        except OSError:
+            exists = False
+        if exists and flags & os.O_EXCL:
+            return 4  # SSH_FX_FAILURE: what OpenSSH's sftp-server answers for EEXIST in SFTP v3
+        permission = "file.update" if exists else "file.create"
+        if (refused := self._refuse(permission)) is not None:
+            return refused
+        if not self.server.fs.has_space():
+            return SFTP_QUOTA_EXCEEDED  # Wings refuses to open for writing over the limit
+        return self._run(permission, lambda: self._open(path, flags))
+
+    def _open(self, path: str, flags: int) -> Any:
+        if self.handles >= self.sftp.max_handles:
+            return 4
+        append = bool(flags & os.O_APPEND)
+        fd = self.jail.open(path, flags & ~os.O_APPEND, 0o644)
+        try:
+            if flags & os.O_TRUNC:
+                freed = os.fstat(fd).st_size
+                os.ftruncate(fd, 0)
+                self.server.fs.add_usage(-freed)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.handles += 1
+        return self.sftp._glue.Handle(_SftpFile(self, fd, append))
+
+    # -- changing ------------------------------------------------------------------------------
+
+    def mkdir(self, path: str, attr: Any) -> int:
+        return self._run("file.create", lambda: self.jail.mkdir(path, 0o755) or 0)
+
+    def rmdir(self, path: str) -> int:
+        return self._run("file.delete", lambda: self.jail.rmdir(path) or 0)
+
+    def remove(self, path: str) -> int:
+        def action() -> int:
+            self._freed(self.jail.remove(path))
+            return 0
+
+        return self._run("file.delete", action)
+
+    def rename(self, oldpath: str, newpath: str) -> int:
+        # SFTP v3 rename never replaces an existing file; posix-rename@openssh.com does.
+        return self._run("file.update", lambda: self._freed(self.jail.rename(oldpath, newpath, overwrite=False)) or 0)
+
+    def posix_rename(self, oldpath: str, newpath: str) -> int:
+        return self._run("file.update", lambda: self._freed(self.jail.rename(oldpath, newpath)) or 0)
+
+    def symlink(self, target_path: str, path: str) -> int:
+        return self._run("file.create", lambda: self.jail.symlink(target_path, path) or 0)
+
+    def chattr(self, path: str, attr: Any) -> int:
+        def action() -> int:
+            if attr.st_size is not None:
+                fd = self.jail.open(path, os.O_WRONLY)
+                try:
+                    status = self.truncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
+                if status:
+                    return status
+            if attr.st_mode is not None:
+                self.jail.chmod(path, attr.st_mode & 0o777)  # never setuid/setgid/sticky bits
+            if attr.st_atime is not None and attr.st_mtime is not None:
+                self.jail.utime(path, (attr.st_atime, attr.st_mtime))
+            # Ownership is the daemon's business (Wings ignores uid/gid in setstat too).
+            return 0
+
+        return self._run("file.update", action)
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def _freed(self, st: os.stat_result | None) -> None:
+        """Give back the bytes of a file that is gone (its last link was removed or replaced)."""
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
+            self.server.fs.add_usage(-st.st_size)
+
+    def truncate(self, fd: int, size: int) -> int:
+        """Set a file's size; growth is booked against the disk limit first."""
+        if size < 0 or size > _SFTP_MAX_FILE_BYTES:
+            return 4
+        old = os.fstat(fd).st_size
+        if size > old and not self.server.fs.reserve(size - old):
+            return SFTP_QUOTA_EXCEEDED
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            if size > old:
+                self.server.fs.add_usage(old - size)
+            raise
+        if size < old:
+            self.server.fs.add_usage(size - old)
+        return 0
+
+
+class _SftpFile:
+    """An open file of a session. Every write books its growth with ``Filesystem.reserve()``.
+
+    Growth is ``max(0, offset + len(data) - current size)``: a write inside the file books
+    nothing, a write past its end books the gap too (a sparse file still counts its apparent
+    size, as Wings' usage walk does). Python integers cannot overflow; offsets beyond ``off_t``
+    are refused. A write that does not fit is refused whole with status 15, so the file ends at
+    the last write that fitted and nothing else changes.
+    """
+
+    def __init__(self, session: _SftpSession, fd: int, append: bool):
+        self.session = session
+        self.fd = fd
+        self.append = append
+        self._lock = threading.Lock()  # growth is computed from the size; one write at a time
+
+    def read(self, offset: int, length: int) -> bytes | int:
+        refused = self.session._refuse("file.read-content")
+        if refused is not None:
+            return refused
+        if offset < 0 or length < 0:
+            return 4
+        try:
+            return os.pread(self.fd, min(length, self.session.sftp.max_read_bytes), offset)
+        except OSError as exc:
+            return _sftp_status(exc)
+
+    def write(self, offset: int, data: bytes) -> int:
+        if self.session.server.suspended or self.session.login is None:
+            return 3
+        fs = self.session.server.fs
+        with self._lock:
+            try:
+                size = os.fstat(self.fd).st_size
+                if self.append:  # O_APPEND would make pwrite ignore the offset we metered
+                    offset = size
+                end = offset + len(data)
+                if offset < 0 or end > _SFTP_MAX_FILE_BYTES:
+                    return 4
+                growth = max(0, end - size)
+                if growth and not fs.reserve(growth):
+                    LOG.info("SFTP write refused on server %s: the disk limit of %d bytes would be passed", self.session.server.uuid, fs.limit_bytes)
+                    return SFTP_QUOTA_EXCEEDED
+                written = 0
+                try:
+                    while written < len(data):
+                        n = os.pwrite(self.fd, memoryview(data)[written:], offset + written)
+                        if n <= 0:
+                            raise OSError(errno.EIO, "the file accepted no more bytes")
+                        written += n
+                except OSError as exc:
+                    # Give back what was booked but not written.
+                    unused = growth - max(0, offset + written - size)
+                    if unused > 0:
+                        fs.add_usage(-unused)
+                    return _sftp_status(exc)
+                return 0
+            except OSError as exc:
+                return _sftp_status(exc)
+
+    def stat(self) -> Any:
+        try:
+            return self.session._attributes(os.fstat(self.fd))
+        except OSError as exc:
+            return _sftp_status(exc)
+
+    def chattr(self, attr: Any) -> int:
+        refused = self.session._refuse("file.update")
+        if refused is not None:
+            return refused
+        try:
+            with self._lock:
+                if attr.st_size is not None:
+                    status = self.session.truncate(self.fd, attr.st_size)
+                    if status:
+                        return status
+                if attr.st_mode is not None:
+                    os.fchmod(self.fd, attr.st_mode & 0o777)
+                if attr.st_atime is not None and attr.st_mtime is not None:
+                    os.utime(self.fd, (attr.st_atime, attr.st_mtime))
+            return 0
+        except OSError as exc:
+            return _sftp_status(exc)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+            self.session.handles -= 1
 
 
 ##############################################################################
@@ -1824,6 +4285,7 @@ class Server:
         self._limits_pending = False
         self._last_state = OFFLINE
         self._last_crash: float | None = None
+        self._disk_stop_sent = False
         self.events.subscribe(self._on_event)
         self.env: Environment = daemon.environment_factory(self)
 
@@ -1851,6 +4313,19 @@ class Server:
             # passes through "stopping" first (Wings server/listeners.go).
             if args[0] == OFFLINE and previous in (STARTING, RUNNING):
                 threading.Thread(target=self._handle_crash, name=f"wingslite-crash-{self.uuid[:8]}", daemon=True).start()
+            if args[0] == STARTING:
+                self._disk_stop_sent = False
+        elif event == "stats" and self._last_state == RUNNING and not self._disk_stop_sent and must_stop_for_disk(self.fs):
+            # Checked on every stats tick, as Wings does; once per run (server/listeners.go).
+            self._disk_stop_sent = True
+            threading.Thread(target=self._stop_over_disk_limit, name=f"wingslite-disk-{self.uuid[:8]}", daemon=True).start()
+
+    def _stop_over_disk_limit(self) -> None:
+        try:
+            self.console_message("Server is exceeding the assigned disk space limit, stopping process now.")
+            self.env.stop(self.config, 60)  # Wings: WaitForStop(1 minute, terminate)
+        except Exception:
+            LOG.exception("server %s: stopping the server over its disk limit failed", self.uuid)
 
     # -- the sync ------------------------------------------------------------------------------
 
@@ -1991,6 +4466,7 @@ class Server:
     def _start(self) -> None:
         if self.env.state != OFFLINE:
             raise Conflict("the server is already running")
+        self.fs.ensure()  # before Docker would make the directory itself (not as a quota subvolume)
         try:
             self.sync()  # every start runs the sync first: the Panel is the source of truth
         except WingsliteError as exc:
@@ -2094,7 +4570,8 @@ class Daemon:
         self.config = config
         self.panel = panel or PanelClient.from_config(config)
         self.environment_factory = environment_factory or self._default_environment
-        self.quota = quota or QuotaBackend()
+        self._docker: Any = None
+        self.quota = quota or select_quota_backend(config.get("wingslite.disk_quota"), config.data_dir)
         self.servers: dict[str, Server] = {}
         self.sessions = SessionTable()
         self.revocations = Revocations()
@@ -2109,7 +4586,18 @@ class Daemon:
         self._threads: list[threading.Thread] = []
 
     def _default_environment(self, server: Server) -> Environment:
-        return Environment(server.uuid, server.events)
+        # One Docker client for the node; it contacts no engine until a server needs one.
+        if self._docker is None:
+            self._docker = docker_client(self.config)
+        return DockerEnvironment(
+            server.uuid,
+            server.events,
+            client=self._docker,
+            config=self.config,
+            data_dir=server.fs.root,
+            console=ConsolePipeline.from_config(server.events, self.config),
+            disk_bytes=server.fs.usage_bytes,
+        )
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -2372,7 +4860,7 @@ class Daemon:
         info["wingslite"] = {
             "servers": len(self.servers),
             "booted": self._booted.is_set(),
-            "disk_quota": {"backend": self.quota.name, "reason": self.quota.reason},
+            "disk_quota": {"configured": self.config.get("wingslite.disk_quota"), "backend": self.quota.name, "reason": self.quota.reason},
             "sftp": bool(self.sftp),
         }
         return info
