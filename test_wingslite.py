@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import errno
 import http.client
 import http.server
@@ -1273,6 +1274,12 @@ class DockerServers:
     def inspect(self, uuid: str) -> dict:
         return self.engine.inspect_container(uuid)
 
+    def container_id(self, uuid: str) -> str | None:
+        """The id of the server's container, or None while there is none (being re-created)."""
+        with contextlib.suppress(Exception):
+            return self.engine.inspect_container(uuid)["Id"]
+        return None
+
     def console(self, uuid: str) -> list[str]:
         return self.daemon.get_server(uuid).console.tail(1000)
 
@@ -1598,7 +1605,7 @@ class TestDockerEnvironment:
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 3"]})
         docker_servers.wait_console(uuid, "Detected server process in a crashed state")
         docker_servers.wait_console(uuid, "Exit code: 3")
-        wait_until(lambda: docker_servers.inspect(uuid)["Id"] != first_id and server.state == "running", 20, "the restart after the crash")
+        wait_until(lambda: docker_servers.container_id(uuid) not in (None, first_id) and server.state == "running", 20, "the restart after the crash")
         assert docker_servers.panel.calls[f"/api/remote/servers/{uuid}"] > fetches  # the restart synced first
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 4"]})
         docker_servers.wait_console(uuid, "Aborting automatic restart, last crash occurred less than 60 seconds ago.")
@@ -2223,15 +2230,16 @@ class TestSftpJail:
         root = server.fs.root
         (root / "dir").mkdir()
         (root / "dir" / "secret.txt").write_text("inside")
+        os.symlink(str(outside), root / "link")
         stop = threading.Event()
+        libc = ctypes.CDLL(None, use_errno=True)
 
         def swap():
+            # renameat2(RENAME_EXCHANGE): "dir" is the real directory or the link out, atomically,
+            # about half of the time each -- the classic attack on realpath-then-open.
+            at_fdcwd, rename_exchange = -100, 2
             while not stop.is_set():
-                with contextlib.suppress(OSError):
-                    os.rename(root / "dir", root / "dir.real")
-                    os.symlink(str(outside), root / "dir")
-                    os.unlink(root / "dir")
-                    os.rename(root / "dir.real", root / "dir")
+                libc.renameat2(at_fdcwd, bytes(root / "dir"), at_fdcwd, bytes(root / "link"), rename_exchange)
 
         swapper = threading.Thread(target=swap)
         swapper.start()
@@ -2344,6 +2352,17 @@ class TestSftpSessions:
             assert daemon.sessions.count(server.uuid, "sftp") == 0
             assert daemon.sftp.connections() == 0
             wait_for(lambda: not client.get_channel().get_transport().is_active(), timeout_s=5, what="the connection to close")
+
+    def test_deleting_the_server_closes_its_sessions(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        with sftp_client(daemon, server) as client:
+            client.listdir("/")
+            assert api(daemon, "DELETE", f"/api/servers/{server.uuid}")[0] in (202, 204)
+            assert daemon.sessions.count(server.uuid, "sftp") == 0
+            assert daemon.sftp.connections() == 0
+        with pytest.raises(paramiko.AuthenticationException):  # the Panel still says yes; the node has no such server
+            with sftp_client(daemon, server):
+                pass
 
 
 ##############################################################################
@@ -2748,6 +2767,15 @@ class TestQuotaContainer:
         sync(0)  # removed: it writes freely to the end
         docker_servers.wait_console(uuid, "finished", 20)
         assert written() == 40 * mib
+
+    def test_soft_stops_a_container_that_writes_past_its_limit(self, docker_servers):
+        uuid = docker_servers.add(startup=DD_WRITER, stop=("signal", "SIGKILL"))  # the writer reads no stop command
+        docker_servers.panel.servers[uuid]["settings"]["build"]["disk_space"] = 2
+        daemon = docker_servers.boot(system__disk_check_interval=1, wingslite__disk_quota="soft")
+        docker_servers.start(uuid)
+        docker_servers.wait_console(uuid, "exceeding the assigned disk space limit, stopping process now", 20)
+        docker_servers.wait_state(uuid, "offline", 20)
+        assert daemon.get_server(uuid).fs.recalculate() > 2 * 1024 * 1024  # nothing in the kernel stopped the writes
 
 
 ##############################################################################
