@@ -1264,7 +1264,16 @@ class DockerServers:
 
     def start(self, uuid: str, timeout_s: float = 20) -> w.Server:
         assert api(self.daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
-        return self.wait_state(uuid, "running", timeout_s)
+        server = self.wait_state(uuid, "running", timeout_s)
+        wait_until(lambda: self.power_idle(server), timeout_s, "the start to finish")  # the next power action gets the lock
+        return server
+
+    @staticmethod
+    def power_idle(server: w.Server) -> bool:
+        if not server.lock.acquire(blocking=False):
+            return False
+        server.lock.release()
+        return True
 
     def wait_state(self, uuid: str, state: str, timeout_s: float = 20) -> w.Server:
         server = self.daemon.get_server(uuid)
@@ -1590,7 +1599,7 @@ class TestDockerEnvironment:
         assert api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["echo now $GREETING"]})[0] == 204
         docker_servers.wait_console(uuid, "now first")
         assert "GREETING=first" in docker_servers.inspect(uuid)["Config"]["Env"]
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "restart"})[0] == 202
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "restart", "wait_seconds": 10})[0] == 202
         docker_servers.wait_console(uuid, "booting second")
         docker_servers.wait_state(uuid, "running")
         assert "GREETING=second" in docker_servers.inspect(uuid)["Config"]["Env"]
@@ -1627,7 +1636,7 @@ class TestDockerEnvironment:
         daemon = docker_servers.boot()
         server = docker_servers.start(uuid)
         started = time.monotonic()
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10})[0] == 202
         wait_until(lambda: server.state == "offline", 10, "the stop")
         assert time.monotonic() - started < 5  # stopped by SIGTERM, not by the kill after the timeout
         assert "got-term" in docker_servers.console(uuid)
@@ -1638,12 +1647,12 @@ class TestDockerEnvironment:
         stubborn = docker_servers.add(startup="trap '' INT; echo ready; while true; do sleep 0.1; done", stop=("signal", "SIGINT"))
         daemon = docker_servers.boot(wingslite__stop_timeout_s=1)
         server = docker_servers.start(uuid)
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10})[0] == 202
         wait_until(lambda: server.state == "offline", 10, "the stop command")
         assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 0
         server = docker_servers.start(stubborn)
         started = time.monotonic()
-        assert api(daemon, "POST", f"/api/servers/{stubborn}/power", {"action": "stop"})[0] == 202
+        assert api(daemon, "POST", f"/api/servers/{stubborn}/power", {"action": "stop", "wait_seconds": 10})[0] == 202
         wait_until(lambda: server.state == "offline", 10, "the kill after the timeout")
         assert 1 <= time.monotonic() - started < 8
         assert docker_servers.inspect(stubborn)["State"]["ExitCode"] == 137
@@ -1729,7 +1738,7 @@ class TestDockerEnvironment:
             uuid = docker_servers.add(memory_mb=64)
             daemon = docker_servers.boot(wingslite__docker_url=f"unix://{proxy.path}")
             docker_servers.start(uuid)
-            api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})
+            api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10})
             docker_servers.wait_state(uuid, "offline")
             proxy.stop()
             docker_servers.panel.servers[uuid]["settings"]["build"]["memory_limit"] = 96
@@ -2479,6 +2488,8 @@ class TestQuotaSelection:
         assert off.name == "off" and not off.stops_running_servers
         with pytest.raises(w.ConfigError):
             w.select_quota_backend("zfs", tmp_path)
+        with pytest.raises(w.ConfigError, match=r"node\.yml: wingslite\.disk_quota: must be one of auto, btrfs"):
+            w.Config(node_config(tmp_path, "http://127.0.0.1:9", wingslite__disk_quota="zfs"), "node.yml")  # CLI: exit 2
 
     def test_system_reports_the_backend_in_force_and_why(self, panel, make_daemon):
         daemon = make_daemon(panel, wingslite__disk_quota="off")

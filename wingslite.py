@@ -217,6 +217,10 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.websocket_max_per_server", int, 30),
 )
 
+_CHOICES = {
+    "wingslite.disk_quota": ("auto", "btrfs", "project", "soft", "off"),
+}
+
 _NON_NEGATIVE = {
     "api.port",
     "system.sftp.bind_port",
@@ -315,6 +319,8 @@ def _check_config_value(source: str, key: str, kind: type | tuple[type, ...], va
         raise ConfigError(f"{source}: {key}: expected {names}, got {type(value).__name__} {value!r}")
     if key in _NON_NEGATIVE and value < 0:
         raise ConfigError(f"{source}: {key}: must not be negative, got {value}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{source}: {key}: must be one of {', '.join(_CHOICES[key])}, got {value!r}")
     return value
 
 
@@ -1774,7 +1780,7 @@ class ProjectQuota(QuotaBackend):
         return IF_DQBLK.unpack(buf)[2]
 
 
-QUOTA_MODES = ("auto", "btrfs", "project", "soft", "off")
+QUOTA_MODES = _CHOICES["wingslite.disk_quota"]
 
 
 def select_quota_backend(mode: str, data_dir: Path, *, mountinfo: str | None = None, calls: KernelCalls | None = None) -> QuotaBackend:
@@ -4000,6 +4006,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def do_OPTIONS(self) -> None:
         self.request_id = str(uuidlib.uuid4())
+        self.body_read = False
+        self._drain_unread_body()  # a preflight's body, if any, must not be read as the next request
         self._respond(204)
 
     def do_GET(self) -> None:
