@@ -3374,7 +3374,9 @@ class SftpServer:
                 time.sleep(0.05)  # EMFILE and friends: do not spin
                 continue
             if not self._slots.acquire(blocking=False):
-                LOG.warning("SFTP: refusing %s: %d connections are already open", addr[0], self.config.get("wingslite.sftp_max_connections"))
+                LOG.warning(
+                    "SFTP: refusing %s: %d connections are already open", addr[0], self.config.get("wingslite.sftp_max_connections")
+                )
                 conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn, addr), name=f"wingslite-sftp-{addr[0]}", daemon=True).start()
@@ -3419,7 +3421,9 @@ class SftpServer:
         except NotFound:
             return None
 
-    def authenticate(self, kind: str, username: str, secret: str, addr: tuple[Any, ...], session_id: bytes, client_version: bytes) -> SftpLogin | None:
+    def authenticate(
+        self, kind: str, username: str, secret: str, addr: tuple[Any, ...], session_id: bytes, client_version: bytes
+    ) -> SftpLogin | None:
         """Ask the Panel; ``None`` means refused (the reason is logged, the client learns nothing)."""
         ip = str(addr[0])
         weight = 1.0 if kind == "password" else self.pubkey_failure_weight
@@ -3442,7 +3446,9 @@ class SftpServer:
         permissions = answer.get("permissions")
         server = self.server_of(answer["server"])
         if server is None or not answer["server"].lower().startswith(match.group(2).lower()):
-            LOG.warning("SFTP login %r: the Panel answered for server %s, which is not this login's server on this node", username, answer["server"])
+            LOG.warning(
+                "SFTP login %r: the Panel answered for server %s, which is not this login's server on this node", username, answer["server"]
+            )
             return None
         if server.suspended:
             LOG.info("SFTP login %r from %s refused: server %s is suspended", username, ip, server.uuid)
@@ -3625,6 +3631,7 @@ class _SftpSession:
         try:
             server.fs.ensure()
             self.jail = Jail(server.fs.root, is_denied=server.fs.is_denied)
+            server.fs.usage_bytes()  # a server never measured starts its walk now, before the first write
         except OSError as exc:
             LOG.error("SFTP session of %s refused: the directory of server %s cannot be opened: %s", login.username, server.uuid, exc)
             self.refused = True
@@ -3834,7 +3841,11 @@ class _SftpFile:
                     return 4
                 growth = max(0, end - size)
                 if growth and not fs.reserve(growth):
-                    LOG.info("SFTP write refused on server %s: the disk limit of %d bytes would be passed", self.session.server.uuid, fs.limit_bytes)
+                    LOG.info(
+                        "SFTP write refused on server %s: the disk limit of %d bytes would be passed",
+                        self.session.server.uuid,
+                        fs.limit_bytes,
+                    )
                     return SFTP_QUOTA_EXCEEDED
                 written = 0
                 try:
