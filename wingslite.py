@@ -43,6 +43,7 @@ What happens on sync: ``Daemon.sync_server()`` -> ``Server.sync()`` in the daemo
 from __future__ import annotations
 
 import base64
+import codecs
 import concurrent.futures
 import contextlib
 import copy
@@ -63,6 +64,7 @@ import platform
 import posixpath
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -3162,9 +3164,909 @@ class Revocations:
 ##############################################################################
 
 
+# Three layers, each usable on its own: ``WebSocket`` (RFC 6455 framing over a connected socket),
+# ``decode_jwt`` (HS256 tokens signed with the node token, as the Panel signs them) and
+# ``ConsoleSocket`` (Wings' console protocol: router/websocket/*.go). ``serve_websocket`` glues
+# them onto the HTTP server's request thread. One connection costs two threads: the request thread
+# reads frames and runs inbound events, a writer thread drains the outbound queue, so a slow client
+# never blocks the event bus and a sync can close the socket at once.
+
+# RFC 6455 close codes (section 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_NO_STATUS = 1005
+CLOSE_ABNORMAL = 1006
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_KNOWN_OPCODES = frozenset((_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG))
+
+
+def websocket_accept_key(client_key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(client_key.encode("ascii") + _WS_GUID).digest()).decode("ascii")
+
+
+def _close_code_receivable(code: int) -> bool:
+    # 1004-1006 and 1015 must never travel in a close frame; 1016-2999 are unassigned.
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    n = len(payload)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        header = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+def _close_payload(code: int, reason: str) -> bytes:
+    if code == CLOSE_NO_STATUS:
+        return b""
+    raw = reason.encode("utf-8")[:123]  # a control frame carries at most 125 bytes
+    return code.to_bytes(2, "big") + raw.decode("utf-8", "ignore").encode("utf-8")
+
+
+class WebSocketClosed(Exception):
+    """The connection is over. ``code``/``reason``: the close frame that ended it (1006: none)."""
+
+    def __init__(self, code: int, reason: str = ""):
+        super().__init__(f"websocket closed: {code} {reason}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+class _Violation(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class WebSocket:
+    """The server side of one RFC 6455 connection over a connected TCP socket.
+
+    Methods for the caller:
+        ``accept(response)`` writes the 101 response and starts the writer thread;
+        ``receive(timeout_s)`` returns the next complete message (``str`` for text, ``bytes`` for
+        binary) or ``None`` on timeout, answers pings and the close handshake itself, and raises
+        ``WebSocketClosed`` when the connection is over (after sending the close frame the RFC
+        asks for: 1002 protocol error, 1007 invalid UTF-8, 1009 too big);
+        ``send_text(text)`` queues a message and never blocks (any thread);
+        ``ping()``; ``close(code, reason)`` writes the close frame before it returns (any thread);
+        ``abort()`` drops the TCP connection; ``join()`` drops it and waits for the writer.
+    Class variables that may be overridden: the limits below.
+
+    ``receive`` belongs to one reader thread. Outbound messages go through a bounded queue drained
+    by a writer thread; when the client reads too slowly the oldest queued messages are dropped,
+    as Wings' sinks do (system/sink_pool.go).
+    """
+
+    max_frame_bytes = 4096  # Wings 1.12 SetReadLimit(4096)
+    max_message_bytes = 32768  # Wings 1.12 drops messages over 32,768 bytes
+    max_queued_bytes = 1_048_576
+    send_timeout_s = 10.0  # a sendall that stalls this long means a dead or hostile client
+    close_timeout_s = 2.0  # wait this long for the client's close reply, then drop TCP
+    close_lock_timeout_s = 1.0
+
+    def __init__(self, sock: socket.socket, initial: bytes = b""):
+        self._sock = sock
+        self._buf = bytearray(initial)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self.dropped_messages = 0
+        self._opened = False
+        self._close_pending: tuple[int, str] | None = None
+        self._close_sent = False
+        self._finished = threading.Event()  # TCP shut down; nothing more to read or write
+        self._writer: threading.Thread | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.last_received = time.monotonic()
+        self._msg_opcode: int | None = None
+        self._msg_parts: list[Any] = []
+        self._msg_bytes = 0
+        self._utf8: codecs.IncrementalDecoder | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def accept(self, response: bytes) -> None:
+        """Write the handshake response, then any close asked for while it was being prepared."""
+        with self._send_lock:
+            self._sock.settimeout(self.send_timeout_s)
+            self._sock.sendall(response)
+            self._opened = True
+            pending = self._close_pending
+        self._writer = threading.Thread(target=self._write_loop, name="wingslite-ws-writer", daemon=True)
+        self._writer.start()
+        if pending is not None:
+            self.close(*pending)
+
+    @property
+    def closed(self) -> bool:
+        """True once a close frame was sent or the connection dropped."""
+        return self._close_sent or self._finished.is_set()
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Send the close frame now (it is on the wire when this returns) and end the connection.
+
+        The client's close reply is awaited for ``close_timeout_s``; then TCP is shut down. Safe to
+        call from any thread and more than once (only the first call sends a frame).
+        """
+        if not self._send_lock.acquire(timeout=self.close_lock_timeout_s):
+            # The writer is stuck in a sendall to a client that does not read: nothing we send
+            # would reach it, so drop the connection.
+            self.close_code, self.close_reason = code, reason
+            self.abort()
+            return
+        try:
+            if self._close_sent or self._finished.is_set():
+                return
+            if not self._opened:
+                self._close_pending = (code, reason)
+                return
+            self._close_sent = True
+            self.close_code, self.close_reason = code, reason
+            try:
+                self._sock.sendall(_frame(_OP_CLOSE, _close_payload(code, reason)))
+            except OSError:
+                self._finished.set()
+        finally:
+            self._send_lock.release()
+        with self._cond:
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        """Shut the TCP connection down at once (the reader sees the end of the stream)."""
+        self._finished.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with self._cond:
+            self._cond.notify_all()
+
+    def join(self, timeout_s: float = 5.0) -> None:
+        """Drop the connection if still up and wait for the writer thread to end."""
+        self.abort()
+        if self._writer is not None and self._writer is not threading.current_thread():
+            self._writer.join(timeout_s)
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def send_text(self, text: str) -> bool:
+        """Queue a text message; False when the connection is closing or closed."""
+        return self._enqueue(_frame(_OP_TEXT, text.encode("utf-8")))
+
+    def ping(self, payload: bytes = b"") -> bool:
+        """Queue a ping (keep-alive: a live client answers with a pong)."""
+        return self._enqueue(_frame(_OP_PING, payload[:125]), control=True)
+
+    def _enqueue(self, frame: bytes, control: bool = False) -> bool:
+        with self._cond:
+            if self._close_sent or self._finished.is_set():
+                return False
+            if control:
+                self._queue.appendleft(frame)
+            else:
+                self._queue.append(frame)
+            self._queued_bytes += len(frame)
+            while self._queued_bytes > self.max_queued_bytes and len(self._queue) > 1:
+                self._queued_bytes -= len(self._queue.popleft())
+                self.dropped_messages += 1
+            self._cond.notify()
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._close_sent and not self._finished.is_set():
+                    self._cond.wait()
+                if self._close_sent or self._finished.is_set():
+                    self._queue.clear()
+                    break
+                frame = self._queue.popleft()
+                self._queued_bytes -= len(frame)
+            with self._send_lock:
+                if self._close_sent or self._finished.is_set():
+                    break
+                try:
+                    self._sock.sendall(frame)
+                except OSError:  # timeout or reset: the client is gone or not reading
+                    self._finished.set()
+                    break
+        # After our close frame: give the client close_timeout_s to answer, then drop TCP so
+        # that the reader thread wakes up even if the client never replies.
+        if not self._finished.wait(self.close_timeout_s):
+            LOG.debug("websocket: no close reply within %.1f s, dropping the connection", self.close_timeout_s)
+        self.abort()
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def receive(self, timeout_s: float | None = None) -> str | bytes | None:
+        """The next complete message, or None when ``timeout_s`` passes without one."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                frame = self._parse_frame()
+                if frame is None:
+                    if not self._fill(deadline):
+                        return None
+                    continue
+                message = self._on_frame(*frame)
+                if message is not None:
+                    return message
+        except _Violation as exc:
+            LOG.debug("websocket: closing with %d: %s", exc.code, exc.reason)
+            self.close(exc.code, exc.reason)
+            self.abort()  # "fail the connection": no need to wait for the client's reply
+            raise WebSocketClosed(exc.code, exc.reason) from None
+
+    def _fill(self, deadline: float | None) -> bool:
+        if self._finished.is_set():
+            raise WebSocketClosed(*self._ending())
+        timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        if not self._poll.poll(timeout_ms):
+            return False
+        try:
+            data = self._sock.recv(65536)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._finished.set()
+            with self._cond:
+                self._cond.notify_all()
+            raise WebSocketClosed(*self._ending())
+        self._buf += data
+        self.last_received = time.monotonic()
+        return True
+
+    def _ending(self) -> tuple[int, str]:
+        if self.close_code is not None:
+            return self.close_code, self.close_reason
+        return CLOSE_ABNORMAL, ""
+
+    def _parse_frame(self) -> tuple[bool, int, bytes] | None:
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        b0, b1 = buf[0], buf[1]
+        fin, opcode, length = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
+        if b0 & 0x70:
+            raise _Violation(CLOSE_PROTOCOL_ERROR, "reserved bits set, but no extension was negotiated")
+        if opcode not in _KNOWN_OPCODES:
+            raise _Violation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        if not b1 & 0x80:
+            raise _Violation(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+        if opcode >= _OP_CLOSE and (not fin or length > 125):
+            raise _Violation(CLOSE_PROTOCOL_ERROR, "control frames must be unfragmented and at most 125 bytes")
+        pos = 2
+        if length == 126:
+            if len(buf) < 4:
+                return None
+            length, pos = int.from_bytes(buf[2:4], "big"), 4
+        elif length == 127:
+            if len(buf) < 10:
+                return None
+            length, pos = int.from_bytes(buf[2:10], "big"), 10
+            if length >> 63:
+                raise _Violation(CLOSE_PROTOCOL_ERROR, "frame length has its most significant bit set")
+        if length > self.max_frame_bytes:
+            raise _Violation(CLOSE_TOO_BIG, f"frame of {length} bytes, the limit is {self.max_frame_bytes}")
+        end = pos + 4 + length
+        if len(buf) < end:
+            return None
+        payload = _unmask(bytes(buf[pos + 4 : end]), bytes(buf[pos : pos + 4]))
+        del buf[:end]
+        return fin, opcode, payload
+
+    def _on_frame(self, fin: bool, opcode: int, payload: bytes) -> str | bytes | None:
+        if opcode == _OP_PING:
+            self._enqueue(_frame(_OP_PONG, payload), control=True)
+            return None
+        if opcode == _OP_PONG:
+            return None
+        if opcode == _OP_CLOSE:
+            self._on_close_frame(payload)
+        if opcode == _OP_CONT:
+            if self._msg_opcode is None:
+                raise _Violation(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
+        else:
+            if self._msg_opcode is not None:
+                raise _Violation(CLOSE_PROTOCOL_ERROR, "new message before the previous one was finished")
+            self._msg_opcode, self._msg_parts, self._msg_bytes = opcode, [], 0
+            self._utf8 = codecs.getincrementaldecoder("utf-8")("strict") if opcode == _OP_TEXT else None
+        self._msg_bytes += len(payload)
+        if self._msg_bytes > self.max_message_bytes:
+            raise _Violation(CLOSE_TOO_BIG, f"message of more than {self.max_message_bytes} bytes")
+        if self._utf8 is not None:
+            try:
+                # Incremental, so that a code point split across fragments is fine and invalid
+                # bytes fail as soon as they arrive (RFC 6455 section 8.1).
+                self._msg_parts.append(self._utf8.decode(payload, final=fin))
+            except UnicodeDecodeError:
+                raise _Violation(CLOSE_INVALID_DATA, "text message is not valid UTF-8") from None
+        else:
+            self._msg_parts.append(payload)
+        if not fin:
+            return None
+        text = self._msg_opcode == _OP_TEXT
+        parts, self._msg_opcode, self._msg_parts, self._utf8 = self._msg_parts, None, [], None
+        if self._close_sent:
+            return None  # data after our close frame is discarded (RFC 6455 section 1.4)
+        return "".join(parts) if text else b"".join(parts)
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        if len(payload) == 1:
+            raise _Violation(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
+        code, reason = CLOSE_NO_STATUS, ""
+        if payload:
+            code = int.from_bytes(payload[:2], "big")
+            if not _close_code_receivable(code):
+                raise _Violation(CLOSE_PROTOCOL_ERROR, f"close code {code} is not allowed on the wire")
+            try:
+                reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Violation(CLOSE_INVALID_DATA, "close reason is not valid UTF-8") from None
+        if not self._close_sent:
+            self.close(code, reason)  # echo the client's code, as the RFC suggests
+        # The handshake is complete: the server closes TCP first (RFC 6455 section 7.1.1).
+        self.abort()
+        raise WebSocketClosed(*self._ending())
+
+
+# -- JWTs ------------------------------------------------------------------------------------------
+
+# The texts are the ones Wings' JWT library (gbrlsnchs/jwt v3) and its token code produce; the
+# Panel's browser client matches on two of them to fetch a fresh token and re-authenticate.
+JWT_EXPIRED = "jwt: exp claim is invalid"
+JWT_DENIED = "jwt: created too far in past (denylist)"
+JWT_NO_CONNECT = "jwt: missing connect permission"
+JWT_WRONG_SERVER = "jwt: server uuid mismatch"
+JWT_MISSING = "jwt: no jwt present"
+JWT_MALFORMED = "jwt: malformed token"
+JWT_BAD_ALG = "jwt: header contains unexpected algorithm"
+JWT_BAD_SIGNATURE = "jwt: HMAC verification failed"
+
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class JwtError(Exception):
+    """A token that is refused; ``str(exc)`` is Wings' text for it (``jwt: ...``)."""
+
+
+def _b64url_decode(part: str) -> bytes:
+    if not _B64URL_RE.fullmatch(part) or len(part) % 4 == 1:
+        raise JwtError(JWT_MALFORMED)
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def _json_part(part: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_b64url_decode(part))
+    except (ValueError, RecursionError):  # includes UnicodeDecodeError and JSONDecodeError
+        raise JwtError(JWT_MALFORMED) from None
+    if not isinstance(value, dict):
+        raise JwtError(JWT_MALFORMED)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def decode_jwt(token: str, secret: str | bytes, now: float | None = None) -> dict[str, Any]:
+    """Verify an HS256 JWT signed with ``secret`` and return its claims; ``JwtError`` otherwise.
+
+    The header's ``alg`` must be exactly ``HS256`` (so ``none`` and every other algorithm are
+    refused before any signature maths), the signature is compared in constant time, and ``exp``
+    must be a number in the future -- missing ``exp`` is invalid, as in Wings. Other claims are
+    returned as they are; the caller checks ``iat``, permissions and the server.
+    """
+    if not isinstance(token, str) or len(token) > 16384 or not token.isascii():
+        raise JwtError(JWT_MALFORMED)
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise JwtError(JWT_MALFORMED)
+    header = _json_part(parts[0])
+    if header.get("alg") != "HS256":
+        raise JwtError(JWT_BAD_ALG)
+    key = secret.encode("utf-8") if isinstance(secret, str) else secret
+    expected = hmac.new(key, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
+    if not hmac.compare_digest(_b64url_decode(parts[2]), expected):
+        raise JwtError(JWT_BAD_SIGNATURE)
+    claims = _json_part(parts[1])
+    exp = claims.get("exp")
+    if not _is_number(exp) or (time.time() if now is None else now) > exp:
+        raise JwtError(JWT_EXPIRED)
+    return claims
+
+
+def encode_jwt(claims: Mapping[str, Any], secret: str | bytes, header: Mapping[str, Any] | None = None) -> str:
+    """Sign ``claims`` with HS256, the way the Panel does (tests, tools and the demo Panel use it)."""
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+    head = {"typ": "JWT", "alg": "HS256", **(header or {})}
+    signing = b64(json.dumps(head, separators=(",", ":")).encode()) + "." + b64(json.dumps(claims, separators=(",", ":")).encode())
+    key = secret.encode("utf-8") if isinstance(secret, str) else secret
+    return signing + "." + b64(hmac.new(key, signing.encode("ascii"), hashlib.sha256).digest())
+
+
+@dataclasses.dataclass(frozen=True)
+class WebsocketToken:
+    """The claims of an accepted websocket JWT that wingslite uses."""
+
+    jti: str
+    user_uuid: str
+    server_uuid: str
+    iat: float
+    exp: float
+    permissions: tuple[str, ...]
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any]) -> WebsocketToken:
+        perms = claims.get("permissions")
+        perms = tuple(p for p in perms if isinstance(p, str)) if isinstance(perms, list) else ()
+        iat = claims.get("iat")
+
+        def text(key: str) -> str:
+            value = claims.get(key)
+            return value if isinstance(value, str) else ""
+
+        return cls(text("jti"), text("user_uuid"), text("server_uuid"), iat if _is_number(iat) else -1.0, claims["exp"], perms)
+
+    def can(self, permission: str) -> bool:
+        """Wings' matching: exact, or ``*`` for everything that does not start with ``admin``."""
+        return permission in self.permissions or ("*" in self.permissions and not permission.startswith("admin"))
+
+
+# -- rate limits -----------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Token buckets by key: ``allow(key)`` is True while the key is within its rate.
+
+    ``rates`` maps a key to ``(count, per_s)``: at most ``count`` in a burst, refilled at
+    ``count / per_s`` per second. Keys without an entry use ``default``. Not thread-safe: one
+    limiter belongs to one connection's reader thread.
+    """
+
+    def __init__(self, rates: Mapping[str, tuple[int, float]], default: tuple[int, float], clock: Callable[[], float] = time.monotonic):
+        self._rates = dict(rates)
+        self._default = default
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+
+    def allow(self, key: str) -> bool:
+        count, per_s = self._rates.get(key, self._default)
+        now = self._clock()
+        tokens, last = self._buckets.get(key, (float(count), now))
+        tokens = min(float(count), tokens + (now - last) * count / per_s)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+
+# -- Wings' console protocol -----------------------------------------------------------------------
+
+# Wings 1.12's limits (router/websocket/limiter.go): per event, plus 10 messages per 200 ms overall.
+WEBSOCKET_EVENT_RATES: Mapping[str, tuple[int, float]] = {
+    "auth": (2, 5.0),
+    "send logs": (2, 5.0),
+    "send command": (10, 1.0),
+}
+WEBSOCKET_DEFAULT_RATE = (4, 1.0)
+WEBSOCKET_TOTAL_RATE = (10, 0.2)
+
+_GENERIC_ERROR = "an unexpected error was encountered while handling this request"
+# Outbound events only some tokens may see (router/websocket/listeners.go).
+_EVENT_PERMISSIONS = {
+    "install output": "admin.websocket.install",
+    "transfer logs": "admin.websocket.transfer",
+    "transfer status": "admin.websocket.transfer",
+    "backup completed": "backup.read",
+}
+# Published on a server's event bus after ``POST /ws/deny``: its sockets re-check their tokens now,
+# instead of at the client's next message as in Wings.
+WEBSOCKET_RECHECK_EVENT = "wingslite: tokens revoked"
+_POWER_PERMISSIONS = {"start": "control.start", "stop": "control.stop", "restart": "control.restart", "kill": "control.stop"}
+
+
+def stats_json(utilization: Mapping[str, Any]) -> str:
+    """The ``stats`` payload: a JSON string; ``network`` is always present (the browser reads it)."""
+    data = dict(utilization)
+    network = data.get("network")
+    data["network"] = {
+        "rx_bytes": network.get("rx_bytes", 0) if isinstance(network, Mapping) else 0,
+        "tx_bytes": network.get("tx_bytes", 0) if isinstance(network, Mapping) else 0,
+    }
+    for key in ("memory_bytes", "memory_limit_bytes", "cpu_absolute", "uptime", "disk_bytes"):
+        data.setdefault(key, 0)
+    return json.dumps(data, separators=(",", ":"))
+
+
+class ConsoleSocket:
+    """Wings' console protocol on one accepted ``WebSocket`` (router/websocket/websocket.go).
+
+    Methods for the caller: ``register(user_uuid)`` (into the daemon's session table), ``run()``
+    (the reader loop; returns when the connection is over and never raises) and
+    ``close(code, reason)`` (what the session table calls).
+    Class variables that may be overridden: ``auth_timeout_s``, ``ping_interval_s``,
+    ``expiring_window_s``, ``power_wait_s``.
+
+    The socket is in the session table from the upgrade on, under its user once a token is
+    accepted, so that suspension, deletion and deauthorisation can close it.
+    """
+
+    auth_timeout_s = 30.0  # an unauthenticated socket only occupies one of the server's slots
+    ping_interval_s = 30.0
+    expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
+    power_wait_s = 0  # Wings' websocket power actions do not wait for the power lock
+
+    def __init__(self, ws: WebSocket, server: Any, daemon: Any):
+        self.ws = ws
+        self.server = server
+        self.daemon = daemon
+        self.token: WebsocketToken | None = None
+        self.session: Any = None
+        self._expiring_sent = False
+        self._expired_sent = False
+        self._muted = False  # token expired or revoked: nothing is forwarded until a new auth
+        self._subscription: Any = None
+        self._power_thread: threading.Thread | None = None
+        self._limiter = RateLimiter(WEBSOCKET_EVENT_RATES, WEBSOCKET_DEFAULT_RATE)
+        self._total = RateLimiter({}, WEBSOCKET_TOTAL_RATE)
+        self._throttled: set[str] = set()
+        self._opened_at = time.monotonic()
+        self._lock = threading.Lock()
+
+    # -- session table --------------------------------------------------------------------------
+
+    def register(self, user_uuid: str = "") -> None:
+        """(Re-)register in the session table under this server and ``user_uuid``."""
+        old, self.session = self.session, self.daemon.sessions.register(self.server.uuid, user_uuid, "websocket", self.close)
+        if old is not None:
+            self.daemon.sessions.unregister(old)
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Close the socket now (the close frame is written before this returns)."""
+        self.ws.close(code, reason)
+
+    # -- the reader loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Read and handle messages until the connection ends; never raises."""
+        try:
+            if self.server.suspended:
+                self.ws.close(CLOSE_SUSPENDED, "server is suspended")
+            while True:
+                message = self.ws.receive(self._next_tick())
+                self._tick()
+                if isinstance(message, str):
+                    self._on_text(message)
+        except WebSocketClosed as exc:
+            LOG.debug("websocket %s: closed (%d %s)", self.server.uuid, exc.code, exc.reason)
+        except Exception:
+            LOG.exception("websocket %s: internal error", self.server.uuid)
+            self.ws.close(CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            self._stop_forwarding()
+            if self.session is not None:
+                self.daemon.sessions.unregister(self.session)
+            self.ws.join()
+
+    def _next_tick(self) -> float:
+        now = time.monotonic()
+        due = [self.ws.last_received + self.ping_interval_s - now]
+        if self.token is None:
+            due.append(self._opened_at + self.auth_timeout_s - now)
+        else:
+            left = self.token.exp - time.time()
+            if not self._expiring_sent:
+                due.append(left - self.expiring_window_s)
+            if not self._expired_sent:
+                due.append(left)
+        return min(max(0.0, min(due)) + 0.01, self.ping_interval_s)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        idle = now - self.ws.last_received
+        if idle >= 2 * self.ping_interval_s:
+            self.ws.close(CLOSE_GOING_AWAY, "no answer to ping")
+            self.ws.abort()
+            return
+        if idle >= self.ping_interval_s:
+            self.ws.ping()
+        if self.token is None:
+            if now - self._opened_at >= self.auth_timeout_s:
+                self.ws.close(CLOSE_POLICY, f"no valid auth within {self.auth_timeout_s:.0f} s")
+            return
+        left = self.token.exp - time.time()
+        if left <= 0 and not self._expired_sent:
+            self._expired_sent = self._expiring_sent = self._muted = True
+            self._send("token expired")
+        elif left <= self.expiring_window_s and not self._expiring_sent:
+            self._expiring_sent = True
+            self._send("token expiring")
+
+    # -- inbound --------------------------------------------------------------------------------
+
+    def _on_text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except (ValueError, RecursionError):
+            return  # Wings ignores frames that are not JSON
+        if not isinstance(message, dict) or not isinstance(message.get("event"), str):
+            return
+        raw_args = message.get("args")
+        if raw_args is None:
+            raw_args = []
+        if not isinstance(raw_args, list) or not all(a is None or isinstance(a, str) for a in raw_args):
+            return  # Wings' decoder refuses args that are not strings; the Panel sends null items
+        event = message["event"]
+        args = ["" if a is None else a for a in raw_args]
+        if not self._total.allow("*") or not self._limiter.allow(event):
+            if event not in self._throttled:  # say so once per burst, not per dropped message
+                self._throttled.add(event)
+                self._send("daemon error", self._prefixed(f'too many "{event[:64]}" messages; some were dropped'))
+            return
+        self._throttled.discard(event)
+        if event == "auth":
+            self._on_auth("".join(args))
+            return
+        problem = self._token_problem(self.token)
+        if problem is not None:
+            self._send("jwt error", problem)  # unprefixed for events other than auth (Wings)
+            return
+        try:
+            if event == "send logs":
+                self._send_logs()
+            elif event == "send stats":
+                self._send("stats", stats_json(self.server.utilization()))
+            elif event == "send command":
+                self._send_command(args[0] if args else "")
+            elif event == "set state":
+                self._set_state(args[0] if args else "")
+        except Exception as exc:  # reported to the client, as Wings does
+            self._daemon_error(exc)
+
+    def _on_auth(self, jwt: str) -> None:
+        if not jwt:
+            self._send("jwt error", self._prefixed(JWT_MISSING))
+            return
+        try:
+            token = WebsocketToken.from_claims(decode_jwt(jwt, self.daemon.config.token))
+        except JwtError as exc:
+            self._send("jwt error", self._prefixed(str(exc)))
+            return
+        problem = self._token_problem(token)
+        if problem is not None:
+            self._send("jwt error", self._prefixed(problem))
+            return
+        if self.server.suspended:
+            self.ws.close(CLOSE_SUSPENDED, "server is suspended")
+            return
+        first = self.token is None
+        if self.token is None or self.token.user_uuid != token.user_uuid:
+            self.register(token.user_uuid)
+        self.token = token
+        self._expiring_sent = self._expired_sent = self._muted = False
+        self._send("auth success")
+        if first:
+            self._subscription = self.server.events.subscribe(self._on_event)
+            state = self.server.state
+            self._send("status", state)
+            if state == OFFLINE:
+                self._send("stats", stats_json(self.server.utilization()))
+
+    def _token_problem(self, token: WebsocketToken | None) -> str | None:
+        # The order of Wings' TokenValid(): present, exp, denylist, connect, server.
+        if token is None:
+            return JWT_MISSING
+        if time.time() > token.exp:
+            return JWT_EXPIRED
+        if token.iat < 0:
+            return JWT_DENIED  # no iat: Wings counts the token as denylisted
+        problem = self.daemon.revocations.check(token.jti, token.user_uuid, token.server_uuid, token.iat)
+        if problem:
+            return problem
+        if not token.can("websocket.connect"):
+            return JWT_NO_CONNECT
+        if token.server_uuid != self.server.uuid:
+            return JWT_WRONG_SERVER
+        return None
+
+    def _send_logs(self) -> None:
+        if self.server.state == OFFLINE:
+            return  # Wings sends nothing when the container is not running
+        for line in self.server.logs(self.daemon.config.get("system.websocket_log_count")):
+            self._send("console output", line)
+
+    def _send_command(self, line: str) -> None:
+        assert self.token is not None
+        if not self.token.can("control.console") or self.server.state == OFFLINE:
+            return  # Wings ignores both silently
+        self.server.send_command(line)
+
+    def _set_state(self, action: str) -> None:
+        assert self.token is not None
+        permission = _POWER_PERMISSIONS.get(action)
+        if permission is None:
+            raise BadRequest(f"attempting to handle unknown power action {action[:64]!r}")
+        if not self.token.can(permission):
+            return  # Wings ignores it silently
+        with self._lock:
+            if self._power_thread is not None and self._power_thread.is_alive():
+                raise Conflict("another power action is currently being processed for this server, please try again later")
+            # In its own thread, as Wings handles each message in its own goroutine: the reader
+            # keeps answering pings and close frames while the container starts.
+            self._power_thread = threading.Thread(target=self._power, args=(action,), name="wingslite-ws-power", daemon=True)
+            self._power_thread.start()
+
+    def _power(self, action: str) -> None:
+        try:
+            self.server.power(action, self.power_wait_s)
+        except Exception as exc:
+            self._daemon_error(exc)
+
+    # -- outbound -------------------------------------------------------------------------------
+
+    def _on_event(self, event: str, *args: Any) -> None:
+        # Called from whichever thread publishes; only queues, never blocks.
+        token = self.token
+        if token is None or self._muted or self.ws.closed:
+            return
+        if event == WEBSOCKET_RECHECK_EVENT:
+            problem = self._token_problem(token)
+            if problem is not None:
+                # The text the Panel's browser answers by fetching a new token (WebsocketHandler.tsx).
+                self._muted = True
+                self._send("jwt error", problem)
+            return
+        if time.time() > token.exp:
+            return  # until the client re-authenticates ("token expired" is on its way)
+        needed = _EVENT_PERMISSIONS.get(event.split(":", 1)[0])
+        if needed is not None and not token.can(needed):
+            return
+        self._send(event, *args)
+
+    def _send(self, event: str, *args: Any) -> None:
+        message: dict[str, Any] = {"event": event}
+        if args:
+            message["args"] = [a if isinstance(a, str) else json.dumps(a) for a in args]
+        self.ws.send_text(json.dumps(message, separators=(",", ":")))
+
+    def _prefixed(self, text: str) -> str:
+        return f"Error Event [{self.server.uuid}]: {text}"
+
+    def _daemon_error(self, exc: Exception) -> None:
+        # Wings shows the real text only to tokens with admin.websocket.errors (websocket.go:225).
+        token = self.token
+        text = (getattr(exc, "message", None) or str(exc)) if token is not None and token.can("admin.websocket.errors") else _GENERIC_ERROR
+        if not isinstance(exc, WingsliteError):
+            LOG.warning("websocket %s: %s", self.server.uuid, exc)
+        self._send("daemon error", self._prefixed(text))
+
+    def _stop_forwarding(self) -> None:
+        if self._subscription is not None:
+            self.server.events.unsubscribe(self._subscription)
+            self._subscription = None
+
+
+# -- the HTTP route --------------------------------------------------------------------------------
+
+
+def origin_allowed(origin: str | None, remote: str, allowed_origins: Any) -> bool:
+    """Wings' check (router/websocket/websocket.go): the Panel's URL exactly, an ``allowed_origins``
+    entry, or ``*`` in that list. A request without an Origin header is refused, as in Wings."""
+    if not origin:
+        return False
+    if origin in (remote, remote.rstrip("/")):
+        return True
+    return isinstance(allowed_origins, list) and any(o == "*" or o == origin for o in allowed_origins)
+
+
+class _UpgradeRefused(WingsliteError):
+    def __init__(self, message: str, status: int, headers: Mapping[str, str]):
+        super().__init__(message, status)
+        self.headers = dict(headers)
+
+
+def _header_tokens(headers: Any, name: str) -> set[str]:
+    return {t.strip().lower() for t in ",".join(headers.get_all(name) or []).split(",")}
+
+
+def _upgrade_key(handler: Any) -> str:
+    headers = handler.headers
+    if "websocket" not in _header_tokens(headers, "Upgrade") or "upgrade" not in _header_tokens(headers, "Connection"):
+        raise BadRequest("This endpoint speaks only the websocket protocol: expected an 'Upgrade: websocket' request.")
+    if handler.request_version != "HTTP/1.1":
+        raise BadRequest("A websocket upgrade needs HTTP/1.1.")
+    if (headers.get("Sec-WebSocket-Version") or "").strip() != "13":
+        raise _UpgradeRefused(
+            "Unsupported websocket version: this node speaks version 13 (RFC 6455).", 426, {"Sec-WebSocket-Version": "13"}
+        )
+    key = (headers.get("Sec-WebSocket-Key") or "").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        valid = False
+    if not valid:
+        raise BadRequest("Sec-WebSocket-Key must be 16 random bytes in base64.")
+    return key
+
+
+def _drain_read_buffer(handler: Any) -> bytes:
+    # Bytes a client sent right behind its handshake may already sit in the HTTP reader's buffer;
+    # the websocket reads the raw socket from here on, so take them over without blocking.
+    peek = getattr(handler.rfile, "peek", None)
+    if peek is None:
+        return b""
+    sock = handler.connection
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        data = peek()
+        return handler.rfile.read(len(data)) if data else b""
+    except OSError:
+        return b""
+    finally:
+        sock.settimeout(timeout)
+
+
 def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
-    """Serve ``GET /api/servers/:server/ws`` on the handler's connection."""
-    raise WingsliteError("the websocket console is not available in this build", 501)
+    """``GET /api/servers/:server/ws``: accept the upgrade and speak Wings' console protocol on the
+    request thread until the socket closes. Refusals before the upgrade raise ``WingsliteError``
+    (400 not a websocket request, 403 Origin, 426 version, 429 too many sockets for the server)."""
+    handler.close_connection = True  # after the socket, this connection carries no more HTTP
+    try:
+        key = _upgrade_key(handler)
+    except _UpgradeRefused as exc:
+        handler._respond(exc.status, {"error": exc.message, "request_id": handler.request_id}, exc.headers)
+        return
+    if not origin_allowed(handler.headers.get("Origin"), daemon.config.get("remote"), daemon.config.get("allowed_origins")):
+        raise WingsliteError("Forbidden: this Origin may not open the server's websocket.", 403)
+    ws = WebSocket(handler.connection, _drain_read_buffer(handler))
+    console = ConsoleSocket(ws, server, daemon)
+    # Registered before counting, so that concurrent upgrades can never exceed the limit together.
+    console.register("")
+    limit = daemon.config.get("wingslite.websocket_max_per_server")
+    if daemon.sessions.count(server.uuid, kind="websocket") > limit:
+        daemon.sessions.unregister(console.session)
+        raise WingsliteError(f"Too many open websocket connections for this server (the limit is {limit}).", 429)
+    response = (
+        f"HTTP/1.1 101 Switching Protocols\r\nServer: {handler.server_version}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {websocket_accept_key(key)}\r\n\r\n"
+    )
+    try:
+        ws.accept(response.encode("ascii"))
+    except OSError:
+        daemon.sessions.unregister(console.session)
+        ws.join()
+        return
+    console.run()
 
 
 ##############################################################################
@@ -3537,6 +4439,11 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
                 raise EOFError(f"SFTP packet of {size} bytes refused")
             data = self._read_all(size)
             return (data[0], data[1:]) if size else (0, b"")
+
+        def _send_status(self, request_number: int, code: int, desc: str | None = None) -> None:
+            if code == SFTP_QUOTA_EXCEEDED and desc is None:
+                desc = "Quota Exceeded"  # paramiko knows texts for SFTP v3's codes 0-8 only
+            super()._send_status(request_number, code, desc)
 
         def _open_folder(self, request_number: int, path: str) -> None:
             # paramiko keeps every open listing in memory: bound how many a channel may hold.
@@ -4192,6 +5099,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(jtis, list) or not all(isinstance(j, str) for j in jtis):
             raise WingsliteError('expected {"jtis": ["..."]}', 422)
         self.server.daemon.revocations.deny_jtis(jtis)
+        for each in self.server.daemon.all_servers():  # Wings' denylist is node-wide; open sockets re-check now
+            each.events.publish(WEBSOCKET_RECHECK_EVENT)
         return 204, None
 
     def route_deauthorize_user(self) -> tuple[int, Any]:
@@ -4653,6 +5562,8 @@ class Daemon:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
+        for server in self.all_servers():  # websockets live on request threads the HTTP server does not join
+            self.sessions.close_server(server.uuid, CLOSE_GOING_AWAY, "node shutting down", kind="websocket")
         if self.sftp is not None:
             self.sftp.stop()
         for server in self.all_servers():
