@@ -2764,6 +2764,78 @@ def sftp_refused(action, *args) -> bool:
     return False
 
 
+class TestJail:
+    """The path jail on its own (no paramiko needed): what SFTP's tests cannot reach directly."""
+
+    @pytest.fixture
+    def jail(self, tmp_path):
+        root = tmp_path / "root"
+        (root / "d").mkdir(parents=True)
+        (root / "d" / "f").write_text("hello")
+        (tmp_path / "outside").mkdir()
+        with w.Jail(root) as jail:
+            yield jail, root
+
+    @staticmethod
+    def read(jail, path):
+        fd = jail.open(path, os.O_RDONLY)
+        try:
+            return os.read(fd, 100)
+        finally:
+            os.close(fd)
+
+    def test_links_inside_are_followed_and_links_out_never(self, jail):
+        jail, root = jail
+        os.symlink("d", root / "dl")
+        os.symlink("../d/f", root / "d" / "fl")
+        os.symlink("..", root / "d" / "up")
+        os.symlink("../..", root / "d" / "up2")
+        os.symlink("../outside", root / "out")
+        assert self.read(jail, "dl/fl") == b"hello"
+        assert sorted(name for name, _ in jail.listdir("d/up")) == sorted(os.listdir(root))
+        for path in ("d/up2", "d/up2/outside", "out", "d/up/out"):
+            with pytest.raises(w.PathEscape):
+                jail.stat(path)
+        os.symlink("loop", root / "loop")
+        with pytest.raises(OSError) as err:
+            self.read(jail, "loop")
+        assert err.value.errno == errno.ELOOP
+
+    def test_nul_bytes_fifos_and_directories_are_not_files(self, jail):
+        jail, root = jail
+        os.mkfifo(root / "fifo")
+        with pytest.raises(w.PathEscape):
+            jail.stat("d/f\x00.txt")
+        for path in ("fifo", "d"):  # a FIFO must not hang the open, a directory is no file
+            with pytest.raises(OSError):
+                jail.open(path, os.O_RDONLY)
+
+    def test_a_rename_may_not_carry_a_link_out_of_reach(self, jail):
+        jail, root = jail
+        (root / "d" / "e").mkdir()
+        os.symlink("../../d/f", root / "d" / "e" / "l")  # fine where it is ...
+        assert self.read(jail, "d/e/l") == b"hello"
+        with pytest.raises(w.PathEscape):  # ... but from the root it would climb out
+            jail.rename("d/e/l", "l")
+        assert os.path.islink(root / "d" / "e" / "l")
+
+    def test_the_denylist_is_checked_where_a_link_leads(self, tmp_path):
+        root = tmp_path / "root"
+        (root / "cfg").mkdir(parents=True)
+        (root / "cfg" / "token.secret").write_text("s")
+        os.symlink("cfg/token.secret", root / "alias")
+        with w.Jail(root, is_denied=lambda p: p.endswith(".secret")) as jail:
+            for action in (
+                lambda: jail.stat("alias"),
+                lambda: jail.open("cfg/token.secret", os.O_RDONLY),
+                lambda: jail.remove("cfg/token.secret"),
+            ):
+                with pytest.raises(PermissionError):
+                    action()
+            jail.remove("alias")  # the link itself is not denied
+        assert (root / "cfg" / "token.secret").exists()
+
+
 @needs_paramiko
 class TestSftpLogin:
     def test_host_key_is_ed25519_made_once_and_private(self, panel, make_daemon):
