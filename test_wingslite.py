@@ -1730,16 +1730,24 @@ class TestDockerEnvironment:
         assert len(shown) < 50
         assert sum("throttling" in line for line in docker_servers.console(uuid)) == 1
 
-    def test_an_image_that_is_neither_local_nor_pullable_fails_the_start(self, docker_servers):
+    def test_an_image_that_is_neither_local_nor_pullable_fails_the_start(self, docker_servers, caplog):
         uuid = docker_servers.add(image="wingslite-missing.invalid/nothing:1")
         good = docker_servers.add()
         daemon = docker_servers.boot()
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
-        line = docker_servers.wait_console(uuid, "could not be started")
+        with caplog.at_level(logging.ERROR, logger="wingslite"):
+            assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+            line = docker_servers.wait_console(uuid, "could not be started")
+            wait_until(lambda: any("neither on this node nor pullable" in r.getMessage() for r in caplog.records), 10, "the logged error")
         assert "neither on this node nor pullable" in line
         assert daemon.get_server(uuid).state == "offline"
         assert api(daemon, "GET", "/api/system")[0] == 200
         docker_servers.start(good)  # the daemon and other servers carry on
+
+    def test_deleting_a_server_removes_its_running_container(self, docker_daemon):
+        uuid, daemon = docker_daemon.uuid, docker_daemon.daemon
+        assert api(daemon, "DELETE", f"/api/servers/{uuid}")[0] == 204
+        assert docker_daemon.container_id(uuid) is None
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[0] == 404
 
     def test_docker_down_during_a_sync_is_a_500_naming_docker_and_limits_apply_at_next_start(self, docker_servers, tmp_path):
         proxy = DockerSocketProxy(tmp_path / "docker.sock")
