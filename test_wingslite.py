@@ -1743,6 +1743,16 @@ class TestDockerEnvironment:
         assert api(daemon, "GET", "/api/system")[0] == 200
         docker_servers.start(good)  # the daemon and other servers carry on
 
+    def test_a_start_whose_sync_fails_is_refused_with_a_console_message(self, docker_servers, caplog):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        del docker_servers.panel.servers[uuid]  # the Panel now answers 404 for it
+        with caplog.at_level(logging.ERROR, logger="wingslite"):
+            assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+            docker_servers.wait_console(uuid, "Unable to sync server data from the Panel")
+            wait_until(lambda: any("power action start failed" in r.getMessage() for r in caplog.records), 10, "the logged error")
+        assert daemon.get_server(uuid).state == "offline" and docker_servers.container_id(uuid) is None
+
     def test_deleting_a_server_removes_its_running_container(self, docker_daemon):
         uuid, daemon = docker_daemon.uuid, docker_daemon.daemon
         assert api(daemon, "DELETE", f"/api/servers/{uuid}")[0] == 204
