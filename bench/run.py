@@ -1,0 +1,894 @@
+#!/usr/bin/env python3
+"""wingslite benchmarks: one command, a table on stdout, the figures in bench/results.json.
+
+    python3 bench/run.py                 # everything (about 3-5 minutes on 2 cores)
+    python3 bench/run.py --only sync,http --out /tmp/r.json
+
+Every figure is measured against a baseline taken in the same run (machines are noisy), and each
+measurement is repeated so that medians can be quoted. The daemon runs as its own process through
+the CLI (``wingslite.py --config``), against a Panel stand-in that runs in another process; the
+benchmark process is only the client. Memory is the daemon's ``VmRSS`` / ``VmHWM`` from /proc.
+
+Items (see README, "Performance"):
+  sync   POST /sync p50/p99 against its floor: the Panel GET (no limit changed), plus one
+         ``docker update`` and one fsync'd atomic write (a limit changed, on a running container)
+  scale  boot with 1,000 servers (20 pages): API up, boot done, peak RSS; 200 concurrent syncs
+  http   GET /api/servers/:server req/s against a bare ThreadingHTTPServer sending the same bytes
+  idle   RSS with 100 servers loaded
+  suspend  1,000 websockets + 20 SFTP sessions on one server, then a suspending sync
+  console  a container flooding stdout to 30 websockets vs the engine's own log stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid as uuidlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+import wingslite as w  # noqa: E402
+
+TOKEN_ID = "BenchTokenId0001"
+TOKEN = "bench-node-token-0123456789abcdef0123456789abcdef0123456789abcdef"
+IMAGE = os.environ.get("WINGSLITE_TEST_IMAGE", "wingslite-test:latest")
+RUNNING_STARTUP = 'echo ready; while read -r line; do [ "$line" = quit ] && exit 0; done'
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+# -- the Panel stand-in (runs in its own process) -----------------------------------------------
+
+
+def panel_document(uuid: str, startup: str = RUNNING_STARTUP, port: int = 25565) -> dict:
+    return {
+        "settings": {
+            "uuid": uuid,
+            "meta": {"name": f"bench {uuid[:8]}", "description": ""},
+            "suspended": False,
+            "environment": {"STARTUP": startup, "P_SERVER_LOCATION": "bench", "P_SERVER_UUID": uuid, "P_SERVER_ALLOCATION_LIMIT": 0},
+            "invocation": startup,
+            "skip_egg_scripts": False,
+            "build": {
+                "memory_limit": 256,
+                "swap": 0,
+                "io_weight": 500,
+                "cpu_limit": 100,
+                "threads": None,
+                "disk_space": 1024,
+                "oom_disabled": True,
+            },
+            "container": {"image": IMAGE, "oom_disabled": True, "requires_rebuild": False},
+            "allocations": {"force_outgoing_ip": False, "default": {"ip": "127.0.0.1", "port": port}, "mappings": {"127.0.0.1": [port]}},
+            "mounts": [],
+            "egg": {"id": "5a0f2c1e-7b3d-4c8e-9f60-2d1e3a4b5c6d", "file_denylist": []},
+        },
+        "process_configuration": {
+            "startup": {"done": ["ready"], "user_interaction": [], "strip_ansi": False},
+            "stop": {"type": "command", "value": "quit"},
+            "configs": [],
+        },
+    }
+
+
+class _FastHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1, TCP_NODELAY, one write per answer: a Panel (or baseline) that is never the bottleneck."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status: int, data: bytes = b"", content_type: str = "application/json") -> None:
+        head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n\r\n"
+        self.wfile.write(head.encode() + data)
+
+
+def serve_panel(servers: int, port_file: str) -> None:
+    """The Panel's remote API for ``servers`` generated servers, plus ``POST /bench/servers/{uuid}``."""
+    docs = {}
+    for i in range(servers):
+        uuid = str(uuidlib.UUID(int=(0x4BE4C000 << 96) | (i + 1), version=4))
+        docs[uuid] = panel_document(uuid, port=20000 + i)
+    encoded: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    class Handler(_FastHandler):
+        def do_GET(self):
+            parts = urllib.parse.urlsplit(self.path)
+            if parts.path == "/api/remote/servers":
+                q = urllib.parse.parse_qs(parts.query)
+                page = max(1, int(q.get("page", ["1"])[0] or 1))
+                per_page = int(q.get("per_page", ["50"])[0]) or 15
+                with lock:
+                    items = list(docs.items())
+                chunk = items[(page - 1) * per_page : page * per_page]
+                last = max(1, -(-len(items) // per_page))
+                body = {
+                    "data": [{"uuid": u, **d} for u, d in chunk],
+                    "links": {},
+                    "meta": {"current_page": page, "last_page": last, "per_page": per_page, "total": len(items)},
+                }
+                return self.answer(200, json.dumps(body).encode())
+            uuid = parts.path.rsplit("/", 1)[-1]
+            with lock:
+                if uuid not in docs:
+                    return self.answer(404, b'{"errors":[{"code":"RecordNotFoundException","status":"404","detail":""}]}')
+                data = encoded.get(uuid)
+                if data is None:
+                    data = encoded[uuid] = json.dumps(docs[uuid]).encode()
+            self.answer(200, data)
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"null")
+            path = urllib.parse.urlsplit(self.path).path
+            if path == "/api/remote/servers/reset":
+                return self.answer(204)
+            if path == "/api/remote/sftp/auth":
+                user, _, short = str(body.get("username", "")).rpartition(".")
+                match = [u for u in docs if u.startswith(short) and short]
+                if user == "bench" and body.get("password") == "bench" and match:
+                    return self.answer(200, json.dumps({"server": match[0], "user": BENCH_USER, "permissions": ["*"]}).encode())
+                return self.answer(403, b'{"errors":[{"code":"HttpForbiddenException","status":"403","detail":"no"}]}')
+            uuid = path.rsplit("/", 1)[-1]
+            if path.startswith("/bench/servers/") and uuid in docs:
+                with lock:
+                    settings = docs[uuid]["settings"]
+                    for key, value in body.items():
+                        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+                            settings[key].update(value)
+                        else:
+                            settings[key] = value
+                    encoded.pop(uuid, None)
+                return self.answer(204)
+            if path == "/bench/all":  # the same change for every server
+                with lock:
+                    for uuid, doc in docs.items():
+                        for key, value in body.items():
+                            doc["settings"][key].update(value)
+                        encoded.pop(uuid, None)
+                return self.answer(204)
+            self.answer(404, b"{}")
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.request_queue_size = 1024
+    Path(port_file).write_text(json.dumps({"port": httpd.server_address[1], "uuids": list(docs)}))
+    httpd.serve_forever(poll_interval=0.1)
+
+
+def serve_bare(body_file: str, port_file: str) -> None:
+    """The HTTP baseline: a bare ThreadingHTTPServer answering every GET with the same bytes."""
+    data = Path(body_file).read_bytes()
+
+    class Handler(_FastHandler):
+        def do_GET(self):
+            self.answer(200, data, "application/json; charset=utf-8")
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    Path(port_file).write_text(json.dumps({"port": httpd.server_address[1]}))
+    httpd.serve_forever(poll_interval=0.1)
+
+
+BENCH_USER = "0b0b0b0b-1111-4222-8333-444455556666"
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+class Child:
+    """A child process that writes ``{"port": ...}`` to a file once it listens."""
+
+    def __init__(self, args: list[str], workdir: Path, name: str):
+        self.port_file = workdir / f"{name}.port"
+        self.port_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__)), *args, "--port-file", str(self.port_file)])
+        deadline = time.monotonic() + 30
+        while not (self.port_file.exists() and self.port_file.read_text()):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.02)
+        time.sleep(0.02)
+        self.info = json.loads(self.port_file.read_text())
+        self.port = self.info["port"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Daemon:
+    """wingslite run through its CLI against a panel, in a fresh root directory."""
+
+    def __init__(self, panel_port: int, workdir: Path, **wingslite_keys):
+        self.root = Path(tempfile.mkdtemp(prefix="root-", dir=workdir))
+        self.port = free_port()
+        self.sftp_port = free_port()
+        raw = {
+            "uuid": str(uuidlib.uuid4()),
+            "token_id": TOKEN_ID,
+            "token": TOKEN,
+            "remote": f"http://127.0.0.1:{panel_port}",
+            "api": {"host": "127.0.0.1", "port": self.port},
+            "system": {
+                "root_directory": str(self.root / "root"),
+                "data": str(self.root / "volumes"),
+                "sftp": {"bind_address": "127.0.0.1", "bind_port": self.sftp_port},
+            },
+            "remote_query": {"timeout": 10},
+            "wingslite": {"disk_quota": "soft", **wingslite_keys},
+        }
+        config = self.root / "config.yml"
+        config.write_text(json.dumps(raw))  # JSON is YAML
+        self.log = open(self.root / "daemon.log", "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "wingslite.py"), "--config", str(config)], stdout=self.log, stderr=self.log
+        )
+
+    def wait_api(self, timeout_s: float = 60) -> float:
+        """Seconds from the process start until ``GET /api/system`` answers 200."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if request(self.port, "GET", "/api/system")[0] == 200:
+                    return time.monotonic() - self.started
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited; see {self.root / 'daemon.log'}")
+            time.sleep(0.005)
+        raise RuntimeError("the daemon's API did not answer")
+
+    def wait_booted(self, timeout_s: float = 120) -> float:
+        self.wait_api()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with_status = request(self.port, "GET", "/api/system")
+            if with_status[0] == 200 and json.loads(with_status[1])["wingslite"]["booted"]:
+                return time.monotonic() - self.started
+            time.sleep(0.01)
+        raise RuntimeError("the daemon did not finish booting")
+
+    def memory_kb(self) -> dict[str, int]:
+        fields = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "Threads"):
+                fields[key] = int(value.split()[0])
+        return fields
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port: int, method: str, path: str, body=None, conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    payload = resp.read()
+    if own:
+        conn.close()
+    return resp.status, payload
+
+
+def panel_post(panel_port: int, path: str, body) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", panel_port, timeout=30)
+    conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    conn.getresponse().read()
+    conn.close()
+
+
+def docker_api():
+    try:
+        import docker
+
+        client = docker.APIClient(version="1.41", timeout=30)
+        client.inspect_image(IMAGE)
+        return client
+    except Exception as exc:
+        print(f"  (no Docker engine or no {IMAGE} image: {exc}; the Docker parts are skipped)", flush=True)
+        return None
+
+
+def remove_containers(engine, uuids) -> None:
+    for uuid in uuids:
+        try:
+            engine.remove_container(uuid, force=True)
+        except Exception:
+            pass
+
+
+# -- 1. sync overhead ---------------------------------------------------------------------------
+
+
+def bench_sync(workdir: Path, rounds: int) -> dict:
+    panel = Child(["--serve-panel", "1"], workdir, "panel")
+    uuid = panel.info["uuids"][0]
+    engine = docker_api()
+    daemon = Daemon(panel.port, workdir)
+    result: dict = {}
+    try:
+        daemon.wait_booted()
+        client = w.PanelClient(f"http://127.0.0.1:{panel.port}", TOKEN_ID, TOKEN, budget_s=10)
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+        if engine is not None:
+            assert request(daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+            deadline = time.monotonic() + 60
+            while json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["state"] != "running":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the bench server did not reach running")
+                time.sleep(0.05)
+        for _ in range(20):  # warm-up
+            client.get_server(uuid)
+            request(daemon.port, "POST", f"/api/servers/{uuid}/sync", conn=conn)
+
+        # (a) nothing changed: the floor is the Panel GET alone
+        get_s, sync_s = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            client.get_server(uuid)
+            get_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            status, _ = request(daemon.port, "POST", f"/api/servers/{uuid}/sync", conn=conn)
+            sync_s.append(time.perf_counter() - t0)
+            assert status == 204, status
+        record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["wingslite"]["last_sync"]
+        result["unchanged"] = {
+            "samples": rounds,
+            "panel_get_ms": {"p50": ms(pct(get_s, 0.5)), "p99": ms(pct(get_s, 0.99))},
+            "sync_ms": {"p50": ms(pct(sync_s, 0.5)), "p99": ms(pct(sync_s, 0.99))},
+            "ratio_p50": round(pct(sync_s, 0.5) / pct(get_s, 0.5), 3),
+            "ratio_p99": round(pct(sync_s, 0.99) / pct(get_s, 0.99), 3),
+            "target_p50": 1.20,
+            "record": record,
+        }
+
+        # (b) a limit changed on a running container: floor = Panel GET + docker update + atomic write
+        if engine is not None:
+            cid = engine.inspect_container(uuid)["Id"]
+            scratch = Path(tempfile.mkdtemp(prefix="fsync-", dir=daemon.root))
+            document = json.dumps(panel_document(uuid)).encode()
+            get_s, update_s, write_s, sync_s = [], [], [], []
+            for i in range(rounds):
+                memory_mb = 256 + (i % 2)
+                t0 = time.perf_counter()
+                client.get_server(uuid)
+                get_s.append(time.perf_counter() - t0)
+                limit = w.memory_limit_bytes(300 + (i % 2))
+                t0 = time.perf_counter()
+                engine.update_container(cid, mem_limit=limit, memswap_limit=limit)
+                update_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                w.atomic_write(scratch / "doc.json", document)
+                write_s.append(time.perf_counter() - t0)
+                panel_post(panel.port, f"/bench/servers/{uuid}", {"build": {"memory_limit": 1024 + memory_mb}})
+                t0 = time.perf_counter()
+                status, payload = request(daemon.port, "POST", f"/api/servers/{uuid}/sync", conn=conn)
+                sync_s.append(time.perf_counter() - t0)
+                assert status == 204, (status, payload)
+            record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["wingslite"]["last_sync"]
+            floor = [a + b + c for a, b, c in zip(get_s, update_s, write_s, strict=True)]
+            floor_p50 = pct(get_s, 0.5) + pct(update_s, 0.5) + pct(write_s, 0.5)
+            floor_p99 = pct(get_s, 0.99) + pct(update_s, 0.99) + pct(write_s, 0.99)
+            result["limit_changed"] = {
+                "samples": rounds,
+                "panel_get_ms": {"p50": ms(pct(get_s, 0.5)), "p99": ms(pct(get_s, 0.99))},
+                "docker_update_ms": {"p50": ms(pct(update_s, 0.5)), "p99": ms(pct(update_s, 0.99))},
+                "atomic_write_ms": {"p50": ms(pct(write_s, 0.5)), "p99": ms(pct(write_s, 0.99))},
+                "floor_ms": {"p50": ms(floor_p50), "p99": ms(floor_p99), "p50_of_sums": ms(pct(floor, 0.5))},
+                "sync_ms": {"p50": ms(pct(sync_s, 0.5)), "p99": ms(pct(sync_s, 0.99))},
+                "ratio_p50": round(pct(sync_s, 0.5) / floor_p50, 3),
+                "ratio_p99": round(pct(sync_s, 0.99) / floor_p99, 3),
+                "target_p50": 1.10,
+                "record": record,
+            }
+        conn.close()
+    finally:
+        daemon.stop()
+        if engine is not None:
+            remove_containers(engine, panel.info["uuids"])
+        panel.stop()
+    return result
+
+
+# -- 2. scale -----------------------------------------------------------------------------------
+
+
+def bench_scale(workdir: Path, boots: int, rounds: int) -> dict:
+    panel = Child(["--serve-panel", "1000"], workdir, "panel")
+    uuids = panel.info["uuids"]
+    result: dict = {"servers": len(uuids), "pages": 20}
+    try:
+        api_up, booted, hwm, rss = [], [], [], []
+        for i in range(boots):
+            daemon = Daemon(panel.port, workdir)
+            try:
+                api_up.append(daemon.wait_api())
+                booted.append(daemon.wait_booted())
+                time.sleep(0.5)
+                memory = daemon.memory_kb()
+                hwm.append(memory["VmHWM"] / 1024)
+                rss.append(memory["VmRSS"] / 1024)
+                if i == boots - 1:
+                    result["concurrent_syncs"] = concurrent_syncs(daemon, panel, uuids[:200], rounds)
+                    memory = daemon.memory_kb()
+                    result["concurrent_syncs"]["peak_rss_mb_after"] = round(memory["VmHWM"] / 1024, 1)
+            finally:
+                daemon.stop()
+        result.update(
+            boots=boots,
+            api_up_s={"median": round(statistics.median(api_up), 3), "max": round(max(api_up), 3), "target": 3.0},
+            boot_done_s={"median": round(statistics.median(booted), 3), "max": round(max(booted), 3)},
+            peak_rss_mb={"median": round(statistics.median(hwm), 1), "max": round(max(hwm), 1), "target": 60},
+            rss_after_boot_mb={"median": round(statistics.median(rss), 1)},
+        )
+    finally:
+        panel.stop()
+    return result
+
+
+def concurrent_syncs(daemon: Daemon, panel: Child, uuids: list[str], rounds: int) -> dict:
+    """``len(uuids)`` syncs at once, one per server, each on its own connection; ``rounds`` times."""
+    walls, latencies, statuses = [], [], []
+    n = len(uuids)
+    conns = [http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60) for _ in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        for r in range(rounds + 1):
+            panel_post(panel.port, "/bench/all", {"build": {"disk_space": 2048 + r}})  # every sync has a change to apply
+            barrier = threading.Barrier(n + 1)
+
+            def one(i, barrier=barrier):
+                barrier.wait()
+                t0 = time.perf_counter()
+                status, _ = request(daemon.port, "POST", f"/api/servers/{uuids[i]}/sync", conn=conns[i])
+                return status, time.perf_counter() - t0
+
+            futures = [pool.submit(one, i) for i in range(n)]
+            barrier.wait()
+            t0 = time.perf_counter()
+            done = [f.result() for f in futures]
+            wall = time.perf_counter() - t0
+            if r == 0:
+                continue  # warm-up: connections opened, threads started
+            walls.append(wall)
+            statuses += [s for s, _ in done]
+            latencies += [d for _, d in done]
+    for c in conns:
+        c.close()
+    throughput = [n / x for x in walls]
+    return {
+        "concurrency": n,
+        "rounds": rounds,
+        "all_204": all(s == 204 for s in statuses),
+        "throughput_per_s": {"median": round(statistics.median(throughput), 1)},
+        "latency_ms": {"p50": ms(pct(latencies, 0.5)), "p99": ms(pct(latencies, 0.99))},
+        "wall_ms": {"median": ms(statistics.median(walls))},
+    }
+
+
+# -- 5. HTTP ------------------------------------------------------------------------------------
+
+_LOAD_CLIENT = r"""
+import socket, sys, threading, time
+port, path, token, conns, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nAccept: application/json\r\n\r\n".encode()
+counts = [0] * conns
+start = threading.Event()
+def run(i):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = b""
+    start.wait()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        s.sendall(req)
+        while True:
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end >= 0:
+                head = buf[:head_end].lower()
+                k = head.find(b"content-length:")
+                length = int(head[k + 15:head.find(b"\r\n", k) if head.find(b"\r\n", k) > 0 else None]) if k >= 0 else 0
+                total = head_end + 4 + length
+                if len(buf) >= total:
+                    assert buf.startswith(b"HTTP/1.1 200"), buf[:80]
+                    buf = buf[total:]
+                    break
+            chunk = s.recv(65536)
+            if not chunk:
+                raise SystemExit("connection closed")
+            buf += chunk
+        counts[i] += 1
+    s.close()
+threads = [threading.Thread(target=run, args=(i,)) for i in range(conns)]
+for t in threads: t.start()
+time.sleep(0.2); start.set()
+for t in threads: t.join()
+print(sum(counts) / seconds)
+"""
+
+
+def load(port: int, path: str, conns: int, seconds: float) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_CLIENT, str(port), path, TOKEN, str(conns), str(seconds)], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip())
+
+
+def bench_http(workdir: Path, rounds: int, seconds: float) -> dict:
+    panel = Child(["--serve-panel", "100"], workdir, "panel")
+    uuid = panel.info["uuids"][0]
+    daemon = Daemon(panel.port, workdir)
+    bare = None
+    try:
+        daemon.wait_booted()
+        status, body = request(daemon.port, "GET", f"/api/servers/{uuid}")
+        assert status == 200
+        (workdir / "body.json").write_bytes(body)
+        bare = Child(["--serve-bare", str(workdir / "body.json")], workdir, "bare")
+        path = f"/api/servers/{uuid}"
+        result = {"body_bytes": len(body), "connections": {}}
+        for conns in (1, 8):
+            ours, theirs = [], []
+            load(daemon.port, path, conns, 0.5)  # warm-up
+            load(bare.port, path, conns, 0.5)
+            for _ in range(rounds):  # alternate so that drift hits both alike
+                ours.append(load(daemon.port, path, conns, seconds))
+                theirs.append(load(bare.port, path, conns, seconds))
+            result["connections"][str(conns)] = {
+                "wingslite_rps": {"median": round(statistics.median(ours)), "all": [round(x) for x in ours]},
+                "bare_rps": {"median": round(statistics.median(theirs)), "all": [round(x) for x in theirs]},
+                "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
+                "target": 0.8,
+            }
+        return result
+    finally:
+        daemon.stop()
+        if bare is not None:
+            bare.stop()
+        panel.stop()
+
+
+# -- 6. idle RSS --------------------------------------------------------------------------------
+
+
+def bench_idle(workdir: Path, boots: int) -> dict:
+    panel = Child(["--serve-panel", "100"], workdir, "panel")
+    rss, hwm = [], []
+    try:
+        for _ in range(boots):
+            daemon = Daemon(panel.port, workdir)
+            try:
+                daemon.wait_booted()
+                time.sleep(2)
+                memory = daemon.memory_kb()
+                rss.append(memory["VmRSS"] / 1024)
+                hwm.append(memory["VmHWM"] / 1024)
+            finally:
+                daemon.stop()
+    finally:
+        panel.stop()
+    return {
+        "servers": 100,
+        "rss_mb": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1), "target": 40},
+        "peak_rss_mb": {"median": round(statistics.median(hwm), 1)},
+    }
+
+
+# -- 3. suspension ------------------------------------------------------------------------------
+
+
+def jwt(server_uuid: str, secret: str = TOKEN) -> str:
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {
+        "iss": "http://127.0.0.1",
+        "aud": ["http://127.0.0.1"],
+        "jti": hashlib.md5(os.urandom(8)).hexdigest(),
+        "iat": now,
+        "nbf": now - 1,
+        "exp": now + 600,
+        "server_uuid": server_uuid,
+        "permissions": ["*"],
+        "user_uuid": BENCH_USER,
+        "user_id": 1,
+        "unique_id": os.urandom(8).hex(),
+    }
+    signing = b64(json.dumps({"typ": "JWT", "alg": "HS256"}).encode()) + "." + b64(json.dumps(claims).encode())
+    return signing + "." + b64(hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest())
+
+
+def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
+    import asyncio
+
+    import websockets
+
+    panel = Child(["--serve-panel", "1"], workdir, "panel")
+    uuid = panel.info["uuids"][0]
+    time.sleep(1.1)  # JWTs issued in the daemon's first second are refused (iat before boot, as Wings)
+    daemon = Daemon(panel.port, workdir, websocket_max_per_server=sockets + 10, sftp_enabled=True)
+    result: dict = {"websockets": sockets, "sftp_sessions": sftp_sessions}
+    sftp_clients = []
+    try:
+        daemon.wait_booted()
+        time.sleep(1.1)
+        try:
+            import paramiko
+
+            for _ in range(sftp_sessions):
+                transport = paramiko.Transport(("127.0.0.1", daemon.sftp_port))
+                transport.connect(username=f"bench.{uuid[:8]}", password="bench")
+                sftp = paramiko.SFTPClient.from_transport(transport)
+                sftp.listdir(".")
+                sftp_clients.append((transport, sftp))
+        except Exception as exc:
+            result["sftp_error"] = f"{type(exc).__name__}: {exc}"
+        base = f"ws://127.0.0.1:{daemon.port}/api/servers/{uuid}/ws"
+
+        async def run() -> dict:
+            opened = []
+            closed_at: list[float] = []
+            codes: list[int] = []
+
+            async def one() -> None:
+                ws = await websockets.connect(base, origin="http://127.0.0.1", open_timeout=60, max_queue=None, ping_interval=None)
+                await ws.send(json.dumps({"event": "auth", "args": [jwt(uuid)]}))
+                while True:
+                    message = json.loads(await ws.recv())
+                    if message.get("event") == "auth success":
+                        break
+                opened.append(ws)
+                try:
+                    async for _ in ws:
+                        pass
+                except websockets.ConnectionClosed:
+                    pass
+                closed_at.append(time.perf_counter())
+                codes.append(ws.close_code)
+
+            tasks = [asyncio.create_task(one()) for _ in range(sockets)]
+            t_open = time.perf_counter()
+            while len(opened) < sockets:
+                await asyncio.sleep(0.05)
+                failed = [t for t in tasks if t.done() and t.exception()]
+                if failed:
+                    raise failed[0].exception()
+                if time.perf_counter() - t_open > 240:
+                    raise RuntimeError(f"only {len(opened)} websockets opened")
+            open_s = time.perf_counter() - t_open
+            open_sessions = json.loads(request(daemon.port, "GET", "/api/system")[1])
+            panel_post(panel.port, f"/bench/servers/{uuid}", {"suspended": True})
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            status, _ = await loop.run_in_executor(None, request, daemon.port, "POST", f"/api/servers/{uuid}/sync")
+            t_204 = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            return {
+                "open_s": round(open_s, 2),
+                "status": status,
+                "answer_ms": ms(t_204 - t0),
+                "last_websocket_close_ms": ms(max(closed_at) - t0),
+                "close_codes": sorted(set(codes)),
+                "system": open_sessions.get("wingslite"),
+                "sync_record_ms": None,
+            }
+
+        ws_result = asyncio.run(run())
+        memory = daemon.memory_kb()
+        ws_result["peak_rss_mb"] = round(memory["VmHWM"] / 1024, 1)
+        t_sftp = []
+        for transport, _ in sftp_clients:
+            t_sftp.append(transport.is_active())
+        ws_result["sftp_still_active_after_204"] = sum(1 for a in t_sftp if a)
+        record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["wingslite"]["last_sync"]
+        ws_result["sync_record_ms"] = record.get("duration_ms")
+        ws_result["record_applied"] = record.get("applied")
+        result.update(ws_result)
+        result["target_ms"] = 250
+    finally:
+        for transport, _ in sftp_clients:
+            transport.close()
+        daemon.stop()
+        panel.stop()
+    return result
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    rows = []
+
+    def row(item, figure, value, target, met):
+        rows.append((item, figure, value, target, "" if met is None else ("met" if met else "MISSED")))
+
+    results = {k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v)}
+    s = results.get("sync")
+    if s:
+        u = s["unchanged"]
+        row(
+            "1 sync, no limit changed",
+            "p50 / p99 vs Panel GET",
+            f"{u['ratio_p50']}x / {u['ratio_p99']}x ({u['sync_ms']['p50']} / {u['sync_ms']['p99']} ms)",
+            "<= 1.20x p50",
+            u["ratio_p50"] <= 1.20,
+        )
+        c = s.get("limit_changed")
+        if c:
+            row(
+                "1 sync, limit changed",
+                "p50 / p99 vs floor",
+                f"{c['ratio_p50']}x / {c['ratio_p99']}x "
+                f"({c['sync_ms']['p50']} / {c['sync_ms']['p99']} ms; floor {c['floor_ms']['p50']} ms)",
+                "<= 1.10x p50",
+                c["ratio_p50"] <= 1.10,
+            )
+    sc = results.get("scale")
+    if sc:
+        row(
+            "2 boot, 1,000 servers",
+            "API up (median)",
+            f"{sc['api_up_s']['median']} s (boot done {sc['boot_done_s']['median']} s)",
+            "< 3 s",
+            sc["api_up_s"]["max"] < 3,
+        )
+        row(
+            "2 boot, 1,000 servers", "peak RSS (median)", f"{sc['peak_rss_mb']['median']} MB", "<= 60 MB", sc["peak_rss_mb"]["median"] <= 60
+        )
+        cs = sc.get("concurrent_syncs")
+        if cs:
+            row(
+                "2 200 concurrent syncs",
+                "throughput / p99",
+                f"{cs['throughput_per_s']['median']}/s / {cs['latency_ms']['p99']} ms",
+                "-",
+                cs["all_204"] and None,
+            )
+    su = results.get("suspend")
+    if su and "answer_ms" in su:
+        ok = su["status"] == 204 and su["last_websocket_close_ms"] <= su["answer_ms"] and su["answer_ms"] <= 250
+        row(
+            "3 suspension",
+            f"{su['websockets']} ws + {su['sftp_sessions']} SFTP",
+            f"204 in {su['answer_ms']} ms, last ws close {su['last_websocket_close_ms']} ms",
+            "closed before 204, 204 <= 250 ms",
+            ok,
+        )
+    h = results.get("http")
+    if h:
+        for conns, v in h["connections"].items():
+            row(
+                "5 GET /api/servers/:server",
+                f"{conns} conn. vs bare server",
+                f"{v['ratio']}x ({v['wingslite_rps']['median']} vs {v['bare_rps']['median']} req/s)",
+                ">= 0.8x",
+                v["ratio"] >= 0.8,
+            )
+    i = results.get("idle")
+    if i:
+        row("6 idle, 100 servers", "RSS (median)", f"{i['rss_mb']['median']} MB", "<= 40 MB", i["rss_mb"]["median"] <= 40)
+    widths = [max(len(str(r[k])) for r in [("item", "figure", "value", "target", ""), *rows]) for k in range(5)]
+    lines = [" | ".join(str(c).ljust(widths[k]) for k, c in enumerate(("item", "figure", "value", "target", "")))]
+    lines.append("-+-".join("-" * x for x in widths))
+    lines += [" | ".join(str(c).ljust(widths[k]) for k, c in enumerate(r)) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="sync,scale,suspend,http,idle", help="comma-separated items")
+    parser.add_argument("--out", default=str(HERE / "results.json"))
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for quoting)")
+    parser.add_argument("--serve-panel", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare", help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_panel is not None:
+        serve_panel(args.serve_panel, args.port_file)
+        return 0
+    if args.serve_bare is not None:
+        serve_bare(args.serve_bare, args.port_file)
+        return 0
+    only = set(args.only.split(","))
+    q = args.quick
+    workdir = Path(tempfile.mkdtemp(prefix="wingslite-bench-"))
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "kernel": os.uname().release},
+        "wingslite": w.VERSION,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    started = time.monotonic()
+    try:
+        steps = [
+            ("sync", lambda: bench_sync(workdir, 60 if q else 300)),
+            ("scale", lambda: bench_scale(workdir, 1 if q else 3, 2 if q else 5)),
+            ("suspend", lambda: bench_suspend(workdir, 100 if q else 1000, 20)),
+            ("http", lambda: bench_http(workdir, 1 if q else 3, 1.0 if q else 3.0)),
+            ("idle", lambda: bench_idle(workdir, 1 if q else 3)),
+        ]
+        for name, fn in steps:
+            if name not in only:
+                continue
+            print(f"[bench] {name} ...", flush=True)
+            t0 = time.monotonic()
+            try:
+                results[name] = fn()
+            except Exception as exc:  # one item failing still leaves the others' figures
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"[bench] {name} failed: {exc}", flush=True)
+            print(f"[bench] {name} done in {time.monotonic() - t0:.1f}s", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table(results))
+    print(f"\nfigures written to {args.out} ({results['duration_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
