@@ -2856,6 +2856,17 @@ class TestJail:
 
 @needs_paramiko
 class TestSftpLogin:
+    def test_a_taken_sftp_port_turns_sftp_off_and_the_api_still_serves(self, panel, make_daemon):
+        panel.add(panel_document())
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            daemon = make_daemon(panel, wingslite__sftp_enabled=True, system__sftp__bind_address="127.0.0.1", system__sftp__bind_port=port)
+            assert daemon.sftp is None
+            status, _, body = api(daemon, "GET", "/api/system")
+            assert status == 200 and body["wingslite"]["sftp"] is False and len(daemon.servers) == 1
+
     def test_host_key_is_ed25519_made_once_and_private(self, panel, make_daemon):
         daemon, server = _sftp_daemon(panel, make_daemon)
         path = daemon.config.root_dir / ".sftp" / "id_ed25519"

@@ -1043,6 +1043,7 @@ class Filesystem:
         self._measured_at: float | None = None
         self._lock = threading.Lock()
         self._walking = False
+        self._booked_total = 0  # every byte ever booked or freed, so a walk can add what raced it
         self._denylist: tuple[str, ...] = ()
         self._deny_re: re.Pattern[str] | None = None
 
@@ -1098,7 +1099,13 @@ class Filesystem:
                 self._walking = False
 
     def recalculate(self) -> int:
-        """Walk the directory now (lstat, symlinks not followed) and cache the figure."""
+        """Walk the directory now (lstat, symlinks not followed) and cache the figure.
+
+        Bytes booked or freed while the walk runs are added to its result: a write that raced the
+        walk may be counted twice until the next walk, never zero times.
+        """
+        with self._lock:
+            booked_at_start = self._booked_total
         total = 0
         stack = [str(self.root)]
         while stack:
@@ -1115,8 +1122,9 @@ class Filesystem:
             except OSError:
                 continue
         with self._lock:
-            self._usage, self._measured_at = total, time.monotonic()
-        return total
+            self._usage = max(0, total + self._booked_total - booked_at_start)
+            self._measured_at = time.monotonic()
+            return self._usage
 
     def has_space(self, n_bytes: int = 0) -> bool:
         """True when ``n_bytes`` more still fit (usage == limit is allowed, as Wings)."""
@@ -1128,16 +1136,21 @@ class Filesystem:
         """Book ``n_bytes`` against the limit if they fit; False (nothing booked) if they do not."""
         if n_bytes <= 0:
             return True
-        self.usage_bytes()  # make sure a first measurement is under way
+        if self._limit and self._measured_at is None and self.quota.usage_bytes(self.root) is None:
+            self.recalculate()  # the first metered write of a never-measured server waits for a real figure
+        else:
+            self.usage_bytes()
         with self._lock:
             if self._limit and self._usage + n_bytes > self._limit:
                 return False
             self._usage += n_bytes
+            self._booked_total += n_bytes
             return True
 
     def add_usage(self, delta_bytes: int) -> None:
         with self._lock:
             self._usage = max(0, self._usage + delta_bytes)
+            self._booked_total += delta_bytes
 
     def set_denylist(self, patterns: Iterable[str]) -> None:
         """The egg's ``file_denylist`` (gitignore-like globs) that no file operation may touch."""
@@ -5405,7 +5418,12 @@ class Server:
             raise BadRequest("server is currently in a suspended state")
         if self.fs.limit_bytes:
             self.console_message("Checking server disk space usage, this could take a few seconds...")
-            if not self.fs.has_space() or self.fs.recalculate() > self.fs.limit_bytes:
+            # A kernel quota's own figure is cheap and exact; otherwise walk now (not the cached figure).
+            if self.fs.quota.enforced(self.fs.root):
+                over = not self.fs.has_space()
+            else:
+                over = self.fs.recalculate() > self.fs.limit_bytes
+            if over:
                 self.console_message("Not enough disk space is available to start this server.")
                 raise WingsliteError("There is not enough disk space available to perform that action.", 400)
         self.env.start(self.config)
@@ -5547,8 +5565,12 @@ class Daemon:
         elif not sftp_available():
             LOG.warning("SFTP is off: the paramiko package is not installed (pip install paramiko)")
         else:
-            self.sftp = SftpServer(self)
-            self.sftp.start()
+            sftp = SftpServer(self)
+            try:
+                sftp.start()
+                self.sftp = sftp
+            except OSError as exc:  # e.g. the port is taken: the rest of the node still works
+                LOG.error("SFTP is off: cannot listen on %s:%s: %s", self.config.get("system.sftp.bind_address"), self.config.get("system.sftp.bind_port"), exc)
         self._spawn(self._boot_loop, "wingslite-boot")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
