@@ -5222,6 +5222,7 @@ class Server:
         )
         self.fs.set_denylist(config.file_denylist)
         self.last_sync: dict[str, Any] | None = None
+        self._view_settings: tuple[ServerConfig, dict[str, Any]] | None = None  # api_view()'s settings, per configuration
         self.pending_next_start: dict[str, str] = {}
         self._limits_pending = False
         self._last_state = OFFLINE
@@ -5477,13 +5478,18 @@ class Server:
 
     def api_view(self) -> dict[str, Any]:
         """Wings' server object (``GET /api/servers/:server``) plus a ``wingslite`` key."""
-        settings = dict(server_document_json(self.config).get("settings") or {})
-        settings["crash_detection_enabled"] = self.config.crash_detection_enabled
+        # The settings only change with the configuration: built once per configuration, not per GET
+        # (the JSON round trip was a quarter of the request's cost).
+        config, cached = self.config, self._view_settings
+        if cached is None or cached[0] is not config:
+            settings = dict(server_document_json(config).get("settings") or {})
+            settings["crash_detection_enabled"] = config.crash_detection_enabled
+            cached = self._view_settings = (config, settings)
         return {
             "state": self.state,
-            "is_suspended": self.config.suspended,
+            "is_suspended": config.suspended,
             "utilization": self.utilization(),
-            "configuration": settings,
+            "configuration": cached[1],
             "wingslite": {
                 "last_sync": self.last_sync,
                 "pending_next_start": sorted(self.pending_next_start.values()),
