@@ -2624,6 +2624,55 @@ class TestWebsocketConsole:
             daemon.stop()
             assert ws_close_code(conn) == 1001
 
+    def test_clients_that_never_read_cannot_hold_up_the_suspension(self, console_node):
+        daemon = console_node()
+        uuid = daemon.uuid
+        stuck = []
+        for _ in range(5):
+            raw = RawWebsocket(daemon, uuid)
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.send_json({"event": "auth", "args": [ws_token(ws_claims(uuid))]})
+            stuck.append(raw)
+        reader = ws_open(daemon, uuid, max_queue=None)  # this one keeps reading, however much arrives
+        with reader:
+            ws_send(reader, "auth", ws_token(ws_claims(uuid, user_uuid="b0b00000-1111-4222-8333-444455556666", user_id=2)))
+            wait_for(lambda: len([s for s in daemon.sessions.sessions(uuid) if s.user_uuid]) == 6, 5, what="six authenticated sockets")
+            server = daemon.get_server(uuid)
+            for i in range(1000):  # 8 MB, paced so the writers get to send: the stuck clients' buffers fill, writers block
+                server.events.publish("console output", f"{i:04d} " + "x" * 8000)
+                if i % 20 == 0:
+                    time.sleep(0.001)
+            daemon.panel_fake.servers[uuid]["settings"]["suspended"] = True
+            started = time.monotonic()
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+            sync_s = time.monotonic() - started
+            assert sync_s < 1, f"the suspending sync took {sync_s:.2f}s"
+            assert ws_close_code(reader) == 4409
+        wait_for(lambda: daemon.sessions.count(uuid) == 0, 5, what="every socket to be gone")
+        for raw in stuck:
+            raw.close()
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.binary(max_size=64) | st.lists(st.sampled_from([0x0, 0x1, 0x2, 0x8, 0x9, 0xA, 0x3]), max_size=4).map(bytes))
+    def test_random_bytes_after_the_handshake_never_raise_anything_else(self, data):
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+        ws = w.WebSocket(server_side)
+        ws.accept(b"")
+        try:
+            client.sendall(data + ws_frame(0x1, b"{}"))
+            for _ in range(3):
+                try:
+                    ws.receive(0.01)
+                except w.WebSocketClosed as exc:
+                    assert exc.code in (1002, 1007, 1009) or 1000 <= exc.code <= 4999
+                    break
+        finally:
+            ws.join()
+            for s in (listener, server_side, client):
+                s.close()
+
 
 class TestWebsocketDocker:
     def test_console_flow_against_a_running_container(self, docker_daemon):

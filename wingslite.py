@@ -3276,7 +3276,10 @@ class WebSocket:
     max_queued_bytes = 1_048_576
     send_timeout_s = 10.0  # a sendall that stalls this long means a dead or hostile client
     close_timeout_s = 2.0  # wait this long for the client's close reply, then drop TCP
-    close_lock_timeout_s = 1.0
+    # A writer still inside a send after this long is blocked on a client that does not read: close()
+    # then drops the connection instead of queueing behind it, so that closing many stuck sockets
+    # (a suspending sync) costs milliseconds each, not seconds.
+    close_lock_timeout_s = 0.05
 
     def __init__(self, sock: socket.socket, initial: bytes = b""):
         self._sock = sock
