@@ -4018,7 +4018,7 @@ def _panel_documents(draw):
         if draw(st.booleans()) and last in node:
             del node[last]
         else:
-            node[last] = draw(_DOC_VALUES)
+            node[last] = copy.deepcopy(draw(_DOC_VALUES))  # sampled [] and {} are shared objects: never mutate them
     return doc
 
 
