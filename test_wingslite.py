@@ -1041,11 +1041,31 @@ class TestSync:
 
         daemon.servers[uuid].fs.ensure()
         daemon.servers[uuid].fs.quota = BrokenQuota()
-        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 777
+        panel.servers[uuid]["settings"]["build"].update(memory_limit=777, disk_space=512)
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 500 and "disk limit: qgroup limit refused" in body["error"]
         assert daemon.servers[uuid].config.build.memory_mb == 777  # the Panel is the source of truth
         assert daemon.servers[uuid].last_sync["failed"] == ["disk limit: qgroup limit refused"]
+
+    def test_the_quota_backend_is_asked_only_when_the_disk_limit_changes(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        calls = []
+
+        class CountingQuota(w.QuotaBackend):
+            def set_limit(self, root, limit_bytes):
+                calls.append(limit_bytes)
+                return []
+
+        server = daemon.servers[uuid]
+        server.fs.quota = CountingQuota()
+        server.fs.ensure()
+        calls.clear()
+        for memory in (100, 200):
+            panel.servers[uuid]["settings"]["build"]["memory_limit"] = memory
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        panel.servers[uuid]["settings"]["build"]["disk_space"] = 7
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert calls == [7 * 1_048_576]
 
     def test_power_with_an_unknown_action_is_422(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
