@@ -1504,10 +1504,12 @@ class TestDockerEnvironment:
         allowed = tmp_path / "srv" / "data"
         sibling = tmp_path / "srv" / "database"
         (allowed / "maps").mkdir(parents=True)
+        (allowed / "worlds").mkdir()
         sibling.mkdir(parents=True)
         (allowed / "escape").symlink_to(sibling)
         mounts = [
             {"source": str(allowed / "maps"), "target": "/maps", "read_only": True},
+            {"source": str(allowed / "worlds"), "target": "/home/container/worlds", "read_only": True},  # as the Panel's example
             {"source": str(sibling), "target": "/db", "read_only": False},  # a string prefix match only
             {"source": str(allowed / "escape"), "target": "/esc", "read_only": False},  # symlink out
         ]
@@ -1537,7 +1539,11 @@ class TestDockerEnvironment:
         assert sorted(c.lower() for c in hc["CapDrop"]) == sorted(w._CAP_DROP)
         assert hc["PidsLimit"] == 256 and hc["Memory"] == w.memory_limit_bytes(64) and hc["CpuQuota"] == 50_000 and hc["CpusetCpus"] == "0"
         binds = {m["Target"]: (m["Source"], m.get("ReadOnly", False)) for m in hc["Mounts"]}
-        assert binds == {"/home/container": (str(daemon.config.data_dir / uuid), False), "/maps": (str(allowed / "maps"), True)}
+        assert binds == {
+            "/home/container": (str(daemon.config.data_dir / uuid), False),
+            "/maps": (str(allowed / "maps"), True),
+            "/home/container/worlds": (str(allowed / "worlds"), True),
+        }
         # The server directory is the process's working directory.
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["pwd > where.txt"]})
         wait_until(lambda: (daemon.config.data_dir / uuid / "where.txt").exists(), 10, "where.txt")

@@ -2219,6 +2219,7 @@ class DockerEnvironment(Environment):
         self._started_at = 0.0
         self._stats = _zero_stats()
         self._driver: str | None = None
+        self._running_info: dict[str, Any] | None = None  # inspect of the attached container
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -2304,8 +2305,10 @@ class DockerEnvironment(Environment):
         build = config.build
         everything = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
         docker = _docker()
+        # The container this environment started or attached to: no inspect on the sync's path.
+        info = self._running_info if self._state in (STARTING, RUNNING) else None
         try:
-            info = self._inspect()
+            info = info or self._inspect()
         except WingsliteError as exc:
             return LimitReport(pending=[f"{everything} (next start)"], failed=[exc.message])
         if info is None:
@@ -2326,6 +2329,11 @@ class DockerEnvironment(Environment):
         report = LimitReport()
         try:
             answer = self.client._result(self.client._post_json(self.client._url("/containers/{0}/update", info["Id"]), data=body), True)
+        except docker.errors.NotFound:
+            if info is not self._running_info:
+                return LimitReport(pending=[f"{everything} (no container yet; next start)"])
+            self._running_info = None  # replaced behind our back: look again
+            return self.apply_limits(config)
         except (docker.errors.DockerException, OSError) as exc:
             error = _docker_error("updating the container's limits", exc)
             report.failed.append(error.message)
@@ -2419,6 +2427,7 @@ class DockerEnvironment(Environment):
             self._attach(info)  # before the start, so that no early output is lost
             self.client.start(self.name)
             info = self._inspect() or info
+            self._running_info = info
             self._started_at = _docker_time(info["State"].get("StartedAt"))
         except (WingsliteError, docker.errors.DockerException, OSError) as exc:
             error = exc if isinstance(exc, WingsliteError) else _docker_error("starting the container", exc)
@@ -2531,8 +2540,8 @@ class DockerEnvironment(Environment):
                 problem = "the source is not an absolute path"
             elif not any(source == a or a in source.parents for a in allowed):
                 problem = "the source is not under any of the node's allowed_mounts"
-            elif not target or target == "/" or target == "/home/container" or target.startswith("/home/container/"):
-                problem = "the target must be an absolute path outside /home/container"
+            elif not target or target in ("/", "/home/container"):
+                problem = "the target must be an absolute path other than / and /home/container"
             elif not source.exists():
                 problem = "the source does not exist"
             if problem:
@@ -2551,6 +2560,7 @@ class DockerEnvironment(Environment):
             self._generation += 1
             generation = self._generation
             self._sock, self._sock_owner = sock, owner
+            self._running_info = info
             self._exited.clear()
             self._started_at = _docker_time(info["State"].get("StartedAt")) or time.time()
         short = self.name[:8]
