@@ -3801,6 +3801,8 @@ class TestQuotaContainer:
 
 
 ##############################################################################
+# fault drills (issue 7)
+##############################################################################
 
 
 class _DrillLog(logging.Handler):
@@ -4249,7 +4251,6 @@ class TestFaultDrills:
         w.container_environment(config)
         config.process.done_matchers()
         assert config.disk_limit_bytes >= 0
-# fault drills (issue 7) -- tests go below this marker
-##############################################################################
+
 
 # -- marker: fault drill tests --
