@@ -27,17 +27,28 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     config                 Wings' config.yml -> frozen ``Config`` (+ wingslite's own keys)
     Panel client           ``PanelClient``: the Panel's remote API, retries, pagination
     server model           Panel JSON -> ``ServerConfig``; validation; units and Docker maths
-    filesystem and disk    ``atomic_write``, ``Filesystem`` (jail, disk limit, usage), quotas
-    environments           ``Environment`` (where a process runs), ``LimitReport``, cgroups
-    console and events     ``EventBus``, the console log ring and throttle
+    filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
+                           (paths that cannot leave a server's directory), quota backends
+                           (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
+    environments           ``Environment`` (where a process runs), ``LimitReport``, ``Cgroup``
+                           (v1/v2 files), ``DockerEnvironment`` (containers, live limits, stats)
+    console and events     ``EventBus``, ``LogRing``, ``LineSplitter``, ``ConsoleThrottle``,
+                           ``ConsolePipeline`` (done detection)
     session table          ``SessionTable``: every websocket and SFTP session; ``Revocations``
-    websocket              RFC 6455 framing, JWTs, Wings' console protocol
-    SFTP                   paramiko server: Panel-checked logins, the jail, metered writes
+    websocket              ``WebSocket`` (RFC 6455), ``decode_jwt``, ``ConsoleSocket`` (Wings'
+                           console protocol), ``serve_websocket``
+    SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
-    daemon                 ``Server`` (one game server, its lock, the sync), ``Daemon`` (boot)
-    CLI                    ``main()``, ``--demo`` and its demo Panel
+    daemon                 ``ConfigStore``, ``Server`` (one game server: its lock, the sync, power,
+                           crash detection), ``Daemon`` (boot, servers, system info)
+    CLI                    ``main()``, ``--demo`` and its ``DemoPanel``
 
-What happens on sync: ``Daemon.sync_server()`` -> ``Server.sync()`` in the daemon section.
+Where to look first:
+
+    what happens on sync     ``Server.sync()`` -> ``Server.apply()`` (daemon section)
+    a start                  ``Server.power()`` -> ``Server._start()`` -> ``DockerEnvironment.start()``
+    limits on a live server  ``DockerEnvironment.apply_limits()`` and ``Cgroup``
+    suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
 """
 
 from __future__ import annotations
