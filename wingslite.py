@@ -5373,8 +5373,10 @@ class Server:
                 applied.append(f"crash detection {'on' if new.crash_detection_enabled else 'off'} (next exit)")
 
             if new.suspended:
+                closing_started = time.monotonic()
                 closed = self.daemon.sessions.close_server(self.uuid, CLOSE_SUSPENDED, "server suspended")
                 applied.append(f"suspended: {closed} session(s) closed")
+                LOG.info("server %s: %d session(s) closed in %.1f ms", self.uuid, closed, (time.monotonic() - closing_started) * 1000)
                 if self.env.state != OFFLINE:
                     applied.append("suspended: stopping the process")
                     threading.Thread(target=self._stop_suspended, name=f"wingslite-suspend-{self.uuid[:8]}", daemon=True).start()
