@@ -243,7 +243,7 @@ class Child:
 class Daemon:
     """wingslite run through its CLI against a panel, in a fresh root directory."""
 
-    def __init__(self, panel_port: int, workdir: Path, **wingslite_keys):
+    def __init__(self, panel_port: int, workdir: Path, node_keys: dict | None = None, **wingslite_keys):
         self.root = Path(tempfile.mkdtemp(prefix="root-", dir=workdir))
         self.port = free_port()
         self.sftp_port = free_port()
@@ -260,6 +260,7 @@ class Daemon:
             },
             "remote_query": {"timeout": 10},
             "wingslite": {"disk_quota": "soft", **wingslite_keys},
+            **(node_keys or {}),
         }
         config = self.root / "config.yml"
         config.write_text(json.dumps(raw))  # JSON is YAML
@@ -660,6 +661,8 @@ def bench_idle(workdir: Path, boots: int) -> dict:
 
 
 def jwt(server_uuid: str, secret: str = TOKEN) -> str:
+    """An HS256 token as the Panel's NodeJWTService signs it (the header repeats the jti)."""
+
     def b64(raw: bytes) -> str:
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -677,7 +680,7 @@ def jwt(server_uuid: str, secret: str = TOKEN) -> str:
         "user_id": 1,
         "unique_id": os.urandom(8).hex(),
     }
-    signing = b64(json.dumps({"typ": "JWT", "alg": "HS256"}).encode()) + "." + b64(json.dumps(claims).encode())
+    signing = b64(json.dumps({"typ": "JWT", "alg": "HS256", "jti": claims["jti"]}).encode()) + "." + b64(json.dumps(claims).encode())
     return signing + "." + b64(hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest())
 
 
@@ -808,6 +811,171 @@ def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
     return result
 
 
+# -- 4. console flood ---------------------------------------------------------------------------
+
+# "ready" is the server's done line. ``flood-done`` (in the server's data directory, on the host)
+# gets its mtime when the container has written its last line, so the benchmark can tell whether
+# the console held the process back. The pause before "flood-end" outlasts any throttle window, so
+# the end marker always gets through (a queue that drops, drops the oldest, never the newest).
+FLOOD_STARTUP = "echo ready; seq 1 {lines}; : > flood-done; sleep 1; echo flood-end; exec sleep 1000"
+_CONSOLE_PREFIX = '{"event":"console output","args":["'
+
+
+def engine_flood(engine, lines: int) -> dict:
+    """The baseline: the same flood in a container made as the daemon makes it (TTY, one CPU),
+    read straight from the engine's attach stream by this process, with nothing else running."""
+    host = engine.create_host_config(cpu_quota=100_000, cpu_period=100_000, mem_limit=256 << 20, network_mode="bridge")
+    name = f"wingslite-bench-flood-{uuidlib.uuid4().hex[:12]}"
+    environment = {"STARTUP": FLOOD_STARTUP.format(lines=lines)}
+    engine.create_container(IMAGE, None, name=name, tty=True, stdin_open=True, environment=environment, host_config=host)
+    try:
+        owner = engine.attach_socket(name, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        sock = getattr(owner, "_sock", owner)
+        sock.settimeout(60)
+        engine.start(name)
+        seen, first, last = 0, None, None
+        while seen < lines + 1:  # "ready", then the flood
+            data = sock.recv(65536)
+            if not data:
+                break
+            last = time.perf_counter()
+            seen += data.count(b"\n")
+            if first is None and seen > 1:
+                first = last
+        sock.close()
+        if seen < lines + 1 or first is None or last == first:
+            raise RuntimeError(f"the engine's stream ended after {seen} lines")
+        return {"lines": lines, "seconds": round(last - first, 3), "lines_per_s": round(lines / (last - first))}
+    finally:
+        engine.remove_container(name, force=True)
+
+
+async def _flood_sockets(daemon: Daemon, panel: Child, uuid: str, sockets: int, timeout_s: float) -> list[dict]:
+    """``sockets`` authenticated consoles; start the server; count what each receives of the flood."""
+    import asyncio
+
+    import websockets
+
+    url = f"ws://127.0.0.1:{daemon.port}/api/servers/{uuid}/ws"
+    conns = []
+    for _ in range(sockets):
+        ws = await websockets.connect(
+            url, origin=f"http://127.0.0.1:{panel.port}", open_timeout=30, max_queue=None, ping_interval=None, compression=None
+        )
+        await ws.send(json.dumps({"event": "auth", "args": [jwt(uuid)]}))
+        while json.loads(await ws.recv()).get("event") != "auth success":
+            pass
+        conns.append(ws)
+
+    async def count(ws) -> dict:
+        lines, warnings, first, last, first_wall = 0, 0, None, None, None
+        async for message in ws:
+            if not message.startswith(_CONSOLE_PREFIX):
+                continue  # status, stats
+            line = message[len(_CONSOLE_PREFIX) : -3]  # '..."]}'
+            if line[:1].isdigit():
+                last = time.perf_counter()
+                if first is None:
+                    first, first_wall = last, time.time()
+                lines += 1
+            elif "outputting console data too quickly" in line:
+                warnings += 1
+            elif line == "flood-end":
+                break
+        return {"lines": lines, "warnings": warnings, "first": first, "last": last, "first_wall": first_wall}
+
+    try:
+        counters = [asyncio.create_task(count(ws)) for ws in conns]
+        status = await asyncio.to_thread(request, daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})
+        if status[0] != 202:
+            raise RuntimeError(f"power start answered {status}")
+        return await asyncio.wait_for(asyncio.gather(*counters), timeout_s)
+    finally:
+        for ws in conns:
+            await ws.close()
+        await asyncio.to_thread(request, daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "kill"})
+
+
+def _flood_round(daemon: Daemon, panel: Child, uuid: str, sockets: int, lines: int) -> dict:
+    import asyncio
+
+    done_file = daemon.root / "volumes" / uuid / "flood-done"
+    done_file.unlink(missing_ok=True)
+    counts = asyncio.run(_flood_sockets(daemon, panel, uuid, sockets, 180))
+    deadline = time.monotonic() + 30
+    while json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["state"] != "offline":
+        if time.monotonic() > deadline:
+            raise RuntimeError("the flood server did not stop")
+        time.sleep(0.05)
+    got = [c for c in counts if c["lines"] > 1]
+    rates = sorted(c["lines"] / (c["last"] - c["first"]) for c in got)
+    started = min(c["first"] for c in got)
+    return {
+        "per_socket_lines_per_s": round(statistics.median(rates)) if rates else 0,
+        "slowest_socket_lines_per_s": round(rates[0]) if rates else 0,
+        "delivered_fraction": round(statistics.median(c["lines"] for c in counts) / lines, 4),
+        # first flood line at any socket -> last at any socket; and -> the container's last write
+        "flood_seconds": round(max(c["last"] for c in got) - started, 3),
+        "container_wrote_all_s": round(done_file.stat().st_mtime - min(c["first_wall"] for c in got), 3),
+        "warnings_per_socket": sorted({c["warnings"] for c in counts}),
+    }
+
+
+# name -> (node config keys, lines in the flood). Wings' default throttle (2,000 lines per 100 ms)
+# and one low enough to be the tightest limit on this path (100 per 100 ms = 1,000 lines/s).
+FLOOD_CONFIGS = {
+    "unthrottled": ({"throttles": {"enabled": False}}, 30_000),
+    "throttle_2000_per_100ms": ({"throttles": {"enabled": True, "lines": 2000, "line_reset_interval": 100}}, 30_000),
+    "throttle_100_per_100ms": ({"throttles": {"enabled": True, "lines": 100, "line_reset_interval": 100}}, 300_000),
+}
+ENGINE_FLOOD_LINES = 300_000
+
+
+def bench_console(workdir: Path, rounds: int, sockets: int) -> dict:
+    engine = docker_api()
+    if engine is None:
+        raise RuntimeError("needs the Docker engine and the test image")
+    panel = Child(["--serve-panel", "1"], workdir, "panel")
+    uuid = panel.info["uuids"][0]
+    result: dict = {"sockets": sockets, "rounds": rounds, "engine": []}
+    try:
+        engine_flood(engine, ENGINE_FLOOD_LINES)  # warm-up
+        for name, (keys, lines) in FLOOD_CONFIGS.items():
+            startup = FLOOD_STARTUP.format(lines=lines)
+            panel_post(panel.port, f"/bench/servers/{uuid}", {"invocation": startup, "environment": {"STARTUP": startup}})
+            time.sleep(1.1)  # JWTs issued in the daemon's first second are refused (iat before boot, as Wings)
+            daemon = Daemon(panel.port, workdir, node_keys=keys, websocket_max_per_server=sockets)
+            runs = []
+            try:
+                daemon.wait_booted()
+                time.sleep(1.1)
+                for _ in range(rounds):  # alternate with the baseline so that drift hits both alike
+                    result["engine"].append(engine_flood(engine, ENGINE_FLOOD_LINES))
+                    runs.append(_flood_round(daemon, panel, uuid, sockets, lines))
+            finally:
+                daemon.stop()
+                remove_containers(engine, [uuid])
+            throttle = keys["throttles"]
+            result[name] = {
+                "lines": lines,
+                "configured_lines_per_s": throttle["lines"] * 1000 // throttle["line_reset_interval"] if throttle["enabled"] else None,
+                "runs": runs,
+                "per_socket_lines_per_s": round(statistics.median(r["per_socket_lines_per_s"] for r in runs)),
+                "delivered_fraction": statistics.median(r["delivered_fraction"] for r in runs),
+                "through_daemon_lines_per_s": round(statistics.median(lines / r["flood_seconds"] for r in runs)),
+                "container_wrote_all_s": statistics.median(r["container_wrote_all_s"] for r in runs),
+                "warnings_per_socket": sorted({x for r in runs for x in r["warnings_per_socket"]}),
+            }
+    finally:
+        panel.stop()
+    engine_rate = statistics.median(r["lines_per_s"] for r in result["engine"])
+    result["engine_lines_per_s"] = round(engine_rate)
+    result["engine_seconds_for_300k"] = statistics.median(r["seconds"] for r in result["engine"])
+    for name in FLOOD_CONFIGS:
+        result[name]["ratio_to_engine"] = round(result[name]["per_socket_lines_per_s"] / engine_rate, 4)
+    return result
+
+
 # -- the table ----------------------------------------------------------------------------------
 
 
@@ -873,6 +1041,21 @@ def table(results: dict) -> str:
             "closed before 204, 204 <= 250 ms",
             ok,
         )
+    co = results.get("console")
+    if co:
+        engine = co["engine_lines_per_s"]
+        for name, (_, lines) in FLOOD_CONFIGS.items():
+            r = co[name]
+            cap = r["configured_lines_per_s"]
+            warned = max(r["warnings_per_socket"])
+            row(
+                f"4 console flood, {co['sockets']} sockets",
+                name.replace("_", " "),
+                f"{r['ratio_to_engine']}x ({r['per_socket_lines_per_s']} vs engine {engine} lines/s per socket), "
+                f"{r['delivered_fraction'] * 100:.1f} % of {lines} delivered, {warned} throttle warnings",
+                "-" if cap is None else f"<= {cap}/s, warned",
+                None if cap is None else (r["per_socket_lines_per_s"] <= cap * 1.05 and warned > 0),
+            )
     h = results.get("http")
     if h:
         for conns, v in h["connections"].items():
@@ -901,7 +1084,7 @@ def table(results: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="sync,scale,suspend,http,idle", help="comma-separated items")
+    parser.add_argument("--only", default="sync,scale,suspend,http,idle,console", help="comma-separated items")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for quoting)")
     parser.add_argument("--serve-panel", type=int, help=argparse.SUPPRESS)
@@ -930,6 +1113,7 @@ def main() -> int:
             ("suspend", lambda: bench_suspend(workdir, 100 if q else 1000, 20)),
             ("http", lambda: bench_http(workdir, 1 if q else 3, 1.0 if q else 3.0)),
             ("idle", lambda: bench_idle(workdir, 1 if q else 3)),
+            ("console", lambda: bench_console(workdir, 1 if q else 3, 30)),
         ]
         for name, fn in steps:
             if name not in only:
