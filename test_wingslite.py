@@ -2474,6 +2474,20 @@ class TestWebsocketConsole:
             with pytest.raises(TimeoutError):
                 conn.recv(timeout=0.3)
 
+    def test_a_flood_of_made_up_event_names_keeps_the_sockets_memory_bounded(self, console_node):
+        daemon = console_node()
+        with ws_open(daemon, daemon.uuid, max_queue=None) as conn:  # not even authenticated
+            for i in range(2000):
+                conn.send(json.dumps({"event": f"{i:06d}" + "x" * 2000}))
+            assert conn.ping().wait(10)  # the pong comes after every message before it was handled
+            console = daemon.sessions.sessions(daemon.uuid, kind="websocket")[0]._close.__self__
+            assert len(console._throttled) <= 6 and len(console._limiter._buckets) <= 6
+            errors = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    errors += ws_event(conn, 0.3)[0] == "daemon error"
+            assert errors <= 2, f"{errors} 'too many' warnings for one flood"
+
     def test_origin_check(self, console_node):
         from websockets.exceptions import InvalidStatus
 

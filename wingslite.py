@@ -3735,6 +3735,9 @@ _EVENT_PERMISSIONS = {
 # Published on a server's event bus after ``POST /ws/deny``: its sockets re-check their tokens now,
 # instead of at the client's next message as in Wings.
 WEBSOCKET_RECHECK_EVENT = "wingslite: tokens revoked"
+# The inbound events Wings handles; any other name shares one rate-limit key, so that a client cannot
+# grow a socket's limiter state with made-up names (every other name is ignored anyway).
+_INBOUND_EVENTS = frozenset(("auth", "send logs", "send stats", "send command", "set state"))
 _POWER_PERMISSIONS = {"start": "control.start", "stop": "control.stop", "restart": "control.restart", "kill": "control.stop"}
 
 
@@ -3871,12 +3874,13 @@ class ConsoleSocket:
             return  # Wings' decoder refuses args that are not strings; the Panel sends null items
         event = message["event"]
         args = ["" if a is None else a for a in raw_args]
-        if not self._total.allow("*") or not self._limiter.allow(event):
-            if event not in self._throttled:  # say so once per burst, not per dropped message
-                self._throttled.add(event)
+        key = event if event in _INBOUND_EVENTS else "?"
+        if not self._total.allow("*") or not self._limiter.allow(key):
+            if key not in self._throttled:  # say so once per burst, not per dropped message
+                self._throttled.add(key)
                 self._send("daemon error", self._prefixed(f'too many "{event[:64]}" messages; some were dropped'))
             return
-        self._throttled.discard(event)
+        self._throttled.discard(key)
         if event == "auth":
             self._on_auth("".join(args))
             return
