@@ -3399,6 +3399,24 @@ class TestSftpSessions:
                 pass
 
 
+@needs_paramiko
+class TestSftpResourceLimits:
+    def test_a_packet_announcing_gigabytes_before_login_closes_the_connection(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
+            assert sock.recv(100).startswith(b"SSH-2.0-")
+            # No key exchange yet: a packet length of ~4 GiB, then bytes for as long as the node takes them.
+            sock.sendall(b"SSH-2.0-probe\r\n" + (0xFFFFFFFC).to_bytes(4, "big") + b"\x04\x00\x00\x00")
+            sent, chunk = 0, b"\x00" * (1 << 20)
+            with pytest.raises(OSError):  # reset or broken pipe: the node stopped reading
+                while sent < 256 << 20:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+        assert sent < 32 << 20, f"the node buffered {sent >> 20} MiB of one unauthenticated packet"
+        with sftp_client(daemon, server) as client:  # and it serves everyone else as before
+            assert client.listdir("/") == []
+
+
 ##############################################################################
 # disk quotas (issue 6) -- tests go below this marker
 ##############################################################################

@@ -4206,7 +4206,7 @@ class SftpServer:
     Methods for the caller: ``start()``, ``stop()``, ``port`` (bound port, after ``start``),
     ``connections()`` (how many are open). Class variables that may be overridden:
     ``max_channels``, ``max_handles``, ``max_read_bytes``, ``max_packet_bytes``,
-    ``handshake_timeout_s``, ``auth_timeout_s``, ``pubkey_failure_weight``.
+    ``max_ssh_packet_bytes``, ``handshake_timeout_s``, ``auth_timeout_s``, ``pubkey_failure_weight``.
 
     A login is ``<panel user>.<8-char server id>`` with a password or a public key; both are
     checked by ``POST /api/remote/sftp/auth`` (any Panel 4xx is bad credentials; a Panel that does
@@ -4229,6 +4229,7 @@ class SftpServer:
     max_handles = 256  # open files and directories per channel
     max_read_bytes = 256 * 1024  # per read request, as OpenSSH's sftp-server
     max_packet_bytes = 256 * 1024 + 1024  # an SFTP packet larger than this closes the channel
+    max_ssh_packet_bytes = 256 * 1024 + 1024  # an SSH packet larger than this closes the connection (OpenSSH: 256 KiB)
     handshake_timeout_s = 15.0
     auth_timeout_s = 30.0
     pubkey_failure_weight = 0.25  # clients offer several keys before the right one
@@ -4342,6 +4343,7 @@ class SftpServer:
             transport.banner_timeout = self.handshake_timeout_s
             transport.auth_timeout = self.auth_timeout_s
             transport.add_server_key(self._host_key)
+            _bound_ssh_packets(transport, self.max_ssh_packet_bytes)
             transport.set_subsystem_handler("sftp", self._glue.Subsystem, _SftpSession)
             with self._live_lock:
                 self._live.add(transport)
@@ -4446,6 +4448,23 @@ class _SftpConnection:
         if login is None or not self.transport.is_authenticated() or self.transport.get_username() != login.username:
             return None
         return login
+
+
+def _bound_ssh_packets(transport: Any, max_bytes: int) -> None:
+    """Refuse SSH packets longer than ``max_bytes`` instead of reading them.
+
+    paramiko reads a packet of whatever length its first four bytes claim, before any login, and
+    buffers it all: one client announcing 4 GiB took ~1 GB of the daemon's memory in the 15 s
+    handshake window. Every packet body is read through ``Packetizer.read_all``.
+    """
+    read_all = transport.packetizer.read_all
+
+    def bounded(n: int, check_rekey: bool = False) -> bytes:
+        if n > max_bytes:
+            raise EOFError(f"SSH packet of {n} bytes refused")
+        return read_all(n, check_rekey)
+
+    transport.packetizer.read_all = bounded
 
 
 def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
