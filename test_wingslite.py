@@ -3416,6 +3416,23 @@ class TestSftpResourceLimits:
         with sftp_client(daemon, server) as client:  # and it serves everyone else as before
             assert client.listdir("/") == []
 
+    def test_one_channel_serves_one_subsystem(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        threads_before = threading.active_count()
+        transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
+        try:
+            transport.connect(username=f"{SFTP_USER}.{server.uuid[:8]}", password=SFTP_PASSWORD)
+            channel = transport.open_session()
+            channel.invoke_subsystem("sftp")
+            for _ in range(20):  # each would be one more thread, session and open directory
+                with pytest.raises(paramiko.SSHException):
+                    channel.invoke_subsystem("sftp")
+            assert daemon.sessions.count(server.uuid, "sftp") == 1
+            assert threading.active_count() < threads_before + 10
+        finally:
+            transport.close()
+
+
 
 ##############################################################################
 # disk quotas (issue 6) -- tests go below this marker

@@ -4430,6 +4430,7 @@ class _SftpConnection:
         self.addr = addr
         self.pending: SftpLogin | None = None
         self.channels = 0
+        self.subsystems: set[int] = set()  # ids of the channels that run one already
         self._answers: dict[tuple[str, str, str], SftpLogin | None] = {}
 
     def check(self, kind: str, username: str, secret: str) -> bool:
@@ -4495,6 +4496,14 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
                 return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
             self.connection.channels += 1
             return paramiko.OPEN_SUCCEEDED
+
+        def check_channel_subsystem_request(self, channel: Any, name: str) -> bool:
+            # paramiko starts one more handler thread (and session) for every request on the same
+            # channel: one subsystem per channel, or one client could open threads without end.
+            if channel.get_id() in self.connection.subsystems:
+                return False
+            self.connection.subsystems.add(channel.get_id())
+            return super().check_channel_subsystem_request(channel, name)
 
         # Only the "sftp" subsystem is served (paramiko looks it up among the registered
         # handlers); shells, exec, ptys, forwarding and agents keep paramiko's default "no".
