@@ -1086,6 +1086,56 @@ class TestSync:
         assert closed == [("alice", w.CLOSE_REVOKED)] and daemon.sessions.count(uuid) == 1
         assert api(daemon, "POST", "/api/deauthorize-user", body={"servers": "x"})[0] == 422
 
+    def test_a_sync_or_start_queued_behind_a_delete_does_not_bring_the_server_back(self, panel, make_daemon, tmp_path, caplog):
+        entered, release = threading.Event(), threading.Event()
+
+        class SlowDestroy(ConsoleEnvironment):
+            def destroy(self):
+                entered.set()
+                release.wait(10)
+
+        class SpyLock:  # counts who waits for the server's lock, so the test knows the queue is formed
+            def __init__(self, inner):
+                self.inner, self.waiting = inner, 0
+
+            def acquire(self, *args, **kwargs):
+                self.waiting += 1
+                try:
+                    return self.inner.acquire(*args, **kwargs)
+                finally:
+                    self.waiting -= 1
+
+            def release(self):
+                self.inner.release()
+
+            def __enter__(self):
+                return self.acquire()
+
+            def __exit__(self, *exc):
+                self.release()
+
+        uuid = panel.add(panel_document())
+        daemon = w.Daemon(
+            w.Config(node_config(tmp_path, panel.url), "test"), environment_factory=lambda s: SlowDestroy(s.uuid, s.events)
+        )
+        daemon.start()
+        make_daemon.daemons.append(daemon)
+        assert daemon.wait_booted(10)
+        server = daemon.servers[uuid]
+        server.lock = spy = SpyLock(server.lock)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
+            assert entered.wait(5)
+            sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
+            assert api(daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "start", "wait_seconds": 30})[0] == 202
+            wait_for(lambda: spy.waiting == 2, 5, what="the sync and the start to wait for the lock")
+            release.set()
+            assert delete.result(10)[0] == 204
+            assert sync.result(10)[0] == 404
+        wait_for(lambda: server.state != w.OFFLINE or "power action start failed" in caplog.text, 5, what="the queued start to run")
+        assert server.state == w.OFFLINE and uuid not in daemon.servers
+        assert not (daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").exists()
+
 
 ##############################################################################
 # daemon: boot

@@ -5291,6 +5291,10 @@ class Server:
         self._last_state = OFFLINE
         self._last_crash: float | None = None
         self._disk_stop_sent = False
+        # Set (under ``lock``) when the server leaves this node. A deleted server counts as
+        # suspended, as in Wings, so a socket or SFTP login racing the delete is refused, and a
+        # sync or power action queued behind the delete does nothing.
+        self.deleted = False
         self.events.subscribe(self._on_event)
         self.env: Environment = daemon.environment_factory(self)
 
@@ -5302,7 +5306,7 @@ class Server:
 
     @property
     def suspended(self) -> bool:
-        return self.config.suspended
+        return self.config.suspended or self.deleted
 
     def console_message(self, text: str) -> None:
         """A daemon line on the server's console (seen by websockets and in the log ring)."""
@@ -5360,6 +5364,8 @@ class Server:
     def apply(self, new: ServerConfig) -> dict[str, Any]:
         """Swap in a validated configuration and apply it; the record says what happened."""
         with self.lock:
+            if self.deleted:
+                raise NotFound("The requested resource does not exist on this instance.")
             started = time.monotonic()
             old = self.config
             try:
@@ -5463,6 +5469,8 @@ class Server:
         if not acquired:
             raise Conflict("another power action is currently being processed for this server, please try again later")
         try:
+            if self.deleted:
+                raise NotFound("The requested resource does not exist on this instance.")
             if action in ("stop", "restart"):
                 self.env.stop(self.config, self.daemon.config.get("wingslite.stop_timeout_s"))
             if action in ("start", "restart"):
@@ -5854,8 +5862,15 @@ class Daemon:
         if not server.lock.acquire(timeout=30):
             raise Conflict("another sync or power action is still running on this server; try again")
         try:
+            if server.deleted:  # a second DELETE that waited behind the first
+                raise NotFound("The requested resource does not exist on this instance.")
+            server.deleted = True  # before closing: a socket registering now sees it and closes itself
             self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "server deleted")
-            server.env.destroy()
+            try:
+                server.env.destroy()
+            except Exception:
+                server.deleted = False  # as Wings: the server stays on the node when its container cannot be removed
+                raise
             with self._servers_lock:
                 self.servers.pop(server.uuid, None)
             self.store.delete(server.uuid)
