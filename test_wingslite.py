@@ -1182,6 +1182,22 @@ class TestBoot:
         daemon = make_daemon(panel)
         assert set(daemon.servers) == {keep}
 
+    def test_a_dropped_server_loses_its_open_sockets(self, panel, make_daemon, tmp_path):
+        gone = panel.add(panel_document())
+        make_daemon(panel).stop()
+        panel.down = True  # the node comes up from its saved configurations and serves them
+        daemon = w.Daemon(w.Config(node_config(tmp_path, panel.url), "test"), environment_factory=lambda s: ConsoleEnvironment(s.uuid, s.events))
+        daemon.start()
+        make_daemon.daemons.append(daemon)
+        conn, first = ws_authed(daemon, gone)
+        with conn:
+            assert first[0] == ("auth success", [])
+            del panel.servers[gone]
+            panel.down = False
+            assert daemon.wait_booted(10) and gone not in daemon.servers
+            assert ws_close_code(conn) == w.CLOSE_SERVER_DELETED
+        assert daemon.sessions.count(gone) == 0
+
     def test_a_torn_saved_file_is_ignored_not_fatal(self, panel, make_daemon):
         uuid = panel.add(panel_document())
         make_daemon(panel).stop()

@@ -5764,9 +5764,14 @@ class Daemon:
                 LOG.error("server %s: could not be loaded: %s", config.uuid, exc)
         for uuid in set(self.servers) - seen:
             LOG.warning("server %s is no longer on this node according to the Panel; dropping it", uuid)
-            server = self.servers.pop(uuid)
-            server.env.close()
-            self.store.delete(uuid)
+            server = self.servers[uuid]
+            with server.lock:  # as a delete: its sessions end and nothing queued behind brings it back
+                server.deleted = True
+                self.sessions.close_server(uuid, CLOSE_SERVER_DELETED, "server removed from this node")
+                with self._servers_lock:
+                    self.servers.pop(uuid, None)
+                server.env.close()
+                self.store.delete(uuid)
 
     def _add(self, server: Server) -> None:
         with self._servers_lock:
