@@ -13,6 +13,7 @@ import contextlib
 import copy
 import ctypes
 import errno
+import functools
 import hashlib
 import hmac
 import http.client
@@ -1764,6 +1765,26 @@ class TestDockerEnvironment:
         docker_daemon.wait_state(uuid, "offline")
         assert docker_daemon.inspect(uuid)["State"]["ExitCode"] == 137
 
+    def test_a_kill_while_the_container_is_being_made_wins_and_is_no_crash(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        kill_sent = threading.Event()
+
+        def kill_once_starting(event, *args):
+            if event == "status" and args == ("starting",) and not kill_sent.is_set():
+                kill_sent.set()  # the Panel's kill button, pressed while the container is being made
+                threading.Thread(target=api, args=(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "kill"})).start()
+
+        server.events.subscribe(kill_once_starting)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        wait_until(kill_sent.is_set, 10, "the start to begin")
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to finish")
+        time.sleep(1)  # a crash restart would have begun by now: nothing to poll for when nothing happens
+        assert server.state == "offline"
+        assert not docker_servers.inspect(uuid)["State"]["Running"]
+        assert not any("crashed state" in line for line in docker_servers.console(uuid))
+
     def test_power_validation(self, docker_servers):
         uuid = docker_servers.add()
         daemon = docker_servers.boot()
@@ -3499,7 +3520,6 @@ class TestSftpResourceLimits:
             transport.close()
 
 
-
 ##############################################################################
 # disk quotas (issue 6) -- tests go below this marker
 ##############################################################################
@@ -4002,9 +4022,18 @@ _HEADER_NAMES = (
 )
 _TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=255, blacklist_characters="\x7f"), max_size=40)
 _TOKEN_CHARS = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()%"), max_size=24)
+
+
+def _json_containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(children, max_size=4) | st.dictionaries(_TEXT, children, max_size=4)
+
+
+# ``extend`` is a partial, not a lambda: Hypothesis checks that it uses its argument by reading
+# this file's source again at the function's line number, so a file that changed on disk after
+# the import hands it some other line and a HypothesisDeprecationWarning. A partial has no source.
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | _TEXT,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(_TEXT, children, max_size=4),
+    functools.partial(_json_containers),
     max_leaves=12,
 )
 _BODIES = st.one_of(
@@ -4163,6 +4192,100 @@ def _panel_documents(draw):
         else:
             node[last] = copy.deepcopy(draw(_DOC_VALUES))  # sampled [] and {} are shared objects: never mutate them
     return doc
+
+
+# Generated websocket frames ----------------------------------------------------------------
+
+_WS_EVENTS = ("auth", "send logs", "send stats", "send command", "set state", "", "x" * 70)
+_WS_TEXT = st.one_of(
+    st.fixed_dictionaries({"event": st.sampled_from(_WS_EVENTS) | _TEXT, "args": st.lists(_TEXT | st.none(), max_size=2) | _JSON}).map(
+        lambda m: json.dumps(m).encode()
+    ),
+    _TEXT.map(lambda t: t.encode()),
+    st.sampled_from([b"\xff", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"{\"event\":\"\xe2"]),  # invalid or cut UTF-8
+)
+_WS_PAYLOADS = st.one_of(
+    _WS_TEXT,
+    st.binary(max_size=200),
+    st.integers(0, 5000).map(lambda n: b"a" * n),  # around the 4,096-byte frame limit
+    st.tuples(st.integers(0, 5100), st.text(max_size=20)).map(lambda c: c[0].to_bytes(2, "big") + c[1].encode()),  # close payloads
+)
+# A length the header declares instead of the payload's own (the bytes sent stay the payload's).
+_WS_LYING_LENGTHS = st.sampled_from([4096, 4097, 65535, 65536, 2**32, 2**63 - 1, 2**63, 2**64 - 1]) | st.integers(0, 300)
+
+
+def _ws_header(b0: int, mask: bool, length: int, form: str) -> bytes:
+    """A frame header with ``length`` in the minimal form, or forced into the 16- or 64-bit form."""
+    bit = 0x80 if mask else 0
+    if form == "7" and length < 126:
+        return bytes((b0, bit | length))
+    if form in ("7", "16") and length < 65536:
+        return bytes((b0, bit | 126)) + length.to_bytes(2, "big")
+    return bytes((b0, bit | 127)) + length.to_bytes(8, "big")
+
+
+@st.composite
+def _ws_streams(draw):
+    """Bytes for a client to send after the handshake; whether they end on a frame boundary the
+    server can know (no lying length, no garbage: only then can a ping probe follow them); and the
+    codes of the close frames among them (None: a close without a code), which the server may echo."""
+    chunks: list[bytes] = []
+    codes: set[int | None] = set()
+
+    def frame(b0: int, payload: bytes, mask: bool = True, length: int | None = None, form: str = "7") -> None:
+        key = draw(st.binary(min_size=4, max_size=4))
+        body = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if mask else payload
+        chunks.append(_ws_header(b0, mask, len(payload) if length is None else length, form) + (key if mask else b"") + body)
+
+    if draw(st.booleans()):  # well-framed: messages cut into fragments, pings between them; the payloads may still be bad
+        for _ in range(draw(st.integers(1, 3))):
+            opcode = draw(st.sampled_from([0x1, 0x1, 0x2]))
+            payload = draw(_WS_TEXT if opcode == 0x1 else _WS_PAYLOADS)
+            cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=2)))
+            parts = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)]
+            for i, part in enumerate(parts):
+                frame((0x80 if i == len(parts) - 1 else 0) | (opcode if i == 0 else 0x0), part, form=draw(st.sampled_from(["7", "7", "16", "64"])))
+                if draw(st.integers(0, 3)) == 0:
+                    frame(0x80 | 0x9, draw(st.binary(max_size=125)))
+        return b"".join(chunks), True, codes
+    # Hostile: anything goes, each fault drawn now and then.
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["frame"] * 14 + ["lie", "garbage"]))
+        if kind == "garbage":
+            chunks.append(draw(st.binary(min_size=1, max_size=64)))
+            return b"".join(chunks), False, codes
+        opcode = draw(st.sampled_from([0x1] * 5 + [0x2] * 2 + [0x0] * 3 + [0x9] * 2 + [0xA, 0x8, 0x3, 0x7, 0xB, 0xF]))
+        fin = draw(st.sampled_from([True, True, True, False]))
+        rsv = draw(st.sampled_from([0] * 15 + [0x10, 0x20, 0x40]))
+        mask = draw(st.sampled_from([True] * 15 + [False]))
+        payload = draw(_WS_TEXT if opcode in (0x0, 0x1) and draw(st.integers(0, 3)) else _WS_PAYLOADS)
+        if opcode >= 0x8 and draw(st.integers(0, 3)):
+            payload = payload[:125]  # mostly legal control frames, sometimes too long ones
+        length = draw(_WS_LYING_LENGTHS) if kind == "lie" else len(payload)
+        frame((0x80 if fin else 0) | rsv | opcode, payload, mask, length, draw(st.sampled_from(["7", "7", "7", "16", "64"])))
+        if opcode == 0x8:
+            codes.add(int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None)
+        if kind == "lie" and length != len(payload):
+            return b"".join(chunks), False, codes
+    return b"".join(chunks), True, codes
+
+
+def _ws_outcome(raw: RawWebsocket, probe: bytes | None, timeout_s: float) -> tuple[str, int | None]:
+    """Read server frames until a close frame ("close", its code; None: no code), the pong that
+    answers ``probe`` ("serving"), the end of the stream ("dropped") or ``timeout_s`` ("silent")."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            raw.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            opcode, payload = raw.frame()
+            if opcode == 0x8:
+                return "close", int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            if opcode == 0xA and probe is not None and payload == probe:
+                return "serving", None
+    except TimeoutError:
+        return "silent", None
+    except (EOFError, ConnectionError):
+        return "dropped", None
 
 
 class TestFaultDrills:
@@ -4366,6 +4489,46 @@ class TestFaultDrills:
         w.container_environment(config)
         config.process.done_matchers()
         assert config.disk_limit_bytes >= 0
+
+    def test_generated_websocket_frames_get_a_close_code_or_service_and_leave_no_thread(self, console_node, caplog):
+        daemon = console_node(wingslite__websocket_max_per_server=1000)
+        uuid = daemon.uuid
+        baseline = threading.active_count()
+        outcomes: dict[str, int] = {}
+
+        @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(_ws_streams(), st.booleans())
+        def exchange(stream, authenticate):
+            data, clean, client_codes = stream
+            raw = RawWebsocket(daemon, uuid)
+            try:
+                assert raw.status == 101
+                if authenticate:  # so that text frames also reach the console protocol's handlers
+                    raw.send_json({"event": "auth", "args": [ws_token(ws_claims(uuid))]})
+                    while b"auth success" not in raw.frame()[1]:
+                        pass
+                probe = os.urandom(8)
+                with contextlib.suppress(OSError):  # the server may have failed the connection already
+                    raw.sock.sendall(data + (ws_frame(0x9, probe) if clean else b""))
+                outcome, code = _ws_outcome(raw, probe if clean else None, 5.0 if clean else 0.1)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                if outcome == "close":
+                    assert code in {1002, 1007, 1009} | client_codes, (code, data[:200])
+                else:  # never a hang on a stream the server can parse, never a drop without a close frame
+                    assert outcome == ("serving" if clean else "silent"), (outcome, data[:200])
+            finally:
+                raw.close()
+
+        with caplog.at_level(logging.DEBUG, logger="wingslite"):
+            exchange()
+            wait_for(lambda: daemon.sessions.count() == 0, 10, what="every socket to leave the session table")
+            wait_for(lambda: threading.active_count() <= baseline + 2, 10, what=f"the threads to return to {baseline} (+2)")
+        assert {"close", "serving"} <= set(outcomes), outcomes
+        escaped = [r for r in caplog.records if r.name.startswith("wingslite") and (r.exc_info or r.levelno >= logging.ERROR)]
+        assert not escaped, f"{len(escaped)} error(s) logged; the first: {escaped[0].getMessage()}"
+        conn, first = ws_authed(daemon, uuid)
+        with conn:
+            assert first[0] == ("auth success", [])
 
 
 # -- marker: fault drill tests --
