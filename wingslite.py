@@ -2436,14 +2436,19 @@ class DockerEnvironment(Environment):
             self._create_container(config, image)
             info = self._inspect()
             self._attach(info)  # before the start, so that no early output is lost
-            self.client.start(self.name)
+            if self._state == STARTING:
+                self.client.start(self.name)
+            if self._state not in (STARTING, RUNNING):  # a kill landed while the container was made: it wins
+                self._kill_now()
+                raise WingsliteError("the start was cancelled: the server was killed while it was starting")
             info = self._inspect() or info
             self._running_info = info
             self._started_at = _docker_time(info["State"].get("StartedAt"))
         except (WingsliteError, docker.errors.DockerException, OSError) as exc:
             error = exc if isinstance(exc, WingsliteError) else _docker_error("starting the container", exc)
             with self._lock:
-                self._set_state(STOPPING)
+                if self._state != OFFLINE:
+                    self._set_state(STOPPING)
                 self._detach()
             self.console.daemon_message(f"The server could not be started: {error.message}")
             self._set_state(OFFLINE)
@@ -2683,6 +2688,9 @@ class DockerEnvironment(Environment):
                 raise WingsliteError(f"the container of server {self.server_uuid} did not stop, even after SIGKILL")
 
     def kill(self) -> None:
+        if self._state != OFFLINE:
+            # Intentional, so never a crash; a start still making the container sees it and gives up.
+            self._set_state(STOPPING)
         info = self._inspect()
         if info is None or not info["State"].get("Running"):
             self._set_state(OFFLINE)
