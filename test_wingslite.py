@@ -2684,6 +2684,36 @@ class TestWebsocketConsole:
         with conn:
             assert first == [("jwt error", [f"Error Event [{one}]: jwt: created too far in past (denylist)"])]
 
+    @pytest.mark.parametrize("revoke", ["deauthorize", "deny"])
+    def test_a_revocation_landing_during_an_auth_still_cuts_the_socket_off(self, console_node, monkeypatch, revoke):
+        daemon = console_node()
+        uuid = daemon.uuid
+        claims = ws_claims(uuid)
+        original, fired = daemon.revocations.check, []
+
+        def check_then_revoke(*args):
+            answer = original(*args)
+            if not fired:  # the revocation lands right after this socket's token passed its check
+                if revoke == "deauthorize":
+                    fired.append(api(daemon, "POST", "/api/deauthorize-user", {"user": claims["user_uuid"], "servers": [uuid]})[0])
+                else:
+                    fired.append(api(daemon, "POST", f"/api/servers/{uuid}/ws/deny", {"jtis": [claims["jti"]]})[0])
+            return answer
+
+        monkeypatch.setattr(daemon.revocations, "check", check_then_revoke)
+        with ws_open(daemon, uuid) as conn:
+            ws_send(conn, "auth", ws_token(claims))
+            with contextlib.suppress(TimeoutError):
+                ws_until(conn, "stats", timeout_s=2)
+            assert fired == [204]
+            daemon.get_server(uuid).events.publish("console output", "a line the revoked user must not see")
+            ws_send(conn, "send stats")  # answered after the line above, if that was forwarded
+            seen = []
+            with contextlib.suppress(TimeoutError):
+                while [e for e, _ in seen].count("jwt error") < 2:
+                    seen.append(ws_event(conn, 1))
+            assert ("console output", ["a line the revoked user must not see"]) not in seen, seen
+
     def test_suspension_closes_50_sockets_before_the_204_and_refuses_reconnects(self, console_node):
         from websockets.client import ClientProtocol
         from websockets.frames import Close

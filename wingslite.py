@@ -3936,6 +3936,12 @@ class ConsoleSocket:
             self._send("status", state)
             if state == OFFLINE:
                 self._send("stats", stats_json(self.server.utilization()))
+        # A deny or deauthorization that landed after the check above missed this socket (not yet
+        # subscribed, not yet under its user in the session table); now it cannot be missed.
+        problem = self._token_problem(token)
+        if problem is not None:
+            self._muted = True
+            self._send("jwt error", problem)
 
     def _token_problem(self, token: WebsocketToken | None) -> str | None:
         # The order of Wings' TokenValid(): present, exp, denylist, connect, server.
