@@ -3549,6 +3549,24 @@ class TestSftpResourceLimits:
         finally:
             transport.close()
 
+    def test_open_listings_of_a_channel_hold_a_bounded_number_of_entries(self, panel, make_daemon, monkeypatch):
+        # paramiko keeps every open listing in memory (~40 MB per 100,000 entries, measured): a client
+        # opening one big directory again and again without reading it must not hold it 256 times.
+        monkeypatch.setattr(w.Jail, "max_entries", 500)
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        (server.fs.root / "many").mkdir()
+        for i in range(400):
+            (server.fs.root / "many" / f"f{i}").touch()
+        with sftp_client(daemon, server) as client:
+            opened = []
+            with pytest.raises(IOError):
+                for _ in range(20):
+                    opened.append(client._request(paramiko.sftp.CMD_OPENDIR, "many")[1].get_binary())
+            assert 1 <= len(opened) <= 2
+            for handle in opened:  # closing them gives the budget back
+                client._request(paramiko.sftp.CMD_CLOSE, handle)
+            assert len(client.listdir("many")) == 400
+
 
 ##############################################################################
 # disk quotas (issue 6) -- tests go below this marker

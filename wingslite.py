@@ -4536,8 +4536,10 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
             super()._send_status(request_number, code, desc)
 
         def _open_folder(self, request_number: int, path: str) -> None:
-            # paramiko keeps every open listing in memory: bound how many a channel may hold.
-            if len(self.folder_table) >= self.server.sftp.max_handles:
+            # paramiko keeps every open listing in memory (~40 MB per 100,000 entries): bound how many
+            # a channel may hold, and the entries not yet read from them (``Jail.max_entries`` in all).
+            held = sum(len(getattr(folder, "_SFTPHandle__files", ())) for folder in self.folder_table.values())
+            if len(self.folder_table) >= self.server.sftp.max_handles or held >= Jail.max_entries:
                 self._send_status(request_number, 4, "too many open directories")
                 return
             super()._open_folder(request_number, path)
