@@ -1183,6 +1183,26 @@ class TestBoot:
         daemon = make_daemon(panel)
         assert set(daemon.servers) == {keep}
 
+    def test_a_server_created_while_the_boot_reads_the_list_is_kept(self, panel, make_daemon):
+        panel.add(panel_document())
+        listed, go = threading.Event(), threading.Event()
+        page = panel.page
+
+        def slow_page(query):  # the list is read before the Panel creates the new server
+            answer = page(query)
+            listed.set()
+            go.wait(5)
+            return answer
+
+        panel.page = slow_page
+        daemon = make_daemon(panel, boot=False)
+        assert listed.wait(5)
+        created = panel.add(panel_document())
+        assert api(daemon, "POST", "/api/servers", body={"uuid": created})[0] == 202
+        go.set()
+        assert daemon.wait_booted(10)
+        assert created in daemon.servers and saved_document(daemon, created)["settings"]["uuid"] == created
+
     def test_a_dropped_server_loses_its_open_sockets(self, panel, make_daemon, tmp_path):
         gone = panel.add(panel_document())
         make_daemon(panel).stop()

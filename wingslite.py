@@ -5756,6 +5756,7 @@ class Daemon:
                 last_logged[0] = time.monotonic()
                 LOG.info("loaded %d/%d servers", done, total)
 
+        known_before = set(self.servers)  # one created (POST /api/servers) while the list is read is not in it
         items = self.panel.list_servers(per_page, concurrency, progress)
         crash_default = self.config.get("system.crash_detection.enabled")
         seen = set()
@@ -5778,7 +5779,7 @@ class Daemon:
                     existing.apply(config)
             except Exception as exc:  # one server's fault never stops the boot
                 LOG.error("server %s: could not be loaded: %s", config.uuid, exc)
-        for uuid in set(self.servers) - seen:
+        for uuid in (known_before & set(self.servers)) - seen:
             LOG.warning("server %s is no longer on this node according to the Panel; dropping it", uuid)
             server = self.servers[uuid]
             with server.lock:  # as a delete: its sessions end and nothing queued behind brings it back
