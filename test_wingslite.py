@@ -3745,6 +3745,16 @@ class TestProjectQuota:
         backend.prepare(root)
         assert calls.calls == []
 
+    def test_prepare_does_not_hang_on_a_fifo_the_game_server_made(self, tmp_path):
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=FakeQuotaCalls())
+        root = tmp_path / "srv"
+        root.mkdir()
+        os.mkfifo(root / "pipe")  # no writer: a blocking open would wait forever, holding the server's lock
+        worker = threading.Thread(target=backend.prepare, args=(root,), daemon=True)
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive() and backend.enforced(root)
+
     def test_project_ids_are_stable_and_never_shared(self, tmp_path):
         calls = FakeQuotaCalls()
         backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)

@@ -1745,7 +1745,8 @@ class ProjectQuota(QuotaBackend):
         return FSXATTR.unpack(buf)
 
     def _tag(self, path: Path, project_id: int, inherit: bool) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: the game server may have made a FIFO, whose plain open waits for a writer forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
         try:
             xflags, extsize, nextents, _, cow = self._xattr(fd)
             xflags = xflags | FS_XFLAG_PROJINHERIT if inherit else xflags
