@@ -4676,7 +4676,8 @@ class _SftpSession:
 
     def canonicalize(self, path: str) -> str:
         # Lexical only, and clamped at the root like a chroot: it reveals nothing and opens nothing.
-        return posixpath.normpath("/" + path.replace("\x00", "")) if path else "/"
+        # One leading slash: normpath keeps a leading "//" (POSIX), which clients then show as the cwd.
+        return posixpath.normpath("/" + path.replace("\x00", "").lstrip("/")) if path else "/"
 
     def list_folder(self, path: str) -> Any:
         def action() -> Any:
