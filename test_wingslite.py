@@ -4612,3 +4612,197 @@ class TestFaultDrills:
 
 
 # -- marker: fault drill tests --
+
+
+##############################################################################
+# fault drill: the Docker engine stopped and started again -- keep this LAST in the file
+##############################################################################
+
+DOCKERD_LOG = "/tmp/wingslite-dockerd.log"  # where .ci/run starts it
+# The engine's shutdown sends each container SIGTERM and SIGKILLs it 10 s later; a console program
+# that ends on SIGTERM (as a game server that saves and exits does) keeps the drill short.
+TERM_STARTUP = 'trap "exit 0" TERM; ' + CONSOLE_STARTUP
+# Stopping the engine breaks every Docker test running at the same moment, so outside CI (one run
+# on its own machine) the drill runs only when asked for.
+ENGINE_DRILL = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("WINGSLITE_ENGINE_DRILL") == "1"
+
+
+def _engine_answers(timeout_s: float = 2) -> bool:
+    import docker
+
+    try:
+        client = docker.APIClient(version="1.41", timeout=timeout_s)
+    except Exception:
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
+def _dockerd_pids() -> list[int]:
+    return [int(pid) for pid in subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()]
+
+
+def _start_dockerd() -> None:
+    """Start the engine exactly as .ci/run does, and wait until ``docker info`` answers."""
+    pid_file = Path("/var/run/docker.pid")
+    with contextlib.suppress(OSError, ValueError):  # a dockerd that died leaves its pid file, and a new one refuses to start
+        if not Path(f"/proc/{int(pid_file.read_text().strip())}").exists():
+            pid_file.unlink()
+    subprocess.run(["bash", "-c", f"nohup dockerd >{DOCKERD_LOG} 2>&1 </dev/null &"], check=True, start_new_session=True)
+    wait_until(
+        lambda: subprocess.run(["timeout", "5", "docker", "info"], capture_output=True).returncode == 0,
+        60,
+        "dockerd to answer docker info",
+        interval_s=0.2,
+    )
+
+
+def _restore_dockerd() -> None:
+    if _engine_answers():
+        return
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not _dockerd_pids(), 30, "the stopped dockerd to exit", interval_s=0.1)
+    for pid in _dockerd_pids():  # still there after 30 s: it will not finish on its own
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    _start_dockerd()
+
+
+@pytest.mark.skipif(not ENGINE_DRILL, reason="stops the shared Docker engine: runs in CI, or with WINGSLITE_ENGINE_DRILL=1")
+class TestFaultDrillDockerEngineRestart:
+    """The Docker engine stopped (SIGTERM) and started again while syncs and GETs keep coming.
+
+    Keep this class the last one in the file: pytest runs tests in file order, and every Docker
+    test before it needs the engine. The engine is restarted as .ci/run starts it, in a ``finally``.
+    """
+
+    def test_engine_stopped_and_started_under_load(self, docker_servers, caplog):
+        import docker
+
+        uuids = [docker_servers.add(startup=TERM_STARTUP, memory_mb=64) for _ in range(3)]
+        panel = docker_servers.panel
+        daemon = docker_servers.boot()
+        for uuid in uuids:
+            docker_servers.start(uuid)
+        # up -> stopping (SIGTERM sent; the engine still serves connections it had, and stops the
+        # containers) -> down (dockerd has exited) -> restarting -> back (docker info answers)
+        phase = ["up"]
+        calls: list[dict] = []
+        sent: dict[str, list[tuple[str, int]]] = {u: [] for u in uuids}  # (phase, memory_limit) as each sync went out
+        stop_load = threading.Event()
+
+        def record(kind: str, uuid: str, call, **extra) -> None:
+            began, t0 = phase[0], time.monotonic()
+            status, _, body = call()
+            seconds = time.monotonic() - t0
+            calls.append({"kind": kind, "uuid": uuid, "phases": (began, phase[0]), "status": status, "body": body, "s": seconds, **extra})
+
+        def syncs(uuid: str) -> None:
+            n = 0
+            while not stop_load.is_set():
+                n += 1
+                memory = 64 + n % 50 + 1  # a limit change with every sync
+                panel.servers[uuid]["settings"]["build"]["memory_limit"] = memory
+                sent[uuid].append((phase[0], memory))
+                record("sync", uuid, lambda: api(daemon, "POST", f"/api/servers/{uuid}/sync"), memory=memory)
+                stop_load.wait(0.05)
+
+        def gets() -> None:
+            while not stop_load.is_set():
+                for uuid in uuids:
+                    record("get", uuid, lambda uuid=uuid: api(daemon, "GET", f"/api/servers/{uuid}"))
+                stop_load.wait(0.02)
+
+        def done(kind: str, in_phase: str, status: int | None = None) -> list[dict]:
+            return [c for c in list(calls) if c["kind"] == kind and c["phases"] == (in_phase, in_phase) and status in (None, c["status"])]
+
+        threads = [threading.Thread(target=syncs, args=(u,), daemon=True) for u in uuids]
+        threads += [threading.Thread(target=gets, daemon=True) for _ in range(2)]
+        try:
+            with caplog.at_level(logging.INFO, logger="wingslite"):
+                for t in threads:
+                    t.start()
+                wait_until(lambda: len(done("sync", "up", 204)) >= 2 * len(uuids), 20, "syncs with the engine up")
+                pids = _dockerd_pids()
+                assert pids, "no dockerd is running"
+                phase[0] = "stopping"
+                for pid in pids:
+                    os.kill(pid, signal.SIGTERM)
+                wait_until(lambda: not _engine_answers(1), 30, "the engine to stop answering", interval_s=0.05)
+                # live-restore is off: the engine stops the containers on its way down.
+                wait_until(lambda: all(daemon.get_server(u).state == "offline" for u in uuids), 30, "every server to go offline")
+                wait_until(lambda: not _dockerd_pids(), 30, "the stopped dockerd to exit", interval_s=0.05)
+                stopped_at = time.monotonic()
+                phase[0] = "down"
+                wait_until(
+                    lambda: (
+                        time.monotonic() - stopped_at > 3
+                        and all(len([c for c in done("sync", "down") if c["uuid"] == u]) >= 3 for u in uuids)
+                    ),
+                    30,
+                    "three syncs per server with the engine down",
+                )
+                down_views = {u: api(daemon, "GET", f"/api/servers/{u}")[2] for u in uuids}
+                down_syncs = {u: [c for c in done("sync", "down") if c["uuid"] == u] for u in uuids}
+                phase[0] = "restarting"
+                _start_dockerd()
+                phase[0] = "back"
+                wait_until(
+                    lambda: all(len([c for c in done("sync", "back", 204) if c["uuid"] == u]) >= 2 for u in uuids),
+                    30,
+                    "syncs to succeed again",
+                )
+                stop_load.set()
+                for t in threads:
+                    t.join(30)
+                assert not any(t.is_alive() for t in threads), "a load thread hung"
+
+                # With the engine down: every sync a 500 naming Docker, the configuration swapped all the same.
+                for u in uuids:
+                    for c in down_syncs[u]:
+                        error = (c["body"] or {}).get("error", "")
+                        assert c["status"] == 500 and "Docker" in error and "was updated" in error and "Traceback" not in error, c
+                    view = down_views[u]
+                    assert view["state"] == "offline"
+                    assert view["configuration"]["build"]["memory_limit"] in {m for p, m in sent[u] if p == "down"}
+                    assert "resource limits" in view["wingslite"]["pending_next_start"], view["wingslite"]
+                # While the engine was stopping, a sync could still reach it over a kept-alive connection
+                # (204) or race the container's exit (500): either way the configuration was swapped.
+                for c in [c for c in calls if c["kind"] == "sync" and "stopping" in c["phases"]]:
+                    error = (c["body"] or {}).get("error", "")
+                    assert c["status"] == 204 or (c["status"] == 500 and "was updated" in error and "Traceback" not in error), c
+                # Each process's end was taken for a crash; the one restart it allows failed on the engine.
+                for u in uuids:
+                    console = "\n".join(docker_servers.console(u))
+                    assert "Detected server process in a crashed state!" in console
+                    assert "an error occurred while handling it" in console or "Aborting automatic restart" in console, console
+                # The daemon kept answering: every GET a 200, and nothing hung.
+                assert len(done("get", "down")) >= 5
+                assert all(c["status"] == 200 for c in calls if c["kind"] == "get"), [c for c in calls if c["status"] != 200][:3]
+                slowest = max(calls, key=lambda c: c["s"])
+                assert slowest["s"] < 10, slowest
+                # Once the engine answers again, every server's last sync succeeded.
+                for u in uuids:
+                    last = [c for c in calls if c["kind"] == "sync" and c["uuid"] == u][-1]
+                    assert last["status"] == 204, last
+
+                # What the engine restart left: the containers exist, stopped; the servers offline.
+                engine = docker.APIClient(version="1.41")
+                for u in uuids:
+                    assert not engine.inspect_container(u)["State"]["Running"]
+                    assert daemon.get_server(u).state == "offline"
+                # The next start re-creates the container with the limits the Panel has now.
+                for u in uuids:
+                    docker_servers.start(u)
+                    want = panel.servers[u]["settings"]["build"]["memory_limit"]
+                    assert engine.inspect_container(u)["HostConfig"]["Memory"] == w.memory_limit_bytes(want)
+                    assert "resource limits" not in api(daemon, "GET", f"/api/servers/{u}")[2]["wingslite"]["pending_next_start"]
+            tracebacks = [r for r in caplog.records if r.name.startswith("wingslite") and r.exc_info]
+            assert not tracebacks, f"{len(tracebacks)} traceback(s) logged; the first: {tracebacks[0].getMessage()}"
+        finally:
+            stop_load.set()
+            _restore_dockerd()
