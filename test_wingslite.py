@@ -790,6 +790,29 @@ class TestSessionTable:
         assert rev.check("x", "u", "s2", int(time.time())) is None
         assert rev.check("x", "u", "s", int(time.time()) + 2) is None
 
+    def test_a_re_registration_never_counts_a_connection_twice(self):
+        # A websocket re-registers when it authenticates; counted twice for an instant, a busy
+        # server refused a legitimate upgrade with 429 (seen with 1,000 sockets authenticating).
+        table = w.SessionTable()
+        sessions = [table.register("s", "", "websocket", lambda c, r: None) for _ in range(4)]
+        seen, stop = [], threading.Event()
+
+        def reauth(i):
+            while not stop.is_set():
+                sessions[i] = table.register("s", "u", "websocket", lambda c, r: None, replaces=sessions[i])
+
+        threads = [threading.Thread(target=reauth, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            seen.append(table.count("s", kind="websocket"))
+        stop.set()
+        for t in threads:
+            t.join()
+        assert set(seen) == {4}, f"counts seen: {sorted(set(seen))}"
+        assert set(table.sessions("s")) == set(sessions)
+
 
 ##############################################################################
 # HTTP API
@@ -4749,6 +4772,7 @@ class TestFaultDrillDockerEngineRestart:
                     "three syncs per server with the engine down",
                 )
                 down_views = {u: api(daemon, "GET", f"/api/servers/{u}")[2] for u in uuids}
+                down_saved = {u: saved_document(daemon, u)["settings"]["build"]["memory_limit"] for u in uuids}
                 down_syncs = {u: [c for c in done("sync", "down") if c["uuid"] == u] for u in uuids}
                 phase[0] = "restarting"
                 _start_dockerd()
@@ -4771,6 +4795,7 @@ class TestFaultDrillDockerEngineRestart:
                     view = down_views[u]
                     assert view["state"] == "offline"
                     assert view["configuration"]["build"]["memory_limit"] in {m for p, m in sent[u] if p == "down"}
+                    assert down_saved[u] in {m for p, m in sent[u] if p == "down"}
                     assert "resource limits" in view["wingslite"]["pending_next_start"], view["wingslite"]
                 # While the engine was stopping, a sync could still reach it over a kept-alive connection
                 # (204) or race the container's exit (500): either way the configuration was swapped.

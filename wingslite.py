@@ -3124,9 +3124,16 @@ class SessionTable:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def register(self, server_uuid: str, user_uuid: str, kind: str, close: Callable[[int, str], None]) -> Session:
+    def register(
+        self, server_uuid: str, user_uuid: str, kind: str, close: Callable[[int, str], None], replaces: Session | None = None
+    ) -> Session:
+        """A new session; ``replaces``, the same connection's previous one, leaves in the same step,
+        so that a re-registration (a websocket's auth) never counts one connection twice against
+        the per-server limit, nor leaves it out of a close that runs meanwhile."""
         session = Session(server_uuid, user_uuid, kind, close)
         with self._lock:
+            if replaces is not None:
+                self._sessions.pop(replaces.id, None)
             self._sessions[session.id] = session
         return session
 
@@ -3802,9 +3809,7 @@ class ConsoleSocket:
 
     def register(self, user_uuid: str = "") -> None:
         """(Re-)register in the session table under this server and ``user_uuid``."""
-        old, self.session = self.session, self.daemon.sessions.register(self.server.uuid, user_uuid, "websocket", self.close)
-        if old is not None:
-            self.daemon.sessions.unregister(old)
+        self.session = self.daemon.sessions.register(self.server.uuid, user_uuid, "websocket", self.close, replaces=self.session)
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Close the socket now (the close frame is written before this returns)."""
