@@ -747,6 +747,37 @@ class TestFilesystem:
 ##############################################################################
 
 
+class TestEventBus:
+    def test_an_event_is_encoded_once_for_all_its_subscribers(self):
+        bus = w.EventBus()
+        encodes, frames = [], []
+
+        def encode(event, args):
+            encodes.append(args)
+            return f"{event}:{args}".encode()
+
+        for _ in range(30):
+            bus.subscribe(lambda event, *args: frames.append(bus.encoded(event, args, encode)))
+        line = "".join(["a line ", "from the console"])  # built at run time: its own object
+        bus.publish("console output", line)
+        assert len(frames) == 30 and len(set(frames)) == 1 and len(encodes) == 1
+        bus.publish("console output", "".join(["a line ", "from the console"]))  # equal text, new event
+        bus.publish("status", line)  # same object, other event
+        assert len(encodes) == 3 and len(frames) == 90
+
+    def test_a_failing_subscriber_does_not_stop_the_others(self):
+        bus = w.EventBus()
+        seen = []
+
+        def broken(event, *args):
+            raise RuntimeError("boom")
+
+        bus.subscribe(broken)
+        bus.subscribe(lambda event, *args: seen.append(args))
+        bus.publish("stats", "{}")
+        assert seen == [("{}",)]
+
+
 class TestSessionTable:
     def test_close_server_closes_exactly_that_servers_sessions(self):
         table = w.SessionTable()

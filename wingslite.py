@@ -2883,6 +2883,7 @@ class EventBus:
         self._subscribers: dict[int, Callable[..., None]] = {}
         self._next = 0
         self._lock = threading.Lock()
+        self._encoded: tuple[str, tuple[Any, ...], Any] | None = None
 
     def subscribe(self, fn: Callable[..., None]) -> int:
         with self._lock:
@@ -2902,6 +2903,19 @@ class EventBus:
                 fn(event, *args)
             except Exception:
                 LOG.exception("event subscriber failed on %r", event)
+
+    def encoded(self, event: str, args: tuple[Any, ...], encode: Callable[[str, tuple[Any, ...]], Any]) -> Any:
+        """``encode(event, args)``, computed once per published event however many subscribers ask.
+
+        Subscribers of one publication receive the very same argument objects, so identity tells
+        them apart from any other event; 30 websockets on a flooding console encode each line once.
+        """
+        last = self._encoded  # one tuple, replaced whole: safe without a lock
+        if last is not None and last[0] == event and len(last[1]) == len(args) and all(a is b for a, b in zip(last[1], args, strict=True)):
+            return last[2]
+        value = encode(event, args)
+        self._encoded = (event, args, value)
+        return value
 
 
 class LogRing:
@@ -3318,6 +3332,7 @@ class WebSocket:
     max_frame_bytes = 4096  # Wings 1.12 SetReadLimit(4096)
     max_message_bytes = 32768  # Wings 1.12 drops messages over 32,768 bytes
     max_queued_bytes = 1_048_576
+    write_batch_bytes = 65536  # queued frames sent together in one write
     send_timeout_s = 10.0  # a sendall that stalls this long means a dead or hostile client
     close_timeout_s = 2.0  # wait this long for the client's close reply, then drop TCP
     # A writer still inside a send after this long is blocked on a client that does not read: close()
@@ -3387,12 +3402,21 @@ class WebSocket:
                 return
             self._close_sent = True
             self.close_code, self.close_reason = code, reason
+            frame = _frame(_OP_CLOSE, _close_payload(code, reason))
             try:
-                self._sock.sendall(_frame(_OP_CLOSE, _close_payload(code, reason)))
+                # Never wait for a client that does not read: if the frame does not fit in the
+                # socket's buffer at once, the connection is dropped instead (a suspending sync
+                # must not stall for send_timeout_s on one stuck client).
+                # os.write, not socket.send: with a timeout set, CPython's send waits for the
+                # socket to become writable (up to the timeout) even when asked not to wait.
+                if os.write(self._sock.fileno(), frame) < len(frame):
+                    raise BlockingIOError
             except OSError:
                 self._finished.set()
         finally:
             self._send_lock.release()
+        if self._finished.is_set():
+            self.abort()
         with self._cond:
             self._cond.notify_all()
 
@@ -3415,6 +3439,10 @@ class WebSocket:
     def send_text(self, text: str) -> bool:
         """Queue a text message; False when the connection is closing or closed."""
         return self._enqueue(_frame(_OP_TEXT, text.encode("utf-8")))
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Queue a frame made by ``_frame()`` (one encoding shared by many sockets)."""
+        return self._enqueue(frame)
 
     def ping(self, payload: bytes = b"") -> bool:
         """Queue a ping (keep-alive: a live client answers with a pong)."""
@@ -3443,13 +3471,19 @@ class WebSocket:
                 if self._close_sent or self._finished.is_set():
                     self._queue.clear()
                     break
-                frame = self._queue.popleft()
-                self._queued_bytes -= len(frame)
+                # Everything queued goes out in one send: a console flood costs one system call
+                # per batch instead of one per line.
+                frames = [self._queue.popleft()]
+                size = len(frames[0])
+                while self._queue and size < self.write_batch_bytes:
+                    frames.append(self._queue.popleft())
+                    size += len(frames[-1])
+                self._queued_bytes -= size
             with self._send_lock:
                 if self._close_sent or self._finished.is_set():
                     break
                 try:
-                    self._sock.sendall(frame)
+                    self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
                 except OSError:  # timeout or reset: the client is gone or not reading
                     self._finished.set()
                     break
@@ -3770,6 +3804,14 @@ def stats_json(utilization: Mapping[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
+def _event_frame(event: str, args: tuple[Any, ...]) -> bytes:
+    """Wings' message ``{"event", "args"}`` as one text frame; non-string args are JSON-encoded."""
+    message: dict[str, Any] = {"event": event}
+    if args:
+        message["args"] = [a if isinstance(a, str) else json.dumps(a) for a in args]
+    return _frame(_OP_TEXT, json.dumps(message, separators=(",", ":")).encode("utf-8"))
+
+
 class ConsoleSocket:
     """Wings' console protocol on one accepted ``WebSocket`` (router/websocket/websocket.go).
 
@@ -4018,13 +4060,10 @@ class ConsoleSocket:
         needed = _EVENT_PERMISSIONS.get(event.split(":", 1)[0])
         if needed is not None and not token.can(needed):
             return
-        self._send(event, *args)
+        self.ws.send_frame(self.server.events.encoded(event, args, _event_frame))
 
     def _send(self, event: str, *args: Any) -> None:
-        message: dict[str, Any] = {"event": event}
-        if args:
-            message["args"] = [a if isinstance(a, str) else json.dumps(a) for a in args]
-        self.ws.send_text(json.dumps(message, separators=(",", ":")))
+        self.ws.send_frame(_event_frame(event, args))
 
     def _prefixed(self, text: str) -> str:
         return f"Error Event [{self.server.uuid}]: {text}"
