@@ -1170,9 +1170,7 @@ class TestSync:
                 self.release()
 
         uuid = panel.add(panel_document())
-        daemon = w.Daemon(
-            w.Config(node_config(tmp_path, panel.url), "test"), environment_factory=lambda s: SlowDestroy(s.uuid, s.events)
-        )
+        daemon = w.Daemon(w.Config(node_config(tmp_path, panel.url), "test"), environment_factory=lambda s: SlowDestroy(s.uuid, s.events))
         daemon.start()
         make_daemon.daemons.append(daemon)
         assert daemon.wait_booted(10)
@@ -1261,7 +1259,9 @@ class TestBoot:
         gone = panel.add(panel_document())
         make_daemon(panel).stop()
         panel.down = True  # the node comes up from its saved configurations and serves them
-        daemon = w.Daemon(w.Config(node_config(tmp_path, panel.url), "test"), environment_factory=lambda s: ConsoleEnvironment(s.uuid, s.events))
+        daemon = w.Daemon(
+            w.Config(node_config(tmp_path, panel.url), "test"), environment_factory=lambda s: ConsoleEnvironment(s.uuid, s.events)
+        )
         daemon.start()
         make_daemon.daemons.append(daemon)
         conn, first = ws_authed(daemon, gone)
@@ -4338,7 +4338,7 @@ _WS_TEXT = st.one_of(
         lambda m: json.dumps(m).encode()
     ),
     _TEXT.map(lambda t: t.encode()),
-    st.sampled_from([b"\xff", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"{\"event\":\"\xe2"]),  # invalid or cut UTF-8
+    st.sampled_from([b"\xff", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b'{"event":"\xe2']),  # invalid or cut UTF-8
 )
 _WS_PAYLOADS = st.one_of(
     _WS_TEXT,
@@ -4380,7 +4380,11 @@ def _ws_streams(draw):
             cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=2)))
             parts = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)]
             for i, part in enumerate(parts):
-                frame((0x80 if i == len(parts) - 1 else 0) | (opcode if i == 0 else 0x0), part, form=draw(st.sampled_from(["7", "7", "16", "64"])))
+                frame(
+                    (0x80 if i == len(parts) - 1 else 0) | (opcode if i == 0 else 0x0),
+                    part,
+                    form=draw(st.sampled_from(["7", "7", "16", "64"])),
+                )
                 if draw(st.integers(0, 3)) == 0:
                     frame(0x80 | 0x9, draw(st.binary(max_size=125)))
         return b"".join(chunks), True, codes
@@ -4578,7 +4582,9 @@ class TestFaultDrills:
                     w.parse_server_document(document, expect_uuid=uuid)
                     values[uuid] = document["settings"]["build"]["memory_limit"]
                 assert set(values.values()) <= {old, new}, f"round {round_no}: {set(values.values())}"
-                assert all(values[u] == new for u, s in zip(uuids, statuses, strict=True) if s == 204), "a 204 was answered before the write"
+                assert all(values[u] == new for u, s in zip(uuids, statuses, strict=True) if s == 204), (
+                    "a 204 was answered before the write"
+                )
                 proc = start()  # the boot brings every server to the Panel's state
                 _, _, servers = api(port, "GET", "/api/servers")
                 assert len(servers) == 100 and {s["configuration"]["build"]["memory_limit"] for s in servers} == {new}

@@ -5711,7 +5711,12 @@ class Daemon:
                 sftp.start()
                 self.sftp = sftp
             except OSError as exc:  # e.g. the port is taken: the rest of the node still works
-                LOG.error("SFTP is off: cannot listen on %s:%s: %s", self.config.get("system.sftp.bind_address"), self.config.get("system.sftp.bind_port"), exc)
+                LOG.error(
+                    "SFTP is off: cannot listen on %s:%s: %s",
+                    self.config.get("system.sftp.bind_address"),
+                    self.config.get("system.sftp.bind_port"),
+                    exc,
+                )
         self._spawn(self._boot_loop, "wingslite-boot")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
