@@ -1690,6 +1690,26 @@ class TestDockerEnvironment:
         wait_until(lambda: (daemon.config.data_dir / uuid / "where.txt").exists(), 10, "where.txt")
         assert (daemon.config.data_dir / uuid / "where.txt").read_text().strip() == "/home/container"
 
+    def test_a_container_exiting_during_the_limit_update_makes_them_pending_not_failed(self, docker_servers, monkeypatch):
+        uuid = docker_servers.add(memory_mb=64, cpu=50)
+        docker_servers.boot()
+        env = docker_servers.start(uuid).env
+        cgroup_lookups = []
+
+        def cgroup_gone(info=None):
+            cgroup_lookups.append(info)
+            raise w.WingsliteError("the cgroup of this container is gone")
+
+        monkeypatch.setattr(env, "cgroup", cgroup_gone)
+        config = docker_servers.daemon.get_server(uuid).config
+        running = env._inspect
+        monkeypatch.setattr(env, "_inspect", lambda: {**running(), "State": {"Running": False}})  # it exited meanwhile
+        report = env.apply_limits(config)
+        assert cgroup_lookups and report.failed == [] and any("next start" in p for p in report.pending), report
+        monkeypatch.setattr(env, "_inspect", running)  # still running: a missing cgroup is a real failure
+        report = env.apply_limits(config)
+        assert report.failed == ["cgroup: the cgroup of this container is gone"], report
+
     def test_sync_changes_limits_on_the_running_process_and_lifts_them(self, docker_servers):
         uuid = docker_servers.add(memory_mb=64, cpu=50, threads="0")
         daemon = docker_servers.boot()

@@ -2369,6 +2369,12 @@ class DockerEnvironment(Environment):
                 cgroup.lift_cpuset()
             kernel = cgroup.read()
         except WingsliteError as exc:
+            try:
+                still_running = bool((self._inspect() or {}).get("State", {}).get("Running"))
+            except WingsliteError:
+                still_running = True
+            if not still_running:  # the process exited under us: its cgroup went with it
+                return LimitReport(pending=[f"{everything} (container stopped; next start re-creates it)"])
             report.failed.append(f"cgroup: {exc.message}")
             return report
 
