@@ -75,34 +75,15 @@ def ms(seconds: float) -> float:
 
 
 def panel_document(uuid: str, startup: str = RUNNING_STARTUP, port: int = 25565) -> dict:
-    return {
-        "settings": {
-            "uuid": uuid,
-            "meta": {"name": f"bench {uuid[:8]}", "description": ""},
-            "suspended": False,
-            "environment": {"STARTUP": startup, "P_SERVER_LOCATION": "bench", "P_SERVER_UUID": uuid, "P_SERVER_ALLOCATION_LIMIT": 0},
-            "invocation": startup,
-            "skip_egg_scripts": False,
-            "build": {
-                "memory_limit": 256,
-                "swap": 0,
-                "io_weight": 500,
-                "cpu_limit": 100,
-                "threads": None,
-                "disk_space": 1024,
-                "oom_disabled": True,
-            },
-            "container": {"image": IMAGE, "oom_disabled": True, "requires_rebuild": False},
-            "allocations": {"force_outgoing_ip": False, "default": {"ip": "127.0.0.1", "port": port}, "mappings": {"127.0.0.1": [port]}},
-            "mounts": [],
-            "egg": {"id": "5a0f2c1e-7b3d-4c8e-9f60-2d1e3a4b5c6d", "file_denylist": []},
-        },
-        "process_configuration": {
-            "startup": {"done": ["ready"], "user_interaction": [], "strip_ansi": False},
-            "stop": {"type": "command", "value": "quit"},
-            "configs": [],
-        },
-    }
+    """The demo's Panel document (shaped as the Panel sends it), with the bench's startup and port."""
+    doc = w.demo_document(uuid, f"bench {uuid[:8]}", 256, image=IMAGE)
+    settings = doc["settings"]
+    settings["invocation"] = settings["environment"]["STARTUP"] = startup
+    settings["environment"]["P_SERVER_LOCATION"] = "bench"
+    settings["allocations"].update(default={"ip": "127.0.0.1", "port": port}, mappings={"127.0.0.1": [port]})
+    doc["process_configuration"]["startup"]["done"] = ["ready"]
+    doc["process_configuration"]["stop"] = {"type": "command", "value": "quit"}
+    return doc
 
 
 class _FastHandler(http.server.BaseHTTPRequestHandler):
