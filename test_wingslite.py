@@ -1960,6 +1960,30 @@ class TestDockerEnvironment:
             wait_until(lambda: any("power action start failed" in r.getMessage() for r in caplog.records), 10, "the logged error")
         assert daemon.get_server(uuid).state == "offline" and docker_servers.container_id(uuid) is None
 
+    def test_a_slow_image_pull_does_not_hold_up_a_suspending_sync(self, docker_servers, monkeypatch):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        env = daemon.get_server(uuid).env
+        pulling, release = threading.Event(), threading.Event()
+        ensure_image = env._ensure_image
+
+        def slow_pull(image):  # as a registry download of a large image would be
+            if not pulling.is_set():
+                pulling.set()
+                release.wait(20)
+            return ensure_image(image)
+
+        monkeypatch.setattr(env, "_ensure_image", slow_pull)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        assert pulling.wait(10)
+        docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+        started = time.monotonic()
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 204 and time.monotonic() - started < 2, body  # not queued behind the download
+        release.set()
+        docker_servers.wait_console(uuid, "suspended and cannot be started")
+        assert daemon.get_server(uuid).state == "offline" and docker_servers.container_id(uuid) is None
+
     def test_deleting_a_server_removes_its_running_container(self, docker_daemon):
         uuid, daemon = docker_daemon.uuid, docker_daemon.daemon
         assert api(daemon, "DELETE", f"/api/servers/{uuid}")[0] == 204

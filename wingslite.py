@@ -1878,8 +1878,8 @@ class Environment:
 
     Methods for the caller (the ``Server``): ``state``, ``exists()``, ``apply_limits(config)``,
     ``start(config)``, ``stop(config, timeout_s)``, ``kill()``, ``destroy()``,
-    ``send_command(line)``, ``logs(lines)``, ``stats()``, ``attach_if_running(config)``, ``close()``.
-    Subclasses override them all and publish ``("status", state)``, ``("console output", line)``
+    ``send_command(line)``, ``logs(lines)``, ``stats()``, ``attach_if_running(config)``,
+    ``prepare(config)``, ``exit_status()``, ``close()``. Subclasses override them all and publish ``("status", state)``, ``("console output", line)``
     and ``("stats", json_text)`` on ``events``.
     """
 
@@ -1922,6 +1922,10 @@ class Environment:
 
     def attach_if_running(self, config: ServerConfig) -> bool:
         return False
+
+    def prepare(self, config: ServerConfig) -> None:
+        """Do the slow part of a coming start (e.g. fetch the image) without holding the server's lock."""
+        return None
 
     def exit_status(self) -> tuple[int, bool]:
         """The last process exit: ``(exit code, killed for running out of memory)``."""
@@ -2460,6 +2464,10 @@ class DockerEnvironment(Environment):
             self.console.daemon_message(f"The server could not be started: {error.message}")
             self._set_state(OFFLINE)
             raise error from None
+
+    def prepare(self, config: ServerConfig) -> None:
+        """Pull the server's image now if it is not on the node (called before the start's lock)."""
+        self._ensure_image(config.image)
 
     def _ensure_image(self, image: str) -> str:
         """The image to run: local if present, else pulled. ``~image`` means local only (as Wings).
@@ -5533,6 +5541,13 @@ class Server:
             return
         if action not in ("start", "stop", "restart"):
             raise WingsliteError(f"attempting to handle unknown power action {action!r}", 422)
+        if action == "start" and not self.config.suspended and self.env.state == OFFLINE:
+            # The slow part of a start (pulling the image) runs before the lock is taken, so that a
+            # sync -- a suspension above all -- is not kept waiting behind a download.
+            try:
+                self.env.prepare(self.config)
+            except Exception as exc:  # the start itself, under the lock, reports what is wrong
+                LOG.debug("server %s: preparing the start failed: %s", self.uuid, exc)
         acquired = self.lock.acquire(timeout=wait_s) if wait_s > 0 else self.lock.acquire(blocking=False)
         if not acquired:
             raise Conflict("another power action is currently being processed for this server, please try again later")
