@@ -2790,7 +2790,9 @@ class DockerEnvironment(Environment):
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return json.loads(json.dumps(self._stats))
+            stats = dict(self._stats)
+        stats["network"] = dict(stats["network"])  # the one nested value: the caller may change its copy
+        return stats
 
     # -- boot ------------------------------------------------------------------------------------
 
@@ -5001,6 +5003,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], daemon: Daemon, handler_class: type[ApiHandler] | None = None):
         self.daemon = daemon
+        self.date_header = (0, "")  # (second, its HTTP date): formatted once a second, not per answer
         super().__init__(address, handler_class or ApiHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -5041,7 +5044,12 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def _respond(self, status: int, body: Any = None, headers: Mapping[str, str] | None = None) -> None:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
-        all_headers = {"Date": self.date_time_string(), "Server": self.server_version}
+        second, date = self.server.date_header
+        if second != int(time.time()):
+            second = int(time.time())
+            date = self.date_time_string(second)
+            self.server.date_header = (second, date)
+        all_headers = {"Date": date, "Server": self.server_version}
         all_headers.update(self._cors_headers())
         if self.request_id:
             all_headers["X-Request-Id"] = self.request_id
