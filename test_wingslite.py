@@ -1333,10 +1333,9 @@ class TestDemo:
 
 
 ##############################################################################
-# environments: Docker (issue 3) -- tests go below this marker
+# environments: Docker
 ##############################################################################
 
-# -- marker: docker tests --
 
 TEST_IMAGE = os.environ.get("WINGSLITE_TEST_IMAGE", "wingslite-test:latest")
 # A console program for the test image: prints "ready" (the done line), then runs each stdin line
@@ -2125,10 +2124,8 @@ class DockerSocketProxy:
 
 
 ##############################################################################
-# websocket (issue 4) -- tests go below this marker
+# websocket
 ##############################################################################
-
-# -- marker: websocket tests --
 
 
 def ws_claims(
@@ -3051,10 +3048,9 @@ class TestWebsocketBrowser:
 
 
 ##############################################################################
-# SFTP (issue 5) -- tests go below this marker
+# SFTP
 ##############################################################################
 
-# -- marker: sftp tests --
 
 try:  # optional, like in the daemon: without it the SFTP tests are skipped, the rest still run
     import paramiko
@@ -3689,10 +3685,8 @@ class TestSftpResourceLimits:
 
 
 ##############################################################################
-# disk quotas (issue 6) -- tests go below this marker
+# disk quotas
 ##############################################################################
-
-# -- marker: quota tests --
 
 
 @pytest.fixture(scope="session")
@@ -4114,7 +4108,7 @@ class TestQuotaContainer:
 
 
 ##############################################################################
-# fault drills (issue 7)
+# fault drills
 ##############################################################################
 
 
@@ -4715,9 +4709,6 @@ class TestFaultDrills:
         conn, first = ws_authed(daemon, uuid)
         with conn:
             assert first[0] == ("auth success", [])
-
-
-# -- marker: fault drill tests --
 
 
 ##############################################################################
