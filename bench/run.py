@@ -968,7 +968,8 @@ def table(results: dict) -> str:
     rows = []
 
     def row(item, figure, value, target, met):
-        rows.append((item, figure, value, target, "" if met is None else ("met" if met else "MISSED")))
+        status = "" if met is None else met if isinstance(met, str) else ("met" if met else "MISSED")
+        rows.append((item, figure, value, target, status))
 
     results = {k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v)}
     s = results.get("sync")
@@ -1039,7 +1040,12 @@ def table(results: dict) -> str:
                 f"{r['ratio_to_engine']}x ({r['per_socket_lines_per_s']} vs engine {engine} lines/s per socket), "
                 f"{r['delivered_fraction'] * 100:.1f} % of {lines} delivered, {warned} throttle warnings",
                 "-" if cap is None else f"<= {cap}/s, warned",
-                None if cap is None else (r["per_socket_lines_per_s"] <= cap * 1.05 and warned > 0),
+                None
+                if cap is None
+                # a throttle the daemon's read rate never reaches has nothing to cap
+                else "not reached"
+                if r["through_daemon_lines_per_s"] < cap and not warned
+                else (r["per_socket_lines_per_s"] <= cap * 1.05 and warned > 0),
             )
     h = results.get("http")
     if h:
