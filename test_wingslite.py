@@ -1101,6 +1101,7 @@ class TestSync:
         assert status == 500 and "disk limit: qgroup limit refused" in body["error"]
         assert daemon.servers[uuid].config.build.memory_mb == 777  # the Panel is the source of truth
         assert daemon.servers[uuid].last_sync["failed"] == ["disk limit: qgroup limit refused"]
+        assert not any(a.startswith("disk limit") for a in daemon.servers[uuid].last_sync["applied"])
 
     def test_the_quota_backend_is_asked_only_when_the_disk_limit_changes(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)

@@ -5464,9 +5464,9 @@ class Server:
             failed: list[str] = []
 
             try:
+                disk_notes = self.fs.set_limit(new.disk_limit_bytes)
                 applied.append(f"disk limit {new.disk_limit_bytes} bytes" if new.disk_limit_bytes else "disk limit removed")
-                pending_notes = self.fs.set_limit(new.disk_limit_bytes)
-                applied.extend(pending_notes)
+                applied.extend(disk_notes)  # e.g. usage over the new limit, soft for this server
             except Exception as exc:  # a quota tool failing must not undo the swap
                 LOG.exception("server %s: setting the disk limit failed", self.uuid)
                 failed.append(f"disk limit: {exc}")
