@@ -1960,6 +1960,25 @@ class TestDockerEnvironment:
             wait_until(lambda: any("power action start failed" in r.getMessage() for r in caplog.records), 10, "the logged error")
         assert daemon.get_server(uuid).state == "offline" and docker_servers.container_id(uuid) is None
 
+    def test_system_info_v2_reports_the_engine_as_the_panels_telemetry_reads_it(self, docker_servers, tmp_path):
+        daemon = docker_servers.boot()
+        status, _, body = api(daemon, "GET", "/api/system?v=2")
+        engine = docker_servers.engine.info()
+        assert status == 200 and body["version"] == w.VERSION
+        assert body["docker"]["version"] == engine["ServerVersion"]
+        assert body["docker"]["cgroups"]["driver"] == engine["CgroupDriver"]
+        assert set(body["docker"]["containers"]) == {"total", "running", "paused", "stopped"}
+        assert body["docker"]["storage"]["driver"] == engine["Driver"]
+        assert body["system"]["os_type"] == "linux" and body["system"]["memory_bytes"] > 0 and body["system"]["cpu_threads"] >= 1
+        unreachable = DaemonFactory(tmp_path / "other")
+        try:
+            other = unreachable(docker_servers.panel, wingslite__docker_url=f"unix://{tmp_path / 'no.sock'}")
+            status, _, body = api(other, "GET", "/api/system?v=2")
+            assert status == 500 and "Docker" in body["error"], body
+            assert api(other, "GET", "/api/system")[0] == 200  # v1 needs no engine
+        finally:
+            unreachable.stop_all()
+
     def test_a_slow_image_pull_does_not_hold_up_a_suspending_sync(self, docker_servers, monkeypatch):
         uuid = docker_servers.add()
         daemon = docker_servers.boot()

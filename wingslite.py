@@ -5988,15 +5988,20 @@ class Daemon:
         return self.sessions.close_user(user_uuid, server_uuids, CLOSE_REVOKED, "access revoked")
 
     def system_info(self, detailed: bool = False) -> dict[str, Any]:
+        """``GET /api/system``: Wings' v1 object, or with ``detailed`` (``?v=2``) the v2 one the
+        Panel's telemetry reads (the Docker engine's figures; an unreachable engine is a 500)."""
         machine = platform.machine().lower()
         arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
-        info: dict[str, Any] = {
-            "architecture": arch,
-            "cpu_count": os.cpu_count() or 1,
-            "kernel_version": platform.release(),
-            "os": "linux",
-            "version": VERSION,
-        }
+        if detailed:
+            info = {"version": VERSION, "docker": self._docker_summary(), "system": _host_summary(arch)}
+        else:
+            info = {
+                "architecture": arch,
+                "cpu_count": os.cpu_count() or 1,
+                "kernel_version": platform.release(),
+                "os": "linux",
+                "version": VERSION,
+            }
         info["wingslite"] = {
             "servers": len(self.servers),
             "booted": self._booted.is_set(),
@@ -6004,6 +6009,48 @@ class Daemon:
             "sftp": bool(self.sftp),
         }
         return info
+
+    def _docker_summary(self) -> dict[str, Any]:
+        if self._docker is None:
+            self._docker = docker_client(self.config)
+        docker = _docker()
+        try:
+            engine = self._docker.info()
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _docker_error("reading the engine's information", exc) from None
+        backing = dict(item for item in engine.get("DriverStatus") or [] if isinstance(item, list) and len(item) == 2)
+        return {
+            "version": engine.get("ServerVersion", ""),
+            "cgroups": {"driver": engine.get("CgroupDriver", ""), "version": str(engine.get("CgroupVersion", ""))},
+            "containers": {
+                "total": engine.get("Containers", 0),
+                "running": engine.get("ContainersRunning", 0),
+                "paused": engine.get("ContainersPaused", 0),
+                "stopped": engine.get("ContainersStopped", 0),
+            },
+            "storage": {"driver": engine.get("Driver", ""), "filesystem": backing.get("Backing Filesystem", "")},
+            "runc": {"version": (engine.get("RuncCommit") or {}).get("ID", "")},
+        }
+
+
+def _host_summary(arch: str) -> dict[str, Any]:
+    """The ``system`` part of ``GET /api/system?v=2``: from /proc/meminfo and /etc/os-release."""
+    memory_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        memory_kb = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0])
+    pretty = "Linux"
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                pretty = line.split("=", 1)[1].strip().strip('"')
+    return {
+        "architecture": arch,
+        "cpu_threads": os.cpu_count() or 1,
+        "memory_bytes": memory_kb * 1024,
+        "kernel_version": platform.release(),
+        "os": pretty,
+        "os_type": "linux",
+    }
 
 
 def _remove_tree(path: Path) -> None:
