@@ -6257,6 +6257,10 @@ data directory: {root}
 node token: {token}
 
   curl -s {auth} {base}/api/servers | python3 -m json.tool
+  # start it (needs a Docker engine and the wingslite-test image that .ci/run builds):
+  curl -si -X POST {auth} -d '{{"action": "start"}}' {base}/api/servers/{first}/power
+  # its files over SFTP (password: demo), when paramiko is installed:
+  sftp -P {daemon.sftp.port if daemon.sftp else args.sftp_port} demo.{first[:8]}@127.0.0.1
   # change the server's memory and disk on the (demo) Panel, then sync the node:
   curl -s -X POST -d '{{"build": {{"memory_limit": 4096, "disk_space": 2048}}}}' {panel.url}/demo/servers/{first} >/dev/null
   curl -si -X POST {auth} {base}/api/servers/{first}/sync
