@@ -873,6 +873,16 @@ class TestHttpApi:
         status, hdrs, _ = api(daemon, "GET", "/api/system", headers={"Origin": "https://evil.example"})
         assert hdrs["access-control-allow-origin"] == panel.url
 
+    def test_a_pushed_node_configuration_is_acknowledged_and_not_applied(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        pushed = {"token": "new-token-from-a-reset", "remote": "https://evil.example", "system": {"data": "/"}}
+        status, _, body = api(daemon, "POST", "/api/update", body=pushed)
+        assert status == 200 and body == {"applied": False}
+        assert daemon.config.token == TOKEN and daemon.config.remote == panel.url
+        assert api(daemon, "GET", "/api/system")[0] == 200  # the old token still works
+        assert api(daemon, "POST", "/api/update", raw=b"[1]")[0] == 422
+        assert api(daemon, "POST", "/api/update", body=pushed, token="new-token-from-a-reset")[0] == 403
+
     def test_system_info(self, panel, make_daemon):
         status, _, body = api(make_daemon(panel), "GET", "/api/system")
         assert status == 200 and body["os"] == "linux" and body["version"] == w.VERSION and body["cpu_count"] >= 1

@@ -4971,6 +4971,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("GET", r"/api/servers", "list_servers", True),
         ("POST", r"/api/servers", "create_server", True),
         ("POST", r"/api/deauthorize-user", "deauthorize_user", True),
+        ("POST", r"/api/update", "update_config", True),
         ("GET", _SERVER, "get_server", True),
         ("DELETE", _SERVER, "delete_server", True),
         ("POST", _SERVER + r"/sync", "sync_server", True),
@@ -5262,6 +5263,22 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         for each in self.server.daemon.all_servers():  # Wings' denylist is node-wide; open sockets re-check now
             each.events.publish(WEBSOCKET_RECHECK_EVENT)
         return 204, None
+
+    def route_update_config(self) -> tuple[int, Any]:
+        """``POST /api/update``: the Panel pushes the node's configuration after a node edit.
+
+        wingslite answers as Wings does with ``ignore_panel_config_updates: true`` -- ``applied:
+        false`` -- and changes nothing: the node's file is the only source of its configuration, so
+        a leaked token cannot rewrite the data root, the Panel URL or the token itself
+        (CVE-2024-34066). The body is still read and must be JSON.
+        """
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise WingsliteError("expected the node configuration as a JSON object", 422)
+        LOG.warning(
+            "the Panel pushed a node configuration; it is not applied: edit %s and restart wingslite", self.server.daemon.config.source
+        )
+        return 200, {"applied": False}
 
     def route_deauthorize_user(self) -> tuple[int, Any]:
         body = self.read_json()
