@@ -5487,7 +5487,8 @@ class Server:
             except Exception as exc:  # a quota tool failing must not undo the swap
                 LOG.exception("server %s: setting the disk limit failed", self.uuid)
                 failed.append(f"disk limit: {exc}")
-            self.fs.set_denylist(new.file_denylist)
+            if new.file_denylist != old.file_denylist:
+                self.fs.set_denylist(new.file_denylist)
 
             if new.build != old.build or self._limits_pending:
                 try:
@@ -5882,14 +5883,18 @@ class Daemon:
             with server.lock:  # as a delete: its sessions end and nothing queued behind brings it back
                 server.deleted = True
                 self.sessions.close_server(uuid, CLOSE_SERVER_DELETED, "server removed from this node")
-                with self._servers_lock:
-                    self.servers.pop(uuid, None)
-                server.env.close()
-                self.store.delete(uuid)
+                self._forget(server)
 
     def _add(self, server: Server) -> None:
         with self._servers_lock:
             self.servers[server.uuid] = server
+
+    def _forget(self, server: Server) -> None:
+        """Take a server (marked deleted, its lock held) off the node: no object, no saved configuration."""
+        with self._servers_lock:
+            self.servers.pop(server.uuid, None)
+        server.env.close()
+        self.store.delete(server.uuid)
 
     # -- states (which servers were running, for the next boot) -----------------------------
 
@@ -5990,10 +5995,7 @@ class Daemon:
             except Exception:
                 server.deleted = False  # as Wings: the server stays on the node when its container cannot be removed
                 raise
-            with self._servers_lock:
-                self.servers.pop(server.uuid, None)
-            self.store.delete(server.uuid)
-            server.env.close()
+            self._forget(server)
         finally:
             server.lock.release()
         threading.Thread(target=_remove_tree, args=(server.fs.root,), name="wingslite-rm", daemon=True).start()
