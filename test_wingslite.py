@@ -44,9 +44,7 @@ TOKEN_ID = "Xq3LZ0a9bP2kR7tW"
 TOKEN = "7hK2mQ9vX4cB8nZ1pL6sD3fG5jW0rT2yU8iO4eA1qS7dF9gH3jK6lZ2xC5vB8nM0"
 
 
-##############################################################################
-# shared fixtures: the fake Panel, the daemon, an HTTP client
-##############################################################################
+# shared fixtures: the fake Panel, the daemon, an HTTP client ######################################
 
 
 def panel_document(uuid: str | None = None, **settings_changes) -> dict:
@@ -77,7 +75,11 @@ def panel_document(uuid: str | None = None, **settings_changes) -> dict:
                 "disk_space": 20480,
                 "oom_disabled": True,
             },
-            "container": {"image": "ghcr.io/pterodactyl/yolks:java_21", "oom_disabled": True, "requires_rebuild": False},
+            "container": {
+                "image": "ghcr.io/pterodactyl/yolks:java_21",
+                "oom_disabled": True,
+                "requires_rebuild": False,
+            },
             "allocations": {
                 "force_outgoing_ip": False,
                 "default": {"ip": "203.0.113.10", "port": 25565},
@@ -87,7 +89,11 @@ def panel_document(uuid: str | None = None, **settings_changes) -> dict:
             "egg": {"id": "5a0f2c1e-7b3d-4c8e-9f60-2d1e3a4b5c6d", "file_denylist": []},
         },
         "process_configuration": {
-            "startup": {"done": [")! For help, type "], "user_interaction": [], "strip_ansi": False},
+            "startup": {
+                "done": [")! For help, type "],
+                "user_interaction": [],
+                "strip_ansi": False,
+            },
             "stop": {"type": "command", "value": "stop"},
             "configs": [
                 {
@@ -123,7 +129,9 @@ class FakePanel:
     def __init__(self, token_id: str = TOKEN_ID, token: str = TOKEN):
         self.token_id, self.token = token_id, token
         self.servers: dict[str, dict] = {}
-        self.sftp_users: dict[tuple[str, str], list[str]] = {}  # (username, password) -> permissions
+        self.sftp_users: dict[
+            tuple[str, str], list[str]
+        ] = {}  # (username, password) -> permissions
         self.user_uuid = "c0ffee00-1111-4222-8333-444455556666"
         self.calls: dict[str, int] = {}
         self.requests: list[tuple[str, str, dict]] = []
@@ -141,7 +149,9 @@ class FakePanel:
                 pass
 
             def send_json(self, status, body=None, headers=None):
-                data = b"" if body is None else json.dumps(body, indent=4).replace("/", "\\/").encode()
+                data = (
+                    b"" if body is None else json.dumps(body, indent=4).replace("/", "\\/").encode()
+                )
                 self.send_response(status)
                 if body is not None:
                     self.send_header("Content-Type", "application/json")
@@ -159,7 +169,9 @@ class FakePanel:
                 with panel.lock:
                     panel.calls[path] = panel.calls.get(path, 0) + 1
                     panel.requests.append((method, path, dict(self.headers)))
-                    failures = next((v for k, v in panel.fail.items() if path.startswith(k) and v), None)
+                    failures = next(
+                        (v for k, v in panel.fail.items() if path.startswith(k) and v), None
+                    )
                     status = failures.pop(0) if failures else None
                 for prefix, seconds in panel.hang_s.items():
                     if path.startswith(prefix):
@@ -169,24 +181,40 @@ class FakePanel:
                 if not auth or not auth.lower().startswith("bearer "):
                     return self.send_json(
                         401,
-                        panel_error(401, "HttpException", "Access to this endpoint must include an Authorization header."),
+                        panel_error(
+                            401,
+                            "HttpException",
+                            "Access to this endpoint must include an Authorization header.",
+                        ),
                         {"WWW-Authenticate": "Bearer"},
                     )
                 parts = auth[7:].split(".")
                 if len(parts) != 2 or not all(parts):
                     return self.send_json(
-                        400, panel_error(400, "BadRequestHttpException", "The Authorization header provided was not in a valid format.")
+                        400,
+                        panel_error(
+                            400,
+                            "BadRequestHttpException",
+                            "The Authorization header provided was not in a valid format.",
+                        ),
                     )
                 if parts != [panel.token_id, panel.token]:
                     return self.send_json(
-                        403, panel_error(403, "AccessDeniedHttpException", "You are not authorized to access this resource.")
+                        403,
+                        panel_error(
+                            403,
+                            "AccessDeniedHttpException",
+                            "You are not authorized to access this resource.",
+                        ),
                     )
                 if panel.down or status:
                     status = status or 500
                     return self.send_json(
                         status,
                         panel_error(
-                            status, "HttpException", "An unexpected error was encountered while processing this request, please try again."
+                            status,
+                            "HttpException",
+                            "An unexpected error was encountered while processing this request, please try again.",
                         ),
                     )
                 if any(path.startswith(g) for g in panel.garbage):
@@ -206,7 +234,9 @@ class FakePanel:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def add(self, doc: dict) -> str:
@@ -224,12 +254,19 @@ class FakePanel:
         if method == "GET" and path.startswith("/api/remote/servers/"):
             ident = path.rsplit("/", 1)[-1]
             with self.lock:
-                doc = self.servers.get(ident) or next((d for u, d in self.servers.items() if u[:8] == ident), None)
+                doc = self.servers.get(ident) or next(
+                    (d for u, d in self.servers.items() if u[:8] == ident), None
+                )
                 doc = copy.deepcopy(doc)
             if doc is None:
                 return h.send_json(404, panel_error(404, "RecordNotFoundException", ""))
             return h.send_json(200, doc)
-        return h.send_json(404, panel_error(404, "NotFoundHttpException", f"The route {path.lstrip('/')} could not be found."))
+        return h.send_json(
+            404,
+            panel_error(
+                404, "NotFoundHttpException", f"The route {path.lstrip('/')} could not be found."
+            ),
+        )
 
     def page(self, query) -> dict:
         """Laravel's paginated resource (panel-contract.md §1.3): page 0 means page 1."""
@@ -243,11 +280,23 @@ class FakePanel:
         total = len(items)
         last = max(1, -(-total // per_page))
         chunk = items[(page - 1) * per_page : page * per_page]
-        data = [{"uuid": u, "settings": d["settings"], "process_configuration": d["process_configuration"]} for u, d in chunk]
+        data = [
+            {
+                "uuid": u,
+                "settings": d["settings"],
+                "process_configuration": d["process_configuration"],
+            }
+            for u, d in chunk
+        ]
         base = f"{self.url}/api/remote/servers"
         return {
             "data": data,
-            "links": {"first": f"{base}?page=1", "last": f"{base}?page={last}", "prev": None, "next": None},
+            "links": {
+                "first": f"{base}?page=1",
+                "last": f"{base}?page={last}",
+                "prev": None,
+                "next": None,
+            },
             "meta": {
                 "current_page": page,
                 "from": (page - 1) * per_page + 1 if chunk else None,
@@ -264,12 +313,24 @@ class FakePanel:
         username = str(body.get("username", ""))
         user, _, ident = username.rpartition(".")
         if not ident:
-            return h.send_json(400, panel_error(400, "BadRequestHttpException", "No valid server identifier was included in the request."))
+            return h.send_json(
+                400,
+                panel_error(
+                    400,
+                    "BadRequestHttpException",
+                    "No valid server identifier was included in the request.",
+                ),
+            )
         server = next((u for u in self.servers if u == ident or u[:8] == ident), None)
         perms = self.sftp_users.get((user, body.get("password")))
         if server is None or perms is None:
             return h.send_json(
-                403, panel_error(403, "HttpForbiddenException", "Authorization credentials were not correct, please try again.")
+                403,
+                panel_error(
+                    403,
+                    "HttpForbiddenException",
+                    "Authorization credentials were not correct, please try again.",
+                ),
             )
         if self.servers[server]["settings"]["suspended"]:
             return h.send_json(
@@ -301,8 +362,17 @@ def node_config(tmp_path: Path, panel_url: str, **overrides) -> dict:
         "uuid": "5c5bd1c2-6a3e-4a4f-9d0e-1f0f6e2d8b47",
         "token_id": TOKEN_ID,
         "token": TOKEN,
-        "api": {"host": "127.0.0.1", "port": 8080, "ssl": {"enabled": False, "cert": "", "key": ""}, "upload_limit": 100},
-        "system": {"root_directory": str(tmp_path / "root"), "data": str(tmp_path / "volumes"), "sftp": {"bind_port": 2022}},
+        "api": {
+            "host": "127.0.0.1",
+            "port": 8080,
+            "ssl": {"enabled": False, "cert": "", "key": ""},
+            "upload_limit": 100,
+        },
+        "system": {
+            "root_directory": str(tmp_path / "root"),
+            "data": str(tmp_path / "volumes"),
+            "sftp": {"bind_port": 2022},
+        },
         "allowed_mounts": [],
         "remote": panel_url,
         "remote_query": {"timeout": 3},
@@ -330,7 +400,9 @@ class DaemonFactory:
         daemon.start()
         self.daemons.append(daemon)
         if boot:
-            assert daemon.wait_booted(10), "the daemon did not finish loading servers from the Panel"
+            assert daemon.wait_booted(10), (
+                "the daemon did not finish loading servers from the Panel"
+            )
         return daemon
 
     def stop_all(self):
@@ -345,7 +417,15 @@ def make_daemon(tmp_path):
     factory.stop_all()
 
 
-def api(daemon_or_port, method: str, path: str, body=None, token: str | None = TOKEN, headers=None, raw: bytes | None = None):
+def api(
+    daemon_or_port,
+    method: str,
+    path: str,
+    body=None,
+    token: str | None = TOKEN,
+    headers=None,
+    raw: bytes | None = None,
+):
     """One HTTP request over loopback: (status, headers, decoded JSON body or None)."""
     port = daemon_or_port if isinstance(daemon_or_port, int) else daemon_or_port.port
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -373,12 +453,12 @@ def wait_for(predicate, timeout_s: float = 10, interval_s: float = 0.02, what: s
 
 
 def saved_document(daemon: w.Daemon, uuid: str) -> dict:
-    return json.loads((daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").read_text())
+    return json.loads(
+        (daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").read_text()
+    )
 
 
-##############################################################################
-# config
-##############################################################################
+# config ###########################################################################################
 
 
 PANEL_GENERATED_YAML = """\
@@ -423,14 +503,19 @@ class TestConfig:
             if key.startswith("wingslite."):
                 leaf = key.split(".", 1)[1]
                 assert f"  {leaf}:" in text, f"{key} is not documented in wingslite.yml"
-                assert config.get(key) == default, f"wingslite.yml shows {key} with a value other than its default"
+                assert config.get(key) == default, (
+                    f"wingslite.yml shows {key} with a value other than its default"
+                )
 
     @pytest.mark.parametrize(
         "text, expected",
         [
             ("token: [1, 2]\n", "token: expected str"),
             ("api: {port: eighty}\n", "api.port: expected int"),
-            ("system: {disk_check_interval: -5}\n", "system.disk_check_interval: must not be negative"),
+            (
+                "system: {disk_check_interval: -5}\n",
+                "system.disk_check_interval: must not be negative",
+            ),
             ("remote_query: 7\n", "remote_query.timeout"),
             ("remote: 'ftp://panel'\n", "remote: expected the Panel's http(s) URL"),
         ],
@@ -452,23 +537,40 @@ class TestConfig:
 
     @pytest.mark.parametrize(
         "content, expected",
-        [(None, "no such file"), ("api: [unclosed\n", "not valid YAML at line"), ("api:\n  port: 8080\n", "token_id: required")],
+        [
+            (None, "no such file"),
+            ("api: [unclosed\n", "not valid YAML at line"),
+            ("api:\n  port: 8080\n", "token_id: required"),
+        ],
     )
     def test_cli_exits_2_with_one_line_naming_the_file(self, tmp_path, content, expected):
         path = tmp_path / "config.yml"
         if content is not None:
             path.write_text(content)
         proc = subprocess.run(
-            [sys.executable, str(HERE / "wingslite.py"), "--config", str(path)], capture_output=True, text=True, timeout=30
+            [sys.executable, str(HERE / "wingslite.py"), "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and str(path) in lines[0] and expected in lines[0], proc.stderr
 
     def test_cli_version_and_help(self):
-        out = subprocess.run([sys.executable, str(HERE / "wingslite.py"), "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, str(HERE / "wingslite.py"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 0 and out.stdout.strip() == f"wingslite {w.VERSION}"
-        out = subprocess.run([sys.executable, str(HERE / "wingslite.py"), "--help"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, str(HERE / "wingslite.py"), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 0 and "--config" in out.stdout and "--demo" in out.stdout
 
     def test_cli_runs_and_stops_cleanly_on_sigterm(self, tmp_path, panel):
@@ -478,10 +580,17 @@ class TestConfig:
         raw["api"]["port"] = port
         path = tmp_path / "config.yml"
         path.write_text(yaml.safe_dump(raw))
-        proc = subprocess.Popen([sys.executable, str(HERE / "wingslite.py"), "--config", str(path)], stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "wingslite.py"), "--config", str(path)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             wait_for(lambda: _answers(port), what="the CLI daemon to answer")
-            wait_for(lambda: len(api(port, "GET", "/api/servers")[2]) == 1, what="the server to be loaded from the Panel")
+            wait_for(
+                lambda: len(api(port, "GET", "/api/servers")[2]) == 1,
+                what="the server to be loaded from the Panel",
+            )
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
         finally:
@@ -503,9 +612,7 @@ def _answers(port: int) -> bool:
         return False
 
 
-##############################################################################
-# Panel client
-##############################################################################
+# Panel client #####################################################################################
 
 
 class TestPanelClient:
@@ -556,7 +663,9 @@ class TestPanelClient:
 
     def test_connection_refused_is_retried_then_named(self):
         port = _free_port()
-        client = w.PanelClient(f"http://127.0.0.1:{port}", TOKEN_ID, TOKEN, budget_s=0.3, retry_initial_s=0.01)
+        client = w.PanelClient(
+            f"http://127.0.0.1:{port}", TOKEN_ID, TOKEN, budget_s=0.3, retry_initial_s=0.01
+        )
         with pytest.raises(w.PanelError, match="could not reach the Panel"):
             client.get_server("x")
 
@@ -580,9 +689,7 @@ class TestPanelClient:
             client.get_server(uuid)
 
 
-##############################################################################
-# server model
-##############################################################################
+# server model #####################################################################################
 
 
 class TestServerModel:
@@ -596,31 +703,60 @@ class TestServerModel:
 
     @pytest.mark.parametrize(
         "mb, expected",
-        [(1024, 1_177_600_000), (2048, 2_355_200_000), (2049, 2_253_900_000), (4096, 4_505_600_000), (4097, 4_301_850_000), (0, 0)],
+        [
+            (1024, 1_177_600_000),
+            (2048, 2_355_200_000),
+            (2049, 2_253_900_000),
+            (4096, 4_505_600_000),
+            (4097, 4_301_850_000),
+            (0, 0),
+        ],
     )
     def test_memory_bytes_follow_wings_overhead_thresholds(self, mb, expected):
         assert w.memory_limit_bytes(mb) == expected
 
     def test_rounding_is_half_away_from_zero(self):
-        assert w.round_half_away(2.5) == 3 and w.round_half_away(3.5) == 4 and w.round_half_away(-2.5) == -3
+        assert (
+            w.round_half_away(2.5) == 3
+            and w.round_half_away(3.5) == 4
+            and w.round_half_away(-2.5) == -3
+        )
         # 1 MB x 1.15 x 1e6 = 1150000.0000000002 in floats; stays an exact integer
         assert w.memory_limit_bytes(1) == 1_150_000
 
     def test_container_resources_as_wings(self):
-        cfg = w.parse_server_document(panel_document(build__memory_limit=1024, build__swap=512, build__threads="0-1,3"))
+        cfg = w.parse_server_document(
+            panel_document(build__memory_limit=1024, build__swap=512, build__threads="0-1,3")
+        )
         res = w.container_resources(cfg.build)
         assert res["Memory"] == 1_177_600_000 and res["MemoryReservation"] == 1_024_000_000
         assert res["MemorySwap"] == 512_000_000 + 1_177_600_000
-        assert res["CpuQuota"] == 200_000 and res["CpuPeriod"] == 100_000 and res["CpusetCpus"] == "0-1,3"
+        assert (
+            res["CpuQuota"] == 200_000
+            and res["CpuPeriod"] == 100_000
+            and res["CpusetCpus"] == "0-1,3"
+        )
         assert res["PidsLimit"] == 512 and res["BlkioWeight"] == 500
         unlimited = w.container_resources(w.Build(memory_mb=0, swap_mb=-1, cpu_percent=0))
-        assert "CpuQuota" not in unlimited and "CpusetCpus" not in unlimited and unlimited["MemorySwap"] == -1
+        assert (
+            "CpuQuota" not in unlimited
+            and "CpusetCpus" not in unlimited
+            and unlimited["MemorySwap"] == -1
+        )
 
     def test_disk_is_mebibytes(self):
         assert w.disk_limit_bytes(1024) == 1_073_741_824
 
     def test_environment_as_wings_builds_it_with_plain_numbers(self):
-        doc = panel_document(environment={"SERVER_PORT": "1", "P_SERVER_ALLOCATION_LIMIT": 0, "RATE": 1.5, "flag": True, "EMPTY": None})
+        doc = panel_document(
+            environment={
+                "SERVER_PORT": "1",
+                "P_SERVER_ALLOCATION_LIMIT": 0,
+                "RATE": 1.5,
+                "flag": True,
+                "EMPTY": None,
+            }
+        )
         env = w.container_environment(w.parse_server_document(doc), "Europe/Berlin")
         assert env[:5] == [
             "TZ=Europe/Berlin",
@@ -629,8 +765,15 @@ class TestServerModel:
             "SERVER_IP=203.0.113.10",
             "SERVER_PORT=25565",
         ]
-        assert "P_SERVER_ALLOCATION_LIMIT=0" in env and "RATE=1.5" in env and "FLAG=true" in env and "EMPTY=" in env
-        assert sum(line.startswith("SERVER_PORT=") for line in env) == 1  # the Panel's clash is skipped
+        assert (
+            "P_SERVER_ALLOCATION_LIMIT=0" in env
+            and "RATE=1.5" in env
+            and "FLAG=true" in env
+            and "EMPTY=" in env
+        )
+        assert (
+            sum(line.startswith("SERVER_PORT=") for line in env) == 1
+        )  # the Panel's clash is skipped
 
     def test_panel_quirks_are_accepted(self):
         doc = panel_document()
@@ -643,7 +786,11 @@ class TestServerModel:
         del s["skip_egg_scripts"], s["meta"]
         doc["process_configuration"]["startup"]["done"] = "single string"
         cfg = w.parse_server_document(doc)
-        assert cfg.build.memory_mb == 1024 and cfg.allocations.mappings == () and cfg.file_denylist == ()
+        assert (
+            cfg.build.memory_mb == 1024
+            and cfg.allocations.mappings == ()
+            and cfg.file_denylist == ()
+        )
         assert cfg.process.done == ("single string",)
 
     def test_signal_stop_and_regex_done(self):
@@ -666,8 +813,14 @@ class TestServerModel:
             ({"build__threads": "0-a"}, "settings.build.threads"),
             ({"build__threads": "3-1"}, "runs backwards"),
             ({"build__memory_limit": "1024"}, "expected a number, got a string"),
-            ({"allocations__default": {"ip": "1.2.3.4", "port": 70000}}, "settings.allocations.default.port"),
-            ({"allocations__mappings": {"1.2.3.4": [0]}}, "settings.allocations.mappings.1.2.3.4[0]"),
+            (
+                {"allocations__default": {"ip": "1.2.3.4", "port": 70000}},
+                "settings.allocations.default.port",
+            ),
+            (
+                {"allocations__mappings": {"1.2.3.4": [0]}},
+                "settings.allocations.mappings.1.2.3.4[0]",
+            ),
             ({"suspended": "yes"}, "settings.suspended: expected true or false"),
             ({"environment": {"BAD KEY": "x"}}, "not a valid environment variable name"),
             ({"environment": {"K": {"nested": 1}}}, "settings.environment.K"),
@@ -683,19 +836,21 @@ class TestServerModel:
         with pytest.raises(w.DocumentError, match=r"settings\.uuid"):
             w.parse_server_document(panel_document(), expect_uuid=str(uuidlib.uuid4()))
 
-    @pytest.mark.parametrize("doc", [None, [], "text", {"settings": None}, {"settings": {"uuid": "x"}}])
+    @pytest.mark.parametrize(
+        "doc", [None, [], "text", {"settings": None}, {"settings": {"uuid": "x"}}]
+    )
     def test_documents_of_the_wrong_shape_are_refused(self, doc):
         with pytest.raises(w.DocumentError):
             w.parse_server_document(doc)
 
 
-##############################################################################
-# filesystem and disk
-##############################################################################
+# filesystem and disk ##############################################################################
 
 
 class TestFilesystem:
-    def test_atomic_write_interrupted_before_rename_leaves_the_old_file(self, tmp_path, monkeypatch):
+    def test_atomic_write_interrupted_before_rename_leaves_the_old_file(
+        self, tmp_path, monkeypatch
+    ):
         target = tmp_path / "server.json"
         w.atomic_write(target, b'{"old": true}')
 
@@ -742,9 +897,7 @@ class TestFilesystem:
         assert fs.is_denied("logs/latest.log") and not fs.is_denied("mylogs/x")
 
 
-##############################################################################
-# session table
-##############################################################################
+# session table ####################################################################################
 
 
 class TestEventBus:
@@ -761,7 +914,9 @@ class TestEventBus:
         line = "".join(["a line ", "from the console"])  # built at run time: its own object
         bus.publish("console output", line)
         assert len(frames) == 30 and len(set(frames)) == 1 and len(encodes) == 1
-        bus.publish("console output", "".join(["a line ", "from the console"]))  # equal text, new event
+        bus.publish(
+            "console output", "".join(["a line ", "from the console"])
+        )  # equal text, new event
         bus.publish("status", line)  # same object, other event
         assert len(encodes) == 3 and len(frames) == 90
 
@@ -782,8 +937,17 @@ class TestSessionTable:
     def test_close_server_closes_exactly_that_servers_sessions(self):
         table = w.SessionTable()
         closed = []
-        for server, user, kind in [("s1", "u1", "websocket"), ("s1", "u2", "sftp"), ("s2", "u1", "websocket")]:
-            table.register(server, user, kind, lambda code, reason, t=(server, user, kind): closed.append((t, code)))
+        for server, user, kind in [
+            ("s1", "u1", "websocket"),
+            ("s1", "u2", "sftp"),
+            ("s2", "u1", "websocket"),
+        ]:
+            table.register(
+                server,
+                user,
+                kind,
+                lambda code, reason, t=(server, user, kind): closed.append((t, code)),
+            )
         assert table.close_server("s1", 4409, "suspended") == 2
         assert sorted(closed) == [(("s1", "u1", "websocket"), 4409), (("s1", "u2", "sftp"), 4409)]
         assert table.count() == 1 and table.count("s2") == 1
@@ -812,7 +976,10 @@ class TestSessionTable:
         rev = w.Revocations()
         now = int(time.time()) + 1
         assert rev.check("j", "u", "s", now) is None
-        assert rev.check("j", "u", "s", rev.boot_time - 10) == "jwt: created too far in past (denylist)"
+        assert (
+            rev.check("j", "u", "s", rev.boot_time - 10)
+            == "jwt: created too far in past (denylist)"
+        )
         rev.deny_jtis(["j"])
         assert rev.check("j", "u", "s", int(time.time())) is not None
         assert rev.check("other", "u", "s", int(time.time())) is None
@@ -830,7 +997,9 @@ class TestSessionTable:
 
         def reauth(i):
             while not stop.is_set():
-                sessions[i] = table.register("s", "u", "websocket", lambda c, r: None, replaces=sessions[i])
+                sessions[i] = table.register(
+                    "s", "u", "websocket", lambda c, r: None, replaces=sessions[i]
+                )
 
         threads = [threading.Thread(target=reauth, args=(i,)) for i in range(4)]
         for t in threads:
@@ -845,19 +1014,25 @@ class TestSessionTable:
         assert set(table.sessions("s")) == set(sessions)
 
 
-##############################################################################
-# HTTP API
-##############################################################################
+# HTTP API #########################################################################################
 
 
 class TestHttpApi:
     def test_missing_or_malformed_auth_is_401_with_www_authenticate(self, panel, make_daemon):
         daemon = make_daemon(panel)
-        for token_header in (None, "Basic abc", f"bearer {TOKEN}", "Bearer", f"Bearer {TOKEN} extra"):
+        for token_header in (
+            None,
+            "Basic abc",
+            f"bearer {TOKEN}",
+            "Bearer",
+            f"Bearer {TOKEN} extra",
+        ):
             headers = {"Authorization": token_header} if token_header else {}
             status, hdrs, body = api(daemon, "GET", "/api/servers", token=None, headers=headers)
             assert status == 401 and hdrs["www-authenticate"] == "Bearer", token_header
-            assert body["error"] == "The required authorization heads were not present in the request."
+            assert (
+                body["error"] == "The required authorization heads were not present in the request."
+            )
             assert body["request_id"] == hdrs["x-request-id"]
 
     def test_wrong_token_is_403(self, panel, make_daemon):
@@ -866,26 +1041,49 @@ class TestHttpApi:
 
     def test_options_is_204_with_cors_and_no_auth(self, panel, make_daemon):
         daemon = make_daemon(panel, allowed_origins=["https://other.example"])
-        status, hdrs, body = api(daemon, "OPTIONS", "/api/servers/x/sync", token=None, headers={"Origin": "https://other.example"})
+        status, hdrs, body = api(
+            daemon,
+            "OPTIONS",
+            "/api/servers/x/sync",
+            token=None,
+            headers={"Origin": "https://other.example"},
+        )
         assert status == 204 and body is None
         assert hdrs["access-control-allow-origin"] == "https://other.example"
-        assert "POST" in hdrs["access-control-allow-methods"] and hdrs["access-control-max-age"] == "7200"
-        status, hdrs, _ = api(daemon, "GET", "/api/system", headers={"Origin": "https://evil.example"})
+        assert (
+            "POST" in hdrs["access-control-allow-methods"]
+            and hdrs["access-control-max-age"] == "7200"
+        )
+        status, hdrs, _ = api(
+            daemon, "GET", "/api/system", headers={"Origin": "https://evil.example"}
+        )
         assert hdrs["access-control-allow-origin"] == panel.url
 
     def test_a_pushed_node_configuration_is_acknowledged_and_not_applied(self, panel, make_daemon):
         daemon = make_daemon(panel)
-        pushed = {"token": "new-token-from-a-reset", "remote": "https://evil.example", "system": {"data": "/"}}
+        pushed = {
+            "token": "new-token-from-a-reset",
+            "remote": "https://evil.example",
+            "system": {"data": "/"},
+        }
         status, _, body = api(daemon, "POST", "/api/update", body=pushed)
         assert status == 200 and body == {"applied": False}
         assert daemon.config.token == TOKEN and daemon.config.remote == panel.url
         assert api(daemon, "GET", "/api/system")[0] == 200  # the old token still works
         assert api(daemon, "POST", "/api/update", raw=b"[1]")[0] == 422
-        assert api(daemon, "POST", "/api/update", body=pushed, token="new-token-from-a-reset")[0] == 403
+        assert (
+            api(daemon, "POST", "/api/update", body=pushed, token="new-token-from-a-reset")[0]
+            == 403
+        )
 
     def test_system_info(self, panel, make_daemon):
         status, _, body = api(make_daemon(panel), "GET", "/api/system")
-        assert status == 200 and body["os"] == "linux" and body["version"] == w.VERSION and body["cpu_count"] >= 1
+        assert (
+            status == 200
+            and body["os"] == "linux"
+            and body["version"] == w.VERSION
+            and body["cpu_count"] >= 1
+        )
         assert body["wingslite"]["disk_quota"]["backend"]
 
     def test_unknown_route_and_wrong_method_are_json_errors(self, panel, make_daemon):
@@ -920,39 +1118,55 @@ class TestHttpApi:
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
             s.sendall(b"GARBAGE\r\n\r\n")
             data = s.recv(65536)
-        assert data.startswith(b"HTTP/1.1 400") and b'"error"' in data and b"<html" not in data.lower()
+        assert (
+            data.startswith(b"HTTP/1.1 400") and b'"error"' in data and b"<html" not in data.lower()
+        )
 
     def test_server_routes_404_for_unknown_servers(self, panel, make_daemon):
         daemon = make_daemon(panel)
-        for method, path in [("GET", "/api/servers/x"), ("POST", "/api/servers/x/sync"), ("DELETE", "/api/servers/x")]:
+        for method, path in [
+            ("GET", "/api/servers/x"),
+            ("POST", "/api/servers/x/sync"),
+            ("DELETE", "/api/servers/x"),
+        ]:
             status, _, body = api(daemon, method, path)
-            assert status == 404 and body["error"] == "The requested resource does not exist on this instance."
+            assert (
+                status == 404
+                and body["error"] == "The requested resource does not exist on this instance."
+            )
 
     def test_create_get_list_and_delete_a_server(self, panel, make_daemon):
         daemon = make_daemon(panel)
         uuid = panel.add(panel_document())
-        status, _, _ = api(daemon, "POST", "/api/servers", body={"uuid": uuid, "start_on_completion": False})
+        status, _, _ = api(
+            daemon, "POST", "/api/servers", body={"uuid": uuid, "start_on_completion": False}
+        )
         assert status == 202
         assert (daemon.config.data_dir / uuid).is_dir()
         status, _, body = api(daemon, "GET", f"/api/servers/{uuid}")
-        assert status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
+        assert (
+            status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
+        )
         assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
         status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
         assert status == 409
         assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
         status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
         assert status == 204 and uuid not in daemon.servers
-        wait_for(lambda: not (daemon.config.data_dir / uuid).exists(), what="the data directory to be removed")
+        wait_for(
+            lambda: not (daemon.config.data_dir / uuid).exists(),
+            what="the data directory to be removed",
+        )
         assert not (daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").exists()
 
     def test_create_of_a_server_the_panel_does_not_know_is_404(self, panel, make_daemon):
-        status, _, body = api(make_daemon(panel), "POST", "/api/servers", body={"uuid": str(uuidlib.uuid4())})
+        status, _, body = api(
+            make_daemon(panel), "POST", "/api/servers", body={"uuid": str(uuidlib.uuid4())}
+        )
         assert status == 404 and "does not know" in body["error"]
 
 
-##############################################################################
-# daemon: the sync
-##############################################################################
+# daemon: the sync #################################################################################
 
 
 class TestSync:
@@ -964,7 +1178,12 @@ class TestSync:
 
     def snapshot(self, daemon, uuid):
         server = daemon.servers[uuid]
-        return (server.config.document, server.fs.limit_bytes, saved_document(daemon, uuid), server.last_sync)
+        return (
+            server.config.document,
+            server.fs.limit_bytes,
+            saved_document(daemon, uuid),
+            server.last_sync,
+        )
 
     def test_sync_applies_the_panels_configuration_and_answers_204(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
@@ -973,12 +1192,17 @@ class TestSync:
         status, hdrs, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 204 and body is None and hdrs["x-request-id"]
         server = daemon.servers[uuid]
-        assert server.config.build.memory_mb == 8192 and server.config.environment["NEW_VAR"] == "hello"
+        assert (
+            server.config.build.memory_mb == 8192
+            and server.config.environment["NEW_VAR"] == "hello"
+        )
         assert server.fs.limit_bytes == 100 * 1_048_576
         assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 8192
         _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
         record = view["wingslite"]["last_sync"]
-        assert record["result"] == "ok" and any("disk limit 104857600" in a for a in record["applied"])
+        assert record["result"] == "ok" and any(
+            "disk limit 104857600" in a for a in record["applied"]
+        )
         assert any("resource limits" in p for p in record["pending"])  # no container on this node
         assert any("environment variables (next start)" in p for p in record["pending"])
         assert view["configuration"]["build"]["memory_limit"] == 8192
@@ -1012,7 +1236,11 @@ class TestSync:
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         panel.down = False
         retries = panel.calls[f"/api/remote/servers/{uuid}"] - calls_before
-        assert status == 500 and "HTTP 500" in body["error"] and "nothing on this node was changed" in body["error"]
+        assert (
+            status == 500
+            and "HTTP 500" in body["error"]
+            and "nothing on this node was changed" in body["error"]
+        )
         assert retries >= 3, f"the Panel was asked only {retries} times"
         assert self.snapshot(daemon, uuid) == before
 
@@ -1036,20 +1264,29 @@ class TestSync:
         [
             (lambda s: s["build"].update(memory_limit=-512), "settings.build.memory_limit"),
             (lambda s: s["build"].update(io_weight=5000), "settings.build.io_weight"),
-            (lambda s: s["allocations"]["default"].update(port=99999), "settings.allocations.default.port"),
+            (
+                lambda s: s["allocations"]["default"].update(port=99999),
+                "settings.allocations.default.port",
+            ),
             (lambda s: s.update(uuid=str(uuidlib.uuid4())), "settings.uuid"),
         ],
     )
-    def test_invalid_document_is_500_naming_the_field_and_changes_nothing(self, panel, make_daemon, mutate, field):
+    def test_invalid_document_is_500_naming_the_field_and_changes_nothing(
+        self, panel, make_daemon, mutate, field
+    ):
         daemon, uuid = self.booted(panel, make_daemon)
         before = self.snapshot(daemon, uuid)
-        panel.servers[uuid]["settings"]["build"]["disk_space"] = 1  # would change the disk limit if applied
+        panel.servers[uuid]["settings"]["build"]["disk_space"] = (
+            1  # would change the disk limit if applied
+        )
         mutate(panel.servers[uuid]["settings"])
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 500 and field in body["error"], body
         assert self.snapshot(daemon, uuid) == before
 
-    def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(self, panel, make_daemon):
+    def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
+        self, panel, make_daemon
+    ):
         daemon, uuid = self.booted(panel, make_daemon)
         counter = iter(range(1, 10_000))
         lock = threading.Lock()
@@ -1062,7 +1299,9 @@ class TestSync:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             statuses = list(pool.map(bump_then_sync, range(50)))
         assert statuses == [204] * 50
-        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204  # one more after the last change
+        assert (
+            api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        )  # one more after the last change
         final = panel.servers[uuid]["settings"]["build"]["memory_limit"]
         assert daemon.servers[uuid].config.build.memory_mb == final
         assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == final
@@ -1075,7 +1314,9 @@ class TestSync:
         panel.hang_s[f"/api/remote/servers/{b}"] = 1.0
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            statuses = list(pool.map(lambda u: api(daemon, "POST", f"/api/servers/{u}/sync")[0], [a, b]))
+            statuses = list(
+                pool.map(lambda u: api(daemon, "POST", f"/api/servers/{u}/sync")[0], [a, b])
+            )
         assert statuses == [204, 204] and time.monotonic() - started < 1.9
 
     def test_suspension_closes_every_session_before_the_204(self, panel, make_daemon):
@@ -1084,18 +1325,35 @@ class TestSync:
         daemon.load_from_panel()
         closed = []
         for i in range(5):
-            daemon.sessions.register(uuid, f"user{i}", "websocket", lambda code, reason: closed.append(code))
+            daemon.sessions.register(
+                uuid, f"user{i}", "websocket", lambda code, reason: closed.append(code)
+            )
         daemon.sessions.register(uuid, "user9", "sftp", lambda code, reason: closed.append(code))
-        daemon.sessions.register(other, "user0", "websocket", lambda code, reason: closed.append(("other", code)))
+        daemon.sessions.register(
+            other, "user0", "websocket", lambda code, reason: closed.append(("other", code))
+        )
         panel.servers[uuid]["settings"]["suspended"] = True
         assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        assert closed == [4409] * 6 and daemon.sessions.count(uuid) == 0 and daemon.sessions.count(other) == 1
+        assert (
+            closed == [4409] * 6
+            and daemon.sessions.count(uuid) == 0
+            and daemon.sessions.count(other) == 1
+        )
         _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
-        assert view["is_suspended"] is True and "suspended: 6 session(s) closed" in view["wingslite"]["last_sync"]["applied"]
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "start"})
-        assert status == 400 and body["error"] == "Cannot start or restart a server that is suspended."
+        assert (
+            view["is_suspended"] is True
+            and "suspended: 6 session(s) closed" in view["wingslite"]["last_sync"]["applied"]
+        )
+        status, _, body = api(
+            daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "start"}
+        )
+        assert (
+            status == 400 and body["error"] == "Cannot start or restart a server that is suspended."
+        )
 
-    def test_a_failing_disk_quota_keeps_the_new_configuration_and_answers_500(self, panel, make_daemon):
+    def test_a_failing_disk_quota_keeps_the_new_configuration_and_answers_500(
+        self, panel, make_daemon
+    ):
         daemon, uuid = self.booted(panel, make_daemon)
 
         class BrokenQuota(w.QuotaBackend):
@@ -1109,9 +1367,13 @@ class TestSync:
         panel.servers[uuid]["settings"]["build"].update(memory_limit=777, disk_space=512)
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 500 and "disk limit: qgroup limit refused" in body["error"]
-        assert daemon.servers[uuid].config.build.memory_mb == 777  # the Panel is the source of truth
+        assert (
+            daemon.servers[uuid].config.build.memory_mb == 777
+        )  # the Panel is the source of truth
         assert daemon.servers[uuid].last_sync["failed"] == ["disk limit: qgroup limit refused"]
-        assert not any(a.startswith("disk limit") for a in daemon.servers[uuid].last_sync["applied"])
+        assert not any(
+            a.startswith("disk limit") for a in daemon.servers[uuid].last_sync["applied"]
+        )
 
     def test_the_quota_backend_is_asked_only_when_the_disk_limit_changes(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
@@ -1135,24 +1397,39 @@ class TestSync:
 
     def test_power_with_an_unknown_action_is_422(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "explode"})
+        status, _, body = api(
+            daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "explode"}
+        )
         assert status == 422 and "power action" in body["error"]
 
     def test_commands_to_a_stopped_server_are_502(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/commands", body={"commands": ["say hi"]})
-        assert status == 502 and body["error"] == "Cannot send commands to a stopped server instance."
+        status, _, body = api(
+            daemon, "POST", f"/api/servers/{uuid}/commands", body={"commands": ["say hi"]}
+        )
+        assert (
+            status == 502 and body["error"] == "Cannot send commands to a stopped server instance."
+        )
 
     def test_deauthorize_user_closes_that_users_sessions(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
         closed = []
-        daemon.sessions.register(uuid, "alice", "websocket", lambda c, r: closed.append(("alice", c)))
+        daemon.sessions.register(
+            uuid, "alice", "websocket", lambda c, r: closed.append(("alice", c))
+        )
         daemon.sessions.register(uuid, "bob", "sftp", lambda c, r: closed.append(("bob", c)))
-        assert api(daemon, "POST", "/api/deauthorize-user", body={"user": "alice", "servers": [uuid]})[0] == 204
+        assert (
+            api(daemon, "POST", "/api/deauthorize-user", body={"user": "alice", "servers": [uuid]})[
+                0
+            ]
+            == 204
+        )
         assert closed == [("alice", w.CLOSE_REVOKED)] and daemon.sessions.count(uuid) == 1
         assert api(daemon, "POST", "/api/deauthorize-user", body={"servers": "x"})[0] == 422
 
-    def test_a_sync_or_start_queued_behind_a_delete_does_not_bring_the_server_back(self, panel, make_daemon, tmp_path, caplog):
+    def test_a_sync_or_start_queued_behind_a_delete_does_not_bring_the_server_back(
+        self, panel, make_daemon, tmp_path, caplog
+    ):
         entered, release = threading.Event(), threading.Event()
 
         class SlowDestroy(ConsoleEnvironment):
@@ -1181,7 +1458,10 @@ class TestSync:
                 self.release()
 
         uuid = panel.add(panel_document())
-        daemon = w.Daemon(w.Config(node_config(tmp_path, panel.url), "test"), environment_factory=lambda s: SlowDestroy(s.uuid, s.events))
+        daemon = w.Daemon(
+            w.Config(node_config(tmp_path, panel.url), "test"),
+            environment_factory=lambda s: SlowDestroy(s.uuid, s.events),
+        )
         daemon.start()
         make_daemon.daemons.append(daemon)
         assert daemon.wait_booted(10)
@@ -1191,19 +1471,31 @@ class TestSync:
             delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
             assert entered.wait(5)
             sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
-            assert api(daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "start", "wait_seconds": 30})[0] == 202
-            wait_for(lambda: spy.waiting == 2, 5, what="the sync and the start to wait for the lock")
+            assert (
+                api(
+                    daemon,
+                    "POST",
+                    f"/api/servers/{uuid}/power",
+                    body={"action": "start", "wait_seconds": 30},
+                )[0]
+                == 202
+            )
+            wait_for(
+                lambda: spy.waiting == 2, 5, what="the sync and the start to wait for the lock"
+            )
             release.set()
             assert delete.result(10)[0] == 204
             assert sync.result(10)[0] == 404
-        wait_for(lambda: server.state != w.OFFLINE or "power action start failed" in caplog.text, 5, what="the queued start to run")
+        wait_for(
+            lambda: server.state != w.OFFLINE or "power action start failed" in caplog.text,
+            5,
+            what="the queued start to run",
+        )
         assert server.state == w.OFFLINE and uuid not in daemon.servers
         assert not (daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").exists()
 
 
-##############################################################################
-# daemon: boot
-##############################################################################
+# daemon: boot #####################################################################################
 
 
 class TestBoot:
@@ -1222,7 +1514,9 @@ class TestBoot:
         daemon = make_daemon(panel)
         assert good in daemon.servers and bad not in daemon.servers
 
-    def test_panel_down_at_boot_serves_saved_configurations_then_catches_up(self, panel, make_daemon, tmp_path):
+    def test_panel_down_at_boot_serves_saved_configurations_then_catches_up(
+        self, panel, make_daemon, tmp_path
+    ):
         uuid = panel.add(panel_document())
         first = make_daemon(panel)
         first.stop()
@@ -1264,14 +1558,18 @@ class TestBoot:
         assert api(daemon, "POST", "/api/servers", body={"uuid": created})[0] == 202
         go.set()
         assert daemon.wait_booted(10)
-        assert created in daemon.servers and saved_document(daemon, created)["settings"]["uuid"] == created
+        assert (
+            created in daemon.servers
+            and saved_document(daemon, created)["settings"]["uuid"] == created
+        )
 
     def test_a_dropped_server_loses_its_open_sockets(self, panel, make_daemon, tmp_path):
         gone = panel.add(panel_document())
         make_daemon(panel).stop()
         panel.down = True  # the node comes up from its saved configurations and serves them
         daemon = w.Daemon(
-            w.Config(node_config(tmp_path, panel.url), "test"), environment_factory=lambda s: ConsoleEnvironment(s.uuid, s.events)
+            w.Config(node_config(tmp_path, panel.url), "test"),
+            environment_factory=lambda s: ConsoleEnvironment(s.uuid, s.events),
         )
         daemon.start()
         make_daemon.daemons.append(daemon)
@@ -1309,16 +1607,22 @@ class TestBoot:
             d2.stop_all()
 
 
-##############################################################################
-# CLI: --demo
-##############################################################################
+# CLI: --demo ######################################################################################
 
 
 class TestDemo:
     def test_demo_prints_token_and_curl_lines_and_its_sync_works(self):
         port = _free_port()
         proc = subprocess.Popen(
-            [sys.executable, str(HERE / "wingslite.py"), "--demo", "--port", str(port), "--sftp-port", str(_free_port())],
+            [
+                sys.executable,
+                str(HERE / "wingslite.py"),
+                "--demo",
+                "--port",
+                str(port),
+                "--sftp-port",
+                str(_free_port()),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -1329,7 +1633,9 @@ class TestDemo:
             while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
                 lines.append(proc.stdout.readline())
             text = "".join(lines)
-            token = next(line.split(": ", 1)[1].strip() for line in lines if line.startswith("node token:"))
+            token = next(
+                line.split(": ", 1)[1].strip() for line in lines if line.startswith("node token:")
+            )
             assert f"http://127.0.0.1:{port}" in text and "/sync" in text
             _, _, servers = api(port, "GET", "/api/servers", token=token)
             uuid = servers[0]["configuration"]["uuid"]
@@ -1343,9 +1649,7 @@ class TestDemo:
                 proc.communicate(timeout=5)
 
 
-##############################################################################
-# environments: Docker
-##############################################################################
+# environments: Docker #############################################################################
 
 
 TEST_IMAGE = os.environ.get("WINGSLITE_TEST_IMAGE", "wingslite-test:latest")
@@ -1374,9 +1678,15 @@ def docker_document(
     port = port or free_port()
     s["environment"] = {"GREETING": "hello", **(env or {})}
     s["invocation"] = startup
-    s["build"].update(memory_limit=memory_mb, swap=swap, cpu_limit=cpu, threads=threads, disk_space=0)
+    s["build"].update(
+        memory_limit=memory_mb, swap=swap, cpu_limit=cpu, threads=threads, disk_space=0
+    )
     s["container"]["image"] = image
-    s["allocations"] = {"force_outgoing_ip": False, "default": {"ip": "127.0.0.1", "port": port}, "mappings": {"127.0.0.1": [port]}}
+    s["allocations"] = {
+        "force_outgoing_ip": False,
+        "default": {"ip": "127.0.0.1", "port": port},
+        "mappings": {"127.0.0.1": [port]},
+    }
     s["mounts"] = list(mounts)
     doc["process_configuration"] = {
         "startup": {"done": ["ready"], "user_interaction": [], "strip_ansi": False},
@@ -1412,7 +1722,9 @@ def docker_engine():
     try:
         client.inspect_image(TEST_IMAGE)
     except Exception as exc:
-        pytest.fail(f"Docker engine or the test image {TEST_IMAGE} is not available ({exc}); run .ci/run or .ci/test-env.sh")
+        pytest.fail(
+            f"Docker engine or the test image {TEST_IMAGE} is not available ({exc}); run .ci/run or .ci/test-env.sh"
+        )
     return client
 
 
@@ -1439,7 +1751,9 @@ class DockerServers:
     def start(self, uuid: str, timeout_s: float = 20) -> w.Server:
         assert api(self.daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
         server = self.wait_state(uuid, "running", timeout_s)
-        wait_until(lambda: self.power_idle(server), timeout_s, "the start to finish")  # the next power action gets the lock
+        wait_until(
+            lambda: self.power_idle(server), timeout_s, "the start to finish"
+        )  # the next power action gets the lock
         return server
 
     @staticmethod
@@ -1451,7 +1765,11 @@ class DockerServers:
 
     def wait_state(self, uuid: str, state: str, timeout_s: float = 20) -> w.Server:
         server = self.daemon.get_server(uuid)
-        wait_until(lambda: server.state == state, timeout_s, f"server {uuid[:8]} to be {state} (is {server.state})")
+        wait_until(
+            lambda: server.state == state,
+            timeout_s,
+            f"server {uuid[:8]} to be {state} (is {server.state})",
+        )
         return server
 
     def inspect(self, uuid: str) -> dict:
@@ -1468,7 +1786,9 @@ class DockerServers:
 
     def wait_console(self, uuid: str, text: str, timeout_s: float = 15) -> str:
         return wait_until(
-            lambda: next((line for line in self.console(uuid) if text in line), None), timeout_s, f"{text!r} on the console of {uuid[:8]}"
+            lambda: next((line for line in self.console(uuid) if text in line), None),
+            timeout_s,
+            f"{text!r} on the console of {uuid[:8]}",
         )
 
     def cleanup(self) -> None:
@@ -1506,7 +1826,9 @@ class TestConsolePipeline:
     def test_lines_are_cut_at_the_limit_and_the_rest_of_the_line_is_dropped(self):
         # Wings' own test case (system/utils_test.go) with a 10-byte limit.
         splitter = w.LineSplitter(10)
-        lines = splitter.feed(b"hello world this is a long line\nof text that should be truncated\nnot here\nbut definitely on this line")
+        lines = splitter.feed(
+            b"hello world this is a long line\nof text that should be truncated\nnot here\nbut definitely on this line"
+        )
         assert lines + splitter.flush() == ["hello worl", "of text th", "not here", "but defini"]
 
     def test_space_carriage_return_becomes_a_line_break_and_empty_lines_are_dropped(self):
@@ -1546,7 +1868,9 @@ class TestConsolePipeline:
         assert published[0] == "line one" and "throttling" in published[1] and len(published) == 2
 
     def test_signal_names_are_sent_as_docker_expects_them(self):
-        assert [w.signal_name(v) for v in ("SIGTERM", "sigint", "C", "ABRT", "SIGKILL", "bogus", "")] == [
+        assert [
+            w.signal_name(v) for v in ("SIGTERM", "sigint", "C", "ABRT", "SIGKILL", "bogus", "")
+        ] == [
             "SIGTERM",
             "SIGINT",
             "SIGINT",
@@ -1581,7 +1905,15 @@ class TestCgroups:
         cgroup = w.Cgroup.locate(root, cid, driver="systemd")
         assert cgroup.version == 2
         k = cgroup.read()
-        assert (k.memory_bytes, k.swap_bytes, k.cpu_quota_us, k.cpu_period_us, k.cpuset, k.all_cpus, k.pids) == (
+        assert (
+            k.memory_bytes,
+            k.swap_bytes,
+            k.cpu_quota_us,
+            k.cpu_period_us,
+            k.cpuset,
+            k.all_cpus,
+            k.pids,
+        ) == (
             104857600,
             0,
             50000,
@@ -1603,7 +1935,8 @@ class TestCgroups:
         root = self.make_v2(tmp_path, f"docker/{cid}")
         assert w.Cgroup.locate(root, cid).dirs["memory"] == root / "docker" / cid
         assert (
-            w._container_cgroup_relpath(cid, "systemd", "games-minecraft.slice") == f"games.slice/games-minecraft.slice/docker-{cid}.scope"
+            w._container_cgroup_relpath(cid, "systemd", "games-minecraft.slice")
+            == f"games.slice/games-minecraft.slice/docker-{cid}.scope"
         )
         assert w._container_cgroup_relpath(cid, "cgroupfs", "/games/") == f"games/{cid}"
 
@@ -1615,7 +1948,10 @@ class TestCgroups:
     def test_v1_cgroup_of_a_process_is_written_directly(self, tmp_path):
         # A real v1 hierarchy, no Docker: a group of our own holding a sleeping process.
         group = f"wingslite-test-{os.getpid()}"
-        dirs = {c: Path("/sys/fs/cgroup") / c / "wingslite-tests" / group for c in w.Cgroup.V1_CONTROLLERS}
+        dirs = {
+            c: Path("/sys/fs/cgroup") / c / "wingslite-tests" / group
+            for c in w.Cgroup.V1_CONTROLLERS
+        }
         if not Path("/sys/fs/cgroup/memory").is_dir():
             pytest.skip("no cgroup v1 memory hierarchy on this machine")
         proc = subprocess.Popen(["sleep", "60"])
@@ -1644,7 +1980,11 @@ class TestCgroups:
             proc.kill()
             proc.wait()
             for d in dirs.values():
-                wait_until(lambda d=d: not (d / "cgroup.procs").read_text().strip(), 5, "the cgroup to empty")
+                wait_until(
+                    lambda d=d: not (d / "cgroup.procs").read_text().strip(),
+                    5,
+                    "the cgroup to empty",
+                )
                 d.rmdir()
                 with contextlib.suppress(OSError):
                     d.parent.rmdir()
@@ -1660,11 +2000,25 @@ class TestDockerEnvironment:
         (allowed / "escape").symlink_to(sibling)
         mounts = [
             {"source": str(allowed / "maps"), "target": "/maps", "read_only": True},
-            {"source": str(allowed / "worlds"), "target": "/home/container/worlds", "read_only": True},  # as the Panel's example
-            {"source": str(sibling), "target": "/db", "read_only": False},  # a string prefix match only
-            {"source": str(allowed / "escape"), "target": "/esc", "read_only": False},  # symlink out
+            {
+                "source": str(allowed / "worlds"),
+                "target": "/home/container/worlds",
+                "read_only": True,
+            },  # as the Panel's example
+            {
+                "source": str(sibling),
+                "target": "/db",
+                "read_only": False,
+            },  # a string prefix match only
+            {
+                "source": str(allowed / "escape"),
+                "target": "/esc",
+                "read_only": False,
+            },  # symlink out
         ]
-        uuid = docker_servers.add(env={"P_SERVER_ALLOCATION_LIMIT": 0}, mounts=mounts, cpu=50, threads="0")
+        uuid = docker_servers.add(
+            env={"P_SERVER_ALLOCATION_LIMIT": 0}, mounts=mounts, cpu=50, threads="0"
+        )
         daemon = docker_servers.boot(allowed_mounts=[str(allowed)], docker__container_pid_limit=256)
         docker_servers.start(uuid)
         info = docker_servers.inspect(uuid)
@@ -1680,7 +2034,10 @@ class TestDockerEnvironment:
         ]
         assert "P_SERVER_ALLOCATION_LIMIT=0" in cfg["Env"]
         assert cfg["Tty"] and cfg["OpenStdin"] and cfg["StdinOnce"] is False
-        assert cfg["Labels"]["Service"] == "Pterodactyl" and cfg["Labels"]["ContainerType"] == "server_process"
+        assert (
+            cfg["Labels"]["Service"] == "Pterodactyl"
+            and cfg["Labels"]["ContainerType"] == "server_process"
+        )
         assert hc["PortBindings"] == {
             f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}],
             f"{port}/udp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}],
@@ -1688,7 +2045,12 @@ class TestDockerEnvironment:
         assert hc["Tmpfs"] == {"/tmp": "rw,exec,nosuid,size=100M"}
         assert hc["ReadonlyRootfs"] and hc["SecurityOpt"] == ["no-new-privileges"]
         assert sorted(c.lower() for c in hc["CapDrop"]) == sorted(w._CAP_DROP)
-        assert hc["PidsLimit"] == 256 and hc["Memory"] == w.memory_limit_bytes(64) and hc["CpuQuota"] == 50_000 and hc["CpusetCpus"] == "0"
+        assert (
+            hc["PidsLimit"] == 256
+            and hc["Memory"] == w.memory_limit_bytes(64)
+            and hc["CpuQuota"] == 50_000
+            and hc["CpusetCpus"] == "0"
+        )
         binds = {m["Target"]: (m["Source"], m.get("ReadOnly", False)) for m in hc["Mounts"]}
         assert binds == {
             "/home/container": (str(daemon.config.data_dir / uuid), False),
@@ -1698,9 +2060,13 @@ class TestDockerEnvironment:
         # The server directory is the process's working directory.
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["pwd > where.txt"]})
         wait_until(lambda: (daemon.config.data_dir / uuid / "where.txt").exists(), 10, "where.txt")
-        assert (daemon.config.data_dir / uuid / "where.txt").read_text().strip() == "/home/container"
+        assert (
+            daemon.config.data_dir / uuid / "where.txt"
+        ).read_text().strip() == "/home/container"
 
-    def test_a_container_exiting_during_the_limit_update_makes_them_pending_not_failed(self, docker_servers, monkeypatch):
+    def test_a_container_exiting_during_the_limit_update_makes_them_pending_not_failed(
+        self, docker_servers, monkeypatch
+    ):
         uuid = docker_servers.add(memory_mb=64, cpu=50)
         docker_servers.boot()
         env = docker_servers.start(uuid).env
@@ -1713,10 +2079,18 @@ class TestDockerEnvironment:
         monkeypatch.setattr(env, "cgroup", cgroup_gone)
         config = docker_servers.daemon.get_server(uuid).config
         running = env._inspect
-        monkeypatch.setattr(env, "_inspect", lambda: {**running(), "State": {"Running": False}})  # it exited meanwhile
+        monkeypatch.setattr(
+            env, "_inspect", lambda: {**running(), "State": {"Running": False}}
+        )  # it exited meanwhile
         report = env.apply_limits(config)
-        assert cgroup_lookups and report.failed == [] and any("next start" in p for p in report.pending), report
-        monkeypatch.setattr(env, "_inspect", running)  # still running: a missing cgroup is a real failure
+        assert (
+            cgroup_lookups
+            and report.failed == []
+            and any("next start" in p for p in report.pending)
+        ), report
+        monkeypatch.setattr(
+            env, "_inspect", running
+        )  # still running: a missing cgroup is a real failure
         report = env.apply_limits(config)
         assert report.failed == ["cgroup: the cgroup of this container is gone"], report
 
@@ -1728,7 +2102,9 @@ class TestDockerEnvironment:
         before = docker_servers.inspect(uuid)
         cid, pid = before["Id"], before["State"]["Pid"]
 
-        docker_servers.panel.servers[uuid]["settings"]["build"].update(memory_limit=128, cpu_limit=150, threads="1", swap=64)
+        docker_servers.panel.servers[uuid]["settings"]["build"].update(
+            memory_limit=128, cpu_limit=150, threads="1", swap=64
+        )
         started = time.monotonic()
         assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
         sync_ms = (time.monotonic() - started) * 1000
@@ -1739,22 +2115,40 @@ class TestDockerEnvironment:
             and after["HostConfig"]["CpuQuota"] == 150_000
             and after["HostConfig"]["CpusetCpus"] == "1"
         )
-        assert int(cgroup_file("memory", cid, "memory.limit_in_bytes")) // 4096 == w.memory_limit_bytes(128) // 4096
-        assert int(cgroup_file("memory", cid, "memory.memsw.limit_in_bytes")) // 4096 == (w.memory_limit_bytes(128) + 64_000_000) // 4096
-        assert cgroup_file("cpu", cid, "cpu.cfs_quota_us") == "150000" and cgroup_file("cpuset", cid, "cpuset.cpus") == "1"
+        assert (
+            int(cgroup_file("memory", cid, "memory.limit_in_bytes")) // 4096
+            == w.memory_limit_bytes(128) // 4096
+        )
+        assert (
+            int(cgroup_file("memory", cid, "memory.memsw.limit_in_bytes")) // 4096
+            == (w.memory_limit_bytes(128) + 64_000_000) // 4096
+        )
+        assert (
+            cgroup_file("cpu", cid, "cpu.cfs_quota_us") == "150000"
+            and cgroup_file("cpuset", cid, "cpuset.cpus") == "1"
+        )
         assert cgroup_file("pids", cid, "pids.max") == "512"
 
-        docker_servers.panel.servers[uuid]["settings"]["build"].update(memory_limit=0, cpu_limit=0, threads=None, swap=-1)
+        docker_servers.panel.servers[uuid]["settings"]["build"].update(
+            memory_limit=0, cpu_limit=0, threads=None, swap=-1
+        )
         assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
         unlimited = str(9223372036854771712)
         assert cgroup_file("memory", cid, "memory.limit_in_bytes") == unlimited
         assert cgroup_file("memory", cid, "memory.memsw.limit_in_bytes") == unlimited
         assert cgroup_file("cpu", cid, "cpu.cfs_quota_us") == "-1"
-        assert cgroup_file("cpuset", cid, "cpuset.cpus") == Path("/sys/fs/cgroup/cpuset/docker/cpuset.cpus").read_text().strip()
+        assert (
+            cgroup_file("cpuset", cid, "cpuset.cpus")
+            == Path("/sys/fs/cgroup/cpuset/docker/cpuset.cpus").read_text().strip()
+        )
         after = docker_servers.inspect(uuid)
         assert (after["Id"], after["State"]["Pid"], after["State"]["Running"]) == (cid, pid, True)
         record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
-        assert record["failed"] == [] and "memory unlimited" in record["applied"] and "cpu quota unlimited" in record["applied"]
+        assert (
+            record["failed"] == []
+            and "memory unlimited" in record["applied"]
+            and "cpu quota unlimited" in record["applied"]
+        )
         assert sync_ms < 1000, f"a sync with live limits took {sync_ms:.0f} ms"
 
     def test_sync_lifts_limits_in_a_cgroup_v2_layout(self, docker_servers, tmp_path):
@@ -1777,9 +2171,14 @@ class TestDockerEnvironment:
             "pids.max": "512",
         }.items():
             (d / name).write_text(value + "\n")
-        docker_servers.panel.servers[uuid]["settings"]["build"].update(memory_limit=0, cpu_limit=0, threads=None, swap=-1)
+        docker_servers.panel.servers[uuid]["settings"]["build"].update(
+            memory_limit=0, cpu_limit=0, threads=None, swap=-1
+        )
         assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        assert [(d / f).read_text().strip() for f in ("memory.max", "memory.swap.max", "memory.low", "cpu.max", "cpuset.cpus")] == [
+        assert [
+            (d / f).read_text().strip()
+            for f in ("memory.max", "memory.swap.max", "memory.low", "cpu.max", "cpuset.cpus")
+        ] == [
             "max",
             "max",
             "0",
@@ -1796,16 +2195,36 @@ class TestDockerEnvironment:
         assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
         pending = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["pending_next_start"]
         assert "environment variables" in pending
-        assert api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["echo now $GREETING"]})[0] == 204
+        assert (
+            api(
+                daemon,
+                "POST",
+                f"/api/servers/{uuid}/commands",
+                {"commands": ["echo now $GREETING"]},
+            )[0]
+            == 204
+        )
         docker_servers.wait_console(uuid, "now first")
         assert "GREETING=first" in docker_servers.inspect(uuid)["Config"]["Env"]
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "restart", "wait_seconds": 10})[0] == 202
+        assert (
+            api(
+                daemon,
+                "POST",
+                f"/api/servers/{uuid}/power",
+                {"action": "restart", "wait_seconds": 10},
+            )[0]
+            == 202
+        )
         docker_servers.wait_console(uuid, "booting second")
         docker_servers.wait_state(uuid, "running")
         assert "GREETING=second" in docker_servers.inspect(uuid)["Config"]["Env"]
-        assert api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["pending_next_start"] == []
+        assert (
+            api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["pending_next_start"] == []
+        )
 
-    def test_a_crash_restarts_once_and_a_second_crash_inside_the_window_does_not(self, docker_servers):
+    def test_a_crash_restarts_once_and_a_second_crash_inside_the_window_does_not(
+        self, docker_servers
+    ):
         uuid = docker_servers.add()
         daemon = docker_servers.boot(system__crash_detection__timeout=60)
         server = docker_servers.start(uuid)
@@ -1815,13 +2234,20 @@ class TestDockerEnvironment:
         docker_servers.wait_console(uuid, "Detected server process in a crashed state")
         docker_servers.wait_console(uuid, "Exit code: 3")
         wait_until(
-            lambda: docker_servers.container_id(uuid) not in (None, first_id) and server.state == "running",
+            lambda: (
+                docker_servers.container_id(uuid) not in (None, first_id)
+                and server.state == "running"
+            ),
             20,
             "the restart after the crash",
         )
-        assert docker_servers.panel.calls[f"/api/remote/servers/{uuid}"] > fetches  # the restart synced first
+        assert (
+            docker_servers.panel.calls[f"/api/remote/servers/{uuid}"] > fetches
+        )  # the restart synced first
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 4"]})
-        docker_servers.wait_console(uuid, "Aborting automatic restart, last crash occurred less than 60 seconds ago.")
+        docker_servers.wait_console(
+            uuid, "Aborting automatic restart, last crash occurred less than 60 seconds ago."
+        )
         assert server.state == "offline" and not docker_servers.inspect(uuid)["State"]["Running"]
 
     def test_a_clean_exit_is_not_a_crash_when_so_configured(self, docker_servers):
@@ -1830,7 +2256,9 @@ class TestDockerEnvironment:
         server = docker_servers.start(uuid)
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 0"]})
         wait_until(lambda: server.state == "offline", 10, "the exit")
-        time.sleep(0.5)  # a restart would have begun by now: nothing to poll for when nothing happens
+        time.sleep(
+            0.5
+        )  # a restart would have begun by now: nothing to poll for when nothing happens
         assert server.state == "offline"
         assert not any("crashed state" in line for line in docker_servers.console(uuid))
 
@@ -1840,23 +2268,46 @@ class TestDockerEnvironment:
         daemon = docker_servers.boot()
         server = docker_servers.start(uuid)
         started = time.monotonic()
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10})[0] == 202
+        assert (
+            api(
+                daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10}
+            )[0]
+            == 202
+        )
         wait_until(lambda: server.state == "offline", 10, "the stop")
-        assert time.monotonic() - started < 5  # stopped by SIGTERM, not by the kill after the timeout
+        assert (
+            time.monotonic() - started < 5
+        )  # stopped by SIGTERM, not by the kill after the timeout
         assert "got-term" in docker_servers.console(uuid)
         assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 0
 
     def test_stop_by_command_and_kill_after_the_timeout(self, docker_servers):
         uuid = docker_servers.add()  # stop command "quit"
-        stubborn = docker_servers.add(startup="trap '' INT; echo ready; while true; do sleep 0.1; done", stop=("signal", "SIGINT"))
+        stubborn = docker_servers.add(
+            startup="trap '' INT; echo ready; while true; do sleep 0.1; done",
+            stop=("signal", "SIGINT"),
+        )
         daemon = docker_servers.boot(wingslite__stop_timeout_s=1)
         server = docker_servers.start(uuid)
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10})[0] == 202
+        assert (
+            api(
+                daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10}
+            )[0]
+            == 202
+        )
         wait_until(lambda: server.state == "offline", 10, "the stop command")
         assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 0
         server = docker_servers.start(stubborn)
         started = time.monotonic()
-        assert api(daemon, "POST", f"/api/servers/{stubborn}/power", {"action": "stop", "wait_seconds": 10})[0] == 202
+        assert (
+            api(
+                daemon,
+                "POST",
+                f"/api/servers/{stubborn}/power",
+                {"action": "stop", "wait_seconds": 10},
+            )[0]
+            == 202
+        )
         wait_until(lambda: server.state == "offline", 10, "the kill after the timeout")
         assert 1 <= time.monotonic() - started < 8
         assert docker_servers.inspect(stubborn)["State"]["ExitCode"] == 137
@@ -1878,13 +2329,18 @@ class TestDockerEnvironment:
         def kill_once_starting(event, *args):
             if event == "status" and args == ("starting",) and not kill_sent.is_set():
                 kill_sent.set()  # the Panel's kill button, pressed while the container is being made
-                threading.Thread(target=api, args=(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "kill"})).start()
+                threading.Thread(
+                    target=api,
+                    args=(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "kill"}),
+                ).start()
 
         server.events.subscribe(kill_once_starting)
         assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
         wait_until(kill_sent.is_set, 10, "the start to begin")
         wait_until(lambda: docker_servers.power_idle(server), 20, "the start to finish")
-        time.sleep(1)  # a crash restart would have begun by now: nothing to poll for when nothing happens
+        time.sleep(
+            1
+        )  # a crash restart would have begun by now: nothing to poll for when nothing happens
         assert server.state == "offline"
         assert not docker_servers.inspect(uuid)["State"]["Running"]
         assert not any("crashed state" in line for line in docker_servers.console(uuid))
@@ -1913,22 +2369,59 @@ class TestDockerEnvironment:
 
     def test_commands_logs_and_stats(self, docker_daemon):
         uuid, daemon = docker_daemon.uuid, docker_daemon.daemon
-        assert api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["echo one", "echo two"]})[0] == 204
+        assert (
+            api(
+                daemon,
+                "POST",
+                f"/api/servers/{uuid}/commands",
+                {"commands": ["echo one", "echo two"]},
+            )[0]
+            == 204
+        )
         # Docker's log driver writes its copy a moment after the attach stream delivered it.
         body = wait_until(
-            lambda: (r := api(daemon, "GET", f"/api/servers/{uuid}/logs?size=3"))[2]["data"][-1] == "two" and r[2], 10, "the log"
+            lambda: (
+                (r := api(daemon, "GET", f"/api/servers/{uuid}/logs?size=3"))[2]["data"][-1]
+                == "two"
+                and r[2]
+            ),
+            10,
+            "the log",
         )
-        assert len(body["data"]) == 3 and "echo two" in body["data"]  # the TTY also echoes each command
+        assert (
+            len(body["data"]) == 3 and "echo two" in body["data"]
+        )  # the TTY also echoes each command
         util = wait_until(
-            lambda: (u := api(daemon, "GET", f"/api/servers/{uuid}")[2]["utilization"])["memory_bytes"] and u, 10, "a stats sample"
+            lambda: (
+                (u := api(daemon, "GET", f"/api/servers/{uuid}")[2]["utilization"])["memory_bytes"]
+                and u
+            ),
+            10,
+            "a stats sample",
         )
-        assert set(util) == {"memory_bytes", "memory_limit_bytes", "cpu_absolute", "network", "uptime", "state", "disk_bytes"}
-        assert util["state"] == "running" and util["uptime"] > 0 and util["memory_limit_bytes"] // 4096 == w.memory_limit_bytes(64) // 4096
+        assert set(util) == {
+            "memory_bytes",
+            "memory_limit_bytes",
+            "cpu_absolute",
+            "network",
+            "uptime",
+            "state",
+            "disk_bytes",
+        }
+        assert (
+            util["state"] == "running"
+            and util["uptime"] > 0
+            and util["memory_limit_bytes"] // 4096 == w.memory_limit_bytes(64) // 4096
+        )
         assert set(util["network"]) == {"rx_bytes", "tx_bytes"}
         api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "kill"})
         docker_daemon.wait_state(uuid, "offline")
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["echo three"]})
-        assert status == 502 and body["error"] == "Cannot send commands to a stopped server instance."
+        status, _, body = api(
+            daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["echo three"]}
+        )
+        assert (
+            status == 502 and body["error"] == "Cannot send commands to a stopped server instance."
+        )
         assert api(daemon, "GET", f"/api/servers/{uuid}")[2]["utilization"]["memory_bytes"] == 0
 
     def test_console_flood_is_throttled(self, docker_servers):
@@ -1939,38 +2432,64 @@ class TestDockerEnvironment:
             daemon,
             "POST",
             f"/api/servers/{uuid}/commands",
-            {"commands": ["i=0; while [ $i -lt 500 ]; do echo flood$i; i=$((i+1)); done; echo flood-end"]},
+            {
+                "commands": [
+                    "i=0; while [ $i -lt 500 ]; do echo flood$i; i=$((i+1)); done; echo flood-end"
+                ]
+            },
         )
         docker_servers.wait_console(uuid, "throttling")
-        wait_until(lambda: "flood-end" in docker_servers.daemon.get_server(uuid).logs(5)[-1], 10, "the flood to end")
+        wait_until(
+            lambda: "flood-end" in docker_servers.daemon.get_server(uuid).logs(5)[-1],
+            10,
+            "the flood to end",
+        )
         shown = [line for line in docker_servers.console(uuid) if line.startswith("flood")]
         assert len(shown) < 50
         assert sum("throttling" in line for line in docker_servers.console(uuid)) == 1
 
-    def test_an_image_that_is_neither_local_nor_pullable_fails_the_start(self, docker_servers, caplog):
+    def test_an_image_that_is_neither_local_nor_pullable_fails_the_start(
+        self, docker_servers, caplog
+    ):
         uuid = docker_servers.add(image="wingslite-missing.invalid/nothing:1")
         good = docker_servers.add()
         daemon = docker_servers.boot()
         with caplog.at_level(logging.ERROR, logger="wingslite"):
             assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
             line = docker_servers.wait_console(uuid, "could not be started")
-            wait_until(lambda: any("neither on this node nor pullable" in r.getMessage() for r in caplog.records), 10, "the logged error")
+            wait_until(
+                lambda: any(
+                    "neither on this node nor pullable" in r.getMessage() for r in caplog.records
+                ),
+                10,
+                "the logged error",
+            )
         assert "neither on this node nor pullable" in line
         assert daemon.get_server(uuid).state == "offline"
         assert api(daemon, "GET", "/api/system")[0] == 200
         docker_servers.start(good)  # the daemon and other servers carry on
 
-    def test_a_start_whose_sync_fails_is_refused_with_a_console_message(self, docker_servers, caplog):
+    def test_a_start_whose_sync_fails_is_refused_with_a_console_message(
+        self, docker_servers, caplog
+    ):
         uuid = docker_servers.add()
         daemon = docker_servers.boot()
         del docker_servers.panel.servers[uuid]  # the Panel now answers 404 for it
         with caplog.at_level(logging.ERROR, logger="wingslite"):
             assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
             docker_servers.wait_console(uuid, "Unable to sync server data from the Panel")
-            wait_until(lambda: any("power action start failed" in r.getMessage() for r in caplog.records), 10, "the logged error")
-        assert daemon.get_server(uuid).state == "offline" and docker_servers.container_id(uuid) is None
+            wait_until(
+                lambda: any("power action start failed" in r.getMessage() for r in caplog.records),
+                10,
+                "the logged error",
+            )
+        assert (
+            daemon.get_server(uuid).state == "offline" and docker_servers.container_id(uuid) is None
+        )
 
-    def test_system_info_v2_reports_the_engine_as_the_panels_telemetry_reads_it(self, docker_servers, tmp_path):
+    def test_system_info_v2_reports_the_engine_as_the_panels_telemetry_reads_it(
+        self, docker_servers, tmp_path
+    ):
         daemon = docker_servers.boot()
         status, _, body = api(daemon, "GET", "/api/system?v=2")
         engine = docker_servers.engine.info()
@@ -1979,17 +2498,25 @@ class TestDockerEnvironment:
         assert body["docker"]["cgroups"]["driver"] == engine["CgroupDriver"]
         assert set(body["docker"]["containers"]) == {"total", "running", "paused", "stopped"}
         assert body["docker"]["storage"]["driver"] == engine["Driver"]
-        assert body["system"]["os_type"] == "linux" and body["system"]["memory_bytes"] > 0 and body["system"]["cpu_threads"] >= 1
+        assert (
+            body["system"]["os_type"] == "linux"
+            and body["system"]["memory_bytes"] > 0
+            and body["system"]["cpu_threads"] >= 1
+        )
         unreachable = DaemonFactory(tmp_path / "other")
         try:
-            other = unreachable(docker_servers.panel, wingslite__docker_url=f"unix://{tmp_path / 'no.sock'}")
+            other = unreachable(
+                docker_servers.panel, wingslite__docker_url=f"unix://{tmp_path / 'no.sock'}"
+            )
             status, _, body = api(other, "GET", "/api/system?v=2")
             assert status == 500 and "Docker" in body["error"], body
             assert api(other, "GET", "/api/system")[0] == 200  # v1 needs no engine
         finally:
             unreachable.stop_all()
 
-    def test_a_slow_image_pull_does_not_hold_up_a_suspending_sync(self, docker_servers, monkeypatch):
+    def test_a_slow_image_pull_does_not_hold_up_a_suspending_sync(
+        self, docker_servers, monkeypatch
+    ):
         uuid = docker_servers.add()
         daemon = docker_servers.boot()
         env = daemon.get_server(uuid).env
@@ -2008,10 +2535,14 @@ class TestDockerEnvironment:
         docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
         started = time.monotonic()
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
-        assert status == 204 and time.monotonic() - started < 2, body  # not queued behind the download
+        assert status == 204 and time.monotonic() - started < 2, (
+            body
+        )  # not queued behind the download
         release.set()
         docker_servers.wait_console(uuid, "suspended and cannot be started")
-        assert daemon.get_server(uuid).state == "offline" and docker_servers.container_id(uuid) is None
+        assert (
+            daemon.get_server(uuid).state == "offline" and docker_servers.container_id(uuid) is None
+        )
 
     def test_deleting_a_server_removes_its_running_container(self, docker_daemon):
         uuid, daemon = docker_daemon.uuid, docker_daemon.daemon
@@ -2019,13 +2550,17 @@ class TestDockerEnvironment:
         assert docker_daemon.container_id(uuid) is None
         assert api(daemon, "GET", f"/api/servers/{uuid}")[0] == 404
 
-    def test_docker_down_during_a_sync_is_a_500_naming_docker_and_limits_apply_at_next_start(self, docker_servers, tmp_path):
+    def test_docker_down_during_a_sync_is_a_500_naming_docker_and_limits_apply_at_next_start(
+        self, docker_servers, tmp_path
+    ):
         proxy = DockerSocketProxy(tmp_path / "docker.sock")
         try:
             uuid = docker_servers.add(memory_mb=64)
             daemon = docker_servers.boot(wingslite__docker_url=f"unix://{proxy.path}")
             docker_servers.start(uuid)
-            api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10})
+            api(
+                daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop", "wait_seconds": 10}
+            )
             docker_servers.wait_state(uuid, "offline")
             proxy.stop()
             docker_servers.panel.servers[uuid]["settings"]["build"]["memory_limit"] = 96
@@ -2040,7 +2575,9 @@ class TestDockerEnvironment:
         finally:
             proxy.stop()
 
-    def test_daemon_killed_with_sigkill_reattaches_and_restores_states(self, docker_servers, tmp_path):
+    def test_daemon_killed_with_sigkill_reattaches_and_restores_states(
+        self, docker_servers, tmp_path
+    ):
         keeps_running = docker_servers.add()
         was_running = docker_servers.add()
         never_started = docker_servers.add()
@@ -2053,17 +2590,33 @@ class TestDockerEnvironment:
 
         def spawn():
             proc = subprocess.Popen(
-                [sys.executable, str(HERE / "wingslite.py"), "--config", str(config_path)], stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, str(HERE / "wingslite.py"), "--config", str(config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
-            wait_until(lambda: _port_open(port) and api(port, "GET", f"/api/servers/{never_started}")[0] == 200, 20, "the daemon's API")
+            wait_until(
+                lambda: (
+                    _port_open(port) and api(port, "GET", f"/api/servers/{never_started}")[0] == 200
+                ),
+                20,
+                "the daemon's API",
+            )
             return proc
 
         proc = spawn()
         try:
             for uuid in (keeps_running, was_running):
-                assert api(port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+                assert (
+                    api(port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+                )
             for uuid in (keeps_running, was_running):
-                wait_until(lambda uuid=uuid: api(port, "GET", f"/api/servers/{uuid}")[2]["state"] == "running", 20, "running")
+                wait_until(
+                    lambda uuid=uuid: (
+                        api(port, "GET", f"/api/servers/{uuid}")[2]["state"] == "running"
+                    ),
+                    20,
+                    "running",
+                )
             before = docker_servers.inspect(keeps_running)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
@@ -2081,9 +2634,20 @@ class TestDockerEnvironment:
                 before["State"]["StartedAt"],
             )
             assert api(port, "GET", f"/api/servers/{keeps_running}")[2]["state"] == "running"
-            assert api(port, "POST", f"/api/servers/{keeps_running}/commands", {"commands": ["echo still-here"]})[0] == 204
+            assert (
+                api(
+                    port,
+                    "POST",
+                    f"/api/servers/{keeps_running}/commands",
+                    {"commands": ["echo still-here"]},
+                )[0]
+                == 204
+            )
             wait_until(
-                lambda: "still-here" in api(port, "GET", f"/api/servers/{keeps_running}/logs?size=5")[2]["data"],
+                lambda: (
+                    "still-here"
+                    in api(port, "GET", f"/api/servers/{keeps_running}/logs?size=5")[2]["data"]
+                ),
                 10,
                 "the console after re-attaching",
             )
@@ -2153,9 +2717,7 @@ class DockerSocketProxy:
                 dst.shutdown(socket.SHUT_WR)
 
 
-##############################################################################
-# websocket
-##############################################################################
+# websocket ########################################################################################
 
 
 def ws_claims(
@@ -2173,7 +2735,9 @@ def ws_claims(
     now = int(time.time()) if iat is None else iat
     claims = {
         "iss": "https://panel.example.com",
-        "aud": ["http://127.0.0.1:8080"],  # a one-element JSON array, as lcobucci writes it for the Panel
+        "aud": [
+            "http://127.0.0.1:8080"
+        ],  # a one-element JSON array, as lcobucci writes it for the Panel
         "jti": hashlib.md5(f"{user_id}{server}".encode()).hexdigest(),
         "iat": now,
         "nbf": now - 300,
@@ -2190,7 +2754,9 @@ def ws_claims(
     return claims
 
 
-def ws_token(claims: dict, secret: str = TOKEN, alg: str = "HS256", header: dict | None = None) -> str:
+def ws_token(
+    claims: dict, secret: str = TOKEN, alg: str = "HS256", header: dict | None = None
+) -> str:
     """An HS256 JWT built as the Panel builds it (header carries the jti), independent of wingslite."""
 
     def b64(raw: bytes) -> str:
@@ -2268,7 +2834,9 @@ def ws_authed(daemon: w.Daemon, uuid: str, **claims):
     return conn, first
 
 
-def ws_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
+def ws_frame(
+    opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0
+) -> bytes:
     """One client frame, masked unless told otherwise (RFC 6455 §5.2)."""
     b0 = (0x80 if fin else 0) | rsv | opcode
     n = len(payload)
@@ -2382,7 +2950,13 @@ class ConsoleEnvironment(w.Environment):
         return self.lines[-lines:]
 
     def stats(self):
-        return {"memory_bytes": 1234, "memory_limit_bytes": 0, "cpu_absolute": 1.5, "network": {"rx_bytes": 7, "tx_bytes": 9}, "uptime": 10}
+        return {
+            "memory_bytes": 1234,
+            "memory_limit_bytes": 0,
+            "cpu_absolute": 1.5,
+            "network": {"rx_bytes": 7, "tx_bytes": 9},
+            "uptime": 10,
+        }
 
 
 @pytest.fixture
@@ -2445,7 +3019,10 @@ class TestWebsocketFraming:
         ws, client = pair
         raw = "a€b".encode()
         client.sendall(
-            ws_frame(0x1, raw[:2], fin=False) + ws_frame(0x9, b"hi") + ws_frame(0x0, raw[2:3], fin=False) + ws_frame(0x0, raw[3:])
+            ws_frame(0x1, raw[:2], fin=False)
+            + ws_frame(0x9, b"hi")
+            + ws_frame(0x0, raw[2:3], fin=False)
+            + ws_frame(0x0, raw[3:])
         )
         assert ws.receive(2) == "a€b"
         assert self.read(client) == (0xA, b"hi")  # the ping between the fragments got its pong
@@ -2454,7 +3031,9 @@ class TestWebsocketFraming:
         ws, client = pair
         client.sendall(ws_frame(0x1, b"x" * 4096))
         assert ws.receive(2) == "x" * 4096
-        client.sendall(b"".join(ws_frame(0x1 if i == 0 else 0x0, b"y" * 4096, fin=i == 7) for i in range(8)))
+        client.sendall(
+            b"".join(ws_frame(0x1 if i == 0 else 0x0, b"y" * 4096, fin=i == 7) for i in range(8))
+        )
         assert ws.receive(2) == "y" * 32768
 
     @pytest.mark.parametrize(
@@ -2466,23 +3045,38 @@ class TestWebsocketFraming:
             pytest.param([ws_frame(0x9, b"p", fin=False)], 1002, id="fragmented-ping"),
             pytest.param([ws_frame(0x9, b"p" * 126)], 1002, id="long-ping"),
             pytest.param([ws_frame(0x0, b"orphan")], 1002, id="orphan-continuation"),
-            pytest.param([ws_frame(0x1, b"a", fin=False), ws_frame(0x1, b"b")], 1002, id="interleaved-message"),
-            pytest.param([ws_frame(0x1, b"x" * 4097)], 1009, id="frame-over-4k"),
-            pytest.param([bytes((0x81, 0xFF)) + (1 << 40).to_bytes(8, "big")], 1009, id="huge-length"),
-            pytest.param([bytes((0x81, 0xFF)) + (1 << 63).to_bytes(8, "big")], 1002, id="length-msb"),
             pytest.param(
-                [ws_frame(0x1 if i == 0 else 0x0, b"x" * 4096, fin=False) for i in range(8)] + [ws_frame(0x0, b"x")],
+                [ws_frame(0x1, b"a", fin=False), ws_frame(0x1, b"b")],
+                1002,
+                id="interleaved-message",
+            ),
+            pytest.param([ws_frame(0x1, b"x" * 4097)], 1009, id="frame-over-4k"),
+            pytest.param(
+                [bytes((0x81, 0xFF)) + (1 << 40).to_bytes(8, "big")], 1009, id="huge-length"
+            ),
+            pytest.param(
+                [bytes((0x81, 0xFF)) + (1 << 63).to_bytes(8, "big")], 1002, id="length-msb"
+            ),
+            pytest.param(
+                [ws_frame(0x1 if i == 0 else 0x0, b"x" * 4096, fin=False) for i in range(8)]
+                + [ws_frame(0x0, b"x")],
                 1009,
                 id="message-over-32k",
             ),
             pytest.param([ws_frame(0x1, b"\xff")], 1007, id="invalid-utf8"),
             pytest.param([ws_frame(0x1, b"ok\xed\xa0\x80")], 1007, id="surrogate"),
-            pytest.param([ws_frame(0x1, b"\xe2\x82", fin=False), ws_frame(0x0, b"A")], 1007, id="utf8-broken-across-fragments"),
+            pytest.param(
+                [ws_frame(0x1, b"\xe2\x82", fin=False), ws_frame(0x0, b"A")],
+                1007,
+                id="utf8-broken-across-fragments",
+            ),
             pytest.param([ws_frame(0x1, b"\xe2\x82")], 1007, id="utf8-truncated"),
             pytest.param([ws_frame(0x8, b"\x03")], 1002, id="close-1-byte"),
             pytest.param([ws_frame(0x8, (1005).to_bytes(2, "big"))], 1002, id="close-1005"),
             pytest.param([ws_frame(0x8, (5000).to_bytes(2, "big"))], 1002, id="close-5000"),
-            pytest.param([ws_frame(0x8, (1000).to_bytes(2, "big") + b"\xff")], 1007, id="close-reason-utf8"),
+            pytest.param(
+                [ws_frame(0x8, (1000).to_bytes(2, "big") + b"\xff")], 1007, id="close-reason-utf8"
+            ),
         ],
     )
     def test_violations_close_with_the_rfc_code(self, pair, frames, code):
@@ -2556,13 +3150,41 @@ class TestWebsocketJwt:
     @pytest.mark.parametrize(
         "make, text",
         [
-            pytest.param(lambda c: ws_token(c, alg="none"), "jwt: header contains unexpected algorithm", id="alg-none"),
-            pytest.param(lambda c: ws_token(c, alg="HS512"), "jwt: header contains unexpected algorithm", id="alg-hs512"),
-            pytest.param(lambda c: ws_token(c, header={"alg": "hs256"}), "jwt: header contains unexpected algorithm", id="alg-lowercase"),
-            pytest.param(lambda c: ws_token(c, secret="not the node token"), "jwt: HMAC verification failed", id="wrong-key"),
-            pytest.param(lambda c: ws_token({k: v for k, v in c.items() if k != "exp"}), "jwt: exp claim is invalid", id="no-exp"),
-            pytest.param(lambda c: ws_token({**c, "exp": int(time.time()) - 1}), "jwt: exp claim is invalid", id="expired"),
-            pytest.param(lambda c: ws_token({**c, "exp": str(c["exp"])}), "jwt: exp claim is invalid", id="exp-string"),
+            pytest.param(
+                lambda c: ws_token(c, alg="none"),
+                "jwt: header contains unexpected algorithm",
+                id="alg-none",
+            ),
+            pytest.param(
+                lambda c: ws_token(c, alg="HS512"),
+                "jwt: header contains unexpected algorithm",
+                id="alg-hs512",
+            ),
+            pytest.param(
+                lambda c: ws_token(c, header={"alg": "hs256"}),
+                "jwt: header contains unexpected algorithm",
+                id="alg-lowercase",
+            ),
+            pytest.param(
+                lambda c: ws_token(c, secret="not the node token"),
+                "jwt: HMAC verification failed",
+                id="wrong-key",
+            ),
+            pytest.param(
+                lambda c: ws_token({k: v for k, v in c.items() if k != "exp"}),
+                "jwt: exp claim is invalid",
+                id="no-exp",
+            ),
+            pytest.param(
+                lambda c: ws_token({**c, "exp": int(time.time()) - 1}),
+                "jwt: exp claim is invalid",
+                id="expired",
+            ),
+            pytest.param(
+                lambda c: ws_token({**c, "exp": str(c["exp"])}),
+                "jwt: exp claim is invalid",
+                id="exp-string",
+            ),
             pytest.param(lambda c: "a.b", "jwt: malformed token", id="two-parts"),
             pytest.param(lambda c: ws_token(c) + "=", "jwt: malformed token", id="padding"),
             pytest.param(lambda c: "é" + ws_token(c), "jwt: malformed token", id="non-ascii"),
@@ -2575,17 +3197,27 @@ class TestWebsocketJwt:
         assert str(info.value) == text
 
     def test_a_forged_payload_fails_the_signature(self):
-        header, _, signature = ws_token(ws_claims(self.SERVER, permissions=["websocket.connect"])).split(".")
-        forged = base64.urlsafe_b64encode(json.dumps(ws_claims(self.SERVER)).encode()).rstrip(b"=").decode()
+        header, _, signature = ws_token(
+            ws_claims(self.SERVER, permissions=["websocket.connect"])
+        ).split(".")
+        forged = (
+            base64.urlsafe_b64encode(json.dumps(ws_claims(self.SERVER)).encode())
+            .rstrip(b"=")
+            .decode()
+        )
         with pytest.raises(w.JwtError, match="HMAC"):
             w.decode_jwt(f"{header}.{forged}.{signature}", TOKEN)
 
     def test_star_grants_everything_but_admin(self):
         star = w.WebsocketToken.from_claims(ws_claims(self.SERVER, permissions=["*"]))
         assert star.can("control.console") and not star.can("admin.websocket.errors")
-        admin = w.WebsocketToken.from_claims(ws_claims(self.SERVER, permissions=["websocket.connect", "admin.websocket.errors"]))
+        admin = w.WebsocketToken.from_claims(
+            ws_claims(self.SERVER, permissions=["websocket.connect", "admin.websocket.errors"])
+        )
         assert admin.can("admin.websocket.errors") and not admin.can("control.start")
-        assert not w.WebsocketToken.from_claims({**ws_claims(self.SERVER), "permissions": "*"}).can("websocket.connect")
+        assert not w.WebsocketToken.from_claims({**ws_claims(self.SERVER), "permissions": "*"}).can(
+            "websocket.connect"
+        )
 
     def test_rate_limiter_buckets(self):
         now = [0.0]
@@ -2604,7 +3236,11 @@ class TestWebsocketConsole:
         with conn:
             assert first[:2] == [("auth success", []), ("status", ["offline"])]
             stats = json.loads(first[2][1][0])
-            assert first[2][0] == "stats" and stats["network"] == {"rx_bytes": 7, "tx_bytes": 9} and stats["state"] == "offline"
+            assert (
+                first[2][0] == "stats"
+                and stats["network"] == {"rx_bytes": 7, "tx_bytes": 9}
+                and stats["state"] == "offline"
+            )
             ws_send(conn, "set state", "start")
             assert ws_until(conn, "status", match="running") == ["running"]
             conn.send(json.dumps({"event": "send logs", "args": [None]}))  # what the browser sends
@@ -2613,16 +3249,28 @@ class TestWebsocketConsole:
             assert ws_until(conn, "console output", match="say") == ["> say hello"]
             ws_send(conn, "send stats", None)
             stats = json.loads(ws_until(conn, "stats")[0])
-            assert stats["memory_bytes"] == 1234 and stats["state"] == "running" and "disk_bytes" in stats
-            daemon.get_server(uuid).env.events.publish("stats", '{"tick":1}')  # the environment's own ticks pass as they are
+            assert (
+                stats["memory_bytes"] == 1234
+                and stats["state"] == "running"
+                and "disk_bytes" in stats
+            )
+            daemon.get_server(uuid).env.events.publish(
+                "stats", '{"tick":1}'
+            )  # the environment's own ticks pass as they are
             assert ws_until(conn, "stats") == ['{"tick":1}']
             ws_send(conn, "set state", "dance")
-            assert ws_until(conn, "daemon error") == [f"Error Event [{uuid}]: attempting to handle unknown power action 'dance'"]
+            assert ws_until(conn, "daemon error") == [
+                f"Error Event [{uuid}]: attempting to handle unknown power action 'dance'"
+            ]
             ws_send(conn, "set state", "stop")
             assert ws_until(conn, "status", match="offline") == ["offline"]
             session = daemon.sessions.sessions(server_uuid=uuid, kind="websocket")[0]
             assert session.user_uuid == "c0ffee00-1111-4222-8333-444455556666"
-        wait_for(lambda: daemon.sessions.count(uuid) == 0, 5, what="the closed socket to leave the session table")
+        wait_for(
+            lambda: daemon.sessions.count(uuid) == 0,
+            5,
+            what="the closed socket to leave the session table",
+        )
 
     def test_permissions_gate_power_and_commands_and_hide_errors(self, console_node):
         daemon = console_node()
@@ -2632,7 +3280,9 @@ class TestWebsocketConsole:
             ws_send(conn, "set state", "dance")  # unknown: an error, with Wings' generic text
             assert ws_event(conn) == (
                 "daemon error",
-                [f"Error Event [{daemon.uuid}]: an unexpected error was encountered while handling this request"],
+                [
+                    f"Error Event [{daemon.uuid}]: an unexpected error was encountered while handling this request"
+                ],
             )
             assert daemon.get_server(daemon.uuid).state == "offline"  # start was ignored silently
             daemon.get_server(daemon.uuid).env.start(None)
@@ -2644,17 +3294,47 @@ class TestWebsocketConsole:
     @pytest.mark.parametrize(
         "claims, make, text",
         [
-            pytest.param({}, lambda c: ws_token(c, secret="wrong"), "jwt: HMAC verification failed", id="bad-signature"),
-            pytest.param({}, lambda c: ws_token(c, alg="none"), "jwt: header contains unexpected algorithm", id="alg-none"),
-            pytest.param({}, lambda c: ws_token(c, alg="HS512"), "jwt: header contains unexpected algorithm", id="alg-hs512"),
+            pytest.param(
+                {},
+                lambda c: ws_token(c, secret="wrong"),
+                "jwt: HMAC verification failed",
+                id="bad-signature",
+            ),
+            pytest.param(
+                {},
+                lambda c: ws_token(c, alg="none"),
+                "jwt: header contains unexpected algorithm",
+                id="alg-none",
+            ),
+            pytest.param(
+                {},
+                lambda c: ws_token(c, alg="HS512"),
+                "jwt: header contains unexpected algorithm",
+                id="alg-hs512",
+            ),
             pytest.param({"drop": ["exp"]}, ws_token, "jwt: exp claim is invalid", id="no-exp"),
             pytest.param({"lifetime": -1}, ws_token, "jwt: exp claim is invalid", id="expired"),
-            pytest.param({"drop": ["iat"]}, ws_token, "jwt: created too far in past (denylist)", id="no-iat"),
             pytest.param(
-                {"iat": int(time.time()) - 86400, "lifetime": 90000}, ws_token, "jwt: created too far in past (denylist)", id="before-boot"
+                {"drop": ["iat"]}, ws_token, "jwt: created too far in past (denylist)", id="no-iat"
             ),
-            pytest.param({"permissions": ["control.console"]}, ws_token, "jwt: missing connect permission", id="no-connect"),
-            pytest.param({"server_uuid": "00000000-0000-4000-8000-000000000000"}, ws_token, "jwt: server uuid mismatch", id="other-server"),
+            pytest.param(
+                {"iat": int(time.time()) - 86400, "lifetime": 90000},
+                ws_token,
+                "jwt: created too far in past (denylist)",
+                id="before-boot",
+            ),
+            pytest.param(
+                {"permissions": ["control.console"]},
+                ws_token,
+                "jwt: missing connect permission",
+                id="no-connect",
+            ),
+            pytest.param(
+                {"server_uuid": "00000000-0000-4000-8000-000000000000"},
+                ws_token,
+                "jwt: server uuid mismatch",
+                id="other-server",
+            ),
             pytest.param({}, lambda c: "not-a-jwt", "jwt: malformed token", id="malformed"),
             pytest.param({}, lambda c: "", "jwt: no jwt present", id="empty"),
         ],
@@ -2665,20 +3345,36 @@ class TestWebsocketConsole:
             ws_send(conn, "auth", make(ws_claims(daemon.uuid, **claims)))
             assert ws_event(conn) == ("jwt error", [f"Error Event [{daemon.uuid}]: {text}"])
             conn.send(json.dumps({"event": "send logs", "args": [None]}))
-            assert ws_event(conn) == ("jwt error", ["jwt: no jwt present"])  # other events: unprefixed
+            assert ws_event(conn) == (
+                "jwt error",
+                ["jwt: no jwt present"],
+            )  # other events: unprefixed
 
     def test_null_args_garbage_and_binary_are_tolerated(self, console_node):
         daemon = console_node()
         with ws_open(daemon, daemon.uuid) as conn:
-            for junk in ["nope", "[]", '{"event": 1}', '{"event":"auth","args":[1]}', '{"event":"send logs","args":"x"}', "[" * 4000]:
+            for junk in [
+                "nope",
+                "[]",
+                '{"event": 1}',
+                '{"event":"auth","args":[1]}',
+                '{"event":"send logs","args":"x"}',
+                "[" * 4000,
+            ]:
                 conn.send(junk)
             conn.send(b"\x00binary")
-            conn.send(json.dumps({"event": "auth", "args": [ws_token(ws_claims(daemon.uuid)), None]}))
+            conn.send(
+                json.dumps({"event": "auth", "args": [ws_token(ws_claims(daemon.uuid)), None]})
+            )
             assert ws_event(conn) == ("auth success", [])
 
-    def test_token_expiring_then_expired_then_reauth_on_the_same_socket(self, console_node, monkeypatch):
+    def test_token_expiring_then_expired_then_reauth_on_the_same_socket(
+        self, console_node, monkeypatch
+    ):
         # three auths within about 3 s: more than Wings' 2 per 5 s, which is not what this test is about
-        monkeypatch.setattr(w, "WEBSOCKET_EVENT_RATES", {**w.WEBSOCKET_EVENT_RATES, "auth": (3, 5.0)})
+        monkeypatch.setattr(
+            w, "WEBSOCKET_EVENT_RATES", {**w.WEBSOCKET_EVENT_RATES, "auth": (3, 5.0)}
+        )
         daemon = console_node()
         conn, first = ws_authed(daemon, daemon.uuid, lifetime=62)  # Wings warns with 60 s left
         with conn:
@@ -2689,7 +3385,10 @@ class TestWebsocketConsole:
             assert ws_until(conn, "token expiring", timeout_s=3) == []
             assert ws_until(conn, "token expired", timeout_s=5) == []
             ws_send(conn, "send stats")
-            assert ws_event(conn) == ("jwt error", ["jwt: exp claim is invalid"])  # the browser refreshes on this text
+            assert ws_event(conn) == (
+                "jwt error",
+                ["jwt: exp claim is invalid"],
+            )  # the browser refreshes on this text
             ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
             assert ws_until(conn, "auth success") == []
             ws_send(conn, "send stats")
@@ -2744,7 +3443,11 @@ class TestWebsocketConsole:
             "Origin": daemon.config.remote,
         }
         status, got, body = api(
-            daemon, "GET", f"/api/servers/{daemon.uuid}/ws", token=None, headers={**headers, "Sec-WebSocket-Version": "8"}
+            daemon,
+            "GET",
+            f"/api/servers/{daemon.uuid}/ws",
+            token=None,
+            headers={**headers, "Sec-WebSocket-Version": "8"},
         )
         assert status == 426 and got["sec-websocket-version"] == "13" and "13" in body["error"]
         status, _, body = api(
@@ -2756,7 +3459,11 @@ class TestWebsocketConsole:
         )
         assert status == 400 and "Sec-WebSocket-Key" in body["error"]
         status, _, body = api(
-            daemon, "GET", f"/api/servers/{uuidlib.uuid4()}/ws", token=None, headers={**headers, "Sec-WebSocket-Version": "13"}
+            daemon,
+            "GET",
+            f"/api/servers/{uuidlib.uuid4()}/ws",
+            token=None,
+            headers={**headers, "Sec-WebSocket-Version": "13"},
         )
         assert status == 404
 
@@ -2768,7 +3475,9 @@ class TestWebsocketConsole:
             conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(30)]
             with pytest.raises(InvalidStatus) as info:
                 ws_open(daemon, daemon.uuid)
-            assert info.value.response.status_code == 429 and "30" in info.value.response.body.decode()
+            assert (
+                info.value.response.status_code == 429 and "30" in info.value.response.body.decode()
+            )
             conns[0].close()
             wait_for(lambda: daemon.sessions.count(daemon.uuid) == 29, 5, what="a slot to free up")
             with ws_open(daemon, daemon.uuid) as again:
@@ -2788,7 +3497,9 @@ class TestWebsocketConsole:
             raw.sock.sendall(b"".join(frames))
             assert raw.close_code() == code
             raw.close()
-        wait_for(lambda: daemon.sessions.count() == 0, 5, what="every socket to leave the session table")
+        wait_for(
+            lambda: daemon.sessions.count() == 0, 5, what="every socket to leave the session table"
+        )
         assert api(daemon, "GET", "/api/system")[0] == 200
 
     def test_ws_deny_refuses_that_token_now_and_later(self, console_node):
@@ -2796,13 +3507,24 @@ class TestWebsocketConsole:
         claims = ws_claims(daemon.uuid)
         conn, _ = ws_authed(daemon, daemon.uuid)
         with conn:
-            assert api(daemon, "POST", f"/api/servers/{daemon.uuid}/ws/deny", {"jtis": [claims["jti"]]})[0] == 204
+            assert (
+                api(
+                    daemon, "POST", f"/api/servers/{daemon.uuid}/ws/deny", {"jtis": [claims["jti"]]}
+                )[0]
+                == 204
+            )
             denied_by = int(time.time())  # the deny happened at or before this second
-            assert ws_event(conn) == ("jwt error", ["jwt: created too far in past (denylist)"])  # the browser re-fetches on this
+            assert ws_event(conn) == (
+                "jwt error",
+                ["jwt: created too far in past (denylist)"],
+            )  # the browser re-fetches on this
             ws_send(conn, "send stats")
             assert ws_event(conn) == ("jwt error", ["jwt: created too far in past (denylist)"])
             ws_send(conn, "auth", ws_token(claims))
-            assert ws_event(conn) == ("jwt error", [f"Error Event [{daemon.uuid}]: jwt: created too far in past (denylist)"])
+            assert ws_event(conn) == (
+                "jwt error",
+                [f"Error Event [{daemon.uuid}]: jwt: created too far in past (denylist)"],
+            )
         wait_for(lambda: int(time.time()) > denied_by, 2, what="the next second")
         conn, first = ws_authed(daemon, daemon.uuid)  # a token issued after the deny is fine
         with conn:
@@ -2817,20 +3539,31 @@ class TestWebsocketConsole:
         alice_two, _ = ws_authed(daemon, two, user_uuid=alice)
         bob_one, _ = ws_authed(daemon, one, user_uuid=bob, user_id=2)
         with alice_one, alice_two, bob_one:
-            assert api(daemon, "POST", "/api/deauthorize-user", {"user": alice, "servers": [one]})[0] == 204
+            assert (
+                api(daemon, "POST", "/api/deauthorize-user", {"user": alice, "servers": [one]})[0]
+                == 204
+            )
             assert ws_close_code(alice_one) == w.CLOSE_REVOKED
             ws_send(alice_two, "send stats")
             ws_send(bob_one, "send stats")
             assert ws_event(alice_two)[0] == "stats" and ws_event(bob_one)[0] == "stats"
-            issued = int(time.time())  # a token of this second is older than the revocation that follows
-            assert api(daemon, "POST", "/api/deauthorize-user", {"user": alice})[0] == 204  # no servers: everywhere
+            issued = int(
+                time.time()
+            )  # a token of this second is older than the revocation that follows
+            assert (
+                api(daemon, "POST", "/api/deauthorize-user", {"user": alice})[0] == 204
+            )  # no servers: everywhere
             assert ws_close_code(alice_two) == w.CLOSE_REVOKED
         conn, first = ws_authed(daemon, one, user_uuid=alice, iat=issued)
         with conn:
-            assert first == [("jwt error", [f"Error Event [{one}]: jwt: created too far in past (denylist)"])]
+            assert first == [
+                ("jwt error", [f"Error Event [{one}]: jwt: created too far in past (denylist)"])
+            ]
 
     @pytest.mark.parametrize("revoke", ["deauthorize", "deny"])
-    def test_a_revocation_landing_during_an_auth_still_cuts_the_socket_off(self, console_node, monkeypatch, revoke):
+    def test_a_revocation_landing_during_an_auth_still_cuts_the_socket_off(
+        self, console_node, monkeypatch, revoke
+    ):
         daemon = console_node()
         uuid = daemon.uuid
         claims = ws_claims(uuid)
@@ -2840,9 +3573,23 @@ class TestWebsocketConsole:
             answer = original(*args)
             if not fired:  # the revocation lands right after this socket's token passed its check
                 if revoke == "deauthorize":
-                    fired.append(api(daemon, "POST", "/api/deauthorize-user", {"user": claims["user_uuid"], "servers": [uuid]})[0])
+                    fired.append(
+                        api(
+                            daemon,
+                            "POST",
+                            "/api/deauthorize-user",
+                            {"user": claims["user_uuid"], "servers": [uuid]},
+                        )[0]
+                    )
                 else:
-                    fired.append(api(daemon, "POST", f"/api/servers/{uuid}/ws/deny", {"jtis": [claims["jti"]]})[0])
+                    fired.append(
+                        api(
+                            daemon,
+                            "POST",
+                            f"/api/servers/{uuid}/ws/deny",
+                            {"jtis": [claims["jti"]]},
+                        )[0]
+                    )
             return answer
 
         monkeypatch.setattr(daemon.revocations, "check", check_then_revoke)
@@ -2851,7 +3598,9 @@ class TestWebsocketConsole:
             with contextlib.suppress(TimeoutError):
                 ws_until(conn, "stats", timeout_s=2)
             assert fired == [204]
-            daemon.get_server(uuid).events.publish("console output", "a line the revoked user must not see")
+            daemon.get_server(uuid).events.publish(
+                "console output", "a line the revoked user must not see"
+            )
             ws_send(conn, "send stats")  # answered after the line above, if that was forwarded
             seen = []
             with contextlib.suppress(TimeoutError):
@@ -2871,7 +3620,9 @@ class TestWebsocketConsole:
         token = ws_token(ws_claims(uuid))
         url = f"ws://127.0.0.1:{daemon.port}/api/servers/{uuid}/ws"
         clients = []
-        for _ in range(50):  # the websockets library's own protocol engine, reading only when told to
+        for _ in range(
+            50
+        ):  # the websockets library's own protocol engine, reading only when told to
             proto = ClientProtocol(parse_uri(url), origin=Origin(daemon.config.remote))
             sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
             proto.send_request(proto.connect())
@@ -2883,7 +3634,10 @@ class TestWebsocketConsole:
             sock.sendall(b"".join(proto.data_to_send()))
             clients.append((proto, sock))
         for proto, sock in clients:
-            while not any(getattr(e, "data", b"").startswith(b'{"event":"stats"') for e in proto.events_received()):
+            while not any(
+                getattr(e, "data", b"").startswith(b'{"event":"stats"')
+                for e in proto.events_received()
+            ):
                 proto.receive_data(sock.recv(65536))
         assert daemon.sessions.count(uuid, kind="websocket") == 50
 
@@ -2896,14 +3650,18 @@ class TestWebsocketConsole:
             with contextlib.suppress(BlockingIOError):
                 while data := sock.recv(65536):
                     proto.receive_data(data)
-            assert isinstance(proto.close_rcvd, Close) and proto.close_rcvd.code == 4409, proto.close_rcvd
+            assert isinstance(proto.close_rcvd, Close) and proto.close_rcvd.code == 4409, (
+                proto.close_rcvd
+            )
             sock.close()
         print(f"suspending sync with 50 open websockets: {sync_ms:.1f} ms")
 
         from websockets.exceptions import ConnectionClosed
 
         with ws_open(daemon, uuid) as conn:  # the same, still valid token: refused while suspended
-            with contextlib.suppress(ConnectionClosed):  # the 4409 may already be there before the auth
+            with contextlib.suppress(
+                ConnectionClosed
+            ):  # the 4409 may already be there before the auth
                 ws_send(conn, "auth", token)
             assert ws_close_code(conn) == 4409
         daemon.panel_fake.servers[uuid]["settings"]["suspended"] = False
@@ -2935,12 +3693,26 @@ class TestWebsocketConsole:
             raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             raw.send_json({"event": "auth", "args": [ws_token(ws_claims(uuid))]})
             stuck.append(raw)
-        reader = ws_open(daemon, uuid, max_queue=None)  # this one keeps reading, however much arrives
+        reader = ws_open(
+            daemon, uuid, max_queue=None
+        )  # this one keeps reading, however much arrives
         with reader:
-            ws_send(reader, "auth", ws_token(ws_claims(uuid, user_uuid="b0b00000-1111-4222-8333-444455556666", user_id=2)))
-            wait_for(lambda: len([s for s in daemon.sessions.sessions(uuid) if s.user_uuid]) == 6, 5, what="six authenticated sockets")
+            ws_send(
+                reader,
+                "auth",
+                ws_token(
+                    ws_claims(uuid, user_uuid="b0b00000-1111-4222-8333-444455556666", user_id=2)
+                ),
+            )
+            wait_for(
+                lambda: len([s for s in daemon.sessions.sessions(uuid) if s.user_uuid]) == 6,
+                5,
+                what="six authenticated sockets",
+            )
             server = daemon.get_server(uuid)
-            for i in range(1000):  # 8 MB, paced so the writers get to send: the stuck clients' buffers fill, writers block
+            for i in range(
+                1000
+            ):  # 8 MB, paced so the writers get to send: the stuck clients' buffers fill, writers block
                 server.events.publish("console output", f"{i:04d} " + "x" * 8000)
                 if i % 20 == 0:
                     time.sleep(0.001)
@@ -2954,8 +3726,13 @@ class TestWebsocketConsole:
         for raw in stuck:
             raw.close()
 
-    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(data=st.binary(max_size=64) | st.lists(st.sampled_from([0x0, 0x1, 0x2, 0x8, 0x9, 0xA, 0x3]), max_size=4).map(bytes))
+    @settings(
+        max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(
+        data=st.binary(max_size=64)
+        | st.lists(st.sampled_from([0x0, 0x1, 0x2, 0x8, 0x9, 0xA, 0x3]), max_size=4).map(bytes)
+    )
     def test_random_bytes_after_the_handshake_never_raise_anything_else(self, data):
         listener = socket.create_server(("127.0.0.1", 0))
         client = socket.create_connection(listener.getsockname())
@@ -2984,9 +3761,13 @@ class TestWebsocketDocker:
             assert first == [("auth success", []), ("status", ["running"])]
             ws_send(conn, "send logs", None)
             assert ws_until(conn, "console output", match="booting hello")
-            ws_send(conn, "send command", "echo websocket-$((40 + 2))")  # the output differs from the echoed input
+            ws_send(
+                conn, "send command", "echo websocket-$((40 + 2))"
+            )  # the output differs from the echoed input
             assert ws_until(conn, "console output", match="websocket-42") == ["websocket-42"]
-            stats = json.loads(ws_until(conn, "stats", timeout_s=10)[0])  # Docker's own samples, about 1 per second
+            stats = json.loads(
+                ws_until(conn, "stats", timeout_s=10)[0]
+            )  # Docker's own samples, about 1 per second
             assert stats["memory_bytes"] > 0 and stats["network"].keys() >= {"rx_bytes", "tx_bytes"}
             ws_send(conn, "set state", "stop")
             assert ws_until(conn, "status", match="stopping")
@@ -3032,7 +3813,11 @@ class TestWebsocketBrowser:
                 pass
 
             def do_GET(self):
-                body = BROWSER_PAGE.replace("SOCKET", json.dumps(holder["socket"])).replace("TOKEN", json.dumps(holder["token"])).encode()
+                body = (
+                    BROWSER_PAGE.replace("SOCKET", json.dumps(holder["socket"]))
+                    .replace("TOKEN", json.dumps(holder["token"]))
+                    .encode()
+                )
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
                 self.send_header("Content-Length", str(len(body)))
@@ -3048,9 +3833,14 @@ class TestWebsocketBrowser:
         page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
         threading.Thread(target=page.serve_forever, daemon=True).start()
         page_origin = f"http://127.0.0.1:{page.server_address[1]}"
-        daemon = console_node(allowed_origins=[page_origin])  # the page is not the Panel: allowed by allowed_origins
+        daemon = console_node(
+            allowed_origins=[page_origin]
+        )  # the page is not the Panel: allowed by allowed_origins
         daemon.get_server(daemon.uuid).env.start(None)
-        holder.update(socket=f"ws://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws", token=ws_token(ws_claims(daemon.uuid)))
+        holder.update(
+            socket=f"ws://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws",
+            token=ws_token(ws_claims(daemon.uuid)),
+        )
         browser = subprocess.Popen(
             [
                 chromium,
@@ -3074,12 +3864,14 @@ class TestWebsocketBrowser:
         report = reports[0]
         assert report["result"] == "ok", report
         assert report["seen"][:3] == ["auth success", "status", "console output"]
-        assert "server ready" in report["text"] and "net 7" in report["text"] and "> from chromium" in report["text"]
+        assert (
+            "server ready" in report["text"]
+            and "net 7" in report["text"]
+            and "> from chromium" in report["text"]
+        )
 
 
-##############################################################################
-# SFTP
-##############################################################################
+# SFTP #############################################################################################
 
 
 try:  # optional, like in the daemon: without it the SFTP tests are skipped, the rest still run
@@ -3097,7 +3889,11 @@ def _sftp_daemon(panel, make_daemon, perms=("*",), **overrides):
     """A daemon with SFTP on a free loopback port and one server (1 MiB disk) alice may log into."""
     uuid = panel.add(panel_document(build__disk_space=SFTP_LIMIT_MB))
     panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = list(perms)
-    settings = {"wingslite__sftp_enabled": True, "system__sftp__bind_address": "127.0.0.1", "system__sftp__bind_port": 0}
+    settings = {
+        "wingslite__sftp_enabled": True,
+        "system__sftp__bind_address": "127.0.0.1",
+        "system__sftp__bind_port": 0,
+    }
     daemon = make_daemon(panel, **{**settings, **overrides})
     server = daemon.get_server(uuid)
     server.fs.ensure()
@@ -3109,7 +3905,9 @@ def sftp_client(daemon, server, user=SFTP_USER, password=SFTP_PASSWORD, key=None
     """A real paramiko SFTP client logged in as ``<user>.<server id>``."""
     transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
     try:
-        transport.connect(username=f"{user}.{server.uuid[:8]}", password=None if key else password, pkey=key)
+        transport.connect(
+            username=f"{user}.{server.uuid[:8]}", password=None if key else password, pkey=key
+        )
         client = paramiko.SFTPClient.from_transport(transport)
         yield client
     finally:
@@ -3120,13 +3918,36 @@ def openssh_sftp(daemon, server, commands, password=SFTP_PASSWORD, key_file=None
     """OpenSSH ``sftp -b`` (password through sshpass, or a key): returns the finished process."""
     batch = Path(cwd or ".") / "batch.txt"
     batch.write_text("\n".join(commands) + "\n")
-    argv = ["sftp", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    argv = [
+        "sftp",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]
     if key_file:
         argv += ["-o", "PasswordAuthentication=no", "-o", "IdentitiesOnly=yes", "-i", str(key_file)]
     else:
         # sftp -b turns BatchMode on (no password prompt); an earlier -o wins, so sshpass can type it.
-        argv = ["sshpass", "-p", password, *argv, "-o", "BatchMode=no", "-o", "PubkeyAuthentication=no"]
-    argv += ["-b", str(batch), "-P", str(daemon.sftp.port), f"{SFTP_USER}.{server.uuid[:8]}@127.0.0.1"]
+        argv = [
+            "sshpass",
+            "-p",
+            password,
+            *argv,
+            "-o",
+            "BatchMode=no",
+            "-o",
+            "PubkeyAuthentication=no",
+        ]
+    argv += [
+        "-b",
+        str(batch),
+        "-P",
+        str(daemon.sftp.port),
+        f"{SFTP_USER}.{server.uuid[:8]}@127.0.0.1",
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
@@ -3219,7 +4040,12 @@ class TestSftpLogin:
             taken.bind(("127.0.0.1", 0))
             taken.listen(1)
             port = taken.getsockname()[1]
-            daemon = make_daemon(panel, wingslite__sftp_enabled=True, system__sftp__bind_address="127.0.0.1", system__sftp__bind_port=port)
+            daemon = make_daemon(
+                panel,
+                wingslite__sftp_enabled=True,
+                system__sftp__bind_address="127.0.0.1",
+                system__sftp__bind_port=port,
+            )
             assert daemon.sftp is None
             status, _, body = api(daemon, "GET", "/api/system")
             assert status == 200 and body["wingslite"]["sftp"] is False and len(daemon.servers) == 1
@@ -3232,7 +4058,12 @@ class TestSftpLogin:
             first = client.get_channel().get_transport().get_remote_server_key()
         assert first.get_name() == "ssh-ed25519"
         daemon.stop()
-        again = make_daemon(panel, wingslite__sftp_enabled=True, system__sftp__bind_address="127.0.0.1", system__sftp__bind_port=0)
+        again = make_daemon(
+            panel,
+            wingslite__sftp_enabled=True,
+            system__sftp__bind_address="127.0.0.1",
+            system__sftp__bind_port=0,
+        )
         with sftp_client(again, again.get_server(server.uuid)) as client:
             assert client.get_channel().get_transport().get_remote_server_key() == first
 
@@ -3241,19 +4072,30 @@ class TestSftpLogin:
         with sftp_client(daemon, server) as client:
             assert client.listdir("/") == []
             assert daemon.sessions.count(server.uuid, "sftp") == 1
-        wait_for(lambda: daemon.sessions.count(server.uuid, "sftp") == 0, what="the session to leave the table")
+        wait_for(
+            lambda: daemon.sessions.count(server.uuid, "sftp") == 0,
+            what="the session to leave the table",
+        )
         sent = [r for r in panel.requests if r[1] == "/api/remote/sftp/auth"]
         assert sent, "the Panel was not asked"
 
     def test_public_key_login_sends_the_authorized_keys_line(self, panel, make_daemon, tmp_path):
         daemon, server = _sftp_daemon(panel, make_daemon)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True
+        )
         key = paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "id"))
         panel.sftp_users[(SFTP_USER, f"{key.get_name()} {key.get_base64()}")] = ["*"]
         with sftp_client(daemon, server, key=key) as client:
             client.mkdir("from-paramiko")
         (tmp_path / "work").mkdir()
-        done = openssh_sftp(daemon, server, ["mkdir from-openssh", "ls"], key_file=tmp_path / "id", cwd=tmp_path / "work")
+        done = openssh_sftp(
+            daemon,
+            server,
+            ["mkdir from-openssh", "ls"],
+            key_file=tmp_path / "id",
+            cwd=tmp_path / "work",
+        )
         assert done.returncode == 0, done.stderr
         assert {"from-paramiko", "from-openssh"} <= set(os.listdir(server.fs.root))
 
@@ -3266,7 +4108,9 @@ class TestSftpLogin:
         asked = panel.calls.get("/api/remote/sftp/auth", 0)
         transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
         with pytest.raises(paramiko.AuthenticationException):
-            transport.connect(username=SFTP_USER, password=SFTP_PASSWORD)  # no server id: refused unasked
+            transport.connect(
+                username=SFTP_USER, password=SFTP_PASSWORD
+            )  # no server id: refused unasked
         transport.close()
         assert panel.calls.get("/api/remote/sftp/auth", 0) == asked
         assert daemon.sessions.count() == 0
@@ -3278,7 +4122,15 @@ class TestSftpLogin:
         done = openssh_sftp(
             daemon,
             server,
-            ["ls", "get motd.txt", "put upload.txt", "mkdir plugins", "rename upload.txt plugins/up.txt", "rm motd.txt", "ls -l plugins"],
+            [
+                "ls",
+                "get motd.txt",
+                "put upload.txt",
+                "mkdir plugins",
+                "rename upload.txt plugins/up.txt",
+                "rm motd.txt",
+                "ls -l plugins",
+            ],
             cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr
@@ -3289,7 +4141,9 @@ class TestSftpLogin:
         assert refused.returncode != 0 and "Permission denied" in refused.stderr
 
     def test_failed_logins_are_limited_per_client_ip(self, panel, make_daemon):
-        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_login_attempts_per_minute=3)
+        daemon, server = _sftp_daemon(
+            panel, make_daemon, wingslite__sftp_login_attempts_per_minute=3
+        )
         for _ in range(3):
             with pytest.raises(paramiko.AuthenticationException):
                 with sftp_client(daemon, server, password="guess"):
@@ -3318,7 +4172,11 @@ class TestSftpLogin:
         transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
         try:
             transport.connect(username=f"{SFTP_USER}.{server.uuid[:8]}", password=SFTP_PASSWORD)
-            for request in (lambda ch: ch.exec_command("id"), lambda ch: ch.invoke_shell(), lambda ch: ch.invoke_subsystem("netconf")):
+            for request in (
+                lambda ch: ch.exec_command("id"),
+                lambda ch: ch.invoke_shell(),
+                lambda ch: ch.invoke_subsystem("netconf"),
+            ):
                 channel = transport.open_session()
                 with pytest.raises(paramiko.SSHException):
                     request(channel)
@@ -3342,7 +4200,10 @@ class TestSftpLogin:
         channel = transport.open_session()
         channel.invoke_subsystem("sftp")
         channel.sendall(b"\x7f\xff\xff\xff" + b"\x01" * 1024)
-        wait_for(lambda: channel.closed or channel.exit_status_ready() or channel.eof_received, what="the channel to be closed")
+        wait_for(
+            lambda: channel.closed or channel.exit_status_ready() or channel.eof_received,
+            what="the channel to be closed",
+        )
         transport.close()
         # the connection bound: idle connections fill it, the next one is closed at once
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
@@ -3359,7 +4220,9 @@ class TestSftpLogin:
             assert client.listdir("/") == []
 
     def test_without_paramiko_the_daemon_says_once_that_sftp_is_off(self, panel, tmp_path):
-        config = node_config(tmp_path, panel.url, wingslite__sftp_enabled=True, system__sftp__bind_port=0)
+        config = node_config(
+            tmp_path, panel.url, wingslite__sftp_enabled=True, system__sftp__bind_port=0
+        )
         (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
         script = (
             "import sys, logging, io; sys.modules['paramiko'] = None\n"
@@ -3369,7 +4232,9 @@ class TestSftpLogin:
             f"d = w.Daemon(w.load_config({str(tmp_path / 'config.yml')!r})); d.start(); assert d.wait_booted(10)\n"
             "assert d.sftp is None; d.stop(); print(stream.getvalue())\n"
         )
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=HERE)
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=HERE
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.count("SFTP is off") == 1
 
@@ -3411,10 +4276,16 @@ class TestSftpPermissions:
             others = [p for p in SFTP_PERMISSIONS if p != needed]
             panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = others
             self._fresh(server)
-            before = sorted(os.listdir(server.fs.root)), (server.fs.root / "data.txt").stat().st_mode
+            before = (
+                sorted(os.listdir(server.fs.root)),
+                (server.fs.root / "data.txt").stat().st_mode,
+            )
             with sftp_client(daemon, server) as client:
                 assert sftp_refused(operation, client), f"{name} was allowed without {needed}"
-            assert (sorted(os.listdir(server.fs.root)), (server.fs.root / "data.txt").stat().st_mode) == before, name
+            assert (
+                sorted(os.listdir(server.fs.root)),
+                (server.fs.root / "data.txt").stat().st_mode,
+            ) == before, name
             assert (server.fs.root / "data.txt").read_text() == "data", name
             for granted in ([needed], ["*"]):
                 panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = granted
@@ -3427,7 +4298,11 @@ class TestSftpPermissions:
         (server.fs.root / "data.txt").write_text("data")
         with sftp_client(daemon, server) as client:
             assert client.open("data.txt").read() == b"data"
-            for operation in (lambda: client.open("new.txt", "w"), lambda: client.remove("data.txt"), lambda: client.mkdir("d")):
+            for operation in (
+                lambda: client.open("new.txt", "w"),
+                lambda: client.remove("data.txt"),
+                lambda: client.mkdir("d"),
+            ):
                 with pytest.raises(IOError):
                     operation()
         assert sorted(os.listdir(server.fs.root)) == ["data.txt"]
@@ -3473,8 +4348,19 @@ class TestSftpJail:
         with sftp_client(daemon, server) as client:
             assert client.normalize("../../..") == "/"
             # realpath answers one leading slash (POSIX keeps "//" apart, and clients show it as the cwd)
-            assert [client.normalize(p) for p in ("/", "/inside.txt", "//x/../y", "a/b/")] == ["/", "/inside.txt", "/y", "/a/b"]
-            for path in ["..", "../outside/secret.txt", "/../../etc/passwd", "a/../../inside.txt", "/x/../../../etc"]:
+            assert [client.normalize(p) for p in ("/", "/inside.txt", "//x/../y", "a/b/")] == [
+                "/",
+                "/inside.txt",
+                "/y",
+                "/a/b",
+            ]
+            for path in [
+                "..",
+                "../outside/secret.txt",
+                "/../../etc/passwd",
+                "a/../../inside.txt",
+                "/x/../../../etc",
+            ]:
                 with pytest.raises(IOError):
                     client.stat(path)
                 with pytest.raises(IOError):
@@ -3536,7 +4422,9 @@ class TestSftpJail:
             # about half of the time each -- the classic attack on realpath-then-open.
             at_fdcwd, rename_exchange = -100, 2
             while not stop.is_set():
-                libc.renameat2(at_fdcwd, bytes(root / "dir"), at_fdcwd, bytes(root / "link"), rename_exchange)
+                libc.renameat2(
+                    at_fdcwd, bytes(root / "dir"), at_fdcwd, bytes(root / "link"), rename_exchange
+                )
 
         swapper = threading.Thread(target=swap)
         swapper.start()
@@ -3630,7 +4518,11 @@ class TestSftpSessions:
             assert daemon.sftp.connections() == 0
             for client in clients:
                 transport = client.get_channel().get_transport()
-                wait_for(lambda t=transport: not t.is_active(), timeout_s=5, what="the client to see its connection closed")
+                wait_for(
+                    lambda t=transport: not t.is_active(),
+                    timeout_s=5,
+                    what="the client to see its connection closed",
+                )
         # still suspended here; the Panel answers "yes" again: the node still refuses
         panel.servers[server.uuid]["settings"]["suspended"] = False
         with pytest.raises(paramiko.AuthenticationException):
@@ -3648,7 +4540,11 @@ class TestSftpSessions:
             assert api(daemon, "POST", "/api/deauthorize-user", body)[0] == 204
             assert daemon.sessions.count(server.uuid, "sftp") == 0
             assert daemon.sftp.connections() == 0
-            wait_for(lambda: not client.get_channel().get_transport().is_active(), timeout_s=5, what="the connection to close")
+            wait_for(
+                lambda: not client.get_channel().get_transport().is_active(),
+                timeout_s=5,
+                what="the connection to close",
+            )
 
     def test_deleting_the_server_closes_its_sessions(self, panel, make_daemon):
         daemon, server = _sftp_daemon(panel, make_daemon)
@@ -3657,19 +4553,25 @@ class TestSftpSessions:
             assert api(daemon, "DELETE", f"/api/servers/{server.uuid}")[0] in (202, 204)
             assert daemon.sessions.count(server.uuid, "sftp") == 0
             assert daemon.sftp.connections() == 0
-        with pytest.raises(paramiko.AuthenticationException):  # the Panel still says yes; the node has no such server
+        with pytest.raises(
+            paramiko.AuthenticationException
+        ):  # the Panel still says yes; the node has no such server
             with sftp_client(daemon, server):
                 pass
 
 
 @needs_paramiko
 class TestSftpResourceLimits:
-    def test_a_packet_announcing_gigabytes_before_login_closes_the_connection(self, panel, make_daemon):
+    def test_a_packet_announcing_gigabytes_before_login_closes_the_connection(
+        self, panel, make_daemon
+    ):
         daemon, server = _sftp_daemon(panel, make_daemon)
         with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
             assert sock.recv(100).startswith(b"SSH-2.0-")
             # No key exchange yet: a packet length of ~4 GiB, then bytes for as long as the node takes them.
-            sock.sendall(b"SSH-2.0-probe\r\n" + (0xFFFFFFFC).to_bytes(4, "big") + b"\x04\x00\x00\x00")
+            sock.sendall(
+                b"SSH-2.0-probe\r\n" + (0xFFFFFFFC).to_bytes(4, "big") + b"\x04\x00\x00\x00"
+            )
             sent, chunk = 0, b"\x00" * (1 << 20)
             with pytest.raises(OSError):  # reset or broken pipe: the node stopped reading
                 while sent < 256 << 20:
@@ -3695,7 +4597,9 @@ class TestSftpResourceLimits:
         finally:
             transport.close()
 
-    def test_open_listings_of_a_channel_hold_a_bounded_number_of_entries(self, panel, make_daemon, monkeypatch):
+    def test_open_listings_of_a_channel_hold_a_bounded_number_of_entries(
+        self, panel, make_daemon, monkeypatch
+    ):
         # paramiko keeps every open listing in memory (~40 MB per 100,000 entries, measured): a client
         # opening one big directory again and again without reading it must not hold it 256 times.
         monkeypatch.setattr(w.Jail, "max_entries", 500)
@@ -3707,16 +4611,16 @@ class TestSftpResourceLimits:
             opened = []
             with pytest.raises(IOError):
                 for _ in range(20):
-                    opened.append(client._request(paramiko.sftp.CMD_OPENDIR, "many")[1].get_binary())
+                    opened.append(
+                        client._request(paramiko.sftp.CMD_OPENDIR, "many")[1].get_binary()
+                    )
             assert 1 <= len(opened) <= 2
             for handle in opened:  # closing them gives the budget back
                 client._request(paramiko.sftp.CMD_CLOSE, handle)
             assert len(client.listdir("many")) == 400
 
 
-##############################################################################
-# disk quotas
-##############################################################################
+# disk quotas ######################################################################################
 
 
 @pytest.fixture(scope="session")
@@ -3743,7 +4647,9 @@ def btrfs_mount(tmp_path_factory):
         image.unlink()
 
 
-def write_until_refused(path: Path, chunk: int = 1024 * 1024, most: int = 64) -> tuple[int, int | None]:
+def write_until_refused(
+    path: Path, chunk: int = 1024 * 1024, most: int = 64
+) -> tuple[int, int | None]:
     """Append ``chunk``-byte blocks (fsynced) until the kernel refuses; (bytes written, errno or None)."""
     written = 0
     try:
@@ -3798,7 +4704,11 @@ class TestQuotaSelection:
     )
 
     def test_mount_of_takes_the_longest_mount_point_and_decodes_escapes(self):
-        assert w.mount_of("/srv/data disk/x", self.MOUNTINFO) == ("/srv/data disk", "btrfs", "/dev/loop0")
+        assert w.mount_of("/srv/data disk/x", self.MOUNTINFO) == (
+            "/srv/data disk",
+            "btrfs",
+            "/dev/loop0",
+        )
         assert w.mount_of("/srv/other", self.MOUNTINFO) == ("/srv", "xfs", "/dev/sdb1")
         assert w.mount_of("/srvx", self.MOUNTINFO) == ("/", "ext4", "/dev/vda")
 
@@ -3809,16 +4719,29 @@ class TestQuotaSelection:
         with pytest.raises(ValueError):
             w.parse_qgroup_referenced("Qgroupid Referenced\n")
 
-    def test_auto_takes_project_quotas_on_ext4_when_the_kernel_has_them_else_soft_with_the_reason(self, tmp_path):
+    def test_auto_takes_project_quotas_on_ext4_when_the_kernel_has_them_else_soft_with_the_reason(
+        self, tmp_path
+    ):
         mi = "27 1 254:0 / / rw - ext4 /dev/sdz rw\n"
-        assert w.select_quota_backend("auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls()).name == "project"
-        soft = w.select_quota_backend("auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls(errno.ENOSYS))
-        assert soft.name == "soft" and "no quota support" in soft.reason and soft.stops_running_servers
-        tmpfs = w.select_quota_backend("project", tmp_path, mountinfo="1 1 0:1 / / rw - tmpfs tmpfs rw\n")
+        assert (
+            w.select_quota_backend("auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls()).name
+            == "project"
+        )
+        soft = w.select_quota_backend(
+            "auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls(errno.ENOSYS)
+        )
+        assert (
+            soft.name == "soft" and "no quota support" in soft.reason and soft.stops_running_servers
+        )
+        tmpfs = w.select_quota_backend(
+            "project", tmp_path, mountinfo="1 1 0:1 / / rw - tmpfs tmpfs rw\n"
+        )
         assert tmpfs.name == "soft" and "not ext4 or xfs" in tmpfs.reason
 
     def test_btrfs_requested_on_ext4_falls_back_to_soft_and_says_why(self, tmp_path):
-        backend = w.select_quota_backend("btrfs", tmp_path, mountinfo="27 1 254:0 / / rw - ext4 /dev/vda rw\n")
+        backend = w.select_quota_backend(
+            "btrfs", tmp_path, mountinfo="27 1 254:0 / / rw - ext4 /dev/vda rw\n"
+        )
         assert backend.name == "soft" and "not btrfs" in backend.reason
 
     def test_off_never_stops_a_server_and_bad_modes_are_refused(self, tmp_path):
@@ -3826,22 +4749,32 @@ class TestQuotaSelection:
         assert off.name == "off" and not off.stops_running_servers
         with pytest.raises(w.ConfigError):
             w.select_quota_backend("zfs", tmp_path)
-        with pytest.raises(w.ConfigError, match=r"node\.yml: wingslite\.disk_quota: must be one of auto, btrfs"):
-            w.Config(node_config(tmp_path, "http://127.0.0.1:9", wingslite__disk_quota="zfs"), "node.yml")  # CLI: exit 2
+        with pytest.raises(
+            w.ConfigError, match=r"node\.yml: wingslite\.disk_quota: must be one of auto, btrfs"
+        ):
+            w.Config(
+                node_config(tmp_path, "http://127.0.0.1:9", wingslite__disk_quota="zfs"), "node.yml"
+            )  # CLI: exit 2
 
     def test_system_reports_the_backend_in_force_and_why(self, panel, make_daemon):
         daemon = make_daemon(panel, wingslite__disk_quota="off")
         status, _, body = api(daemon, "GET", "/api/system")
         assert status == 200
         assert body["wingslite"]["disk_quota"]["configured"] == "off"
-        assert body["wingslite"]["disk_quota"]["backend"] == "off" and "off" in body["wingslite"]["disk_quota"]["reason"]
+        assert (
+            body["wingslite"]["disk_quota"]["backend"] == "off"
+            and "off" in body["wingslite"]["disk_quota"]["reason"]
+        )
 
 
 class TestProjectQuota:
     def test_request_numbers_match_the_kernel_headers(self):
         # linux/fs.h and linux/quota.h on every architecture with the generic ioctl layout
         assert (w.FS_IOC_FSGETXATTR, w.FS_IOC_FSSETXATTR) == (0x801C581F, 0x401C5820)
-        assert w.qcmd(w.Q_SETQUOTA, w.PRJQUOTA) == 0x80000802 and w.qcmd(w.Q_GETQUOTA, w.PRJQUOTA) == 0x80000702
+        assert (
+            w.qcmd(w.Q_SETQUOTA, w.PRJQUOTA) == 0x80000802
+            and w.qcmd(w.Q_GETQUOTA, w.PRJQUOTA) == 0x80000702
+        )
         assert (w.IF_DQBLK.size, w.FSXATTR.size, w.IF_DQINFO.size) == (72, 28, 24)
 
     def test_block_limit_rounds_up_to_whole_kib_and_zero_removes_it(self):
@@ -3849,7 +4782,9 @@ class TestProjectQuota:
         assert (hard, soft, valid) == (10241, 10241, w.QIF_BLIMITS)
         assert w.IF_DQBLK.unpack(w.setquota_block(0))[:2] == (0, 0)
 
-    def test_prepare_tags_the_directory_to_inherit_and_tags_what_is_already_there_once(self, tmp_path):
+    def test_prepare_tags_the_directory_to_inherit_and_tags_what_is_already_there_once(
+        self, tmp_path
+    ):
         calls = FakeQuotaCalls()
         backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
         root = tmp_path / "3f1c8a"
@@ -3859,7 +4794,10 @@ class TestProjectQuota:
         backend.prepare(root)
         pid = backend.project_id(root)
         assert pid != 0 and backend.enforced(root)
-        tagged = {ino: (flags, projid) for _, ino, flags, projid in (c for c in calls.calls if c[0] == "setxattr")}
+        tagged = {
+            ino: (flags, projid)
+            for _, ino, flags, projid in (c for c in calls.calls if c[0] == "setxattr")
+        }
         assert tagged == {
             root.stat().st_ino: (w.FS_XFLAG_PROJINHERIT, pid),
             (root / "sub").stat().st_ino: (w.FS_XFLAG_PROJINHERIT, pid),
@@ -3873,7 +4811,9 @@ class TestProjectQuota:
         backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=FakeQuotaCalls())
         root = tmp_path / "srv"
         root.mkdir()
-        os.mkfifo(root / "pipe")  # no writer: a blocking open would wait forever, holding the server's lock
+        os.mkfifo(
+            root / "pipe"
+        )  # no writer: a blocking open would wait forever, holding the server's lock
         worker = threading.Thread(target=backend.prepare, args=(root,), daemon=True)
         worker.start()
         worker.join(5)
@@ -3884,12 +4824,18 @@ class TestProjectQuota:
         backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
         a, b = tmp_path / "a", tmp_path / "b"
         backend.prepare(a)
-        calls.projids[a.stat().st_ino] = backend.choose_project_id(b)  # b's natural id is taken by a
+        calls.projids[a.stat().st_ino] = backend.choose_project_id(
+            b
+        )  # b's natural id is taken by a
         backend.prepare(b)
         assert backend.project_id(a) != backend.project_id(b) != 0
-        assert backend.choose_project_id(tmp_path / "c") == backend.choose_project_id(tmp_path / "c")
+        assert backend.choose_project_id(tmp_path / "c") == backend.choose_project_id(
+            tmp_path / "c"
+        )
 
-    def test_set_limit_builds_setquota_for_the_directory_project_and_usage_comes_from_getquota(self, tmp_path):
+    def test_set_limit_builds_setquota_for_the_directory_project_and_usage_comes_from_getquota(
+        self, tmp_path
+    ):
         calls = FakeQuotaCalls()
         backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
         root = tmp_path / "srv"
@@ -3897,13 +4843,24 @@ class TestProjectQuota:
         notes = backend.set_limit(root, 5 * 1024 * 1024)  # an untagged directory is tagged first
         pid = backend.project_id(root)
         _, cmd, device, ident, buf = calls.calls[-1]
-        assert (cmd, device, ident, w.IF_DQBLK.unpack(buf)[0]) == (0x80000802, "/dev/sdz", pid, 5120)
+        assert (cmd, device, ident, w.IF_DQBLK.unpack(buf)[0]) == (
+            0x80000802,
+            "/dev/sdz",
+            pid,
+            5120,
+        )
         assert "5242880 bytes" in notes[0]
-        assert "removed" in backend.set_limit(root, 0)[0] and w.IF_DQBLK.unpack(calls.calls[-1][4])[0] == 0
+        assert (
+            "removed" in backend.set_limit(root, 0)[0]
+            and w.IF_DQBLK.unpack(calls.calls[-1][4])[0] == 0
+        )
         calls.space[pid] = 12345
         assert backend.usage_bytes(root) == 12345
 
-    @pytest.mark.parametrize("err, text", [(errno.ENOSYS, "no quota support"), (errno.ESRCH, "prjquota"), (errno.EPERM, "root")])
+    @pytest.mark.parametrize(
+        "err, text",
+        [(errno.ENOSYS, "no quota support"), (errno.ESRCH, "prjquota"), (errno.EPERM, "root")],
+    )
     def test_probe_explains_why_project_quotas_are_unavailable(self, tmp_path, err, text):
         backend, why = w.ProjectQuota.probe(tmp_path, "ext4", "/dev/sdz", FakeQuotaCalls(err))
         assert backend is None and text in why
@@ -3915,7 +4872,9 @@ class TestProjectQuota:
         fs.ensure()
         (fs.root / "f").write_bytes(b"x" * 9000)
         calls.space[backend.project_id(fs.root)] = 4096
-        assert fs.usage_bytes() == 4096 and fs.reserve(5904) and not fs.reserve(5905)  # checked against the kernel's figure
+        assert (
+            fs.usage_bytes() == 4096 and fs.reserve(5904) and not fs.reserve(5905)
+        )  # checked against the kernel's figure
         assert not w.must_stop_for_disk(fs)  # the kernel holds it: no stop
 
     def test_kernel_project_quota_refuses_a_write_past_the_limit(self, tmp_path):
@@ -3966,7 +4925,9 @@ class TestBtrfsQuota:
         (root / "f").write_bytes(b"x" * 5000)
         fs.recalculate()
         notes = fs.set_limit(1000)
-        assert any("soft for this server" in n for n in notes) and any("over the new limit" in n for n in notes)
+        assert any("soft for this server" in n for n in notes) and any(
+            "over the new limit" in n for n in notes
+        )
         assert w.must_stop_for_disk(fs)
 
 
@@ -4011,45 +4972,72 @@ class TestQuotaDaemon:
         return daemon
 
     @pytest.mark.parametrize("mode, stops", [("soft", True), ("off", False)])
-    def test_a_running_server_over_its_limit_is_stopped_with_a_console_message_unless_off(self, panel, make_daemon, mode, stops):
+    def test_a_running_server_over_its_limit_is_stopped_with_a_console_message_unless_off(
+        self, panel, make_daemon, mode, stops
+    ):
         uuid = panel.add(panel_document(build__disk_space=1))
         daemon = self._daemon(make_daemon, panel, wingslite__disk_quota=mode)
         server = daemon.get_server(uuid)
         server.power("start", 5)
         server.env.tick()
         assert server.state == w.RUNNING and server.env.stops == []  # under the limit: runs on
-        (server.fs.root / "world.dat").write_bytes(b"\0" * (2 * 1024 * 1024))  # the game writes past 1 MiB
+        (server.fs.root / "world.dat").write_bytes(
+            b"\0" * (2 * 1024 * 1024)
+        )  # the game writes past 1 MiB
         server.fs.recalculate()
         server.env.tick()
         if stops:
-            wait_for(lambda: server.state == w.OFFLINE, 5, what="the server over its disk limit to stop")
+            wait_for(
+                lambda: server.state == w.OFFLINE, 5, what="the server over its disk limit to stop"
+            )
             assert server.env.stops == [60]
-            assert any("exceeding the assigned disk space limit" in line for line in server.console.tail(20))
+            assert any(
+                "exceeding the assigned disk space limit" in line
+                for line in server.console.tail(20)
+            )
         else:
-            time.sleep(0.2)  # nothing to wait for: give a wrongly started stop thread the chance to run
+            time.sleep(
+                0.2
+            )  # nothing to wait for: give a wrongly started stop thread the chance to run
             assert server.state == w.RUNNING and server.env.stops == []
 
-    def test_sync_sets_the_btrfs_limit_at_once_and_disk_bytes_comes_from_the_quota(self, panel, make_daemon, btrfs_mount):
+    def test_sync_sets_the_btrfs_limit_at_once_and_disk_bytes_comes_from_the_quota(
+        self, panel, make_daemon, btrfs_mount
+    ):
         data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
         daemon = make_daemon(panel, system__data=str(data), wingslite__disk_quota="auto")
         _, _, info = api(daemon, "GET", "/api/system")
-        assert info["wingslite"]["disk_quota"]["backend"] == "btrfs", info["wingslite"]["disk_quota"]
+        assert info["wingslite"]["disk_quota"]["backend"] == "btrfs", info["wingslite"][
+            "disk_quota"
+        ]
         assert "subvolume" in info["wingslite"]["disk_quota"]["reason"]
         new = panel_document(build__disk_space=4)
         new_uuid = panel.add(new)
-        assert api(daemon, "POST", "/api/servers", {"uuid": new_uuid, "start_on_completion": False})[0] == 202
+        assert (
+            api(daemon, "POST", "/api/servers", {"uuid": new_uuid, "start_on_completion": False})[0]
+            == 202
+        )
         root = data / new_uuid
-        wait_for(lambda: daemon.quota.enforced(root), 5, what="the server directory to be a subvolume")
-        assert write_until_refused(root / "a")[1] == errno.EDQUOT  # created with its limit already set
+        wait_for(
+            lambda: daemon.quota.enforced(root), 5, what="the server directory to be a subvolume"
+        )
+        assert (
+            write_until_refused(root / "a")[1] == errno.EDQUOT
+        )  # created with its limit already set
 
         new["settings"]["build"]["disk_space"] = 8
         assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
         assert write_until_refused(root / "b")[1] == errno.EDQUOT
         _, _, view = api(daemon, "GET", f"/api/servers/{new_uuid}")
-        assert any("btrfs qgroup 0/" in n and "8388608 bytes" in n for n in view["wingslite"]["last_sync"]["applied"])
+        assert any(
+            "btrfs qgroup 0/" in n and "8388608 bytes" in n
+            for n in view["wingslite"]["last_sync"]["applied"]
+        )
         assert view["wingslite"]["disk"]["quota"] == "btrfs"
 
-        new["settings"]["build"]["disk_space"] = 1  # below usage: accepted, reported, writes refused
+        new["settings"]["build"]["disk_space"] = (
+            1  # below usage: accepted, reported, writes refused
+        )
         assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
         _, _, view = api(daemon, "GET", f"/api/servers/{new_uuid}")
         assert any("over the new limit" in n for n in view["wingslite"]["last_sync"]["applied"])
@@ -4058,17 +5046,31 @@ class TestQuotaDaemon:
         new["settings"]["build"]["disk_space"] = 0
         assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
         assert write_until_refused(root / "d", most=12)[1] is None
-        with open(root / "sparse", "wb") as fh:  # 1 GiB apparent, no blocks: the walk and the quota disagree
+        with open(
+            root / "sparse", "wb"
+        ) as fh:  # 1 GiB apparent, no blocks: the walk and the quota disagree
             fh.truncate(1 << 30)
         os.sync()
         disk_bytes = wait_for(
-            lambda: (b := api(daemon, "GET", f"/api/servers/{new_uuid}")[2]["utilization"]["disk_bytes"]) > 16 * 1024 * 1024 and b,
+            lambda: (
+                (
+                    b := api(daemon, "GET", f"/api/servers/{new_uuid}")[2]["utilization"][
+                        "disk_bytes"
+                    ]
+                )
+                > 16 * 1024 * 1024
+                and b
+            ),
             5,
             what="disk_bytes to follow the qgroup",
         )
-        assert disk_bytes < 64 * 1024 * 1024  # the qgroup's referenced bytes, not the 1 GiB a walk would count
+        assert (
+            disk_bytes < 64 * 1024 * 1024
+        )  # the qgroup's referenced bytes, not the 1 GiB a walk would count
 
-    def test_an_existing_plain_directory_is_reported_as_soft_for_that_server(self, panel, make_daemon, btrfs_mount):
+    def test_an_existing_plain_directory_is_reported_as_soft_for_that_server(
+        self, panel, make_daemon, btrfs_mount
+    ):
         data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
         doc = panel_document(build__disk_space=4)
         uuid = panel.add(doc)
@@ -4090,7 +5092,9 @@ DD_WRITER = (
 
 
 class TestQuotaContainer:
-    def test_a_container_writing_with_dd_stops_at_the_limit_and_follows_every_sync(self, docker_servers, btrfs_mount):
+    def test_a_container_writing_with_dd_stops_at_the_limit_and_follows_every_sync(
+        self, docker_servers, btrfs_mount
+    ):
         mib = 1024 * 1024
         data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
         uuid = docker_servers.add(startup=DD_WRITER)
@@ -4114,7 +5118,11 @@ class TestQuotaContainer:
 
         sync(12)  # raised: the same process carries on
         docker_servers.wait_console(uuid, "wrote 8")
-        wait_until(lambda: sum("refused" in line for line in docker_servers.console(uuid)) >= 2, 15, "the second refusal")
+        wait_until(
+            lambda: sum("refused" in line for line in docker_servers.console(uuid)) >= 2,
+            15,
+            "the second refusal",
+        )
         assert 10 * mib <= written() <= 12 * mib
 
         record = sync(4)  # lowered below usage: accepted, reported, and nothing more is written
@@ -4128,18 +5136,22 @@ class TestQuotaContainer:
         assert written() == 40 * mib
 
     def test_soft_stops_a_container_that_writes_past_its_limit(self, docker_servers):
-        uuid = docker_servers.add(startup=DD_WRITER, stop=("signal", "SIGKILL"))  # the writer reads no stop command
+        uuid = docker_servers.add(
+            startup=DD_WRITER, stop=("signal", "SIGKILL")
+        )  # the writer reads no stop command
         docker_servers.panel.servers[uuid]["settings"]["build"]["disk_space"] = 2
         daemon = docker_servers.boot(system__disk_check_interval=1, wingslite__disk_quota="soft")
         docker_servers.start(uuid)
-        docker_servers.wait_console(uuid, "exceeding the assigned disk space limit, stopping process now", 20)
+        docker_servers.wait_console(
+            uuid, "exceeding the assigned disk space limit, stopping process now", 20
+        )
         docker_servers.wait_state(uuid, "offline", 20)
-        assert daemon.get_server(uuid).fs.recalculate() > 2 * 1024 * 1024  # nothing in the kernel stopped the writes
+        assert (
+            daemon.get_server(uuid).fs.recalculate() > 2 * 1024 * 1024
+        )  # nothing in the kernel stopped the writes
 
 
-##############################################################################
-# fault drills
-##############################################################################
+# fault drills #####################################################################################
 
 
 class _DrillLog(logging.Handler):
@@ -4162,7 +5174,9 @@ def _no_tracebacks_logged():
         yield handler
     finally:
         w.LOG.removeHandler(handler)
-    assert not handler.tracebacks, f"{len(handler.tracebacks)} traceback(s) logged; the first:\n{handler.tracebacks[0]}"
+    assert not handler.tracebacks, (
+        f"{len(handler.tracebacks)} traceback(s) logged; the first:\n{handler.tracebacks[0]}"
+    )
 
 
 def _handler_threads() -> int:
@@ -4172,7 +5186,9 @@ def _handler_threads() -> int:
 def _bare_daemon(tmp_path: Path, panel: FakePanel, **overrides) -> w.Daemon:
     """A daemon whose servers have no process (never Docker): for drills that send arbitrary requests."""
     config = w.Config(node_config(tmp_path, panel.url, **overrides), "drill")
-    daemon = w.Daemon(config, environment_factory=lambda server: w.Environment(server.uuid, server.events))
+    daemon = w.Daemon(
+        config, environment_factory=lambda server: w.Environment(server.uuid, server.events)
+    )
     daemon.start()
     assert daemon.wait_booted(10)
     return daemon
@@ -4222,8 +5238,13 @@ _HEADER_NAMES = (
     "X-Real-IP",
     "Host",
 )
-_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=255, blacklist_characters="\x7f"), max_size=40)
-_TOKEN_CHARS = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()%"), max_size=24)
+_TEXT = st.text(
+    st.characters(min_codepoint=32, max_codepoint=255, blacklist_characters="\x7f"), max_size=40
+)
+_TOKEN_CHARS = st.text(
+    st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()%"),
+    max_size=24,
+)
 
 
 def _json_containers(children: st.SearchStrategy) -> st.SearchStrategy:
@@ -4245,7 +5266,8 @@ _BODIES = st.one_of(
     st.fixed_dictionaries(
         {},
         optional={
-            "action": st.sampled_from(["stop", "kill", "explode", ""]) | _JSON,  # never "start": nothing may run here
+            "action": st.sampled_from(["stop", "kill", "explode", ""])
+            | _JSON,  # never "start": nothing may run here
             "wait_seconds": _JSON,
             "commands": _JSON,
             "jtis": _JSON,
@@ -4261,16 +5283,41 @@ _BODIES = st.one_of(
 @st.composite
 def _http_request_parts(draw):
     """One generated request as parts: (method, path, version, headers, body, content-length mode)."""
-    method = draw(st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"]) | _TOKEN_CHARS.filter(bool))
-    segment = draw(st.sampled_from([_DRILL_UUID, _DRILL_UUID[:8], ""]) | _TOKEN_CHARS | _TEXT.map(urllib.parse.quote))
+    method = draw(
+        st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
+        | _TOKEN_CHARS.filter(bool)
+    )
+    segment = draw(
+        st.sampled_from([_DRILL_UUID, _DRILL_UUID[:8], ""])
+        | _TOKEN_CHARS
+        | _TEXT.map(urllib.parse.quote)
+    )
     path = draw(st.sampled_from(_PATHS)).format(s=segment, x=draw(_TOKEN_CHARS))
     version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.x"]))
     body = draw(_BODIES)
-    headers = draw(st.lists(st.tuples(st.sampled_from(_HEADER_NAMES) | _TOKEN_CHARS.filter(bool), _TEXT), max_size=4))
-    auth = draw(st.sampled_from([f"Bearer {TOKEN}", f"Bearer {TOKEN}", "Bearer wrong", f"bearer {TOKEN}", "Basic eDp5", "Bearer ", None]))
+    headers = draw(
+        st.lists(
+            st.tuples(st.sampled_from(_HEADER_NAMES) | _TOKEN_CHARS.filter(bool), _TEXT), max_size=4
+        )
+    )
+    auth = draw(
+        st.sampled_from(
+            [
+                f"Bearer {TOKEN}",
+                f"Bearer {TOKEN}",
+                "Bearer wrong",
+                f"bearer {TOKEN}",
+                "Basic eDp5",
+                "Bearer ",
+                None,
+            ]
+        )
+    )
     if auth is not None:
         headers.append(("Authorization", auth))
-    length = draw(st.sampled_from(["exact", "exact", "none", "short", "long", "text", "negative", "huge"]))
+    length = draw(
+        st.sampled_from(["exact", "exact", "none", "short", "long", "text", "negative", "huge"])
+    )
     return method, path, version, headers, body, length
 
 
@@ -4285,9 +5332,13 @@ def _assemble_request(method, path, version, headers, body, length) -> tuple[byt
         "huge": str(2**62),
     }.get(length)
     all_headers = headers + ([("Content-Length", value)] if value is not None else [])
-    head = f"{method} {path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in all_headers) + "\r\n"
+    head = (
+        f"{method} {path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in all_headers) + "\r\n"
+    )
     framed = length == "exact" or (length == "none" and not body)
-    in_step = framed and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in headers)
+    in_step = framed and not any(
+        k.lower() in ("content-length", "transfer-encoding") for k, _ in headers
+    )
     return head.encode("latin-1") + body, in_step
 
 
@@ -4312,18 +5363,32 @@ def _exchange(port: int, raw: bytes, in_step: bool) -> None:
         resp.begin()
         body = resp.read()
         # 502 is Wings' answer to a command for a stopped server; any other 5xx would be a fault.
-        expected_502 = resp.status == 502 and b"Cannot send commands to a stopped server instance." in body
-        assert 200 <= resp.status < 600 and (resp.status not in (500, 502, 503) or expected_502), (resp.status, body, raw[:300])
+        expected_502 = (
+            resp.status == 502 and b"Cannot send commands to a stopped server instance." in body
+        )
+        assert 200 <= resp.status < 600 and (resp.status not in (500, 502, 503) or expected_502), (
+            resp.status,
+            body,
+            raw[:300],
+        )
         assert b"Traceback" not in body and b"<html" not in body.lower(), body
         if body:
             parsed = json.loads(body)
             if resp.status >= 400:
-                assert isinstance(parsed, dict) and isinstance(parsed.get("error"), str) and parsed["error"], parsed
+                assert (
+                    isinstance(parsed, dict)
+                    and isinstance(parsed.get("error"), str)
+                    and parsed["error"]
+                ), parsed
         if in_step and not resp.will_close:
-            sock.sendall(f"GET /api/system HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+            sock.sendall(
+                f"GET /api/system HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+            )
             follow = http.client.HTTPResponse(sock, method="GET")
             follow.begin()
-            assert follow.status == 200 and json.loads(follow.read())["version"] == w.VERSION, raw[:300]
+            assert follow.status == 200 and json.loads(follow.read())["version"] == w.VERSION, raw[
+                :300
+            ]
 
 
 # Generated Panel documents -----------------------------------------------------------------
@@ -4374,7 +5439,9 @@ _DOC_VALUES = st.one_of(
     _JSON,
     st.integers(-(2**64), 2**64),
     st.floats(),  # NaN and infinities too: Python's json module reads them
-    st.sampled_from(["0-1,4", "4-1", "99999", "", " ", "a", "\x00", "[]", 0.5, -0.5, 1e300, [], {}]),
+    st.sampled_from(
+        ["0-1,4", "4-1", "99999", "", " ", "a", "\x00", "[]", 0.5, -0.5, 1e300, [], {}]
+    ),
     st.integers(1, 990).map(_nested_lists),  # deeper than ~990 never gets past json.loads
 )
 
@@ -4394,7 +5461,9 @@ def _panel_documents(draw):
         if draw(st.booleans()) and last in node:
             del node[last]
         else:
-            node[last] = copy.deepcopy(draw(_DOC_VALUES))  # sampled [] and {} are shared objects: never mutate them
+            node[last] = copy.deepcopy(
+                draw(_DOC_VALUES)
+            )  # sampled [] and {} are shared objects: never mutate them
     return doc
 
 
@@ -4402,20 +5471,29 @@ def _panel_documents(draw):
 
 _WS_EVENTS = ("auth", "send logs", "send stats", "send command", "set state", "", "x" * 70)
 _WS_TEXT = st.one_of(
-    st.fixed_dictionaries({"event": st.sampled_from(_WS_EVENTS) | _TEXT, "args": st.lists(_TEXT | st.none(), max_size=2) | _JSON}).map(
-        lambda m: json.dumps(m).encode()
-    ),
+    st.fixed_dictionaries(
+        {
+            "event": st.sampled_from(_WS_EVENTS) | _TEXT,
+            "args": st.lists(_TEXT | st.none(), max_size=2) | _JSON,
+        }
+    ).map(lambda m: json.dumps(m).encode()),
     _TEXT.map(lambda t: t.encode()),
-    st.sampled_from([b"\xff", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b'{"event":"\xe2']),  # invalid or cut UTF-8
+    st.sampled_from(
+        [b"\xff", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b'{"event":"\xe2']
+    ),  # invalid or cut UTF-8
 )
 _WS_PAYLOADS = st.one_of(
     _WS_TEXT,
     st.binary(max_size=200),
     st.integers(0, 5000).map(lambda n: b"a" * n),  # around the 4,096-byte frame limit
-    st.tuples(st.integers(0, 5100), st.text(max_size=20)).map(lambda c: c[0].to_bytes(2, "big") + c[1].encode()),  # close payloads
+    st.tuples(st.integers(0, 5100), st.text(max_size=20)).map(
+        lambda c: c[0].to_bytes(2, "big") + c[1].encode()
+    ),  # close payloads
 )
 # A length the header declares instead of the payload's own (the bytes sent stay the payload's).
-_WS_LYING_LENGTHS = st.sampled_from([4096, 4097, 65535, 65536, 2**32, 2**63 - 1, 2**63, 2**64 - 1]) | st.integers(0, 300)
+_WS_LYING_LENGTHS = st.sampled_from(
+    [4096, 4097, 65535, 65536, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
+) | st.integers(0, 300)
 
 
 def _ws_header(b0: int, mask: bool, length: int, form: str) -> bytes:
@@ -4436,12 +5514,20 @@ def _ws_streams(draw):
     chunks: list[bytes] = []
     codes: set[int | None] = set()
 
-    def frame(b0: int, payload: bytes, mask: bool = True, length: int | None = None, form: str = "7") -> None:
+    def frame(
+        b0: int, payload: bytes, mask: bool = True, length: int | None = None, form: str = "7"
+    ) -> None:
         key = draw(st.binary(min_size=4, max_size=4))
         body = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if mask else payload
-        chunks.append(_ws_header(b0, mask, len(payload) if length is None else length, form) + (key if mask else b"") + body)
+        chunks.append(
+            _ws_header(b0, mask, len(payload) if length is None else length, form)
+            + (key if mask else b"")
+            + body
+        )
 
-    if draw(st.booleans()):  # well-framed: messages cut into fragments, pings between them; the payloads may still be bad
+    if draw(
+        st.booleans()
+    ):  # well-framed: messages cut into fragments, pings between them; the payloads may still be bad
         for _ in range(draw(st.integers(1, 3))):
             opcode = draw(st.sampled_from([0x1, 0x1, 0x2]))
             payload = draw(_WS_TEXT if opcode == 0x1 else _WS_PAYLOADS)
@@ -4462,15 +5548,27 @@ def _ws_streams(draw):
         if kind == "garbage":
             chunks.append(draw(st.binary(min_size=1, max_size=64)))
             return b"".join(chunks), False, codes
-        opcode = draw(st.sampled_from([0x1] * 5 + [0x2] * 2 + [0x0] * 3 + [0x9] * 2 + [0xA, 0x8, 0x3, 0x7, 0xB, 0xF]))
+        opcode = draw(
+            st.sampled_from(
+                [0x1] * 5 + [0x2] * 2 + [0x0] * 3 + [0x9] * 2 + [0xA, 0x8, 0x3, 0x7, 0xB, 0xF]
+            )
+        )
         fin = draw(st.sampled_from([True, True, True, False]))
         rsv = draw(st.sampled_from([0] * 15 + [0x10, 0x20, 0x40]))
         mask = draw(st.sampled_from([True] * 15 + [False]))
-        payload = draw(_WS_TEXT if opcode in (0x0, 0x1) and draw(st.integers(0, 3)) else _WS_PAYLOADS)
+        payload = draw(
+            _WS_TEXT if opcode in (0x0, 0x1) and draw(st.integers(0, 3)) else _WS_PAYLOADS
+        )
         if opcode >= 0x8 and draw(st.integers(0, 3)):
             payload = payload[:125]  # mostly legal control frames, sometimes too long ones
         length = draw(_WS_LYING_LENGTHS) if kind == "lie" else len(payload)
-        frame((0x80 if fin else 0) | rsv | opcode, payload, mask, length, draw(st.sampled_from(["7", "7", "7", "16", "64"])))
+        frame(
+            (0x80 if fin else 0) | rsv | opcode,
+            payload,
+            mask,
+            length,
+            draw(st.sampled_from(["7", "7", "7", "16", "64"])),
+        )
         if opcode == 0x8:
             codes.add(int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None)
         if kind == "lie" and length != len(payload):
@@ -4511,21 +5609,33 @@ class TestFaultDrills:
             futures = [pool.submit(api, daemon, "POST", f"/api/servers/{u}/sync") for u in uuids]
             wait_for(lambda: len(panel.requests) > len(uuids), what="the syncs to reach the Panel")
             t0 = time.monotonic()
-            assert api(daemon, "GET", f"/api/servers/{uuids[0]}")[0] == 200  # the API answers during the outage
+            assert (
+                api(daemon, "GET", f"/api/servers/{uuids[0]}")[0] == 200
+            )  # the API answers during the outage
             assert time.monotonic() - t0 < 1.0
             results = [f.result() for f in futures]
         assert time.monotonic() - started < 3 + 2, "the retry budget was not respected"
         for status, _, body in results:
-            assert status == 500 and "HTTP 500" in body["error"] and "nothing on this node was changed" in body["error"]
+            assert (
+                status == 500
+                and "HTTP 500" in body["error"]
+                and "nothing on this node was changed" in body["error"]
+            )
         assert {u: saved_document(daemon, u) for u in uuids} == saved
         assert all(daemon.servers[u].config.build.memory_mb == 4096 for u in uuids)
         panel.down = False
         with concurrent.futures.ThreadPoolExecutor(len(uuids)) as pool:
-            statuses = list(pool.map(lambda u: api(daemon, "POST", f"/api/servers/{u}/sync")[0], uuids))
+            statuses = list(
+                pool.map(lambda u: api(daemon, "POST", f"/api/servers/{u}/sync")[0], uuids)
+            )
         assert statuses == [204] * len(uuids)
-        assert all(saved_document(daemon, u)["settings"]["build"]["memory_limit"] == 6000 for u in uuids)
+        assert all(
+            saved_document(daemon, u)["settings"]["build"]["memory_limit"] == 6000 for u in uuids
+        )
 
-    def test_a_hanging_panel_respects_the_budget_and_other_servers_sync_meanwhile(self, panel, make_daemon):
+    def test_a_hanging_panel_respects_the_budget_and_other_servers_sync_meanwhile(
+        self, panel, make_daemon
+    ):
         stuck = panel.add(panel_document())
         others = [panel.add(panel_document()) for _ in range(5)]
         daemon = make_daemon(panel)  # remote_query.timeout: 3 s
@@ -4539,15 +5649,23 @@ class TestFaultDrills:
                 panel.servers[uuid]["settings"]["build"]["disk_space"] = 321
                 t0 = time.monotonic()
                 assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-                assert time.monotonic() - t0 < 1.0, "another server's sync waited for the hanging one"
+                assert time.monotonic() - t0 < 1.0, (
+                    "another server's sync waited for the hanging one"
+                )
                 assert daemon.servers[uuid].fs.limit_bytes == 321 * 1_048_576
             status, _, body = future.result(timeout=15)
             elapsed = time.monotonic() - started
-        assert status == 500 and "did not answer" in body["error"] and "nothing on this node was changed" in body["error"], body
+        assert (
+            status == 500
+            and "did not answer" in body["error"]
+            and "nothing on this node was changed" in body["error"]
+        ), body
         assert 2.5 < elapsed < 3 + 1.5, f"the stuck sync took {elapsed:.1f}s for a 3 s budget"
         assert daemon.servers[stuck].config.build.disk_mb == 20480
 
-    def test_a_huge_panel_answer_is_read_only_up_to_the_limit_and_is_a_clear_500(self, panel, make_daemon):
+    def test_a_huge_panel_answer_is_read_only_up_to_the_limit_and_is_a_clear_500(
+        self, panel, make_daemon
+    ):
         uuid = panel.add(panel_document())
         daemon = make_daemon(panel, wingslite__max_panel_document_bytes=1 << 20)
         sent = []
@@ -4578,11 +5696,15 @@ class TestFaultDrills:
         assert saved_document(daemon, uuid) == before
         assert api(daemon, "GET", "/api/system")[0] == 200
 
-    @pytest.mark.parametrize("depth, says", [(600, "nested deeper than 64 levels"), (200_000, "not valid JSON")])
+    @pytest.mark.parametrize(
+        "depth, says", [(600, "nested deeper than 64 levels"), (200_000, "not valid JSON")]
+    )
     def test_a_deeply_nested_panel_document_is_a_clear_500(self, panel, make_daemon, depth, says):
         uuid = panel.add(panel_document())
         daemon = make_daemon(panel)
-        text = json.dumps(panel_document(uuid))[:-1] + ', "extra": ' + "[" * depth + "]" * depth + "}"
+        text = (
+            json.dumps(panel_document(uuid))[:-1] + ', "extra": ' + "[" * depth + "]" * depth + "}"
+        )
 
         def deep(h):
             data = text.encode()
@@ -4594,16 +5716,24 @@ class TestFaultDrills:
         _streaming_route(panel, f"/api/remote/servers/{uuid}", deep)
         with _no_tracebacks_logged():
             status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
-        assert status == 500 and says in body["error"] and "nothing on this node was changed" in body["error"], body
+        assert (
+            status == 500
+            and says in body["error"]
+            and "nothing on this node was changed" in body["error"]
+        ), body
 
-    def test_a_deeply_nested_document_in_the_boot_list_skips_only_that_server(self, panel, make_daemon):
+    def test_a_deeply_nested_document_in_the_boot_list_skips_only_that_server(
+        self, panel, make_daemon
+    ):
         good = panel.add(panel_document())
         bad = panel.add(panel_document())
         panel.servers[bad]["settings"]["labels"] = json.loads("[" * 600 + "]" * 600)
         daemon = make_daemon(panel)
         assert good in daemon.servers and bad not in daemon.servers
 
-    def test_sigkill_during_100_concurrent_syncs_leaves_old_or_new_configurations(self, panel, tmp_path):
+    def test_sigkill_during_100_concurrent_syncs_leaves_old_or_new_configurations(
+        self, panel, tmp_path
+    ):
         uuids = [panel.add(panel_document()) for _ in range(100)]
         raw = node_config(tmp_path, panel.url, remote_query__timeout=5)
         port = raw["api"]["port"] = _free_port()
@@ -4618,7 +5748,10 @@ class TestFaultDrills:
                 stderr=subprocess.DEVNULL,
             )
             wait_for(lambda: _answers(port), what="the daemon to answer")
-            wait_for(lambda: api(port, "GET", "/api/system")[2]["wingslite"]["booted"], what="the daemon to boot")
+            wait_for(
+                lambda: api(port, "GET", "/api/system")[2]["wingslite"]["booted"],
+                what="the daemon to boot",
+            )
             return proc
 
         def sync(uuid):
@@ -4637,7 +5770,9 @@ class TestFaultDrills:
                     futures = [pool.submit(sync, u) for u in uuids]
                     wait_for(
                         lambda fetched=fetched, threshold=threshold: (
-                            sum(panel.calls.get(f"/api/remote/servers/{u}", 0) for u in uuids) - fetched >= threshold
+                            sum(panel.calls.get(f"/api/remote/servers/{u}", 0) for u in uuids)
+                            - fetched
+                            >= threshold
                         ),
                         what=f"{threshold} syncs to reach the Panel",
                     )
@@ -4649,14 +5784,24 @@ class TestFaultDrills:
                     document = json.loads((store / f"{uuid}.json").read_bytes())
                     w.parse_server_document(document, expect_uuid=uuid)
                     values[uuid] = document["settings"]["build"]["memory_limit"]
-                assert set(values.values()) <= {old, new}, f"round {round_no}: {set(values.values())}"
-                assert all(values[u] == new for u, s in zip(uuids, statuses, strict=True) if s == 204), (
-                    "a 204 was answered before the write"
+                assert set(values.values()) <= {old, new}, (
+                    f"round {round_no}: {set(values.values())}"
                 )
+                assert all(
+                    values[u] == new for u, s in zip(uuids, statuses, strict=True) if s == 204
+                ), "a 204 was answered before the write"
                 proc = start()  # the boot brings every server to the Panel's state
                 _, _, servers = api(port, "GET", "/api/servers")
-                assert len(servers) == 100 and {s["configuration"]["build"]["memory_limit"] for s in servers} == {new}
-                assert all(json.loads((store / f"{u}.json").read_bytes())["settings"]["build"]["memory_limit"] == new for u in uuids)
+                assert len(servers) == 100 and {
+                    s["configuration"]["build"]["memory_limit"] for s in servers
+                } == {new}
+                assert all(
+                    json.loads((store / f"{u}.json").read_bytes())["settings"]["build"][
+                        "memory_limit"
+                    ]
+                    == new
+                    for u in uuids
+                )
                 old = new
             assert api(port, "POST", f"/api/servers/{uuids[0]}/sync")[0] == 204
         finally:
@@ -4669,7 +5814,9 @@ class TestFaultDrills:
         baseline = _handler_threads()
         sent = [0]
 
-        @settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(_http_request_batches())
         def batch(requests):
             for raw, in_step in requests:
@@ -4680,18 +5827,30 @@ class TestFaultDrills:
             with _no_tracebacks_logged():
                 batch()
             assert sent[0] >= 10_000, f"only {sent[0]} requests were generated"
-            wait_for(lambda: _handler_threads() <= baseline, timeout_s=10, what="every connection thread to finish")
+            wait_for(
+                lambda: _handler_threads() <= baseline,
+                timeout_s=10,
+                what="every connection thread to finish",
+            )
             assert api(daemon, "GET", "/api/system")[0] == 200
         finally:
             daemon.stop()
 
-    @settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=1500,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(_panel_documents())
     def test_generated_panel_documents_are_a_server_config_or_a_document_error(self, document):
         try:
             config = w.parse_server_document(document, expect_uuid=_DRILL_UUID)
         except w.DocumentError as exc:
-            assert exc.message.startswith("the Panel's server document is invalid: ") and exc.status == 500
+            assert (
+                exc.message.startswith("the Panel's server document is invalid: ")
+                and exc.status == 500
+            )
             return
         assert isinstance(config, w.ServerConfig) and config.uuid == _DRILL_UUID
         json.dumps(w.server_document_json(config))
@@ -4700,13 +5859,17 @@ class TestFaultDrills:
         config.process.done_matchers()
         assert config.disk_limit_bytes >= 0
 
-    def test_generated_websocket_frames_get_a_close_code_or_service_and_leave_no_thread(self, console_node, caplog):
+    def test_generated_websocket_frames_get_a_close_code_or_service_and_leave_no_thread(
+        self, console_node, caplog
+    ):
         daemon = console_node(wingslite__websocket_max_per_server=1000)
         uuid = daemon.uuid
         baseline = threading.active_count()
         outcomes: dict[str, int] = {}
 
-        @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(_ws_streams(), st.booleans())
         def exchange(stream, authenticate):
             data, clean, client_codes = stream
@@ -4718,7 +5881,9 @@ class TestFaultDrills:
                     while b"auth success" not in raw.frame()[1]:
                         pass
                 probe = os.urandom(8)
-                with contextlib.suppress(OSError):  # the server may have failed the connection already
+                with contextlib.suppress(
+                    OSError
+                ):  # the server may have failed the connection already
                     raw.sock.sendall(data + (ws_frame(0x9, probe) if clean else b""))
                 outcome, code = _ws_outcome(raw, probe if clean else None, 5.0 if clean else 0.1)
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
@@ -4731,19 +5896,29 @@ class TestFaultDrills:
 
         with caplog.at_level(logging.DEBUG, logger="wingslite"):
             exchange()
-            wait_for(lambda: daemon.sessions.count() == 0, 10, what="every socket to leave the session table")
-            wait_for(lambda: threading.active_count() <= baseline + 2, 10, what=f"the threads to return to {baseline} (+2)")
+            wait_for(
+                lambda: daemon.sessions.count() == 0,
+                10,
+                what="every socket to leave the session table",
+            )
+            wait_for(
+                lambda: threading.active_count() <= baseline + 2,
+                10,
+                what=f"the threads to return to {baseline} (+2)",
+            )
         assert {"close", "serving"} <= set(outcomes), outcomes
-        escaped = [r for r in caplog.records if r.name.startswith("wingslite") and (r.exc_info or r.levelno >= logging.ERROR)]
+        escaped = [
+            r
+            for r in caplog.records
+            if r.name.startswith("wingslite") and (r.exc_info or r.levelno >= logging.ERROR)
+        ]
         assert not escaped, f"{len(escaped)} error(s) logged; the first: {escaped[0].getMessage()}"
         conn, first = ws_authed(daemon, uuid)
         with conn:
             assert first[0] == ("auth success", [])
 
 
-##############################################################################
-# fault drill: the Docker engine stopped and started again -- keep this LAST in the file
-##############################################################################
+# fault drill: the Docker engine stopped and started again -- keep this LAST in the file ###########
 
 DOCKERD_LOG = "/tmp/wingslite-dockerd.log"  # where .ci/run starts it
 # The engine's shutdown sends each container SIGTERM and SIGKILLs it 10 s later; a console program
@@ -4751,7 +5926,10 @@ DOCKERD_LOG = "/tmp/wingslite-dockerd.log"  # where .ci/run starts it
 TERM_STARTUP = 'trap "exit 0" TERM; ' + CONSOLE_STARTUP
 # Stopping the engine breaks every Docker test running at the same moment, so outside CI (one run
 # on its own machine) the drill runs only when asked for.
-ENGINE_DRILL = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("WINGSLITE_ENGINE_DRILL") == "1"
+ENGINE_DRILL = (
+    os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    or os.environ.get("WINGSLITE_ENGINE_DRILL") == "1"
+)
 
 
 def _engine_answers(timeout_s: float = 2) -> bool:
@@ -4770,18 +5948,31 @@ def _engine_answers(timeout_s: float = 2) -> bool:
 
 
 def _dockerd_pids() -> list[int]:
-    return [int(pid) for pid in subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()]
+    return [
+        int(pid)
+        for pid in subprocess.run(
+            ["pgrep", "-x", "dockerd"], capture_output=True, text=True
+        ).stdout.split()
+    ]
 
 
 def _start_dockerd() -> None:
     """Start the engine exactly as .ci/run does, and wait until ``docker info`` answers."""
     pid_file = Path("/var/run/docker.pid")
-    with contextlib.suppress(OSError, ValueError):  # a dockerd that died leaves its pid file, and a new one refuses to start
+    with contextlib.suppress(
+        OSError, ValueError
+    ):  # a dockerd that died leaves its pid file, and a new one refuses to start
         if not Path(f"/proc/{int(pid_file.read_text().strip())}").exists():
             pid_file.unlink()
-    subprocess.run(["bash", "-c", f"nohup dockerd >{DOCKERD_LOG} 2>&1 </dev/null &"], check=True, start_new_session=True)
+    subprocess.run(
+        ["bash", "-c", f"nohup dockerd >{DOCKERD_LOG} 2>&1 </dev/null &"],
+        check=True,
+        start_new_session=True,
+    )
     wait_until(
-        lambda: subprocess.run(["timeout", "5", "docker", "info"], capture_output=True).returncode == 0,
+        lambda: (
+            subprocess.run(["timeout", "5", "docker", "info"], capture_output=True).returncode == 0
+        ),
         60,
         "dockerd to answer docker info",
         interval_s=0.2,
@@ -4799,7 +5990,10 @@ def _restore_dockerd() -> None:
     _start_dockerd()
 
 
-@pytest.mark.skipif(not ENGINE_DRILL, reason="stops the shared Docker engine: runs in CI, or with WINGSLITE_ENGINE_DRILL=1")
+@pytest.mark.skipif(
+    not ENGINE_DRILL,
+    reason="stops the shared Docker engine: runs in CI, or with WINGSLITE_ENGINE_DRILL=1",
+)
 class TestFaultDrillDockerEngineRestart:
     """The Docker engine stopped (SIGTERM) and started again while syncs and GETs keep coming.
 
@@ -4819,14 +6013,26 @@ class TestFaultDrillDockerEngineRestart:
         # containers) -> down (dockerd has exited) -> restarting -> back (docker info answers)
         phase = ["up"]
         calls: list[dict] = []
-        sent: dict[str, list[tuple[str, int]]] = {u: [] for u in uuids}  # (phase, memory_limit) as each sync went out
+        sent: dict[str, list[tuple[str, int]]] = {
+            u: [] for u in uuids
+        }  # (phase, memory_limit) as each sync went out
         stop_load = threading.Event()
 
         def record(kind: str, uuid: str, call, **extra) -> None:
             began, t0 = phase[0], time.monotonic()
             status, _, body = call()
             seconds = time.monotonic() - t0
-            calls.append({"kind": kind, "uuid": uuid, "phases": (began, phase[0]), "status": status, "body": body, "s": seconds, **extra})
+            calls.append(
+                {
+                    "kind": kind,
+                    "uuid": uuid,
+                    "phases": (began, phase[0]),
+                    "status": status,
+                    "body": body,
+                    "s": seconds,
+                    **extra,
+                }
+            )
 
         def syncs(uuid: str) -> None:
             n = 0
@@ -4835,17 +6041,30 @@ class TestFaultDrillDockerEngineRestart:
                 memory = 64 + n % 50 + 1  # a limit change with every sync
                 panel.servers[uuid]["settings"]["build"]["memory_limit"] = memory
                 sent[uuid].append((phase[0], memory))
-                record("sync", uuid, lambda: api(daemon, "POST", f"/api/servers/{uuid}/sync"), memory=memory)
+                record(
+                    "sync",
+                    uuid,
+                    lambda: api(daemon, "POST", f"/api/servers/{uuid}/sync"),
+                    memory=memory,
+                )
                 stop_load.wait(0.05)
 
         def gets() -> None:
             while not stop_load.is_set():
                 for uuid in uuids:
-                    record("get", uuid, lambda uuid=uuid: api(daemon, "GET", f"/api/servers/{uuid}"))
+                    record(
+                        "get", uuid, lambda uuid=uuid: api(daemon, "GET", f"/api/servers/{uuid}")
+                    )
                 stop_load.wait(0.02)
 
         def done(kind: str, in_phase: str, status: int | None = None) -> list[dict]:
-            return [c for c in list(calls) if c["kind"] == kind and c["phases"] == (in_phase, in_phase) and status in (None, c["status"])]
+            return [
+                c
+                for c in list(calls)
+                if c["kind"] == kind
+                and c["phases"] == (in_phase, in_phase)
+                and status in (None, c["status"])
+            ]
 
         threads = [threading.Thread(target=syncs, args=(u,), daemon=True) for u in uuids]
         threads += [threading.Thread(target=gets, daemon=True) for _ in range(2)]
@@ -4853,34 +6072,57 @@ class TestFaultDrillDockerEngineRestart:
             with caplog.at_level(logging.INFO, logger="wingslite"):
                 for t in threads:
                     t.start()
-                wait_until(lambda: len(done("sync", "up", 204)) >= 2 * len(uuids), 20, "syncs with the engine up")
+                wait_until(
+                    lambda: len(done("sync", "up", 204)) >= 2 * len(uuids),
+                    20,
+                    "syncs with the engine up",
+                )
                 pids = _dockerd_pids()
                 assert pids, "no dockerd is running"
                 phase[0] = "stopping"
                 for pid in pids:
                     os.kill(pid, signal.SIGTERM)
-                wait_until(lambda: not _engine_answers(1), 30, "the engine to stop answering", interval_s=0.05)
+                wait_until(
+                    lambda: not _engine_answers(1),
+                    30,
+                    "the engine to stop answering",
+                    interval_s=0.05,
+                )
                 # live-restore is off: the engine stops the containers on its way down.
-                wait_until(lambda: all(daemon.get_server(u).state == "offline" for u in uuids), 30, "every server to go offline")
-                wait_until(lambda: not _dockerd_pids(), 30, "the stopped dockerd to exit", interval_s=0.05)
+                wait_until(
+                    lambda: all(daemon.get_server(u).state == "offline" for u in uuids),
+                    30,
+                    "every server to go offline",
+                )
+                wait_until(
+                    lambda: not _dockerd_pids(), 30, "the stopped dockerd to exit", interval_s=0.05
+                )
                 stopped_at = time.monotonic()
                 phase[0] = "down"
                 wait_until(
                     lambda: (
                         time.monotonic() - stopped_at > 3
-                        and all(len([c for c in done("sync", "down") if c["uuid"] == u]) >= 3 for u in uuids)
+                        and all(
+                            len([c for c in done("sync", "down") if c["uuid"] == u]) >= 3
+                            for u in uuids
+                        )
                     ),
                     30,
                     "three syncs per server with the engine down",
                 )
                 down_views = {u: api(daemon, "GET", f"/api/servers/{u}")[2] for u in uuids}
-                down_saved = {u: saved_document(daemon, u)["settings"]["build"]["memory_limit"] for u in uuids}
+                down_saved = {
+                    u: saved_document(daemon, u)["settings"]["build"]["memory_limit"] for u in uuids
+                }
                 down_syncs = {u: [c for c in done("sync", "down") if c["uuid"] == u] for u in uuids}
                 phase[0] = "restarting"
                 _start_dockerd()
                 phase[0] = "back"
                 wait_until(
-                    lambda: all(len([c for c in done("sync", "back", 204) if c["uuid"] == u]) >= 2 for u in uuids),
+                    lambda: all(
+                        len([c for c in done("sync", "back", 204) if c["uuid"] == u]) >= 2
+                        for u in uuids
+                    ),
                     30,
                     "syncs to succeed again",
                 )
@@ -4893,25 +6135,41 @@ class TestFaultDrillDockerEngineRestart:
                 for u in uuids:
                     for c in down_syncs[u]:
                         error = (c["body"] or {}).get("error", "")
-                        assert c["status"] == 500 and "Docker" in error and "was updated" in error and "Traceback" not in error, c
+                        assert (
+                            c["status"] == 500
+                            and "Docker" in error
+                            and "was updated" in error
+                            and "Traceback" not in error
+                        ), c
                     view = down_views[u]
                     assert view["state"] == "offline"
-                    assert view["configuration"]["build"]["memory_limit"] in {m for p, m in sent[u] if p == "down"}
+                    assert view["configuration"]["build"]["memory_limit"] in {
+                        m for p, m in sent[u] if p == "down"
+                    }
                     assert down_saved[u] in {m for p, m in sent[u] if p == "down"}
-                    assert "resource limits" in view["wingslite"]["pending_next_start"], view["wingslite"]
+                    assert "resource limits" in view["wingslite"]["pending_next_start"], view[
+                        "wingslite"
+                    ]
                 # While the engine was stopping, a sync could still reach it over a kept-alive connection
                 # (204) or race the container's exit (500): either way the configuration was swapped.
                 for c in [c for c in calls if c["kind"] == "sync" and "stopping" in c["phases"]]:
                     error = (c["body"] or {}).get("error", "")
-                    assert c["status"] == 204 or (c["status"] == 500 and "was updated" in error and "Traceback" not in error), c
+                    assert c["status"] == 204 or (
+                        c["status"] == 500 and "was updated" in error and "Traceback" not in error
+                    ), c
                 # Each process's end was taken for a crash; the one restart it allows failed on the engine.
                 for u in uuids:
                     console = "\n".join(docker_servers.console(u))
                     assert "Detected server process in a crashed state!" in console
-                    assert "an error occurred while handling it" in console or "Aborting automatic restart" in console, console
+                    assert (
+                        "an error occurred while handling it" in console
+                        or "Aborting automatic restart" in console
+                    ), console
                 # The daemon kept answering: every GET a 200, and nothing hung.
                 assert len(done("get", "down")) >= 5
-                assert all(c["status"] == 200 for c in calls if c["kind"] == "get"), [c for c in calls if c["status"] != 200][:3]
+                assert all(c["status"] == 200 for c in calls if c["kind"] == "get"), [
+                    c for c in calls if c["status"] != 200
+                ][:3]
                 slowest = max(calls, key=lambda c: c["s"])
                 assert slowest["s"] < 10, slowest
                 # Once the engine answers again, every server's last sync succeeded.
@@ -4928,10 +6186,21 @@ class TestFaultDrillDockerEngineRestart:
                 for u in uuids:
                     docker_servers.start(u)
                     want = panel.servers[u]["settings"]["build"]["memory_limit"]
-                    assert engine.inspect_container(u)["HostConfig"]["Memory"] == w.memory_limit_bytes(want)
-                    assert "resource limits" not in api(daemon, "GET", f"/api/servers/{u}")[2]["wingslite"]["pending_next_start"]
-            tracebacks = [r for r in caplog.records if r.name.startswith("wingslite") and r.exc_info]
-            assert not tracebacks, f"{len(tracebacks)} traceback(s) logged; the first: {tracebacks[0].getMessage()}"
+                    assert engine.inspect_container(u)["HostConfig"][
+                        "Memory"
+                    ] == w.memory_limit_bytes(want)
+                    assert (
+                        "resource limits"
+                        not in api(daemon, "GET", f"/api/servers/{u}")[2]["wingslite"][
+                            "pending_next_start"
+                        ]
+                    )
+            tracebacks = [
+                r for r in caplog.records if r.name.startswith("wingslite") and r.exc_info
+            ]
+            assert not tracebacks, (
+                f"{len(tracebacks)} traceback(s) logged; the first: {tracebacks[0].getMessage()}"
+            )
         finally:
             stop_load.set()
             _restore_dockerd()

@@ -97,9 +97,7 @@ from typing import Any
 
 import yaml
 
-##############################################################################
-# constants and errors
-##############################################################################
+# constants and errors #############################################################################
 
 VERSION = "0.1.0"
 LOG = logging.getLogger("wingslite")
@@ -112,7 +110,9 @@ CLOSE_SUSPENDED = 4409  # the Panel's browser client stops reconnecting on 4409 
 CLOSE_REVOKED = 4401
 CLOSE_SERVER_DELETED = 1001
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$")
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
+)
 
 
 class WingsliteError(Exception):
@@ -155,15 +155,15 @@ class PanelError(WingsliteError):
         self.code = code
         self.detail = detail
         if http_status:
-            text = f"{what}: the Panel answered HTTP {http_status} ({code}: {detail or 'no detail'})"
+            text = (
+                f"{what}: the Panel answered HTTP {http_status} ({code}: {detail or 'no detail'})"
+            )
         else:
             text = f"{what}: {detail}"
         super().__init__(text, 500)
 
 
-##############################################################################
-# config
-##############################################################################
+# config ###########################################################################################
 
 # (dotted key, type, default). Wings' own keys keep Wings' defaults (config/config.go); the
 # ``wingslite.*`` keys are this daemon's own and are documented in wingslite.yml.
@@ -268,7 +268,9 @@ class Config:
 
     def __init__(self, raw: Mapping[str, Any], source: str = "<config>"):
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"{source}: the top level must be a mapping of keys, not {type(raw).__name__}")
+            raise ConfigError(
+                f"{source}: the top level must be a mapping of keys, not {type(raw).__name__}"
+            )
         self.source = source
         self.raw = copy.deepcopy(dict(raw))
         values: dict[str, Any] = {}
@@ -281,7 +283,9 @@ class Config:
             values[key] = _check_config_value(source, key, kind, value)
         self._values = types.MappingProxyType(values)
         if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", values["remote"]):
-            raise ConfigError(f"{source}: remote: expected the Panel's http(s) URL, got {values['remote']!r}")
+            raise ConfigError(
+                f"{source}: remote: expected the Panel's http(s) URL, got {values['remote']!r}"
+            )
         if not values["token"]:
             raise ConfigError(f"{source}: token: must not be empty")
         for key in ("api.port", "system.sftp.bind_port"):
@@ -329,11 +333,15 @@ def _check_config_value(source: str, key: str, kind: type | tuple[type, ...], va
     ok = isinstance(value, kind) and not (kind in (int, (int, float)) and isinstance(value, bool))
     if not ok:
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{source}: {key}: expected {names}, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"{source}: {key}: expected {names}, got {type(value).__name__} {value!r}"
+        )
     if key in _NON_NEGATIVE and value < 0:
         raise ConfigError(f"{source}: {key}: must not be negative, got {value}")
     if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"{source}: {key}: must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        raise ConfigError(
+            f"{source}: {key}: must be one of {', '.join(_CHOICES[key])}, got {value!r}"
+        )
     return value
 
 
@@ -350,13 +358,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(
+            f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+        ) from None
     return Config(raw if raw is not None else {}, str(path))
 
 
-##############################################################################
-# Panel client
-##############################################################################
+# Panel client #####################################################################################
 
 
 class PanelClient:
@@ -409,13 +417,18 @@ class PanelClient:
 
     def get_server(self, uuid: str, budget_s: float | None = None) -> dict[str, Any]:
         """``GET /servers/{uuid}``: ``{"settings": ..., "process_configuration": ...}``."""
-        doc = self.request("GET", f"/servers/{urllib.parse.quote(uuid, safe='')}", budget_s=budget_s)
+        doc = self.request(
+            "GET", f"/servers/{urllib.parse.quote(uuid, safe='')}", budget_s=budget_s
+        )
         if not isinstance(doc, dict):
             raise PanelError(200, "_BadShape", "expected a JSON object", f"GET /servers/{uuid}")
         return doc
 
     def list_servers(
-        self, per_page: int = 50, concurrency: int = 8, progress: Callable[[int, int], None] | None = None
+        self,
+        per_page: int = 50,
+        concurrency: int = 8,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Every server of this node: the first page, then the others concurrently (Laravel pages)."""
         first = self._page(0, per_page)  # Wings asks for page 0, which Laravel reads as page 1
@@ -426,7 +439,9 @@ class PanelClient:
             progress(len(items), total or len(items))
         start = first["meta"]["current_page"] + 1
         if last >= start:
-            with concurrent.futures.ThreadPoolExecutor(max(1, concurrency), "wingslite-page") as pool:
+            with concurrent.futures.ThreadPoolExecutor(
+                max(1, concurrency), "wingslite-page"
+            ) as pool:
                 for page in pool.map(lambda n: self._page(n, per_page), range(start, last + 1)):
                     items.extend(page["data"])
                     if progress:
@@ -434,7 +449,13 @@ class PanelClient:
         return items
 
     def sftp_auth(
-        self, kind: str, username: str, password: str, ip: str, session_id: bytes = b"", client_version: bytes = b""
+        self,
+        kind: str,
+        username: str,
+        password: str,
+        ip: str,
+        session_id: bytes = b"",
+        client_version: bytes = b"",
     ) -> dict[str, Any]:
         """``POST /sftp/auth``; any 4xx means the credentials were refused."""
         body = {
@@ -446,8 +467,14 @@ class PanelClient:
             "client_version": base64.b64encode(client_version).decode(),
         }
         answer = self.request("POST", "/sftp/auth", body=body)
-        if not isinstance(answer, dict) or not isinstance(answer.get("server"), str) or not isinstance(answer.get("user"), str):
-            raise PanelError(200, "_BadShape", "expected {server, user, permissions}", "POST /sftp/auth")
+        if (
+            not isinstance(answer, dict)
+            or not isinstance(answer.get("server"), str)
+            or not isinstance(answer.get("user"), str)
+        ):
+            raise PanelError(
+                200, "_BadShape", "expected {server, user, permissions}", "POST /sftp/auth"
+            )
         return answer
 
     def reset_servers(self) -> None:
@@ -463,12 +490,22 @@ class PanelClient:
         if not isinstance(meta, dict) or not isinstance(doc.get("data"), list):
             raise PanelError(200, "_BadShape", "expected a Laravel page with data and meta", what)
         for key in ("current_page", "last_page"):
-            if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 1:
+            if (
+                not isinstance(meta.get(key), int)
+                or isinstance(meta.get(key), bool)
+                or meta[key] < 1
+            ):
                 raise PanelError(200, "_BadShape", f"meta.{key} is not a page number", what)
         return doc
 
     def request(
-        self, method: str, path: str, *, query: Mapping[str, Any] | None = None, body: Any = None, budget_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        budget_s: float | None = None,
     ) -> Any:
         """One call with retries; returns the decoded JSON body (``None`` when empty)."""
         url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
@@ -492,7 +529,9 @@ class PanelClient:
                 time.sleep(wait)
                 delay *= self.backoff_factor
 
-    def _attempt(self, method: str, url: str, data: bytes | None, timeout_s: float, what: str) -> Any:
+    def _attempt(
+        self, method: str, url: str, data: bytes | None, timeout_s: float, what: str
+    ) -> Any:
         req = urllib.request.Request(url, data=data, method=method, headers=self._headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
@@ -510,20 +549,33 @@ class PanelClient:
                 raise error from None
             raise _Retryable(error) from None
         except TimeoutError:
-            raise _Retryable(PanelError(0, "_Timeout", f"the Panel did not answer within {timeout_s:.1f}s", what)) from None
+            raise _Retryable(
+                PanelError(0, "_Timeout", f"the Panel did not answer within {timeout_s:.1f}s", what)
+            ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
-            raise _Retryable(PanelError(0, "_Unreachable", f"could not reach the Panel at {self.base}: {reason}", what)) from None
+            raise _Retryable(
+                PanelError(
+                    0, "_Unreachable", f"could not reach the Panel at {self.base}: {reason}", what
+                )
+            ) from None
         if not 200 <= status < 300:
             raise _Retryable(PanelError(status, "_Unexpected", "unexpected status", what))
         if len(raw) > self.max_document_bytes:
-            raise PanelError(status, "_TooLarge", f"the answer is larger than {self.max_document_bytes} bytes", what)
+            raise PanelError(
+                status,
+                "_TooLarge",
+                f"the answer is larger than {self.max_document_bytes} bytes",
+                what,
+            )
         if not raw.strip():
             return None
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as exc:
-            raise PanelError(status, "_InvalidJSON", f"the answer is not valid JSON ({str(exc)[:80]})", what) from None
+            raise PanelError(
+                status, "_InvalidJSON", f"the answer is not valid JSON ({str(exc)[:80]})", what
+            ) from None
 
 
 class _Retryable(Exception):
@@ -541,9 +593,7 @@ def _panel_error_body(raw: bytes) -> tuple[str, str]:
         return "_MissingResponseCode", "No error response returned from API endpoint."
 
 
-##############################################################################
-# server model
-##############################################################################
+# server model #####################################################################################
 #
 # The Panel's JSON is parsed once, at the edge, into frozen dataclasses. ``parse_server_document``
 # validates the whole document before anything changes and names the field it refuses. It
@@ -703,7 +753,11 @@ class _Doc:
             if default is None:
                 raise self.fail("required number is missing")
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise self.fail(f"expected a number, got {_json_type(value)} {json.dumps(value)[:40]}")
         number = round_half_away(value) if isinstance(value, float) else value
         if (lo is not None and number < lo) or (hi is not None and number > hi):
@@ -713,7 +767,13 @@ class _Doc:
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), "a number")
 
 
 _THREADS_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -729,7 +789,9 @@ def _check_depth(document: Any, limit: int = _MAX_DOCUMENT_DEPTH) -> None:
     while stack:
         value, depth = stack.pop()
         if depth > limit:
-            raise DocumentError(f"the Panel's server document is invalid: it is nested deeper than {limit} levels")
+            raise DocumentError(
+                f"the Panel's server document is invalid: it is nested deeper than {limit} levels"
+            )
         children = value.values() if isinstance(value, dict) else value
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
@@ -749,7 +811,9 @@ def _parse_threads(doc: _Doc) -> str:
     return text
 
 
-def parse_server_document(document: Any, *, expect_uuid: str | None = None, crash_detection_default: bool = True) -> ServerConfig:
+def parse_server_document(
+    document: Any, *, expect_uuid: str | None = None, crash_detection_default: bool = True
+) -> ServerConfig:
     """Validate the Panel's ``{"settings", "process_configuration"}`` document as a whole.
 
     Raises ``DocumentError`` naming the first field that is refused; returns a ``ServerConfig``
@@ -772,7 +836,9 @@ def parse_server_document(document: Any, *, expect_uuid: str | None = None, cras
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise _Doc(value, f"{env_doc.path}.{key}").fail("not a valid environment variable name")
         if value is not None and not isinstance(value, (str, int, float, bool)):
-            raise _Doc(value, f"{env_doc.path}.{key}").fail(f"expected a string or number, got {_json_type(value)}")
+            raise _Doc(value, f"{env_doc.path}.{key}").fail(
+                f"expected a string or number, got {_json_type(value)}"
+            )
         environment[key] = value
 
     b = settings.at("build", required=True)
@@ -793,7 +859,10 @@ def parse_server_document(document: Any, *, expect_uuid: str | None = None, cras
     m = a.at("mappings")
     for ip, ports in m.obj().items():
         port_doc = _Doc(ports, f"{m.path}.{ip}")
-        parsed = tuple(_Doc(p, f"{port_doc.path}[{i}]").int(lo=1, hi=65535) for i, p in enumerate(port_doc.list()))
+        parsed = tuple(
+            _Doc(p, f"{port_doc.path}[{i}]").int(lo=1, hi=65535)
+            for i, p in enumerate(port_doc.list())
+        )
         mappings.append((ip, parsed))
     allocations = Allocations(
         default_ip=default.at("ip").str("0.0.0.0") if default.value is not None else "0.0.0.0",
@@ -807,12 +876,20 @@ def parse_server_document(document: Any, *, expect_uuid: str | None = None, cras
     for i, item in enumerate(mounts_doc.list()):
         md = _Doc(item, f"{mounts_doc.path}[{i}]")
         md.obj(required=True)
-        mounts.append(Mount(md.at("source").str(required=True), md.at("target").str(required=True), md.at("read_only").bool()))
+        mounts.append(
+            Mount(
+                md.at("source").str(required=True),
+                md.at("target").str(required=True),
+                md.at("read_only").bool(),
+            )
+        )
 
     egg = settings.at("egg")
     egg_obj = egg.obj()
     deny_doc = _Doc(egg_obj.get("file_denylist"), f"{egg.path}.file_denylist")
-    denylist = tuple(_Doc(p, f"{deny_doc.path}[{i}]").str(required=True) for i, p in enumerate(deny_doc.list()))
+    denylist = tuple(
+        _Doc(p, f"{deny_doc.path}[{i}]").str(required=True) for i, p in enumerate(deny_doc.list())
+    )
 
     labels_doc = settings.at("labels")
     labels = {k: _Doc(v, f"{labels_doc.path}.{k}").str() for k, v in labels_doc.obj().items()}
@@ -833,7 +910,9 @@ def parse_server_document(document: Any, *, expect_uuid: str | None = None, cras
         egg_id=_Doc(egg_obj.get("id"), f"{egg.path}.id").str(),
         file_denylist=denylist,
         labels=types.MappingProxyType(labels),
-        crash_detection_enabled=settings.at("crash_detection_enabled").bool(crash_detection_default),
+        crash_detection_enabled=settings.at("crash_detection_enabled").bool(
+            crash_detection_default
+        ),
         process=_parse_process(root.at("process_configuration")),
         document=types.MappingProxyType(copy.deepcopy(document)),
     )
@@ -846,7 +925,9 @@ def _parse_process(p: _Doc) -> ProcessConfig:
     startup = p.at("startup")
     done_doc = startup.at("done") if startup.value is not None else _Doc(None, "")
     done_list = [done_doc.value] if isinstance(done_doc.value, str) else done_doc.list()
-    done = tuple(_Doc(d, f"{done_doc.path}[{i}]").str(required=True) for i, d in enumerate(done_list))
+    done = tuple(
+        _Doc(d, f"{done_doc.path}[{i}]").str(required=True) for i, d in enumerate(done_list)
+    )
     stop = p.at("stop")
     stop_type = stop.at("type").str("signal") if stop.value is not None else "signal"
     if stop_type not in ("command", "signal", "stop", ""):
@@ -868,8 +949,18 @@ def _parse_process(p: _Doc) -> ProcessConfig:
             if isinstance(with_value, (dict, list)):
                 raise rdoc.at("replace_with").fail("expected a string, number or boolean")
             if_value = robj.get("if_value")
-            replaces.append(Replacement(rdoc.at("match").str(required=True), with_value, None if if_value is None else str(if_value)))
-        configs.append(ConfigFile(cd.at("file").str(required=True), cd.at("parser").str("file"), tuple(replaces)))
+            replaces.append(
+                Replacement(
+                    rdoc.at("match").str(required=True),
+                    with_value,
+                    None if if_value is None else str(if_value),
+                )
+            )
+        configs.append(
+            ConfigFile(
+                cd.at("file").str(required=True), cd.at("parser").str("file"), tuple(replaces)
+            )
+        )
     return ProcessConfig(
         done=done,
         strip_ansi=startup.at("strip_ansi").bool() if startup.value is not None else False,
@@ -890,7 +981,9 @@ def round_half_away(x: float) -> int:
 def overhead_multiplier(memory_mb: int, config: Config | None = None) -> float:
     """Wings' memory overhead: 1.15 up to 2048 MB, 1.10 up to 4096 MB, else 1.05 (inclusive)."""
     if config is not None and config.get("docker.overhead.override"):
-        table = sorted((int(k), float(v)) for k, v in config.get("docker.overhead.multipliers").items())
+        table = sorted(
+            (int(k), float(v)) for k, v in config.get("docker.overhead.multipliers").items()
+        )
         for limit_mb, multiplier in table:
             if memory_mb <= limit_mb:
                 return multiplier
@@ -929,7 +1022,9 @@ def container_resources(build: Build, config: Config | None = None) -> dict[str,
     resources: dict[str, Any] = {
         "Memory": memory,
         "MemoryReservation": build.memory_mb * 1_000_000,
-        "MemorySwap": memory_swap_bytes(build, config) if memory else (-1 if build.swap_mb < 0 else 0),
+        "MemorySwap": memory_swap_bytes(build, config)
+        if memory
+        else (-1 if build.swap_mb < 0 else 0),
         "BlkioWeight": build.io_weight,
         "OomKillDisable": build.oom_disabled,
         "PidsLimit": config.get("docker.container_pid_limit") if config is not None else 512,
@@ -973,9 +1068,7 @@ def server_document_json(server: ServerConfig) -> dict[str, Any]:
     return json.loads(json.dumps(server.document, default=dict))
 
 
-##############################################################################
-# filesystem and disk
-##############################################################################
+# filesystem and disk ##############################################################################
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -1045,7 +1138,13 @@ class Filesystem:
     call ``reserve()`` before each write, which checks and books the bytes in one step.
     """
 
-    def __init__(self, root: Path, limit_bytes: int = 0, check_interval_s: float = 150, quota: QuotaBackend | None = None):
+    def __init__(
+        self,
+        root: Path,
+        limit_bytes: int = 0,
+        check_interval_s: float = 150,
+        quota: QuotaBackend | None = None,
+    ):
         self.root = Path(root)
         self.check_interval_s = check_interval_s
         self.quota = quota or QuotaBackend()
@@ -1082,7 +1181,9 @@ class Filesystem:
             self._quota_limit = self._limit
         usage = self.usage_bytes()
         if self._limit and usage > self._limit:
-            notes.append(f"disk usage {usage} bytes is over the new limit of {self._limit} bytes: writes are refused")
+            notes.append(
+                f"disk usage {usage} bytes is over the new limit of {self._limit} bytes: writes are refused"
+            )
         return notes
 
     def usage_bytes(self, allow_stale: bool = True) -> int:
@@ -1092,18 +1193,25 @@ class Filesystem:
                 self._usage, self._measured_at = quota_usage, time.monotonic()
             return quota_usage
         with self._lock:
-            fresh = self._measured_at is not None and time.monotonic() - self._measured_at < self.check_interval_s
+            fresh = (
+                self._measured_at is not None
+                and time.monotonic() - self._measured_at < self.check_interval_s
+            )
             if fresh or (allow_stale and self._measured_at is not None):
                 if not fresh and not self._walking:
                     self._walking = True
-                    threading.Thread(target=self._background_walk, name="wingslite-du", daemon=True).start()
+                    threading.Thread(
+                        target=self._background_walk, name="wingslite-du", daemon=True
+                    ).start()
                 return self._usage
         if allow_stale:
             # Never measured: answer 0 now, measure in the background (boot must not wait on walks).
             with self._lock:
                 if not self._walking:
                     self._walking = True
-                    threading.Thread(target=self._background_walk, name="wingslite-du", daemon=True).start()
+                    threading.Thread(
+                        target=self._background_walk, name="wingslite-du", daemon=True
+                    ).start()
                 return self._usage
         return self.recalculate()
 
@@ -1172,7 +1280,9 @@ class Filesystem:
 
     def set_denylist(self, patterns: Iterable[str]) -> None:
         """The egg's ``file_denylist`` (gitignore-like globs) that no file operation may touch."""
-        patterns = tuple(p.strip() for p in patterns if p and p.strip() and not p.strip().startswith("#"))
+        patterns = tuple(
+            p.strip() for p in patterns if p and p.strip() and not p.strip().startswith("#")
+        )
         self._denylist = patterns
         parts = [_glob_to_regex(p) for p in patterns]
         self._deny_re = re.compile("|".join(parts)) if parts else None
@@ -1251,7 +1361,9 @@ class Jail:
 
     _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    def __init__(self, root: str | os.PathLike[str], is_denied: Callable[[str], bool] | None = None):
+    def __init__(
+        self, root: str | os.PathLike[str], is_denied: Callable[[str], bool] | None = None
+    ):
         self.root = os.fspath(root)
         self.is_denied = is_denied
         self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -1307,7 +1419,9 @@ class Jail:
         try:
             while pending:
                 name = pending.popleft()
-                if name == "..":  # only link targets bring these; the client's own were cleaned away
+                if (
+                    name == ".."
+                ):  # only link targets bring these; the client's own were cleaned away
                     if not names:
                         raise PathEscape(f"a symlink climbs above the root ({path!r})")
                     os.close(stack.pop())
@@ -1317,7 +1431,9 @@ class Jail:
                 if last:
                     target = self._link_target(stack[-1], name) if follow else None
                     if target is None:
-                        yield self._checked(asked, _Where(stack[-1], name, "/".join([*names, name])))
+                        yield self._checked(
+                            asked, _Where(stack[-1], name, "/".join([*names, name]))
+                        )
                         return
                 else:
                     try:
@@ -1327,7 +1443,9 @@ class Jail:
                             raise
                         target = self._link_target(stack[-1], name)
                         if target is None:
-                            raise OSError(errno.ENOTDIR, f"not a directory: {'/'.join([*names, name])}") from None
+                            raise OSError(
+                                errno.ENOTDIR, f"not a directory: {'/'.join([*names, name])}"
+                            ) from None
                     else:
                         stack.append(fd)
                         names.append(name)
@@ -1344,8 +1462,12 @@ class Jail:
                 os.close(fd)
 
     def _checked(self, asked: list[str], where: _Where) -> _Where:
-        if self.is_denied is not None and (self.is_denied("/".join(asked)) or self.is_denied(where.relpath)):
-            raise PermissionError(errno.EACCES, "this file is in the egg's file_denylist", "/".join(asked))
+        if self.is_denied is not None and (
+            self.is_denied("/".join(asked)) or self.is_denied(where.relpath)
+        ):
+            raise PermissionError(
+                errno.EACCES, "this file is in the egg's file_denylist", "/".join(asked)
+            )
         return where
 
     @staticmethod
@@ -1418,7 +1540,9 @@ class Jail:
             with os.scandir(fd) as entries:
                 for entry in entries:
                     if len(out) >= self.max_entries:
-                        raise OSError(errno.EFBIG, f"more than {self.max_entries} entries in {path!r}")
+                        raise OSError(
+                            errno.EFBIG, f"more than {self.max_entries} entries in {path!r}"
+                        )
                     with contextlib.suppress(FileNotFoundError):
                         out.append((entry.name, entry.stat(follow_symlinks=False)))
             return out
@@ -1483,7 +1607,9 @@ class Jail:
     def chmod(self, path: str, mode: int) -> None:
         """chmod that never follows a symlink (Linux cannot chmod a link itself: EPERM)."""
         with self.resolve(path, follow=False) as where:
-            fd = os.open(where.name or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where.dir_fd)
+            fd = os.open(
+                where.name or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where.dir_fd
+            )
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise PermissionError(errno.EPERM, "a symlink's mode cannot be changed", path)
@@ -1537,7 +1663,9 @@ def mount_of(path: str | os.PathLike[str], mountinfo: str | None = None) -> tupl
             continue
         point = _unescape_mount(fields[4])
         inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= best_len:  # on equal points the later line wins: it is mounted on top
+        if (
+            inside and len(point) >= best_len
+        ):  # on equal points the later line wins: it is mounted on top
             best, best_len = (point, tail[0], _unescape_mount(tail[1])), len(point)
     return best
 
@@ -1555,10 +1683,17 @@ class BtrfsQuota(QuotaBackend):
     """
 
     name = "btrfs"
-    usage_ttl_s = 1.0  # metered writers ask before every chunk; the kernel enforces whatever this says
+    usage_ttl_s = (
+        1.0  # metered writers ask before every chunk; the kernel enforces whatever this says
+    )
     _SUBVOLUME_ROOT_INODE = 256  # BTRFS_FIRST_FREE_OBJECTID: the root directory of every subvolume
 
-    def __init__(self, btrfs: str = "btrfs", reason: str = "", run: Callable[..., subprocess.CompletedProcess] = subprocess.run):
+    def __init__(
+        self,
+        btrfs: str = "btrfs",
+        reason: str = "",
+        run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    ):
         self.reason = reason
         self._btrfs = btrfs
         self._run = run
@@ -1572,7 +1707,10 @@ class BtrfsQuota(QuotaBackend):
             return None, f"{data_dir} is on {fstype or 'an unknown filesystem'}, not btrfs"
         exe = shutil.which("btrfs")
         if exe is None:
-            return None, f"{data_dir} is on btrfs but the btrfs command (btrfs-progs) is not installed"
+            return (
+                None,
+                f"{data_dir} is on btrfs but the btrfs command (btrfs-progs) is not installed",
+            )
         backend = cls(exe)
         try:
             backend._cli("qgroup", "show", "--raw", str(data_dir))
@@ -1592,7 +1730,9 @@ class BtrfsQuota(QuotaBackend):
             raise OSError(f"btrfs {' '.join(args)}: {exc}") from None
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            raise OSError(f"btrfs {' '.join(args)}: {lines[-1] if lines else f'exit status {done.returncode}'}")
+            raise OSError(
+                f"btrfs {' '.join(args)}: {lines[-1] if lines else f'exit status {done.returncode}'}"
+            )
         return done.stdout
 
     def enforced(self, root: Path) -> bool:
@@ -1628,10 +1768,19 @@ class BtrfsQuota(QuotaBackend):
         # Name the qgroup and point the command at the parent: run against the subvolume itself, btrfs
         # charges the command's own metadata to that qgroup and refuses (EDQUOT) once it is over its
         # limit, so a full server could never have its limit raised or removed.
-        self._cli("qgroup", "limit", str(limit_bytes) if limit_bytes > 0 else "none", qgroup, str(root.parent))
+        self._cli(
+            "qgroup",
+            "limit",
+            str(limit_bytes) if limit_bytes > 0 else "none",
+            qgroup,
+            str(root.parent),
+        )
         # qgroup figures move at transaction commits; commit now so the sync record's usage is today's
         self._read_usage(root, "--sync")
-        return [f"disk limit: btrfs qgroup {qgroup} limit " + (f"{limit_bytes} bytes" if limit_bytes > 0 else "removed")]
+        return [
+            f"disk limit: btrfs qgroup {qgroup} limit "
+            + (f"{limit_bytes} bytes" if limit_bytes > 0 else "removed")
+        ]
 
     def usage_bytes(self, root: Path) -> int | None:
         key, now = str(root), time.monotonic()
@@ -1643,7 +1792,9 @@ class BtrfsQuota(QuotaBackend):
 
     def _read_usage(self, root: Path, *flags: str) -> int | None:
         try:
-            used = parse_qgroup_referenced(self._cli("qgroup", "show", "--raw", *flags, "-f", str(root)))
+            used = parse_qgroup_referenced(
+                self._cli("qgroup", "show", "--raw", *flags, "-f", str(root))
+            )
         except (OSError, ValueError) as exc:
             LOG.warning("disk quota: cannot read the btrfs qgroup usage of %s: %s", root, exc)
             return None
@@ -1672,7 +1823,9 @@ FSXATTR = struct.Struct("=IIIII8x")  # struct fsxattr: xflags, extsize, nextents
 FS_IOC_FSGETXATTR = _ioc(2, "X", 31, FSXATTR.size)
 FS_IOC_FSSETXATTR = _ioc(1, "X", 32, FSXATTR.size)
 FS_XFLAG_PROJINHERIT = 0x200  # what is created inside inherits the directory's project id
-IF_DQBLK = struct.Struct("=QQQQQQQQI4x")  # struct if_dqblk, padded to 8 bytes as the kernel lays it out
+IF_DQBLK = struct.Struct(
+    "=QQQQQQQQI4x"
+)  # struct if_dqblk, padded to 8 bytes as the kernel lays it out
 IF_DQINFO = struct.Struct("=QQII")  # struct if_dqinfo
 Q_GETINFO, Q_GETQUOTA, Q_SETQUOTA = 0x800005, 0x800007, 0x800008
 PRJQUOTA = 2
@@ -1714,7 +1867,9 @@ class ProjectQuota(QuotaBackend):
 
     name = "project"
 
-    def __init__(self, data_dir: Path, device: str, reason: str = "", calls: KernelCalls | None = None):
+    def __init__(
+        self, data_dir: Path, device: str, reason: str = "", calls: KernelCalls | None = None
+    ):
         self.data_dir = Path(data_dir)
         self.device = device
         self.reason = reason
@@ -1722,7 +1877,9 @@ class ProjectQuota(QuotaBackend):
         self._lock = threading.Lock()
 
     @classmethod
-    def probe(cls, data_dir: Path, fstype: str, device: str, calls: KernelCalls | None = None) -> tuple[ProjectQuota | None, str]:
+    def probe(
+        cls, data_dir: Path, fstype: str, device: str, calls: KernelCalls | None = None
+    ) -> tuple[ProjectQuota | None, str]:
         if fstype not in ("ext4", "xfs"):
             return None, f"{data_dir} is on {fstype or 'an unknown filesystem'}, not ext4 or xfs"
         calls = calls or KernelCalls()
@@ -1750,7 +1907,11 @@ class ProjectQuota(QuotaBackend):
         try:
             xflags, extsize, nextents, _, cow = self._xattr(fd)
             xflags = xflags | FS_XFLAG_PROJINHERIT if inherit else xflags
-            self._calls.ioctl(fd, FS_IOC_FSSETXATTR, bytearray(FSXATTR.pack(xflags, extsize, nextents, project_id, cow)))
+            self._calls.ioctl(
+                fd,
+                FS_IOC_FSSETXATTR,
+                bytearray(FSXATTR.pack(xflags, extsize, nextents, project_id, cow)),
+            )
         finally:
             os.close(fd)
 
@@ -1798,8 +1959,16 @@ class ProjectQuota(QuotaBackend):
         if not self.enforced(root):
             self.prepare(root)
         project_id = self.project_id(root)
-        self._calls.quotactl(qcmd(Q_SETQUOTA, PRJQUOTA), self.device, project_id, bytearray(setquota_block(limit_bytes)))
-        return [f"disk limit: project {project_id} hard limit " + (f"{limit_bytes} bytes" if limit_bytes > 0 else "removed")]
+        self._calls.quotactl(
+            qcmd(Q_SETQUOTA, PRJQUOTA),
+            self.device,
+            project_id,
+            bytearray(setquota_block(limit_bytes)),
+        )
+        return [
+            f"disk limit: project {project_id} hard limit "
+            + (f"{limit_bytes} bytes" if limit_bytes > 0 else "removed")
+        ]
 
     def usage_bytes(self, root: Path) -> int | None:
         try:
@@ -1817,13 +1986,17 @@ class ProjectQuota(QuotaBackend):
 QUOTA_MODES = _CHOICES["wingslite.disk_quota"]
 
 
-def select_quota_backend(mode: str, data_dir: Path, *, mountinfo: str | None = None, calls: KernelCalls | None = None) -> QuotaBackend:
+def select_quota_backend(
+    mode: str, data_dir: Path, *, mountinfo: str | None = None, calls: KernelCalls | None = None
+) -> QuotaBackend:
     """The backend for ``wingslite.disk_quota``; ``auto`` takes the strongest the data directory's filesystem supports.
 
     ``btrfs`` or ``project`` that cannot work here fall back to soft, with a warning that says why.
     """
     if mode not in QUOTA_MODES:
-        raise ConfigError(f"wingslite.disk_quota must be one of {', '.join(QUOTA_MODES)}, not {mode!r}")
+        raise ConfigError(
+            f"wingslite.disk_quota must be one of {', '.join(QUOTA_MODES)}, not {mode!r}"
+        )
     if mode == "off":
         return NoQuota()
     soft = QuotaBackend()
@@ -1844,7 +2017,11 @@ def select_quota_backend(mode: str, data_dir: Path, *, mountinfo: str | None = N
         if backend:
             return backend
         reasons.append(why)
-    prefix = "no kernel quota here" if mode == "auto" else f"wingslite.disk_quota is {mode}, but it cannot work here"
+    prefix = (
+        "no kernel quota here"
+        if mode == "auto"
+        else f"wingslite.disk_quota is {mode}, but it cannot work here"
+    )
     soft.reason = f"{prefix} ({'; '.join(reasons)}): the daemon's own write paths check the limit, and a server over it is stopped"
     (LOG.info if mode == "auto" else LOG.warning)("disk quota: soft: %s", soft.reason)
     return soft
@@ -1856,12 +2033,15 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
     Wings stops such a server ("Server is exceeding the assigned disk space limit, stopping process
     now.", server/listeners.go); under a kernel quota the writes are refused instead and the server runs on.
     """
-    return bool(fs.limit_bytes) and fs.quota.stops_running_servers and not fs.quota.enforced(fs.root) and not fs.has_space()
+    return (
+        bool(fs.limit_bytes)
+        and fs.quota.stops_running_servers
+        and not fs.quota.enforced(fs.root)
+        and not fs.has_space()
+    )
 
 
-##############################################################################
-# environments
-##############################################################################
+# environments #####################################################################################
 
 
 @dataclasses.dataclass
@@ -1897,10 +2077,16 @@ class Environment:
         return False
 
     def apply_limits(self, config: ServerConfig) -> LimitReport:
-        return LimitReport(pending=["resource limits: no container exists; they apply when it is created at the next start"])
+        return LimitReport(
+            pending=[
+                "resource limits: no container exists; they apply when it is created at the next start"
+            ]
+        )
 
     def start(self, config: ServerConfig) -> None:
-        raise WingsliteError("this node has no environment that can run servers (is the Docker engine reachable?)")
+        raise WingsliteError(
+            "this node has no environment that can run servers (is the Docker engine reachable?)"
+        )
 
     def stop(self, config: ServerConfig, timeout_s: float) -> None:
         return None
@@ -1918,7 +2104,13 @@ class Environment:
         return []
 
     def stats(self) -> dict[str, Any]:
-        return {"memory_bytes": 0, "memory_limit_bytes": 0, "cpu_absolute": 0.0, "network": {"rx_bytes": 0, "tx_bytes": 0}, "uptime": 0}
+        return {
+            "memory_bytes": 0,
+            "memory_limit_bytes": 0,
+            "cpu_absolute": 0.0,
+            "network": {"rx_bytes": 0, "tx_bytes": 0},
+            "uptime": 0,
+        }
 
     def attach_if_running(self, config: ServerConfig) -> bool:
         return False
@@ -1981,7 +2173,15 @@ class Cgroup:
         self.dirs = dict(dirs)
 
     @classmethod
-    def locate(cls, root: str | os.PathLike[str], container_id: str, *, driver: str = "cgroupfs", parent: str = "", pid: int = 0) -> Cgroup:
+    def locate(
+        cls,
+        root: str | os.PathLike[str],
+        container_id: str,
+        *,
+        driver: str = "cgroupfs",
+        parent: str = "",
+        pid: int = 0,
+    ) -> Cgroup:
         """Find a container's cgroup the way the engine lays it out (cgroupfs or systemd driver).
 
         The hierarchy version is read from ``root`` itself (v2 has ``cgroup.controllers`` at its
@@ -1998,7 +2198,9 @@ class Cgroup:
                 if "" in proc:
                     found = root / proc[""].lstrip("/")
             if not found.is_dir():
-                raise WingsliteError(f"the cgroup of container {container_id[:12]} is not at {root / rel} (cgroup v2, {driver} driver)")
+                raise WingsliteError(
+                    f"the cgroup of container {container_id[:12]} is not at {root / rel} (cgroup v2, {driver} driver)"
+                )
             return cls(2, {c: found for c in cls.V1_CONTROLLERS})
         dirs = {}
         for controller in cls.V1_CONTROLLERS:
@@ -2009,7 +2211,9 @@ class Cgroup:
                     found = root / controller / proc[controller].lstrip("/")
             dirs[controller] = found
         if not dirs["memory"].is_dir():
-            raise WingsliteError(f"the cgroup of container {container_id[:12]} is not at {dirs['memory']} (cgroup v1, {driver} driver)")
+            raise WingsliteError(
+                f"the cgroup of container {container_id[:12]} is not at {dirs['memory']} (cgroup v1, {driver} driver)"
+            )
         return cls(1, dirs)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -2133,7 +2337,9 @@ def _write(path: Path, value: str, optional: bool = False) -> None:
         with open(path, "w") as f:
             f.write(value)
     except OSError as exc:
-        raise WingsliteError(f"cannot write {value.strip() or 'an empty list'} to {path}: {exc.strerror}") from None
+        raise WingsliteError(
+            f"cannot write {value.strip() or 'an empty list'} to {path}: {exc.strerror}"
+        ) from None
 
 
 def _cpu_set(text: str) -> frozenset[int]:
@@ -2148,7 +2354,18 @@ def _cpu_set(text: str) -> frozenset[int]:
 # -- Docker ---------------------------------------------------------------------------------------
 
 # Wings' dropped capabilities (environment/docker/container.go).
-_CAP_DROP = ("setpcap", "mknod", "audit_write", "net_raw", "dac_override", "fowner", "fsetid", "net_bind_service", "sys_chroot", "setfcap")
+_CAP_DROP = (
+    "setpcap",
+    "mknod",
+    "audit_write",
+    "net_raw",
+    "dac_override",
+    "fowner",
+    "fsetid",
+    "net_bind_service",
+    "sys_chroot",
+    "setfcap",
+)
 _SIGNALS = frozenset(s.name for s in signal.Signals if not s.name.startswith("SIG_"))
 
 
@@ -2203,7 +2420,10 @@ class DockerEnvironment(Environment):
 
     kind = "docker"
     kill_wait_s = 30.0
-    log_config = {"type": "local", "config": {"max-size": "5m", "max-file": "1", "compress": "false", "mode": "non-blocking"}}
+    log_config = {
+        "type": "local",
+        "config": {"max-size": "5m", "max-file": "1", "compress": "false", "mode": "non-blocking"},
+    }
 
     def __init__(
         self,
@@ -2252,7 +2472,12 @@ class DockerEnvironment(Environment):
             self.events.publish("status", state)
             if state == OFFLINE:
                 self._stats = _zero_stats()
-                self.events.publish("stats", json.dumps({**self._stats, "state": OFFLINE, "disk_bytes": self._safe_disk_bytes()}))
+                self.events.publish(
+                    "stats",
+                    json.dumps(
+                        {**self._stats, "state": OFFLINE, "disk_bytes": self._safe_disk_bytes()}
+                    ),
+                )
 
     def _on_done(self) -> None:
         with self._lock:
@@ -2330,21 +2555,39 @@ class DockerEnvironment(Environment):
         if info is None:
             return LimitReport(pending=[f"{everything} (no container yet; next start)"])
         if not info["State"].get("Running"):
-            return LimitReport(pending=[f"{everything} (container stopped; next start re-creates it)"])
+            return LimitReport(
+                pending=[f"{everything} (container stopped; next start re-creates it)"]
+            )
 
         resources = container_resources(build, self.config)
-        body: dict[str, Any] = {"BlkioWeight": build.io_weight, "PidsLimit": resources["PidsLimit"] or -1}
+        body: dict[str, Any] = {
+            "BlkioWeight": build.io_weight,
+            "PidsLimit": resources["PidsLimit"] or -1,
+        }
         if resources["Memory"]:
-            body.update(Memory=resources["Memory"], MemoryReservation=resources["MemoryReservation"], MemorySwap=resources["MemorySwap"])
+            body.update(
+                Memory=resources["Memory"],
+                MemoryReservation=resources["MemoryReservation"],
+                MemorySwap=resources["MemorySwap"],
+            )
         if build.cpu_percent:
-            body.update(CpuQuota=resources["CpuQuota"], CpuPeriod=resources["CpuPeriod"], CpuShares=resources["CpuShares"])
+            body.update(
+                CpuQuota=resources["CpuQuota"],
+                CpuPeriod=resources["CpuPeriod"],
+                CpuShares=resources["CpuShares"],
+            )
         else:
             body["CpuQuota"] = -1
         if build.threads:
             body["CpusetCpus"] = build.threads
         report = LimitReport()
         try:
-            answer = self.client._result(self.client._post_json(self.client._url("/containers/{0}/update", info["Id"]), data=body), True)
+            answer = self.client._result(
+                self.client._post_json(
+                    self.client._url("/containers/{0}/update", info["Id"]), data=body
+                ),
+                True,
+            )
         except docker.errors.NotFound:
             if info is not self._running_info:
                 return LimitReport(pending=[f"{everything} (no container yet; next start)"])
@@ -2358,7 +2601,9 @@ class DockerEnvironment(Environment):
         warnings = [w for w in (answer or {}).get("Warnings") or [] if w]
         blkio_unsupported = any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
         for warning in warnings:
-            LOG.info("server %s: Docker warned while updating limits: %s", self.server_uuid, warning)
+            LOG.info(
+                "server %s: Docker warned while updating limits: %s", self.server_uuid, warning
+            )
 
         try:
             cgroup = self.cgroup(info)
@@ -2369,7 +2614,9 @@ class DockerEnvironment(Environment):
                 cgroup.lift_swap_limit()  # the engine ignores MemorySwap -1 on update
             if not build.cpu_percent and kernel.cpu_quota_us is not None:
                 cgroup.lift_cpu_quota()
-            if not build.threads and _cpu_set(kernel.cpuset or kernel.all_cpus) != _cpu_set(kernel.all_cpus):
+            if not build.threads and _cpu_set(kernel.cpuset or kernel.all_cpus) != _cpu_set(
+                kernel.all_cpus
+            ):
                 cgroup.lift_cpuset()
             kernel = cgroup.read()
         except WingsliteError as exc:
@@ -2378,12 +2625,16 @@ class DockerEnvironment(Environment):
             except WingsliteError:
                 still_running = True
             if not still_running:  # the process exited under us: its cgroup went with it
-                return LimitReport(pending=[f"{everything} (container stopped; next start re-creates it)"])
+                return LimitReport(
+                    pending=[f"{everything} (container stopped; next start re-creates it)"]
+                )
             report.failed.append(f"cgroup: {exc.message}")
             return report
 
         def check(what: str, ok: bool, shows: Any, text: str) -> None:
-            (report.applied if ok else report.failed).append(text if ok else f"{what}: the kernel enforces {shows}, expected {text}")
+            (report.applied if ok else report.failed).append(
+                text if ok else f"{what}: the kernel enforces {shows}, expected {text}"
+            )
 
         memory, swap = resources["Memory"] or None, resources["MemorySwap"]
         check(
@@ -2393,7 +2644,11 @@ class DockerEnvironment(Environment):
             f"memory {memory} bytes" if memory else "memory unlimited",
         )
         if kernel.swap_bytes is not None or swap > 0:
-            expect_swap = None if swap < 0 or memory is None else (swap if cgroup.version == 1 else swap - memory)
+            expect_swap = (
+                None
+                if swap < 0 or memory is None
+                else (swap if cgroup.version == 1 else swap - memory)
+            )
             shown = "memory+swap" if cgroup.version == 1 else "swap"
             check(
                 "swap",
@@ -2418,7 +2673,9 @@ class DockerEnvironment(Environment):
         pids = resources["PidsLimit"] or None
         check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
         if blkio_unsupported:
-            report.applied.append(f"io weight {build.io_weight}: not supported by this kernel, skipped")
+            report.applied.append(
+                f"io weight {build.io_weight}: not supported by this kernel, skipped"
+            )
         else:
             report.applied.append(f"io weight {build.io_weight}")
         return report
@@ -2438,7 +2695,9 @@ class DockerEnvironment(Environment):
         with self._lock:
             self._process = config.process
             self._exit = None
-            self.console.begin(config.process.done_matchers(), config.process.strip_ansi, self._on_done)
+            self.console.begin(
+                config.process.done_matchers(), config.process.strip_ansi, self._on_done
+            )
             self._set_state(STARTING)
         docker = _docker()
         try:
@@ -2449,14 +2708,23 @@ class DockerEnvironment(Environment):
             self._attach(info)  # before the start, so that no early output is lost
             if self._state == STARTING:
                 self.client.start(self.name)
-            if self._state not in (STARTING, RUNNING):  # a kill landed while the container was made: it wins
+            if self._state not in (
+                STARTING,
+                RUNNING,
+            ):  # a kill landed while the container was made: it wins
                 self._kill_now()
-                raise WingsliteError("the start was cancelled: the server was killed while it was starting")
+                raise WingsliteError(
+                    "the start was cancelled: the server was killed while it was starting"
+                )
             info = self._inspect() or info
             self._running_info = info
             self._started_at = _docker_time(info["State"].get("StartedAt"))
         except (WingsliteError, docker.errors.DockerException, OSError) as exc:
-            error = exc if isinstance(exc, WingsliteError) else _docker_error("starting the container", exc)
+            error = (
+                exc
+                if isinstance(exc, WingsliteError)
+                else _docker_error("starting the container", exc)
+            )
             with self._lock:
                 if self._state != OFFLINE:
                     self._set_state(STOPPING)
@@ -2487,15 +2755,21 @@ class DockerEnvironment(Environment):
         except (docker.errors.DockerException, OSError) as exc:
             raise _docker_error(f"looking up image {name}", exc) from None
         if image.startswith("~"):
-            raise WingsliteError(f"image {name} is not on this node and is marked local-only ('~'), so it is not pulled")
-        self.console.daemon_message("Pulling Docker container image, this could take a few minutes to complete...")
+            raise WingsliteError(
+                f"image {name} is not on this node and is marked local-only ('~'), so it is not pulled"
+            )
+        self.console.daemon_message(
+            "Pulling Docker container image, this could take a few minutes to complete..."
+        )
         repository, tag = docker.utils.parse_repository_tag(name)
         try:
             self.client.pull(repository, tag=tag or "latest")
             self.client.inspect_image(name)
         except (docker.errors.DockerException, OSError) as exc:
             reason = getattr(exc, "explanation", None) or str(exc)
-            raise WingsliteError(f"image {name} is neither on this node nor pullable: {reason}") from None
+            raise WingsliteError(
+                f"image {name} is neither on this node nor pullable: {reason}"
+            ) from None
         self.console.daemon_message("Finished pulling Docker container image")
         return name
 
@@ -2511,9 +2785,15 @@ class DockerEnvironment(Environment):
         docker = _docker()
         node = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        mounts = [docker.types.Mount("/home/container", str(self.data_dir), type="bind", read_only=False)]
+        mounts = [
+            docker.types.Mount("/home/container", str(self.data_dir), type="bind", read_only=False)
+        ]
         for mount in self.allowed_mounts(config):
-            mounts.append(docker.types.Mount(mount.target, mount.source, type="bind", read_only=mount.read_only))
+            mounts.append(
+                docker.types.Mount(
+                    mount.target, mount.source, type="bind", read_only=mount.read_only
+                )
+            )
         bindings: dict[str, list[tuple[str, int]]] = {}
         for ip, ports in config.allocations.mappings:
             for port in ports:
@@ -2561,7 +2841,11 @@ class DockerEnvironment(Environment):
         not resolve symlinks; here the source's real path must equal or lie below an allowed one.
         Refused mounts are logged and skipped.
         """
-        allowed = [Path(os.path.realpath(a)) for a in self.config.get("allowed_mounts") if isinstance(a, str) and a.strip()]
+        allowed = [
+            Path(os.path.realpath(a))
+            for a in self.config.get("allowed_mounts")
+            if isinstance(a, str) and a.strip()
+        ]
         accepted = []
         for mount in config.mounts:
             source = Path(os.path.realpath(mount.source))
@@ -2576,7 +2860,13 @@ class DockerEnvironment(Environment):
             elif not source.exists():
                 problem = "the source does not exist"
             if problem:
-                LOG.warning("server %s: mount %s -> %s skipped: %s", self.server_uuid, mount.source, mount.target, problem)
+                LOG.warning(
+                    "server %s: mount %s -> %s skipped: %s",
+                    self.server_uuid,
+                    mount.source,
+                    mount.target,
+                    problem,
+                )
                 continue
             accepted.append(Mount(str(source), target, mount.read_only))
         return accepted
@@ -2584,7 +2874,9 @@ class DockerEnvironment(Environment):
     # -- the attach stream -----------------------------------------------------------------------
 
     def _attach(self, info: dict[str, Any]) -> None:
-        owner = self.client.attach_socket(self.name, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        owner = self.client.attach_socket(
+            self.name, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+        )
         sock = getattr(owner, "_sock", owner)
         with self._lock:
             self._detach()
@@ -2595,8 +2887,18 @@ class DockerEnvironment(Environment):
             self._exited.clear()
             self._started_at = _docker_time(info["State"].get("StartedAt")) or time.time()
         short = self.name[:8]
-        threading.Thread(target=self._read_output, args=(sock, generation), name=f"wingslite-console-{short}", daemon=True).start()
-        threading.Thread(target=self._poll_stats, args=(generation,), name=f"wingslite-stats-{short}", daemon=True).start()
+        threading.Thread(
+            target=self._read_output,
+            args=(sock, generation),
+            name=f"wingslite-console-{short}",
+            daemon=True,
+        ).start()
+        threading.Thread(
+            target=self._poll_stats,
+            args=(generation,),
+            name=f"wingslite-stats-{short}",
+            daemon=True,
+        ).start()
 
     def _detach(self) -> None:
         """Drop the attach stream on purpose: its reader then leaves the state alone."""
@@ -2635,14 +2937,19 @@ class DockerEnvironment(Environment):
             LOG.warning("server %s: %s", self.server_uuid, exc.message)
             info = None
         if info is not None and info["State"].get("Running"):
-            LOG.warning("server %s: the console stream ended but the container runs; attaching again", self.server_uuid)
+            LOG.warning(
+                "server %s: the console stream ended but the container runs; attaching again",
+                self.server_uuid,
+            )
             try:
                 self._attach(info)
                 return
             except Exception as exc:
                 LOG.error("server %s: re-attaching failed: %s", self.server_uuid, exc)
         state = (info or {}).get("State") or {}
-        self._exit = (int(state.get("ExitCode") or 0), bool(state.get("OOMKilled"))) if info else (1, False)
+        self._exit = (
+            (int(state.get("ExitCode") or 0), bool(state.get("OOMKilled"))) if info else (1, False)
+        )
         self._set_state(OFFLINE)
         self._exited.set()
 
@@ -2659,7 +2966,12 @@ class DockerEnvironment(Environment):
                     if generation != self._generation:
                         break
                     self._stats = stats
-                self.events.publish("stats", json.dumps({**stats, "state": self._state, "disk_bytes": self._safe_disk_bytes()}))
+                self.events.publish(
+                    "stats",
+                    json.dumps(
+                        {**stats, "state": self._state, "disk_bytes": self._safe_disk_bytes()}
+                    ),
+                )
         except Exception as exc:  # the stream ends with the container; nothing to report
             LOG.debug("server %s: stats stream ended: %s", self.server_uuid, exc)
 
@@ -2690,17 +3002,24 @@ class DockerEnvironment(Environment):
             if process.stop_type == "command" and self._sock is not None:
                 self._write_stdin(process.stop_value + "\n")
             elif process.stop_type in ("command", "stop"):
-                self.client.kill(self.name, signal=signal_name((info.get("Config") or {}).get("StopSignal") or "SIGTERM"))
+                self.client.kill(
+                    self.name,
+                    signal=signal_name((info.get("Config") or {}).get("StopSignal") or "SIGTERM"),
+                )
             else:
                 self.client.kill(self.name, signal=signal_name(process.stop_value))
         except (docker.errors.DockerException, OSError) as exc:
             LOG.warning("server %s: graceful stop failed (%s); killing it", self.server_uuid, exc)
             timeout_s = 0
         if not self._wait_exit(timeout_s):
-            self.console.daemon_message(f"The server did not stop within {timeout_s:g} seconds; killing it.")
+            self.console.daemon_message(
+                f"The server did not stop within {timeout_s:g} seconds; killing it."
+            )
             self._kill_now()
             if not self._wait_exit(self.kill_wait_s):
-                raise WingsliteError(f"the container of server {self.server_uuid} did not stop, even after SIGKILL")
+                raise WingsliteError(
+                    f"the container of server {self.server_uuid} did not stop, even after SIGKILL"
+                )
 
     def kill(self) -> None:
         if self._state != OFFLINE:
@@ -2713,7 +3032,9 @@ class DockerEnvironment(Environment):
         self._set_state(STOPPING)
         self._kill_now()
         if not self._wait_exit(self.kill_wait_s):
-            raise WingsliteError(f"the container of server {self.server_uuid} did not stop after SIGKILL")
+            raise WingsliteError(
+                f"the container of server {self.server_uuid} did not stop after SIGKILL"
+            )
 
     def _kill_now(self) -> None:
         docker = _docker()
@@ -2734,7 +3055,10 @@ class DockerEnvironment(Environment):
             info = self._inspect()
             if info is None or not info["State"].get("Running"):
                 if info is not None:
-                    self._exit = (int(info["State"].get("ExitCode") or 0), bool(info["State"].get("OOMKilled")))
+                    self._exit = (
+                        int(info["State"].get("ExitCode") or 0),
+                        bool(info["State"].get("OOMKilled")),
+                    )
                 self._set_state(OFFLINE)
                 return True
             if time.monotonic() >= deadline:
@@ -2791,7 +3115,9 @@ class DockerEnvironment(Environment):
     def stats(self) -> dict[str, Any]:
         with self._lock:
             stats = dict(self._stats)
-        stats["network"] = dict(stats["network"])  # the one nested value: the caller may change its copy
+        stats["network"] = dict(
+            stats["network"]
+        )  # the one nested value: the caller may change its copy
         return stats
 
     # -- boot ------------------------------------------------------------------------------------
@@ -2818,10 +3144,18 @@ class DockerEnvironment(Environment):
 
 
 def _zero_stats() -> dict[str, Any]:
-    return {"memory_bytes": 0, "memory_limit_bytes": 0, "cpu_absolute": 0.0, "network": {"rx_bytes": 0, "tx_bytes": 0}, "uptime": 0}
+    return {
+        "memory_bytes": 0,
+        "memory_limit_bytes": 0,
+        "cpu_absolute": 0.0,
+        "network": {"rx_bytes": 0, "tx_bytes": 0},
+        "uptime": 0,
+    }
 
 
-def utilization_from_docker(sample: Mapping[str, Any], started_at: float, now: float | None = None) -> dict[str, Any]:
+def utilization_from_docker(
+    sample: Mapping[str, Any], started_at: float, now: float | None = None
+) -> dict[str, Any]:
     """One Docker stats sample in Wings' ``utilization`` shape (environment/docker/stats.go).
 
     ``memory_bytes`` is usage minus inactive file cache, ``cpu_absolute`` the Docker CLI's
@@ -2832,10 +3166,18 @@ def utilization_from_docker(sample: Mapping[str, Any], started_at: float, now: f
     detail = memory.get("stats") or {}
     inactive = detail.get("total_inactive_file", detail.get("inactive_file", 0)) or 0
     cpu, pre = sample.get("cpu_stats") or {}, sample.get("precpu_stats") or {}
-    cpu_delta = ((cpu.get("cpu_usage") or {}).get("total_usage") or 0) - ((pre.get("cpu_usage") or {}).get("total_usage") or 0)
+    cpu_delta = ((cpu.get("cpu_usage") or {}).get("total_usage") or 0) - (
+        (pre.get("cpu_usage") or {}).get("total_usage") or 0
+    )
     system_delta = (cpu.get("system_cpu_usage") or 0) - (pre.get("system_cpu_usage") or 0)
-    online = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get("percpu_usage") or []) or 1
-    cpu_percent = round(cpu_delta / system_delta * online * 100, 3) if cpu_delta > 0 and system_delta > 0 else 0.0
+    online = (
+        cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get("percpu_usage") or []) or 1
+    )
+    cpu_percent = (
+        round(cpu_delta / system_delta * online * 100, 3)
+        if cpu_delta > 0 and system_delta > 0
+        else 0.0
+    )
     networks = (sample.get("networks") or {}).values()
     now = time.time() if now is None else now
     return {
@@ -2882,9 +3224,7 @@ def _pages(value: int | None) -> int | None:
     return None if value is None else value // _PAGE
 
 
-##############################################################################
-# console and events
-##############################################################################
+# console and events ###############################################################################
 
 
 class EventBus:
@@ -2920,14 +3260,21 @@ class EventBus:
             except Exception:
                 LOG.exception("event subscriber failed on %r", event)
 
-    def encoded(self, event: str, args: tuple[Any, ...], encode: Callable[[str, tuple[Any, ...]], Any]) -> Any:
+    def encoded(
+        self, event: str, args: tuple[Any, ...], encode: Callable[[str, tuple[Any, ...]], Any]
+    ) -> Any:
         """``encode(event, args)``, computed once per published event however many subscribers ask.
 
         Subscribers of one publication receive the very same argument objects, so identity tells
         them apart from any other event; 30 websockets on a flooding console encode each line once.
         """
         last = self._encoded  # one tuple, replaced whole: safe without a lock
-        if last is not None and last[0] == event and len(last[1]) == len(args) and all(a is b for a, b in zip(last[1], args, strict=True)):
+        if (
+            last is not None
+            and last[0] == event
+            and len(last[1]) == len(args)
+            and all(a is b for a, b in zip(last[1], args, strict=True))
+        ):
             return last[2]
         value = encode(event, args)
         self._encoded = (event, args, value)
@@ -3021,7 +3368,11 @@ class ConsoleThrottle:
     """
 
     def __init__(
-        self, lines: int, interval_ms: int, on_strike: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        lines: int,
+        interval_ms: int,
+        on_strike: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.lines = lines
         self.interval_s = interval_ms / 1000
@@ -3063,7 +3414,14 @@ class ConsolePipeline:
     ``daemon_message(text)``.
     """
 
-    def __init__(self, events: EventBus, *, throttle_lines: int = 2000, throttle_interval_ms: int = 100, app_name: str = "Pterodactyl"):
+    def __init__(
+        self,
+        events: EventBus,
+        *,
+        throttle_lines: int = 2000,
+        throttle_interval_ms: int = 100,
+        app_name: str = "Pterodactyl",
+    ):
         self.events = events
         self.app_name = app_name
         self.throttle = ConsoleThrottle(throttle_lines, throttle_interval_ms, self._strike)
@@ -3077,10 +3435,24 @@ class ConsolePipeline:
     def from_config(cls, events: EventBus, config: Config) -> ConsolePipeline:
         # Wings never consults throttles.enabled; wingslite honours it (false = no limit).
         lines = config.get("throttles.lines") if config.get("throttles.enabled") else 0
-        app_name = config.raw.get("app_name") if isinstance(config.raw.get("app_name"), str) else "Pterodactyl"
-        return cls(events, throttle_lines=lines, throttle_interval_ms=config.get("throttles.line_reset_interval"), app_name=app_name)
+        app_name = (
+            config.raw.get("app_name")
+            if isinstance(config.raw.get("app_name"), str)
+            else "Pterodactyl"
+        )
+        return cls(
+            events,
+            throttle_lines=lines,
+            throttle_interval_ms=config.get("throttles.line_reset_interval"),
+            app_name=app_name,
+        )
 
-    def begin(self, matchers: Iterable[Callable[[str], Any]], strip_ansi: bool, on_done: Callable[[], None] | None) -> None:
+    def begin(
+        self,
+        matchers: Iterable[Callable[[str], Any]],
+        strip_ansi: bool,
+        on_done: Callable[[], None] | None,
+    ) -> None:
         """A new process: arm ``done`` detection (``on_done`` runs once) and reset the throttle."""
         with self._lock:
             self._matchers = list(matchers) if on_done is not None else []
@@ -3119,9 +3491,7 @@ class ConsolePipeline:
         self.daemon_message("Server is outputting console data too quickly -- throttling...")
 
 
-##############################################################################
-# session table
-##############################################################################
+# session table ####################################################################################
 
 
 class Session:
@@ -3129,7 +3499,9 @@ class Session:
 
     __slots__ = ("_close", "id", "kind", "opened_at", "server_uuid", "user_uuid")
 
-    def __init__(self, server_uuid: str, user_uuid: str, kind: str, close: Callable[[int, str], None]):
+    def __init__(
+        self, server_uuid: str, user_uuid: str, kind: str, close: Callable[[int, str], None]
+    ):
         self.id = uuidlib.uuid4().hex
         self.server_uuid, self.user_uuid, self.kind = server_uuid, user_uuid, kind
         self.opened_at = time.time()
@@ -3155,7 +3527,12 @@ class SessionTable:
         self._lock = threading.Lock()
 
     def register(
-        self, server_uuid: str, user_uuid: str, kind: str, close: Callable[[int, str], None], replaces: Session | None = None
+        self,
+        server_uuid: str,
+        user_uuid: str,
+        kind: str,
+        close: Callable[[int, str], None],
+        replaces: Session | None = None,
     ) -> Session:
         """A new session; ``replaces``, the same connection's previous one, leaves in the same step,
         so that a re-registration (a websocket's auth) never counts one connection twice against
@@ -3171,7 +3548,9 @@ class SessionTable:
         with self._lock:
             self._sessions.pop(session.id, None)
 
-    def sessions(self, server_uuid: str | None = None, user_uuid: str | None = None, kind: str | None = None) -> list[Session]:
+    def sessions(
+        self, server_uuid: str | None = None, user_uuid: str | None = None, kind: str | None = None
+    ) -> list[Session]:
         with self._lock:
             return [
                 s
@@ -3184,16 +3563,26 @@ class SessionTable:
     def count(self, server_uuid: str | None = None, kind: str | None = None) -> int:
         return len(self.sessions(server_uuid=server_uuid, kind=kind))
 
-    def close_server(self, server_uuid: str, code: int, reason: str, kind: str | None = None) -> int:
+    def close_server(
+        self, server_uuid: str, code: int, reason: str, kind: str | None = None
+    ) -> int:
         """Close every session of a server (of one kind, if given); returns how many."""
         return self._close(self.sessions(server_uuid=server_uuid, kind=kind), code, reason)
 
     def close_user(
-        self, user_uuid: str, server_uuids: Iterable[str] | None = None, code: int = CLOSE_REVOKED, reason: str = "access revoked"
+        self,
+        user_uuid: str,
+        server_uuids: Iterable[str] | None = None,
+        code: int = CLOSE_REVOKED,
+        reason: str = "access revoked",
     ) -> int:
         """Close a user's sessions on the given servers (every server when ``None``)."""
         wanted = None if server_uuids is None else set(server_uuids)
-        chosen = [s for s in self.sessions(user_uuid=user_uuid) if wanted is None or s.server_uuid in wanted]
+        chosen = [
+            s
+            for s in self.sessions(user_uuid=user_uuid)
+            if wanted is None or s.server_uuid in wanted
+        ]
         return self._close(chosen, code, reason)
 
     def _close(self, sessions: list[Session], code: int, reason: str) -> int:
@@ -3240,15 +3629,17 @@ class Revocations:
         if iat < int(self.boot_time):
             return "jwt: created too far in past (denylist)"
         with self._lock:
-            cutoffs = [self._jtis.get(jti), self._users.get((user_uuid, None)), self._users.get((user_uuid, server_uuid))]
+            cutoffs = [
+                self._jtis.get(jti),
+                self._users.get((user_uuid, None)),
+                self._users.get((user_uuid, server_uuid)),
+            ]
         if any(c is not None and iat <= int(c) for c in cutoffs):
             return "jwt: created too far in past (denylist)"
         return None
 
 
-##############################################################################
-# websocket
-##############################################################################
+# websocket ########################################################################################
 
 
 # Three layers, each usable on its own: ``WebSocket`` (RFC 6455 framing over a connected socket),
@@ -3276,7 +3667,9 @@ _KNOWN_OPCODES = frozenset((_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING,
 
 def websocket_accept_key(client_key: str) -> str:
     """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 section 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(client_key.encode("ascii") + _WS_GUID).digest()).decode("ascii")
+    return base64.b64encode(hashlib.sha1(client_key.encode("ascii") + _WS_GUID).digest()).decode(
+        "ascii"
+    )
 
 
 def _close_code_receivable(code: int) -> bool:
@@ -3388,7 +3781,9 @@ class WebSocket:
             self._sock.sendall(response)
             self._opened = True
             pending = self._close_pending
-        self._writer = threading.Thread(target=self._write_loop, name="wingslite-ws-writer", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_loop, name="wingslite-ws-writer", daemon=True
+        )
         self._writer.start()
         if pending is not None:
             self.close(*pending)
@@ -3506,7 +3901,10 @@ class WebSocket:
         # After our close frame: give the client close_timeout_s to answer, then drop TCP so
         # that the reader thread wakes up even if the client never replies.
         if not self._finished.wait(self.close_timeout_s):
-            LOG.debug("websocket: no close reply within %.1f s, dropping the connection", self.close_timeout_s)
+            LOG.debug(
+                "websocket: no close reply within %.1f s, dropping the connection",
+                self.close_timeout_s,
+            )
         self.abort()
 
     # -- receiving ------------------------------------------------------------------------------
@@ -3533,7 +3931,9 @@ class WebSocket:
     def _fill(self, deadline: float | None) -> bool:
         if self._finished.is_set():
             raise WebSocketClosed(*self._ending())
-        timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        timeout_ms = (
+            None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        )
         if not self._poll.poll(timeout_ms):
             return False
         try:
@@ -3563,13 +3963,17 @@ class WebSocket:
         b0, b1 = buf[0], buf[1]
         fin, opcode, length = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
         if b0 & 0x70:
-            raise _Violation(CLOSE_PROTOCOL_ERROR, "reserved bits set, but no extension was negotiated")
+            raise _Violation(
+                CLOSE_PROTOCOL_ERROR, "reserved bits set, but no extension was negotiated"
+            )
         if opcode not in _KNOWN_OPCODES:
             raise _Violation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
         if not b1 & 0x80:
             raise _Violation(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
         if opcode >= _OP_CLOSE and (not fin or length > 125):
-            raise _Violation(CLOSE_PROTOCOL_ERROR, "control frames must be unfragmented and at most 125 bytes")
+            raise _Violation(
+                CLOSE_PROTOCOL_ERROR, "control frames must be unfragmented and at most 125 bytes"
+            )
         pos = 2
         if length == 126:
             if len(buf) < 4:
@@ -3580,9 +3984,13 @@ class WebSocket:
                 return None
             length, pos = int.from_bytes(buf[2:10], "big"), 10
             if length >> 63:
-                raise _Violation(CLOSE_PROTOCOL_ERROR, "frame length has its most significant bit set")
+                raise _Violation(
+                    CLOSE_PROTOCOL_ERROR, "frame length has its most significant bit set"
+                )
         if length > self.max_frame_bytes:
-            raise _Violation(CLOSE_TOO_BIG, f"frame of {length} bytes, the limit is {self.max_frame_bytes}")
+            raise _Violation(
+                CLOSE_TOO_BIG, f"frame of {length} bytes, the limit is {self.max_frame_bytes}"
+            )
         end = pos + 4 + length
         if len(buf) < end:
             return None
@@ -3600,12 +4008,18 @@ class WebSocket:
             self._on_close_frame(payload)
         if opcode == _OP_CONT:
             if self._msg_opcode is None:
-                raise _Violation(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
+                raise _Violation(
+                    CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue"
+                )
         else:
             if self._msg_opcode is not None:
-                raise _Violation(CLOSE_PROTOCOL_ERROR, "new message before the previous one was finished")
+                raise _Violation(
+                    CLOSE_PROTOCOL_ERROR, "new message before the previous one was finished"
+                )
             self._msg_opcode, self._msg_parts, self._msg_bytes = opcode, [], 0
-            self._utf8 = codecs.getincrementaldecoder("utf-8")("strict") if opcode == _OP_TEXT else None
+            self._utf8 = (
+                codecs.getincrementaldecoder("utf-8")("strict") if opcode == _OP_TEXT else None
+            )
         self._msg_bytes += len(payload)
         if self._msg_bytes > self.max_message_bytes:
             raise _Violation(CLOSE_TOO_BIG, f"message of more than {self.max_message_bytes} bytes")
@@ -3633,7 +4047,9 @@ class WebSocket:
         if payload:
             code = int.from_bytes(payload[:2], "big")
             if not _close_code_receivable(code):
-                raise _Violation(CLOSE_PROTOCOL_ERROR, f"close code {code} is not allowed on the wire")
+                raise _Violation(
+                    CLOSE_PROTOCOL_ERROR, f"close code {code} is not allowed on the wire"
+                )
             try:
                 reason = payload[2:].decode("utf-8")
             except UnicodeDecodeError:
@@ -3712,14 +4128,20 @@ def decode_jwt(token: str, secret: str | bytes, now: float | None = None) -> dic
     return claims
 
 
-def encode_jwt(claims: Mapping[str, Any], secret: str | bytes, header: Mapping[str, Any] | None = None) -> str:
+def encode_jwt(
+    claims: Mapping[str, Any], secret: str | bytes, header: Mapping[str, Any] | None = None
+) -> str:
     """Sign ``claims`` with HS256, the way the Panel does (tests, tools and the demo Panel use it)."""
 
     def b64(raw: bytes) -> str:
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
     head = {"typ": "JWT", "alg": "HS256", **(header or {})}
-    signing = b64(json.dumps(head, separators=(",", ":")).encode()) + "." + b64(json.dumps(claims, separators=(",", ":")).encode())
+    signing = (
+        b64(json.dumps(head, separators=(",", ":")).encode())
+        + "."
+        + b64(json.dumps(claims, separators=(",", ":")).encode())
+    )
     key = secret.encode("utf-8") if isinstance(secret, str) else secret
     return signing + "." + b64(hmac.new(key, signing.encode("ascii"), hashlib.sha256).digest())
 
@@ -3745,11 +4167,20 @@ class WebsocketToken:
             value = claims.get(key)
             return value if isinstance(value, str) else ""
 
-        return cls(text("jti"), text("user_uuid"), text("server_uuid"), iat if _is_number(iat) else -1.0, claims["exp"], perms)
+        return cls(
+            text("jti"),
+            text("user_uuid"),
+            text("server_uuid"),
+            iat if _is_number(iat) else -1.0,
+            claims["exp"],
+            perms,
+        )
 
     def can(self, permission: str) -> bool:
         """Wings' matching: exact, or ``*`` for everything that does not start with ``admin``."""
-        return permission in self.permissions or ("*" in self.permissions and not permission.startswith("admin"))
+        return permission in self.permissions or (
+            "*" in self.permissions and not permission.startswith("admin")
+        )
 
 
 # -- rate limits -----------------------------------------------------------------------------------
@@ -3763,7 +4194,12 @@ class RateLimiter:
     limiter belongs to one connection's reader thread.
     """
 
-    def __init__(self, rates: Mapping[str, tuple[int, float]], default: tuple[int, float], clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        rates: Mapping[str, tuple[int, float]],
+        default: tuple[int, float],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._rates = dict(rates)
         self._default = default
         self._clock = clock
@@ -3804,7 +4240,12 @@ WEBSOCKET_RECHECK_EVENT = "wingslite: tokens revoked"
 # The inbound events Wings handles; any other name shares one rate-limit key, so that a client cannot
 # grow a socket's limiter state with made-up names (every other name is ignored anyway).
 _INBOUND_EVENTS = frozenset(("auth", "send logs", "send stats", "send command", "set state"))
-_POWER_PERMISSIONS = {"start": "control.start", "stop": "control.stop", "restart": "control.restart", "kill": "control.stop"}
+_POWER_PERMISSIONS = {
+    "start": "control.start",
+    "stop": "control.stop",
+    "restart": "control.restart",
+    "kill": "control.stop",
+}
 
 
 def stats_json(utilization: Mapping[str, Any]) -> str:
@@ -3867,7 +4308,9 @@ class ConsoleSocket:
 
     def register(self, user_uuid: str = "") -> None:
         """(Re-)register in the session table under this server and ``user_uuid``."""
-        self.session = self.daemon.sessions.register(self.server.uuid, user_uuid, "websocket", self.close, replaces=self.session)
+        self.session = self.daemon.sessions.register(
+            self.server.uuid, user_uuid, "websocket", self.close, replaces=self.session
+        )
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Close the socket now (the close frame is written before this returns)."""
@@ -3942,7 +4385,9 @@ class ConsoleSocket:
         raw_args = message.get("args")
         if raw_args is None:
             raw_args = []
-        if not isinstance(raw_args, list) or not all(a is None or isinstance(a, str) for a in raw_args):
+        if not isinstance(raw_args, list) or not all(
+            a is None or isinstance(a, str) for a in raw_args
+        ):
             return  # Wings' decoder refuses args that are not strings; the Panel sends null items
         event = message["event"]
         args = ["" if a is None else a for a in raw_args]
@@ -3950,7 +4395,10 @@ class ConsoleSocket:
         if not self._total.allow("*") or not self._limiter.allow(key):
             if key not in self._throttled:  # say so once per burst, not per dropped message
                 self._throttled.add(key)
-                self._send("daemon error", self._prefixed(f'too many "{event[:64]}" messages; some were dropped'))
+                self._send(
+                    "daemon error",
+                    self._prefixed(f'too many "{event[:64]}" messages; some were dropped'),
+                )
             return
         self._throttled.discard(key)
         if event == "auth":
@@ -4015,7 +4463,9 @@ class ConsoleSocket:
             return JWT_EXPIRED
         if token.iat < 0:
             return JWT_DENIED  # no iat: Wings counts the token as denylisted
-        problem = self.daemon.revocations.check(token.jti, token.user_uuid, token.server_uuid, token.iat)
+        problem = self.daemon.revocations.check(
+            token.jti, token.user_uuid, token.server_uuid, token.iat
+        )
         if problem:
             return problem
         if not token.can("websocket.connect"):
@@ -4045,10 +4495,14 @@ class ConsoleSocket:
             return  # Wings ignores it silently
         with self._lock:
             if self._power_thread is not None and self._power_thread.is_alive():
-                raise Conflict("another power action is currently being processed for this server, please try again later")
+                raise Conflict(
+                    "another power action is currently being processed for this server, please try again later"
+                )
             # In its own thread, as Wings handles each message in its own goroutine: the reader
             # keeps answering pings and close frames while the container starts.
-            self._power_thread = threading.Thread(target=self._power, args=(action,), name="wingslite-ws-power", daemon=True)
+            self._power_thread = threading.Thread(
+                target=self._power, args=(action,), name="wingslite-ws-power", daemon=True
+            )
             self._power_thread.start()
 
     def _power(self, action: str) -> None:
@@ -4087,7 +4541,11 @@ class ConsoleSocket:
     def _daemon_error(self, exc: Exception) -> None:
         # Wings shows the real text only to tokens with admin.websocket.errors (websocket.go:225).
         token = self.token
-        text = (getattr(exc, "message", None) or str(exc)) if token is not None and token.can("admin.websocket.errors") else _GENERIC_ERROR
+        text = (
+            (getattr(exc, "message", None) or str(exc))
+            if token is not None and token.can("admin.websocket.errors")
+            else _GENERIC_ERROR
+        )
         if not isinstance(exc, WingsliteError):
             LOG.warning("websocket %s: %s", self.server.uuid, exc)
         self._send("daemon error", self._prefixed(text))
@@ -4108,7 +4566,9 @@ def origin_allowed(origin: str | None, remote: str, allowed_origins: Any) -> boo
         return False
     if origin in (remote, remote.rstrip("/")):
         return True
-    return isinstance(allowed_origins, list) and any(o == "*" or o == origin for o in allowed_origins)
+    return isinstance(allowed_origins, list) and any(
+        o == "*" or o == origin for o in allowed_origins
+    )
 
 
 class _UpgradeRefused(WingsliteError):
@@ -4123,13 +4583,19 @@ def _header_tokens(headers: Any, name: str) -> set[str]:
 
 def _upgrade_key(handler: Any) -> str:
     headers = handler.headers
-    if "websocket" not in _header_tokens(headers, "Upgrade") or "upgrade" not in _header_tokens(headers, "Connection"):
-        raise BadRequest("This endpoint speaks only the websocket protocol: expected an 'Upgrade: websocket' request.")
+    if "websocket" not in _header_tokens(headers, "Upgrade") or "upgrade" not in _header_tokens(
+        headers, "Connection"
+    ):
+        raise BadRequest(
+            "This endpoint speaks only the websocket protocol: expected an 'Upgrade: websocket' request."
+        )
     if handler.request_version != "HTTP/1.1":
         raise BadRequest("A websocket upgrade needs HTTP/1.1.")
     if (headers.get("Sec-WebSocket-Version") or "").strip() != "13":
         raise _UpgradeRefused(
-            "Unsupported websocket version: this node speaks version 13 (RFC 6455).", 426, {"Sec-WebSocket-Version": "13"}
+            "Unsupported websocket version: this node speaks version 13 (RFC 6455).",
+            426,
+            {"Sec-WebSocket-Version": "13"},
         )
     key = (headers.get("Sec-WebSocket-Key") or "").strip()
     try:
@@ -4167,9 +4633,15 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
     try:
         key = _upgrade_key(handler)
     except _UpgradeRefused as exc:
-        handler._respond(exc.status, {"error": exc.message, "request_id": handler.request_id}, exc.headers)
+        handler._respond(
+            exc.status, {"error": exc.message, "request_id": handler.request_id}, exc.headers
+        )
         return
-    if not origin_allowed(handler.headers.get("Origin"), daemon.config.get("remote"), daemon.config.get("allowed_origins")):
+    if not origin_allowed(
+        handler.headers.get("Origin"),
+        daemon.config.get("remote"),
+        daemon.config.get("allowed_origins"),
+    ):
         raise WingsliteError("Forbidden: this Origin may not open the server's websocket.", 403)
     ws = WebSocket(handler.connection, _drain_read_buffer(handler))
     console = ConsoleSocket(ws, server, daemon)
@@ -4178,7 +4650,9 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
     limit = daemon.config.get("wingslite.websocket_max_per_server")
     if daemon.sessions.count(server.uuid, kind="websocket") > limit:
         daemon.sessions.unregister(console.session)
-        raise WingsliteError(f"Too many open websocket connections for this server (the limit is {limit}).", 429)
+        raise WingsliteError(
+            f"Too many open websocket connections for this server (the limit is {limit}).", 429
+        )
     response = (
         f"HTTP/1.1 101 Switching Protocols\r\nServer: {handler.server_version}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {websocket_accept_key(key)}\r\n\r\n"
@@ -4192,9 +4666,7 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
     console.run()
 
 
-##############################################################################
-# SFTP
-##############################################################################
+# SFTP #############################################################################################
 
 
 # Wings answers a write past the disk limit with SFTP status 15, "Quota Exceeded" (sftp/utils.go).
@@ -4202,7 +4674,9 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
 SFTP_QUOTA_EXCEEDED = 15
 # Wings' username pre-check (sftp/server.go): "<panel user>.<first 8 characters of the server uuid>".
 _SFTP_USERNAME_RE = re.compile(r"^(.+)\.([a-z0-9]{8})$", re.IGNORECASE)
-_SFTP_MAX_FILE_BYTES = (1 << 63) - 1  # the largest offset a file can have (off_t); beyond it a write is refused
+_SFTP_MAX_FILE_BYTES = (
+    1 << 63
+) - 1  # the largest offset a file can have (off_t); beyond it a write is refused
 
 
 def sftp_available() -> bool:
@@ -4304,7 +4778,9 @@ class SftpServer:
     max_handles = 256  # open files and directories per channel
     max_read_bytes = 256 * 1024  # per read request, as OpenSSH's sftp-server
     max_packet_bytes = 256 * 1024 + 1024  # an SFTP packet larger than this closes the channel
-    max_ssh_packet_bytes = 256 * 1024 + 1024  # an SSH packet larger than this closes the connection (OpenSSH: 256 KiB)
+    max_ssh_packet_bytes = (
+        256 * 1024 + 1024
+    )  # an SSH packet larger than this closes the connection (OpenSSH: 256 KiB)
     handshake_timeout_s = 15.0
     auth_timeout_s = 30.0
     pubkey_failure_weight = 0.25  # clients offer several keys before the right one
@@ -4319,7 +4795,9 @@ class SftpServer:
         self._paramiko = paramiko
         self._glue = _paramiko_glue(paramiko)
         self._limiter = _LoginLimiter(self.config.get("wingslite.sftp_login_attempts_per_minute"))
-        self._slots = threading.BoundedSemaphore(max(1, self.config.get("wingslite.sftp_max_connections")))
+        self._slots = threading.BoundedSemaphore(
+            max(1, self.config.get("wingslite.sftp_max_connections"))
+        )
         self._host_key: Any = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -4327,7 +4805,7 @@ class SftpServer:
         self._live_lock = threading.Lock()
         self._stopping = threading.Event()
 
-    # -- life cycle ----------------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------------
 
     @property
     def host_key_path(self) -> str:
@@ -4335,7 +4813,10 @@ class SftpServer:
 
     def start(self) -> None:
         self._host_key = self._load_host_key()
-        host, port = self.config.get("system.sftp.bind_address"), self.config.get("system.sftp.bind_port")
+        host, port = (
+            self.config.get("system.sftp.bind_address"),
+            self.config.get("system.sftp.bind_port"),
+        )
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -4347,7 +4828,9 @@ class SftpServer:
             raise
         self._sock = sock
         self.port = sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept_loop, name="wingslite-sftp", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="wingslite-sftp", daemon=True
+        )
         self._thread.start()
         LOG.info("SFTP listening on %s:%d (host key %s)", host, self.port, self.host_key_path)
 
@@ -4378,13 +4861,17 @@ class SftpServer:
             from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
             pem = Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
             )
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             atomic_write(Path(path), pem, mode=0o600)
             LOG.info("SFTP host key generated at %s", path)
         if os.stat(path).st_mode & 0o077:
-            os.chmod(path, 0o600)  # a private key readable by others is a key anyone may have copied
+            os.chmod(
+                path, 0o600
+            )  # a private key readable by others is a key anyone may have copied
         return self._paramiko.Ed25519Key.from_private_key_file(path)
 
     # -- connections ---------------------------------------------------------------------------
@@ -4401,11 +4888,15 @@ class SftpServer:
                 continue
             if not self._slots.acquire(blocking=False):
                 LOG.warning(
-                    "SFTP: refusing %s: %d connections are already open", addr[0], self.config.get("wingslite.sftp_max_connections")
+                    "SFTP: refusing %s: %d connections are already open",
+                    addr[0],
+                    self.config.get("wingslite.sftp_max_connections"),
                 )
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn, addr), name=f"wingslite-sftp-{addr[0]}", daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn, addr), name=f"wingslite-sftp-{addr[0]}", daemon=True
+            ).start()
 
     def _serve(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
         """One connection, start to end. Nothing a client sends may take the daemon down."""
@@ -4449,7 +4940,13 @@ class SftpServer:
             return None
 
     def authenticate(
-        self, kind: str, username: str, secret: str, addr: tuple[Any, ...], session_id: bytes, client_version: bytes
+        self,
+        kind: str,
+        username: str,
+        secret: str,
+        addr: tuple[Any, ...],
+        session_id: bytes,
+        client_version: bytes,
     ) -> SftpLogin | None:
         """Ask the Panel; ``None`` means refused (the reason is logged, the client learns nothing)."""
         ip = str(addr[0])
@@ -4462,29 +4959,48 @@ class SftpServer:
             self._limiter.failed(ip, weight)
             return None
         try:
-            answer = self.daemon.panel.sftp_auth(kind, username, secret, f"{ip}:{addr[1]}", session_id, client_version)
+            answer = self.daemon.panel.sftp_auth(
+                kind, username, secret, f"{ip}:{addr[1]}", session_id, client_version
+            )
         except PanelError as exc:
             if 400 <= exc.http_status < 500:
                 self._limiter.failed(ip, weight)
-                LOG.info("SFTP login %r from %s refused by the Panel (%d %s)", username, ip, exc.http_status, exc.message)
+                LOG.info(
+                    "SFTP login %r from %s refused by the Panel (%d %s)",
+                    username,
+                    ip,
+                    exc.http_status,
+                    exc.message,
+                )
             else:
-                LOG.warning("SFTP login %r from %s refused: the Panel could not check it: %s", username, ip, exc.message)
+                LOG.warning(
+                    "SFTP login %r from %s refused: the Panel could not check it: %s",
+                    username,
+                    ip,
+                    exc.message,
+                )
             return None
         permissions = answer.get("permissions")
         server = self.server_of(answer["server"])
         if server is None or not answer["server"].lower().startswith(match.group(2).lower()):
             LOG.warning(
-                "SFTP login %r: the Panel answered for server %s, which is not this login's server on this node", username, answer["server"]
+                "SFTP login %r: the Panel answered for server %s, which is not this login's server on this node",
+                username,
+                answer["server"],
             )
             return None
         if server.suspended:
-            LOG.info("SFTP login %r from %s refused: server %s is suspended", username, ip, server.uuid)
+            LOG.info(
+                "SFTP login %r from %s refused: server %s is suspended", username, ip, server.uuid
+            )
             return None
         return SftpLogin(
             username=username,
             server_uuid=server.uuid,
             user_uuid=answer["user"],
-            permissions=frozenset(p for p in permissions if isinstance(p, str)) if isinstance(permissions, list) else frozenset(),
+            permissions=frozenset(p for p in permissions if isinstance(p, str))
+            if isinstance(permissions, list)
+            else frozenset(),
             ip=ip,
             at=time.time(),
         )
@@ -4514,14 +5030,20 @@ class _SftpConnection:
             if len(self._answers) >= 16:
                 self._answers.clear()
             version = (self.transport.remote_version or "").encode()
-            self._answers[key] = self.sftp.authenticate(kind, username, secret, self.addr, self.transport.session_id or b"", version)
+            self._answers[key] = self.sftp.authenticate(
+                kind, username, secret, self.addr, self.transport.session_id or b"", version
+            )
         self.pending = self._answers[key]
         return self.pending is not None
 
     def login(self) -> SftpLogin | None:
         """The login this connection authenticated with, or None."""
         login = self.pending
-        if login is None or not self.transport.is_authenticated() or self.transport.get_username() != login.username:
+        if (
+            login is None
+            or not self.transport.is_authenticated()
+            or self.transport.get_username() != login.username
+        ):
             return None
         return login
 
@@ -4563,7 +5085,9 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
 
         def check_auth_publickey(self, username: str, key: Any) -> int:
             # The Panel compares an authorized_keys line's fingerprint with the user's keys.
-            ok = self.connection.check("public_key", username, f"{key.get_name()} {key.get_base64()}")
+            ok = self.connection.check(
+                "public_key", username, f"{key.get_name()} {key.get_base64()}"
+            )
             return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
 
         def check_channel_request(self, kind: str, chanid: int) -> int:
@@ -4599,7 +5123,10 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
         def _open_folder(self, request_number: int, path: str) -> None:
             # paramiko keeps every open listing in memory (~40 MB per 100,000 entries): bound how many
             # a channel may hold, and the entries not yet read from them (``Jail.max_entries`` in all).
-            held = sum(len(getattr(folder, "_SFTPHandle__files", ())) for folder in self.folder_table.values())
+            held = sum(
+                len(getattr(folder, "_SFTPHandle__files", ()))
+                for folder in self.folder_table.values()
+            )
             if len(self.folder_table) >= self.server.sftp.max_handles or held >= Jail.max_entries:
                 self._send_status(request_number, 4, "too many open directories")
                 return
@@ -4682,10 +5209,16 @@ class _SftpSession:
         self.login, self.server = login, server
         # Registered before the checks below: a suspension that lands in between either is seen
         # here or closes this session itself (the sync marks the server suspended first).
-        self.session = daemon.sessions.register(server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close())
+        self.session = daemon.sessions.register(
+            server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close()
+        )
         revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
         if server.suspended or revoked:
-            LOG.info("SFTP session of %s refused: server %s is suspended or the user was deauthorized", login.username, server.uuid)
+            LOG.info(
+                "SFTP session of %s refused: server %s is suspended or the user was deauthorized",
+                login.username,
+                server.uuid,
+            )
             self.refused = True
             return
         try:
@@ -4693,10 +5226,17 @@ class _SftpSession:
             self.jail = Jail(server.fs.root, is_denied=server.fs.is_denied)
             server.fs.usage_bytes()  # a server never measured starts its walk now, before the first write
         except OSError as exc:
-            LOG.error("SFTP session of %s refused: the directory of server %s cannot be opened: %s", login.username, server.uuid, exc)
+            LOG.error(
+                "SFTP session of %s refused: the directory of server %s cannot be opened: %s",
+                login.username,
+                server.uuid,
+                exc,
+            )
             self.refused = True
             return
-        LOG.info("SFTP session opened: %s from %s on server %s", login.username, login.ip, server.uuid)
+        LOG.info(
+            "SFTP session opened: %s from %s on server %s", login.username, login.ip, server.uuid
+        )
 
     def session_ended(self) -> None:
         if self.session is not None:
@@ -4706,7 +5246,9 @@ class _SftpSession:
             self.jail.close()
             self.jail = None
         if self.login is not None:
-            LOG.info("SFTP session closed: %s on server %s", self.login.username, self.login.server_uuid)
+            LOG.info(
+                "SFTP session closed: %s on server %s", self.login.username, self.login.server_uuid
+            )
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -4809,10 +5351,15 @@ class _SftpSession:
 
     def rename(self, oldpath: str, newpath: str) -> int:
         # SFTP v3 rename never replaces an existing file; posix-rename@openssh.com does.
-        return self._run("file.update", lambda: self._freed(self.jail.rename(oldpath, newpath, overwrite=False)) or 0)
+        return self._run(
+            "file.update",
+            lambda: self._freed(self.jail.rename(oldpath, newpath, overwrite=False)) or 0,
+        )
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
-        return self._run("file.update", lambda: self._freed(self.jail.rename(oldpath, newpath)) or 0)
+        return self._run(
+            "file.update", lambda: self._freed(self.jail.rename(oldpath, newpath)) or 0
+        )
 
     def symlink(self, target_path: str, path: str) -> int:
         return self._run("file.create", lambda: self.jail.symlink(target_path, path) or 0)
@@ -4957,9 +5504,7 @@ class _SftpFile:
             self.session.handles -= 1
 
 
-##############################################################################
-# HTTP API
-##############################################################################
+# HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
 
@@ -5002,13 +5547,23 @@ class ApiServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], daemon: Daemon, handler_class: type[ApiHandler] | None = None):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        daemon: Daemon,
+        handler_class: type[ApiHandler] | None = None,
+    ):
         self.daemon = daemon
-        self.date_header = (0, "")  # (second, its HTTP date): formatted once a second, not per answer
+        self.date_header = (
+            0,
+            "",
+        )  # (second, its HTTP date): formatted once a second, not per answer
         super().__init__(address, handler_class or ApiHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        LOG.exception("unhandled error on a connection from %s", client_address[0] if client_address else "?")
+        LOG.exception(
+            "unhandled error on a connection from %s", client_address[0] if client_address else "?"
+        )
 
 
 class ApiHandler(http.server.BaseHTTPRequestHandler):
@@ -5042,7 +5597,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._respond(code, {"error": message or http.HTTPStatus(code).phrase})
 
-    def _respond(self, status: int, body: Any = None, headers: Mapping[str, str] | None = None) -> None:
+    def _respond(
+        self, status: int, body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
         second, date = self.server.date_header
@@ -5112,13 +5669,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             matches = [(m, pattern.match(path), name, auth) for m, pattern, name, auth in _ROUTES]
             matches = [(m, match, name, auth) for m, match, name, auth in matches if match]
-            chosen = next(((match, name, auth) for m, match, name, auth in matches if m == method), None)
+            chosen = next(
+                ((match, name, auth) for m, match, name, auth in matches if m == method), None
+            )
             if chosen is None or chosen[2]:
                 self._authorize()  # as Wings: unknown routes answer 401 to strangers, not 404
             if chosen is None:
                 if matches:
                     allowed = ", ".join(sorted({m for m, *_ in matches}))
-                    raise WingsliteError(f"method {method} is not allowed on {path} (allowed: {allowed})", 405)
+                    raise WingsliteError(
+                        f"method {method} is not allowed on {path} (allowed: {allowed})", 405
+                    )
                 raise NotFound(f"no route for {method} {path}")
             match, name, _ = chosen
             args = match.groupdict()
@@ -5133,9 +5694,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             if exc.status == 405:
                 headers = {"Allow": exc.message.rsplit("allowed: ", 1)[-1].rstrip(")")}
-            self._respond(exc.status, {"error": exc.message, "request_id": self.request_id}, headers)
+            self._respond(
+                exc.status, {"error": exc.message, "request_id": self.request_id}, headers
+            )
         except Exception:
-            LOG.exception("request %s %s failed (request id %s)", method, self.path, self.request_id)
+            LOG.exception(
+                "request %s %s failed (request id %s)", method, self.path, self.request_id
+            )
             self.close_connection = True
             self._error(500, "An unexpected error was encountered while processing this request")
 
@@ -5143,7 +5708,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         header = self.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme != "Bearer" or not token or " " in token:
-            raise WingsliteError("The required authorization heads were not present in the request.", 401)
+            raise WingsliteError(
+                "The required authorization heads were not present in the request.", 401
+            )
         if not hmac.compare_digest(token.encode(), self.server.daemon.config.token.encode()):
             raise WingsliteError("You are not authorized to access this endpoint.", 403)
 
@@ -5152,7 +5719,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.body_read = True
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            raise WingsliteError("chunked request bodies are not supported; send Content-Length", 411)
+            raise WingsliteError(
+                "chunked request bodies are not supported; send Content-Length", 411
+            )
         length_text = self.headers.get("Content-Length")
         try:
             length = int(length_text) if length_text is not None else 0
@@ -5172,12 +5741,16 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("the request body ended early")
         if not raw.strip():
             if required:
-                raise BadRequest("The data passed in the request was not in a parsable format. Please try again.")
+                raise BadRequest(
+                    "The data passed in the request was not in a parsable format. Please try again."
+                )
             return None
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):
-            raise BadRequest("The data passed in the request was not in a parsable format. Please try again.") from None
+            raise BadRequest(
+                "The data passed in the request was not in a parsable format. Please try again."
+            ) from None
 
     def _drain_unread_body(self) -> None:
         """Keep the connection in step: read (or give up on) a body the route did not read."""
@@ -5188,7 +5761,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or length < 0 or length > 65536:
+        if (
+            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+            or length < 0
+            or length > 65536
+        ):
             self.close_connection = True
         elif length:
             self.rfile.read(length)
@@ -5203,7 +5780,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def route_create_server(self) -> tuple[int, Any]:
         body = self.read_json()
-        if not isinstance(body, dict) or not isinstance(body.get("uuid"), str) or not _UUID_RE.match(body["uuid"]):
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("uuid"), str)
+            or not _UUID_RE.match(body["uuid"])
+        ):
             raise WingsliteError("The data provided in the request could not be validated.", 422)
         start = body.get("start_on_completion", False)
         if not isinstance(start, bool):
@@ -5227,7 +5808,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         body = self.read_json()
         action = body.get("action") if isinstance(body, dict) else None
         if action not in ("start", "stop", "restart", "kill"):
-            raise WingsliteError('The power action provided was not valid, should be one of "stop", "start", "restart", "kill"', 422)
+            raise WingsliteError(
+                'The power action provided was not valid, should be one of "stop", "start", "restart", "kill"',
+                422,
+            )
         wait = body.get("wait_seconds", 0)
         if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not 0 <= wait <= 300:
             wait = 30  # Wings: outside 0..300 becomes 30
@@ -5260,7 +5844,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(jtis, list) or not all(isinstance(j, str) for j in jtis):
             raise WingsliteError('expected {"jtis": ["..."]}', 422)
         self.server.daemon.revocations.deny_jtis(jtis)
-        for each in self.server.daemon.all_servers():  # Wings' denylist is node-wide; open sockets re-check now
+        for each in (
+            self.server.daemon.all_servers()
+        ):  # Wings' denylist is node-wide; open sockets re-check now
             each.events.publish(WEBSOCKET_RECHECK_EVENT)
         return 204, None
 
@@ -5276,7 +5862,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise WingsliteError("expected the node configuration as a JSON object", 422)
         LOG.warning(
-            "the Panel pushed a node configuration; it is not applied: edit %s and restart wingslite", self.server.daemon.config.source
+            "the Panel pushed a node configuration; it is not applied: edit %s and restart wingslite",
+            self.server.daemon.config.source,
         )
         return 200, {"applied": False}
 
@@ -5286,7 +5873,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         servers = body.get("servers") if isinstance(body, dict) else None
         if not isinstance(user, str) or not user:
             raise WingsliteError('expected {"user": "<uuid>", "servers": ["<uuid>", ...]}', 422)
-        if servers is not None and (not isinstance(servers, list) or not all(isinstance(s, str) for s in servers)):
+        if servers is not None and (
+            not isinstance(servers, list) or not all(isinstance(s, str) for s in servers)
+        ):
             raise WingsliteError("servers must be a list of server uuids", 422)
         self.server.daemon.deauthorize_user(user, servers or None)
         return 204, None
@@ -5296,9 +5885,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return None, None
 
 
-##############################################################################
-# daemon
-##############################################################################
+# daemon ###########################################################################################
 
 
 def _now_iso() -> str:
@@ -5318,7 +5905,9 @@ class ConfigStore:
 
     def save(self, config: ServerConfig) -> bool:
         """Write the document unless the same bytes are already on disk; True when written."""
-        data = json.dumps(server_document_json(config), sort_keys=True, separators=(",", ":")).encode()
+        data = json.dumps(
+            server_document_json(config), sort_keys=True, separators=(",", ":")
+        ).encode()
         digest = hashlib.sha256(data).hexdigest()
         with self._lock:
             if self._digests.get(config.uuid) == digest:
@@ -5386,7 +5975,9 @@ class Server:
         )
         self.fs.set_denylist(config.file_denylist)
         self.last_sync: dict[str, Any] | None = None
-        self._view_settings: tuple[ServerConfig, dict[str, Any]] | None = None  # api_view()'s settings, per configuration
+        self._view_settings: tuple[ServerConfig, dict[str, Any]] | None = (
+            None  # api_view()'s settings, per configuration
+        )
         self.pending_next_start: dict[str, str] = {}
         self._limits_pending = False
         self._last_state = OFFLINE
@@ -5422,17 +6013,30 @@ class Server:
             # Crash detection only counts starting/running -> offline; every intentional stop
             # passes through "stopping" first (Wings server/listeners.go).
             if args[0] == OFFLINE and previous in (STARTING, RUNNING):
-                threading.Thread(target=self._handle_crash, name=f"wingslite-crash-{self.uuid[:8]}", daemon=True).start()
+                threading.Thread(
+                    target=self._handle_crash, name=f"wingslite-crash-{self.uuid[:8]}", daemon=True
+                ).start()
             if args[0] == STARTING:
                 self._disk_stop_sent = False
-        elif event == "stats" and self._last_state == RUNNING and not self._disk_stop_sent and must_stop_for_disk(self.fs):
+        elif (
+            event == "stats"
+            and self._last_state == RUNNING
+            and not self._disk_stop_sent
+            and must_stop_for_disk(self.fs)
+        ):
             # Checked on every stats tick, as Wings does; once per run (server/listeners.go).
             self._disk_stop_sent = True
-            threading.Thread(target=self._stop_over_disk_limit, name=f"wingslite-disk-{self.uuid[:8]}", daemon=True).start()
+            threading.Thread(
+                target=self._stop_over_disk_limit,
+                name=f"wingslite-disk-{self.uuid[:8]}",
+                daemon=True,
+            ).start()
 
     def _stop_over_disk_limit(self) -> None:
         try:
-            self.console_message("Server is exceeding the assigned disk space limit, stopping process now.")
+            self.console_message(
+                "Server is exceeding the assigned disk space limit, stopping process now."
+            )
             self.env.stop(self.config, 60)  # Wings: WaitForStop(1 minute, terminate)
         except Exception:
             LOG.exception("server %s: stopping the server over its disk limit failed", self.uuid)
@@ -5456,7 +6060,9 @@ class Server:
                 config = parse_server_document(
                     document,
                     expect_uuid=self.uuid,
-                    crash_detection_default=self.daemon.config.get("system.crash_detection.enabled"),
+                    crash_detection_default=self.daemon.config.get(
+                        "system.crash_detection.enabled"
+                    ),
                 )
             except DocumentError as exc:
                 raise WingsliteError(f"{exc.message}; nothing on this node was changed") from None
@@ -5482,7 +6088,11 @@ class Server:
 
             try:
                 disk_notes = self.fs.set_limit(new.disk_limit_bytes)
-                applied.append(f"disk limit {new.disk_limit_bytes} bytes" if new.disk_limit_bytes else "disk limit removed")
+                applied.append(
+                    f"disk limit {new.disk_limit_bytes} bytes"
+                    if new.disk_limit_bytes
+                    else "disk limit removed"
+                )
                 applied.extend(disk_notes)  # e.g. usage over the new limit, soft for this server
             except Exception as exc:  # a quota tool failing must not undo the swap
                 LOG.exception("server %s: setting the disk limit failed", self.uuid)
@@ -5507,19 +6117,38 @@ class Server:
                 if getattr(new, field) != getattr(old, field):
                     self.pending_next_start[field] = label
             if new.process != old.process:
-                self.pending_next_start["process"] = "process configuration (stop, done, config files)"
-            pending += [f"{label} (next start)" for label in self.pending_next_start.values() if label != "resource limits"]
+                self.pending_next_start["process"] = (
+                    "process configuration (stop, done, config files)"
+                )
+            pending += [
+                f"{label} (next start)"
+                for label in self.pending_next_start.values()
+                if label != "resource limits"
+            ]
             if new.crash_detection_enabled != old.crash_detection_enabled:
-                applied.append(f"crash detection {'on' if new.crash_detection_enabled else 'off'} (next exit)")
+                applied.append(
+                    f"crash detection {'on' if new.crash_detection_enabled else 'off'} (next exit)"
+                )
 
             if new.suspended:
                 closing_started = time.monotonic()
-                closed = self.daemon.sessions.close_server(self.uuid, CLOSE_SUSPENDED, "server suspended")
+                closed = self.daemon.sessions.close_server(
+                    self.uuid, CLOSE_SUSPENDED, "server suspended"
+                )
                 applied.append(f"suspended: {closed} session(s) closed")
-                LOG.info("server %s: %d session(s) closed in %.1f ms", self.uuid, closed, (time.monotonic() - closing_started) * 1000)
+                LOG.info(
+                    "server %s: %d session(s) closed in %.1f ms",
+                    self.uuid,
+                    closed,
+                    (time.monotonic() - closing_started) * 1000,
+                )
                 if self.env.state != OFFLINE:
                     applied.append("suspended: stopping the process")
-                    threading.Thread(target=self._stop_suspended, name=f"wingslite-suspend-{self.uuid[:8]}", daemon=True).start()
+                    threading.Thread(
+                        target=self._stop_suspended,
+                        name=f"wingslite-suspend-{self.uuid[:8]}",
+                        daemon=True,
+                    ).start()
 
             record = {
                 "at": _now_iso(),
@@ -5530,7 +6159,13 @@ class Server:
                 "duration_ms": round((time.monotonic() - started) * 1000, 2),
             }
             self.last_sync = record
-            LOG.info("server %s synced: applied %s; pending %s; failed %s", self.uuid, applied, pending or "nothing", failed or "nothing")
+            LOG.info(
+                "server %s synced: applied %s; pending %s; failed %s",
+                self.uuid,
+                applied,
+                pending or "nothing",
+                failed or "nothing",
+            )
             if failed:
                 raise WingsliteError(
                     f"the configuration of server {self.uuid} was updated, but not all of it was applied: {'; '.join(failed)}"
@@ -5550,7 +6185,12 @@ class Server:
         """The HTTP form: refuse what is refused now, then run the action in the background (202)."""
         if action in ("start", "restart") and self.config.suspended:
             raise BadRequest("Cannot start or restart a server that is suspended.")
-        threading.Thread(target=self._power_logged, args=(action, wait_s), name=f"wingslite-power-{self.uuid[:8]}", daemon=True).start()
+        threading.Thread(
+            target=self._power_logged,
+            args=(action, wait_s),
+            name=f"wingslite-power-{self.uuid[:8]}",
+            daemon=True,
+        ).start()
 
     def _power_logged(self, action: str, wait_s: float) -> None:
         try:
@@ -5574,9 +6214,13 @@ class Server:
                 self.env.prepare(self.config)
             except Exception as exc:  # the start itself, under the lock, reports what is wrong
                 LOG.debug("server %s: preparing the start failed: %s", self.uuid, exc)
-        acquired = self.lock.acquire(timeout=wait_s) if wait_s > 0 else self.lock.acquire(blocking=False)
+        acquired = (
+            self.lock.acquire(timeout=wait_s) if wait_s > 0 else self.lock.acquire(blocking=False)
+        )
         if not acquired:
-            raise Conflict("another power action is currently being processed for this server, please try again later")
+            raise Conflict(
+                "another power action is currently being processed for this server, please try again later"
+            )
         try:
             if self.deleted:
                 raise NotFound("The requested resource does not exist on this instance.")
@@ -5594,13 +6238,19 @@ class Server:
         try:
             self.sync()  # every start runs the sync first: the Panel is the source of truth
         except WingsliteError as exc:
-            self.console_message(f"Unable to sync server data from the Panel, the start was aborted: {exc.message}")
-            raise WingsliteError(f"unable to sync server data from Panel instance: {exc.message}", exc.status) from None
+            self.console_message(
+                f"Unable to sync server data from the Panel, the start was aborted: {exc.message}"
+            )
+            raise WingsliteError(
+                f"unable to sync server data from Panel instance: {exc.message}", exc.status
+            ) from None
         if self.config.suspended:
             self.console_message("This server is suspended and cannot be started.")
             raise BadRequest("server is currently in a suspended state")
         if self.fs.limit_bytes:
-            self.console_message("Checking server disk space usage, this could take a few seconds...")
+            self.console_message(
+                "Checking server disk space usage, this could take a few seconds..."
+            )
             # A kernel quota's own figure is cheap and exact; otherwise walk now (not the cached figure).
             if self.fs.quota.enforced(self.fs.root):
                 over = not self.fs.has_space()
@@ -5608,7 +6258,9 @@ class Server:
                 over = self.fs.recalculate() > self.fs.limit_bytes
             if over:
                 self.console_message("Not enough disk space is available to start this server.")
-                raise WingsliteError("There is not enough disk space available to perform that action.", 400)
+                raise WingsliteError(
+                    "There is not enough disk space available to perform that action.", 400
+                )
         self.env.start(self.config)
         self.pending_next_start.clear()
         self._limits_pending = False
@@ -5619,10 +6271,16 @@ class Server:
         if self.env.state != OFFLINE:
             return
         if not cfg.crash_detection_enabled:
-            self.console_message("Aborting automatic restart, crash detection is disabled for this instance.")
+            self.console_message(
+                "Aborting automatic restart, crash detection is disabled for this instance."
+            )
             return
         exit_code, oom_killed = self.env.exit_status()
-        if exit_code == 0 and not oom_killed and not node.get("system.crash_detection.detect_clean_exit_as_crash"):
+        if (
+            exit_code == 0
+            and not oom_killed
+            and not node.get("system.crash_detection.detect_clean_exit_as_crash")
+        ):
             return
         self.console_message("---------- Detected server process in a crashed state! ----------")
         self.console_message(f"Exit code: {exit_code}")
@@ -5630,14 +6288,18 @@ class Server:
         window = node.get("system.crash_detection.timeout")
         now = time.monotonic()
         if window and self._last_crash is not None and now - self._last_crash < window:
-            self.console_message(f"Aborting automatic restart, last crash occurred less than {window} seconds ago.")
+            self.console_message(
+                f"Aborting automatic restart, last crash occurred less than {window} seconds ago."
+            )
             return
         self._last_crash = now
         try:
             self.power("start", wait_s=10)
         except Exception as exc:
             LOG.error("server %s: restart after a crash failed: %s", self.uuid, exc)
-            self.console_message("Server crash was detected but an error occurred while handling it.")
+            self.console_message(
+                "Server crash was detected but an error occurred while handling it."
+            )
 
     # -- console -------------------------------------------------------------------------------
 
@@ -5705,7 +6367,9 @@ class Daemon:
         self.panel = panel or PanelClient.from_config(config)
         self.environment_factory = environment_factory or self._default_environment
         self._docker: Any = None
-        self.quota = quota or select_quota_backend(config.get("wingslite.disk_quota"), config.data_dir)
+        self.quota = quota or select_quota_backend(
+            config.get("wingslite.disk_quota"), config.data_dir
+        )
         self.servers: dict[str, Server] = {}
         self.sessions = SessionTable()
         self.revocations = Revocations()
@@ -5733,7 +6397,7 @@ class Daemon:
             disk_bytes=server.fs.usage_bytes,
         )
 
-    # -- life cycle ----------------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Load saved configurations, serve the API, then load every server from the Panel.
@@ -5747,7 +6411,9 @@ class Daemon:
         host, port = self.config.get("api.host"), self.config.get("api.port")
         self.http = ApiServer((host, port), self)
         self._spawn(lambda: self.http.serve_forever(poll_interval=0.1), "wingslite-http")
-        LOG.info("wingslite %s serving the API on %s:%d", VERSION, host, self.http.server_address[1])
+        LOG.info(
+            "wingslite %s serving the API on %s:%d", VERSION, host, self.http.server_address[1]
+        )
         if not self.config.get("wingslite.sftp_enabled"):
             LOG.info("SFTP is off (wingslite.sftp_enabled is false)")
         elif not sftp_available():
@@ -5777,8 +6443,12 @@ class Daemon:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
-        for server in self.all_servers():  # websockets live on request threads the HTTP server does not join
-            self.sessions.close_server(server.uuid, CLOSE_GOING_AWAY, "node shutting down", kind="websocket")
+        for (
+            server
+        ) in self.all_servers():  # websockets live on request threads the HTTP server does not join
+            self.sessions.close_server(
+                server.uuid, CLOSE_GOING_AWAY, "node shutting down", kind="websocket"
+            )
         if self.sftp is not None:
             self.sftp.stop()
         for server in self.all_servers():
@@ -5812,7 +6482,9 @@ class Daemon:
         crash_default = self.config.get("system.crash_detection.enabled")
         for uuid, document in self.store.load_all():
             try:
-                config = parse_server_document(document, expect_uuid=uuid, crash_detection_default=crash_default)
+                config = parse_server_document(
+                    document, expect_uuid=uuid, crash_detection_default=crash_default
+                )
             except DocumentError as exc:
                 LOG.error("ignoring saved configuration of %s: %s", uuid, exc.message)
                 continue
@@ -5854,7 +6526,9 @@ class Daemon:
                 last_logged[0] = time.monotonic()
                 LOG.info("loaded %d/%d servers", done, total)
 
-        known_before = set(self.servers)  # one created (POST /api/servers) while the list is read is not in it
+        known_before = set(
+            self.servers
+        )  # one created (POST /api/servers) while the list is read is not in it
         items = self.panel.list_servers(per_page, concurrency, progress)
         crash_default = self.config.get("system.crash_detection.enabled")
         seen = set()
@@ -5862,7 +6536,10 @@ class Daemon:
             try:
                 if not isinstance(item, dict):
                     raise DocumentError("a list item is not an object")
-                document = {"settings": item.get("settings"), "process_configuration": item.get("process_configuration")}
+                document = {
+                    "settings": item.get("settings"),
+                    "process_configuration": item.get("process_configuration"),
+                }
                 config = parse_server_document(document, crash_detection_default=crash_default)
             except DocumentError as exc:
                 LOG.error("skipping a server the Panel listed: %s", exc.message)
@@ -5878,11 +6555,17 @@ class Daemon:
             except Exception as exc:  # one server's fault never stops the boot
                 LOG.error("server %s: could not be loaded: %s", config.uuid, exc)
         for uuid in (known_before & set(self.servers)) - seen:
-            LOG.warning("server %s is no longer on this node according to the Panel; dropping it", uuid)
+            LOG.warning(
+                "server %s is no longer on this node according to the Panel; dropping it", uuid
+            )
             server = self.servers[uuid]
-            with server.lock:  # as a delete: its sessions end and nothing queued behind brings it back
+            with (
+                server.lock
+            ):  # as a delete: its sessions end and nothing queued behind brings it back
                 server.deleted = True
-                self.sessions.close_server(uuid, CLOSE_SERVER_DELETED, "server removed from this node")
+                self.sessions.close_server(
+                    uuid, CLOSE_SERVER_DELETED, "server removed from this node"
+                )
                 self._forget(server)
 
     def _add(self, server: Server) -> None:
@@ -5904,7 +6587,11 @@ class Daemon:
     def _read_states(self) -> dict[str, str]:
         try:
             states = json.loads(self._states_path().read_bytes())
-            return {k: v for k, v in states.items() if isinstance(k, str) and v in (OFFLINE, STARTING, RUNNING, STOPPING)}
+            return {
+                k: v
+                for k, v in states.items()
+                if isinstance(k, str) and v in (OFFLINE, STARTING, RUNNING, STOPPING)
+            }
         except (OSError, ValueError, AttributeError):
             return {}
 
@@ -5943,8 +6630,12 @@ class Daemon:
 
     def sync_server(self, server: Server) -> dict[str, Any]:
         """``POST /api/servers/:server/sync``: waits its turn on the server's lock, then syncs."""
-        if not server.lock.acquire(timeout=max(1.0, float(self.config.get("remote_query.timeout")))):
-            raise Conflict("another sync or power action is still running on this server; try again")
+        if not server.lock.acquire(
+            timeout=max(1.0, float(self.config.get("remote_query.timeout")))
+        ):
+            raise Conflict(
+                "another sync or power action is still running on this server; try again"
+            )
         try:
             return server.sync()
         finally:
@@ -5959,17 +6650,23 @@ class Daemon:
         except PanelError as exc:
             if exc.http_status == 404:
                 raise NotFound(f"the Panel does not know server {uuid}") from None
-            raise WingsliteError(f"could not fetch server {uuid} from the Panel: {exc.message}") from None
+            raise WingsliteError(
+                f"could not fetch server {uuid} from the Panel: {exc.message}"
+            ) from None
         try:
             config = parse_server_document(
-                document, expect_uuid=uuid, crash_detection_default=self.config.get("system.crash_detection.enabled")
+                document,
+                expect_uuid=uuid,
+                crash_detection_default=self.config.get("system.crash_detection.enabled"),
             )
         except DocumentError as exc:
             raise WingsliteError(exc.message) from None
         try:
             self.store.save(config)
         except OSError as exc:
-            raise WingsliteError(f"could not save the configuration of server {uuid}: {exc}") from None
+            raise WingsliteError(
+                f"could not save the configuration of server {uuid}: {exc}"
+            ) from None
         server = Server(self, config)
         server.fs.ensure()
         with self._servers_lock:
@@ -5984,11 +6681,15 @@ class Daemon:
     def delete_server(self, server: Server) -> None:
         """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config."""
         if not server.lock.acquire(timeout=30):
-            raise Conflict("another sync or power action is still running on this server; try again")
+            raise Conflict(
+                "another sync or power action is still running on this server; try again"
+            )
         try:
             if server.deleted:  # a second DELETE that waited behind the first
                 raise NotFound("The requested resource does not exist on this instance.")
-            server.deleted = True  # before closing: a socket registering now sees it and closes itself
+            server.deleted = (
+                True  # before closing: a socket registering now sees it and closes itself
+            )
             self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "server deleted")
             try:
                 server.env.destroy()
@@ -5998,7 +6699,9 @@ class Daemon:
             self._forget(server)
         finally:
             server.lock.release()
-        threading.Thread(target=_remove_tree, args=(server.fs.root,), name="wingslite-rm", daemon=True).start()
+        threading.Thread(
+            target=_remove_tree, args=(server.fs.root,), name="wingslite-rm", daemon=True
+        ).start()
         LOG.info("server %s deleted", server.uuid)
 
     def deauthorize_user(self, user_uuid: str, server_uuids: list[str] | None = None) -> int:
@@ -6012,7 +6715,11 @@ class Daemon:
         machine = platform.machine().lower()
         arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
         if detailed:
-            info = {"version": VERSION, "docker": self._docker_summary(), "system": _host_summary(arch)}
+            info = {
+                "version": VERSION,
+                "docker": self._docker_summary(),
+                "system": _host_summary(arch),
+            }
         else:
             info = {
                 "architecture": arch,
@@ -6024,7 +6731,11 @@ class Daemon:
         info["wingslite"] = {
             "servers": len(self.servers),
             "booted": self._booted.is_set(),
-            "disk_quota": {"configured": self.config.get("wingslite.disk_quota"), "backend": self.quota.name, "reason": self.quota.reason},
+            "disk_quota": {
+                "configured": self.config.get("wingslite.disk_quota"),
+                "backend": self.quota.name,
+                "reason": self.quota.reason,
+            },
             "sftp": bool(self.sftp),
         }
         return info
@@ -6037,17 +6748,27 @@ class Daemon:
             engine = self._docker.info()
         except (docker.errors.DockerException, OSError) as exc:
             raise _docker_error("reading the engine's information", exc) from None
-        backing = dict(item for item in engine.get("DriverStatus") or [] if isinstance(item, list) and len(item) == 2)
+        backing = dict(
+            item
+            for item in engine.get("DriverStatus") or []
+            if isinstance(item, list) and len(item) == 2
+        )
         return {
             "version": engine.get("ServerVersion", ""),
-            "cgroups": {"driver": engine.get("CgroupDriver", ""), "version": str(engine.get("CgroupVersion", ""))},
+            "cgroups": {
+                "driver": engine.get("CgroupDriver", ""),
+                "version": str(engine.get("CgroupVersion", "")),
+            },
             "containers": {
                 "total": engine.get("Containers", 0),
                 "running": engine.get("ContainersRunning", 0),
                 "paused": engine.get("ContainersPaused", 0),
                 "stopped": engine.get("ContainersStopped", 0),
             },
-            "storage": {"driver": engine.get("Driver", ""), "filesystem": backing.get("Backing Filesystem", "")},
+            "storage": {
+                "driver": engine.get("Driver", ""),
+                "filesystem": backing.get("Backing Filesystem", ""),
+            },
             "runc": {"version": (engine.get("RuncCommit") or {}).get("ID", "")},
         }
 
@@ -6081,9 +6802,7 @@ def _remove_tree(path: Path) -> None:
         LOG.error("could not remove %s: %s", path, exc)
 
 
-##############################################################################
-# CLI
-##############################################################################
+# CLI ##############################################################################################
 
 _DEMO_EGG_PROCESS = {
     "startup": {"done": ["Server ready"], "user_interaction": [], "strip_ansi": False},
@@ -6092,15 +6811,24 @@ _DEMO_EGG_PROCESS = {
 }
 
 
-def demo_document(uuid: str, name: str, memory_mb: int, image: str = "wingslite-test:latest") -> dict[str, Any]:
+def demo_document(
+    uuid: str, name: str, memory_mb: int, image: str = "wingslite-test:latest"
+) -> dict[str, Any]:
     """A Panel server document as the Panel builds it (panel-contract.md §1.4), for the demo."""
-    startup = 'echo Server ready; while read line; do [ "$line" = stop ] && exit 0; echo "> $line"; done'
+    startup = (
+        'echo Server ready; while read line; do [ "$line" = stop ] && exit 0; echo "> $line"; done'
+    )
     return {
         "settings": {
             "uuid": uuid,
             "meta": {"name": name, "description": ""},
             "suspended": False,
-            "environment": {"STARTUP": startup, "P_SERVER_LOCATION": "demo", "P_SERVER_UUID": uuid, "P_SERVER_ALLOCATION_LIMIT": 0},
+            "environment": {
+                "STARTUP": startup,
+                "P_SERVER_LOCATION": "demo",
+                "P_SERVER_UUID": uuid,
+                "P_SERVER_ALLOCATION_LIMIT": 0,
+            },
             "invocation": startup,
             "skip_egg_scripts": False,
             "build": {
@@ -6113,7 +6841,11 @@ def demo_document(uuid: str, name: str, memory_mb: int, image: str = "wingslite-
                 "oom_disabled": True,
             },
             "container": {"image": image, "oom_disabled": True, "requires_rebuild": False},
-            "allocations": {"force_outgoing_ip": False, "default": {"ip": "127.0.0.1", "port": 25565}, "mappings": {"127.0.0.1": [25565]}},
+            "allocations": {
+                "force_outgoing_ip": False,
+                "default": {"ip": "127.0.0.1", "port": 25565},
+                "mappings": {"127.0.0.1": [25565]},
+            },
             "mounts": [],
             "egg": {"id": "5a0f2c1e-7b3d-4c8e-9f60-2d1e3a4b5c6d", "file_denylist": []},
         },
@@ -6175,17 +6907,33 @@ class DemoPanel:
                     if path == "/api/remote/servers":
                         data = [{"uuid": u, **copy.deepcopy(d)} for u, d in panel.documents.items()]
                         n = len(data)
-                        meta = {"current_page": 1, "from": 1 if n else None, "last_page": 1, "per_page": 50, "to": n or None, "total": n}
+                        meta = {
+                            "current_page": 1,
+                            "from": 1 if n else None,
+                            "last_page": 1,
+                            "per_page": 50,
+                            "to": n or None,
+                            "total": n,
+                        }
                         return self._send(200, {"data": data, "links": {}, "meta": meta})
                     uuid = path.rsplit("/", 1)[-1]
                     if path.startswith("/api/remote/servers/") and uuid in panel.documents:
                         return self._send(200, panel.documents[uuid])
-                self._send(404, {"errors": [{"code": "RecordNotFoundException", "status": "404", "detail": ""}]})
+                self._send(
+                    404,
+                    {
+                        "errors": [
+                            {"code": "RecordNotFoundException", "status": "404", "detail": ""}
+                        ]
+                    },
+                )
 
             def do_POST(self) -> None:
                 if not self._authorized():
                     return
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+                body = json.loads(
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null"
+                )
                 path = urllib.parse.urlsplit(self.path).path
                 if path == "/api/remote/servers/reset":
                     return self._send(204)
@@ -6193,7 +6941,14 @@ class DemoPanel:
                     user, _, short = str(body.get("username", "")).rpartition(".")
                     match = [u for u in panel.documents if u.startswith(short) and short]
                     if user == "demo" and body.get("password") == "demo" and match:
-                        return self._send(200, {"server": match[0], "user": "00000000-0000-4000-8000-000000000000", "permissions": ["*"]})
+                        return self._send(
+                            200,
+                            {
+                                "server": match[0],
+                                "user": "00000000-0000-4000-8000-000000000000",
+                                "permissions": ["*"],
+                            },
+                        )
                     return self._send(
                         403,
                         {
@@ -6207,7 +6962,11 @@ class DemoPanel:
                         },
                     )
                 uuid = path.rsplit("/", 1)[-1]
-                if path.startswith("/demo/servers/") and uuid in panel.documents and isinstance(body, dict):
+                if (
+                    path.startswith("/demo/servers/")
+                    and uuid in panel.documents
+                    and isinstance(body, dict)
+                ):
                     with panel.lock:
                         settings = panel.documents[uuid]["settings"]
                         for key, value in body.items():
@@ -6234,7 +6993,9 @@ class DemoPanel:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def start(self) -> None:
-        threading.Thread(target=self.httpd.serve_forever, name="wingslite-demo-panel", daemon=True).start()
+        threading.Thread(
+            target=self.httpd.serve_forever, name="wingslite-demo-panel", daemon=True
+        ).start()
 
     def stop(self) -> None:
         self.httpd.shutdown()
@@ -6246,7 +7007,10 @@ def _demo(args: Any) -> int:
     import tempfile
 
     token_id, token = secrets.token_hex(8), secrets.token_hex(32)
-    servers = [demo_document(str(uuidlib.uuid4()), "Demo Survival", 1024), demo_document(str(uuidlib.uuid4()), "Demo Creative", 2048)]
+    servers = [
+        demo_document(str(uuidlib.uuid4()), "Demo Survival", 1024),
+        demo_document(str(uuidlib.uuid4()), "Demo Creative", 2048),
+    ]
     panel = DemoPanel(token_id, token, servers)
     panel.start()
     root = Path(tempfile.mkdtemp(prefix="wingslite-demo-"))
@@ -6309,19 +7073,32 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import sys
 
-    parser = argparse.ArgumentParser(prog="wingslite", description="A Pterodactyl node daemon in one file.")
-    parser.add_argument("--config", help="the node's config.yml (default: /etc/pterodactyl/config.yml, else ./wingslite.yml)")
-    parser.add_argument("--demo", action="store_true", help="run against an embedded demo Panel on loopback")
+    parser = argparse.ArgumentParser(
+        prog="wingslite", description="A Pterodactyl node daemon in one file."
+    )
+    parser.add_argument(
+        "--config",
+        help="the node's config.yml (default: /etc/pterodactyl/config.yml, else ./wingslite.yml)",
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="run against an embedded demo Panel on loopback"
+    )
     parser.add_argument("--port", type=int, default=8080, help="API port for --demo (default 8080)")
-    parser.add_argument("--sftp-port", type=int, default=2022, help="SFTP port for --demo (default 2022)")
+    parser.add_argument(
+        "--sftp-port", type=int, default=2022, help="SFTP port for --demo (default 2022)"
+    )
     parser.add_argument("--debug", action="store_true", help="log at debug level")
     parser.add_argument("--version", action="version", version=f"wingslite {VERSION}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.demo:
         return _demo(args)
     path = args.config or next(
-        (p for p in ("/etc/pterodactyl/config.yml", "wingslite.yml") if Path(p).exists()), "/etc/pterodactyl/config.yml"
+        (p for p in ("/etc/pterodactyl/config.yml", "wingslite.yml") if Path(p).exists()),
+        "/etc/pterodactyl/config.yml",
     )
     try:
         config = load_config(path)

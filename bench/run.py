@@ -80,7 +80,9 @@ def panel_document(uuid: str, startup: str = RUNNING_STARTUP, port: int = 25565)
     settings = doc["settings"]
     settings["invocation"] = settings["environment"]["STARTUP"] = startup
     settings["environment"]["P_SERVER_LOCATION"] = "bench"
-    settings["allocations"].update(default={"ip": "127.0.0.1", "port": port}, mappings={"127.0.0.1": [port]})
+    settings["allocations"].update(
+        default={"ip": "127.0.0.1", "port": port}, mappings={"127.0.0.1": [port]}
+    )
     doc["process_configuration"]["startup"]["done"] = ["ready"]
     doc["process_configuration"]["stop"] = {"type": "command", "value": "quit"}
     return doc
@@ -98,7 +100,9 @@ class _FastHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def answer(self, status: int, data: bytes = b"", content_type: str = "application/json") -> None:
+    def answer(
+        self, status: int, data: bytes = b"", content_type: str = "application/json"
+    ) -> None:
         head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n\r\n"
         self.wfile.write(head.encode() + data)
 
@@ -126,13 +130,21 @@ def serve_panel(servers: int, port_file: str) -> None:
                 body = {
                     "data": [{"uuid": u, **d} for u, d in chunk],
                     "links": {},
-                    "meta": {"current_page": page, "last_page": last, "per_page": per_page, "total": len(items)},
+                    "meta": {
+                        "current_page": page,
+                        "last_page": last,
+                        "per_page": per_page,
+                        "total": len(items),
+                    },
                 }
                 return self.answer(200, json.dumps(body).encode())
             uuid = parts.path.rsplit("/", 1)[-1]
             with lock:
                 if uuid not in docs:
-                    return self.answer(404, b'{"errors":[{"code":"RecordNotFoundException","status":"404","detail":""}]}')
+                    return self.answer(
+                        404,
+                        b'{"errors":[{"code":"RecordNotFoundException","status":"404","detail":""}]}',
+                    )
                 data = encoded.get(uuid)
                 if data is None:
                     data = encoded[uuid] = json.dumps(docs[uuid]).encode()
@@ -148,8 +160,16 @@ def serve_panel(servers: int, port_file: str) -> None:
                 user, _, short = str(body.get("username", "")).rpartition(".")
                 match = [u for u in docs if u.startswith(short) and short]
                 if user == "bench" and body.get("password") == "bench" and match:
-                    return self.answer(200, json.dumps({"server": match[0], "user": BENCH_USER, "permissions": ["*"]}).encode())
-                return self.answer(403, b'{"errors":[{"code":"HttpForbiddenException","status":"403","detail":"no"}]}')
+                    return self.answer(
+                        200,
+                        json.dumps(
+                            {"server": match[0], "user": BENCH_USER, "permissions": ["*"]}
+                        ).encode(),
+                    )
+                return self.answer(
+                    403,
+                    b'{"errors":[{"code":"HttpForbiddenException","status":"403","detail":"no"}]}',
+                )
             uuid = path.rsplit("/", 1)[-1]
             if path.startswith("/bench/servers/") and uuid in docs:
                 with lock:
@@ -203,7 +223,9 @@ class Child:
     def __init__(self, args: list[str], workdir: Path, name: str):
         self.port_file = workdir / f"{name}.port"
         self.port_file.unlink(missing_ok=True)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__)), *args, "--port-file", str(self.port_file)])
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__)), *args, "--port-file", str(self.port_file)]
+        )
         deadline = time.monotonic() + 30
         while not (self.port_file.exists() and self.port_file.read_text()):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -225,7 +247,9 @@ class Child:
 class Daemon:
     """wingslite run through its CLI against a panel, in a fresh root directory."""
 
-    def __init__(self, panel_port: int, workdir: Path, node_keys: dict | None = None, **wingslite_keys):
+    def __init__(
+        self, panel_port: int, workdir: Path, node_keys: dict | None = None, **wingslite_keys
+    ):
         self.root = Path(tempfile.mkdtemp(prefix="root-", dir=workdir))
         self.port = free_port()
         self.sftp_port = free_port()
@@ -249,7 +273,9 @@ class Daemon:
         self.log = open(self.root / "daemon.log", "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "wingslite.py"), "--config", str(config)], stdout=self.log, stderr=self.log
+            [sys.executable, str(ROOT / "wingslite.py"), "--config", str(config)],
+            stdout=self.log,
+            stderr=self.log,
         )
 
     def wait_api(self, timeout_s: float = 60) -> float:
@@ -301,7 +327,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(port: int, method: str, path: str, body=None, conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+def request(
+    port: int, method: str, path: str, body=None, conn: http.client.HTTPConnection | None = None
+) -> tuple[int, bytes]:
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}
@@ -318,7 +346,9 @@ def request(port: int, method: str, path: str, body=None, conn: http.client.HTTP
 
 def panel_post(panel_port: int, path: str, body) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", panel_port, timeout=30)
-    conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     conn.getresponse().read()
     conn.close()
 
@@ -331,7 +361,10 @@ def docker_api():
         client.inspect_image(IMAGE)
         return client
     except Exception as exc:
-        print(f"  (no Docker engine or no {IMAGE} image: {exc}; the Docker parts are skipped)", flush=True)
+        print(
+            f"  (no Docker engine or no {IMAGE} image: {exc}; the Docker parts are skipped)",
+            flush=True,
+        )
         return None
 
 
@@ -357,9 +390,15 @@ def bench_sync(workdir: Path, rounds: int) -> dict:
         client = w.PanelClient(f"http://127.0.0.1:{panel.port}", TOKEN_ID, TOKEN, budget_s=10)
         conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
         if engine is not None:
-            assert request(daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+            assert (
+                request(daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0]
+                == 202
+            )
             deadline = time.monotonic() + 60
-            while json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["state"] != "running":
+            while (
+                json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["state"]
+                != "running"
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the bench server did not reach running")
                 time.sleep(0.05)
@@ -377,7 +416,9 @@ def bench_sync(workdir: Path, rounds: int) -> dict:
             status, _ = request(daemon.port, "POST", f"/api/servers/{uuid}/sync", conn=conn)
             sync_s.append(time.perf_counter() - t0)
             assert status == 204, status
-        record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["wingslite"]["last_sync"]
+        record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["wingslite"][
+            "last_sync"
+        ]
         result["unchanged"] = {
             "samples": rounds,
             "panel_get_ms": {"p50": ms(pct(get_s, 0.5)), "p99": ms(pct(get_s, 0.99))},
@@ -406,12 +447,20 @@ def bench_sync(workdir: Path, rounds: int) -> dict:
                 t0 = time.perf_counter()
                 w.atomic_write(scratch / "doc.json", document)
                 write_s.append(time.perf_counter() - t0)
-                panel_post(panel.port, f"/bench/servers/{uuid}", {"build": {"memory_limit": 1024 + memory_mb}})
+                panel_post(
+                    panel.port,
+                    f"/bench/servers/{uuid}",
+                    {"build": {"memory_limit": 1024 + memory_mb}},
+                )
                 t0 = time.perf_counter()
-                status, payload = request(daemon.port, "POST", f"/api/servers/{uuid}/sync", conn=conn)
+                status, payload = request(
+                    daemon.port, "POST", f"/api/servers/{uuid}/sync", conn=conn
+                )
                 sync_s.append(time.perf_counter() - t0)
                 assert status == 204, (status, payload)
-            record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["wingslite"]["last_sync"]
+            record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])[
+                "wingslite"
+            ]["last_sync"]
             floor = [a + b + c for a, b, c in zip(get_s, update_s, write_s, strict=True)]
             floor_p50 = pct(get_s, 0.5) + pct(update_s, 0.5) + pct(write_s, 0.5)
             floor_p99 = pct(get_s, 0.99) + pct(update_s, 0.99) + pct(write_s, 0.99)
@@ -420,7 +469,11 @@ def bench_sync(workdir: Path, rounds: int) -> dict:
                 "panel_get_ms": {"p50": ms(pct(get_s, 0.5)), "p99": ms(pct(get_s, 0.99))},
                 "docker_update_ms": {"p50": ms(pct(update_s, 0.5)), "p99": ms(pct(update_s, 0.99))},
                 "atomic_write_ms": {"p50": ms(pct(write_s, 0.5)), "p99": ms(pct(write_s, 0.99))},
-                "floor_ms": {"p50": ms(floor_p50), "p99": ms(floor_p99), "p50_of_sums": ms(pct(floor, 0.5))},
+                "floor_ms": {
+                    "p50": ms(floor_p50),
+                    "p99": ms(floor_p99),
+                    "p50_of_sums": ms(pct(floor, 0.5)),
+                },
                 "sync_ms": {"p50": ms(pct(sync_s, 0.5)), "p99": ms(pct(sync_s, 0.99))},
                 "ratio_p50": round(pct(sync_s, 0.5) / floor_p50, 3),
                 "ratio_p99": round(pct(sync_s, 0.99) / floor_p99, 3),
@@ -455,9 +508,13 @@ def bench_scale(workdir: Path, boots: int, rounds: int) -> dict:
                 hwm.append(memory["VmHWM"] / 1024)
                 rss.append(memory["VmRSS"] / 1024)
                 if i == boots - 1:
-                    result["concurrent_syncs"] = concurrent_syncs(daemon, panel, uuids[:200], rounds)
+                    result["concurrent_syncs"] = concurrent_syncs(
+                        daemon, panel, uuids[:200], rounds
+                    )
                     memory = daemon.memory_kb()
-                    result["concurrent_syncs"]["peak_rss_mb_after"] = round(memory["VmHWM"] / 1024, 1)
+                    result["concurrent_syncs"]["peak_rss_mb_after"] = round(
+                        memory["VmHWM"] / 1024, 1
+                    )
             finally:
                 daemon.stop()
         floor = import_floor_mb()
@@ -465,9 +522,20 @@ def bench_scale(workdir: Path, boots: int, rounds: int) -> dict:
             import_floor_rss_mb=floor,
             peak_rss_over_floor_mb=round(statistics.median(hwm) - floor, 1),
             boots=boots,
-            api_up_s={"median": round(statistics.median(api_up), 3), "max": round(max(api_up), 3), "target": 3.0},
-            boot_done_s={"median": round(statistics.median(booted), 3), "max": round(max(booted), 3)},
-            peak_rss_mb={"median": round(statistics.median(hwm), 1), "max": round(max(hwm), 1), "target": 60},
+            api_up_s={
+                "median": round(statistics.median(api_up), 3),
+                "max": round(max(api_up), 3),
+                "target": 3.0,
+            },
+            boot_done_s={
+                "median": round(statistics.median(booted), 3),
+                "max": round(max(booted), 3),
+            },
+            peak_rss_mb={
+                "median": round(statistics.median(hwm), 1),
+                "max": round(max(hwm), 1),
+                "target": 60,
+            },
             rss_after_boot_mb={"median": round(statistics.median(rss), 1)},
         )
     finally:
@@ -482,13 +550,17 @@ def concurrent_syncs(daemon: Daemon, panel: Child, uuids: list[str], rounds: int
     conns = [http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60) for _ in range(n)]
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         for r in range(rounds + 1):
-            panel_post(panel.port, "/bench/all", {"build": {"disk_space": 2048 + r}})  # every sync has a change to apply
+            panel_post(
+                panel.port, "/bench/all", {"build": {"disk_space": 2048 + r}}
+            )  # every sync has a change to apply
             barrier = threading.Barrier(n + 1)
 
             def one(i, barrier=barrier):
                 barrier.wait()
                 t0 = time.perf_counter()
-                status, _ = request(daemon.port, "POST", f"/api/servers/{uuids[i]}/sync", conn=conns[i])
+                status, _ = request(
+                    daemon.port, "POST", f"/api/servers/{uuids[i]}/sync", conn=conns[i]
+                )
                 return status, time.perf_counter() - t0
 
             futures = [pool.submit(one, i) for i in range(n)]
@@ -557,7 +629,10 @@ print(sum(counts) / seconds)
 
 def load(port: int, path: str, conns: int, seconds: float) -> float:
     out = subprocess.run(
-        [sys.executable, "-c", _LOAD_CLIENT, str(port), path, TOKEN, str(conns), str(seconds)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _LOAD_CLIENT, str(port), path, TOKEN, str(conns), str(seconds)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(out.stdout.strip())
 
@@ -583,8 +658,14 @@ def bench_http(workdir: Path, rounds: int, seconds: float) -> dict:
                 ours.append(load(daemon.port, path, conns, seconds))
                 theirs.append(load(bare.port, path, conns, seconds))
             result["connections"][str(conns)] = {
-                "wingslite_rps": {"median": round(statistics.median(ours)), "all": [round(x) for x in ours]},
-                "bare_rps": {"median": round(statistics.median(theirs)), "all": [round(x) for x in theirs]},
+                "wingslite_rps": {
+                    "median": round(statistics.median(ours)),
+                    "all": [round(x) for x in ours],
+                },
+                "bare_rps": {
+                    "median": round(statistics.median(theirs)),
+                    "all": [round(x) for x in theirs],
+                },
                 "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
                 "target": 0.8,
             }
@@ -604,7 +685,9 @@ def import_floor_mb() -> float:
         proc.stdout.readline()
         time.sleep(0.3)
         status = Path(f"/proc/{proc.pid}/status").read_text()
-        return round(int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) / 1024, 1)
+        return round(
+            int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) / 1024, 1
+        )
     finally:
         proc.kill()
         proc.wait()
@@ -634,7 +717,11 @@ def bench_idle(workdir: Path, boots: int) -> dict:
         "servers": 100,
         "import_floor_rss_mb": floor,
         "rss_over_floor_mb": round(statistics.median(rss) - floor, 1),
-        "rss_mb": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1), "target": 40},
+        "rss_mb": {
+            "median": round(statistics.median(rss), 1),
+            "max": round(max(rss), 1),
+            "target": 40,
+        },
         "peak_rss_mb": {"median": round(statistics.median(hwm), 1)},
     }
 
@@ -662,7 +749,11 @@ def jwt(server_uuid: str, secret: str = TOKEN) -> str:
         "user_id": 1,
         "unique_id": os.urandom(8).hex(),
     }
-    signing = b64(json.dumps({"typ": "JWT", "alg": "HS256", "jti": claims["jti"]}).encode()) + "." + b64(json.dumps(claims).encode())
+    signing = (
+        b64(json.dumps({"typ": "JWT", "alg": "HS256", "jti": claims["jti"]}).encode())
+        + "."
+        + b64(json.dumps(claims).encode())
+    )
     return signing + "." + b64(hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest())
 
 
@@ -671,7 +762,11 @@ def watch_sftp(clients: list, closed: list[float]) -> None:
     pending = list(clients)
     deadline = time.perf_counter() + 30
     while pending and time.perf_counter() < deadline:
-        for client in [c for c in pending if not c[0].is_active() or c[1].get_channel().closed or c[1].get_channel().eof_received]:
+        for client in [
+            c
+            for c in pending
+            if not c[0].is_active() or c[1].get_channel().closed or c[1].get_channel().eof_received
+        ]:
             closed.append(time.perf_counter())
             pending.remove(client)
         time.sleep(0.001)
@@ -684,7 +779,9 @@ def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
 
     panel = Child(["--serve-panel", "1"], workdir, "panel")
     uuid = panel.info["uuids"][0]
-    time.sleep(1.1)  # JWTs issued in the daemon's first second are refused (iat before boot, as Wings)
+    time.sleep(
+        1.1
+    )  # JWTs issued in the daemon's first second are refused (iat before boot, as Wings)
     daemon = Daemon(panel.port, workdir, websocket_max_per_server=sockets + 10, sftp_enabled=True)
     result: dict = {"websockets": sockets, "sftp_sessions": sftp_sessions}
     sftp_clients = []
@@ -711,7 +808,11 @@ def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
 
             async def one() -> None:
                 ws = await websockets.connect(
-                    base, origin=f"http://127.0.0.1:{panel.port}", open_timeout=60, max_queue=None, ping_interval=None
+                    base,
+                    origin=f"http://127.0.0.1:{panel.port}",
+                    open_timeout=60,
+                    max_queue=None,
+                    ping_interval=None,
                 )
                 await ws.send(json.dumps({"event": "auth", "args": [jwt(uuid)]}))
                 while True:
@@ -743,7 +844,9 @@ def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
             # which their bytes are read is the order in which they arrived.
             reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
             sftp_closed: list[float] = []
-            watcher = threading.Thread(target=watch_sftp, args=(sftp_clients, sftp_closed), daemon=True)
+            watcher = threading.Thread(
+                target=watch_sftp, args=(sftp_clients, sftp_closed), daemon=True
+            )
             t0 = time.perf_counter()
             watcher.start()
             writer.write(
@@ -780,7 +883,9 @@ def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
             except Exception:
                 pass
         ws_result["sftp_usable_after_suspension"] = usable
-        record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["wingslite"]["last_sync"]
+        record = json.loads(request(daemon.port, "GET", f"/api/servers/{uuid}")[1])["wingslite"][
+            "last_sync"
+        ]
         ws_result["sync_record_ms"] = record.get("duration_ms")
         ws_result["record_applied"] = record.get("applied")
         result.update(ws_result)
@@ -799,19 +904,27 @@ def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
 # gets its mtime when the container has written its last line, so the benchmark can tell whether
 # the console held the process back. The pause before "flood-end" outlasts any throttle window, so
 # the end marker always gets through (a queue that drops, drops the oldest, never the newest).
-FLOOD_STARTUP = "echo ready; seq 1 {lines}; : > flood-done; sleep 1; echo flood-end; exec sleep 1000"
+FLOOD_STARTUP = (
+    "echo ready; seq 1 {lines}; : > flood-done; sleep 1; echo flood-end; exec sleep 1000"
+)
 _CONSOLE_PREFIX = '{"event":"console output","args":["'
 
 
 def engine_flood(engine, lines: int) -> dict:
     """The baseline: the same flood in a container made as the daemon makes it (TTY, one CPU),
     read straight from the engine's attach stream by this process, with nothing else running."""
-    host = engine.create_host_config(cpu_quota=100_000, cpu_period=100_000, mem_limit=256 << 20, network_mode="bridge")
+    host = engine.create_host_config(
+        cpu_quota=100_000, cpu_period=100_000, mem_limit=256 << 20, network_mode="bridge"
+    )
     name = f"wingslite-bench-flood-{uuidlib.uuid4().hex[:12]}"
     environment = {"STARTUP": FLOOD_STARTUP.format(lines=lines)}
-    engine.create_container(IMAGE, None, name=name, tty=True, stdin_open=True, environment=environment, host_config=host)
+    engine.create_container(
+        IMAGE, None, name=name, tty=True, stdin_open=True, environment=environment, host_config=host
+    )
     try:
-        owner = engine.attach_socket(name, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        owner = engine.attach_socket(
+            name, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+        )
         sock = getattr(owner, "_sock", owner)
         sock.settimeout(60)
         engine.start(name)
@@ -827,12 +940,18 @@ def engine_flood(engine, lines: int) -> dict:
         sock.close()
         if seen < lines + 1 or first is None or last == first:
             raise RuntimeError(f"the engine's stream ended after {seen} lines")
-        return {"lines": lines, "seconds": round(last - first, 3), "lines_per_s": round(lines / (last - first))}
+        return {
+            "lines": lines,
+            "seconds": round(last - first, 3),
+            "lines_per_s": round(lines / (last - first)),
+        }
     finally:
         engine.remove_container(name, force=True)
 
 
-async def _flood_sockets(daemon: Daemon, panel: Child, uuid: str, sockets: int, timeout_s: float) -> list[dict]:
+async def _flood_sockets(
+    daemon: Daemon, panel: Child, uuid: str, sockets: int, timeout_s: float
+) -> list[dict]:
     """``sockets`` authenticated consoles; start the server; count what each receives of the flood."""
     import asyncio
 
@@ -842,7 +961,12 @@ async def _flood_sockets(daemon: Daemon, panel: Child, uuid: str, sockets: int, 
     conns = []
     for _ in range(sockets):
         ws = await websockets.connect(
-            url, origin=f"http://127.0.0.1:{panel.port}", open_timeout=30, max_queue=None, ping_interval=None, compression=None
+            url,
+            origin=f"http://127.0.0.1:{panel.port}",
+            open_timeout=30,
+            max_queue=None,
+            ping_interval=None,
+            compression=None,
         )
         await ws.send(json.dumps({"event": "auth", "args": [jwt(uuid)]}))
         while json.loads(await ws.recv()).get("event") != "auth success":
@@ -864,18 +988,28 @@ async def _flood_sockets(daemon: Daemon, panel: Child, uuid: str, sockets: int, 
                 warnings += 1
             elif line == "flood-end":
                 break
-        return {"lines": lines, "warnings": warnings, "first": first, "last": last, "first_wall": first_wall}
+        return {
+            "lines": lines,
+            "warnings": warnings,
+            "first": first,
+            "last": last,
+            "first_wall": first_wall,
+        }
 
     try:
         counters = [asyncio.create_task(count(ws)) for ws in conns]
-        status = await asyncio.to_thread(request, daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})
+        status = await asyncio.to_thread(
+            request, daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "start"}
+        )
         if status[0] != 202:
             raise RuntimeError(f"power start answered {status}")
         return await asyncio.wait_for(asyncio.gather(*counters), timeout_s)
     finally:
         for ws in conns:
             await ws.close()
-        await asyncio.to_thread(request, daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "kill"})
+        await asyncio.to_thread(
+            request, daemon.port, "POST", f"/api/servers/{uuid}/power", {"action": "kill"}
+        )
 
 
 def _flood_round(daemon: Daemon, panel: Child, uuid: str, sockets: int, lines: int) -> dict:
@@ -898,7 +1032,9 @@ def _flood_round(daemon: Daemon, panel: Child, uuid: str, sockets: int, lines: i
         "delivered_fraction": round(statistics.median(c["lines"] for c in counts) / lines, 4),
         # first flood line at any socket -> last at any socket; and -> the container's last write
         "flood_seconds": round(max(c["last"] for c in got) - started, 3),
-        "container_wrote_all_s": round(done_file.stat().st_mtime - min(c["first_wall"] for c in got), 3),
+        "container_wrote_all_s": round(
+            done_file.stat().st_mtime - min(c["first_wall"] for c in got), 3
+        ),
         "warnings_per_socket": sorted({c["warnings"] for c in counts}),
     }
 
@@ -908,8 +1044,16 @@ def _flood_round(daemon: Daemon, panel: Child, uuid: str, sockets: int, lines: i
 # one socket alone shows what the fan-out to 30 costs.
 FLOOD_CONFIGS = {
     "unthrottled": ({"throttles": {"enabled": False}}, 30_000, 30),
-    "throttle_2000_per_100ms": ({"throttles": {"enabled": True, "lines": 2000, "line_reset_interval": 100}}, 30_000, 30),
-    "throttle_100_per_100ms": ({"throttles": {"enabled": True, "lines": 100, "line_reset_interval": 100}}, 300_000, 30),
+    "throttle_2000_per_100ms": (
+        {"throttles": {"enabled": True, "lines": 2000, "line_reset_interval": 100}},
+        30_000,
+        30,
+    ),
+    "throttle_100_per_100ms": (
+        {"throttles": {"enabled": True, "lines": 100, "line_reset_interval": 100}},
+        300_000,
+        30,
+    ),
     "unthrottled_1_socket": ({"throttles": {"enabled": False}}, 30_000, 1),
 }
 ENGINE_FLOOD_LINES = 300_000
@@ -926,9 +1070,17 @@ def bench_console(workdir: Path, rounds: int) -> dict:
         engine_flood(engine, ENGINE_FLOOD_LINES)  # warm-up
         for name, (keys, lines, sockets) in FLOOD_CONFIGS.items():
             startup = FLOOD_STARTUP.format(lines=lines)
-            panel_post(panel.port, f"/bench/servers/{uuid}", {"invocation": startup, "environment": {"STARTUP": startup}})
-            time.sleep(1.1)  # JWTs issued in the daemon's first second are refused (iat before boot, as Wings)
-            daemon = Daemon(panel.port, workdir, node_keys=keys, websocket_max_per_server=max(sockets, 30))
+            panel_post(
+                panel.port,
+                f"/bench/servers/{uuid}",
+                {"invocation": startup, "environment": {"STARTUP": startup}},
+            )
+            time.sleep(
+                1.1
+            )  # JWTs issued in the daemon's first second are refused (iat before boot, as Wings)
+            daemon = Daemon(
+                panel.port, workdir, node_keys=keys, websocket_max_per_server=max(sockets, 30)
+            )
             runs = []
             try:
                 daemon.wait_booted()
@@ -943,12 +1095,22 @@ def bench_console(workdir: Path, rounds: int) -> dict:
             result[name] = {
                 "sockets": sockets,
                 "lines": lines,
-                "configured_lines_per_s": throttle["lines"] * 1000 // throttle["line_reset_interval"] if throttle["enabled"] else None,
+                "configured_lines_per_s": throttle["lines"]
+                * 1000
+                // throttle["line_reset_interval"]
+                if throttle["enabled"]
+                else None,
                 "runs": runs,
-                "per_socket_lines_per_s": round(statistics.median(r["per_socket_lines_per_s"] for r in runs)),
+                "per_socket_lines_per_s": round(
+                    statistics.median(r["per_socket_lines_per_s"] for r in runs)
+                ),
                 "delivered_fraction": statistics.median(r["delivered_fraction"] for r in runs),
-                "through_daemon_lines_per_s": round(statistics.median(lines / r["flood_seconds"] for r in runs)),
-                "container_wrote_all_s": statistics.median(r["container_wrote_all_s"] for r in runs),
+                "through_daemon_lines_per_s": round(
+                    statistics.median(lines / r["flood_seconds"] for r in runs)
+                ),
+                "container_wrote_all_s": statistics.median(
+                    r["container_wrote_all_s"] for r in runs
+                ),
                 "warnings_per_socket": sorted({x for r in runs for x in r["warnings_per_socket"]}),
             }
     finally:
@@ -957,7 +1119,9 @@ def bench_console(workdir: Path, rounds: int) -> dict:
     result["engine_lines_per_s"] = round(engine_rate)
     result["engine_seconds_for_300k"] = statistics.median(r["seconds"] for r in result["engine"])
     for name in FLOOD_CONFIGS:
-        result[name]["ratio_to_engine"] = round(result[name]["per_socket_lines_per_s"] / engine_rate, 4)
+        result[name]["ratio_to_engine"] = round(
+            result[name]["per_socket_lines_per_s"] / engine_rate, 4
+        )
     return result
 
 
@@ -968,7 +1132,9 @@ def table(results: dict) -> str:
     rows = []
 
     def row(item, figure, value, target, met):
-        status = "" if met is None else met if isinstance(met, str) else ("met" if met else "MISSED")
+        status = (
+            "" if met is None else met if isinstance(met, str) else ("met" if met else "MISSED")
+        )
         rows.append((item, figure, value, target, status))
 
     results = {k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v)}
@@ -1019,7 +1185,11 @@ def table(results: dict) -> str:
             )
     su = results.get("suspend")
     if su and "answer_ms" in su:
-        ok = su["status"] == 204 and su["last_websocket_close_ms"] <= su["answer_ms"] and su["answer_ms"] <= 250
+        ok = (
+            su["status"] == 204
+            and su["last_websocket_close_ms"] <= su["answer_ms"]
+            and su["answer_ms"] <= 250
+        )
         row(
             "3 suspension",
             f"{su['websockets']} ws + {su['sftp_sessions']} SFTP",
@@ -1066,18 +1236,31 @@ def table(results: dict) -> str:
             "<= 40 MB",
             i["rss_mb"]["median"] <= 40,
         )
-    widths = [max(len(str(r[k])) for r in [("item", "figure", "value", "target", ""), *rows]) for k in range(5)]
-    lines = [" | ".join(str(c).ljust(widths[k]) for k, c in enumerate(("item", "figure", "value", "target", "")))]
+    widths = [
+        max(len(str(r[k])) for r in [("item", "figure", "value", "target", ""), *rows])
+        for k in range(5)
+    ]
+    lines = [
+        " | ".join(
+            str(c).ljust(widths[k]) for k, c in enumerate(("item", "figure", "value", "target", ""))
+        )
+    ]
     lines.append("-+-".join("-" * x for x in widths))
     lines += [" | ".join(str(c).ljust(widths[k]) for k, c in enumerate(r)) for r in rows]
     return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="sync,scale,suspend,http,idle,console", help="comma-separated items")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", default="sync,scale,suspend,http,idle,console", help="comma-separated items"
+    )
     parser.add_argument("--out", default=str(HERE / "results.json"))
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for quoting)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions (a smoke run, not for quoting)"
+    )
     parser.add_argument("--serve-panel", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-bare", help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
@@ -1092,7 +1275,11 @@ def main() -> int:
     q = args.quick
     workdir = Path(tempfile.mkdtemp(prefix="wingslite-bench-"))
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "kernel": os.uname().release},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "kernel": os.uname().release,
+        },
         "wingslite": w.VERSION,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
