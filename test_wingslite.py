@@ -117,235 +117,20 @@ def panel_error(status: int, code: str, detail: str) -> dict:
     return {"errors": [{"code": code, "status": str(status), "detail": detail}]}
 
 
-class FakePanel:
-    """The Panel's remote API on loopback, answering as panel-contract.md says.
+class FakePanel(w.PanelStandIn):
+    """The module's Panel stand-in with the tests' node token, serving from construction, its
+    errors pretty-printed as the Panel's are (``app/Exceptions/Handler.php``).
 
-    ``servers`` maps uuid -> document. ``calls`` counts requests per path. Failure switches:
-    ``fail[path_prefix] = [status, ...]`` answers those statuses first (then normally);
-    ``garbage`` (paths answered 200 with a body that is not JSON); ``hang_s`` (paths that sleep);
-    ``down`` (every request 500).
+    ``servers`` maps uuid -> document; ``requests`` holds every ``w.PanelRequest`` (method, path,
+    headers, query, parsed JSON body, raw bytes); ``calls`` counts requests per path. Failure
+    switches: ``fail[path_prefix] = [status, ...]``, ``garbage``, ``hang_s``, ``down``.
     """
 
+    json_indent = 4
+
     def __init__(self, token_id: str = TOKEN_ID, token: str = TOKEN):
-        self.token_id, self.token = token_id, token
-        self.servers: dict[str, dict] = {}
-        self.sftp_users: dict[
-            tuple[str, str], list[str]
-        ] = {}  # (username, password) -> permissions
-        self.user_uuid = "c0ffee00-1111-4222-8333-444455556666"
-        self.calls: dict[str, int] = {}
-        self.requests: list[tuple[str, str, dict]] = []
-        self.fail: dict[str, list[int]] = {}
-        self.garbage: set[str] = set()
-        self.hang_s: dict[str, float] = {}
-        self.down = False
-        self.lock = threading.Lock()
-        panel = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def send_json(self, status, body=None, headers=None):
-                data = (
-                    b"" if body is None else json.dumps(body, indent=4).replace("/", "\\/").encode()
-                )
-                self.send_response(status)
-                if body is not None:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def handle_any(self, method):
-                path = urllib.parse.urlsplit(self.path).path
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with panel.lock:
-                    panel.calls[path] = panel.calls.get(path, 0) + 1
-                    panel.requests.append((method, path, dict(self.headers)))
-                    failures = next(
-                        (v for k, v in panel.fail.items() if path.startswith(k) and v), None
-                    )
-                    status = failures.pop(0) if failures else None
-                for prefix, seconds in panel.hang_s.items():
-                    if path.startswith(prefix):
-                        time.sleep(seconds)
-                # DaemonAuthenticate (panel-contract.md §1.1)
-                auth = self.headers.get("Authorization")
-                if not auth or not auth.lower().startswith("bearer "):
-                    return self.send_json(
-                        401,
-                        panel_error(
-                            401,
-                            "HttpException",
-                            "Access to this endpoint must include an Authorization header.",
-                        ),
-                        {"WWW-Authenticate": "Bearer"},
-                    )
-                parts = auth[7:].split(".")
-                if len(parts) != 2 or not all(parts):
-                    return self.send_json(
-                        400,
-                        panel_error(
-                            400,
-                            "BadRequestHttpException",
-                            "The Authorization header provided was not in a valid format.",
-                        ),
-                    )
-                if parts != [panel.token_id, panel.token]:
-                    return self.send_json(
-                        403,
-                        panel_error(
-                            403,
-                            "AccessDeniedHttpException",
-                            "You are not authorized to access this resource.",
-                        ),
-                    )
-                if panel.down or status:
-                    status = status or 500
-                    return self.send_json(
-                        status,
-                        panel_error(
-                            status,
-                            "HttpException",
-                            "An unexpected error was encountered while processing this request, please try again.",
-                        ),
-                    )
-                if any(path.startswith(g) for g in panel.garbage):
-                    data = b"<html>502 Bad Gateway</html>"
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    return self.wfile.write(data)
-                return panel.route(self, method, path, query, body)
-
-            def do_GET(self):
-                self.handle_any("GET")
-
-            def do_POST(self):
-                self.handle_any("POST")
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def add(self, doc: dict) -> str:
-        uuid = doc["settings"]["uuid"]
-        self.servers[uuid] = doc
-        return uuid
-
-    def route(self, h, method, path, query, body):
-        if method == "GET" and path == "/api/remote/servers":
-            return h.send_json(200, self.page(query))
-        if method == "POST" and path == "/api/remote/servers/reset":
-            return h.send_json(204)
-        if method == "POST" and path == "/api/remote/sftp/auth":
-            return self.sftp_auth(h, json.loads(body or b"null"))
-        if method == "GET" and path.startswith("/api/remote/servers/"):
-            ident = path.rsplit("/", 1)[-1]
-            with self.lock:
-                doc = self.servers.get(ident) or next(
-                    (d for u, d in self.servers.items() if u[:8] == ident), None
-                )
-                doc = copy.deepcopy(doc)
-            if doc is None:
-                return h.send_json(404, panel_error(404, "RecordNotFoundException", ""))
-            return h.send_json(200, doc)
-        return h.send_json(
-            404,
-            panel_error(
-                404, "NotFoundHttpException", f"The route {path.lstrip('/')} could not be found."
-            ),
-        )
-
-    def page(self, query) -> dict:
-        """Laravel's paginated resource (panel-contract.md §1.3): page 0 means page 1."""
-        try:
-            page = max(1, int(query.get("page", ["1"])[0]))
-        except ValueError:
-            page = 1
-        per_page = int(query.get("per_page", ["50"])[0]) or 15
-        with self.lock:
-            items = list(self.servers.items())
-        total = len(items)
-        last = max(1, -(-total // per_page))
-        chunk = items[(page - 1) * per_page : page * per_page]
-        data = [
-            {
-                "uuid": u,
-                "settings": d["settings"],
-                "process_configuration": d["process_configuration"],
-            }
-            for u, d in chunk
-        ]
-        base = f"{self.url}/api/remote/servers"
-        return {
-            "data": data,
-            "links": {
-                "first": f"{base}?page=1",
-                "last": f"{base}?page={last}",
-                "prev": None,
-                "next": None,
-            },
-            "meta": {
-                "current_page": page,
-                "from": (page - 1) * per_page + 1 if chunk else None,
-                "last_page": last,
-                "links": [],
-                "path": base,
-                "per_page": per_page,
-                "to": (page - 1) * per_page + len(chunk) if chunk else None,
-                "total": total,
-            },
-        }
-
-    def sftp_auth(self, h, body):
-        username = str(body.get("username", ""))
-        user, _, ident = username.rpartition(".")
-        if not ident:
-            return h.send_json(
-                400,
-                panel_error(
-                    400,
-                    "BadRequestHttpException",
-                    "No valid server identifier was included in the request.",
-                ),
-            )
-        server = next((u for u in self.servers if u == ident or u[:8] == ident), None)
-        perms = self.sftp_users.get((user, body.get("password")))
-        if server is None or perms is None:
-            return h.send_json(
-                403,
-                panel_error(
-                    403,
-                    "HttpForbiddenException",
-                    "Authorization credentials were not correct, please try again.",
-                ),
-            )
-        if self.servers[server]["settings"]["suspended"]:
-            return h.send_json(
-                409,
-                panel_error(
-                    409,
-                    "ServerStateConflictException",
-                    "This server is currently suspended and the functionality requested is unavailable.",
-                ),
-            )
-        return h.send_json(200, {"server": server, "user": self.user_uuid, "permissions": perms})
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(token_id, token)
+        self.start()
 
 
 @pytest.fixture
@@ -622,7 +407,7 @@ class TestPanelClient:
     def test_sends_wings_headers(self, panel):
         uuid = panel.add(panel_document())
         self.client(panel).get_server(uuid)
-        _, _, headers = panel.requests[-1]
+        headers = panel.requests[-1].headers
         assert headers["Authorization"] == f"Bearer {TOKEN_ID}.{TOKEN}"
         assert headers["Accept"] == "application/vnd.pterodactyl.v1+json"
         assert headers["Content-Type"] == "application/json"
@@ -1605,6 +1390,120 @@ class TestBoot:
         finally:
             d1.stop_all()
             d2.stop_all()
+
+
+# Panel stand-in ###################################################################################
+
+
+def panel_call(panel: FakePanel, method: str, path: str, body=None, token: str | None = None):
+    """One request to the Panel stand-in as Wings makes it: (status, headers, JSON or raw body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", panel.port, timeout=10)
+    headers = {"Authorization": f"Bearer {token or f'{TOKEN_ID}.{TOKEN}'}"}
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    is_json = resp.getheader("Content-Type", "").startswith("application/json")
+    parsed = json.loads(payload) if payload and is_json else payload
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
+
+
+class TestPanelStandIn:
+    """The remote routes the stand-in serves for the features, answering as the Panel does."""
+
+    def test_install_script_and_status(self, panel):
+        uuid = panel.add(panel_document())
+        panel.install_scripts[uuid] = {"container_image": "x", "entrypoint": "sh", "script": None}
+        assert panel_call(panel, "GET", f"/api/remote/servers/{uuid[:8]}/install")[2] == {
+            "container_image": "x",
+            "entrypoint": "sh",
+            "script": None,
+        }
+        status, _, body = panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", {})
+        assert status == 422 and body["errors"][0]["meta"]["source_field"] == "successful"
+        report = {"successful": False, "reinstall": True}
+        assert panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", report)[0] == 204
+        assert panel.status[uuid] == "reinstall_failed"
+        assert panel.requests[-1].body == report and panel.requests[-1].method == "POST"
+        assert panel_call(panel, "GET", "/api/remote/servers/nope/install")[0] == 404
+
+    def test_backup_upload_parts_status_and_restore(self, panel):
+        uuid = panel.add(panel_document())
+        backup = panel.add_backup(uuid)
+        panel.backup_part_size = 10
+        assert panel_call(panel, "GET", f"/api/remote/backups/{backup}")[0] == 400
+        status, _, body = panel_call(panel, "GET", f"/api/remote/backups/{backup}?size=25")
+        assert status == 200 and body["part_size"] == 10 and len(body["parts"]) == 3
+        assert panel.requests[-1].query == {"size": "25"}
+        part = urllib.parse.urlsplit(body["parts"][0]).path
+        status, headers, _ = panel_call(panel, "PUT", part, b"0123456789")
+        assert status == 200 and headers["etag"] and panel.uploads[(backup, 1)] == b"0123456789"
+        done = {"successful": True, "checksum": "ab", "checksum_type": "sha1", "size": 25}
+        path = f"/api/remote/backups/{backup}"
+        assert panel_call(panel, "POST", path, {"successful": True})[0] == 422
+        assert panel_call(panel, "POST", path, done)[0] == 204
+        assert panel_call(panel, "POST", path, done)[0] == 400  # already completed
+        panel.status[uuid] = "restoring_backup"
+        assert panel_call(panel, "POST", path + "/restore", {"successful": True})[0] == 204
+        assert panel.status[uuid] is None
+        assert panel_call(panel, "POST", "/api/remote/backups/nope/restore", done)[0] == 404
+
+    def test_transfer_outcome_needs_an_active_transfer(self, panel):
+        uuid = panel.add(panel_document())
+        path = f"/api/remote/servers/{uuid}/transfer/success"
+        status, _, body = panel_call(panel, "POST", path)
+        assert status == 409 and body["errors"][0]["detail"] == "Server is not being transferred."
+        panel.transfers[uuid] = None
+        assert panel_call(panel, "GET", path)[0] == 204 and panel.transfers[uuid] is True
+
+    def test_activity_keeps_server_events_of_this_node(self, panel):
+        uuid = panel.add(panel_document())
+        item = {"server": uuid, "event": "server:sftp.write", "metadata": None, "timestamp": "t"}
+        other = {**item, "server": str(uuidlib.uuid4())}
+        status, _, body = panel_call(
+            panel, "POST", "/api/remote/activity", {"data": [item, other, {**item, "event": "x"}]}
+        )
+        assert status == 200 and body == b"" and panel.activity == [item]
+        bad = {"data": [{"server": uuid, "event": "server:x", "timestamp": "t"}]}
+        assert panel_call(panel, "POST", "/api/remote/activity", bad)[0] == 422
+
+    def test_container_status_and_unknown_routes(self, panel):
+        uuid = panel.add(panel_document())
+        body = {"data": {"new_state": "running"}}
+        path = f"/api/remote/servers/{uuid}/container/status"
+        assert panel_call(panel, "POST", path, body)[0] == 204
+        assert panel.container_states[uuid] == "running"
+        status, headers, _ = panel_call(panel, "PUT", path, body)
+        assert status == 405 and headers["allow"] == "POST"
+        assert panel_call(panel, "GET", "/api/remote/nothing")[0] == 404
+        assert panel_call(panel, "GET", "/api/remote/nothing", token="no-dot")[0] == 400
+
+    def test_sftp_auth_refuses_servers_in_a_blocking_state(self, panel):
+        uuid = panel.add(panel_document())
+        panel.sftp_users[("alice.smith", "pw")] = ["*"]
+        login = {"username": f"alice.smith.{uuid[:8]}", "password": "pw"}
+        assert panel_call(panel, "POST", "/api/remote/sftp/auth", login)[2]["server"] == uuid
+        panel.status[uuid] = "installing"
+        status, _, body = panel_call(panel, "POST", "/api/remote/sftp/auth", login)
+        assert status == 409 and "installation" in body["errors"][0]["detail"]
+        assert (
+            panel_call(panel, "POST", "/api/remote/sftp/auth", {**login, "password": ""})[0] == 422
+        )
+
+    def test_a_subclass_adds_a_route(self):
+        class Extended(FakePanel):
+            ROUTES = (*FakePanel.ROUTES, w.PanelRoute("GET", r"/api/remote/ping", "ping"))
+
+            def route_ping(self, h, req):
+                h.send_json(200, {"pong": req.query.get("n")})
+
+        panel = Extended()
+        try:
+            assert panel_call(panel, "GET", "/api/remote/ping?n=1")[2] == {"pong": "1"}
+            assert panel_call(panel, "GET", "/api/remote/ping", token="a.b")[0] == 403
+        finally:
+            panel.close()
 
 
 # CLI: --demo ######################################################################################
@@ -4076,7 +3975,7 @@ class TestSftpLogin:
             lambda: daemon.sessions.count(server.uuid, "sftp") == 0,
             what="the session to leave the table",
         )
-        sent = [r for r in panel.requests if r[1] == "/api/remote/sftp/auth"]
+        sent = [r for r in panel.requests if r.path == "/api/remote/sftp/auth"]
         assert sent, "the Panel was not asked"
 
     def test_public_key_login_sends_the_authorized_keys_line(self, panel, make_daemon, tmp_path):
@@ -5198,10 +5097,10 @@ def _streaming_route(panel: FakePanel, path: str, answer):
     """Make ``panel`` answer ``GET path`` with ``answer(handler)``; other paths as before."""
     original = panel.route
 
-    def route(h, method, p, query, body):
-        if p == path:
+    def route(h, req):
+        if req.path == path:
             return answer(h)
-        return original(h, method, p, query, body)
+        return original(h, req)
 
     panel.route = route
 

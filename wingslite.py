@@ -41,7 +41,9 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
     daemon                 ``ConfigStore``, ``Server`` (one game server: its lock, the sync, power,
                            crash detection), ``Daemon`` (boot, servers, system info)
-    CLI                    ``main()``, ``--demo`` and its ``DemoPanel``
+    Panel stand-in         ``PanelStandIn``: the Panel's remote API on loopback, for the demo,
+                           the tests and the benchmarks
+    CLI                    ``main()``, ``--demo``
 
 Where to look first:
 
@@ -93,7 +95,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -6802,7 +6804,7 @@ def _remove_tree(path: Path) -> None:
         LOG.error("could not remove %s: %s", path, exc)
 
 
-# CLI ##############################################################################################
+# Panel stand-in ###################################################################################
 
 _DEMO_EGG_PROCESS = {
     "startup": {"done": ["Server ready"], "user_interaction": [], "strip_ansi": False},
@@ -6814,7 +6816,8 @@ _DEMO_EGG_PROCESS = {
 def demo_document(
     uuid: str, name: str, memory_mb: int, image: str = "wingslite-test:latest"
 ) -> dict[str, Any]:
-    """A Panel server document as the Panel builds it (panel-contract.md §1.4), for the demo."""
+    """A server document shaped as the Panel builds it (Panel: ``ServerConfigurationStructureService``
+    and ``EggConfigurationService``), running a shell loop that answers ``stop``."""
     startup = (
         'echo Server ready; while read line; do [ "$line" = stop ] && exit 0; echo "> $line"; done'
     )
@@ -6853,153 +6856,616 @@ def demo_document(
     }
 
 
-class DemoPanel:
-    """A tiny stand-in for the Panel's remote API on loopback, for ``--demo``.
+class PanelRequest(NamedTuple):
+    """One request the stand-in received. ``body`` is the parsed JSON (None when empty or not
+    JSON); ``raw`` the bytes as sent."""
 
-    It serves ``GET /api/remote/servers[/{uuid}]``, ``POST /api/remote/servers/reset`` and
-    ``POST /api/remote/sftp/auth`` (user ``demo``, password ``demo``) like the Panel, plus
-    ``POST /demo/servers/{uuid}`` which merges a JSON object into a server's ``settings`` so that
-    a sync has something to pick up.
+    method: str
+    path: str
+    headers: dict[str, str]
+    query: dict[str, str]
+    body: Any
+    raw: bytes
+
+
+class PanelRoute(NamedTuple):
+    """``method`` and a ``path`` regex (matched whole; named groups become keyword arguments) ->
+    the stand-in's ``route_<name>(handler, request, **groups)``; ``auth`` routes need the node's
+    Bearer token and are subject to the failure switches."""
+
+    method: str
+    path: str
+    name: str
+    auth: bool = True
+
+
+class PanelStandInHandler(http.server.BaseHTTPRequestHandler):
+    """One HTTP exchange with a ``PanelStandIn``, reached as ``self.server.panel``."""
+
+    protocol_version = "HTTP/1.1"
+    server: _PanelStandInServer
+
+    def setup(self) -> None:
+        super().setup()
+        # Answers are small and written at once: without NODELAY, Nagle's algorithm and the
+        # client's delayed ACK can hold an answer back for 40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.panel.handle(self, "GET")
+
+    def do_POST(self) -> None:
+        self.server.panel.handle(self, "POST")
+
+    def do_PUT(self) -> None:
+        self.server.panel.handle(self, "PUT")
+
+    def do_DELETE(self) -> None:
+        self.server.panel.handle(self, "DELETE")
+
+    def send_json(
+        self, status: int, body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Answer ``status`` with ``body`` as the Panel encodes it (no body when None)."""
+        if body is None:
+            return self.send_bytes(status, b"", None, headers)
+        self.send_bytes(status, self.server.panel.encode(body), "application/json", headers)
+
+    def send_bytes(
+        self,
+        status: int,
+        data: bytes,
+        content_type: str | None = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Answer in one write (status line, headers and body together)."""
+        head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+        if content_type:
+            head.append(f"Content-Type: {content_type}")
+        head.append(f"Content-Length: {len(data)}")
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+
+
+class _PanelStandInServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # a booting node fetches many pages at once
+
+    def __init__(self, address: tuple[str, int], panel: PanelStandIn):
+        self.panel = panel
+        super().__init__(address, PanelStandInHandler)
+
+
+def _panel_error(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """The Panel's error envelope (Panel: ``app/Exceptions/Handler.php``): status is a string."""
+    return {"errors": [{"code": code, "status": str(status), "detail": detail, **extra}]}
+
+
+def _invalid(field: str, rule: str, detail: str) -> tuple[int, dict[str, Any]]:
+    """A Laravel validation failure: 422 with one entry naming the field and the rule."""
+    meta = {"source_field": field, "rule": rule}
+    return 422, _panel_error(422, "ValidationException", detail, meta=meta)
+
+
+# The Panel's answers to SFTP logins of servers in a state that forbids them (Panel:
+# ``Server::validateCurrentState()``), by ``servers.status``.
+_STATE_CONFLICTS = {
+    "suspended": "This server is currently suspended and the functionality requested is "
+    "unavailable.",
+    "installing": "This server has not yet completed its installation process, please try "
+    "again later.",
+    "install_failed": "This server has not yet completed its installation process, please try "
+    "again later.",
+    "restoring_backup": "This server is currently restoring from a backup, please try again later.",
+    "transferring": "This server is currently being transferred to a new machine, please try "
+    "again later.",
+}
+_SERVER = r"/api/remote/servers/(?P<ident>[^/]+)"
+_BACKUP = r"/api/remote/backups/(?P<backup>[^/]+)"
+
+
+class PanelStandIn:
+    """The Panel's remote API on loopback (Panel: ``routes/api-remote.php``), for the demo, the
+    tests and the benchmarks: every route Wings calls, answering as the Panel's controllers do.
+
+    State, all public and mutable under ``lock``: ``servers`` (uuid -> document as ``GET
+    /servers/{uuid}`` sends it), ``status`` (uuid -> the Panel's ``servers.status``:
+    ``installing``, ``install_failed``, ``reinstall_failed``, ``restoring_backup``),
+    ``sftp_users`` ((username, password) -> permissions), ``install_scripts`` (uuid -> the
+    ``GET /servers/{uuid}/install`` document; ``default_install_script`` otherwise),
+    ``backups`` (uuid -> {"server", "successful", ...}; see ``add_backup``), ``transfers``
+    (uuid -> None while active, then True/False), ``container_states``, ``activity`` (accepted
+    activity entries), ``uploads`` ((backup, part) -> bytes PUT to a presigned part URL).
+
+    What it saw: ``requests`` (every ``PanelRequest``; set ``keep_requests = False`` to keep none)
+    and ``calls`` (path -> count). Failure switches for authenticated routes:
+    ``fail[path_prefix] = [status, ...]`` answers those statuses first; ``garbage`` (path prefixes
+    answered 200 with a body that is not JSON); ``hang_s`` (path prefix -> seconds to sleep
+    first); ``down`` (every request 500).
+
+    Extend it by subclassing: add ``PanelRoute`` entries to ``ROUTES`` with a ``route_<name>``
+    method, or override ``route()`` (every request after auth and failures) or ``page()``.
+    Outside the Panel's API it serves ``POST /demo/servers/{uuid}`` (merge a JSON object into
+    ``settings``, as an admin's edit would) and ``PUT /s3/{backup}/{part}`` (the presigned part
+    URLs it hands out), both without auth.
     """
 
-    def __init__(self, token_id: str, token: str, documents: list[dict[str, Any]]):
+    ROUTES: tuple[PanelRoute, ...] = (
+        PanelRoute("POST", r"/api/remote/sftp/auth", "sftp_auth"),
+        PanelRoute("GET", r"/api/remote/servers", "servers"),
+        PanelRoute("POST", r"/api/remote/servers/reset", "reset"),
+        PanelRoute("POST", r"/api/remote/activity", "activity"),
+        PanelRoute("GET", _SERVER, "server"),
+        PanelRoute("GET", _SERVER + "/install", "install_script"),
+        PanelRoute("POST", _SERVER + "/install", "install_status"),
+        PanelRoute("POST", _SERVER + "/container/status", "container_status"),
+        PanelRoute("GET", _SERVER + "/transfer/(?P<outcome>success|failure)", "transfer"),
+        PanelRoute("POST", _SERVER + "/transfer/(?P<outcome>success|failure)", "transfer"),
+        PanelRoute("GET", _BACKUP, "backup_upload"),
+        PanelRoute("POST", _BACKUP, "backup_status"),
+        PanelRoute("POST", _BACKUP + "/restore", "backup_restore"),
+        PanelRoute("POST", r"/demo/servers/(?P<ident>[^/]+)", "merge_settings", auth=False),
+        PanelRoute("PUT", r"/s3/(?P<backup>[^/]+)/(?P<part>\d+)", "s3_part", auth=False),
+    )
+    json_indent: int | None = None
+    default_install_script: dict[str, Any] = {
+        "container_image": "wingslite-test:latest",
+        "entrypoint": "ash",
+        "script": "#!/bin/ash\necho installed > /mnt/server/installed.txt\n",
+    }
+    backup_part_size = 5 << 30  # the Panel's backups.max_part_size default
+
+    def __init__(
+        self,
+        token_id: str,
+        token: str,
+        documents: Iterable[dict[str, Any]] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         self.token_id, self.token = token_id, token
-        self.documents = {d["settings"]["uuid"]: d for d in documents}
         self.lock = threading.Lock()
-        panel = self
+        self.servers: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, str | None] = {}
+        self.sftp_users: dict[tuple[str, str], list[str]] = {}
+        self.user_uuid = "c0ffee00-1111-4222-8333-444455556666"
+        self.install_scripts: dict[str, dict[str, Any]] = {}
+        self.backups: dict[str, dict[str, Any]] = {}
+        self.transfers: dict[str, bool | None] = {}
+        self.container_states: dict[str, str] = {}
+        self.activity: list[dict[str, Any]] = []
+        self.uploads: dict[tuple[str, int], bytes] = {}
+        self.keep_requests = True
+        self.requests: list[PanelRequest] = []
+        self.calls: dict[str, int] = {}
+        self.fail: dict[str, list[int]] = {}
+        self.garbage: set[str] = set()
+        self.hang_s: dict[str, float] = {}
+        self.down = False
+        self._routes = [(r, re.compile(r.path)) for r in self.ROUTES]
+        for doc in documents:
+            self.add(doc)
+        self.httpd = _PanelStandInServer((host, port), self)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self._thread: threading.Thread | None = None
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: Any = None) -> None:
-                data = b"" if body is None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _authorized(self) -> bool:
-                if self.path.startswith("/demo/"):
-                    return True
-                if self.headers.get("Authorization") == f"Bearer {panel.token_id}.{panel.token}":
-                    return True
-                self._send(
-                    403,
-                    {
-                        "errors": [
-                            {
-                                "code": "AccessDeniedHttpException",
-                                "status": "403",
-                                "detail": "You are not authorized to access this resource.",
-                            }
-                        ]
-                    },
-                )
-                return False
-
-            def do_GET(self) -> None:
-                if not self._authorized():
-                    return
-                path = urllib.parse.urlsplit(self.path).path
-                with panel.lock:
-                    if path == "/api/remote/servers":
-                        data = [{"uuid": u, **copy.deepcopy(d)} for u, d in panel.documents.items()]
-                        n = len(data)
-                        meta = {
-                            "current_page": 1,
-                            "from": 1 if n else None,
-                            "last_page": 1,
-                            "per_page": 50,
-                            "to": n or None,
-                            "total": n,
-                        }
-                        return self._send(200, {"data": data, "links": {}, "meta": meta})
-                    uuid = path.rsplit("/", 1)[-1]
-                    if path.startswith("/api/remote/servers/") and uuid in panel.documents:
-                        return self._send(200, panel.documents[uuid])
-                self._send(
-                    404,
-                    {
-                        "errors": [
-                            {"code": "RecordNotFoundException", "status": "404", "detail": ""}
-                        ]
-                    },
-                )
-
-            def do_POST(self) -> None:
-                if not self._authorized():
-                    return
-                body = json.loads(
-                    self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null"
-                )
-                path = urllib.parse.urlsplit(self.path).path
-                if path == "/api/remote/servers/reset":
-                    return self._send(204)
-                if path == "/api/remote/sftp/auth":
-                    user, _, short = str(body.get("username", "")).rpartition(".")
-                    match = [u for u in panel.documents if u.startswith(short) and short]
-                    if user == "demo" and body.get("password") == "demo" and match:
-                        return self._send(
-                            200,
-                            {
-                                "server": match[0],
-                                "user": "00000000-0000-4000-8000-000000000000",
-                                "permissions": ["*"],
-                            },
-                        )
-                    return self._send(
-                        403,
-                        {
-                            "errors": [
-                                {
-                                    "code": "HttpForbiddenException",
-                                    "status": "403",
-                                    "detail": "Authorization credentials were not correct, please try again.",
-                                }
-                            ]
-                        },
-                    )
-                uuid = path.rsplit("/", 1)[-1]
-                if (
-                    path.startswith("/demo/servers/")
-                    and uuid in panel.documents
-                    and isinstance(body, dict)
-                ):
-                    with panel.lock:
-                        settings = panel.documents[uuid]["settings"]
-                        for key, value in body.items():
-                            if isinstance(value, dict) and isinstance(settings.get(key), dict):
-                                settings[key].update(value)
-                            else:
-                                settings[key] = value
-                        return self._send(200, panel.documents[uuid])
-                self._send(
-                    404,
-                    {
-                        "errors": [
-                            {
-                                "code": "NotFoundHttpException",
-                                "status": "404",
-                                "detail": "The requested resource could not be found on the server.",
-                            }
-                        ]
-                    },
-                )
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+    # -- methods for the caller
 
     def start(self) -> None:
-        threading.Thread(
-            target=self.httpd.serve_forever, name="wingslite-demo-panel", daemon=True
-        ).start()
+        """Serve in a background thread."""
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="wingslite-panel-stand-in",
+            daemon=True,
+        )
+        self._thread.start()
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    stop = close
+
+    def add(self, doc: dict[str, Any]) -> str:
+        """Put a server document on this node; returns its uuid."""
+        uuid = doc["settings"]["uuid"]
+        with self.lock:
+            self.servers[uuid] = doc
+        return uuid
+
+    def add_backup(self, server: str, backup: str | None = None) -> str:
+        """Create a backup row for ``server`` (the Panel does before it asks the node)."""
+        backup = backup or str(uuidlib.uuid4())
+        with self.lock:
+            self.backups[backup] = {"server": server, "successful": None}
+        return backup
+
+    def merge_settings(self, ident: str, changes: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Merge ``changes`` into a server's ``settings`` one level deep (``{"build": {...}}``
+        changes only the keys given); returns the document, None for an unknown server."""
+        with self.lock:
+            uuid = self.find(ident)
+            if uuid is None:
+                return None
+            settings = self.servers[uuid]["settings"]
+            for key, value in changes.items():
+                if isinstance(value, dict) and isinstance(settings.get(key), dict):
+                    settings[key].update(value)
+                else:
+                    settings[key] = value
+            return copy.deepcopy(self.servers[uuid])
+
+    def find(self, ident: str) -> str | None:
+        """The uuid of the server named by its uuid or 8-character short uuid, as the Panel's
+        ``ServerRepository::getByUuid()`` matches either."""
+        if ident in self.servers:
+            return ident
+        return next((u for u in self.servers if u[:8] == ident), None)
+
+    def encode(self, body: Any) -> bytes:
+        # PHP's json_encode escapes "/" (Laravel's JsonResponse default flags).
+        return json.dumps(body, indent=self.json_indent).replace("/", "\\/").encode()
+
+    # -- one request: record, faults, auth, route
+
+    def handle(self, h: PanelStandInHandler, method: str) -> None:
+        parts = urllib.parse.urlsplit(h.path)
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+        req = PanelRequest(method, parts.path, dict(h.headers), query, body, raw)
+        status = self._record(req)
+        matched = [r for r, rx in self._routes if rx.fullmatch(req.path)]
+        if not matched or any(r.auth for r in matched):
+            for prefix, seconds in list(self.hang_s.items()):
+                if req.path.startswith(prefix):
+                    time.sleep(seconds)
+            refusal = self.authenticate(h.headers.get("Authorization"))
+            if refusal:
+                return h.send_json(*refusal)
+            if self.down or status:
+                status = status or 500
+                detail = (
+                    "An unexpected error was encountered while processing this request, "
+                    "please try again."
+                )
+                return h.send_json(status, _panel_error(status, "HttpException", detail))
+            if any(req.path.startswith(g) for g in self.garbage):
+                return h.send_bytes(200, b"<html>502 Bad Gateway</html>", None)
+        self.route(h, req)
+
+    def _record(self, req: PanelRequest) -> int | None:
+        """Count and keep the request; the next failure status queued for its path, if any."""
+        with self.lock:
+            self.calls[req.path] = self.calls.get(req.path, 0) + 1
+            if self.keep_requests:
+                self.requests.append(req)
+            queued = next((v for k, v in self.fail.items() if req.path.startswith(k) and v), None)
+            return queued.pop(0) if queued else None
+
+    def authenticate(self, header: str | None) -> tuple[int, dict, dict] | None:
+        """Panel: ``DaemonAuthenticate``: the error answer, or None when the token is the node's."""
+        if not header or not header.lower().startswith("bearer "):
+            detail = "Access to this endpoint must include an Authorization header."
+            return 401, _panel_error(401, "HttpException", detail), {"WWW-Authenticate": "Bearer"}
+        parts = header[7:].split(",")[0].strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            detail = "The Authorization header provided was not in a valid format."
+            return 400, _panel_error(400, "BadRequestHttpException", detail), {}
+        id_ok = parts[0].lower() == self.token_id.lower()  # MySQL's collation ignores case
+        if not (id_ok and hmac.compare_digest(parts[1], self.token)):
+            detail = "You are not authorized to access this resource."
+            return 403, _panel_error(403, "AccessDeniedHttpException", detail), {}
+        return None
+
+    def route(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        """Answer one request that passed auth and the failure switches. Override to intercept."""
+        allowed = []
+        for route, rx in self._routes:
+            match = rx.fullmatch(req.path)
+            if match and route.method == req.method:
+                return getattr(self, "route_" + route.name)(h, req, **match.groupdict())
+            if match:
+                allowed.append(route.method)
+        if allowed:
+            detail = (
+                f"The {req.method} method is not supported for route {req.path.lstrip('/')}. "
+                f"Supported methods: {', '.join(allowed)}."
+            )
+            error = _panel_error(405, "MethodNotAllowedHttpException", detail)
+            return h.send_json(405, error, {"Allow": ", ".join(allowed)})
+        detail = f"The route {req.path.lstrip('/')} could not be found."
+        h.send_json(404, _panel_error(404, "NotFoundHttpException", detail))
+
+    def _server_or_404(self, h: PanelStandInHandler, ident: str) -> str | None:
+        with self.lock:
+            uuid = self.find(ident)
+        if uuid is None:
+            h.send_json(404, _panel_error(404, "RecordNotFoundException", ""))
+        return uuid
+
+    def _backup_or_404(self, h: PanelStandInHandler, backup: str) -> dict[str, Any] | None:
+        with self.lock:
+            row = self.backups.get(backup)
+        if row is None:
+            detail = "The requested resource could not be found on the server."
+            h.send_json(404, _panel_error(404, "NotFoundHttpException", detail))
+        return row
+
+    @staticmethod
+    def _validate(body: Any, rules: Mapping[str, str]) -> tuple[int, dict[str, Any]] | None:
+        """Laravel's validation of a JSON object: ``rules`` maps field -> ``required`` /
+        ``present`` / ``nullable`` / ``boolean`` / ``string`` joined by ``|``; the first failure."""
+        body = body if isinstance(body, dict) else {}
+        for field, rule in rules.items():
+            value, words = body.get(field), rule.split("|")
+            name = field.replace("_", " ")
+            if "present" in words and field not in body:
+                return _invalid(field, "present", f"The {name} field must be present.")
+            if "required" in words and value in (None, "", [], {}):
+                return _invalid(field, "required", f"The {name} field is required.")
+            if field not in body or (value is None and "nullable" in words):
+                continue
+            if "boolean" in words and not isinstance(value, bool):
+                return _invalid(field, "boolean", f"The {name} field must be true or false.")
+            if "string" in words and not isinstance(value, str):
+                return _invalid(field, "string", f"The {name} field must be a string.")
+        return None
+
+    # -- the Panel's remote routes (Panel: app/Http/Controllers/Api/Remote/)
+
+    def route_servers(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        h.send_json(200, self.page(req.query))
+
+    def page(self, query: Mapping[str, str]) -> dict[str, Any]:
+        """Laravel's paginated resource (``ServerConfigurationCollection``): anything but an int
+        >= 1 (Wings starts at page 0) means page 1; ``per_page`` 0 means 15."""
+        try:
+            page = max(1, int(query.get("page", "1")))
+        except ValueError:
+            page = 1
+        try:
+            per_page = int(query.get("per_page", "50")) or 15
+        except ValueError:
+            per_page = 15
+        with self.lock:
+            items = list(self.servers.items())
+        total, first = len(items), (page - 1) * per_page
+        last = max(1, -(-total // per_page))
+        chunk = items[first : first + per_page]
+        base = f"{self.url}/api/remote/servers"
+        return {
+            "data": [
+                {
+                    "uuid": u,
+                    "settings": d["settings"],
+                    "process_configuration": d["process_configuration"],
+                }
+                for u, d in chunk
+            ],
+            "links": {
+                "first": f"{base}?page=1",
+                "last": f"{base}?page={last}",
+                "prev": f"{base}?page={page - 1}" if page > 1 else None,
+                "next": f"{base}?page={page + 1}" if page < last else None,
+            },
+            "meta": {
+                "current_page": page,
+                "from": first + 1 if chunk else None,
+                "last_page": last,
+                "links": [],
+                "path": base,
+                "per_page": per_page,
+                "to": first + len(chunk) if chunk else None,
+                "total": total,
+            },
+        }
+
+    def route_server(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        with self.lock:  # encoded under the lock: a test may be changing the document
+            uuid = self.find(ident)
+            data = self.encode(self.servers[uuid]) if uuid else None
+        if data is None:
+            return h.send_json(404, _panel_error(404, "RecordNotFoundException", ""))
+        h.send_bytes(200, data)
+
+    def route_reset(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        with self.lock:
+            for uuid, state in list(self.status.items()):
+                if state in ("installing", "restoring_backup"):
+                    self.status[uuid] = None
+        h.send_json(204)
+
+    def route_sftp_auth(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        """Panel: ``SftpAuthenticationController``: ``user.server`` split at the last dot."""
+        invalid = self._validate(req.body, {"username": "required|string", "password": "required"})
+        if invalid:
+            return h.send_json(*invalid)
+        user, _, ident = str(req.body["username"]).rpartition(".")
+        if not ident:
+            detail = "No valid server identifier was included in the request."
+            return h.send_json(400, _panel_error(400, "BadRequestHttpException", detail))
+        with self.lock:
+            uuid = self.find(ident)
+            perms = self.sftp_users.get((user, req.body["password"]))
+            conflict = self._state_conflict(uuid) if uuid else None
+        if uuid is None or perms is None:
+            detail = "Authorization credentials were not correct, please try again."
+            return h.send_json(403, _panel_error(403, "HttpForbiddenException", detail))
+        if conflict:
+            return h.send_json(409, _panel_error(409, "ServerStateConflictException", conflict))
+        h.send_json(200, {"server": uuid, "user": self.user_uuid, "permissions": perms})
+
+    def _state_conflict(self, uuid: str) -> str | None:
+        if self.servers[uuid]["settings"].get("suspended"):
+            return _STATE_CONFLICTS["suspended"]
+        if uuid in self.transfers and self.transfers[uuid] is None:
+            return _STATE_CONFLICTS["transferring"]
+        return _STATE_CONFLICTS.get(self.status.get(uuid) or "")
+
+    def route_install_script(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        uuid = self._server_or_404(h, ident)
+        if uuid:
+            with self.lock:
+                doc = copy.deepcopy(self.install_scripts.get(uuid, self.default_install_script))
+            h.send_json(200, doc)
+
+    def route_install_status(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        """Panel: ``ServerInstallController@store``: a suspended server stays suspended."""
+        uuid = self._server_or_404(h, ident)
+        if not uuid:
+            return
+        invalid = self._validate(
+            req.body, {"successful": "present|boolean", "reinstall": "boolean"}
+        )
+        if invalid:
+            return h.send_json(*invalid)
+        if req.body["successful"]:
+            state = None
+        else:
+            state = "reinstall_failed" if req.body.get("reinstall") else "install_failed"
+        with self.lock:
+            self.status[uuid] = state
+        h.send_json(204)
+
+    def route_container_status(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        """Pelican's ``POST /servers/{uuid}/container/status`` (``data.new_state``)."""
+        uuid = self._server_or_404(h, ident)
+        if uuid:
+            data = req.body.get("data") if isinstance(req.body, dict) else None
+            state = data.get("new_state") if isinstance(data, dict) else None
+            if not isinstance(state, str):
+                return h.send_json(
+                    *_invalid("data.new_state", "required", "The data.new state field is required.")
+                )
+            with self.lock:
+                self.container_states[uuid] = state
+            h.send_json(204)
+
+    def route_transfer(
+        self, h: PanelStandInHandler, req: PanelRequest, ident: str, outcome: str
+    ) -> None:
+        """Panel: ``ServerTransferController``: 409 unless a transfer of the server is active."""
+        uuid = self._server_or_404(h, ident)
+        if not uuid:
+            return
+        with self.lock:
+            active = uuid in self.transfers and self.transfers[uuid] is None
+            if active:
+                self.transfers[uuid] = outcome == "success"
+        if not active:
+            detail = "Server is not being transferred."
+            return h.send_json(409, _panel_error(409, "ConflictHttpException", detail))
+        h.send_json(204)
+
+    def route_activity(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        """Panel: ``ActivityProcessingController``: items of other servers, or whose event is
+        not ``server:*``, are dropped silently; the answer is 200 with an empty body."""
+        data = req.body.get("data") if isinstance(req.body, dict) else None
+        if not isinstance(data, list):
+            return h.send_json(*_invalid("data", "required", "The data field is required."))
+        rules = {
+            "server": "required|string",
+            "event": "required|string",
+            "metadata": "present|nullable",
+            "timestamp": "required|string",
+            "user": "nullable|string",
+            "ip": "nullable|string",
+        }
+        for item in data:
+            invalid = self._validate(item, rules)
+            if invalid:
+                return h.send_json(*invalid)
+        with self.lock:
+            for item in data:
+                if item["server"] in self.servers and item["event"].startswith("server:"):
+                    self.activity.append(item)
+        h.send_bytes(200, b"", "text/html; charset=UTF-8")
+
+    def route_backup_upload(self, h: PanelStandInHandler, req: PanelRequest, backup: str) -> None:
+        """Panel: ``BackupRemoteUploadController``: presigned part URLs for an S3 upload."""
+        try:
+            size = int(req.query.get("size", "0"))
+        except ValueError:
+            size = 0
+        if size <= 0:
+            detail = 'A non-empty "size" query parameter must be provided.'
+            return h.send_json(400, _panel_error(400, "BadRequestHttpException", detail))
+        row = self._backup_or_404(h, backup)
+        if row is None:
+            return
+        if row.get("successful"):
+            detail = "This backup is already in a completed state."
+            return h.send_json(409, _panel_error(409, "ConflictHttpException", detail))
+        count = -(-size // self.backup_part_size)
+        parts = [self.presign(backup, n) for n in range(1, count + 1)]
+        h.send_json(200, {"parts": parts, "part_size": self.backup_part_size})
+
+    def presign(self, backup: str, part: int) -> str:
+        """The URL one part of an S3 upload goes to (override to point elsewhere)."""
+        return f"{self.url}/s3/{backup}/{part}"
+
+    def route_s3_part(
+        self, h: PanelStandInHandler, req: PanelRequest, backup: str, part: str
+    ) -> None:
+        with self.lock:
+            self.uploads[(backup, int(part))] = req.raw
+        h.send_bytes(200, b"", None, {"ETag": f'"{hashlib.md5(req.raw).hexdigest()}"'})
+
+    def route_backup_status(self, h: PanelStandInHandler, req: PanelRequest, backup: str) -> None:
+        """Panel: ``BackupStatusController@index``: a failed backup may be reported again."""
+        row = self._backup_or_404(h, backup)
+        if row is None:
+            return
+        invalid = self._validate(req.body, {"successful": "present|boolean"})
+        if not invalid and req.body["successful"]:
+            rules = {
+                "checksum": "required|string",
+                "checksum_type": "required|string",
+                "size": "required",
+            }
+            invalid = self._validate(req.body, rules)
+        if invalid:
+            return h.send_json(*invalid)
+        if row.get("successful"):
+            detail = "Cannot update the status of a backup that is already marked as completed."
+            return h.send_json(400, _panel_error(400, "BadRequestHttpException", detail))
+        with self.lock:
+            row.update(req.body)
+        h.send_json(204)
+
+    def route_backup_restore(self, h: PanelStandInHandler, req: PanelRequest, backup: str) -> None:
+        """Panel: ``BackupStatusController@restore``: the server leaves ``restoring_backup``."""
+        row = self._backup_or_404(h, backup)
+        if row is None:
+            return
+        invalid = self._validate(req.body, {"successful": "present|boolean"})
+        if invalid:
+            return h.send_json(*invalid)
+        with self.lock:
+            row["restored"] = req.body["successful"]
+            self.status[row["server"]] = None
+        h.send_json(204)
+
+    def route_merge_settings(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        if not isinstance(req.body, dict):
+            return h.send_json(400, _panel_error(400, "BadRequestHttpException", "a JSON object"))
+        doc = self.merge_settings(ident, req.body)
+        if doc is None:
+            return h.send_json(404, _panel_error(404, "RecordNotFoundException", ""))
+        h.send_json(200, doc)
+
+
+# CLI ##############################################################################################
 
 
 def _demo(args: Any) -> int:
@@ -7011,7 +7477,8 @@ def _demo(args: Any) -> int:
         demo_document(str(uuidlib.uuid4()), "Demo Survival", 1024),
         demo_document(str(uuidlib.uuid4()), "Demo Creative", 2048),
     ]
-    panel = DemoPanel(token_id, token, servers)
+    panel = PanelStandIn(token_id, token, servers)
+    panel.sftp_users[("demo", "demo")] = ["*"]
     panel.start()
     root = Path(tempfile.mkdtemp(prefix="wingslite-demo-"))
     raw = {
