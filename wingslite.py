@@ -2041,6 +2041,789 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
     )
 
 
+# egg configuration files ##########################################################################
+#
+# Every egg names files the node rewrites before each start (``process_configuration.configs``):
+# that is how an allocation change reaches the game (``server-port`` in server.properties,
+# ``listeners[0].host`` in BungeeCord's config.yml). The Panel has already put its own values in
+# (``{{server.*}}``, ``{{env.*}}``); the node fills ``{{config.*}}`` from its own config. Wings
+# v1.11 does this in parser/parser.go, parser/helpers.go and server/config_parser.go; where Wings
+# rewrites a whole file (dropping comments and order) or has a known slip, wingslite edits the
+# lines it must and keeps the rest, and says so next to the code.
+#
+#   parser       what a ``match`` names                      kept as it was
+#   file         lines starting with ``match``               every other line
+#   properties   a Java properties key                       comments, order, other lines
+#   ini          ``section.key`` (or ``key`` before any      comments, order, other lines
+#                section)
+#   yaml / yml   a dotted path with ``[n]`` and ``*``        comments and layout (unless a key
+#                                                            must be created)
+#   json         a dotted path with ``[n]`` and ``*``        key order, indent width
+#   xml          ``Root.child.child`` (``*`` allowed)        comments, prolog
+
+CONFIG_FILE_MAX_BYTES = 4 * 1024 * 1024  # an egg config file larger than this is left alone
+
+_CONFIG_PLACEHOLDER = re.compile(r"{{\s?config\.([\w.-]+)\s?}}")  # Wings parser/helpers.go
+_XML_ATTRIBUTE_VALUE = re.compile(r"^\[(\w+)='(.*)'\]$")  # ``[value='x']`` sets an attribute
+_PATH_INDEX = re.compile(r"\[(\d+)\]")
+
+
+class ConfigFileSkipped(Exception):
+    """A config file that was not rewritten; the message is shown on the server's console."""
+
+
+def replacement_text(value: Any) -> str:
+    """How a ``replace_with`` JSON value is written into a text file (properties, ini, xml)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _go_replacement(template: str) -> str:
+    """A Go ``regexp.ReplaceAllString`` template (``$1``, ``${name}``, ``$$``) for ``re.sub``."""
+    out, i = [], 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "$" and template[i + 1 : i + 2] == "$":
+            out.append("$")
+            i += 1
+        elif ch == "$":
+            m = re.match(r"\$(?:\{(\w+)\}|(\w+))", template[i:])
+            if m is None:
+                out.append("$")
+            else:
+                out.append(f"\\g<{m.group(1) or m.group(2)}>")
+                i += m.end() - 1
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def conditional_value(current: str | None, if_value: str | None, value: str) -> str | None:
+    """The text to write for a replacement given the value now in the file; None to leave it.
+
+    No ``if_value``: always ``value``. ``regex:<re>``: when the current value matches, every match
+    replaced by ``value`` (``$1`` groups as in Go). Otherwise: only when the current value equals
+    ``if_value``. A missing key never matches a condition. (Wings v1.11 inverts the regex check
+    for yaml/json and compares the literal against the whole document; this is what eggs expect.)
+    """
+    if if_value is None or if_value == "":
+        return value
+    if current is None:
+        return None
+    if if_value.startswith("regex:"):
+        try:
+            pattern = re.compile(if_value[6:])
+        except re.error as exc:
+            raise ConfigFileSkipped(f"if_value {if_value!r} is not a valid regex: {exc}") from None
+        if not pattern.search(current):
+            return None
+        return pattern.sub(_go_replacement(value), current)
+    return value if current == if_value else None
+
+
+class NodePlaceholders:
+    """``{{config.*}}`` placeholders filled from the node's own config (Wings parser/helpers.go).
+
+    Path components are snake-cased (``{{config.docker.networkInterface}}`` reads
+    ``docker.network_interface``); ``{{config.docker.interface}}`` is the Panel's legacy spelling
+    of ``docker.network.interface``. An unknown placeholder is left as it is and logged once.
+    """
+
+    def __init__(self, config: Config):
+        tree: dict[str, Any] = {}
+        for key, _kind, _default in _CONFIG_SCHEMA:
+            node = tree
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = config.get(key)
+        self._tree = _deep_merge(tree, config.raw)
+        self._warned: set[str] = set()
+
+    def lookup(self, path: str) -> str | None:
+        parts = [_snake_case(p) for p in path.split(".")]
+        value = _dig_plain(self._tree, parts)
+        if value is None and parts == ["docker", "interface"]:
+            value = _dig_plain(self._tree, ["docker", "network", "interface"])
+        if value is None:
+            return None
+        return value if isinstance(value, str) else replacement_text(value)
+
+    def fill(self, value: Any) -> Any:
+        """``value`` with every known ``{{config.*}}`` replaced; non-strings pass unchanged."""
+        if not isinstance(value, str) or "{{" not in value:
+            return value
+
+        def one(m: re.Match[str]) -> str:
+            found = self.lookup(m.group(1))
+            if found is None:
+                if m.group(1) not in self._warned:
+                    self._warned.add(m.group(1))
+                    LOG.warning("config file placeholder %s is not a node config key", m.group(0))
+                return m.group(0)
+            return found
+
+        return _CONFIG_PLACEHOLDER.sub(one, value)
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).replace("-", "_").lower()
+
+
+def _dig_plain(tree: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# -- text parsers: file, properties, ini ---------------------------------------------------------
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines with their endings kept, so untouched lines come back byte for byte."""
+    return text.splitlines(keepends=True)
+
+
+def _ending(line: str, default: str = "\n") -> str:
+    stripped = line.rstrip("\r\n")
+    return line[len(stripped) :] or default
+
+
+def _file_ending(lines: list[str]) -> str:
+    return next((_ending(line) for line in lines if line.endswith("\n")), "\n")
+
+
+def rewrite_plain_file(text: str, replaces: list[Replacement]) -> str:
+    """The ``file`` parser: a line that starts with ``match`` becomes ``replace_with`` entirely.
+
+    The first replacement that matches a line wins (Wings writes every match, glued together).
+    """
+    out = []
+    for line in _split_lines(text):
+        body = line.rstrip("\r\n")
+        for r in replaces:
+            if r.match and body.startswith(r.match):
+                line = replacement_text(r.replace_with) + line[len(body) :]
+                break
+        out.append(line)
+    return "".join(out)
+
+
+def _properties_unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\" or i + 1 >= len(text):
+            out.append(ch)
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2 : i + 6]):
+            out.append(chr(int(text[i + 2 : i + 6], 16)))
+            i += 6
+            continue
+        out.append({"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(nxt, nxt))
+        i += 2
+    return "".join(out)
+
+
+def properties_escape(text: str, is_key: bool = False) -> str:
+    """Escape as Java's ``Properties.store`` does: ``\\``, ``= : # !``, controls, non-ASCII.
+
+    Non-ASCII as ``\\uXXXX`` as Wings does too: ``§`` in a motd reaches Minecraft intact.
+    """
+    out = []
+    for i, ch in enumerate(text):
+        if ch == " " and (is_key or i == 0):
+            out.append("\\ ")
+        elif ch in "\\=:#!":
+            out.append("\\" + ch)
+        elif ch in "\t\n\r\f":
+            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r", "\f": "\\f"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) > 0x7E:
+            out.append("".join(f"\\u{u:04X}" for u in _utf16_units(ch)))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _utf16_units(ch: str) -> list[int]:
+    raw = ch.encode("utf-16-be")
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+def _properties_entries(lines: list[str]) -> list[tuple[int, int, str, str]]:
+    """``(first line, last line, key, value)`` of each logical line (continuations joined)."""
+    entries, i = [], 0
+    while i < len(lines):
+        start, logical = i, lines[i].rstrip("\r\n").lstrip(" \t\f")
+        while _continues(logical) and i + 1 < len(lines):
+            i += 1
+            logical = logical[:-1] + lines[i].rstrip("\r\n").lstrip(" \t\f")
+        i += 1
+        if not logical or logical[0] in "#!":
+            continue
+        m = re.match(r"((?:\\.|[^\\=:\s])*)\s*[=:]?\s*", logical)
+        assert m is not None  # the pattern matches any string
+        entries.append(
+            (
+                start,
+                i - 1,
+                _properties_unescape(m.group(1)),
+                _properties_unescape(logical[m.end() :]),
+            )
+        )
+    return entries
+
+
+def _continues(line: str) -> bool:
+    """A line ending in an odd number of backslashes continues on the next one."""
+    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
+
+
+def rewrite_properties(text: str, replaces: list[Replacement]) -> str:
+    """Java properties: set each ``match`` key, keep every other line, add missing keys at the end.
+
+    (Wings rewrites the file from its parsed keys: comments below the first key are lost.)
+    """
+    lines = _split_lines(text)
+    ending = _file_ending(lines)
+    entries = _properties_entries(lines)
+    appended: list[str] = []
+    for r in replaces:
+        value = replacement_text(r.replace_with)
+        found = [e for e in entries if e[2] == r.match]
+        if not found:
+            if conditional_value(None, r.if_value, value) is not None:
+                appended.append(f"{properties_escape(r.match, True)}={properties_escape(value)}")
+            continue
+        for first, last, key, current in found:
+            new = conditional_value(current, r.if_value, value)
+            if new is None or (new == current and first == last):
+                continue
+            lines[first] = f"{properties_escape(key, True)}={properties_escape(new)}" + _ending(
+                lines[last], ending
+            )
+            for k in range(first + 1, last + 1):
+                lines[k] = ""
+    if appended:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += ending
+        lines.extend(line + ending for line in appended)
+    return "".join(lines)
+
+
+_INI_SECTION = re.compile(r"^\s*\[([^\]]*)\]")
+_INI_KEY = re.compile(r"^(\s*)([^=:;#\[\s][^=:]*?)(\s*[=:]\s*)(.*?)(\s*)$")
+
+
+def _ini_path(match: str) -> tuple[str, str]:
+    """``section.key`` -> (section, key); the first dot outside brackets splits (Wings)."""
+    depth = 0
+    for i, ch in enumerate(match):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "." and depth == 0:
+            return match[:i], match[i + 1 :]
+    return "", match
+
+
+def _ini_unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'`":
+        return value[1:-1]
+    return value
+
+
+def rewrite_ini(text: str, replaces: list[Replacement]) -> str:
+    """INI: set ``section.key`` (or a key before any section); keep comments and order.
+
+    A missing key is added at the end of its section, a missing section at the end of the file.
+    """
+    lines = _split_lines(text)
+    ending = _file_ending(lines)
+    for r in replaces:
+        section, key = _ini_path(r.match)
+        value = replacement_text(r.replace_with)
+        if not _ini_set(lines, section, key, r.if_value, value):
+            if conditional_value(None, r.if_value, value) is not None:
+                _ini_add(lines, section, f"{key}={value}", ending)
+    return "".join(lines)
+
+
+def _ini_sections(lines: list[str]) -> Iterator[tuple[str, int, str]]:
+    """``(section, line index, line)`` for every line, section '' before the first header."""
+    section = ""
+    for i, line in enumerate(lines):
+        m = _INI_SECTION.match(line)
+        if m:
+            section = m.group(1).strip()
+        yield section, i, line
+
+
+def _ini_set(lines: list[str], section: str, key: str, if_value: str | None, value: str) -> bool:
+    found = False
+    for sec, i, line in _ini_sections(lines):
+        m = _INI_KEY.match(line.rstrip("\r\n"))
+        if sec != section or m is None or m.group(2) != key or _INI_SECTION.match(line):
+            continue
+        found = True
+        new = conditional_value(_ini_unquote(m.group(4)), if_value, value)
+        if new is not None:
+            lines[i] = m.group(1) + m.group(2) + m.group(3) + new + _ending(line)
+    return found
+
+
+def _ini_add(lines: list[str], section: str, entry: str, ending: str) -> None:
+    last_of_section = None
+    for sec, i, line in _ini_sections(lines):
+        if sec == section and (line.strip() and not line.lstrip().startswith((";", "#"))):
+            last_of_section = i
+    if last_of_section is None and section == "":
+        last_of_section = -1  # before the first header
+    if last_of_section is None:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += ending
+        lines.extend([f"[{section}]" + ending, entry + ending])
+        return
+    if 0 <= last_of_section and not lines[last_of_section].endswith("\n"):
+        lines[last_of_section] += ending
+    lines.insert(last_of_section + 1, entry + ending)
+
+
+# -- structured parsers: json, yaml, xml ---------------------------------------------------------
+
+
+def _path_steps(path: str) -> list[str | int]:
+    """``listeners[0].host`` -> ["listeners", 0, "host"]; ``servers.*.address`` keeps ``*``."""
+    steps: list[str | int] = []
+    for part in path.split("."):
+        name = part.split("[", 1)[0]
+        if name:
+            steps.append(name)
+        steps.extend(int(n) for n in _PATH_INDEX.findall(part[len(name) :]))
+    return steps
+
+
+def _typed(new: str, original: Any, current: Any, exists: bool) -> Any:
+    """The JSON value to store for the text ``new``.
+
+    A ``replace_with`` that is not a string keeps its own type. A string takes the type of the
+    value it replaces (a port that was a number stays a number); for a key that is created, a
+    whole number becomes a number as Wings does, since the Panel sends every placeholder it
+    filled as a string (``"25565"``).
+    """
+    if not isinstance(original, str) and new == replacement_text(original):
+        return original
+    if exists and isinstance(current, str):
+        return new
+    if exists and isinstance(current, bool):
+        return {"true": True, "false": False}.get(new, new)
+    if re.fullmatch(r"[+-]?\d{1,18}", new):
+        return int(new)
+    if exists and isinstance(current, float):
+        with contextlib.suppress(ValueError):
+            return float(new)
+    return new
+
+
+def _scalar_text(value: Any) -> str | None:
+    if isinstance(value, (dict, list)):
+        return None
+    return replacement_text(value)
+
+
+def set_structured(data: Any, replaces: list[Replacement]) -> tuple[Any, list[tuple]]:
+    """Apply replacements to parsed JSON/YAML data; returns it and the paths that changed.
+
+    Each change is ``(steps, created)``: ``created`` when a key or list item had to be made.
+    """
+    changes: list[tuple] = []
+    for r in replaces:
+        value = replacement_text(r.replace_with) if r.if_value else r.replace_with
+        for steps in _expand(data, _path_steps(r.match)):
+            data = _set_path(data, steps, r, value, changes)
+    return data, changes
+
+
+def _expand(data: Any, steps: list[str | int]) -> Iterator[list[str | int]]:
+    """Concrete paths for ``steps``: each ``*`` becomes every existing key or index there."""
+    if "*" not in steps:
+        yield steps
+        return
+    at = steps.index("*")
+    node: Any = data
+    for step in steps[:at]:
+        node = _child(node, step)
+        if node is _MISSING:
+            return
+    keys = (
+        range(len(node)) if isinstance(node, list) else list(node) if isinstance(node, dict) else ()
+    )
+    for key in keys:
+        yield from _expand(data, [*steps[:at], key, *steps[at + 1 :]])
+
+
+_MISSING = object()
+
+
+def _child(node: Any, step: str | int) -> Any:
+    if isinstance(node, dict):
+        if step in node:
+            return node[step]
+        return next((v for k, v in node.items() if str(k) == str(step)), _MISSING)
+    if isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+        return node[step]
+    return _MISSING
+
+
+def _set_path(data: Any, steps: list, r: Replacement, value: Any, changes: list) -> Any:
+    if not steps:
+        return data
+    root = data if isinstance(data, (dict, list)) else {}
+    node, created = root, False
+    for i, step in enumerate(steps[:-1]):
+        nxt = _child(node, step)
+        if nxt is _MISSING or not isinstance(nxt, (dict, list)):
+            if r.if_value:
+                return root  # a condition needs an existing value
+            nxt = [] if isinstance(steps[i + 1], int) else {}
+            if not _put(node, step, nxt):
+                return root
+            created = True
+        node = nxt
+    current = _child(node, steps[-1])
+    exists = current is not _MISSING
+    text = value if isinstance(value, str) else replacement_text(value)
+    if r.if_value:
+        text = conditional_value(_scalar_text(current) if exists else None, r.if_value, text)
+        if text is None:
+            return root
+    new = _typed(text, r.replace_with if not r.if_value else text, current, exists)
+    if exists and type(current) is type(new) and current == new:
+        return root
+    if _put(node, steps[-1], new):
+        changes.append((steps, created or not exists))
+    return root
+
+
+def _put(node: Any, step: str | int, value: Any) -> bool:
+    if isinstance(node, dict):
+        key = next((k for k in node if str(k) == str(step)), step)
+        node[key] = value
+        return True
+    if isinstance(node, list) and isinstance(step, int):
+        if step < len(node):
+            node[step] = value
+            return True
+        if step == len(node):
+            node.append(value)
+            return True
+    return False
+
+
+def rewrite_json(text: str, replaces: list[Replacement]) -> str:
+    """JSON: dotted paths with ``[n]`` and ``*``; key order and the indent width are kept."""
+    data = json.loads(text) if text.strip() else {}
+    data, changes = set_structured(data, replaces)
+    if not changes:
+        return text
+    m = re.search(r"\n([ \t]+)\S", text)
+    indent = m.group(1) if m else "    "
+    out = json.dumps(data, indent=indent, ensure_ascii=False)
+    return out + ("\n" if text.endswith("\n") or not text else "")
+
+
+def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
+    """YAML: as JSON, and each changed scalar is spliced into the original text in place, so
+    comments and layout survive. Only when a key must be created is the document dumped anew
+    (as Wings always does, losing comments).
+    """
+    data = yaml.safe_load(text) if text.strip() else {}
+    data, changes = set_structured(data if data is not None else {}, replaces)
+    if not changes:
+        return text
+    if not any(created for _steps, created in changes):
+        spliced = _yaml_splice(text, data, [steps for steps, _c in changes])
+        if spliced is not None:
+            return spliced
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
+    """Replace the changed scalars' text in place; None when that cannot be done exactly."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    edits: dict[int, tuple[int, str]] = {}
+    for steps in paths:
+        node = root
+        for step in steps:
+            node = _yaml_child(node, step)
+            if node is None:
+                return None
+        value = _dig_steps(after, steps)
+        if not isinstance(node, yaml.ScalarNode) or isinstance(value, (dict, list)):
+            return None
+        style = node.style if isinstance(value, str) and node.style in ("'", '"') else None
+        dumped = yaml.safe_dump(value, default_style=style, allow_unicode=True, width=1 << 30)
+        dumped = dumped.removesuffix("\n...\n").rstrip("\n")
+        if "\n" in dumped:
+            return None
+        edits[node.start_mark.index] = (node.end_mark.index, dumped)
+    out = text
+    for start in sorted(edits, reverse=True):
+        end, dumped = edits[start]
+        out = out[:start] + dumped + out[end:]
+    try:
+        if yaml.safe_load(out) != after:
+            return None
+    except yaml.YAMLError:
+        return None
+    return out
+
+
+def _yaml_child(node: Any, step: str | int) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        found = [
+            v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(step)
+        ]
+        return found[-1] if found else None
+    if isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+        return node.value[step]
+    return None
+
+
+def _dig_steps(data: Any, steps: list) -> Any:
+    for step in steps:
+        data = _child(data, step)
+    return data
+
+
+def rewrite_xml(text: str, replaces: list[Replacement]) -> str:
+    """XML: ``Root.child.child`` names elements (``*`` allowed); a value ``[name='x']`` sets an
+    attribute. Comments and the prolog (declaration, doctype) are kept; missing elements are
+    created (Wings parser.go) and only then is the document re-indented (two spaces, as Wings).
+    """
+    import xml.etree.ElementTree as ET  # only servers with xml configs load it
+
+    start = re.search(r"<(?![?!])", text)
+    prolog = text[: start.start()] if start else ""
+    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True, insert_pis=True))
+    root = ET.fromstring(text[start.start() :], parser=parser) if start else None
+    created = changed = False
+    for r in replaces:
+        parts = r.match.split(".")
+        if root is None:
+            root = ET.Element(parts[0])
+            created = changed = True
+        if root.tag != parts[0]:
+            continue
+        if "*" not in r.match and not r.if_value:
+            created |= _xml_make_path(root, parts[1:])
+        value = replacement_text(r.replace_with)
+        targets = root.findall("./" + "/".join(parts[1:])) if parts[1:] else [root]
+        for element in targets:
+            changed |= _xml_set(element, r.if_value, value)
+    if not changed:
+        return text
+    if created:
+        ET.indent(root, "  ")
+    body = ET.tostring(root, encoding="unicode")
+    return prolog + body + ("\n" if text.endswith("\n") or not text else "")
+
+
+def _xml_make_path(root: Any, tags: list[str]) -> bool:
+    import xml.etree.ElementTree as ET
+
+    element, created = root, False
+    for tag in tags:
+        if not re.fullmatch(r"[\w.-]+", tag):
+            return created  # a predicate or wildcard: only existing elements are changed
+        child = element.find(tag)
+        if child is None:
+            child = ET.SubElement(element, tag)
+            created = True
+        element = child
+    return created
+
+
+def _xml_set(element: Any, if_value: str | None, value: str) -> bool:
+    attribute = _XML_ATTRIBUTE_VALUE.match(value)
+    if attribute:
+        name, new = attribute.group(1), attribute.group(2)
+        current = element.get(name)
+        new = conditional_value(current, if_value, new)
+        if new is None or current == new:
+            return False
+        element.set(name, new)
+        return True
+    current = (element.text or "").strip()
+    new = conditional_value(current, if_value, value)
+    if new is None or element.text == new:
+        return False
+    element.text = new
+    return True
+
+
+CONFIG_PARSERS: dict[str, Callable[[str, list[Replacement]], str]] = {
+    "file": rewrite_plain_file,
+    "properties": rewrite_properties,
+    "ini": rewrite_ini,
+    "json": rewrite_json,
+    "yaml": rewrite_yaml,
+    "yml": rewrite_yaml,
+    "xml": rewrite_xml,
+}
+
+
+# -- writing them into a server's directory ------------------------------------------------------
+
+
+class ConfigFileWriter:
+    """Rewrites a server's egg config files inside its directory, before each start.
+
+    Methods for the caller: ``apply(configs, say)`` -> the names of the files that failed.
+    Class variables that may be overridden: ``max_bytes``.
+
+    Every file is reached through the server's ``Jail`` (a symlink that leads out is refused, a
+    FIFO or device is never opened for reading or writing), read up to ``max_bytes``, rewritten
+    in memory, and written back atomically (a temp file beside it, fsynced, renamed over it) with
+    its mode and owner kept; a new file gets ``owner``. Growth is booked against the disk limit
+    first (``reserve``). A file that does not exist is created with only the replaced keys, as
+    Wings does.
+    """
+
+    max_bytes = CONFIG_FILE_MAX_BYTES
+
+    def __init__(
+        self,
+        jail: Jail,
+        placeholders: NodePlaceholders,
+        reserve: Callable[[int], bool],
+        release: Callable[[int], None],
+        owner: tuple[int, int] | None = None,
+    ):
+        self.jail, self.placeholders = jail, placeholders
+        self.reserve, self.release, self.owner = reserve, release, owner
+
+    def apply(self, configs: Iterable[ConfigFile], say: Callable[[str], None]) -> list[str]:
+        failed = []
+        for cf in configs:
+            try:
+                self.rewrite(cf)
+            except (ConfigFileSkipped, OSError, ValueError, yaml.YAMLError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                say(f"Failed to update configuration file {cf.file}: {why}")
+                LOG.warning("config file %s (%s parser) not updated: %s", cf.file, cf.parser, why)
+                failed.append(cf.file)
+        return failed
+
+    def rewrite(self, cf: ConfigFile) -> bool:
+        """Rewrite one file; True when its bytes changed."""
+        parse = CONFIG_PARSERS.get(cf.parser)
+        if parse is None:
+            raise ConfigFileSkipped(f"unknown parser {cf.parser!r}")
+        replaces = [
+            dataclasses.replace(r, replace_with=self.placeholders.fill(r.replace_with))
+            for r in cf.replace
+        ]
+        self._make_parents(cf.file)
+        with self.jail.resolve(cf.file) as where:
+            if where.name is None:
+                raise ConfigFileSkipped("the path names the server's directory itself")
+            old, st = self._read(where)
+            text = old.decode("utf-8-sig", errors="surrogateescape")
+            try:
+                new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
+            except (ValueError, SyntaxError, yaml.YAMLError) as exc:
+                raise ConfigFileSkipped(f"cannot be parsed as {cf.parser}: {exc}") from None
+            if new == old and st is not None:
+                return False
+            self._write(where, new, st, len(old))
+            return True
+
+    def _make_parents(self, path: str) -> None:
+        parts = Jail.parts(path)
+        for i in range(1, len(parts)):
+            try:
+                self.jail.mkdir("/".join(parts[:i]))
+            except FileExistsError:
+                continue
+            if self.owner is not None:
+                self.jail.chown("/".join(parts[:i]), *self.owner)
+
+    def _read(self, where: _Where) -> tuple[bytes, os.stat_result | None]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(where.name, flags, dir_fd=where.dir_fd)
+        except FileNotFoundError:
+            return b"", None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigFileSkipped("it is a symlink that leads outside") from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigFileSkipped("it is not a regular file")
+            if st.st_size > self.max_bytes:
+                raise ConfigFileSkipped(f"it is larger than {self.max_bytes // 1048576} MiB")
+            return fh.read(self.max_bytes + 1), st
+
+    def _write(self, where: _Where, data: bytes, st: os.stat_result | None, old_size: int) -> None:
+        grow = len(data) - old_size
+        if grow > 0 and not self.reserve(grow):
+            raise ConfigFileSkipped("there is not enough disk space")
+        tmp = f".{where.name}.{uuidlib.uuid4().hex[:12]}.wingslite"
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=where.dir_fd,
+        )
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                if st is not None:
+                    os.fchmod(fh.fileno(), stat.S_IMODE(st.st_mode))
+                owner = (st.st_uid, st.st_gid) if st is not None else self.owner
+                if owner is not None:
+                    os.fchown(fh.fileno(), *owner)
+                os.fsync(fh.fileno())
+            os.rename(tmp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=where.dir_fd)
+            if grow > 0:
+                self.release(grow)
+            raise
+        if grow < 0:
+            self.release(-grow)
+
+
 # environments #####################################################################################
 
 
@@ -6261,9 +7044,24 @@ class Server:
                 raise WingsliteError(
                     "There is not enough disk space available to perform that action.", 400
                 )
+        self._update_config_files()
         self.env.start(self.config)
         self.pending_next_start.clear()
         self._limits_pending = False
+
+    def _update_config_files(self) -> None:
+        """Write the Panel's values into the egg's config files (Wings server/config_parser.go).
+
+        A file that cannot be updated is reported on the console; the start goes on, as in Wings.
+        """
+        self.console_message("Updating process configuration files...")
+        if not self.config.process.configs:
+            return
+        with Jail(self.fs.root) as jail:
+            writer = ConfigFileWriter(
+                jail, self.daemon.placeholders, self.fs.reserve, lambda n: self.fs.add_usage(-n)
+            )
+            writer.apply(self.config.process.configs, self.console_message)
 
     def _handle_crash(self) -> None:
         """Restart a crashed server once per ``crash_detection.timeout`` window (Wings server/crash.go)."""
@@ -6373,6 +7171,7 @@ class Daemon:
         self.servers: dict[str, Server] = {}
         self.sessions = SessionTable()
         self.revocations = Revocations()
+        self.placeholders = NodePlaceholders(config)
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
         self.http: ApiServer | None = None
         self.sftp: SftpServer | None = None
