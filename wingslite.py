@@ -30,6 +30,8 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
                            (paths that cannot leave a server's directory), quota backends
                            (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
+    egg configuration files  ``ConfigFileWriter``: the egg's config files rewritten before each
+                           start (file, properties, ini, yaml, json, xml parsers), ``NodePlaceholders``
     environments           ``Environment`` (where a process runs), ``LimitReport``, ``Cgroup``
                            (v1/v2 files), ``DockerEnvironment`` (containers, live limits, stats)
     console and events     ``EventBus``, ``LogRing``, ``LineSplitter``, ``ConsoleThrottle``,
