@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import uuid as uuidlib
 from pathlib import Path
@@ -896,6 +897,293 @@ class TestFilesystem:
         assert fs.is_denied("server.jar") and fs.is_denied("plugins/x.jar")
         assert fs.is_denied("config/secret.yml") and not fs.is_denied("other/config/secret.yml")
         assert fs.is_denied("logs/latest.log") and not fs.is_denied("mylogs/x")
+
+
+# archives #########################################################################################
+
+
+def _tar_bytes(entries, compression: str = "") -> bytes:
+    """A tar (``compression`` gz, bz2, xz or "") of ``(TarInfo fields, data)`` items."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}" if compression else "w") as tar:
+        for fields, data in entries:
+            info = tarfile.TarInfo(fields.pop("name"))
+            for key, value in fields.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _zip_bytes(entries) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return buf.getvalue()
+
+
+class TestArchives:
+    @pytest.fixture
+    def box(self, tmp_path):
+        """A server directory, its jail and its filesystem, beside an 'outside' directory."""
+        root = tmp_path / "srv"
+        root.mkdir()
+        (tmp_path / "outside").mkdir()
+        fs = w.Filesystem(root, 0, check_interval_s=60)
+        fs.recalculate()
+        jail = w.Jail(root, is_denied=fs.is_denied)
+        yield types.SimpleNamespace(root=root, fs=fs, jail=jail, outside=tmp_path / "outside")
+        jail.close()
+
+    def extract(self, box, data: bytes, name: str = "a.tar.gz", dest: str = "/") -> list[str]:
+        import io
+
+        seen: list[str] = []
+        w.extract_archive(
+            box.jail, box.fs, io.BytesIO(data), name=name, dest=dest, on_entry=seen.append
+        )
+        return seen
+
+    def test_tar_gz_out_and_back_keeps_files_modes_links_and_empty_dirs(self, box, tmp_path):
+        import io
+
+        (box.root / "a" / "b").mkdir(parents=True)
+        (box.root / "a" / "b" / "f.txt").write_bytes(b"hello" * 1000)
+        (box.root / "run.sh").write_bytes(b"#!/bin/sh\n")
+        os.chmod(box.root / "run.sh", 0o750)
+        (box.root / "empty").mkdir()
+        (box.root / "inside").symlink_to("a/b/f.txt")
+        (box.root / "zout").symlink_to("/etc/passwd")  # archived as a link, never followed
+        os.mkfifo(box.root / "pipe")
+        out = w.HashingWriter(io.BytesIO())
+        count = w.write_tar_gz(box.jail, out)
+        data = out.out.getvalue()
+        assert out.hexdigest() == hashlib.sha1(data).hexdigest() and out.bytes_written == len(data)
+        import tarfile
+
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+        assert count == len(members)
+        assert set(members) == {"a", "a/b", "a/b/f.txt", "run.sh", "empty", "inside", "zout"}
+        assert members["zout"].issym() and members["zout"].linkname == "/etc/passwd"
+        assert members["zout"].size == 0  # the target's bytes are not in the archive
+        assert members["run.sh"].mode == 0o750
+
+        other = tmp_path / "other"
+        other.mkdir()
+        fs2 = w.Filesystem(other, 0, check_interval_s=60)
+        with w.Jail(other) as jail2:
+            with pytest.raises(w.ArchiveError, match="would point outside"):
+                w.extract_archive(jail2, fs2, io.BytesIO(data), name="x.tar.gz")
+        assert (other / "a" / "b" / "f.txt").read_bytes() == b"hello" * 1000
+        assert (other / "run.sh").stat().st_mode & 0o777 == 0o750
+        assert (other / "empty").is_dir() and os.readlink(other / "inside") == "a/b/f.txt"
+        assert not (other / "zout").is_symlink()
+
+    def test_ignore_rules_follow_gitignore(self):
+        m = w.IgnoreMatcher("# comment\n*.log\n!keep.log\n/cache/\nbuild\ndocs/**/*.tmp\n\\#hash\n")
+        assert m.ignored("x.log") and m.ignored("deep/dir/y.log") and not m.ignored("keep.log")
+        assert m.ignored("cache", is_dir=True) and not m.ignored("cache", is_dir=False)
+        assert not m.ignored("sub/cache", is_dir=True)
+        assert m.ignored("build") and m.ignored("a/build", is_dir=True)
+        assert m.ignored("docs/a/b/c.tmp") and m.ignored("docs/c.tmp") and not m.ignored("c.tmp")
+        assert m.ignored("#hash") and not w.IgnoreMatcher("")
+
+    def test_write_tar_gz_leaves_out_ignored_and_denied_paths(self, box):
+        import io
+        import tarfile
+
+        for rel in ("logs/a.log", "logs/keep.log", "world/level.dat", "x.log", "keep.log", "s.jar"):
+            (box.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (box.root / rel).write_bytes(b"1")
+        box.fs.set_denylist(["*.jar"])
+        out = io.BytesIO()
+        w.write_tar_gz(box.jail, out, ignore="*.log\n!keep.log\n")
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            names = set(tar.getnames())
+        assert names == {"logs", "logs/keep.log", "world", "world/level.dat", "keep.log"}
+
+    def test_write_tar_gz_of_named_files_under_a_root(self, box):
+        import io
+        import tarfile
+
+        (box.root / "d" / "sub").mkdir(parents=True)
+        (box.root / "d" / "one").write_bytes(b"1")
+        (box.root / "d" / "sub" / "two").write_bytes(b"2")
+        (box.root / "d" / "three").write_bytes(b"3")
+        out = io.BytesIO()
+        w.write_tar_gz(box.jail, out, root="/d", files=["one", "sub"])
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            assert set(tar.getnames()) == {"one", "sub", "sub/two"}
+        with pytest.raises(w.PathEscape):
+            w.write_tar_gz(box.jail, io.BytesIO(), root="/d", files=["../../etc"])
+
+    @pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+    def test_each_tar_format_extracts(self, box, compression):
+        data = _tar_bytes(
+            [
+                ({"name": "dir", "type": b"5", "mode": 0o700}, None),
+                ({"name": "dir/f", "mode": 0o640}, b"payload"),
+                ({"name": "l", "type": b"2", "linkname": "dir/f"}, None),
+            ],
+            compression,
+        )
+        seen = self.extract(box, data, name="a.tar" + (f".{compression}" if compression else ""))
+        assert seen == ["dir", "dir/f", "l"]
+        assert (box.root / "dir" / "f").read_bytes() == b"payload"
+        assert (box.root / "dir" / "f").stat().st_mode & 0o777 == 0o640
+        assert os.readlink(box.root / "l") == "dir/f"
+
+    def test_zip_extracts_with_modes_and_directories(self, box):
+        data = _zip_bytes(
+            [("d/", b"", 0o40755), ("d/run.sh", b"#!", 0o100755), ("top.txt", b"t", 0)]
+        )
+        seen = self.extract(box, data, name="a.zip", dest="/into")
+        assert seen == ["into/d", "into/d/run.sh", "into/top.txt"]
+        assert (box.root / "into" / "d" / "run.sh").stat().st_mode & 0o777 == 0o755
+        assert (box.root / "into" / "top.txt").read_bytes() == b"t"
+
+    @pytest.mark.parametrize(
+        "suffix,compress",
+        [
+            (".gz", lambda b: __import__("gzip").compress(b)),
+            (".bz2", lambda b: __import__("bz2").compress(b)),
+            (".xz", lambda b: __import__("lzma").compress(b)),
+        ],
+    )
+    def test_a_single_compressed_file_becomes_its_name_without_the_suffix(
+        self, box, suffix, compress
+    ):
+        seen = self.extract(
+            box, compress(b"line\n" * 1000), name="logs/latest.log" + suffix, dest="/logs"
+        )
+        assert seen == ["logs/latest.log"]
+        assert (box.root / "logs" / "latest.log").read_bytes() == b"line\n" * 1000
+
+    @pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/evil", "C:\\evil"])
+    def test_zip_slip_and_absolute_names_are_refused(self, box, name):
+        for data, archive in (
+            (_zip_bytes([(name, b"x", 0)]), "a.zip"),
+            (_tar_bytes([({"name": name}, b"x")], "gz"), "a.tar.gz"),
+        ):
+            with pytest.raises(w.ArchiveError, match="refused archive entry"):
+                self.extract(box, data, name=archive)
+        assert not (box.outside.parent / "evil").exists() and list(box.root.iterdir()) == []
+
+    def test_links_that_point_out_are_refused_and_nothing_is_written_through_them(self, box):
+        for link in ("../outside", "/tmp", "a/../../outside"):
+            data = _tar_bytes(
+                [
+                    ({"name": "l", "type": b"2", "linkname": link}, None),
+                    ({"name": "l/pwned"}, b"x"),
+                ],
+                "gz",
+            )
+            with pytest.raises(w.ArchiveError, match="would point outside"):
+                self.extract(box, data)
+            assert list(box.outside.iterdir()) == [] and not (box.root / "l").is_symlink()
+        # a hard link to a file outside: its name climbs out, refused
+        data = _tar_bytes([({"name": "h", "type": b"1", "linkname": "../outside/x"}, None)])
+        with pytest.raises(w.ArchiveError, match="refused archive entry"):
+            self.extract(box, data, name="a.tar")
+
+    def test_an_existing_symlink_in_the_server_is_replaced_not_written_through(self, box):
+        (box.outside / "target").write_bytes(b"keep")
+        (box.root / "f").symlink_to(box.outside / "target")  # the game server made this
+        self.extract(box, _tar_bytes([({"name": "f"}, b"new")], "gz"))
+        assert (box.outside / "target").read_bytes() == b"keep"
+        assert not (box.root / "f").is_symlink() and (box.root / "f").read_bytes() == b"new"
+
+    def test_device_files_and_fifos_are_skipped(self, box):
+        data = _tar_bytes(
+            [
+                ({"name": "null", "type": b"3", "devmajor": 1, "devminor": 3}, None),
+                ({"name": "fifo", "type": b"6"}, None),
+                ({"name": "ok"}, b"1"),
+            ]
+        )
+        assert self.extract(box, data, name="a.tar") == ["ok"]
+        assert sorted(p.name for p in box.root.iterdir()) == ["ok"]
+
+    def test_setuid_bits_are_dropped(self, box):
+        self.extract(box, _tar_bytes([({"name": "s", "mode": 0o4755}, b"1")]), name="a.tar")
+        assert (box.root / "s").stat().st_mode & 0o7777 == 0o755
+
+    @pytest.mark.parametrize("kind", ["tar.gz", "zip", "gz"])
+    def test_a_bomb_stops_at_the_disk_limit(self, box, kind):
+        import gzip
+        import io
+        import zipfile
+
+        box.fs.set_limit(3 * 1024 * 1024)
+        big = bytes(20 * 1024 * 1024)  # compresses to ~20 KB
+        if kind == "tar.gz":
+            data = _tar_bytes([({"name": "small"}, b"x" * 1000), ({"name": "bomb"}, big)], "gz")
+        elif kind == "gz":
+            data = gzip.compress(big)
+        else:
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr("bomb", big)
+            data = buf.getvalue()
+            # a zip that lies about its size is still stopped while it is written
+            assert len(data) < 100_000
+        with pytest.raises(w.ArchiveError, match="not enough disk space"):
+            self.extract(box, data, name="bomb." + kind)
+        assert not (box.root / "bomb").exists()  # the partial file is gone
+        assert w.Filesystem(box.root).recalculate() <= 3 * 1024 * 1024
+        assert box.fs.usage_bytes() == w.Filesystem(box.root).recalculate()
+
+    def test_a_zip_whose_header_lies_about_the_size_is_stopped_while_writing(self, box):
+        import zipfile
+
+        box.fs.set_limit(1024 * 1024)
+        data = bytearray(_zip_bytes([("bomb", bytes(5 * 1024 * 1024), 0)]))
+        # patch the declared size (central directory and local header) down to 10 bytes
+        cd = data.rindex(b"PK\x01\x02")
+        struct_pos = cd + 24
+        data[struct_pos : struct_pos + 4] = (10).to_bytes(4, "little")
+        data[22:26] = (10).to_bytes(4, "little")
+        with pytest.raises(w.ArchiveError):
+            self.extract(box, bytes(data), name="a.zip")
+        assert w.Filesystem(box.root).recalculate() <= 1024 * 1024
+        del zipfile
+
+    @pytest.mark.parametrize(
+        "head",
+        [b"7z\xbc\xaf\x27\x1c" + bytes(100), b"Rar!\x1a\x07\x00" + bytes(100), b"plain text"],
+    )
+    def test_7z_rar_and_unknown_data_are_unsupported(self, box, head):
+        with pytest.raises(w.ArchiveError, match="unsupported archive format"):
+            self.extract(box, head, name="a.7z")
+        assert list(box.root.iterdir()) == []
+
+    def test_a_damaged_archive_is_a_clear_error(self, box):
+        data = _tar_bytes([({"name": "f"}, bytes(100_000))], "gz")
+        with pytest.raises(w.ArchiveError, match=r"damaged|cannot extract"):
+            self.extract(box, data[: len(data) // 2])
+
+    def test_extraction_from_a_file_in_the_jail_and_the_denylist(self, box):
+        (box.root / "up.zip").write_bytes(_zip_bytes([("ok.txt", b"1", 0), ("x.jar", b"2", 0)]))
+        box.fs.set_denylist(["*.jar"])
+        fd = box.jail.open("/up.zip", os.O_RDONLY)
+        with (
+            os.fdopen(fd, "rb") as src,
+            pytest.raises(w.ArchiveError, match=r"refused archive entry 'x\.jar'"),
+        ):
+            w.extract_archive(box.jail, box.fs, src, name="up.zip")
+        assert (box.root / "ok.txt").read_bytes() == b"1" and not (box.root / "x.jar").exists()
 
 
 # egg configuration files ##########################################################################

@@ -30,6 +30,9 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
                            (paths that cannot leave a server's directory), quota backends
                            (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
+    archives               ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
+                           ``HashingWriter``), ``extract_archive`` (tar/gz/bz2/xz/zip into a jail,
+                           checked and metered)
     egg configuration files  ``ConfigFileWriter``: the egg's config files rewritten before each
                            start (file, properties, ini, yaml, json, xml parsers), ``NodePlaceholders``
     environments           ``Environment`` (where a process runs), ``LimitReport``, ``Cgroup``
@@ -56,6 +59,7 @@ Where to look first:
 from __future__ import annotations
 
 import base64
+import bz2
 import codecs
 import concurrent.futures
 import contextlib
@@ -65,12 +69,14 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import gzip
 import hashlib
 import hmac
 import http.client
 import http.server
 import json
 import logging
+import lzma
 import math
 import os
 import platform
@@ -84,6 +90,8 @@ import socket
 import stat
 import struct
 import subprocess
+import tarfile
+import tempfile
 import threading
 import time
 import types
@@ -91,6 +99,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid as uuidlib
+import zipfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -2041,6 +2050,640 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
         and not fs.quota.enforced(fs.root)
         and not fs.has_space()
     )
+
+
+# archives #########################################################################################
+#
+# Archives leave a jail as tar.gz (backups, transfers, the file manager's compress) and come back
+# into one (restore, a received transfer, decompress). Both directions go through the ``Jail``:
+#
+#   out   ``write_tar_gz(jail, out, ignore=...)`` walks with directory fds opened O_NOFOLLOW, so a
+#         symlink is archived as a link and never followed out; an ``IgnoreMatcher`` (gitignore
+#         syntax, as ``.pteroignore``) leaves paths out; ``HashingWriter`` hashes while writing.
+#   in    ``extract_archive(jail, fs, src, name=...)`` reads tar (plain, gz, bz2, xz), zip and a
+#         single .gz/.bz2/.xz file from a stream or a file. Every entry is checked and written
+#         through the jail: no absolute names, no "..", no link that points out, no device files
+#         or FIFOs; modes are kept (without setuid/setgid); every byte is booked against the
+#         disk limit before it is written, so an archive bomb stops at the limit.
+
+UNSUPPORTED_ARCHIVE = "unsupported archive format"
+ARCHIVE_CHUNK_BYTES = 1 << 20
+
+
+class ArchiveError(WingsliteError):
+    """An archive that cannot be read or would break a rule; ``message`` says which entry and why."""
+
+    status = 400
+
+
+class IgnoreMatcher:
+    """gitignore rules (``.pteroignore``, a backup's ``ignore``) over paths relative to a root.
+
+    Supported: ``#`` comments, blank lines, ``!`` exceptions, trailing ``/`` (directories only),
+    a leading or middle ``/`` anchoring the rule at the root, ``*``, ``?``, ``[...]``, ``**``,
+    and ``\\`` escapes. The last rule that matches decides. As in git, nothing under an ignored
+    directory can be brought back by an exception (the walk never enters that directory).
+
+    Methods for the caller: ``ignored(relpath, is_dir)``; ``bool(matcher)`` is False when empty.
+    """
+
+    def __init__(self, text: str = ""):
+        self.rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, dirs only)
+        for line in text.splitlines():
+            rule = self._parse(line)
+            if rule is not None:
+                self.rules.append(rule)
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    @staticmethod
+    def _parse(line: str) -> tuple[re.Pattern[str], bool, bool] | None:
+        line = line.rstrip("\r")
+        while line.endswith(" ") and not line.endswith("\\ "):
+            line = line[:-1]
+        if not line or line.startswith("#"):
+            return None
+        negated = line.startswith("!")
+        if negated or line.startswith("\\!") or line.startswith("\\#"):
+            line = line[1:]
+        dirs_only = line.endswith("/")
+        line = line.rstrip("/")
+        if not line:
+            return None
+        anchored = "/" in line
+        body = _gitignore_body(line.lstrip("/"))
+        prefix = "^" if anchored else "^(?:.*/)?"
+        return re.compile(prefix + body + "$"), negated, dirs_only
+
+    def ignored(self, relpath: str, is_dir: bool = False) -> bool:
+        """True when ``relpath`` ('/'-separated, relative to the root) is left out."""
+        path = relpath.strip("/")
+        verdict = False
+        for regex, negated, dirs_only in self.rules:
+            if (is_dir or not dirs_only) and regex.match(path):
+                verdict = not negated
+        return verdict
+
+
+def _gitignore_body(glob: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        c = glob[i]
+        if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "\\" and i + 1 < len(glob):
+            out.append(re.escape(glob[i + 1]))
+            i += 2
+        elif c == "[" and "]" in glob[i + 2 :]:
+            end = glob.index("]", i + 2)
+            inner = glob[i + 1 : end]
+            if inner.startswith("!"):
+                inner = "^" + inner[1:]
+            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return "".join(out)
+
+
+class HashingWriter:
+    """A writable stream that hashes and counts every byte on its way to ``out``.
+
+    Attributes: ``bytes_written``; ``hexdigest()``. ``out`` may be any object with ``write``.
+    """
+
+    def __init__(self, out: Any, algorithm: str = "sha1"):
+        self.out = out
+        self.hash = hashlib.new(algorithm)
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.out.write(data)
+        self.bytes_written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        flush = getattr(self.out, "flush", None)
+        if flush is not None:
+            flush()
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+
+class _FixedSizeReader:
+    """Exactly ``size`` bytes of ``fd``: a file that shrank while archived is padded with zeros and
+    one that grew is cut, so the tar header written before the contents stays true."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        if n <= 0:
+            return b""
+        data = os.read(self.fd, n)
+        if not data:
+            data = bytes(n)
+        self.left -= len(data)
+        return data
+
+
+def write_tar_gz(
+    jail: Jail,
+    out: Any,
+    *,
+    root: str = "/",
+    files: Iterable[str] | None = None,
+    ignore: IgnoreMatcher | str | None = None,
+    compress_level: int = 1,
+    on_entry: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> int:
+    """Stream the tree under ``root`` of ``jail`` into ``out`` as tar.gz; returns the entry count.
+
+    ``files`` (names relative to ``root``) limits the archive to those entries, else everything
+    under ``root``. Names in the archive are relative to ``root``. Symlinks are stored as links
+    (never followed); sockets, FIFOs and device files are skipped; the egg's denylist and
+    ``ignore`` leave paths out. ``out`` only needs ``write`` (a file, a socket's file, a
+    ``HashingWriter``). ``cancelled()`` is asked between entries and stops the walk with
+    ``ArchiveError``. gzip level 1 by default, as Wings' ``compression_level: best_speed``.
+    """
+    matcher = ignore if isinstance(ignore, IgnoreMatcher) else IgnoreMatcher(ignore or "")
+    with jail.resolve(root) as where:
+        root_fd = os.open(where.name or ".", Jail._DIR_FLAGS, dir_fd=where.dir_fd)
+    gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=compress_level, mtime=0)
+    try:
+        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            walk = _TarWalk(tar, jail, matcher, on_entry, cancelled)
+            names = [n for n in (files or ()) if n.strip("/")]
+            if files is None:
+                walk.directory(root_fd, "")
+            for name in names:
+                walk.named(root_fd, "/".join(Jail.parts(name)))
+            count = walk.count
+        gz.close()
+    finally:
+        os.close(root_fd)
+    return count
+
+
+class _TarWalk:
+    """The walk of ``write_tar_gz``: one directory fd at a time, every open ``O_NOFOLLOW``."""
+
+    def __init__(
+        self,
+        tar: tarfile.TarFile,
+        jail: Jail,
+        matcher: IgnoreMatcher,
+        on_entry: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ):
+        self.tar, self.jail, self.matcher = tar, jail, matcher
+        self.on_entry, self.cancelled = on_entry, cancelled
+        self.count = 0
+
+    def _skip(self, relpath: str, is_dir: bool) -> bool:
+        if self.matcher.ignored(relpath, is_dir):
+            return True
+        return self.jail.is_denied is not None and self.jail.is_denied(relpath)
+
+    def named(self, dir_fd: int, relpath: str) -> None:
+        """One entry given by name (``files=``); its parents are walked without following links."""
+        *parents, name = relpath.split("/")
+        fds = [dir_fd]
+        try:
+            for part in parents:
+                fds.append(os.open(part, Jail._DIR_FLAGS, dir_fd=fds[-1]))
+            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            self.entry(fds[-1], name, relpath, st)
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)
+
+    def directory(self, dir_fd: int, relpath: str) -> None:
+        with os.scandir(dir_fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we walk
+            self.entry(dir_fd, entry.name, f"{relpath}/{entry.name}".lstrip("/"), st)
+
+    def entry(self, dir_fd: int, name: str, relpath: str, st: os.stat_result) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise ArchiveError("the archive was cancelled")
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if self._skip(relpath, is_dir):
+            return
+        info = tarfile.TarInfo(relpath)
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.mtime = int(st.st_mtime)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        if is_dir:
+            info.type = tarfile.DIRTYPE
+            self._add(info)
+            try:
+                fd = os.open(name, Jail._DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            try:
+                self.directory(fd, relpath)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(st.st_mode):
+            info.type = tarfile.SYMTYPE
+            try:
+                info.linkname = os.readlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            self._add(info)
+        elif stat.S_ISREG(st.st_mode):
+            self._file(dir_fd, name, info)
+
+    def _file(self, dir_fd: int, name: str, info: tarfile.TarInfo) -> None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno == errno.ELOOP:
+                return  # removed, or swapped for a link, since the listing
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            os.set_blocking(fd, True)
+            info.size = st.st_size
+            self._add(info, _FixedSizeReader(fd, st.st_size))
+        finally:
+            os.close(fd)
+
+    def _add(self, info: tarfile.TarInfo, reader: Any = None) -> None:
+        self.tar.addfile(info, reader)
+        self.count += 1
+        if self.on_entry is not None:
+            self.on_entry(info.name)
+
+
+# -- extraction -----------------------------------------------------------------------------------
+
+_MAGIC_7Z = b"7z\xbc\xaf\x27\x1c"
+_MAGIC_RAR = b"Rar!\x1a\x07"
+_COMPRESSORS: dict[str, tuple[bytes, Callable[[Any], Any], tuple[str, ...]]] = {
+    "gzip": (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), (".gz", ".tgz")),
+    "bzip2": (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb"), (".bz2", ".tbz2", ".tbz")),
+    "xz": (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb"), (".xz", ".txz")),
+}
+
+
+class _Prefixed:
+    """A reader that gives ``head`` first, then the rest of ``src`` (magic bytes looked at once)."""
+
+    def __init__(self, head: bytes, src: Any):
+        self.head = head
+        self.src = src
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                data, self.head = self.head + self.src.read(), b""
+                return data
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.src.read(n if n is not None else -1)
+
+
+def _read_exactly(src: Any, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = src.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _is_tar_header(block: bytes) -> bool:
+    return len(block) >= 263 and block[257:262] == b"ustar"
+
+
+def archive_format(head: bytes) -> str:
+    """What the first bytes of an archive are: tar, zip, gzip, bzip2, xz; else ``ArchiveError``."""
+    if head.startswith(_MAGIC_7Z) or head.startswith(_MAGIC_RAR):
+        raise ArchiveError(UNSUPPORTED_ARCHIVE)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    for kind, (magic, _, _) in _COMPRESSORS.items():
+        if head.startswith(magic):
+            return kind
+    if _is_tar_header(head):
+        return "tar"
+    raise ArchiveError(UNSUPPORTED_ARCHIVE)
+
+
+def extract_archive(
+    jail: Jail,
+    fs: Filesystem,
+    src: Any,
+    *,
+    name: str = "",
+    dest: str = "/",
+    on_entry: Callable[[str], None] | None = None,
+) -> int:
+    """Extract the archive read from ``src`` into ``dest`` of ``jail``; returns the entries written.
+
+    ``src`` is a readable binary stream (a response body, an open file); ``name`` is the archive's
+    file name, used only to name the output of a single compressed file (``log.txt.gz`` ->
+    ``log.txt``). The format is found from the bytes: tar, tar.gz/tgz, tar.bz2, tar.xz, zip, or a
+    single .gz/.bz2/.xz file; 7z, rar and anything else are ``ArchiveError("unsupported archive
+    format")``. A refused entry (absolute name, "..", a link out of the jail, the egg's denylist,
+    a file over the disk limit) stops the extraction with ``ArchiveError`` naming it; what was
+    written before it stays. ``on_entry(relpath)`` is called after each entry is written.
+    """
+    start = src.tell() if _seekable(src) else None
+    head = _read_exactly(src, 512)
+    kind = archive_format(head)
+    target = _Extractor(jail, fs, dest, on_entry)
+    if kind == "zip":
+        if start is not None:  # zip's directory is at its end: read it in place
+            src.seek(start)
+            target.zip(src)
+        else:
+            with tempfile.TemporaryFile() as spool:
+                spool.write(head)
+                shutil.copyfileobj(src, spool, ARCHIVE_CHUNK_BYTES)
+                spool.seek(0)
+                target.zip(spool)
+    elif kind == "tar":
+        target.tar(_Prefixed(head, src))
+    else:
+        _, opener, suffixes = _COMPRESSORS[kind]
+        inner = opener(_Prefixed(head, src))
+        try:
+            first = _read_exactly(inner, 512)
+        except (OSError, EOFError, lzma.LZMAError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        if _is_tar_header(first):
+            target.tar(_Prefixed(first, inner))
+        else:
+            base = posixpath.basename(name.rstrip("/")) or "archive"
+            single = next((base[: -len(s)] for s in suffixes if base.endswith(s)), "")
+            target.single(single or base + ".out", _Prefixed(first, inner))
+    return target.count
+
+
+def _seekable(src: Any) -> bool:
+    try:
+        return bool(src.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _Extractor:
+    """Writes checked entries into a jail; every byte booked with ``Filesystem.reserve`` first."""
+
+    def __init__(
+        self, jail: Jail, fs: Filesystem, dest: str, on_entry: Callable[[str], None] | None
+    ):
+        self.jail, self.fs, self.on_entry = jail, fs, on_entry
+        self.dest = "/".join(Jail.parts(dest))
+        self.count = 0
+
+    # -- names -------------------------------------------------------------------------------
+
+    def path(self, member: str) -> str:
+        """The jail path of an archive member; ``ArchiveError`` for absolute names and ``..``."""
+        if "\x00" in member:
+            raise ArchiveError(f"refused archive entry {member!r}: NUL byte in its name")
+        if member.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", member):
+            raise ArchiveError(f"refused archive entry {member!r}: absolute path")
+        parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise ArchiveError(f"refused archive entry {member!r}: it climbs out with '..'")
+        return "/".join([self.dest, *parts]).lstrip("/")
+
+    def _done(self, path: str) -> None:
+        self.count += 1
+        if self.on_entry is not None:
+            self.on_entry(path)
+
+    # -- formats -----------------------------------------------------------------------------
+
+    def tar(self, stream: Any) -> None:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            while True:
+                member = tar.next()
+                if member is None:
+                    return
+                tar.members = []  # stream mode keeps every header otherwise: memory would grow
+                self.entry(member.name, lambda m=member: self._tar_member(tar, m))
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        except OSError as exc:  # gzip and bz2 report bad data as OSError
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+
+    def entry(self, member: str, extract: Callable[[], None]) -> None:
+        """Run ``extract``; a refusal by the jail or the disk becomes ``ArchiveError`` naming ``member``."""
+        try:
+            extract()
+        except PathEscape as exc:
+            raise ArchiveError(f"refused archive entry {member!r}: {exc.strerror}") from None
+        except PermissionError as exc:
+            raise ArchiveError(f"refused archive entry {member!r}: {exc.strerror}") from None
+        except OSError as exc:
+            raise ArchiveError(f"cannot extract {member!r}: {exc.strerror or exc}") from None
+
+    def _tar_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        path = self.path(member.name)
+        if not path:
+            return  # "." or "./": the destination itself
+        mode = member.mode & 0o1777
+        if member.isdir():
+            self.mkdir(path, mode)
+        elif member.issym():
+            self.symlink(member.linkname, path)
+        elif member.islnk():
+            self.hardlink(self.path(member.linkname), path)
+        elif member.isreg():
+            reader = tar.extractfile(member)
+            self.file(path, reader, mode, member.mtime, member.size)
+        else:
+            LOG.debug("archive: skipped %s (device file or FIFO)", member.name)
+
+    def zip(self, fileobj: Any) -> None:
+        try:
+            archive = zipfile.ZipFile(fileobj)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        with archive:
+            infos = archive.infolist()
+            declared = sum(i.file_size for i in infos)
+            if self.fs.limit_bytes and not self.fs.has_space(declared):
+                raise ArchiveError(
+                    f"the archive holds {declared} bytes; there is not enough disk space for them"
+                )
+            for info in infos:
+                try:
+                    self.entry(info.filename, lambda i=info: self._zip_member(archive, i))
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise ArchiveError(
+                        f"the archive is damaged at {info.filename!r}: {exc}"
+                    ) from None
+                except RuntimeError as exc:  # an encrypted member
+                    raise ArchiveError(f"cannot extract {info.filename!r}: {exc}") from None
+
+    def _zip_member(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+        path = self.path(info.filename)
+        if not path:
+            return
+        unix_mode = info.external_attr >> 16
+        kind = stat.S_IFMT(unix_mode)
+        if info.is_dir() or kind == stat.S_IFDIR:
+            self.mkdir(path, stat.S_IMODE(unix_mode) or 0o755)
+        elif kind == stat.S_IFLNK:
+            with archive.open(info) as reader:
+                target = reader.read(4096).decode("utf-8", "surrogateescape")
+            self.symlink(target, path)
+        elif kind in (0, stat.S_IFREG):
+            mtime = time.mktime((*info.date_time, 0, 0, -1))
+            with archive.open(info) as reader:
+                self.file(path, reader, stat.S_IMODE(unix_mode) or 0o644, mtime, info.file_size)
+        else:
+            LOG.debug("archive: skipped %s (device file or FIFO)", info.filename)
+
+    def single(self, name: str, reader: Any) -> None:
+        path = self.path(name)
+        self.entry(name, lambda: self.file(path, reader, 0o644, time.time()))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _parents(self, path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            self._mkdir_one("/".join(parts[:i]), 0o755)
+
+    def _mkdir_one(self, path: str, mode: int) -> bool:
+        try:
+            self.jail.mkdir(path, mode)
+            return True
+        except FileExistsError:
+            if not stat.S_ISDIR(self.jail.stat(path).st_mode):
+                raise ArchiveError(f"cannot extract into {path!r}: it is not a directory") from None
+            return False
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._parents(path)
+        if self._mkdir_one(path, mode):
+            self.jail.chmod(path, mode | 0o700)  # the daemon must be able to fill it
+        self._done(path)
+
+    def _clear(self, path: str) -> None:
+        """Remove what is at ``path`` (a file or a link, never a directory), giving its bytes back."""
+        try:
+            st = self.jail.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise ArchiveError(f"cannot extract {path!r}: a directory of that name exists")
+        gone = self.jail.remove(path)
+        if stat.S_ISREG(gone.st_mode) and gone.st_nlink <= 1:
+            self.fs.add_usage(-gone.st_size)
+
+    def symlink(self, target: str, path: str) -> None:
+        self._parents(path)
+        self._clear(path)
+        try:
+            self.jail.symlink(target, path)
+        except PathEscape:
+            raise ArchiveError(
+                f"refused archive entry {path!r}: a link to {target!r} would point outside"
+            ) from None
+        self._done(path)
+
+    def hardlink(self, source: str, path: str) -> None:
+        st = self.jail.lstat(source)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArchiveError(f"refused archive entry {path!r}: a hard link to a non-file")
+        self._parents(path)
+        self._clear(path)
+        if not self.fs.reserve(st.st_size):  # the usage walk counts every link's apparent size
+            raise ArchiveError(_NO_SPACE)
+        with self.jail.resolve(source, follow=False) as a, self.jail.resolve(path, False) as b:
+            os.link(a.name, b.name, src_dir_fd=a.dir_fd, dst_dir_fd=b.dir_fd, follow_symlinks=False)
+        self._done(path)
+
+    def file(self, path: str, reader: Any, mode: int, mtime: float, size: int = 0) -> None:
+        """Write one file; its declared ``size`` is booked before the first byte, the rest as read."""
+        self._parents(path)
+        self._clear(path)
+        if not self.fs.reserve(size):
+            raise ArchiveError(f"cannot extract {path!r} ({size} bytes): {_NO_SPACE}")
+        try:
+            fd = self.jail.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            self.fs.add_usage(-size)
+            raise
+        try:
+            written = metered_copy(self.fs, reader, fd, prebooked=size)
+            os.fchmod(fd, mode & 0o1777)
+            os.utime(fd, (mtime, mtime))
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self.fs.add_usage(-self.jail.remove(path).st_size)
+            raise
+        os.close(fd)
+        LOG.debug("archive: wrote %s (%d bytes)", path, written)
+        self._done(path)
+
+
+_NO_SPACE = "There is not enough disk space available to perform that action."
+
+
+def metered_copy(fs: Filesystem, reader: Any, fd: int, prebooked: int = 0) -> int:
+    """Copy ``reader`` to the end of the open file ``fd``, booking every chunk with ``fs`` first.
+
+    ``prebooked`` bytes were already booked by the caller (a declared size): they are used up
+    first and what is left of them is given back at the end. Raises ``ArchiveError`` (nothing
+    more written) when the next chunk would pass the disk limit; the bytes written stay booked.
+    Returns the bytes written.
+    """
+    total = 0
+    try:
+        while True:
+            chunk = reader.read(ARCHIVE_CHUNK_BYTES)
+            if not chunk:
+                return total
+            beyond = total + len(chunk) - max(total, prebooked)
+            if beyond > 0 and not fs.reserve(beyond):
+                raise ArchiveError(_NO_SPACE)
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            total += len(chunk)
+    finally:
+        if prebooked > total:
+            fs.add_usage(total - prebooked)
 
 
 # egg configuration files ##########################################################################
