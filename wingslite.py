@@ -5611,6 +5611,116 @@ class WebsocketToken:
         )
 
 
+# -- signed URLs -----------------------------------------------------------------------------------
+#
+# The browser downloads and uploads files (and downloads backups) straight from the node, with a
+# JWT in the URL that the Panel signed with the node token (Panel NodeJWTService; Wings
+# router/tokens/{file,upload,backup}.go). The same HS256 check as the websocket's applies. Each
+# token is good for one request: Wings remembers every ``unique_id`` it has accepted
+# (router/tokens/token_store.go) and answers a second use -- or a token for a server this node
+# does not hold -- with 404. Tokens issued before the daemon started, or revoked by
+# ``POST /ws/deny`` / ``POST /api/deauthorize-user`` (their ``jti`` is the websocket's), are refused
+# too: the memory of used ids does not survive a restart, so an older token could otherwise be
+# replayed after one.
+
+SIGNED_URL_NOT_FOUND = "The requested resource was not found on this server."
+# kind -> the claims, besides server_uuid and unique_id, that a token of that kind must carry.
+SIGNED_URL_CLAIMS: Mapping[str, tuple[str, ...]] = {
+    "file-download": ("file_path",),
+    "file-upload": (),
+    "backup-download": ("backup_uuid",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedToken:
+    """An accepted one-time token: whose, for which server, and its claims (``file_path``...)."""
+
+    kind: str
+    server_uuid: str
+    user_uuid: str
+    unique_id: str
+    claims: Mapping[str, Any]
+
+    def claim(self, key: str) -> str:
+        value = self.claims.get(key)
+        return value if isinstance(value, str) else ""
+
+
+class SignedUrls:
+    """Verifies the one-time JWTs of ``/download/file``, ``/upload/file`` and ``/download/backup``.
+
+    ``verify(token, kind, has_server)`` returns a ``SignedToken`` or raises ``WingsliteError``:
+    403 for a token that is malformed, signed with another key, expired, revoked, of another kind
+    (a ``scope`` claim, sent by newer Panels, must name ``kind``) or missing a claim; 404 (Wings'
+    text) when ``has_server(server_uuid)`` is false or the ``unique_id`` was used before. Ids are
+    remembered until their token expires, so the memory is bounded by what the Panel issues.
+    """
+
+    prune_every_s = 60.0
+
+    def __init__(self, secret: Callable[[], str], revocations: Revocations | None = None):
+        self._secret = secret  # read per call: a node token that changes is honoured at once
+        self._revocations = revocations
+        self._seen: dict[str, float] = {}  # unique_id -> the token's exp
+        self._lock = threading.Lock()
+        self._pruned_at = time.time()
+
+    def verify(self, token: str, kind: str, has_server: Callable[[str], bool]) -> SignedToken:
+        if kind not in SIGNED_URL_CLAIMS:
+            raise ValueError(f"unknown signed URL kind {kind!r}")
+        if not token:
+            raise WingsliteError(f"the {kind} link has no token", 403)
+        try:
+            claims = decode_jwt(token, self._secret())
+        except JwtError as exc:
+            raise WingsliteError(f"the {kind} token is not valid: {exc}", 403) from None
+        scope = claims.get("scope")
+        if scope is not None and scope != kind:
+            raise WingsliteError(f"the token was issued for {scope!r}, not for {kind!r}", 403)
+        for key in ("server_uuid", "unique_id", *SIGNED_URL_CLAIMS[kind]):
+            if not isinstance(claims.get(key), str) or not claims[key]:
+                raise WingsliteError(f"the {kind} token has no {key} claim", 403)
+        signed = SignedToken(
+            kind,
+            claims["server_uuid"],
+            claims["user_uuid"] if isinstance(claims.get("user_uuid"), str) else "",
+            claims["unique_id"],
+            claims,
+        )
+        self._check_revoked(signed)
+        if not has_server(signed.server_uuid) or not self._first_use(
+            signed.unique_id, claims["exp"]
+        ):
+            raise WingsliteError(SIGNED_URL_NOT_FOUND, 404)
+        return signed
+
+    def _check_revoked(self, signed: SignedToken) -> None:
+        if self._revocations is None:
+            return
+        iat = signed.claims.get("iat")
+        jti = signed.claims.get("jti")
+        problem = self._revocations.check(
+            jti if isinstance(jti, str) else "",
+            signed.user_uuid,
+            signed.server_uuid,
+            iat if _is_number(iat) else -1.0,
+        )
+        if problem:
+            raise WingsliteError(f"the {signed.kind} token is not valid: {problem}", 403)
+
+    def _first_use(self, unique_id: str, exp: float) -> bool:
+        now = time.time()
+        with self._lock:
+            if now - self._pruned_at > self.prune_every_s:
+                self._seen = {k: v for k, v in self._seen.items() if v >= now}
+                self._pruned_at = now
+            if unique_id in self._seen:
+                return False
+            self._seen[unique_id] = exp
+            return True
+
+
 # -- rate limits -----------------------------------------------------------------------------------
 
 
@@ -7817,6 +7927,7 @@ class Daemon:
         self.sessions = SessionTable()
         self.revocations = Revocations()
         self.placeholders = NodePlaceholders(config)
+        self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
         self.http: ApiServer | None = None
         self.sftp: SftpServer | None = None
