@@ -141,6 +141,7 @@ class FakePanel:
         self.garbage: set[str] = set()
         self.hang_s: dict[str, float] = {}
         self.down = False
+        self.activity: list[dict] = []  # every event POST /api/remote/activity accepted
         self.lock = threading.Lock()
         panel = self
 
@@ -253,6 +254,8 @@ class FakePanel:
             return h.send_json(204)
         if method == "POST" and path == "/api/remote/sftp/auth":
             return self.sftp_auth(h, json.loads(body or b"null"))
+        if method == "POST" and path == "/api/remote/activity":
+            return self.record_activity(h, json.loads(body or b"null"))
         if method == "GET" and path.startswith("/api/remote/servers/"):
             ident = path.rsplit("/", 1)[-1]
             with self.lock:
@@ -345,9 +348,45 @@ class FakePanel:
             )
         return h.send_json(200, {"server": server, "user": self.user_uuid, "permissions": perms})
 
+    def record_activity(self, h, body):
+        """ActivityEventRequest's rules (panel-contract.md §1.9); 200 with an empty body."""
+        items = body.get("data") if isinstance(body, dict) else None
+        keys = {"user", "server", "event", "metadata", "ip", "timestamp"}
+        valid = isinstance(items, list) and all(
+            isinstance(i, dict)
+            and set(i) <= keys
+            and isinstance(i.get("server"), str)
+            and isinstance(i.get("event"), str)
+            and "metadata" in i
+            and (i["metadata"] is None or isinstance(i["metadata"], dict))
+            and isinstance(i.get("timestamp"), str)
+            and (i.get("ip") is None or _is_ip(i["ip"]))
+            for i in items
+        )
+        if not valid:
+            return h.send_json(
+                422, panel_error(422, "ValidationException", "The given data was invalid.")
+            )
+        with self.lock:
+            self.activity.extend(items)
+        h.send_response(200)
+        h.send_header("Content-Type", "text/html; charset=UTF-8")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _is_ip(text) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -5254,6 +5293,137 @@ class TestSftpResourceLimits:
             for handle in opened:  # closing them gives the budget back
                 client._request(paramiko.sftp.CMD_CLOSE, handle)
             assert len(client.listdir("many")) == 400
+
+
+# activity #########################################################################################
+
+ACTIVITY_USER = "c0ffee00-1111-4222-8333-444455556666"
+_RFC3339_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def activity_events(panel, event_prefix: str = "server:", count: int = 1, timeout_s: float = 15):
+    """The events the fake Panel accepted whose name starts with ``event_prefix`` (waits for them)."""
+
+    def found():
+        with panel.lock:
+            items = [e for e in panel.activity if e["event"].startswith(event_prefix)]
+        return items if len(items) >= count else None
+
+    return wait_for(found, timeout_s, 0.05, f"{count} {event_prefix!r} activity event(s)")
+
+
+class TestActivity:
+    """Activity reaches the Panel's ``/activity`` with Wings' names and fields, exactly once."""
+
+    def test_console_command_and_power_from_the_websocket(self, console_node, panel):
+        import re
+
+        daemon = console_node(system__activity_send_interval=1)
+        conn, _ = ws_authed(daemon, daemon.uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            ws_send(conn, "send command", "say hello")
+            ws_until(conn, "console output", match="> say hello")
+        power = activity_events(panel, "server:power.")
+        command = activity_events(panel, "server:console.command")
+        assert power[0]["event"] == "server:power.start" and power[0]["metadata"] is None
+        assert command[0]["metadata"] == {"command": "say hello"}
+        for event in (power[0], command[0]):
+            assert set(event) == {"user", "server", "event", "metadata", "ip", "timestamp"}
+            assert event["user"] == ACTIVITY_USER and event["server"] == daemon.uuid
+            assert event["ip"] == "127.0.0.1"  # no port: the Panel refuses a batch over one
+            assert re.match(_RFC3339_Z, event["timestamp"])
+
+    def test_power_action_that_fails_and_http_power_are_not_recorded(self, console_node, panel):
+        daemon = console_node(system__activity_send_interval=3600)
+        conn, _ = ws_authed(daemon, daemon.uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            ws_send(conn, "set state", "start")  # already running: the action fails
+            ws_until(conn, "daemon error")
+        status, _, _ = api(daemon, "POST", f"/api/servers/{daemon.uuid}/power", {"action": "kill"})
+        assert status == 202
+        wait_for(lambda: daemon.get_server(daemon.uuid).state == w.OFFLINE, what="killed")
+        daemon.activity.send_pending()
+        # Only the start that worked; the Panel logs its own HTTP power calls itself.
+        assert [e["event"] for e in panel.activity] == ["server:power.start"]
+
+    @needs_paramiko
+    def test_sftp_operations_are_recorded_and_merged_per_minute(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, system__activity_send_interval=3600)
+        with sftp_client(daemon, server) as client:
+            for name in ("a.txt", "b.txt"):
+                with client.open(name, "w") as f:
+                    f.write(b"new")
+            with client.open("a.txt", "w") as f:
+                f.write(b"again")
+            client.mkdir("dir")
+            client.rename("b.txt", "dir/b.txt")
+            client.remove("a.txt")
+            with pytest.raises(OSError):
+                client.remove("missing.txt")  # failed operations are not activity
+        assert daemon.activity.send_pending() >= 5
+        by_event = {e["event"]: e for e in panel.activity}
+        assert by_event["server:sftp.create"]["metadata"] == {"files": ["/a.txt", "/b.txt"]}
+        assert by_event["server:sftp.write"]["metadata"] == {"files": ["/a.txt"]}
+        assert by_event["server:sftp.create-directory"]["metadata"] == {"files": ["/dir"]}
+        assert by_event["server:sftp.rename"]["metadata"] == {
+            "files": [{"from": "/b.txt", "to": "/dir/b.txt"}]
+        }
+        assert by_event["server:sftp.delete"]["metadata"] == {"files": ["/a.txt"]}
+        assert len(panel.activity) == 5  # two creates within a minute are one event
+        assert all(
+            e["user"] == panel.user_uuid and e["ip"] == "127.0.0.1" and e["server"] == server.uuid
+            for e in panel.activity
+        )
+        assert daemon.activity.pending() == 0
+
+    def test_panel_down_two_intervals_and_a_restart_delivers_each_event_once(
+        self, panel, make_daemon
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, system__activity_send_interval=1, system__activity_send_count=3)
+        server = daemon.get_server(uuid)
+        panel.down = True
+        for n in range(4):
+            server.record_activity(
+                w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "10.0.0.1:5", {"n": n}
+            )
+        wait_for(lambda: panel.calls.get("/api/remote/activity", 0) >= 2, 20, what="two rounds")
+        daemon.stop()  # restart while the Panel is still down
+        for n in range(4, 7):
+            daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "::1", {"n": n})
+        assert panel.activity == []
+        restarted = make_daemon(panel, boot=False, system__activity_send_interval=1)
+        assert restarted.activity.pending() == 7
+        panel.down = False
+        events = activity_events(panel, count=7)
+        wait_for(lambda: restarted.activity.pending() == 0, what="the queue to empty")
+        time.sleep(2.5)  # two more rounds: nothing is sent a second time
+        assert sorted(e["metadata"]["n"] for e in panel.activity) == list(range(7))
+        assert {e["ip"] for e in events} == {"10.0.0.1", "::1"}
+
+    def test_a_batch_the_panel_refuses_is_dropped_not_resent(self, panel, make_daemon, caplog):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, system__activity_send_interval=3600)
+        daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, None, {"command": "x"})
+        panel.fail["/api/remote/activity"] = [422]
+        with caplog.at_level(logging.ERROR, logger="wingslite"):
+            daemon.activity.send_pending()
+        assert "refused 1 event(s), dropped" in caplog.text
+        assert daemon.activity.pending() == 0 and panel.activity == []
+        daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, "not an ip", {})
+        assert daemon.activity.send_pending() == 1
+        assert panel.activity[0]["ip"] is None and panel.activity[0]["user"] is None
+
+    def test_addresses_and_timestamps_in_the_panels_forms(self):
+        assert w.activity_ip("203.0.113.9:51234") == "203.0.113.9"
+        assert w.activity_ip("[2001:db8::1]:22") == "2001:db8::1"
+        assert w.activity_ip("2001:db8::1") == "2001:db8::1"
+        assert w.activity_ip("") is None and w.activity_ip("host.example:22") is None
+        assert w.activity_timestamp(0) == "1970-01-01T00:00:00Z"
 
 
 # disk quotas ######################################################################################

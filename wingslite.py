@@ -74,6 +74,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import lzma
@@ -87,6 +88,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -120,6 +122,17 @@ OFFLINE, STARTING, RUNNING, STOPPING = "offline", "starting", "running", "stoppi
 CLOSE_SUSPENDED = 4409  # the Panel's browser client stops reconnecting on 4409 (panel#5464)
 CLOSE_REVOKED = 4401
 CLOSE_SERVER_DELETED = 1001
+
+# Activity event names as Wings v1.11 sends them to the Panel (server/activity.go); the activity
+# section queues and sends them.
+ACTIVITY_CONSOLE_COMMAND = "server:console.command"
+ACTIVITY_POWER_PREFIX = "server:power."
+ACTIVITY_SFTP_WRITE = "server:sftp.write"
+ACTIVITY_SFTP_CREATE = "server:sftp.create"
+ACTIVITY_SFTP_CREATE_DIRECTORY = "server:sftp.create-directory"
+ACTIVITY_SFTP_RENAME = "server:sftp.rename"
+ACTIVITY_SFTP_DELETE = "server:sftp.delete"
+ACTIVITY_FILE_UPLOADED = "server:file.uploaded"
 
 _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
@@ -196,6 +209,8 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("system.tmp_directory", str, "/tmp/pterodactyl"),
     ("system.timezone", str, ""),
     ("system.disk_check_interval", int, 150),
+    ("system.activity_send_interval", int, 60),
+    ("system.activity_send_count", int, 100),
     ("system.websocket_log_count", int, 150),
     ("system.check_permissions_on_boot", bool, True),
     ("system.sftp.bind_address", str, "0.0.0.0"),
@@ -249,6 +264,8 @@ _NON_NEGATIVE = {
     "api.port",
     "system.sftp.bind_port",
     "system.disk_check_interval",
+    "system.activity_send_interval",
+    "system.activity_send_count",
     "system.websocket_log_count",
     "system.crash_detection.timeout",
     "docker.tmpfs_size",
@@ -491,6 +508,10 @@ class PanelClient:
     def reset_servers(self) -> None:
         """``POST /servers/reset``: Wings calls it once after boot; the Panel clears stale installs."""
         self.request("POST", "/servers/reset", body=None)
+
+    def send_activity(self, events: list[dict[str, Any]]) -> None:
+        """``POST /activity``: ``{"data": [{user, server, event, metadata, ip, timestamp}]}``."""
+        self.request("POST", "/activity", body={"data": events})
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -5825,10 +5846,11 @@ class ConsoleSocket:
     expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
     power_wait_s = 0  # Wings' websocket power actions do not wait for the power lock
 
-    def __init__(self, ws: WebSocket, server: Any, daemon: Any):
+    def __init__(self, ws: WebSocket, server: Any, daemon: Any, ip: str = ""):
         self.ws = ws
         self.server = server
         self.daemon = daemon
+        self.ip = ip  # the client's address, for activity events
         self.token: WebsocketToken | None = None
         self.session: Any = None
         self._expiring_sent = False
@@ -6023,6 +6045,9 @@ class ConsoleSocket:
         if not self.token.can("control.console") or self.server.state == OFFLINE:
             return  # Wings ignores both silently
         self.server.send_command(line)
+        self.server.record_activity(
+            ACTIVITY_CONSOLE_COMMAND, self.token.user_uuid, self.ip, {"command": line}
+        )
 
     def _set_state(self, action: str) -> None:
         assert self.token is not None
@@ -6048,6 +6073,10 @@ class ConsoleSocket:
             self.server.power(action, self.power_wait_s)
         except Exception as exc:
             self._daemon_error(exc)
+            return
+        # Only a power action that succeeded, and only from here: the Panel logs its own HTTP calls.
+        user = self.token.user_uuid if self.token else None
+        self.server.record_activity(ACTIVITY_POWER_PREFIX + action, user, self.ip)
 
     # -- outbound -------------------------------------------------------------------------------
 
@@ -6182,7 +6211,7 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
     ):
         raise WingsliteError("Forbidden: this Origin may not open the server's websocket.", 403)
     ws = WebSocket(handler.connection, _drain_read_buffer(handler))
-    console = ConsoleSocket(ws, server, daemon)
+    console = ConsoleSocket(ws, server, daemon, ip=handler.client_address[0])
     # Registered before counting, so that concurrent upgrades can never exceed the limit together.
     console.register("")
     limit = daemon.config.get("wingslite.websocket_max_per_server")
@@ -6854,7 +6883,8 @@ class _SftpSession:
             return refused
         if not self.server.fs.has_space():
             return SFTP_QUOTA_EXCEEDED  # Wings refuses to open for writing over the limit
-        return self._run(permission, lambda: self._open(path, flags))
+        event = ACTIVITY_SFTP_WRITE if exists else ACTIVITY_SFTP_CREATE
+        return self._logged(event, [path], self._run(permission, lambda: self._open(path, flags)))
 
     def _open(self, path: str, flags: int) -> Any:
         if self.handles >= self.sftp.max_handles:
@@ -6875,29 +6905,36 @@ class _SftpSession:
     # -- changing ------------------------------------------------------------------------------
 
     def mkdir(self, path: str, attr: Any) -> int:
-        return self._run("file.create", lambda: self.jail.mkdir(path, 0o755) or 0)
+        status = self._run("file.create", lambda: self.jail.mkdir(path, 0o755) or 0)
+        return self._logged(ACTIVITY_SFTP_CREATE_DIRECTORY, [path], status)
 
     def rmdir(self, path: str) -> int:
-        return self._run("file.delete", lambda: self.jail.rmdir(path) or 0)
+        return self._logged(
+            ACTIVITY_SFTP_DELETE,
+            [path],
+            self._run("file.delete", lambda: self.jail.rmdir(path) or 0),
+        )
 
     def remove(self, path: str) -> int:
         def action() -> int:
             self._freed(self.jail.remove(path))
             return 0
 
-        return self._run("file.delete", action)
+        return self._logged(ACTIVITY_SFTP_DELETE, [path], self._run("file.delete", action))
 
     def rename(self, oldpath: str, newpath: str) -> int:
         # SFTP v3 rename never replaces an existing file; posix-rename@openssh.com does.
-        return self._run(
+        status = self._run(
             "file.update",
             lambda: self._freed(self.jail.rename(oldpath, newpath, overwrite=False)) or 0,
         )
+        return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
-        return self._run(
+        status = self._run(
             "file.update", lambda: self._freed(self.jail.rename(oldpath, newpath)) or 0
         )
+        return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
     def symlink(self, target_path: str, path: str) -> int:
         return self._run("file.create", lambda: self.jail.symlink(target_path, path) or 0)
@@ -6922,6 +6959,19 @@ class _SftpSession:
         return self._run("file.update", action)
 
     # -- accounting ----------------------------------------------------------------------------
+
+    def _logged(self, event: str, paths: list[Any], result: Any) -> Any:
+        """Record a successful change as Wings' SFTP activity (sftp/event.go); pass ``result`` on."""
+        if isinstance(result, int) and result != 0:
+            return result
+        files: list[Any] = [
+            {"from": self.canonicalize(p[0]), "to": self.canonicalize(p[1])}
+            if isinstance(p, tuple)
+            else self.canonicalize(p)
+            for p in paths
+        ]
+        self.server.record_activity(event, self.login.user_uuid, self.login.ip, {"files": files})
+        return result
 
     def _freed(self, st: os.stat_result | None) -> None:
         """Give back the bytes of a file that is gone (its last link was removed or replaced)."""
@@ -7040,6 +7090,223 @@ class _SftpFile:
         if fd >= 0:
             os.close(fd)
             self.session.handles -= 1
+
+
+# activity #########################################################################################
+#
+# What users did to a server, for the Panel's Activity tab. Events are written to a small SQLite
+# queue under ``system.root_directory`` the moment they happen, and a sender thread posts them to
+# ``POST /api/remote/activity`` every ``system.activity_send_interval`` seconds. A batch leaves
+# the queue only once the Panel accepted it, so a Panel outage or a daemon restart loses nothing.
+
+_ANY_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def activity_ip(address: str | None) -> str | None:
+    """A client address as the Panel accepts it: the IP alone, or None when there is none.
+
+    The Panel validates ``ip`` as an IP address and refuses the whole batch over one
+    ``1.2.3.4:5678`` (ActivityEventRequest), so a port or IPv6 brackets are taken off here.
+    """
+    text = (address or "").strip()
+    candidates = [text]
+    if text.startswith("[") and "]" in text:
+        candidates.append(text[1 : text.index("]")])
+    elif text.count(":") == 1:
+        candidates.append(text.split(":", 1)[0])
+    for candidate in candidates:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(candidate.split("%", 1)[0]))
+    return None
+
+
+def activity_timestamp(at_s: float) -> str:
+    """RFC 3339 in UTC with a ``Z``: the Panel replaces an offset it cannot parse with "now"."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at_s))
+
+
+class ActivityLog:
+    """The node's activity queue (SQLite) and the thread that sends it to the Panel.
+
+    Methods for the caller: ``record(server_uuid, event, user_uuid, ip, metadata)`` (never raises;
+    safe from any thread), ``start()`` / ``stop()`` (the sender thread), ``send_pending()`` (one
+    sending round now), ``pending()`` (events still queued).
+
+    Sending follows Wings' crons (internal/cron/activity_cron.go, sftp_cron.go): up to
+    ``batch_size`` ordinary events per request; SFTP events of one user, server, IP and kind
+    within one minute are merged into one event whose ``files`` lists them all, stamped with the
+    first one's time. A batch the Panel refuses with a 4xx can never succeed: it is logged and
+    dropped instead of being resent forever. Any other failure keeps it for the next round.
+    Deletes go one id at a time (``executemany``), so no batch size meets SQLite's limit on
+    variables per statement (the bug of GHSA-2497-gp99-2m74).
+    """
+
+    max_batches_per_round = 50  # drains a backlog after an outage without starving the interval
+
+    def __init__(self, path: Path, panel: Any, interval_s: float = 60, batch_size: int = 100):
+        self.path = Path(path)
+        self.panel = panel
+        self.interval_s = max(1.0, float(interval_s))
+        self.batch_size = max(1, int(batch_size))
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        """The queue's connection (``_lock`` held), opened on first use."""
+        if self._db is None:
+            self._db = self._open()
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
+            " ip TEXT, at_s REAL NOT NULL)"
+        )
+        return db
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def record(
+        self,
+        server_uuid: str,
+        event: str,
+        user_uuid: str | None = None,
+        ip: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Queue one event now; a failure is logged, never raised into the caller's action."""
+        try:
+            row = (
+                user_uuid if user_uuid and _ANY_UUID_RE.fullmatch(user_uuid) else None,
+                server_uuid,
+                event,
+                None if metadata is None else json.dumps(dict(metadata), separators=(",", ":")),
+                activity_ip(ip),
+                time.time(),
+            )
+            with self._lock:
+                self._conn().execute(
+                    "INSERT INTO activity (user, server, event, metadata, ip, at_s)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+        except (sqlite3.Error, OSError, TypeError, ValueError) as exc:
+            LOG.error("activity %s of server %s could not be queued: %s", event, server_uuid, exc)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._conn().execute("SELECT COUNT(*) FROM activity").fetchone()[0]
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="wingslite-activity", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.send_pending()
+            except Exception:  # the sender must outlive any one bad round
+                LOG.exception("sending activity to the Panel failed")
+
+    def send_pending(self) -> int:
+        """One round: send queued events until the queue is empty or the Panel fails; the count sent."""
+        sent = 0
+        for take in (self._take_ordinary, self._take_sftp):
+            for _ in range(self.max_batches_per_round):
+                if self._stop.is_set() and self._thread is not None:
+                    return sent
+                ids, events = take()
+                if not ids:
+                    break
+                if not self._send(ids, events):
+                    return sent
+                sent += len(events)
+                if len(events) < self.batch_size:
+                    break
+        return sent
+
+    def _rows(self, where: str, limit: int) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return (
+                self._conn()
+                .execute(
+                    "SELECT id, user, server, event, metadata, ip, at_s FROM activity"
+                    f" WHERE {where} ORDER BY id LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
+
+    def _take_ordinary(self) -> tuple[list[int], list[dict[str, Any]]]:
+        rows = self._rows("event NOT LIKE 'server:sftp.%'", self.batch_size)
+        return [r[0] for r in rows], [_activity_event(*r[1:]) for r in rows]
+
+    def _take_sftp(self) -> tuple[list[int], list[dict[str, Any]]]:
+        """SFTP rows merged per (user, server, ip, event, minute), at most ``batch_size`` events."""
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        ids: list[int] = []
+        rows = self._rows("event LIKE 'server:sftp.%'", self.batch_size * 20)
+        for row_id, user, server, event, metadata, ip, at_s in rows:
+            key = (user, server, ip, event, time.strftime("%Y-%m-%d_%H:%M", time.gmtime(at_s)))
+            if key not in merged:
+                if len(merged) >= self.batch_size:
+                    continue  # the next batch takes it
+                merged[key] = _activity_event(user, server, event, None, ip, at_s)
+                merged[key]["metadata"] = {"files": []}
+            files = (json.loads(metadata) or {}).get("files") if metadata else None
+            merged[key]["metadata"]["files"].extend(files if isinstance(files, list) else [])
+            ids.append(row_id)
+        return ids, list(merged.values())
+
+    def _send(self, ids: list[int], events: list[dict[str, Any]]) -> bool:
+        """POST one batch; True when it may leave the queue (accepted, or refused for good)."""
+        try:
+            self.panel.send_activity(events)
+        except PanelError as exc:
+            if not 400 <= exc.http_status < 500:
+                LOG.warning(
+                    "activity: %d event(s) kept for the next round: %s", len(ids), exc.message
+                )
+                return False
+            LOG.error("activity: the Panel refused %d event(s), dropped: %s", len(ids), exc.message)
+        with self._lock:
+            self._conn().executemany("DELETE FROM activity WHERE id = ?", [(i,) for i in ids])
+        return True
+
+
+def _activity_event(
+    user: str | None, server: str, event: str, metadata: str | None, ip: str | None, at_s: float
+) -> dict[str, Any]:
+    """One item of ``POST /api/remote/activity`` with Wings' field names."""
+    return {
+        "user": user,
+        "server": server,
+        "event": event,
+        "metadata": json.loads(metadata) if metadata else None,
+        "ip": ip,
+        "timestamp": activity_timestamp(at_s),
+    }
 
 
 # HTTP API #########################################################################################
@@ -7864,6 +8131,12 @@ class Server:
     def logs(self, lines: int) -> list[str]:
         return self.env.logs(lines) or self.console.tail(lines)
 
+    def record_activity(
+        self, event: str, user_uuid: str | None, ip: str | None, metadata: Any = None
+    ) -> None:
+        """Queue an activity event of this server for the Panel (``ActivityLog.record``)."""
+        self.daemon.activity.record(self.uuid, event, user_uuid, ip, metadata)
+
     # -- views ---------------------------------------------------------------------------------
 
     def utilization(self) -> dict[str, Any]:
@@ -7929,6 +8202,12 @@ class Daemon:
         self.placeholders = NodePlaceholders(config)
         self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
+        self.activity = ActivityLog(
+            config.root_dir / "wingslite" / "activity.db",
+            self.panel,
+            config.get("system.activity_send_interval"),
+            config.get("system.activity_send_count"),
+        )
         self.http: ApiServer | None = None
         self.sftp: SftpServer | None = None
         self._servers_lock = threading.Lock()
@@ -7986,6 +8265,7 @@ class Daemon:
                     exc,
                 )
         self._spawn(self._boot_loop, "wingslite-boot")
+        self.activity.start()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -8006,6 +8286,7 @@ class Daemon:
             )
         if self.sftp is not None:
             self.sftp.stop()
+        self.activity.stop()
         for server in self.all_servers():
             with contextlib.suppress(Exception):
                 server.env.close()
