@@ -4585,13 +4585,43 @@ class TestSftpLogin:
             status, _, body = api(daemon, "GET", "/api/system")
             assert status == 200 and body["wingslite"]["sftp"] is False and len(daemon.servers) == 1
 
+    def test_paramiko_is_loaded_by_the_first_connection_not_before(self, panel, tmp_path):
+        """An idle node listens on a plain socket: neither the Docker SDK nor the listener
+        imports paramiko (or cryptography) until a client connects."""
+        raw = node_config(
+            tmp_path,
+            panel.url,
+            wingslite__sftp_enabled=True,
+            system__sftp__bind_address="127.0.0.1",
+            system__sftp__bind_port=0,
+        )
+        script = f"""
+import socket, sys
+sys.path.insert(0, {str(HERE)!r})
+import wingslite as w
+w._docker()
+daemon = w.Daemon(w.Config({raw!r}, "test"))
+daemon.start()
+assert daemon.wait_booted(10) and daemon.sftp is not None
+before = sorted(m for m in sys.modules if m.split(".")[0] in ("paramiko", "cryptography"))
+with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as conn:
+    banner = conn.makefile("rb").readline()
+print(before, "paramiko" in sys.modules, banner.decode().strip())
+daemon.stop()
+"""
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["[]", "True", f"SSH-2.0-wingslite_{w.VERSION}"]
+
     def test_host_key_is_ed25519_made_once_and_private(self, panel, make_daemon):
         daemon, server = _sftp_daemon(panel, make_daemon)
         path = daemon.config.root_dir / ".sftp" / "id_ed25519"
-        assert path.stat().st_mode & 0o777 == 0o600
-        with sftp_client(daemon, server) as client:
+        with sftp_client(daemon, server) as client:  # the first connection makes the key
             first = client.get_channel().get_transport().get_remote_server_key()
         assert first.get_name() == "ssh-ed25519"
+        assert path.stat().st_mode & 0o777 == 0o600
         daemon.stop()
         again = make_daemon(
             panel,

@@ -76,6 +76,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -94,6 +95,7 @@ import sqlite3
 import stat
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -3821,9 +3823,26 @@ _SIGNALS = frozenset(s.name for s in signal.Signals if not s.name.startswith("SI
 
 
 def _docker() -> Any:
-    import docker  # a required package, imported on first use: ~9 MB that embedders without Docker do not pay
+    """The Docker SDK, imported on first use (embedders without Docker do not pay for it)."""
+    if "docker" not in sys.modules:
+        # The SDK imports its ssh:// transport, and with it paramiko and cryptography (~35 MB),
+        # whenever paramiko is installed (docker/transport/__init__.py); a node talks to its
+        # own engine over a unix socket or TCP. A None entry in sys.modules makes that import
+        # fail as it does when paramiko is missing, so SFTP alone decides when paramiko loads.
+        sys.modules.setdefault("docker.transport.sshconn", None)  # type: ignore[arg-type]
+    import docker
 
     return docker
+
+
+def _docker_ssh_transport(docker: Any) -> None:
+    """Import the SDK's ssh:// transport that ``_docker()`` held back, for an engine reached
+    over ssh (it needs paramiko)."""
+    if sys.modules.get("docker.transport.sshconn", False) is None:
+        del sys.modules["docker.transport.sshconn"]
+        from docker.transport.sshconn import SSHHTTPAdapter
+
+        docker.api.client.SSHHTTPAdapter = SSHHTTPAdapter
 
 
 def docker_client(config: Config) -> Any:
@@ -3836,6 +3855,8 @@ def docker_client(config: Config) -> Any:
     kwargs = docker.utils.kwargs_from_env()
     if config.get("wingslite.docker_url"):
         kwargs["base_url"] = config.get("wingslite.docker_url")
+    if str(kwargs.get("base_url", "")).startswith("ssh://"):
+        _docker_ssh_transport(docker)
     # Each running server holds one pooled connection for its stats stream.
     return docker.APIClient(version="1.41", timeout=60, max_pool_size=256, **kwargs)
 
@@ -6249,12 +6270,8 @@ _SFTP_MAX_FILE_BYTES = (
 
 
 def sftp_available() -> bool:
-    """True when paramiko can be imported (SFTP is optional)."""
-    try:
-        import paramiko  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when paramiko is installed (SFTP is optional). It is not imported here."""
+    return importlib.util.find_spec("paramiko") is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6355,19 +6372,18 @@ class SftpServer:
     pubkey_failure_weight = 0.25  # clients offer several keys before the right one
 
     def __init__(self, daemon: Any):
-        import paramiko  # optional dependency: the caller checked ``sftp_available()``
-
         self.daemon = daemon
         self.config = daemon.config
         self.port = 0
         self.read_only = bool(self.config.get("system.sftp.read_only"))
-        self._paramiko = paramiko
-        self._glue = _paramiko_glue(paramiko)
+        # paramiko (and cryptography under it, ~40 MB) is imported when the first client
+        # connects: until then a plain socket listens, and an idle node does not pay for it.
+        self._loaded: types.SimpleNamespace | None = None
+        self._load_lock = threading.Lock()
         self._limiter = _LoginLimiter(self.config.get("wingslite.sftp_login_attempts_per_minute"))
         self._slots = threading.BoundedSemaphore(
             max(1, self.config.get("wingslite.sftp_max_connections"))
         )
-        self._host_key: Any = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._live: set[Any] = set()
@@ -6381,7 +6397,6 @@ class SftpServer:
         return os.path.join(self.config.root_dir, ".sftp", "id_ed25519")
 
     def start(self) -> None:
-        self._host_key = self._load_host_key()
         host, port = (
             self.config.get("system.sftp.bind_address"),
             self.config.get("system.sftp.bind_port"),
@@ -6422,7 +6437,35 @@ class SftpServer:
         with self._live_lock:
             return sum(1 for transport in self._live if transport.is_active())
 
-    def _load_host_key(self) -> Any:
+    def _load_paramiko(self) -> types.SimpleNamespace:
+        """paramiko, the classes built on it and the host key: loaded by the first connection."""
+        loaded = self._loaded
+        if loaded is None:
+            with self._load_lock:
+                if self._loaded is None:
+                    import paramiko  # optional dependency: the caller checked sftp_available()
+
+                    glue = _paramiko_glue(paramiko)
+                    host_key = self._load_host_key(paramiko)
+                    self._loaded = types.SimpleNamespace(
+                        module=paramiko, glue=glue, host_key=host_key
+                    )
+                loaded = self._loaded
+        return loaded
+
+    @property
+    def _paramiko(self) -> types.ModuleType:
+        return self._load_paramiko().module
+
+    @property
+    def _glue(self) -> types.SimpleNamespace:
+        return self._load_paramiko().glue
+
+    @property
+    def _host_key(self) -> Any:
+        return self._load_paramiko().host_key
+
+    def _load_host_key(self, paramiko: types.ModuleType) -> Any:
         """The node's ed25519 host key, generated once (0600) so clients can pin it."""
         path = self.host_key_path
         if not os.path.exists(path):
@@ -6441,7 +6484,7 @@ class SftpServer:
             os.chmod(
                 path, 0o600
             )  # a private key readable by others is a key anyone may have copied
-        return self._paramiko.Ed25519Key.from_private_key_file(path)
+        return paramiko.Ed25519Key.from_private_key_file(path)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -7699,6 +7742,17 @@ def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Compiling this file when it runs as a script (about 20 MB of parser memory) and reading the
+    Panel's server pages at boot leave the heap large but mostly free; glibc keeps such pages
+    until told otherwise, and an idle node would carry them for its whole life.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class ConfigStore:
     """Each server's last good Panel document, one JSON file per server, written atomically."""
 
@@ -8351,6 +8405,7 @@ class Daemon:
         self._restore_states()
         with contextlib.suppress(PanelError):
             self.panel.reset_servers()  # as Wings: the Panel clears installs left over from before
+        release_free_heap()
         self._booted.set()
 
     def load_from_panel(self) -> None:
@@ -9444,5 +9499,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exec_as_module() -> None:
+    """Replace this process (same pid, same interpreter options) with one that imports this
+    file as the module ``wingslite`` and runs ``main()``; returns only if that cannot be done.
+
+    CPython keeps a script's syntax tree until the script has finished running (the parser's
+    arena is freed after ``run_mod``), which for a daemon is its whole life: about 20 MB for
+    this file. A module's tree is freed as soon as it is compiled.
+    """
+    path = os.path.abspath(__file__)
+    options = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]
+    code = (
+        "import sys, importlib.machinery as m, importlib.util as u; "
+        f"loader = m.SourceFileLoader('wingslite', {path!r}); "
+        "module = u.module_from_spec(u.spec_from_loader('wingslite', loader)); "
+        "sys.modules['wingslite'] = module; loader.exec_module(module); "
+        "raise SystemExit(module.main())"
+    )
+    with contextlib.suppress(OSError):
+        os.execv(sys.executable, [sys.executable, *options, "-c", code, *sys.argv[1:]])
+
+
 if __name__ == "__main__":
+    _exec_as_module()
     raise SystemExit(main())

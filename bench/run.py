@@ -638,10 +638,27 @@ def bench_http(workdir: Path, rounds: int, seconds: float) -> dict:
         panel.stop()
 
 
-def import_floor_mb() -> float:
-    """RSS of a process that only imports what the daemon imports (wingslite, docker, paramiko) and waits."""
-    code = f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import wingslite, docker, paramiko; print('ready', flush=True); time.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+# What each layer of the daemon's imports costs, each measured in a fresh process that imports it,
+# gives the C heap's free pages back (as the daemon does after its boot) and waits.
+# "docker_sdk_as_shipped" is ``import docker`` as the SDK does it by itself: with paramiko
+# installed it pulls in its ssh:// transport, paramiko and cryptography.
+_IMPORT_LAYERS = {
+    "python_pyyaml": "import yaml",
+    "wingslite": "import wingslite",
+    "wingslite_docker": "import wingslite; wingslite._docker()",
+    "wingslite_docker_paramiko": "import wingslite, paramiko; wingslite._docker()",
+    "docker_sdk_as_shipped": "import yaml, docker",
+}
+
+
+def import_floor_mb(code: str = _IMPORT_LAYERS["wingslite_docker"]) -> float:
+    """RSS of a fresh process that runs ``code`` and waits."""
+    setup = f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
+    tail = "; import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)"
+    tail += "; print('ready', flush=True); time.sleep(60)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", setup + code + tail], stdout=subprocess.PIPE, text=True
+    )
     try:
         proc.stdout.readline()
         time.sleep(0.3)
@@ -654,12 +671,27 @@ def import_floor_mb() -> float:
         proc.wait()
 
 
+def sftp_login(daemon: Daemon, uuid: str) -> None:
+    """One SFTP login and a directory listing, as a client would make them."""
+    import paramiko
+
+    transport = paramiko.Transport(("127.0.0.1", daemon.sftp_port))
+    try:
+        transport.connect(username=f"bench.{uuid[:8]}", password="bench")
+        client = paramiko.SFTPClient.from_transport(transport)
+        client.listdir("/")
+        client.close()
+    finally:
+        transport.close()
+
+
 # -- 6. idle RSS --------------------------------------------------------------------------------
 
 
 def bench_idle(workdir: Path, boots: int) -> dict:
+    """RSS of a daemon with 100 servers, SFTP listening, before and after the first SFTP login."""
     panel = Child(["--serve-panel", "100"], workdir, "panel")
-    rss, hwm = [], []
+    rss, hwm, after_login = [], [], []
     try:
         for _ in range(boots):
             daemon = Daemon(panel.port, workdir)
@@ -669,13 +701,18 @@ def bench_idle(workdir: Path, boots: int) -> dict:
                 memory = daemon.memory_kb()
                 rss.append(memory["VmRSS"] / 1024)
                 hwm.append(memory["VmHWM"] / 1024)
+                sftp_login(daemon, panel.info["uuids"][0])
+                time.sleep(1)
+                after_login.append(daemon.memory_kb()["VmRSS"] / 1024)
             finally:
                 daemon.stop()
     finally:
         panel.stop()
-    floor = import_floor_mb()
+    layers = {name: import_floor_mb(code) for name, code in _IMPORT_LAYERS.items()}
+    floor = layers["wingslite_docker"]
     return {
         "servers": 100,
+        "import_layers_rss_mb": layers,
         "import_floor_rss_mb": floor,
         "rss_over_floor_mb": round(statistics.median(rss) - floor, 1),
         "rss_mb": {
@@ -684,6 +721,7 @@ def bench_idle(workdir: Path, boots: int) -> dict:
             "target": 40,
         },
         "peak_rss_mb": {"median": round(statistics.median(hwm), 1)},
+        "rss_after_first_sftp_login_mb": {"median": round(statistics.median(after_login), 1)},
     }
 
 
@@ -1197,6 +1235,13 @@ def table(results: dict) -> str:
             "<= 40 MB",
             i["rss_mb"]["median"] <= 40,
         )
+        after = i.get("rss_after_first_sftp_login_mb")
+        if after:
+            row("6 idle, 100 servers", "RSS after 1st SFTP login", f"{after['median']} MB", "", "")
+        layers = i.get("import_layers_rss_mb") or {}
+        if layers:
+            text = ", ".join(f"{k} {v}" for k, v in layers.items())
+            row("6 import floors (MB)", "fresh process", text, "", "")
     widths = [
         max(len(str(r[k])) for r in [("item", "figure", "value", "target", ""), *rows])
         for k in range(5)
