@@ -2000,7 +2000,7 @@ class TestBoot:
             del panel.servers[gone]
             panel.down = False
             assert daemon.wait_booted(10) and gone not in daemon.servers
-            assert ws_close_code(conn) == w.CLOSE_SERVER_DELETED
+            assert ws_close_code(conn) == w.CLOSE_GOING_AWAY
         assert daemon.sessions.count(gone) == 0
 
     def test_a_torn_saved_file_is_ignored_not_fatal(self, panel, make_daemon):

@@ -122,10 +122,19 @@ LOG = logging.getLogger("wingslite")
 # Wings' server states (environment/environment.go).
 OFFLINE, STARTING, RUNNING, STOPPING = "offline", "starting", "running", "stopping"
 
-# Websocket close codes wingslite uses beyond RFC 6455's own.
+# Websocket close codes: RFC 6455's own (section 7.4.1) ...
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # also: the server was deleted or left this node
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_NO_STATUS = 1005
+CLOSE_ABNORMAL = 1006
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+# ... and the application codes (4000-4999) wingslite sends.
 CLOSE_SUSPENDED = 4409  # the Panel's browser client stops reconnecting on 4409 (panel#5464)
 CLOSE_REVOKED = 4401
-CLOSE_SERVER_DELETED = 1001
 
 # Activity event names as Wings v1.11 sends them to the Panel (server/activity.go); the activity
 # section queues and sends them.
@@ -143,10 +152,20 @@ _UUID_RE = re.compile(
 )
 
 
+def spawn(target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
+    """Run ``target(*args)`` in a new thread named ``name`` and return it. Daemon threads all:
+    a call stuck on a socket or the engine never keeps the process from exiting."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 class WingsliteError(Exception):
-    """An error with the HTTP status and the text an operator (or the Panel's admin) will read."""
+    """An error with the HTTP status and the text an operator (or the Panel's admin) will read;
+    ``headers`` are sent with the error's answer."""
 
     status = 500
+    headers: Mapping[str, str] = types.MappingProxyType({})
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
@@ -161,6 +180,18 @@ class BadRequest(WingsliteError):
 
 class NotFound(WingsliteError):
     status = 404
+
+
+class MethodNotAllowed(WingsliteError):
+    """The path exists, the method does not: ``Allow`` names those that do (RFC 9110, 15.5.6)."""
+
+    status = 405
+
+    def __init__(self, method: str, path: str, allowed: Iterable[str]):
+        self.allowed = sorted(set(allowed))
+        text = ", ".join(self.allowed)
+        super().__init__(f"method {method} is not allowed on {path} (allowed: {text})")
+        self.headers = {"Allow": text}
 
 
 class Conflict(WingsliteError):
@@ -746,10 +777,22 @@ class _Doc:
         return DocumentError(f"the Panel's server document is invalid: {self.path}: {problem}")
 
     def at(self, key: str, required: bool = False) -> _Doc:
-        obj = self.obj(required=True)
+        """The child ``key``. Of a missing or null parent it is null too (so the reader's default
+        applies), unless ``required``; a parent that is not an object is an error."""
+        obj = self.obj(required=required)
         if key not in obj and required:
             raise _Doc(None, f"{self.path}.{key}").fail("required key is missing")
         return _Doc(obj.get(key), f"{self.path}.{key}")
+
+    def items(self) -> Iterator[tuple[str, _Doc]]:
+        """An object's keys with their values as docs (nothing for null)."""
+        for key, value in self.obj().items():
+            yield key, _Doc(value, f"{self.path}.{key}")
+
+    def each(self) -> Iterator[_Doc]:
+        """A list's items as docs (nothing for null)."""
+        for i, value in enumerate(self.list()):
+            yield _Doc(value, f"{self.path}[{i}]")
 
     def obj(self, required: bool = False) -> dict[str, Any]:
         if self.value is None or self.value == []:  # PHP serialises an empty map as []
@@ -868,14 +911,12 @@ def parse_server_document(
 
     env_doc = settings.at("environment")
     environment: dict[str, Any] = {}
-    for key, value in env_doc.obj().items():
+    for key, value in env_doc.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise _Doc(value, f"{env_doc.path}.{key}").fail("not a valid environment variable name")
-        if value is not None and not isinstance(value, (str, int, float, bool)):
-            raise _Doc(value, f"{env_doc.path}.{key}").fail(
-                f"expected a string or number, got {_json_type(value)}"
-            )
-        environment[key] = value
+            raise value.fail("not a valid environment variable name")
+        if value.value is not None and not isinstance(value.value, (str, int, float, bool)):
+            raise value.fail(f"expected a string or number, got {_json_type(value.value)}")
+        environment[key] = value.value
 
     b = settings.at("build", required=True)
     b.obj(required=True)
@@ -892,25 +933,17 @@ def parse_server_document(
     a = settings.at("allocations")
     default = a.at("default")
     mappings: list[tuple[str, tuple[int, ...]]] = []
-    m = a.at("mappings")
-    for ip, ports in m.obj().items():
-        port_doc = _Doc(ports, f"{m.path}.{ip}")
-        parsed = tuple(
-            _Doc(p, f"{port_doc.path}[{i}]").int(lo=1, hi=65535)
-            for i, p in enumerate(port_doc.list())
-        )
-        mappings.append((ip, parsed))
+    for ip, ports in a.at("mappings").items():
+        mappings.append((ip, tuple(p.int(lo=1, hi=65535) for p in ports.each())))
     allocations = Allocations(
-        default_ip=default.at("ip").str("0.0.0.0") if default.value is not None else "0.0.0.0",
-        default_port=default.at("port").int(0, lo=0, hi=65535) if default.value is not None else 0,
+        default_ip=default.at("ip").str("0.0.0.0"),
+        default_port=default.at("port").int(0, lo=0, hi=65535),
         mappings=tuple(mappings),
-        force_outgoing_ip=a.at("force_outgoing_ip").bool() if a.value is not None else False,
+        force_outgoing_ip=a.at("force_outgoing_ip").bool(),
     )
 
     mounts = []
-    mounts_doc = settings.at("mounts")
-    for i, item in enumerate(mounts_doc.list()):
-        md = _Doc(item, f"{mounts_doc.path}[{i}]")
+    for md in settings.at("mounts").each():
         md.obj(required=True)
         mounts.append(
             Mount(
@@ -921,29 +954,23 @@ def parse_server_document(
         )
 
     egg = settings.at("egg")
-    egg_obj = egg.obj()
-    deny_doc = _Doc(egg_obj.get("file_denylist"), f"{egg.path}.file_denylist")
-    denylist = tuple(
-        _Doc(p, f"{deny_doc.path}[{i}]").str(required=True) for i, p in enumerate(deny_doc.list())
-    )
-
-    labels_doc = settings.at("labels")
-    labels = {k: _Doc(v, f"{labels_doc.path}.{k}").str() for k, v in labels_doc.obj().items()}
+    denylist = tuple(p.str(required=True) for p in egg.at("file_denylist").each())
+    labels = {k: v.str() for k, v in settings.at("labels").items()}
     meta = settings.at("meta")
     container = settings.at("container")
     return ServerConfig(
         uuid=uuid,
-        name=meta.at("name").str() if meta.value is not None else "",
-        description=meta.at("description").str() if meta.value is not None else "",
+        name=meta.at("name").str(),
+        description=meta.at("description").str(),
         suspended=settings.at("suspended").bool(),
         invocation=settings.at("invocation").str(),
         skip_egg_scripts=settings.at("skip_egg_scripts").bool(),
         environment=types.MappingProxyType(environment),
         build=build,
-        image=container.at("image").str() if container.value is not None else "",
+        image=container.at("image").str(),
         allocations=allocations,
         mounts=tuple(mounts),
-        egg_id=_Doc(egg_obj.get("id"), f"{egg.path}.id").str(),
+        egg_id=egg.at("id").str(),
         file_denylist=denylist,
         labels=types.MappingProxyType(labels),
         crash_detection_enabled=settings.at("crash_detection_enabled").bool(
@@ -959,27 +986,22 @@ def _parse_process(p: _Doc) -> ProcessConfig:
         return ProcessConfig()
     p.obj(required=True)
     startup = p.at("startup")
-    done_doc = startup.at("done") if startup.value is not None else _Doc(None, "")
-    done_list = [done_doc.value] if isinstance(done_doc.value, str) else done_doc.list()
-    done = tuple(
-        _Doc(d, f"{done_doc.path}[{i}]").str(required=True) for i, d in enumerate(done_list)
-    )
+    done_doc = startup.at("done")
+    if isinstance(done_doc.value, str):  # the Panel wraps a single string; older eggs did not
+        done_doc = _Doc([done_doc.value], done_doc.path)
+    done = tuple(d.str(required=True) for d in done_doc.each())
     stop = p.at("stop")
-    stop_type = stop.at("type").str("signal") if stop.value is not None else "signal"
+    stop_type = stop.at("type").str("signal")
     if stop_type not in ("command", "signal", "stop", ""):
         raise stop.at("type").fail(f"expected command, signal or stop, got {stop_type!r}")
-    stop_value = stop.at("value").str() if stop.value is not None else ""
+    stop_value = stop.at("value").str()
     if stop_type in ("signal", "") and not stop_value:
         stop_type, stop_value = "signal", "SIGKILL"
     configs = []
-    configs_doc = p.at("configs")
-    for i, item in enumerate(configs_doc.list()):
-        cd = _Doc(item, f"{configs_doc.path}[{i}]")
+    for cd in p.at("configs").each():
         cd.obj(required=True)
         replaces = []
-        rd = cd.at("replace")
-        for j, r in enumerate(rd.list()):
-            rdoc = _Doc(r, f"{rd.path}[{j}]")
+        for rdoc in cd.at("replace").each():
             robj = rdoc.obj(required=True)
             with_value = robj.get("replace_with", robj.get("value"))
             if isinstance(with_value, (dict, list)):
@@ -999,7 +1021,7 @@ def _parse_process(p: _Doc) -> ProcessConfig:
         )
     return ProcessConfig(
         done=done,
-        strip_ansi=startup.at("strip_ansi").bool() if startup.value is not None else False,
+        strip_ansi=startup.at("strip_ansi").bool(),
         stop_type=stop_type,
         stop_value=stop_value,
         configs=tuple(configs),
@@ -1236,18 +1258,14 @@ class Filesystem:
             if fresh or (allow_stale and self._measured_at is not None):
                 if not fresh and not self._walking:
                     self._walking = True
-                    threading.Thread(
-                        target=self._background_walk, name="wingslite-du", daemon=True
-                    ).start()
+                    spawn(self._background_walk, name="wingslite-du")
                 return self._usage
         if allow_stale:
             # Never measured: answer 0 now, measure in the background (boot must not wait on walks).
             with self._lock:
                 if not self._walking:
                     self._walking = True
-                    threading.Thread(
-                        target=self._background_walk, name="wingslite-du", daemon=True
-                    ).start()
+                    spawn(self._background_walk, name="wingslite-du")
                 return self._usage
         return self.recalculate()
 
@@ -4359,18 +4377,8 @@ class DockerEnvironment(Environment):
             self._exited.clear()
             self._started_at = _docker_time(info["State"].get("StartedAt")) or time.time()
         short = self.name[:8]
-        threading.Thread(
-            target=self._read_output,
-            args=(sock, generation),
-            name=f"wingslite-console-{short}",
-            daemon=True,
-        ).start()
-        threading.Thread(
-            target=self._poll_stats,
-            args=(generation,),
-            name=f"wingslite-stats-{short}",
-            daemon=True,
-        ).start()
+        spawn(self._read_output, sock, generation, name=f"wingslite-console-{short}")
+        spawn(self._poll_stats, generation, name=f"wingslite-stats-{short}")
 
     def _detach(self) -> None:
         """Drop the attach stream on purpose: its reader then leaves the state alone."""
@@ -5121,17 +5129,6 @@ class Revocations:
 # reads frames and runs inbound events, a writer thread drains the outbound queue, so a slow client
 # never blocks the event bus and a sync can close the socket at once.
 
-# RFC 6455 close codes (section 7.4.1).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_NO_STATUS = 1005
-CLOSE_ABNORMAL = 1006
-CLOSE_INVALID_DATA = 1007
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _KNOWN_OPCODES = frozenset((_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG))
@@ -5253,10 +5250,7 @@ class WebSocket:
             self._sock.sendall(response)
             self._opened = True
             pending = self._close_pending
-        self._writer = threading.Thread(
-            target=self._write_loop, name="wingslite-ws-writer", daemon=True
-        )
-        self._writer.start()
+        self._writer = spawn(self._write_loop, name="wingslite-ws-writer")
         if pending is not None:
             self.close(*pending)
 
@@ -6086,10 +6080,7 @@ class ConsoleSocket:
                 )
             # In its own thread, as Wings handles each message in its own goroutine: the reader
             # keeps answering pings and close frames while the container starts.
-            self._power_thread = threading.Thread(
-                target=self._power, args=(action,), name="wingslite-ws-power", daemon=True
-            )
-            self._power_thread.start()
+            self._power_thread = spawn(self._power, action, name="wingslite-ws-power")
 
     def _power(self, action: str) -> None:
         try:
@@ -6412,10 +6403,7 @@ class SftpServer:
             raise
         self._sock = sock
         self.port = sock.getsockname()[1]
-        self._thread = threading.Thread(
-            target=self._accept_loop, name="wingslite-sftp", daemon=True
-        )
-        self._thread.start()
+        self._thread = spawn(self._accept_loop, name="wingslite-sftp")
         LOG.info("SFTP listening on %s:%d (host key %s)", host, self.port, self.host_key_path)
 
     def stop(self) -> None:
@@ -7254,8 +7242,7 @@ class ActivityLog:
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="wingslite-activity", daemon=True)
-        self._thread.start()
+        self._thread = spawn(self._loop, name="wingslite-activity")
 
     def stop(self) -> None:
         self._stop.set()
@@ -7526,10 +7513,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 self._authorize()  # as Wings: unknown routes answer 401 to strangers, not 404
             if chosen is None:
                 if matches:
-                    allowed = ", ".join(sorted({m for m, *_ in matches}))
-                    raise WingsliteError(
-                        f"method {method} is not allowed on {path} (allowed: {allowed})", 405
-                    )
+                    raise MethodNotAllowed(method, path, (m for m, *_ in matches))
                 raise NotFound(f"no route for {method} {path}")
             match, name, _ = chosen
             args = match.groupdict()
@@ -7541,9 +7525,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 self._respond(status, body)
         except WingsliteError as exc:
             self._drain_unread_body()
-            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            if exc.status == 405:
-                headers = {"Allow": exc.message.rsplit("allowed: ", 1)[-1].rstrip(")")}
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else dict(exc.headers)
             self._respond(
                 exc.status, {"error": exc.message, "request_id": self.request_id}, headers
             )
@@ -7874,9 +7856,7 @@ class Server:
             # Crash detection only counts starting/running -> offline; every intentional stop
             # passes through "stopping" first (Wings server/listeners.go).
             if args[0] == OFFLINE and previous in (STARTING, RUNNING):
-                threading.Thread(
-                    target=self._handle_crash, name=f"wingslite-crash-{self.uuid[:8]}", daemon=True
-                ).start()
+                spawn(self._handle_crash, name=f"wingslite-crash-{self.uuid[:8]}")
             if args[0] == STARTING:
                 self._disk_stop_sent = False
         elif (
@@ -7887,11 +7867,7 @@ class Server:
         ):
             # Checked on every stats tick, as Wings does; once per run (server/listeners.go).
             self._disk_stop_sent = True
-            threading.Thread(
-                target=self._stop_over_disk_limit,
-                name=f"wingslite-disk-{self.uuid[:8]}",
-                daemon=True,
-            ).start()
+            spawn(self._stop_over_disk_limit, name=f"wingslite-disk-{self.uuid[:8]}")
 
     def _stop_over_disk_limit(self) -> None:
         try:
@@ -8046,12 +8022,7 @@ class Server:
         """The HTTP form: refuse what is refused now, then run the action in the background (202)."""
         if action in ("start", "restart") and self.config.suspended:
             raise BadRequest("Cannot start or restart a server that is suspended.")
-        threading.Thread(
-            target=self._power_logged,
-            args=(action, wait_s),
-            name=f"wingslite-power-{self.uuid[:8]}",
-            daemon=True,
-        ).start()
+        spawn(self._power_logged, action, wait_s, name=f"wingslite-power-{self.uuid[:8]}")
 
     def _power_logged(self, action: str, wait_s: float) -> None:
         try:
@@ -8324,9 +8295,7 @@ class Daemon:
         self.activity.start()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        self._threads.append(spawn(target, name=name))
 
     def stop(self) -> None:
         """Stop serving. Game servers keep running; the next start re-attaches to them."""
@@ -8456,9 +8425,7 @@ class Daemon:
                 server.lock
             ):  # as a delete: its sessions end and nothing queued behind brings it back
                 server.deleted = True
-                self.sessions.close_server(
-                    uuid, CLOSE_SERVER_DELETED, "server removed from this node"
-                )
+                self.sessions.close_server(uuid, CLOSE_GOING_AWAY, "server removed from this node")
                 self._forget(server)
 
     def _add(self, server: Server) -> None:
@@ -8583,7 +8550,7 @@ class Daemon:
             server.deleted = (
                 True  # before closing: a socket registering now sees it and closes itself
             )
-            self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "server deleted")
+            self.sessions.close_server(server.uuid, CLOSE_GOING_AWAY, "server deleted")
             try:
                 server.env.destroy()
             except Exception:
@@ -8592,9 +8559,7 @@ class Daemon:
             self._forget(server)
         finally:
             server.lock.release()
-        threading.Thread(
-            target=_remove_tree, args=(server.fs.root,), name="wingslite-rm", daemon=True
-        ).start()
+        spawn(_remove_tree, server.fs.root, name="wingslite-rm")
         LOG.info("server %s deleted", server.uuid)
 
     def deauthorize_user(self, user_uuid: str, server_uuids: list[str] | None = None) -> int:
@@ -8959,13 +8924,7 @@ class PanelStandIn:
 
     def start(self) -> None:
         """Serve in a background thread."""
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="wingslite-panel-stand-in",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread = spawn(self.httpd.serve_forever, 0.05, name="wingslite-panel-stand-in")
 
     def close(self) -> None:
         self.httpd.shutdown()
