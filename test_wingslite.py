@@ -1148,8 +1148,9 @@ class TestHttpApi:
             status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
         )
         assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
+        # A repeated create is a sync, as in Wings (the duplicate-create test covers the files).
         status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
-        assert status == 409
+        assert status == 202
         assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
         status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
         assert status == 204 and uuid not in daemon.servers
@@ -1282,7 +1283,10 @@ class TestSync:
         mutate(panel.servers[uuid]["settings"])
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 500 and field in body["error"], body
-        assert self.snapshot(daemon, uuid) == before
+        # Only the record changes: it shows the refusal on GET /api/servers/:server.
+        assert self.snapshot(daemon, uuid)[:3] == before[:3]
+        last_sync = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused" and field in last_sync["failed"][0], last_sync
 
     def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
         self, panel, make_daemon
@@ -1466,11 +1470,13 @@ class TestSync:
         make_daemon.daemons.append(daemon)
         assert daemon.wait_booted(10)
         server = daemon.servers[uuid]
-        server.lock = spy = SpyLock(server.lock)
+        server.config_lock = spy = SpyLock(server.config_lock)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
             assert entered.wait(5)
             sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
+            # The sync waits for the delete's configuration lock; the start does not wait (the
+            # delete holds no power lock): it sees the server deleted and does nothing.
             assert (
                 api(
                     daemon,
@@ -1480,9 +1486,8 @@ class TestSync:
                 )[0]
                 == 202
             )
-            wait_for(
-                lambda: spy.waiting == 2, 5, what="the sync and the start to wait for the lock"
-            )
+            wait_for(lambda: spy.waiting == 1, 5, what="the sync to wait for the delete")
+            wait_for(lambda: "power action start failed" in caplog.text, 5, what="the start")
             release.set()
             assert delete.result(10)[0] == 204
             assert sync.result(10)[0] == 404
