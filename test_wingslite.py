@@ -1569,8 +1569,9 @@ class TestHttpApi:
             status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
         )
         assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
+        # A repeated create is a sync, as in Wings (the duplicate-create test covers the files).
         status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
-        assert status == 409
+        assert status == 202
         assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
         status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
         assert status == 204 and uuid not in daemon.servers
@@ -1703,7 +1704,10 @@ class TestSync:
         mutate(panel.servers[uuid]["settings"])
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 500 and field in body["error"], body
-        assert self.snapshot(daemon, uuid) == before
+        # Only the record changes: it shows the refusal on GET /api/servers/:server.
+        assert self.snapshot(daemon, uuid)[:3] == before[:3]
+        last_sync = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused" and field in last_sync["failed"][0], last_sync
 
     def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
         self, panel, make_daemon
@@ -1887,11 +1891,13 @@ class TestSync:
         make_daemon.daemons.append(daemon)
         assert daemon.wait_booted(10)
         server = daemon.servers[uuid]
-        server.lock = spy = SpyLock(server.lock)
+        server.config_lock = spy = SpyLock(server.config_lock)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
             assert entered.wait(5)
             sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
+            # The sync waits for the delete's configuration lock; the start does not wait (the
+            # delete holds no power lock): it sees the server deleted and does nothing.
             assert (
                 api(
                     daemon,
@@ -1901,9 +1907,8 @@ class TestSync:
                 )[0]
                 == 202
             )
-            wait_for(
-                lambda: spy.waiting == 2, 5, what="the sync and the start to wait for the lock"
-            )
+            wait_for(lambda: spy.waiting == 1, 5, what="the sync to wait for the delete")
+            wait_for(lambda: "power action start failed" in caplog.text, 5, what="the start")
             release.set()
             assert delete.result(10)[0] == 204
             assert sync.result(10)[0] == 404
@@ -3191,6 +3196,123 @@ class TestDockerEnvironment:
             proc.kill()
             proc.wait(timeout=10)
             log.close()
+
+
+class TestSyncDuringPower:
+    """A sync, a suspension and a delete never wait behind a power action (the two locks)."""
+
+    STUCK = ("command", "true")  # a stop command the game ignores: the stop waits its timeout
+
+    def stuck_stopping(self, docker_servers, **config):
+        """A running server whose stop (timeout 600 s) is in progress and will not end by itself."""
+        uuid = docker_servers.add(stop=self.STUCK)
+        daemon = docker_servers.boot(**config)
+        docker_servers.start(uuid)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
+        server = docker_servers.wait_state(uuid, "stopping")
+        wait_until(lambda: not docker_servers.power_idle(server), 10, "the stop to hold its lock")
+        return daemon, uuid, server
+
+    def test_a_suspension_during_a_stuck_stop_answers_at_once_and_escalates_to_a_kill(
+        self, docker_servers
+    ):
+        daemon, uuid, server = self.stuck_stopping(
+            docker_servers, wingslite__suspend_stop_grace_s=2
+        )
+        conn, first = ws_authed(daemon, uuid)
+        assert first[0][0] == "auth success"
+        docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+        started = time.monotonic()
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        answered_s = time.monotonic() - started
+        assert status == 204 and answered_s < 2, (status, body, answered_s)
+        assert daemon.sessions.count(uuid) == 0  # closed before the 204 was written
+        assert ws_close_code(conn) == 4409
+        assert not docker_servers.power_idle(server)  # the 600 s stop is still under way
+        wait_until(
+            lambda: not docker_servers.inspect(uuid)["State"]["Running"],
+            2 + 5,
+            "the process to be killed after suspend_stop_grace_s",
+        )
+        docker_servers.wait_state(uuid, "offline")
+        assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 137
+
+    def test_a_delete_during_a_stuck_stop_answers_and_removes_container_and_files(
+        self, docker_servers
+    ):
+        daemon, uuid, server = self.stuck_stopping(docker_servers)
+        (daemon.config.data_dir / uuid / "world.dat").write_text("x")
+        started = time.monotonic()
+        status, _, body = api(daemon, "DELETE", f"/api/servers/{uuid}")
+        assert status == 204 and time.monotonic() - started < 5, body
+        assert docker_servers.container_id(uuid) is None
+        wait_until(lambda: docker_servers.power_idle(server), 10, "the stop to end")
+        wait_until(lambda: not (daemon.config.data_dir / uuid).exists(), 10, "files removed")
+        time.sleep(1)  # nothing to poll for when nothing happens: no container comes back
+        assert docker_servers.container_id(uuid) is None
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[0] == 404
+
+    def on_starting(self, server, action):
+        """Run ``action`` in the start's own thread the moment the state becomes ``starting``
+        (the container is then about to be made), once."""
+        done = threading.Event()
+
+        def listener(event, *args):
+            if event == "status" and args == ("starting",) and not done.is_set():
+                done.set()
+                action()
+
+        server.events.subscribe(listener)
+        return done
+
+    def test_a_suspension_during_a_start_abandons_it_and_kills_its_container(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        answers = []
+
+        def suspend():
+            docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+            answers.append(api(daemon, "POST", f"/api/servers/{uuid}/sync")[0])
+
+        fired = self.on_starting(server, lambda: threading.Thread(target=suspend).start())
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        wait_until(fired.is_set, 10, "the start to begin")
+        wait_until(lambda: answers, 10, "the suspending sync to answer")
+        assert answers == [204]
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        wait_until(lambda: server.state == "offline", 10, "the server to be offline")
+        time.sleep(1)  # a start that was not abandoned would be running by now
+        assert server.state == "offline"
+        assert not (docker_servers.inspect(uuid)["State"]["Running"])
+
+    def test_a_memory_change_synced_while_the_container_is_made_ends_on_the_container(
+        self, docker_servers
+    ):
+        uuid = docker_servers.add(memory_mb=64)
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        answers = []
+
+        def sync_more_memory():  # lands after the start read its configuration (64 MB)
+            docker_servers.panel.servers[uuid]["settings"]["build"]["memory_limit"] = 96
+            answers.append(api(daemon, "POST", f"/api/servers/{uuid}/sync"))
+
+        def sync_and_wait():  # the start thread waits until the sync answered: no race left
+            thread = threading.Thread(target=sync_more_memory)
+            thread.start()
+            thread.join(10)
+
+        self.on_starting(server, sync_and_wait)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        docker_servers.wait_state(uuid, "running")
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        assert answers and answers[0][0] == 204, answers
+        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert any("container being started" in a for a in record["applied"]), record
+        container = docker_servers.inspect(uuid)["Id"]
+        limit = int(cgroup_file("memory", container, "memory.limit_in_bytes"))
+        assert limit // 4096 == w.memory_limit_bytes(96) // 4096
 
 
 def _port_open(port: int) -> bool:
