@@ -476,6 +476,155 @@ class TestPanelClient:
             client.get_server(uuid)
 
 
+class ScriptedHttp:
+    """A loopback HTTP peer whose every connection is handed to ``script(sock, request_bytes)``:
+    for answers no well-behaved server gives (redirects, trickles, lies). ``requests`` keeps the
+    raw request heads it received."""
+
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        with sock:
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+            self.requests.append(head)
+            with contextlib.suppress(OSError):
+                self.script(sock, head)
+
+    def close(self):
+        self.stopping = True
+        self.listener.close()
+
+
+@pytest.fixture
+def scripted():
+    peers = []
+
+    def make(script):
+        peers.append(ScriptedHttp(script))
+        return peers[-1]
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+class TestPanelClientHostile:
+    """A Panel (or whatever answers in its place) that lies, redirects or trickles."""
+
+    def client(self, url, budget_s=2.0, **kwargs):
+        return w.PanelClient(
+            url, TOKEN_ID, TOKEN, budget_s=budget_s, retry_initial_s=0.01, **kwargs
+        )
+
+    def lying_pages(self, panel, **meta_changes):
+        honest = panel.page
+
+        def page(query):
+            doc = honest(query)
+            doc["meta"].update(meta_changes)
+            if "total" in meta_changes and meta_changes["total"] is None:
+                del doc["meta"]["total"]
+            return doc
+
+        panel.page = page
+
+    def test_a_last_page_that_does_not_fit_the_total_is_refused_before_any_page_is_queued(
+        self, panel
+    ):
+        for _ in range(4):
+            panel.add(panel_document())
+        self.lying_pages(panel, last_page=500)
+        with pytest.raises(w.PanelError, match=r"meta\.last_page 500 does not fit meta\.total 4"):
+            self.client(panel.url).list_servers(per_page=50)
+        assert panel.calls["/api/remote/servers"] == 1
+
+    def test_more_pages_than_max_panel_pages_is_a_clear_error(self, panel):
+        panel.add(panel_document())
+        self.lying_pages(panel, last_page=3_000_000, total=None)
+        with pytest.raises(w.PanelError, match=r"3000000 pages.*at most 1000 \(wingslite.max"):
+            self.client(panel.url).list_servers(per_page=50)
+        assert panel.calls["/api/remote/servers"] == 1
+
+    def test_the_first_empty_page_ends_the_list_and_only_a_few_pages_are_in_flight(self, panel):
+        uuids = {panel.add(panel_document()) for _ in range(4)}
+        self.lying_pages(panel, last_page=900, total=None)
+        items = self.client(panel.url).list_servers(per_page=2, concurrency=3)
+        assert {i["settings"]["uuid"] for i in items} == uuids
+        # pages 1-2 hold the servers, page 3 is empty: at most `concurrency` asked beyond it
+        assert 3 <= panel.calls["/api/remote/servers"] <= 3 + 3
+
+    def test_max_panel_pages_comes_from_the_config(self, panel, tmp_path):
+        config = w.Config(node_config(tmp_path, panel.url, wingslite__max_panel_pages=2), "t")
+        client = w.PanelClient.from_config(config)
+        for _ in range(5):
+            panel.add(panel_document())
+        with pytest.raises(w.PanelError, match="3 pages; wingslite reads at most 2"):
+            client.list_servers(per_page=2)
+
+    def test_a_redirect_to_another_origin_is_refused_and_never_carries_the_token(self, scripted):
+        elsewhere = scripted(
+            lambda sock, head: sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        )
+        redirect = (
+            f"HTTP/1.1 302 Found\r\nLocation: {elsewhere.url}/steal\r\nContent-Length: 0\r\n\r\n"
+        )
+        panel = scripted(lambda sock, head: sock.sendall(redirect.encode()))
+        with pytest.raises(w.PanelError) as info:
+            self.client(panel.url).get_server("x")
+        assert info.value.http_status == 302 and f"{elsewhere.url}/steal" in info.value.message
+        assert "redirect" in info.value.message
+        assert len(panel.requests) == 1, "a redirect is final, not retried"
+        assert elsewhere.requests == []
+
+    def test_a_trickled_body_is_cut_at_the_budget(self, scripted):
+        def trickle(sock, head):
+            body = b'{"settings": {}}' + b" " * 200
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)  # each read is far inside any per-read timeout
+
+        panel = scripted(trickle)
+        started = time.monotonic()
+        with pytest.raises(w.PanelError, match="did not answer within"):
+            self.client(panel.url, budget_s=1.0).get_server("x")
+        # 21 s of trickle; the budget (retries included) ends the call long before
+        assert time.monotonic() - started < 10
+
+    def test_trickled_headers_are_cut_at_the_budget(self, scripted):
+        def trickle(sock, head):
+            for line in [b"HTTP/1.1 200 OK\r\n"] + [b"X-Pad-%d: y\r\n" % i for i in range(60)]:
+                sock.sendall(line)
+                time.sleep(0.25)
+            sock.sendall(b"Content-Length: 2\r\n\r\n{}")
+
+        panel = scripted(trickle)
+        started = time.monotonic()
+        with pytest.raises(w.PanelError, match="did not answer within"):
+            self.client(panel.url, budget_s=1.0).get_server("x")
+        assert time.monotonic() - started < 10
+
+
 # server model #####################################################################################
 
 

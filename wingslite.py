@@ -107,7 +107,6 @@ import time
 import types
 import urllib.error
 import urllib.parse
-import urllib.request
 import uuid as uuidlib
 import zipfile
 import zlib
@@ -275,6 +274,10 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.sftp_login_attempts_per_minute", int, 10),
     ("wingslite.sftp_max_connections", int, 64),
     ("wingslite.websocket_max_per_server", int, 30),
+    ("wingslite.websocket_unauthenticated_per_ip", int, 32),
+    ("wingslite.max_panel_pages", int, 1000),
+    ("wingslite.max_connections", int, 0),  # 0: from the process's file limit (ApiServer)
+    ("wingslite.header_timeout_s", int, 10),
 )
 
 _CHOICES = {
@@ -304,6 +307,10 @@ _NON_NEGATIVE = {
     "wingslite.sftp_login_attempts_per_minute",
     "wingslite.sftp_max_connections",
     "wingslite.websocket_max_per_server",
+    "wingslite.websocket_unauthenticated_per_ip",
+    "wingslite.max_panel_pages",
+    "wingslite.max_connections",
+    "wingslite.header_timeout_s",
 }
 
 
@@ -424,6 +431,11 @@ class PanelClient:
     final; 5xx, timeouts and connection errors are retried with exponential backoff until the
     total budget (``remote_query.timeout``) runs out. Every failure is a ``PanelError``.
 
+    The budget is one wall-clock deadline for the whole call -- connect, headers, body and every
+    retry: a Panel that trickles one byte at a time is cut when it passes, not when a single read
+    stalls. A redirect is never followed: it would carry the node token to whatever address the
+    ``Location`` names (the Panel's Guzzle client follows them; wingslite refuses, naming it).
+
     Class variables that may be overridden: ``backoff_factor``, ``backoff_max_s``.
     """
 
@@ -439,8 +451,10 @@ class PanelClient:
         budget_s: float = 30.0,
         retry_initial_s: float = 0.5,
         max_document_bytes: int = 8 << 20,
+        max_pages: int = 1000,
     ):
         self.base = remote.rstrip("/") + "/api/remote"
+        self.max_pages = max_pages
         self.budget_s = budget_s
         self.retry_initial_s = retry_initial_s
         self.max_document_bytes = max_document_bytes
@@ -460,6 +474,7 @@ class PanelClient:
             budget_s=config.get("remote_query.timeout"),
             retry_initial_s=config.get("wingslite.panel_retry_initial_ms") / 1000,
             max_document_bytes=config.get("wingslite.max_panel_document_bytes"),
+            max_pages=config.get("wingslite.max_panel_pages"),
         )
 
     # -- calls -------------------------------------------------------------------------------
@@ -479,23 +494,66 @@ class PanelClient:
         concurrency: int = 8,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Every server of this node: the first page, then the others concurrently (Laravel pages)."""
+        """Every server of this node: the first page, then the others, ``concurrency`` at a time.
+
+        The page count is the Panel's word, so it is checked before a page is queued: at most
+        ``max_pages`` pages, and no more than ``meta.total`` servers can fill. Pages are asked for
+        a few at a time, never all at once, and the first empty page ends the list (the count
+        promised more servers than there are).
+        """
         first = self._page(0, per_page)  # Wings asks for page 0, which Laravel reads as page 1
+        meta = first["meta"]
         items = list(first["data"])
-        last = first["meta"]["last_page"]
-        total = first["meta"].get("total") if isinstance(first["meta"].get("total"), int) else None
+        total = meta.get("total") if _is_count(meta.get("total")) else None
+        self._check_page_count(meta["last_page"], total, _page_size(meta, per_page))
         if progress:
             progress(len(items), total or len(items))
-        start = first["meta"]["current_page"] + 1
-        if last >= start:
-            with concurrent.futures.ThreadPoolExecutor(
-                max(1, concurrency), "wingslite-page"
-            ) as pool:
-                for page in pool.map(lambda n: self._page(n, per_page), range(start, last + 1)):
-                    items.extend(page["data"])
-                    if progress:
-                        progress(len(items), total or len(items))
+        numbers = range(meta["current_page"] + 1, meta["last_page"] + 1)
+        for page in self._pages(numbers, per_page, concurrency):
+            if not page["data"]:
+                break
+            items.extend(page["data"])
+            if progress:
+                progress(len(items), total or len(items))
         return items
+
+    def _check_page_count(self, last_page: int, total: int | None, page_size: int) -> None:
+        what = "GET /servers?page=0"
+        if last_page > self.max_pages:
+            raise PanelError(
+                200,
+                "_TooManyPages",
+                f"the Panel says the list has {last_page} pages; wingslite reads at most "
+                f"{self.max_pages} (wingslite.max_panel_pages)",
+                what,
+            )
+        if total is not None and last_page > max(1, -(-total // page_size)):
+            raise PanelError(
+                200,
+                "_BadShape",
+                f"meta.last_page {last_page} does not fit meta.total {total} at {page_size} "
+                "servers a page",
+                what,
+            )
+
+    def _pages(self, numbers: range, per_page: int, concurrency: int) -> Iterator[dict[str, Any]]:
+        """The pages in order, at most ``concurrency`` in flight; the rest are not even queued."""
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, concurrency), "wingslite-page")
+        pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
+        waiting = iter(numbers)
+        try:
+            for number in waiting:
+                pending.append(pool.submit(self._page, number, per_page))
+                if len(pending) >= max(1, concurrency):
+                    break
+            while pending:
+                page = pending.popleft().result()
+                number = next(waiting, None)
+                if number is not None:
+                    pending.append(pool.submit(self._page, number, per_page))
+                yield page
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def sftp_auth(
         self,
@@ -561,7 +619,9 @@ class PanelClient:
         budget_s: float | None = None,
     ) -> Any:
         """One call with retries; returns the decoded JSON body (``None`` when empty)."""
-        url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        target = urllib.parse.urlsplit(
+            self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        )
         what = f"{method} {path}"
         data = json.dumps(body).encode() if method != "GET" else None
         deadline = time.monotonic() + (self.budget_s if budget_s is None else budget_s)
@@ -569,9 +629,8 @@ class PanelClient:
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - time.monotonic()
             try:
-                return self._attempt(method, url, data, max(0.05, remaining), what)
+                return self._attempt(method, target, data, deadline, what)
             except _Retryable as exc:
                 remaining = deadline - time.monotonic()
                 wait = min(delay * random.uniform(0.5, 1.5), self.backoff_max_s)
@@ -583,37 +642,65 @@ class PanelClient:
                 delay *= self.backoff_factor
 
     def _attempt(
-        self, method: str, url: str, data: bytes | None, timeout_s: float, what: str
+        self,
+        method: str,
+        target: urllib.parse.SplitResult,
+        data: bytes | None,
+        deadline: float,
+        what: str,
     ) -> Any:
-        req = urllib.request.Request(url, data=data, method=method, headers=self._headers)
+        """One HTTP exchange, cut at ``deadline`` whatever the Panel is doing at that moment."""
+        timeout_s = max(0.05, deadline - time.monotonic())
+        kind = (
+            http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+        )
+        conn = kind(target.hostname or "", target.port, timeout=timeout_s)
+        cut = _ConnectionDeadline(conn, timeout_s)
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                raw = resp.read(self.max_document_bytes + 1)
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            try:
-                raw = exc.read(65536)
-            except OSError:
-                raw = b""
-            code, detail = _panel_error_body(raw)
-            error = PanelError(status, code, detail, what)
-            if 400 <= status < 500:
-                raise error from None
-            raise _Retryable(error) from None
-        except TimeoutError:
-            raise _Retryable(
-                PanelError(0, "_Timeout", f"the Panel did not answer within {timeout_s:.1f}s", what)
-            ) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise _Retryable(
-                PanelError(
-                    0, "_Unreachable", f"could not reach the Panel at {self.base}: {reason}", what
-                )
-            ) from None
+            path = target.path + (f"?{target.query}" if target.query else "")
+            conn.request(method, path, body=data, headers=self._headers)
+            resp = conn.getresponse()
+            limit = self.max_document_bytes if 200 <= resp.status < 300 else 65535
+            raw, status, location = resp.read(limit + 1), resp.status, resp.getheader("Location")
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Retryable(self._transport_error(exc, cut.fired, timeout_s, what)) from None
+        finally:
+            cut.cancel()
+            conn.close()
+        if cut.fired:  # a close-delimited body the deadline cut short is not an answer
+            raise _Retryable(self._transport_error(TimeoutError(), True, timeout_s, what))
+        return self._decode(status, raw, location, what)
+
+    def _transport_error(
+        self, exc: BaseException, cut: bool, timeout_s: float, what: str
+    ) -> PanelError:
+        if cut or isinstance(exc, TimeoutError):
+            return PanelError(
+                0, "_Timeout", f"the Panel did not answer within {timeout_s:.1f}s", what
+            )
+        reason = getattr(exc, "strerror", None) or exc
+        return PanelError(
+            0, "_Unreachable", f"could not reach the Panel at {self.base}: {reason}", what
+        )
+
+    def _decode(self, status: int, raw: bytes, location: str | None, what: str) -> Any:
+        if 300 <= status < 400:
+            raise PanelError(
+                status,
+                "_Redirect",
+                f"the answer is a redirect to {location!r}; wingslite does not follow redirects "
+                "(they would carry the node token elsewhere): set remote to the Panel's own URL",
+                what,
+            )
+        if 400 <= status < 500:
+            raise PanelError(status, *_panel_error_body(raw), what)
         if not 200 <= status < 300:
-            raise _Retryable(PanelError(status, "_Unexpected", "unexpected status", what))
+            error = PanelError(status, *_panel_error_body(raw), what)
+            raise _Retryable(
+                error
+                if status >= 500
+                else PanelError(status, "_Unexpected", "unexpected status", what)
+            )
         if len(raw) > self.max_document_bytes:
             raise PanelError(
                 status,
@@ -631,10 +718,46 @@ class PanelClient:
             ) from None
 
 
+class _ConnectionDeadline:
+    """Shuts an ``http.client`` connection's socket down when ``timeout_s`` have passed.
+
+    A socket timeout bounds each read, not their sum: a peer that sends one byte just inside it
+    keeps a call alive for ever. Shutting the socket down from a timer ends any read in progress,
+    whether the connection is plain or TLS.
+    """
+
+    def __init__(self, conn: http.client.HTTPConnection, timeout_s: float):
+        self.fired = False
+        self._conn = conn
+        self._timer = threading.Timer(timeout_s, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        self.fired = True
+        sock = self._conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class _Retryable(Exception):
     def __init__(self, error: PanelError):
         super().__init__(error.message)
         self.error = error
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _page_size(meta: Mapping[str, Any], asked: int) -> int:
+    """The page size the Panel used (``meta.per_page``), else the one asked for."""
+    size = meta.get("per_page")
+    return size if _is_count(size) and size > 0 else max(1, asked)
 
 
 def _panel_error_body(raw: bytes) -> tuple[str, str]:
