@@ -5643,6 +5643,7 @@ FM_PULL_LIMIT = (
 )
 FM_MAX_PULLS_PER_SERVER = 3
 FM_CHUNK_BYTES = 256 * 1024
+FM_DISCARD_BYTES = 64 * 1048576  # a refused body up to this size is read, so the client hears why
 FM_PULL_USER_AGENT = "Pterodactyl Panel (https://pterodactyl.io)"  # what Wings sends
 FM_PULL_READ_TIMEOUT_S = 60.0
 _FM_SERVER = r"/api/servers/(?P<server>[^/]+)/files"
@@ -6255,7 +6256,7 @@ class Pull:
         if self.cancelled.is_set():
             raise BadRequest("the download was cancelled")
         try:
-            return response.read(FM_CHUNK_BYTES)
+            return response.read1(FM_CHUNK_BYTES)  # what has arrived: progress moves
         except (OSError, http.client.HTTPException) as exc:
             raise BadRequest(f"the download failed: {exc}") from None
 
@@ -6411,6 +6412,18 @@ class FileManagerRoutes:
 
         return read, length
 
+    def _discard_body(self, read: Callable[[int], bytes]) -> None:
+        """Read what is left of a refused body (up to ``FM_DISCARD_BYTES``), else close."""
+        budget = FM_DISCARD_BYTES
+        try:
+            while budget > 0 and (data := read(FM_CHUNK_BYTES)):
+                budget -= len(data)
+        except (OSError, WingsliteError):
+            self.close_connection = True
+            return
+        if budget <= 0:
+            self.close_connection = True
+
     # -- Bearer routes ---------------------------------------------------------------------------
 
     def route_list_directory(self, server: Any) -> tuple[int, Any]:
@@ -6441,10 +6454,19 @@ class FileManagerRoutes:
         return None, None
 
     def route_write_file(self, server: Any) -> tuple[int, Any]:
-        path = self._param("file")
+        read, length = self._body_reader()
+        try:
+            self._write_file(server, self._param("file"), read, length)
+        except BaseException:
+            self._discard_body(read)  # so that the client reads the answer, not a broken pipe
+            raise
+        return 204, None
+
+    def _write_file(
+        self, server: Any, path: str, read: Callable[[int], bytes], length: int
+    ) -> None:
         owner = node_owner(self.server.daemon)
         with self._jail(server, denylist=True) as jail, fs_errors():
-            read, length = self._body_reader()
             normalized = jail.normalize(path)
             if jail.is_denied(normalized):
                 raise WingsliteError(FM_DENYLIST, 403)
@@ -6458,16 +6480,10 @@ class FileManagerRoutes:
             except FileNotFoundError:
                 old_size = 0
             if not server.fs.has_space(length - old_size):
-                self.close_connection = True  # the body is not read
                 raise NotEnoughSpace()
-            try:
-                with StagedFile(jail, server.fs, normalized, owner=owner) as staged:
-                    while chunk := read(FM_CHUNK_BYTES):
-                        staged.write(chunk)
-            except BaseException:
-                self.close_connection = True  # the rest of the body was not read
-                raise
-        return 204, None
+            with StagedFile(jail, server.fs, normalized, owner=owner) as staged:
+                while chunk := read(FM_CHUNK_BYTES):
+                    staged.write(chunk)
 
     def route_create_directory(self, server: Any) -> tuple[int, Any]:
         body = self._json_object()
@@ -6517,7 +6533,12 @@ class FileManagerRoutes:
         location = self._text(self._json_object(), "location")
         owner = node_owner(self.server.daemon)
         with self._jail(server, denylist=True) as jail, fs_errors():
-            fd = jail.open(location, os.O_RDONLY)  # regular files only, as Wings
+            try:
+                fd = jail.open(location, os.O_RDONLY)
+            except (IsADirectoryError, PermissionError) as exc:
+                if "denylist" in str(exc):
+                    raise
+                raise WingsliteError(FM_NOT_FOUND, 404) from None  # regular files only, as Wings
             try:
                 st = os.fstat(fd)
                 if not server.fs.has_space(st.st_size):
@@ -6664,9 +6685,9 @@ class FileManagerRoutes:
         limit_mb = self.server.daemon.config.get("api.upload_limit")
         owner = node_owner(self.server.daemon)
         staged: list[tuple[str, StagedFile]] = []
+        read, _ = self._body_reader()
         with self._jail(server, denylist=True) as jail, fs_errors():
             try:
-                read, _ = self._body_reader()
                 for headers, chunks in MultipartReader(read, boundary).parts():
                     form = form_disposition(headers.get("content-disposition", ""))
                     if form.get("name") != "files" or "filename" not in form:
@@ -6687,9 +6708,9 @@ class FileManagerRoutes:
                 for _, target in staged:
                     target.commit()
             except BaseException:
-                self.close_connection = True  # the rest of the body is not read
                 for _, target in staged:
                     target.abort()
+                self._discard_body(read)
                 raise
         ip = self.client_address[0] if self.client_address else ""
         for name, _ in staged:
@@ -6698,7 +6719,7 @@ class FileManagerRoutes:
                 "server:file.uploaded",
                 token.user_uuid,
                 ip,
-                {"file": name, "directory": posixpath.normpath("/" + directory)},
+                {"file": name, "directory": "/" + "/".join(Jail.parts(directory))},
             )
         return 200, None
 
