@@ -21,6 +21,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -5555,6 +5556,696 @@ class TestActivity:
         assert w.activity_ip("2001:db8::1") == "2001:db8::1"
         assert w.activity_ip("") is None and w.activity_ip("host.example:22") is None
         assert w.activity_timestamp(0) == "1970-01-01T00:00:00Z"
+
+
+# file manager #####################################################################################
+
+FM_LIMIT_MB = 2
+FM_STAT_KEYS = {
+    "name",
+    "created",
+    "modified",
+    "mode",
+    "mode_bits",
+    "size",
+    "directory",
+    "file",
+    "symlink",
+    "mime",
+}
+RFC3339_UTC = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def _fm_daemon(panel, make_daemon, disk_mb=FM_LIMIT_MB, denylist=(), **overrides):
+    """A daemon and one server (``disk_mb`` MiB of disk, the egg's ``denylist``) with its directory."""
+    doc = panel_document(build__disk_space=disk_mb)
+    doc["settings"]["egg"]["file_denylist"] = list(denylist)
+    uuid = panel.add(doc)
+    daemon = make_daemon(panel, **overrides)
+    server = daemon.get_server(uuid)
+    server.fs.ensure()
+    server.fs.recalculate()
+    return daemon, server
+
+
+def http_raw(port, method, path, body=None, headers=None, token=TOKEN):
+    """One request; (status, lower-cased headers, raw body bytes). ``body`` may be an iterable."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=body, headers=all_headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+def fm_path(server, route, **query) -> str:
+    qs = f"?{urllib.parse.urlencode(query)}" if query else ""
+    return f"/api/servers/{server.uuid}/files/{route}{qs}"
+
+
+def fm_write(daemon, server, path, data: bytes):
+    """POST files/write as the Panel sends it: a raw body labelled application/json."""
+    return http_raw(
+        daemon.port,
+        "POST",
+        fm_path(server, "write", file=path),
+        data,
+        {"Content-Type": "application/json", "Content-Length": str(len(data))},
+    )
+
+
+def tree_snapshot(*roots: Path) -> dict:
+    """Every entry under ``roots``: type, mode, size, content digest or link target."""
+    out = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                if p.is_symlink():
+                    out[str(p)] = ("link", os.readlink(p))
+                elif p.is_dir():
+                    out[str(p)] = ("dir", st.st_mode)
+                else:
+                    out[str(p)] = ("file", st.st_mode, hashlib.sha1(p.read_bytes()).hexdigest())
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class TestFileManager:
+    def test_list_directory_answers_wings_stat_objects(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        (root / "zeta").mkdir()
+        (root / "alpha").mkdir()
+        (root / "notes").write_text("hello\nwörld\n")
+        (root / "config.json").write_text('{"a": 1}')
+        (root / "server.jar").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+        (root / "pack.tar.gz").write_bytes(b"\x1f\x8b\x08" + b"\x00" * 40)
+        (root / "blob").write_bytes(b"\x00\x01\x02\xff" * 10)
+        (root / "empty.txt").write_bytes(b"")
+        (root / "link").symlink_to("notes")
+        (root / "dirlink").symlink_to("alpha")
+        (root / "dangling").symlink_to("/etc/passwd")
+        os.chmod(root / "notes", 0o640)
+        status, _, listing = api(daemon, "GET", fm_path(server, "list-directory", directory="/"))
+        assert status == 200
+        names = [e["name"] for e in listing]
+        assert names[:3] == ["alpha", "dirlink", "zeta"]  # directories first, then by name
+        assert names[3:] == sorted(names[3:])
+        by_name = {e["name"]: e for e in listing}
+        for entry in listing:
+            assert set(entry) == FM_STAT_KEYS
+            assert re.match(RFC3339_UTC, entry["created"]) and re.match(
+                RFC3339_UTC, entry["modified"]
+            )
+        notes = by_name["notes"]
+        assert notes["mime"] == "text/plain; charset=utf-8"
+        assert (notes["mode"], notes["mode_bits"], notes["size"]) == ("-rw-r-----", "640", 13)
+        assert (notes["file"], notes["directory"], notes["symlink"]) == (True, False, False)
+        assert by_name["alpha"]["mime"] == "inode/directory"
+        assert by_name["alpha"]["mode"].startswith("d") and by_name["alpha"]["file"] is False
+        assert by_name["config.json"]["mime"] == "application/json"
+        assert by_name["server.jar"]["mime"] == "application/jar"  # the Panel will not edit it
+        assert by_name["pack.tar.gz"]["mime"] == "application/gzip"  # the Panel offers Unarchive
+        assert by_name["blob"]["mime"] == "application/octet-stream"
+        assert by_name["empty.txt"]["mime"].startswith("text/plain")
+        assert by_name["link"]["symlink"] is True and by_name["link"]["mode"].startswith("L")
+        assert by_name["link"]["mime"] == "text/plain; charset=utf-8"
+        assert by_name["dirlink"]["directory"] is True and by_name["dirlink"]["symlink"] is True
+        assert by_name["dangling"]["mime"] == "inode/symlink"
+        status, _, inner = api(
+            daemon, "GET", fm_path(server, "list-directory", directory="/dirlink")
+        )
+        assert status == 200 and inner == []
+        status, _, body = api(daemon, "GET", fm_path(server, "list-directory", directory="/nope"))
+        assert status == 404 and body["error"] == w.FM_NOT_FOUND
+
+    def test_contents_streams_the_bytes_with_wings_headers(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        data = b"motd=A Minecraft Server\n" * 1000
+        (server.fs.root / "cfg").mkdir()
+        (server.fs.root / "cfg" / "server.properties").write_bytes(data)
+        status, headers, body = http_raw(
+            daemon.port, "GET", fm_path(server, "contents", file="/cfg/server.properties")
+        )
+        assert status == 200 and body == data
+        assert headers["x-mime-type"].startswith("text/")
+        assert headers["content-length"] == str(len(data))
+        status, headers, body = http_raw(
+            daemon.port,
+            "GET",
+            fm_path(server, "contents", file="cfg/server.properties", download="1"),
+        )
+        assert status == 200 and body == data
+        assert headers["content-disposition"] == 'attachment; filename="server.properties"'
+        assert headers["content-type"] == "application/octet-stream"
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/missing"))
+        assert status == 404 and json.loads(body)["error"] == w.FM_NOT_FOUND
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/cfg"))
+        assert status == 400 and json.loads(body)["error"] == w.FM_IS_DIR
+        os.mkfifo(server.fs.root / "pipe")
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/pipe"))
+        assert status == 400 and json.loads(body)["error"] == "Cannot open files of this type."
+
+    def test_write_create_rename_copy_chmod_delete(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        status, _, _ = fm_write(daemon, server, "/plugins/Essentials/config.yml", b"a: 1\n")
+        assert status == 204 and (root / "plugins/Essentials/config.yml").read_bytes() == b"a: 1\n"
+        assert fm_write(daemon, server, "plugins/Essentials/config.yml", b"a: 22\n")[0] == 204
+        assert (root / "plugins/Essentials/config.yml").read_bytes() == b"a: 22\n"
+        assert fm_write(daemon, server, "/empty.txt", b"")[0] == 204  # a new empty file
+        assert (root / "empty.txt").read_bytes() == b""
+        status, _, body = fm_write(daemon, server, "/plugins", b"x")
+        assert status == 400 and "existing directory" in json.loads(body)["error"]
+        body = {"name": "world/region", "path": "/"}
+        assert api(daemon, "POST", fm_path(server, "create-directory"), body)[0] == 204
+        assert (root / "world/region").is_dir()
+        body = {"name": "sub", "path": "/empty.txt"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "create-directory"), body)
+        assert status == 400 and "ENOTDIR" in answer["error"]
+        moves = {
+            "root": "/plugins",
+            "files": [{"from": "Essentials/config.yml", "to": "../moved.yml"}],
+        }
+        assert api(daemon, "PUT", fm_path(server, "rename"), moves)[0] == 204
+        assert (root / "moved.yml").read_bytes() == b"a: 22\n"
+        clash = {"root": "/", "files": [{"from": "moved.yml", "to": "empty.txt"}]}
+        status, _, answer = api(daemon, "PUT", fm_path(server, "rename"), clash)
+        assert status == 400 and "already exists" in answer["error"]
+        status, _, answer = api(
+            daemon, "PUT", fm_path(server, "rename"), {"root": "/", "files": []}
+        )
+        assert status == 422 and answer["error"] == "No files to move or rename were provided."
+        (root / "world.tar.gz").write_bytes(b"\x1f\x8b" + b"0" * 100)
+        for location in ("/moved.yml", "/moved.yml", "world.tar.gz"):
+            assert api(daemon, "POST", fm_path(server, "copy"), {"location": location})[0] == 204
+        assert (root / "moved copy.yml").read_bytes() == b"a: 22\n"
+        assert (root / "moved copy 1.yml").read_bytes() == b"a: 22\n"
+        assert (root / "world copy.tar.gz").read_bytes() == b"\x1f\x8b" + b"0" * 100
+        status, _, _ = api(daemon, "POST", fm_path(server, "copy"), {"location": "/world"})
+        assert status == 404  # directories are not copied (Wings)
+        chmods = {"root": "/", "files": [{"file": "moved.yml", "mode": "755"}]}
+        assert api(daemon, "POST", fm_path(server, "chmod"), chmods)[0] == 204
+        assert (root / "moved.yml").stat().st_mode & 0o777 == 0o755
+        chmods["files"][0]["mode"] = "rwx"
+        status, _, answer = api(daemon, "POST", fm_path(server, "chmod"), chmods)
+        assert status == 400 and answer["error"] == "Invalid file mode."
+        (root / "world/region/r.0.0.mca").write_bytes(b"r" * 5000)
+        server.fs.recalculate()
+        before = server.fs.usage_bytes()
+        deletes = {"root": "/", "files": ["world", "moved copy.yml", "never-existed"]}
+        assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+        assert not (root / "world").exists() and not (root / "moved copy.yml").exists()
+        assert server.fs.usage_bytes() == before - 5000 - 6
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "delete"), {"root": "/", "files": ["/"]}
+        )
+        assert status == 400 and root.is_dir()
+        assert not [p for p in root.rglob("*.part")]
+
+    def test_every_escape_is_refused_and_changes_nothing(self, panel, make_daemon, tmp_path):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["*.jar", "/config/secret.yml"])
+        root = server.fs.root
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret.txt").write_text("host secret")
+        (root / "config").mkdir()
+        (root / "config" / "secret.yml").write_text("pw: 1")
+        (root / "server.jar").write_bytes(b"PK\x03\x04jar")
+        (root / "ok.txt").write_text("fine")
+        (root / "out").symlink_to(outside)  # absolute: leads out
+        (root / "up").symlink_to("../../../..")  # relative: climbs out
+        (root / "inner").symlink_to("config")  # stays inside, points at a denied file's folder
+        before = tree_snapshot(tmp_path)
+        port = daemon.port
+        reads = [
+            ("contents", {"file": "../outside/secret.txt"}),
+            ("contents", {"file": "/out/secret.txt"}),
+            ("contents", {"file": "/up/etc/passwd"}),
+            ("contents", {"file": "/ok.txt\x00.png"}),
+            ("list-directory", {"directory": "/out"}),
+            ("list-directory", {"directory": "/../"}),
+        ]
+        for route, query in reads:
+            status, _, _ = http_raw(port, "GET", fm_path(server, route, **query))
+            assert status == 404, (route, query, status)
+        for path, expected in (
+            ("../evil.txt", 404),
+            ("/out/evil.txt", 404),
+            ("/up/tmp/evil.txt", 404),
+            ("/ok.txt\x00", 404),
+            ("/server.jar", 403),
+            ("/plugins/other.jar", 403),
+            ("/config/secret.yml", 403),
+            ("/inner/secret.yml", 403),  # the same file through a symlink
+        ):
+            status, _, body = fm_write(daemon, server, path, b"overwritten")
+            assert status == expected, (path, status, body)
+            if expected == 403:
+                assert json.loads(body)["error"] == w.FM_DENYLIST
+        json_calls = [
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "../x.txt"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "out/x.txt"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "a.jar"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "server.jar", "to": "s.zip"}]}),
+            ("POST", "copy", {"location": "/out/secret.txt"}),
+            ("POST", "copy", {"location": "/server.jar"}),
+            ("POST", "delete", {"root": "/", "files": ["../outside"]}),
+            ("POST", "delete", {"root": "/out", "files": ["secret.txt"]}),
+            ("POST", "chmod", {"root": "/", "files": [{"file": "out/secret.txt", "mode": "777"}]}),
+            ("POST", "create-directory", {"name": "x", "path": "/out"}),
+            ("POST", "create-directory", {"name": "../../x", "path": "/"}),
+        ]
+        for method, route, body in json_calls:
+            status, _, answer = api(daemon, method, fm_path(server, route), body)
+            assert status in (403, 404), (route, body, status, answer)
+        assert tree_snapshot(tmp_path) == before
+        # Deleting a symlink deletes the link only.
+        assert (
+            api(daemon, "POST", fm_path(server, "delete"), {"root": "/", "files": ["out"]})[0]
+            == 204
+        )
+        assert not (root / "out").exists() and (outside / "secret.txt").read_text() == "host secret"
+
+    def test_disk_limit_refusals_leave_nothing_behind(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        limit = FM_LIMIT_MB * 1048576
+        (root / "keep.bin").write_bytes(b"k" * (limit // 2))
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        status, _, body = fm_write(daemon, server, "/big.bin", b"b" * limit)
+        assert status == 400 and json.loads(body)["error"] == w.FM_NO_SPACE
+        status, _, body = fm_write(daemon, server, "/keep.bin", b"b" * (limit + 1))
+        assert status == 400  # the old file survives a refused rewrite
+        status, _, _ = api(daemon, "POST", fm_path(server, "copy"), {"location": "/keep.bin"})
+        assert status == 200 or status == 204  # exactly fits: half + half == limit
+        (root / "keep copy.bin").unlink()
+        (root / "more.bin").write_bytes(b"m" * 1000)
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        status, _, body = api(daemon, "POST", fm_path(server, "copy"), {"location": "/keep.bin"})
+        assert status == 400 and body["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(root) == before
+        # A rewrite costs only its growth, as in Wings.
+        assert fm_write(daemon, server, "/keep.bin", b"n" * (limit // 2))[0] == 204
+        assert server.fs.recalculate() == limit // 2 + 1000
+
+    def test_a_50_mib_write_is_streamed(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=0)
+        chunk = bytes(range(256)) * 4096  # 1 MiB, sent 50 times: the client holds 1 MiB
+        total = 50 * len(chunk)
+        peak = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_bytes())
+                time.sleep(0.005)
+
+        baseline = _rss_bytes()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            status, _, _ = http_raw(
+                daemon.port,
+                "POST",
+                fm_path(server, "write", file="/world.bin"),
+                (chunk for _ in range(50)),
+                {"Content-Type": "application/json", "Content-Length": str(total)},
+            )
+        finally:
+            done.set()
+            sampler.join()
+        assert status == 204
+        assert (server.fs.root / "world.bin").stat().st_size == total
+        assert peak[0] - baseline < 10 * 1048576, f"RSS grew by {(peak[0] - baseline) >> 20} MiB"
+        with open(server.fs.root / "world.bin", "rb") as fh:
+            assert fh.read(len(chunk)) == chunk
+            fh.seek(-len(chunk), os.SEEK_END)
+            assert fh.read() == chunk
+
+
+# -- signed URLs ------------------------------------------------------------------------------------
+
+
+def signed_token(server_uuid, secret=TOKEN, expires_in_s=900, **claims):
+    now = int(time.time())
+    body = {
+        "iss": "https://panel.example.com",
+        "aud": ["http://127.0.0.1"],
+        "jti": hashlib.md5(f"1{server_uuid}".encode()).hexdigest(),
+        "iat": now,
+        "nbf": now - 300,
+        "exp": now + expires_in_s,
+        "server_uuid": server_uuid,
+        "user_uuid": "c0ffee00-1111-4222-8333-444455556666",
+        "user_id": 1,
+        "unique_id": uuidlib.uuid4().hex[:16],
+        **claims,
+    }
+    return w.encode_jwt(body, secret)
+
+
+def multipart_body(files: dict[str, bytes], boundary: str = "----wingsliteTestBoundary7MA4YWxk"):
+    parts = []
+    for name, data in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def upload(daemon, token, files, directory="/"):
+    body, content_type = multipart_body(files)
+    query = urllib.parse.urlencode({"token": token, "directory": directory})
+    return http_raw(
+        daemon.port, "POST", f"/upload/file?{query}", body, {"Content-Type": content_type}, None
+    )
+
+
+class TestSignedUrls:
+    def test_download_once_with_a_valid_token_only(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        (server.fs.root / "logs").mkdir()
+        (server.fs.root / "logs" / "latest.log").write_bytes(b"[INFO] Done\n" * 100)
+        token = signed_token(server.uuid, file_path="/logs/latest.log")
+        status, headers, body = http_raw(
+            daemon.port, "GET", f"/download/file?token={token}", token=None
+        )
+        assert status == 200 and body == b"[INFO] Done\n" * 100
+        assert headers["content-disposition"] == 'attachment; filename="latest.log"'
+        assert headers["content-type"] == "application/octet-stream"
+        status, _, body = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)
+        assert status == 404 and json.loads(body)["error"] == w.SIGNED_URL_NOT_FOUND  # used once
+        refused = {
+            "expired": signed_token(server.uuid, expires_in_s=-5, file_path="/logs/latest.log"),
+            "wrong key": signed_token(server.uuid, secret="x" * 64, file_path="/logs/latest.log"),
+            "wrong scope": signed_token(
+                server.uuid, scope="file-upload", file_path="/logs/latest.log"
+            ),
+            "no path": signed_token(server.uuid),
+            "old": signed_token(
+                server.uuid, iat=int(time.time()) - 3600, file_path="/logs/latest.log"
+            ),
+        }
+        for what, bad in refused.items():
+            status, _, body = http_raw(
+                daemon.port, "GET", f"/download/file?token={bad}", token=None
+            )
+            assert status == 403, what
+            assert json.loads(body)["error"], what
+        other = signed_token(str(uuidlib.uuid4()), file_path="/logs/latest.log")
+        status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={other}", token=None)
+        assert status == 404
+        for path in ("/logs", "/../../etc/passwd", "/missing"):
+            token = signed_token(server.uuid, file_path=path)
+            status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)
+            assert status == 404, path
+
+    def test_upload_many_files_once_metered_and_limited(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["*.jar"], api__upload_limit=1)
+        events = []
+        server.record_activity = lambda *args: events.append(args)
+        token = signed_token(server.uuid)
+        files = {"a.txt": b"alpha\r\n--not-a-boundary", "b.bin": os.urandom(200_000)}
+        status, _, _ = upload(daemon, token, files, directory="/plugins")
+        assert status == 200
+        for name, data in files.items():
+            assert (server.fs.root / "plugins" / name).read_bytes() == data
+        assert [e[0] for e in events] == ["server:file.uploaded"] * 2
+        assert (
+            events[0][1] == "c0ffee00-1111-4222-8333-444455556666" and events[0][2] == "127.0.0.1"
+        )
+        assert events[0][3] == {"file": "a.txt", "directory": "/plugins"}
+        assert upload(daemon, token, {"c.txt": b"again"})[0] == 404  # the token was used
+        before = tree_snapshot(server.fs.root)
+        too_big = {"ok.txt": b"fine", "huge.bin": b"h" * (1048576 + 1)}
+        status, _, body = upload(daemon, signed_token(server.uuid), too_big)
+        assert status == 400 and "maximum file upload size of 1 MB" in json.loads(body)["error"]
+        status, _, body = upload(daemon, signed_token(server.uuid), {"x.txt": b"1", "p.jar": b"2"})
+        assert status == 403
+        limit = FM_LIMIT_MB * 1048576
+        (server.fs.root / "fill.bin").write_bytes(b"f" * (limit - 300_000))
+        server.fs.recalculate()
+        before = tree_snapshot(server.fs.root)
+        status, _, body = upload(
+            daemon,
+            signed_token(server.uuid),
+            {"one.bin": b"1" * 200_000, "two.bin": b"2" * 200_000},
+        )
+        assert status == 400 and json.loads(body)["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(server.fs.root) == before
+        status, _, body = upload(daemon, signed_token(server.uuid, scope="file-download"), files)
+        assert status == 403
+        query = urllib.parse.urlencode({"token": signed_token(server.uuid)})
+        status, _, body = http_raw(
+            daemon.port,
+            "POST",
+            f"/upload/file?{query}",
+            b"{}",
+            {"Content-Type": "application/json"},
+            None,
+        )
+        assert status == 400 and "multipart" in json.loads(body)["error"]
+
+    def test_headless_chromium_uploads_and_downloads_from_another_origin(
+        self, panel, make_daemon, tmp_path
+    ):
+        page_server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), http.server.BaseHTTPRequestHandler
+        )
+        origin = f"http://127.0.0.1:{page_server.server_address[1]}"
+        daemon, server = _fm_daemon(panel, make_daemon, allowed_origins=[origin])
+        (server.fs.root / "eula.txt").write_text("eula=true\n")
+        tokens = [signed_token(server.uuid) for _ in range(2)]
+        download = signed_token(server.uuid, file_path="/eula.txt")
+        node = f"http://127.0.0.1:{daemon.port}"
+        page = f"""<!doctype html><script>
+(async () => {{
+  const results = [];
+  try {{
+    const files = [new File(["first file\\n"], "one.txt"), new File([new Uint8Array([0, 1, 2, 255])], "two.bin")];
+    const tokens = {json.dumps(tokens)};
+    for (let i = 0; i < 2; i++) {{
+      const form = new FormData();
+      form.append("files", files[i]);
+      const r = await fetch("{node}/upload/file?token=" + tokens[i] + "&directory=%2Fuploads", {{method: "POST", body: form}});
+      results.push(r.status);
+    }}
+    const d = await fetch("{node}/download/file?token={download}");
+    results.push(d.status, await d.text());
+  }} catch (e) {{ results.push("error: " + e); }}
+  await fetch("/report", {{method: "POST", body: JSON.stringify(results)}});
+}})();
+</script>"""
+        reports = []
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                data = page.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+        page_server.RequestHandlerClass = Page
+        threading.Thread(target=page_server.serve_forever, daemon=True).start()
+        browser = subprocess.Popen(
+            [
+                "chromium",
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                origin + "/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: reports, timeout_s=60, what="the page's report")
+        finally:
+            browser.kill()
+            browser.wait()
+            page_server.shutdown()
+            page_server.server_close()
+        assert reports[0] == [200, 200, 200, "eula=true\n"]
+        assert (server.fs.root / "uploads" / "one.txt").read_bytes() == b"first file\n"
+        assert (server.fs.root / "uploads" / "two.bin").read_bytes() == bytes([0, 1, 2, 255])
+
+
+# -- remote downloads -------------------------------------------------------------------------------
+
+
+class _Origin:
+    """A loopback HTTP server for pulls: ``routes[path] = (status, headers, body or iterator)``."""
+
+    def __init__(self):
+        self.routes = {}
+        origin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                status, headers, body = origin.routes.get(self.path, (404, {}, b"no"))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_header("Connection", "close")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for piece in body:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def origin():
+    o = _Origin()
+    yield o
+    o.close()
+
+
+class TestFilePull:
+    def test_internal_addresses_are_refused_by_default(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        origin.routes["/mod.jar"] = (200, {}, b"jarbytes")
+        for url in (
+            origin.url + "/mod.jar",
+            origin.url.replace("127.0.0.1", "localhost") + "/mod.jar",
+        ):
+            body = {"url": url, "root": "/", "foreground": True}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 400 and "internal address" in answer["error"]
+        assert not (server.fs.root / "mod.jar").exists()
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "pull"), {"url": "file:///etc/passwd"}
+        )
+        assert status == 400
+        off, server2 = _fm_daemon(panel, make_daemon, api__disable_remote_download=True)
+        for method, route in (("GET", "pull"), ("POST", "pull"), ("DELETE", "pull/abc")):
+            status, _, answer = api(off, method, fm_path(server2, route), {"url": origin.url})
+            assert status == 400 and answer["error"] == w.FM_PULL_DISABLED
+
+    def test_pulls_when_allowed(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(
+            panel, make_daemon, wingslite__remote_download_allow_internal=True
+        )
+        origin.routes["/files/Geyser.jar"] = (200, {}, b"G" * 5000)
+        origin.routes["/dl?id=7"] = (
+            200,
+            {"Content-Disposition": 'attachment; filename="named.zip"'},
+            b"PK\x03\x04zip",
+        )
+        origin.routes["/moved"] = (302, {"Location": origin.url + "/files/Geyser.jar"}, b"")
+        body = {"url": origin.url + "/files/Geyser.jar", "root": "/plugins", "foreground": True}
+        status, _, stat_answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 200 and set(stat_answer) == FM_STAT_KEYS
+        assert stat_answer["name"] == "Geyser.jar" and stat_answer["size"] == 5000
+        assert (server.fs.root / "plugins" / "Geyser.jar").read_bytes() == b"G" * 5000
+        body = {"url": origin.url + "/dl?id=7", "root": "/", "use_header": True, "foreground": True}
+        assert api(daemon, "POST", fm_path(server, "pull"), body)[0] == 200
+        assert (server.fs.root / "named.zip").read_bytes() == b"PK\x03\x04zip"
+        body = {"url": origin.url + "/files/Geyser.jar", "root": "/", "file_name": "g.jar"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 202 and answer["identifier"]
+        wait_for(lambda: (server.fs.root / "g.jar").exists(), what="the background pull")
+        status, _, answer = api(
+            daemon,
+            "POST",
+            fm_path(server, "pull"),
+            {"url": origin.url + "/moved", "foreground": True},
+        )
+        assert status == 400 and "302" in answer["error"]  # redirects are not followed
+
+    def test_progress_cancel_limit_and_disk(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(
+            panel, make_daemon, wingslite__remote_download_allow_internal=True
+        )
+        release = threading.Event()
+
+        def slow():
+            yield b"s" * 1000
+            release.wait(30)
+            yield b"s" * 1000
+
+        for i in range(4):
+            origin.routes[f"/slow{i}"] = (200, {"Content-Length": "2000"}, slow())
+        ids = []
+        for i in range(3):
+            body = {"url": f"{origin.url}/slow{i}", "root": "/", "file_name": f"slow{i}.bin"}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 202
+            ids.append(answer["identifier"])
+        body = {"url": f"{origin.url}/slow3", "root": "/"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 400 and answer["error"] == w.FM_PULL_LIMIT
+
+        def progress():
+            listing = api(daemon, "GET", fm_path(server, "pull"))[2]["downloads"]
+            return len(listing) == 3 and all(d["Progress"] == 0.5 for d in listing) and listing
+
+        listing = wait_for(progress, what="three pulls at half way")
+        assert {d["Identifier"] for d in listing} == set(ids)
+        assert api(daemon, "DELETE", fm_path(server, f"pull/{ids[0]}"))[0] == 204
+        release.set()
+        wait_for(lambda: not api(daemon, "GET", fm_path(server, "pull"))[2]["downloads"])
+        assert not (server.fs.root / "slow0.bin").exists()  # cancelled: nothing left
+        assert (server.fs.root / "slow1.bin").read_bytes() == b"s" * 2000
+        assert not list(server.fs.root.glob(".wingslite-*"))
+        limit = FM_LIMIT_MB * 1048576
+        origin.routes["/big"] = (200, {}, b"b" * (limit + 1))
+        origin.routes["/big-unsized"] = (200, {}, iter([b"u" * 65536] * (limit // 65536 + 2)))
+        server.fs.recalculate()
+        before = tree_snapshot(server.fs.root)
+        for path in ("/big", "/big-unsized"):
+            body = {"url": origin.url + path, "root": "/", "foreground": True}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 400 and answer["error"] == w.FM_NO_SPACE, path
+        assert tree_snapshot(server.fs.root) == before
 
 
 # disk quotas ######################################################################################

@@ -77,6 +77,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import gzip
 import hashlib
 import hmac
@@ -87,6 +88,7 @@ import json
 import logging
 import lzma
 import math
+import mimetypes
 import os
 import platform
 import posixpath
@@ -223,6 +225,7 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("api.ssl.cert", str, ""),
     ("api.ssl.key", str, ""),
     ("api.upload_limit", int, 100),
+    ("api.disable_remote_download", bool, False),
     ("system.root_directory", str, "/var/lib/pterodactyl"),
     ("system.log_directory", str, "/var/log/pterodactyl"),
     ("system.data", str, "/var/lib/pterodactyl/volumes"),
@@ -278,6 +281,7 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.max_panel_pages", int, 1000),
     ("wingslite.max_connections", int, 0),  # 0: from the process's file limit (ApiServer)
     ("wingslite.header_timeout_s", int, 10),
+    ("wingslite.remote_download_allow_internal", bool, False),
 )
 
 _CHOICES = {
@@ -7472,6 +7476,1111 @@ def _activity_event(
     }
 
 
+# file manager #####################################################################################
+
+# The Panel's Files tab (Wings router/router_server_files.go, router/router_download.go,
+# server/filesystem/*). Every path goes through the server's ``Jail``: a leading "/" is the
+# server's own root, ".." cannot climb out of it, a symlink is followed only while it stays
+# inside. The egg's ``file_denylist`` refuses writes, renames, copies, uploads and extraction (as
+# Wings); reads, listings, deletes and chmod ignore it (as Wings). Every write is staged under a
+# temporary name beside its target, metered against the disk limit chunk by chunk, and renamed
+# over the target only when complete -- a refused or broken write leaves the old file as it was
+# and nothing new behind. Request bodies and answers are streamed; no file is held in memory.
+
+# Wings' texts (router/middleware/request_error.go, router/router_server_files.go).
+FM_NOT_FOUND = "The requested resources was not found on the system."
+FM_DENYLIST = "This file cannot be modified: present in egg denylist."
+FM_IS_DIR = "Cannot perform that action: file is a directory."
+FM_NO_SPACE = "There is not enough disk space available to perform that action."
+FM_NAME_TOO_LONG = "Cannot perform that action: file name is too long."
+FM_PULL_DISABLED = "This functionality is not currently enabled on this instance."
+FM_PULL_LIMIT = (
+    "This server has reached its limit of 3 simultaneous remote file downloads at once. "
+    "Please wait for one to complete before trying again."
+)
+FM_MAX_PULLS_PER_SERVER = 3
+FM_CHUNK_BYTES = 256 * 1024
+FM_DISCARD_BYTES = 64 * 1048576  # a refused body up to this size is read, so the client hears why
+FM_PULL_USER_AGENT = "Pterodactyl Panel (https://pterodactyl.io)"  # what Wings sends
+FM_PULL_READ_TIMEOUT_S = 60.0
+_FM_SERVER = r"/api/servers/(?P<server>[^/]+)/files"
+# Built-in tables only: the host's /etc/mime.types would make answers differ between nodes.
+_MIME_TYPES = mimetypes.MimeTypes()
+# (offset, magic, type) as gabriel-vasile/mimetype (Wings' detector) names them; the Panel offers
+# "Unarchive" for the archive types and refuses to edit the binary ones.
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x1f\x8b", "application/gzip"),
+    (0, b"PK\x03\x04", "application/zip"),
+    (0, b"PK\x05\x06", "application/zip"),
+    (0, b"BZh", "application/x-bzip2"),
+    (0, b"\xfd7zXZ\x00", "application/x-xz"),
+    (0, b"7z\xbc\xaf\x27\x1c", "application/x-7z-compressed"),
+    (0, b"Rar!\x1a\x07", "application/x-rar-compressed"),
+    (0, b"\x28\xb5\x2f\xfd", "application/zstd"),
+    (257, b"ustar", "application/x-tar"),
+    (0, b"\x89PNG\r\n\x1a\n", "image/png"),
+    (0, b"\xff\xd8\xff", "image/jpeg"),
+    (0, b"GIF8", "image/gif"),
+    (0, b"%PDF-", "application/pdf"),
+    (0, b"\x7fELF", "application/x-elf"),
+)
+_TEXT_APPLICATION_TYPES = frozenset(
+    ("application/json", "application/xml", "application/javascript", "application/x-sh")
+)
+
+
+class NotEnoughSpace(OSError):
+    """A write that would pass the server's disk limit (Wings' ``E_NODISK``)."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EDQUOT, "filesystem: not enough disk space")
+
+
+def detect_mime(head: bytes, name: str) -> str:
+    """The type the Panel's editor reads: magic numbers first, then UTF-8 text, then the name.
+
+    A UTF-8 file is ``text/plain; charset=utf-8`` unless its extension names a text type; an
+    empty file counts as text (the Panel can open it). Binary without magic or a known extension
+    is ``application/octet-stream``, which the Panel does not open in its editor.
+    """
+    for offset, magic, kind in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            if kind == "application/zip" and name.lower().endswith(".jar"):
+                return "application/jar"
+            return kind
+    guess = _MIME_TYPES.guess_type(name, strict=False)[0]
+    if b"\x00" not in head:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            pass
+        else:
+            if guess and guess.startswith("text/"):
+                return f"{guess}; charset=utf-8"
+            if guess in _TEXT_APPLICATION_TYPES or (guess or "").endswith(("+json", "+xml")):
+                return guess
+            return "text/plain; charset=utf-8"
+    if guess and not guess.startswith("text/"):
+        return guess
+    return "application/octet-stream"
+
+
+def go_file_mode(mode: int) -> str:
+    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``drwxr-xr-x``, ``Lrwxrwxrwx``)."""
+    kinds = [
+        (stat.S_ISDIR(mode), "d"),
+        (stat.S_ISLNK(mode), "L"),
+        (stat.S_ISBLK(mode) or stat.S_ISCHR(mode), "D"),
+        (stat.S_ISFIFO(mode), "p"),
+        (stat.S_ISSOCK(mode), "S"),
+        (bool(mode & stat.S_ISUID), "u"),
+        (bool(mode & stat.S_ISGID), "g"),
+        (stat.S_ISCHR(mode), "c"),
+        (bool(mode & stat.S_ISVTX), "t"),
+    ]
+    prefix = "".join(letter for on, letter in kinds if on) or "-"
+    perms = "".join(c if mode & (1 << (8 - i)) else "-" for i, c in enumerate("rwxrwxrwx"))
+    return prefix + perms
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+
+
+def stat_object(
+    name: str, st: os.stat_result, mime: str, target: os.stat_result | None = None
+) -> dict[str, Any]:
+    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads it.
+
+    ``st`` is the entry itself (lstat); for a symlink, ``target`` is what it resolves to inside
+    the jail (None when it dangles or leads out), which decides ``directory``/``file`` and the size.
+    Unlike Wings v1.11 (whose ``symlink`` is always false), a symlink says so.
+    """
+    shown = target if target is not None else st
+    is_dir = stat.S_ISDIR(shown.st_mode)
+    return {
+        "name": name,
+        "created": _rfc3339(st.st_ctime),
+        "modified": _rfc3339(st.st_mtime),
+        "mode": go_file_mode(st.st_mode),
+        "mode_bits": format(st.st_mode & 0o777, "o"),
+        "size": shown.st_size,
+        "directory": is_dir,
+        "file": not is_dir,
+        "symlink": stat.S_ISLNK(st.st_mode),
+        "mime": mime,
+    }
+
+
+def _file_head(jail: Jail, path: str) -> bytes:
+    fd = jail.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, 3072, 0)
+    finally:
+        os.close(fd)
+
+
+def stat_path(jail: Jail, path: str, st: os.stat_result | None = None) -> dict[str, Any]:
+    """The ``Stat`` of one jail path (``st``: its lstat, when the caller has it already)."""
+    st = st if st is not None else jail.lstat(path)
+    name = posixpath.basename(jail.normalize(path)) or "/"
+    target = None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = jail.stat(path)
+        except OSError:  # dangling, or leading out of the jail: shown as the link it is
+            return stat_object(name, st, "inode/symlink")
+    shown = target or st
+    if stat.S_ISDIR(shown.st_mode):
+        return stat_object(name, st, "inode/directory", target)
+    if not stat.S_ISREG(shown.st_mode):
+        return stat_object(name, st, "application/octet-stream", target)
+    try:
+        head = _file_head(jail, path)
+    except OSError:
+        head = b"\x00"  # vanished or unreadable meanwhile: binary, not editable
+    return stat_object(name, st, detect_mime(head, name), target)
+
+
+def list_directory(jail: Jail, path: str) -> list[dict[str, Any]]:
+    """Every entry of a directory as ``Stat``: directories first, then by name (byte order)."""
+    base = jail.normalize(path)
+    out = []
+    for name, st in jail.listdir(path):
+        with contextlib.suppress(FileNotFoundError):
+            out.append(stat_path(jail, posixpath.join(base, name), st))
+    out.sort(key=lambda s: (not s["directory"], s["name"].encode("utf-8", "surrogateescape")))
+    return out
+
+
+def fs_error(exc: OSError) -> WingsliteError:
+    """An ``OSError`` from the jail as Wings' status and text; a missing file is 404 (Wings: 500)."""
+    code = exc.errno
+    if isinstance(exc, PathEscape) or code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        return WingsliteError(FM_NOT_FOUND, 404)
+    if code == errno.EACCES and "denylist" in str(exc.strerror or ""):
+        return WingsliteError(FM_DENYLIST, 403)
+    if code == errno.EISDIR:
+        return WingsliteError(FM_IS_DIR, 400)
+    if code in (errno.EDQUOT, errno.ENOSPC):
+        return WingsliteError(FM_NO_SPACE, 400)
+    if code == errno.ENAMETOOLONG:
+        return WingsliteError(FM_NAME_TOO_LONG, 400)
+    if code == errno.EEXIST:
+        return WingsliteError("A file or directory already exists at that path.", 400)
+    if code in (errno.EPERM, errno.EACCES):
+        return WingsliteError(f"The operation was not permitted: {exc.strerror}.", 403)
+    if code == errno.ETXTBSY:
+        return WingsliteError(
+            "One or more files this action is attempting to overwrite are currently in use by "
+            "another process. Please try again.",
+            400,
+        )
+    LOG.error("file manager: unexpected filesystem error: %s", exc)
+    return WingsliteError("An unexpected error was encountered while processing this request")
+
+
+@contextlib.contextmanager
+def fs_errors() -> Iterator[None]:
+    """Turn the jail's ``OSError``s (and paths that are not text) into answers."""
+    try:
+        yield
+    except OSError as exc:
+        raise fs_error(exc) from None
+    except (UnicodeError, ValueError):
+        raise BadRequest("the path is not valid") from None
+
+
+def makedirs(jail: Jail, path: str, mode: int = 0o755) -> None:
+    """``mkdir -p`` inside the jail (an existing symlink to a directory inside it is walked)."""
+    current = ""
+    for part in jail.parts(path):
+        current += "/" + part
+        with contextlib.suppress(FileExistsError):
+            jail.mkdir(current, mode)
+
+
+def node_owner(daemon: Any) -> tuple[int, int] | None:
+    """The uid/gid files made for a server belong to (Wings ``system.user``), when root can chown."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid, gid = daemon.config.get("system.user.uid"), daemon.config.get("system.user.gid")
+    except KeyError:
+        return None
+    return (uid, gid) if isinstance(uid, int) and isinstance(gid, int) else None
+
+
+def remove_tree(jail: Jail, path: str) -> int:
+    """Remove a file, a symlink (never its target) or a whole directory; returns the bytes freed.
+
+    The walk holds each directory open and works on names relative to it with no-follow calls, so
+    a symlink swapped in while it runs is unlinked, never descended into.
+    """
+    with jail.resolve(path, follow=False) as where:
+        if where.name is None:
+            raise PermissionError(errno.EPERM, "the server's root directory cannot be deleted")
+        return _remove_at(where.dir_fd, where.name)
+
+
+def _freed_bytes(st: os.stat_result) -> int:
+    return st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1 else 0
+
+
+def _remove_at(dir_fd: int, name: str) -> int:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return _freed_bytes(st)
+    freed = 0
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    frames: list[tuple[int, str, int, list[str]]] = []  # (parent fd, name, fd, names left)
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+        frames.append((dir_fd, name, fd, os.listdir(fd)))
+        while frames:
+            parent, own, fd, names = frames[-1]
+            if not names:
+                frames.pop()
+                os.close(fd)
+                os.rmdir(own, dir_fd=parent)
+                continue
+            child = names.pop()
+            st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                child_fd = os.open(child, flags, dir_fd=fd)
+                frames.append((fd, child, child_fd, os.listdir(child_fd)))
+            else:
+                os.unlink(child, dir_fd=fd)
+                freed += _freed_bytes(st)
+    finally:
+        for _, _, fd, _ in frames:
+            os.close(fd)
+    return freed
+
+
+class StagedFile:
+    """A file written under a temporary name beside its target, metered, renamed over it at the end.
+
+    Methods for the caller: ``write(data)`` (books the bytes with ``Filesystem.reserve()`` first,
+    ``NotEnoughSpace`` if they do not fit), ``commit()``, ``abort()``; or use it as a context
+    manager (commit on success, abort on any error). A target that is a symlink inside the jail is
+    written through to where it points. The bytes of a file being replaced are credited for the
+    duration, so rewriting a file costs only its growth, as in Wings.
+    """
+
+    def __init__(self, jail: Jail, fs: Filesystem, path: str, mode: int = 0o644, owner: Any = None):
+        self.jail, self.fs, self.owner = jail, fs, owner
+        normalized = jail.normalize(path)
+        if jail.is_denied is not None and jail.is_denied(normalized):
+            raise PermissionError(errno.EACCES, "this file is in the egg's file_denylist", path)
+        makedirs(jail, posixpath.dirname(normalized))
+        with jail.resolve(normalized) as where:
+            if where.name is None:
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            self.target = "/" + where.relpath
+            try:
+                old = os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                old = None
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        self.old_bytes = _freed_bytes(old) if old is not None else 0
+        parent = posixpath.dirname(self.target)
+        self.tmp = posixpath.join(parent, f".wingslite-{uuidlib.uuid4().hex[:16]}.part")
+        self.written = 0
+        self.finished = False
+        self.fd = jail.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fs.add_usage(-self.old_bytes)
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def write(self, data: bytes) -> None:
+        if not self.fs.reserve(len(data)):
+            raise NotEnoughSpace()
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            self.written += n
+            view = view[n:]
+
+    def _close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def commit(self) -> None:
+        if self.finished:
+            return
+        self._close()
+        try:
+            if self.owner is not None:
+                self.jail.chown(self.tmp, *self.owner)
+            self.jail.rename(self.tmp, self.target)
+        except BaseException:
+            self.abort()
+            raise
+        self.finished = True
+
+    def abort(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._close()
+        with contextlib.suppress(OSError):
+            self.jail.remove(self.tmp)
+        self.fs.add_usage(self.old_bytes - self.written)
+
+
+def copy_name(jail: Jail, path: str) -> str:
+    """Wings' name for a copy beside the file: ``a copy.txt``, ``a copy 1.txt`` ... (``x.tar.gz`` kept whole)."""
+    parent, base = posixpath.split(jail.normalize(path))
+    stem, ext = posixpath.splitext(base)
+    if stem.endswith(".tar"):
+        stem, ext = stem[:-4], ".tar" + ext
+    for i in range(51):
+        candidate = posixpath.join(parent, f"{stem} copy{f' {i}' if i else ''}{ext}")
+        try:
+            jail.lstat(candidate)
+        except FileNotFoundError:
+            return candidate
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return posixpath.join(parent, f"{stem}copy.{stamp}{ext}")
+
+
+def record_activity(server: Any, event: str, user_uuid: str, ip: str, metadata: dict) -> None:
+    """Hand a user's file event to the server's activity log, when the node keeps one."""
+    record = getattr(server, "record_activity", None)
+    if record is not None:
+        record(event, user_uuid, ip, metadata)
+
+
+# -- multipart bodies -------------------------------------------------------------------------------
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    """The boundary of a ``multipart/form-data`` Content-Type (RFC 7578), or None."""
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        return None
+    for param in params.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary":
+            value = value.strip().strip('"')
+            if 0 < len(value) <= 200:
+                return value.encode("latin-1", "replace")
+    return None
+
+
+class MultipartReader:
+    """``multipart/form-data`` read as a stream (RFC 7578/2046): parts one after the other.
+
+    ``parts()`` yields ``(headers, chunks)`` where ``chunks`` is an iterator over the part's body;
+    a part not read to its end is skipped when the next one is asked for. Memory is bounded by
+    the chunk size plus one delimiter, whatever the size of the parts.
+    """
+
+    max_header_bytes = 16 * 1024
+
+    def __init__(self, read: Callable[[int], bytes], boundary: bytes, chunk_bytes: int = 65536):
+        self._read = read
+        self._delimiter = b"\r\n--" + boundary
+        self._chunk = chunk_bytes
+        self._buf = b"\r\n"  # so the first delimiter looks like every other one
+        self._eof = False
+
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        data = self._read(self._chunk)
+        if not data:
+            self._eof = True
+            return False
+        self._buf += data
+        return True
+
+    def _until(self, marker: bytes, limit: int) -> bytes:
+        while marker not in self._buf:
+            if len(self._buf) > limit or not self._fill():
+                raise BadRequest("Failed to get multipart form data from request.")
+        head, _, self._buf = self._buf.partition(marker)
+        return head
+
+    def parts(self) -> Iterator[tuple[dict[str, str], Iterator[bytes]]]:
+        self._until(self._delimiter, self.max_header_bytes)  # the preamble
+        while True:
+            while len(self._buf) < 2 and self._fill():
+                pass
+            if self._buf.startswith(b"--"):
+                return
+            if not self._buf.startswith(b"\r\n"):
+                raise BadRequest("Failed to get multipart form data from request.")
+            self._buf = self._buf[2:]
+            headers = self._headers(self._until(b"\r\n\r\n", self.max_header_bytes))
+            body = self._body()
+            yield headers, body
+            for _ in body:  # whatever the consumer left unread
+                pass
+
+    @staticmethod
+    def _headers(raw: bytes) -> dict[str, str]:
+        headers = {}
+        for line in raw.decode("utf-8", "replace").split("\r\n"):
+            key, sep, value = line.partition(":")
+            if sep:
+                headers[key.strip().lower()] = value.strip()
+        return headers
+
+    def _body(self) -> Iterator[bytes]:
+        keep = len(self._delimiter) - 1
+        while True:
+            at = self._buf.find(self._delimiter)
+            if at >= 0:
+                chunk, self._buf = self._buf[:at], self._buf[at + len(self._delimiter) :]
+                if chunk:
+                    yield chunk
+                return
+            if len(self._buf) > keep:
+                chunk, self._buf = self._buf[:-keep], self._buf[-keep:]
+                yield chunk
+            if not self._fill():
+                raise BadRequest("the multipart body ended before its closing boundary")
+
+
+def form_disposition(value: str) -> dict[str, str]:
+    """``Content-Disposition: form-data; name="files"; filename="a.txt"`` as a dict."""
+    out = {}
+    for param in re.finditer(r';\s*([\w*]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', value):
+        key, raw = param.group(1).lower(), param.group(2).strip()
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        out[key] = raw
+    if "filename*" in out and "''" in out["filename*"]:
+        out["filename"] = urllib.parse.unquote(out["filename*"].split("''", 1)[1])
+    return out
+
+
+# -- remote downloads (files/pull) --------------------------------------------------------------
+
+
+class PullRefused(OSError):
+    """A remote download that may not go where its URL leads."""
+
+
+def is_internal_address(ip: str) -> bool:
+    """Loopback, private, link-local, shared, reserved, multicast... anything not the public Internet."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return True
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not addr.is_global or addr.is_multicast
+
+
+def _connect_public(allow_internal: bool, address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+    # The address checked is the one the socket is connected to, not a DNS answer read earlier,
+    # so a name that resolves differently the second time (DNS rebinding) gains nothing.
+    sock = socket.create_connection(address, *args, **kwargs)
+    peer = sock.getpeername()[0]
+    if not allow_internal and is_internal_address(peer):
+        sock.close()
+        raise PullRefused(
+            errno.EACCES,
+            f"the URL's host is an internal address ({peer}); remote downloads may only reach "
+            "public addresses",
+        )
+    return sock
+
+
+class _PullHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, allow_internal: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_connect_public, allow_internal)
+
+
+class _PullHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, allow_internal: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_connect_public, allow_internal)
+
+
+class _PullHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allow_internal: bool):
+        super().__init__()
+        self.allow_internal = allow_internal
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(_PullHTTPConnection, req, allow_internal=self.allow_internal)
+
+
+class _PullHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow_internal: bool):
+        super().__init__()
+        self.allow_internal = allow_internal
+
+    def https_open(self, req: Any) -> Any:
+        return self.do_open(
+            _PullHTTPSConnection, req, context=self._context, allow_internal=self.allow_internal
+        )
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # Wings does not follow redirects either (router/downloader: ErrUseLastResponse): a redirect
+    # could lead anywhere, and the answer to it is a refused download.
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+def pull_opener(allow_internal: bool = False) -> urllib.request.OpenerDirector:
+    """urllib without proxies (the peer checked must be the real one) and without redirects."""
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        _PullHTTPHandler(allow_internal),
+        _PullHTTPSHandler(allow_internal),
+        _NoRedirects(),
+    )
+
+
+class Pull:
+    """One remote download into a server's directory (Wings router/downloader)."""
+
+    def __init__(self, server: Any, url: str, directory: str, file_name: str, use_header: bool):
+        self.identifier = str(uuidlib.uuid4())
+        self.server, self.url, self.directory = server, url, directory
+        self.file_name, self.use_header = file_name, use_header
+        self.progress = 0.0
+        self.path = ""
+        self.cancelled = threading.Event()
+
+    def view(self) -> dict[str, Any]:
+        return {"Identifier": self.identifier, "Progress": self.progress}  # Go's field names
+
+    def _name(self, response: Any) -> str:
+        name = ""
+        if self.use_header:
+            disposition = response.headers.get("Content-Disposition") or ""
+            name = form_disposition(";" + disposition.partition(";")[2]).get("filename", "")
+        if not name:
+            name = self.file_name or urllib.parse.unquote(
+                urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1]
+            )
+        name = posixpath.basename(name.replace("\\", "/"))
+        if name in ("", ".", ".."):
+            raise BadRequest("the download has no file name: give file_name")
+        return name
+
+    def run(self, opener: urllib.request.OpenerDirector, owner: Any) -> str:
+        """Download to the server; returns the jail path written. Raises ``WingsliteError``."""
+        request = urllib.request.Request(self.url, headers={"User-Agent": FM_PULL_USER_AGENT})
+        try:
+            with opener.open(request, timeout=FM_PULL_READ_TIMEOUT_S) as response:
+                if response.status != 200:
+                    raise BadRequest(f"the remote server answered {response.status}, not 200")
+                self.path = posixpath.join(self.directory or "/", self._name(response))
+                length = int(response.headers.get("Content-Length") or 0)
+                if length and not self.server.fs.has_space(length):
+                    raise fs_error(NotEnoughSpace())
+                self._copy(response, length, owner)
+        except PullRefused as exc:
+            raise WingsliteError(str(exc.strerror), 400) from None
+        except urllib.error.HTTPError as exc:
+            raise BadRequest(
+                f"the remote server answered {exc.code} {exc.reason}, not 200 (redirects are not followed)"
+            ) from None
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, PullRefused):
+                raise WingsliteError(str(reason.strerror), 400) from None
+            raise BadRequest(f"the download failed: {reason}") from None
+        except (
+            OSError,
+            ValueError,
+        ) as exc:  # a connection reset, a Content-Length that is not a number
+            raise BadRequest(f"the download failed: {exc}") from None
+        return self.path
+
+    def _read(self, response: Any) -> bytes:
+        if self.cancelled.is_set():
+            raise BadRequest("the download was cancelled")
+        try:
+            return response.read1(FM_CHUNK_BYTES)  # what has arrived: progress moves
+        except (OSError, http.client.HTTPException) as exc:
+            raise BadRequest(f"the download failed: {exc}") from None
+
+    def _copy(self, response: Any, length: int, owner: Any) -> None:
+        fs = self.server.fs
+        with Jail(fs.root, is_denied=fs.is_denied) as jail, fs_errors():
+            with StagedFile(jail, fs, self.path, owner=owner) as staged:
+                while chunk := self._read(response):
+                    staged.write(chunk)
+                    if length:
+                        self.progress = min(1.0, staged.written / length)
+            self.progress = 1.0
+
+
+class Pulls:
+    """The remote downloads running on this node, by server (at most three per server, as Wings)."""
+
+    def __init__(self) -> None:
+        self._pulls: dict[str, Pull] = {}
+        self._lock = threading.Lock()
+
+    def of(self, server_uuid: str) -> list[Pull]:
+        with self._lock:
+            return [p for p in self._pulls.values() if p.server.uuid == server_uuid]
+
+    def add(self, pull: Pull) -> None:
+        with self._lock:
+            if sum(p.server.uuid == pull.server.uuid for p in self._pulls.values()) >= (
+                FM_MAX_PULLS_PER_SERVER
+            ):
+                raise BadRequest(FM_PULL_LIMIT)
+            self._pulls[pull.identifier] = pull
+
+    def done(self, pull: Pull) -> None:
+        with self._lock:
+            self._pulls.pop(pull.identifier, None)
+
+    def cancel(self, server_uuid: str, identifier: str | None = None) -> None:
+        """Cancel one download of a server (or all of them when ``identifier`` is None)."""
+        with self._lock:
+            for pull in list(self._pulls.values()):
+                if pull.server.uuid == server_uuid and identifier in (None, pull.identifier):
+                    pull.cancelled.set()
+                    self._pulls.pop(pull.identifier, None)
+
+
+# -- routes ------------------------------------------------------------------------------------------
+
+FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
+    ("GET", _FM_SERVER + r"/contents", "file_contents", True),
+    ("GET", _FM_SERVER + r"/list-directory", "list_directory", True),
+    ("PUT", _FM_SERVER + r"/rename", "rename_files", True),
+    ("POST", _FM_SERVER + r"/copy", "copy_file", True),
+    ("POST", _FM_SERVER + r"/write", "write_file", True),
+    ("POST", _FM_SERVER + r"/create-directory", "create_directory", True),
+    ("POST", _FM_SERVER + r"/delete", "delete_files", True),
+    ("POST", _FM_SERVER + r"/chmod", "chmod_files", True),
+    ("GET", _FM_SERVER + r"/pull", "list_pulls", True),
+    ("POST", _FM_SERVER + r"/pull", "pull_file", True),
+    ("DELETE", _FM_SERVER + r"/pull/(?P<download>[^/]+)", "cancel_pull", True),
+    ("GET", r"/download/file", "download_file", False),  # a one-time JWT in the query
+    ("POST", r"/upload/file", "upload_file", False),  # a one-time JWT in the query
+)
+
+
+class FileManagerRoutes:
+    """The file routes of ``ApiHandler`` (a mix-in: uses its ``read_json``, ``_respond``, ``query``)."""
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _param(self, name: str, default: str = "") -> str:
+        return self.query.get(name, [default])[0]
+
+    def _jail(self, server: Any, denylist: bool = False) -> Jail:
+        try:
+            server.fs.ensure()
+            return Jail(server.fs.root, is_denied=server.fs.is_denied if denylist else None)
+        except OSError as exc:
+            raise WingsliteError(f"the server's directory cannot be opened: {exc}") from None
+
+    def _json_object(self) -> dict[str, Any]:
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise WingsliteError("The data provided in the request could not be validated.", 422)
+        return body
+
+    @staticmethod
+    def _text(body: Mapping[str, Any], key: str, default: str = "") -> str:
+        value = body.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise WingsliteError(f"{key} must be a string", 422)
+        return value
+
+    def _file_list(self, body: Mapping[str, Any], empty_error: str) -> list[Any]:
+        files = body.get("files")
+        if not isinstance(files, list) or not files:
+            raise WingsliteError(empty_error, 422)
+        return files
+
+    def _write_head(self, status: int, headers: Mapping[str, str]) -> None:
+        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+        all_headers = {"Date": self.date_time_string(), "Server": self.server_version}
+        all_headers.update(self._cors_headers())
+        all_headers["X-Request-Id"] = self.request_id
+        if self.close_connection:
+            all_headers["Connection"] = "close"
+        all_headers.update(headers)
+        lines += [f"{k}: {v}" for k, v in all_headers.items()]
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.last_status = status
+
+    def _send_file(self, fd: int, size: int, headers: Mapping[str, str]) -> None:
+        """Stream ``size`` bytes of an open file (``sendfile`` where the socket allows it)."""
+        self._drain_unread_body()
+        self._write_head(200, {"Content-Length": str(size), **headers})
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            try:
+                sent = self.connection.sendfile(fh, 0, size) if size else 0
+            except OSError:
+                sent = -1
+        if sent != size:  # the file shrank, or the client went away: the framing is broken
+            self.close_connection = True
+
+    def _body_reader(self) -> tuple[Callable[[int], bytes], int]:
+        """A ``read(n)`` over the request body bounded by Content-Length, and that length."""
+        self.body_read = True
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise WingsliteError(
+                "chunked request bodies are not supported; send Content-Length", 411
+            )
+        try:
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            self.close_connection = True
+            raise BadRequest("Missing Content-Length") from None
+        if length < 0:
+            self.close_connection = True
+            raise BadRequest("Missing Content-Length")
+        remaining = [length]
+
+        def read(n: int) -> bytes:
+            if remaining[0] <= 0:
+                return b""
+            data = self.rfile.read(min(n, remaining[0]))
+            if not data:
+                self.close_connection = True
+                raise BadRequest("the request body ended early")
+            remaining[0] -= len(data)
+            return data
+
+        return read, length
+
+    def _discard_body(self, read: Callable[[int], bytes]) -> None:
+        """Read what is left of a refused body (up to ``FM_DISCARD_BYTES``), else close."""
+        budget = FM_DISCARD_BYTES
+        try:
+            while budget > 0 and (data := read(FM_CHUNK_BYTES)):
+                budget -= len(data)
+        except (OSError, WingsliteError):
+            self.close_connection = True
+            return
+        if budget <= 0:
+            self.close_connection = True
+
+    # -- Bearer routes ---------------------------------------------------------------------------
+
+    def route_list_directory(self, server: Any) -> tuple[int, Any]:
+        with self._jail(server) as jail, fs_errors():
+            return 200, list_directory(jail, self._param("directory", "/"))
+
+    def route_file_contents(self, server: Any) -> tuple[int | None, Any]:
+        with self._jail(server) as jail, fs_errors():
+            path = self._param("file")
+            try:
+                fd = jail.open(path, os.O_RDONLY)
+            except OSError as exc:
+                if exc.errno == errno.EPERM:  # a FIFO, socket or device (panel#4059)
+                    raise BadRequest("Cannot open files of this type.") from None
+                raise
+            try:
+                info = stat_path(jail, path)
+                size = os.fstat(fd).st_size
+                headers = {"X-Mime-Type": info["mime"], "Content-Type": info["mime"]}
+                if self._param("download"):
+                    headers["Content-Disposition"] = (
+                        f"attachment; filename={json.dumps(info['name'])}"
+                    )
+                    headers["Content-Type"] = "application/octet-stream"
+                self._send_file(fd, size, headers)
+            finally:
+                os.close(fd)
+        return None, None
+
+    def route_write_file(self, server: Any) -> tuple[int, Any]:
+        read, length = self._body_reader()
+        try:
+            self._write_file(server, self._param("file"), read, length)
+        except BaseException:
+            self._discard_body(read)  # so that the client reads the answer, not a broken pipe
+            raise
+        return 204, None
+
+    def _write_file(
+        self, server: Any, path: str, read: Callable[[int], bytes], length: int
+    ) -> None:
+        owner = node_owner(self.server.daemon)
+        with self._jail(server, denylist=True) as jail, fs_errors():
+            normalized = jail.normalize(path)
+            if jail.is_denied(normalized):
+                raise WingsliteError(FM_DENYLIST, 403)
+            try:
+                old = jail.stat(normalized)
+                if stat.S_ISDIR(old.st_mode):
+                    raise BadRequest(
+                        "Cannot write file, name conflicts with an existing directory by the same name."
+                    )
+                old_size = old.st_size
+            except FileNotFoundError:
+                old_size = 0
+            if not server.fs.has_space(length - old_size):
+                raise NotEnoughSpace()
+            with StagedFile(jail, server.fs, normalized, owner=owner) as staged:
+                while chunk := read(FM_CHUNK_BYTES):
+                    staged.write(chunk)
+
+    def route_create_directory(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        name, parent = self._text(body, "name"), self._text(body, "path", "/")
+        if not name.strip("/"):
+            raise WingsliteError("A directory name is required.", 422)
+        with self._jail(server) as jail, fs_errors():
+            try:
+                makedirs(jail, f"{parent}/{name}")
+            except NotADirectoryError:
+                raise BadRequest(
+                    "Part of the path being created is not a directory (ENOTDIR)."
+                ) from None
+        return 204, None
+
+    def route_rename_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files to move or rename were provided.")
+        pairs = []
+        for item in files:
+            if not isinstance(item, dict):
+                raise WingsliteError('each file must be {"from": "...", "to": "..."}', 422)
+            source, target = self._text(item, "from"), self._text(item, "to")
+            if not source or not target:
+                raise WingsliteError(
+                    "Invalid paths were provided, did you forget to provide both a new and old path?",
+                    422,
+                )
+            pairs.append((f"{root}/{source}", f"{root}/{target}"))
+        with self._jail(server, denylist=True) as jail, fs_errors():
+            for source, target in pairs:
+                try:
+                    jail.lstat(source)
+                except FileNotFoundError:
+                    continue  # Wings: a source that does not exist is skipped, not an error
+                makedirs(jail, posixpath.dirname(jail.normalize(target)))
+                try:
+                    jail.rename(source, target, overwrite=False)
+                except FileExistsError:
+                    raise BadRequest(
+                        "Cannot move or rename file, destination already exists."
+                    ) from None
+        return 204, None
+
+    def route_copy_file(self, server: Any) -> tuple[int, Any]:
+        location = self._text(self._json_object(), "location")
+        owner = node_owner(self.server.daemon)
+        with self._jail(server, denylist=True) as jail, fs_errors():
+            try:
+                fd = jail.open(location, os.O_RDONLY)
+            except (IsADirectoryError, PermissionError) as exc:
+                if "denylist" in str(exc):
+                    raise
+                raise WingsliteError(FM_NOT_FOUND, 404) from None  # regular files only, as Wings
+            try:
+                st = os.fstat(fd)
+                if not server.fs.has_space(st.st_size):
+                    raise NotEnoughSpace()
+                target = copy_name(jail, location)
+                with StagedFile(jail, server.fs, target, st.st_mode & 0o777, owner) as staged:
+                    offset = 0
+                    while offset < st.st_size:
+                        chunk = os.pread(fd, min(FM_CHUNK_BYTES, st.st_size - offset), offset)
+                        if not chunk:
+                            break
+                        staged.write(chunk)
+                        offset += len(chunk)
+            finally:
+                os.close(fd)
+        return 204, None
+
+    def route_delete_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files were specified for deletion.")
+        if not all(isinstance(f, str) for f in files):
+            raise WingsliteError("files must be a list of names", 422)
+        with self._jail(server) as jail, fs_errors():
+            paths = [f"{root}/{name}" for name in files]
+            for path in paths:
+                if not jail.parts(path):
+                    raise BadRequest("Cannot delete the root server directory.")
+            for path in paths:
+                try:
+                    server.fs.add_usage(-remove_tree(jail, path))
+                except FileNotFoundError:
+                    continue  # already gone: what was asked for is true
+        return 204, None
+
+    def route_chmod_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files to chmod were provided.")
+        changes = []
+        for item in files:
+            mode_text = item.get("mode") if isinstance(item, dict) else None
+            if not isinstance(mode_text, str) or not re.fullmatch(r"[0-7]{1,4}", mode_text):
+                raise BadRequest("Invalid file mode.")
+            changes.append((f"{root}/{self._text(item, 'file')}", int(mode_text, 8) & 0o777))
+        with self._jail(server) as jail, fs_errors():
+            for path, mode in changes:
+                with contextlib.suppress(FileNotFoundError):  # Wings skips missing files
+                    jail.chmod(path, mode)
+        return 204, None
+
+    # -- remote downloads ------------------------------------------------------------------------
+
+    def _pulls_enabled(self) -> None:
+        if self.server.daemon.config.get("api.disable_remote_download"):
+            raise BadRequest(FM_PULL_DISABLED)
+
+    def route_list_pulls(self, server: Any) -> tuple[int, Any]:
+        self._pulls_enabled()
+        return 200, {"downloads": [p.view() for p in self.server.daemon.pulls.of(server.uuid)]}
+
+    def route_cancel_pull(self, server: Any, download: str) -> tuple[int, Any]:
+        self._pulls_enabled()
+        self.server.daemon.pulls.cancel(server.uuid, urllib.parse.unquote(download))
+        return 204, None
+
+    def route_pull_file(self, server: Any) -> tuple[int, Any]:
+        self._pulls_enabled()
+        body = self._json_object()
+        url = self._text(body, "url")
+        directory = self._text(body, "root") or self._text(body, "directory") or "/"
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BadRequest("An error occurred while parsing that URL: expected an http(s) URL")
+        if not server.fs.has_space():
+            raise fs_error(NotEnoughSpace())
+        daemon = self.server.daemon
+        pull = Pull(
+            server, url, directory, self._text(body, "file_name"), bool(body.get("use_header"))
+        )
+        daemon.pulls.add(pull)
+        opener = pull_opener(daemon.config.get("wingslite.remote_download_allow_internal"))
+        owner = node_owner(daemon)
+        if not body.get("foreground"):
+
+            def background() -> None:
+                try:
+                    pull.run(opener, owner)
+                    LOG.info("server %s: pulled %s to %s", server.uuid, url, pull.path)
+                except WingsliteError as exc:
+                    LOG.warning("server %s: pull of %s failed: %s", server.uuid, url, exc.message)
+                except Exception:
+                    LOG.exception("server %s: pull of %s failed", server.uuid, url)
+                finally:
+                    daemon.pulls.done(pull)
+
+            threading.Thread(target=background, name="wingslite-pull", daemon=True).start()
+            return 202, {"identifier": pull.identifier}
+        try:
+            path = pull.run(opener, owner)
+        finally:
+            daemon.pulls.done(pull)
+        with self._jail(server) as jail, fs_errors():
+            return 200, stat_path(jail, path)
+
+    # -- signed URLs (the browser) ---------------------------------------------------------------
+
+    def _signed(self, kind: str) -> tuple[SignedToken, Any]:
+        daemon = self.server.daemon
+        token = daemon.signed_urls.verify(
+            self._param("token"), kind, lambda uuid: uuid in daemon.servers
+        )
+        server = daemon.servers.get(token.server_uuid)
+        if server is None:
+            raise WingsliteError(SIGNED_URL_NOT_FOUND, 404)
+        if server.suspended:
+            raise Conflict("This server is suspended; its files cannot be transferred.")
+        return token, server
+
+    def route_download_file(self) -> tuple[int | None, Any]:
+        token, server = self._signed("file-download")
+        with self._jail(server) as jail, fs_errors():
+            try:
+                fd = jail.open(token.claim("file_path"), os.O_RDONLY)
+            except (IsADirectoryError, PermissionError):
+                raise WingsliteError(SIGNED_URL_NOT_FOUND, 404) from None
+            try:
+                name = posixpath.basename(jail.normalize(token.claim("file_path")))
+                headers = {
+                    "Content-Disposition": f"attachment; filename={json.dumps(name)}",
+                    "Content-Type": "application/octet-stream",
+                }
+                self._send_file(fd, os.fstat(fd).st_size, headers)
+            finally:
+                os.close(fd)
+        return None, None
+
+    def route_upload_file(self) -> tuple[int, Any]:
+        token, server = self._signed("file-upload")
+        boundary = multipart_boundary(self.headers.get("Content-Type", ""))
+        if boundary is None:
+            raise BadRequest("Failed to get multipart form data from request.")
+        directory = self._param("directory", "/")
+        limit_mb = self.server.daemon.config.get("api.upload_limit")
+        owner = node_owner(self.server.daemon)
+        staged: list[tuple[str, StagedFile]] = []
+        read, _ = self._body_reader()
+        with self._jail(server, denylist=True) as jail, fs_errors():
+            try:
+                for headers, chunks in MultipartReader(read, boundary).parts():
+                    form = form_disposition(headers.get("content-disposition", ""))
+                    if form.get("name") != "files" or "filename" not in form:
+                        continue
+                    name = posixpath.basename(form["filename"].replace("\\", "/"))
+                    if name in ("", ".", ".."):
+                        raise BadRequest("An uploaded file has no name.")
+                    target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
+                    staged.append((name, target))
+                    for chunk in chunks:
+                        if target.written + len(chunk) > limit_mb * 1048576:
+                            raise BadRequest(
+                                f"File {name} is larger than the maximum file upload size of {limit_mb} MB."
+                            )
+                        target.write(chunk)
+                if not staged:
+                    raise BadRequest("No files were found on the request body.")
+                for _, target in staged:
+                    target.commit()
+            except BaseException:
+                for _, target in staged:
+                    target.abort()
+                self._discard_body(read)
+                raise
+        ip = self.client_address[0] if self.client_address else ""
+        for name, _ in staged:
+            record_activity(
+                server,
+                "server:file.uploaded",
+                token.user_uuid,
+                ip,
+                {"file": name, "directory": "/" + "/".join(Jail.parts(directory))},
+            )
+        return 200, None
+
+
 # HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
@@ -7493,6 +8602,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("GET", _SERVER + r"/logs", "logs", True),
         ("POST", _SERVER + r"/ws/deny", "ws_deny", True),
         ("GET", _SERVER + r"/ws", "websocket", False),  # authenticated by the JWT inside
+        *FILE_MANAGER_ROUTES,
     )
 )
 
@@ -7534,7 +8644,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         )
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
+class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
     Every answer is written in one ``send`` (headers and body together) on a ``TCP_NODELAY``
@@ -8511,6 +9621,7 @@ class Daemon:
         self.revocations = Revocations()
         self.placeholders = NodePlaceholders(config)
         self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
+        self.pulls = Pulls()
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
         self.activity = ActivityLog(
             config.root_dir / "wingslite" / "activity.db",
@@ -8743,6 +9854,7 @@ class Daemon:
         """Take a server (marked deleted, its config lock held) off the node: no object, no saved configuration."""
         with self._servers_lock:
             self.servers.pop(server.uuid, None)
+        self.pulls.cancel(server.uuid)
         server.env.close()
         self.store.delete(server.uuid)
 
