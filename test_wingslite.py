@@ -1,5 +1,5 @@
 """Tests for wingslite, through its real interfaces: HTTP over loopback, a fake Panel that answers
-as the Panel does (panel-contract.md), real websocket and SFTP clients, a real Docker engine.
+as the Panel does (``wingslite.PanelStandIn``), real websocket and SFTP clients, a real Docker engine.
 
 Shared fixtures come first (fake Panel, daemon factory, HTTP helper); then one class per area in
 the order of the sections of wingslite.py.
@@ -51,7 +51,8 @@ TOKEN = "7hK2mQ9vX4cB8nZ1pL6sD3fG5jW0rT2yU8iO4eA1qS7dF9gH3jK6lZ2xC5vB8nM0"
 
 
 def panel_document(uuid: str | None = None, **settings_changes) -> dict:
-    """A server document shaped exactly as the Panel sends it (panel-contract.md §1.4.4)."""
+    """A server document shaped exactly as the Panel sends it for the Paper egg (Panel:
+    ``ServerConfigurationStructureService`` and ``EggConfigurationService``)."""
     uuid = uuid or str(uuidlib.uuid4())
     doc = {
         "settings": {
@@ -3538,7 +3539,8 @@ def ws_claims(
     drop=(),
     **changes,
 ) -> dict:
-    """The claims NodeJWTService signs for a websocket (panel-contract.md §4.1-4.2), in its order."""
+    """The claims the Panel signs for a websocket, in its order (Panel: ``NodeJWTService`` and
+    ``Api/Client/Servers/WebsocketController``)."""
     now = int(time.time()) if iat is None else iat
     claims = {
         "iss": "https://panel.example.com",

@@ -4182,7 +4182,8 @@ class DockerEnvironment(Environment):
     # -- limits ----------------------------------------------------------------------------------
 
     def apply_limits(self, config: ServerConfig) -> LimitReport:
-        """Make the running container's limits match ``config.build`` now (SPEC sync step 6).
+        """Make the running container's limits match ``config.build`` now (README, "The sync,
+        step by step").
 
         What Docker's update API can express goes through it (one raw ``POST /containers/{id}/update``
         so that ``PidsLimit`` goes too, which the SDK lacks); lifting a memory, swap or CPU limit or a
@@ -4435,7 +4436,7 @@ class DockerEnvironment(Environment):
             pass
 
     def _create_container(self, config: ServerConfig, image: str) -> None:
-        """Create the container as Wings does (environment/docker/container.go), see the README."""
+        """Create the container as Wings does (environment/docker/container.go; README, "Docker")."""
         docker = _docker()
         node = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -9169,7 +9170,8 @@ class Server:
     # -- the sync ------------------------------------------------------------------------------
 
     def sync(self) -> dict[str, Any]:
-        """Re-read this server from the Panel and make the node match it (README, "The sync").
+        """Re-read this server from the Panel and make the node match it (README, "The sync, step
+        by step").
 
         Waits for nothing but ``config_lock``: a start or a stop in progress is not waited for.
         """
