@@ -21,34 +21,52 @@ Embed it::
     ...
     daemon.stop()
 
-Map of this file (each section sits under a ``#####`` banner; search for its title):
+Map of this file. Each section sits under a banner ``# <title> ####...``, each sub-section under
+``# -- <title> ----...``; ``grep -nE '^# (.*####|-- )' wingslite.py`` prints this list with lines.
 
-    constants and errors   version, logger, the exceptions that carry an HTTP status
-    config                 Wings' config.yml -> frozen ``Config`` (+ wingslite's own keys)
-    Panel client           ``PanelClient``: the Panel's remote API, retries, pagination
-    server model           Panel JSON -> ``ServerConfig``; validation; units and Docker maths
-    filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
-                           (paths that cannot leave a server's directory), quota backends
-                           (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
-    archives               ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
-                           ``HashingWriter``), ``extract_archive`` (tar/gz/bz2/xz/zip into a jail,
-                           checked and metered)
+    constants and errors     version, logger, close codes, activity names, ``spawn()``, the
+                             exceptions that carry an HTTP status (``WingsliteError`` ...)
+    config                   Wings' config.yml -> frozen ``Config`` (+ wingslite's own keys)
+    Panel client             ``PanelClient``: the Panel's remote API, retries, pagination
+    server model             Panel JSON -> ``ServerConfig`` through ``_Doc``; validation
+      -- units and Docker maths (Wings v1.11, environment/settings.go)
+    filesystem and disk      ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist)
+      -- the path jail       ``Jail``: paths that cannot leave a server's directory
+      -- disk quota backends ``BtrfsQuota``, ``ProjectQuota``, soft; ``select_quota_backend``
+    archives                 ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
+                             ``HashingWriter``)
+      -- extraction          ``extract_archive``: tar/gz/bz2/xz/zip into a jail, checked, metered
     egg configuration files  ``ConfigFileWriter``: the egg's config files rewritten before each
-                           start (file, properties, ini, yaml, json, xml parsers), ``NodePlaceholders``
-    environments           ``Environment`` (where a process runs), ``LimitReport``, ``Cgroup``
-                           (v1/v2 files), ``DockerEnvironment`` (containers, live limits, stats)
-    console and events     ``EventBus``, ``LogRing``, ``LineSplitter``, ``ConsoleThrottle``,
-                           ``ConsolePipeline`` (done detection)
-    session table          ``SessionTable``: every websocket and SFTP session; ``Revocations``
-    websocket              ``WebSocket`` (RFC 6455), ``decode_jwt``, ``ConsoleSocket`` (Wings'
-                           console protocol), ``serve_websocket``
-    SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
-    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
-    daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
-                           power, crash detection), ``Daemon`` (boot, servers, system info)
-    Panel stand-in         ``PanelStandIn``: the Panel's remote API on loopback, for the demo,
-                           the tests and the benchmarks
-    CLI                    ``main()``, ``--demo``
+                             start; ``NodePlaceholders``
+      -- text parsers: file, properties, ini
+      -- structured parsers: json, yaml, xml
+      -- writing them into a server's directory
+    environments             ``Environment`` (where a process runs), ``LimitReport``
+      -- cgroups             ``Cgroup`` (v1/v2 files): lifting what Docker cannot
+      -- Docker              ``DockerEnvironment``: containers, live limits, attach, stats
+    console and events       ``EventBus``, ``LogRing``
+      -- the console pipeline: ``LineSplitter``, ``ConsoleThrottle``, ``ConsolePipeline`` (done
+                             detection)
+    session table            ``SessionTable``: every websocket and SFTP session; ``Revocations``
+    websocket                ``WebSocket`` (RFC 6455 framing)
+      -- JWTs                ``decode_jwt``, ``WebsocketToken``
+      -- signed URLs         the browser's one-time download/upload tokens
+      -- rate limits         ``RateLimiter``
+      -- Wings' console protocol  ``ConsoleSocket``
+      -- the HTTP route      ``serve_websocket``
+    SFTP                     ``SftpServer`` (paramiko, loaded by the first connection):
+                             Panel-checked logins, the jail, metered writes
+    activity                 ``ActivityLog``: events queued on disk, sent to the Panel
+    file manager             Wings' file routes, signed downloads and uploads
+      -- multipart bodies
+      -- remote downloads (files/pull)
+      -- routes              ``FileManagerRoutes`` (a mix-in of ``ApiHandler``)
+    HTTP API                 ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
+    daemon                   ``ConfigStore``, ``Server`` (one game server: its two locks, the
+                             sync, power, crash detection), ``Daemon`` (boot, servers, system)
+    Panel stand-in           ``PanelStandIn``: the Panel's remote API on loopback, for the demo,
+                             the tests and the benchmarks
+    CLI                      ``main()``, ``--demo``
 
 Where to look first:
 
