@@ -3,6 +3,10 @@ as the Panel does (``wingslite.PanelStandIn``), real websocket and SFTP clients,
 
 Shared fixtures come first (fake Panel, daemon factory, HTTP helper); then one class per area in
 the order of the sections of wingslite.py.
+
+Tests that need the Docker engine (and the ``wingslite-test`` image) are marked ``docker``:
+``pytest -m 'not docker'`` runs the others on a machine without one. A test that uses the
+``docker_servers`` fixture without the mark fails, so the mark cannot be forgotten there.
 """
 
 from __future__ import annotations
@@ -231,14 +235,23 @@ def api(
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
 
 
-def wait_for(predicate, timeout_s: float = 10, interval_s: float = 0.02, what: str = "condition"):
+def wait_for(predicate, timeout_s: float = 10, what: str = "condition", interval_s: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout_s``
+    (it is asked once more at the deadline)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         value = predicate()
         if value:
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def saved_document(daemon: w.Daemon, uuid: str) -> dict:
@@ -365,7 +378,7 @@ class TestConfig:
     def test_cli_runs_and_stops_cleanly_on_sigterm(self, tmp_path, panel):
         panel.add(panel_document())
         raw = node_config(tmp_path, panel.url)
-        port = _free_port()
+        port = free_port()
         raw["api"]["port"] = port
         path = tmp_path / "config.yml"
         path.write_text(yaml.safe_dump(raw))
@@ -386,12 +399,6 @@ class TestConfig:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(port: int) -> bool:
@@ -451,7 +458,7 @@ class TestPanelClient:
         assert panel.calls["/api/remote/servers/x"] > 2
 
     def test_connection_refused_is_retried_then_named(self):
-        port = _free_port()
+        port = free_port()
         client = w.PanelClient(
             f"http://127.0.0.1:{port}", TOKEN_ID, TOKEN, budget_s=0.3, retry_initial_s=0.01
         )
@@ -1368,6 +1375,7 @@ class TestConfigFilesOnStart:
         docker_servers.uuids.append(uuid)
         return uuid
 
+    @pytest.mark.docker
     def test_an_allocation_change_reaches_the_game_through_server_properties(self, docker_servers):
         port = free_port()
         props = [{"parser": "properties", "file": "server.properties", "replace": []}]
@@ -1417,8 +1425,9 @@ class TestConfigFilesOnStart:
                 time.sleep(0.2)
             return any("hello-new-port" in line for line in docker_servers.console(uuid))
 
-        wait_until(sent, 20, "the game to receive data on its new port", interval_s=0.5)
+        wait_for(sent, 20, "the game to receive data on its new port", interval_s=0.5)
 
+    @pytest.mark.docker
     def test_a_symlink_out_and_a_fifo_are_not_touched_and_the_start_goes_on(
         self, docker_servers, tmp_path
     ):
@@ -1707,6 +1716,7 @@ class TestHttpApi:
                 and body["error"] == "The requested resource does not exist on this instance."
             )
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_create_get_list_and_delete_a_server(self, panel, make_daemon):
         daemon = make_daemon(panel)
         uuid = panel.add(panel_document())
@@ -1758,6 +1768,7 @@ class TestSync:
             server.last_sync,
         )
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_sync_applies_the_panels_configuration_and_answers_204(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
         panel.servers[uuid]["settings"]["build"].update(memory_limit=8192, disk_space=100)
@@ -1817,6 +1828,7 @@ class TestSync:
         assert retries >= 3, f"the Panel was asked only {retries} times"
         assert self.snapshot(daemon, uuid) == before
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_panel_5xx_then_recovery_within_the_budget_is_204(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
         panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1234
@@ -1860,6 +1872,7 @@ class TestSync:
         last_sync = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
         assert last_sync["result"] == "refused" and field in last_sync["failed"][0], last_sync
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
         self, panel, make_daemon
     ):
@@ -1927,6 +1940,7 @@ class TestSync:
             status == 400 and body["error"] == "Cannot start or restart a server that is suspended."
         )
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_a_failing_disk_quota_keeps_the_new_configuration_and_answers_500(
         self, panel, make_daemon
     ):
@@ -1951,6 +1965,7 @@ class TestSync:
             a.startswith("disk limit") for a in daemon.servers[uuid].last_sync["applied"]
         )
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_the_quota_backend_is_asked_only_when_the_disk_limit_changes(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
         calls = []
@@ -1978,6 +1993,7 @@ class TestSync:
         )
         assert status == 422 and "power action" in body["error"]
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_commands_to_a_stopped_server_are_502(self, panel, make_daemon):
         daemon, uuid = self.booted(panel, make_daemon)
         status, _, body = api(
@@ -2303,7 +2319,7 @@ class TestPanelStandIn:
 
 class TestDemo:
     def test_demo_prints_token_and_curl_lines_and_its_sync_works(self):
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -2312,7 +2328,7 @@ class TestDemo:
                 "--port",
                 str(port),
                 "--sftp-port",
-                str(_free_port()),
+                str(free_port()),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -2387,24 +2403,6 @@ def docker_document(
     return doc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float = 20, what: str = "condition", interval_s: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
-
-
 @pytest.fixture(scope="session")
 def docker_engine():
     """The real Docker engine (``.ci/run`` starts it and builds ``wingslite-test``)."""
@@ -2442,7 +2440,7 @@ class DockerServers:
     def start(self, uuid: str, timeout_s: float = 20) -> w.Server:
         assert api(self.daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
         server = self.wait_state(uuid, "running", timeout_s)
-        wait_until(
+        wait_for(
             lambda: self.power_idle(server), timeout_s, "the start to finish"
         )  # the next power action gets the lock
         return server
@@ -2456,7 +2454,7 @@ class DockerServers:
 
     def wait_state(self, uuid: str, state: str, timeout_s: float = 20) -> w.Server:
         server = self.daemon.get_server(uuid)
-        wait_until(
+        wait_for(
             lambda: server.state == state,
             timeout_s,
             f"server {uuid[:8]} to be {state} (is {server.state})",
@@ -2476,7 +2474,7 @@ class DockerServers:
         return self.daemon.get_server(uuid).console.tail(1000)
 
     def wait_console(self, uuid: str, text: str, timeout_s: float = 15) -> str:
-        return wait_until(
+        return wait_for(
             lambda: next((line for line in self.console(uuid) if text in line), None),
             timeout_s,
             f"{text!r} on the console of {uuid[:8]}",
@@ -2489,7 +2487,11 @@ class DockerServers:
 
 
 @pytest.fixture
-def docker_servers(docker_engine, panel, make_daemon):
+def docker_servers(docker_engine, panel, make_daemon, request):
+    assert request.node.get_closest_marker("docker"), (
+        f"{request.node.name} uses the Docker engine: mark it @pytest.mark.docker, so that "
+        "pytest -m 'not docker' leaves it out on a machine without one"
+    )
     servers = DockerServers(docker_engine, panel, make_daemon)
     yield servers
     servers.make_daemon.stop_all()
@@ -2671,7 +2673,7 @@ class TestCgroups:
             proc.kill()
             proc.wait()
             for d in dirs.values():
-                wait_until(
+                wait_for(
                     lambda d=d: not (d / "cgroup.procs").read_text().strip(),
                     5,
                     "the cgroup to empty",
@@ -2681,6 +2683,7 @@ class TestCgroups:
                     d.parent.rmdir()
 
 
+@pytest.mark.docker
 class TestDockerEnvironment:
     def test_container_is_created_as_wings_creates_it(self, docker_servers, tmp_path):
         allowed = tmp_path / "srv" / "data"
@@ -2750,7 +2753,7 @@ class TestDockerEnvironment:
         }
         # The server directory is the process's working directory.
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["pwd > where.txt"]})
-        wait_until(lambda: (daemon.config.data_dir / uuid / "where.txt").exists(), 10, "where.txt")
+        wait_for(lambda: (daemon.config.data_dir / uuid / "where.txt").exists(), 10, "where.txt")
         assert (
             daemon.config.data_dir / uuid / "where.txt"
         ).read_text().strip() == "/home/container"
@@ -2924,7 +2927,7 @@ class TestDockerEnvironment:
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 3"]})
         docker_servers.wait_console(uuid, "Detected server process in a crashed state")
         docker_servers.wait_console(uuid, "Exit code: 3")
-        wait_until(
+        wait_for(
             lambda: (
                 docker_servers.container_id(uuid) not in (None, first_id)
                 and server.state == "running"
@@ -2946,7 +2949,7 @@ class TestDockerEnvironment:
         daemon = docker_servers.boot(system__crash_detection__detect_clean_exit_as_crash=False)
         server = docker_servers.start(uuid)
         api(daemon, "POST", f"/api/servers/{uuid}/commands", {"commands": ["exit 0"]})
-        wait_until(lambda: server.state == "offline", 10, "the exit")
+        wait_for(lambda: server.state == "offline", 10, "the exit")
         time.sleep(
             0.5
         )  # a restart would have begun by now: nothing to poll for when nothing happens
@@ -2965,7 +2968,7 @@ class TestDockerEnvironment:
             )[0]
             == 202
         )
-        wait_until(lambda: server.state == "offline", 10, "the stop")
+        wait_for(lambda: server.state == "offline", 10, "the stop")
         assert (
             time.monotonic() - started < 5
         )  # stopped by SIGTERM, not by the kill after the timeout
@@ -2986,7 +2989,7 @@ class TestDockerEnvironment:
             )[0]
             == 202
         )
-        wait_until(lambda: server.state == "offline", 10, "the stop command")
+        wait_for(lambda: server.state == "offline", 10, "the stop command")
         assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 0
         server = docker_servers.start(stubborn)
         started = time.monotonic()
@@ -2999,7 +3002,7 @@ class TestDockerEnvironment:
             )[0]
             == 202
         )
-        wait_until(lambda: server.state == "offline", 10, "the kill after the timeout")
+        wait_for(lambda: server.state == "offline", 10, "the kill after the timeout")
         assert 1 <= time.monotonic() - started < 8
         assert docker_servers.inspect(stubborn)["State"]["ExitCode"] == 137
         docker_servers.wait_console(stubborn, "did not stop within 1 seconds")
@@ -3027,8 +3030,8 @@ class TestDockerEnvironment:
 
         server.events.subscribe(kill_once_starting)
         assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
-        wait_until(kill_sent.is_set, 10, "the start to begin")
-        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to finish")
+        wait_for(kill_sent.is_set, 10, "the start to begin")
+        wait_for(lambda: docker_servers.power_idle(server), 20, "the start to finish")
         time.sleep(
             1
         )  # a crash restart would have begun by now: nothing to poll for when nothing happens
@@ -3070,7 +3073,7 @@ class TestDockerEnvironment:
             == 204
         )
         # Docker's log driver writes its copy a moment after the attach stream delivered it.
-        body = wait_until(
+        body = wait_for(
             lambda: (
                 (r := api(daemon, "GET", f"/api/servers/{uuid}/logs?size=3"))[2]["data"][-1]
                 == "two"
@@ -3082,7 +3085,7 @@ class TestDockerEnvironment:
         assert (
             len(body["data"]) == 3 and "echo two" in body["data"]
         )  # the TTY also echoes each command
-        util = wait_until(
+        util = wait_for(
             lambda: (
                 (u := api(daemon, "GET", f"/api/servers/{uuid}")[2]["utilization"])["memory_bytes"]
                 and u
@@ -3130,7 +3133,7 @@ class TestDockerEnvironment:
             },
         )
         docker_servers.wait_console(uuid, "throttling")
-        wait_until(
+        wait_for(
             lambda: "flood-end" in docker_servers.daemon.get_server(uuid).logs(5)[-1],
             10,
             "the flood to end",
@@ -3148,7 +3151,7 @@ class TestDockerEnvironment:
         with caplog.at_level(logging.ERROR, logger="wingslite"):
             assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
             line = docker_servers.wait_console(uuid, "could not be started")
-            wait_until(
+            wait_for(
                 lambda: any(
                     "neither on this node nor pullable" in r.getMessage() for r in caplog.records
                 ),
@@ -3169,7 +3172,7 @@ class TestDockerEnvironment:
         with caplog.at_level(logging.ERROR, logger="wingslite"):
             assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
             docker_servers.wait_console(uuid, "Unable to sync server data from the Panel")
-            wait_until(
+            wait_for(
                 lambda: any("power action start failed" in r.getMessage() for r in caplog.records),
                 10,
                 "the logged error",
@@ -3285,7 +3288,7 @@ class TestDockerEnvironment:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-            wait_until(
+            wait_for(
                 lambda: (
                     _port_open(port) and api(port, "GET", f"/api/servers/{never_started}")[0] == 200
                 ),
@@ -3301,7 +3304,7 @@ class TestDockerEnvironment:
                     api(port, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
                 )
             for uuid in (keeps_running, was_running):
-                wait_until(
+                wait_for(
                     lambda uuid=uuid: (
                         api(port, "GET", f"/api/servers/{uuid}")[2]["state"] == "running"
                     ),
@@ -3313,7 +3316,7 @@ class TestDockerEnvironment:
             proc.wait(timeout=10)
             docker_servers.engine.kill(was_running)  # e.g. the host rebooted under it
             proc = spawn()
-            wait_until(
+            wait_for(
                 lambda: api(port, "GET", f"/api/servers/{was_running}")[2]["state"] == "running",
                 30,
                 "the restore of a server that was running",
@@ -3334,7 +3337,7 @@ class TestDockerEnvironment:
                 )[0]
                 == 204
             )
-            wait_until(
+            wait_for(
                 lambda: (
                     "still-here"
                     in api(port, "GET", f"/api/servers/{keeps_running}/logs?size=5")[2]["data"]
@@ -3349,6 +3352,7 @@ class TestDockerEnvironment:
             log.close()
 
 
+@pytest.mark.docker
 class TestSyncDuringPower:
     """A sync, a suspension and a delete never wait behind a power action (the two locks)."""
 
@@ -3361,7 +3365,7 @@ class TestSyncDuringPower:
         docker_servers.start(uuid)
         assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
         server = docker_servers.wait_state(uuid, "stopping")
-        wait_until(lambda: not docker_servers.power_idle(server), 10, "the stop to hold its lock")
+        wait_for(lambda: not docker_servers.power_idle(server), 10, "the stop to hold its lock")
         return daemon, uuid, server
 
     def test_a_suspension_during_a_stuck_stop_answers_at_once_and_escalates_to_a_kill(
@@ -3380,7 +3384,7 @@ class TestSyncDuringPower:
         assert daemon.sessions.count(uuid) == 0  # closed before the 204 was written
         assert ws_close_code(conn) == 4409
         assert not docker_servers.power_idle(server)  # the 600 s stop is still under way
-        wait_until(
+        wait_for(
             lambda: not docker_servers.inspect(uuid)["State"]["Running"],
             2 + 5,
             "the process to be killed after suspend_stop_grace_s",
@@ -3397,8 +3401,8 @@ class TestSyncDuringPower:
         status, _, body = api(daemon, "DELETE", f"/api/servers/{uuid}")
         assert status == 204 and time.monotonic() - started < 5, body
         assert docker_servers.container_id(uuid) is None
-        wait_until(lambda: docker_servers.power_idle(server), 10, "the stop to end")
-        wait_until(lambda: not (daemon.config.data_dir / uuid).exists(), 10, "files removed")
+        wait_for(lambda: docker_servers.power_idle(server), 10, "the stop to end")
+        wait_for(lambda: not (daemon.config.data_dir / uuid).exists(), 10, "files removed")
         time.sleep(1)  # nothing to poll for when nothing happens: no container comes back
         assert docker_servers.container_id(uuid) is None
         assert api(daemon, "GET", f"/api/servers/{uuid}")[0] == 404
@@ -3428,11 +3432,11 @@ class TestSyncDuringPower:
 
         fired = self.on_starting(server, lambda: threading.Thread(target=suspend).start())
         assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
-        wait_until(fired.is_set, 10, "the start to begin")
-        wait_until(lambda: answers, 10, "the suspending sync to answer")
+        wait_for(fired.is_set, 10, "the start to begin")
+        wait_for(lambda: answers, 10, "the suspending sync to answer")
         assert answers == [204]
-        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
-        wait_until(lambda: server.state == "offline", 10, "the server to be offline")
+        wait_for(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        wait_for(lambda: server.state == "offline", 10, "the server to be offline")
         time.sleep(1)  # a start that was not abandoned would be running by now
         assert server.state == "offline"
         assert not (docker_servers.inspect(uuid)["State"]["Running"])
@@ -3457,7 +3461,7 @@ class TestSyncDuringPower:
         self.on_starting(server, sync_and_wait)
         assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
         docker_servers.wait_state(uuid, "running")
-        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        wait_for(lambda: docker_servers.power_idle(server), 20, "the start to end")
         assert answers and answers[0][0] == 204, answers
         record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
         assert any("container being started" in a for a in record["applied"]), record
@@ -4562,6 +4566,7 @@ class TestWebsocketConsole:
                 s.close()
 
 
+@pytest.mark.docker
 class TestWebsocketDocker:
     def test_console_flow_against_a_running_container(self, docker_daemon):
         daemon, uuid = docker_daemon.daemon, docker_daemon.uuid
@@ -5385,6 +5390,7 @@ class TestSftpSessions:
                 what="the connection to close",
             )
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_deleting_the_server_closes_its_sessions(self, panel, make_daemon):
         daemon, server = _sftp_daemon(panel, make_daemon)
         with sftp_client(daemon, server) as client:
@@ -5473,7 +5479,7 @@ def activity_events(panel, event_prefix: str = "server:", count: int = 1, timeou
             items = [e for e in panel.activity if e["event"].startswith(event_prefix)]
         return items if len(items) >= count else None
 
-    return wait_for(found, timeout_s, 0.05, f"{count} {event_prefix!r} activity event(s)")
+    return wait_for(found, timeout_s, f"{count} {event_prefix!r} activity event(s)", 0.05)
 
 
 class TestActivity:
@@ -6661,6 +6667,7 @@ class TestQuotaDaemon:
             )  # nothing to wait for: give a wrongly started stop thread the chance to run
             assert server.state == w.RUNNING and server.env.stops == []
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_sync_sets_the_btrfs_limit_at_once_and_disk_bytes_comes_from_the_quota(
         self, panel, make_daemon, btrfs_mount
     ):
@@ -6751,6 +6758,7 @@ DD_WRITER = (
 )
 
 
+@pytest.mark.docker
 class TestQuotaContainer:
     def test_a_container_writing_with_dd_stops_at_the_limit_and_follows_every_sync(
         self, docker_servers, btrfs_mount
@@ -6778,7 +6786,7 @@ class TestQuotaContainer:
 
         sync(12)  # raised: the same process carries on
         docker_servers.wait_console(uuid, "wrote 8")
-        wait_until(
+        wait_for(
             lambda: sum("refused" in line for line in docker_servers.console(uuid)) >= 2,
             15,
             "the second refusal",
@@ -7257,6 +7265,7 @@ def _ws_outcome(raw: RawWebsocket, probe: bytes | None, timeout_s: float) -> tup
 class TestFaultDrills:
     """Faults the node must survive: a failing, hanging or hostile Panel, SIGKILL, hostile clients."""
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_panel_answering_500_then_recovering(self, panel, make_daemon):
         uuids = [panel.add(panel_document()) for _ in range(6)]
         daemon = make_daemon(panel)  # remote_query.timeout: 3 s
@@ -7293,6 +7302,7 @@ class TestFaultDrills:
             saved_document(daemon, u)["settings"]["build"]["memory_limit"] == 6000 for u in uuids
         )
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_a_hanging_panel_respects_the_budget_and_other_servers_sync_meanwhile(
         self, panel, make_daemon
     ):
@@ -7396,7 +7406,7 @@ class TestFaultDrills:
     ):
         uuids = [panel.add(panel_document()) for _ in range(100)]
         raw = node_config(tmp_path, panel.url, remote_query__timeout=5)
-        port = raw["api"]["port"] = _free_port()
+        port = raw["api"]["port"] = free_port()
         config_path = tmp_path / "config.yml"
         config_path.write_text(yaml.safe_dump(raw))
         store = tmp_path / "root" / "wingslite" / "servers"
@@ -7468,6 +7478,7 @@ class TestFaultDrills:
             proc.kill()
             proc.wait(10)
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_10000_generated_http_requests_get_clean_answers(self, panel, tmp_path):
         panel.add(panel_document(_DRILL_UUID))
         daemon = _bare_daemon(tmp_path, panel)
@@ -7629,7 +7640,7 @@ def _start_dockerd() -> None:
         check=True,
         start_new_session=True,
     )
-    wait_until(
+    wait_for(
         lambda: (
             subprocess.run(["timeout", "5", "docker", "info"], capture_output=True).returncode == 0
         ),
@@ -7643,13 +7654,14 @@ def _restore_dockerd() -> None:
     if _engine_answers():
         return
     with contextlib.suppress(AssertionError):
-        wait_until(lambda: not _dockerd_pids(), 30, "the stopped dockerd to exit", interval_s=0.1)
+        wait_for(lambda: not _dockerd_pids(), 30, "the stopped dockerd to exit", interval_s=0.1)
     for pid in _dockerd_pids():  # still there after 30 s: it will not finish on its own
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     _start_dockerd()
 
 
+@pytest.mark.docker
 @pytest.mark.skipif(
     not ENGINE_DRILL,
     reason="stops the shared Docker engine: runs in CI, or with WINGSLITE_ENGINE_DRILL=1",
@@ -7732,7 +7744,7 @@ class TestFaultDrillDockerEngineRestart:
             with caplog.at_level(logging.INFO, logger="wingslite"):
                 for t in threads:
                     t.start()
-                wait_until(
+                wait_for(
                     lambda: len(done("sync", "up", 204)) >= 2 * len(uuids),
                     20,
                     "syncs with the engine up",
@@ -7742,24 +7754,24 @@ class TestFaultDrillDockerEngineRestart:
                 phase[0] = "stopping"
                 for pid in pids:
                     os.kill(pid, signal.SIGTERM)
-                wait_until(
+                wait_for(
                     lambda: not _engine_answers(1),
                     30,
                     "the engine to stop answering",
                     interval_s=0.05,
                 )
                 # live-restore is off: the engine stops the containers on its way down.
-                wait_until(
+                wait_for(
                     lambda: all(daemon.get_server(u).state == "offline" for u in uuids),
                     30,
                     "every server to go offline",
                 )
-                wait_until(
+                wait_for(
                     lambda: not _dockerd_pids(), 30, "the stopped dockerd to exit", interval_s=0.05
                 )
                 stopped_at = time.monotonic()
                 phase[0] = "down"
-                wait_until(
+                wait_for(
                     lambda: (
                         time.monotonic() - stopped_at > 3
                         and all(
@@ -7778,7 +7790,7 @@ class TestFaultDrillDockerEngineRestart:
                 phase[0] = "restarting"
                 _start_dockerd()
                 phase[0] = "back"
-                wait_until(
+                wait_for(
                     lambda: all(
                         len([c for c in done("sync", "back", 204) if c["uuid"] == u]) >= 2
                         for u in uuids
