@@ -4066,6 +4066,23 @@ def signal_name(value: str) -> str:
     return name if name in _SIGNALS else "SIGKILL"
 
 
+_ALL_LIMITS = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
+
+
+class _LimitsEnd(Exception):
+    """Ends ``DockerEnvironment.apply_limits`` early with ``report``; None: the container was
+    replaced behind the environment's back, look again."""
+
+    def __init__(self, report: LimitReport | None):
+        super().__init__()
+        self.report = report
+
+
+def _limits_wait_for_start() -> LimitReport:
+    """The report for a container that is not running: its next start re-creates it."""
+    return LimitReport(pending=[f"{_ALL_LIMITS} (container stopped; next start re-creates it)"])
+
+
 class DockerEnvironment(Environment):
     """A server's process in a Docker container named by the server's uuid.
 
@@ -4203,29 +4220,47 @@ class DockerEnvironment(Environment):
         """Make the running container's limits match ``config.build`` now (README, "The sync,
         step by step").
 
-        What Docker's update API can express goes through it (one raw ``POST /containers/{id}/update``
-        so that ``PidsLimit`` goes too, which the SDK lacks); lifting a memory, swap or CPU limit or a
-        cpuset is written into the cgroup files. The kernel's files are then read back: what they
-        do not show is reported as failed. A stopped container is left alone: the next start
-        re-creates it with the new limits.
+        The steps: find the running container; ``POST /containers/{id}/update`` with what Docker's
+        update API can express (raw, so that ``PidsLimit`` goes too, which the SDK lacks); lift in
+        the cgroup files what it cannot (a memory, swap or CPU limit, a cpuset); read the kernel's
+        files back and report what they do not show as failed. A stopped container is left alone:
+        the next start re-creates it with the new limits.
         """
         build = config.build
-        everything = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
-        docker = _docker()
+        resources = container_resources(build, self.config)
+        try:
+            info = self._limits_target()
+            warnings = self._post_limits(info, self._limits_body(build, resources))
+            cgroup, kernel = self._lift_in_cgroup(info, build, resources)
+        except _LimitsEnd as end:
+            return end.report if end.report is not None else self.apply_limits(config)
+        report = self._compare_with_kernel(build, resources, cgroup, kernel)
+        if any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings):
+            report.applied.append(
+                f"io weight {build.io_weight}: not supported by this kernel, skipped"
+            )
+        else:
+            report.applied.append(f"io weight {build.io_weight}")
+        return report
+
+    def _limits_target(self) -> dict[str, Any]:
+        """The running container's inspect document; ends the update when nothing runs."""
         # The container this environment started or attached to: no inspect on the sync's path.
         info = self._running_info if self._state in (STARTING, RUNNING) else None
         try:
             info = info or self._inspect()
         except WingsliteError as exc:
-            return LimitReport(pending=[f"{everything} (next start)"], failed=[exc.message])
+            report = LimitReport(pending=[f"{_ALL_LIMITS} (next start)"], failed=[exc.message])
+            raise _LimitsEnd(report) from None
         if info is None:
-            return LimitReport(pending=[f"{everything} (no container yet; next start)"])
+            raise _LimitsEnd(LimitReport(pending=[f"{_ALL_LIMITS} (no container yet; next start)"]))
         if not info["State"].get("Running"):
-            return LimitReport(
-                pending=[f"{everything} (container stopped; next start re-creates it)"]
-            )
+            raise _LimitsEnd(_limits_wait_for_start())
+        return info
 
-        resources = container_resources(build, self.config)
+    @staticmethod
+    def _limits_body(build: Build, resources: dict[str, Any]) -> dict[str, Any]:
+        """Docker's container update body: what the update API can set (lifting is not)."""
         body: dict[str, Any] = {
             "BlkioWeight": build.io_weight,
             "PidsLimit": resources["PidsLimit"] or -1,
@@ -4246,7 +4281,11 @@ class DockerEnvironment(Environment):
             body["CpuQuota"] = -1
         if build.threads:
             body["CpusetCpus"] = build.threads
-        report = LimitReport()
+        return body
+
+    def _post_limits(self, info: dict[str, Any], body: dict[str, Any]) -> list[str]:
+        """``POST /containers/{id}/update``; the engine's warnings."""
+        docker = _docker()
         try:
             answer = self.client._result(
                 self.client._post_json(
@@ -4256,21 +4295,26 @@ class DockerEnvironment(Environment):
             )
         except docker.errors.NotFound:
             if info is not self._running_info:
-                return LimitReport(pending=[f"{everything} (no container yet; next start)"])
+                raise _LimitsEnd(
+                    LimitReport(pending=[f"{_ALL_LIMITS} (no container yet; next start)"])
+                ) from None
             self._running_info = None  # replaced behind our back: look again
-            return self.apply_limits(config)
+            raise _LimitsEnd(None) from None
         except (docker.errors.DockerException, OSError) as exc:
             error = _docker_error("updating the container's limits", exc)
-            report.failed.append(error.message)
-            report.pending.append(f"{everything} (next start)")
-            return report
+            report = LimitReport(pending=[f"{_ALL_LIMITS} (next start)"], failed=[error.message])
+            raise _LimitsEnd(report) from None
         warnings = [w for w in (answer or {}).get("Warnings") or [] if w]
-        blkio_unsupported = any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
         for warning in warnings:
             LOG.info(
                 "server %s: Docker warned while updating limits: %s", self.server_uuid, warning
             )
+        return warnings
 
+    def _lift_in_cgroup(
+        self, info: dict[str, Any], build: Build, resources: dict[str, Any]
+    ) -> tuple[Cgroup, CgroupLimits]:
+        """Lift in the cgroup files what Docker's update cannot; the kernel's limits after."""
         try:
             cgroup = self.cgroup(info)
             kernel = cgroup.read()
@@ -4284,18 +4328,22 @@ class DockerEnvironment(Environment):
                 kernel.all_cpus
             ):
                 cgroup.lift_cpuset()
-            kernel = cgroup.read()
+            return cgroup, cgroup.read()
         except WingsliteError as exc:
             try:
                 still_running = bool((self._inspect() or {}).get("State", {}).get("Running"))
             except WingsliteError:
                 still_running = True
             if not still_running:  # the process exited under us: its cgroup went with it
-                return LimitReport(
-                    pending=[f"{everything} (container stopped; next start re-creates it)"]
-                )
-            report.failed.append(f"cgroup: {exc.message}")
-            return report
+                raise _LimitsEnd(_limits_wait_for_start()) from None
+            raise _LimitsEnd(LimitReport(failed=[f"cgroup: {exc.message}"])) from None
+
+    @staticmethod
+    def _compare_with_kernel(
+        build: Build, resources: dict[str, Any], cgroup: Cgroup, kernel: CgroupLimits
+    ) -> LimitReport:
+        """Each limit as the kernel enforces it against what was asked: applied or failed."""
+        report = LimitReport()
 
         def check(what: str, ok: bool, shows: Any, text: str) -> None:
             (report.applied if ok else report.failed).append(
@@ -4338,12 +4386,6 @@ class DockerEnvironment(Environment):
         )
         pids = resources["PidsLimit"] or None
         check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
-        if blkio_unsupported:
-            report.applied.append(
-                f"io weight {build.io_weight}: not supported by this kernel, skipped"
-            )
-        else:
-            report.applied.append(f"io weight {build.io_weight}")
         return report
 
     # -- start -----------------------------------------------------------------------------------
