@@ -5730,6 +5730,10 @@ class SignedUrls:
         if problem:
             raise WingsliteError(f"the {signed.kind} token is not valid: {problem}", 403)
 
+    def first_use(self, unique_id: str, exp: float) -> bool:
+        """True the first time ``unique_id`` is seen (remembered until ``exp``), False after."""
+        return self._first_use(unique_id, exp)
+
     def _first_use(self, unique_id: str, exp: float) -> bool:
         now = time.time()
         with self._lock:
@@ -6556,9 +6560,12 @@ class SftpServer:
                 answer["server"],
             )
             return None
-        if server.suspended:
+        if server.suspended or server.transferring:
             LOG.info(
-                "SFTP login %r from %s refused: server %s is suspended", username, ip, server.uuid
+                "SFTP login %r from %s refused: server %s is suspended or being transferred",
+                username,
+                ip,
+                server.uuid,
             )
             return None
         return SftpLogin(
@@ -6780,9 +6787,9 @@ class _SftpSession:
             server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close()
         )
         revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
-        if server.suspended or revoked:
+        if server.suspended or server.transferring or revoked:
             LOG.info(
-                "SFTP session of %s refused: server %s is suspended or the user was deauthorized",
+                "SFTP session of %s refused: server %s is suspended, being transferred, or the user was deauthorized",
                 login.username,
                 server.uuid,
             )
@@ -7309,6 +7316,522 @@ def _activity_event(
     }
 
 
+# transfers ########################################################################################
+#
+# A transfer moves a server to another node (the Panel's admin "Transfer"). Wings v1.11's
+# protocol (router/router_server_transfer.go, router/router_transfer.go, server/transfer/*.go),
+# byte for byte, so that either side may be Wings:
+#
+#   Panel  -> source       POST /api/servers/:server/transfer {url, token, server}   202
+#   source -> destination  POST {url} (= destination/api/transfers), Authorization: <token>
+#                          (``Bearer <JWT>``: HS256 with the destination's node token, sub = server
+#                          uuid), Transfer-Encoding: chunked, multipart/form-data: the part
+#                          ``archive`` (archive.tar.gz, the server directory) then the part
+#                          ``checksum`` (hex sha256 of the archive bytes)
+#   destination            extracts while the bytes arrive, checks the sha256, then tells the
+#                          Panel: POST /api/remote/servers/{uuid}/transfer/success (or /failure)
+#   Panel  -> source       (inside that success call) DELETE /api/servers/:server
+#   destination -> source  200 once the Panel has answered
+#
+# Neither side writes a temporary archive or holds one in memory. wingslite keeps what Wings
+# loses: links arrive as links (refused if they would point out), empty directories and modes are
+# kept, and a failed transfer leaves nothing on the destination.
+
+TRANSFER_CHUNK_BYTES = 256 * 1024
+TRANSFER_NOT_RUNNING = "Server is not currently being transferred."
+
+
+def transfer_log_line(text: str, node: str = "Source Node") -> str:
+    """A ``transfer logs`` line as Wings colours it (colorstring "[yellow][bold]...[default]")."""
+    when = time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime())
+    return f"\x1b[33m\x1b[1m{when} [Transfer System] [{node}]:\x1b[39m {text}\x1b[0m"
+
+
+def progress_bar(done_bytes: int, total_bytes: int, width: int = 25) -> str:
+    """``[=====>      ] 12.00 MiB / 40.00 MiB`` (Wings internal/progress)."""
+    total = max(total_bytes, done_bytes, 1)
+    filled = min(width, done_bytes * width // total)
+    bar = "=" * filled + (">" if filled < width else "") + " " * max(0, width - filled - 1)
+    return f"[{bar}] {done_bytes / 1048576:.2f} MiB / {total_bytes / 1048576:.2f} MiB"
+
+
+class _ChunkedBody:
+    """A writable HTTP/1.1 request body in chunked transfer coding (RFC 9112 section 7.1).
+
+    Writes are gathered into chunks of ``TRANSFER_CHUNK_BYTES``, so memory stays bounded by one
+    chunk whatever the size of what goes through.
+    """
+
+    def __init__(self, send: Callable[[bytes], Any]):
+        self._send = send
+        self._buf = bytearray()
+        self.bytes_sent = 0
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        if len(self._buf) >= TRANSFER_CHUNK_BYTES:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._send(b"%x\r\n" % len(self._buf) + bytes(self._buf) + b"\r\n")
+            self.bytes_sent += len(self._buf)
+            self._buf.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._send(b"0\r\n\r\n")
+
+
+class _MultipartWriter:
+    """``multipart/form-data`` written as a stream (RFC 7578): ``file()`` then ``field()``."""
+
+    def __init__(self, out: Any):
+        self.out = out
+        self.boundary = uuidlib.uuid4().hex + uuidlib.uuid4().hex[:28]  # 60 chars, like Go's
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def _head(self, headers: str) -> None:
+        self.out.write(f"--{self.boundary}\r\n{headers}\r\n\r\n".encode())
+
+    def file(self, name: str, filename: str) -> None:
+        """Start a file part; its bytes are then written to ``out`` directly."""
+        self._head(
+            f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream"
+        )
+
+    def field(self, name: str, value: str) -> None:
+        self.out.write(b"\r\n")  # ends the part before
+        self._head(f'Content-Disposition: form-data; name="{name}"')
+        self.out.write(value.encode())
+
+    def close(self) -> None:
+        self.out.write(f"\r\n--{self.boundary}--\r\n".encode())
+
+
+class OutgoingTransfer:
+    """Sends one server to another node; ``run()`` in a thread of its own.
+
+    Methods for the caller: ``run()``, ``cancel()``. Class variables that may be overridden:
+    ``stop_wait_s`` (how long the server may take to stop before it is killed, Wings: 15 s),
+    ``progress_interval_s``, ``response_timeout_s``.
+
+    The server is stopped first (killed when it does not stop in time); its directory goes out
+    through ``write_tar_gz`` (links as links, never followed), hashed on its way into the request
+    body. Progress reaches sockets with ``admin.websocket.transfer`` as ``transfer logs`` and
+    ``transfer status`` events. On success nothing is sent to the Panel -- only the destination
+    reports success, and the Panel then deletes the server here. On failure or cancel the Panel
+    is told ``/transfer/failure`` and the server is usable again.
+    """
+
+    stop_wait_s = 15.0
+    progress_interval_s = 5.0
+    response_timeout_s = 600.0
+
+    def __init__(self, server: Any, url: str, token: str):
+        self.server, self.url, self.token = server, url, token
+        self._cancelled = threading.Event()
+        self._conn: http.client.HTTPConnection | None = None
+        self.sent_bytes = 0
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def message(self, text: str) -> None:
+        self.server.events.publish("transfer logs", transfer_log_line(text))
+
+    def status(self, value: str) -> None:
+        self.server.events.publish("transfer status", value)
+
+    def run(self) -> None:
+        try:
+            self._stop_server()
+            self.status("processing")
+            self.message("Preparing to stream server data to destination...")
+            answer = self._push()
+            LOG.info(
+                "server %s: transfer sent (%d bytes): %s", self.server.uuid, self.sent_bytes, answer
+            )
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self.server.daemon.transfers.outgoing.pop(self.server.uuid, None)
+
+    def _failed(self, exc: Exception) -> None:
+        cancelled = self._cancelled.is_set()
+        why = "canceled" if cancelled else str(exc) or type(exc).__name__
+        LOG.warning("server %s: transfer failed: %s", self.server.uuid, why)
+        self.message("Canceled." if cancelled else f"Transfer failed: {why}")
+        self.status("cancelled" if cancelled else "failed")
+        self.server.transferring = False
+        if not self.server.deleted:
+            self.server.daemon.transfers.report(self.server.uuid, successful=False)
+
+    def _stop_server(self) -> None:
+        env = self.server.env
+        if env.state == OFFLINE:
+            return
+        self.message("Stopping the server before it is transferred...")
+        try:
+            env.stop(self.server.config, self.stop_wait_s)
+        except Exception as exc:
+            LOG.info("server %s: stop before transfer: %s; killing it", self.server.uuid, exc)
+        if env.state != OFFLINE:
+            env.kill()
+
+    def _connect(self) -> tuple[http.client.HTTPConnection, str]:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise WingsliteError(f"the transfer URL {self.url!r} is not an http(s) URL", 422)
+        timeout = self.response_timeout_s
+        if parts.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return conn, path
+
+    def _push(self) -> str:
+        conn, path = self._connect()
+        self._conn = conn
+        try:
+            body = _ChunkedBody(conn.send)
+            form = _MultipartWriter(body)
+            conn.putrequest("POST", path, skip_accept_encoding=True)
+            for key, value in (
+                ("Authorization", self.token),
+                ("Content-Type", form.content_type),
+                ("Transfer-Encoding", "chunked"),
+                ("User-Agent", f"wingslite/{VERSION}"),
+            ):
+                conn.putheader(key, value)
+            conn.endheaders()
+            self.message("Streaming archive to destination...")
+            form.file("archive", "archive.tar.gz")
+            hashed = HashingWriter(body, "sha256")
+            with self._progress(body), Jail(self.server.fs.root) as jail:
+                write_tar_gz(jail, hashed, cancelled=self._cancelled.is_set)
+            form.field("checksum", hashed.hexdigest())
+            form.close()
+            body.close()
+            self.sent_bytes = body.bytes_sent
+            self.message("Finished streaming archive to destination.")
+            response = conn.getresponse()
+            text = response.read(65536).decode("utf-8", "replace")
+        finally:
+            self._conn = None
+            conn.close()
+        if self._cancelled.is_set():
+            raise WingsliteError("canceled")
+        if response.status != 200:
+            raise WingsliteError(f"the destination answered {response.status}: {text[:300]}")
+        return text
+
+    @contextlib.contextmanager
+    def _progress(self, body: _ChunkedBody) -> Iterator[None]:
+        done = threading.Event()
+        total = self.server.fs.usage_bytes()
+
+        def tick() -> None:
+            while not done.wait(self.progress_interval_s):
+                self.message("Uploading " + progress_bar(body.bytes_sent, total))
+
+        thread = threading.Thread(target=tick, name="wingslite-transfer-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+
+class IncomingTransfer:
+    """Receives one server from another node (``POST /api/transfers``).
+
+    Methods for the caller: ``receive(read, boundary)``, ``cancel()``, ``cleanup()``.
+
+    The archive is extracted while it arrives, through the server's jail and metered against its
+    disk limit (``extract_archive``), and hashed as it is read; the ``checksum`` part must equal
+    that sha256. Anything else -- no archive, no checksum, a mismatch, an entry that would escape,
+    the disk limit, a cancel -- removes everything received.
+    """
+
+    def __init__(self, server: Any):
+        self.server = server
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def receive(self, read: Callable[[int], bytes], boundary: bytes) -> None:
+        digest, checksum = None, None
+
+        def guarded(n: int) -> bytes:
+            if self._cancelled.is_set():
+                raise WingsliteError("the transfer was canceled", 409)
+            return read(n)
+
+        for headers, chunks in MultipartReader(guarded, boundary).parts():
+            name = form_disposition(headers.get("content-disposition", "")).get("name")
+            if name == "archive":
+                digest = self._extract(chunks)
+            elif name == "checksum":
+                if digest is None:
+                    raise BadRequest("archive must be sent before the checksum")
+                checksum = b"".join(_bounded_chunks(chunks, 1024)).decode("ascii", "replace")
+        if digest is None or checksum is None:
+            raise BadRequest("missing archive or checksum")
+        if not hmac.compare_digest(checksum.strip().lower(), digest):
+            raise BadRequest("checksums don't match")
+
+    def _extract(self, chunks: Iterator[bytes]) -> str:
+        stream = _HashingReader(chunks, "sha256")
+        fs = self.server.fs
+        fs.ensure()
+        with Jail(fs.root) as jail:
+            extract_archive(jail, fs, stream, name="archive.tar.gz")
+        stream.drain()  # the sha256 covers every byte sent, past the end of the tar stream too
+        return stream.hexdigest()
+
+
+def _bounded_chunks(chunks: Iterator[bytes], most_bytes: int) -> Iterator[bytes]:
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > most_bytes:
+            raise BadRequest("the checksum part is too long")
+        yield chunk
+
+
+class _HashingReader:
+    """A readable stream over an iterator of byte chunks, hashing what it hands out."""
+
+    def __init__(self, chunks: Iterator[bytes], algorithm: str):
+        self._chunks = chunks
+        self._buf = b""
+        self.hash = hashlib.new(algorithm)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._buf += chunk
+        out, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+        self.hash.update(out)
+        return out
+
+    def drain(self) -> None:
+        while self.read(ARCHIVE_CHUNK_BYTES):
+            pass
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+
+class Transfers:
+    """The node's transfers in both directions, and the Panel calls that end them.
+
+    Attributes: ``outgoing`` / ``incoming`` (server uuid -> ``OutgoingTransfer`` /
+    ``IncomingTransfer``). Methods for the caller: ``start_outgoing(server, url, token)``,
+    ``check_token(authorization)`` -> server uuid, ``report(uuid, successful)``.
+    """
+
+    def __init__(self, daemon: Any):
+        self.daemon = daemon
+        self.outgoing: dict[str, OutgoingTransfer] = {}
+        self.incoming: dict[str, IncomingTransfer] = {}
+        self.lock = threading.Lock()
+
+    def start_outgoing(self, server: Any, url: str, token: str) -> OutgoingTransfer:
+        with self.lock:
+            if server.transferring or server.uuid in self.outgoing:
+                raise Conflict("A transfer is already in progress for this server.")
+            transfer = OutgoingTransfer(server, url, token)
+            self.outgoing[server.uuid] = transfer
+            server.transferring = True
+        # SFTP writes would change files that are on their way out; websockets stay, so that an
+        # admin sees the progress.
+        self.daemon.sessions.close_server(
+            server.uuid, 0, "server is being transferred", kind="sftp"
+        )
+        self.daemon.spawn(transfer.run, f"wingslite-transfer-{server.uuid[:8]}")
+        return transfer
+
+    def check_token(self, authorization: str) -> str:
+        """The server uuid a destination may receive, from ``Authorization: Bearer <JWT>``.
+
+        The JWT is the Panel's transfer token (NodeJWTService: HS256 with this node's token,
+        ``sub`` = server uuid, no user claims). Refused (401 without a Bearer token, 403
+        otherwise): malformed, another key, expired, another kind of token, used before.
+        """
+        scheme, _, token = authorization.partition(" ")
+        if scheme != "Bearer" or not token.strip():
+            raise WingsliteError(
+                "The required authorization heads were not present in the request.", 401
+            )
+        try:
+            claims = decode_jwt(token.strip(), self.daemon.config.token)
+        except JwtError as exc:
+            raise WingsliteError(f"the transfer token is not valid: {exc}", 403) from None
+        sub = claims.get("sub")
+        scope = claims.get("scope")
+        if not isinstance(sub, str) or not _UUID_RE.match(sub):
+            raise WingsliteError("the transfer token names no server (sub)", 403)
+        if (scope is not None and scope != "transfer") or "user_uuid" in claims:
+            raise WingsliteError("the token was not issued for a transfer", 403)
+        once = claims.get("unique_id") or f"{claims.get('jti')}:{claims.get('iat')}"
+        if not self.daemon.signed_urls.first_use(f"transfer:{once}", claims["exp"]):
+            raise WingsliteError("the transfer token was used before", 403)
+        return sub.lower()
+
+    def report(self, uuid: str, successful: bool) -> None:
+        """Tell the Panel how a transfer ended (retried as every Panel call; failure only logged)."""
+        outcome = "success" if successful else "failure"
+        try:
+            self.daemon.panel.request("POST", f"/api/remote/servers/{uuid}/transfer/{outcome}")
+        except PanelError as exc:
+            LOG.error(
+                "server %s: could not tell the Panel the transfer's %s: %s", uuid, outcome, exc
+            )
+            if successful:
+                raise
+
+    def receive(self, uuid: str, read: Callable[[int], bytes], content_type: str) -> None:
+        """The destination's side of ``POST /api/transfers``, from the Panel's document to success."""
+        boundary = multipart_boundary(content_type)
+        if boundary is None:
+            raise BadRequest(
+                f'invalid content type "{content_type.split(";")[0]}", expected "multipart/form-data"'
+            )
+        server = self.daemon.receive_server(uuid)  # Conflict when this node has it already
+        transfer = IncomingTransfer(server)
+        with self.lock:
+            self.incoming[uuid] = transfer
+        ok = False
+        try:
+            transfer.receive(read, boundary)
+            self.daemon.adopt_received(server)
+            self.report(uuid, successful=True)
+            ok = True
+            server.transferring = False
+            server.events.publish("transfer status", "success")
+            LOG.info("server %s: transfer received", uuid)
+        finally:
+            with self.lock:
+                self.incoming.pop(uuid, None)
+            if not ok:
+                server.events.publish("transfer status", "failure")
+                self.daemon.drop_received(server)
+                self.report(uuid, successful=False)
+
+
+class TransferRoutes:
+    """``route_*`` methods of the transfer routes, mixed into ``ApiHandler``."""
+
+    def route_start_transfer(self, server: Any) -> tuple[int, Any]:
+        body = self.read_json()
+        target = body.get("server") if isinstance(body, dict) else None
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("url"), str)
+            or not body["url"]
+            or not isinstance(body.get("token"), str)
+            or not body["token"]
+            or (target is not None and not isinstance(target, dict))
+        ):
+            raise WingsliteError("The data provided in the request could not be validated.", 422)
+        if not re.match(r"https?://[^\s/]+", body["url"]):
+            raise WingsliteError(f"the transfer URL {body['url']!r} is not an http(s) URL", 422)
+        self.server.daemon.transfers.start_outgoing(server, body["url"], body["token"])
+        return 202, None
+
+    def route_cancel_transfer(self, server: Any) -> tuple[int, Any]:
+        transfer = self.server.daemon.transfers.outgoing.get(server.uuid)
+        if not server.transferring or transfer is None:
+            raise Conflict(TRANSFER_NOT_RUNNING)
+        transfer.cancel()
+        return 202, None
+
+    def route_receive_transfer(self) -> tuple[int, Any]:
+        transfers = self.server.daemon.transfers
+        uuid = transfers.check_token(self.headers.get("Authorization", ""))
+        read, _length = self._body_reader(allow_chunked=True)
+        try:
+            transfers.receive(uuid, read, self.headers.get("Content-Type", ""))
+        except BaseException:
+            self.close_connection = True  # the rest of the body is not read
+            raise
+        return 200, None
+
+    def route_cancel_incoming_transfer(self, server: Any) -> tuple[int, Any]:
+        transfer = self.server.daemon.transfers.incoming.get(server.uuid)
+        if not server.transferring or transfer is None:
+            raise Conflict(TRANSFER_NOT_RUNNING)
+        transfer.cancel()
+        return 202, None
+
+
+TRANSFER_ROUTES = (
+    ("POST", r"/api/transfers", "receive_transfer", False),  # authenticated by the JWT inside
+    ("DELETE", r"/api/transfers/(?P<server>[^/]+)", "cancel_incoming_transfer", True),
+    ("POST", r"/api/servers/(?P<server>[^/]+)/transfer", "start_transfer", True),
+    ("DELETE", r"/api/servers/(?P<server>[^/]+)/transfer", "cancel_transfer", True),
+)
+
+
+def chunked_reader(rfile: Any, max_line_bytes: int = 4096) -> Callable[[int], bytes]:
+    """``read(n)`` over a request body in chunked transfer coding (RFC 9112 section 7.1).
+
+    Go's HTTP client (Wings sending a transfer) streams bodies of unknown length this way.
+    Chunk extensions are ignored, trailers read and dropped; a size line that is not hex, too
+    long, or a body that ends early is a ``BadRequest``.
+    """
+    state = {"left": 0, "done": False}
+
+    def line() -> bytes:
+        raw = rfile.readline(max_line_bytes + 1)
+        if len(raw) > max_line_bytes or not raw.endswith(b"\n"):
+            raise BadRequest("malformed chunked request body")
+        return raw.rstrip(b"\r\n")
+
+    def read(n: int) -> bytes:
+        if state["done"]:
+            return b""
+        if state["left"] == 0:
+            size = line().split(b";", 1)[0].strip()
+            if not size or not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size):
+                raise BadRequest("malformed chunked request body")
+            state["left"] = int(size, 16)
+            if state["left"] == 0:
+                while line():  # trailer fields, then the empty line
+                    pass
+                state["done"] = True
+                return b""
+        data = rfile.read(min(n, state["left"]))
+        if not data:
+            raise BadRequest("the request body ended early")
+        state["left"] -= len(data)
+        if state["left"] == 0 and rfile.read(2) != b"\r\n":
+            raise BadRequest("malformed chunked request body")
+        return data
+
+    return read
+
+
 # HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
@@ -7330,6 +7853,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("GET", _SERVER + r"/logs", "logs", True),
         ("POST", _SERVER + r"/ws/deny", "ws_deny", True),
         ("GET", _SERVER + r"/ws", "websocket", False),  # authenticated by the JWT inside
+        *TRANSFER_ROUTES,
     )
 )
 
@@ -7371,7 +7895,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         )
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
+class ApiHandler(TransferRoutes, http.server.BaseHTTPRequestHandler):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
     Every answer is written in one ``send`` (headers and body together) on a ``TCP_NODELAY``
@@ -7792,6 +8316,9 @@ class Server:
         # suspended, as in Wings, so a socket or SFTP login racing the delete is refused, and a
         # sync or power action queued behind the delete does nothing.
         self.deleted = False
+        # True while the server's files are on their way to or from another node (transfers):
+        # power actions and SFTP logins are refused.
+        self.transferring = False
         self.events.subscribe(self._on_event)
         self.env: Environment = daemon.environment_factory(self)
 
@@ -8007,6 +8534,8 @@ class Server:
 
     def power(self, action: str, wait_s: float = 0) -> None:
         """Run a power action now. ``wait_s`` 0 tries the lock once (as Wings); kill never waits."""
+        if self.transferring:  # Wings power.go: even a kill is refused
+            raise Conflict("server is currently being transferred")
         if action == "kill":
             self.env.kill()
             return
@@ -8029,6 +8558,8 @@ class Server:
         try:
             if self.deleted:
                 raise NotFound("The requested resource does not exist on this instance.")
+            if self.transferring:
+                raise Conflict("server is currently being transferred")
             if action in ("stop", "restart"):
                 self.env.stop(self.config, self.daemon.config.get("wingslite.stop_timeout_s"))
             if action in ("start", "restart"):
@@ -8200,6 +8731,7 @@ class Daemon:
         self.sessions = SessionTable()
         self.revocations = Revocations()
         self.placeholders = NodePlaceholders(config)
+        self.transfers = Transfers(self)
         self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
         self.activity = ActivityLog(
@@ -8514,6 +9046,54 @@ class Daemon:
             server.request_power("start", 30)
         return server
 
+    def receive_server(self, uuid: str) -> Server:
+        """A server arriving by transfer: its configuration from the Panel, marked transferring.
+
+        Registered (so that ``DELETE /api/transfers/:server`` finds it) but not saved until
+        ``adopt_received``; a node that has the server already refuses it (409).
+        """
+        if uuid in self.servers:
+            raise Conflict(f"server {uuid} already exists on this node; the transfer is refused")
+        server = Server(self, self._fetch_config(uuid))
+        server.transferring = True
+        with self._servers_lock:
+            if uuid in self.servers:
+                raise Conflict(
+                    f"server {uuid} already exists on this node; the transfer is refused"
+                )
+            self.servers[uuid] = server
+        return server
+
+    def adopt_received(self, server: Server) -> None:
+        """Keep a server whose files arrived whole: its configuration is saved like a create's."""
+        self.store.save(server.config)
+
+    def drop_received(self, server: Server) -> None:
+        """Forget a server whose transfer failed, and every byte of it that arrived."""
+        with server.lock:
+            server.deleted = True
+            self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "transfer failed")
+            self._forget(server)
+        _remove_tree(server.fs.root)
+
+    def _fetch_config(self, uuid: str) -> ServerConfig:
+        try:
+            document = self.panel.get_server(uuid)
+        except PanelError as exc:
+            if exc.http_status == 404:
+                raise NotFound(f"the Panel does not know server {uuid}") from None
+            raise WingsliteError(
+                f"could not fetch server {uuid} from the Panel: {exc.message}"
+            ) from None
+        try:
+            return parse_server_document(
+                document,
+                expect_uuid=uuid,
+                crash_detection_default=self.config.get("system.crash_detection.enabled"),
+            )
+        except DocumentError as exc:
+            raise WingsliteError(exc.message) from None
+
     def delete_server(self, server: Server) -> None:
         """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config."""
         if not server.lock.acquire(timeout=30):
@@ -8527,6 +9107,10 @@ class Daemon:
                 True  # before closing: a socket registering now sees it and closes itself
             )
             self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "server deleted")
+            if (
+                server.transferring
+            ):  # the Panel deletes a transferred server here (Wings: "completed")
+                server.events.publish("transfer status", "completed")
             try:
                 server.env.destroy()
             except Exception:
