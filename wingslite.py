@@ -98,8 +98,8 @@ import select
 import shutil
 import signal
 import socket
-import ssl
 import sqlite3
+import ssl
 import stat
 import struct
 import subprocess
