@@ -110,6 +110,7 @@ import time
 import types
 import urllib.error
 import urllib.parse
+import urllib.request
 import uuid as uuidlib
 import zipfile
 import zlib
