@@ -8942,7 +8942,9 @@ class Transfers:
         self.daemon.sessions.close_server(
             server.uuid, 0, "server is being transferred", kind="sftp"
         )
-        self.daemon.spawn(transfer.run, f"wingslite-transfer-{server.uuid[:8]}")
+        threading.Thread(
+            target=transfer.run, name=f"wingslite-transfer-{server.uuid[:8]}", daemon=True
+        ).start()
         return transfer
 
     def check_token(self, authorization: str) -> str:
@@ -8976,7 +8978,7 @@ class Transfers:
         """Tell the Panel how a transfer ended (retried as every Panel call; failure only logged)."""
         outcome = "success" if successful else "failure"
         try:
-            self.daemon.panel.request("POST", f"/api/remote/servers/{uuid}/transfer/{outcome}")
+            self.daemon.panel.request("POST", f"/servers/{uuid}/transfer/{outcome}")
         except PanelError as exc:
             LOG.error(
                 "server %s: could not tell the Panel the transfer's %s: %s", uuid, outcome, exc
@@ -9369,14 +9371,26 @@ class ApiHandler(FileManagerRoutes, TransferRoutes, http.server.BaseHTTPRequestH
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
-        if (
-            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-            or length < 0
-            or length > 65536
-        ):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._drain_chunked(65536)
+        elif length < 0 or length > 65536:
             self.close_connection = True
         elif length:
             self.rfile.read(length)
+
+    def _drain_chunked(self, most_bytes: int) -> None:
+        """Read a small chunked body to its end, so an error reaches a client still sending it
+        (closing with unread bytes would reset the connection and lose the answer)."""
+        read, seen = chunked_reader(self.rfile), 0
+        try:
+            while seen <= most_bytes:
+                data = read(65536)
+                if not data:
+                    return
+                seen += len(data)
+        except (BadRequest, OSError):
+            pass
+        self.close_connection = True
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -9880,6 +9894,8 @@ class Server:
         """The HTTP form: refuse what is refused now, then run the action in the background (202)."""
         if action in ("start", "restart") and self.config.suspended:
             raise BadRequest("Cannot start or restart a server that is suspended.")
+        if self.transferring:
+            raise Conflict("server is currently being transferred")
         threading.Thread(
             target=self._power_logged,
             args=(action, wait_s),
@@ -10918,6 +10934,9 @@ class PanelStandIn:
         self.install_scripts: dict[str, dict[str, Any]] = {}
         self.backups: dict[str, dict[str, Any]] = {}
         self.transfers: dict[str, bool | None] = {}
+        # Servers answered by GET /servers/{uuid} but left out of the node's list: one arriving
+        # by transfer is on the old node until the transfer succeeds.
+        self.unlisted: set[str] = set()
         self.container_states: dict[str, str] = {}
         self.activity: list[dict[str, Any]] = []
         self.uploads: dict[tuple[str, int], bytes] = {}
@@ -11128,7 +11147,7 @@ class PanelStandIn:
         except ValueError:
             per_page = 15
         with self.lock:
-            items = list(self.servers.items())
+            items = [(u, d) for u, d in self.servers.items() if u not in self.unlisted]
         total, first = len(items), (page - 1) * per_page
         last = max(1, -(-total // per_page))
         chunk = items[first : first + per_page]
