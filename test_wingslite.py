@@ -6548,6 +6548,32 @@ class TestTransfers:
             status, _, body = api(pair.source, "DELETE", path)
             assert (status, body["error"]) == (409, "Server is not currently being transferred.")
 
+    def test_a_500_mib_server_moves_with_both_daemons_rss_growing_less_than_20_mib(self, pair):
+        chunk = os.urandom(1 << 20)
+        for i in range(5):
+            with open(pair.src_root / f"part{i}.bin", "wb") as fh:
+                for j in range(100):
+                    fh.write(chunk[j:] + chunk[:j])  # 100 MiB that gzip cannot shrink
+        baseline, peak = _rss_bytes(), [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak[0] = max(peak[0], _rss_bytes())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            self.start(pair)
+            wait_until(lambda: pair.dst_panel.transfers.get(pair.uuid) is not None, 300, "the end")
+        finally:
+            done.set()
+            sampler.join()
+        assert pair.dst_panel.transfers[pair.uuid] is True
+        assert (pair.dst_root / "part4.bin").stat().st_size == 100 << 20
+        growth = peak[0] - baseline
+        assert growth < 20 << 20, f"RSS grew by {growth / 1048576:.1f} MiB during the transfer"
+
     def test_a_running_server_is_stopped_before_it_leaves(self, docker_servers, tmp_path):
         dst_panel = TransferPanel()
         try:
