@@ -6012,7 +6012,10 @@ class ConsoleSocket:
     auth_timeout_s = 30.0  # an unauthenticated socket only occupies one of the server's slots
     ping_interval_s = 30.0
     expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
-    power_wait_s = 0  # Wings' websocket power actions do not wait for the power lock
+    # Wings' websocket power actions do not wait for the power lock at all; the "offline" status
+    # reaches the browser a moment before the stop that sent it lets go of the lock, so a start
+    # clicked right then failed with "another power action". A few seconds' wait closes that gap.
+    power_wait_s = 5
 
     def __init__(self, ws: WebSocket, server: Any, daemon: Any, ip: str = ""):
         self.ws = ws
