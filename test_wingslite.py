@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -140,6 +141,7 @@ class FakePanel:
         self.garbage: set[str] = set()
         self.hang_s: dict[str, float] = {}
         self.down = False
+        self.activity: list[dict] = []  # every event POST /api/remote/activity accepted
         self.lock = threading.Lock()
         panel = self
 
@@ -252,6 +254,8 @@ class FakePanel:
             return h.send_json(204)
         if method == "POST" and path == "/api/remote/sftp/auth":
             return self.sftp_auth(h, json.loads(body or b"null"))
+        if method == "POST" and path == "/api/remote/activity":
+            return self.record_activity(h, json.loads(body or b"null"))
         if method == "GET" and path.startswith("/api/remote/servers/"):
             ident = path.rsplit("/", 1)[-1]
             with self.lock:
@@ -344,9 +348,45 @@ class FakePanel:
             )
         return h.send_json(200, {"server": server, "user": self.user_uuid, "permissions": perms})
 
+    def record_activity(self, h, body):
+        """ActivityEventRequest's rules (panel-contract.md §1.9); 200 with an empty body."""
+        items = body.get("data") if isinstance(body, dict) else None
+        keys = {"user", "server", "event", "metadata", "ip", "timestamp"}
+        valid = isinstance(items, list) and all(
+            isinstance(i, dict)
+            and set(i) <= keys
+            and isinstance(i.get("server"), str)
+            and isinstance(i.get("event"), str)
+            and "metadata" in i
+            and (i["metadata"] is None or isinstance(i["metadata"], dict))
+            and isinstance(i.get("timestamp"), str)
+            and (i.get("ip") is None or _is_ip(i["ip"]))
+            for i in items
+        )
+        if not valid:
+            return h.send_json(
+                422, panel_error(422, "ValidationException", "The given data was invalid.")
+            )
+        with self.lock:
+            self.activity.extend(items)
+        h.send_response(200)
+        h.send_header("Content-Type", "text/html; charset=UTF-8")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _is_ip(text) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -1183,6 +1223,353 @@ class TestArchives:
         ):
             w.extract_archive(box.jail, box.fs, src, name="up.zip")
         assert (box.root / "ok.txt").read_bytes() == b"1" and not (box.root / "x.jar").exists()
+
+
+# egg configuration files ##########################################################################
+
+PAPER_PROPERTIES = """#Minecraft server properties
+#Tue Dec 01 17:00:00 UTC 2026
+enable-jmx-monitoring=false
+rcon.port=25575
+level-seed=
+motd=\\u00A7aA Minecraft Server
+query.port=25565
+server-ip=
+# an operator's note in the middle
+server-port=25565
+max-players=20
+"""
+
+BUNGEE_YAML = """# BungeeCord configuration
+player_limit: -1
+listeners:
+- query_port: 25577
+  motd: '&1Another Bungee server'
+  host: 0.0.0.0:25577   # where players connect
+  max_players: 1
+servers:
+  lobby:
+    motd: '&1Just another BungeeCord - Forced Host'
+    address: localhost:25565
+    restricted: false
+  games:
+    address: 10.0.0.5:25566
+    restricted: false
+"""
+
+MURMUR_INI = """; Murmur configuration file.
+;
+; Path to database.
+database=
+;dbDriver=QMYSQL
+
+; How many clients
+users=100
+port=64738
+welcometext="<br />Welcome to this server"
+
+[Ice]
+Ice.Warn.UnknownProperties=1
+Ice.MessageSizeMax=65536
+"""
+
+GAME_XML = """<?xml version="1.0" encoding="utf-8"?>
+<!-- game settings -->
+<Settings>
+  <Server port="1">
+    <Name>Old</Name>
+    <!-- keep me -->
+  </Server>
+  <Maps>
+    <Map>a</Map>
+    <Map>b</Map>
+  </Maps>
+</Settings>
+"""
+
+GAME_JSON = """{
+  "server": {"port": 1234, "bind": "127.0.0.1", "public": false},
+  "worlds": [{"name": "a", "port": 1}, {"name": "b", "port": 2}],
+  "tags": ["x"]
+}
+"""
+
+
+def egg_replace(find: dict) -> list[dict]:
+    """An egg's ``config.files[...].find`` as the Panel sends it (EggConfigurationService):
+    a scalar gives ``{match, replace_with}``, an object one ``{match, if_value, replace_with}``
+    per inner pair."""
+    out = []
+    for match, value in find.items():
+        if isinstance(value, dict):
+            out += [{"match": match, "if_value": k, "replace_with": v} for k, v in value.items()]
+        else:
+            out.append({"match": match, "replace_with": value})
+    return out
+
+
+def replacements(find: dict) -> list[w.Replacement]:
+    return [
+        w.Replacement(r["match"], r["replace_with"], r.get("if_value")) for r in egg_replace(find)
+    ]
+
+
+class TestConfigFileParsers:
+    """Each parser against a realistic file of a real egg: exact bytes after the rewrite."""
+
+    def test_paper_server_properties_keeps_comments_and_order_and_appends_missing_keys(self):
+        find = {
+            "server-ip": "0.0.0.0",
+            "enable-query": "true",
+            "server-port": "25570",
+            "query.port": "25570",
+        }
+        out = w.rewrite_properties(PAPER_PROPERTIES, replacements(find))
+        assert (
+            out
+            == PAPER_PROPERTIES.replace("query.port=25565", "query.port=25570")
+            .replace("server-ip=\n", "server-ip=0.0.0.0\n")
+            .replace("server-port=25565", "server-port=25570")
+            + "enable-query=true\n"
+        )
+
+    def test_properties_values_are_escaped_as_java_writes_them(self):
+        out = w.rewrite_properties("motd=x\n", replacements({"motd": "§bHi: a=b #1"}))
+        assert out == "motd=\\u00A7bHi\\: a\\=b \\#1\n"
+
+    def test_properties_if_value_changes_only_a_matching_value(self):
+        text = "server-ip=127.0.0.1\nother=1\n"
+        find = {"server-ip": {"127.0.0.1": "0.0.0.0"}, "other": {"2": "3"}, "absent": {"x": "y"}}
+        assert w.rewrite_properties(text, replacements(find)) == "server-ip=0.0.0.0\nother=1\n"
+
+    def test_bungeecord_yaml_is_edited_in_place_with_comments_kept(self):
+        find = {
+            "listeners[0].query_port": "25599",
+            "listeners[0].host": "0.0.0.0:25599",
+            "servers.*.address": {
+                "regex:^(127\\.0\\.0\\.1|localhost)(:\\d{1,5})?$": "172.18.0.1$2"
+            },
+        }
+        out = w.rewrite_yaml(BUNGEE_YAML, replacements(find))
+        assert out == (
+            BUNGEE_YAML.replace("query_port: 25577", "query_port: 25599")
+            .replace("host: 0.0.0.0:25577", "host: 0.0.0.0:25599")
+            .replace("address: localhost:25565", "address: 172.18.0.1:25565")
+        )
+        assert yaml.safe_load(out)["listeners"][0]["query_port"] == 25599  # still a number
+
+    def test_yaml_that_needs_a_new_key_is_dumped_with_the_values_and_their_types(self):
+        out = w.rewrite_yaml("a: 1\n", replacements({"b.c": "7", "d": True, "e": "x"}))
+        assert yaml.safe_load(out) == {"a": 1, "b": {"c": 7}, "d": True, "e": "x"}
+
+    def test_mumble_murmur_ini_sets_keys_before_the_first_section(self):
+        find = {
+            "database": "/home/container/murmur.sqlite",
+            "logfile": "/home/container/murmur.log",
+            "port": "64800",
+            "host": "",
+            "users": "50",
+        }
+        out = w.rewrite_ini(MURMUR_INI, replacements(find))
+        assert out == (
+            MURMUR_INI.replace("database=\n", "database=/home/container/murmur.sqlite\n")
+            .replace("users=100", "users=50")
+            .replace("port=64738", "port=64800")
+            .replace(
+                'server"\n',
+                'server"\nlogfile=/home/container/murmur.log\nhost=\n',
+            )
+        )
+
+    def test_ini_section_keys_and_a_new_section(self):
+        text = "[Ice]\nIce.MessageSizeMax=65536 \n"
+        find = {"Ice.Ice.MessageSizeMax": "1024", "Extra.key": "v"}
+        out = w.rewrite_ini(text, replacements(find))
+        assert out == "[Ice]\nIce.MessageSizeMax=1024\n[Extra]\nkey=v\n"
+
+    def test_source_cfg_with_the_file_parser_replaces_whole_lines_and_keeps_crlf(self):
+        text = '// server.cfg\r\nhostname "Old Name"\r\nrcon_password "secret"\r\nsv_password "x"'
+        find = {"hostname": 'hostname "My Server"', "sv_password": 'sv_password ""'}
+        out = w.rewrite_plain_file(text, replacements(find))
+        assert (
+            out
+            == '// server.cfg\r\nhostname "My Server"\r\nrcon_password "secret"\r\nsv_password ""'
+        )
+
+    def test_json_paths_indexes_wildcards_and_types(self):
+        find = {
+            "server.port": "27015",
+            "server.bind": {"127.0.0.1": "0.0.0.0"},
+            "server.public": True,
+            "worlds.*.host": "172.18.0.1",
+            "worlds[1].port": "27016",
+            "motd": "25",
+            "admins[0]": "alice",
+            "tags[0]": "y",
+        }
+        data = json.loads(w.rewrite_json(GAME_JSON, replacements(find)))
+        assert data == {
+            "server": {"port": 27015, "bind": "0.0.0.0", "public": True},
+            "worlds": [
+                {"name": "a", "port": 1, "host": "172.18.0.1"},
+                {"name": "b", "port": 27016, "host": "172.18.0.1"},
+            ],
+            "tags": ["y"],
+            "motd": 25,
+            "admins": ["alice"],
+        }
+
+    def test_json_keeps_the_files_indent_and_leaves_an_unchanged_file_alone(self):
+        out = w.rewrite_json('{\n  "a": "x"\n}\n', replacements({"a": "y"}))
+        assert out == '{\n  "a": "y"\n}\n'
+        same = '{"a":   "x"}'
+        assert w.rewrite_json(same, replacements({"a": "x"})) is same
+
+    def test_xml_elements_attributes_and_wildcards_keep_comments_and_prolog(self):
+        find = {"Settings.Server.Name": "New", "Settings.Server": "[port='27016']"}
+        find2 = {"Settings.Maps.*": "c"}
+        out = w.rewrite_xml(GAME_XML, replacements(find) + replacements(find2))
+        assert out == (
+            GAME_XML.replace('port="1"', 'port="27016"')
+            .replace(">Old<", ">New<")
+            .replace(">a<", ">c<")
+            .replace(">b<", ">c<")
+        )
+
+    def test_xml_creates_missing_elements(self):
+        out = w.rewrite_xml(GAME_XML, replacements({"Settings.Server.Query.Port": "27017"}))
+        assert "<Query>\n      <Port>27017</Port>\n    </Query>" in out
+        assert "<!-- keep me -->" in out and out.startswith('<?xml version="1.0"')
+
+    def test_node_placeholders_come_from_the_node_config(self, tmp_path):
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        ph = w.NodePlaceholders(config)
+        assert ph.fill("{{config.docker.network.interface}}:1") == "172.18.0.1:1"
+        assert ph.fill("{{config.docker.interface}}") == "172.18.0.1"  # legacy spelling
+        assert ph.fill("{{ config.api.port }}") == str(config.get("api.port"))
+        assert ph.fill("{{config.no.such.key}}") == "{{config.no.such.key}}"
+        assert ph.fill(25565) == 25565
+
+
+def _write_config_doc(doc: dict, configs: list[dict]) -> dict:
+    doc["process_configuration"]["configs"] = configs
+    return doc
+
+
+NC_GAME = (
+    "P=$(grep '^server-port=' server.properties | cut -d= -f2); "
+    'echo "listening on $P"; echo ready; exec nc -l -p "$P"'
+)
+
+
+class TestConfigFilesOnStart:
+    """Config files written by a real start of a real container."""
+
+    def _add(self, docker_servers, configs, **options) -> str:
+        doc = _write_config_doc(docker_document(**options), configs)
+        uuid = docker_servers.panel.add(doc)
+        docker_servers.uuids.append(uuid)
+        return uuid
+
+    def test_an_allocation_change_reaches_the_game_through_server_properties(self, docker_servers):
+        port = free_port()
+        props = [{"parser": "properties", "file": "server.properties", "replace": []}]
+        uuid = self._add(
+            docker_servers, props, startup=NC_GAME, port=port, stop=("signal", "SIGKILL")
+        )
+        doc = docker_servers.panel.servers[uuid]
+
+        def egg_values(p: int) -> None:
+            doc["process_configuration"]["configs"][0]["replace"] = egg_replace(
+                {"server-ip": "0.0.0.0", "server-port": str(p), "query.port": str(p)}
+            )
+
+        egg_values(port)
+        daemon = docker_servers.boot()
+        root = daemon.get_server(uuid).fs.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "server.properties").write_text(PAPER_PROPERTIES)
+        docker_servers.start(uuid)
+        docker_servers.wait_console(uuid, f"listening on {port}")
+        console = docker_servers.console(uuid)
+        assert any("Updating process configuration files..." in line for line in console)
+
+        new_port = free_port()
+        doc["settings"]["allocations"] = {
+            "force_outgoing_ip": False,
+            "default": {"ip": "127.0.0.1", "port": new_port},
+            "mappings": {"127.0.0.1": [new_port]},
+        }
+        egg_values(new_port)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "restart"})[0] == 202
+        docker_servers.wait_console(uuid, f"listening on {new_port}", timeout_s=30)
+        assert (root / "server.properties").read_text() == (
+            PAPER_PROPERTIES.replace("query.port=25565", f"query.port={new_port}")
+            .replace("server-ip=\n", "server-ip=0.0.0.0\n")
+            .replace("server-port=25565", f"server-port={new_port}")
+        )
+
+        # the game really listens on the new port, reached through the new port binding
+        def sent() -> bool:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", new_port), timeout=2) as conn,
+            ):
+                conn.sendall(b"hello-new-port\n")
+                time.sleep(0.2)
+            return any("hello-new-port" in line for line in docker_servers.console(uuid))
+
+        wait_until(sent, 20, "the game to receive data on its new port", interval_s=0.5)
+
+    def test_a_symlink_out_and_a_fifo_are_not_touched_and_the_start_goes_on(
+        self, docker_servers, tmp_path
+    ):
+        outside = tmp_path / "outside.properties"
+        outside.write_text("server-port=1\n")
+        configs = [
+            {
+                "parser": "properties",
+                "file": "link.properties",
+                "replace": egg_replace({"server-port": "2"}),
+            },
+            {"parser": "yaml", "file": "fifo.yml", "replace": egg_replace({"a": "b"})},
+            {"parser": "json", "file": "nested/dir/new.json", "replace": egg_replace({"a.b": "3"})},
+        ]
+        uuid = self._add(docker_servers, configs)
+        daemon = docker_servers.boot()
+        root = daemon.get_server(uuid).fs.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "link.properties").symlink_to(outside)
+        os.mkfifo(root / "fifo.yml")
+        docker_servers.start(uuid)
+        assert outside.read_text() == "server-port=1\n"
+        assert (root / "link.properties").is_symlink()
+        assert stat.S_ISFIFO(os.lstat(root / "fifo.yml").st_mode)
+        assert json.loads((root / "nested/dir/new.json").read_text()) == {"a": {"b": 3}}
+        console = "\n".join(docker_servers.console(uuid))
+        assert "Failed to update configuration file link.properties" in console
+        assert "Failed to update configuration file fifo.yml: it is not a regular file" in console
+
+    def test_a_rewrite_that_would_pass_the_disk_limit_is_refused(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        (root / "big.properties").write_text("a=1\n")
+        fs = w.Filesystem(root, limit_bytes=4096)
+        fs.recalculate()
+        configs = [w.ConfigFile("big.properties", "properties", (w.Replacement("a", "x" * 8192),))]
+        said: list[str] = []
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        with w.Jail(root) as jail:
+            writer = w.ConfigFileWriter(
+                jail, w.NodePlaceholders(config), fs.reserve, lambda n: fs.add_usage(-n)
+            )
+            assert writer.apply(configs, said.append) == ["big.properties"]
+        assert said == [
+            "Failed to update configuration file big.properties: there is not enough disk space"
+        ]
+        assert (root / "big.properties").read_text() == "a=1\n"
+        assert [p.name for p in root.iterdir()] == ["big.properties"]  # no temp file left
 
 
 # session table ####################################################################################
@@ -4906,6 +5293,137 @@ class TestSftpResourceLimits:
             for handle in opened:  # closing them gives the budget back
                 client._request(paramiko.sftp.CMD_CLOSE, handle)
             assert len(client.listdir("many")) == 400
+
+
+# activity #########################################################################################
+
+ACTIVITY_USER = "c0ffee00-1111-4222-8333-444455556666"
+_RFC3339_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def activity_events(panel, event_prefix: str = "server:", count: int = 1, timeout_s: float = 15):
+    """The events the fake Panel accepted whose name starts with ``event_prefix`` (waits for them)."""
+
+    def found():
+        with panel.lock:
+            items = [e for e in panel.activity if e["event"].startswith(event_prefix)]
+        return items if len(items) >= count else None
+
+    return wait_for(found, timeout_s, 0.05, f"{count} {event_prefix!r} activity event(s)")
+
+
+class TestActivity:
+    """Activity reaches the Panel's ``/activity`` with Wings' names and fields, exactly once."""
+
+    def test_console_command_and_power_from_the_websocket(self, console_node, panel):
+        import re
+
+        daemon = console_node(system__activity_send_interval=1)
+        conn, _ = ws_authed(daemon, daemon.uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            ws_send(conn, "send command", "say hello")
+            ws_until(conn, "console output", match="> say hello")
+        power = activity_events(panel, "server:power.")
+        command = activity_events(panel, "server:console.command")
+        assert power[0]["event"] == "server:power.start" and power[0]["metadata"] is None
+        assert command[0]["metadata"] == {"command": "say hello"}
+        for event in (power[0], command[0]):
+            assert set(event) == {"user", "server", "event", "metadata", "ip", "timestamp"}
+            assert event["user"] == ACTIVITY_USER and event["server"] == daemon.uuid
+            assert event["ip"] == "127.0.0.1"  # no port: the Panel refuses a batch over one
+            assert re.match(_RFC3339_Z, event["timestamp"])
+
+    def test_power_action_that_fails_and_http_power_are_not_recorded(self, console_node, panel):
+        daemon = console_node(system__activity_send_interval=3600)
+        conn, _ = ws_authed(daemon, daemon.uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            ws_send(conn, "set state", "start")  # already running: the action fails
+            ws_until(conn, "daemon error")
+        status, _, _ = api(daemon, "POST", f"/api/servers/{daemon.uuid}/power", {"action": "kill"})
+        assert status == 202
+        wait_for(lambda: daemon.get_server(daemon.uuid).state == w.OFFLINE, what="killed")
+        daemon.activity.send_pending()
+        # Only the start that worked; the Panel logs its own HTTP power calls itself.
+        assert [e["event"] for e in panel.activity] == ["server:power.start"]
+
+    @needs_paramiko
+    def test_sftp_operations_are_recorded_and_merged_per_minute(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, system__activity_send_interval=3600)
+        with sftp_client(daemon, server) as client:
+            for name in ("a.txt", "b.txt"):
+                with client.open(name, "w") as f:
+                    f.write(b"new")
+            with client.open("a.txt", "w") as f:
+                f.write(b"again")
+            client.mkdir("dir")
+            client.rename("b.txt", "dir/b.txt")
+            client.remove("a.txt")
+            with pytest.raises(OSError):
+                client.remove("missing.txt")  # failed operations are not activity
+        assert daemon.activity.send_pending() >= 5
+        by_event = {e["event"]: e for e in panel.activity}
+        assert by_event["server:sftp.create"]["metadata"] == {"files": ["/a.txt", "/b.txt"]}
+        assert by_event["server:sftp.write"]["metadata"] == {"files": ["/a.txt"]}
+        assert by_event["server:sftp.create-directory"]["metadata"] == {"files": ["/dir"]}
+        assert by_event["server:sftp.rename"]["metadata"] == {
+            "files": [{"from": "/b.txt", "to": "/dir/b.txt"}]
+        }
+        assert by_event["server:sftp.delete"]["metadata"] == {"files": ["/a.txt"]}
+        assert len(panel.activity) == 5  # two creates within a minute are one event
+        assert all(
+            e["user"] == panel.user_uuid and e["ip"] == "127.0.0.1" and e["server"] == server.uuid
+            for e in panel.activity
+        )
+        assert daemon.activity.pending() == 0
+
+    def test_panel_down_two_intervals_and_a_restart_delivers_each_event_once(
+        self, panel, make_daemon
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, system__activity_send_interval=1, system__activity_send_count=3)
+        server = daemon.get_server(uuid)
+        panel.down = True
+        for n in range(4):
+            server.record_activity(
+                w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "10.0.0.1:5", {"n": n}
+            )
+        wait_for(lambda: panel.calls.get("/api/remote/activity", 0) >= 2, 20, what="two rounds")
+        daemon.stop()  # restart while the Panel is still down
+        for n in range(4, 7):
+            daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "::1", {"n": n})
+        assert panel.activity == []
+        restarted = make_daemon(panel, boot=False, system__activity_send_interval=1)
+        assert restarted.activity.pending() == 7
+        panel.down = False
+        events = activity_events(panel, count=7)
+        wait_for(lambda: restarted.activity.pending() == 0, what="the queue to empty")
+        time.sleep(2.5)  # two more rounds: nothing is sent a second time
+        assert sorted(e["metadata"]["n"] for e in panel.activity) == list(range(7))
+        assert {e["ip"] for e in events} == {"10.0.0.1", "::1"}
+
+    def test_a_batch_the_panel_refuses_is_dropped_not_resent(self, panel, make_daemon, caplog):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, system__activity_send_interval=3600)
+        daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, None, {"command": "x"})
+        panel.fail["/api/remote/activity"] = [422]
+        with caplog.at_level(logging.ERROR, logger="wingslite"):
+            daemon.activity.send_pending()
+        assert "refused 1 event(s), dropped" in caplog.text
+        assert daemon.activity.pending() == 0 and panel.activity == []
+        daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, "not an ip", {})
+        assert daemon.activity.send_pending() == 1
+        assert panel.activity[0]["ip"] is None and panel.activity[0]["user"] is None
+
+    def test_addresses_and_timestamps_in_the_panels_forms(self):
+        assert w.activity_ip("203.0.113.9:51234") == "203.0.113.9"
+        assert w.activity_ip("[2001:db8::1]:22") == "2001:db8::1"
+        assert w.activity_ip("2001:db8::1") == "2001:db8::1"
+        assert w.activity_ip("") is None and w.activity_ip("host.example:22") is None
+        assert w.activity_timestamp(0) == "1970-01-01T00:00:00Z"
 
 
 # disk quotas ######################################################################################

@@ -33,6 +33,8 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     archives               ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
                            ``HashingWriter``), ``extract_archive`` (tar/gz/bz2/xz/zip into a jail,
                            checked and metered)
+    egg configuration files  ``ConfigFileWriter``: the egg's config files rewritten before each
+                           start (file, properties, ini, yaml, json, xml parsers), ``NodePlaceholders``
     environments           ``Environment`` (where a process runs), ``LimitReport``, ``Cgroup``
                            (v1/v2 files), ``DockerEnvironment`` (containers, live limits, stats)
     console and events     ``EventBus``, ``LogRing``, ``LineSplitter``, ``ConsoleThrottle``,
@@ -74,6 +76,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import lzma
@@ -87,6 +90,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -120,6 +124,17 @@ OFFLINE, STARTING, RUNNING, STOPPING = "offline", "starting", "running", "stoppi
 CLOSE_SUSPENDED = 4409  # the Panel's browser client stops reconnecting on 4409 (panel#5464)
 CLOSE_REVOKED = 4401
 CLOSE_SERVER_DELETED = 1001
+
+# Activity event names as Wings v1.11 sends them to the Panel (server/activity.go); the activity
+# section queues and sends them.
+ACTIVITY_CONSOLE_COMMAND = "server:console.command"
+ACTIVITY_POWER_PREFIX = "server:power."
+ACTIVITY_SFTP_WRITE = "server:sftp.write"
+ACTIVITY_SFTP_CREATE = "server:sftp.create"
+ACTIVITY_SFTP_CREATE_DIRECTORY = "server:sftp.create-directory"
+ACTIVITY_SFTP_RENAME = "server:sftp.rename"
+ACTIVITY_SFTP_DELETE = "server:sftp.delete"
+ACTIVITY_FILE_UPLOADED = "server:file.uploaded"
 
 _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
@@ -198,6 +213,8 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("system.backups.compression_level", str, "best_speed"),
     ("system.timezone", str, ""),
     ("system.disk_check_interval", int, 150),
+    ("system.activity_send_interval", int, 60),
+    ("system.activity_send_count", int, 100),
     ("system.websocket_log_count", int, 150),
     ("system.check_permissions_on_boot", bool, True),
     ("system.sftp.bind_address", str, "0.0.0.0"),
@@ -252,6 +269,8 @@ _NON_NEGATIVE = {
     "api.port",
     "system.sftp.bind_port",
     "system.disk_check_interval",
+    "system.activity_send_interval",
+    "system.activity_send_count",
     "system.websocket_log_count",
     "system.crash_detection.timeout",
     "docker.tmpfs_size",
@@ -494,6 +513,10 @@ class PanelClient:
     def reset_servers(self) -> None:
         """``POST /servers/reset``: Wings calls it once after boot; the Panel clears stale installs."""
         self.request("POST", "/servers/reset", body=None)
+
+    def send_activity(self, events: list[dict[str, Any]]) -> None:
+        """``POST /activity``: ``{"data": [{user, server, event, metadata, ip, timestamp}]}``."""
+        self.request("POST", "/activity", body={"data": events})
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -2689,6 +2712,789 @@ def metered_copy(fs: Filesystem, reader: Any, fd: int, prebooked: int = 0) -> in
             fs.add_usage(total - prebooked)
 
 
+# egg configuration files ##########################################################################
+#
+# Every egg names files the node rewrites before each start (``process_configuration.configs``):
+# that is how an allocation change reaches the game (``server-port`` in server.properties,
+# ``listeners[0].host`` in BungeeCord's config.yml). The Panel has already put its own values in
+# (``{{server.*}}``, ``{{env.*}}``); the node fills ``{{config.*}}`` from its own config. Wings
+# v1.11 does this in parser/parser.go, parser/helpers.go and server/config_parser.go; where Wings
+# rewrites a whole file (dropping comments and order) or has a known slip, wingslite edits the
+# lines it must and keeps the rest, and says so next to the code.
+#
+#   parser       what a ``match`` names                      kept as it was
+#   file         lines starting with ``match``               every other line
+#   properties   a Java properties key                       comments, order, other lines
+#   ini          ``section.key`` (or ``key`` before any      comments, order, other lines
+#                section)
+#   yaml / yml   a dotted path with ``[n]`` and ``*``        comments and layout (unless a key
+#                                                            must be created)
+#   json         a dotted path with ``[n]`` and ``*``        key order, indent width
+#   xml          ``Root.child.child`` (``*`` allowed)        comments, prolog
+
+CONFIG_FILE_MAX_BYTES = 4 * 1024 * 1024  # an egg config file larger than this is left alone
+
+_CONFIG_PLACEHOLDER = re.compile(r"{{\s?config\.([\w.-]+)\s?}}")  # Wings parser/helpers.go
+_XML_ATTRIBUTE_VALUE = re.compile(r"^\[(\w+)='(.*)'\]$")  # ``[value='x']`` sets an attribute
+_PATH_INDEX = re.compile(r"\[(\d+)\]")
+
+
+class ConfigFileSkipped(Exception):
+    """A config file that was not rewritten; the message is shown on the server's console."""
+
+
+def replacement_text(value: Any) -> str:
+    """How a ``replace_with`` JSON value is written into a text file (properties, ini, xml)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _go_replacement(template: str) -> str:
+    """A Go ``regexp.ReplaceAllString`` template (``$1``, ``${name}``, ``$$``) for ``re.sub``."""
+    out, i = [], 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "$" and template[i + 1 : i + 2] == "$":
+            out.append("$")
+            i += 1
+        elif ch == "$":
+            m = re.match(r"\$(?:\{(\w+)\}|(\w+))", template[i:])
+            if m is None:
+                out.append("$")
+            else:
+                out.append(f"\\g<{m.group(1) or m.group(2)}>")
+                i += m.end() - 1
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def conditional_value(current: str | None, if_value: str | None, value: str) -> str | None:
+    """The text to write for a replacement given the value now in the file; None to leave it.
+
+    No ``if_value``: always ``value``. ``regex:<re>``: when the current value matches, every match
+    replaced by ``value`` (``$1`` groups as in Go). Otherwise: only when the current value equals
+    ``if_value``. A missing key never matches a condition. (Wings v1.11 inverts the regex check
+    for yaml/json and compares the literal against the whole document; this is what eggs expect.)
+    """
+    if if_value is None or if_value == "":
+        return value
+    if current is None:
+        return None
+    if if_value.startswith("regex:"):
+        try:
+            pattern = re.compile(if_value[6:])
+        except re.error as exc:
+            raise ConfigFileSkipped(f"if_value {if_value!r} is not a valid regex: {exc}") from None
+        if not pattern.search(current):
+            return None
+        return pattern.sub(_go_replacement(value), current)
+    return value if current == if_value else None
+
+
+class NodePlaceholders:
+    """``{{config.*}}`` placeholders filled from the node's own config (Wings parser/helpers.go).
+
+    Path components are snake-cased (``{{config.docker.networkInterface}}`` reads
+    ``docker.network_interface``); ``{{config.docker.interface}}`` is the Panel's legacy spelling
+    of ``docker.network.interface``. An unknown placeholder is left as it is and logged once.
+    """
+
+    def __init__(self, config: Config):
+        tree: dict[str, Any] = {}
+        for key, _kind, _default in _CONFIG_SCHEMA:
+            node = tree
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = config.get(key)
+        self._tree = _deep_merge(tree, config.raw)
+        self._warned: set[str] = set()
+
+    def lookup(self, path: str) -> str | None:
+        parts = [_snake_case(p) for p in path.split(".")]
+        value = _dig_plain(self._tree, parts)
+        if value is None and parts == ["docker", "interface"]:
+            value = _dig_plain(self._tree, ["docker", "network", "interface"])
+        if value is None:
+            return None
+        return value if isinstance(value, str) else replacement_text(value)
+
+    def fill(self, value: Any) -> Any:
+        """``value`` with every known ``{{config.*}}`` replaced; non-strings pass unchanged."""
+        if not isinstance(value, str) or "{{" not in value:
+            return value
+
+        def one(m: re.Match[str]) -> str:
+            found = self.lookup(m.group(1))
+            if found is None:
+                if m.group(1) not in self._warned:
+                    self._warned.add(m.group(1))
+                    LOG.warning("config file placeholder %s is not a node config key", m.group(0))
+                return m.group(0)
+            return found
+
+        return _CONFIG_PLACEHOLDER.sub(one, value)
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).replace("-", "_").lower()
+
+
+def _dig_plain(tree: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# -- text parsers: file, properties, ini ---------------------------------------------------------
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines with their endings kept, so untouched lines come back byte for byte."""
+    return text.splitlines(keepends=True)
+
+
+def _ending(line: str, default: str = "\n") -> str:
+    stripped = line.rstrip("\r\n")
+    return line[len(stripped) :] or default
+
+
+def _file_ending(lines: list[str]) -> str:
+    return next((_ending(line) for line in lines if line.endswith("\n")), "\n")
+
+
+def rewrite_plain_file(text: str, replaces: list[Replacement]) -> str:
+    """The ``file`` parser: a line that starts with ``match`` becomes ``replace_with`` entirely.
+
+    The first replacement that matches a line wins (Wings writes every match, glued together).
+    """
+    out = []
+    for line in _split_lines(text):
+        body = line.rstrip("\r\n")
+        for r in replaces:
+            if r.match and body.startswith(r.match):
+                line = replacement_text(r.replace_with) + line[len(body) :]
+                break
+        out.append(line)
+    return "".join(out)
+
+
+def _properties_unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\" or i + 1 >= len(text):
+            out.append(ch)
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2 : i + 6]):
+            out.append(chr(int(text[i + 2 : i + 6], 16)))
+            i += 6
+            continue
+        out.append({"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(nxt, nxt))
+        i += 2
+    return "".join(out)
+
+
+def properties_escape(text: str, is_key: bool = False) -> str:
+    """Escape as Java's ``Properties.store`` does: ``\\``, ``= : # !``, controls, non-ASCII.
+
+    Non-ASCII as ``\\uXXXX`` as Wings does too: ``§`` in a motd reaches Minecraft intact.
+    """
+    out = []
+    for i, ch in enumerate(text):
+        if ch == " " and (is_key or i == 0):
+            out.append("\\ ")
+        elif ch in "\\=:#!":
+            out.append("\\" + ch)
+        elif ch in "\t\n\r\f":
+            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r", "\f": "\\f"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) > 0x7E:
+            out.append("".join(f"\\u{u:04X}" for u in _utf16_units(ch)))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _utf16_units(ch: str) -> list[int]:
+    raw = ch.encode("utf-16-be")
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+def _properties_entries(lines: list[str]) -> list[tuple[int, int, str, str]]:
+    """``(first line, last line, key, value)`` of each logical line (continuations joined)."""
+    entries, i = [], 0
+    while i < len(lines):
+        start, logical = i, lines[i].rstrip("\r\n").lstrip(" \t\f")
+        while _continues(logical) and i + 1 < len(lines):
+            i += 1
+            logical = logical[:-1] + lines[i].rstrip("\r\n").lstrip(" \t\f")
+        i += 1
+        if not logical or logical[0] in "#!":
+            continue
+        m = re.match(r"((?:\\.|[^\\=:\s])*)\s*[=:]?\s*", logical)
+        assert m is not None  # the pattern matches any string
+        entries.append(
+            (
+                start,
+                i - 1,
+                _properties_unescape(m.group(1)),
+                _properties_unescape(logical[m.end() :]),
+            )
+        )
+    return entries
+
+
+def _continues(line: str) -> bool:
+    """A line ending in an odd number of backslashes continues on the next one."""
+    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
+
+
+def rewrite_properties(text: str, replaces: list[Replacement]) -> str:
+    """Java properties: set each ``match`` key, keep every other line, add missing keys at the end.
+
+    (Wings rewrites the file from its parsed keys: comments below the first key are lost.)
+    """
+    lines = _split_lines(text)
+    ending = _file_ending(lines)
+    entries = _properties_entries(lines)
+    appended: list[str] = []
+    for r in replaces:
+        value = replacement_text(r.replace_with)
+        found = [e for e in entries if e[2] == r.match]
+        if not found:
+            if conditional_value(None, r.if_value, value) is not None:
+                appended.append(f"{properties_escape(r.match, True)}={properties_escape(value)}")
+            continue
+        for first, last, key, current in found:
+            new = conditional_value(current, r.if_value, value)
+            if new is None or (new == current and first == last):
+                continue
+            lines[first] = f"{properties_escape(key, True)}={properties_escape(new)}" + _ending(
+                lines[last], ending
+            )
+            for k in range(first + 1, last + 1):
+                lines[k] = ""
+    if appended:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += ending
+        lines.extend(line + ending for line in appended)
+    return "".join(lines)
+
+
+_INI_SECTION = re.compile(r"^\s*\[([^\]]*)\]")
+_INI_KEY = re.compile(r"^(\s*)([^=:;#\[\s][^=:]*?)(\s*[=:]\s*)(.*?)(\s*)$")
+
+
+def _ini_path(match: str) -> tuple[str, str]:
+    """``section.key`` -> (section, key); the first dot outside brackets splits (Wings)."""
+    depth = 0
+    for i, ch in enumerate(match):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "." and depth == 0:
+            return match[:i], match[i + 1 :]
+    return "", match
+
+
+def _ini_unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'`":
+        return value[1:-1]
+    return value
+
+
+def rewrite_ini(text: str, replaces: list[Replacement]) -> str:
+    """INI: set ``section.key`` (or a key before any section); keep comments and order.
+
+    A missing key is added at the end of its section, a missing section at the end of the file.
+    """
+    lines = _split_lines(text)
+    ending = _file_ending(lines)
+    for r in replaces:
+        section, key = _ini_path(r.match)
+        value = replacement_text(r.replace_with)
+        if not _ini_set(lines, section, key, r.if_value, value):
+            if conditional_value(None, r.if_value, value) is not None:
+                _ini_add(lines, section, f"{key}={value}", ending)
+    return "".join(lines)
+
+
+def _ini_sections(lines: list[str]) -> Iterator[tuple[str, int, str]]:
+    """``(section, line index, line)`` for every line, section '' before the first header."""
+    section = ""
+    for i, line in enumerate(lines):
+        m = _INI_SECTION.match(line)
+        if m:
+            section = m.group(1).strip()
+        yield section, i, line
+
+
+def _ini_set(lines: list[str], section: str, key: str, if_value: str | None, value: str) -> bool:
+    found = False
+    for sec, i, line in _ini_sections(lines):
+        m = _INI_KEY.match(line.rstrip("\r\n"))
+        if sec != section or m is None or m.group(2) != key or _INI_SECTION.match(line):
+            continue
+        found = True
+        new = conditional_value(_ini_unquote(m.group(4)), if_value, value)
+        if new is not None:
+            lines[i] = m.group(1) + m.group(2) + m.group(3) + new + _ending(line)
+    return found
+
+
+def _ini_add(lines: list[str], section: str, entry: str, ending: str) -> None:
+    last_of_section = None
+    for sec, i, line in _ini_sections(lines):
+        if sec == section and (line.strip() and not line.lstrip().startswith((";", "#"))):
+            last_of_section = i
+    if last_of_section is None and section == "":
+        last_of_section = -1  # before the first header
+    if last_of_section is None:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += ending
+        lines.extend([f"[{section}]" + ending, entry + ending])
+        return
+    if 0 <= last_of_section and not lines[last_of_section].endswith("\n"):
+        lines[last_of_section] += ending
+    lines.insert(last_of_section + 1, entry + ending)
+
+
+# -- structured parsers: json, yaml, xml ---------------------------------------------------------
+
+
+def _path_steps(path: str) -> list[str | int]:
+    """``listeners[0].host`` -> ["listeners", 0, "host"]; ``servers.*.address`` keeps ``*``."""
+    steps: list[str | int] = []
+    for part in path.split("."):
+        name = part.split("[", 1)[0]
+        if name:
+            steps.append(name)
+        steps.extend(int(n) for n in _PATH_INDEX.findall(part[len(name) :]))
+    return steps
+
+
+def _typed(new: str, original: Any, current: Any, exists: bool) -> Any:
+    """The JSON value to store for the text ``new``.
+
+    A ``replace_with`` that is not a string keeps its own type. A string takes the type of the
+    value it replaces (a port that was a number stays a number); for a key that is created, a
+    whole number becomes a number as Wings does, since the Panel sends every placeholder it
+    filled as a string (``"25565"``).
+    """
+    if not isinstance(original, str) and new == replacement_text(original):
+        return original
+    if exists and isinstance(current, str):
+        return new
+    if exists and isinstance(current, bool):
+        return {"true": True, "false": False}.get(new, new)
+    if re.fullmatch(r"[+-]?\d{1,18}", new):
+        return int(new)
+    if exists and isinstance(current, float):
+        with contextlib.suppress(ValueError):
+            return float(new)
+    return new
+
+
+def _scalar_text(value: Any) -> str | None:
+    if isinstance(value, (dict, list)):
+        return None
+    return replacement_text(value)
+
+
+def set_structured(data: Any, replaces: list[Replacement]) -> tuple[Any, list[tuple]]:
+    """Apply replacements to parsed JSON/YAML data; returns it and the paths that changed.
+
+    Each change is ``(steps, created)``: ``created`` when a key or list item had to be made.
+    """
+    changes: list[tuple] = []
+    for r in replaces:
+        value = replacement_text(r.replace_with) if r.if_value else r.replace_with
+        for steps in _expand(data, _path_steps(r.match)):
+            data = _set_path(data, steps, r, value, changes)
+    return data, changes
+
+
+def _expand(data: Any, steps: list[str | int]) -> Iterator[list[str | int]]:
+    """Concrete paths for ``steps``: each ``*`` becomes every existing key or index there."""
+    if "*" not in steps:
+        yield steps
+        return
+    at = steps.index("*")
+    node: Any = data
+    for step in steps[:at]:
+        node = _child(node, step)
+        if node is _MISSING:
+            return
+    keys = (
+        range(len(node)) if isinstance(node, list) else list(node) if isinstance(node, dict) else ()
+    )
+    for key in keys:
+        yield from _expand(data, [*steps[:at], key, *steps[at + 1 :]])
+
+
+_MISSING = object()
+
+
+def _child(node: Any, step: str | int) -> Any:
+    if isinstance(node, dict):
+        if step in node:
+            return node[step]
+        return next((v for k, v in node.items() if str(k) == str(step)), _MISSING)
+    if isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+        return node[step]
+    return _MISSING
+
+
+def _set_path(data: Any, steps: list, r: Replacement, value: Any, changes: list) -> Any:
+    if not steps:
+        return data
+    root = data if isinstance(data, (dict, list)) else {}
+    node, created = root, False
+    for i, step in enumerate(steps[:-1]):
+        nxt = _child(node, step)
+        if nxt is _MISSING or not isinstance(nxt, (dict, list)):
+            if r.if_value:
+                return root  # a condition needs an existing value
+            nxt = [] if isinstance(steps[i + 1], int) else {}
+            if not _put(node, step, nxt):
+                return root
+            created = True
+        node = nxt
+    current = _child(node, steps[-1])
+    exists = current is not _MISSING
+    text = value if isinstance(value, str) else replacement_text(value)
+    if r.if_value:
+        text = conditional_value(_scalar_text(current) if exists else None, r.if_value, text)
+        if text is None:
+            return root
+    new = _typed(text, r.replace_with if not r.if_value else text, current, exists)
+    if exists and type(current) is type(new) and current == new:
+        return root
+    if _put(node, steps[-1], new):
+        changes.append((steps, created or not exists))
+    return root
+
+
+def _put(node: Any, step: str | int, value: Any) -> bool:
+    if isinstance(node, dict):
+        key = next((k for k in node if str(k) == str(step)), step)
+        node[key] = value
+        return True
+    if isinstance(node, list) and isinstance(step, int):
+        if step < len(node):
+            node[step] = value
+            return True
+        if step == len(node):
+            node.append(value)
+            return True
+    return False
+
+
+def rewrite_json(text: str, replaces: list[Replacement]) -> str:
+    """JSON: dotted paths with ``[n]`` and ``*``; key order and the indent width are kept."""
+    data = json.loads(text) if text.strip() else {}
+    data, changes = set_structured(data, replaces)
+    if not changes:
+        return text
+    m = re.search(r"\n([ \t]+)\S", text)
+    indent = m.group(1) if m else "    "
+    out = json.dumps(data, indent=indent, ensure_ascii=False)
+    return out + ("\n" if text.endswith("\n") or not text else "")
+
+
+def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
+    """YAML: as JSON, and each changed scalar is spliced into the original text in place, so
+    comments and layout survive. Only when a key must be created is the document dumped anew
+    (as Wings always does, losing comments).
+    """
+    data = yaml.safe_load(text) if text.strip() else {}
+    data, changes = set_structured(data if data is not None else {}, replaces)
+    if not changes:
+        return text
+    if not any(created for _steps, created in changes):
+        spliced = _yaml_splice(text, data, [steps for steps, _c in changes])
+        if spliced is not None:
+            return spliced
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
+    """Replace the changed scalars' text in place; None when that cannot be done exactly."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    edits: dict[int, tuple[int, str]] = {}
+    for steps in paths:
+        node = root
+        for step in steps:
+            node = _yaml_child(node, step)
+            if node is None:
+                return None
+        value = _dig_steps(after, steps)
+        if not isinstance(node, yaml.ScalarNode) or isinstance(value, (dict, list)):
+            return None
+        style = node.style if isinstance(value, str) and node.style in ("'", '"') else None
+        dumped = yaml.safe_dump(value, default_style=style, allow_unicode=True, width=1 << 30)
+        dumped = dumped.removesuffix("\n...\n").rstrip("\n")
+        if "\n" in dumped:
+            return None
+        edits[node.start_mark.index] = (node.end_mark.index, dumped)
+    out = text
+    for start in sorted(edits, reverse=True):
+        end, dumped = edits[start]
+        out = out[:start] + dumped + out[end:]
+    try:
+        if yaml.safe_load(out) != after:
+            return None
+    except yaml.YAMLError:
+        return None
+    return out
+
+
+def _yaml_child(node: Any, step: str | int) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        found = [
+            v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(step)
+        ]
+        return found[-1] if found else None
+    if isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+        return node.value[step]
+    return None
+
+
+def _dig_steps(data: Any, steps: list) -> Any:
+    for step in steps:
+        data = _child(data, step)
+    return data
+
+
+def rewrite_xml(text: str, replaces: list[Replacement]) -> str:
+    """XML: ``Root.child.child`` names elements (``*`` allowed); a value ``[name='x']`` sets an
+    attribute. Comments and the prolog (declaration, doctype) are kept; missing elements are
+    created (Wings parser.go) and only then is the document re-indented (two spaces, as Wings).
+    """
+    import xml.etree.ElementTree as ET  # only servers with xml configs load it
+
+    start = re.search(r"<(?![?!])", text)
+    prolog = text[: start.start()] if start else ""
+    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True, insert_pis=True))
+    root = ET.fromstring(text[start.start() :], parser=parser) if start else None
+    created = changed = False
+    for r in replaces:
+        parts = r.match.split(".")
+        if root is None:
+            root = ET.Element(parts[0])
+            created = changed = True
+        if root.tag != parts[0]:
+            continue
+        if "*" not in r.match and not r.if_value:
+            created |= _xml_make_path(root, parts[1:])
+        value = replacement_text(r.replace_with)
+        targets = root.findall("./" + "/".join(parts[1:])) if parts[1:] else [root]
+        for element in targets:
+            changed |= _xml_set(element, r.if_value, value)
+    if not changed:
+        return text
+    if created:
+        ET.indent(root, "  ")
+    body = ET.tostring(root, encoding="unicode")
+    return prolog + body + ("\n" if text.endswith("\n") or not text else "")
+
+
+def _xml_make_path(root: Any, tags: list[str]) -> bool:
+    import xml.etree.ElementTree as ET
+
+    element, created = root, False
+    for tag in tags:
+        if not re.fullmatch(r"[\w.-]+", tag):
+            return created  # a predicate or wildcard: only existing elements are changed
+        child = element.find(tag)
+        if child is None:
+            child = ET.SubElement(element, tag)
+            created = True
+        element = child
+    return created
+
+
+def _xml_set(element: Any, if_value: str | None, value: str) -> bool:
+    attribute = _XML_ATTRIBUTE_VALUE.match(value)
+    if attribute:
+        name, new = attribute.group(1), attribute.group(2)
+        current = element.get(name)
+        new = conditional_value(current, if_value, new)
+        if new is None or current == new:
+            return False
+        element.set(name, new)
+        return True
+    current = (element.text or "").strip()
+    new = conditional_value(current, if_value, value)
+    if new is None or element.text == new:
+        return False
+    element.text = new
+    return True
+
+
+CONFIG_PARSERS: dict[str, Callable[[str, list[Replacement]], str]] = {
+    "file": rewrite_plain_file,
+    "properties": rewrite_properties,
+    "ini": rewrite_ini,
+    "json": rewrite_json,
+    "yaml": rewrite_yaml,
+    "yml": rewrite_yaml,
+    "xml": rewrite_xml,
+}
+
+
+# -- writing them into a server's directory ------------------------------------------------------
+
+
+class ConfigFileWriter:
+    """Rewrites a server's egg config files inside its directory, before each start.
+
+    Methods for the caller: ``apply(configs, say)`` -> the names of the files that failed.
+    Class variables that may be overridden: ``max_bytes``.
+
+    Every file is reached through the server's ``Jail`` (a symlink that leads out is refused, a
+    FIFO or device is never opened for reading or writing), read up to ``max_bytes``, rewritten
+    in memory, and written back atomically (a temp file beside it, fsynced, renamed over it) with
+    its mode and owner kept; a new file gets ``owner``. Growth is booked against the disk limit
+    first (``reserve``). A file that does not exist is created with only the replaced keys, as
+    Wings does.
+    """
+
+    max_bytes = CONFIG_FILE_MAX_BYTES
+
+    def __init__(
+        self,
+        jail: Jail,
+        placeholders: NodePlaceholders,
+        reserve: Callable[[int], bool],
+        release: Callable[[int], None],
+        owner: tuple[int, int] | None = None,
+    ):
+        self.jail, self.placeholders = jail, placeholders
+        self.reserve, self.release, self.owner = reserve, release, owner
+
+    def apply(self, configs: Iterable[ConfigFile], say: Callable[[str], None]) -> list[str]:
+        failed = []
+        for cf in configs:
+            try:
+                self.rewrite(cf)
+            except (ConfigFileSkipped, OSError, ValueError, yaml.YAMLError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                say(f"Failed to update configuration file {cf.file}: {why}")
+                LOG.warning("config file %s (%s parser) not updated: %s", cf.file, cf.parser, why)
+                failed.append(cf.file)
+        return failed
+
+    def rewrite(self, cf: ConfigFile) -> bool:
+        """Rewrite one file; True when its bytes changed."""
+        parse = CONFIG_PARSERS.get(cf.parser)
+        if parse is None:
+            raise ConfigFileSkipped(f"unknown parser {cf.parser!r}")
+        replaces = [
+            dataclasses.replace(r, replace_with=self.placeholders.fill(r.replace_with))
+            for r in cf.replace
+        ]
+        self._make_parents(cf.file)
+        with self.jail.resolve(cf.file) as where:
+            if where.name is None:
+                raise ConfigFileSkipped("the path names the server's directory itself")
+            old, st = self._read(where)
+            text = old.decode("utf-8-sig", errors="surrogateescape")
+            try:
+                new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
+            except (ValueError, SyntaxError, yaml.YAMLError) as exc:
+                raise ConfigFileSkipped(f"cannot be parsed as {cf.parser}: {exc}") from None
+            if new == old and st is not None:
+                return False
+            self._write(where, new, st, len(old))
+            return True
+
+    def _make_parents(self, path: str) -> None:
+        parts = Jail.parts(path)
+        for i in range(1, len(parts)):
+            try:
+                self.jail.mkdir("/".join(parts[:i]))
+            except FileExistsError:
+                continue
+            if self.owner is not None:
+                self.jail.chown("/".join(parts[:i]), *self.owner)
+
+    def _read(self, where: _Where) -> tuple[bytes, os.stat_result | None]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(where.name, flags, dir_fd=where.dir_fd)
+        except FileNotFoundError:
+            return b"", None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigFileSkipped("it is a symlink that leads outside") from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigFileSkipped("it is not a regular file")
+            if st.st_size > self.max_bytes:
+                raise ConfigFileSkipped(f"it is larger than {self.max_bytes // 1048576} MiB")
+            return fh.read(self.max_bytes + 1), st
+
+    def _write(self, where: _Where, data: bytes, st: os.stat_result | None, old_size: int) -> None:
+        grow = len(data) - old_size
+        if grow > 0 and not self.reserve(grow):
+            raise ConfigFileSkipped("there is not enough disk space")
+        tmp = f".{where.name}.{uuidlib.uuid4().hex[:12]}.wingslite"
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=where.dir_fd,
+        )
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                if st is not None:
+                    os.fchmod(fh.fileno(), stat.S_IMODE(st.st_mode))
+                owner = (st.st_uid, st.st_gid) if st is not None else self.owner
+                if owner is not None:
+                    os.fchown(fh.fileno(), *owner)
+                os.fsync(fh.fileno())
+            os.rename(tmp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=where.dir_fd)
+            if grow > 0:
+                self.release(grow)
+            raise
+        if grow < 0:
+            self.release(-grow)
+
+
 # environments #####################################################################################
 
 
@@ -4831,6 +5637,116 @@ class WebsocketToken:
         )
 
 
+# -- signed URLs -----------------------------------------------------------------------------------
+#
+# The browser downloads and uploads files (and downloads backups) straight from the node, with a
+# JWT in the URL that the Panel signed with the node token (Panel NodeJWTService; Wings
+# router/tokens/{file,upload,backup}.go). The same HS256 check as the websocket's applies. Each
+# token is good for one request: Wings remembers every ``unique_id`` it has accepted
+# (router/tokens/token_store.go) and answers a second use -- or a token for a server this node
+# does not hold -- with 404. Tokens issued before the daemon started, or revoked by
+# ``POST /ws/deny`` / ``POST /api/deauthorize-user`` (their ``jti`` is the websocket's), are refused
+# too: the memory of used ids does not survive a restart, so an older token could otherwise be
+# replayed after one.
+
+SIGNED_URL_NOT_FOUND = "The requested resource was not found on this server."
+# kind -> the claims, besides server_uuid and unique_id, that a token of that kind must carry.
+SIGNED_URL_CLAIMS: Mapping[str, tuple[str, ...]] = {
+    "file-download": ("file_path",),
+    "file-upload": (),
+    "backup-download": ("backup_uuid",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedToken:
+    """An accepted one-time token: whose, for which server, and its claims (``file_path``...)."""
+
+    kind: str
+    server_uuid: str
+    user_uuid: str
+    unique_id: str
+    claims: Mapping[str, Any]
+
+    def claim(self, key: str) -> str:
+        value = self.claims.get(key)
+        return value if isinstance(value, str) else ""
+
+
+class SignedUrls:
+    """Verifies the one-time JWTs of ``/download/file``, ``/upload/file`` and ``/download/backup``.
+
+    ``verify(token, kind, has_server)`` returns a ``SignedToken`` or raises ``WingsliteError``:
+    403 for a token that is malformed, signed with another key, expired, revoked, of another kind
+    (a ``scope`` claim, sent by newer Panels, must name ``kind``) or missing a claim; 404 (Wings'
+    text) when ``has_server(server_uuid)`` is false or the ``unique_id`` was used before. Ids are
+    remembered until their token expires, so the memory is bounded by what the Panel issues.
+    """
+
+    prune_every_s = 60.0
+
+    def __init__(self, secret: Callable[[], str], revocations: Revocations | None = None):
+        self._secret = secret  # read per call: a node token that changes is honoured at once
+        self._revocations = revocations
+        self._seen: dict[str, float] = {}  # unique_id -> the token's exp
+        self._lock = threading.Lock()
+        self._pruned_at = time.time()
+
+    def verify(self, token: str, kind: str, has_server: Callable[[str], bool]) -> SignedToken:
+        if kind not in SIGNED_URL_CLAIMS:
+            raise ValueError(f"unknown signed URL kind {kind!r}")
+        if not token:
+            raise WingsliteError(f"the {kind} link has no token", 403)
+        try:
+            claims = decode_jwt(token, self._secret())
+        except JwtError as exc:
+            raise WingsliteError(f"the {kind} token is not valid: {exc}", 403) from None
+        scope = claims.get("scope")
+        if scope is not None and scope != kind:
+            raise WingsliteError(f"the token was issued for {scope!r}, not for {kind!r}", 403)
+        for key in ("server_uuid", "unique_id", *SIGNED_URL_CLAIMS[kind]):
+            if not isinstance(claims.get(key), str) or not claims[key]:
+                raise WingsliteError(f"the {kind} token has no {key} claim", 403)
+        signed = SignedToken(
+            kind,
+            claims["server_uuid"],
+            claims["user_uuid"] if isinstance(claims.get("user_uuid"), str) else "",
+            claims["unique_id"],
+            claims,
+        )
+        self._check_revoked(signed)
+        if not has_server(signed.server_uuid) or not self._first_use(
+            signed.unique_id, claims["exp"]
+        ):
+            raise WingsliteError(SIGNED_URL_NOT_FOUND, 404)
+        return signed
+
+    def _check_revoked(self, signed: SignedToken) -> None:
+        if self._revocations is None:
+            return
+        iat = signed.claims.get("iat")
+        jti = signed.claims.get("jti")
+        problem = self._revocations.check(
+            jti if isinstance(jti, str) else "",
+            signed.user_uuid,
+            signed.server_uuid,
+            iat if _is_number(iat) else -1.0,
+        )
+        if problem:
+            raise WingsliteError(f"the {signed.kind} token is not valid: {problem}", 403)
+
+    def _first_use(self, unique_id: str, exp: float) -> bool:
+        now = time.time()
+        with self._lock:
+            if now - self._pruned_at > self.prune_every_s:
+                self._seen = {k: v for k, v in self._seen.items() if v >= now}
+                self._pruned_at = now
+            if unique_id in self._seen:
+                return False
+            self._seen[unique_id] = exp
+            return True
+
+
 # -- rate limits -----------------------------------------------------------------------------------
 
 
@@ -4935,10 +5851,11 @@ class ConsoleSocket:
     expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
     power_wait_s = 0  # Wings' websocket power actions do not wait for the power lock
 
-    def __init__(self, ws: WebSocket, server: Any, daemon: Any):
+    def __init__(self, ws: WebSocket, server: Any, daemon: Any, ip: str = ""):
         self.ws = ws
         self.server = server
         self.daemon = daemon
+        self.ip = ip  # the client's address, for activity events
         self.token: WebsocketToken | None = None
         self.session: Any = None
         self._expiring_sent = False
@@ -5133,6 +6050,9 @@ class ConsoleSocket:
         if not self.token.can("control.console") or self.server.state == OFFLINE:
             return  # Wings ignores both silently
         self.server.send_command(line)
+        self.server.record_activity(
+            ACTIVITY_CONSOLE_COMMAND, self.token.user_uuid, self.ip, {"command": line}
+        )
 
     def _set_state(self, action: str) -> None:
         assert self.token is not None
@@ -5158,6 +6078,10 @@ class ConsoleSocket:
             self.server.power(action, self.power_wait_s)
         except Exception as exc:
             self._daemon_error(exc)
+            return
+        # Only a power action that succeeded, and only from here: the Panel logs its own HTTP calls.
+        user = self.token.user_uuid if self.token else None
+        self.server.record_activity(ACTIVITY_POWER_PREFIX + action, user, self.ip)
 
     # -- outbound -------------------------------------------------------------------------------
 
@@ -5292,7 +6216,7 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
     ):
         raise WingsliteError("Forbidden: this Origin may not open the server's websocket.", 403)
     ws = WebSocket(handler.connection, _drain_read_buffer(handler))
-    console = ConsoleSocket(ws, server, daemon)
+    console = ConsoleSocket(ws, server, daemon, ip=handler.client_address[0])
     # Registered before counting, so that concurrent upgrades can never exceed the limit together.
     console.register("")
     limit = daemon.config.get("wingslite.websocket_max_per_server")
@@ -5964,7 +6888,8 @@ class _SftpSession:
             return refused
         if not self.server.fs.has_space():
             return SFTP_QUOTA_EXCEEDED  # Wings refuses to open for writing over the limit
-        return self._run(permission, lambda: self._open(path, flags))
+        event = ACTIVITY_SFTP_WRITE if exists else ACTIVITY_SFTP_CREATE
+        return self._logged(event, [path], self._run(permission, lambda: self._open(path, flags)))
 
     def _open(self, path: str, flags: int) -> Any:
         if self.handles >= self.sftp.max_handles:
@@ -5985,29 +6910,36 @@ class _SftpSession:
     # -- changing ------------------------------------------------------------------------------
 
     def mkdir(self, path: str, attr: Any) -> int:
-        return self._run("file.create", lambda: self.jail.mkdir(path, 0o755) or 0)
+        status = self._run("file.create", lambda: self.jail.mkdir(path, 0o755) or 0)
+        return self._logged(ACTIVITY_SFTP_CREATE_DIRECTORY, [path], status)
 
     def rmdir(self, path: str) -> int:
-        return self._run("file.delete", lambda: self.jail.rmdir(path) or 0)
+        return self._logged(
+            ACTIVITY_SFTP_DELETE,
+            [path],
+            self._run("file.delete", lambda: self.jail.rmdir(path) or 0),
+        )
 
     def remove(self, path: str) -> int:
         def action() -> int:
             self._freed(self.jail.remove(path))
             return 0
 
-        return self._run("file.delete", action)
+        return self._logged(ACTIVITY_SFTP_DELETE, [path], self._run("file.delete", action))
 
     def rename(self, oldpath: str, newpath: str) -> int:
         # SFTP v3 rename never replaces an existing file; posix-rename@openssh.com does.
-        return self._run(
+        status = self._run(
             "file.update",
             lambda: self._freed(self.jail.rename(oldpath, newpath, overwrite=False)) or 0,
         )
+        return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
-        return self._run(
+        status = self._run(
             "file.update", lambda: self._freed(self.jail.rename(oldpath, newpath)) or 0
         )
+        return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
     def symlink(self, target_path: str, path: str) -> int:
         return self._run("file.create", lambda: self.jail.symlink(target_path, path) or 0)
@@ -6032,6 +6964,19 @@ class _SftpSession:
         return self._run("file.update", action)
 
     # -- accounting ----------------------------------------------------------------------------
+
+    def _logged(self, event: str, paths: list[Any], result: Any) -> Any:
+        """Record a successful change as Wings' SFTP activity (sftp/event.go); pass ``result`` on."""
+        if isinstance(result, int) and result != 0:
+            return result
+        files: list[Any] = [
+            {"from": self.canonicalize(p[0]), "to": self.canonicalize(p[1])}
+            if isinstance(p, tuple)
+            else self.canonicalize(p)
+            for p in paths
+        ]
+        self.server.record_activity(event, self.login.user_uuid, self.login.ip, {"files": files})
+        return result
 
     def _freed(self, st: os.stat_result | None) -> None:
         """Give back the bytes of a file that is gone (its last link was removed or replaced)."""
@@ -6150,6 +7095,223 @@ class _SftpFile:
         if fd >= 0:
             os.close(fd)
             self.session.handles -= 1
+
+
+# activity #########################################################################################
+#
+# What users did to a server, for the Panel's Activity tab. Events are written to a small SQLite
+# queue under ``system.root_directory`` the moment they happen, and a sender thread posts them to
+# ``POST /api/remote/activity`` every ``system.activity_send_interval`` seconds. A batch leaves
+# the queue only once the Panel accepted it, so a Panel outage or a daemon restart loses nothing.
+
+_ANY_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def activity_ip(address: str | None) -> str | None:
+    """A client address as the Panel accepts it: the IP alone, or None when there is none.
+
+    The Panel validates ``ip`` as an IP address and refuses the whole batch over one
+    ``1.2.3.4:5678`` (ActivityEventRequest), so a port or IPv6 brackets are taken off here.
+    """
+    text = (address or "").strip()
+    candidates = [text]
+    if text.startswith("[") and "]" in text:
+        candidates.append(text[1 : text.index("]")])
+    elif text.count(":") == 1:
+        candidates.append(text.split(":", 1)[0])
+    for candidate in candidates:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(candidate.split("%", 1)[0]))
+    return None
+
+
+def activity_timestamp(at_s: float) -> str:
+    """RFC 3339 in UTC with a ``Z``: the Panel replaces an offset it cannot parse with "now"."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at_s))
+
+
+class ActivityLog:
+    """The node's activity queue (SQLite) and the thread that sends it to the Panel.
+
+    Methods for the caller: ``record(server_uuid, event, user_uuid, ip, metadata)`` (never raises;
+    safe from any thread), ``start()`` / ``stop()`` (the sender thread), ``send_pending()`` (one
+    sending round now), ``pending()`` (events still queued).
+
+    Sending follows Wings' crons (internal/cron/activity_cron.go, sftp_cron.go): up to
+    ``batch_size`` ordinary events per request; SFTP events of one user, server, IP and kind
+    within one minute are merged into one event whose ``files`` lists them all, stamped with the
+    first one's time. A batch the Panel refuses with a 4xx can never succeed: it is logged and
+    dropped instead of being resent forever. Any other failure keeps it for the next round.
+    Deletes go one id at a time (``executemany``), so no batch size meets SQLite's limit on
+    variables per statement (the bug of GHSA-2497-gp99-2m74).
+    """
+
+    max_batches_per_round = 50  # drains a backlog after an outage without starving the interval
+
+    def __init__(self, path: Path, panel: Any, interval_s: float = 60, batch_size: int = 100):
+        self.path = Path(path)
+        self.panel = panel
+        self.interval_s = max(1.0, float(interval_s))
+        self.batch_size = max(1, int(batch_size))
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        """The queue's connection (``_lock`` held), opened on first use."""
+        if self._db is None:
+            self._db = self._open()
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
+            " ip TEXT, at_s REAL NOT NULL)"
+        )
+        return db
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def record(
+        self,
+        server_uuid: str,
+        event: str,
+        user_uuid: str | None = None,
+        ip: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Queue one event now; a failure is logged, never raised into the caller's action."""
+        try:
+            row = (
+                user_uuid if user_uuid and _ANY_UUID_RE.fullmatch(user_uuid) else None,
+                server_uuid,
+                event,
+                None if metadata is None else json.dumps(dict(metadata), separators=(",", ":")),
+                activity_ip(ip),
+                time.time(),
+            )
+            with self._lock:
+                self._conn().execute(
+                    "INSERT INTO activity (user, server, event, metadata, ip, at_s)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+        except (sqlite3.Error, OSError, TypeError, ValueError) as exc:
+            LOG.error("activity %s of server %s could not be queued: %s", event, server_uuid, exc)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._conn().execute("SELECT COUNT(*) FROM activity").fetchone()[0]
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="wingslite-activity", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.send_pending()
+            except Exception:  # the sender must outlive any one bad round
+                LOG.exception("sending activity to the Panel failed")
+
+    def send_pending(self) -> int:
+        """One round: send queued events until the queue is empty or the Panel fails; the count sent."""
+        sent = 0
+        for take in (self._take_ordinary, self._take_sftp):
+            for _ in range(self.max_batches_per_round):
+                if self._stop.is_set() and self._thread is not None:
+                    return sent
+                ids, events = take()
+                if not ids:
+                    break
+                if not self._send(ids, events):
+                    return sent
+                sent += len(events)
+                if len(events) < self.batch_size:
+                    break
+        return sent
+
+    def _rows(self, where: str, limit: int) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return (
+                self._conn()
+                .execute(
+                    "SELECT id, user, server, event, metadata, ip, at_s FROM activity"
+                    f" WHERE {where} ORDER BY id LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
+
+    def _take_ordinary(self) -> tuple[list[int], list[dict[str, Any]]]:
+        rows = self._rows("event NOT LIKE 'server:sftp.%'", self.batch_size)
+        return [r[0] for r in rows], [_activity_event(*r[1:]) for r in rows]
+
+    def _take_sftp(self) -> tuple[list[int], list[dict[str, Any]]]:
+        """SFTP rows merged per (user, server, ip, event, minute), at most ``batch_size`` events."""
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        ids: list[int] = []
+        rows = self._rows("event LIKE 'server:sftp.%'", self.batch_size * 20)
+        for row_id, user, server, event, metadata, ip, at_s in rows:
+            key = (user, server, ip, event, time.strftime("%Y-%m-%d_%H:%M", time.gmtime(at_s)))
+            if key not in merged:
+                if len(merged) >= self.batch_size:
+                    continue  # the next batch takes it
+                merged[key] = _activity_event(user, server, event, None, ip, at_s)
+                merged[key]["metadata"] = {"files": []}
+            files = (json.loads(metadata) or {}).get("files") if metadata else None
+            merged[key]["metadata"]["files"].extend(files if isinstance(files, list) else [])
+            ids.append(row_id)
+        return ids, list(merged.values())
+
+    def _send(self, ids: list[int], events: list[dict[str, Any]]) -> bool:
+        """POST one batch; True when it may leave the queue (accepted, or refused for good)."""
+        try:
+            self.panel.send_activity(events)
+        except PanelError as exc:
+            if not 400 <= exc.http_status < 500:
+                LOG.warning(
+                    "activity: %d event(s) kept for the next round: %s", len(ids), exc.message
+                )
+                return False
+            LOG.error("activity: the Panel refused %d event(s), dropped: %s", len(ids), exc.message)
+        with self._lock:
+            self._conn().executemany("DELETE FROM activity WHERE id = ?", [(i,) for i in ids])
+        return True
+
+
+def _activity_event(
+    user: str | None, server: str, event: str, metadata: str | None, ip: str | None, at_s: float
+) -> dict[str, Any]:
+    """One item of ``POST /api/remote/activity`` with Wings' field names."""
+    return {
+        "user": user,
+        "server": server,
+        "event": event,
+        "metadata": json.loads(metadata) if metadata else None,
+        "ip": ip,
+        "timestamp": activity_timestamp(at_s),
+    }
 
 
 # backups ##########################################################################################
@@ -7482,9 +8644,24 @@ class Server:
                 raise WingsliteError(
                     "There is not enough disk space available to perform that action.", 400
                 )
+        self._update_config_files()
         self.env.start(self.config)
         self.pending_next_start.clear()
         self._limits_pending = False
+
+    def _update_config_files(self) -> None:
+        """Write the Panel's values into the egg's config files (Wings server/config_parser.go).
+
+        A file that cannot be updated is reported on the console; the start goes on, as in Wings.
+        """
+        self.console_message("Updating process configuration files...")
+        if not self.config.process.configs:
+            return
+        with Jail(self.fs.root) as jail:
+            writer = ConfigFileWriter(
+                jail, self.daemon.placeholders, self.fs.reserve, lambda n: self.fs.add_usage(-n)
+            )
+            writer.apply(self.config.process.configs, self.console_message)
 
     def _handle_crash(self) -> None:
         """Restart a crashed server once per ``crash_detection.timeout`` window (Wings server/crash.go)."""
@@ -7531,6 +8708,12 @@ class Server:
 
     def logs(self, lines: int) -> list[str]:
         return self.env.logs(lines) or self.console.tail(lines)
+
+    def record_activity(
+        self, event: str, user_uuid: str | None, ip: str | None, metadata: Any = None
+    ) -> None:
+        """Queue an activity event of this server for the Panel (``ActivityLog.record``)."""
+        self.daemon.activity.record(self.uuid, event, user_uuid, ip, metadata)
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -7595,7 +8778,15 @@ class Daemon:
         self.sessions = SessionTable()
         self.revocations = Revocations()
         self.backups = Backups(self)
+        self.placeholders = NodePlaceholders(config)
+        self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
+        self.activity = ActivityLog(
+            config.root_dir / "wingslite" / "activity.db",
+            self.panel,
+            config.get("system.activity_send_interval"),
+            config.get("system.activity_send_count"),
+        )
         self.http: ApiServer | None = None
         self.sftp: SftpServer | None = None
         self._servers_lock = threading.Lock()
@@ -7653,6 +8844,7 @@ class Daemon:
                     exc,
                 )
         self._spawn(self._boot_loop, "wingslite-boot")
+        self.activity.start()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -7673,6 +8865,7 @@ class Daemon:
             )
         if self.sftp is not None:
             self.sftp.stop()
+        self.activity.stop()
         for server in self.all_servers():
             with contextlib.suppress(Exception):
                 server.env.close()
