@@ -5810,6 +5810,24 @@ class TestBackups:
         console = "\n".join(node.servers[node.uuid].console.tail(50))
         assert "after 1 files were restored" in console and "refused archive entry" in console
 
+    def test_restore_of_a_running_docker_server_stops_it_first(self, docker_daemon):
+        daemon, uuid = docker_daemon.daemon, docker_daemon.uuid
+        daemon.panel_fake = docker_daemon.panel
+        root = daemon.config.data_dir / uuid
+        files = self.fill(root)
+        report = self.backup(daemon, uuid)
+        assert report["successful"]
+        (root / "world" / "level.dat").write_bytes(b"broken by the game")
+        (root / "server.properties").unlink()
+        assert daemon.get_server(uuid).state == "running"
+        assert self.restore(daemon, uuid, report["uuid"], truncate=True) == {"successful": True}
+        assert daemon.get_server(uuid).state == "offline"
+        assert not docker_daemon.inspect(uuid)["State"]["Running"]
+        for rel, data in files.items():
+            assert (root / rel).read_bytes() == data, rel
+        assert any("(restoring): " in line for line in docker_daemon.console(uuid))
+        docker_daemon.start(uuid)  # and it runs again from the restored files
+
     def test_a_backup_interrupted_by_a_restart_is_cleaned_and_reported_failed(
         self, panel, make_daemon
     ):
