@@ -41,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import uuid as uuidlib
 from pathlib import Path
 
@@ -109,104 +108,66 @@ class _FastHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(head.encode() + data)
 
 
+class BenchPanel(w.PanelStandIn):
+    """The module's Panel stand-in, plus ``POST /bench/servers/{uuid}`` (merge into settings, 204)
+    and ``POST /bench/all`` (the same change for every server). It keeps no request log, and
+    caches each server's encoded document so that the Panel is never the bottleneck."""
+
+    ROUTES = (
+        *w.PanelStandIn.ROUTES,
+        w.PanelRoute("POST", r"/bench/servers/(?P<ident>[^/]+)", "bench_one", auth=False),
+        w.PanelRoute("POST", r"/bench/all", "bench_all", auth=False),
+        w.PanelRoute("POST", r"/bench/backups/(?P<backup>[^/]+)", "bench_backup", auth=False),
+        w.PanelRoute("GET", r"/bench/backups/(?P<backup>[^/]+)", "bench_backup_row", auth=False),
+    )
+
+    def __init__(self, docs: list[dict]):
+        super().__init__(TOKEN_ID, TOKEN, docs)
+        self.keep_requests = False
+        self.sftp_users[("bench", "bench")] = ["*"]
+        self.user_uuid = BENCH_USER
+        self.encoded: dict[str, bytes] = {}
+
+    def route_server(self, h, req, ident):
+        with self.lock:
+            data = self.encoded.get(ident)
+            if data is None and ident in self.servers:
+                data = self.encoded[ident] = self.encode(self.servers[ident])
+        if data is None:
+            return super().route_server(h, req, ident)
+        h.send_bytes(200, data)
+
+    def route_bench_one(self, h, req, ident):
+        self.merge_settings(ident, req.body)
+        with self.lock:
+            self.encoded.pop(ident, None)
+        h.send_json(204)
+
+    def route_bench_backup(self, h, req, backup):  # the row the Panel makes before it asks
+        self.add_backup(req.body["server"], backup)
+        h.send_json(204)
+
+    def route_bench_backup_row(self, h, req, backup):
+        with self.lock:
+            h.send_json(200, dict(self.backups.get(backup) or {}))
+
+    def route_bench_all(self, h, req):
+        for uuid in list(self.servers):
+            self.merge_settings(uuid, req.body)
+        with self.lock:
+            self.encoded.clear()
+        h.send_json(204)
+
+
 def serve_panel(servers: int, port_file: str) -> None:
-    """The Panel's remote API for ``servers`` generated servers, plus ``POST /bench/servers/{uuid}``."""
-    docs = {}
+    """The Panel's remote API for ``servers`` generated servers (see ``BenchPanel``)."""
+    docs = []
     for i in range(servers):
         uuid = str(uuidlib.UUID(int=(0x4BE4C000 << 96) | (i + 1), version=4))
-        docs[uuid] = panel_document(uuid, port=20000 + i)
-    encoded: dict[str, bytes] = {}
-    reports: dict[str, list] = {}  # "<backup uuid>" or "<backup uuid>-restore" -> bodies
-    lock = threading.Lock()
-
-    class Handler(_FastHandler):
-        def do_GET(self):
-            parts = urllib.parse.urlsplit(self.path)
-            if parts.path.startswith("/bench/backups/"):  # what the daemon reported, by backup
-                with lock:
-                    seen = reports.get(parts.path.rsplit("/", 1)[-1], [])
-                return self.answer(200, json.dumps(seen).encode())
-            if parts.path == "/api/remote/servers":
-                q = urllib.parse.parse_qs(parts.query)
-                page = max(1, int(q.get("page", ["1"])[0] or 1))
-                per_page = int(q.get("per_page", ["50"])[0]) or 15
-                with lock:
-                    items = list(docs.items())
-                chunk = items[(page - 1) * per_page : page * per_page]
-                last = max(1, -(-len(items) // per_page))
-                body = {
-                    "data": [{"uuid": u, **d} for u, d in chunk],
-                    "links": {},
-                    "meta": {
-                        "current_page": page,
-                        "last_page": last,
-                        "per_page": per_page,
-                        "total": len(items),
-                    },
-                }
-                return self.answer(200, json.dumps(body).encode())
-            uuid = parts.path.rsplit("/", 1)[-1]
-            with lock:
-                if uuid not in docs:
-                    return self.answer(
-                        404,
-                        b'{"errors":[{"code":"RecordNotFoundException","status":"404","detail":""}]}',
-                    )
-                data = encoded.get(uuid)
-                if data is None:
-                    data = encoded[uuid] = json.dumps(docs[uuid]).encode()
-            self.answer(200, data)
-
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"null")
-            path = urllib.parse.urlsplit(self.path).path
-            if path == "/api/remote/servers/reset":
-                return self.answer(204)
-            if path.startswith("/api/remote/backups/"):
-                key = "-".join(path.split("/")[4:])
-                with lock:
-                    reports.setdefault(key, []).append(body)
-                return self.answer(204)
-            if path == "/api/remote/sftp/auth":
-                user, _, short = str(body.get("username", "")).rpartition(".")
-                match = [u for u in docs if u.startswith(short) and short]
-                if user == "bench" and body.get("password") == "bench" and match:
-                    return self.answer(
-                        200,
-                        json.dumps(
-                            {"server": match[0], "user": BENCH_USER, "permissions": ["*"]}
-                        ).encode(),
-                    )
-                return self.answer(
-                    403,
-                    b'{"errors":[{"code":"HttpForbiddenException","status":"403","detail":"no"}]}',
-                )
-            uuid = path.rsplit("/", 1)[-1]
-            if path.startswith("/bench/servers/") and uuid in docs:
-                with lock:
-                    settings = docs[uuid]["settings"]
-                    for key, value in body.items():
-                        if isinstance(value, dict) and isinstance(settings.get(key), dict):
-                            settings[key].update(value)
-                        else:
-                            settings[key] = value
-                    encoded.pop(uuid, None)
-                return self.answer(204)
-            if path == "/bench/all":  # the same change for every server
-                with lock:
-                    for uuid, doc in docs.items():
-                        for key, value in body.items():
-                            doc["settings"][key].update(value)
-                        encoded.pop(uuid, None)
-                return self.answer(204)
-            self.answer(404, b"{}")
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.request_queue_size = 1024
-    Path(port_file).write_text(json.dumps({"port": httpd.server_address[1], "uuids": list(docs)}))
-    httpd.serve_forever(poll_interval=0.1)
+        docs.append(panel_document(uuid, port=20000 + i))
+    panel = BenchPanel(docs)
+    Path(port_file).write_text(json.dumps({"port": panel.port, "uuids": list(panel.servers)}))
+    panel.httpd.serve_forever(poll_interval=0.1)
 
 
 def serve_bare(body_file: str, port_file: str) -> None:
@@ -1154,17 +1115,18 @@ def fill_server_directory(root: Path, mib: int) -> None:
         (folder / f"{i}.dat").write_bytes(os.urandom(1 << 20) if i % 2 else text)
 
 
-def wait_report(panel_port: int, key: str, timeout_s: float = 600) -> dict:
+def backup_row(panel_port: int, backup: str, key: str, timeout_s: float = 600) -> dict:
+    """The Panel's backup row once ``key`` (successful: the backup; restored: a restore) is set."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         conn = http.client.HTTPConnection("127.0.0.1", panel_port, timeout=30)
-        conn.request("GET", f"/bench/backups/{key}")
-        seen = json.loads(conn.getresponse().read())
+        conn.request("GET", f"/bench/backups/{backup}")
+        row = json.loads(conn.getresponse().read())
         conn.close()
-        if seen:
-            return seen[0]
+        if row.get(key) is not None:
+            return row
         time.sleep(0.02)
-    raise RuntimeError(f"no report for {key}")
+    raise RuntimeError(f"the Panel got no {key} report for backup {backup}")
 
 
 def timed(args: list[str]) -> float:
@@ -1183,15 +1145,16 @@ def bench_backup(workdir: Path, rounds: int, mib: int = 200) -> dict:
         root = daemon.root / "volumes" / server
         fill_server_directory(root, mib)
         size_mb = mib * 1.048576
-        figures: dict[str, list[float]] = {k: [] for k in ("backup", "tar_czf", "tar_gzip1")}
-        figures.update(restore=[], tar_xzf=[])
+        names = ("backup", "tar_czf", "tar_gzip1", "restore", "tar_xzf")
+        figures: dict[str, list[float]] = {k: [] for k in names}
         peak = []
         for _ in range(rounds):
             backup = str(uuidlib.uuid4())
+            panel_post(panel.port, f"/bench/backups/{backup}", {"server": server})
             t0 = time.monotonic()
             body = {"adapter": "wings", "uuid": backup, "ignore": ""}
             assert request(daemon.port, "POST", f"/api/servers/{server}/backup", body)[0] == 202
-            report = wait_report(panel.port, backup)
+            report = backup_row(panel.port, backup, "successful")
             figures["backup"].append(time.monotonic() - t0)
             assert report["successful"], report
             archive = daemon.root / "backups" / f"{backup}.tar.gz"
@@ -1209,7 +1172,7 @@ def bench_backup(workdir: Path, rounds: int, mib: int = 200) -> dict:
             body = {"adapter": "wings", "truncate_directory": True, "download_url": ""}
             path = f"/api/servers/{server}/backup/{backup}/restore"
             assert request(daemon.port, "POST", path, body)[0] == 202
-            assert wait_report(panel.port, f"{backup}-restore")["successful"]
+            assert backup_row(panel.port, backup, "restored")["restored"]
             figures["restore"].append(time.monotonic() - t0)
             restored = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
             assert restored == mib << 20, f"restored {restored} bytes, not {mib << 20}"
