@@ -1052,6 +1052,17 @@ class TestArchives:
         assert self.extract(box, data, name="a.tar") == ["ok"]
         assert sorted(p.name for p in box.root.iterdir()) == ["ok"]
 
+    def test_what_is_made_belongs_to_the_owner_given(self, box):
+        import io
+
+        data = _tar_bytes(
+            [({"name": "d/f"}, b"1"), ({"name": "d/l", "type": b"2", "linkname": "f"}, None)]
+        )
+        w.extract_archive(box.jail, box.fs, io.BytesIO(data), name="a.tar", owner=(1234, 4321))
+        for rel in ("d", "d/f", "d/l"):
+            st = os.lstat(box.root / rel)
+            assert (st.st_uid, st.st_gid) == (1234, 4321), rel
+
     def test_setuid_bits_are_dropped(self, box):
         self.extract(box, _tar_bytes([({"name": "s", "mode": 0o4755}, b"1")]), name="a.tar")
         assert (box.root / "s").stat().st_mode & 0o7777 == 0o755

@@ -2590,6 +2590,7 @@ def extract_archive(
     name: str = "",
     dest: str = "/",
     on_entry: Callable[[str], None] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> int:
     """Extract the archive read from ``src`` into ``dest`` of ``jail``; returns the entries written.
 
@@ -2600,11 +2601,12 @@ def extract_archive(
     format")``. A refused entry (absolute name, "..", a link out of the jail, the egg's denylist,
     a file over the disk limit) stops the extraction with ``ArchiveError`` naming it; what was
     written before it stays. ``on_entry(relpath)`` is called after each entry is written.
+    ``owner`` ``(uid, gid)``: what is made is chowned to it (the node's ``system.user``).
     """
     start = src.tell() if _seekable(src) else None
     head = _read_exactly(src, 512)
     kind = archive_format(head)
-    target = _Extractor(jail, fs, dest, on_entry)
+    target = _Extractor(jail, fs, dest, on_entry, owner)
     if kind == "zip":
         if start is not None:  # zip's directory is at its end: read it in place
             src.seek(start)
@@ -2644,9 +2646,14 @@ class _Extractor:
     """Writes checked entries into a jail; every byte booked with ``Filesystem.reserve`` first."""
 
     def __init__(
-        self, jail: Jail, fs: Filesystem, dest: str, on_entry: Callable[[str], None] | None
+        self,
+        jail: Jail,
+        fs: Filesystem,
+        dest: str,
+        on_entry: Callable[[str], None] | None,
+        owner: tuple[int, int] | None = None,
     ):
-        self.jail, self.fs, self.on_entry = jail, fs, on_entry
+        self.jail, self.fs, self.on_entry, self.owner = jail, fs, on_entry, owner
         self.dest = "/".join(Jail.parts(dest))
         self.count = 0
 
@@ -2664,6 +2671,8 @@ class _Extractor:
         return "/".join([self.dest, *parts]).lstrip("/")
 
     def _done(self, path: str) -> None:
+        if self.owner is not None:
+            self.jail.chown(path, *self.owner)  # never follows a link
         self.count += 1
         if self.on_entry is not None:
             self.on_entry(path)
@@ -2767,6 +2776,8 @@ class _Extractor:
     def _mkdir_one(self, path: str, mode: int) -> bool:
         try:
             self.jail.mkdir(path, mode)
+            if self.owner is not None:
+                self.jail.chown(path, *self.owner)
             return True
         except FileExistsError:
             if not stat.S_ISDIR(self.jail.stat(path).st_mode):
@@ -9021,7 +9032,10 @@ class RestoreJob:
                 if self.truncate:
                     empty_directory(jail, server.fs)
                 with contextlib.closing(self.source()) as src:
-                    extract_archive(jail, server.fs, src, name=self.name, on_entry=self._entry)
+                    owner = node_owner(server.daemon)
+                    extract_archive(
+                        jail, server.fs, src, name=self.name, on_entry=self._entry, owner=owner
+                    )
             successful = True
         except Exception as exc:
             text = exc.message if isinstance(exc, WingsliteError) else str(exc)
