@@ -6675,14 +6675,30 @@ class TestBackups:
         temp = daemon.backups.temp_path(backup)
         temp.parent.mkdir(parents=True, exist_ok=True)
         temp.write_bytes(b"\x1f\x8b half an archive")
+        other_run = panel.add_backup(server)  # renamed just before the restart, never reported
+        daemon.backups.records.write(other_run, server, "s3", "running")
+        daemon.backups.path(other_run).write_bytes(b"\x1f\x8b a whole archive")
         unrelated = temp.parent / "someone-elses.tmp"
         unrelated.write_bytes(b"x")
         daemon.stop()
         make_daemon(panel)
         report = wait_for(lambda: panel_report(panel, backup), 10)
         assert report == w._failed_backup_body()
-        assert not temp.exists() and unrelated.exists()
+        assert wait_for(lambda: panel_report(panel, other_run), 10) == w._failed_backup_body()
+        assert not temp.exists() and not daemon.backups.path(other_run).exists()
+        assert unrelated.exists()
         assert daemon.backups.records.running() == []
+
+    def test_a_write_limit_still_makes_the_same_archive(self, console_node):
+        daemon = console_node(system__backups={"write_limit": 1, "compression_level": "none"})
+        root = daemon.config.data_dir / daemon.uuid
+        root.mkdir(parents=True, exist_ok=True)
+        files = self.fill(root)
+        report = self.backup(daemon, daemon.uuid)
+        status, data = download(daemon, backup_token(daemon.uuid, report["uuid"]))
+        assert status == 200 and len(data) == report["size"]
+        assert len(data) > sum(len(d) for d in files.values())  # gzip level 0: stored
+        assert "world/region/r.0.0.mca" in tar_names(data)
 
     def test_a_200_mib_directory_is_backed_up_in_bounded_memory(self, node):
         for i in range(200):

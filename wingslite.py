@@ -235,6 +235,7 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("system.tmp_directory", str, "/tmp/pterodactyl"),
     ("system.backup_directory", str, "/var/lib/pterodactyl/backups"),
     ("system.backups.compression_level", str, "best_speed"),
+    ("system.backups.write_limit", int, 0),
     ("system.timezone", str, ""),
     ("system.disk_check_interval", int, 150),
     ("system.activity_send_interval", int, 60),
@@ -298,6 +299,7 @@ _NON_NEGATIVE = {
     "api.port",
     "system.sftp.bind_port",
     "system.disk_check_interval",
+    "system.backups.write_limit",
     "system.activity_send_interval",
     "system.activity_send_count",
     "system.websocket_log_count",
@@ -8762,11 +8764,11 @@ class Backups:
                 backup_uuid,
                 record.get("server"),
             )
-            with contextlib.suppress(FileNotFoundError):
-                self.temp_path(backup_uuid).unlink()
-            if record.get("adapter") == "s3":  # its whole archive was only a local staging copy
+            # The temporary file, and an archive renamed just before the restart: the Panel is
+            # told the backup failed, so nothing would ever ask for it.
+            for path in (self.temp_path(backup_uuid), self.path(backup_uuid)):
                 with contextlib.suppress(FileNotFoundError):
-                    self.path(backup_uuid).unlink()
+                    path.unlink()
             try:
                 self.report(backup_uuid, _failed_backup_body())
             except PanelError as exc:
@@ -8820,6 +8822,23 @@ class Backups:
 
 def _failed_backup_body() -> dict[str, Any]:
     return {"checksum": "", "checksum_type": "sha1", "size": 0, "successful": False, "parts": None}
+
+
+class _PacedWriter:
+    """Writes at most ``bytes_per_s`` a second on average (Wings ``system.backups.write_limit``,
+    MiB/s: a backup must not starve the game servers' disk, panel#2798)."""
+
+    def __init__(self, out: Any, bytes_per_s: int):
+        self.out, self.bytes_per_s = out, bytes_per_s
+        self.started, self.written = time.monotonic(), 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.written += len(data)
+        ahead_s = self.written / self.bytes_per_s - (time.monotonic() - self.started)
+        if ahead_s > 0:
+            time.sleep(ahead_s)
+        return len(data)
 
 
 class _PartRetry(Exception):
@@ -8916,11 +8935,12 @@ class BackupJob:
         )
         self.server.fs.ensure()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        limit_mib = self.backups.node.config.get("system.backups.write_limit")
         with (
             os.fdopen(fd, "wb", buffering=1 << 20) as fh,
             Jail(self.server.fs.root, is_denied=self.server.fs.is_denied) as jail,
         ):
-            out = HashingWriter(fh)
+            out = HashingWriter(_PacedWriter(fh, limit_mib << 20) if limit_mib > 0 else fh)
             write_tar_gz(jail, out, ignore=self._ignore_rules(jail), compress_level=level)
             fh.flush()
             os.fsync(fh.fileno())
