@@ -8769,12 +8769,18 @@ class Backups:
             for path in (self.temp_path(backup_uuid), self.path(backup_uuid)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-            try:
-                self.report(backup_uuid, _failed_backup_body())
-            except PanelError as exc:
-                LOG.error("backup %s: the Panel was not told it failed: %s", backup_uuid, exc)
-                continue  # the record stays: the next boot tries again
-            self.records.remove(backup_uuid)
+            if self.report_failed(backup_uuid):
+                self.records.remove(backup_uuid)
+
+    def report_failed(self, backup_uuid: str) -> bool:
+        """Tell the Panel a backup failed; False when it should be tried again at the next boot
+        (the Panel is down). A 4xx is final: the Panel no longer knows the backup, or refuses."""
+        try:
+            self.report(backup_uuid, _failed_backup_body())
+        except PanelError as exc:
+            LOG.error("backup %s: the Panel was not told it failed: %s", backup_uuid, exc)
+            return 400 <= exc.http_status < 500
+        return True
 
     # -- restoring ---------------------------------------------------------------------------------
 
@@ -8901,18 +8907,19 @@ class BackupJob:
 
     def _failed(self, exc: Exception) -> None:
         text = exc.message if isinstance(exc, WingsliteError) else str(exc)
-        LOG.error("backup %s of server %s failed: %s", self.uuid, self.server.uuid, text)
-        if not isinstance(exc, (WingsliteError, OSError)):
-            LOG.debug("backup failure", exc_info=exc)
+        unexpected = not isinstance(exc, (WingsliteError, OSError))  # a bug: keep its traceback
+        LOG.error(
+            "backup %s of server %s failed: %s",
+            self.uuid,
+            self.server.uuid,
+            text,
+            exc_info=exc if unexpected else None,
+        )
         for path in (self.backups.temp_path(self.uuid), self.backups.path(self.uuid)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        try:
-            self.backups.report(self.uuid, _failed_backup_body())
-        except PanelError as panel_exc:
-            LOG.error("backup %s: the Panel was not told it failed: %s", self.uuid, panel_exc)
-            return  # the record stays "running": the next boot reports it
-        self.backups.records.remove(self.uuid)
+        if self.backups.report_failed(self.uuid):  # else the next boot reports it
+            self.backups.records.remove(self.uuid)
         self._publish(False, "", 0)
 
     def _ignore_rules(self, jail: Jail) -> str:
