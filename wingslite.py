@@ -58,6 +58,8 @@ Where to look first:
     a start                  ``Server.power()`` -> ``Server._start()`` -> ``DockerEnvironment.start()``
     limits on a live server  ``DockerEnvironment.apply_limits()`` and ``Cgroup``
     suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
+    a backup / a restore     ``Backups.create()`` -> ``BackupJob.run()``; ``Backups.restore()`` ->
+                             ``RestoreJob.run()`` -> ``extract_archive()`` (archives section)
 
 Locks: each ``Server`` has two. Its **configuration lock** guards its configuration: held for one
 sync alone (Panel GET, validation, save, swap, live limits, closing sessions), by a delete, and by a
