@@ -45,6 +45,9 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
     backups                ``Backups`` (create, s3 parts, restore, delete, boot recovery),
                            ``BackupJob``, ``RestoreJob``, ``BackupRoutes`` (HTTP mix-in)
+    transfers              ``Transfers``: ``OutgoingTransfer`` (a server streamed to another node
+                           as chunked multipart tar.gz), ``IncomingTransfer`` (extracted as it
+                           arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
     daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
                            power, crash detection), ``Daemon`` (boot, servers, system info)
