@@ -1791,6 +1791,17 @@ class TestSync:
         assert any("environment variables (next start)" in p for p in record["pending"])
         assert view["configuration"]["build"]["memory_limit"] == 8192
 
+    def test_a_sync_that_changes_config_files_names_them_as_pending(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        panel.servers[uuid]["process_configuration"]["configs"] = [
+            {"parser": "properties", "file": "server.properties", "replace": []},
+            {"parser": "yaml", "file": "config.yml", "replace": []},
+        ]
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert "egg config files (server.properties, config.yml) (next start)" in record["pending"]
+        assert not any("stop command" in p for p in record["pending"])
+
     def test_sync_of_a_server_unknown_here_is_404(self, panel, make_daemon):
         daemon, _ = self.booted(panel, make_daemon)
         assert api(daemon, "POST", f"/api/servers/{uuidlib.uuid4()}/sync")[0] == 404

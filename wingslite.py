@@ -10184,6 +10184,18 @@ _NEXT_START_FIELDS = (
 )
 
 
+def _process_changes(new: ProcessConfig, old: ProcessConfig) -> dict[str, str]:
+    """What a changed process configuration leaves for the next start, config files by name
+    (they are rewritten by every start: ``Server._update_config_files``)."""
+    changes = {}
+    if new.configs != old.configs:
+        names = ", ".join(dict.fromkeys(cf.file for cf in new.configs)) or "none"
+        changes["configs"] = f"egg config files ({names})"
+    if dataclasses.replace(new, configs=()) != dataclasses.replace(old, configs=()):
+        changes["process"] = "process configuration (stop command, done lines)"
+    return changes
+
+
 class Server:
     """One game server on this node: its configuration, files, process and sessions' owner.
 
@@ -10425,8 +10437,7 @@ class Server:
         for field, label in _NEXT_START_FIELDS:
             if getattr(new, field) != getattr(old, field):
                 self.pending_next_start[field] = label
-        if new.process != old.process:
-            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        self.pending_next_start.update(_process_changes(new.process, old.process))
         report.pending += [
             f"{label} (next start)"
             for label in self.pending_next_start.values()
@@ -10652,8 +10663,7 @@ class Server:
             for field, label in _NEXT_START_FIELDS
             if getattr(current, field) != getattr(started_with, field)
         }
-        if current.process != started_with.process:
-            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        self.pending_next_start.update(_process_changes(current.process, started_with.process))
         self._limits_pending = False
         if current.build == started_with.build:
             return
