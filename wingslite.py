@@ -10691,7 +10691,11 @@ class Server:
             return
         with Jail(self.fs.root) as jail:
             writer = ConfigFileWriter(
-                jail, self.daemon.placeholders, self.fs.reserve, lambda n: self.fs.add_usage(-n)
+                jail,
+                self.daemon.placeholders,
+                self.fs.reserve,
+                lambda n: self.fs.add_usage(-n),
+                owner=node_owner(self.daemon),
             )
             writer.apply(config.process.configs, self.console_message)
 
