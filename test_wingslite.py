@@ -14,10 +14,12 @@ import copy
 import ctypes
 import errno
 import functools
+import gzip
 import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -25,12 +27,16 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import types
 import urllib.parse
 import uuid as uuidlib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -118,235 +124,20 @@ def panel_error(status: int, code: str, detail: str) -> dict:
     return {"errors": [{"code": code, "status": str(status), "detail": detail}]}
 
 
-class FakePanel:
-    """The Panel's remote API on loopback, answering as panel-contract.md says.
+class FakePanel(w.PanelStandIn):
+    """The module's Panel stand-in with the tests' node token, serving from construction, its
+    errors pretty-printed as the Panel's are (``app/Exceptions/Handler.php``).
 
-    ``servers`` maps uuid -> document. ``calls`` counts requests per path. Failure switches:
-    ``fail[path_prefix] = [status, ...]`` answers those statuses first (then normally);
-    ``garbage`` (paths answered 200 with a body that is not JSON); ``hang_s`` (paths that sleep);
-    ``down`` (every request 500).
+    ``servers`` maps uuid -> document; ``requests`` holds every ``w.PanelRequest`` (method, path,
+    headers, query, parsed JSON body, raw bytes); ``calls`` counts requests per path. Failure
+    switches: ``fail[path_prefix] = [status, ...]``, ``garbage``, ``hang_s``, ``down``.
     """
 
+    json_indent = 4
+
     def __init__(self, token_id: str = TOKEN_ID, token: str = TOKEN):
-        self.token_id, self.token = token_id, token
-        self.servers: dict[str, dict] = {}
-        self.sftp_users: dict[
-            tuple[str, str], list[str]
-        ] = {}  # (username, password) -> permissions
-        self.user_uuid = "c0ffee00-1111-4222-8333-444455556666"
-        self.calls: dict[str, int] = {}
-        self.requests: list[tuple[str, str, dict]] = []
-        self.fail: dict[str, list[int]] = {}
-        self.garbage: set[str] = set()
-        self.hang_s: dict[str, float] = {}
-        self.down = False
-        self.lock = threading.Lock()
-        panel = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def send_json(self, status, body=None, headers=None):
-                data = (
-                    b"" if body is None else json.dumps(body, indent=4).replace("/", "\\/").encode()
-                )
-                self.send_response(status)
-                if body is not None:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def handle_any(self, method):
-                path = urllib.parse.urlsplit(self.path).path
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with panel.lock:
-                    panel.calls[path] = panel.calls.get(path, 0) + 1
-                    panel.requests.append((method, path, dict(self.headers)))
-                    failures = next(
-                        (v for k, v in panel.fail.items() if path.startswith(k) and v), None
-                    )
-                    status = failures.pop(0) if failures else None
-                for prefix, seconds in panel.hang_s.items():
-                    if path.startswith(prefix):
-                        time.sleep(seconds)
-                # DaemonAuthenticate (panel-contract.md §1.1)
-                auth = self.headers.get("Authorization")
-                if not auth or not auth.lower().startswith("bearer "):
-                    return self.send_json(
-                        401,
-                        panel_error(
-                            401,
-                            "HttpException",
-                            "Access to this endpoint must include an Authorization header.",
-                        ),
-                        {"WWW-Authenticate": "Bearer"},
-                    )
-                parts = auth[7:].split(".")
-                if len(parts) != 2 or not all(parts):
-                    return self.send_json(
-                        400,
-                        panel_error(
-                            400,
-                            "BadRequestHttpException",
-                            "The Authorization header provided was not in a valid format.",
-                        ),
-                    )
-                if parts != [panel.token_id, panel.token]:
-                    return self.send_json(
-                        403,
-                        panel_error(
-                            403,
-                            "AccessDeniedHttpException",
-                            "You are not authorized to access this resource.",
-                        ),
-                    )
-                if panel.down or status:
-                    status = status or 500
-                    return self.send_json(
-                        status,
-                        panel_error(
-                            status,
-                            "HttpException",
-                            "An unexpected error was encountered while processing this request, please try again.",
-                        ),
-                    )
-                if any(path.startswith(g) for g in panel.garbage):
-                    data = b"<html>502 Bad Gateway</html>"
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    return self.wfile.write(data)
-                return panel.route(self, method, path, query, body)
-
-            def do_GET(self):
-                self.handle_any("GET")
-
-            def do_POST(self):
-                self.handle_any("POST")
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def add(self, doc: dict) -> str:
-        uuid = doc["settings"]["uuid"]
-        self.servers[uuid] = doc
-        return uuid
-
-    def route(self, h, method, path, query, body):
-        if method == "GET" and path == "/api/remote/servers":
-            return h.send_json(200, self.page(query))
-        if method == "POST" and path == "/api/remote/servers/reset":
-            return h.send_json(204)
-        if method == "POST" and path == "/api/remote/sftp/auth":
-            return self.sftp_auth(h, json.loads(body or b"null"))
-        if method == "GET" and path.startswith("/api/remote/servers/"):
-            ident = path.rsplit("/", 1)[-1]
-            with self.lock:
-                doc = self.servers.get(ident) or next(
-                    (d for u, d in self.servers.items() if u[:8] == ident), None
-                )
-                doc = copy.deepcopy(doc)
-            if doc is None:
-                return h.send_json(404, panel_error(404, "RecordNotFoundException", ""))
-            return h.send_json(200, doc)
-        return h.send_json(
-            404,
-            panel_error(
-                404, "NotFoundHttpException", f"The route {path.lstrip('/')} could not be found."
-            ),
-        )
-
-    def page(self, query) -> dict:
-        """Laravel's paginated resource (panel-contract.md §1.3): page 0 means page 1."""
-        try:
-            page = max(1, int(query.get("page", ["1"])[0]))
-        except ValueError:
-            page = 1
-        per_page = int(query.get("per_page", ["50"])[0]) or 15
-        with self.lock:
-            items = list(self.servers.items())
-        total = len(items)
-        last = max(1, -(-total // per_page))
-        chunk = items[(page - 1) * per_page : page * per_page]
-        data = [
-            {
-                "uuid": u,
-                "settings": d["settings"],
-                "process_configuration": d["process_configuration"],
-            }
-            for u, d in chunk
-        ]
-        base = f"{self.url}/api/remote/servers"
-        return {
-            "data": data,
-            "links": {
-                "first": f"{base}?page=1",
-                "last": f"{base}?page={last}",
-                "prev": None,
-                "next": None,
-            },
-            "meta": {
-                "current_page": page,
-                "from": (page - 1) * per_page + 1 if chunk else None,
-                "last_page": last,
-                "links": [],
-                "path": base,
-                "per_page": per_page,
-                "to": (page - 1) * per_page + len(chunk) if chunk else None,
-                "total": total,
-            },
-        }
-
-    def sftp_auth(self, h, body):
-        username = str(body.get("username", ""))
-        user, _, ident = username.rpartition(".")
-        if not ident:
-            return h.send_json(
-                400,
-                panel_error(
-                    400,
-                    "BadRequestHttpException",
-                    "No valid server identifier was included in the request.",
-                ),
-            )
-        server = next((u for u in self.servers if u == ident or u[:8] == ident), None)
-        perms = self.sftp_users.get((user, body.get("password")))
-        if server is None or perms is None:
-            return h.send_json(
-                403,
-                panel_error(
-                    403,
-                    "HttpForbiddenException",
-                    "Authorization credentials were not correct, please try again.",
-                ),
-            )
-        if self.servers[server]["settings"]["suspended"]:
-            return h.send_json(
-                409,
-                panel_error(
-                    409,
-                    "ServerStateConflictException",
-                    "This server is currently suspended and the functionality requested is unavailable.",
-                ),
-            )
-        return h.send_json(200, {"server": server, "user": self.user_uuid, "permissions": perms})
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(token_id, token)
+        self.start()
 
 
 @pytest.fixture
@@ -623,7 +414,7 @@ class TestPanelClient:
     def test_sends_wings_headers(self, panel):
         uuid = panel.add(panel_document())
         self.client(panel).get_server(uuid)
-        _, _, headers = panel.requests[-1]
+        headers = panel.requests[-1].headers
         assert headers["Authorization"] == f"Bearer {TOKEN_ID}.{TOKEN}"
         assert headers["Accept"] == "application/vnd.pterodactyl.v1+json"
         assert headers["Content-Type"] == "application/json"
@@ -896,6 +687,640 @@ class TestFilesystem:
         assert fs.is_denied("server.jar") and fs.is_denied("plugins/x.jar")
         assert fs.is_denied("config/secret.yml") and not fs.is_denied("other/config/secret.yml")
         assert fs.is_denied("logs/latest.log") and not fs.is_denied("mylogs/x")
+
+
+# archives #########################################################################################
+
+
+def _tar_bytes(entries, compression: str = "") -> bytes:
+    """A tar (``compression`` gz, bz2, xz or "") of ``(TarInfo fields, data)`` items."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}" if compression else "w") as tar:
+        for fields, data in entries:
+            info = tarfile.TarInfo(fields.pop("name"))
+            for key, value in fields.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _zip_bytes(entries) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return buf.getvalue()
+
+
+class TestArchives:
+    @pytest.fixture
+    def box(self, tmp_path):
+        """A server directory, its jail and its filesystem, beside an 'outside' directory."""
+        root = tmp_path / "srv"
+        root.mkdir()
+        (tmp_path / "outside").mkdir()
+        fs = w.Filesystem(root, 0, check_interval_s=60)
+        fs.recalculate()
+        jail = w.Jail(root, is_denied=fs.is_denied)
+        yield types.SimpleNamespace(root=root, fs=fs, jail=jail, outside=tmp_path / "outside")
+        jail.close()
+
+    def extract(self, box, data: bytes, name: str = "a.tar.gz", dest: str = "/") -> list[str]:
+        import io
+
+        seen: list[str] = []
+        w.extract_archive(
+            box.jail, box.fs, io.BytesIO(data), name=name, dest=dest, on_entry=seen.append
+        )
+        return seen
+
+    def test_tar_gz_out_and_back_keeps_files_modes_links_and_empty_dirs(self, box, tmp_path):
+        import io
+
+        (box.root / "a" / "b").mkdir(parents=True)
+        (box.root / "a" / "b" / "f.txt").write_bytes(b"hello" * 1000)
+        (box.root / "run.sh").write_bytes(b"#!/bin/sh\n")
+        os.chmod(box.root / "run.sh", 0o750)
+        (box.root / "empty").mkdir()
+        (box.root / "inside").symlink_to("a/b/f.txt")
+        (box.root / "zout").symlink_to("/etc/passwd")  # archived as a link, never followed
+        os.mkfifo(box.root / "pipe")
+        out = w.HashingWriter(io.BytesIO())
+        count = w.write_tar_gz(box.jail, out)
+        data = out.out.getvalue()
+        assert out.hexdigest() == hashlib.sha1(data).hexdigest() and out.bytes_written == len(data)
+        import tarfile
+
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+        assert count == len(members)
+        assert set(members) == {"a", "a/b", "a/b/f.txt", "run.sh", "empty", "inside", "zout"}
+        assert members["zout"].issym() and members["zout"].linkname == "/etc/passwd"
+        assert members["zout"].size == 0  # the target's bytes are not in the archive
+        assert members["run.sh"].mode == 0o750
+
+        other = tmp_path / "other"
+        other.mkdir()
+        fs2 = w.Filesystem(other, 0, check_interval_s=60)
+        with w.Jail(other) as jail2:
+            with pytest.raises(w.ArchiveError, match="would point outside"):
+                w.extract_archive(jail2, fs2, io.BytesIO(data), name="x.tar.gz")
+        assert (other / "a" / "b" / "f.txt").read_bytes() == b"hello" * 1000
+        assert (other / "run.sh").stat().st_mode & 0o777 == 0o750
+        assert (other / "empty").is_dir() and os.readlink(other / "inside") == "a/b/f.txt"
+        assert not (other / "zout").is_symlink()
+
+    def test_ignore_rules_follow_gitignore(self):
+        m = w.IgnoreMatcher("# comment\n*.log\n!keep.log\n/cache/\nbuild\ndocs/**/*.tmp\n\\#hash\n")
+        assert m.ignored("x.log") and m.ignored("deep/dir/y.log") and not m.ignored("keep.log")
+        assert m.ignored("cache", is_dir=True) and not m.ignored("cache", is_dir=False)
+        assert not m.ignored("sub/cache", is_dir=True)
+        assert m.ignored("build") and m.ignored("a/build", is_dir=True)
+        assert m.ignored("docs/a/b/c.tmp") and m.ignored("docs/c.tmp") and not m.ignored("c.tmp")
+        assert m.ignored("#hash") and not w.IgnoreMatcher("")
+
+    def test_write_tar_gz_leaves_out_ignored_and_denied_paths(self, box):
+        import io
+        import tarfile
+
+        for rel in ("logs/a.log", "logs/keep.log", "world/level.dat", "x.log", "keep.log", "s.jar"):
+            (box.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (box.root / rel).write_bytes(b"1")
+        box.fs.set_denylist(["*.jar"])
+        out = io.BytesIO()
+        w.write_tar_gz(box.jail, out, ignore="*.log\n!keep.log\n")
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            names = set(tar.getnames())
+        assert names == {"logs", "logs/keep.log", "world", "world/level.dat", "keep.log"}
+
+    def test_write_tar_gz_of_named_files_under_a_root(self, box):
+        import io
+        import tarfile
+
+        (box.root / "d" / "sub").mkdir(parents=True)
+        (box.root / "d" / "one").write_bytes(b"1")
+        (box.root / "d" / "sub" / "two").write_bytes(b"2")
+        (box.root / "d" / "three").write_bytes(b"3")
+        out = io.BytesIO()
+        w.write_tar_gz(box.jail, out, root="/d", files=["one", "sub"])
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            assert set(tar.getnames()) == {"one", "sub", "sub/two"}
+        with pytest.raises(w.PathEscape):
+            w.write_tar_gz(box.jail, io.BytesIO(), root="/d", files=["../../etc"])
+
+    @pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+    def test_each_tar_format_extracts(self, box, compression):
+        data = _tar_bytes(
+            [
+                ({"name": "dir", "type": b"5", "mode": 0o700}, None),
+                ({"name": "dir/f", "mode": 0o640}, b"payload"),
+                ({"name": "l", "type": b"2", "linkname": "dir/f"}, None),
+            ],
+            compression,
+        )
+        seen = self.extract(box, data, name="a.tar" + (f".{compression}" if compression else ""))
+        assert seen == ["dir", "dir/f", "l"]
+        assert (box.root / "dir" / "f").read_bytes() == b"payload"
+        assert (box.root / "dir" / "f").stat().st_mode & 0o777 == 0o640
+        assert os.readlink(box.root / "l") == "dir/f"
+
+    def test_zip_extracts_with_modes_and_directories(self, box):
+        data = _zip_bytes(
+            [("d/", b"", 0o40755), ("d/run.sh", b"#!", 0o100755), ("top.txt", b"t", 0)]
+        )
+        seen = self.extract(box, data, name="a.zip", dest="/into")
+        assert seen == ["into/d", "into/d/run.sh", "into/top.txt"]
+        assert (box.root / "into" / "d" / "run.sh").stat().st_mode & 0o777 == 0o755
+        assert (box.root / "into" / "top.txt").read_bytes() == b"t"
+
+    @pytest.mark.parametrize(
+        "suffix,compress",
+        [
+            (".gz", lambda b: __import__("gzip").compress(b)),
+            (".bz2", lambda b: __import__("bz2").compress(b)),
+            (".xz", lambda b: __import__("lzma").compress(b)),
+        ],
+    )
+    def test_a_single_compressed_file_becomes_its_name_without_the_suffix(
+        self, box, suffix, compress
+    ):
+        seen = self.extract(
+            box, compress(b"line\n" * 1000), name="logs/latest.log" + suffix, dest="/logs"
+        )
+        assert seen == ["logs/latest.log"]
+        assert (box.root / "logs" / "latest.log").read_bytes() == b"line\n" * 1000
+
+    @pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/evil", "C:\\evil"])
+    def test_zip_slip_and_absolute_names_are_refused(self, box, name):
+        for data, archive in (
+            (_zip_bytes([(name, b"x", 0)]), "a.zip"),
+            (_tar_bytes([({"name": name}, b"x")], "gz"), "a.tar.gz"),
+        ):
+            with pytest.raises(w.ArchiveError, match="refused archive entry"):
+                self.extract(box, data, name=archive)
+        assert not (box.outside.parent / "evil").exists() and list(box.root.iterdir()) == []
+
+    def test_links_that_point_out_are_refused_and_nothing_is_written_through_them(self, box):
+        for link in ("../outside", "/tmp", "a/../../outside"):
+            data = _tar_bytes(
+                [
+                    ({"name": "l", "type": b"2", "linkname": link}, None),
+                    ({"name": "l/pwned"}, b"x"),
+                ],
+                "gz",
+            )
+            with pytest.raises(w.ArchiveError, match="would point outside"):
+                self.extract(box, data)
+            assert list(box.outside.iterdir()) == [] and not (box.root / "l").is_symlink()
+        # a hard link to a file outside: its name climbs out, refused
+        data = _tar_bytes([({"name": "h", "type": b"1", "linkname": "../outside/x"}, None)])
+        with pytest.raises(w.ArchiveError, match="refused archive entry"):
+            self.extract(box, data, name="a.tar")
+
+    def test_an_existing_symlink_in_the_server_is_replaced_not_written_through(self, box):
+        (box.outside / "target").write_bytes(b"keep")
+        (box.root / "f").symlink_to(box.outside / "target")  # the game server made this
+        self.extract(box, _tar_bytes([({"name": "f"}, b"new")], "gz"))
+        assert (box.outside / "target").read_bytes() == b"keep"
+        assert not (box.root / "f").is_symlink() and (box.root / "f").read_bytes() == b"new"
+
+    def test_device_files_and_fifos_are_skipped(self, box):
+        data = _tar_bytes(
+            [
+                ({"name": "null", "type": b"3", "devmajor": 1, "devminor": 3}, None),
+                ({"name": "fifo", "type": b"6"}, None),
+                ({"name": "ok"}, b"1"),
+            ]
+        )
+        assert self.extract(box, data, name="a.tar") == ["ok"]
+        assert sorted(p.name for p in box.root.iterdir()) == ["ok"]
+
+    def test_setuid_bits_are_dropped(self, box):
+        self.extract(box, _tar_bytes([({"name": "s", "mode": 0o4755}, b"1")]), name="a.tar")
+        assert (box.root / "s").stat().st_mode & 0o7777 == 0o755
+
+    @pytest.mark.parametrize("kind", ["tar.gz", "zip", "gz"])
+    def test_a_bomb_stops_at_the_disk_limit(self, box, kind):
+        import gzip
+        import io
+        import zipfile
+
+        box.fs.set_limit(3 * 1024 * 1024)
+        big = bytes(20 * 1024 * 1024)  # compresses to ~20 KB
+        if kind == "tar.gz":
+            data = _tar_bytes([({"name": "small"}, b"x" * 1000), ({"name": "bomb"}, big)], "gz")
+        elif kind == "gz":
+            data = gzip.compress(big)
+        else:
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr("bomb", big)
+            data = buf.getvalue()
+            # a zip that lies about its size is still stopped while it is written
+            assert len(data) < 100_000
+        with pytest.raises(w.ArchiveError, match="not enough disk space"):
+            self.extract(box, data, name="bomb." + kind)
+        assert not (box.root / "bomb").exists()  # the partial file is gone
+        assert w.Filesystem(box.root).recalculate() <= 3 * 1024 * 1024
+        assert box.fs.usage_bytes() == w.Filesystem(box.root).recalculate()
+
+    def test_a_zip_whose_header_lies_about_the_size_is_stopped_while_writing(self, box):
+        import zipfile
+
+        box.fs.set_limit(1024 * 1024)
+        data = bytearray(_zip_bytes([("bomb", bytes(5 * 1024 * 1024), 0)]))
+        # patch the declared size (central directory and local header) down to 10 bytes
+        cd = data.rindex(b"PK\x01\x02")
+        struct_pos = cd + 24
+        data[struct_pos : struct_pos + 4] = (10).to_bytes(4, "little")
+        data[22:26] = (10).to_bytes(4, "little")
+        with pytest.raises(w.ArchiveError):
+            self.extract(box, bytes(data), name="a.zip")
+        assert w.Filesystem(box.root).recalculate() <= 1024 * 1024
+        del zipfile
+
+    @pytest.mark.parametrize(
+        "head",
+        [b"7z\xbc\xaf\x27\x1c" + bytes(100), b"Rar!\x1a\x07\x00" + bytes(100), b"plain text"],
+    )
+    def test_7z_rar_and_unknown_data_are_unsupported(self, box, head):
+        with pytest.raises(w.ArchiveError, match="unsupported archive format"):
+            self.extract(box, head, name="a.7z")
+        assert list(box.root.iterdir()) == []
+
+    def test_a_damaged_archive_is_a_clear_error(self, box):
+        data = _tar_bytes([({"name": "f"}, bytes(100_000))], "gz")
+        with pytest.raises(w.ArchiveError, match=r"damaged|cannot extract"):
+            self.extract(box, data[: len(data) // 2])
+
+    def test_extraction_from_a_file_in_the_jail_and_the_denylist(self, box):
+        (box.root / "up.zip").write_bytes(_zip_bytes([("ok.txt", b"1", 0), ("x.jar", b"2", 0)]))
+        box.fs.set_denylist(["*.jar"])
+        fd = box.jail.open("/up.zip", os.O_RDONLY)
+        with (
+            os.fdopen(fd, "rb") as src,
+            pytest.raises(w.ArchiveError, match=r"refused archive entry 'x\.jar'"),
+        ):
+            w.extract_archive(box.jail, box.fs, src, name="up.zip")
+        assert (box.root / "ok.txt").read_bytes() == b"1" and not (box.root / "x.jar").exists()
+
+
+# egg configuration files ##########################################################################
+
+PAPER_PROPERTIES = """#Minecraft server properties
+#Tue Dec 01 17:00:00 UTC 2026
+enable-jmx-monitoring=false
+rcon.port=25575
+level-seed=
+motd=\\u00A7aA Minecraft Server
+query.port=25565
+server-ip=
+# an operator's note in the middle
+server-port=25565
+max-players=20
+"""
+
+BUNGEE_YAML = """# BungeeCord configuration
+player_limit: -1
+listeners:
+- query_port: 25577
+  motd: '&1Another Bungee server'
+  host: 0.0.0.0:25577   # where players connect
+  max_players: 1
+servers:
+  lobby:
+    motd: '&1Just another BungeeCord - Forced Host'
+    address: localhost:25565
+    restricted: false
+  games:
+    address: 10.0.0.5:25566
+    restricted: false
+"""
+
+MURMUR_INI = """; Murmur configuration file.
+;
+; Path to database.
+database=
+;dbDriver=QMYSQL
+
+; How many clients
+users=100
+port=64738
+welcometext="<br />Welcome to this server"
+
+[Ice]
+Ice.Warn.UnknownProperties=1
+Ice.MessageSizeMax=65536
+"""
+
+GAME_XML = """<?xml version="1.0" encoding="utf-8"?>
+<!-- game settings -->
+<Settings>
+  <Server port="1">
+    <Name>Old</Name>
+    <!-- keep me -->
+  </Server>
+  <Maps>
+    <Map>a</Map>
+    <Map>b</Map>
+  </Maps>
+</Settings>
+"""
+
+GAME_JSON = """{
+  "server": {"port": 1234, "bind": "127.0.0.1", "public": false},
+  "worlds": [{"name": "a", "port": 1}, {"name": "b", "port": 2}],
+  "tags": ["x"]
+}
+"""
+
+
+def egg_replace(find: dict) -> list[dict]:
+    """An egg's ``config.files[...].find`` as the Panel sends it (EggConfigurationService):
+    a scalar gives ``{match, replace_with}``, an object one ``{match, if_value, replace_with}``
+    per inner pair."""
+    out = []
+    for match, value in find.items():
+        if isinstance(value, dict):
+            out += [{"match": match, "if_value": k, "replace_with": v} for k, v in value.items()]
+        else:
+            out.append({"match": match, "replace_with": value})
+    return out
+
+
+def replacements(find: dict) -> list[w.Replacement]:
+    return [
+        w.Replacement(r["match"], r["replace_with"], r.get("if_value")) for r in egg_replace(find)
+    ]
+
+
+class TestConfigFileParsers:
+    """Each parser against a realistic file of a real egg: exact bytes after the rewrite."""
+
+    def test_paper_server_properties_keeps_comments_and_order_and_appends_missing_keys(self):
+        find = {
+            "server-ip": "0.0.0.0",
+            "enable-query": "true",
+            "server-port": "25570",
+            "query.port": "25570",
+        }
+        out = w.rewrite_properties(PAPER_PROPERTIES, replacements(find))
+        assert (
+            out
+            == PAPER_PROPERTIES.replace("query.port=25565", "query.port=25570")
+            .replace("server-ip=\n", "server-ip=0.0.0.0\n")
+            .replace("server-port=25565", "server-port=25570")
+            + "enable-query=true\n"
+        )
+
+    def test_properties_values_are_escaped_as_java_writes_them(self):
+        out = w.rewrite_properties("motd=x\n", replacements({"motd": "§bHi: a=b #1"}))
+        assert out == "motd=\\u00A7bHi\\: a\\=b \\#1\n"
+
+    def test_properties_if_value_changes_only_a_matching_value(self):
+        text = "server-ip=127.0.0.1\nother=1\n"
+        find = {"server-ip": {"127.0.0.1": "0.0.0.0"}, "other": {"2": "3"}, "absent": {"x": "y"}}
+        assert w.rewrite_properties(text, replacements(find)) == "server-ip=0.0.0.0\nother=1\n"
+
+    def test_bungeecord_yaml_is_edited_in_place_with_comments_kept(self):
+        find = {
+            "listeners[0].query_port": "25599",
+            "listeners[0].host": "0.0.0.0:25599",
+            "servers.*.address": {
+                "regex:^(127\\.0\\.0\\.1|localhost)(:\\d{1,5})?$": "172.18.0.1$2"
+            },
+        }
+        out = w.rewrite_yaml(BUNGEE_YAML, replacements(find))
+        assert out == (
+            BUNGEE_YAML.replace("query_port: 25577", "query_port: 25599")
+            .replace("host: 0.0.0.0:25577", "host: 0.0.0.0:25599")
+            .replace("address: localhost:25565", "address: 172.18.0.1:25565")
+        )
+        assert yaml.safe_load(out)["listeners"][0]["query_port"] == 25599  # still a number
+
+    def test_yaml_that_needs_a_new_key_is_dumped_with_the_values_and_their_types(self):
+        out = w.rewrite_yaml("a: 1\n", replacements({"b.c": "7", "d": True, "e": "x"}))
+        assert yaml.safe_load(out) == {"a": 1, "b": {"c": 7}, "d": True, "e": "x"}
+
+    def test_mumble_murmur_ini_sets_keys_before_the_first_section(self):
+        find = {
+            "database": "/home/container/murmur.sqlite",
+            "logfile": "/home/container/murmur.log",
+            "port": "64800",
+            "host": "",
+            "users": "50",
+        }
+        out = w.rewrite_ini(MURMUR_INI, replacements(find))
+        assert out == (
+            MURMUR_INI.replace("database=\n", "database=/home/container/murmur.sqlite\n")
+            .replace("users=100", "users=50")
+            .replace("port=64738", "port=64800")
+            .replace(
+                'server"\n',
+                'server"\nlogfile=/home/container/murmur.log\nhost=\n',
+            )
+        )
+
+    def test_ini_section_keys_and_a_new_section(self):
+        text = "[Ice]\nIce.MessageSizeMax=65536 \n"
+        find = {"Ice.Ice.MessageSizeMax": "1024", "Extra.key": "v"}
+        out = w.rewrite_ini(text, replacements(find))
+        assert out == "[Ice]\nIce.MessageSizeMax=1024\n[Extra]\nkey=v\n"
+
+    def test_source_cfg_with_the_file_parser_replaces_whole_lines_and_keeps_crlf(self):
+        text = '// server.cfg\r\nhostname "Old Name"\r\nrcon_password "secret"\r\nsv_password "x"'
+        find = {"hostname": 'hostname "My Server"', "sv_password": 'sv_password ""'}
+        out = w.rewrite_plain_file(text, replacements(find))
+        assert (
+            out
+            == '// server.cfg\r\nhostname "My Server"\r\nrcon_password "secret"\r\nsv_password ""'
+        )
+
+    def test_json_paths_indexes_wildcards_and_types(self):
+        find = {
+            "server.port": "27015",
+            "server.bind": {"127.0.0.1": "0.0.0.0"},
+            "server.public": True,
+            "worlds.*.host": "172.18.0.1",
+            "worlds[1].port": "27016",
+            "motd": "25",
+            "admins[0]": "alice",
+            "tags[0]": "y",
+        }
+        data = json.loads(w.rewrite_json(GAME_JSON, replacements(find)))
+        assert data == {
+            "server": {"port": 27015, "bind": "0.0.0.0", "public": True},
+            "worlds": [
+                {"name": "a", "port": 1, "host": "172.18.0.1"},
+                {"name": "b", "port": 27016, "host": "172.18.0.1"},
+            ],
+            "tags": ["y"],
+            "motd": 25,
+            "admins": ["alice"],
+        }
+
+    def test_json_keeps_the_files_indent_and_leaves_an_unchanged_file_alone(self):
+        out = w.rewrite_json('{\n  "a": "x"\n}\n', replacements({"a": "y"}))
+        assert out == '{\n  "a": "y"\n}\n'
+        same = '{"a":   "x"}'
+        assert w.rewrite_json(same, replacements({"a": "x"})) is same
+
+    def test_xml_elements_attributes_and_wildcards_keep_comments_and_prolog(self):
+        find = {"Settings.Server.Name": "New", "Settings.Server": "[port='27016']"}
+        find2 = {"Settings.Maps.*": "c"}
+        out = w.rewrite_xml(GAME_XML, replacements(find) + replacements(find2))
+        assert out == (
+            GAME_XML.replace('port="1"', 'port="27016"')
+            .replace(">Old<", ">New<")
+            .replace(">a<", ">c<")
+            .replace(">b<", ">c<")
+        )
+
+    def test_xml_creates_missing_elements(self):
+        out = w.rewrite_xml(GAME_XML, replacements({"Settings.Server.Query.Port": "27017"}))
+        assert "<Query>\n      <Port>27017</Port>\n    </Query>" in out
+        assert "<!-- keep me -->" in out and out.startswith('<?xml version="1.0"')
+
+    def test_node_placeholders_come_from_the_node_config(self, tmp_path):
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        ph = w.NodePlaceholders(config)
+        assert ph.fill("{{config.docker.network.interface}}:1") == "172.18.0.1:1"
+        assert ph.fill("{{config.docker.interface}}") == "172.18.0.1"  # legacy spelling
+        assert ph.fill("{{ config.api.port }}") == str(config.get("api.port"))
+        assert ph.fill("{{config.no.such.key}}") == "{{config.no.such.key}}"
+        assert ph.fill(25565) == 25565
+
+
+def _write_config_doc(doc: dict, configs: list[dict]) -> dict:
+    doc["process_configuration"]["configs"] = configs
+    return doc
+
+
+NC_GAME = (
+    "P=$(grep '^server-port=' server.properties | cut -d= -f2); "
+    'echo "listening on $P"; echo ready; exec nc -l -p "$P"'
+)
+
+
+class TestConfigFilesOnStart:
+    """Config files written by a real start of a real container."""
+
+    def _add(self, docker_servers, configs, **options) -> str:
+        doc = _write_config_doc(docker_document(**options), configs)
+        uuid = docker_servers.panel.add(doc)
+        docker_servers.uuids.append(uuid)
+        return uuid
+
+    def test_an_allocation_change_reaches_the_game_through_server_properties(self, docker_servers):
+        port = free_port()
+        props = [{"parser": "properties", "file": "server.properties", "replace": []}]
+        uuid = self._add(
+            docker_servers, props, startup=NC_GAME, port=port, stop=("signal", "SIGKILL")
+        )
+        doc = docker_servers.panel.servers[uuid]
+
+        def egg_values(p: int) -> None:
+            doc["process_configuration"]["configs"][0]["replace"] = egg_replace(
+                {"server-ip": "0.0.0.0", "server-port": str(p), "query.port": str(p)}
+            )
+
+        egg_values(port)
+        daemon = docker_servers.boot()
+        root = daemon.get_server(uuid).fs.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "server.properties").write_text(PAPER_PROPERTIES)
+        docker_servers.start(uuid)
+        docker_servers.wait_console(uuid, f"listening on {port}")
+        console = docker_servers.console(uuid)
+        assert any("Updating process configuration files..." in line for line in console)
+
+        new_port = free_port()
+        doc["settings"]["allocations"] = {
+            "force_outgoing_ip": False,
+            "default": {"ip": "127.0.0.1", "port": new_port},
+            "mappings": {"127.0.0.1": [new_port]},
+        }
+        egg_values(new_port)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "restart"})[0] == 202
+        docker_servers.wait_console(uuid, f"listening on {new_port}", timeout_s=30)
+        assert (root / "server.properties").read_text() == (
+            PAPER_PROPERTIES.replace("query.port=25565", f"query.port={new_port}")
+            .replace("server-ip=\n", "server-ip=0.0.0.0\n")
+            .replace("server-port=25565", f"server-port={new_port}")
+        )
+
+        # the game really listens on the new port, reached through the new port binding
+        def sent() -> bool:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", new_port), timeout=2) as conn,
+            ):
+                conn.sendall(b"hello-new-port\n")
+                time.sleep(0.2)
+            return any("hello-new-port" in line for line in docker_servers.console(uuid))
+
+        wait_until(sent, 20, "the game to receive data on its new port", interval_s=0.5)
+
+    def test_a_symlink_out_and_a_fifo_are_not_touched_and_the_start_goes_on(
+        self, docker_servers, tmp_path
+    ):
+        outside = tmp_path / "outside.properties"
+        outside.write_text("server-port=1\n")
+        configs = [
+            {
+                "parser": "properties",
+                "file": "link.properties",
+                "replace": egg_replace({"server-port": "2"}),
+            },
+            {"parser": "yaml", "file": "fifo.yml", "replace": egg_replace({"a": "b"})},
+            {"parser": "json", "file": "nested/dir/new.json", "replace": egg_replace({"a.b": "3"})},
+        ]
+        uuid = self._add(docker_servers, configs)
+        daemon = docker_servers.boot()
+        root = daemon.get_server(uuid).fs.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "link.properties").symlink_to(outside)
+        os.mkfifo(root / "fifo.yml")
+        docker_servers.start(uuid)
+        assert outside.read_text() == "server-port=1\n"
+        assert (root / "link.properties").is_symlink()
+        assert stat.S_ISFIFO(os.lstat(root / "fifo.yml").st_mode)
+        assert json.loads((root / "nested/dir/new.json").read_text()) == {"a": {"b": 3}}
+        console = "\n".join(docker_servers.console(uuid))
+        assert "Failed to update configuration file link.properties" in console
+        assert "Failed to update configuration file fifo.yml: it is not a regular file" in console
+
+    def test_a_rewrite_that_would_pass_the_disk_limit_is_refused(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        (root / "big.properties").write_text("a=1\n")
+        fs = w.Filesystem(root, limit_bytes=4096)
+        fs.recalculate()
+        configs = [w.ConfigFile("big.properties", "properties", (w.Replacement("a", "x" * 8192),))]
+        said: list[str] = []
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        with w.Jail(root) as jail:
+            writer = w.ConfigFileWriter(
+                jail, w.NodePlaceholders(config), fs.reserve, lambda n: fs.add_usage(-n)
+            )
+            assert writer.apply(configs, said.append) == ["big.properties"]
+        assert said == [
+            "Failed to update configuration file big.properties: there is not enough disk space"
+        ]
+        assert (root / "big.properties").read_text() == "a=1\n"
+        assert [p.name for p in root.iterdir()] == ["big.properties"]  # no temp file left
 
 
 # session table ####################################################################################
@@ -1606,6 +2031,120 @@ class TestBoot:
         finally:
             d1.stop_all()
             d2.stop_all()
+
+
+# Panel stand-in ###################################################################################
+
+
+def panel_call(panel: FakePanel, method: str, path: str, body=None, token: str | None = None):
+    """One request to the Panel stand-in as Wings makes it: (status, headers, JSON or raw body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", panel.port, timeout=10)
+    headers = {"Authorization": f"Bearer {token or f'{TOKEN_ID}.{TOKEN}'}"}
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    is_json = resp.getheader("Content-Type", "").startswith("application/json")
+    parsed = json.loads(payload) if payload and is_json else payload
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
+
+
+class TestPanelStandIn:
+    """The remote routes the stand-in serves for the features, answering as the Panel does."""
+
+    def test_install_script_and_status(self, panel):
+        uuid = panel.add(panel_document())
+        panel.install_scripts[uuid] = {"container_image": "x", "entrypoint": "sh", "script": None}
+        assert panel_call(panel, "GET", f"/api/remote/servers/{uuid[:8]}/install")[2] == {
+            "container_image": "x",
+            "entrypoint": "sh",
+            "script": None,
+        }
+        status, _, body = panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", {})
+        assert status == 422 and body["errors"][0]["meta"]["source_field"] == "successful"
+        report = {"successful": False, "reinstall": True}
+        assert panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", report)[0] == 204
+        assert panel.status[uuid] == "reinstall_failed"
+        assert panel.requests[-1].body == report and panel.requests[-1].method == "POST"
+        assert panel_call(panel, "GET", "/api/remote/servers/nope/install")[0] == 404
+
+    def test_backup_upload_parts_status_and_restore(self, panel):
+        uuid = panel.add(panel_document())
+        backup = panel.add_backup(uuid)
+        panel.backup_part_size = 10
+        assert panel_call(panel, "GET", f"/api/remote/backups/{backup}")[0] == 400
+        status, _, body = panel_call(panel, "GET", f"/api/remote/backups/{backup}?size=25")
+        assert status == 200 and body["part_size"] == 10 and len(body["parts"]) == 3
+        assert panel.requests[-1].query == {"size": "25"}
+        part = urllib.parse.urlsplit(body["parts"][0]).path
+        status, headers, _ = panel_call(panel, "PUT", part, b"0123456789")
+        assert status == 200 and headers["etag"] and panel.uploads[(backup, 1)] == b"0123456789"
+        done = {"successful": True, "checksum": "ab", "checksum_type": "sha1", "size": 25}
+        path = f"/api/remote/backups/{backup}"
+        assert panel_call(panel, "POST", path, {"successful": True})[0] == 422
+        assert panel_call(panel, "POST", path, done)[0] == 204
+        assert panel_call(panel, "POST", path, done)[0] == 400  # already completed
+        panel.status[uuid] = "restoring_backup"
+        assert panel_call(panel, "POST", path + "/restore", {"successful": True})[0] == 204
+        assert panel.status[uuid] is None
+        assert panel_call(panel, "POST", "/api/remote/backups/nope/restore", done)[0] == 404
+
+    def test_transfer_outcome_needs_an_active_transfer(self, panel):
+        uuid = panel.add(panel_document())
+        path = f"/api/remote/servers/{uuid}/transfer/success"
+        status, _, body = panel_call(panel, "POST", path)
+        assert status == 409 and body["errors"][0]["detail"] == "Server is not being transferred."
+        panel.transfers[uuid] = None
+        assert panel_call(panel, "GET", path)[0] == 204 and panel.transfers[uuid] is True
+
+    def test_activity_keeps_server_events_of_this_node(self, panel):
+        uuid = panel.add(panel_document())
+        item = {"server": uuid, "event": "server:sftp.write", "metadata": None, "timestamp": "t"}
+        other = {**item, "server": str(uuidlib.uuid4())}
+        status, _, body = panel_call(
+            panel, "POST", "/api/remote/activity", {"data": [item, other, {**item, "event": "x"}]}
+        )
+        assert status == 200 and body == b"" and panel.activity == [item]
+        bad = {"data": [{"server": uuid, "event": "server:x", "timestamp": "t"}]}
+        assert panel_call(panel, "POST", "/api/remote/activity", bad)[0] == 422
+
+    def test_container_status_and_unknown_routes(self, panel):
+        uuid = panel.add(panel_document())
+        body = {"data": {"new_state": "running"}}
+        path = f"/api/remote/servers/{uuid}/container/status"
+        assert panel_call(panel, "POST", path, body)[0] == 204
+        assert panel.container_states[uuid] == "running"
+        status, headers, _ = panel_call(panel, "PUT", path, body)
+        assert status == 405 and headers["allow"] == "POST"
+        assert panel_call(panel, "GET", "/api/remote/nothing")[0] == 404
+        assert panel_call(panel, "GET", "/api/remote/nothing", token="no-dot")[0] == 400
+
+    def test_sftp_auth_refuses_servers_in_a_blocking_state(self, panel):
+        uuid = panel.add(panel_document())
+        panel.sftp_users[("alice.smith", "pw")] = ["*"]
+        login = {"username": f"alice.smith.{uuid[:8]}", "password": "pw"}
+        assert panel_call(panel, "POST", "/api/remote/sftp/auth", login)[2]["server"] == uuid
+        panel.status[uuid] = "installing"
+        status, _, body = panel_call(panel, "POST", "/api/remote/sftp/auth", login)
+        assert status == 409 and "installation" in body["errors"][0]["detail"]
+        assert (
+            panel_call(panel, "POST", "/api/remote/sftp/auth", {**login, "password": ""})[0] == 422
+        )
+
+    def test_a_subclass_adds_a_route(self):
+        class Extended(FakePanel):
+            ROUTES = (*FakePanel.ROUTES, w.PanelRoute("GET", r"/api/remote/ping", "ping"))
+
+            def route_ping(self, h, req):
+                h.send_json(200, {"pong": req.query.get("n")})
+
+        panel = Extended()
+        try:
+            assert panel_call(panel, "GET", "/api/remote/ping?n=1")[2] == {"pong": "1"}
+            assert panel_call(panel, "GET", "/api/remote/ping", token="a.b")[0] == 403
+        finally:
+            panel.close()
 
 
 # CLI: --demo ######################################################################################
@@ -4077,7 +4616,7 @@ class TestSftpLogin:
             lambda: daemon.sessions.count(server.uuid, "sftp") == 0,
             what="the session to leave the table",
         )
-        sent = [r for r in panel.requests if r[1] == "/api/remote/sftp/auth"]
+        sent = [r for r in panel.requests if r.path == "/api/remote/sftp/auth"]
         assert sent, "the Panel was not asked"
 
     def test_public_key_login_sends_the_authorized_keys_line(self, panel, make_daemon, tmp_path):
@@ -4621,6 +5160,137 @@ class TestSftpResourceLimits:
             assert len(client.listdir("many")) == 400
 
 
+# activity #########################################################################################
+
+ACTIVITY_USER = "c0ffee00-1111-4222-8333-444455556666"
+_RFC3339_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def activity_events(panel, event_prefix: str = "server:", count: int = 1, timeout_s: float = 15):
+    """The events the fake Panel accepted whose name starts with ``event_prefix`` (waits for them)."""
+
+    def found():
+        with panel.lock:
+            items = [e for e in panel.activity if e["event"].startswith(event_prefix)]
+        return items if len(items) >= count else None
+
+    return wait_for(found, timeout_s, 0.05, f"{count} {event_prefix!r} activity event(s)")
+
+
+class TestActivity:
+    """Activity reaches the Panel's ``/activity`` with Wings' names and fields, exactly once."""
+
+    def test_console_command_and_power_from_the_websocket(self, console_node, panel):
+        import re
+
+        daemon = console_node(system__activity_send_interval=1)
+        conn, _ = ws_authed(daemon, daemon.uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            ws_send(conn, "send command", "say hello")
+            ws_until(conn, "console output", match="> say hello")
+        power = activity_events(panel, "server:power.")
+        command = activity_events(panel, "server:console.command")
+        assert power[0]["event"] == "server:power.start" and power[0]["metadata"] is None
+        assert command[0]["metadata"] == {"command": "say hello"}
+        for event in (power[0], command[0]):
+            assert set(event) == {"user", "server", "event", "metadata", "ip", "timestamp"}
+            assert event["user"] == ACTIVITY_USER and event["server"] == daemon.uuid
+            assert event["ip"] == "127.0.0.1"  # no port: the Panel refuses a batch over one
+            assert re.match(_RFC3339_Z, event["timestamp"])
+
+    def test_power_action_that_fails_and_http_power_are_not_recorded(self, console_node, panel):
+        daemon = console_node(system__activity_send_interval=3600)
+        conn, _ = ws_authed(daemon, daemon.uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            ws_send(conn, "set state", "start")  # already running: the action fails
+            ws_until(conn, "daemon error")
+        status, _, _ = api(daemon, "POST", f"/api/servers/{daemon.uuid}/power", {"action": "kill"})
+        assert status == 202
+        wait_for(lambda: daemon.get_server(daemon.uuid).state == w.OFFLINE, what="killed")
+        daemon.activity.send_pending()
+        # Only the start that worked; the Panel logs its own HTTP power calls itself.
+        assert [e["event"] for e in panel.activity] == ["server:power.start"]
+
+    @needs_paramiko
+    def test_sftp_operations_are_recorded_and_merged_per_minute(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, system__activity_send_interval=3600)
+        with sftp_client(daemon, server) as client:
+            for name in ("a.txt", "b.txt"):
+                with client.open(name, "w") as f:
+                    f.write(b"new")
+            with client.open("a.txt", "w") as f:
+                f.write(b"again")
+            client.mkdir("dir")
+            client.rename("b.txt", "dir/b.txt")
+            client.remove("a.txt")
+            with pytest.raises(OSError):
+                client.remove("missing.txt")  # failed operations are not activity
+        assert daemon.activity.send_pending() >= 5
+        by_event = {e["event"]: e for e in panel.activity}
+        assert by_event["server:sftp.create"]["metadata"] == {"files": ["/a.txt", "/b.txt"]}
+        assert by_event["server:sftp.write"]["metadata"] == {"files": ["/a.txt"]}
+        assert by_event["server:sftp.create-directory"]["metadata"] == {"files": ["/dir"]}
+        assert by_event["server:sftp.rename"]["metadata"] == {
+            "files": [{"from": "/b.txt", "to": "/dir/b.txt"}]
+        }
+        assert by_event["server:sftp.delete"]["metadata"] == {"files": ["/a.txt"]}
+        assert len(panel.activity) == 5  # two creates within a minute are one event
+        assert all(
+            e["user"] == panel.user_uuid and e["ip"] == "127.0.0.1" and e["server"] == server.uuid
+            for e in panel.activity
+        )
+        assert daemon.activity.pending() == 0
+
+    def test_panel_down_two_intervals_and_a_restart_delivers_each_event_once(
+        self, panel, make_daemon
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, system__activity_send_interval=1, system__activity_send_count=3)
+        server = daemon.get_server(uuid)
+        panel.down = True
+        for n in range(4):
+            server.record_activity(
+                w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "10.0.0.1:5", {"n": n}
+            )
+        wait_for(lambda: panel.calls.get("/api/remote/activity", 0) >= 2, 20, what="two rounds")
+        daemon.stop()  # restart while the Panel is still down
+        for n in range(4, 7):
+            daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "::1", {"n": n})
+        assert panel.activity == []
+        restarted = make_daemon(panel, boot=False, system__activity_send_interval=1)
+        assert restarted.activity.pending() == 7
+        panel.down = False
+        events = activity_events(panel, count=7)
+        wait_for(lambda: restarted.activity.pending() == 0, what="the queue to empty")
+        time.sleep(2.5)  # two more rounds: nothing is sent a second time
+        assert sorted(e["metadata"]["n"] for e in panel.activity) == list(range(7))
+        assert {e["ip"] for e in events} == {"10.0.0.1", "::1"}
+
+    def test_a_batch_the_panel_refuses_is_dropped_not_resent(self, panel, make_daemon, caplog):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, system__activity_send_interval=3600)
+        daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, None, {"command": "x"})
+        panel.fail["/api/remote/activity"] = [422]
+        with caplog.at_level(logging.ERROR, logger="wingslite"):
+            daemon.activity.send_pending()
+        assert "refused 1 event(s), dropped" in caplog.text
+        assert daemon.activity.pending() == 0 and panel.activity == []
+        daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, "not an ip", {})
+        assert daemon.activity.send_pending() == 1
+        assert panel.activity[0]["ip"] is None and panel.activity[0]["user"] is None
+
+    def test_addresses_and_timestamps_in_the_panels_forms(self):
+        assert w.activity_ip("203.0.113.9:51234") == "203.0.113.9"
+        assert w.activity_ip("[2001:db8::1]:22") == "2001:db8::1"
+        assert w.activity_ip("2001:db8::1") == "2001:db8::1"
+        assert w.activity_ip("") is None and w.activity_ip("host.example:22") is None
+        assert w.activity_timestamp(0) == "1970-01-01T00:00:00Z"
+
+
 # file manager #####################################################################################
 
 FM_LIMIT_MB = 2
@@ -4922,6 +5592,126 @@ class TestFileManager:
         # A rewrite costs only its growth, as in Wings.
         assert fm_write(daemon, server, "/keep.bin", b"n" * (limit // 2))[0] == 204
         assert server.fs.recalculate() == limit // 2 + 1000
+
+    def test_compress_and_decompress(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        (root / "world" / "region").mkdir(parents=True)
+        (root / "world" / "level.dat").write_bytes(b"L" * 3000)
+        (root / "world" / "region" / "r.0.0.mca").write_bytes(b"R" * 5000)
+        (root / "world" / "link").symlink_to("level.dat")
+        (root / "server.properties").write_text("motd=hi\n")
+        server.fs.recalculate()
+        body = {"root": "/", "files": ["world", "server.properties"]}
+        status, _, info = api(daemon, "POST", fm_path(server, "compress"), body)
+        assert status == 200 and set(info) == FM_STAT_KEYS
+        assert re.match(r"^archive-\d{4}-\d\d-\d\dT\d{6}Z\.tar\.gz$", info["name"])
+        assert info["mime"] == "application/tar+gzip" and info["size"] > 0
+        archive = root / info["name"]
+        with tarfile.open(archive) as tar:
+            assert {"world/level.dat", "world/region/r.0.0.mca", "server.properties"} <= set(
+                tar.getnames()
+            )
+        (root / "restore").mkdir()
+        os.rename(archive, root / "restore" / "a.tar.gz")
+        body = {"root": "/restore", "file": "a.tar.gz"}
+        assert api(daemon, "POST", fm_path(server, "decompress"), body)[0] == 204
+        assert (root / "restore/world/region/r.0.0.mca").read_bytes() == b"R" * 5000
+        assert os.readlink(root / "restore/world/link") == "level.dat"
+        assert (root / "restore/server.properties").read_text() == "motd=hi\n"
+        with zipfile.ZipFile(root / "mods.zip", "w") as zf:
+            zf.writestr("mods/a.jar", b"A" * 100)
+            zf.writestr("readme.txt", "hello")
+        (root / "readme.txt").write_text("old")  # overwritten by the archive, as Wings
+        with gzip.open(root / "latest.log.gz", "wb") as gz:
+            gz.write(b"[INFO] log\n")
+        server.fs.recalculate()
+        for name in ("mods.zip", "latest.log.gz"):
+            assert (
+                api(daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": name})[0]
+                == 204
+            )
+        assert (root / "mods/a.jar").read_bytes() == b"A" * 100
+        assert (root / "readme.txt").read_text() == "hello"
+        assert (root / "latest.log").read_bytes() == b"[INFO] log\n"
+        (root / "x.7z").write_bytes(b"7z\xbc\xaf\x27\x1c" + b"\x00" * 100)
+        server.fs.recalculate()
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": "x.7z"}
+        )
+        assert status == 400 and "unsupported archive format" in answer["error"]
+        status, _, _ = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": "no.zip"}
+        )
+        assert status == 404
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+        assert not list(root.rglob(".wingslite-*"))
+
+    def test_archive_escapes_and_bombs_change_nothing(self, panel, make_daemon, tmp_path):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["/config/secret.yml"])
+        root = server.fs.root
+        (root / "config").mkdir()
+        (root / "config" / "secret.yml").write_text("pw: 1")
+
+        def tar_with(path, *entries):
+            with tarfile.open(path, "w:gz") as tar:
+                for name, kind, data in entries:
+                    info = tarfile.TarInfo(name)
+                    if kind == "sym":
+                        info.type, info.linkname = tarfile.SYMTYPE, data
+                        tar.addfile(info)
+                    else:
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+
+        good = ("fine.txt", "file", b"ok")
+        (root / "sub").mkdir()
+        tar_with(root / "dotdot.tgz", good, ("../../evil.txt", "file", b"x"))
+        tar_with(root / "abs.tgz", good, ("/etc/evil.txt", "file", b"x"))
+        tar_with(root / "linkout.tgz", good, ("out", "sym", "../../../.."))
+        tar_with(root / "linkabs.tgz", good, ("out", "sym", "/etc"))
+        tar_with(root / "deny.tgz", good, ("config/secret.yml", "file", b"pw: stolen"))
+        tar_with(
+            root / "sub/linkup.tgz", good, ("up", "sym", "../..")
+        )  # fine in a staging dir, not in /sub
+        with zipfile.ZipFile(root / "slip.zip", "w") as zf:
+            zf.writestr("fine.txt", b"ok")
+            zf.writestr("../../evil.txt", b"x")
+        limit = FM_LIMIT_MB * 1048576
+        with gzip.open(root / "bomb.gz", "wb") as gz:
+            gz.write(b"\x00" * (limit * 3))
+        with tarfile.open(root / "bomb.tar.xz", "w:xz") as tar:
+            info = tarfile.TarInfo("zeros.bin")
+            info.size = limit * 3
+            tar.addfile(info, io.BytesIO(b"\x00" * info.size))
+        server.fs.recalculate()
+        before = tree_snapshot(tmp_path)
+        for name, expected in (
+            ("dotdot.tgz", 400),
+            ("abs.tgz", 400),
+            ("linkout.tgz", 400),
+            ("linkabs.tgz", 400),
+            ("deny.tgz", 403),
+            ("sub/linkup.tgz", 400),
+            ("slip.zip", 400),
+            ("bomb.gz", 400),
+            ("bomb.tar.xz", 400),
+        ):
+            parent, _, file = name.rpartition("/")
+            body = {"root": "/" + parent, "file": file}
+            status, _, answer = api(daemon, "POST", fm_path(server, "decompress"), body)
+            assert status == expected, (name, status, answer)
+            assert status != 204, name
+            assert tree_snapshot(tmp_path) == before, name
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+        # An archive that does not fit is refused and leaves nothing behind.
+        (root / "filler.bin").write_bytes(os.urandom(limit - 200_000))
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        body = {"root": "/", "files": ["filler.bin"]}
+        status, _, answer = api(daemon, "POST", fm_path(server, "compress"), body)
+        assert status == 400 and answer["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(root) == before
 
     def test_a_50_mib_write_is_streamed(self, panel, make_daemon):
         daemon, server = _fm_daemon(panel, make_daemon, disk_mb=0)
@@ -5889,10 +6679,10 @@ def _streaming_route(panel: FakePanel, path: str, answer):
     """Make ``panel`` answer ``GET path`` with ``answer(handler)``; other paths as before."""
     original = panel.route
 
-    def route(h, method, p, query, body):
-        if p == path:
+    def route(h, req):
+        if req.path == path:
             return answer(h)
-        return original(h, method, p, query, body)
+        return original(h, req)
 
     panel.route = route
 
