@@ -41,8 +41,12 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            ``ConsolePipeline`` (done detection)
     session table          ``SessionTable``: every websocket and SFTP session; ``Revocations``
     websocket              ``WebSocket`` (RFC 6455), ``decode_jwt``, ``ConsoleSocket`` (Wings'
-                           console protocol), ``serve_websocket``
+                           console protocol), ``serve_websocket``; ``SignedUrls`` (the browser's
+                           one-time download/upload tokens)
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
+    file manager           ``FileManagerRoutes`` (the Panel's Files tab, signed downloads and
+                           uploads), ``StagedFile`` (metered writes renamed into place),
+                           ``MultipartReader``, ``Pull``/``Pulls`` (downloads from a URL)
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
     daemon                 ``ConfigStore``, ``Server`` (one game server: its lock, the sync, power,
                            crash detection), ``Daemon`` (boot, servers, system info)
@@ -8509,7 +8513,7 @@ class FileManagerRoutes:
         read, _ = self._body_reader()
         with self._jail(server, denylist=True) as jail, fs_errors():
             try:
-                for headers, chunks in MultipartReader(read, boundary).parts():
+                for headers, chunks in MultipartReader(read, boundary, FM_CHUNK_BYTES).parts():
                     form = form_disposition(headers.get("content-disposition", ""))
                     if form.get("name") != "files" or "filename" not in form:
                         continue
