@@ -481,6 +481,155 @@ class TestPanelClient:
             client.get_server(uuid)
 
 
+class ScriptedHttp:
+    """A loopback HTTP peer whose every connection is handed to ``script(sock, request_bytes)``:
+    for answers no well-behaved server gives (redirects, trickles, lies). ``requests`` keeps the
+    raw request heads it received."""
+
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        with sock:
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+            self.requests.append(head)
+            with contextlib.suppress(OSError):
+                self.script(sock, head)
+
+    def close(self):
+        self.stopping = True
+        self.listener.close()
+
+
+@pytest.fixture
+def scripted():
+    peers = []
+
+    def make(script):
+        peers.append(ScriptedHttp(script))
+        return peers[-1]
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+class TestPanelClientHostile:
+    """A Panel (or whatever answers in its place) that lies, redirects or trickles."""
+
+    def client(self, url, budget_s=2.0, **kwargs):
+        return w.PanelClient(
+            url, TOKEN_ID, TOKEN, budget_s=budget_s, retry_initial_s=0.01, **kwargs
+        )
+
+    def lying_pages(self, panel, **meta_changes):
+        honest = panel.page
+
+        def page(query):
+            doc = honest(query)
+            doc["meta"].update(meta_changes)
+            if "total" in meta_changes and meta_changes["total"] is None:
+                del doc["meta"]["total"]
+            return doc
+
+        panel.page = page
+
+    def test_a_last_page_that_does_not_fit_the_total_is_refused_before_any_page_is_queued(
+        self, panel
+    ):
+        for _ in range(4):
+            panel.add(panel_document())
+        self.lying_pages(panel, last_page=500)
+        with pytest.raises(w.PanelError, match=r"meta\.last_page 500 does not fit meta\.total 4"):
+            self.client(panel.url).list_servers(per_page=50)
+        assert panel.calls["/api/remote/servers"] == 1
+
+    def test_more_pages_than_max_panel_pages_is_a_clear_error(self, panel):
+        panel.add(panel_document())
+        self.lying_pages(panel, last_page=3_000_000, total=None)
+        with pytest.raises(w.PanelError, match=r"3000000 pages.*at most 1000 \(wingslite.max"):
+            self.client(panel.url).list_servers(per_page=50)
+        assert panel.calls["/api/remote/servers"] == 1
+
+    def test_the_first_empty_page_ends_the_list_and_only_a_few_pages_are_in_flight(self, panel):
+        uuids = {panel.add(panel_document()) for _ in range(4)}
+        self.lying_pages(panel, last_page=900, total=None)
+        items = self.client(panel.url).list_servers(per_page=2, concurrency=3)
+        assert {i["settings"]["uuid"] for i in items} == uuids
+        # pages 1-2 hold the servers, page 3 is empty: at most `concurrency` asked beyond it
+        assert 3 <= panel.calls["/api/remote/servers"] <= 3 + 3
+
+    def test_max_panel_pages_comes_from_the_config(self, panel, tmp_path):
+        config = w.Config(node_config(tmp_path, panel.url, wingslite__max_panel_pages=2), "t")
+        client = w.PanelClient.from_config(config)
+        for _ in range(5):
+            panel.add(panel_document())
+        with pytest.raises(w.PanelError, match="3 pages; wingslite reads at most 2"):
+            client.list_servers(per_page=2)
+
+    def test_a_redirect_to_another_origin_is_refused_and_never_carries_the_token(self, scripted):
+        elsewhere = scripted(
+            lambda sock, head: sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        )
+        redirect = (
+            f"HTTP/1.1 302 Found\r\nLocation: {elsewhere.url}/steal\r\nContent-Length: 0\r\n\r\n"
+        )
+        panel = scripted(lambda sock, head: sock.sendall(redirect.encode()))
+        with pytest.raises(w.PanelError) as info:
+            self.client(panel.url).get_server("x")
+        assert info.value.http_status == 302 and f"{elsewhere.url}/steal" in info.value.message
+        assert "redirect" in info.value.message
+        assert len(panel.requests) == 1, "a redirect is final, not retried"
+        assert elsewhere.requests == []
+
+    def test_a_trickled_body_is_cut_at_the_budget(self, scripted):
+        def trickle(sock, head):
+            body = b'{"settings": {}}' + b" " * 200
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)  # each read is far inside any per-read timeout
+
+        panel = scripted(trickle)
+        started = time.monotonic()
+        with pytest.raises(w.PanelError, match="did not answer within"):
+            self.client(panel.url, budget_s=1.0).get_server("x")
+        # 21 s of trickle; the budget (retries included) ends the call long before
+        assert time.monotonic() - started < 10
+
+    def test_trickled_headers_are_cut_at_the_budget(self, scripted):
+        def trickle(sock, head):
+            for line in [b"HTTP/1.1 200 OK\r\n"] + [b"X-Pad-%d: y\r\n" % i for i in range(60)]:
+                sock.sendall(line)
+                time.sleep(0.25)
+            sock.sendall(b"Content-Length: 2\r\n\r\n{}")
+
+        panel = scripted(trickle)
+        started = time.monotonic()
+        with pytest.raises(w.PanelError, match="did not answer within"):
+            self.client(panel.url, budget_s=1.0).get_server("x")
+        assert time.monotonic() - started < 10
+
+
 # server model #####################################################################################
 
 
@@ -1574,8 +1723,9 @@ class TestHttpApi:
             status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
         )
         assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
+        # A repeated create is a sync, as in Wings (the duplicate-create test covers the files).
         status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
-        assert status == 409
+        assert status == 202
         assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
         status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
         assert status == 204 and uuid not in daemon.servers
@@ -1708,7 +1858,10 @@ class TestSync:
         mutate(panel.servers[uuid]["settings"])
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 500 and field in body["error"], body
-        assert self.snapshot(daemon, uuid) == before
+        # Only the record changes: it shows the refusal on GET /api/servers/:server.
+        assert self.snapshot(daemon, uuid)[:3] == before[:3]
+        last_sync = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused" and field in last_sync["failed"][0], last_sync
 
     def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
         self, panel, make_daemon
@@ -1892,11 +2045,13 @@ class TestSync:
         make_daemon.daemons.append(daemon)
         assert daemon.wait_booted(10)
         server = daemon.servers[uuid]
-        server.lock = spy = SpyLock(server.lock)
+        server.config_lock = spy = SpyLock(server.config_lock)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
             assert entered.wait(5)
             sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
+            # The sync waits for the delete's configuration lock; the start does not wait (the
+            # delete holds no power lock): it sees the server deleted and does nothing.
             assert (
                 api(
                     daemon,
@@ -1906,9 +2061,8 @@ class TestSync:
                 )[0]
                 == 202
             )
-            wait_for(
-                lambda: spy.waiting == 2, 5, what="the sync and the start to wait for the lock"
-            )
+            wait_for(lambda: spy.waiting == 1, 5, what="the sync to wait for the delete")
+            wait_for(lambda: "power action start failed" in caplog.text, 5, what="the start")
             release.set()
             assert delete.result(10)[0] == 204
             assert sync.result(10)[0] == 404
@@ -3196,6 +3350,123 @@ class TestDockerEnvironment:
             proc.kill()
             proc.wait(timeout=10)
             log.close()
+
+
+class TestSyncDuringPower:
+    """A sync, a suspension and a delete never wait behind a power action (the two locks)."""
+
+    STUCK = ("command", "true")  # a stop command the game ignores: the stop waits its timeout
+
+    def stuck_stopping(self, docker_servers, **config):
+        """A running server whose stop (timeout 600 s) is in progress and will not end by itself."""
+        uuid = docker_servers.add(stop=self.STUCK)
+        daemon = docker_servers.boot(**config)
+        docker_servers.start(uuid)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
+        server = docker_servers.wait_state(uuid, "stopping")
+        wait_until(lambda: not docker_servers.power_idle(server), 10, "the stop to hold its lock")
+        return daemon, uuid, server
+
+    def test_a_suspension_during_a_stuck_stop_answers_at_once_and_escalates_to_a_kill(
+        self, docker_servers
+    ):
+        daemon, uuid, server = self.stuck_stopping(
+            docker_servers, wingslite__suspend_stop_grace_s=2
+        )
+        conn, first = ws_authed(daemon, uuid)
+        assert first[0][0] == "auth success"
+        docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+        started = time.monotonic()
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        answered_s = time.monotonic() - started
+        assert status == 204 and answered_s < 2, (status, body, answered_s)
+        assert daemon.sessions.count(uuid) == 0  # closed before the 204 was written
+        assert ws_close_code(conn) == 4409
+        assert not docker_servers.power_idle(server)  # the 600 s stop is still under way
+        wait_until(
+            lambda: not docker_servers.inspect(uuid)["State"]["Running"],
+            2 + 5,
+            "the process to be killed after suspend_stop_grace_s",
+        )
+        docker_servers.wait_state(uuid, "offline")
+        assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 137
+
+    def test_a_delete_during_a_stuck_stop_answers_and_removes_container_and_files(
+        self, docker_servers
+    ):
+        daemon, uuid, server = self.stuck_stopping(docker_servers)
+        (daemon.config.data_dir / uuid / "world.dat").write_text("x")
+        started = time.monotonic()
+        status, _, body = api(daemon, "DELETE", f"/api/servers/{uuid}")
+        assert status == 204 and time.monotonic() - started < 5, body
+        assert docker_servers.container_id(uuid) is None
+        wait_until(lambda: docker_servers.power_idle(server), 10, "the stop to end")
+        wait_until(lambda: not (daemon.config.data_dir / uuid).exists(), 10, "files removed")
+        time.sleep(1)  # nothing to poll for when nothing happens: no container comes back
+        assert docker_servers.container_id(uuid) is None
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[0] == 404
+
+    def on_starting(self, server, action):
+        """Run ``action`` in the start's own thread the moment the state becomes ``starting``
+        (the container is then about to be made), once."""
+        done = threading.Event()
+
+        def listener(event, *args):
+            if event == "status" and args == ("starting",) and not done.is_set():
+                done.set()
+                action()
+
+        server.events.subscribe(listener)
+        return done
+
+    def test_a_suspension_during_a_start_abandons_it_and_kills_its_container(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        answers = []
+
+        def suspend():
+            docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+            answers.append(api(daemon, "POST", f"/api/servers/{uuid}/sync")[0])
+
+        fired = self.on_starting(server, lambda: threading.Thread(target=suspend).start())
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        wait_until(fired.is_set, 10, "the start to begin")
+        wait_until(lambda: answers, 10, "the suspending sync to answer")
+        assert answers == [204]
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        wait_until(lambda: server.state == "offline", 10, "the server to be offline")
+        time.sleep(1)  # a start that was not abandoned would be running by now
+        assert server.state == "offline"
+        assert not (docker_servers.inspect(uuid)["State"]["Running"])
+
+    def test_a_memory_change_synced_while_the_container_is_made_ends_on_the_container(
+        self, docker_servers
+    ):
+        uuid = docker_servers.add(memory_mb=64)
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        answers = []
+
+        def sync_more_memory():  # lands after the start read its configuration (64 MB)
+            docker_servers.panel.servers[uuid]["settings"]["build"]["memory_limit"] = 96
+            answers.append(api(daemon, "POST", f"/api/servers/{uuid}/sync"))
+
+        def sync_and_wait():  # the start thread waits until the sync answered: no race left
+            thread = threading.Thread(target=sync_more_memory)
+            thread.start()
+            thread.join(10)
+
+        self.on_starting(server, sync_and_wait)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        docker_servers.wait_state(uuid, "running")
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        assert answers and answers[0][0] == 204, answers
+        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert any("container being started" in a for a in record["applied"]), record
+        container = docker_servers.inspect(uuid)["Id"]
+        limit = int(cgroup_file("memory", container, "memory.limit_in_bytes"))
+        assert limit // 4096 == w.memory_limit_bytes(96) // 4096
 
 
 def _port_open(port: int) -> bool:

@@ -48,8 +48,8 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            uploads), ``StagedFile`` (metered writes renamed into place),
                            ``MultipartReader``, ``Pull``/``Pulls`` (downloads from a URL)
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
-    daemon                 ``ConfigStore``, ``Server`` (one game server: its lock, the sync, power,
-                           crash detection), ``Daemon`` (boot, servers, system info)
+    daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
+                           power, crash detection), ``Daemon`` (boot, servers, system info)
     Panel stand-in         ``PanelStandIn``: the Panel's remote API on loopback, for the demo,
                            the tests and the benchmarks
     CLI                    ``main()``, ``--demo``
@@ -60,6 +60,12 @@ Where to look first:
     a start                  ``Server.power()`` -> ``Server._start()`` -> ``DockerEnvironment.start()``
     limits on a live server  ``DockerEnvironment.apply_limits()`` and ``Cgroup``
     suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
+
+Locks: each ``Server`` has two. Its **configuration lock** guards its configuration: held for one
+sync alone (Panel GET, validation, save, swap, live limits, closing sessions), by a delete, and by a
+start while it reads the configuration its container is created from; never across a stop, a
+start's wait or a pull. Its **power lock** serialises start, stop and restart. A sync, a suspension
+and a delete never wait for a power lock, so the Panel's suspension (15 s HTTP timeout) always lands.
 """
 
 from __future__ import annotations
@@ -147,6 +153,12 @@ _UUID_RE = re.compile(
 )
 
 
+def is_server_uuid(text: str) -> bool:
+    """A server uuid as the Panel makes them (``Uuid::uuid4()``, 36 characters), nothing else:
+    it names a directory, a container and a saved file."""
+    return bool(_UUID_RE.fullmatch(text))
+
+
 class WingsliteError(Exception):
     """An error with the HTTP status and the text an operator (or the Panel's admin) will read."""
 
@@ -176,7 +188,14 @@ class ConfigError(WingsliteError):
 
 
 class DocumentError(WingsliteError):
-    """A Panel document that does not have the expected shape; the text names the field."""
+    """A Panel document that does not have the expected shape; the text names the field.
+
+    ``detail`` is the field and the reason alone (``settings.build.memory_limit: must be ...``).
+    """
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class PanelError(WingsliteError):
@@ -263,6 +282,10 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.sftp_login_attempts_per_minute", int, 10),
     ("wingslite.sftp_max_connections", int, 64),
     ("wingslite.websocket_max_per_server", int, 30),
+    ("wingslite.websocket_unauthenticated_per_ip", int, 32),
+    ("wingslite.max_panel_pages", int, 1000),
+    ("wingslite.max_connections", int, 0),  # 0: from the process's file limit (ApiServer)
+    ("wingslite.header_timeout_s", int, 10),
     ("wingslite.remote_download_allow_internal", bool, False),
 )
 
@@ -293,6 +316,10 @@ _NON_NEGATIVE = {
     "wingslite.sftp_login_attempts_per_minute",
     "wingslite.sftp_max_connections",
     "wingslite.websocket_max_per_server",
+    "wingslite.websocket_unauthenticated_per_ip",
+    "wingslite.max_panel_pages",
+    "wingslite.max_connections",
+    "wingslite.header_timeout_s",
 }
 
 
@@ -413,6 +440,11 @@ class PanelClient:
     final; 5xx, timeouts and connection errors are retried with exponential backoff until the
     total budget (``remote_query.timeout``) runs out. Every failure is a ``PanelError``.
 
+    The budget is one wall-clock deadline for the whole call -- connect, headers, body and every
+    retry: a Panel that trickles one byte at a time is cut when it passes, not when a single read
+    stalls. A redirect is never followed: it would carry the node token to whatever address the
+    ``Location`` names (the Panel's Guzzle client follows them; wingslite refuses, naming it).
+
     Class variables that may be overridden: ``backoff_factor``, ``backoff_max_s``.
     """
 
@@ -428,8 +460,10 @@ class PanelClient:
         budget_s: float = 30.0,
         retry_initial_s: float = 0.5,
         max_document_bytes: int = 8 << 20,
+        max_pages: int = 1000,
     ):
         self.base = remote.rstrip("/") + "/api/remote"
+        self.max_pages = max_pages
         self.budget_s = budget_s
         self.retry_initial_s = retry_initial_s
         self.max_document_bytes = max_document_bytes
@@ -449,6 +483,7 @@ class PanelClient:
             budget_s=config.get("remote_query.timeout"),
             retry_initial_s=config.get("wingslite.panel_retry_initial_ms") / 1000,
             max_document_bytes=config.get("wingslite.max_panel_document_bytes"),
+            max_pages=config.get("wingslite.max_panel_pages"),
         )
 
     # -- calls -------------------------------------------------------------------------------
@@ -468,23 +503,66 @@ class PanelClient:
         concurrency: int = 8,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Every server of this node: the first page, then the others concurrently (Laravel pages)."""
+        """Every server of this node: the first page, then the others, ``concurrency`` at a time.
+
+        The page count is the Panel's word, so it is checked before a page is queued: at most
+        ``max_pages`` pages, and no more than ``meta.total`` servers can fill. Pages are asked for
+        a few at a time, never all at once, and the first empty page ends the list (the count
+        promised more servers than there are).
+        """
         first = self._page(0, per_page)  # Wings asks for page 0, which Laravel reads as page 1
+        meta = first["meta"]
         items = list(first["data"])
-        last = first["meta"]["last_page"]
-        total = first["meta"].get("total") if isinstance(first["meta"].get("total"), int) else None
+        total = meta.get("total") if _is_count(meta.get("total")) else None
+        self._check_page_count(meta["last_page"], total, _page_size(meta, per_page))
         if progress:
             progress(len(items), total or len(items))
-        start = first["meta"]["current_page"] + 1
-        if last >= start:
-            with concurrent.futures.ThreadPoolExecutor(
-                max(1, concurrency), "wingslite-page"
-            ) as pool:
-                for page in pool.map(lambda n: self._page(n, per_page), range(start, last + 1)):
-                    items.extend(page["data"])
-                    if progress:
-                        progress(len(items), total or len(items))
+        numbers = range(meta["current_page"] + 1, meta["last_page"] + 1)
+        for page in self._pages(numbers, per_page, concurrency):
+            if not page["data"]:
+                break
+            items.extend(page["data"])
+            if progress:
+                progress(len(items), total or len(items))
         return items
+
+    def _check_page_count(self, last_page: int, total: int | None, page_size: int) -> None:
+        what = "GET /servers?page=0"
+        if last_page > self.max_pages:
+            raise PanelError(
+                200,
+                "_TooManyPages",
+                f"the Panel says the list has {last_page} pages; wingslite reads at most "
+                f"{self.max_pages} (wingslite.max_panel_pages)",
+                what,
+            )
+        if total is not None and last_page > max(1, -(-total // page_size)):
+            raise PanelError(
+                200,
+                "_BadShape",
+                f"meta.last_page {last_page} does not fit meta.total {total} at {page_size} "
+                "servers a page",
+                what,
+            )
+
+    def _pages(self, numbers: range, per_page: int, concurrency: int) -> Iterator[dict[str, Any]]:
+        """The pages in order, at most ``concurrency`` in flight; the rest are not even queued."""
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, concurrency), "wingslite-page")
+        pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
+        waiting = iter(numbers)
+        try:
+            for number in waiting:
+                pending.append(pool.submit(self._page, number, per_page))
+                if len(pending) >= max(1, concurrency):
+                    break
+            while pending:
+                page = pending.popleft().result()
+                number = next(waiting, None)
+                if number is not None:
+                    pending.append(pool.submit(self._page, number, per_page))
+                yield page
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def sftp_auth(
         self,
@@ -550,7 +628,9 @@ class PanelClient:
         budget_s: float | None = None,
     ) -> Any:
         """One call with retries; returns the decoded JSON body (``None`` when empty)."""
-        url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        target = urllib.parse.urlsplit(
+            self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        )
         what = f"{method} {path}"
         data = json.dumps(body).encode() if method != "GET" else None
         deadline = time.monotonic() + (self.budget_s if budget_s is None else budget_s)
@@ -558,9 +638,8 @@ class PanelClient:
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - time.monotonic()
             try:
-                return self._attempt(method, url, data, max(0.05, remaining), what)
+                return self._attempt(method, target, data, deadline, what)
             except _Retryable as exc:
                 remaining = deadline - time.monotonic()
                 wait = min(delay * random.uniform(0.5, 1.5), self.backoff_max_s)
@@ -572,37 +651,65 @@ class PanelClient:
                 delay *= self.backoff_factor
 
     def _attempt(
-        self, method: str, url: str, data: bytes | None, timeout_s: float, what: str
+        self,
+        method: str,
+        target: urllib.parse.SplitResult,
+        data: bytes | None,
+        deadline: float,
+        what: str,
     ) -> Any:
-        req = urllib.request.Request(url, data=data, method=method, headers=self._headers)
+        """One HTTP exchange, cut at ``deadline`` whatever the Panel is doing at that moment."""
+        timeout_s = max(0.05, deadline - time.monotonic())
+        kind = (
+            http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+        )
+        conn = kind(target.hostname or "", target.port, timeout=timeout_s)
+        cut = _ConnectionDeadline(conn, timeout_s)
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                raw = resp.read(self.max_document_bytes + 1)
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            try:
-                raw = exc.read(65536)
-            except OSError:
-                raw = b""
-            code, detail = _panel_error_body(raw)
-            error = PanelError(status, code, detail, what)
-            if 400 <= status < 500:
-                raise error from None
-            raise _Retryable(error) from None
-        except TimeoutError:
-            raise _Retryable(
-                PanelError(0, "_Timeout", f"the Panel did not answer within {timeout_s:.1f}s", what)
-            ) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise _Retryable(
-                PanelError(
-                    0, "_Unreachable", f"could not reach the Panel at {self.base}: {reason}", what
-                )
-            ) from None
+            path = target.path + (f"?{target.query}" if target.query else "")
+            conn.request(method, path, body=data, headers=self._headers)
+            resp = conn.getresponse()
+            limit = self.max_document_bytes if 200 <= resp.status < 300 else 65535
+            raw, status, location = resp.read(limit + 1), resp.status, resp.getheader("Location")
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Retryable(self._transport_error(exc, cut.fired, timeout_s, what)) from None
+        finally:
+            cut.cancel()
+            conn.close()
+        if cut.fired:  # a close-delimited body the deadline cut short is not an answer
+            raise _Retryable(self._transport_error(TimeoutError(), True, timeout_s, what))
+        return self._decode(status, raw, location, what)
+
+    def _transport_error(
+        self, exc: BaseException, cut: bool, timeout_s: float, what: str
+    ) -> PanelError:
+        if cut or isinstance(exc, TimeoutError):
+            return PanelError(
+                0, "_Timeout", f"the Panel did not answer within {timeout_s:.1f}s", what
+            )
+        reason = getattr(exc, "strerror", None) or exc
+        return PanelError(
+            0, "_Unreachable", f"could not reach the Panel at {self.base}: {reason}", what
+        )
+
+    def _decode(self, status: int, raw: bytes, location: str | None, what: str) -> Any:
+        if 300 <= status < 400:
+            raise PanelError(
+                status,
+                "_Redirect",
+                f"the answer is a redirect to {location!r}; wingslite does not follow redirects "
+                "(they would carry the node token elsewhere): set remote to the Panel's own URL",
+                what,
+            )
+        if 400 <= status < 500:
+            raise PanelError(status, *_panel_error_body(raw), what)
         if not 200 <= status < 300:
-            raise _Retryable(PanelError(status, "_Unexpected", "unexpected status", what))
+            error = PanelError(status, *_panel_error_body(raw), what)
+            raise _Retryable(
+                error
+                if status >= 500
+                else PanelError(status, "_Unexpected", "unexpected status", what)
+            )
         if len(raw) > self.max_document_bytes:
             raise PanelError(
                 status,
@@ -620,10 +727,46 @@ class PanelClient:
             ) from None
 
 
+class _ConnectionDeadline:
+    """Shuts an ``http.client`` connection's socket down when ``timeout_s`` have passed.
+
+    A socket timeout bounds each read, not their sum: a peer that sends one byte just inside it
+    keeps a call alive for ever. Shutting the socket down from a timer ends any read in progress,
+    whether the connection is plain or TLS.
+    """
+
+    def __init__(self, conn: http.client.HTTPConnection, timeout_s: float):
+        self.fired = False
+        self._conn = conn
+        self._timer = threading.Timer(timeout_s, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        self.fired = True
+        sock = self._conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class _Retryable(Exception):
     def __init__(self, error: PanelError):
         super().__init__(error.message)
         self.error = error
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _page_size(meta: Mapping[str, Any], asked: int) -> int:
+    """The page size the Panel used (``meta.per_page``), else the one asked for."""
+    size = meta.get("per_page")
+    return size if _is_count(size) and size > 0 else max(1, asked)
 
 
 def _panel_error_body(raw: bytes) -> tuple[str, str]:
@@ -736,6 +879,9 @@ class ServerConfig:
     crash_detection_enabled: bool
     process: ProcessConfig
     document: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+    # What validation adjusted rather than refused (a CPU list applied as no pinning, a CPU
+    # limit above the host's): shown in the sync record.
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def disk_limit_bytes(self) -> int:
@@ -749,7 +895,8 @@ class _Doc:
         self.value, self.path = value, path
 
     def fail(self, problem: str) -> DocumentError:
-        return DocumentError(f"the Panel's server document is invalid: {self.path}: {problem}")
+        detail = f"{self.path}: {problem}"
+        return DocumentError(f"the Panel's server document is invalid: {detail}", detail)
 
     def at(self, key: str, required: bool = False) -> _Doc:
         obj = self.obj(required=True)
@@ -854,7 +1001,11 @@ def _parse_threads(doc: _Doc) -> str:
 
 
 def parse_server_document(
-    document: Any, *, expect_uuid: str | None = None, crash_detection_default: bool = True
+    document: Any,
+    *,
+    expect_uuid: str | None = None,
+    crash_detection_default: bool = True,
+    host_cpus: int | None = None,
 ) -> ServerConfig:
     """Validate the Panel's ``{"settings", "process_configuration"}`` document as a whole.
 
@@ -869,8 +1020,8 @@ def parse_server_document(
     uuid = settings.at("uuid", required=True).str(required=True)
     if expect_uuid is not None and uuid != expect_uuid:
         raise settings.at("uuid").fail(f"describes server {uuid!r}, not {expect_uuid!r}")
-    if not re.fullmatch(r"[0-9A-Za-z-]{1,64}", uuid):
-        raise settings.at("uuid").fail(f"not a server uuid: {uuid!r}")
+    if not is_server_uuid(uuid):
+        raise settings.at("uuid").fail(f"not a server uuid: {uuid[:64]!r}")
 
     env_doc = settings.at("environment")
     environment: dict[str, Any] = {}
@@ -3575,7 +3726,7 @@ class Environment:
         return False
 
     def prepare(self, config: ServerConfig) -> None:
-        """Do the slow part of a coming start (e.g. fetch the image) without holding the server's lock."""
+        """Do the slow part of a coming start (e.g. fetch the image) without holding the power lock."""
         return None
 
     def exit_status(self) -> tuple[int, bool]:
@@ -3915,6 +4066,8 @@ class DockerEnvironment(Environment):
         self._stats = _zero_stats()
         self._driver: str | None = None
         self._running_info: dict[str, Any] | None = None  # inspect of the attached container
+        # Set by destroy(): a start that was making the container then makes nothing more.
+        self._destroyed = False
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -4162,7 +4315,9 @@ class DockerEnvironment(Environment):
         try:
             image = self._ensure_image(config.image)
             self._remove_container()
+            self._refuse_if_destroyed()
             self._create_container(config, image)
+            self._refuse_if_destroyed()  # a delete that ran while the container was created
             info = self._inspect()
             self._attach(info)  # before the start, so that no early output is lost
             if self._state == STARTING:
@@ -4191,6 +4346,11 @@ class DockerEnvironment(Environment):
             self.console.daemon_message(f"The server could not be started: {error.message}")
             self._set_state(OFFLINE)
             raise error from None
+
+    def _refuse_if_destroyed(self) -> None:
+        if self._destroyed:
+            self._remove_container()
+            raise WingsliteError("the start was cancelled: the server was deleted")
 
     def prepare(self, config: ServerConfig) -> None:
         """Pull the server's image now if it is not on the node (called before the start's lock)."""
@@ -4527,6 +4687,7 @@ class DockerEnvironment(Environment):
     def destroy(self) -> None:
         """Remove the container (forced, with its anonymous volumes); a missing one is fine."""
         docker = _docker()
+        self._destroyed = True
         with self._lock:
             if self._state != OFFLINE:
                 self._set_state(STOPPING)
@@ -4536,6 +4697,7 @@ class DockerEnvironment(Environment):
         except docker.errors.NotFound:
             pass
         except (docker.errors.DockerException, OSError) as exc:
+            self._destroyed = False  # the server stays on the node, and may start again
             raise _docker_error("removing the container", exc) from None
         self._set_state(OFFLINE)
         self._exited.set()
@@ -8828,7 +8990,7 @@ class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("uuid"), str)
-            or not _UUID_RE.match(body["uuid"])
+            or not is_server_uuid(body["uuid"])
         ):
             raise WingsliteError("The data provided in the request could not be validated.", 422)
         start = body.get("start_on_completion", False)
@@ -9001,15 +9163,31 @@ class Server:
 
     Methods for the caller: ``sync()`` (fetch from the Panel and apply), ``apply(config)``,
     ``power(action, wait_s)`` / ``request_power(...)``, ``send_command(line)``, ``logs(n)``,
-    ``api_view()``. ``lock`` (re-entrant) serialises syncs and power actions on this server;
-    different servers never share a lock.
+    ``api_view()``.
+
+    Two re-entrant locks with different jobs (different servers never share one):
+
+    ``config_lock``  guards ``config``: held for one sync alone (the Panel GET, validation, save,
+                     swap, live limits, closing sessions), by a delete, and by a start for the
+                     moments it reads the configuration it creates the container from and then
+                     catches up with syncs that landed meanwhile. Never across a stop, a pull or
+                     a start's wait, so a sync answers within one Panel round trip.
+    ``power_lock``   serialises power actions (start, stop, restart). A sync, a suspension and a
+                     delete never wait for it (the Panel gives up after 15 s,
+                     ``SuspensionService::toggle`` then rolls a suspension back).
+                     ``lock`` is the same object.
     """
 
     def __init__(self, daemon: Daemon, config: ServerConfig):
         self.daemon = daemon
         self.uuid = config.uuid
         self.config = config
-        self.lock = threading.RLock()
+        self.config_lock = threading.RLock()
+        self.power_lock = self.lock = threading.RLock()
+        # The configuration a start is creating the container from (set and cleared under
+        # ``config_lock``): a sync landing meanwhile knows that limits and a suspension must
+        # reach a container that does not exist yet.
+        self._start_config: ServerConfig | None = None
         self.events = EventBus()
         self.console = LogRing(daemon.config.get("system.websocket_log_count"))
         self.fs = Filesystem(
@@ -9028,7 +9206,7 @@ class Server:
         self._last_state = OFFLINE
         self._last_crash: float | None = None
         self._disk_stop_sent = False
-        # Set (under ``lock``) when the server leaves this node. A deleted server counts as
+        # Set (under ``config_lock``) when the server leaves this node. A deleted server counts as
         # suspended, as in Wings, so a socket or SFTP login racing the delete is refused, and a
         # sync or power action queued behind the delete does nothing.
         self.deleted = False
@@ -9089,140 +9267,208 @@ class Server:
     # -- the sync ------------------------------------------------------------------------------
 
     def sync(self) -> dict[str, Any]:
-        """Re-read this server from the Panel and make the node match it (SPEC, "The sync")."""
-        with self.lock:
-            try:
-                document = self.daemon.panel.get_server(self.uuid)
-            except PanelError as exc:
-                if exc.http_status == 404:
-                    raise NotFound(
-                        f"the Panel no longer knows server {self.uuid} (it answered 404); nothing on this node was changed"
-                    ) from None
-                raise WingsliteError(
-                    f"could not fetch server {self.uuid} from the Panel: {exc.message}; nothing on this node was changed"
-                ) from None
-            try:
-                config = parse_server_document(
-                    document,
-                    expect_uuid=self.uuid,
-                    crash_detection_default=self.daemon.config.get(
-                        "system.crash_detection.enabled"
-                    ),
-                )
-            except DocumentError as exc:
-                raise WingsliteError(f"{exc.message}; nothing on this node was changed") from None
-            return self.apply(config)
+        """Re-read this server from the Panel and make the node match it (README, "The sync").
 
-    def apply(self, new: ServerConfig) -> dict[str, Any]:
-        """Swap in a validated configuration and apply it; the record says what happened."""
-        with self.lock:
+        Waits for nothing but ``config_lock``: a start or a stop in progress is not waited for.
+        """
+        with self.config_lock:
             if self.deleted:
                 raise NotFound("The requested resource does not exist on this instance.")
-            started = time.monotonic()
-            old = self.config
-            try:
-                self.daemon.store.save(new)  # persisted first: if this fails, nothing has changed
-            except OSError as exc:
-                raise WingsliteError(
-                    f"could not save the configuration of server {self.uuid}: {exc}; nothing on this node was changed"
+            return self.apply(self._fetch_document())
+
+    def _fetch_document(self) -> ServerConfig:
+        """The Panel's document for this server, validated. A refusal is recorded; nothing changes."""
+        try:
+            document = self.daemon.panel.get_server(self.uuid)
+        except PanelError as exc:
+            if exc.http_status == 404:
+                raise NotFound(
+                    f"the Panel no longer knows server {self.uuid} (it answered 404); "
+                    "nothing on this node was changed"
                 ) from None
-            self.config = new
-            applied: list[str] = []
-            pending: list[str] = []
-            failed: list[str] = []
+            raise WingsliteError(
+                f"could not fetch server {self.uuid} from the Panel: {exc.message}; "
+                "nothing on this node was changed"
+            ) from None
+        try:
+            return self.daemon.parse_document(document, expect_uuid=self.uuid)
+        except DocumentError as exc:
+            self.refuse(exc)
+            raise WingsliteError(f"{exc.message}; nothing on this node was changed") from None
 
-            try:
-                disk_notes = self.fs.set_limit(new.disk_limit_bytes)
-                applied.append(
-                    f"disk limit {new.disk_limit_bytes} bytes"
-                    if new.disk_limit_bytes
-                    else "disk limit removed"
-                )
-                applied.extend(disk_notes)  # e.g. usage over the new limit, soft for this server
-            except Exception as exc:  # a quota tool failing must not undo the swap
-                LOG.exception("server %s: setting the disk limit failed", self.uuid)
-                failed.append(f"disk limit: {exc}")
-            if new.file_denylist != old.file_denylist:
-                self.fs.set_denylist(new.file_denylist)
+    def refuse(self, exc: DocumentError) -> None:
+        """Record a Panel document the node refused: the server keeps its last configuration."""
+        LOG.error(
+            "refused the Panel's document for server %s: %s; keeping its last configuration",
+            self.uuid,
+            exc.detail,
+        )
+        self.last_sync = {
+            "at": _now_iso(),
+            "result": "refused",
+            "applied": [],
+            "pending": [],
+            "failed": [f"refused the Panel's document: {exc.detail}"],
+            "notes": ["the server keeps its last configuration"],
+            "duration_ms": 0,
+        }
 
-            if new.build != old.build or self._limits_pending:
-                try:
-                    report = self.env.apply_limits(new)
-                except Exception as exc:
-                    LOG.exception("server %s: applying resource limits failed", self.uuid)
-                    report = LimitReport(failed=[f"resource limits: {exc}"])
-                applied += report.applied
-                pending += report.pending
-                failed += report.failed
-                self._limits_pending = bool(report.failed or report.pending)
-                if self._limits_pending:
-                    self.pending_next_start["resource limits"] = "resource limits"
+    def apply(self, new: ServerConfig) -> dict[str, Any]:
+        """Swap in a validated configuration and apply it; the record says what happened.
 
-            for field, label in _NEXT_START_FIELDS:
-                if getattr(new, field) != getattr(old, field):
-                    self.pending_next_start[field] = label
-            if new.process != old.process:
-                self.pending_next_start["process"] = (
-                    "process configuration (stop, done, config files)"
-                )
-            pending += [
-                f"{label} (next start)"
-                for label in self.pending_next_start.values()
-                if label != "resource limits"
-            ]
-            if new.crash_detection_enabled != old.crash_detection_enabled:
-                applied.append(
-                    f"crash detection {'on' if new.crash_detection_enabled else 'off'} (next exit)"
-                )
+        One step per phase. A step failing after the swap keeps the new configuration (the Panel
+        is the source of truth); the record and the error name what was not applied.
+        """
+        with self.config_lock:
+            started = time.monotonic()
+            old = self._swap(new)
+            report = LimitReport()
+            self._apply_disk(new, old, report)
+            self._apply_limits(new, old, report)
+            self._note_next_start(new, old, report)
+            self._apply_suspension(new, report)
+            return self._record(new, report, started)
 
-            if new.suspended:
-                closing_started = time.monotonic()
-                closed = self.daemon.sessions.close_server(
-                    self.uuid, CLOSE_SUSPENDED, "server suspended"
-                )
-                applied.append(f"suspended: {closed} session(s) closed")
-                LOG.info(
-                    "server %s: %d session(s) closed in %.1f ms",
-                    self.uuid,
-                    closed,
-                    (time.monotonic() - closing_started) * 1000,
-                )
-                if self.env.state != OFFLINE:
-                    applied.append("suspended: stopping the process")
-                    threading.Thread(
-                        target=self._stop_suspended,
-                        name=f"wingslite-suspend-{self.uuid[:8]}",
-                        daemon=True,
-                    ).start()
+    def _swap(self, new: ServerConfig) -> ServerConfig:
+        """Persist, then swap (so a failed save changes nothing); returns the old configuration."""
+        if self.deleted:
+            raise NotFound("The requested resource does not exist on this instance.")
+        try:
+            self.daemon.store.save(new)
+        except OSError as exc:
+            raise WingsliteError(
+                f"could not save the configuration of server {self.uuid}: {exc}; "
+                "nothing on this node was changed"
+            ) from None
+        old, self.config = self.config, new
+        return old
 
-            record = {
-                "at": _now_iso(),
-                "result": "failed" if failed else "ok",
-                "applied": applied,
-                "pending": pending,
-                "failed": failed,
-                "duration_ms": round((time.monotonic() - started) * 1000, 2),
-            }
-            self.last_sync = record
-            LOG.info(
-                "server %s synced: applied %s; pending %s; failed %s",
-                self.uuid,
-                applied,
-                pending or "nothing",
-                failed or "nothing",
+    def _apply_disk(self, new: ServerConfig, old: ServerConfig, report: LimitReport) -> None:
+        try:
+            disk_notes = self.fs.set_limit(new.disk_limit_bytes)
+            report.applied.append(
+                f"disk limit {new.disk_limit_bytes} bytes"
+                if new.disk_limit_bytes
+                else "disk limit removed"
             )
-            if failed:
-                raise WingsliteError(
-                    f"the configuration of server {self.uuid} was updated, but not all of it was applied: {'; '.join(failed)}"
-                )
-            return record
+            report.applied.extend(disk_notes)  # e.g. usage over the new limit, soft for this server
+        except Exception as exc:  # a quota tool failing must not undo the swap
+            LOG.exception("server %s: setting the disk limit failed", self.uuid)
+            report.failed.append(f"disk limit: {exc}")
+        if new.file_denylist != old.file_denylist:
+            self.fs.set_denylist(new.file_denylist)
+
+    def _apply_limits(self, new: ServerConfig, old: ServerConfig, report: LimitReport) -> None:
+        """Resource limits onto the container now; a container being created gets them later."""
+        if new.build == old.build and not self._limits_pending:
+            return
+        if self._start_config is not None:
+            # A start is creating the container from the configuration it read before this sync;
+            # ``_finish_start`` applies these limits to it once it exists.
+            report.applied.append("resource limits: for the container being started (once made)")
+            return
+        try:
+            limits = self.env.apply_limits(new)
+        except Exception as exc:
+            LOG.exception("server %s: applying resource limits failed", self.uuid)
+            limits = LimitReport(failed=[f"resource limits: {exc}"])
+        report.applied += limits.applied
+        report.pending += limits.pending
+        report.failed += limits.failed
+        self._limits_pending = bool(limits.failed or limits.pending)
+        if self._limits_pending:
+            self.pending_next_start["resource limits"] = "resource limits"
+
+    def _note_next_start(self, new: ServerConfig, old: ServerConfig, report: LimitReport) -> None:
+        """What only a new container can carry: stored now, listed as pending until the start."""
+        for field, label in _NEXT_START_FIELDS:
+            if getattr(new, field) != getattr(old, field):
+                self.pending_next_start[field] = label
+        if new.process != old.process:
+            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        report.pending += [
+            f"{label} (next start)"
+            for label in self.pending_next_start.values()
+            if label != "resource limits"
+        ]
+        if new.crash_detection_enabled != old.crash_detection_enabled:
+            report.applied.append(
+                f"crash detection {'on' if new.crash_detection_enabled else 'off'} (next exit)"
+            )
+
+    def _apply_suspension(self, new: ServerConfig, report: LimitReport) -> None:
+        """Close every session before the answer; abandon a start, or stop the process."""
+        if not new.suspended:
+            return
+        closing_started = time.monotonic()
+        closed = self.daemon.sessions.close_server(self.uuid, CLOSE_SUSPENDED, "server suspended")
+        report.applied.append(f"suspended: {closed} session(s) closed")
+        LOG.info(
+            "server %s: %d session(s) closed in %.1f ms",
+            self.uuid,
+            closed,
+            (time.monotonic() - closing_started) * 1000,
+        )
+        if self._start_config is not None or self.env.state == STARTING:
+            report.applied.append("suspended: the start in progress is abandoned")
+            target, name = self._abandon_start, "abandon"
+        elif self.env.state != OFFLINE:
+            report.applied.append("suspended: stopping the process")
+            target, name = self._stop_suspended, "suspend"
+        else:
+            return
+        threading.Thread(
+            target=target, name=f"wingslite-{name}-{self.uuid[:8]}", daemon=True
+        ).start()
+
+    def _record(self, new: ServerConfig, report: LimitReport, started: float) -> dict[str, Any]:
+        """Keep and log what the sync did; a step that failed makes the answer a 500."""
+        record = {
+            "at": _now_iso(),
+            "result": "failed" if report.failed else "ok",
+            "applied": report.applied,
+            "pending": report.pending,
+            "failed": report.failed,
+            "notes": list(new.notes),
+            "duration_ms": round((time.monotonic() - started) * 1000, 2),
+        }
+        self.last_sync = record
+        LOG.info(
+            "server %s synced: applied %s; pending %s; failed %s%s",
+            self.uuid,
+            report.applied,
+            report.pending or "nothing",
+            report.failed or "nothing",
+            f"; notes {list(new.notes)}" if new.notes else "",
+        )
+        if report.failed:
+            raise WingsliteError(
+                f"the configuration of server {self.uuid} was updated, but not all of it was "
+                f"applied: {'; '.join(report.failed)}"
+            )
+        return record
 
     def _stop_suspended(self) -> None:
+        """A graceful stop that becomes a kill after ``wingslite.suspend_stop_grace_s``.
+
+        A stop already in progress (its own timeout up to ``wingslite.stop_timeout_s``) is
+        escalated the same way: both wait for the same exit, this one kills sooner.
+        """
         try:
             self.console_message("Server is suspended: stopping the process.")
             self.env.stop(self.config, self.daemon.config.get("wingslite.suspend_stop_grace_s"))
         except Exception:
             LOG.exception("server %s: stopping the suspended server failed", self.uuid)
+
+    def _abandon_start(self) -> None:
+        """Kill the container of a start that a suspension or a delete overtook."""
+        try:
+            if self.deleted:
+                self.env.destroy()
+            else:
+                self.env.kill()
+        except Exception:
+            LOG.exception("server %s: abandoning the start failed", self.uuid)
 
     # -- power ---------------------------------------------------------------------------------
 
@@ -9246,25 +9492,26 @@ class Server:
             LOG.exception("server %s: power action %s failed", self.uuid, action)
 
     def power(self, action: str, wait_s: float = 0) -> None:
-        """Run a power action now. ``wait_s`` 0 tries the lock once (as Wings); kill never waits."""
+        """Run a power action now under ``power_lock``. ``wait_s`` 0 tries the lock once (as
+        Wings); kill never waits."""
         if action == "kill":
             self.env.kill()
             return
         if action not in ("start", "stop", "restart"):
             raise WingsliteError(f"attempting to handle unknown power action {action!r}", 422)
         if action == "start" and not self.config.suspended and self.env.state == OFFLINE:
-            # The slow part of a start (pulling the image) runs before the lock is taken, so that a
-            # sync -- a suspension above all -- is not kept waiting behind a download.
+            # The slow part of a start (pulling the image) runs before the lock is taken, so that
+            # the next power action is not kept waiting behind a download.
             try:
                 self.env.prepare(self.config)
             except Exception as exc:  # the start itself, under the lock, reports what is wrong
                 LOG.debug("server %s: preparing the start failed: %s", self.uuid, exc)
-        acquired = (
-            self.lock.acquire(timeout=wait_s) if wait_s > 0 else self.lock.acquire(blocking=False)
-        )
+        lock = self.power_lock
+        acquired = lock.acquire(timeout=wait_s) if wait_s > 0 else lock.acquire(blocking=False)
         if not acquired:
             raise Conflict(
-                "another power action is currently being processed for this server, please try again later"
+                "another power action is currently being processed for this server, "
+                "please try again later"
             )
         try:
             if self.deleted:
@@ -9274,12 +9521,27 @@ class Server:
             if action in ("start", "restart"):
                 self._start()
         finally:
-            self.lock.release()
+            lock.release()
 
     def _start(self) -> None:
+        """Sync, check the disk, create and start the container from the configuration read under
+        ``config_lock``, then let syncs that landed meanwhile reach it (``_finish_start``)."""
         if self.env.state != OFFLINE:
             raise Conflict("the server is already running")
-        self.fs.ensure()  # before Docker would make the directory itself (not as a quota subvolume)
+        self._sync_for_start()
+        self._check_disk_for_start()
+        config = self._claim_start()
+        try:
+            self._update_config_files(config)
+            self.env.start(config)
+        except BaseException:
+            self._finish_start(config, started=False)
+            raise
+        overtaken = self._finish_start(config, started=True)
+        if overtaken:
+            raise Conflict(f"the start was abandoned: the server was {overtaken} meanwhile")
+
+    def _sync_for_start(self) -> None:
         try:
             self.sync()  # every start runs the sync first: the Panel is the source of truth
         except WingsliteError as exc:
@@ -9289,41 +9551,88 @@ class Server:
             raise WingsliteError(
                 f"unable to sync server data from Panel instance: {exc.message}", exc.status
             ) from None
-        if self.config.suspended:
-            self.console_message("This server is suspended and cannot be started.")
-            raise BadRequest("server is currently in a suspended state")
-        if self.fs.limit_bytes:
-            self.console_message(
-                "Checking server disk space usage, this could take a few seconds..."
-            )
-            # A kernel quota's own figure is cheap and exact; otherwise walk now (not the cached figure).
-            if self.fs.quota.enforced(self.fs.root):
-                over = not self.fs.has_space()
-            else:
-                over = self.fs.recalculate() > self.fs.limit_bytes
-            if over:
-                self.console_message("Not enough disk space is available to start this server.")
-                raise WingsliteError(
-                    "There is not enough disk space available to perform that action.", 400
-                )
-        self._update_config_files()
-        self.env.start(self.config)
-        self.pending_next_start.clear()
-        self._limits_pending = False
+        self.fs.ensure()  # before Docker would make the directory itself (not as a quota subvolume)
 
-    def _update_config_files(self) -> None:
+    def _check_disk_for_start(self) -> None:
+        if not self.fs.limit_bytes:
+            return
+        self.console_message("Checking server disk space usage, this could take a few seconds...")
+        # A kernel quota's own figure is cheap and exact; otherwise walk now (not the cached figure).
+        if self.fs.quota.enforced(self.fs.root):
+            over = not self.fs.has_space()
+        else:
+            over = self.fs.recalculate() > self.fs.limit_bytes
+        if over:
+            self.console_message("Not enough disk space is available to start this server.")
+            raise WingsliteError(
+                "There is not enough disk space available to perform that action.", 400
+            )
+
+    def _claim_start(self) -> ServerConfig:
+        """The configuration the container is created from, read under ``config_lock``."""
+        with self.config_lock:
+            if self.deleted:
+                raise NotFound("The requested resource does not exist on this instance.")
+            if self.config.suspended:
+                self.console_message("This server is suspended and cannot be started.")
+                raise BadRequest("server is currently in a suspended state")
+            self._start_config = self.config
+            return self.config
+
+    def _finish_start(self, started_with: ServerConfig, started: bool) -> str:
+        """Catch up with syncs that landed while the container was made; ``"suspended"`` or
+        ``"deleted"`` when one of those overtook the start (its container is then killed)."""
+        with self.config_lock:
+            self._start_config = None
+            overtaken = "deleted" if self.deleted else "suspended" if self.config.suspended else ""
+            if started and not overtaken:
+                self._catch_up(started_with, self.config)
+        if overtaken:
+            self._abandon_start()
+            if self.deleted:  # a directory the start made again after the delete removed it
+                _remove_tree(self.fs.root)
+        return overtaken
+
+    def _catch_up(self, started_with: ServerConfig, current: ServerConfig) -> None:
+        """Under ``config_lock``: the new container carries ``started_with``; bring it to
+        ``current`` and list what only a later start can carry."""
+        self.pending_next_start = {
+            field: label
+            for field, label in _NEXT_START_FIELDS
+            if getattr(current, field) != getattr(started_with, field)
+        }
+        if current.process != started_with.process:
+            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        self._limits_pending = False
+        if current.build == started_with.build:
+            return
+        try:
+            report = self.env.apply_limits(current)
+        except Exception as exc:
+            report = LimitReport(failed=[f"resource limits: {exc}"])
+        LOG.info(
+            "server %s: limits synced during its start, applied to the new container: %s%s",
+            self.uuid,
+            report.applied,
+            f"; failed {report.failed}" if report.failed else "",
+        )
+        if report.failed or report.pending:
+            self._limits_pending = True
+            self.pending_next_start["resource limits"] = "resource limits"
+
+    def _update_config_files(self, config: ServerConfig) -> None:
         """Write the Panel's values into the egg's config files (Wings server/config_parser.go).
 
         A file that cannot be updated is reported on the console; the start goes on, as in Wings.
         """
         self.console_message("Updating process configuration files...")
-        if not self.config.process.configs:
+        if not config.process.configs:
             return
         with Jail(self.fs.root) as jail:
             writer = ConfigFileWriter(
                 jail, self.daemon.placeholders, self.fs.reserve, lambda n: self.fs.add_usage(-n)
             )
-            writer.apply(self.config.process.configs, self.console_message)
+            writer.apply(config.process.configs, self.console_message)
 
     def _handle_crash(self) -> None:
         """Restart a crashed server once per ``crash_detection.timeout`` window (Wings server/crash.go)."""
@@ -9556,12 +9865,9 @@ class Daemon:
     # -- boot ----------------------------------------------------------------------------------
 
     def _load_saved(self) -> None:
-        crash_default = self.config.get("system.crash_detection.enabled")
         for uuid, document in self.store.load_all():
             try:
-                config = parse_server_document(
-                    document, expect_uuid=uuid, crash_detection_default=crash_default
-                )
+                config = self.parse_document(document, expect_uuid=uuid)
             except DocumentError as exc:
                 LOG.error("ignoring saved configuration of %s: %s", uuid, exc.message)
                 continue
@@ -9607,50 +9913,74 @@ class Daemon:
             self.servers
         )  # one created (POST /api/servers) while the list is read is not in it
         items = self.panel.list_servers(per_page, concurrency, progress)
-        crash_default = self.config.get("system.crash_detection.enabled")
         seen = set()
         for item in items:
-            try:
-                if not isinstance(item, dict):
-                    raise DocumentError("a list item is not an object")
-                document = {
-                    "settings": item.get("settings"),
-                    "process_configuration": item.get("process_configuration"),
-                }
-                config = parse_server_document(document, crash_detection_default=crash_default)
-            except DocumentError as exc:
-                LOG.error("skipping a server the Panel listed: %s", exc.message)
-                continue
-            seen.add(config.uuid)
-            existing = self.servers.get(config.uuid)
-            try:
-                if existing is None:
-                    self.store.save(config)
-                    self._add(Server(self, config))
-                elif config.document != existing.config.document:
-                    existing.apply(config)
-            except Exception as exc:  # one server's fault never stops the boot
-                LOG.error("server %s: could not be loaded: %s", config.uuid, exc)
+            uuid = self._load_listed(item)
+            if uuid:
+                seen.add(uuid)
+        # Only a server absent from the list is dropped; one whose document was refused is listed.
         for uuid in (known_before & set(self.servers)) - seen:
             LOG.warning(
                 "server %s is no longer on this node according to the Panel; dropping it", uuid
             )
             server = self.servers[uuid]
-            with (
-                server.lock
-            ):  # as a delete: its sessions end and nothing queued behind brings it back
+            with server.config_lock:  # as a delete: sessions end, nothing queued brings it back
                 server.deleted = True
                 self.sessions.close_server(
                     uuid, CLOSE_SERVER_DELETED, "server removed from this node"
                 )
                 self._forget(server)
 
+    def _load_listed(self, item: Any) -> str:
+        """Add or update one server of the Panel's list; its uuid ("" when it has none).
+
+        A document the node refuses leaves a known server on its last configuration.
+        """
+        listed = item.get("uuid") if isinstance(item, dict) else None
+        settings = item.get("settings") if isinstance(item, dict) else None
+        if isinstance(settings, dict) and isinstance(settings.get("uuid"), str):
+            listed = settings["uuid"]
+        listed = listed if isinstance(listed, str) and is_server_uuid(listed) else ""
+        existing = self.servers.get(listed) if listed else None
+        try:
+            if not isinstance(item, dict):
+                raise DocumentError("a list item is not an object")
+            document = {
+                "settings": settings,
+                "process_configuration": item.get("process_configuration"),
+            }
+            config = self.parse_document(document)
+        except DocumentError as exc:
+            if existing is not None:
+                existing.refuse(exc)
+            else:
+                LOG.error("skipping a server the Panel listed: %s", exc.message)
+            return listed
+        try:
+            if existing is None:
+                self.store.save(config)
+                self._add(Server(self, config))
+            elif config.document != existing.config.document:
+                existing.apply(config)
+        except Exception as exc:  # one server's fault never stops the boot
+            LOG.error("server %s: could not be loaded: %s", config.uuid, exc)
+        return config.uuid
+
+    def parse_document(self, document: Any, expect_uuid: str | None = None) -> ServerConfig:
+        """``parse_server_document`` with this node's defaults (crash detection, host CPUs)."""
+        return parse_server_document(
+            document,
+            expect_uuid=expect_uuid,
+            crash_detection_default=self.config.get("system.crash_detection.enabled"),
+            host_cpus=os.cpu_count() or 1,
+        )
+
     def _add(self, server: Server) -> None:
         with self._servers_lock:
             self.servers[server.uuid] = server
 
     def _forget(self, server: Server) -> None:
-        """Take a server (marked deleted, its lock held) off the node: no object, no saved configuration."""
+        """Take a server (marked deleted, its config lock held) off the node: no object, no saved configuration."""
         with self._servers_lock:
             self.servers.pop(server.uuid, None)
         self.pulls.cancel(server.uuid)
@@ -9707,22 +10037,29 @@ class Daemon:
         return server
 
     def sync_server(self, server: Server) -> dict[str, Any]:
-        """``POST /api/servers/:server/sync``: waits its turn on the server's lock, then syncs."""
-        if not server.lock.acquire(
-            timeout=max(1.0, float(self.config.get("remote_query.timeout")))
-        ):
-            raise Conflict(
-                "another sync or power action is still running on this server; try again"
-            )
+        """``POST /api/servers/:server/sync``: waits for the server's configuration lock only
+        (a sync before it, one Panel round trip), never for a power action."""
+        if not server.config_lock.acquire(timeout=self._config_lock_wait_s()):
+            raise Conflict("another sync is still running on this server; try again")
         try:
             return server.sync()
         finally:
-            server.lock.release()
+            server.config_lock.release()
+
+    def _config_lock_wait_s(self) -> float:
+        # Whoever holds a configuration lock holds it for at most one Panel call.
+        return max(1.0, float(self.config.get("remote_query.timeout")))
 
     def create_server(self, uuid: str, start_on_completion: bool = False) -> Server:
-        """``POST /api/servers``: fetch the configuration, make the directory, register the server."""
-        if uuid in self.servers:
-            raise Conflict(f"server {uuid} already exists on this node")
+        """``POST /api/servers``: fetch the configuration, make the directory, register the server.
+
+        For a server the node already has, this is a sync (Wings answers 202 too): the Panel
+        force-deletes a server whose create call fails, so a 409 here would lose it.
+        """
+        existing = self.servers.get(uuid)
+        if existing is not None:
+            self.sync_server(existing)
+            return existing
         try:
             document = self.panel.get_server(uuid)
         except PanelError as exc:
@@ -9732,11 +10069,7 @@ class Daemon:
                 f"could not fetch server {uuid} from the Panel: {exc.message}"
             ) from None
         try:
-            config = parse_server_document(
-                document,
-                expect_uuid=uuid,
-                crash_detection_default=self.config.get("system.crash_detection.enabled"),
-            )
+            config = self.parse_document(document, expect_uuid=uuid)
         except DocumentError as exc:
             raise WingsliteError(exc.message) from None
         try:
@@ -9748,8 +10081,8 @@ class Daemon:
         server = Server(self, config)
         server.fs.ensure()
         with self._servers_lock:
-            if uuid in self.servers:
-                raise Conflict(f"server {uuid} already exists on this node")
+            if uuid in self.servers:  # a create that raced this one won: it is the same server
+                return self.servers[uuid]
             self.servers[uuid] = server
         LOG.info("server %s created", uuid)
         if start_on_completion:
@@ -9757,11 +10090,13 @@ class Daemon:
         return server
 
     def delete_server(self, server: Server) -> None:
-        """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config."""
-        if not server.lock.acquire(timeout=30):
-            raise Conflict(
-                "another sync or power action is still running on this server; try again"
-            )
+        """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config.
+
+        Takes the configuration lock, never the power lock: a stop or a start in progress ends
+        when its container is removed, and recreates nothing (``Server._finish_start``).
+        """
+        if not server.config_lock.acquire(timeout=self._config_lock_wait_s()):
+            raise Conflict("a sync is still running on this server; try again")
         try:
             if server.deleted:  # a second DELETE that waited behind the first
                 raise NotFound("The requested resource does not exist on this instance.")
@@ -9776,7 +10111,7 @@ class Daemon:
                 raise
             self._forget(server)
         finally:
-            server.lock.release()
+            server.config_lock.release()
         threading.Thread(
             target=_remove_tree, args=(server.fs.root,), name="wingslite-rm", daemon=True
         ).start()
