@@ -6095,6 +6095,14 @@ class TestSignedUrls:
         other = signed_token(str(uuidlib.uuid4()), file_path="/logs/latest.log")
         status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={other}", token=None)
         assert status == 404
+        (server.fs.root / 'wörld "1".txt').write_text("x")
+        token = signed_token(server.uuid, file_path='/wörld "1".txt')
+        status, headers, _ = http_raw(
+            daemon.port, "GET", f"/download/file?token={token}", token=None
+        )
+        assert status == 200 and headers["content-disposition"] == (
+            "attachment; filename=\"w_rld _1_.txt\"; filename*=UTF-8''w%C3%B6rld%20%221%22.txt"
+        )
         for path in ("/logs", "/../../etc/passwd", "/missing"):
             token = signed_token(server.uuid, file_path=path)
             status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)

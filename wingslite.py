@@ -7619,6 +7619,16 @@ def stat_object(
     }
 
 
+def attachment_header(name: str) -> str:
+    """``Content-Disposition`` for a download: an ASCII name, plus the real one per RFC 6266/5987."""
+    fallback = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        raw = name.encode("utf-8", "surrogateescape")
+        value += "; filename*=UTF-8''" + urllib.parse.quote_from_bytes(raw, safe="")
+    return value
+
+
 def _file_head(jail: Jail, path: str) -> bytes:
     fd = jail.open(path, os.O_RDONLY)
     try:
@@ -8403,9 +8413,7 @@ class FileManagerRoutes:
                 size = os.fstat(fd).st_size
                 headers = {"X-Mime-Type": info["mime"], "Content-Type": info["mime"]}
                 if self._param("download"):
-                    headers["Content-Disposition"] = (
-                        f"attachment; filename={json.dumps(info['name'])}"
-                    )
+                    headers["Content-Disposition"] = attachment_header(info["name"])
                     headers["Content-Type"] = "application/octet-stream"
                 self._send_file(fd, size, headers)
             finally:
@@ -8655,7 +8663,7 @@ class FileManagerRoutes:
             try:
                 name = posixpath.basename(jail.normalize(token.claim("file_path")))
                 headers = {
-                    "Content-Disposition": f"attachment; filename={json.dumps(name)}",
+                    "Content-Disposition": attachment_header(name),
                     "Content-Type": "application/octet-stream",
                 }
                 self._send_file(fd, os.fstat(fd).st_size, headers)
