@@ -8687,9 +8687,16 @@ class FileManagerRoutes:
                     form = form_disposition(headers.get("content-disposition", ""))
                     if form.get("name") != "files" or "filename" not in form:
                         continue
+                    if not form["filename"]:
+                        continue  # a file input left empty: browsers send an empty part
                     name = posixpath.basename(form["filename"].replace("\\", "/"))
                     if name in ("", ".", ".."):
-                        raise BadRequest("An uploaded file has no name.")
+                        raise BadRequest(
+                            f"An uploaded file has no usable name: {form['filename']!r}"
+                        )
+                    for earlier in [t for n, t in staged if n == name]:
+                        earlier.abort()  # the same name twice in one form: the last one wins
+                    staged = [(n, t) for n, t in staged if n != name]
                     target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
                     staged.append((name, target))
                     for chunk in chunks:
