@@ -6113,12 +6113,17 @@ class TestSignedUrls:
         events = []
         server.record_activity = lambda *args: events.append(args)
         token = signed_token(server.uuid)
-        files = {"a.txt": b"alpha\r\n--not-a-boundary", "b.bin": os.urandom(200_000)}
+        near_miss = b"\r\n------wingsliteTestBoundary7MA4YWx" * 20_000  # straddles every read
+        files = {
+            "a.txt": b"alpha\r\n--not-a-boundary",
+            "b.bin": os.urandom(200_000),
+            "c.bin": near_miss,
+        }
         status, _, _ = upload(daemon, token, files, directory="/plugins")
         assert status == 200
         for name, data in files.items():
             assert (server.fs.root / "plugins" / name).read_bytes() == data
-        assert [e[0] for e in events] == ["server:file.uploaded"] * 2
+        assert [e[0] for e in events] == ["server:file.uploaded"] * 3
         assert (
             events[0][1] == "c0ffee00-1111-4222-8333-444455556666" and events[0][2] == "127.0.0.1"
         )
