@@ -7571,7 +7571,7 @@ def detect_mime(head: bytes, name: str) -> str:
 
 
 def go_file_mode(mode: int) -> str:
-    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``drwxr-xr-x``, ``Lrwxrwxrwx``)."""
+    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``Lrwxrwxrwx``)."""
     kinds = [
         (stat.S_ISDIR(mode), "d"),
         (stat.S_ISLNK(mode), "L"),
@@ -7597,7 +7597,7 @@ def _rfc3339(timestamp: float) -> str:
 def stat_object(
     name: str, st: os.stat_result, mime: str, target: os.stat_result | None = None
 ) -> dict[str, Any]:
-    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads it.
+    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads.
 
     ``st`` is the entry itself (lstat); for a symlink, ``target`` is what it resolves to inside
     the jail (None when it dangles or leads out), which decides ``directory``/``file`` and the size.
@@ -7620,7 +7620,7 @@ def stat_object(
 
 
 def attachment_header(name: str) -> str:
-    """``Content-Disposition`` for a download: an ASCII name, plus the real one per RFC 6266/5987."""
+    """``Content-Disposition`` for a download: an ASCII name, and the real one (RFC 6266/5987)."""
     fallback = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in name)
     value = f'attachment; filename="{fallback}"'
     if fallback != name:
@@ -7671,7 +7671,7 @@ def list_directory(jail: Jail, path: str) -> list[dict[str, Any]]:
 
 
 def fs_error(exc: OSError) -> WingsliteError:
-    """An ``OSError`` from the jail as Wings' status and text; a missing file is 404 (Wings: 500)."""
+    """An ``OSError`` from the jail as Wings' status and text (a missing file: 404; Wings: 500)."""
     code = exc.errno
     if isinstance(exc, PathEscape) or code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
         return WingsliteError(FM_NOT_FOUND, 404)
@@ -7718,7 +7718,7 @@ def makedirs(jail: Jail, path: str, mode: int = 0o755) -> None:
 
 
 def node_owner(daemon: Any) -> tuple[int, int] | None:
-    """The uid/gid files made for a server belong to (Wings ``system.user``), when root can chown."""
+    """The uid/gid a server's new files belong to (Wings ``system.user``), when root can chown."""
     if os.geteuid() != 0:
         return None
     try:
@@ -7861,7 +7861,7 @@ class StagedFile:
 
 
 def copy_name(jail: Jail, path: str) -> str:
-    """Wings' name for a copy beside the file: ``a copy.txt``, ``a copy 1.txt`` ... (``x.tar.gz`` kept whole)."""
+    """Wings' name for a copy: ``a copy.txt``, ``a copy 1.txt``, ``x copy.tar.gz``..."""
     parent, base = posixpath.split(jail.normalize(path))
     stem, ext = posixpath.splitext(base)
     if stem.endswith(".tar"):
@@ -7880,7 +7880,7 @@ def copy_name(jail: Jail, path: str) -> str:
 
 
 def archive_name(now: float | None = None) -> str:
-    """Wings' name for a new archive: ``archive-2024-01-02T150405Z.tar.gz`` (RFC 3339, no colons)."""
+    """Wings' name for a new archive: ``archive-2024-01-02T150405Z.tar.gz`` (RFC 3339, no ':')."""
     moment = datetime.datetime.fromtimestamp(
         time.time() if now is None else now, datetime.timezone.utc
     )
@@ -7943,7 +7943,7 @@ def decompress_file(
 def _staged_moves(
     jail: Jail, staging: str, dest: str, is_denied: Callable[[str], bool] | None
 ) -> list[tuple[str, str, bool]]:
-    """Every entry of the staging tree with its final place, parents first; refuses what may not go."""
+    """Every staged entry with its final place, parents first; refuses what may not go there."""
     moves: list[tuple[str, str, bool]] = []
     pending = [(staging, dest)]
     while pending:
@@ -7974,7 +7974,7 @@ def _staged_moves(
     return moves
 
 
-# -- multipart bodies -------------------------------------------------------------------------------
+# -- multipart bodies ---------------------------------------------------------------------------
 
 
 def multipart_boundary(content_type: str) -> bytes | None:
@@ -8087,7 +8087,7 @@ class PullRefused(OSError):
 
 
 def is_internal_address(ip: str) -> bool:
-    """Loopback, private, link-local, shared, reserved, multicast... anything not the public Internet."""
+    """Loopback, private, link-local, shared, reserved, multicast: not the public Internet."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
@@ -8205,7 +8205,8 @@ class Pull:
             raise WingsliteError(str(exc.strerror), 400) from None
         except urllib.error.HTTPError as exc:
             raise BadRequest(
-                f"the remote server answered {exc.code} {exc.reason}, not 200 (redirects are not followed)"
+                f"the remote server answered {exc.code} {exc.reason}, not 200 "
+                "(redirects are not followed)"
             ) from None
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -8270,7 +8271,7 @@ class Pulls:
                     self._pulls.pop(pull.identifier, None)
 
 
-# -- routes ------------------------------------------------------------------------------------------
+# -- routes -------------------------------------------------------------------------------------
 
 FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", _FM_SERVER + r"/contents", "file_contents", True),
@@ -8292,7 +8293,7 @@ FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
 
 
 class FileManagerRoutes:
-    """The file routes of ``ApiHandler`` (a mix-in: uses its ``read_json``, ``_respond``, ``query``)."""
+    """The file routes of ``ApiHandler`` (a mix-in using its ``read_json``, ``query``, ...)."""
 
     # -- helpers -------------------------------------------------------------------------------
 
