@@ -8696,10 +8696,15 @@ class FileManagerRoutes:
         return None, None
 
     def route_upload_file(self) -> tuple[int, Any]:
-        token, server = self._signed("file-upload")
-        boundary = multipart_boundary(self.headers.get("Content-Type", ""))
-        if boundary is None:
-            raise BadRequest("Failed to get multipart form data from request.")
+        try:
+            token, server = self._signed("file-upload")
+            boundary = multipart_boundary(self.headers.get("Content-Type", ""))
+            if boundary is None:
+                raise BadRequest("Failed to get multipart form data from request.")
+        except WingsliteError:
+            with contextlib.suppress(WingsliteError):  # read the refused body: the browser
+                self._discard_body(self._body_reader()[0])  # then sees the answer, not a reset
+            raise
         directory = self._param("directory", "/")
         limit_mb = self.server.daemon.config.get("api.upload_limit")
         owner = node_owner(self.server.daemon)
