@@ -8247,7 +8247,13 @@ def _ws_outcome(raw: RawWebsocket, probe: bytes | None, timeout_s: float) -> tup
 
 
 class TestFaultDrills:
-    """Faults the node must survive: a failing, hanging or hostile Panel, SIGKILL, hostile clients."""
+    """Faults the node must survive: a failing, hanging or hostile Panel, SIGKILL, hostile clients.
+
+    A Panel answering 500 and then recovering; a Panel that hangs (the retry budget holds, other
+    servers sync meanwhile); a 256 MB or deeply nested Panel answer; SIGKILL in the middle of 100
+    concurrent syncs (every saved configuration is the old or the new one); 10,000 generated HTTP
+    requests; generated Panel documents; generated websocket frames. Nothing may log a traceback.
+    """
 
     @pytest.mark.docker  # the daemon asks the engine
     def test_panel_answering_500_then_recovering(self, panel, make_daemon):
@@ -8517,6 +8523,14 @@ class TestFaultDrills:
     def test_generated_websocket_frames_get_a_close_code_or_service_and_leave_no_thread(
         self, console_node, caplog
     ):
+        """Real connections (``GET /api/servers/:server/ws``, the real handshake, authenticated
+        or not) each get one of 300 generated streams: unknown opcodes, reserved bits, unmasked
+        frames, 16- and 64-bit lengths that lie (up to 2^64 - 1), fragmented messages with pings
+        between the fragments, invalid or cut UTF-8, control frames over 125 bytes, close frames
+        with any code, raw garbage. Each stream ends in a close frame with an RFC 6455 code (1002,
+        1007, 1009, or the client's own code echoed) or, when it is well framed, the daemon still
+        answers a ping; nothing is logged as an error, the threads return to their number before
+        the drill, and a normal console login works afterwards (~5 s)."""
         daemon = console_node(wingslite__websocket_max_per_server=1000)
         uuid = daemon.uuid
         baseline = threading.active_count()
@@ -8653,8 +8667,31 @@ def _restore_dockerd() -> None:
 class TestFaultDrillDockerEngineRestart:
     """The Docker engine stopped (SIGTERM) and started again while syncs and GETs keep coming.
 
+    Five threads keep sending syncs (each one changing the memory limit) and
+    ``GET /api/servers/:server`` for three running servers while the shared engine is stopped;
+    it is started again as .ci/run starts it (``nohup dockerd >/tmp/wingslite-dockerd.log 2>&1 &``,
+    then ``docker info``), in a ``finally`` even when the test fails (~12 s). Asserted:
+
+    - While the engine shuts down it no longer accepts connections but still serves the ones it
+      has, and stops every container (live-restore is off, no restart policy): each server goes
+      offline, which crash detection takes for a crash; its one restart fails on the engine
+      ("Server crash was detected but an error occurred while handling it." on the console, an
+      error in the log, no traceback). A sync in this window answers 204, or 500 when it races
+      the container's exit.
+    - Once dockerd has exited, every sync answers 500 at once: "the configuration of server ...
+      was updated, but not all of it was applied: Docker engine unreachable while inspecting the
+      container: ...". The new configuration is in force and saved, and ``resource limits`` is
+      listed under ``wingslite.pending_next_start``. Every GET answers 200 throughout; no request
+      takes 10 s.
+    - When the engine is back, the containers are there, stopped, and the servers stay offline:
+      nothing restarts them (the crash restart was spent while the engine was down). Syncs answer
+      204 again (limits pending until the container is re-created), and the next start
+      re-creates each container with the Panel's current limits.
+
     Keep this class the last one in the file: pytest runs tests in file order, and every Docker
-    test before it needs the engine. The engine is restarted as .ci/run starts it, in a ``finally``.
+    test before it needs the engine. It breaks any other Docker test running at the same moment
+    on the same engine, so it runs in CI (``CI=true``) and elsewhere only with
+    ``WINGSLITE_ENGINE_DRILL=1``.
     """
 
     def test_engine_stopped_and_started_under_load(self, docker_servers, caplog):
