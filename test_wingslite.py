@@ -7063,6 +7063,7 @@ class TestTransfers:
         status, _, answer = api(pair.source, "POST", f"/api/servers/{pair.uuid}/transfer", body)
         assert status == 202, answer
 
+    @pytest.mark.docker  # the source removes its container
     def test_a_server_moves_with_its_files_links_modes_and_empty_directories(self, pair):
         self.fill(pair.src_root)
         before = tree_of(pair.src_root)
