@@ -2056,7 +2056,8 @@ class TestSync:
                 entered.set()
                 release.wait(10)
 
-        class SpyLock:  # counts who waits for the server's lock, so the test knows the queue is formed
+        # counts who waits for the server's lock, so the test knows the queue is formed
+        class SpyLock:
             def __init__(self, inner):
                 self.inner, self.waiting = inner, 0
 
@@ -3049,7 +3050,8 @@ class TestDockerEnvironment:
 
         def kill_once_starting(event, *args):
             if event == "status" and args == ("starting",) and not kill_sent.is_set():
-                kill_sent.set()  # the Panel's kill button, pressed while the container is being made
+                # the Panel's kill button, pressed while the container is being made
+                kill_sent.set()
                 threading.Thread(
                     target=api,
                     args=(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "kill"}),
@@ -4211,7 +4213,8 @@ class TestWebsocketConsole:
     def test_token_expiring_then_expired_then_reauth_on_the_same_socket(
         self, console_node, monkeypatch
     ):
-        # three auths within about 3 s: more than Wings' 2 per 5 s, which is not what this test is about
+        # three auths within about 3 s: more than Wings' 2 per 5 s, which is not what this test is
+        # about
         monkeypatch.setattr(
             w, "WEBSOCKET_EVENT_RATES", {**w.WEBSOCKET_EVENT_RATES, "auth": (3, 5.0)}
         )
@@ -4552,7 +4555,8 @@ class TestWebsocketConsole:
             server = daemon.get_server(uuid)
             for i in range(
                 1000
-            ):  # 8 MB, paced so the writers get to send: the stuck clients' buffers fill, writers block
+                # 8 MB, paced so the writers get to send: the stuck clients' buffers fill, writers block
+            ):
                 server.events.publish("console output", f"{i:04d} " + "x" * 8000)
                 if i % 20 == 0:
                     time.sleep(0.001)
@@ -4771,7 +4775,8 @@ def openssh_sftp(daemon, server, commands, password=SFTP_PASSWORD, key_file=None
     if key_file:
         argv += ["-o", "PasswordAuthentication=no", "-o", "IdentitiesOnly=yes", "-i", str(key_file)]
     else:
-        # sftp -b turns BatchMode on (no password prompt); an earlier -o wins, so sshpass can type it.
+        # sftp -b turns BatchMode on (no password prompt); an earlier -o wins, so sshpass can type
+        # it.
         argv = [
             "sshpass",
             "-p",
@@ -5218,7 +5223,8 @@ class TestSftpJail:
         daemon, server, _ = node
         with sftp_client(daemon, server) as client:
             assert client.normalize("../../..") == "/"
-            # realpath answers one leading slash (POSIX keeps "//" apart, and clients show it as the cwd)
+            # realpath answers one leading slash (POSIX keeps "//" apart, and clients show it as the
+            # cwd)
             assert [client.normalize(p) for p in ("/", "/inside.txt", "//x/../y", "a/b/")] == [
                 "/",
                 "/inside.txt",
@@ -5440,7 +5446,8 @@ class TestSftpResourceLimits:
         daemon, server = _sftp_daemon(panel, make_daemon)
         with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
             assert sock.recv(100).startswith(b"SSH-2.0-")
-            # No key exchange yet: a packet length of ~4 GiB, then bytes for as long as the node takes them.
+            # No key exchange yet: a packet length of ~4 GiB, then bytes for as long as the node
+            # takes them.
             sock.sendall(
                 b"SSH-2.0-probe\r\n" + (0xFFFFFFFC).to_bytes(4, "big") + b"\x04\x00\x00\x00"
             )
@@ -5472,8 +5479,9 @@ class TestSftpResourceLimits:
     def test_open_listings_of_a_channel_hold_a_bounded_number_of_entries(
         self, panel, make_daemon, monkeypatch
     ):
-        # paramiko keeps every open listing in memory (~40 MB per 100,000 entries, measured): a client
-        # opening one big directory again and again without reading it must not hold it 256 times.
+        # paramiko keeps every open listing in memory (~40 MB per 100,000 entries, measured): a
+        # client opening one big directory again and again without reading it must not hold it 256
+        # times.
         monkeypatch.setattr(w.Jail, "max_entries", 500)
         daemon, server = _sftp_daemon(panel, make_daemon)
         (server.fs.root / "many").mkdir()
@@ -8180,7 +8188,8 @@ def _ws_streams(draw):
 
     if draw(
         st.booleans()
-    ):  # well-framed: messages cut into fragments, pings between them; the payloads may still be bad
+        # well-framed: messages cut into fragments, pings between them; the payloads may still be bad
+    ):
         for _ in range(draw(st.integers(1, 3))):
             opcode = draw(st.sampled_from([0x1, 0x1, 0x2]))
             payload = draw(_WS_TEXT if opcode == 0x1 else _WS_PAYLOADS)
@@ -8559,7 +8568,8 @@ class TestFaultDrills:
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if outcome == "close":
                     assert code in {1002, 1007, 1009} | client_codes, (code, data[:200])
-                else:  # never a hang on a stream the server can parse, never a drop without a close frame
+                # never a hang on a stream the server can parse, never a drop without a close frame
+                else:
                     assert outcome == ("serving" if clean else "silent"), (outcome, data[:200])
             finally:
                 raw.close()
@@ -8825,7 +8835,8 @@ class TestFaultDrillDockerEngineRestart:
                     t.join(30)
                 assert not any(t.is_alive() for t in threads), "a load thread hung"
 
-                # With the engine down: every sync a 500 naming Docker, the configuration swapped all the same.
+                # With the engine down: every sync a 500 naming Docker, the configuration swapped
+                # all the same.
                 for u in uuids:
                     for c in down_syncs[u]:
                         error = (c["body"] or {}).get("error", "")
@@ -8844,14 +8855,16 @@ class TestFaultDrillDockerEngineRestart:
                     assert "resource limits" in view["wingslite"]["pending_next_start"], view[
                         "wingslite"
                     ]
-                # While the engine was stopping, a sync could still reach it over a kept-alive connection
-                # (204) or race the container's exit (500): either way the configuration was swapped.
+                # While the engine was stopping, a sync could still reach it over a kept-alive
+                # connection (204) or race the container's exit (500): either way the configuration
+                # was swapped.
                 for c in [c for c in calls if c["kind"] == "sync" and "stopping" in c["phases"]]:
                     error = (c["body"] or {}).get("error", "")
                     assert c["status"] == 204 or (
                         c["status"] == 500 and "was updated" in error and "Traceback" not in error
                     ), c
-                # Each process's end was taken for a crash; the one restart it allows failed on the engine.
+                # Each process's end was taken for a crash; the one restart it allows failed on the
+                # engine.
                 for u in uuids:
                     console = "\n".join(docker_servers.console(u))
                     assert "Detected server process in a crashed state!" in console

@@ -1505,7 +1505,8 @@ class Filesystem:
         if n_bytes <= 0:
             return True
         if self._limit and self._measured_at is None and self.quota.usage_bytes(self.root) is None:
-            self.recalculate()  # the first metered write of a never-measured server waits for a real figure
+            # the first metered write of a never-measured server waits for a real figure
+            self.recalculate()
         else:
             self.usage_bytes()
         with self._lock:
@@ -2007,9 +2008,9 @@ class BtrfsQuota(QuotaBackend):
         if not self.enforced(root):
             return [self._soft_note(root)]
         qgroup = f"0/{int(self._cli('inspect-internal', 'rootid', str(root)).strip())}"
-        # Name the qgroup and point the command at the parent: run against the subvolume itself, btrfs
-        # charges the command's own metadata to that qgroup and refuses (EDQUOT) once it is over its
-        # limit, so a full server could never have its limit raised or removed.
+        # Name the qgroup and point the command at the parent: run against the subvolume itself,
+        # btrfs charges the command's own metadata to that qgroup and refuses (EDQUOT) once it is
+        # over its limit, so a full server could never have its limit raised or removed.
         self._cli(
             "qgroup",
             "limit",
@@ -2017,7 +2018,8 @@ class BtrfsQuota(QuotaBackend):
             qgroup,
             str(root.parent),
         )
-        # qgroup figures move at transaction commits; commit now so the sync record's usage is today's
+        # qgroup figures move at transaction commits; commit now so the sync record's usage is
+        # today's
         self._read_usage(root, "--sync")
         return [
             f"disk limit: btrfs qgroup {qgroup} limit "
@@ -2144,7 +2146,8 @@ class ProjectQuota(QuotaBackend):
         return FSXATTR.unpack(buf)
 
     def _tag(self, path: Path, project_id: int, inherit: bool) -> None:
-        # O_NONBLOCK: the game server may have made a FIFO, whose plain open waits for a writer forever.
+        # O_NONBLOCK: the game server may have made a FIFO, whose plain open waits for a writer
+        # forever.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
         try:
             xflags, extsize, nextents, _, cow = self._xattr(fd)
@@ -4754,7 +4757,8 @@ class DockerEnvironment(Environment):
 
     def kill(self) -> None:
         if self._state != OFFLINE:
-            # Intentional, so never a crash; a start still making the container sees it and gives up.
+            # Intentional, so never a crash; a start still making the container sees it and gives
+            # up.
             self._set_state(STOPPING)
         info = self._inspect()
         if info is None or not info["State"].get("Running"):
@@ -5466,9 +5470,9 @@ class WebSocket:
     write_batch_bytes = 65536  # queued frames sent together in one write
     send_timeout_s = 10.0  # a sendall that stalls this long means a dead or hostile client
     close_timeout_s = 2.0  # wait this long for the client's close reply, then drop TCP
-    # A writer still inside a send after this long is blocked on a client that does not read: close()
-    # then drops the connection instead of queueing behind it, so that closing many stuck sockets
-    # (a suspending sync) costs milliseconds each, not seconds.
+    # A writer still inside a send after this long is blocked on a client that does not read:
+    # close() then drops the connection instead of queueing behind it, so that closing many stuck
+    # sockets (a suspending sync) costs milliseconds each, not seconds.
     close_lock_timeout_s = 0.05
 
     def __init__(self, sock: socket.socket, initial: bytes = b""):
@@ -6070,8 +6074,8 @@ _EVENT_PERMISSIONS = {
 # Published on a server's event bus after ``POST /ws/deny``: its sockets re-check their tokens now,
 # instead of at the client's next message as in Wings.
 WEBSOCKET_RECHECK_EVENT = "wingslite: tokens revoked"
-# The inbound events Wings handles; any other name shares one rate-limit key, so that a client cannot
-# grow a socket's limiter state with made-up names (every other name is ignored anyway).
+# The inbound events Wings handles; any other name shares one rate-limit key, so that a client
+# cannot grow a socket's limiter state with made-up names (every other name is ignored anyway).
 _INBOUND_EVENTS = frozenset(("auth", "send logs", "send stats", "send command", "set state"))
 _POWER_PERMISSIONS = {
     "start": "control.start",
@@ -6362,7 +6366,8 @@ class ConsoleSocket:
         if event == WEBSOCKET_RECHECK_EVENT:
             problem = self._token_problem(token)
             if problem is not None:
-                # The text the Panel's browser answers by fetching a new token (WebsocketHandler.tsx).
+                # The text the Panel's browser answers by fetching a new token
+                # (WebsocketHandler.tsx).
                 self._muted = True
                 self._send("jwt error", problem)
             return
@@ -6513,7 +6518,8 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
 # Wings answers a write past the disk limit with SFTP status 15, "Quota Exceeded" (sftp/utils.go).
 # SFTP v3 has no such code and paramiko no constant for it; clients show it as an unknown error.
 SFTP_QUOTA_EXCEEDED = 15
-# Wings' username pre-check (sftp/server.go): "<panel user>.<first 8 characters of the server uuid>".
+# Wings' username pre-check (sftp/server.go): "<panel user>.<first 8 characters of the server
+# uuid>".
 _SFTP_USERNAME_RE = re.compile(r"^(.+)\.([a-z0-9]{8})$", re.IGNORECASE)
 _SFTP_MAX_FILE_BYTES = (
     1 << 63
@@ -6984,8 +6990,9 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
             super()._send_status(request_number, code, desc)
 
         def _open_folder(self, request_number: int, path: str) -> None:
-            # paramiko keeps every open listing in memory (~40 MB per 100,000 entries): bound how many
-            # a channel may hold, and the entries not yet read from them (``Jail.max_entries`` in all).
+            # paramiko keeps every open listing in memory (~40 MB per 100,000 entries): bound how
+            # many a channel may hold, and the entries not yet read from them (``Jail.max_entries``
+            # in all).
             held = sum(
                 len(getattr(folder, "_SFTPHandle__files", ()))
                 for folder in self.folder_table.values()
@@ -7087,7 +7094,8 @@ class _SftpSession:
         try:
             server.fs.ensure()
             self.jail = Jail(server.fs.root, is_denied=server.fs.is_denied)
-            server.fs.usage_bytes()  # a server never measured starts its walk now, before the first write
+            # a server never measured starts its walk now, before the first write
+            server.fs.usage_bytes()
         except OSError as exc:
             LOG.error(
                 "SFTP session of %s refused: the directory of server %s cannot be opened: %s",
@@ -7141,7 +7149,8 @@ class _SftpSession:
 
     def canonicalize(self, path: str) -> str:
         # Lexical only, and clamped at the root like a chroot: it reveals nothing and opens nothing.
-        # One leading slash: normpath keeps a leading "//" (POSIX), which clients then show as the cwd.
+        # One leading slash: normpath keeps a leading "//" (POSIX), which clients then show as the
+        # cwd.
         return posixpath.normpath("/" + path.replace("\x00", "").lstrip("/")) if path else "/"
 
     def list_folder(self, path: str) -> Any:
@@ -10095,7 +10104,8 @@ class ApiHandler(
     def do_OPTIONS(self) -> None:
         self.request_id = str(uuidlib.uuid4())
         self.body_read = False
-        self._drain_unread_body()  # a preflight's body, if any, must not be read as the next request
+        # a preflight's body, if any, must not be read as the next request
+        self._drain_unread_body()
         self._respond(204)
 
     def do_GET(self) -> None:
@@ -10844,7 +10854,8 @@ class Server:
         if not self.fs.limit_bytes:
             return
         self.console_message("Checking server disk space usage, this could take a few seconds...")
-        # A kernel quota's own figure is cheap and exact; otherwise walk now (not the cached figure).
+        # A kernel quota's own figure is cheap and exact; otherwise walk now (not the cached
+        # figure).
         if self.fs.quota.enforced(self.fs.root):
             over = not self.fs.has_space()
         else:
@@ -11452,7 +11463,8 @@ class Daemon:
             try:
                 server.env.destroy()
             except Exception:
-                server.deleted = False  # as Wings: the server stays on the node when its container cannot be removed
+                # as Wings: the server stays on the node when its container cannot be removed
+                server.deleted = False
                 raise
             self._forget(server)
         finally:
