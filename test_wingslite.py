@@ -2440,7 +2440,8 @@ def docker_engine():
         client.inspect_image(TEST_IMAGE)
     except Exception as exc:
         pytest.fail(
-            f"Docker engine or the test image {TEST_IMAGE} is not available ({exc}); run .ci/run or .ci/test-env.sh"
+            f"Docker engine or the test image {TEST_IMAGE} is not available ({exc}); run .ci/run "
+            "or .ci/test-env.sh"
         )
     return client
 
@@ -3506,7 +3507,8 @@ def _port_open(port: int) -> bool:
 
 
 class DockerSocketProxy:
-    """A Unix socket that forwards to the real engine and can be stopped (the engine "goes down")."""
+    """A Unix socket that forwards to the real engine and can be stopped (the engine "goes
+    down")."""
 
     def __init__(self, path: Path, target: str = "/var/run/docker.sock"):
         self.path, self.target = path, target
@@ -3599,7 +3601,8 @@ def ws_claims(
 def ws_token(
     claims: dict, secret: str = TOKEN, alg: str = "HS256", header: dict | None = None
 ) -> str:
-    """An HS256 JWT built as the Panel builds it (header carries the jti), independent of wingslite."""
+    """An HS256 JWT built as the Panel builds it (header carries the jti), independent of
+    wingslite."""
 
     def b64(raw: bytes) -> str:
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
@@ -3638,7 +3641,8 @@ def ws_event(conn, timeout_s: float = 5) -> tuple[str, list]:
 
 
 def ws_until(conn, event: str, timeout_s: float = 10, match=None) -> list:
-    """Read events until ``event`` (whose first arg contains ``match``, if given) arrives; its args."""
+    """Read events until ``event`` (whose first arg contains ``match``, if given) arrives; its
+    args."""
     deadline = time.monotonic() + timeout_s
     while True:
         left = deadline - time.monotonic()
@@ -3701,8 +3705,10 @@ class RawWebsocket:
     def __init__(self, daemon: w.Daemon, uuid: str, origin: str | None = None, extra: str = ""):
         self.sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
         request = (
-            f"GET /api/servers/{uuid}/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+            f"GET /api/servers/{uuid}/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: "
+            "websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: "
+            f"{base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
             f"Origin: {origin or daemon.config.remote}\r\n{extra}\r\n"
         )
         self.sock.sendall(request.encode())
@@ -3823,7 +3829,8 @@ def console_node(panel, make_daemon, tmp_path):
 
 
 class TestWebsocketFraming:
-    """RFC 6455 framing of ``w.WebSocket`` over a real TCP connection, byte by byte where it matters."""
+    """RFC 6455 framing of ``w.WebSocket`` over a real TCP connection, byte by byte where it
+    matters."""
 
     @pytest.fixture
     def pair(self):
@@ -4123,7 +4130,8 @@ class TestWebsocketConsole:
             assert ws_event(conn) == (
                 "daemon error",
                 [
-                    f"Error Event [{daemon.uuid}]: an unexpected error was encountered while handling this request"
+                    f"Error Event [{daemon.uuid}]: an unexpected error was encountered while "
+                    "handling this request"
                 ],
             )
             assert daemon.get_server(daemon.uuid).state == "offline"  # start was ignored silently
@@ -5102,10 +5110,12 @@ daemon.stop()
         (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
         script = (
             "import sys, logging, io; sys.modules['paramiko'] = None\n"
-            "stream = io.StringIO(); logging.getLogger('wingslite').addHandler(logging.StreamHandler(stream))\n"
+            "stream = io.StringIO(); "
+            "logging.getLogger('wingslite').addHandler(logging.StreamHandler(stream))\n"
             "logging.getLogger('wingslite').setLevel(logging.INFO)\n"
             "import wingslite as w\n"
-            f"d = w.Daemon(w.load_config({str(tmp_path / 'config.yml')!r})); d.start(); assert d.wait_booted(10)\n"
+            f"d = w.Daemon(w.load_config({str(tmp_path / 'config.yml')!r})); d.start(); assert "
+            "d.wait_booted(10)\n"
             "assert d.sftp is None; d.stop(); print(stream.getvalue())\n"
         )
         done = subprocess.run(
@@ -5507,7 +5517,8 @@ _RFC3339_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
 
 
 def activity_events(panel, event_prefix: str = "server:", count: int = 1, timeout_s: float = 15):
-    """The events the fake Panel accepted whose name starts with ``event_prefix`` (waits for them)."""
+    """The events the fake Panel accepted whose name starts with ``event_prefix`` (waits for
+    them)."""
 
     def found():
         with panel.lock:
@@ -5650,7 +5661,8 @@ RFC3339_UTC = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
 
 
 def _fm_daemon(panel, make_daemon, disk_mb=FM_LIMIT_MB, denylist=(), **overrides):
-    """A daemon and one server (``disk_mb`` MiB of disk, the egg's ``denylist``) with its directory."""
+    """A daemon and one server (``disk_mb`` MiB of disk, the egg's ``denylist``) with its
+    directory."""
     doc = panel_document(build__disk_space=disk_mb)
     doc["settings"]["egg"]["file_denylist"] = list(denylist)
     uuid = panel.add(doc)
@@ -7284,7 +7296,8 @@ class TestTransfers:
 
 @pytest.fixture(scope="session")
 def btrfs_mount(tmp_path_factory):
-    """A loop-mounted btrfs image (under /tmp) for the whole session; unmounted and deleted at the end."""
+    """A loop-mounted btrfs image (under /tmp) for the whole session; unmounted and deleted at
+    the end."""
     if os.geteuid() != 0:
         print("SKIP btrfs quota tests: not root (a loop mount needs root)")
         pytest.skip("btrfs quota tests need root (loop mount)")
@@ -7309,7 +7322,8 @@ def btrfs_mount(tmp_path_factory):
 def write_until_refused(
     path: Path, chunk: int = 1024 * 1024, most: int = 64
 ) -> tuple[int, int | None]:
-    """Append ``chunk``-byte blocks (fsynced) until the kernel refuses; (bytes written, errno or None)."""
+    """Append ``chunk``-byte blocks (fsynced) until the kernel refuses; (bytes written, errno or
+    None)."""
     written = 0
     try:
         fh = open(path, "ab")  # creating the file may be what is refused
@@ -7372,7 +7386,10 @@ class TestQuotaSelection:
         assert w.mount_of("/srvx", self.MOUNTINFO) == ("/", "ext4", "/dev/vda")
 
     def test_qgroup_show_output_is_parsed_for_referenced_bytes(self):
-        out = "Qgroupid    Referenced    Exclusive   Path\n--------    ----------    ---------   ----\n1/100  999 999 x\n0/257   10469376   10469376   data/s\n"
+        out = (
+            "Qgroupid    Referenced    Exclusive   Path\n--------    ----------    ---------   "
+            "----\n1/100  999 999 x\n0/257   10469376   10469376   data/s\n"
+        )
         assert w.parse_qgroup_referenced(out) == 10469376
         assert w.parse_qgroup_referenced(out, "1/100") == 999
         with pytest.raises(ValueError):
@@ -7747,7 +7764,8 @@ class TestQuotaDaemon:
 DD_WRITER = (
     "echo ready; n=0; b=0; while [ $n -lt 40 ]; do "
     "if dd if=/dev/zero of=f$n bs=1M count=1 2>/tmp/e; then n=$((n+1)); b=0; echo wrote $n; "
-    "else [ $b = 0 ] && echo refused $n: $(cat /tmp/e); b=1; sleep 0.1; fi; done; echo finished; sleep 600"
+    "else [ $b = 0 ] && echo refused $n: $(cat /tmp/e); b=1; sleep 0.1; fi; done; echo finished; "
+    "sleep 600"
 )
 
 
@@ -7845,7 +7863,8 @@ def _handler_threads() -> int:
 
 
 def _bare_daemon(tmp_path: Path, panel: FakePanel, **overrides) -> w.Daemon:
-    """A daemon whose servers have no process (never Docker): for drills that send arbitrary requests."""
+    """A daemon whose servers have no process (never Docker): for drills that send arbitrary
+    requests."""
     config = w.Config(node_config(tmp_path, panel.url, **overrides), "drill")
     daemon = w.Daemon(
         config, environment_factory=lambda server: w.Environment(server.uuid, server.events)
@@ -7943,7 +7962,8 @@ _BODIES = st.one_of(
 
 @st.composite
 def _http_request_parts(draw):
-    """One generated request as parts: (method, path, version, headers, body, content-length mode)."""
+    """One generated request as parts: (method, path, version, headers, body, content-length
+    mode)."""
     method = draw(
         st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
         | _TOKEN_CHARS.filter(bool)
@@ -7983,7 +8003,8 @@ def _http_request_parts(draw):
 
 
 def _assemble_request(method, path, version, headers, body, length) -> tuple[bytes, bool]:
-    """The request's bytes, and whether the server can know where it ends (so the connection may be reused)."""
+    """The request's bytes, and whether the server can know where it ends (so the connection may
+    be reused)."""
     value = {
         "exact": str(len(body)),
         "short": str(max(0, len(body) - 1)),
@@ -8005,7 +8026,8 @@ def _assemble_request(method, path, version, headers, body, length) -> tuple[byt
 
 @st.composite
 def _http_request_batches(draw, size: int = 40):
-    """``size`` requests: 8 drawn whole, the rest recombined from their parts (drawing each costs ~6 ms)."""
+    """``size`` requests: 8 drawn whole, the rest recombined from their parts (drawing each costs
+    ~6 ms)."""
     parts = draw(st.lists(_http_request_parts(), min_size=8, max_size=8))
     rnd = draw(st.randoms(use_true_random=False))
     batch = [_assemble_request(*p) for p in parts]
@@ -8015,7 +8037,8 @@ def _http_request_batches(draw, size: int = 40):
 
 
 def _exchange(port: int, raw: bytes, in_step: bool) -> None:
-    """Send one generated request; check the answer; on a kept-alive connection check it stays in step."""
+    """Send one generated request; check the answer; on a kept-alive connection check it stays in
+    step."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(raw)
         if not in_step:

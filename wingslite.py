@@ -656,7 +656,8 @@ class PanelClient:
         return answer
 
     def reset_servers(self) -> None:
-        """``POST /servers/reset``: Wings calls it once after boot; the Panel clears stale installs."""
+        """``POST /servers/reset``: Wings calls it once after boot; the Panel clears stale
+        installs."""
         self.request("POST", "/servers/reset", body=None)
 
     def send_activity(self, events: list[dict[str, Any]]) -> None:
@@ -885,7 +886,8 @@ class Replacement:
 
 @dataclasses.dataclass(frozen=True)
 class ConfigFile:
-    """One egg config file that is rewritten before every start (``process_configuration.configs``)."""
+    """One egg config file that is rewritten before every start
+    (``process_configuration.configs``)."""
 
     file: str
     parser: str
@@ -1283,7 +1285,8 @@ def container_resources(build: Build, config: Config | None = None) -> dict[str,
 
 
 def format_env_value(value: Any) -> str:
-    """A Panel environment value as text. Numbers stay plain (``25565``, not Wings' ``25565.000000``)."""
+    """A Panel environment value as text. Numbers stay plain (``25565``, not Wings'
+    ``25565.000000``)."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -1355,7 +1358,10 @@ class QuotaBackend:
     """
 
     name = "soft"
-    reason = "no kernel quota in force: the daemon's own write paths check the limit, and a server over it is stopped"
+    reason = (
+        "no kernel quota in force: the daemon's own write paths check the limit, and a server "
+        "over it is stopped"
+    )
     stops_running_servers = True
 
     def prepare(self, root: Path) -> None:
@@ -1428,7 +1434,8 @@ class Filesystem:
         usage = self.usage_bytes()
         if self._limit and usage > self._limit:
             notes.append(
-                f"disk usage {usage} bytes is over the new limit of {self._limit} bytes: writes are refused"
+                f"disk usage {usage} bytes is over the new limit of {self._limit} bytes: writes "
+                "are refused"
             )
         return notes
 
@@ -1539,7 +1546,8 @@ class Filesystem:
 
 
 def _glob_to_regex(pattern: str) -> str:
-    """A gitignore-style glob as a regex over '/'-rooted paths (``*.jar``, ``/config/**``, ``logs/``)."""
+    """A gitignore-style glob as a regex over '/'-rooted paths (``*.jar``, ``/config/**``,
+    ``logs/``)."""
     anchored = pattern.startswith("/")
     body = pattern.strip("/")
     out = []
@@ -1626,7 +1634,8 @@ class Jail:
 
     @staticmethod
     def parts(path: str) -> list[str]:
-        """``path`` cleaned lexically into components; ``PathEscape`` if it climbs above the root."""
+        """``path`` cleaned lexically into components; ``PathEscape`` if it climbs above the
+        root."""
         if "\x00" in path:
             raise PathEscape("NUL byte in path")
         out: list[str] = []
@@ -1775,7 +1784,8 @@ class Jail:
             return os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
 
     def listdir(self, path: str) -> list[tuple[str, os.stat_result]]:
-        """``(name, lstat)`` of every entry of a directory (entries that vanish meanwhile are skipped)."""
+        """``(name, lstat)`` of every entry of a directory (entries that vanish meanwhile are
+        skipped)."""
         with self.resolve(path) as where:
             fd = os.open(where.name or ".", self._DIR_FLAGS, dir_fd=where.dir_fd)
         try:
@@ -1816,7 +1826,8 @@ class Jail:
             return st
 
     def rename(self, src: str, dst: str, overwrite: bool = True) -> os.stat_result | None:
-        """Move ``src`` to ``dst``; returns the lstat of a file that was replaced (for accounting)."""
+        """Move ``src`` to ``dst``; returns the lstat of a file that was replaced (for
+        accounting)."""
         dst_parts = self.parts(dst)
         with self.resolve(src, follow=False) as a, self.resolve(dst, follow=False) as b:
             if a.name is None or b.name is None:
@@ -1893,7 +1904,8 @@ class NoQuota(QuotaBackend):
 
 
 def mount_of(path: str | os.PathLike[str], mountinfo: str | None = None) -> tuple[str, str, str]:
-    """``(mount point, filesystem type, source)`` of the mount holding ``path`` (from /proc/self/mountinfo)."""
+    """``(mount point, filesystem type, source)`` of the mount holding ``path`` (from
+    /proc/self/mountinfo)."""
     real = os.path.realpath(path)
     if mountinfo is None:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
@@ -1945,7 +1957,8 @@ class BtrfsQuota(QuotaBackend):
 
     @classmethod
     def probe(cls, data_dir: Path, fstype: str) -> tuple[BtrfsQuota | None, str]:
-        """The backend for ``data_dir``, turning btrfs quotas on if they are off; else ``None`` and why not."""
+        """The backend for ``data_dir``, turning btrfs quotas on if they are off; else ``None`` and
+        why not."""
         if fstype != "btrfs":
             return None, f"{data_dir} is on {fstype or 'an unknown filesystem'}, not btrfs"
         exe = shutil.which("btrfs")
@@ -1963,7 +1976,10 @@ class BtrfsQuota(QuotaBackend):
             except OSError as exc:
                 return None, f"{data_dir} is on btrfs but its quotas cannot be enabled: {exc}"
             LOG.info("disk quota: enabled btrfs quotas on the filesystem holding %s", data_dir)
-        backend.reason = f"{data_dir} is on btrfs with quotas on: each server directory is a subvolume with a qgroup limit"
+        backend.reason = (
+            f"{data_dir} is on btrfs with quotas on: each server directory is a subvolume with a "
+            "qgroup limit"
+        )
         return backend, backend.reason
 
     def _cli(self, *args: str) -> str:
@@ -1974,7 +1990,8 @@ class BtrfsQuota(QuotaBackend):
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise OSError(
-                f"btrfs {' '.join(args)}: {lines[-1] if lines else f'exit status {done.returncode}'}"
+                f"btrfs {' '.join(args)}: "
+                f"{lines[-1] if lines else f'exit status {done.returncode}'}"
             )
         return done.stdout
 
@@ -2000,8 +2017,10 @@ class BtrfsQuota(QuotaBackend):
     @staticmethod
     def _soft_note(root: Path) -> str:
         return (
-            f"disk limit: soft for this server: {root} is a plain directory, not a btrfs subvolume, so the kernel cannot hold it"
-            " to the limit (the daemon's writes are checked and the running server is stopped when over it)"
+            f"disk limit: soft for this server: {root} is a plain directory, not a btrfs "
+            "subvolume, so the kernel cannot hold it"
+            " to the limit (the daemon's writes are checked and the running server is stopped "
+            "when over it)"
         )
 
     def set_limit(self, root: Path, limit_bytes: int) -> list[str]:
@@ -2048,7 +2067,8 @@ class BtrfsQuota(QuotaBackend):
 
 
 def parse_qgroup_referenced(text: str, qgroup: str | None = None) -> int:
-    """Referenced bytes of ``qgroup`` (default: the level-0 one) in ``btrfs qgroup show --raw`` output."""
+    """Referenced bytes of ``qgroup`` (default: the level-0 one) in ``btrfs qgroup show --raw``
+    output."""
     for line in text.splitlines():
         parts = line.split()
         if len(parts) < 2 or not parts[1].isdigit():
@@ -2082,13 +2102,15 @@ def qcmd(cmd: int, quota_type: int) -> int:
 
 
 def setquota_block(limit_bytes: int) -> bytes:
-    """The ``if_dqblk`` for ``Q_SETQUOTA``: a hard (and soft) block limit rounded up to whole KiB; 0 = none."""
+    """The ``if_dqblk`` for ``Q_SETQUOTA``: a hard (and soft) block limit rounded up to whole KiB; 0
+    = none."""
     blocks = -(-limit_bytes // QUOTA_BLOCK_BYTES) if limit_bytes > 0 else 0
     return IF_DQBLK.pack(blocks, blocks, 0, 0, 0, 0, 0, 0, QIF_BLIMITS)
 
 
 class KernelCalls:
-    """The two system calls project quotas need (``ioctl``, ``quotactl``); tests substitute a recorder."""
+    """The two system calls project quotas need (``ioctl``, ``quotactl``); tests substitute a
+    recorder."""
 
     def ioctl(self, fd: int, request: int, buf: bytearray) -> None:
         fcntl.ioctl(fd, request, buf)
@@ -2132,12 +2154,18 @@ class ProjectQuota(QuotaBackend):
         except OSError as exc:
             why = {
                 errno.ENOSYS: "this kernel has no quota support (CONFIG_QUOTA)",
-                errno.ESRCH: f"project quotas are not on for {device} (it needs a prjquota mount, which needs a kernel with CONFIG_QUOTA)",
+                errno.ESRCH: (
+                    f"project quotas are not on for {device} (it needs a prjquota mount, which "
+                    "needs a kernel with CONFIG_QUOTA)"
+                ),
                 errno.EPERM: "managing quotas needs root",
             }.get(exc.errno or 0, str(exc))
             return None, f"{data_dir} is on {fstype} but {why}"
         backend = cls(data_dir, device, calls=calls)
-        backend.reason = f"{data_dir} is on {fstype} ({device}) with project quotas on: each server directory has its own project id"
+        backend.reason = (
+            f"{data_dir} is on {fstype} ({device}) with project quotas on: each server directory "
+            "has its own project id"
+        )
         return backend, backend.reason
 
     def _xattr(self, fd: int) -> tuple[int, ...]:
@@ -2246,7 +2274,10 @@ def select_quota_backend(
         return NoQuota()
     soft = QuotaBackend()
     if mode == "soft":
-        soft.reason = "wingslite.disk_quota is soft: the daemon's own write paths check the limit, and a server over it is stopped"
+        soft.reason = (
+            "wingslite.disk_quota is soft: the daemon's own write paths check the limit, and a "
+            "server over it is stopped"
+        )
         return soft
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -2267,7 +2298,10 @@ def select_quota_backend(
         if mode == "auto"
         else f"wingslite.disk_quota is {mode}, but it cannot work here"
     )
-    soft.reason = f"{prefix} ({'; '.join(reasons)}): the daemon's own write paths check the limit, and a server over it is stopped"
+    soft.reason = (
+        f"{prefix} ({'; '.join(reasons)}): the daemon's own write paths check the limit, and a "
+        "server over it is stopped"
+    )
     (LOG.info if mode == "auto" else LOG.warning)("disk quota: soft: %s", soft.reason)
     return soft
 
@@ -3752,7 +3786,8 @@ class Environment:
     def apply_limits(self, config: ServerConfig) -> LimitReport:
         return LimitReport(
             pending=[
-                "resource limits: no container exists; they apply when it is created at the next start"
+                "resource limits: no container exists; they apply when it is created at the next "
+                "start"
             ]
         )
 
@@ -3789,7 +3824,8 @@ class Environment:
         return False
 
     def prepare(self, config: ServerConfig) -> None:
-        """Do the slow part of a coming start (e.g. fetch the image) without holding the power lock."""
+        """Do the slow part of a coming start (e.g. fetch the image) without holding the power
+        lock."""
         return None
 
     def exit_status(self) -> tuple[int, bool]:
@@ -3872,7 +3908,8 @@ class Cgroup:
                     found = root / proc[""].lstrip("/")
             if not found.is_dir():
                 raise WingsliteError(
-                    f"the cgroup of container {container_id[:12]} is not at {root / rel} (cgroup v2, {driver} driver)"
+                    f"the cgroup of container {container_id[:12]} is not at {root / rel} (cgroup "
+                    f"v2, {driver} driver)"
                 )
             return cls(2, {c: found for c in cls.V1_CONTROLLERS})
         dirs = {}
@@ -3885,7 +3922,8 @@ class Cgroup:
             dirs[controller] = found
         if not dirs["memory"].is_dir():
             raise WingsliteError(
-                f"the cgroup of container {container_id[:12]} is not at {dirs['memory']} (cgroup v1, {driver} driver)"
+                f"the cgroup of container {container_id[:12]} is not at {dirs['memory']} (cgroup "
+                f"v1, {driver} driver)"
             )
         return cls(1, dirs)
 
@@ -3961,7 +3999,8 @@ def _container_cgroup_relpath(container_id: str, driver: str, parent: str) -> st
 
 
 def _expand_slice(name: str) -> str:
-    """systemd nests ``a-b.slice`` inside ``a.slice``: ``a-b-c.slice`` -> ``a.slice/a-b.slice/a-b-c.slice``."""
+    """systemd nests ``a-b.slice`` inside ``a.slice``: ``a-b-c.slice`` ->
+    ``a.slice/a-b.slice/a-b-c.slice``."""
     if name in ("", "-.slice"):
         return ""
     if not name.endswith(".slice"):
@@ -4210,7 +4249,8 @@ class DockerEnvironment(Environment):
         return self._inspect() is not None
 
     def exit_status(self) -> tuple[int, bool]:
-        """``(exit code, killed by the OOM killer)`` of the last exit; a missing container is (1, False)."""
+        """``(exit code, killed by the OOM killer)`` of the last exit; a missing container is (1,
+        False)."""
         if self._exit is not None:
             return self._exit
         try:
@@ -4500,7 +4540,8 @@ class DockerEnvironment(Environment):
             raise _docker_error(f"looking up image {name}", exc) from None
         if image.startswith("~"):
             raise WingsliteError(
-                f"image {name} is not on this node and is marked local-only ('~'), so it is not pulled"
+                f"image {name} is not on this node and is marked local-only ('~'), so it is not "
+                "pulled"
             )
         self.console.daemon_message(
             "Pulling Docker container image, this could take a few minutes to complete..."
@@ -4525,7 +4566,8 @@ class DockerEnvironment(Environment):
             pass
 
     def _create_container(self, config: ServerConfig, image: str) -> None:
-        """Create the container as Wings does (environment/docker/container.go; README, "Docker")."""
+        """Create the container as Wings does (environment/docker/container.go; README,
+        "Docker")."""
         docker = _docker()
         node = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -4860,7 +4902,8 @@ class DockerEnvironment(Environment):
     # -- boot ------------------------------------------------------------------------------------
 
     def attach_if_running(self, config: ServerConfig) -> bool:
-        """Re-attach to a running container without restarting it (daemon restart). True if running."""
+        """Re-attach to a running container without restarting it (daemon restart). True if
+        running."""
         try:
             info = self._inspect()
         except WingsliteError as exc:
@@ -5854,7 +5897,8 @@ def decode_jwt(token: str, secret: str | bytes, now: float | None = None) -> dic
 def encode_jwt(
     claims: Mapping[str, Any], secret: str | bytes, header: Mapping[str, Any] | None = None
 ) -> str:
-    """Sign ``claims`` with HS256, the way the Panel does (tests, tools and the demo Panel use it)."""
+    """Sign ``claims`` with HS256, the way the Panel does (tests, tools and the demo Panel use
+    it)."""
 
     def b64(raw: bytes) -> str:
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
@@ -6086,7 +6130,8 @@ _POWER_PERMISSIONS = {
 
 
 def stats_json(utilization: Mapping[str, Any]) -> str:
-    """The ``stats`` payload: a JSON string; ``network`` is always present (the browser reads it)."""
+    """The ``stats`` payload: a JSON string; ``network`` is always present (the browser reads
+    it)."""
     data = dict(utilization)
     network = data.get("network")
     data["network"] = {
@@ -6340,7 +6385,8 @@ class ConsoleSocket:
         with self._lock:
             if self._power_thread is not None and self._power_thread.is_alive():
                 raise Conflict(
-                    "another power action is currently being processed for this server, please try again later"
+                    "another power action is currently being processed for this server, please "
+                    "try again later"
                 )
             # In its own thread, as Wings handles each message in its own goroutine: the reader
             # keeps answering pings and close frames while the container starts.
@@ -6433,7 +6479,8 @@ def _upgrade_key(handler: Any) -> str:
         headers, "Connection"
     ):
         raise BadRequest(
-            "This endpoint speaks only the websocket protocol: expected an 'Upgrade: websocket' request."
+            "This endpoint speaks only the websocket protocol: expected an 'Upgrade: websocket' "
+            "request."
         )
     if handler.request_version != "HTTP/1.1":
         raise BadRequest("A websocket upgrade needs HTTP/1.1.")
@@ -6500,7 +6547,8 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
             f"Too many open websocket connections for this server (the limit is {limit}).", 429
         )
     response = (
-        f"HTTP/1.1 101 Switching Protocols\r\nServer: {handler.server_version}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"HTTP/1.1 101 Switching Protocols\r\nServer: {handler.server_version}\r\nUpgrade: "
+        "websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {websocket_accept_key(key)}\r\n\r\n"
     )
     try:
@@ -6814,7 +6862,8 @@ class SftpServer:
         session_id: bytes,
         client_version: bytes,
     ) -> SftpLogin | None:
-        """Ask the Panel; ``None`` means refused (the reason is logged, the client learns nothing)."""
+        """Ask the Panel; ``None`` means refused (the reason is logged, the client learns
+        nothing)."""
         ip = str(addr[0])
         weight = 1.0 if kind == "password" else self.pubkey_failure_weight
         if self._limiter.blocked(ip):
@@ -6850,7 +6899,8 @@ class SftpServer:
         server = self.server_of(answer["server"])
         if server is None or not answer["server"].lower().startswith(match.group(2).lower()):
             LOG.warning(
-                "SFTP login %r: the Panel answered for server %s, which is not this login's server on this node",
+                "SFTP login %r: the Panel answered for server %s, which is not this login's "
+                "server on this node",
                 username,
                 answer["server"],
             )
@@ -7085,7 +7135,8 @@ class _SftpSession:
         revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
         if server.suspended or server.transferring or revoked:
             LOG.info(
-                "SFTP session of %s refused: server %s is suspended, being transferred, or the user was deauthorized",
+                "SFTP session of %s refused: server %s is suspended, being transferred, or the "
+                "user was deauthorized",
                 login.username,
                 server.uuid,
             )
@@ -7266,7 +7317,8 @@ class _SftpSession:
     # -- accounting ----------------------------------------------------------------------------
 
     def _logged(self, event: str, paths: list[Any], result: Any) -> Any:
-        """Record a successful change as Wings' SFTP activity (sftp/event.go); pass ``result`` on."""
+        """Record a successful change as Wings' SFTP activity (sftp/event.go); pass ``result``
+        on."""
         if isinstance(result, int) and result != 0:
             return result
         files: list[Any] = [
@@ -7343,7 +7395,8 @@ class _SftpFile:
                 growth = max(0, end - size)
                 if growth and not fs.reserve(growth):
                     LOG.info(
-                        "SFTP write refused on server %s: the disk limit of %d bytes would be passed",
+                        "SFTP write refused on server %s: the disk limit of %d bytes would be "
+                        "passed",
                         self.session.server.uuid,
                         fs.limit_bytes,
                     )
@@ -7534,7 +7587,8 @@ class ActivityLog:
                 LOG.exception("sending activity to the Panel failed")
 
     def send_pending(self) -> int:
-        """One round: send queued events until the queue is empty or the Panel fails; the count sent."""
+        """One round: send queued events until the queue is empty or the Panel fails; the count
+        sent."""
         sent = 0
         for take in (self._take_ordinary, self._take_sftp):
             for _ in range(self.max_batches_per_round):
@@ -8574,7 +8628,8 @@ class FileManagerRoutes:
                 old = jail.stat(normalized)
                 if stat.S_ISDIR(old.st_mode):
                     raise BadRequest(
-                        "Cannot write file, name conflicts with an existing directory by the same name."
+                        "Cannot write file, name conflicts with an existing directory by the same "
+                        "name."
                     )
                 old_size = old.st_size
             except FileNotFoundError:
@@ -8610,7 +8665,8 @@ class FileManagerRoutes:
             source, target = self._text(item, "from"), self._text(item, "to")
             if not source or not target:
                 raise WingsliteError(
-                    "Invalid paths were provided, did you forget to provide both a new and old path?",
+                    "Invalid paths were provided, did you forget to provide both a new and old "
+                    "path?",
                     422,
                 )
             pairs.append((f"{root}/{source}", f"{root}/{target}"))
@@ -8698,7 +8754,8 @@ class FileManagerRoutes:
             raise WingsliteError("files must be a list of names", 422)
         if not server.fs.has_space():
             raise Conflict(
-                "This server does not have enough available disk space to generate a compressed archive."
+                "This server does not have enough available disk space to generate a compressed "
+                "archive."
             )
         owner = node_owner(self.server.daemon)
         with self._jail(server) as jail, self._jail(server, denylist=True) as write_jail:
@@ -8840,7 +8897,8 @@ class FileManagerRoutes:
                     for chunk in chunks:
                         if target.written + len(chunk) > limit_mb * 1048576:
                             raise BadRequest(
-                                f"File {name} is larger than the maximum file upload size of {limit_mb} MB."
+                                f"File {name} is larger than the maximum file upload size of "
+                                f"{limit_mb} MB."
                             )
                         target.write(chunk)
                 if not staged:
@@ -9823,7 +9881,8 @@ class Transfers:
         return sub.lower()
 
     def report(self, uuid: str, successful: bool) -> None:
-        """Tell the Panel how a transfer ended (retried as every Panel call; failure only logged)."""
+        """Tell the Panel how a transfer ended (retried as every Panel call; failure only
+        logged)."""
         outcome = "success" if successful else "failure"
         try:
             self.daemon.panel.request("POST", f"/servers/{uuid}/transfer/{outcome}")
@@ -9835,7 +9894,8 @@ class Transfers:
                 raise
 
     def receive(self, uuid: str, read: Callable[[int], bytes], content_type: str) -> None:
-        """The destination's side of ``POST /api/transfers``, from the Panel's document to success."""
+        """The destination's side of ``POST /api/transfers``, from the Panel's document to
+        success."""
         boundary = multipart_boundary(content_type)
         if boundary is None:
             raise BadRequest(
@@ -9990,7 +10050,10 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
 _CORS_HEADERS = {
     "Access-Control-Allow-Credentials": "true",
     "Access-Control-Allow-Methods": "GET, POST, PATCH, PUT, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Accept, Accept-Encoding, Authorization, Cache-Control, Content-Type, Content-Length, Origin, X-Real-IP, X-CSRF-Token",
+    "Access-Control-Allow-Headers": (
+        "Accept, Accept-Encoding, Authorization, Cache-Control, Content-Type, Content-Length, "
+        "Origin, X-Real-IP, X-CSRF-Token"
+    ),
     "Access-Control-Max-Age": "7200",
 }
 
@@ -10331,7 +10394,8 @@ class ApiHandler(
         if not isinstance(body, dict):
             raise WingsliteError("expected the node configuration as a JSON object", 422)
         LOG.warning(
-            "the Panel pushed a node configuration; it is not applied: edit %s and restart wingslite",
+            "the Panel pushed a node configuration; it is not applied: edit %s and restart "
+            "wingslite",
             self.server.daemon.config.source,
         )
         return 200, {"applied": False}
@@ -10572,7 +10636,8 @@ class Server:
             return self.apply(self._fetch_document())
 
     def _fetch_document(self) -> ServerConfig:
-        """The Panel's document for this server, validated. A refusal is recorded; nothing changes."""
+        """The Panel's document for this server, validated. A refusal is recorded; nothing
+        changes."""
         try:
             document = self.daemon.panel.get_server(self.uuid)
         except PanelError as exc:
@@ -10765,7 +10830,8 @@ class Server:
     # -- power ---------------------------------------------------------------------------------
 
     def request_power(self, action: str, wait_s: float = 0) -> None:
-        """The HTTP form: refuse what is refused now, then run the action in the background (202)."""
+        """The HTTP form: refuse what is refused now, then run the action in the background
+        (202)."""
         if action in ("start", "restart") and self.config.suspended:
             raise BadRequest("Cannot start or restart a server that is suspended.")
         if self.transferring:
@@ -10936,7 +11002,8 @@ class Server:
             writer.apply(config.process.configs, self.console_message)
 
     def _handle_crash(self) -> None:
-        """Restart a crashed server once per ``crash_detection.timeout`` window (Wings server/crash.go)."""
+        """Restart a crashed server once per ``crash_detection.timeout`` window (Wings
+        server/crash.go)."""
         cfg, node = self.config, self.daemon.config
         if self.env.state != OFFLINE:
             return
@@ -11185,7 +11252,8 @@ class Daemon:
                 break
             except PanelError as exc:
                 LOG.error(
-                    "could not load the servers from the Panel (%s); serving the last saved configurations, retrying in %.0fs",
+                    "could not load the servers from the Panel (%s); serving the last saved "
+                    "configurations, retrying in %.0fs",
                     exc.message,
                     delay,
                 )
@@ -11284,7 +11352,8 @@ class Daemon:
             self.servers[server.uuid] = server
 
     def _forget(self, server: Server) -> None:
-        """Take a server (marked deleted, its config lock held) off the node: no object, no saved configuration."""
+        """Take a server (marked deleted, its config lock held) off the node: no object, no saved
+        configuration."""
         with self._servers_lock:
             self.servers.pop(server.uuid, None)
         self.pulls.cancel(server.uuid)

@@ -79,7 +79,8 @@ def ms(seconds: float) -> float:
 
 
 def panel_document(uuid: str, startup: str = RUNNING_STARTUP, port: int = 25565) -> dict:
-    """The demo's Panel document (shaped as the Panel sends it), with the bench's startup and port."""
+    """The demo's Panel document (shaped as the Panel sends it), with the bench's startup and
+    port."""
     doc = w.demo_document(uuid, f"bench {uuid[:8]}", 256, image=IMAGE)
     settings = doc["settings"]
     settings["invocation"] = settings["environment"]["STARTUP"] = startup
@@ -93,7 +94,8 @@ def panel_document(uuid: str, startup: str = RUNNING_STARTUP, port: int = 25565)
 
 
 class _FastHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1, TCP_NODELAY, one write per answer: a Panel (or baseline) that is never the bottleneck."""
+    """HTTP/1.1, TCP_NODELAY, one write per answer: a Panel (or baseline) that is never the
+    bottleneck."""
 
     protocol_version = "HTTP/1.1"
 
@@ -107,7 +109,10 @@ class _FastHandler(http.server.BaseHTTPRequestHandler):
     def answer(
         self, status: int, data: bytes = b"", content_type: str = "application/json"
     ) -> None:
-        head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n\r\n"
+        head = (
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nContent-Type: "
+            f"{content_type}\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
         self.wfile.write(head.encode() + data)
 
 
@@ -545,7 +550,8 @@ def bench_scale(workdir: Path, boots: int, rounds: int) -> dict:
 
 
 def concurrent_syncs(daemon: Daemon, panel: Child, uuids: list[str], rounds: int) -> dict:
-    """``len(uuids)`` syncs at once, one per server, each on its own connection; ``rounds`` times."""
+    """``len(uuids)`` syncs at once, one per server, each on its own connection; ``rounds``
+    times."""
     walls, latencies, statuses = [], [], []
     n = len(uuids)
     conns = [http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60) for _ in range(n)]
@@ -991,7 +997,8 @@ def engine_flood(engine, lines: int) -> dict:
 async def _flood_sockets(
     daemon: Daemon, panel: Child, uuid: str, sockets: int, timeout_s: float
 ) -> list[dict]:
-    """``sockets`` authenticated consoles; start the server; count what each receives of the flood."""
+    """``sockets`` authenticated consoles; start the server; count what each receives of the
+    flood."""
     import asyncio
 
     import websockets
@@ -1306,7 +1313,8 @@ def _read_body(port: int, path: str, headers: dict) -> tuple[float, int]:
 
 
 def _pipe_read_s(path: Path) -> float:
-    """Seconds for this process to read ``cat path`` through a pipe in 1 MiB reads: the client's floor."""
+    """Seconds for this process to read ``cat path`` through a pipe in 1 MiB reads: the client's
+    floor."""
     t0 = time.perf_counter()
     with subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE) as proc:
         while proc.stdout.read(_MIB):
@@ -1315,7 +1323,8 @@ def _pipe_read_s(path: Path) -> float:
 
 
 def bench_files(workdir: Path, rounds: int, size_mib: int = FILE_BENCH_MIB) -> dict:
-    """Write, read and upload ``size_mib`` MiB through the file routes vs cp/cat on the same disk."""
+    """Write, read and upload ``size_mib`` MiB through the file routes vs cp/cat on the same
+    disk."""
     panel = Child(["--serve-panel", "1"], workdir, "panel")
     uuid = panel.info["uuids"][0]
     daemon = Daemon(panel.port, workdir)
@@ -1421,7 +1430,8 @@ def table(results: dict) -> str:
         row(
             "1 sync, no limit changed",
             "p50 / p99 vs Panel GET + bare HTTP",
-            f"{u['ratio_p50']}x / {u['ratio_p99']}x ({u['sync_ms']['p50']} / {u['sync_ms']['p99']} ms)",
+            f"{u['ratio_p50']}x / {u['ratio_p99']}x ({u['sync_ms']['p50']} / {u['sync_ms']['p99']} "
+            "ms)",
             "<= 1.20x p50",
             u["ratio_p50"] <= 1.20,
         )
@@ -1431,7 +1441,8 @@ def table(results: dict) -> str:
                 "1 sync, limit changed",
                 "p50 / p99 vs floor",
                 f"{c['ratio_p50']}x / {c['ratio_p99']}x "
-                f"({c['sync_ms']['p50']} / {c['sync_ms']['p99']} ms; floor {c['floor_ms']['p50']} ms)",
+                f"({c['sync_ms']['p50']} / {c['sync_ms']['p99']} ms; floor {c['floor_ms']['p50']} "
+                "ms)",
                 "<= 1.10x p50",
                 c["ratio_p50"] <= 1.10,
             )
@@ -1484,8 +1495,10 @@ def table(results: dict) -> str:
             row(
                 f"4 console flood, {r['sockets']} socket(s)",
                 name.replace("_", " "),
-                f"{r['ratio_to_engine']}x ({r['per_socket_lines_per_s']} vs engine {engine} lines/s per socket), "
-                f"{r['delivered_fraction'] * 100:.1f} % of {lines} delivered, {warned} throttle warnings",
+                f"{r['ratio_to_engine']}x ({r['per_socket_lines_per_s']} vs engine {engine} "
+                "lines/s per socket), "
+                f"{r['delivered_fraction'] * 100:.1f} % of {lines} delivered, {warned} throttle "
+                "warnings",
                 "-" if cap is None else f"<= {cap}/s, warned",
                 None
                 if cap is None
