@@ -1,5 +1,6 @@
 """Tests for wingslite, through its real interfaces: HTTP over loopback, a fake Panel that answers
-as the Panel does (``wingslite.PanelStandIn``), real websocket and SFTP clients, a real Docker engine.
+as the Panel does (``wingslite.PanelStandIn``), real websocket and SFTP clients, a real Docker
+engine.
 
 Shared fixtures come first (fake Panel, daemon factory, HTTP helper); then one class per area in
 the order of the sections of wingslite.py.
@@ -2390,7 +2391,10 @@ class TestDemo:
 TEST_IMAGE = os.environ.get("WINGSLITE_TEST_IMAGE", "wingslite-test:latest")
 # A console program for the test image: prints "ready" (the done line), then runs each stdin line
 # as a shell command ("echo $X", "exit 3"); a stop command "quit" ends it cleanly.
-CONSOLE_STARTUP = 'echo "booting $GREETING"; echo ready; while read -r line; do [ "$line" = quit ] && exit 0; eval "$line"; done'
+CONSOLE_STARTUP = (
+    'echo "booting $GREETING"; echo ready; '
+    'while read -r line; do [ "$line" = quit ] && exit 0; eval "$line"; done'
+)
 
 
 def docker_document(
@@ -2549,7 +2553,8 @@ class TestConsolePipeline:
         # Wings' own test case (system/utils_test.go) with a 10-byte limit.
         splitter = w.LineSplitter(10)
         lines = splitter.feed(
-            b"hello world this is a long line\nof text that should be truncated\nnot here\nbut definitely on this line"
+            b"hello world this is a long line\nof text that should be truncated\n"
+            b"not here\nbut definitely on this line"
         )
         assert lines + splitter.flush() == ["hello worl", "of text th", "not here", "but defini"]
 
@@ -4561,10 +4566,8 @@ class TestWebsocketConsole:
                 what="six authenticated sockets",
             )
             server = daemon.get_server(uuid)
-            for i in range(
-                1000
-                # 8 MB, paced so the writers get to send: the stuck clients' buffers fill, writers block
-            ):
+            # 8 MB, paced so the writers get to send: the stuck clients' buffers fill, writers block
+            for i in range(1000):
                 server.events.publish("console output", f"{i:04d} " + "x" * 8000)
                 if i % 20 == 0:
                     time.sleep(0.001)
@@ -4631,20 +4634,28 @@ class TestWebsocketDocker:
 
 
 BROWSER_PAGE = """<!doctype html><html><body><pre id="console"></pre><script>
-// What the Panel's browser client does (resources/scripts/plugins/Websocket.ts, WebsocketHandler.tsx):
-// auth on open, then "send logs" and "send stats" with [null] args, console output into the terminal.
+// What the Panel's browser client does (resources/scripts/plugins/Websocket.ts,
+// WebsocketHandler.tsx): auth on open, then "send logs" and "send stats" with [null] args,
+// console output into the terminal.
 const out = document.getElementById("console"), seen = [];
 const ws = new WebSocket(SOCKET);
-const send = (event, ...args) => ws.send(JSON.stringify({event, args: args.length ? args : [null]}));
-const report = (result) => fetch("/report", {method: "POST", body: JSON.stringify({result, seen, text: out.textContent})});
+const send = (event, ...args) =>
+  ws.send(JSON.stringify({event, args: args.length ? args : [null]}));
+const report = (result) =>
+  fetch("/report", {method: "POST", body: JSON.stringify({result, seen, text: out.textContent})});
 ws.onopen = () => send("auth", TOKEN);
 ws.onmessage = (e) => {
   const {event, args} = JSON.parse(e.data);
   seen.push(event);
   if (event === "auth success") { send("send logs"); send("send stats"); }
   if (event === "console output") { out.textContent += args[0].replace(/\\n$/, "") + "\\n"; }
-  if (event === "stats") { const s = JSON.parse(args[0]); out.textContent += "net " + s.network.rx_bytes + "\\n"; }
-  if (out.textContent.includes("server ready") && out.textContent.includes("net ")) { send("send command", "from chromium"); }
+  if (event === "stats") {
+    const s = JSON.parse(args[0]);
+    out.textContent += "net " + s.network.rx_bytes + "\\n";
+  }
+  if (out.textContent.includes("server ready") && out.textContent.includes("net ")) {
+    send("send command", "from chromium");
+  }
   if (out.textContent.includes("> from chromium")) { report("ok"); ws.close(1000); }
 };
 ws.onerror = () => report("error");
@@ -6100,7 +6111,7 @@ class TestFileManager:
             assert fh.read() == chunk
 
 
-# -- signed URLs ------------------------------------------------------------------------------------
+# -- signed URLs -----------------------------------------------------------------------------------
 
 
 def signed_token(server_uuid, secret=TOKEN, expires_in_s=900, **claims):
@@ -6256,12 +6267,16 @@ class TestSignedUrls:
 (async () => {{
   const results = [];
   try {{
-    const files = [new File(["first file\\n"], "one.txt"), new File([new Uint8Array([0, 1, 2, 255])], "two.bin")];
+    const files = [
+      new File(["first file\\n"], "one.txt"),
+      new File([new Uint8Array([0, 1, 2, 255])], "two.bin"),
+    ];
     const tokens = {json.dumps(tokens)};
     for (let i = 0; i < 2; i++) {{
       const form = new FormData();
       form.append("files", files[i]);
-      const r = await fetch("{node}/upload/file?token=" + tokens[i] + "&directory=%2Fuploads", {{method: "POST", body: form}});
+      const url = "{node}/upload/file?token=" + tokens[i] + "&directory=%2Fuploads";
+      const r = await fetch(url, {{method: "POST", body: form}});
       results.push(r.status);
     }}
     const d = await fetch("{node}/download/file?token={download}");
@@ -6316,7 +6331,7 @@ class TestSignedUrls:
         assert (server.fs.root / "uploads" / "two.bin").read_bytes() == bytes([0, 1, 2, 255])
 
 
-# -- remote downloads -------------------------------------------------------------------------------
+# -- remote downloads ------------------------------------------------------------------------------
 
 
 class _Origin:
@@ -8194,7 +8209,8 @@ def _ws_header(b0: int, mask: bool, length: int, form: str) -> bytes:
 def _ws_streams(draw):
     """Bytes for a client to send after the handshake; whether they end on a frame boundary the
     server can know (no lying length, no garbage: only then can a ping probe follow them); and the
-    codes of the close frames among them (None: a close without a code), which the server may echo."""
+    codes of the close frames among them (None: a close without a code), which the server may
+    echo."""
     chunks: list[bytes] = []
     codes: set[int | None] = set()
 
@@ -8209,10 +8225,8 @@ def _ws_streams(draw):
             + body
         )
 
-    if draw(
-        st.booleans()
-        # well-framed: messages cut into fragments, pings between them; the payloads may still be bad
-    ):
+    # well-framed: messages cut into fragments, pings between them; the payloads may still be bad
+    if draw(st.booleans()):
         for _ in range(draw(st.integers(1, 3))):
             opcode = draw(st.sampled_from([0x1, 0x1, 0x2]))
             payload = draw(_WS_TEXT if opcode == 0x1 else _WS_PAYLOADS)

@@ -78,17 +78,19 @@ Map of this file. Each section sits under a banner ``# <title> ####...``, each s
 Where to look first:
 
     what happens on sync     ``Server.sync()`` -> ``Server.apply()`` (daemon section)
-    a start                  ``Server.power()`` -> ``Server._start()`` -> ``DockerEnvironment.start()``
+    a start                  ``Server.power()`` -> ``Server._start()`` ->
+                             ``DockerEnvironment.start()``
     limits on a live server  ``DockerEnvironment.apply_limits()`` and ``Cgroup``
     suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
     a backup / a restore     ``Backups.create()`` -> ``BackupJob.run()``; ``Backups.restore()`` ->
                              ``RestoreJob.run()`` -> ``extract_archive()`` (archives section)
 
 Locks: each ``Server`` has two. Its **configuration lock** guards its configuration: held for one
-sync alone (Panel GET, validation, save, swap, live limits, closing sessions), by a delete, and by a
-start while it reads the configuration its container is created from; never across a stop, a
-start's wait or a pull. Its **power lock** serialises start, stop and restart. A sync, a suspension
-and a delete never wait for a power lock, so the Panel's suspension (15 s HTTP timeout) always lands.
+sync alone (Panel GET, validation, save, swap, live limits, closing sessions), by a delete, and by
+a start while it reads the configuration its container is created from; never across a stop, a
+start's wait or a pull. Its **power lock** serialises start, stop and restart. A sync, a
+suspension and a delete never wait for a power lock, so the Panel's suspension (15 s HTTP
+timeout) always lands.
 """
 
 from __future__ import annotations
@@ -1385,9 +1387,9 @@ class Filesystem:
     ``set_denylist(patterns)``, ``is_denied(relpath)``.
 
     Usage is the apparent size of every regular file under the root (as Wings), cached for
-    ``check_interval_s`` seconds; a stale read returns the cached figure at once and refreshes in the
-    background, so no caller (boot included) waits on a walk unless it asks to. Metered writers
-    call ``reserve()`` before each write, which checks and books the bytes in one step.
+    ``check_interval_s`` seconds; a stale read returns the cached figure at once and refreshes in
+    the background, so no caller (boot included) waits on a walk unless it asks to. Metered
+    writers call ``reserve()`` before each write, which checks and books the bytes in one step.
     """
 
     def __init__(
@@ -2124,7 +2126,8 @@ class KernelCalls:
 
 
 class ProjectQuota(QuotaBackend):
-    """ext4/xfs project quotas: each server directory tagged with its own project id, which carries a hard limit.
+    """ext4/xfs project quotas: each server directory tagged with its own project id, which
+    carries a hard limit.
 
     The id lives on the directory itself (``FS_IOC_FSSETXATTR`` with inheritance), so it survives
     restarts without a table; it is derived from the directory name and stepped past ids that other
@@ -2262,7 +2265,8 @@ QUOTA_MODES = _CHOICES["wingslite.disk_quota"]
 def select_quota_backend(
     mode: str, data_dir: Path, *, mountinfo: str | None = None, calls: KernelCalls | None = None
 ) -> QuotaBackend:
-    """The backend for ``wingslite.disk_quota``; ``auto`` takes the strongest the data directory's filesystem supports.
+    """The backend for ``wingslite.disk_quota``; ``auto`` takes the strongest the data
+    directory's filesystem supports.
 
     ``btrfs`` or ``project`` that cannot work here fall back to soft, with a warning that says why.
     """
@@ -2309,8 +2313,9 @@ def select_quota_backend(
 def must_stop_for_disk(fs: Filesystem) -> bool:
     """True when a running server is over its disk limit and no kernel quota holds it there.
 
-    Wings stops such a server ("Server is exceeding the assigned disk space limit, stopping process
-    now.", server/listeners.go); under a kernel quota the writes are refused instead and the server runs on.
+    Wings stops such a server ("Server is exceeding the assigned disk space limit, stopping
+    process now.", server/listeners.go); under a kernel quota the writes are refused instead and
+    the server runs on.
     """
     return (
         bool(fs.limit_bytes)
@@ -3766,8 +3771,9 @@ class Environment:
     Methods for the caller (the ``Server``): ``state``, ``exists()``, ``apply_limits(config)``,
     ``start(config)``, ``stop(config, timeout_s)``, ``kill()``, ``destroy()``,
     ``send_command(line)``, ``logs(lines)``, ``stats()``, ``attach_if_running(config)``,
-    ``prepare(config)``, ``exit_status()``, ``close()``. Subclasses override them all and publish ``("status", state)``, ``("console output", line)``
-    and ``("stats", json_text)`` on ``events``.
+    ``prepare(config)``, ``exit_status()``, ``close()``. Subclasses override them all and
+    publish ``("status", state)``, ``("console output", line)`` and ``("stats", json_text)`` on
+    ``events``.
     """
 
     kind = "none"
@@ -4105,7 +4111,8 @@ def _docker_ssh_transport(docker: Any) -> None:
 
 
 def docker_client(config: Config) -> Any:
-    """A low-level Docker API client for ``wingslite.docker_url`` (else ``DOCKER_HOST``, else the socket).
+    """A low-level Docker API client for ``wingslite.docker_url`` (else ``DOCKER_HOST``, else
+    the socket).
 
     No engine is contacted here: the API version is fixed (1.41, Docker 20.10, understood by every
     later engine), so a daemon starts while the engine is still down.
@@ -4760,7 +4767,8 @@ class DockerEnvironment(Environment):
     # -- stop, kill, destroy -----------------------------------------------------------------------
 
     def stop(self, config: ServerConfig, timeout_s: float) -> None:
-        """Stop as the server's stop type says, then SIGKILL after ``timeout_s``; returns when offline.
+        """Stop as the server's stop type says, then SIGKILL after ``timeout_s``; returns when
+        offline.
 
         ``command``: the stop command is written to the process's stdin (Docker's stop when not
         attached); ``signal``: that signal, by its real name; ``stop``: the image's stop signal.
@@ -6646,7 +6654,8 @@ class SftpServer:
     Methods for the caller: ``start()``, ``stop()``, ``port`` (bound port, after ``start``),
     ``connections()`` (how many are open). Class variables that may be overridden:
     ``max_channels``, ``max_handles``, ``max_read_bytes``, ``max_packet_bytes``,
-    ``max_ssh_packet_bytes``, ``handshake_timeout_s``, ``auth_timeout_s``, ``pubkey_failure_weight``.
+    ``max_ssh_packet_bytes``, ``handshake_timeout_s``, ``auth_timeout_s``,
+    ``pubkey_failure_weight``.
 
     A login is ``<panel user>.<8-char server id>`` with a password or a public key; both are
     checked by ``POST /api/remote/sftp/auth`` (any Panel 4xx is bad credentials; a Panel that does
@@ -9899,7 +9908,8 @@ class Transfers:
         boundary = multipart_boundary(content_type)
         if boundary is None:
             raise BadRequest(
-                f'invalid content type "{content_type.split(";")[0]}", expected "multipart/form-data"'
+                f'invalid content type "{content_type.split(";")[0]}", '
+                'expected "multipart/form-data"'
             )
         server = self.daemon.receive_server(uuid)  # Conflict when this node has it already
         transfer = IncomingTransfer(server)
@@ -10341,7 +10351,8 @@ class ApiHandler(
         action = body.get("action") if isinstance(body, dict) else None
         if action not in ("start", "stop", "restart", "kill"):
             raise WingsliteError(
-                'The power action provided was not valid, should be one of "stop", "start", "restart", "kill"',
+                "The power action provided was not valid, should be one of "
+                '"stop", "start", "restart", "kill"',
                 422,
             )
         wait = body.get("wait_seconds", 0)
@@ -11651,8 +11662,9 @@ _DEMO_EGG_PROCESS = {
 def demo_document(
     uuid: str, name: str, memory_mb: int, image: str = "wingslite-test:latest"
 ) -> dict[str, Any]:
-    """A server document shaped as the Panel builds it (Panel: ``ServerConfigurationStructureService``
-    and ``EggConfigurationService``), running a shell loop that answers ``stop``."""
+    """A server document shaped as the Panel builds it (Panel:
+    ``ServerConfigurationStructureService`` and ``EggConfigurationService``), running a shell
+    loop that answers ``stop``."""
     startup = (
         'echo Server ready; while read line; do [ "$line" = stop ] && exit 0; echo "> $line"; done'
     )
@@ -12362,7 +12374,8 @@ node token: {token}
   # its files over SFTP (password: demo), when paramiko is installed:
   sftp -P {daemon.sftp.port if daemon.sftp else args.sftp_port} demo.{first[:8]}@127.0.0.1
   # change the server's memory and disk on the (demo) Panel, then sync the node:
-  curl -s -X POST -d '{{"build": {{"memory_limit": 4096, "disk_space": 2048}}}}' {panel.url}/demo/servers/{first} >/dev/null
+  curl -s -X POST -d '{{"build": {{"memory_limit": 4096, "disk_space": 2048}}}}' \\
+    {panel.url}/demo/servers/{first} >/dev/null
   curl -si -X POST {auth} {base}/api/servers/{first}/sync
   curl -s {auth} {base}/api/servers/{first} | python3 -m json.tool
   # suspend it (every websocket and SFTP session of the server is closed by the sync):

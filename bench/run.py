@@ -597,8 +597,12 @@ def concurrent_syncs(daemon: Daemon, panel: Child, uuids: list[str], rounds: int
 
 _LOAD_CLIENT = r"""
 import socket, sys, threading, time
-port, path, token, conns, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nAccept: application/json\r\n\r\n".encode()
+port, path, token = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+conns, seconds = int(sys.argv[4]), float(sys.argv[5])
+req = (
+    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+    "Accept: application/json\r\n\r\n"
+).encode()
 counts = [0] * conns
 start = threading.Event()
 def run(i):
@@ -614,7 +618,8 @@ def run(i):
             if head_end >= 0:
                 head = buf[:head_end].lower()
                 k = head.find(b"content-length:")
-                length = int(head[k + 15:head.find(b"\r\n", k) if head.find(b"\r\n", k) > 0 else None]) if k >= 0 else 0
+                line_end = head.find(b"\r\n", k)
+                length = int(head[k + 15:line_end if line_end > 0 else None]) if k >= 0 else 0
                 total = head_end + 4 + length
                 if len(buf) >= total:
                     assert buf.startswith(b"HTTP/1.1 200"), buf[:80]
@@ -895,7 +900,10 @@ def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
             t0 = time.perf_counter()
             watcher.start()
             writer.write(
-                f"POST /api/servers/{uuid}/sync HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n\r\n".encode()
+                (
+                    f"POST /api/servers/{uuid}/sync HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n\r\n"
+                ).encode()
             )
             await writer.drain()
             status_line = await reader.readline()
@@ -1513,7 +1521,8 @@ def table(results: dict) -> str:
             row(
                 "5 GET /api/servers/:server",
                 f"{conns} conn. vs bare server",
-                f"{v['ratio']}x ({v['wingslite_rps']['median']} vs {v['bare_rps']['median']} req/s)",
+                f"{v['ratio']}x ({v['wingslite_rps']['median']} vs "
+                f"{v['bare_rps']['median']} req/s)",
                 ">= 0.8x",
                 v["ratio"] >= 0.8,
             )
