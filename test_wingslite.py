@@ -7624,6 +7624,589 @@ class TestQuotaContainer:
         )  # nothing in the kernel stopped the writes
 
 
+# the Panel's buttons ##############################################################################
+#
+# Every call the Panel (pterodactyl/panel 1.11) makes on a node, sent exactly as it sends it --
+# app/Repositories/Wings/*.php through Guzzle 7: `Authorization: Bearer <node secret>`,
+# `Accept: application/json`, `Content-Type: application/json` on every call (GET, DELETE and the
+# raw file write too), bodies as PHP's json_encode writes them (`\/`, `\uXXXX`), queries encoded
+# as RFC 3986 -- plus the browser's own calls to the node (websocket, signed download/upload URLs).
+# Each test checks the status the Panel treats as success (any 2xx) and the fields the Panel or
+# its browser code reads from the answer.
+
+
+def php_json(body) -> bytes:
+    """JSON as PHP's json_encode writes it by default: ASCII only, "/" escaped, no spaces."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=True).replace("/", "\\/").encode()
+
+
+def from_panel(daemon, method: str, path: str, body=None, *, raw=None, query=None, headers=None):
+    """One request as the Panel's DaemonRepository sends it; (status, headers, raw body)."""
+    if query:
+        path += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
+    all_headers = {
+        "User-Agent": "GuzzleHttp/7",
+        "Authorization": f"Bearer {TOKEN}",
+        "Accept": "application/json",
+        "Content-Type": "application/json",
+        **(headers or {}),
+    }
+    data = raw if raw is not None else (php_json(body) if body is not None else None)
+    if data is None and method in ("POST", "PUT"):
+        data = b""  # Guzzle sends `Content-Length: 0` on a POST without a body
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    conn.request(method, path, body=data, headers=all_headers)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
+
+
+def from_panel_json(daemon, method: str, path: str, body=None, **kwargs):
+    """``from_panel`` with the answer decoded as the Panel does (json_decode, assoc arrays)."""
+    status, headers, payload = from_panel(daemon, method, path, body, **kwargs)
+    return status, headers, json.loads(payload) if payload else None
+
+
+def is_daemon_error(status: int, headers: dict, payload) -> bool:
+    """A 4xx the Panel can show: DaemonConnectionException reads ``error`` and X-Request-Id."""
+    body = json.loads(payload) if isinstance(payload, bytes) else payload
+    return (
+        400 <= status < 500
+        and isinstance(body, dict)
+        and isinstance(body.get("error"), str)
+        and bool(body["error"])
+        and bool(headers.get("x-request-id"))
+    )
+
+
+def carbon_parses(text) -> bool:
+    """Carbon::parse() of FileObjectTransformer: an RFC 3339 date-time."""
+    if not isinstance(text, str):
+        return False
+    with contextlib.suppress(ValueError):
+        return bool(__import__("datetime").datetime.fromisoformat(text.replace("Z", "+00:00")))
+    return False
+
+
+def node_configuration(panel_url: str) -> dict:
+    """The body of POST /api/update: ``Node::getConfiguration()`` as NodeUpdateService sends it."""
+    return {
+        "debug": False,
+        "uuid": "5c5bd1c2-6a3e-4a4f-9d0e-1f0f6e2d8b47",
+        "token_id": TOKEN_ID,
+        "token": TOKEN,
+        "api": {
+            "host": "0.0.0.0",
+            "port": 8080,
+            "ssl": {
+                "enabled": False,
+                "cert": "/etc/letsencrypt/live/node1.example.com/fullchain.pem",
+                "key": "/etc/letsencrypt/live/node1.example.com/privkey.pem",
+            },
+            "upload_limit": 100,
+        },
+        "system": {"data": "/var/lib/pterodactyl/volumes", "sftp": {"bind_port": 2022}},
+        "allowed_mounts": [],
+        "remote": panel_url,
+    }
+
+
+_INSTALLATION_LANDED = hasattr(w.ApiHandler, "route_reinstall_server")
+_ARCHIVES_LANDED = hasattr(w.ApiHandler, "route_compress_files")
+
+
+class TestPanelButtons:
+    """Every Panel -> node call and every browser -> node call, as the Panel makes it."""
+
+    @pytest.fixture
+    def node(self, console_node):
+        """A daemon with one server (a console without Docker) and its directory."""
+        daemon = console_node()
+        server = daemon.get_server(daemon.uuid)
+        server.fs.ensure()
+        daemon.server = server
+        return daemon
+
+    # -- admin: nodes --------------------------------------------------------------------------
+
+    def test_admin_node_page_reads_the_system_information(self, node):
+        """Admin/Nodes/SystemInformationController reads version, os, architecture,
+        kernel_version and cpu_count; the admin node list pings it from the browser."""
+        status, _, info = from_panel_json(node, "GET", "/api/system")
+        assert status == 200
+        assert isinstance(info["version"], str) and info["version"]
+        assert info["os"] == "linux" and isinstance(info["architecture"], str)
+        assert isinstance(info["kernel_version"], str) and info["kernel_version"]
+        assert isinstance(info["cpu_count"], int) and info["cpu_count"] >= 1
+        # resources/views/admin/nodes/index.blade.php: a cross-origin GET with the node secret,
+        # so the browser asks first (preflight) and then needs its origin allowed on the answer
+        origin = node.config.remote
+        status, headers, _ = http_raw(
+            node.port,
+            "OPTIONS",
+            "/api/system",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization",
+            },
+            token=None,
+        )
+        assert status == 204 and headers["access-control-allow-origin"] == origin
+        assert "authorization" in headers["access-control-allow-headers"].lower()
+        assert "GET" in headers["access-control-allow-methods"]
+        status, headers, _ = from_panel(node, "GET", "/api/system", headers={"Origin": origin})
+        assert status == 200 and headers["access-control-allow-origin"] == origin
+
+    def test_telemetry_reads_the_v2_system_information(self, docker_engine, panel, make_daemon):
+        """Services/Telemetry/TelemetryCollectionService: GET /api/system?v=2."""
+        daemon = make_daemon(panel)
+        status, _, info = from_panel_json(daemon, "GET", "/api/system", query={"v": 2})
+        assert status == 200 and info["version"]
+        docker = info["docker"]
+        assert docker["version"] and docker["cgroups"]["driver"] and docker["cgroups"]["version"]
+        for key in ("total", "running", "paused", "stopped"):
+            assert isinstance(docker["containers"][key], int)
+        assert docker["storage"]["driver"] and isinstance(docker["runc"]["version"], str)
+        system = info["system"]
+        for key in ("architecture", "kernel_version", "os", "os_type"):
+            assert isinstance(system[key], str) and system[key], key
+        assert system["cpu_threads"] >= 1 and system["memory_bytes"] > 0
+
+    def test_node_settings_save_pushes_the_configuration(self, node):
+        """DaemonConfigurationRepository::update (NodeUpdateService): any 2xx is a success;
+        anything else shows ConfigurationNotPersistedException to the admin."""
+        status, _, _ = from_panel(
+            node, "POST", "/api/update", node_configuration(node.config.remote)
+        )
+        assert 200 <= status < 300
+
+    # -- admin: servers ------------------------------------------------------------------------
+
+    def test_create_server(self, panel, make_daemon):
+        """DaemonServerRepository::create (ServerCreationService): a failure here makes the
+        Panel force-delete the new server, so the create must succeed for a known server."""
+        daemon = make_daemon(panel)
+        uuid = panel.add(panel_document(skip_egg_scripts=True))
+        body = {"uuid": uuid, "start_on_completion": False}
+        status, _, _ = from_panel(daemon, "POST", "/api/servers", body)
+        assert status == 202
+        status, _, view = from_panel_json(daemon, "GET", f"/api/servers/{uuid}")
+        assert status == 200 and view["state"] == "offline"
+        assert (daemon.config.data_dir / uuid).is_dir()
+
+    @pytest.mark.xfail(
+        not _INSTALLATION_LANDED,
+        strict=True,
+        reason="installation (POST /servers/{uuid}/install to the Panel) is not in this build",
+    )
+    def test_a_created_server_reports_its_installation(self, panel, make_daemon):
+        """The Panel shows a new server as `installing` until the node POSTs
+        /api/remote/servers/{uuid}/install (Remote/Servers/ServerInstallController@store);
+        an egg that skips its scripts is reported installed at once (Wings: server/install.go)."""
+        daemon = make_daemon(panel)
+        uuid = panel.add(panel_document(skip_egg_scripts=True))
+        assert (
+            from_panel(
+                daemon, "POST", "/api/servers", {"uuid": uuid, "start_on_completion": False}
+            )[0]
+            == 202
+        )
+        path = f"/api/remote/servers/{uuid}/install"
+        report = wait_for(
+            lambda: next(
+                (r for r in panel.requests if r.path == path and r.method == "POST"), None
+            ),
+            10,
+            what="the install report",
+        )
+        assert report.body == {"successful": True, "reinstall": False}
+
+    @pytest.mark.xfail(
+        not _INSTALLATION_LANDED,
+        strict=True,
+        reason="POST /api/servers/{uuid}/reinstall is not in this build",
+    )
+    def test_reinstall(self, node):
+        """DaemonServerRepository::reinstall (ReinstallServerService, admin and client
+        "Reinstall"): no body; a non-2xx rolls the Panel's `installing` status back."""
+        status, _, _ = from_panel(node, "POST", f"/api/servers/{node.uuid}/reinstall")
+        assert status == 202
+        path = f"/api/remote/servers/{node.uuid}/install"
+        panel = node.panel_fake
+        report = wait_for(
+            lambda: next(
+                (r for r in panel.requests if r.path == path and r.method == "POST"), None
+            ),
+            15,
+            what="the reinstall report",
+        )
+        assert report.body["reinstall"] is True and isinstance(report.body["successful"], bool)
+
+    def test_build_change_and_suspension_sync(self, node):
+        """DaemonServerRepository::sync: BuildModificationService (result ignored) and
+        SuspensionService (a non-2xx rolls the suspension back and shows Wings' error)."""
+        panel = node.panel_fake
+        panel.merge_settings(node.uuid, {"suspended": True, "build": {"memory_limit": 2048}})
+        status, _, _ = from_panel(node, "POST", f"/api/servers/{node.uuid}/sync")
+        assert status == 204
+        status, _, view = from_panel_json(node, "GET", f"/api/servers/{node.uuid}")
+        assert view["is_suspended"] is True
+        panel.merge_settings(node.uuid, {"suspended": False})
+        assert from_panel(node, "POST", f"/api/servers/{node.uuid}/sync")[0] == 204
+        assert from_panel_json(node, "GET", f"/api/servers/{node.uuid}")[2]["is_suspended"] is False
+        unknown = str(uuidlib.uuid4())
+        assert is_daemon_error(*from_panel(node, "POST", f"/api/servers/{unknown}/sync"))
+
+    def test_delete_server(self, node):
+        """DaemonServerRepository::delete (ServerDeletionService: a 404 counts as deleted;
+        Remote/ServerTransferController@success on the old node)."""
+        root = node.server.fs.root
+        (root / "world.dat").write_bytes(b"x")
+        assert from_panel(node, "DELETE", f"/api/servers/{node.uuid}")[0] == 204
+        wait_for(lambda: not root.exists(), 10, what="the server's files to go")
+        status, headers, payload = from_panel(node, "DELETE", f"/api/servers/{node.uuid}")
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_transfer_notify(self, panel, make_daemon, tmp_path):
+        """DaemonTransferRepository::notify (Admin/Servers/ServerTransferController@transfer):
+        the source node gets server_id, url, "Bearer <jwt>" and a server object."""
+        dst_panel = TransferPanel()
+        try:
+            doc = panel_document()
+            uuid = panel.add(doc)
+            source = make_daemon(panel)
+            dst_panel.add(copy.deepcopy(doc))
+            dst_panel.unlisted.add(uuid)
+            dst_panel.source = source
+            destination = make_daemon(
+                dst_panel,
+                token_id=DST_TOKEN_ID,
+                token=DST_TOKEN,
+                system__root_directory=str(tmp_path / "dst" / "root"),
+                system__data=str(tmp_path / "dst" / "volumes"),
+            )
+            root = source.get_server(uuid).fs.root
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "server.properties").write_text("motd=moved\n")
+            with dst_panel.lock:
+                dst_panel.transfers[uuid] = None
+            with panel.lock:
+                panel.transfers[uuid] = None
+            body = {
+                "server_id": uuid,
+                "url": f"http://127.0.0.1:{destination.port}/api/transfers",
+                "token": "Bearer " + transfer_token(uuid),
+                "server": {"uuid": uuid, "start_on_completion": False},
+            }
+            status, _, _ = from_panel(source, "POST", f"/api/servers/{uuid}/transfer", body)
+            assert status == 202
+            wait_until(lambda: dst_panel.transfers.get(uuid) is True, 30, "the transfer")
+            moved = tmp_path / "dst" / "volumes" / uuid / "server.properties"
+            assert moved.read_text() == "motd=moved\n"
+        finally:
+            dst_panel.close()
+
+    # -- client: console, power, resources -----------------------------------------------------
+
+    def test_resource_usage(self, node):
+        """DaemonServerRepository::getDetails: ResourceUtilizationController (StatsTransformer)
+        and ProcessScheduleService (`state` offline/stopping skips "only when online" tasks)."""
+        status, _, view = from_panel_json(node, "GET", f"/api/servers/{node.uuid}")
+        assert status == 200 and isinstance(view, dict)
+        assert view["state"] in ("offline", "starting", "running", "stopping")
+        assert view["is_suspended"] is False
+        use = view["utilization"]
+        for key in ("memory_bytes", "cpu_absolute", "disk_bytes", "uptime"):
+            assert isinstance(use[key], (int, float)) and not isinstance(use[key], bool), key
+        assert isinstance(use["network"]["rx_bytes"], int)
+        assert isinstance(use["network"]["tx_bytes"], int)
+        status, headers, payload = from_panel(node, "GET", f"/api/servers/{uuidlib.uuid4()}")
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_power_buttons(self, node):
+        """DaemonPowerRepository::send (PowerController, RunTaskJob, p:server:bulk-power)."""
+        server = node.server
+        for action, state in (
+            ("start", "running"),
+            ("restart", "running"),
+            ("stop", "offline"),
+            ("start", "running"),
+            ("kill", "offline"),
+        ):
+            status, _, _ = from_panel(
+                node, "POST", f"/api/servers/{node.uuid}/power", {"action": action}
+            )
+            assert status == 202, action
+            wait_for(lambda s=state: server.state == s, 10, what=f"{action} -> {state}")
+            wait_until(lambda: DockerServers.power_idle(server), 10, f"{action} to finish")
+        status, headers, payload = from_panel(
+            node, "POST", f"/api/servers/{node.uuid}/power", {"action": "explode"}
+        )
+        assert status == 422 and is_daemon_error(status, headers, payload)
+
+    def test_console_command(self, node):
+        """DaemonCommandRepository::send (CommandController, RunTaskJob): a 502 from the node
+        is what the Panel turns into "Server must be online in order to send commands."."""
+        path = f"/api/servers/{node.uuid}/commands"
+        assert from_panel(node, "POST", path, {"commands": ["say hi"]})[0] == 502
+        from_panel(node, "POST", f"/api/servers/{node.uuid}/power", {"action": "start"})
+        wait_for(lambda: node.server.state == "running", 10, what="running")
+        status, _, _ = from_panel(node, "POST", path, {"commands": ["say hi/there"]})
+        assert status == 204
+        assert "> say hi/there" in node.server.env.lines
+
+    def test_revoke_user_tokens(self, node):
+        """DaemonServerRepository::revokeUserJTI (DetailsModificationService,
+        SubuserController): jti = md5(user_id . server_uuid)."""
+        claims = ws_claims(node.uuid, user_id=7)
+        conn, first = ws_authed(node, node.uuid, user_id=7)
+        with conn:
+            assert first[0] == ("auth success", [])
+            jti = hashlib.md5(f"7{node.uuid}".encode()).hexdigest()
+            status, _, _ = from_panel(
+                node, "POST", f"/api/servers/{node.uuid}/ws/deny", {"jtis": [jti]}
+            )
+            assert status == 204
+            ws_until(conn, "jwt error")
+            ws_send(conn, "auth", ws_token(claims))
+            assert ws_until(conn, "jwt error")
+
+    # -- the browser's console -------------------------------------------------------------------
+
+    def test_browser_console_session(self, node):
+        """resources/scripts/plugins/Websocket.ts and components/server/**: auth, "send logs" and
+        "send stats" with args [null], `stats` as a JSON string the browser parses, power and
+        commands, and a token refresh re-sent on the same socket."""
+        conn = ws_open(node, node.uuid)
+        with conn:
+            ws_send(conn, "auth", ws_token(ws_claims(node.uuid)))
+            assert ws_until(conn, "auth success") == []
+            ws_send(conn, "send logs", None)
+            ws_send(conn, "send stats", None)
+            stats = json.loads(ws_until(conn, "stats")[0])
+            for key in ("memory_bytes", "cpu_absolute", "disk_bytes"):
+                assert isinstance(stats[key], (int, float)), key
+            assert isinstance(stats["network"]["rx_bytes"], int)
+            assert isinstance(stats["network"]["tx_bytes"], int)
+            assert isinstance(stats.get("uptime", 0), int)
+            ws_send(conn, "set state", "start")
+            assert ws_until(conn, "status", match="running") == ["running"]
+            ws_send(conn, "send command", "list")
+            assert ws_until(conn, "console output", match="> list") == ["> list"]
+            ws_send(conn, "auth", ws_token(ws_claims(node.uuid)))  # the refresh on expiring
+            assert ws_until(conn, "auth success") == []
+            ws_send(conn, "set state", "kill")
+            assert ws_until(conn, "status", match="offline") == ["offline"]
+
+    # -- client: files -------------------------------------------------------------------------
+
+    def test_files_list_directory(self, node):
+        """DaemonFileRepository::getDirectory -> FileObjectTransformer (name, mode, mode_bits,
+        size, file, symlink, mime, created, modified) -> rawDataToFileObject in the browser."""
+        root = node.server.fs.root
+        (root / "plugins").mkdir()
+        (root / "server.properties").write_text("motd=hi\n")
+        (root / "latest.log").symlink_to("server.properties")
+        status, _, listing = from_panel_json(
+            node, "GET", f"/api/servers/{node.uuid}/files/list-directory", query={"directory": "/"}
+        )
+        assert status == 200 and isinstance(listing, list)
+        by_name = {item["name"]: item for item in listing}
+        assert set(by_name) == {"plugins", "server.properties", "latest.log"}
+        for item in listing:
+            assert isinstance(item["mode"], str) and re.fullmatch(r"[0-7]{3,4}", item["mode_bits"])
+            assert isinstance(item["size"], int)
+            assert isinstance(item["mime"], str) and "/" in item["mime"]
+            assert carbon_parses(item["created"]) and carbon_parses(item["modified"])
+        assert (
+            by_name["plugins"]["file"] is False and by_name["plugins"]["mime"] == "inode/directory"
+        )
+        assert by_name["server.properties"]["file"] is True
+        assert by_name["server.properties"]["size"] == len("motd=hi\n")
+        assert by_name["server.properties"]["mime"].startswith("text/")  # editable in the browser
+        assert by_name["latest.log"]["symlink"] is True
+        status, headers, payload = from_panel(
+            node,
+            "GET",
+            f"/api/servers/{node.uuid}/files/list-directory",
+            query={"directory": "/nope"},
+        )
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_files_contents_and_write(self, node):
+        """getContent (the Panel refuses a Content-Length over files.max_edit_size, so the answer
+        must carry one) and putContent (a raw body, still labelled application/json)."""
+        path = f"/api/servers/{node.uuid}/files/write"
+        text = 'motd=h\u00e9llo / {"not": "json"}\n'.encode()
+        status, _, _ = from_panel(node, "POST", path, raw=text, query={"file": "/conf/a b.txt"})
+        assert status == 204
+        assert (node.server.fs.root / "conf" / "a b.txt").read_bytes() == text
+        status, headers, payload = from_panel(
+            node, "GET", f"/api/servers/{node.uuid}/files/contents", query={"file": "/conf/a b.txt"}
+        )
+        assert status == 200 and payload == text
+        assert int(headers["content-length"]) == len(text)
+        status, headers, payload = from_panel(
+            node, "GET", f"/api/servers/{node.uuid}/files/contents", query={"file": "/missing"}
+        )
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_files_create_directory_rename_copy_delete_chmod(self, node):
+        """createDirectory {name, path}, renameFiles (PUT {root, files:[{from,to}]}), copyFile
+        {location}, deleteFiles {root, files}, chmodFiles {root, files:[{file, mode}]} with the
+        mode as the browser's string."""
+        base, root = f"/api/servers/{node.uuid}/files", node.server.fs.root
+        body = {"name": "cfg", "path": "/plugins"}
+        assert from_panel(node, "POST", f"{base}/create-directory", body)[0] == 204
+        assert (root / "plugins" / "cfg").is_dir()
+        (root / "plugins" / "cfg" / "a.yml").write_text("a: 1\n")
+        body = {"root": "/plugins/cfg", "files": [{"from": "a.yml", "to": "b.yml"}]}
+        assert from_panel(node, "PUT", f"{base}/rename", body)[0] == 204
+        assert (root / "plugins" / "cfg" / "b.yml").read_text() == "a: 1\n"
+        assert (
+            from_panel(node, "POST", f"{base}/copy", {"location": "/plugins/cfg/b.yml"})[0] == 204
+        )
+        assert (root / "plugins" / "cfg" / "b copy.yml").read_text() == "a: 1\n"
+        body = {"root": "/plugins/cfg", "files": [{"file": "b.yml", "mode": "600"}]}
+        assert from_panel(node, "POST", f"{base}/chmod", body)[0] == 204
+        assert stat.S_IMODE((root / "plugins" / "cfg" / "b.yml").stat().st_mode) == 0o600
+        body = {"root": "/plugins", "files": ["cfg"]}
+        assert from_panel(node, "POST", f"{base}/delete", body)[0] == 204
+        assert not (root / "plugins" / "cfg").exists()
+        assert is_daemon_error(*from_panel(node, "POST", f"{base}/copy", {"location": "/nope"}))
+
+    @pytest.mark.xfail(
+        not _ARCHIVES_LANDED,
+        strict=True,
+        reason="POST files/compress and files/decompress are not in this build",
+    )
+    def test_files_compress_and_decompress(self, node):
+        """compressFiles answers one stat object (FileObjectTransformer; the browser adds it to
+        the list and offers to unarchive it when its mime is an archive type); decompressFile."""
+        base, root = f"/api/servers/{node.uuid}/files", node.server.fs.root
+        (root / "world").mkdir()
+        (root / "world" / "level.dat").write_bytes(b"level" * 100)
+        body = {"root": "/", "files": ["world"]}
+        status, _, info = from_panel_json(node, "POST", f"{base}/compress", body)
+        assert status == 200 and info["name"].endswith(".tar.gz") and info["file"] is True
+        assert info["mime"] == "application/tar+gzip"  # Wings: router_server_files.go
+        assert info["size"] == (root / info["name"]).stat().st_size > 0
+        assert carbon_parses(info["created"]) and carbon_parses(info["modified"])
+        # the listing the browser reloads offers "Unarchive" only for the mime types it knows
+        listing = from_panel_json(node, "GET", f"{base}/list-directory", query={"directory": "/"})
+        listed = next(item for item in listing[2] if item["name"] == info["name"])
+        assert listed["mime"] in ("application/gzip", "application/x-gzip")
+        (root / "restored").mkdir()
+        (root / info["name"]).rename(root / "restored" / info["name"])
+        body = {"root": "/restored", "file": info["name"]}
+        assert from_panel(node, "POST", f"{base}/decompress", body)[0] == 204
+        assert (root / "restored" / "world" / "level.dat").read_bytes() == b"level" * 100
+
+    def test_files_pull(self, panel, make_daemon, origin):
+        """DaemonFileRepository::pull: {url, root} with the null keys left out (array_filter)."""
+        daemon, server = _fm_daemon(
+            panel, make_daemon, wingslite__remote_download_allow_internal=True
+        )
+        origin.routes["/mods/Geyser.jar"] = (200, {}, b"G" * 3000)
+        body = {"url": origin.url + "/mods/Geyser.jar", "root": "/plugins"}
+        status, _, _ = from_panel(daemon, "POST", fm_path(server, "pull"), body)
+        assert 200 <= status < 300
+        target = server.fs.root / "plugins" / "Geyser.jar"
+        wait_for(lambda: target.exists() and target.stat().st_size == 3000, 10, what="the pull")
+        # every key the client API may add: file_name, use_header, foreground (answers a stat)
+        body = {
+            "url": origin.url + "/mods/Geyser.jar",
+            "root": "/plugins",
+            "file_name": "g.jar",
+            "use_header": True,
+            "foreground": True,
+        }
+        status, _, _ = from_panel(daemon, "POST", fm_path(server, "pull"), body)
+        assert 200 <= status < 300
+        assert (server.fs.root / "plugins" / "g.jar").read_bytes() == b"G" * 3000
+
+    # -- the browser's signed URLs ---------------------------------------------------------------
+
+    def test_signed_file_download(self, node):
+        """Client/Servers/FileController@download: the browser opens
+        {node}/download/file?token=<jwt with file_path (URL-decoded)>."""
+        (node.server.fs.root / "logs").mkdir()
+        (node.server.fs.root / "logs" / "latest log.txt").write_bytes(b"line\n" * 10)
+        token = signed_token(node.uuid, file_path="/logs/latest log.txt")
+        status, headers, data = http_raw(
+            node.port, "GET", f"/download/file?token={token}", token=None
+        )
+        assert status == 200 and data == b"line\n" * 10
+        assert "attachment" in headers.get("content-disposition", "")
+
+    def test_signed_file_upload_from_the_panel_page(self, node):
+        """FileUploadController + UploadButton.tsx: axios POSTs multipart field `files` to
+        {node}/upload/file?token=...&directory=... from the Panel's origin (CORS)."""
+        body, content_type = multipart_body({"a.txt": b"alpha", "b.bin": b"\x00" * 100})
+        query = urllib.parse.urlencode({"token": signed_token(node.uuid), "directory": "/up"})
+        origin = node.config.remote
+        headers = {"Content-Type": content_type, "Origin": origin}
+        status, answer_headers, _ = http_raw(
+            node.port, "POST", f"/upload/file?{query}", body, headers, token=None
+        )
+        assert status == 200 and answer_headers["access-control-allow-origin"] == origin
+        assert (node.server.fs.root / "up" / "a.txt").read_bytes() == b"alpha"
+        assert (node.server.fs.root / "up" / "b.bin").read_bytes() == b"\x00" * 100
+
+    # -- client: backups ---------------------------------------------------------------------------
+
+    def test_backup_create_download_restore_delete(self, node):
+        """DaemonBackupRepository: backup {adapter, uuid, ignore} (InitiateBackupService),
+        the wings download URL (DownloadLinkService), restore {adapter, truncate_directory,
+        download_url: ""} (BackupController@restore), delete (DeleteBackupService, 404 tolerated)."""
+        panel, root = node.panel_fake, node.server.fs.root
+        (root / "world").mkdir()
+        (root / "world" / "level.dat").write_bytes(b"level")
+        (root / "cache.tmp").write_bytes(b"tmp")
+        backup = panel.add_backup(node.uuid)
+        base = f"/api/servers/{node.uuid}/backup"
+        body = {"adapter": "wings", "uuid": backup, "ignore": "*.tmp\nlogs/"}
+        conn, _ = ws_authed(node, node.uuid)  # the Backups tab listens on the console socket
+        with conn:
+            assert from_panel(node, "POST", base, body)[0] == 202
+            # BackupRow.tsx: `backup completed:<uuid>` with a JSON string
+            event = json.loads(ws_until(conn, f"backup completed:{backup}", 20)[0])
+            assert event["uuid"] == backup and event["is_successful"] is True
+            assert event["checksum"] and event["checksum_type"] == "sha1"
+            assert isinstance(event["file_size"], int) and event["file_size"] > 0
+        report = wait_for(lambda: panel_report(panel, backup), 20, what="the backup report")
+        assert report["successful"] is True
+        status, data = download(node, backup_token(node.uuid, backup))
+        assert status == 200 and "world/level.dat" in tar_names(data)
+        assert "cache.tmp" not in tar_names(data)
+        (root / "world" / "level.dat").write_bytes(b"changed")
+        body = {"adapter": "wings", "truncate_directory": True, "download_url": ""}
+        conn, _ = ws_authed(node, node.uuid)
+        with conn:
+            assert from_panel(node, "POST", f"{base}/{backup}/restore", body)[0] == 202
+            ws_until(conn, "backup restore completed", 20)  # the browser reloads its file list
+        restored = wait_for(lambda: restore_report(panel, backup), 20, what="the restore report")
+        assert restored == {"successful": True}
+        assert (root / "world" / "level.dat").read_bytes() == b"level"
+        assert from_panel(node, "DELETE", f"{base}/{backup}")[0] == 204
+        status, headers, payload = from_panel(node, "DELETE", f"{base}/{backup}")
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_backup_to_s3(self, node, s3):
+        """The same call with adapter "s3": the node asks the Panel for presigned part URLs
+        (GET /api/remote/backups/{uuid}?size=) and reports the parts' ETags."""
+        panel = node.panel_fake
+        s3.serve_for(panel, part_size=5 << 20)
+        (node.server.fs.root / "server.properties").write_text("motd=s3\n")
+        backup = panel.add_backup(node.uuid)
+        body = {"adapter": "s3", "uuid": backup, "ignore": ""}
+        assert from_panel(node, "POST", f"/api/servers/{node.uuid}/backup", body)[0] == 202
+        report = wait_for(lambda: panel_report(panel, backup), 20, what="the backup report")
+        assert report["successful"] is True and s3.parts
+
+
 # fault drills #####################################################################################
 
 
