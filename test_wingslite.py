@@ -6583,7 +6583,7 @@ class TestBackups:
             "plugins/a/config.yml",
             "logs",
         }
-        event = json.loads(ws_until(conn, "backup completed")[0])
+        event = json.loads(ws_until(conn, f"backup completed:{report['uuid']}")[0])
         assert event == {
             "uuid": report["uuid"],
             "is_successful": True,
@@ -6596,7 +6596,7 @@ class TestBackups:
         names = []
         while not names or names[-1] != "console output":
             names.append(ws_event(blind, 5)[0])
-        assert "backup completed" not in names
+        assert not any(name.startswith("backup completed") for name in names)
         conn.close()
         blind.close()
 
@@ -6749,7 +6749,8 @@ class TestBackups:
         assert [n for n, _ in s3.puts].count(2) == w.Backups.upload_attempts
         assert all(size == 64 * 1024 for _, size in s3.puts)  # each try re-read the whole part
         assert list(Path(node.config.get("system.backup_directory")).iterdir()) == []
-        assert json.loads(ws_until(conn, "backup completed")[0])["is_successful"] is False
+        event = ws_until(conn, f"backup completed:{report['uuid']}")
+        assert json.loads(event[0])["is_successful"] is False
         conn.close()
 
     def test_power_actions_answer_409_while_restoring(self, node, s3):

@@ -9068,7 +9068,11 @@ class BackupJob:
             "checksum_type": "sha1",
             "file_size": size,
         }
-        self.server.events.publish("backup completed", json.dumps(event, separators=(",", ":")))
+        # The event name carries the backup's uuid, as Wings' (server/backup.go): the Panel's
+        # BackupRow.tsx listens for `backup completed:<uuid>`, one listener per backup row.
+        self.server.events.publish(
+            f"backup completed:{self.uuid}", json.dumps(event, separators=(",", ":"))
+        )
 
     def _failed(self, exc: Exception) -> None:
         text = exc.message if isinstance(exc, WingsliteError) else str(exc)
