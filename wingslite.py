@@ -8774,7 +8774,7 @@ class FileManagerRoutes:
 #          tar.gz of the server directory (``write_tar_gz``) to ``system.backup_directory/<uuid>
 #          .tar.gz`` (written under a temporary name, renamed when complete, sha1 while writing);
 #          ``s3``: the parts PUT to the Panel's presigned URLs and the local file removed; then
-#          ``POST /api/remote/backups/<uuid>`` and the websocket event ``backup completed``.
+#          ``POST /api/remote/backups/<uuid>`` and the websocket event ``backup completed:<uuid>``.
 #   POST   /api/servers/:server/backup/:backup/restore  {adapter, truncate_directory,
 #          download_url} -> 202, then stop, empty, ``extract_archive``, ``POST .../restore``.
 #   DELETE /api/servers/:server/backup/:backup          -> 204, or 404 when there is none.
