@@ -7934,6 +7934,15 @@ class TestPanelButtons:
         assert status == 200 and view["state"] == "offline"
         assert (daemon.config.data_dir / uuid).is_dir()
 
+    def test_create_server_started_on_completion(self, node):
+        """ServerCreationService passes the admin form's "Start Server when Installed"."""
+        panel = node.panel_fake
+        uuid = panel.add(panel_document(skip_egg_scripts=True))
+        body = {"uuid": uuid, "start_on_completion": True}
+        assert from_panel(node, "POST", "/api/servers", body)[0] == 202
+        server = wait_for(lambda: node.servers.get(uuid), 10, what="the new server")
+        wait_for(lambda: server.state == "running", 15, what="the new server to start")
+
     @pytest.mark.xfail(
         not _INSTALLATION_LANDED,
         strict=True,
@@ -7985,15 +7994,26 @@ class TestPanelButtons:
     def test_build_change_and_suspension_sync(self, node):
         """DaemonServerRepository::sync: BuildModificationService (result ignored) and
         SuspensionService (a non-2xx rolls the suspension back and shows Wings' error)."""
-        panel = node.panel_fake
-        panel.merge_settings(node.uuid, {"suspended": True, "build": {"memory_limit": 2048}})
-        status, _, _ = from_panel(node, "POST", f"/api/servers/{node.uuid}/sync")
-        assert status == 204
+        panel, power = node.panel_fake, f"/api/servers/{node.uuid}/power"
+        assert from_panel(node, "POST", power, {"action": "start"})[0] == 202
+        wait_for(lambda: node.server.state == "running", 10, what="running")
+        conn, _ = ws_authed(node, node.uuid)
+        with conn:
+            panel.merge_settings(node.uuid, {"suspended": True, "build": {"memory_limit": 2048}})
+            status, _, _ = from_panel(node, "POST", f"/api/servers/{node.uuid}/sync")
+            assert status == 204
+            assert ws_close_code(conn) == 4409  # the console of a suspended server closes
         status, _, view = from_panel_json(node, "GET", f"/api/servers/{node.uuid}")
         assert view["is_suspended"] is True
+        wait_for(lambda: node.server.state == "offline", 15, what="the suspended server to stop")
+        status, headers, payload = from_panel(node, "POST", power, {"action": "start"})
+        assert status == 400 and is_daemon_error(status, headers, payload)
+        assert node.server.state == "offline"
         panel.merge_settings(node.uuid, {"suspended": False})
         assert from_panel(node, "POST", f"/api/servers/{node.uuid}/sync")[0] == 204
         assert from_panel_json(node, "GET", f"/api/servers/{node.uuid}")[2]["is_suspended"] is False
+        assert from_panel(node, "POST", power, {"action": "start"})[0] == 202
+        wait_for(lambda: node.server.state == "running", 10, what="running again")
         unknown = str(uuidlib.uuid4())
         assert is_daemon_error(*from_panel(node, "POST", f"/api/servers/{unknown}/sync"))
 
@@ -8343,6 +8363,19 @@ class TestPanelButtons:
         assert from_panel(node, "POST", f"/api/servers/{node.uuid}/backup", body)[0] == 202
         report = wait_for(lambda: panel_report(panel, backup), 20, what="the backup report")
         assert report["successful"] is True and s3.parts
+        # BackupController@restore hands the node a presigned S3 GET URL
+        s3.objects[f"{backup}.tar.gz"] = b"".join(s3.parts[n] for n in sorted(s3.parts))
+        (node.server.fs.root / "server.properties").write_text("motd=changed\n")
+        body = {
+            "adapter": "s3",
+            "truncate_directory": False,
+            "download_url": f"{s3.url}/{backup}.tar.gz?X-Amz-Signature=abc",
+        }
+        path = f"/api/servers/{node.uuid}/backup/{backup}/restore"
+        assert from_panel(node, "POST", path, body)[0] == 202
+        restored = wait_for(lambda: restore_report(panel, backup), 20, what="the restore report")
+        assert restored == {"successful": True}
+        assert (node.server.fs.root / "server.properties").read_text() == "motd=s3\n"
 
 
 # fault drills #####################################################################################
