@@ -8115,6 +8115,28 @@ class TestPanelButtons:
         assert status == 204
         assert "> say hi/there" in node.server.env.lines
 
+    def test_a_real_container_through_the_buttons(self, docker_servers):
+        """Start, console command, resource usage, stop and delete of a server in Docker."""
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        power = f"/api/servers/{uuid}/power"
+        assert from_panel(daemon, "POST", power, {"action": "start"})[0] == 202
+        docker_servers.wait_state(uuid, "running")
+        body = {"commands": ["echo panel-says-hi"]}
+        assert from_panel(daemon, "POST", f"/api/servers/{uuid}/commands", body)[0] == 204
+        docker_servers.wait_console(uuid, "panel-says-hi")
+
+        def utilization():
+            view = from_panel_json(daemon, "GET", f"/api/servers/{uuid}")[2]
+            return view["utilization"] if view["utilization"]["memory_bytes"] else None
+
+        use = wait_for(utilization, 10, what="the container's memory figure")
+        assert use["memory_bytes"] > 0 and use["uptime"] > 0
+        assert from_panel(daemon, "POST", power, {"action": "stop"})[0] == 202
+        docker_servers.wait_state(uuid, "offline")
+        assert from_panel(daemon, "DELETE", f"/api/servers/{uuid}")[0] == 204
+        wait_for(lambda: docker_servers.container_id(uuid) is None, 15, what="the container to go")
+
     def test_revoke_user_tokens(self, node):
         """DaemonServerRepository::revokeUserJTI (DetailsModificationService,
         SubuserController): jti = md5(user_id . server_uuid)."""
