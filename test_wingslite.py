@@ -8245,6 +8245,11 @@ class TestPanelButtons:
         body = {"root": "/plugins/cfg", "files": [{"from": "a.yml", "to": "b.yml"}]}
         assert from_panel(node, "PUT", f"{base}/rename", body)[0] == 204
         assert (root / "plugins" / "cfg" / "b.yml").read_text() == "a: 1\n"
+        # RenameFileModal's "Move": `to` relative to the directory, "../" allowed, parents made
+        (root / "plugins" / "cfg" / "m.yml").write_text("m\n")
+        body = {"root": "/plugins/cfg", "files": [{"from": "m.yml", "to": "../../moved/m.yml"}]}
+        assert from_panel(node, "PUT", f"{base}/rename", body)[0] == 204
+        assert (root / "moved" / "m.yml").read_text() == "m\n"
         assert (
             from_panel(node, "POST", f"{base}/copy", {"location": "/plugins/cfg/b.yml"})[0] == 204
         )
