@@ -8207,6 +8207,15 @@ class TestPanelButtons:
         assert by_name["server.properties"]["size"] == len("motd=hi\n")
         assert by_name["server.properties"]["mime"].startswith("text/")  # editable in the browser
         assert by_name["latest.log"]["symlink"] is True
+        (root / "w\u00f6rld maps").mkdir()
+        (root / "w\u00f6rld maps" / "r.0.0.mca").write_bytes(b"r" * 10)
+        status, _, listing = from_panel_json(
+            node,
+            "GET",
+            f"/api/servers/{node.uuid}/files/list-directory",
+            query={"directory": "/w\u00f6rld maps"},
+        )
+        assert status == 200 and [(i["name"], i["size"]) for i in listing] == [("r.0.0.mca", 10)]
         status, headers, payload = from_panel(
             node,
             "GET",
@@ -8232,6 +8241,29 @@ class TestPanelButtons:
             node, "GET", f"/api/servers/{node.uuid}/files/contents", query={"file": "/missing"}
         )
         assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_files_write_of_a_megabyte_waits_for_100_continue(self, node):
+        """Guzzle adds `Expect: 100-Continue` to bodies of 1 MiB and more
+        (PrepareBodyMiddleware) and holds the body until the node answers 100 or a second
+        passes: the editor saving a big file."""
+        data = os.urandom(3 * 1024 * 1024)
+        path = f"/api/servers/{node.uuid}/files/write?file=%2Fbig.bin"
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{node.port}\r\n"
+            f"User-Agent: GuzzleHttp/7\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Accept: application/json\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nExpect: 100-Continue\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            sock.sendall(head.encode())
+            interim = sock.recv(4096)
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+            sock.sendall(data)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 204 "), answer
+        assert (node.server.fs.root / "big.bin").read_bytes() == data
 
     def test_files_create_directory_rename_copy_delete_chmod(self, node):
         """createDirectory {name, path}, renameFiles (PUT {root, files:[{from,to}]}), copyFile
