@@ -8132,6 +8132,13 @@ class TestPanelButtons:
 
         use = wait_for(utilization, 10, what="the container's memory figure")
         assert use["memory_bytes"] > 0 and use["uptime"] > 0
+        # the console's stat block and charts are fed without asking while the server runs
+        conn = ws_open(daemon, uuid)
+        with conn:
+            ws_send(conn, "auth", ws_token(ws_claims(uuid)))
+            ws_until(conn, "auth success")
+            stats = json.loads(ws_until(conn, "stats", 10)[0])
+            assert stats["memory_bytes"] > 0 and stats["network"]["rx_bytes"] >= 0
         assert from_panel(daemon, "POST", power, {"action": "stop"})[0] == 202
         docker_servers.wait_state(uuid, "offline")
         assert from_panel(daemon, "DELETE", f"/api/servers/{uuid}")[0] == 204
@@ -8175,6 +8182,13 @@ class TestPanelButtons:
             assert ws_until(conn, "status", match="running") == ["running"]
             ws_send(conn, "send command", "list")
             assert ws_until(conn, "console output", match="> list") == ["> list"]
+            # a console opened later replays the log: "send logs" answers `console output` lines
+            late = ws_open(node, node.uuid)
+            with late:
+                ws_send(late, "auth", ws_token(ws_claims(node.uuid)))
+                ws_until(late, "auth success")
+                ws_send(late, "send logs", None)
+                assert ws_until(late, "console output", match="> list") == ["> list"]
             ws_send(conn, "auth", ws_token(ws_claims(node.uuid)))  # the refresh on expiring
             assert ws_until(conn, "auth success") == []
             ws_send(conn, "set state", "kill")
