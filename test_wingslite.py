@@ -8386,6 +8386,18 @@ class TestPanelButtons:
         assert (node.server.fs.root / "up" / "a.txt").read_bytes() == b"alpha"
         assert (node.server.fs.root / "up" / "b.bin").read_bytes() == b"\x00" * 100
 
+    def test_sftp_details(self, panel, make_daemon):
+        """The Settings tab's "SFTP Details": sftp://<username>.<uuidShort>@<node>:<port>; the
+        node asks the Panel (POST /api/remote/sftp/auth), which answers the full uuid."""
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        with sftp_client(daemon, server) as client:
+            with client.open("/hello.txt", "w") as fh:
+                fh.write("from sftp\n")
+            assert client.listdir("/") == ["hello.txt"]
+        assert (server.fs.root / "hello.txt").read_text() == "from sftp\n"
+        auth = next(r for r in panel.requests if r.path == "/api/remote/sftp/auth")
+        assert auth.body["username"] == f"{SFTP_USER}.{server.uuid[:8]}"
+
     # -- client: backups ---------------------------------------------------------------------------
 
     def test_backup_create_download_restore_delete(self, node):
