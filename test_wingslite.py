@@ -7829,6 +7829,16 @@ def carbon_parses(text) -> bool:
     return False
 
 
+def posted_to_panel(panel, path: str, timeout_s: float = 15):
+    """The first POST the node made to ``path`` on the Panel stand-in (waits for it)."""
+
+    def find():
+        with panel.lock:
+            return next((r for r in panel.requests if r.path == path and r.method == "POST"), None)
+
+    return wait_for(find, timeout_s, what=f"POST {path}")
+
+
 def node_configuration(panel_url: str) -> dict:
     """The body of POST /api/update: ``Node::getConfiguration()`` as NodeUpdateService sends it."""
     return {
@@ -7962,13 +7972,7 @@ class TestPanelButtons:
             == 202
         )
         path = f"/api/remote/servers/{uuid}/install"
-        report = wait_for(
-            lambda: next(
-                (r for r in panel.requests if r.path == path and r.method == "POST"), None
-            ),
-            10,
-            what="the install report",
-        )
+        report = posted_to_panel(panel, path, 10)
         assert report.body == {"successful": True, "reinstall": False}
 
     @pytest.mark.xfail(
@@ -7983,13 +7987,7 @@ class TestPanelButtons:
         assert status == 202
         path = f"/api/remote/servers/{node.uuid}/install"
         panel = node.panel_fake
-        report = wait_for(
-            lambda: next(
-                (r for r in panel.requests if r.path == path and r.method == "POST"), None
-            ),
-            15,
-            what="the reinstall report",
-        )
+        report = posted_to_panel(panel, path, 15)
         assert report.body["reinstall"] is True and isinstance(report.body["successful"], bool)
 
     def test_build_change_and_suspension_sync(self, node):
