@@ -811,7 +811,13 @@ class TestServerModel:
             ({"build__io_weight": 1001}, "settings.build.io_weight"),
             ({"build__swap": -2}, "settings.build.swap"),
             ({"build__threads": "0-a"}, "settings.build.threads"),
-            ({"build__threads": "3-1"}, "runs backwards"),
+            # Sizes beyond 2^53 bytes after conversion (1e308 MB once wedged a start).
+            ({"build__memory_limit": 1e308}, "settings.build.memory_limit: 1e+308 MB is more"),
+            ({"build__disk_space": 2**33 + 1}, "settings.build.disk_space"),
+            ({"build__swap": 2**60}, "settings.build.swap"),
+            ({"build__threads": "0," * 600}, "settings.build.threads: longer than 1024"),
+            ({"uuid": "-"}, "settings.uuid: not a server uuid"),
+            ({"uuid": "../../etc"}, "settings.uuid: not a server uuid"),
             ({"build__memory_limit": "1024"}, "expected a number, got a string"),
             (
                 {"allocations__default": {"ip": "1.2.3.4", "port": 70000}},
@@ -1610,6 +1616,142 @@ class TestBoot:
         finally:
             d1.stop_all()
             d2.stop_all()
+
+
+HOST_CPUS = os.cpu_count() or 1
+
+
+def _set_config_file_replace(doc, replace_with):
+    doc["process_configuration"]["configs"][0]["replace"] = [
+        {"match": "motd", "replace_with": replace_with},
+        {"match": "difficulty", "if_value": "easy", "replace_with": {"hard": [1, None]}},
+    ]
+
+
+class TestPanelValidEdgeValues:
+    """Documents the Panel's own validation accepts are accepted, survive a daemon restart, and
+    a refused document never costs the node the server."""
+
+    EDGES = [
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads="0,"),
+            lambda c: c.build.threads == "0",
+            "",
+            id="threads-trailing-comma",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads="1-0"),
+            lambda c: c.build.threads == "",
+            "runs backwards; applied as no CPU pinning",
+            id="threads-reversed",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads=f"0-{HOST_CPUS}"),
+            lambda c: c.build.threads == "",
+            "does not exist on this node",
+            id="threads-beyond-the-host",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["environment"].update({"2FA_SECRET": "x"}),
+            lambda c: c.environment["2FA_SECRET"] == "x",
+            "",
+            id="variable-starting-with-a-digit",
+        ),
+        pytest.param(
+            lambda d: _set_config_file_replace(d, ["a", {"b": 2}]),
+            lambda c: c.process.configs[0].replace[0].replace_with == ["a", {"b": 2}],
+            "",
+            id="replace-with-a-list-and-an-object",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(cpu_limit=100 * HOST_CPUS + 1),
+            lambda c: c.build.cpu_percent == 100 * HOST_CPUS,
+            f"applied as {100 * HOST_CPUS}%",
+            id="cpu-above-the-host",
+        ),
+        pytest.param(
+            lambda d: d["settings"].update(
+                mounts=[{"source": "/srv", "target": "/home/container/../../proc"}]
+            ),
+            lambda c: c.mounts == (),
+            "the target would shadow /proc",
+            id="mount-shadowing-proc",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["container"].update(image="ghcr.io/x/y:java 21"),
+            lambda c: c.image == "ghcr.io/x/y:java 21",
+            "is not a valid Docker image reference",
+            id="image-with-a-space",
+        ),
+    ]
+
+    @pytest.mark.parametrize("edit, holds, note", EDGES)
+    def test_a_panel_valid_value_syncs_and_survives_a_restart(
+        self, panel, make_daemon, edit, holds, note
+    ):
+        uuid = panel.add(panel_document())
+        first = make_daemon(panel)
+        edit(panel.servers[uuid])
+        status, _, body = api(first, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 204, body
+        assert holds(first.servers[uuid].config)
+        record = api(first, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert record["result"] == "ok"
+        assert any(note in n for n in record["notes"]) if note else record["notes"] == []
+        first.stop()
+        second = make_daemon(panel)
+        listed = {s["configuration"]["uuid"]: s for s in api(second, "GET", "/api/servers")[2]}
+        assert uuid in listed and holds(second.servers[uuid].config)
+        assert listed[uuid]["configuration"] == panel.servers[uuid]["settings"] | {
+            "crash_detection_enabled": True
+        }
+
+    def test_a_document_refused_at_boot_keeps_the_server_on_its_last_configuration(
+        self, panel, make_daemon, caplog
+    ):
+        uuid = panel.add(panel_document())
+        make_daemon(panel).stop()
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 2**60  # beyond 2^53 bytes
+        daemon = make_daemon(panel)
+        status, _, body = api(daemon, "GET", f"/api/servers/{uuid}")
+        assert status == 200 and body["configuration"]["build"]["memory_limit"] == 4096
+        last_sync = body["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused"
+        assert "settings.build.memory_limit" in last_sync["failed"][0]
+        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 4096
+        assert (
+            f"refused the Panel's document for server {uuid}: document.settings.build."
+            "memory_limit" in caplog.text
+        )
+        assert "keeping its last configuration" in caplog.text
+        # A later sync of a document the node accepts brings it up to date.
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1024
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert daemon.servers[uuid].config.build.memory_mb == 1024
+
+    def test_a_list_entry_with_uuid_dash_never_becomes_a_directory(self, panel, make_daemon):
+        good = panel.add(panel_document())
+        bad = panel_document()
+        bad["settings"]["uuid"] = "-"
+        panel.servers["-"] = bad
+        daemon = make_daemon(panel)
+        assert set(daemon.servers) == {good}
+        assert not (daemon.config.data_dir / "-").exists()
+        assert not (daemon.config.root_dir / "wingslite" / "servers" / "-.json").exists()
+
+    def test_a_repeated_create_is_a_sync_and_leaves_the_files_alone(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        uuid = panel.add(panel_document())
+        assert api(daemon, "POST", "/api/servers", body={"uuid": uuid})[0] == 202
+        world = daemon.config.data_dir / uuid / "world" / "level.dat"
+        world.parent.mkdir()
+        world.write_bytes(b"installed")
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 3000
+        status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
+        assert status == 202, body
+        assert world.read_bytes() == b"installed"
+        assert daemon.servers[uuid].config.build.memory_mb == 3000  # re-read, as a sync
+        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 3000
 
 
 # CLI: --demo ######################################################################################

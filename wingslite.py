@@ -651,8 +651,8 @@ class Allocations:
 @dataclasses.dataclass(frozen=True)
 class Replacement:
     match: str
-    replace_with: Any
-    if_value: str | None = None
+    replace_with: Any  # any JSON value (Wings' ReplaceValue is a json.RawMessage)
+    if_value: Any = None  # as the Panel sent it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -754,13 +754,15 @@ class _Doc:
             raise self.fail(f"expected a list, got {_json_type(self.value)}")
         return self.value
 
-    def str(self, default: str = "", required: bool = False) -> str:
+    def str(self, default: str = "", required: bool = False, max_chars: int | None = None) -> str:
         if self.value is None:
             if required:
                 raise self.fail("required value is missing")
             return default
         if not isinstance(self.value, str):
             raise self.fail(f"expected a string, got {_json_type(self.value)}")
+        if max_chars is not None and len(self.value) > max_chars:
+            raise self.fail(f"longer than {max_chars} characters ({len(self.value)})")
         return self.value
 
     def bool(self, default: bool = False) -> bool:
@@ -799,7 +801,53 @@ def _json_type(value: Any) -> str:
     }.get(type(value), "a number")
 
 
-_THREADS_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+# What the Panel's own validation lets through, and so what this validator accepts (Pterodactyl
+# Panel v1.11: ``Server::$validationRules``, ``EggVariable::$validationRules``, the egg's JSON
+# fields, which it does not validate):
+#
+#   Server   memory   required|numeric|min:0            no upper bound
+#            swap     required|numeric|min:-1           -1 = unlimited
+#            disk     required|numeric|min:0
+#            io       required|numeric|between:10,1000
+#            cpu      required|numeric|min:0            no upper bound
+#            threads  nullable|regex:/^[0-9-,]+$/       so "0-3,", "3-1" and "0-9999" pass
+#            image    required|string|max:191           (later Panels: ^~?[\w\.\/\-:@ ]*$)
+#            startup  required|string
+#   EggVariable env_variable  required|regex:/^[\w]{1,191}$/   so "2FA_SECRET" passes
+#   Egg      config_files (replace_with and if_value maps): any JSON value
+#
+# Refused, naming the field, is only what would harm the node: a size above 2^53 bytes after unit
+# conversion (``_MAX_BYTES``), a string that is not a size a Panel sends (``_MAX_SHORT_CHARS``), a
+# server uuid that is not a uuid. Adjusted with a note in the sync record instead of refused: a CPU
+# list the node cannot apply (no pinning), a CPU limit above the host's (all of its CPUs), a mount
+# target that would shadow /, /proc, /sys or /dev (the mount is left out), an image name outside
+# Docker's reference grammar (kept, and a start refuses it before the engine is asked).
+_PANEL_THREADS_RE = re.compile(r"[0-9,-]+")
+_CPU_RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?")
+_ENV_KEY_RE = re.compile(r"\w{1,191}", re.ASCII)
+_MAX_BYTES = 2**53  # the largest count a JSON number (an IEEE double) carries exactly
+_MAX_SHORT_CHARS = 1024  # cpusets, image names, addresses, mount paths
+_SHADOWED_TARGETS = ("/proc", "/sys", "/dev")
+
+# Docker's reference grammar (distribution/reference, regexp.go): [domain[:port]/]path[:tag][@digest]
+_REF_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REF_DOMAIN = (
+    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+)
+_IMAGE_REFERENCE_RE = re.compile(
+    rf"(?P<name>(?:{_REF_DOMAIN}/)?{_REF_PATH}(?:/{_REF_PATH})*)"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
+
+def is_image_reference(image: str) -> bool:
+    """True for a name Docker's reference grammar accepts (``~`` first means local-only, as in
+    Wings); such a name is safe to put into an engine API path."""
+    match = _IMAGE_REFERENCE_RE.fullmatch(image.removeprefix("~"))
+    return bool(match) and len(match.group("name")) <= 255
+
 
 # A real Panel document is about six levels deep. Deeper ones are refused before anything
 # recursive (deepcopy, json.dumps) sees them: nesting of a few hundred levels parses as JSON
@@ -819,19 +867,93 @@ def _check_depth(document: Any, limit: int = _MAX_DOCUMENT_DEPTH) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
-def _parse_threads(doc: _Doc) -> str:
-    text = doc.str().replace(" ", "")
+def _parse_threads(doc: _Doc, host_cpus: int | None, notes: list[str]) -> str:
+    """The Panel's CPU list, normalised (``"0-3,"`` -> ``"0-3"``); one the node cannot apply
+    becomes no pinning, with a note (Docker would refuse the container)."""
+    text = doc.str(max_chars=_MAX_SHORT_CHARS).replace(" ", "")
     if not text:
         return ""
-    if not _THREADS_RE.match(text):
+    if not _PANEL_THREADS_RE.fullmatch(text):
         raise doc.fail(f"expected a CPU list such as '0-1,4', got {text!r}")
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        if hi and int(hi) < int(lo):
-            raise doc.fail(f"range {part!r} runs backwards")
-        if int(hi or lo) > 4095:
-            raise doc.fail(f"CPU {hi or lo} does not exist")
-    return text
+    parts = [part for part in text.split(",") if part]
+    problem = _cpu_list_problem(parts, host_cpus)
+    if problem:
+        notes.append(f"threads {text!r}: {problem}; applied as no CPU pinning")
+        return ""
+    return ",".join(parts)
+
+
+def _cpu_list_problem(parts: list[str], host_cpus: int | None) -> str:
+    if not parts:
+        return "no CPU listed"
+    for part in parts:
+        match = _CPU_RANGE_RE.fullmatch(part)
+        if not match:
+            return f"{part!r} is neither a CPU nor a range"
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if hi < lo:
+            return f"range {part!r} runs backwards"
+        if host_cpus and hi >= host_cpus:
+            return f"CPU {hi} does not exist on this node ({host_cpus} CPUs)"
+    return ""
+
+
+def _parse_size_mb(doc: _Doc, to_bytes: Callable[[int], int], lo: int = 0) -> int:
+    """A size in the Panel's MB, at most 2^53 bytes once converted (1e308 would overflow)."""
+    size_mb = doc.int(lo=lo)
+    if size_mb > _MAX_BYTES // 1_000_000 or to_bytes(size_mb) > _MAX_BYTES:
+        raise doc.fail(f"{json.dumps(doc.value)[:40]} MB is more than 2^53 bytes")
+    return size_mb
+
+
+def _parse_cpu_percent(doc: _Doc, host_cpus: int | None, notes: list[str]) -> int:
+    """CPU percent (100 per CPU). Above what the host has, Docker refuses the quota: all CPUs."""
+    percent = doc.int(lo=0)
+    if host_cpus and percent > 100 * host_cpus:
+        notes.append(
+            f"cpu_limit {json.dumps(doc.value)[:40]}% is more than this node's {host_cpus} "
+            f"CPUs; applied as {100 * host_cpus}%"
+        )
+        return 100 * host_cpus
+    return percent
+
+
+def _parse_build(b: _Doc, host_cpus: int | None, notes: list[str]) -> Build:
+    b.obj(required=True)
+    memory_mb = _parse_size_mb(b.at("memory_limit", required=True), memory_limit_bytes)
+    swap_doc = b.at("swap")
+    return Build(
+        memory_mb=memory_mb,
+        swap_mb=_parse_size_mb(swap_doc, lambda mb: mb * 1_000_000, -1)
+        if swap_doc.value is not None
+        else 0,
+        io_weight=b.at("io_weight").int(500, lo=10, hi=1000),
+        cpu_percent=_parse_cpu_percent(b.at("cpu_limit", required=True), host_cpus, notes),
+        threads=_parse_threads(b.at("threads"), host_cpus, notes),
+        disk_mb=_parse_size_mb(b.at("disk_space", required=True), disk_limit_bytes),
+        oom_disabled=b.at("oom_disabled").bool(True),
+    )
+
+
+def _parse_mounts(mounts_doc: _Doc, notes: list[str]) -> tuple[Mount, ...]:
+    """The Panel's mounts, targets normalised; one that would shadow the container's /, /proc,
+    /sys or /dev (``/home/container/../../proc``) is left out with a note."""
+    mounts = []
+    for i, item in enumerate(mounts_doc.list()):
+        md = _Doc(item, f"{mounts_doc.path}[{i}]")
+        md.obj(required=True)
+        source = md.at("source").str(required=True, max_chars=_MAX_SHORT_CHARS)
+        target = md.at("target").str(required=True, max_chars=_MAX_SHORT_CHARS)
+        normal = "/" + posixpath.normpath(target).lstrip("/") if target.startswith("/") else ""
+        shadows = normal == "/" or any(
+            normal == t or normal.startswith(t + "/") for t in _SHADOWED_TARGETS
+        )
+        if not normal or shadows:
+            why = "is not an absolute path" if not normal else f"would shadow {normal}"
+            notes.append(f"mount {source} -> {target} left out: the target {why}")
+            continue
+        mounts.append(Mount(source, normal, md.at("read_only").bool()))
+    return tuple(mounts)
 
 
 def parse_server_document(
@@ -857,59 +979,45 @@ def parse_server_document(
     if not is_server_uuid(uuid):
         raise settings.at("uuid").fail(f"not a server uuid: {uuid[:64]!r}")
 
+    notes: list[str] = []
     env_doc = settings.at("environment")
     environment: dict[str, Any] = {}
     for key, value in env_doc.obj().items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise _Doc(value, f"{env_doc.path}.{key}").fail("not a valid environment variable name")
+        if not _ENV_KEY_RE.fullmatch(key):  # the Panel's EggVariable rule: ^[\w]{1,191}$
+            raise _Doc(value, f"{env_doc.path}.{key[:64]}").fail(
+                "not a valid environment variable name"
+            )
         if value is not None and not isinstance(value, (str, int, float, bool)):
             raise _Doc(value, f"{env_doc.path}.{key}").fail(
                 f"expected a string or number, got {_json_type(value)}"
             )
         environment[key] = value
 
-    b = settings.at("build", required=True)
-    b.obj(required=True)
-    build = Build(
-        memory_mb=b.at("memory_limit", required=True).int(lo=0),
-        swap_mb=b.at("swap").int(0, lo=-1),
-        io_weight=b.at("io_weight").int(500, lo=10, hi=1000),
-        cpu_percent=b.at("cpu_limit", required=True).int(lo=0, hi=409_600),
-        threads=_parse_threads(b.at("threads")),
-        disk_mb=b.at("disk_space", required=True).int(lo=0),
-        oom_disabled=b.at("oom_disabled").bool(True),
-    )
+    build = _parse_build(settings.at("build", required=True), host_cpus, notes)
 
     a = settings.at("allocations")
     default = a.at("default")
     mappings: list[tuple[str, tuple[int, ...]]] = []
     m = a.at("mappings")
     for ip, ports in m.obj().items():
-        port_doc = _Doc(ports, f"{m.path}.{ip}")
+        port_doc = _Doc(ports, f"{m.path}.{ip[:64]}")
+        if len(ip) > _MAX_SHORT_CHARS:
+            raise port_doc.fail(f"the address is longer than {_MAX_SHORT_CHARS} characters")
         parsed = tuple(
             _Doc(p, f"{port_doc.path}[{i}]").int(lo=1, hi=65535)
             for i, p in enumerate(port_doc.list())
         )
         mappings.append((ip, parsed))
     allocations = Allocations(
-        default_ip=default.at("ip").str("0.0.0.0") if default.value is not None else "0.0.0.0",
+        default_ip=default.at("ip").str("0.0.0.0", max_chars=_MAX_SHORT_CHARS)
+        if default.value is not None
+        else "0.0.0.0",
         default_port=default.at("port").int(0, lo=0, hi=65535) if default.value is not None else 0,
         mappings=tuple(mappings),
         force_outgoing_ip=a.at("force_outgoing_ip").bool() if a.value is not None else False,
     )
 
-    mounts = []
-    mounts_doc = settings.at("mounts")
-    for i, item in enumerate(mounts_doc.list()):
-        md = _Doc(item, f"{mounts_doc.path}[{i}]")
-        md.obj(required=True)
-        mounts.append(
-            Mount(
-                md.at("source").str(required=True),
-                md.at("target").str(required=True),
-                md.at("read_only").bool(),
-            )
-        )
+    mounts = _parse_mounts(settings.at("mounts"), notes)
 
     egg = settings.at("egg")
     egg_obj = egg.obj()
@@ -922,6 +1030,14 @@ def parse_server_document(
     labels = {k: _Doc(v, f"{labels_doc.path}.{k}").str() for k, v in labels_doc.obj().items()}
     meta = settings.at("meta")
     container = settings.at("container")
+    image = (
+        container.at("image").str(max_chars=_MAX_SHORT_CHARS) if container.value is not None else ""
+    )
+    if image.strip() and not is_image_reference(image.strip()):
+        notes.append(
+            f"image {image!r} is not a valid Docker image reference; the server cannot start "
+            "until the Panel names a valid one"
+        )
     return ServerConfig(
         uuid=uuid,
         name=meta.at("name").str() if meta.value is not None else "",
@@ -931,9 +1047,9 @@ def parse_server_document(
         skip_egg_scripts=settings.at("skip_egg_scripts").bool(),
         environment=types.MappingProxyType(environment),
         build=build,
-        image=container.at("image").str() if container.value is not None else "",
+        image=image,
         allocations=allocations,
-        mounts=tuple(mounts),
+        mounts=mounts,
         egg_id=_Doc(egg_obj.get("id"), f"{egg.path}.id").str(),
         file_denylist=denylist,
         labels=types.MappingProxyType(labels),
@@ -942,6 +1058,7 @@ def parse_server_document(
         ),
         process=_parse_process(root.at("process_configuration")),
         document=types.MappingProxyType(copy.deepcopy(document)),
+        notes=tuple(notes),
     )
 
 
@@ -972,15 +1089,15 @@ def _parse_process(p: _Doc) -> ProcessConfig:
         for j, r in enumerate(rd.list()):
             rdoc = _Doc(r, f"{rd.path}[{j}]")
             robj = rdoc.obj(required=True)
+            # Any JSON value, as Wings' ReplaceValue (json.RawMessage) takes it; the
+            # config-file step decides what a list or an object means for its parser.
             with_value = robj.get("replace_with", robj.get("value"))
-            if isinstance(with_value, (dict, list)):
-                raise rdoc.at("replace_with").fail("expected a string, number or boolean")
             if_value = robj.get("if_value")
             replaces.append(
                 Replacement(
                     rdoc.at("match").str(required=True),
                     with_value,
-                    None if if_value is None else str(if_value),
+                    if_value,
                 )
             )
         configs.append(
@@ -2783,6 +2900,8 @@ class DockerEnvironment(Environment):
         name = image.lstrip("~").strip()
         if not name:
             raise WingsliteError("the server has no Docker image configured")
+        if not is_image_reference(name):  # never put a name outside the grammar into an API path
+            raise WingsliteError(f"image {name[:200]!r} is not a valid Docker image reference")
         try:
             self.client.inspect_image(name)
             return name
