@@ -1744,6 +1744,62 @@ class TestHttpApi:
         assert status == 404 and "does not know" in body["error"]
 
 
+class TestHttpHead:
+    """HEAD is GET without a body on every GET route; no method is ever answered 501."""
+
+    def exchange(self, conn, method: str, path: str):
+        conn.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+    def test_head_answers_as_get_without_a_body_on_four_routes(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        try:
+            for path in (
+                "/api/system",
+                "/api/servers",
+                f"/api/servers/{uuid}",
+                f"/api/servers/{uuid}/logs",
+            ):
+                # One keep-alive connection: a body sent after a HEAD would be read as the
+                # next answer, and the GET after it would fail to parse.
+                head_status, head_headers, head_body = self.exchange(conn, "HEAD", path)
+                status, headers, body = self.exchange(conn, "GET", path)
+                assert head_status == status == 200 and head_body == b"", path
+                assert head_headers["content-type"] == headers["content-type"]
+                assert int(head_headers["content-length"]) > 0 and body, path
+        finally:
+            conn.close()
+
+    def test_head_elsewhere_answers_as_get_would_and_no_method_gets_501(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        assert api(daemon, "HEAD", "/api/nowhere")[0] == 404
+        assert api(daemon, "HEAD", f"/api/servers/{uuid}/sync")[:2][0] == 405
+        status, headers, _ = api(daemon, "GET", f"/api/servers/{uuid}/sync")
+        assert status == 405 and headers["allow"] == "POST"
+        status, headers, _ = api(daemon, "TRACE", f"/api/servers/{uuid}")
+        assert status == 405 and headers["allow"] == "DELETE, GET, HEAD"
+        for method in ("BREW", "CONNECT", "PROPFIND"):
+            assert api(daemon, method, "/api/system")[0] == 405
+            assert api(daemon, method, "/api/nowhere")[0] == 404
+        assert api(daemon, "HEAD", "/api/system", token=None)[0] == 401
+
+    def test_daemon_console_lines_carry_the_nodes_app_name(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, app_name="Acme Hosting")
+        panel.down = True  # the start's sync fails: the server says so on its console
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        server = daemon.servers[uuid]
+        line = wait_for(
+            lambda: next((x for x in server.console.tail(50) if "Unable to sync" in x), None),
+            what="the console line",
+        )
+        assert "[Acme Hosting Daemon]:" in line and "Pterodactyl" not in line
+
+
 # daemon: the sync #################################################################################
 
 

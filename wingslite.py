@@ -5038,6 +5038,12 @@ def daemon_message(text: str, app_name: str = "Pterodactyl") -> str:
     return f"\x1b[33m\x1b[1m[{app_name} Daemon]:\x1b[39m {text}\x1b[0m"
 
 
+def configured_app_name(config: Config) -> str:
+    """The node's ``app_name`` (Wings' config.yml), which prefixes every daemon console line."""
+    name = config.raw.get("app_name")
+    return name if isinstance(name, str) and name else "Pterodactyl"
+
+
 # -- the console pipeline: process output -> lines -> done detection -> throttle -> events -------
 
 CONSOLE_LINE_MAX_BYTES = 64 * 1024  # Wings system/utils.go: longer lines are cut here
@@ -5171,16 +5177,11 @@ class ConsolePipeline:
     def from_config(cls, events: EventBus, config: Config) -> ConsolePipeline:
         # Wings never consults throttles.enabled; wingslite honours it (false = no limit).
         lines = config.get("throttles.lines") if config.get("throttles.enabled") else 0
-        app_name = (
-            config.raw.get("app_name")
-            if isinstance(config.raw.get("app_name"), str)
-            else "Pterodactyl"
-        )
         return cls(
             events,
             throttle_lines=lines,
             throttle_interval_ms=config.get("throttles.line_reset_interval"),
-            app_name=app_name,
+            app_name=configured_app_name(config),
         )
 
     def begin(
@@ -8351,6 +8352,8 @@ class FileManagerRoutes:
         """Stream ``size`` bytes of an open file (``sendfile`` where the socket allows it)."""
         self._drain_unread_body()
         self._write_head(200, {"Content-Length": str(size), **headers})
+        if self.command == "HEAD":  # the same head as GET, no body (RFC 9110 9.3.2)
+            return
         with os.fdopen(fd, "rb", closefd=False) as fh:
             try:
                 sent = self.connection.sendfile(fh, 0, size) if size else 0
@@ -8792,6 +8795,10 @@ class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, headers too long) as JSON, never HTML."""
+        if code == 501 and getattr(self, "command", None):
+            # A method with no ``do_`` method: answered as any route answers one it does not
+            # take (405 with Allow, or 404), never 501.
+            return self._dispatch(self.command)
         self.close_connection = True
         self._respond(code, {"error": message or http.HTTPStatus(code).phrase})
 
@@ -8799,6 +8806,7 @@ class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
         self, status: int, body: Any = None, headers: Mapping[str, str] | None = None
     ) -> None:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        head_only = getattr(self, "command", None) == "HEAD"  # GET's headers, no body
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
         second, date = self.server.date_header
         if second != int(time.time()):
@@ -8818,7 +8826,8 @@ class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
         all_headers.update(headers or {})
         lines += [f"{k}: {v}" for k, v in all_headers.items()]
         with contextlib.suppress(OSError):
-            self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            self.wfile.write(head if head_only else head + payload)
         self.last_status = status
 
     def _cors_headers(self) -> dict[str, str]:
@@ -8847,6 +8856,9 @@ class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch("GET")
 
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
     def do_POST(self) -> None:
         self._dispatch("POST")
 
@@ -8867,14 +8879,16 @@ class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
             self.query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             matches = [(m, pattern.match(path), name, auth) for m, pattern, name, auth in _ROUTES]
             matches = [(m, match, name, auth) for m, match, name, auth in matches if match]
+            routed = "GET" if method == "HEAD" else method  # HEAD: every GET route, no body
             chosen = next(
-                ((match, name, auth) for m, match, name, auth in matches if m == method), None
+                ((match, name, auth) for m, match, name, auth in matches if m == routed), None
             )
             if chosen is None or chosen[2]:
                 self._authorize()  # as Wings: unknown routes answer 401 to strangers, not 404
             if chosen is None:
                 if matches:
-                    allowed = ", ".join(sorted({m for m, *_ in matches}))
+                    methods = {m for m, *_ in matches}
+                    allowed = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
                     raise WingsliteError(
                         f"method {method} is not allowed on {path} (allowed: {allowed})", 405
                     )
@@ -9216,7 +9230,9 @@ class Server:
 
     def console_message(self, text: str) -> None:
         """A daemon line on the server's console (seen by websockets and in the log ring)."""
-        self.events.publish("console output", daemon_message(text))
+        self.events.publish(
+            "console output", daemon_message(text, configured_app_name(self.daemon.config))
+        )
 
     def _on_event(self, event: str, *args: Any) -> None:
         if event == "console output" and args:
