@@ -4876,6 +4876,58 @@ class TestWebsocketBrowser:
         )
 
 
+class TestWebsocketTokenRecovery:
+    """A revoked token never strands the Panel's console (Wings' SendJson; the Panel's
+    WebsocketHandler.tsx answers a reconnect "jwt error" by fetching a token and sending auth)."""
+
+    RECONNECT_ERRORS = ("jwt: exp claim is invalid", "jwt: created too far in past (denylist)")
+
+    def test_every_event_to_a_revoked_socket_is_a_jwt_error(self, console_node):
+        daemon = console_node()
+        uuid = daemon.uuid
+        conn, first = ws_authed(daemon, uuid)
+        with conn:
+            assert first[0] == ("auth success", [])
+            jti = ws_claims(uuid)["jti"]
+            assert api(daemon, "POST", f"/api/servers/{uuid}/ws/deny", {"jtis": [jti]})[0] == 204
+            denied = ("jwt error", ["jwt: created too far in past (denylist)"])
+            assert ws_event(conn) == denied
+            server = daemon.get_server(uuid)
+            for line in ("one", "two"):  # each would-be event is a new nudge to fetch a token
+                server.events.publish("console output", f"not for a revoked token: {line}")
+                assert ws_event(conn) == denied
+
+    def test_after_a_deny_the_panels_page_gets_its_console_back(self, console_node):
+        daemon = console_node()
+        uuid = daemon.uuid
+        fetched: list[int] = []
+
+        def fetch_token() -> str:  # the Panel's GET .../websocket: a token with a fresh iat
+            time.sleep(0.05)  # its round trip
+            fetched.append(int(time.time()))
+            return ws_token(ws_claims(uuid, iat=int(time.time())))
+
+        conn, first = ws_authed(daemon, uuid)
+        with conn:
+            assert first[0] == ("auth success", [])
+            # Early in a second, so that at least three fetches fall in the deny's second.
+            wait_for(lambda: time.time() % 1 < 0.3, 2, interval_s=0.005, what="a new second")
+            jti = ws_claims(uuid)["jti"]  # the Panel's jti is the same for every token of a user
+            assert api(daemon, "POST", f"/api/servers/{uuid}/ws/deny", {"jtis": [jti]})[0] == 204
+            denied_at = int(time.time())
+            deadline = time.monotonic() + 5
+            while True:  # the page's handler: on a reconnect jwt error, fetch and auth again
+                event, args = ws_event(conn, max(0.05, deadline - time.monotonic()))
+                if event == "auth success":
+                    break
+                assert event != "daemon error", args  # e.g. the auth limit dropping the auth
+                if event == "jwt error" and any(e in args[0] for e in self.RECONNECT_ERRORS):
+                    ws_send(conn, "auth", fetch_token())
+            assert fetched.count(denied_at) >= 3, fetched
+            daemon.get_server(uuid).events.publish("console output", "the console is back")
+            assert ws_until(conn, "console output", match="the console is back")
+
+
 # SFTP #############################################################################################
 
 

@@ -6061,6 +6061,13 @@ class RateLimiter:
         self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
         return allowed
 
+    def refund(self, key: str) -> None:
+        """Give back the token an allowed message took (it turned out not to count)."""
+        count, _ = self._rates.get(key, self._default)
+        if key in self._buckets:
+            tokens, last = self._buckets[key]
+            self._buckets[key] = (min(float(count), tokens + 1.0), last)
+
 
 # -- Wings' console protocol -----------------------------------------------------------------------
 
@@ -6250,7 +6257,11 @@ class ConsoleSocket:
             return
         self._throttled.discard(key)
         if event == "auth":
-            self._on_auth("".join(args))
+            if not self._on_auth("".join(args)):
+                # A refused token does not use up the auth limit: the Panel's browser answers
+                # the "jwt error" with a new token at once, and one issued in the same second as
+                # a deny is refused too; counting those would leave the page without a console.
+                self._limiter.refund("auth")
             return
         problem = self._token_problem(self.token)
         if problem is not None:
@@ -6268,22 +6279,23 @@ class ConsoleSocket:
         except Exception as exc:  # reported to the client, as Wings does
             self._daemon_error(exc)
 
-    def _on_auth(self, jwt: str) -> None:
+    def _on_auth(self, jwt: str) -> bool:
+        """Accept a token (True) or answer ``jwt error`` (False)."""
         if not jwt:
             self._send("jwt error", self._prefixed(JWT_MISSING))
-            return
+            return False
         try:
             token = WebsocketToken.from_claims(decode_jwt(jwt, self.daemon.config.token))
         except JwtError as exc:
             self._send("jwt error", self._prefixed(str(exc)))
-            return
+            return False
         problem = self._token_problem(token)
         if problem is not None:
             self._send("jwt error", self._prefixed(problem))
-            return
+            return False
         if self.server.suspended:
             self.ws.close(CLOSE_SUSPENDED, "server is suspended")
-            return
+            return True
         first = self.token is None
         if self.token is None or self.token.user_uuid != token.user_uuid:
             self.register(token.user_uuid)
@@ -6302,6 +6314,7 @@ class ConsoleSocket:
         if problem is not None:
             self._muted = True
             self._send("jwt error", problem)
+        return True
 
     def _token_problem(self, token: WebsocketToken | None) -> str | None:
         # The order of Wings' TokenValid(): present, exp, denylist, connect, server.
@@ -6371,17 +6384,21 @@ class ConsoleSocket:
     def _on_event(self, event: str, *args: Any) -> None:
         # Called from whichever thread publishes; only queues, never blocks.
         token = self.token
-        if token is None or self._muted or self.ws.closed:
+        if token is None or self.ws.closed:
             return
         if event == WEBSOCKET_RECHECK_EVENT:
-            problem = self._token_problem(token)
+            problem = None if self._muted else self._token_problem(token)
             if problem is not None:
                 # The text the Panel's browser answers by fetching a new token (WebsocketHandler.tsx).
                 self._muted = True
                 self._send("jwt error", problem)
             return
-        if time.time() > token.exp:
-            return  # until the client re-authenticates ("token expired" is on its way)
+        if self._muted or time.time() > token.exp:
+            # As Wings' SendJson (router/websocket/websocket.go): every event for a socket whose
+            # token is no longer valid goes out as a "jwt error", so the page keeps asking for a
+            # new token until one is accepted, instead of falling silent.
+            self._send("jwt error", self._token_problem(token) or JWT_EXPIRED)
+            return
         needed = _EVENT_PERMISSIONS.get(event.split(":", 1)[0])
         if needed is not None and not token.can(needed):
             return
