@@ -153,10 +153,13 @@ _UUID_RE = re.compile(
 )
 
 
+_SERVER_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
 def is_server_uuid(text: str) -> bool:
     """A server uuid as the Panel makes them (``Uuid::uuid4()``, 36 characters), nothing else:
     it names a directory, a container and a saved file."""
-    return bool(_UUID_RE.fullmatch(text))
+    return bool(_SERVER_UUID_RE.fullmatch(text))
 
 
 class WingsliteError(Exception):
