@@ -4291,7 +4291,7 @@ class DockerEnvironment(Environment):
     # -- limits ----------------------------------------------------------------------------------
 
     def apply_limits(self, config: ServerConfig) -> LimitReport:
-        """Make the running container's limits match ``config.build`` now (SPEC sync step 6).
+        """Make the running container's limits match ``config.build`` now (README, sync step 6).
 
         What Docker's update API can express goes through it (one raw ``POST /containers/{id}/update``
         so that ``PidsLimit`` goes too, which the SDK lacks); lifting a memory, swap or CPU limit or a
@@ -4299,68 +4299,86 @@ class DockerEnvironment(Environment):
         do not show is reported as failed. A stopped container is left alone: the next start
         re-creates it with the new limits.
         """
+        for _ in range(3):
+            try:
+                return self._apply_limits_once(config)
+            except _ContainerReplaced:  # replaced behind our back: look it up again
+                self._running_info = None
+        return LimitReport(pending=[f"{_ALL_LIMITS} (container being replaced; next start)"])
+
+    def _apply_limits_once(self, config: ServerConfig) -> LimitReport:
         build = config.build
-        everything = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
-        docker = _docker()
+        resources = container_resources(build, self.config)
+        try:
+            info = self._limits_target()
+            blkio_unsupported = self._post_limits(info, build, resources)
+            cgroup, kernel = self._lift_in_cgroup(info, build, resources)
+        except _LimitsSettled as settled:
+            return settled.report
+        report = _kernel_report(cgroup, kernel, build, resources)
+        if blkio_unsupported:
+            report.applied.append(
+                f"io weight {build.io_weight}: not supported by this kernel, skipped"
+            )
+        else:
+            report.applied.append(f"io weight {build.io_weight}")
+        return report
+
+    def _limits_target(self) -> dict[str, Any]:
+        """The running container (its inspect), or ``_LimitsSettled``: the next start applies them."""
         # The container this environment started or attached to: no inspect on the sync's path.
         info = self._running_info if self._state in (STARTING, RUNNING) else None
         try:
             info = info or self._inspect()
         except WingsliteError as exc:
-            return LimitReport(pending=[f"{everything} (next start)"], failed=[exc.message])
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (next start)"], failed=[exc.message])
+            ) from None
         if info is None:
-            return LimitReport(pending=[f"{everything} (no container yet; next start)"])
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (no container yet; next start)"])
+            )
         if not info["State"].get("Running"):
-            return LimitReport(
-                pending=[f"{everything} (container stopped; next start re-creates it)"]
+            raise _LimitsSettled(
+                LimitReport(
+                    pending=[f"{_ALL_LIMITS} (container stopped; next start re-creates it)"]
+                )
             )
+        return info
 
-        resources = container_resources(build, self.config)
-        body: dict[str, Any] = {
-            "BlkioWeight": build.io_weight,
-            "PidsLimit": resources["PidsLimit"] or -1,
-        }
-        if resources["Memory"]:
-            body.update(
-                Memory=resources["Memory"],
-                MemoryReservation=resources["MemoryReservation"],
-                MemorySwap=resources["MemorySwap"],
-            )
-        if build.cpu_percent:
-            body.update(
-                CpuQuota=resources["CpuQuota"],
-                CpuPeriod=resources["CpuPeriod"],
-                CpuShares=resources["CpuShares"],
-            )
-        else:
-            body["CpuQuota"] = -1
-        if build.threads:
-            body["CpusetCpus"] = build.threads
-        report = LimitReport()
+    def _post_limits(self, info: dict[str, Any], build: Build, resources: dict[str, Any]) -> bool:
+        """Docker's update API; True when the engine says this kernel has no block I/O weight."""
+        docker = _docker()
         try:
             answer = self.client._result(
                 self.client._post_json(
-                    self.client._url("/containers/{0}/update", info["Id"]), data=body
+                    self.client._url("/containers/{0}/update", info["Id"]),
+                    data=_limits_update_body(build, resources),
                 ),
                 True,
             )
         except docker.errors.NotFound:
             if info is not self._running_info:
-                return LimitReport(pending=[f"{everything} (no container yet; next start)"])
-            self._running_info = None  # replaced behind our back: look again
-            return self.apply_limits(config)
+                raise _LimitsSettled(
+                    LimitReport(pending=[f"{_ALL_LIMITS} (no container yet; next start)"])
+                ) from None
+            raise _ContainerReplaced() from None
         except (docker.errors.DockerException, OSError) as exc:
             error = _docker_error("updating the container's limits", exc)
-            report.failed.append(error.message)
-            report.pending.append(f"{everything} (next start)")
-            return report
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (next start)"], failed=[error.message])
+            ) from None
         warnings = [w for w in (answer or {}).get("Warnings") or [] if w]
-        blkio_unsupported = any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
         for warning in warnings:
             LOG.info(
                 "server %s: Docker warned while updating limits: %s", self.server_uuid, warning
             )
+        return any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
 
+    def _lift_in_cgroup(
+        self, info: dict[str, Any], build: Build, resources: dict[str, Any]
+    ) -> tuple[Cgroup, CgroupLimits]:
+        """Write what Docker cannot lift into the cgroup files; what the kernel then enforces."""
         try:
             cgroup = self.cgroup(info)
             kernel = cgroup.read()
@@ -4374,67 +4392,19 @@ class DockerEnvironment(Environment):
                 kernel.all_cpus
             ):
                 cgroup.lift_cpuset()
-            kernel = cgroup.read()
+            return cgroup, cgroup.read()
         except WingsliteError as exc:
             try:
                 still_running = bool((self._inspect() or {}).get("State", {}).get("Running"))
             except WingsliteError:
                 still_running = True
             if not still_running:  # the process exited under us: its cgroup went with it
-                return LimitReport(
-                    pending=[f"{everything} (container stopped; next start re-creates it)"]
-                )
-            report.failed.append(f"cgroup: {exc.message}")
-            return report
-
-        def check(what: str, ok: bool, shows: Any, text: str) -> None:
-            (report.applied if ok else report.failed).append(
-                text if ok else f"{what}: the kernel enforces {shows}, expected {text}"
-            )
-
-        memory, swap = resources["Memory"] or None, resources["MemorySwap"]
-        check(
-            "memory",
-            _pages(kernel.memory_bytes) == _pages(memory),
-            kernel.memory_bytes,
-            f"memory {memory} bytes" if memory else "memory unlimited",
-        )
-        if kernel.swap_bytes is not None or swap > 0:
-            expect_swap = (
-                None
-                if swap < 0 or memory is None
-                else (swap if cgroup.version == 1 else swap - memory)
-            )
-            shown = "memory+swap" if cgroup.version == 1 else "swap"
-            check(
-                "swap",
-                _pages(kernel.swap_bytes) == _pages(expect_swap),
-                kernel.swap_bytes,
-                f"{shown} {expect_swap} bytes" if expect_swap is not None else f"{shown} unlimited",
-            )
-        quota = resources.get("CpuQuota")
-        check(
-            "cpu",
-            kernel.cpu_quota_us == quota,
-            kernel.cpu_quota_us,
-            f"cpu quota {quota}/{kernel.cpu_period_us} us" if quota else "cpu quota unlimited",
-        )
-        expect_cpus = build.threads or kernel.all_cpus
-        check(
-            "cpuset",
-            _cpu_set(kernel.cpuset or kernel.all_cpus) == _cpu_set(expect_cpus),
-            kernel.cpuset,
-            f"cpuset {build.threads or 'all (' + kernel.all_cpus + ')'}",
-        )
-        pids = resources["PidsLimit"] or None
-        check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
-        if blkio_unsupported:
-            report.applied.append(
-                f"io weight {build.io_weight}: not supported by this kernel, skipped"
-            )
-        else:
-            report.applied.append(f"io weight {build.io_weight}")
-        return report
+                raise _LimitsSettled(
+                    LimitReport(
+                        pending=[f"{_ALL_LIMITS} (container stopped; next start re-creates it)"]
+                    )
+                ) from None
+            raise _LimitsSettled(LimitReport(failed=[f"cgroup: {exc.message}"])) from None
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -4908,6 +4878,93 @@ class DockerEnvironment(Environment):
     def close(self) -> None:
         """Stop reading the console and stats; the container keeps running."""
         self._detach()
+
+
+_ALL_LIMITS = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
+
+
+class _LimitsSettled(Exception):
+    """A step of ``DockerEnvironment.apply_limits`` that already knows the whole report."""
+
+    def __init__(self, report: LimitReport):
+        super().__init__(report)
+        self.report = report
+
+
+class _ContainerReplaced(Exception):
+    """The container the environment knew is gone; another one may run under its name."""
+
+
+def _limits_update_body(build: Build, resources: dict[str, Any]) -> dict[str, Any]:
+    """The body of Docker's ``POST /containers/{id}/update`` for ``build``."""
+    body: dict[str, Any] = {
+        "BlkioWeight": build.io_weight,
+        "PidsLimit": resources["PidsLimit"] or -1,
+    }
+    if resources["Memory"]:
+        body.update(
+            Memory=resources["Memory"],
+            MemoryReservation=resources["MemoryReservation"],
+            MemorySwap=resources["MemorySwap"],
+        )
+    if build.cpu_percent:
+        body.update(
+            CpuQuota=resources["CpuQuota"],
+            CpuPeriod=resources["CpuPeriod"],
+            CpuShares=resources["CpuShares"],
+        )
+    else:
+        body["CpuQuota"] = -1
+    if build.threads:
+        body["CpusetCpus"] = build.threads
+    return body
+
+
+def _kernel_report(
+    cgroup: Cgroup, kernel: CgroupLimits, build: Build, resources: dict[str, Any]
+) -> LimitReport:
+    """Compare what the kernel enforces with what ``build`` asks: applied, or failed naming both."""
+    report = LimitReport()
+
+    def check(what: str, ok: bool, shows: Any, text: str) -> None:
+        (report.applied if ok else report.failed).append(
+            text if ok else f"{what}: the kernel enforces {shows}, expected {text}"
+        )
+
+    memory, swap = resources["Memory"] or None, resources["MemorySwap"]
+    check(
+        "memory",
+        _pages(kernel.memory_bytes) == _pages(memory),
+        kernel.memory_bytes,
+        f"memory {memory} bytes" if memory else "memory unlimited",
+    )
+    if kernel.swap_bytes is not None or swap > 0:
+        expect_swap = (
+            None if swap < 0 or memory is None else (swap if cgroup.version == 1 else swap - memory)
+        )
+        shown = "memory+swap" if cgroup.version == 1 else "swap"
+        check(
+            "swap",
+            _pages(kernel.swap_bytes) == _pages(expect_swap),
+            kernel.swap_bytes,
+            f"{shown} {expect_swap} bytes" if expect_swap is not None else f"{shown} unlimited",
+        )
+    quota = resources.get("CpuQuota")
+    check(
+        "cpu",
+        kernel.cpu_quota_us == quota,
+        kernel.cpu_quota_us,
+        f"cpu quota {quota}/{kernel.cpu_period_us} us" if quota else "cpu quota unlimited",
+    )
+    check(
+        "cpuset",
+        _cpu_set(kernel.cpuset or kernel.all_cpus) == _cpu_set(build.threads or kernel.all_cpus),
+        kernel.cpuset,
+        f"cpuset {build.threads or 'all (' + kernel.all_cpus + ')'}",
+    )
+    pids = resources["PidsLimit"] or None
+    check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
+    return report
 
 
 def _zero_stats() -> dict[str, Any]:
