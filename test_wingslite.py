@@ -2360,6 +2360,32 @@ class TestPanelValidEdgeValues:
             "crash_detection_enabled": True
         }
 
+    @pytest.mark.parametrize(
+        "image, valid",
+        [
+            ("ghcr.io/pterodactyl/yolks:java_21", True),
+            ("~wingslite-test:latest", True),
+            ("localhost:5000/games/minecraft@sha256:" + "a" * 64, True),
+            ("[::1]:5000/x/y:1.0", True),
+            ("busybox", True),
+            ("ghcr.io/x/y:java 21", False),
+            ("../../containers/json?all=1", False),
+            ("library/Busybox", False),
+            ("x:tag/y", False),
+            ("a" * 256, False),
+        ],
+    )
+    def test_image_names_follow_dockers_reference_grammar(self, image, valid):
+        assert w.is_image_reference(image) is valid
+
+    def test_an_image_outside_the_grammar_never_reaches_the_engine(self, docker_servers):
+        uuid = docker_servers.add(image="../../info?x=")
+        daemon = docker_servers.boot()
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        docker_servers.wait_console(uuid, "is not a valid Docker image reference")
+        assert daemon.get_server(uuid).state == "offline"
+        assert docker_servers.container_id(uuid) is None
+
     def test_a_document_refused_at_boot_keeps_the_server_on_its_last_configuration(
         self, panel, make_daemon, caplog
     ):
