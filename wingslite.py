@@ -10559,6 +10559,7 @@ class Server:
     """One game server on this node: its configuration, files, process and sessions' owner.
 
     Methods for the caller: ``sync()`` (fetch from the Panel and apply), ``apply(config)``,
+    ``refuse(document_error)`` (record a refused document; the configuration stays),
     ``power(action, wait_s)`` / ``request_power(...)``, ``send_command(line)``, ``logs(n)``,
     ``api_view()``.
 
