@@ -11562,11 +11562,7 @@ class Daemon:
                 f"could not fetch server {uuid} from the Panel: {exc.message}"
             ) from None
         try:
-            return parse_server_document(
-                document,
-                expect_uuid=uuid,
-                crash_detection_default=self.config.get("system.crash_detection.enabled"),
-            )
+            return self.parse_document(document, expect_uuid=uuid)
         except DocumentError as exc:
             raise WingsliteError(exc.message) from None
 
