@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -1203,6 +1204,246 @@ class TestHttpApi:
             make_daemon(panel), "POST", "/api/servers", body={"uuid": str(uuidlib.uuid4())}
         )
         assert status == 404 and "does not know" in body["error"]
+
+
+# HTTP API: TLS #####################################################################################
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+class CertificateFiles:
+    """A test CA and node certificates made with the system's ``openssl``, as certbot lays them out."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = self.dir / "ca.pem"
+        self.cert = self.dir / "live" / "fullchain.pem"
+        self.key = self.dir / "live" / "privkey.pem"
+        self.cert.parent.mkdir()
+        _openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=wingslite test CA",
+            cwd=self.dir,
+        )  # fmt: skip
+        self.serial = 0
+        self.issue()
+
+    def issue(self) -> int:
+        """A new key and certificate for 127.0.0.1, swapped in as a renewal does; its serial."""
+        self.serial += 1
+        name = f"leaf{self.serial}"
+        (self.dir / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl(
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=127.0.0.1",
+            cwd=self.dir,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-set_serial", str(1000 + self.serial), "-days", "2", "-extfile", "ext.cnf",
+            "-out", f"{name}.pem",
+            cwd=self.dir,
+        )  # fmt: skip
+        chain = (self.dir / f"{name}.pem").read_bytes() + self.ca.read_bytes()
+        for target, data in (
+            (self.key, (self.dir / f"{name}.key").read_bytes()),
+            (self.cert, chain),
+        ):
+            tmp = target.with_suffix(".new")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return 1000 + self.serial
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+    def ca_spki_sha256(self) -> str:
+        """The CA key's SPKI hash, base64, for Chromium's --ignore-certificate-errors-spki-list."""
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.ca), "-pubkey", "-noout"],
+            check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        spki = subprocess.run(
+            ["openssl", "pkey", "-pubin", "-outform", "der"], input=der, check=True,
+            capture_output=True,
+        ).stdout  # fmt: skip
+        return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def https_get(daemon, path: str, context: ssl.SSLContext, token: str | None = TOKEN):
+    """One request over TLS: (status, decoded body, the server certificate's serial, TLS version)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=context)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    resp = conn.getresponse()
+    body = resp.read()
+    peer = conn.sock.getpeercert()
+    version = conn.sock.version()
+    conn.close()
+    return resp.status, json.loads(body) if body else None, int(peer["serialNumber"], 16), version
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (.ci/run installs it)")
+    return CertificateFiles(tmp_path / "certs")
+
+
+def _tls_overrides(certs) -> dict:
+    return {
+        "api__ssl__enabled": True,
+        "api__ssl__cert": str(certs.cert),
+        "api__ssl__key": str(certs.key),
+    }
+
+
+class TestTls:
+    """``api.ssl``: HTTPS and WSS with the standard ``ssl`` module; renewals without a restart."""
+
+    def test_https_answers_with_the_node_certificate(self, panel, make_daemon, certificates):
+        daemon = make_daemon(panel, **_tls_overrides(certificates))
+        status, body, serial, version = https_get(
+            daemon, "/api/system", certificates.client_context()
+        )
+        assert status == 200 and body["version"] == w.VERSION
+        assert serial == 1001 and version in ("TLSv1.2", "TLSv1.3")
+        # Plain HTTP on the TLS port gets no HTTP answer, and TLS 1.1 is refused.
+        with pytest.raises((http.client.HTTPException, OSError)):
+            api(daemon, "GET", "/api/system")
+        old = ssl.create_default_context(cafile=str(certificates.ca))
+        old.minimum_version = old.maximum_version = ssl.TLSVersion(0x0302)  # TLS 1.1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+        with pytest.raises(ssl.SSLError):
+            https_get(daemon, "/api/system", old)
+        assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+
+    def test_wss_console_through_the_websockets_client(self, console_node, certificates):
+        from websockets.sync.client import connect
+
+        daemon = console_node(**_tls_overrides(certificates))
+        daemon.get_server(daemon.uuid).env.start(None)
+        url = f"wss://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws"
+        with connect(
+            url,
+            ssl=certificates.client_context(),
+            origin=daemon.config.remote,
+            open_timeout=5,
+            proxy=None,
+        ) as conn:
+            ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_event(conn)[0] == "auth success"
+            ws_send(conn, "send logs")
+            ws_until(conn, "console output", match="server ready")
+            ws_send(conn, "send command", "over tls " + "x" * 3000)  # more than one TLS record
+            ws_until(conn, "console output", match="> over tls")
+
+    def test_a_renewed_certificate_is_served_without_a_restart(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, **_tls_overrides(certificates))
+        context = certificates.client_context()
+        assert https_get(daemon, "/api/system", context)[2] == 1001
+        renewed = certificates.issue()
+        wait_for(
+            lambda: https_get(daemon, "/api/system", context)[2] == renewed,
+            timeout_s=10,
+            interval_s=0.2,
+            what="the renewed certificate",
+        )
+        # A renewal that is not a certificate is logged; the last good one stays in use.
+        certificates.cert.write_text("not a certificate\n")
+        time.sleep(1.2)
+        assert https_get(daemon, "/api/system", context)[2] == renewed
+
+    def test_a_certificate_that_cannot_be_read_stops_the_start_naming_the_file(
+        self, panel, tmp_path, certificates
+    ):
+        missing = tmp_path / "nope" / "fullchain.pem"
+        for cert, key, named in (
+            (missing, certificates.key, str(missing)),
+            (certificates.cert, certificates.ca, str(certificates.ca)),  # no private key in it
+        ):
+            raw = node_config(tmp_path, panel.url, api__ssl__enabled=True)
+            raw["api"]["ssl"].update(cert=str(cert), key=str(key))
+            path = tmp_path / "config.yml"
+            path.write_text(yaml.safe_dump(raw))
+            run = subprocess.run(
+                [sys.executable, str(HERE / "wingslite.py"), "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 2, run.stderr
+            assert named in run.stderr and "api.ssl" in run.stderr, run.stderr
+
+    def test_headless_chromium_trusting_the_test_ca_opens_the_console(
+        self, console_node, certificates, tmp_path
+    ):
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+        reports: list[dict] = []
+        got = threading.Event()
+        holder: dict = {}
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = (
+                    BROWSER_PAGE.replace("SOCKET", json.dumps(holder["socket"]))
+                    .replace("TOKEN", json.dumps(holder["token"]))
+                    .encode()
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+                got.set()
+
+        page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        threading.Thread(target=page.serve_forever, daemon=True).start()
+        page_origin = f"http://127.0.0.1:{page.server_address[1]}"
+        daemon = console_node(allowed_origins=[page_origin], **_tls_overrides(certificates))
+        daemon.get_server(daemon.uuid).env.start(None)
+        holder.update(
+            socket=f"wss://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws",
+            token=ws_token(ws_claims(daemon.uuid)),
+        )
+        browser = subprocess.Popen(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                # Trust anchored on the test CA's key: it is in the chain the node presents.
+                f"--ignore-certificate-errors-spki-list={certificates.ca_spki_sha256()}",
+                page_origin + "/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert got.wait(60), "the page never reported"
+        finally:
+            browser.kill()
+            browser.wait(10)
+            page.shutdown()
+            page.server_close()
+        assert reports[0]["result"] == "ok", reports[0]
+        assert "> from chromium" in reports[0]["text"]
 
 
 # daemon: the sync #################################################################################

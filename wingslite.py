@@ -81,6 +81,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import stat
 import struct
 import subprocess
@@ -3841,7 +3842,11 @@ class WebSocket:
                 # must not stall for send_timeout_s on one stuck client).
                 # os.write, not socket.send: with a timeout set, CPython's send waits for the
                 # socket to become writable (up to the timeout) even when asked not to wait.
-                if os.write(self._sock.fileno(), frame) < len(frame):
+                # Over TLS the frame must pass through the TLS layer: a short timeout instead.
+                if isinstance(self._sock, ssl.SSLSocket):
+                    self._sock.settimeout(self.close_lock_timeout_s)
+                    self._sock.sendall(frame)
+                elif os.write(self._sock.fileno(), frame) < len(frame):
                     raise BlockingIOError
             except OSError:
                 self._finished.set()
@@ -3955,7 +3960,9 @@ class WebSocket:
         timeout_ms = (
             None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
         )
-        if not self._poll.poll(timeout_ms):
+        # Over TLS, decrypted bytes may already wait inside the TLS layer, where poll cannot see.
+        pending = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+        if not pending and not self._poll.poll(timeout_ms):
             return False
         try:
             data = self._sock.recv(65536)
@@ -5803,6 +5810,90 @@ _CORS_HEADERS = {
 }
 
 
+class TlsWrapper:
+    """``api.ssl``: wraps accepted connections in TLS, reloading the certificate when it changes.
+
+    Methods for the caller: ``wrap(sock)`` (no I/O: the handshake runs on the connection's own
+    thread), ``load()`` (``ConfigError`` naming the file that cannot be read or used). Class
+    variables that may be overridden: ``recheck_s``, ``ciphers``.
+
+    The files are checked at most every ``recheck_s`` seconds (their size, inode and mtime); a
+    renewed certificate (certbot replaces both files) is used from the next connection on, and
+    a renewal that does not load is logged while the last good certificate stays in use.
+    """
+
+    recheck_s = 1.0
+    # TLS 1.2 limited to forward-secret AEAD suites; TLS 1.3 suites are OpenSSL's (all modern).
+    ciphers = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+    def __init__(self, cert_path: str, key_path: str):
+        self.cert_path, self.key_path = cert_path, key_path
+        self._context: ssl.SSLContext | None = None
+        self._signature: tuple[Any, ...] | None = None
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+
+    def _files_signature(self) -> tuple[Any, ...]:
+        marks = []
+        for path in (self.cert_path, self.key_path):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                marks.append((st.st_ino, st.st_size, st.st_mtime_ns))
+                continue
+            marks.append(None)
+        return tuple(marks)
+
+    def load(self) -> ssl.SSLContext:
+        """Build a context from the files now; ``ConfigError`` names the file that is wrong."""
+        signature = self._files_signature()
+        for key, path, marker in (
+            ("api.ssl.cert", self.cert_path, b"-----BEGIN CERTIFICATE-----"),
+            ("api.ssl.key", self.key_path, b"PRIVATE KEY-----"),
+        ):
+            try:
+                pem = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+            if marker not in pem:
+                raise ConfigError(f"{key}: {path} holds no PEM {marker.decode().strip('-')}")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(self.ciphers)
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        try:
+            context.load_cert_chain(self.cert_path, self.key_path)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"api.ssl: the certificate {self.cert_path} and key {self.key_path} cannot be"
+                f" used together: {getattr(exc, 'reason', None) or exc}"
+            ) from None
+        with self._lock:
+            self._context, self._signature = context, signature
+            self._checked_at = time.monotonic()
+        return context
+
+    def _current(self) -> ssl.SSLContext:
+        with self._lock:
+            context = self._context
+            due = time.monotonic() - self._checked_at >= self.recheck_s
+            if due:
+                self._checked_at = time.monotonic()
+        if context is None:
+            return self.load()
+        if due and self._files_signature() != self._signature:
+            try:
+                context = self.load()
+                LOG.info("api.ssl: reloaded the certificate %s", self.cert_path)
+            except ConfigError as exc:
+                with self._lock:  # logged once per change of the files, not per connection
+                    self._signature = self._files_signature()
+                LOG.error("api.ssl: keeping the previous certificate: %s", exc.message)
+        return context
+
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        return self._current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+
 class ApiServer(http.server.ThreadingHTTPServer):
     """The node's HTTP API server: one thread per connection, bound to ``daemon``.
 
@@ -5831,6 +5922,34 @@ class ApiServer(http.server.ThreadingHTTPServer):
         LOG.exception(
             "unhandled error on a connection from %s", client_address[0] if client_address else "?"
         )
+
+    # -- TLS (api.ssl) -------------------------------------------------------------------------
+
+    tls_handshake_timeout_s = 10.0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; with ``api.ssl`` it is wrapped in TLS here (no I/O yet)."""
+        sock, address = super().get_request()
+        tls = getattr(self.daemon, "tls", None)
+        if tls is not None:
+            try:
+                sock = tls.wrap(sock)
+            except (OSError, ValueError, ConfigError) as exc:
+                sock.close()
+                raise OSError(f"TLS is not available: {exc}") from None
+        return sock, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, on the connection's own thread, so a slow or broken client
+        # never holds up the accept loop; a failed handshake is a debug line, not a traceback.
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.tls_handshake_timeout_s)
+                request.do_handshake()
+            except (OSError, ValueError) as exc:
+                LOG.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
 
 
 class ApiHandler(http.server.BaseHTTPRequestHandler):
@@ -6654,6 +6773,7 @@ class Daemon:
             config.get("system.activity_send_count"),
         )
         self.http: ApiServer | None = None
+        self.tls: TlsWrapper | None = None
         self.sftp: SftpServer | None = None
         self._servers_lock = threading.Lock()
         self._states: dict[str, str] = {}
@@ -6688,10 +6808,17 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         self._load_saved()
         host, port = self.config.get("api.host"), self.config.get("api.port")
+        if self.config.get("api.ssl.enabled"):
+            self.tls = TlsWrapper(self.config.get("api.ssl.cert"), self.config.get("api.ssl.key"))
+            self.tls.load()  # a certificate that cannot be used stops the start, naming the file
         self.http = ApiServer((host, port), self)
         self._spawn(lambda: self.http.serve_forever(poll_interval=0.1), "wingslite-http")
         LOG.info(
-            "wingslite %s serving the API on %s:%d", VERSION, host, self.http.server_address[1]
+            "wingslite %s serving the API on %s://%s:%d",
+            VERSION,
+            "https" if self.tls else "http",
+            host,
+            self.http.server_address[1],
         )
         if not self.config.get("wingslite.sftp_enabled"):
             LOG.info("SFTP is off (wingslite.sftp_enabled is false)")
@@ -7394,6 +7521,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         daemon.start()
+    except ConfigError as exc:
+        print(f"wingslite: cannot start: {exc.message}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"wingslite: cannot start: {exc}", file=sys.stderr)
         return 1
