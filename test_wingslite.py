@@ -25,10 +25,12 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import uuid as uuidlib
 import warnings
@@ -936,6 +938,640 @@ class TestFilesystem:
         assert fs.is_denied("server.jar") and fs.is_denied("plugins/x.jar")
         assert fs.is_denied("config/secret.yml") and not fs.is_denied("other/config/secret.yml")
         assert fs.is_denied("logs/latest.log") and not fs.is_denied("mylogs/x")
+
+
+# archives #########################################################################################
+
+
+def _tar_bytes(entries, compression: str = "") -> bytes:
+    """A tar (``compression`` gz, bz2, xz or "") of ``(TarInfo fields, data)`` items."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}" if compression else "w") as tar:
+        for fields, data in entries:
+            info = tarfile.TarInfo(fields.pop("name"))
+            for key, value in fields.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _zip_bytes(entries) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return buf.getvalue()
+
+
+class TestArchives:
+    @pytest.fixture
+    def box(self, tmp_path):
+        """A server directory, its jail and its filesystem, beside an 'outside' directory."""
+        root = tmp_path / "srv"
+        root.mkdir()
+        (tmp_path / "outside").mkdir()
+        fs = w.Filesystem(root, 0, check_interval_s=60)
+        fs.recalculate()
+        jail = w.Jail(root, is_denied=fs.is_denied)
+        yield types.SimpleNamespace(root=root, fs=fs, jail=jail, outside=tmp_path / "outside")
+        jail.close()
+
+    def extract(self, box, data: bytes, name: str = "a.tar.gz", dest: str = "/") -> list[str]:
+        import io
+
+        seen: list[str] = []
+        w.extract_archive(
+            box.jail, box.fs, io.BytesIO(data), name=name, dest=dest, on_entry=seen.append
+        )
+        return seen
+
+    def test_tar_gz_out_and_back_keeps_files_modes_links_and_empty_dirs(self, box, tmp_path):
+        import io
+
+        (box.root / "a" / "b").mkdir(parents=True)
+        (box.root / "a" / "b" / "f.txt").write_bytes(b"hello" * 1000)
+        (box.root / "run.sh").write_bytes(b"#!/bin/sh\n")
+        os.chmod(box.root / "run.sh", 0o750)
+        (box.root / "empty").mkdir()
+        (box.root / "inside").symlink_to("a/b/f.txt")
+        (box.root / "zout").symlink_to("/etc/passwd")  # archived as a link, never followed
+        os.mkfifo(box.root / "pipe")
+        out = w.HashingWriter(io.BytesIO())
+        count = w.write_tar_gz(box.jail, out)
+        data = out.out.getvalue()
+        assert out.hexdigest() == hashlib.sha1(data).hexdigest() and out.bytes_written == len(data)
+        import tarfile
+
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+        assert count == len(members)
+        assert set(members) == {"a", "a/b", "a/b/f.txt", "run.sh", "empty", "inside", "zout"}
+        assert members["zout"].issym() and members["zout"].linkname == "/etc/passwd"
+        assert members["zout"].size == 0  # the target's bytes are not in the archive
+        assert members["run.sh"].mode == 0o750
+
+        other = tmp_path / "other"
+        other.mkdir()
+        fs2 = w.Filesystem(other, 0, check_interval_s=60)
+        with w.Jail(other) as jail2:
+            with pytest.raises(w.ArchiveError, match="would point outside"):
+                w.extract_archive(jail2, fs2, io.BytesIO(data), name="x.tar.gz")
+        assert (other / "a" / "b" / "f.txt").read_bytes() == b"hello" * 1000
+        assert (other / "run.sh").stat().st_mode & 0o777 == 0o750
+        assert (other / "empty").is_dir() and os.readlink(other / "inside") == "a/b/f.txt"
+        assert not (other / "zout").is_symlink()
+
+    def test_ignore_rules_follow_gitignore(self):
+        m = w.IgnoreMatcher("# comment\n*.log\n!keep.log\n/cache/\nbuild\ndocs/**/*.tmp\n\\#hash\n")
+        assert m.ignored("x.log") and m.ignored("deep/dir/y.log") and not m.ignored("keep.log")
+        assert m.ignored("cache", is_dir=True) and not m.ignored("cache", is_dir=False)
+        assert not m.ignored("sub/cache", is_dir=True)
+        assert m.ignored("build") and m.ignored("a/build", is_dir=True)
+        assert m.ignored("docs/a/b/c.tmp") and m.ignored("docs/c.tmp") and not m.ignored("c.tmp")
+        assert m.ignored("#hash") and not w.IgnoreMatcher("")
+
+    def test_write_tar_gz_leaves_out_ignored_and_denied_paths(self, box):
+        import io
+        import tarfile
+
+        for rel in ("logs/a.log", "logs/keep.log", "world/level.dat", "x.log", "keep.log", "s.jar"):
+            (box.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (box.root / rel).write_bytes(b"1")
+        box.fs.set_denylist(["*.jar"])
+        out = io.BytesIO()
+        w.write_tar_gz(box.jail, out, ignore="*.log\n!keep.log\n")
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            names = set(tar.getnames())
+        assert names == {"logs", "logs/keep.log", "world", "world/level.dat", "keep.log"}
+
+    def test_write_tar_gz_of_named_files_under_a_root(self, box):
+        import io
+        import tarfile
+
+        (box.root / "d" / "sub").mkdir(parents=True)
+        (box.root / "d" / "one").write_bytes(b"1")
+        (box.root / "d" / "sub" / "two").write_bytes(b"2")
+        (box.root / "d" / "three").write_bytes(b"3")
+        out = io.BytesIO()
+        w.write_tar_gz(box.jail, out, root="/d", files=["one", "sub"])
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            assert set(tar.getnames()) == {"one", "sub", "sub/two"}
+        with pytest.raises(w.PathEscape):
+            w.write_tar_gz(box.jail, io.BytesIO(), root="/d", files=["../../etc"])
+
+    @pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+    def test_each_tar_format_extracts(self, box, compression):
+        data = _tar_bytes(
+            [
+                ({"name": "dir", "type": b"5", "mode": 0o700}, None),
+                ({"name": "dir/f", "mode": 0o640}, b"payload"),
+                ({"name": "l", "type": b"2", "linkname": "dir/f"}, None),
+            ],
+            compression,
+        )
+        seen = self.extract(box, data, name="a.tar" + (f".{compression}" if compression else ""))
+        assert seen == ["dir", "dir/f", "l"]
+        assert (box.root / "dir" / "f").read_bytes() == b"payload"
+        assert (box.root / "dir" / "f").stat().st_mode & 0o777 == 0o640
+        assert os.readlink(box.root / "l") == "dir/f"
+
+    def test_zip_extracts_with_modes_and_directories(self, box):
+        data = _zip_bytes(
+            [("d/", b"", 0o40755), ("d/run.sh", b"#!", 0o100755), ("top.txt", b"t", 0)]
+        )
+        seen = self.extract(box, data, name="a.zip", dest="/into")
+        assert seen == ["into/d", "into/d/run.sh", "into/top.txt"]
+        assert (box.root / "into" / "d" / "run.sh").stat().st_mode & 0o777 == 0o755
+        assert (box.root / "into" / "top.txt").read_bytes() == b"t"
+
+    @pytest.mark.parametrize(
+        "suffix,compress",
+        [
+            (".gz", lambda b: __import__("gzip").compress(b)),
+            (".bz2", lambda b: __import__("bz2").compress(b)),
+            (".xz", lambda b: __import__("lzma").compress(b)),
+        ],
+    )
+    def test_a_single_compressed_file_becomes_its_name_without_the_suffix(
+        self, box, suffix, compress
+    ):
+        seen = self.extract(
+            box, compress(b"line\n" * 1000), name="logs/latest.log" + suffix, dest="/logs"
+        )
+        assert seen == ["logs/latest.log"]
+        assert (box.root / "logs" / "latest.log").read_bytes() == b"line\n" * 1000
+
+    @pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/evil", "C:\\evil"])
+    def test_zip_slip_and_absolute_names_are_refused(self, box, name):
+        for data, archive in (
+            (_zip_bytes([(name, b"x", 0)]), "a.zip"),
+            (_tar_bytes([({"name": name}, b"x")], "gz"), "a.tar.gz"),
+        ):
+            with pytest.raises(w.ArchiveError, match="refused archive entry"):
+                self.extract(box, data, name=archive)
+        assert not (box.outside.parent / "evil").exists() and list(box.root.iterdir()) == []
+
+    def test_links_that_point_out_are_refused_and_nothing_is_written_through_them(self, box):
+        for link in ("../outside", "/tmp", "a/../../outside"):
+            data = _tar_bytes(
+                [
+                    ({"name": "l", "type": b"2", "linkname": link}, None),
+                    ({"name": "l/pwned"}, b"x"),
+                ],
+                "gz",
+            )
+            with pytest.raises(w.ArchiveError, match="would point outside"):
+                self.extract(box, data)
+            assert list(box.outside.iterdir()) == [] and not (box.root / "l").is_symlink()
+        # a hard link to a file outside: its name climbs out, refused
+        data = _tar_bytes([({"name": "h", "type": b"1", "linkname": "../outside/x"}, None)])
+        with pytest.raises(w.ArchiveError, match="refused archive entry"):
+            self.extract(box, data, name="a.tar")
+
+    def test_an_existing_symlink_in_the_server_is_replaced_not_written_through(self, box):
+        (box.outside / "target").write_bytes(b"keep")
+        (box.root / "f").symlink_to(box.outside / "target")  # the game server made this
+        self.extract(box, _tar_bytes([({"name": "f"}, b"new")], "gz"))
+        assert (box.outside / "target").read_bytes() == b"keep"
+        assert not (box.root / "f").is_symlink() and (box.root / "f").read_bytes() == b"new"
+
+    def test_device_files_and_fifos_are_skipped(self, box):
+        data = _tar_bytes(
+            [
+                ({"name": "null", "type": b"3", "devmajor": 1, "devminor": 3}, None),
+                ({"name": "fifo", "type": b"6"}, None),
+                ({"name": "ok"}, b"1"),
+            ]
+        )
+        assert self.extract(box, data, name="a.tar") == ["ok"]
+        assert sorted(p.name for p in box.root.iterdir()) == ["ok"]
+
+    def test_setuid_bits_are_dropped(self, box):
+        self.extract(box, _tar_bytes([({"name": "s", "mode": 0o4755}, b"1")]), name="a.tar")
+        assert (box.root / "s").stat().st_mode & 0o7777 == 0o755
+
+    @pytest.mark.parametrize("kind", ["tar.gz", "zip", "gz"])
+    def test_a_bomb_stops_at_the_disk_limit(self, box, kind):
+        import gzip
+        import io
+        import zipfile
+
+        box.fs.set_limit(3 * 1024 * 1024)
+        big = bytes(20 * 1024 * 1024)  # compresses to ~20 KB
+        if kind == "tar.gz":
+            data = _tar_bytes([({"name": "small"}, b"x" * 1000), ({"name": "bomb"}, big)], "gz")
+        elif kind == "gz":
+            data = gzip.compress(big)
+        else:
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr("bomb", big)
+            data = buf.getvalue()
+            # a zip that lies about its size is still stopped while it is written
+            assert len(data) < 100_000
+        with pytest.raises(w.ArchiveError, match="not enough disk space"):
+            self.extract(box, data, name="bomb." + kind)
+        assert not (box.root / "bomb").exists()  # the partial file is gone
+        assert w.Filesystem(box.root).recalculate() <= 3 * 1024 * 1024
+        assert box.fs.usage_bytes() == w.Filesystem(box.root).recalculate()
+
+    def test_a_zip_whose_header_lies_about_the_size_is_stopped_while_writing(self, box):
+        import zipfile
+
+        box.fs.set_limit(1024 * 1024)
+        data = bytearray(_zip_bytes([("bomb", bytes(5 * 1024 * 1024), 0)]))
+        # patch the declared size (central directory and local header) down to 10 bytes
+        cd = data.rindex(b"PK\x01\x02")
+        struct_pos = cd + 24
+        data[struct_pos : struct_pos + 4] = (10).to_bytes(4, "little")
+        data[22:26] = (10).to_bytes(4, "little")
+        with pytest.raises(w.ArchiveError):
+            self.extract(box, bytes(data), name="a.zip")
+        assert w.Filesystem(box.root).recalculate() <= 1024 * 1024
+        del zipfile
+
+    @pytest.mark.parametrize(
+        "head",
+        [b"7z\xbc\xaf\x27\x1c" + bytes(100), b"Rar!\x1a\x07\x00" + bytes(100), b"plain text"],
+    )
+    def test_7z_rar_and_unknown_data_are_unsupported(self, box, head):
+        with pytest.raises(w.ArchiveError, match="unsupported archive format"):
+            self.extract(box, head, name="a.7z")
+        assert list(box.root.iterdir()) == []
+
+    def test_a_damaged_archive_is_a_clear_error(self, box):
+        data = _tar_bytes([({"name": "f"}, bytes(100_000))], "gz")
+        with pytest.raises(w.ArchiveError, match=r"damaged|cannot extract"):
+            self.extract(box, data[: len(data) // 2])
+
+    def test_extraction_from_a_file_in_the_jail_and_the_denylist(self, box):
+        (box.root / "up.zip").write_bytes(_zip_bytes([("ok.txt", b"1", 0), ("x.jar", b"2", 0)]))
+        box.fs.set_denylist(["*.jar"])
+        fd = box.jail.open("/up.zip", os.O_RDONLY)
+        with (
+            os.fdopen(fd, "rb") as src,
+            pytest.raises(w.ArchiveError, match=r"refused archive entry 'x\.jar'"),
+        ):
+            w.extract_archive(box.jail, box.fs, src, name="up.zip")
+        assert (box.root / "ok.txt").read_bytes() == b"1" and not (box.root / "x.jar").exists()
+
+
+# egg configuration files ##########################################################################
+
+PAPER_PROPERTIES = """#Minecraft server properties
+#Tue Dec 01 17:00:00 UTC 2026
+enable-jmx-monitoring=false
+rcon.port=25575
+level-seed=
+motd=\\u00A7aA Minecraft Server
+query.port=25565
+server-ip=
+# an operator's note in the middle
+server-port=25565
+max-players=20
+"""
+
+BUNGEE_YAML = """# BungeeCord configuration
+player_limit: -1
+listeners:
+- query_port: 25577
+  motd: '&1Another Bungee server'
+  host: 0.0.0.0:25577   # where players connect
+  max_players: 1
+servers:
+  lobby:
+    motd: '&1Just another BungeeCord - Forced Host'
+    address: localhost:25565
+    restricted: false
+  games:
+    address: 10.0.0.5:25566
+    restricted: false
+"""
+
+MURMUR_INI = """; Murmur configuration file.
+;
+; Path to database.
+database=
+;dbDriver=QMYSQL
+
+; How many clients
+users=100
+port=64738
+welcometext="<br />Welcome to this server"
+
+[Ice]
+Ice.Warn.UnknownProperties=1
+Ice.MessageSizeMax=65536
+"""
+
+GAME_XML = """<?xml version="1.0" encoding="utf-8"?>
+<!-- game settings -->
+<Settings>
+  <Server port="1">
+    <Name>Old</Name>
+    <!-- keep me -->
+  </Server>
+  <Maps>
+    <Map>a</Map>
+    <Map>b</Map>
+  </Maps>
+</Settings>
+"""
+
+GAME_JSON = """{
+  "server": {"port": 1234, "bind": "127.0.0.1", "public": false},
+  "worlds": [{"name": "a", "port": 1}, {"name": "b", "port": 2}],
+  "tags": ["x"]
+}
+"""
+
+
+def egg_replace(find: dict) -> list[dict]:
+    """An egg's ``config.files[...].find`` as the Panel sends it (EggConfigurationService):
+    a scalar gives ``{match, replace_with}``, an object one ``{match, if_value, replace_with}``
+    per inner pair."""
+    out = []
+    for match, value in find.items():
+        if isinstance(value, dict):
+            out += [{"match": match, "if_value": k, "replace_with": v} for k, v in value.items()]
+        else:
+            out.append({"match": match, "replace_with": value})
+    return out
+
+
+def replacements(find: dict) -> list[w.Replacement]:
+    return [
+        w.Replacement(r["match"], r["replace_with"], r.get("if_value")) for r in egg_replace(find)
+    ]
+
+
+class TestConfigFileParsers:
+    """Each parser against a realistic file of a real egg: exact bytes after the rewrite."""
+
+    def test_paper_server_properties_keeps_comments_and_order_and_appends_missing_keys(self):
+        find = {
+            "server-ip": "0.0.0.0",
+            "enable-query": "true",
+            "server-port": "25570",
+            "query.port": "25570",
+        }
+        out = w.rewrite_properties(PAPER_PROPERTIES, replacements(find))
+        assert (
+            out
+            == PAPER_PROPERTIES.replace("query.port=25565", "query.port=25570")
+            .replace("server-ip=\n", "server-ip=0.0.0.0\n")
+            .replace("server-port=25565", "server-port=25570")
+            + "enable-query=true\n"
+        )
+
+    def test_properties_values_are_escaped_as_java_writes_them(self):
+        out = w.rewrite_properties("motd=x\n", replacements({"motd": "§bHi: a=b #1"}))
+        assert out == "motd=\\u00A7bHi\\: a\\=b \\#1\n"
+
+    def test_properties_if_value_changes_only_a_matching_value(self):
+        text = "server-ip=127.0.0.1\nother=1\n"
+        find = {"server-ip": {"127.0.0.1": "0.0.0.0"}, "other": {"2": "3"}, "absent": {"x": "y"}}
+        assert w.rewrite_properties(text, replacements(find)) == "server-ip=0.0.0.0\nother=1\n"
+
+    def test_bungeecord_yaml_is_edited_in_place_with_comments_kept(self):
+        find = {
+            "listeners[0].query_port": "25599",
+            "listeners[0].host": "0.0.0.0:25599",
+            "servers.*.address": {
+                "regex:^(127\\.0\\.0\\.1|localhost)(:\\d{1,5})?$": "172.18.0.1$2"
+            },
+        }
+        out = w.rewrite_yaml(BUNGEE_YAML, replacements(find))
+        assert out == (
+            BUNGEE_YAML.replace("query_port: 25577", "query_port: 25599")
+            .replace("host: 0.0.0.0:25577", "host: 0.0.0.0:25599")
+            .replace("address: localhost:25565", "address: 172.18.0.1:25565")
+        )
+        assert yaml.safe_load(out)["listeners"][0]["query_port"] == 25599  # still a number
+
+    def test_yaml_that_needs_a_new_key_is_dumped_with_the_values_and_their_types(self):
+        out = w.rewrite_yaml("a: 1\n", replacements({"b.c": "7", "d": True, "e": "x"}))
+        assert yaml.safe_load(out) == {"a": 1, "b": {"c": 7}, "d": True, "e": "x"}
+
+    def test_mumble_murmur_ini_sets_keys_before_the_first_section(self):
+        find = {
+            "database": "/home/container/murmur.sqlite",
+            "logfile": "/home/container/murmur.log",
+            "port": "64800",
+            "host": "",
+            "users": "50",
+        }
+        out = w.rewrite_ini(MURMUR_INI, replacements(find))
+        assert out == (
+            MURMUR_INI.replace("database=\n", "database=/home/container/murmur.sqlite\n")
+            .replace("users=100", "users=50")
+            .replace("port=64738", "port=64800")
+            .replace(
+                'server"\n',
+                'server"\nlogfile=/home/container/murmur.log\nhost=\n',
+            )
+        )
+
+    def test_ini_section_keys_and_a_new_section(self):
+        text = "[Ice]\nIce.MessageSizeMax=65536 \n"
+        find = {"Ice.Ice.MessageSizeMax": "1024", "Extra.key": "v"}
+        out = w.rewrite_ini(text, replacements(find))
+        assert out == "[Ice]\nIce.MessageSizeMax=1024\n[Extra]\nkey=v\n"
+
+    def test_source_cfg_with_the_file_parser_replaces_whole_lines_and_keeps_crlf(self):
+        text = '// server.cfg\r\nhostname "Old Name"\r\nrcon_password "secret"\r\nsv_password "x"'
+        find = {"hostname": 'hostname "My Server"', "sv_password": 'sv_password ""'}
+        out = w.rewrite_plain_file(text, replacements(find))
+        assert (
+            out
+            == '// server.cfg\r\nhostname "My Server"\r\nrcon_password "secret"\r\nsv_password ""'
+        )
+
+    def test_json_paths_indexes_wildcards_and_types(self):
+        find = {
+            "server.port": "27015",
+            "server.bind": {"127.0.0.1": "0.0.0.0"},
+            "server.public": True,
+            "worlds.*.host": "172.18.0.1",
+            "worlds[1].port": "27016",
+            "motd": "25",
+            "admins[0]": "alice",
+            "tags[0]": "y",
+        }
+        data = json.loads(w.rewrite_json(GAME_JSON, replacements(find)))
+        assert data == {
+            "server": {"port": 27015, "bind": "0.0.0.0", "public": True},
+            "worlds": [
+                {"name": "a", "port": 1, "host": "172.18.0.1"},
+                {"name": "b", "port": 27016, "host": "172.18.0.1"},
+            ],
+            "tags": ["y"],
+            "motd": 25,
+            "admins": ["alice"],
+        }
+
+    def test_json_keeps_the_files_indent_and_leaves_an_unchanged_file_alone(self):
+        out = w.rewrite_json('{\n  "a": "x"\n}\n', replacements({"a": "y"}))
+        assert out == '{\n  "a": "y"\n}\n'
+        same = '{"a":   "x"}'
+        assert w.rewrite_json(same, replacements({"a": "x"})) is same
+
+    def test_xml_elements_attributes_and_wildcards_keep_comments_and_prolog(self):
+        find = {"Settings.Server.Name": "New", "Settings.Server": "[port='27016']"}
+        find2 = {"Settings.Maps.*": "c"}
+        out = w.rewrite_xml(GAME_XML, replacements(find) + replacements(find2))
+        assert out == (
+            GAME_XML.replace('port="1"', 'port="27016"')
+            .replace(">Old<", ">New<")
+            .replace(">a<", ">c<")
+            .replace(">b<", ">c<")
+        )
+
+    def test_xml_creates_missing_elements(self):
+        out = w.rewrite_xml(GAME_XML, replacements({"Settings.Server.Query.Port": "27017"}))
+        assert "<Query>\n      <Port>27017</Port>\n    </Query>" in out
+        assert "<!-- keep me -->" in out and out.startswith('<?xml version="1.0"')
+
+    def test_node_placeholders_come_from_the_node_config(self, tmp_path):
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        ph = w.NodePlaceholders(config)
+        assert ph.fill("{{config.docker.network.interface}}:1") == "172.18.0.1:1"
+        assert ph.fill("{{config.docker.interface}}") == "172.18.0.1"  # legacy spelling
+        assert ph.fill("{{ config.api.port }}") == str(config.get("api.port"))
+        assert ph.fill("{{config.no.such.key}}") == "{{config.no.such.key}}"
+        assert ph.fill(25565) == 25565
+
+
+def _write_config_doc(doc: dict, configs: list[dict]) -> dict:
+    doc["process_configuration"]["configs"] = configs
+    return doc
+
+
+NC_GAME = (
+    "P=$(grep '^server-port=' server.properties | cut -d= -f2); "
+    'echo "listening on $P"; echo ready; exec nc -l -p "$P"'
+)
+
+
+class TestConfigFilesOnStart:
+    """Config files written by a real start of a real container."""
+
+    def _add(self, docker_servers, configs, **options) -> str:
+        doc = _write_config_doc(docker_document(**options), configs)
+        uuid = docker_servers.panel.add(doc)
+        docker_servers.uuids.append(uuid)
+        return uuid
+
+    def test_an_allocation_change_reaches_the_game_through_server_properties(self, docker_servers):
+        port = free_port()
+        props = [{"parser": "properties", "file": "server.properties", "replace": []}]
+        uuid = self._add(
+            docker_servers, props, startup=NC_GAME, port=port, stop=("signal", "SIGKILL")
+        )
+        doc = docker_servers.panel.servers[uuid]
+
+        def egg_values(p: int) -> None:
+            doc["process_configuration"]["configs"][0]["replace"] = egg_replace(
+                {"server-ip": "0.0.0.0", "server-port": str(p), "query.port": str(p)}
+            )
+
+        egg_values(port)
+        daemon = docker_servers.boot()
+        root = daemon.get_server(uuid).fs.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "server.properties").write_text(PAPER_PROPERTIES)
+        docker_servers.start(uuid)
+        docker_servers.wait_console(uuid, f"listening on {port}")
+        console = docker_servers.console(uuid)
+        assert any("Updating process configuration files..." in line for line in console)
+
+        new_port = free_port()
+        doc["settings"]["allocations"] = {
+            "force_outgoing_ip": False,
+            "default": {"ip": "127.0.0.1", "port": new_port},
+            "mappings": {"127.0.0.1": [new_port]},
+        }
+        egg_values(new_port)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "restart"})[0] == 202
+        docker_servers.wait_console(uuid, f"listening on {new_port}", timeout_s=30)
+        assert (root / "server.properties").read_text() == (
+            PAPER_PROPERTIES.replace("query.port=25565", f"query.port={new_port}")
+            .replace("server-ip=\n", "server-ip=0.0.0.0\n")
+            .replace("server-port=25565", f"server-port={new_port}")
+        )
+
+        # the game really listens on the new port, reached through the new port binding
+        def sent() -> bool:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", new_port), timeout=2) as conn,
+            ):
+                conn.sendall(b"hello-new-port\n")
+                time.sleep(0.2)
+            return any("hello-new-port" in line for line in docker_servers.console(uuid))
+
+        wait_until(sent, 20, "the game to receive data on its new port", interval_s=0.5)
+
+    def test_a_symlink_out_and_a_fifo_are_not_touched_and_the_start_goes_on(
+        self, docker_servers, tmp_path
+    ):
+        outside = tmp_path / "outside.properties"
+        outside.write_text("server-port=1\n")
+        configs = [
+            {
+                "parser": "properties",
+                "file": "link.properties",
+                "replace": egg_replace({"server-port": "2"}),
+            },
+            {"parser": "yaml", "file": "fifo.yml", "replace": egg_replace({"a": "b"})},
+            {"parser": "json", "file": "nested/dir/new.json", "replace": egg_replace({"a.b": "3"})},
+        ]
+        uuid = self._add(docker_servers, configs)
+        daemon = docker_servers.boot()
+        root = daemon.get_server(uuid).fs.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "link.properties").symlink_to(outside)
+        os.mkfifo(root / "fifo.yml")
+        docker_servers.start(uuid)
+        assert outside.read_text() == "server-port=1\n"
+        assert (root / "link.properties").is_symlink()
+        assert stat.S_ISFIFO(os.lstat(root / "fifo.yml").st_mode)
+        assert json.loads((root / "nested/dir/new.json").read_text()) == {"a": {"b": 3}}
+        console = "\n".join(docker_servers.console(uuid))
+        assert "Failed to update configuration file link.properties" in console
+        assert "Failed to update configuration file fifo.yml: it is not a regular file" in console
+
+    def test_a_rewrite_that_would_pass_the_disk_limit_is_refused(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        (root / "big.properties").write_text("a=1\n")
+        fs = w.Filesystem(root, limit_bytes=4096)
+        fs.recalculate()
+        configs = [w.ConfigFile("big.properties", "properties", (w.Replacement("a", "x" * 8192),))]
+        said: list[str] = []
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        with w.Jail(root) as jail:
+            writer = w.ConfigFileWriter(
+                jail, w.NodePlaceholders(config), fs.reserve, lambda n: fs.add_usage(-n)
+            )
+            assert writer.apply(configs, said.append) == ["big.properties"]
+        assert said == [
+            "Failed to update configuration file big.properties: there is not enough disk space"
+        ]
+        assert (root / "big.properties").read_text() == "a=1\n"
+        assert [p.name for p in root.iterdir()] == ["big.properties"]  # no temp file left
 
 
 # session table ####################################################################################

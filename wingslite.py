@@ -30,6 +30,11 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
                            (paths that cannot leave a server's directory), quota backends
                            (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
+    archives               ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
+                           ``HashingWriter``), ``extract_archive`` (tar/gz/bz2/xz/zip into a jail,
+                           checked and metered)
+    egg configuration files  ``ConfigFileWriter``: the egg's config files rewritten before each
+                           start (file, properties, ini, yaml, json, xml parsers), ``NodePlaceholders``
     environments           ``Environment`` (where a process runs), ``LimitReport``, ``Cgroup``
                            (v1/v2 files), ``DockerEnvironment`` (containers, live limits, stats)
     console and events     ``EventBus``, ``LogRing``, ``LineSplitter``, ``ConsoleThrottle``,
@@ -54,6 +59,7 @@ Where to look first:
 from __future__ import annotations
 
 import base64
+import bz2
 import codecs
 import concurrent.futures
 import contextlib
@@ -63,6 +69,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import gzip
 import hashlib
 import hmac
 import http.client
@@ -70,6 +77,7 @@ import http.server
 import ipaddress
 import json
 import logging
+import lzma
 import math
 import os
 import platform
@@ -85,6 +93,8 @@ import ssl
 import stat
 import struct
 import subprocess
+import tarfile
+import tempfile
 import threading
 import time
 import types
@@ -92,6 +102,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid as uuidlib
+import zipfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -2061,6 +2072,1423 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
         and not fs.quota.enforced(fs.root)
         and not fs.has_space()
     )
+
+
+# archives #########################################################################################
+#
+# Archives leave a jail as tar.gz (backups, transfers, the file manager's compress) and come back
+# into one (restore, a received transfer, decompress). Both directions go through the ``Jail``:
+#
+#   out   ``write_tar_gz(jail, out, ignore=...)`` walks with directory fds opened O_NOFOLLOW, so a
+#         symlink is archived as a link and never followed out; an ``IgnoreMatcher`` (gitignore
+#         syntax, as ``.pteroignore``) leaves paths out; ``HashingWriter`` hashes while writing.
+#   in    ``extract_archive(jail, fs, src, name=...)`` reads tar (plain, gz, bz2, xz), zip and a
+#         single .gz/.bz2/.xz file from a stream or a file. Every entry is checked and written
+#         through the jail: no absolute names, no "..", no link that points out, no device files
+#         or FIFOs; modes are kept (without setuid/setgid); every byte is booked against the
+#         disk limit before it is written, so an archive bomb stops at the limit.
+
+UNSUPPORTED_ARCHIVE = "unsupported archive format"
+ARCHIVE_CHUNK_BYTES = 1 << 20
+
+
+class ArchiveError(WingsliteError):
+    """An archive that cannot be read or would break a rule; ``message`` says which entry and why."""
+
+    status = 400
+
+
+class IgnoreMatcher:
+    """gitignore rules (``.pteroignore``, a backup's ``ignore``) over paths relative to a root.
+
+    Supported: ``#`` comments, blank lines, ``!`` exceptions, trailing ``/`` (directories only),
+    a leading or middle ``/`` anchoring the rule at the root, ``*``, ``?``, ``[...]``, ``**``,
+    and ``\\`` escapes. The last rule that matches decides. As in git, nothing under an ignored
+    directory can be brought back by an exception (the walk never enters that directory).
+
+    Methods for the caller: ``ignored(relpath, is_dir)``; ``bool(matcher)`` is False when empty.
+    """
+
+    def __init__(self, text: str = ""):
+        self.rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, dirs only)
+        for line in text.splitlines():
+            rule = self._parse(line)
+            if rule is not None:
+                self.rules.append(rule)
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    @staticmethod
+    def _parse(line: str) -> tuple[re.Pattern[str], bool, bool] | None:
+        line = line.rstrip("\r")
+        while line.endswith(" ") and not line.endswith("\\ "):
+            line = line[:-1]
+        if not line or line.startswith("#"):
+            return None
+        negated = line.startswith("!")
+        if negated or line.startswith("\\!") or line.startswith("\\#"):
+            line = line[1:]
+        dirs_only = line.endswith("/")
+        line = line.rstrip("/")
+        if not line:
+            return None
+        anchored = "/" in line
+        body = _gitignore_body(line.lstrip("/"))
+        prefix = "^" if anchored else "^(?:.*/)?"
+        return re.compile(prefix + body + "$"), negated, dirs_only
+
+    def ignored(self, relpath: str, is_dir: bool = False) -> bool:
+        """True when ``relpath`` ('/'-separated, relative to the root) is left out."""
+        path = relpath.strip("/")
+        verdict = False
+        for regex, negated, dirs_only in self.rules:
+            if (is_dir or not dirs_only) and regex.match(path):
+                verdict = not negated
+        return verdict
+
+
+def _gitignore_body(glob: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        c = glob[i]
+        if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "\\" and i + 1 < len(glob):
+            out.append(re.escape(glob[i + 1]))
+            i += 2
+        elif c == "[" and "]" in glob[i + 2 :]:
+            end = glob.index("]", i + 2)
+            inner = glob[i + 1 : end]
+            if inner.startswith("!"):
+                inner = "^" + inner[1:]
+            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return "".join(out)
+
+
+class HashingWriter:
+    """A writable stream that hashes and counts every byte on its way to ``out``.
+
+    Attributes: ``bytes_written``; ``hexdigest()``. ``out`` may be any object with ``write``.
+    """
+
+    def __init__(self, out: Any, algorithm: str = "sha1"):
+        self.out = out
+        self.hash = hashlib.new(algorithm)
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.out.write(data)
+        self.bytes_written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        flush = getattr(self.out, "flush", None)
+        if flush is not None:
+            flush()
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+
+class _FixedSizeReader:
+    """Exactly ``size`` bytes of ``fd``: a file that shrank while archived is padded with zeros and
+    one that grew is cut, so the tar header written before the contents stays true."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        if n <= 0:
+            return b""
+        data = os.read(self.fd, n)
+        if not data:
+            data = bytes(n)
+        self.left -= len(data)
+        return data
+
+
+def write_tar_gz(
+    jail: Jail,
+    out: Any,
+    *,
+    root: str = "/",
+    files: Iterable[str] | None = None,
+    ignore: IgnoreMatcher | str | None = None,
+    compress_level: int = 1,
+    on_entry: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> int:
+    """Stream the tree under ``root`` of ``jail`` into ``out`` as tar.gz; returns the entry count.
+
+    ``files`` (names relative to ``root``) limits the archive to those entries, else everything
+    under ``root``. Names in the archive are relative to ``root``. Symlinks are stored as links
+    (never followed); sockets, FIFOs and device files are skipped; the egg's denylist and
+    ``ignore`` leave paths out. ``out`` only needs ``write`` (a file, a socket's file, a
+    ``HashingWriter``). ``cancelled()`` is asked between entries and stops the walk with
+    ``ArchiveError``. gzip level 1 by default, as Wings' ``compression_level: best_speed``.
+    """
+    matcher = ignore if isinstance(ignore, IgnoreMatcher) else IgnoreMatcher(ignore or "")
+    with jail.resolve(root) as where:
+        root_fd = os.open(where.name or ".", Jail._DIR_FLAGS, dir_fd=where.dir_fd)
+    gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=compress_level, mtime=0)
+    try:
+        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            walk = _TarWalk(tar, jail, matcher, on_entry, cancelled)
+            names = [n for n in (files or ()) if n.strip("/")]
+            if files is None:
+                walk.directory(root_fd, "")
+            for name in names:
+                walk.named(root_fd, "/".join(Jail.parts(name)))
+            count = walk.count
+        gz.close()
+    finally:
+        os.close(root_fd)
+    return count
+
+
+class _TarWalk:
+    """The walk of ``write_tar_gz``: one directory fd at a time, every open ``O_NOFOLLOW``."""
+
+    def __init__(
+        self,
+        tar: tarfile.TarFile,
+        jail: Jail,
+        matcher: IgnoreMatcher,
+        on_entry: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ):
+        self.tar, self.jail, self.matcher = tar, jail, matcher
+        self.on_entry, self.cancelled = on_entry, cancelled
+        self.count = 0
+
+    def _skip(self, relpath: str, is_dir: bool) -> bool:
+        if self.matcher.ignored(relpath, is_dir):
+            return True
+        return self.jail.is_denied is not None and self.jail.is_denied(relpath)
+
+    def named(self, dir_fd: int, relpath: str) -> None:
+        """One entry given by name (``files=``); its parents are walked without following links."""
+        *parents, name = relpath.split("/")
+        fds = [dir_fd]
+        try:
+            for part in parents:
+                fds.append(os.open(part, Jail._DIR_FLAGS, dir_fd=fds[-1]))
+            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            self.entry(fds[-1], name, relpath, st)
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)
+
+    def directory(self, dir_fd: int, relpath: str) -> None:
+        with os.scandir(dir_fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we walk
+            self.entry(dir_fd, entry.name, f"{relpath}/{entry.name}".lstrip("/"), st)
+
+    def entry(self, dir_fd: int, name: str, relpath: str, st: os.stat_result) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise ArchiveError("the archive was cancelled")
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if self._skip(relpath, is_dir):
+            return
+        info = tarfile.TarInfo(relpath)
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.mtime = int(st.st_mtime)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        if is_dir:
+            info.type = tarfile.DIRTYPE
+            self._add(info)
+            try:
+                fd = os.open(name, Jail._DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            try:
+                self.directory(fd, relpath)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(st.st_mode):
+            info.type = tarfile.SYMTYPE
+            try:
+                info.linkname = os.readlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            self._add(info)
+        elif stat.S_ISREG(st.st_mode):
+            self._file(dir_fd, name, info)
+
+    def _file(self, dir_fd: int, name: str, info: tarfile.TarInfo) -> None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno == errno.ELOOP:
+                return  # removed, or swapped for a link, since the listing
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            os.set_blocking(fd, True)
+            info.size = st.st_size
+            self._add(info, _FixedSizeReader(fd, st.st_size))
+        finally:
+            os.close(fd)
+
+    def _add(self, info: tarfile.TarInfo, reader: Any = None) -> None:
+        self.tar.addfile(info, reader)
+        self.count += 1
+        if self.on_entry is not None:
+            self.on_entry(info.name)
+
+
+# -- extraction -----------------------------------------------------------------------------------
+
+_MAGIC_7Z = b"7z\xbc\xaf\x27\x1c"
+_MAGIC_RAR = b"Rar!\x1a\x07"
+_COMPRESSORS: dict[str, tuple[bytes, Callable[[Any], Any], tuple[str, ...]]] = {
+    "gzip": (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), (".gz", ".tgz")),
+    "bzip2": (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb"), (".bz2", ".tbz2", ".tbz")),
+    "xz": (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb"), (".xz", ".txz")),
+}
+
+
+class _Prefixed:
+    """A reader that gives ``head`` first, then the rest of ``src`` (magic bytes looked at once)."""
+
+    def __init__(self, head: bytes, src: Any):
+        self.head = head
+        self.src = src
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                data, self.head = self.head + self.src.read(), b""
+                return data
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.src.read(n if n is not None else -1)
+
+
+def _read_exactly(src: Any, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = src.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _is_tar_header(block: bytes) -> bool:
+    return len(block) >= 263 and block[257:262] == b"ustar"
+
+
+def archive_format(head: bytes) -> str:
+    """What the first bytes of an archive are: tar, zip, gzip, bzip2, xz; else ``ArchiveError``."""
+    if head.startswith(_MAGIC_7Z) or head.startswith(_MAGIC_RAR):
+        raise ArchiveError(UNSUPPORTED_ARCHIVE)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    for kind, (magic, _, _) in _COMPRESSORS.items():
+        if head.startswith(magic):
+            return kind
+    if _is_tar_header(head):
+        return "tar"
+    raise ArchiveError(UNSUPPORTED_ARCHIVE)
+
+
+def extract_archive(
+    jail: Jail,
+    fs: Filesystem,
+    src: Any,
+    *,
+    name: str = "",
+    dest: str = "/",
+    on_entry: Callable[[str], None] | None = None,
+) -> int:
+    """Extract the archive read from ``src`` into ``dest`` of ``jail``; returns the entries written.
+
+    ``src`` is a readable binary stream (a response body, an open file); ``name`` is the archive's
+    file name, used only to name the output of a single compressed file (``log.txt.gz`` ->
+    ``log.txt``). The format is found from the bytes: tar, tar.gz/tgz, tar.bz2, tar.xz, zip, or a
+    single .gz/.bz2/.xz file; 7z, rar and anything else are ``ArchiveError("unsupported archive
+    format")``. A refused entry (absolute name, "..", a link out of the jail, the egg's denylist,
+    a file over the disk limit) stops the extraction with ``ArchiveError`` naming it; what was
+    written before it stays. ``on_entry(relpath)`` is called after each entry is written.
+    """
+    start = src.tell() if _seekable(src) else None
+    head = _read_exactly(src, 512)
+    kind = archive_format(head)
+    target = _Extractor(jail, fs, dest, on_entry)
+    if kind == "zip":
+        if start is not None:  # zip's directory is at its end: read it in place
+            src.seek(start)
+            target.zip(src)
+        else:
+            with tempfile.TemporaryFile() as spool:
+                spool.write(head)
+                shutil.copyfileobj(src, spool, ARCHIVE_CHUNK_BYTES)
+                spool.seek(0)
+                target.zip(spool)
+    elif kind == "tar":
+        target.tar(_Prefixed(head, src))
+    else:
+        _, opener, suffixes = _COMPRESSORS[kind]
+        inner = opener(_Prefixed(head, src))
+        try:
+            first = _read_exactly(inner, 512)
+        except (OSError, EOFError, lzma.LZMAError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        if _is_tar_header(first):
+            target.tar(_Prefixed(first, inner))
+        else:
+            base = posixpath.basename(name.rstrip("/")) or "archive"
+            single = next((base[: -len(s)] for s in suffixes if base.endswith(s)), "")
+            target.single(single or base + ".out", _Prefixed(first, inner))
+    return target.count
+
+
+def _seekable(src: Any) -> bool:
+    try:
+        return bool(src.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _Extractor:
+    """Writes checked entries into a jail; every byte booked with ``Filesystem.reserve`` first."""
+
+    def __init__(
+        self, jail: Jail, fs: Filesystem, dest: str, on_entry: Callable[[str], None] | None
+    ):
+        self.jail, self.fs, self.on_entry = jail, fs, on_entry
+        self.dest = "/".join(Jail.parts(dest))
+        self.count = 0
+
+    # -- names -------------------------------------------------------------------------------
+
+    def path(self, member: str) -> str:
+        """The jail path of an archive member; ``ArchiveError`` for absolute names and ``..``."""
+        if "\x00" in member:
+            raise ArchiveError(f"refused archive entry {member!r}: NUL byte in its name")
+        if member.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", member):
+            raise ArchiveError(f"refused archive entry {member!r}: absolute path")
+        parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise ArchiveError(f"refused archive entry {member!r}: it climbs out with '..'")
+        return "/".join([self.dest, *parts]).lstrip("/")
+
+    def _done(self, path: str) -> None:
+        self.count += 1
+        if self.on_entry is not None:
+            self.on_entry(path)
+
+    # -- formats -----------------------------------------------------------------------------
+
+    def tar(self, stream: Any) -> None:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            while True:
+                member = tar.next()
+                if member is None:
+                    return
+                tar.members = []  # stream mode keeps every header otherwise: memory would grow
+                self.entry(member.name, lambda m=member: self._tar_member(tar, m))
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        except OSError as exc:  # gzip and bz2 report bad data as OSError
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+
+    def entry(self, member: str, extract: Callable[[], None]) -> None:
+        """Run ``extract``; a refusal by the jail or the disk becomes ``ArchiveError`` naming ``member``."""
+        try:
+            extract()
+        except PathEscape as exc:
+            raise ArchiveError(f"refused archive entry {member!r}: {exc.strerror}") from None
+        except PermissionError as exc:
+            raise ArchiveError(f"refused archive entry {member!r}: {exc.strerror}") from None
+        except OSError as exc:
+            raise ArchiveError(f"cannot extract {member!r}: {exc.strerror or exc}") from None
+
+    def _tar_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        path = self.path(member.name)
+        if not path:
+            return  # "." or "./": the destination itself
+        mode = member.mode & 0o1777
+        if member.isdir():
+            self.mkdir(path, mode)
+        elif member.issym():
+            self.symlink(member.linkname, path)
+        elif member.islnk():
+            self.hardlink(self.path(member.linkname), path)
+        elif member.isreg():
+            reader = tar.extractfile(member)
+            self.file(path, reader, mode, member.mtime, member.size)
+        else:
+            LOG.debug("archive: skipped %s (device file or FIFO)", member.name)
+
+    def zip(self, fileobj: Any) -> None:
+        try:
+            archive = zipfile.ZipFile(fileobj)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        with archive:
+            infos = archive.infolist()
+            declared = sum(i.file_size for i in infos)
+            if self.fs.limit_bytes and not self.fs.has_space(declared):
+                raise ArchiveError(
+                    f"the archive holds {declared} bytes; there is not enough disk space for them"
+                )
+            for info in infos:
+                try:
+                    self.entry(info.filename, lambda i=info: self._zip_member(archive, i))
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise ArchiveError(
+                        f"the archive is damaged at {info.filename!r}: {exc}"
+                    ) from None
+                except RuntimeError as exc:  # an encrypted member
+                    raise ArchiveError(f"cannot extract {info.filename!r}: {exc}") from None
+
+    def _zip_member(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+        path = self.path(info.filename)
+        if not path:
+            return
+        unix_mode = info.external_attr >> 16
+        kind = stat.S_IFMT(unix_mode)
+        if info.is_dir() or kind == stat.S_IFDIR:
+            self.mkdir(path, stat.S_IMODE(unix_mode) or 0o755)
+        elif kind == stat.S_IFLNK:
+            with archive.open(info) as reader:
+                target = reader.read(4096).decode("utf-8", "surrogateescape")
+            self.symlink(target, path)
+        elif kind in (0, stat.S_IFREG):
+            mtime = time.mktime((*info.date_time, 0, 0, -1))
+            with archive.open(info) as reader:
+                self.file(path, reader, stat.S_IMODE(unix_mode) or 0o644, mtime, info.file_size)
+        else:
+            LOG.debug("archive: skipped %s (device file or FIFO)", info.filename)
+
+    def single(self, name: str, reader: Any) -> None:
+        path = self.path(name)
+        self.entry(name, lambda: self.file(path, reader, 0o644, time.time()))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _parents(self, path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            self._mkdir_one("/".join(parts[:i]), 0o755)
+
+    def _mkdir_one(self, path: str, mode: int) -> bool:
+        try:
+            self.jail.mkdir(path, mode)
+            return True
+        except FileExistsError:
+            if not stat.S_ISDIR(self.jail.stat(path).st_mode):
+                raise ArchiveError(f"cannot extract into {path!r}: it is not a directory") from None
+            return False
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._parents(path)
+        if self._mkdir_one(path, mode):
+            self.jail.chmod(path, mode | 0o700)  # the daemon must be able to fill it
+        self._done(path)
+
+    def _clear(self, path: str) -> None:
+        """Remove what is at ``path`` (a file or a link, never a directory), giving its bytes back."""
+        try:
+            st = self.jail.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise ArchiveError(f"cannot extract {path!r}: a directory of that name exists")
+        gone = self.jail.remove(path)
+        if stat.S_ISREG(gone.st_mode) and gone.st_nlink <= 1:
+            self.fs.add_usage(-gone.st_size)
+
+    def symlink(self, target: str, path: str) -> None:
+        self._parents(path)
+        self._clear(path)
+        try:
+            self.jail.symlink(target, path)
+        except PathEscape:
+            raise ArchiveError(
+                f"refused archive entry {path!r}: a link to {target!r} would point outside"
+            ) from None
+        self._done(path)
+
+    def hardlink(self, source: str, path: str) -> None:
+        st = self.jail.lstat(source)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArchiveError(f"refused archive entry {path!r}: a hard link to a non-file")
+        self._parents(path)
+        self._clear(path)
+        if not self.fs.reserve(st.st_size):  # the usage walk counts every link's apparent size
+            raise ArchiveError(_NO_SPACE)
+        with self.jail.resolve(source, follow=False) as a, self.jail.resolve(path, False) as b:
+            os.link(a.name, b.name, src_dir_fd=a.dir_fd, dst_dir_fd=b.dir_fd, follow_symlinks=False)
+        self._done(path)
+
+    def file(self, path: str, reader: Any, mode: int, mtime: float, size: int = 0) -> None:
+        """Write one file; its declared ``size`` is booked before the first byte, the rest as read."""
+        self._parents(path)
+        self._clear(path)
+        if not self.fs.reserve(size):
+            raise ArchiveError(f"cannot extract {path!r} ({size} bytes): {_NO_SPACE}")
+        try:
+            fd = self.jail.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            self.fs.add_usage(-size)
+            raise
+        try:
+            written = metered_copy(self.fs, reader, fd, prebooked=size)
+            os.fchmod(fd, mode & 0o1777)
+            os.utime(fd, (mtime, mtime))
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self.fs.add_usage(-self.jail.remove(path).st_size)
+            raise
+        os.close(fd)
+        LOG.debug("archive: wrote %s (%d bytes)", path, written)
+        self._done(path)
+
+
+_NO_SPACE = "There is not enough disk space available to perform that action."
+
+
+def metered_copy(fs: Filesystem, reader: Any, fd: int, prebooked: int = 0) -> int:
+    """Copy ``reader`` to the end of the open file ``fd``, booking every chunk with ``fs`` first.
+
+    ``prebooked`` bytes were already booked by the caller (a declared size): they are used up
+    first and what is left of them is given back at the end. Raises ``ArchiveError`` (nothing
+    more written) when the next chunk would pass the disk limit; the bytes written stay booked.
+    Returns the bytes written.
+    """
+    total = 0
+    try:
+        while True:
+            chunk = reader.read(ARCHIVE_CHUNK_BYTES)
+            if not chunk:
+                return total
+            beyond = total + len(chunk) - max(total, prebooked)
+            if beyond > 0 and not fs.reserve(beyond):
+                raise ArchiveError(_NO_SPACE)
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            total += len(chunk)
+    finally:
+        if prebooked > total:
+            fs.add_usage(total - prebooked)
+
+
+# egg configuration files ##########################################################################
+#
+# Every egg names files the node rewrites before each start (``process_configuration.configs``):
+# that is how an allocation change reaches the game (``server-port`` in server.properties,
+# ``listeners[0].host`` in BungeeCord's config.yml). The Panel has already put its own values in
+# (``{{server.*}}``, ``{{env.*}}``); the node fills ``{{config.*}}`` from its own config. Wings
+# v1.11 does this in parser/parser.go, parser/helpers.go and server/config_parser.go; where Wings
+# rewrites a whole file (dropping comments and order) or has a known slip, wingslite edits the
+# lines it must and keeps the rest, and says so next to the code.
+#
+#   parser       what a ``match`` names                      kept as it was
+#   file         lines starting with ``match``               every other line
+#   properties   a Java properties key                       comments, order, other lines
+#   ini          ``section.key`` (or ``key`` before any      comments, order, other lines
+#                section)
+#   yaml / yml   a dotted path with ``[n]`` and ``*``        comments and layout (unless a key
+#                                                            must be created)
+#   json         a dotted path with ``[n]`` and ``*``        key order, indent width
+#   xml          ``Root.child.child`` (``*`` allowed)        comments, prolog
+
+CONFIG_FILE_MAX_BYTES = 4 * 1024 * 1024  # an egg config file larger than this is left alone
+
+_CONFIG_PLACEHOLDER = re.compile(r"{{\s?config\.([\w.-]+)\s?}}")  # Wings parser/helpers.go
+_XML_ATTRIBUTE_VALUE = re.compile(r"^\[(\w+)='(.*)'\]$")  # ``[value='x']`` sets an attribute
+_PATH_INDEX = re.compile(r"\[(\d+)\]")
+
+
+class ConfigFileSkipped(Exception):
+    """A config file that was not rewritten; the message is shown on the server's console."""
+
+
+def replacement_text(value: Any) -> str:
+    """How a ``replace_with`` JSON value is written into a text file (properties, ini, xml)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _go_replacement(template: str) -> str:
+    """A Go ``regexp.ReplaceAllString`` template (``$1``, ``${name}``, ``$$``) for ``re.sub``."""
+    out, i = [], 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "$" and template[i + 1 : i + 2] == "$":
+            out.append("$")
+            i += 1
+        elif ch == "$":
+            m = re.match(r"\$(?:\{(\w+)\}|(\w+))", template[i:])
+            if m is None:
+                out.append("$")
+            else:
+                out.append(f"\\g<{m.group(1) or m.group(2)}>")
+                i += m.end() - 1
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def conditional_value(current: str | None, if_value: str | None, value: str) -> str | None:
+    """The text to write for a replacement given the value now in the file; None to leave it.
+
+    No ``if_value``: always ``value``. ``regex:<re>``: when the current value matches, every match
+    replaced by ``value`` (``$1`` groups as in Go). Otherwise: only when the current value equals
+    ``if_value``. A missing key never matches a condition. (Wings v1.11 inverts the regex check
+    for yaml/json and compares the literal against the whole document; this is what eggs expect.)
+    """
+    if if_value is None or if_value == "":
+        return value
+    if current is None:
+        return None
+    if if_value.startswith("regex:"):
+        try:
+            pattern = re.compile(if_value[6:])
+        except re.error as exc:
+            raise ConfigFileSkipped(f"if_value {if_value!r} is not a valid regex: {exc}") from None
+        if not pattern.search(current):
+            return None
+        return pattern.sub(_go_replacement(value), current)
+    return value if current == if_value else None
+
+
+class NodePlaceholders:
+    """``{{config.*}}`` placeholders filled from the node's own config (Wings parser/helpers.go).
+
+    Path components are snake-cased (``{{config.docker.networkInterface}}`` reads
+    ``docker.network_interface``); ``{{config.docker.interface}}`` is the Panel's legacy spelling
+    of ``docker.network.interface``. An unknown placeholder is left as it is and logged once.
+    """
+
+    def __init__(self, config: Config):
+        tree: dict[str, Any] = {}
+        for key, _kind, _default in _CONFIG_SCHEMA:
+            node = tree
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = config.get(key)
+        self._tree = _deep_merge(tree, config.raw)
+        self._warned: set[str] = set()
+
+    def lookup(self, path: str) -> str | None:
+        parts = [_snake_case(p) for p in path.split(".")]
+        value = _dig_plain(self._tree, parts)
+        if value is None and parts == ["docker", "interface"]:
+            value = _dig_plain(self._tree, ["docker", "network", "interface"])
+        if value is None:
+            return None
+        return value if isinstance(value, str) else replacement_text(value)
+
+    def fill(self, value: Any) -> Any:
+        """``value`` with every known ``{{config.*}}`` replaced; non-strings pass unchanged."""
+        if not isinstance(value, str) or "{{" not in value:
+            return value
+
+        def one(m: re.Match[str]) -> str:
+            found = self.lookup(m.group(1))
+            if found is None:
+                if m.group(1) not in self._warned:
+                    self._warned.add(m.group(1))
+                    LOG.warning("config file placeholder %s is not a node config key", m.group(0))
+                return m.group(0)
+            return found
+
+        return _CONFIG_PLACEHOLDER.sub(one, value)
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).replace("-", "_").lower()
+
+
+def _dig_plain(tree: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# -- text parsers: file, properties, ini ---------------------------------------------------------
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines with their endings kept, so untouched lines come back byte for byte."""
+    return text.splitlines(keepends=True)
+
+
+def _ending(line: str, default: str = "\n") -> str:
+    stripped = line.rstrip("\r\n")
+    return line[len(stripped) :] or default
+
+
+def _file_ending(lines: list[str]) -> str:
+    return next((_ending(line) for line in lines if line.endswith("\n")), "\n")
+
+
+def rewrite_plain_file(text: str, replaces: list[Replacement]) -> str:
+    """The ``file`` parser: a line that starts with ``match`` becomes ``replace_with`` entirely.
+
+    The first replacement that matches a line wins (Wings writes every match, glued together).
+    """
+    out = []
+    for line in _split_lines(text):
+        body = line.rstrip("\r\n")
+        for r in replaces:
+            if r.match and body.startswith(r.match):
+                line = replacement_text(r.replace_with) + line[len(body) :]
+                break
+        out.append(line)
+    return "".join(out)
+
+
+def _properties_unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\" or i + 1 >= len(text):
+            out.append(ch)
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2 : i + 6]):
+            out.append(chr(int(text[i + 2 : i + 6], 16)))
+            i += 6
+            continue
+        out.append({"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(nxt, nxt))
+        i += 2
+    return "".join(out)
+
+
+def properties_escape(text: str, is_key: bool = False) -> str:
+    """Escape as Java's ``Properties.store`` does: ``\\``, ``= : # !``, controls, non-ASCII.
+
+    Non-ASCII as ``\\uXXXX`` as Wings does too: ``§`` in a motd reaches Minecraft intact.
+    """
+    out = []
+    for i, ch in enumerate(text):
+        if ch == " " and (is_key or i == 0):
+            out.append("\\ ")
+        elif ch in "\\=:#!":
+            out.append("\\" + ch)
+        elif ch in "\t\n\r\f":
+            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r", "\f": "\\f"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) > 0x7E:
+            out.append("".join(f"\\u{u:04X}" for u in _utf16_units(ch)))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _utf16_units(ch: str) -> list[int]:
+    raw = ch.encode("utf-16-be")
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+def _properties_entries(lines: list[str]) -> list[tuple[int, int, str, str]]:
+    """``(first line, last line, key, value)`` of each logical line (continuations joined)."""
+    entries, i = [], 0
+    while i < len(lines):
+        start, logical = i, lines[i].rstrip("\r\n").lstrip(" \t\f")
+        while _continues(logical) and i + 1 < len(lines):
+            i += 1
+            logical = logical[:-1] + lines[i].rstrip("\r\n").lstrip(" \t\f")
+        i += 1
+        if not logical or logical[0] in "#!":
+            continue
+        m = re.match(r"((?:\\.|[^\\=:\s])*)\s*[=:]?\s*", logical)
+        assert m is not None  # the pattern matches any string
+        entries.append(
+            (
+                start,
+                i - 1,
+                _properties_unescape(m.group(1)),
+                _properties_unescape(logical[m.end() :]),
+            )
+        )
+    return entries
+
+
+def _continues(line: str) -> bool:
+    """A line ending in an odd number of backslashes continues on the next one."""
+    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
+
+
+def rewrite_properties(text: str, replaces: list[Replacement]) -> str:
+    """Java properties: set each ``match`` key, keep every other line, add missing keys at the end.
+
+    (Wings rewrites the file from its parsed keys: comments below the first key are lost.)
+    """
+    lines = _split_lines(text)
+    ending = _file_ending(lines)
+    entries = _properties_entries(lines)
+    appended: list[str] = []
+    for r in replaces:
+        value = replacement_text(r.replace_with)
+        found = [e for e in entries if e[2] == r.match]
+        if not found:
+            if conditional_value(None, r.if_value, value) is not None:
+                appended.append(f"{properties_escape(r.match, True)}={properties_escape(value)}")
+            continue
+        for first, last, key, current in found:
+            new = conditional_value(current, r.if_value, value)
+            if new is None or (new == current and first == last):
+                continue
+            lines[first] = f"{properties_escape(key, True)}={properties_escape(new)}" + _ending(
+                lines[last], ending
+            )
+            for k in range(first + 1, last + 1):
+                lines[k] = ""
+    if appended:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += ending
+        lines.extend(line + ending for line in appended)
+    return "".join(lines)
+
+
+_INI_SECTION = re.compile(r"^\s*\[([^\]]*)\]")
+_INI_KEY = re.compile(r"^(\s*)([^=:;#\[\s][^=:]*?)(\s*[=:]\s*)(.*?)(\s*)$")
+
+
+def _ini_path(match: str) -> tuple[str, str]:
+    """``section.key`` -> (section, key); the first dot outside brackets splits (Wings)."""
+    depth = 0
+    for i, ch in enumerate(match):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "." and depth == 0:
+            return match[:i], match[i + 1 :]
+    return "", match
+
+
+def _ini_unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'`":
+        return value[1:-1]
+    return value
+
+
+def rewrite_ini(text: str, replaces: list[Replacement]) -> str:
+    """INI: set ``section.key`` (or a key before any section); keep comments and order.
+
+    A missing key is added at the end of its section, a missing section at the end of the file.
+    """
+    lines = _split_lines(text)
+    ending = _file_ending(lines)
+    for r in replaces:
+        section, key = _ini_path(r.match)
+        value = replacement_text(r.replace_with)
+        if not _ini_set(lines, section, key, r.if_value, value):
+            if conditional_value(None, r.if_value, value) is not None:
+                _ini_add(lines, section, f"{key}={value}", ending)
+    return "".join(lines)
+
+
+def _ini_sections(lines: list[str]) -> Iterator[tuple[str, int, str]]:
+    """``(section, line index, line)`` for every line, section '' before the first header."""
+    section = ""
+    for i, line in enumerate(lines):
+        m = _INI_SECTION.match(line)
+        if m:
+            section = m.group(1).strip()
+        yield section, i, line
+
+
+def _ini_set(lines: list[str], section: str, key: str, if_value: str | None, value: str) -> bool:
+    found = False
+    for sec, i, line in _ini_sections(lines):
+        m = _INI_KEY.match(line.rstrip("\r\n"))
+        if sec != section or m is None or m.group(2) != key or _INI_SECTION.match(line):
+            continue
+        found = True
+        new = conditional_value(_ini_unquote(m.group(4)), if_value, value)
+        if new is not None:
+            lines[i] = m.group(1) + m.group(2) + m.group(3) + new + _ending(line)
+    return found
+
+
+def _ini_add(lines: list[str], section: str, entry: str, ending: str) -> None:
+    last_of_section = None
+    for sec, i, line in _ini_sections(lines):
+        if sec == section and (line.strip() and not line.lstrip().startswith((";", "#"))):
+            last_of_section = i
+    if last_of_section is None and section == "":
+        last_of_section = -1  # before the first header
+    if last_of_section is None:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += ending
+        lines.extend([f"[{section}]" + ending, entry + ending])
+        return
+    if 0 <= last_of_section and not lines[last_of_section].endswith("\n"):
+        lines[last_of_section] += ending
+    lines.insert(last_of_section + 1, entry + ending)
+
+
+# -- structured parsers: json, yaml, xml ---------------------------------------------------------
+
+
+def _path_steps(path: str) -> list[str | int]:
+    """``listeners[0].host`` -> ["listeners", 0, "host"]; ``servers.*.address`` keeps ``*``."""
+    steps: list[str | int] = []
+    for part in path.split("."):
+        name = part.split("[", 1)[0]
+        if name:
+            steps.append(name)
+        steps.extend(int(n) for n in _PATH_INDEX.findall(part[len(name) :]))
+    return steps
+
+
+def _typed(new: str, original: Any, current: Any, exists: bool) -> Any:
+    """The JSON value to store for the text ``new``.
+
+    A ``replace_with`` that is not a string keeps its own type. A string takes the type of the
+    value it replaces (a port that was a number stays a number); for a key that is created, a
+    whole number becomes a number as Wings does, since the Panel sends every placeholder it
+    filled as a string (``"25565"``).
+    """
+    if not isinstance(original, str) and new == replacement_text(original):
+        return original
+    if exists and isinstance(current, str):
+        return new
+    if exists and isinstance(current, bool):
+        return {"true": True, "false": False}.get(new, new)
+    if re.fullmatch(r"[+-]?\d{1,18}", new):
+        return int(new)
+    if exists and isinstance(current, float):
+        with contextlib.suppress(ValueError):
+            return float(new)
+    return new
+
+
+def _scalar_text(value: Any) -> str | None:
+    if isinstance(value, (dict, list)):
+        return None
+    return replacement_text(value)
+
+
+def set_structured(data: Any, replaces: list[Replacement]) -> tuple[Any, list[tuple]]:
+    """Apply replacements to parsed JSON/YAML data; returns it and the paths that changed.
+
+    Each change is ``(steps, created)``: ``created`` when a key or list item had to be made.
+    """
+    changes: list[tuple] = []
+    for r in replaces:
+        value = replacement_text(r.replace_with) if r.if_value else r.replace_with
+        for steps in _expand(data, _path_steps(r.match)):
+            data = _set_path(data, steps, r, value, changes)
+    return data, changes
+
+
+def _expand(data: Any, steps: list[str | int]) -> Iterator[list[str | int]]:
+    """Concrete paths for ``steps``: each ``*`` becomes every existing key or index there."""
+    if "*" not in steps:
+        yield steps
+        return
+    at = steps.index("*")
+    node: Any = data
+    for step in steps[:at]:
+        node = _child(node, step)
+        if node is _MISSING:
+            return
+    keys = (
+        range(len(node)) if isinstance(node, list) else list(node) if isinstance(node, dict) else ()
+    )
+    for key in keys:
+        yield from _expand(data, [*steps[:at], key, *steps[at + 1 :]])
+
+
+_MISSING = object()
+
+
+def _child(node: Any, step: str | int) -> Any:
+    if isinstance(node, dict):
+        if step in node:
+            return node[step]
+        return next((v for k, v in node.items() if str(k) == str(step)), _MISSING)
+    if isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+        return node[step]
+    return _MISSING
+
+
+def _set_path(data: Any, steps: list, r: Replacement, value: Any, changes: list) -> Any:
+    if not steps:
+        return data
+    root = data if isinstance(data, (dict, list)) else {}
+    node, created = root, False
+    for i, step in enumerate(steps[:-1]):
+        nxt = _child(node, step)
+        if nxt is _MISSING or not isinstance(nxt, (dict, list)):
+            if r.if_value:
+                return root  # a condition needs an existing value
+            nxt = [] if isinstance(steps[i + 1], int) else {}
+            if not _put(node, step, nxt):
+                return root
+            created = True
+        node = nxt
+    current = _child(node, steps[-1])
+    exists = current is not _MISSING
+    text = value if isinstance(value, str) else replacement_text(value)
+    if r.if_value:
+        text = conditional_value(_scalar_text(current) if exists else None, r.if_value, text)
+        if text is None:
+            return root
+    new = _typed(text, r.replace_with if not r.if_value else text, current, exists)
+    if exists and type(current) is type(new) and current == new:
+        return root
+    if _put(node, steps[-1], new):
+        changes.append((steps, created or not exists))
+    return root
+
+
+def _put(node: Any, step: str | int, value: Any) -> bool:
+    if isinstance(node, dict):
+        key = next((k for k in node if str(k) == str(step)), step)
+        node[key] = value
+        return True
+    if isinstance(node, list) and isinstance(step, int):
+        if step < len(node):
+            node[step] = value
+            return True
+        if step == len(node):
+            node.append(value)
+            return True
+    return False
+
+
+def rewrite_json(text: str, replaces: list[Replacement]) -> str:
+    """JSON: dotted paths with ``[n]`` and ``*``; key order and the indent width are kept."""
+    data = json.loads(text) if text.strip() else {}
+    data, changes = set_structured(data, replaces)
+    if not changes:
+        return text
+    m = re.search(r"\n([ \t]+)\S", text)
+    indent = m.group(1) if m else "    "
+    out = json.dumps(data, indent=indent, ensure_ascii=False)
+    return out + ("\n" if text.endswith("\n") or not text else "")
+
+
+def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
+    """YAML: as JSON, and each changed scalar is spliced into the original text in place, so
+    comments and layout survive. Only when a key must be created is the document dumped anew
+    (as Wings always does, losing comments).
+    """
+    data = yaml.safe_load(text) if text.strip() else {}
+    data, changes = set_structured(data if data is not None else {}, replaces)
+    if not changes:
+        return text
+    if not any(created for _steps, created in changes):
+        spliced = _yaml_splice(text, data, [steps for steps, _c in changes])
+        if spliced is not None:
+            return spliced
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
+    """Replace the changed scalars' text in place; None when that cannot be done exactly."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    edits: dict[int, tuple[int, str]] = {}
+    for steps in paths:
+        node = root
+        for step in steps:
+            node = _yaml_child(node, step)
+            if node is None:
+                return None
+        value = _dig_steps(after, steps)
+        if not isinstance(node, yaml.ScalarNode) or isinstance(value, (dict, list)):
+            return None
+        style = node.style if isinstance(value, str) and node.style in ("'", '"') else None
+        dumped = yaml.safe_dump(value, default_style=style, allow_unicode=True, width=1 << 30)
+        dumped = dumped.removesuffix("\n...\n").rstrip("\n")
+        if "\n" in dumped:
+            return None
+        edits[node.start_mark.index] = (node.end_mark.index, dumped)
+    out = text
+    for start in sorted(edits, reverse=True):
+        end, dumped = edits[start]
+        out = out[:start] + dumped + out[end:]
+    try:
+        if yaml.safe_load(out) != after:
+            return None
+    except yaml.YAMLError:
+        return None
+    return out
+
+
+def _yaml_child(node: Any, step: str | int) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        found = [
+            v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(step)
+        ]
+        return found[-1] if found else None
+    if isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+        return node.value[step]
+    return None
+
+
+def _dig_steps(data: Any, steps: list) -> Any:
+    for step in steps:
+        data = _child(data, step)
+    return data
+
+
+def rewrite_xml(text: str, replaces: list[Replacement]) -> str:
+    """XML: ``Root.child.child`` names elements (``*`` allowed); a value ``[name='x']`` sets an
+    attribute. Comments and the prolog (declaration, doctype) are kept; missing elements are
+    created (Wings parser.go) and only then is the document re-indented (two spaces, as Wings).
+    """
+    import xml.etree.ElementTree as ET  # only servers with xml configs load it
+
+    start = re.search(r"<(?![?!])", text)
+    prolog = text[: start.start()] if start else ""
+    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True, insert_pis=True))
+    root = ET.fromstring(text[start.start() :], parser=parser) if start else None
+    created = changed = False
+    for r in replaces:
+        parts = r.match.split(".")
+        if root is None:
+            root = ET.Element(parts[0])
+            created = changed = True
+        if root.tag != parts[0]:
+            continue
+        if "*" not in r.match and not r.if_value:
+            created |= _xml_make_path(root, parts[1:])
+        value = replacement_text(r.replace_with)
+        targets = root.findall("./" + "/".join(parts[1:])) if parts[1:] else [root]
+        for element in targets:
+            changed |= _xml_set(element, r.if_value, value)
+    if not changed:
+        return text
+    if created:
+        ET.indent(root, "  ")
+    body = ET.tostring(root, encoding="unicode")
+    return prolog + body + ("\n" if text.endswith("\n") or not text else "")
+
+
+def _xml_make_path(root: Any, tags: list[str]) -> bool:
+    import xml.etree.ElementTree as ET
+
+    element, created = root, False
+    for tag in tags:
+        if not re.fullmatch(r"[\w.-]+", tag):
+            return created  # a predicate or wildcard: only existing elements are changed
+        child = element.find(tag)
+        if child is None:
+            child = ET.SubElement(element, tag)
+            created = True
+        element = child
+    return created
+
+
+def _xml_set(element: Any, if_value: str | None, value: str) -> bool:
+    attribute = _XML_ATTRIBUTE_VALUE.match(value)
+    if attribute:
+        name, new = attribute.group(1), attribute.group(2)
+        current = element.get(name)
+        new = conditional_value(current, if_value, new)
+        if new is None or current == new:
+            return False
+        element.set(name, new)
+        return True
+    current = (element.text or "").strip()
+    new = conditional_value(current, if_value, value)
+    if new is None or element.text == new:
+        return False
+    element.text = new
+    return True
+
+
+CONFIG_PARSERS: dict[str, Callable[[str, list[Replacement]], str]] = {
+    "file": rewrite_plain_file,
+    "properties": rewrite_properties,
+    "ini": rewrite_ini,
+    "json": rewrite_json,
+    "yaml": rewrite_yaml,
+    "yml": rewrite_yaml,
+    "xml": rewrite_xml,
+}
+
+
+# -- writing them into a server's directory ------------------------------------------------------
+
+
+class ConfigFileWriter:
+    """Rewrites a server's egg config files inside its directory, before each start.
+
+    Methods for the caller: ``apply(configs, say)`` -> the names of the files that failed.
+    Class variables that may be overridden: ``max_bytes``.
+
+    Every file is reached through the server's ``Jail`` (a symlink that leads out is refused, a
+    FIFO or device is never opened for reading or writing), read up to ``max_bytes``, rewritten
+    in memory, and written back atomically (a temp file beside it, fsynced, renamed over it) with
+    its mode and owner kept; a new file gets ``owner``. Growth is booked against the disk limit
+    first (``reserve``). A file that does not exist is created with only the replaced keys, as
+    Wings does.
+    """
+
+    max_bytes = CONFIG_FILE_MAX_BYTES
+
+    def __init__(
+        self,
+        jail: Jail,
+        placeholders: NodePlaceholders,
+        reserve: Callable[[int], bool],
+        release: Callable[[int], None],
+        owner: tuple[int, int] | None = None,
+    ):
+        self.jail, self.placeholders = jail, placeholders
+        self.reserve, self.release, self.owner = reserve, release, owner
+
+    def apply(self, configs: Iterable[ConfigFile], say: Callable[[str], None]) -> list[str]:
+        failed = []
+        for cf in configs:
+            try:
+                self.rewrite(cf)
+            except (ConfigFileSkipped, OSError, ValueError, yaml.YAMLError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                say(f"Failed to update configuration file {cf.file}: {why}")
+                LOG.warning("config file %s (%s parser) not updated: %s", cf.file, cf.parser, why)
+                failed.append(cf.file)
+        return failed
+
+    def rewrite(self, cf: ConfigFile) -> bool:
+        """Rewrite one file; True when its bytes changed."""
+        parse = CONFIG_PARSERS.get(cf.parser)
+        if parse is None:
+            raise ConfigFileSkipped(f"unknown parser {cf.parser!r}")
+        replaces = [
+            dataclasses.replace(r, replace_with=self.placeholders.fill(r.replace_with))
+            for r in cf.replace
+        ]
+        self._make_parents(cf.file)
+        with self.jail.resolve(cf.file) as where:
+            if where.name is None:
+                raise ConfigFileSkipped("the path names the server's directory itself")
+            old, st = self._read(where)
+            text = old.decode("utf-8-sig", errors="surrogateescape")
+            try:
+                new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
+            except (ValueError, SyntaxError, yaml.YAMLError) as exc:
+                raise ConfigFileSkipped(f"cannot be parsed as {cf.parser}: {exc}") from None
+            if new == old and st is not None:
+                return False
+            self._write(where, new, st, len(old))
+            return True
+
+    def _make_parents(self, path: str) -> None:
+        parts = Jail.parts(path)
+        for i in range(1, len(parts)):
+            try:
+                self.jail.mkdir("/".join(parts[:i]))
+            except FileExistsError:
+                continue
+            if self.owner is not None:
+                self.jail.chown("/".join(parts[:i]), *self.owner)
+
+    def _read(self, where: _Where) -> tuple[bytes, os.stat_result | None]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(where.name, flags, dir_fd=where.dir_fd)
+        except FileNotFoundError:
+            return b"", None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigFileSkipped("it is a symlink that leads outside") from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigFileSkipped("it is not a regular file")
+            if st.st_size > self.max_bytes:
+                raise ConfigFileSkipped(f"it is larger than {self.max_bytes // 1048576} MiB")
+            return fh.read(self.max_bytes + 1), st
+
+    def _write(self, where: _Where, data: bytes, st: os.stat_result | None, old_size: int) -> None:
+        grow = len(data) - old_size
+        if grow > 0 and not self.reserve(grow):
+            raise ConfigFileSkipped("there is not enough disk space")
+        tmp = f".{where.name}.{uuidlib.uuid4().hex[:12]}.wingslite"
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=where.dir_fd,
+        )
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                if st is not None:
+                    os.fchmod(fh.fileno(), stat.S_IMODE(st.st_mode))
+                owner = (st.st_uid, st.st_gid) if st is not None else self.owner
+                if owner is not None:
+                    os.fchown(fh.fileno(), *owner)
+                os.fsync(fh.fileno())
+            os.rename(tmp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=where.dir_fd)
+            if grow > 0:
+                self.release(grow)
+            raise
+        if grow < 0:
+            self.release(-grow)
 
 
 # environments #####################################################################################
@@ -4209,6 +5637,116 @@ class WebsocketToken:
         return permission in self.permissions or (
             "*" in self.permissions and not permission.startswith("admin")
         )
+
+
+# -- signed URLs -----------------------------------------------------------------------------------
+#
+# The browser downloads and uploads files (and downloads backups) straight from the node, with a
+# JWT in the URL that the Panel signed with the node token (Panel NodeJWTService; Wings
+# router/tokens/{file,upload,backup}.go). The same HS256 check as the websocket's applies. Each
+# token is good for one request: Wings remembers every ``unique_id`` it has accepted
+# (router/tokens/token_store.go) and answers a second use -- or a token for a server this node
+# does not hold -- with 404. Tokens issued before the daemon started, or revoked by
+# ``POST /ws/deny`` / ``POST /api/deauthorize-user`` (their ``jti`` is the websocket's), are refused
+# too: the memory of used ids does not survive a restart, so an older token could otherwise be
+# replayed after one.
+
+SIGNED_URL_NOT_FOUND = "The requested resource was not found on this server."
+# kind -> the claims, besides server_uuid and unique_id, that a token of that kind must carry.
+SIGNED_URL_CLAIMS: Mapping[str, tuple[str, ...]] = {
+    "file-download": ("file_path",),
+    "file-upload": (),
+    "backup-download": ("backup_uuid",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedToken:
+    """An accepted one-time token: whose, for which server, and its claims (``file_path``...)."""
+
+    kind: str
+    server_uuid: str
+    user_uuid: str
+    unique_id: str
+    claims: Mapping[str, Any]
+
+    def claim(self, key: str) -> str:
+        value = self.claims.get(key)
+        return value if isinstance(value, str) else ""
+
+
+class SignedUrls:
+    """Verifies the one-time JWTs of ``/download/file``, ``/upload/file`` and ``/download/backup``.
+
+    ``verify(token, kind, has_server)`` returns a ``SignedToken`` or raises ``WingsliteError``:
+    403 for a token that is malformed, signed with another key, expired, revoked, of another kind
+    (a ``scope`` claim, sent by newer Panels, must name ``kind``) or missing a claim; 404 (Wings'
+    text) when ``has_server(server_uuid)`` is false or the ``unique_id`` was used before. Ids are
+    remembered until their token expires, so the memory is bounded by what the Panel issues.
+    """
+
+    prune_every_s = 60.0
+
+    def __init__(self, secret: Callable[[], str], revocations: Revocations | None = None):
+        self._secret = secret  # read per call: a node token that changes is honoured at once
+        self._revocations = revocations
+        self._seen: dict[str, float] = {}  # unique_id -> the token's exp
+        self._lock = threading.Lock()
+        self._pruned_at = time.time()
+
+    def verify(self, token: str, kind: str, has_server: Callable[[str], bool]) -> SignedToken:
+        if kind not in SIGNED_URL_CLAIMS:
+            raise ValueError(f"unknown signed URL kind {kind!r}")
+        if not token:
+            raise WingsliteError(f"the {kind} link has no token", 403)
+        try:
+            claims = decode_jwt(token, self._secret())
+        except JwtError as exc:
+            raise WingsliteError(f"the {kind} token is not valid: {exc}", 403) from None
+        scope = claims.get("scope")
+        if scope is not None and scope != kind:
+            raise WingsliteError(f"the token was issued for {scope!r}, not for {kind!r}", 403)
+        for key in ("server_uuid", "unique_id", *SIGNED_URL_CLAIMS[kind]):
+            if not isinstance(claims.get(key), str) or not claims[key]:
+                raise WingsliteError(f"the {kind} token has no {key} claim", 403)
+        signed = SignedToken(
+            kind,
+            claims["server_uuid"],
+            claims["user_uuid"] if isinstance(claims.get("user_uuid"), str) else "",
+            claims["unique_id"],
+            claims,
+        )
+        self._check_revoked(signed)
+        if not has_server(signed.server_uuid) or not self._first_use(
+            signed.unique_id, claims["exp"]
+        ):
+            raise WingsliteError(SIGNED_URL_NOT_FOUND, 404)
+        return signed
+
+    def _check_revoked(self, signed: SignedToken) -> None:
+        if self._revocations is None:
+            return
+        iat = signed.claims.get("iat")
+        jti = signed.claims.get("jti")
+        problem = self._revocations.check(
+            jti if isinstance(jti, str) else "",
+            signed.user_uuid,
+            signed.server_uuid,
+            iat if _is_number(iat) else -1.0,
+        )
+        if problem:
+            raise WingsliteError(f"the {signed.kind} token is not valid: {problem}", 403)
+
+    def _first_use(self, unique_id: str, exp: float) -> bool:
+        now = time.time()
+        with self._lock:
+            if now - self._pruned_at > self.prune_every_s:
+                self._seen = {k: v for k, v in self._seen.items() if v >= now}
+                self._pruned_at = now
+            if unique_id in self._seen:
+                return False
+            self._seen[unique_id] = exp
+            return True
 
 
 # -- rate limits -----------------------------------------------------------------------------------
@@ -6647,9 +8185,24 @@ class Server:
                 raise WingsliteError(
                     "There is not enough disk space available to perform that action.", 400
                 )
+        self._update_config_files()
         self.env.start(self.config)
         self.pending_next_start.clear()
         self._limits_pending = False
+
+    def _update_config_files(self) -> None:
+        """Write the Panel's values into the egg's config files (Wings server/config_parser.go).
+
+        A file that cannot be updated is reported on the console; the start goes on, as in Wings.
+        """
+        self.console_message("Updating process configuration files...")
+        if not self.config.process.configs:
+            return
+        with Jail(self.fs.root) as jail:
+            writer = ConfigFileWriter(
+                jail, self.daemon.placeholders, self.fs.reserve, lambda n: self.fs.add_usage(-n)
+            )
+            writer.apply(self.config.process.configs, self.console_message)
 
     def _handle_crash(self) -> None:
         """Restart a crashed server once per ``crash_detection.timeout`` window (Wings server/crash.go)."""
@@ -6765,6 +8318,8 @@ class Daemon:
         self.servers: dict[str, Server] = {}
         self.sessions = SessionTable()
         self.revocations = Revocations()
+        self.placeholders = NodePlaceholders(config)
+        self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
         self.activity = ActivityLog(
             config.root_dir / "wingslite" / "activity.db",
