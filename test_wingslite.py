@@ -20,6 +20,7 @@ import http.client
 import http.server
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -2083,6 +2084,191 @@ class TestTls:
             page.server_close()
         assert reports[0]["result"] == "ok", reports[0]
         assert "> from chromium" in reports[0]["text"]
+
+
+# metrics ##########################################################################################
+
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """A strict reader of Prometheus' text format 0.0.4; any deviation is an AssertionError.
+
+    Returns ``{family: {"type", "help", "samples": {(name, ((label, value), ...)): float}}}``.
+    """
+    import re
+
+    assert text.endswith("\n"), "the exposition must end with a line feed"
+    families: dict[str, dict] = {}
+    finished: set[str] = set()
+    current = None
+    sample_re = re.compile(rf"^({_METRIC_NAME})(\{{(.*)\}})? (\S+)( -?\d+)?$")
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {number}: {line!r}"
+        assert line, f"{where}: empty lines are not written"
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            assert parts[0] == "#" and parts[1] in ("HELP", "TYPE") and len(parts) >= 3, where
+            name = parts[2]
+            assert re.fullmatch(_METRIC_NAME, name), where
+            family = families.setdefault(name, {"type": None, "help": None, "samples": {}})
+            assert name not in finished and not family["samples"], f"{where}: family reopened"
+            key = parts[1].lower()
+            assert family[key] is None, f"{where}: second {parts[1]}"
+            family[key] = parts[3] if len(parts) > 3 else ""
+            if key == "type":
+                assert family["type"] in ("counter", "gauge", "histogram"), where
+            if current and current != name:
+                finished.add(current)
+            current = name
+            continue
+        match = sample_re.match(line)
+        assert match, f"{where}: not a sample"
+        name, _, label_text, value_text = match.group(1, 2, 3, 4)
+        family_name = current
+        assert family_name, f"{where}: a sample before any TYPE"
+        kind = families[family_name]["type"]
+        assert kind is not None, f"{where}: a sample before its TYPE"
+        allowed = (
+            {family_name + s for s in ("_bucket", "_sum", "_count")}
+            if kind == "histogram"
+            else {family_name}
+        )
+        assert name in allowed, f"{where}: {name} does not belong to family {family_name}"
+        labels = _parse_labels(label_text or "", where)
+        value = float(value_text) if value_text not in ("+Inf", "-Inf", "NaN") else None
+        if value is None:
+            value = {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}[value_text]
+        else:
+            assert re.fullmatch(r"-?\d+(\.\d+)?(e[+-]?\d+)?", value_text), where
+        key = (name, tuple(sorted(labels.items())))
+        samples = families[family_name]["samples"]
+        assert key not in samples, f"{where}: duplicate sample"
+        samples[key] = value
+    for name, family in families.items():
+        assert family["type"] and family["help"], f"{name}: HELP and TYPE are both written"
+        if family["type"] == "counter":
+            assert name.endswith("_total"), f"{name}: counters end in _total"
+            assert all(v >= 0 for v in family["samples"].values()), name
+        if family["type"] == "histogram":
+            _check_histogram(name, family["samples"])
+    return families
+
+
+def _parse_labels(text: str, where: str) -> dict[str, str]:
+    import re
+
+    labels: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        match = re.compile(rf'({_LABEL_NAME})="((?:[^"\\\n]|\\[\\"n])*)"').match(text, pos)
+        assert match, f"{where}: bad label at {text[pos:]!r}"
+        assert match.group(1) not in labels, f"{where}: label repeated"
+        labels[match.group(1)] = (
+            match.group(2).replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+        )
+        pos = match.end()
+        if pos < len(text):
+            assert text[pos] == ",", f"{where}: labels are separated by commas"
+            pos += 1
+    return labels
+
+
+def _check_histogram(name: str, samples: dict) -> None:
+    series: dict[tuple, dict] = {}
+    for (sample, labels), value in samples.items():
+        plain = tuple((k, v) for k, v in labels if k != "le")
+        entry = series.setdefault(plain, {"buckets": [], "sum": None, "count": None})
+        if sample.endswith("_bucket"):
+            le = dict(labels)["le"]
+            entry["buckets"].append((math.inf if le == "+Inf" else float(le), value))
+        else:
+            entry[sample.rsplit("_", 1)[1]] = value
+    for labels, entry in series.items():
+        buckets = sorted(entry["buckets"])
+        assert buckets and buckets[-1][0] == math.inf, f"{name}{labels}: no +Inf bucket"
+        counts = [c for _, c in buckets]
+        assert counts == sorted(counts), f"{name}{labels}: buckets are not cumulative"
+        assert entry["count"] == buckets[-1][1] and entry["sum"] is not None, name
+
+
+def metrics_of(daemon, token: str = TOKEN) -> dict[str, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status == 200, body
+    assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    return parse_exposition(body)
+
+
+def sample(families: dict, name: str, **labels) -> float:
+    family = next(f for n, f in families.items() if name.startswith(n))
+    return family["samples"][(name, tuple(sorted(labels.items())))]
+
+
+class TestMetrics:
+    """``GET /metrics``: Prometheus' text format, the figures of a running server."""
+
+    def test_the_figures_of_a_running_server(self, console_node, panel):
+        daemon = console_node(wingslite__metrics_token="scrape-me")
+        uuid = daemon.uuid
+        conn, _ = ws_authed(daemon, uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+            panel.fail[f"/api/remote/servers/{uuid}"] = [404]
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 404
+            m = metrics_of(daemon, "scrape-me")
+        server = {"server": uuid}
+        assert sample(m, "wingslite_server_state", **server, state="running") == 1
+        assert sample(m, "wingslite_server_state", **server, state="offline") == 0
+        assert sample(m, "wingslite_server_memory_bytes", **server) == 1234
+        assert sample(m, "wingslite_server_cpu_percent", **server) == 1.5
+        assert sample(m, "wingslite_server_network_receive_bytes_total", **server) == 7
+        assert sample(m, "wingslite_server_network_transmit_bytes_total", **server) == 9
+        assert sample(m, "wingslite_server_websocket_sessions", **server) == 1
+        assert sample(m, "wingslite_server_sftp_sessions", **server) == 0
+        assert sample(m, "wingslite_server_syncs_total", **server) == 2
+        assert sample(m, "wingslite_server_sync_failures_total", **server) == 1
+        assert sample(m, "wingslite_server_sync_duration_seconds_count", **server) == 2
+        assert sample(m, "wingslite_server_operations_total", **server, operation="install") == 0
+        assert sample(m, "wingslite_servers") == 1
+        path = {"method": "GET", "path": "/servers/{uuid}"}  # uuids folded: one series per route
+        assert sample(m, "wingslite_panel_requests_total", **path, outcome="2xx") >= 2
+        assert sample(m, "wingslite_panel_requests_total", **path, outcome="4xx") == 1
+        assert sample(m, "wingslite_panel_failures_total", **path) == 1
+        assert sample(m, "wingslite_panel_request_duration_seconds_count", **path) >= 3
+
+    def test_only_the_node_token_or_the_metrics_token_may_read(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__metrics_token="scrape-me")
+        assert metrics_of(daemon)["wingslite_info"]["samples"]
+        assert api(daemon, "GET", "/metrics", token=None)[0] == 401
+        assert api(daemon, "GET", "/metrics", token="scrape-me-not")[0] == 403
+        plain = make_daemon(panel)  # no metrics token: an empty one is never accepted
+        assert api(plain, "GET", "/metrics", token="")[0] == 401
+        assert api(plain, "GET", "/metrics", token="scrape-me")[0] == 403
+
+    def test_the_parser_refuses_what_the_format_forbids(self):
+        good = '# HELP a_total A.\n# TYPE a_total counter\na_total{x="1"} 2\n'
+        assert parse_exposition(good)["a_total"]["samples"]
+        for bad in (
+            good.rstrip("\n"),
+            good + 'a_total{x="1"} 3\n',
+            "# TYPE a counter\n# HELP a A.\na 1\n",
+            good.replace('x="1"', "x=1"),
+            good + "# HELP b B.\n# TYPE b gauge\nb 1\n# HELP a_total again\n",
+        ):
+            with pytest.raises(AssertionError):
+                parse_exposition(bad)
+
+    def test_label_values_are_escaped(self):
+        out = w.MetricsText()
+        out.family("x", "gauge", "X.", [({"v": 'a"b\\c\nd'}, 1)])
+        assert parse_exposition(out.text())["x"]["samples"] == {("x", (("v", 'a"b\\c\nd'),)): 1}
 
 
 # daemon: the sync #################################################################################

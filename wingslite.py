@@ -255,6 +255,7 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.sftp_login_attempts_per_minute", int, 10),
     ("wingslite.sftp_max_connections", int, 64),
     ("wingslite.websocket_max_per_server", int, 30),
+    ("wingslite.metrics_token", str, ""),
 )
 
 _CHOICES = {
@@ -396,6 +397,73 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 # Panel client #####################################################################################
 
 
+class Histogram:
+    """Observations in cumulative buckets (Prometheus' histogram), safe from any thread.
+
+    Methods for the caller: ``observe(value)``, ``snapshot()`` -> ``(counts per upper bound,
+    count, sum)``; the counts are cumulative and the last bound is ``math.inf``.
+    """
+
+    default_bounds = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self, bounds: Iterable[float] | None = None):
+        self.bounds = (*sorted(bounds or self.default_bounds), math.inf)
+        self._counts = [0] * len(self.bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._sum += value
+            for i, bound in enumerate(self.bounds):
+                if value <= bound:
+                    self._counts[i] += 1
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], int, float]:
+        with self._lock:
+            return list(zip(self.bounds, self._counts, strict=True)), self._counts[-1], self._sum
+
+
+# A Panel path with its uuids folded, so that per-path figures do not grow with the servers.
+_PATH_UUID_RE = re.compile(r"/[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+class PanelCallStats:
+    """What ``PanelClient`` did, for ``GET /metrics``: attempts by outcome, latency, failures.
+
+    ``requests`` maps ``(method, path, outcome)`` to a count (outcome ``2xx``, ``4xx``, ``5xx``,
+    ``unreachable`` or ``invalid``); ``latency`` maps ``(method, path)`` to a ``Histogram`` of
+    seconds per attempt; ``failures`` maps ``(method, path)`` to calls that failed for good.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.failures: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, method: str, path: str, outcome: str, seconds: float) -> None:
+        key = (method, _PATH_UUID_RE.sub("/{uuid}", path))
+        with self._lock:
+            self.requests[(*key, outcome)] = self.requests.get((*key, outcome), 0) + 1
+            histogram = self.latency.setdefault(key, Histogram())
+        histogram.observe(seconds)
+
+    def failed(self, method: str, path: str) -> None:
+        key = (method, _PATH_UUID_RE.sub("/{uuid}", path))
+        with self._lock:
+            self.failures[key] = self.failures.get(key, 0) + 1
+
+    def copy(self) -> PanelCallStats:
+        """A consistent copy of the counters (histograms are shared; each is consistent itself)."""
+        other = PanelCallStats()
+        with self._lock:
+            other.requests = dict(self.requests)
+            other.latency = dict(self.latency)
+            other.failures = dict(self.failures)
+        return other
+
+
 class PanelClient:
     """The Panel's remote API (``{remote}/api/remote/...``), as Wings calls it.
 
@@ -424,6 +492,7 @@ class PanelClient:
         self.budget_s = budget_s
         self.retry_initial_s = retry_initial_s
         self.max_document_bytes = max_document_bytes
+        self.stats = PanelCallStats()
         self._headers = {
             "Authorization": f"Bearer {token_id}.{token}",
             "Accept": "application/vnd.pterodactyl.v1+json",
@@ -551,16 +620,36 @@ class PanelClient:
             attempt += 1
             remaining = deadline - time.monotonic()
             try:
-                return self._attempt(method, url, data, max(0.05, remaining), what)
+                return self._timed_attempt(method, path, url, data, max(0.05, remaining), what)
             except _Retryable as exc:
                 remaining = deadline - time.monotonic()
                 wait = min(delay * random.uniform(0.5, 1.5), self.backoff_max_s)
                 if remaining <= wait:
                     LOG.warning("%s failed after %d attempts: %s", what, attempt, exc.error.message)
+                    self.stats.failed(method, path)
                     raise exc.error from None
                 LOG.debug("%s failed (%s), retrying in %.2fs", what, exc.error.message, wait)
                 time.sleep(wait)
                 delay *= self.backoff_factor
+
+    def _timed_attempt(
+        self, method: str, path: str, url: str, data: bytes | None, timeout_s: float, what: str
+    ) -> Any:
+        """``_attempt`` counted in ``stats``: outcome and latency per attempt, final failures."""
+        started = time.monotonic()
+        outcome = "2xx"
+        try:
+            return self._attempt(method, url, data, timeout_s, what)
+        except (_Retryable, PanelError) as exc:
+            error = exc.error if isinstance(exc, _Retryable) else exc
+            outcome = f"{error.http_status // 100}xx" if error.http_status >= 400 else "unreachable"
+            if error.http_status and error.http_status < 400:
+                outcome = "invalid"  # a 2xx answer that was not what the API promises
+            if isinstance(exc, PanelError):
+                self.stats.failed(method, path)  # not retried: final
+            raise
+        finally:
+            self.stats.observe(method, path, outcome, time.monotonic() - started)
 
     def _attempt(
         self, method: str, url: str, data: bytes | None, timeout_s: float, what: str
@@ -7316,6 +7405,255 @@ def _activity_event(
     }
 
 
+# metrics ##########################################################################################
+#
+# ``GET /metrics``: the node's figures in Prometheus' text exposition format (version 0.0.4),
+# written by hand -- it is a few lines of text. Wings has no such endpoint; it sits behind the
+# node token, or ``wingslite.metrics_token`` so that a scraper need not hold the node's token.
+# This section sits before the HTTP API because its route mix-in is one of ``ApiHandler``'s bases.
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    """Counters of one server for ``GET /metrics`` (``Server.metrics``).
+
+    Methods for the caller: ``timed_sync()`` (a context manager around one sync: counted, timed,
+    a failure when it raises), ``count(operation)`` (one more ``install``, ``backup``,
+    ``transfer``... of this server; any name is exported).
+    """
+
+    operations = ("install", "backup", "transfer")  # always exported, 0 until one happens
+
+    def __init__(self) -> None:
+        self.syncs = 0
+        self.sync_failures = 0
+        self.sync_seconds = Histogram()
+        self.counts = dict.fromkeys(self.operations, 0)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def timed_sync(self) -> Iterator[None]:
+        started = time.monotonic()
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            with self._lock:
+                self.syncs += 1
+                self.sync_failures += failed
+            self.sync_seconds.observe(time.monotonic() - started)
+
+    def count(self, operation: str) -> None:
+        with self._lock:
+            self.counts[operation] = self.counts.get(operation, 0) + 1
+
+
+def _metric_value(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _metric_labels(labels: Mapping[str, Any]) -> str:
+    if not labels:
+        return ""
+    escaped = (
+        (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+        for k, v in labels.items()
+    )
+    return "{" + ",".join(f'{k}="{v}"' for k, v in escaped) + "}"
+
+
+class MetricsText:
+    """Builds one exposition: each family's ``# HELP`` and ``# TYPE`` once, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(
+        self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, Any], float]]
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{name}{_metric_labels(labels)} {_metric_value(value)}")
+
+    def histogram(
+        self, name: str, help_text: str, items: Iterable[tuple[dict[str, Any], Histogram]]
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, histogram in items:
+            buckets, count, total = histogram.snapshot()
+            for bound, cumulative in buckets:
+                le = {**labels, "le": _metric_value(bound)}
+                self.lines.append(f"{name}_bucket{_metric_labels(le)} {cumulative}")
+            self.lines.append(f"{name}_sum{_metric_labels(labels)} {_metric_value(total)}")
+            self.lines.append(f"{name}_count{_metric_labels(labels)} {count}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render_metrics(daemon: Any) -> str:
+    """The exposition of a node (``daemon`` as ``Daemon``): its servers, then the node itself."""
+    out = MetricsText()
+    _server_metrics(out, daemon)
+    _node_metrics(out, daemon)
+    return out.text()
+
+
+def _server_metrics(out: MetricsText, daemon: Any) -> None:
+    servers = sorted(daemon.all_servers(), key=lambda s: s.uuid)
+    views = [(s, {"server": s.uuid}, s.utilization()) for s in servers]
+    states = (OFFLINE, STARTING, RUNNING, STOPPING)
+    out.family(
+        "wingslite_server_state",
+        "gauge",
+        "1 for the state the server is in (offline, starting, running, stopping).",
+        [({**lb, "state": st}, u["state"] == st) for _, lb, u in views for st in states],
+    )
+    out.family(
+        "wingslite_server_suspended",
+        "gauge",
+        "1 when the Panel suspended the server.",
+        ((lb, s.config.suspended) for s, lb, _ in views),
+    )
+    for name, key, help_text in (
+        ("cpu_percent", "cpu_absolute", "CPU use in percent of one core (Wings' cpu_absolute)."),
+        ("memory_bytes", "memory_bytes", "Memory used by the server's process."),
+        ("memory_limit_bytes", "memory_limit_bytes", "Memory limit of the container."),
+        ("disk_bytes", "disk_bytes", "Disk space the server's files use."),
+    ):
+        out.family(
+            f"wingslite_server_{name}",
+            "gauge",
+            help_text,
+            ((lb, u.get(key) or 0) for _, lb, u in views),
+        )
+    out.family(
+        "wingslite_server_disk_limit_bytes",
+        "gauge",
+        "Disk limit of the server (0: none).",
+        ((lb, s.fs.limit_bytes or 0) for s, lb, _ in views),
+    )
+    out.family(
+        "wingslite_server_uptime_seconds",
+        "gauge",
+        "Seconds since the server's process started (0 when offline).",
+        ((lb, (u.get("uptime") or 0) / 1000) for _, lb, u in views),
+    )
+    for name, key, verb in (("receive", "rx_bytes", "received"), ("transmit", "tx_bytes", "sent")):
+        out.family(
+            f"wingslite_server_network_{name}_bytes_total",
+            "counter",
+            f"Bytes the container {verb} since it started.",
+            ((lb, (u.get("network") or {}).get(key) or 0) for _, lb, u in views),
+        )
+    for kind in ("websocket", "sftp"):
+        out.family(
+            f"wingslite_server_{kind}_sessions",
+            "gauge",
+            f"Open {kind} sessions of the server.",
+            ((lb, daemon.sessions.count(s.uuid, kind=kind)) for s, lb, _ in views),
+        )
+    _server_counters(out, [(s.metrics, lb) for s, lb, _ in views])
+
+
+def _server_counters(out: MetricsText, items: list[tuple[ServerMetrics, dict[str, Any]]]) -> None:
+    out.family(
+        "wingslite_server_syncs_total",
+        "counter",
+        "Syncs the Panel asked for (POST /api/servers/:server/sync).",
+        ((lb, m.syncs) for m, lb in items),
+    )
+    out.family(
+        "wingslite_server_sync_failures_total",
+        "counter",
+        "Syncs that failed or were applied only in part.",
+        ((lb, m.sync_failures) for m, lb in items),
+    )
+    out.histogram(
+        "wingslite_server_sync_duration_seconds",
+        "Time a sync took, waiting for the server's lock included.",
+        ((lb, m.sync_seconds) for m, lb in items),
+    )
+    out.family(
+        "wingslite_server_operations_total",
+        "counter",
+        "Installs, backups and transfers of the server started on this node.",
+        [({**lb, "operation": op}, n) for m, lb in items for op, n in sorted(m.counts.items())],
+    )
+
+
+def _node_metrics(out: MetricsText, daemon: Any) -> None:
+    out.family("wingslite_info", "gauge", "The running wingslite.", [({"version": VERSION}, 1)])
+    out.family("wingslite_servers", "gauge", "Servers on this node.", [({}, len(daemon.servers))])
+    out.family(
+        "wingslite_activity_queued_events",
+        "gauge",
+        "Activity events waiting to be sent to the Panel.",
+        [({}, daemon.activity.pending())],
+    )
+    stats = daemon.panel.stats.copy()
+    out.family(
+        "wingslite_panel_requests_total",
+        "counter",
+        "Requests to the Panel's remote API by outcome (2xx, 4xx, 5xx, unreachable, invalid).",
+        (
+            ({"method": m, "path": p, "outcome": o}, n)
+            for (m, p, o), n in sorted(stats.requests.items())
+        ),
+    )
+    out.histogram(
+        "wingslite_panel_request_duration_seconds",
+        "Time one request to the Panel took.",
+        (({"method": m, "path": p}, h) for (m, p), h in sorted(stats.latency.items())),
+    )
+    out.family(
+        "wingslite_panel_failures_total",
+        "counter",
+        "Calls to the Panel that failed for good (after any retries).",
+        (({"method": m, "path": p}, n) for (m, p), n in sorted(stats.failures.items())),
+    )
+
+
+class MetricsRoutes:
+    """``GET /metrics`` for ``ApiHandler``: the node token or ``wingslite.metrics_token``."""
+
+    def route_metrics(self) -> tuple[int | None, Any]:
+        config = self.server.daemon.config
+        header = self.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme != "Bearer" or not token:
+            raise WingsliteError(
+                "The required authorization heads were not present in the request.", 401
+            )
+        accepted = [config.token, config.get("wingslite.metrics_token")]
+        if not any(t and hmac.compare_digest(token.encode(), t.encode()) for t in accepted):
+            raise WingsliteError("You are not authorized to access this endpoint.", 403)
+        body = render_metrics(self.server.daemon).encode()
+        self._drain_unread_body()
+        # The shared plumbing writes the headers (date, CORS, request id); the text follows.
+        self._respond(
+            200, None, {"Content-Type": METRICS_CONTENT_TYPE, "Content-Length": str(len(body))}
+        )
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+        return None, None
+
+
+METRICS_ROUTES = (("GET", r"/metrics", "metrics", False),)  # the token is checked by the route
+
+
 # HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
@@ -7337,6 +7675,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("GET", _SERVER + r"/logs", "logs", True),
         ("POST", _SERVER + r"/ws/deny", "ws_deny", True),
         ("GET", _SERVER + r"/ws", "websocket", False),  # authenticated by the JWT inside
+        *METRICS_ROUTES,
     )
 )
 
@@ -7490,7 +7829,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
+class ApiHandler(MetricsRoutes, http.server.BaseHTTPRequestHandler):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
     Every answer is written in one ``send`` (headers and body together) on a ``TCP_NODELAY``
@@ -7912,6 +8251,7 @@ class Server:
         # sync or power action queued behind the delete does nothing.
         self.deleted = False
         self.events.subscribe(self._on_event)
+        self.metrics = ServerMetrics()
         self.env: Environment = daemon.environment_factory(self)
 
     # -- state ---------------------------------------------------------------------------------
@@ -8600,7 +8940,8 @@ class Daemon:
                 "another sync or power action is still running on this server; try again"
             )
         try:
-            return server.sync()
+            with server.metrics.timed_sync():
+                return server.sync()
         finally:
             server.lock.release()
 
