@@ -2754,6 +2754,173 @@ class TestDemo:
                 proc.communicate(timeout=5)
 
 
+# CLI: configure and diagnostics ###################################################################
+
+APPLICATION_KEY = "ptla_Zq8u2tN4vX7bC1mK5pL9sD3fG6hJ0wE2rT4yU8iO"
+
+
+def run_cli(*args, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(HERE / "wingslite.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+class NodeConfigurationEndpoint:
+    """The Panel's ``GET /api/application/nodes/{id}/configuration`` (application API key)."""
+
+    def __init__(self, configuration: dict, context: ssl.SSLContext | None = None):
+        self.configuration = configuration
+        self.requests: list[dict] = []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                endpoint.requests.append({"path": self.path, **dict(self.headers)})
+                if self.headers.get("Authorization") != f"Bearer {APPLICATION_KEY}":
+                    return self.answer(
+                        401, panel_error(401, "AuthenticationException", "Unauthenticated.")
+                    )
+                if self.path != "/api/application/nodes/3/configuration":
+                    return self.answer(404, panel_error(404, "NotFoundHttpException", ""))
+                self.answer(200, endpoint.configuration)
+
+            def answer(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        if context is not None:
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if context else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class TestOperatorCommands:
+    """``configure`` fetches the node's config from the Panel; ``diagnostics`` redacts secrets."""
+
+    def node_json(self, tmp_path, panel) -> dict:
+        """What Node::getConfiguration() answers, pointed at loopback and tmp_path."""
+        raw = node_config(tmp_path, panel.url)
+        raw["api"]["port"] = _free_port()
+        raw["system"]["sftp"]["bind_port"] = _free_port()
+        del raw["wingslite"], raw["remote_query"]
+        return raw
+
+    def test_configure_writes_the_panels_configuration_and_the_daemon_runs_on_it(
+        self, tmp_path, panel
+    ):
+        document = self.node_json(tmp_path, panel)
+        endpoint = NodeConfigurationEndpoint(document)
+        target = tmp_path / "etc" / "config.yml"
+        argv = ["configure", "--panel-url", endpoint.url, "--token", APPLICATION_KEY]
+        try:
+            run = run_cli(*argv, "--node", "3", "--config", str(target))
+            assert run.returncode == 0, run.stderr
+            assert str(target) in run.stdout
+            assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds the node's token
+            assert yaml.safe_load(target.read_text()) == document
+            assert endpoint.requests[0]["Authorization"] == f"Bearer {APPLICATION_KEY}"
+            # An existing file is kept unless --override; a wrong key or node changes nothing.
+            target.write_text("# hand edited\n")
+            run = run_cli(*argv, "--node", "3", "--config", str(target))
+            assert run.returncode == 1 and "--override" in run.stderr
+            wrong = run_cli(
+                *argv[:-1], "ptla_wrong", "--node", "3", "--config", str(target), "--override"
+            )
+            assert wrong.returncode == 1 and "API key was not accepted" in wrong.stderr
+            missing = run_cli(*argv, "--node", "9", "--config", str(target), "--override")
+            assert missing.returncode == 1 and "no such node" in missing.stderr
+            assert target.read_text() == "# hand edited\n"
+            run = run_cli(*argv, "--node", "3", "--config", str(target), "--override")
+            assert run.returncode == 0 and yaml.safe_load(target.read_text()) == document
+        finally:
+            endpoint.close()
+        # Without a subcommand, --config runs the daemon as before.
+        daemon = subprocess.Popen(
+            [sys.executable, str(HERE / "wingslite.py"), "--config", str(target)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            port = document["api"]["port"]
+            wait_for(lambda: _answers(port), 20, 0.1, "the daemon's API")
+            assert api(port, "GET", "/api/system")[0] == 200
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=20) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(10)
+
+    def test_configure_verifies_the_panels_certificate_unless_allowed_insecure(
+        self, tmp_path, panel, certificates
+    ):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificates.cert, certificates.key)
+        endpoint = NodeConfigurationEndpoint(self.node_json(tmp_path, panel), context)
+        target = tmp_path / "config.yml"
+        argv = ["configure", "--panel-url", endpoint.url, "--token", APPLICATION_KEY, "--node", "3"]
+        try:
+            run = run_cli(*argv, "--config", str(target))
+            assert run.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in run.stderr
+            assert not target.exists()
+            run = run_cli(*argv, "--config", str(target), "--allow-insecure")
+            assert run.returncode == 0, run.stderr
+            assert yaml.safe_load(target.read_text())["token"] == TOKEN
+        finally:
+            endpoint.close()
+
+    def test_diagnostics_shows_versions_quota_log_and_states_but_no_secret(
+        self, tmp_path, panel, make_daemon
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        log = tmp_path / "wingslite.log"
+        log.write_text("".join(f"log line {n}\n" for n in range(300)))
+        raw = node_config(tmp_path, panel.url, wingslite__metrics_token="metrics-secret-1")
+        raw["api"]["port"] = daemon.port
+        raw["wingslite"]["log_file"] = str(log)
+        path = tmp_path / "config.yml"
+        path.write_text(yaml.safe_dump(raw))
+        run = run_cli("diagnostics", "--config", str(path))
+        assert run.returncode == 0, run.stderr
+        out = run.stdout
+        for secret in (TOKEN, TOKEN_ID, "metrics-secret-1"):  # the id too, as Wings redacts it
+            assert secret not in out
+        assert "token: '[redacted]'" in out and "token_id: '[redacted]'" in out
+        for expected in (
+            f"wingslite       {w.VERSION}",
+            "python ",
+            "kernel ",
+            "cgroups ",
+            "docker engine ",
+        ):
+            assert expected in out, expected
+        assert "backend soft" in out
+        assert "log line 299" in out and "log line 100\n" in out and "log line 99\n" not in out
+        assert f"{uuid}  offline" in out
+        # The same command before --config, and without a daemon: the last recorded states.
+        daemon.stop()
+        again = run_cli("--config", str(path), "diagnostics")
+        assert again.returncode == 0 and "did not answer" in again.stdout
+
+
 # environments: Docker #############################################################################
 
 

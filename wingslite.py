@@ -256,6 +256,7 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.sftp_max_connections", int, 64),
     ("wingslite.websocket_max_per_server", int, 30),
     ("wingslite.metrics_token", str, ""),
+    ("wingslite.log_file", str, ""),
 )
 
 _CHOICES = {
@@ -9371,8 +9372,249 @@ Press Ctrl-C to stop.""",
     return 0
 
 
+# -- operator commands: configure, diagnostics ----------------------------------------------------
+
+
+def _configure(args: Any) -> int:
+    """``wingslite.py configure``: fetch this node's config.yml from the Panel, as ``wings configure``.
+
+    ``GET /api/application/nodes/{id}/configuration`` with an application API key answers the
+    node's configuration as JSON (the Panel's ``Node::getConfiguration()``); it is checked as a
+    config file and written as YAML, atomically and with mode 0600 because it holds the node's token.
+    """
+    import sys
+
+    path = Path(args.config or "/etc/pterodactyl/config.yml")
+    try:
+        if not re.fullmatch(r"[0-9]+", args.node):
+            raise ConfigError(f"--node: expected the node's numeric id, got {args.node!r}")
+        if path.exists() and not args.override:
+            raise ConfigError(f"{path} already exists; pass --override to replace it")
+        raw = fetch_node_configuration(
+            args.panel_url, args.token, args.node, verify_tls=not args.allow_insecure
+        )
+        Config(raw, f"the Panel's configuration of node {args.node}")  # refuses a broken one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, yaml.safe_dump(raw, sort_keys=False).encode(), mode=0o600)
+        os.chmod(path, 0o600)  # also when an umask narrowed the create mode
+    except (ConfigError, PanelError) as exc:
+        print(f"wingslite configure: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"wingslite configure: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote the configuration of node {args.node} from {args.panel_url} to {path} (mode 0600);"
+        f" start the daemon with: python3 wingslite.py --config {path}"
+    )
+    return 0
+
+
+def fetch_node_configuration(
+    panel_url: str, api_key: str, node_id: str, *, verify_tls: bool = True, timeout_s: float = 30
+) -> dict[str, Any]:
+    """The Panel's JSON configuration of a node; ``PanelError`` says why it could not be had."""
+    url = f"{panel_url.rstrip('/')}/api/application/nodes/{node_id}/configuration"
+    what = f"GET {url}"
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", panel_url):
+        raise ConfigError(f"--panel-url: expected the Panel's http(s) URL, got {panel_url!r}")
+    request = urllib.request.Request(
+        url,
+        headers={
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/vnd.pterodactyl.v1+json",
+            "User-Agent": f"wingslite/{VERSION} configure",
+        },
+    )
+    context = ssl.create_default_context()
+    if not verify_tls:  # --allow-insecure: a Panel with a self-signed certificate
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:
+            raw = resp.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        code, detail = _panel_error_body(exc.read(65536))
+        hints = {
+            401: "the API key was not accepted",
+            403: "the API key may not read nodes (r_nodes)",
+        }
+        hint = hints.get(exc.code) or ("no such node" if exc.code == 404 else "")
+        raise PanelError(exc.code, code, hint or detail, what) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PanelError(0, "_Unreachable", f"could not reach the Panel: {reason}", what) from None
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise PanelError(200, "_InvalidJSON", "the answer is not JSON", what) from None
+    if not isinstance(document, dict):
+        raise PanelError(200, "_BadShape", "the answer is not a JSON object", what)
+    return document
+
+
+_SECRET_KEY_RE = re.compile(r"token|secret|password|passphrase", re.IGNORECASE)
+
+
+def redacted(value: Any) -> Any:
+    """A copy of a config tree with every token, secret and password replaced."""
+    if isinstance(value, Mapping):
+        return {
+            k: "[redacted]" if _SECRET_KEY_RE.search(str(k)) and v else redacted(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
+
+def diagnostics_report(config: Config, log_lines: int = 200) -> str:
+    """What ``wingslite.py diagnostics`` prints: versions, the redacted config, quota, log, servers."""
+    parts = [
+        ("versions", _diagnostics_versions(config)),
+        ("configuration (" + config.source + ", secrets redacted)", _diagnostics_config(config)),
+        ("disk quota", _diagnostics_quota(config)),
+        ("servers", _diagnostics_servers(config)),
+        ("log", _diagnostics_log(config, log_lines)),
+    ]
+    text = "\n".join(f"== {title} ==\n{body.rstrip()}\n" for title, body in parts)
+    for secret in (config.token, config.token_id, config.get("wingslite.metrics_token")):
+        if secret:  # belt and braces: a secret that reached a log line or an error text
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _diagnostics_versions(config: Config) -> str:
+    import importlib.metadata
+
+    lines = [f"wingslite       {VERSION}", f"python          {platform.python_version()}"]
+    for package in ("docker", "pyyaml", "paramiko"):
+        try:
+            lines.append(f"{package:<15} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{package:<15} not installed")
+    lines.append(f"kernel          {platform.release()} ({platform.machine()})")
+    cgroup_root = Path(config.get("wingslite.cgroup_root"))
+    cgroup = "v2" if (cgroup_root / "cgroup.controllers").exists() else "v1"
+    try:
+        info = docker_client(config).info()
+        lines.append(f"docker engine   {info.get('ServerVersion', '?')}")
+        cgroup += (
+            f", driver {info.get('CgroupDriver', '?')} (engine: v{info.get('CgroupVersion', '?')})"
+        )
+    except Exception as exc:  # the report is most useful exactly when the engine is broken
+        lines.append(f"docker engine   not reachable: {exc}")
+    lines.append(f"cgroups         {cgroup}")
+    return "\n".join(lines)
+
+
+def _diagnostics_config(config: Config) -> str:
+    return yaml.safe_dump(redacted(config.raw), sort_keys=False)
+
+
+def _diagnostics_quota(config: Config) -> str:
+    try:
+        backend = select_quota_backend(config.get("wingslite.disk_quota"), config.data_dir)
+    except (WingsliteError, OSError) as exc:
+        return f"configured {config.get('wingslite.disk_quota')}: cannot be selected: {exc}"
+    return (
+        f"configured {config.get('wingslite.disk_quota')}, backend {backend.name}\n{backend.reason}"
+    )
+
+
+def _diagnostics_servers(config: Config) -> str:
+    """Each server's state, from the running daemon's API, else from what it last recorded."""
+    scheme = "https" if config.get("api.ssl.enabled") else "http"
+    host = config.get("api.host")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    request = urllib.request.Request(
+        f"{scheme}://{host}:{config.get('api.port')}/api/servers",
+        headers={"Authorization": f"Bearer {config.token}", "Accept": "application/json"},
+    )
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own daemon
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as resp:
+            servers = json.loads(resp.read())
+        rows = [
+            f"{s['configuration']['uuid']}  {s['state']:<9}"
+            f"{'  suspended' if s.get('is_suspended') else ''}"
+            for s in servers
+        ]
+        return "from the running daemon:\n" + ("\n".join(rows) or "(no servers)")
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as exc:
+        states_path = config.root_dir / "states.json"
+        try:
+            states = json.loads(states_path.read_text())
+        except (OSError, ValueError):
+            states = {}
+        rows = [f"{uuid}  {state}" for uuid, state in sorted(states.items())]
+        return f"the daemon's API did not answer ({exc}); last recorded in {states_path}:\n" + (
+            "\n".join(rows) or "(nothing recorded)"
+        )
+
+
+def _diagnostics_log(config: Config, lines: int) -> str:
+    path = config.get("wingslite.log_file")
+    if not path:
+        return "no log file configured (wingslite.log_file); under systemd: journalctl -u wingslite"
+    try:
+        with open(path, "rb") as fh:
+            tail = deque(fh, maxlen=lines)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    return f"last {len(tail)} lines of {path}:\n" + b"".join(tail).decode("utf-8", "replace")
+
+
+def _diagnostics(args: Any) -> int:
+    import sys
+
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as exc:
+        print(f"wingslite diagnostics: {exc.message}", file=sys.stderr)
+        return 2
+    print(diagnostics_report(config), end="")
+    return 0
+
+
+def _add_operator_commands(parser: Any) -> None:
+    import argparse
+
+    commands = parser.add_subparsers(dest="command", metavar="{configure,diagnostics}")
+    configure = commands.add_parser(
+        "configure", help="fetch this node's config.yml from the Panel (as wings configure)"
+    )
+    configure.add_argument("--panel-url", required=True, help="the Panel's URL")
+    configure.add_argument(
+        "--token", required=True, help="an application API key that may read nodes"
+    )
+    configure.add_argument("--node", required=True, help="the node's id in the Panel")
+    configure.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,  # else it would hide a --config given before the command
+        help="where to write it (default: /etc/pterodactyl/config.yml)",
+    )
+    configure.add_argument("--override", action="store_true", help="replace an existing file")
+    configure.add_argument(
+        "--allow-insecure", action="store_true", help="do not verify the Panel's TLS certificate"
+    )
+    diagnostics = commands.add_parser(
+        "diagnostics", help="print a report for a support request (secrets redacted)"
+    )
+    diagnostics.add_argument("--config", default=argparse.SUPPRESS, help="the node's config.yml")
+
+
+def _config_path(given: str | None) -> str:
+    return given or next(
+        (p for p in ("/etc/pterodactyl/config.yml", "wingslite.yml") if Path(p).exists()),
+        "/etc/pterodactyl/config.yml",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``wingslite.py [--config PATH] [--demo] [--debug] [--version]``."""
+    """The command line: ``wingslite.py [--config PATH] [--demo] [--debug] [--version]`` runs the
+    daemon; ``wingslite.py configure ...`` and ``wingslite.py diagnostics`` are the operator's."""
     import argparse
     import signal
     import sys
@@ -9393,24 +9635,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--debug", action="store_true", help="log at debug level")
     parser.add_argument("--version", action="version", version=f"wingslite {VERSION}")
+    _add_operator_commands(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "configure":
+        return _configure(args)
+    if args.command == "diagnostics":
+        return _diagnostics(args)
     if args.demo:
         return _demo(args)
-    path = args.config or next(
-        (p for p in ("/etc/pterodactyl/config.yml", "wingslite.yml") if Path(p).exists()),
-        "/etc/pterodactyl/config.yml",
-    )
     try:
-        config = load_config(path)
+        config = load_config(_config_path(args.config))
     except ConfigError as exc:
         print(f"wingslite: {exc.message}", file=sys.stderr)
         return 2
     if config.get("debug"):
         logging.getLogger().setLevel(logging.DEBUG)
+    if config.get("wingslite.log_file"):
+        try:
+            handler = logging.FileHandler(config.get("wingslite.log_file"), encoding="utf-8")
+        except OSError as exc:
+            print(f"wingslite: wingslite.log_file: cannot open: {exc}", file=sys.stderr)
+            return 2
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
     daemon = Daemon(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
