@@ -43,10 +43,14 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     websocket              ``WebSocket`` (RFC 6455), ``decode_jwt``, ``ConsoleSocket`` (Wings'
                            console protocol), ``serve_websocket``
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
-    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
+    activity               ``ActivityLog``: events queued in SQLite, sent to the Panel in batches
+    metrics                ``GET /metrics`` (Prometheus text): ``ServerMetrics``, ``render_metrics``
+    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors;
+                           ``TlsWrapper`` (``api.ssl``, certificate reloaded on renewal)
     daemon                 ``ConfigStore``, ``Server`` (one game server: its lock, the sync, power,
                            crash detection), ``Daemon`` (boot, servers, system info)
-    CLI                    ``main()``, ``--demo`` and its ``DemoPanel``
+    CLI                    ``main()``, ``--demo`` and its ``DemoPanel``, ``configure`` and
+                           ``diagnostics`` (the operator's commands)
 
 Where to look first:
 
