@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -122,274 +123,20 @@ def panel_error(status: int, code: str, detail: str) -> dict:
     return {"errors": [{"code": code, "status": str(status), "detail": detail}]}
 
 
-class FakePanel:
-    """The Panel's remote API on loopback, answering as panel-contract.md says.
+class FakePanel(w.PanelStandIn):
+    """The module's Panel stand-in with the tests' node token, serving from construction, its
+    errors pretty-printed as the Panel's are (``app/Exceptions/Handler.php``).
 
-    ``servers`` maps uuid -> document. ``calls`` counts requests per path. Failure switches:
-    ``fail[path_prefix] = [status, ...]`` answers those statuses first (then normally);
-    ``garbage`` (paths answered 200 with a body that is not JSON); ``hang_s`` (paths that sleep);
-    ``down`` (every request 500).
+    ``servers`` maps uuid -> document; ``requests`` holds every ``w.PanelRequest`` (method, path,
+    headers, query, parsed JSON body, raw bytes); ``calls`` counts requests per path. Failure
+    switches: ``fail[path_prefix] = [status, ...]``, ``garbage``, ``hang_s``, ``down``.
     """
 
+    json_indent = 4
+
     def __init__(self, token_id: str = TOKEN_ID, token: str = TOKEN):
-        self.token_id, self.token = token_id, token
-        self.servers: dict[str, dict] = {}
-        self.sftp_users: dict[
-            tuple[str, str], list[str]
-        ] = {}  # (username, password) -> permissions
-        self.user_uuid = "c0ffee00-1111-4222-8333-444455556666"
-        self.calls: dict[str, int] = {}
-        self.requests: list[tuple[str, str, dict]] = []
-        self.fail: dict[str, list[int]] = {}
-        self.garbage: set[str] = set()
-        self.hang_s: dict[str, float] = {}
-        self.down = False
-        self.activity: list[dict] = []  # every event POST /api/remote/activity accepted
-        self.lock = threading.Lock()
-        panel = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def send_json(self, status, body=None, headers=None):
-                data = (
-                    b"" if body is None else json.dumps(body, indent=4).replace("/", "\\/").encode()
-                )
-                self.send_response(status)
-                if body is not None:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def handle_any(self, method):
-                path = urllib.parse.urlsplit(self.path).path
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with panel.lock:
-                    panel.calls[path] = panel.calls.get(path, 0) + 1
-                    panel.requests.append((method, path, dict(self.headers)))
-                    failures = next(
-                        (v for k, v in panel.fail.items() if path.startswith(k) and v), None
-                    )
-                    status = failures.pop(0) if failures else None
-                for prefix, seconds in panel.hang_s.items():
-                    if path.startswith(prefix):
-                        time.sleep(seconds)
-                # DaemonAuthenticate (panel-contract.md §1.1)
-                auth = self.headers.get("Authorization")
-                if not auth or not auth.lower().startswith("bearer "):
-                    return self.send_json(
-                        401,
-                        panel_error(
-                            401,
-                            "HttpException",
-                            "Access to this endpoint must include an Authorization header.",
-                        ),
-                        {"WWW-Authenticate": "Bearer"},
-                    )
-                parts = auth[7:].split(".")
-                if len(parts) != 2 or not all(parts):
-                    return self.send_json(
-                        400,
-                        panel_error(
-                            400,
-                            "BadRequestHttpException",
-                            "The Authorization header provided was not in a valid format.",
-                        ),
-                    )
-                if parts != [panel.token_id, panel.token]:
-                    return self.send_json(
-                        403,
-                        panel_error(
-                            403,
-                            "AccessDeniedHttpException",
-                            "You are not authorized to access this resource.",
-                        ),
-                    )
-                if panel.down or status:
-                    status = status or 500
-                    return self.send_json(
-                        status,
-                        panel_error(
-                            status,
-                            "HttpException",
-                            "An unexpected error was encountered while processing this request, please try again.",
-                        ),
-                    )
-                if any(path.startswith(g) for g in panel.garbage):
-                    data = b"<html>502 Bad Gateway</html>"
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    return self.wfile.write(data)
-                return panel.route(self, method, path, query, body)
-
-            def do_GET(self):
-                self.handle_any("GET")
-
-            def do_POST(self):
-                self.handle_any("POST")
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def add(self, doc: dict) -> str:
-        uuid = doc["settings"]["uuid"]
-        self.servers[uuid] = doc
-        return uuid
-
-    def route(self, h, method, path, query, body):
-        if method == "GET" and path == "/api/remote/servers":
-            return h.send_json(200, self.page(query))
-        if method == "POST" and path == "/api/remote/servers/reset":
-            return h.send_json(204)
-        if method == "POST" and path == "/api/remote/sftp/auth":
-            return self.sftp_auth(h, json.loads(body or b"null"))
-        if method == "POST" and path == "/api/remote/activity":
-            return self.record_activity(h, json.loads(body or b"null"))
-        if method == "GET" and path.startswith("/api/remote/servers/"):
-            ident = path.rsplit("/", 1)[-1]
-            with self.lock:
-                doc = self.servers.get(ident) or next(
-                    (d for u, d in self.servers.items() if u[:8] == ident), None
-                )
-                doc = copy.deepcopy(doc)
-            if doc is None:
-                return h.send_json(404, panel_error(404, "RecordNotFoundException", ""))
-            return h.send_json(200, doc)
-        return h.send_json(
-            404,
-            panel_error(
-                404, "NotFoundHttpException", f"The route {path.lstrip('/')} could not be found."
-            ),
-        )
-
-    def page(self, query) -> dict:
-        """Laravel's paginated resource (panel-contract.md §1.3): page 0 means page 1."""
-        try:
-            page = max(1, int(query.get("page", ["1"])[0]))
-        except ValueError:
-            page = 1
-        per_page = int(query.get("per_page", ["50"])[0]) or 15
-        with self.lock:
-            items = list(self.servers.items())
-        total = len(items)
-        last = max(1, -(-total // per_page))
-        chunk = items[(page - 1) * per_page : page * per_page]
-        data = [
-            {
-                "uuid": u,
-                "settings": d["settings"],
-                "process_configuration": d["process_configuration"],
-            }
-            for u, d in chunk
-        ]
-        base = f"{self.url}/api/remote/servers"
-        return {
-            "data": data,
-            "links": {
-                "first": f"{base}?page=1",
-                "last": f"{base}?page={last}",
-                "prev": None,
-                "next": None,
-            },
-            "meta": {
-                "current_page": page,
-                "from": (page - 1) * per_page + 1 if chunk else None,
-                "last_page": last,
-                "links": [],
-                "path": base,
-                "per_page": per_page,
-                "to": (page - 1) * per_page + len(chunk) if chunk else None,
-                "total": total,
-            },
-        }
-
-    def sftp_auth(self, h, body):
-        username = str(body.get("username", ""))
-        user, _, ident = username.rpartition(".")
-        if not ident:
-            return h.send_json(
-                400,
-                panel_error(
-                    400,
-                    "BadRequestHttpException",
-                    "No valid server identifier was included in the request.",
-                ),
-            )
-        server = next((u for u in self.servers if u == ident or u[:8] == ident), None)
-        perms = self.sftp_users.get((user, body.get("password")))
-        if server is None or perms is None:
-            return h.send_json(
-                403,
-                panel_error(
-                    403,
-                    "HttpForbiddenException",
-                    "Authorization credentials were not correct, please try again.",
-                ),
-            )
-        if self.servers[server]["settings"]["suspended"]:
-            return h.send_json(
-                409,
-                panel_error(
-                    409,
-                    "ServerStateConflictException",
-                    "This server is currently suspended and the functionality requested is unavailable.",
-                ),
-            )
-        return h.send_json(200, {"server": server, "user": self.user_uuid, "permissions": perms})
-
-    def record_activity(self, h, body):
-        """ActivityEventRequest's rules (panel-contract.md §1.9); 200 with an empty body."""
-        items = body.get("data") if isinstance(body, dict) else None
-        keys = {"user", "server", "event", "metadata", "ip", "timestamp"}
-        valid = isinstance(items, list) and all(
-            isinstance(i, dict)
-            and set(i) <= keys
-            and isinstance(i.get("server"), str)
-            and isinstance(i.get("event"), str)
-            and "metadata" in i
-            and (i["metadata"] is None or isinstance(i["metadata"], dict))
-            and isinstance(i.get("timestamp"), str)
-            and (i.get("ip") is None or _is_ip(i["ip"]))
-            for i in items
-        )
-        if not valid:
-            return h.send_json(
-                422, panel_error(422, "ValidationException", "The given data was invalid.")
-            )
-        with self.lock:
-            self.activity.extend(items)
-        h.send_response(200)
-        h.send_header("Content-Type", "text/html; charset=UTF-8")
-        h.send_header("Content-Length", "0")
-        h.end_headers()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _is_ip(text) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+        super().__init__(token_id, token)
+        self.start()
 
 
 @pytest.fixture
@@ -666,7 +413,7 @@ class TestPanelClient:
     def test_sends_wings_headers(self, panel):
         uuid = panel.add(panel_document())
         self.client(panel).get_server(uuid)
-        _, _, headers = panel.requests[-1]
+        headers = panel.requests[-1].headers
         assert headers["Authorization"] == f"Bearer {TOKEN_ID}.{TOKEN}"
         assert headers["Accept"] == "application/vnd.pterodactyl.v1+json"
         assert headers["Content-Type"] == "application/json"
@@ -731,6 +478,155 @@ class TestPanelClient:
         client = w.PanelClient(panel.url, TOKEN_ID, TOKEN, budget_s=1, max_document_bytes=100_000)
         with pytest.raises(w.PanelError, match="larger than 100000 bytes"):
             client.get_server(uuid)
+
+
+class ScriptedHttp:
+    """A loopback HTTP peer whose every connection is handed to ``script(sock, request_bytes)``:
+    for answers no well-behaved server gives (redirects, trickles, lies). ``requests`` keeps the
+    raw request heads it received."""
+
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        with sock:
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+            self.requests.append(head)
+            with contextlib.suppress(OSError):
+                self.script(sock, head)
+
+    def close(self):
+        self.stopping = True
+        self.listener.close()
+
+
+@pytest.fixture
+def scripted():
+    peers = []
+
+    def make(script):
+        peers.append(ScriptedHttp(script))
+        return peers[-1]
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+class TestPanelClientHostile:
+    """A Panel (or whatever answers in its place) that lies, redirects or trickles."""
+
+    def client(self, url, budget_s=2.0, **kwargs):
+        return w.PanelClient(
+            url, TOKEN_ID, TOKEN, budget_s=budget_s, retry_initial_s=0.01, **kwargs
+        )
+
+    def lying_pages(self, panel, **meta_changes):
+        honest = panel.page
+
+        def page(query):
+            doc = honest(query)
+            doc["meta"].update(meta_changes)
+            if "total" in meta_changes and meta_changes["total"] is None:
+                del doc["meta"]["total"]
+            return doc
+
+        panel.page = page
+
+    def test_a_last_page_that_does_not_fit_the_total_is_refused_before_any_page_is_queued(
+        self, panel
+    ):
+        for _ in range(4):
+            panel.add(panel_document())
+        self.lying_pages(panel, last_page=500)
+        with pytest.raises(w.PanelError, match=r"meta\.last_page 500 does not fit meta\.total 4"):
+            self.client(panel.url).list_servers(per_page=50)
+        assert panel.calls["/api/remote/servers"] == 1
+
+    def test_more_pages_than_max_panel_pages_is_a_clear_error(self, panel):
+        panel.add(panel_document())
+        self.lying_pages(panel, last_page=3_000_000, total=None)
+        with pytest.raises(w.PanelError, match=r"3000000 pages.*at most 1000 \(wingslite.max"):
+            self.client(panel.url).list_servers(per_page=50)
+        assert panel.calls["/api/remote/servers"] == 1
+
+    def test_the_first_empty_page_ends_the_list_and_only_a_few_pages_are_in_flight(self, panel):
+        uuids = {panel.add(panel_document()) for _ in range(4)}
+        self.lying_pages(panel, last_page=900, total=None)
+        items = self.client(panel.url).list_servers(per_page=2, concurrency=3)
+        assert {i["settings"]["uuid"] for i in items} == uuids
+        # pages 1-2 hold the servers, page 3 is empty: at most `concurrency` asked beyond it
+        assert 3 <= panel.calls["/api/remote/servers"] <= 3 + 3
+
+    def test_max_panel_pages_comes_from_the_config(self, panel, tmp_path):
+        config = w.Config(node_config(tmp_path, panel.url, wingslite__max_panel_pages=2), "t")
+        client = w.PanelClient.from_config(config)
+        for _ in range(5):
+            panel.add(panel_document())
+        with pytest.raises(w.PanelError, match="3 pages; wingslite reads at most 2"):
+            client.list_servers(per_page=2)
+
+    def test_a_redirect_to_another_origin_is_refused_and_never_carries_the_token(self, scripted):
+        elsewhere = scripted(
+            lambda sock, head: sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        )
+        redirect = (
+            f"HTTP/1.1 302 Found\r\nLocation: {elsewhere.url}/steal\r\nContent-Length: 0\r\n\r\n"
+        )
+        panel = scripted(lambda sock, head: sock.sendall(redirect.encode()))
+        with pytest.raises(w.PanelError) as info:
+            self.client(panel.url).get_server("x")
+        assert info.value.http_status == 302 and f"{elsewhere.url}/steal" in info.value.message
+        assert "redirect" in info.value.message
+        assert len(panel.requests) == 1, "a redirect is final, not retried"
+        assert elsewhere.requests == []
+
+    def test_a_trickled_body_is_cut_at_the_budget(self, scripted):
+        def trickle(sock, head):
+            body = b'{"settings": {}}' + b" " * 200
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)  # each read is far inside any per-read timeout
+
+        panel = scripted(trickle)
+        started = time.monotonic()
+        with pytest.raises(w.PanelError, match="did not answer within"):
+            self.client(panel.url, budget_s=1.0).get_server("x")
+        # 21 s of trickle; the budget (retries included) ends the call long before
+        assert time.monotonic() - started < 10
+
+    def test_trickled_headers_are_cut_at_the_budget(self, scripted):
+        def trickle(sock, head):
+            for line in [b"HTTP/1.1 200 OK\r\n"] + [b"X-Pad-%d: y\r\n" % i for i in range(60)]:
+                sock.sendall(line)
+                time.sleep(0.25)
+            sock.sendall(b"Content-Length: 2\r\n\r\n{}")
+
+        panel = scripted(trickle)
+        started = time.monotonic()
+        with pytest.raises(w.PanelError, match="did not answer within"):
+            self.client(panel.url, budget_s=1.0).get_server("x")
+        assert time.monotonic() - started < 10
 
 
 # server model #####################################################################################
@@ -1826,8 +1722,9 @@ class TestHttpApi:
             status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
         )
         assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
+        # A repeated create is a sync, as in Wings (the duplicate-create test covers the files).
         status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
-        assert status == 409
+        assert status == 202
         assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
         status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
         assert status == 204 and uuid not in daemon.servers
@@ -2387,7 +2284,10 @@ class TestSync:
         mutate(panel.servers[uuid]["settings"])
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 500 and field in body["error"], body
-        assert self.snapshot(daemon, uuid) == before
+        # Only the record changes: it shows the refusal on GET /api/servers/:server.
+        assert self.snapshot(daemon, uuid)[:3] == before[:3]
+        last_sync = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused" and field in last_sync["failed"][0], last_sync
 
     def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
         self, panel, make_daemon
@@ -2571,11 +2471,13 @@ class TestSync:
         make_daemon.daemons.append(daemon)
         assert daemon.wait_booted(10)
         server = daemon.servers[uuid]
-        server.lock = spy = SpyLock(server.lock)
+        server.config_lock = spy = SpyLock(server.config_lock)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
             assert entered.wait(5)
             sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
+            # The sync waits for the delete's configuration lock; the start does not wait (the
+            # delete holds no power lock): it sees the server deleted and does nothing.
             assert (
                 api(
                     daemon,
@@ -2585,9 +2487,8 @@ class TestSync:
                 )[0]
                 == 202
             )
-            wait_for(
-                lambda: spy.waiting == 2, 5, what="the sync and the start to wait for the lock"
-            )
+            wait_for(lambda: spy.waiting == 1, 5, what="the sync to wait for the delete")
+            wait_for(lambda: "power action start failed" in caplog.text, 5, what="the start")
             release.set()
             assert delete.result(10)[0] == 204
             assert sync.result(10)[0] == 404
@@ -2710,6 +2611,120 @@ class TestBoot:
         finally:
             d1.stop_all()
             d2.stop_all()
+
+
+# Panel stand-in ###################################################################################
+
+
+def panel_call(panel: FakePanel, method: str, path: str, body=None, token: str | None = None):
+    """One request to the Panel stand-in as Wings makes it: (status, headers, JSON or raw body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", panel.port, timeout=10)
+    headers = {"Authorization": f"Bearer {token or f'{TOKEN_ID}.{TOKEN}'}"}
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    is_json = resp.getheader("Content-Type", "").startswith("application/json")
+    parsed = json.loads(payload) if payload and is_json else payload
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
+
+
+class TestPanelStandIn:
+    """The remote routes the stand-in serves for the features, answering as the Panel does."""
+
+    def test_install_script_and_status(self, panel):
+        uuid = panel.add(panel_document())
+        panel.install_scripts[uuid] = {"container_image": "x", "entrypoint": "sh", "script": None}
+        assert panel_call(panel, "GET", f"/api/remote/servers/{uuid[:8]}/install")[2] == {
+            "container_image": "x",
+            "entrypoint": "sh",
+            "script": None,
+        }
+        status, _, body = panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", {})
+        assert status == 422 and body["errors"][0]["meta"]["source_field"] == "successful"
+        report = {"successful": False, "reinstall": True}
+        assert panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", report)[0] == 204
+        assert panel.status[uuid] == "reinstall_failed"
+        assert panel.requests[-1].body == report and panel.requests[-1].method == "POST"
+        assert panel_call(panel, "GET", "/api/remote/servers/nope/install")[0] == 404
+
+    def test_backup_upload_parts_status_and_restore(self, panel):
+        uuid = panel.add(panel_document())
+        backup = panel.add_backup(uuid)
+        panel.backup_part_size = 10
+        assert panel_call(panel, "GET", f"/api/remote/backups/{backup}")[0] == 400
+        status, _, body = panel_call(panel, "GET", f"/api/remote/backups/{backup}?size=25")
+        assert status == 200 and body["part_size"] == 10 and len(body["parts"]) == 3
+        assert panel.requests[-1].query == {"size": "25"}
+        part = urllib.parse.urlsplit(body["parts"][0]).path
+        status, headers, _ = panel_call(panel, "PUT", part, b"0123456789")
+        assert status == 200 and headers["etag"] and panel.uploads[(backup, 1)] == b"0123456789"
+        done = {"successful": True, "checksum": "ab", "checksum_type": "sha1", "size": 25}
+        path = f"/api/remote/backups/{backup}"
+        assert panel_call(panel, "POST", path, {"successful": True})[0] == 422
+        assert panel_call(panel, "POST", path, done)[0] == 204
+        assert panel_call(panel, "POST", path, done)[0] == 400  # already completed
+        panel.status[uuid] = "restoring_backup"
+        assert panel_call(panel, "POST", path + "/restore", {"successful": True})[0] == 204
+        assert panel.status[uuid] is None
+        assert panel_call(panel, "POST", "/api/remote/backups/nope/restore", done)[0] == 404
+
+    def test_transfer_outcome_needs_an_active_transfer(self, panel):
+        uuid = panel.add(panel_document())
+        path = f"/api/remote/servers/{uuid}/transfer/success"
+        status, _, body = panel_call(panel, "POST", path)
+        assert status == 409 and body["errors"][0]["detail"] == "Server is not being transferred."
+        panel.transfers[uuid] = None
+        assert panel_call(panel, "GET", path)[0] == 204 and panel.transfers[uuid] is True
+
+    def test_activity_keeps_server_events_of_this_node(self, panel):
+        uuid = panel.add(panel_document())
+        item = {"server": uuid, "event": "server:sftp.write", "metadata": None, "timestamp": "t"}
+        other = {**item, "server": str(uuidlib.uuid4())}
+        status, _, body = panel_call(
+            panel, "POST", "/api/remote/activity", {"data": [item, other, {**item, "event": "x"}]}
+        )
+        assert status == 200 and body == b"" and panel.activity == [item]
+        bad = {"data": [{"server": uuid, "event": "server:x", "timestamp": "t"}]}
+        assert panel_call(panel, "POST", "/api/remote/activity", bad)[0] == 422
+
+    def test_container_status_and_unknown_routes(self, panel):
+        uuid = panel.add(panel_document())
+        body = {"data": {"new_state": "running"}}
+        path = f"/api/remote/servers/{uuid}/container/status"
+        assert panel_call(panel, "POST", path, body)[0] == 204
+        assert panel.container_states[uuid] == "running"
+        status, headers, _ = panel_call(panel, "PUT", path, body)
+        assert status == 405 and headers["allow"] == "POST"
+        assert panel_call(panel, "GET", "/api/remote/nothing")[0] == 404
+        assert panel_call(panel, "GET", "/api/remote/nothing", token="no-dot")[0] == 400
+
+    def test_sftp_auth_refuses_servers_in_a_blocking_state(self, panel):
+        uuid = panel.add(panel_document())
+        panel.sftp_users[("alice.smith", "pw")] = ["*"]
+        login = {"username": f"alice.smith.{uuid[:8]}", "password": "pw"}
+        assert panel_call(panel, "POST", "/api/remote/sftp/auth", login)[2]["server"] == uuid
+        panel.status[uuid] = "installing"
+        status, _, body = panel_call(panel, "POST", "/api/remote/sftp/auth", login)
+        assert status == 409 and "installation" in body["errors"][0]["detail"]
+        assert (
+            panel_call(panel, "POST", "/api/remote/sftp/auth", {**login, "password": ""})[0] == 422
+        )
+
+    def test_a_subclass_adds_a_route(self):
+        class Extended(FakePanel):
+            ROUTES = (*FakePanel.ROUTES, w.PanelRoute("GET", r"/api/remote/ping", "ping"))
+
+            def route_ping(self, h, req):
+                h.send_json(200, {"pong": req.query.get("n")})
+
+        panel = Extended()
+        try:
+            assert panel_call(panel, "GET", "/api/remote/ping?n=1")[2] == {"pong": "1"}
+            assert panel_call(panel, "GET", "/api/remote/ping", token="a.b")[0] == 403
+        finally:
+            panel.close()
 
 
 # CLI: --demo ######################################################################################
@@ -3928,6 +3943,123 @@ class TestDockerEnvironment:
             proc.kill()
             proc.wait(timeout=10)
             log.close()
+
+
+class TestSyncDuringPower:
+    """A sync, a suspension and a delete never wait behind a power action (the two locks)."""
+
+    STUCK = ("command", "true")  # a stop command the game ignores: the stop waits its timeout
+
+    def stuck_stopping(self, docker_servers, **config):
+        """A running server whose stop (timeout 600 s) is in progress and will not end by itself."""
+        uuid = docker_servers.add(stop=self.STUCK)
+        daemon = docker_servers.boot(**config)
+        docker_servers.start(uuid)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
+        server = docker_servers.wait_state(uuid, "stopping")
+        wait_until(lambda: not docker_servers.power_idle(server), 10, "the stop to hold its lock")
+        return daemon, uuid, server
+
+    def test_a_suspension_during_a_stuck_stop_answers_at_once_and_escalates_to_a_kill(
+        self, docker_servers
+    ):
+        daemon, uuid, server = self.stuck_stopping(
+            docker_servers, wingslite__suspend_stop_grace_s=2
+        )
+        conn, first = ws_authed(daemon, uuid)
+        assert first[0][0] == "auth success"
+        docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+        started = time.monotonic()
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        answered_s = time.monotonic() - started
+        assert status == 204 and answered_s < 2, (status, body, answered_s)
+        assert daemon.sessions.count(uuid) == 0  # closed before the 204 was written
+        assert ws_close_code(conn) == 4409
+        assert not docker_servers.power_idle(server)  # the 600 s stop is still under way
+        wait_until(
+            lambda: not docker_servers.inspect(uuid)["State"]["Running"],
+            2 + 5,
+            "the process to be killed after suspend_stop_grace_s",
+        )
+        docker_servers.wait_state(uuid, "offline")
+        assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 137
+
+    def test_a_delete_during_a_stuck_stop_answers_and_removes_container_and_files(
+        self, docker_servers
+    ):
+        daemon, uuid, server = self.stuck_stopping(docker_servers)
+        (daemon.config.data_dir / uuid / "world.dat").write_text("x")
+        started = time.monotonic()
+        status, _, body = api(daemon, "DELETE", f"/api/servers/{uuid}")
+        assert status == 204 and time.monotonic() - started < 5, body
+        assert docker_servers.container_id(uuid) is None
+        wait_until(lambda: docker_servers.power_idle(server), 10, "the stop to end")
+        wait_until(lambda: not (daemon.config.data_dir / uuid).exists(), 10, "files removed")
+        time.sleep(1)  # nothing to poll for when nothing happens: no container comes back
+        assert docker_servers.container_id(uuid) is None
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[0] == 404
+
+    def on_starting(self, server, action):
+        """Run ``action`` in the start's own thread the moment the state becomes ``starting``
+        (the container is then about to be made), once."""
+        done = threading.Event()
+
+        def listener(event, *args):
+            if event == "status" and args == ("starting",) and not done.is_set():
+                done.set()
+                action()
+
+        server.events.subscribe(listener)
+        return done
+
+    def test_a_suspension_during_a_start_abandons_it_and_kills_its_container(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        answers = []
+
+        def suspend():
+            docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+            answers.append(api(daemon, "POST", f"/api/servers/{uuid}/sync")[0])
+
+        fired = self.on_starting(server, lambda: threading.Thread(target=suspend).start())
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        wait_until(fired.is_set, 10, "the start to begin")
+        wait_until(lambda: answers, 10, "the suspending sync to answer")
+        assert answers == [204]
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        wait_until(lambda: server.state == "offline", 10, "the server to be offline")
+        time.sleep(1)  # a start that was not abandoned would be running by now
+        assert server.state == "offline"
+        assert not (docker_servers.inspect(uuid)["State"]["Running"])
+
+    def test_a_memory_change_synced_while_the_container_is_made_ends_on_the_container(
+        self, docker_servers
+    ):
+        uuid = docker_servers.add(memory_mb=64)
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        answers = []
+
+        def sync_more_memory():  # lands after the start read its configuration (64 MB)
+            docker_servers.panel.servers[uuid]["settings"]["build"]["memory_limit"] = 96
+            answers.append(api(daemon, "POST", f"/api/servers/{uuid}/sync"))
+
+        def sync_and_wait():  # the start thread waits until the sync answered: no race left
+            thread = threading.Thread(target=sync_more_memory)
+            thread.start()
+            thread.join(10)
+
+        self.on_starting(server, sync_and_wait)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        docker_servers.wait_state(uuid, "running")
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        assert answers and answers[0][0] == 204, answers
+        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert any("container being started" in a for a in record["applied"]), record
+        container = docker_servers.inspect(uuid)["Id"]
+        limit = int(cgroup_file("memory", container, "memory.limit_in_bytes"))
+        assert limit // 4096 == w.memory_limit_bytes(96) // 4096
 
 
 def _port_open(port: int) -> bool:
@@ -5348,7 +5480,7 @@ class TestSftpLogin:
             lambda: daemon.sessions.count(server.uuid, "sftp") == 0,
             what="the session to leave the table",
         )
-        sent = [r for r in panel.requests if r[1] == "/api/remote/sftp/auth"]
+        sent = [r for r in panel.requests if r.path == "/api/remote/sftp/auth"]
         assert sent, "the Panel was not asked"
 
     def test_public_key_login_sends_the_authorized_keys_line(self, panel, make_daemon, tmp_path):
@@ -6023,6 +6155,696 @@ class TestActivity:
         assert w.activity_timestamp(0) == "1970-01-01T00:00:00Z"
 
 
+# file manager #####################################################################################
+
+FM_LIMIT_MB = 2
+FM_STAT_KEYS = {
+    "name",
+    "created",
+    "modified",
+    "mode",
+    "mode_bits",
+    "size",
+    "directory",
+    "file",
+    "symlink",
+    "mime",
+}
+RFC3339_UTC = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def _fm_daemon(panel, make_daemon, disk_mb=FM_LIMIT_MB, denylist=(), **overrides):
+    """A daemon and one server (``disk_mb`` MiB of disk, the egg's ``denylist``) with its directory."""
+    doc = panel_document(build__disk_space=disk_mb)
+    doc["settings"]["egg"]["file_denylist"] = list(denylist)
+    uuid = panel.add(doc)
+    daemon = make_daemon(panel, **overrides)
+    server = daemon.get_server(uuid)
+    server.fs.ensure()
+    server.fs.recalculate()
+    return daemon, server
+
+
+def http_raw(port, method, path, body=None, headers=None, token=TOKEN):
+    """One request; (status, lower-cased headers, raw body bytes). ``body`` may be an iterable."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=body, headers=all_headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+def fm_path(server, route, **query) -> str:
+    qs = f"?{urllib.parse.urlencode(query)}" if query else ""
+    return f"/api/servers/{server.uuid}/files/{route}{qs}"
+
+
+def fm_write(daemon, server, path, data: bytes):
+    """POST files/write as the Panel sends it: a raw body labelled application/json."""
+    return http_raw(
+        daemon.port,
+        "POST",
+        fm_path(server, "write", file=path),
+        data,
+        {"Content-Type": "application/json", "Content-Length": str(len(data))},
+    )
+
+
+def tree_snapshot(*roots: Path) -> dict:
+    """Every entry under ``roots``: type, mode, size, content digest or link target."""
+    out = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                if p.is_symlink():
+                    out[str(p)] = ("link", os.readlink(p))
+                elif p.is_dir():
+                    out[str(p)] = ("dir", st.st_mode)
+                else:
+                    out[str(p)] = ("file", st.st_mode, hashlib.sha1(p.read_bytes()).hexdigest())
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class TestFileManager:
+    def test_list_directory_answers_wings_stat_objects(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        (root / "zeta").mkdir()
+        (root / "alpha").mkdir()
+        (root / "notes").write_text("hello\nwörld\n")
+        (root / "config.json").write_text('{"a": 1}')
+        (root / "server.jar").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+        (root / "pack.tar.gz").write_bytes(b"\x1f\x8b\x08" + b"\x00" * 40)
+        (root / "blob").write_bytes(b"\x00\x01\x02\xff" * 10)
+        (root / "empty.txt").write_bytes(b"")
+        (root / "link").symlink_to("notes")
+        (root / "dirlink").symlink_to("alpha")
+        (root / "dangling").symlink_to("/etc/passwd")
+        os.chmod(root / "notes", 0o640)
+        status, _, listing = api(daemon, "GET", fm_path(server, "list-directory", directory="/"))
+        assert status == 200
+        names = [e["name"] for e in listing]
+        assert names[:3] == ["alpha", "dirlink", "zeta"]  # directories first, then by name
+        assert names[3:] == sorted(names[3:])
+        by_name = {e["name"]: e for e in listing}
+        for entry in listing:
+            assert set(entry) == FM_STAT_KEYS
+            assert re.match(RFC3339_UTC, entry["created"]) and re.match(
+                RFC3339_UTC, entry["modified"]
+            )
+        notes = by_name["notes"]
+        assert notes["mime"] == "text/plain; charset=utf-8"
+        assert (notes["mode"], notes["mode_bits"], notes["size"]) == ("-rw-r-----", "640", 13)
+        assert (notes["file"], notes["directory"], notes["symlink"]) == (True, False, False)
+        assert by_name["alpha"]["mime"] == "inode/directory"
+        assert by_name["alpha"]["mode"].startswith("d") and by_name["alpha"]["file"] is False
+        assert by_name["config.json"]["mime"] == "application/json"
+        assert by_name["server.jar"]["mime"] == "application/jar"  # the Panel will not edit it
+        assert by_name["pack.tar.gz"]["mime"] == "application/gzip"  # the Panel offers Unarchive
+        assert by_name["blob"]["mime"] == "application/octet-stream"
+        assert by_name["empty.txt"]["mime"].startswith("text/plain")
+        assert by_name["link"]["symlink"] is True and by_name["link"]["mode"].startswith("L")
+        assert by_name["link"]["mime"] == "text/plain; charset=utf-8"
+        assert by_name["dirlink"]["directory"] is True and by_name["dirlink"]["symlink"] is True
+        assert by_name["dangling"]["mime"] == "inode/symlink"
+        status, _, inner = api(
+            daemon, "GET", fm_path(server, "list-directory", directory="/dirlink")
+        )
+        assert status == 200 and inner == []
+        status, _, body = api(daemon, "GET", fm_path(server, "list-directory", directory="/nope"))
+        assert status == 404 and body["error"] == w.FM_NOT_FOUND
+
+    def test_contents_streams_the_bytes_with_wings_headers(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        data = b"motd=A Minecraft Server\n" * 1000
+        (server.fs.root / "cfg").mkdir()
+        (server.fs.root / "cfg" / "server.properties").write_bytes(data)
+        status, headers, body = http_raw(
+            daemon.port, "GET", fm_path(server, "contents", file="/cfg/server.properties")
+        )
+        assert status == 200 and body == data
+        assert headers["x-mime-type"].startswith("text/")
+        assert headers["content-length"] == str(len(data))
+        status, headers, body = http_raw(
+            daemon.port,
+            "GET",
+            fm_path(server, "contents", file="cfg/server.properties", download="1"),
+        )
+        assert status == 200 and body == data
+        assert headers["content-disposition"] == 'attachment; filename="server.properties"'
+        assert headers["content-type"] == "application/octet-stream"
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/missing"))
+        assert status == 404 and json.loads(body)["error"] == w.FM_NOT_FOUND
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/cfg"))
+        assert status == 400 and json.loads(body)["error"] == w.FM_IS_DIR
+        os.mkfifo(server.fs.root / "pipe")
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/pipe"))
+        assert status == 400 and json.loads(body)["error"] == "Cannot open files of this type."
+
+    def test_write_create_rename_copy_chmod_delete(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        status, _, _ = fm_write(daemon, server, "/plugins/Essentials/config.yml", b"a: 1\n")
+        assert status == 204 and (root / "plugins/Essentials/config.yml").read_bytes() == b"a: 1\n"
+        assert fm_write(daemon, server, "plugins/Essentials/config.yml", b"a: 22\n")[0] == 204
+        assert (root / "plugins/Essentials/config.yml").read_bytes() == b"a: 22\n"
+        assert fm_write(daemon, server, "/empty.txt", b"")[0] == 204  # a new empty file
+        assert (root / "empty.txt").read_bytes() == b""
+        status, _, body = fm_write(daemon, server, "/plugins", b"x")
+        assert status == 400 and "existing directory" in json.loads(body)["error"]
+        body = {"name": "world/region", "path": "/"}
+        assert api(daemon, "POST", fm_path(server, "create-directory"), body)[0] == 204
+        assert (root / "world/region").is_dir()
+        body = {"name": "sub", "path": "/empty.txt"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "create-directory"), body)
+        assert status == 400 and "ENOTDIR" in answer["error"]
+        moves = {
+            "root": "/plugins",
+            "files": [{"from": "Essentials/config.yml", "to": "../moved.yml"}],
+        }
+        assert api(daemon, "PUT", fm_path(server, "rename"), moves)[0] == 204
+        assert (root / "moved.yml").read_bytes() == b"a: 22\n"
+        clash = {"root": "/", "files": [{"from": "moved.yml", "to": "empty.txt"}]}
+        status, _, answer = api(daemon, "PUT", fm_path(server, "rename"), clash)
+        assert status == 400 and "already exists" in answer["error"]
+        status, _, answer = api(
+            daemon, "PUT", fm_path(server, "rename"), {"root": "/", "files": []}
+        )
+        assert status == 422 and answer["error"] == "No files to move or rename were provided."
+        (root / "world.tar.gz").write_bytes(b"\x1f\x8b" + b"0" * 100)
+        for location in ("/moved.yml", "/moved.yml", "world.tar.gz"):
+            assert api(daemon, "POST", fm_path(server, "copy"), {"location": location})[0] == 204
+        assert (root / "moved copy.yml").read_bytes() == b"a: 22\n"
+        assert (root / "moved copy 1.yml").read_bytes() == b"a: 22\n"
+        assert (root / "world copy.tar.gz").read_bytes() == b"\x1f\x8b" + b"0" * 100
+        status, _, _ = api(daemon, "POST", fm_path(server, "copy"), {"location": "/world"})
+        assert status == 404  # directories are not copied (Wings)
+        chmods = {"root": "/", "files": [{"file": "moved.yml", "mode": "755"}]}
+        assert api(daemon, "POST", fm_path(server, "chmod"), chmods)[0] == 204
+        assert (root / "moved.yml").stat().st_mode & 0o777 == 0o755
+        chmods["files"][0]["mode"] = "rwx"
+        status, _, answer = api(daemon, "POST", fm_path(server, "chmod"), chmods)
+        assert status == 400 and answer["error"] == "Invalid file mode."
+        (root / "world/region/r.0.0.mca").write_bytes(b"r" * 5000)
+        server.fs.recalculate()
+        before = server.fs.usage_bytes()
+        deletes = {"root": "/", "files": ["world", "moved copy.yml", "never-existed"]}
+        assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+        assert not (root / "world").exists() and not (root / "moved copy.yml").exists()
+        assert server.fs.usage_bytes() == before - 5000 - 6
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "delete"), {"root": "/", "files": ["/"]}
+        )
+        assert status == 400 and root.is_dir()
+        assert not [p for p in root.rglob("*.part")]
+
+    def test_every_escape_is_refused_and_changes_nothing(self, panel, make_daemon, tmp_path):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["*.jar", "/config/secret.yml"])
+        root = server.fs.root
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret.txt").write_text("host secret")
+        (root / "config").mkdir()
+        (root / "config" / "secret.yml").write_text("pw: 1")
+        (root / "server.jar").write_bytes(b"PK\x03\x04jar")
+        (root / "ok.txt").write_text("fine")
+        (root / "out").symlink_to(outside)  # absolute: leads out
+        (root / "up").symlink_to("../../../..")  # relative: climbs out
+        (root / "inner").symlink_to("config")  # stays inside, points at a denied file's folder
+        before = tree_snapshot(tmp_path)
+        port = daemon.port
+        reads = [
+            ("contents", {"file": "../outside/secret.txt"}),
+            ("contents", {"file": "/out/secret.txt"}),
+            ("contents", {"file": "/up/etc/passwd"}),
+            ("contents", {"file": "/ok.txt\x00.png"}),
+            ("list-directory", {"directory": "/out"}),
+            ("list-directory", {"directory": "/../"}),
+        ]
+        for route, query in reads:
+            status, _, _ = http_raw(port, "GET", fm_path(server, route, **query))
+            assert status == 404, (route, query, status)
+        for path, expected in (
+            ("../evil.txt", 404),
+            ("/out/evil.txt", 404),
+            ("/up/tmp/evil.txt", 404),
+            ("/ok.txt\x00", 404),
+            ("/server.jar", 403),
+            ("/plugins/other.jar", 403),
+            ("/config/secret.yml", 403),
+            ("/inner/secret.yml", 403),  # the same file through a symlink
+        ):
+            status, _, body = fm_write(daemon, server, path, b"overwritten")
+            assert status == expected, (path, status, body)
+            if expected == 403:
+                assert json.loads(body)["error"] == w.FM_DENYLIST
+        json_calls = [
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "../x.txt"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "out/x.txt"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "a.jar"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "server.jar", "to": "s.zip"}]}),
+            ("POST", "copy", {"location": "/out/secret.txt"}),
+            ("POST", "copy", {"location": "/server.jar"}),
+            ("POST", "delete", {"root": "/", "files": ["../outside"]}),
+            ("POST", "delete", {"root": "/out", "files": ["secret.txt"]}),
+            ("POST", "chmod", {"root": "/", "files": [{"file": "out/secret.txt", "mode": "777"}]}),
+            ("POST", "create-directory", {"name": "x", "path": "/out"}),
+            ("POST", "create-directory", {"name": "../../x", "path": "/"}),
+        ]
+        for method, route, body in json_calls:
+            status, _, answer = api(daemon, method, fm_path(server, route), body)
+            assert status in (403, 404), (route, body, status, answer)
+        assert tree_snapshot(tmp_path) == before
+        # Deleting a symlink deletes the link only.
+        assert (
+            api(daemon, "POST", fm_path(server, "delete"), {"root": "/", "files": ["out"]})[0]
+            == 204
+        )
+        assert not (root / "out").exists() and (outside / "secret.txt").read_text() == "host secret"
+
+    def test_disk_limit_refusals_leave_nothing_behind(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        limit = FM_LIMIT_MB * 1048576
+        (root / "keep.bin").write_bytes(b"k" * (limit // 2))
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        status, _, body = fm_write(daemon, server, "/big.bin", b"b" * limit)
+        assert status == 400 and json.loads(body)["error"] == w.FM_NO_SPACE
+        status, _, body = fm_write(daemon, server, "/keep.bin", b"b" * (limit + 1))
+        assert status == 400  # the old file survives a refused rewrite
+        status, _, _ = api(daemon, "POST", fm_path(server, "copy"), {"location": "/keep.bin"})
+        assert status == 200 or status == 204  # exactly fits: half + half == limit
+        (root / "keep copy.bin").unlink()
+        (root / "more.bin").write_bytes(b"m" * 1000)
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        status, _, body = api(daemon, "POST", fm_path(server, "copy"), {"location": "/keep.bin"})
+        assert status == 400 and body["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(root) == before
+        # A rewrite costs only its growth, as in Wings.
+        assert fm_write(daemon, server, "/keep.bin", b"n" * (limit // 2))[0] == 204
+        assert server.fs.recalculate() == limit // 2 + 1000
+
+    def test_a_50_mib_write_is_streamed(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=0)
+        chunk = bytes(range(256)) * 4096  # 1 MiB, sent 50 times: the client holds 1 MiB
+        total = 50 * len(chunk)
+        peak = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_bytes())
+                time.sleep(0.005)
+
+        baseline = _rss_bytes()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            status, _, _ = http_raw(
+                daemon.port,
+                "POST",
+                fm_path(server, "write", file="/world.bin"),
+                (chunk for _ in range(50)),
+                {"Content-Type": "application/json", "Content-Length": str(total)},
+            )
+        finally:
+            done.set()
+            sampler.join()
+        assert status == 204
+        assert (server.fs.root / "world.bin").stat().st_size == total
+        assert peak[0] - baseline < 10 * 1048576, f"RSS grew by {(peak[0] - baseline) >> 20} MiB"
+        with open(server.fs.root / "world.bin", "rb") as fh:
+            assert fh.read(len(chunk)) == chunk
+            fh.seek(-len(chunk), os.SEEK_END)
+            assert fh.read() == chunk
+
+
+# -- signed URLs ------------------------------------------------------------------------------------
+
+
+def signed_token(server_uuid, secret=TOKEN, expires_in_s=900, **claims):
+    now = int(time.time())
+    body = {
+        "iss": "https://panel.example.com",
+        "aud": ["http://127.0.0.1"],
+        "jti": hashlib.md5(f"1{server_uuid}".encode()).hexdigest(),
+        "iat": now,
+        "nbf": now - 300,
+        "exp": now + expires_in_s,
+        "server_uuid": server_uuid,
+        "user_uuid": "c0ffee00-1111-4222-8333-444455556666",
+        "user_id": 1,
+        "unique_id": uuidlib.uuid4().hex[:16],
+        **claims,
+    }
+    return w.encode_jwt(body, secret)
+
+
+def multipart_body(files: dict[str, bytes], boundary: str = "----wingsliteTestBoundary7MA4YWxk"):
+    parts = []
+    for name, data in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def upload(daemon, token, files, directory="/"):
+    body, content_type = multipart_body(files)
+    query = urllib.parse.urlencode({"token": token, "directory": directory})
+    return http_raw(
+        daemon.port, "POST", f"/upload/file?{query}", body, {"Content-Type": content_type}, None
+    )
+
+
+class TestSignedUrls:
+    def test_download_once_with_a_valid_token_only(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        (server.fs.root / "logs").mkdir()
+        (server.fs.root / "logs" / "latest.log").write_bytes(b"[INFO] Done\n" * 100)
+        token = signed_token(server.uuid, file_path="/logs/latest.log")
+        status, headers, body = http_raw(
+            daemon.port, "GET", f"/download/file?token={token}", token=None
+        )
+        assert status == 200 and body == b"[INFO] Done\n" * 100
+        assert headers["content-disposition"] == 'attachment; filename="latest.log"'
+        assert headers["content-type"] == "application/octet-stream"
+        status, _, body = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)
+        assert status == 404 and json.loads(body)["error"] == w.SIGNED_URL_NOT_FOUND  # used once
+        refused = {
+            "expired": signed_token(server.uuid, expires_in_s=-5, file_path="/logs/latest.log"),
+            "wrong key": signed_token(server.uuid, secret="x" * 64, file_path="/logs/latest.log"),
+            "wrong scope": signed_token(
+                server.uuid, scope="file-upload", file_path="/logs/latest.log"
+            ),
+            "no path": signed_token(server.uuid),
+            "old": signed_token(
+                server.uuid, iat=int(time.time()) - 3600, file_path="/logs/latest.log"
+            ),
+        }
+        for what, bad in refused.items():
+            status, _, body = http_raw(
+                daemon.port, "GET", f"/download/file?token={bad}", token=None
+            )
+            assert status == 403, what
+            assert json.loads(body)["error"], what
+        other = signed_token(str(uuidlib.uuid4()), file_path="/logs/latest.log")
+        status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={other}", token=None)
+        assert status == 404
+        for path in ("/logs", "/../../etc/passwd", "/missing"):
+            token = signed_token(server.uuid, file_path=path)
+            status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)
+            assert status == 404, path
+
+    def test_upload_many_files_once_metered_and_limited(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["*.jar"], api__upload_limit=1)
+        events = []
+        server.record_activity = lambda *args: events.append(args)
+        token = signed_token(server.uuid)
+        files = {"a.txt": b"alpha\r\n--not-a-boundary", "b.bin": os.urandom(200_000)}
+        status, _, _ = upload(daemon, token, files, directory="/plugins")
+        assert status == 200
+        for name, data in files.items():
+            assert (server.fs.root / "plugins" / name).read_bytes() == data
+        assert [e[0] for e in events] == ["server:file.uploaded"] * 2
+        assert (
+            events[0][1] == "c0ffee00-1111-4222-8333-444455556666" and events[0][2] == "127.0.0.1"
+        )
+        assert events[0][3] == {"file": "a.txt", "directory": "/plugins"}
+        assert upload(daemon, token, {"c.txt": b"again"})[0] == 404  # the token was used
+        before = tree_snapshot(server.fs.root)
+        too_big = {"ok.txt": b"fine", "huge.bin": b"h" * (1048576 + 1)}
+        status, _, body = upload(daemon, signed_token(server.uuid), too_big)
+        assert status == 400 and "maximum file upload size of 1 MB" in json.loads(body)["error"]
+        status, _, body = upload(daemon, signed_token(server.uuid), {"x.txt": b"1", "p.jar": b"2"})
+        assert status == 403
+        limit = FM_LIMIT_MB * 1048576
+        (server.fs.root / "fill.bin").write_bytes(b"f" * (limit - 300_000))
+        server.fs.recalculate()
+        before = tree_snapshot(server.fs.root)
+        status, _, body = upload(
+            daemon,
+            signed_token(server.uuid),
+            {"one.bin": b"1" * 200_000, "two.bin": b"2" * 200_000},
+        )
+        assert status == 400 and json.loads(body)["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(server.fs.root) == before
+        status, _, body = upload(daemon, signed_token(server.uuid, scope="file-download"), files)
+        assert status == 403
+        query = urllib.parse.urlencode({"token": signed_token(server.uuid)})
+        status, _, body = http_raw(
+            daemon.port,
+            "POST",
+            f"/upload/file?{query}",
+            b"{}",
+            {"Content-Type": "application/json"},
+            None,
+        )
+        assert status == 400 and "multipart" in json.loads(body)["error"]
+
+    def test_headless_chromium_uploads_and_downloads_from_another_origin(
+        self, panel, make_daemon, tmp_path
+    ):
+        page_server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), http.server.BaseHTTPRequestHandler
+        )
+        origin = f"http://127.0.0.1:{page_server.server_address[1]}"
+        daemon, server = _fm_daemon(panel, make_daemon, allowed_origins=[origin])
+        (server.fs.root / "eula.txt").write_text("eula=true\n")
+        tokens = [signed_token(server.uuid) for _ in range(2)]
+        download = signed_token(server.uuid, file_path="/eula.txt")
+        node = f"http://127.0.0.1:{daemon.port}"
+        page = f"""<!doctype html><script>
+(async () => {{
+  const results = [];
+  try {{
+    const files = [new File(["first file\\n"], "one.txt"), new File([new Uint8Array([0, 1, 2, 255])], "two.bin")];
+    const tokens = {json.dumps(tokens)};
+    for (let i = 0; i < 2; i++) {{
+      const form = new FormData();
+      form.append("files", files[i]);
+      const r = await fetch("{node}/upload/file?token=" + tokens[i] + "&directory=%2Fuploads", {{method: "POST", body: form}});
+      results.push(r.status);
+    }}
+    const d = await fetch("{node}/download/file?token={download}");
+    results.push(d.status, await d.text());
+  }} catch (e) {{ results.push("error: " + e); }}
+  await fetch("/report", {{method: "POST", body: JSON.stringify(results)}});
+}})();
+</script>"""
+        reports = []
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                data = page.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+        page_server.RequestHandlerClass = Page
+        threading.Thread(target=page_server.serve_forever, daemon=True).start()
+        browser = subprocess.Popen(
+            [
+                "chromium",
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                origin + "/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: reports, timeout_s=60, what="the page's report")
+        finally:
+            browser.kill()
+            browser.wait()
+            page_server.shutdown()
+            page_server.server_close()
+        assert reports[0] == [200, 200, 200, "eula=true\n"]
+        assert (server.fs.root / "uploads" / "one.txt").read_bytes() == b"first file\n"
+        assert (server.fs.root / "uploads" / "two.bin").read_bytes() == bytes([0, 1, 2, 255])
+
+
+# -- remote downloads -------------------------------------------------------------------------------
+
+
+class _Origin:
+    """A loopback HTTP server for pulls: ``routes[path] = (status, headers, body or iterator)``."""
+
+    def __init__(self):
+        self.routes = {}
+        origin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                status, headers, body = origin.routes.get(self.path, (404, {}, b"no"))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_header("Connection", "close")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for piece in body:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def origin():
+    o = _Origin()
+    yield o
+    o.close()
+
+
+class TestFilePull:
+    def test_internal_addresses_are_refused_by_default(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        origin.routes["/mod.jar"] = (200, {}, b"jarbytes")
+        for url in (
+            origin.url + "/mod.jar",
+            origin.url.replace("127.0.0.1", "localhost") + "/mod.jar",
+        ):
+            body = {"url": url, "root": "/", "foreground": True}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 400 and "internal address" in answer["error"]
+        assert not (server.fs.root / "mod.jar").exists()
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "pull"), {"url": "file:///etc/passwd"}
+        )
+        assert status == 400
+        off, server2 = _fm_daemon(panel, make_daemon, api__disable_remote_download=True)
+        for method, route in (("GET", "pull"), ("POST", "pull"), ("DELETE", "pull/abc")):
+            status, _, answer = api(off, method, fm_path(server2, route), {"url": origin.url})
+            assert status == 400 and answer["error"] == w.FM_PULL_DISABLED
+
+    def test_pulls_when_allowed(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(
+            panel, make_daemon, wingslite__remote_download_allow_internal=True
+        )
+        origin.routes["/files/Geyser.jar"] = (200, {}, b"G" * 5000)
+        origin.routes["/dl?id=7"] = (
+            200,
+            {"Content-Disposition": 'attachment; filename="named.zip"'},
+            b"PK\x03\x04zip",
+        )
+        origin.routes["/moved"] = (302, {"Location": origin.url + "/files/Geyser.jar"}, b"")
+        body = {"url": origin.url + "/files/Geyser.jar", "root": "/plugins", "foreground": True}
+        status, _, stat_answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 200 and set(stat_answer) == FM_STAT_KEYS
+        assert stat_answer["name"] == "Geyser.jar" and stat_answer["size"] == 5000
+        assert (server.fs.root / "plugins" / "Geyser.jar").read_bytes() == b"G" * 5000
+        body = {"url": origin.url + "/dl?id=7", "root": "/", "use_header": True, "foreground": True}
+        assert api(daemon, "POST", fm_path(server, "pull"), body)[0] == 200
+        assert (server.fs.root / "named.zip").read_bytes() == b"PK\x03\x04zip"
+        body = {"url": origin.url + "/files/Geyser.jar", "root": "/", "file_name": "g.jar"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 202 and answer["identifier"]
+        wait_for(lambda: (server.fs.root / "g.jar").exists(), what="the background pull")
+        status, _, answer = api(
+            daemon,
+            "POST",
+            fm_path(server, "pull"),
+            {"url": origin.url + "/moved", "foreground": True},
+        )
+        assert status == 400 and "302" in answer["error"]  # redirects are not followed
+
+    def test_progress_cancel_limit_and_disk(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(
+            panel, make_daemon, wingslite__remote_download_allow_internal=True
+        )
+        release = threading.Event()
+
+        def slow():
+            yield b"s" * 1000
+            release.wait(30)
+            yield b"s" * 1000
+
+        for i in range(4):
+            origin.routes[f"/slow{i}"] = (200, {"Content-Length": "2000"}, slow())
+        ids = []
+        for i in range(3):
+            body = {"url": f"{origin.url}/slow{i}", "root": "/", "file_name": f"slow{i}.bin"}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 202
+            ids.append(answer["identifier"])
+        body = {"url": f"{origin.url}/slow3", "root": "/"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 400 and answer["error"] == w.FM_PULL_LIMIT
+
+        def progress():
+            listing = api(daemon, "GET", fm_path(server, "pull"))[2]["downloads"]
+            return len(listing) == 3 and all(d["Progress"] == 0.5 for d in listing) and listing
+
+        listing = wait_for(progress, what="three pulls at half way")
+        assert {d["Identifier"] for d in listing} == set(ids)
+        assert api(daemon, "DELETE", fm_path(server, f"pull/{ids[0]}"))[0] == 204
+        release.set()
+        wait_for(lambda: not api(daemon, "GET", fm_path(server, "pull"))[2]["downloads"])
+        assert not (server.fs.root / "slow0.bin").exists()  # cancelled: nothing left
+        assert (server.fs.root / "slow1.bin").read_bytes() == b"s" * 2000
+        assert not list(server.fs.root.glob(".wingslite-*"))
+        limit = FM_LIMIT_MB * 1048576
+        origin.routes["/big"] = (200, {}, b"b" * (limit + 1))
+        origin.routes["/big-unsized"] = (200, {}, iter([b"u" * 65536] * (limit // 65536 + 2)))
+        server.fs.recalculate()
+        before = tree_snapshot(server.fs.root)
+        for path in ("/big", "/big-unsized"):
+            body = {"url": origin.url + path, "root": "/", "foreground": True}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 400 and answer["error"] == w.FM_NO_SPACE, path
+        assert tree_snapshot(server.fs.root) == before
+
+
 # disk quotas ######################################################################################
 
 
@@ -6601,10 +7423,10 @@ def _streaming_route(panel: FakePanel, path: str, answer):
     """Make ``panel`` answer ``GET path`` with ``answer(handler)``; other paths as before."""
     original = panel.route
 
-    def route(h, method, p, query, body):
-        if p == path:
+    def route(h, req):
+        if req.path == path:
             return answer(h)
-        return original(h, method, p, query, body)
+        return original(h, req)
 
     panel.route = route
 
