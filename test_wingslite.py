@@ -6120,7 +6120,8 @@ class TestActivity:
             server.record_activity(
                 w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "10.0.0.1:5", {"n": n}
             )
-        wait_for(lambda: panel.calls.get("/api/remote/activity", 0) >= 2, 20, what="two rounds")
+        time.sleep(2.2)  # two send intervals pass while the Panel is down...
+        wait_for(lambda: panel.calls.get("/api/remote/activity", 0) >= 2, 20, what="two tries")
         daemon.stop()  # restart while the Panel is still down
         for n in range(4, 7):
             daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "::1", {"n": n})

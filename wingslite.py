@@ -8867,7 +8867,7 @@ def _server_counters(out: MetricsText, items: list[tuple[ServerMetrics, dict[str
     )
     out.histogram(
         "wingslite_server_sync_duration_seconds",
-        "Time a sync took, waiting for the server's lock included.",
+        "Time a sync took: the Panel's document fetched and applied.",
         ((lb, m.sync_seconds) for m, lb in items),
     )
     out.family(
