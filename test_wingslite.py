@@ -6148,6 +6148,18 @@ class TestActivity:
         assert daemon.activity.send_pending() == 1
         assert panel.activity[0]["ip"] is None and panel.activity[0]["user"] is None
 
+    def test_a_damaged_queue_is_set_aside_and_recording_goes_on(self, panel, tmp_path, caplog):
+        uuid = panel.add(panel_document())
+        queue = tmp_path / "activity.db"
+        queue.write_bytes(b"this is not a database" * 100)
+        log = w.ActivityLog(queue, w.PanelClient(panel.url, TOKEN_ID, TOKEN), 3600)
+        with caplog.at_level(logging.ERROR, logger="wingslite"):
+            log.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, "127.0.0.1", {"command": "x"})
+        assert "is damaged" in caplog.text and log.pending() == 1
+        assert list(tmp_path.glob("activity.db.damaged-*"))
+        assert log.send_pending() == 1 and panel.activity[0]["metadata"] == {"command": "x"}
+        log.stop()
+
     def test_addresses_and_timestamps_in_the_panels_forms(self):
         assert w.activity_ip("203.0.113.9:51234") == "203.0.113.9"
         assert w.activity_ip("[2001:db8::1]:22") == "2001:db8::1"

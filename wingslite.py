@@ -7436,15 +7436,32 @@ class ActivityLog:
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            # A damaged queue must not silence activity for good: keep it aside for inspection and
+            # start an empty one.
+            aside = f"{self.path.name}.damaged-{int(time.time())}"
+            LOG.error("activity queue %s is damaged (%s); moved to %s", self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):  # a stale log must not be replayed into the new one
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}{suffix}", self.path.with_name(aside + suffix))
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
-            " ip TEXT, at_s REAL NOT NULL)"
-        )
+        try:
+            # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
+                " ip TEXT, at_s REAL NOT NULL)"
+            )
+        except BaseException:
+            db.close()
+            raise
         return db
 
     # -- recording -----------------------------------------------------------------------------
@@ -8878,6 +8895,13 @@ def _server_counters(out: MetricsText, items: list[tuple[ServerMetrics, dict[str
     )
 
 
+def _queued_activity(daemon: Any) -> float:
+    try:
+        return daemon.activity.pending()
+    except (sqlite3.Error, OSError):  # the figure is missing, not the whole scrape
+        return math.nan
+
+
 def _node_metrics(out: MetricsText, daemon: Any) -> None:
     out.family("wingslite_info", "gauge", "The running wingslite.", [({"version": VERSION}, 1)])
     out.family("wingslite_servers", "gauge", "Servers on this node.", [({}, len(daemon.servers))])
@@ -8885,7 +8909,7 @@ def _node_metrics(out: MetricsText, daemon: Any) -> None:
         "wingslite_activity_queued_events",
         "gauge",
         "Activity events waiting to be sent to the Panel.",
-        [({}, daemon.activity.pending())],
+        [({}, _queued_activity(daemon))],
     )
     stats = daemon.panel.stats.copy()
     out.family(
