@@ -41,9 +41,18 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            ``ConsolePipeline`` (done detection)
     session table          ``SessionTable``: every websocket and SFTP session; ``Revocations``
     websocket              ``WebSocket`` (RFC 6455), ``decode_jwt``, ``ConsoleSocket`` (Wings'
-                           console protocol), ``serve_websocket``
+                           console protocol), ``serve_websocket``; ``SignedUrls`` (the browser's
+                           one-time download/upload tokens)
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
     activity               ``ActivityLog``: events queued in SQLite, sent to the Panel in batches
+    file manager           ``FileManagerRoutes`` (the Panel's Files tab, signed downloads and
+                           uploads), ``StagedFile`` (metered writes renamed into place),
+                           ``MultipartReader``, ``Pull``/``Pulls`` (downloads from a URL)
+    backups                ``Backups`` (create, s3 parts, restore, delete, boot recovery),
+                           ``BackupJob``, ``RestoreJob``, ``BackupRoutes`` (HTTP mix-in)
+    transfers              ``Transfers``: ``OutgoingTransfer`` (a server streamed to another node
+                           as chunked multipart tar.gz), ``IncomingTransfer`` (extracted as it
+                           arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
     metrics                ``GET /metrics`` (Prometheus text): ``ServerMetrics``, ``render_metrics``
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors;
                            ``TlsWrapper`` (``api.ssl``, certificate reloaded on renewal)
@@ -60,6 +69,8 @@ Where to look first:
     a start                  ``Server.power()`` -> ``Server._start()`` -> ``DockerEnvironment.start()``
     limits on a live server  ``DockerEnvironment.apply_limits()`` and ``Cgroup``
     suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
+    a backup / a restore     ``Backups.create()`` -> ``BackupJob.run()``; ``Backups.restore()`` ->
+                             ``RestoreJob.run()`` -> ``extract_archive()`` (archives section)
 
 Locks: each ``Server`` has two. Its **configuration lock** guards its configuration: held for one
 sync alone (Panel GET, validation, save, swap, live limits, closing sessions), by a delete, and by a
@@ -236,6 +247,9 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("system.log_directory", str, "/var/log/pterodactyl"),
     ("system.data", str, "/var/lib/pterodactyl/volumes"),
     ("system.tmp_directory", str, "/tmp/pterodactyl"),
+    ("system.backup_directory", str, "/var/lib/pterodactyl/backups"),
+    ("system.backups.compression_level", str, "best_speed"),
+    ("system.backups.write_limit", int, 0),
     ("system.timezone", str, ""),
     ("system.disk_check_interval", int, 150),
     ("system.activity_send_interval", int, 60),
@@ -294,12 +308,14 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
 
 _CHOICES = {
     "wingslite.disk_quota": ("auto", "btrfs", "project", "soft", "off"),
+    "system.backups.compression_level": ("none", "best_speed", "best_compression"),
 }
 
 _NON_NEGATIVE = {
     "api.port",
     "system.sftp.bind_port",
     "system.disk_check_interval",
+    "system.backups.write_limit",
     "system.activity_send_interval",
     "system.activity_send_count",
     "system.websocket_log_count",
@@ -2350,7 +2366,7 @@ ARCHIVE_CHUNK_BYTES = 1 << 20
 
 
 class ArchiveError(WingsliteError):
-    """An archive that cannot be read or would break a rule; ``message`` says which entry and why."""
+    """An archive that cannot be read or breaks a rule; ``message`` names the entry and why."""
 
     status = 400
 
@@ -2686,6 +2702,7 @@ def extract_archive(
     name: str = "",
     dest: str = "/",
     on_entry: Callable[[str], None] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> int:
     """Extract the archive read from ``src`` into ``dest`` of ``jail``; returns the entries written.
 
@@ -2696,11 +2713,12 @@ def extract_archive(
     format")``. A refused entry (absolute name, "..", a link out of the jail, the egg's denylist,
     a file over the disk limit) stops the extraction with ``ArchiveError`` naming it; what was
     written before it stays. ``on_entry(relpath)`` is called after each entry is written.
+    ``owner`` ``(uid, gid)``: what is made is chowned to it (the node's ``system.user``).
     """
     start = src.tell() if _seekable(src) else None
     head = _read_exactly(src, 512)
     kind = archive_format(head)
-    target = _Extractor(jail, fs, dest, on_entry)
+    target = _Extractor(jail, fs, dest, on_entry, owner)
     if kind == "zip":
         if start is not None:  # zip's directory is at its end: read it in place
             src.seek(start)
@@ -2740,9 +2758,14 @@ class _Extractor:
     """Writes checked entries into a jail; every byte booked with ``Filesystem.reserve`` first."""
 
     def __init__(
-        self, jail: Jail, fs: Filesystem, dest: str, on_entry: Callable[[str], None] | None
+        self,
+        jail: Jail,
+        fs: Filesystem,
+        dest: str,
+        on_entry: Callable[[str], None] | None,
+        owner: tuple[int, int] | None = None,
     ):
-        self.jail, self.fs, self.on_entry = jail, fs, on_entry
+        self.jail, self.fs, self.on_entry, self.owner = jail, fs, on_entry, owner
         self.dest = "/".join(Jail.parts(dest))
         self.count = 0
 
@@ -2760,6 +2783,8 @@ class _Extractor:
         return "/".join([self.dest, *parts]).lstrip("/")
 
     def _done(self, path: str) -> None:
+        if self.owner is not None:
+            self.jail.chown(path, *self.owner)  # never follows a link
         self.count += 1
         if self.on_entry is not None:
             self.on_entry(path)
@@ -2781,7 +2806,7 @@ class _Extractor:
             raise ArchiveError(f"the archive is damaged: {exc}") from None
 
     def entry(self, member: str, extract: Callable[[], None]) -> None:
-        """Run ``extract``; a refusal by the jail or the disk becomes ``ArchiveError`` naming ``member``."""
+        """Run ``extract``; a refusal by the jail or the disk becomes ``ArchiveError``."""
         try:
             extract()
         except PathEscape as exc:
@@ -2863,6 +2888,8 @@ class _Extractor:
     def _mkdir_one(self, path: str, mode: int) -> bool:
         try:
             self.jail.mkdir(path, mode)
+            if self.owner is not None:
+                self.jail.chown(path, *self.owner)
             return True
         except FileExistsError:
             if not stat.S_ISDIR(self.jail.stat(path).st_mode):
@@ -2876,7 +2903,7 @@ class _Extractor:
         self._done(path)
 
     def _clear(self, path: str) -> None:
-        """Remove what is at ``path`` (a file or a link, never a directory), giving its bytes back."""
+        """Remove the file or link (never a directory) at ``path``, giving its bytes back."""
         try:
             st = self.jail.lstat(path)
         except FileNotFoundError:
@@ -2911,7 +2938,7 @@ class _Extractor:
         self._done(path)
 
     def file(self, path: str, reader: Any, mode: int, mtime: float, size: int = 0) -> None:
-        """Write one file; its declared ``size`` is booked before the first byte, the rest as read."""
+        """Write one file: its declared ``size`` booked before the first byte, the rest as read."""
         self._parents(path)
         self._clear(path)
         if not self.fs.reserve(size):
@@ -6005,6 +6032,10 @@ class SignedUrls:
         if problem:
             raise WingsliteError(f"the {signed.kind} token is not valid: {problem}", 403)
 
+    def first_use(self, unique_id: str, exp: float) -> bool:
+        """True the first time ``unique_id`` is seen (remembered until ``exp``), False after."""
+        return self._first_use(unique_id, exp)
+
     def _first_use(self, unique_id: str, exp: float) -> bool:
         now = time.time()
         with self._lock:
@@ -6119,7 +6150,10 @@ class ConsoleSocket:
     auth_timeout_s = 30.0  # an unauthenticated socket only occupies one of the server's slots
     ping_interval_s = 30.0
     expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
-    power_wait_s = 0  # Wings' websocket power actions do not wait for the power lock
+    # Wings' websocket power actions do not wait for the power lock at all; the "offline" status
+    # reaches the browser a moment before the stop that sent it lets go of the lock, so a start
+    # clicked right then failed with "another power action". A few seconds' wait closes that gap.
+    power_wait_s = 5
 
     def __init__(self, ws: WebSocket, server: Any, daemon: Any, ip: str = ""):
         self.ws = ws
@@ -6831,9 +6865,12 @@ class SftpServer:
                 answer["server"],
             )
             return None
-        if server.suspended:
+        if server.suspended or server.transferring:
             LOG.info(
-                "SFTP login %r from %s refused: server %s is suspended", username, ip, server.uuid
+                "SFTP login %r from %s refused: server %s is suspended or being transferred",
+                username,
+                ip,
+                server.uuid,
             )
             return None
         return SftpLogin(
@@ -7055,9 +7092,9 @@ class _SftpSession:
             server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close()
         )
         revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
-        if server.suspended or revoked:
+        if server.suspended or server.transferring or revoked:
             LOG.info(
-                "SFTP session of %s refused: server %s is suspended or the user was deauthorized",
+                "SFTP session of %s refused: server %s is suspended, being transferred, or the user was deauthorized",
                 login.username,
                 server.uuid,
             )
@@ -7691,7 +7728,7 @@ def detect_mime(head: bytes, name: str) -> str:
 
 
 def go_file_mode(mode: int) -> str:
-    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``drwxr-xr-x``, ``Lrwxrwxrwx``)."""
+    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``Lrwxrwxrwx``)."""
     kinds = [
         (stat.S_ISDIR(mode), "d"),
         (stat.S_ISLNK(mode), "L"),
@@ -7717,7 +7754,7 @@ def _rfc3339(timestamp: float) -> str:
 def stat_object(
     name: str, st: os.stat_result, mime: str, target: os.stat_result | None = None
 ) -> dict[str, Any]:
-    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads it.
+    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads.
 
     ``st`` is the entry itself (lstat); for a symlink, ``target`` is what it resolves to inside
     the jail (None when it dangles or leads out), which decides ``directory``/``file`` and the size.
@@ -7737,6 +7774,16 @@ def stat_object(
         "symlink": stat.S_ISLNK(st.st_mode),
         "mime": mime,
     }
+
+
+def attachment_header(name: str) -> str:
+    """``Content-Disposition`` for a download: an ASCII name, and the real one (RFC 6266/5987)."""
+    fallback = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        raw = name.encode("utf-8", "surrogateescape")
+        value += "; filename*=UTF-8''" + urllib.parse.quote_from_bytes(raw, safe="")
+    return value
 
 
 def _file_head(jail: Jail, path: str) -> bytes:
@@ -7781,7 +7828,7 @@ def list_directory(jail: Jail, path: str) -> list[dict[str, Any]]:
 
 
 def fs_error(exc: OSError) -> WingsliteError:
-    """An ``OSError`` from the jail as Wings' status and text; a missing file is 404 (Wings: 500)."""
+    """An ``OSError`` from the jail as Wings' status and text (a missing file: 404; Wings: 500)."""
     code = exc.errno
     if isinstance(exc, PathEscape) or code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
         return WingsliteError(FM_NOT_FOUND, 404)
@@ -7828,7 +7875,7 @@ def makedirs(jail: Jail, path: str, mode: int = 0o755) -> None:
 
 
 def node_owner(daemon: Any) -> tuple[int, int] | None:
-    """The uid/gid files made for a server belong to (Wings ``system.user``), when root can chown."""
+    """The uid/gid a server's new files belong to (Wings ``system.user``), when root can chown."""
     if os.geteuid() != 0:
         return None
     try:
@@ -7929,7 +7976,7 @@ class StagedFile:
         else:
             self.abort()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int:
         if not self.fs.reserve(len(data)):
             raise NotEnoughSpace()
         view = memoryview(data)
@@ -7937,6 +7984,10 @@ class StagedFile:
             n = os.write(self.fd, view)
             self.written += n
             view = view[n:]
+        return len(data)
+
+    def flush(self) -> None:  # a file-like sink for gzip and tarfile
+        pass
 
     def _close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -7967,7 +8018,7 @@ class StagedFile:
 
 
 def copy_name(jail: Jail, path: str) -> str:
-    """Wings' name for a copy beside the file: ``a copy.txt``, ``a copy 1.txt`` ... (``x.tar.gz`` kept whole)."""
+    """Wings' name for a copy: ``a copy.txt``, ``a copy 1.txt``, ``x copy.tar.gz``..."""
     parent, base = posixpath.split(jail.normalize(path))
     stem, ext = posixpath.splitext(base)
     if stem.endswith(".tar"):
@@ -7982,14 +8033,105 @@ def copy_name(jail: Jail, path: str) -> str:
     return posixpath.join(parent, f"{stem}copy.{stamp}{ext}")
 
 
-def record_activity(server: Any, event: str, user_uuid: str, ip: str, metadata: dict) -> None:
-    """Hand a user's file event to the server's activity log, when the node keeps one."""
-    record = getattr(server, "record_activity", None)
-    if record is not None:
-        record(event, user_uuid, ip, metadata)
+# -- archives: compress and decompress --------------------------------------------------------
 
 
-# -- multipart bodies -------------------------------------------------------------------------------
+def archive_name(now: float | None = None) -> str:
+    """Wings' name for a new archive: ``archive-2024-01-02T150405Z.tar.gz`` (RFC 3339, no ':')."""
+    moment = datetime.datetime.fromtimestamp(
+        time.time() if now is None else now, datetime.timezone.utc
+    )
+    return f"archive-{moment.strftime('%Y-%m-%dT%H%M%SZ')}.tar.gz"
+
+
+def compress_files(
+    jail: Jail, write_jail: Jail, fs: Filesystem, root: str, files: list[str], owner: Any = None
+) -> str:
+    """Stream ``files`` (names in ``root``) into a new tar.gz in ``root``; returns its jail path.
+
+    The archive is staged and metered like every other write: past the disk limit it is refused
+    and nothing is left behind.
+    """
+    target = posixpath.join(jail.normalize(root), archive_name())
+    with StagedFile(write_jail, fs, target, owner=owner) as staged:
+        write_tar_gz(jail, staged, root=root, files=files)
+    return target
+
+
+def decompress_file(
+    jail: Jail,
+    fs: Filesystem,
+    root: str,
+    file: str,
+    is_denied: Callable[[str], bool] | None = None,
+    owner: Any = None,
+) -> None:
+    """Extract ``root/file`` into ``root``, all or nothing.
+
+    The shared extractor (``extract_archive``: every entry checked, every byte metered) writes into
+    a hidden staging directory inside ``root``. Only when the whole archive came out, and every
+    entry passes the checks at its final place (the egg's denylist, links that must still point
+    inside from there, no file where a directory is), are the entries moved into place; otherwise
+    the staging directory is removed and the tree is as it was.
+    """
+    dest = jail.normalize(root)
+    staging = posixpath.join(dest, f".wingslite-{uuidlib.uuid4().hex[:16]}.extract")
+    fd = jail.open(f"{dest}/{file}", os.O_RDONLY)
+    with os.fdopen(fd, "rb") as src:
+        jail.mkdir(staging, 0o700)
+        try:
+            extract_archive(jail, fs, src, name=posixpath.basename(file), dest=staging)
+            moves = _staged_moves(jail, staging, dest, is_denied)
+            for source, target, is_dir in moves:
+                if is_dir:
+                    with contextlib.suppress(FileExistsError):
+                        jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
+                else:
+                    replaced = jail.rename(source, target)
+                    if replaced is not None:
+                        fs.add_usage(-_freed_bytes(replaced))
+                if owner is not None:
+                    jail.chown(target, *owner)
+        finally:
+            with contextlib.suppress(OSError):
+                fs.add_usage(-remove_tree(jail, staging))
+
+
+def _staged_moves(
+    jail: Jail, staging: str, dest: str, is_denied: Callable[[str], bool] | None
+) -> list[tuple[str, str, bool]]:
+    """Every staged entry with its final place, parents first; refuses what may not go there."""
+    moves: list[tuple[str, str, bool]] = []
+    pending = [(staging, dest)]
+    while pending:
+        source_dir, target_dir = pending.pop()
+        for name, st in sorted(jail.listdir(source_dir)):
+            source, target = f"{source_dir}/{name}", f"{target_dir}/{name}"
+            try:
+                existing = jail.lstat(target)
+            except FileNotFoundError:
+                existing = None
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if existing is not None and stat.S_ISDIR(existing.st_mode) != is_dir:
+                kind = "directory" if is_dir else "file"
+                raise ArchiveError(f"cannot extract the {kind} {target!r}: something else is there")
+            if not is_dir and is_denied is not None and is_denied(target):
+                raise PermissionError(errno.EACCES, "this file is in the egg's file_denylist")
+            if stat.S_ISLNK(st.st_mode):  # its target is relative to where it will live
+                link = jail.readlink(source)
+                try:
+                    jail._check_link_target(jail.parts(target), link)
+                except PathEscape:
+                    raise ArchiveError(
+                        f"refused archive entry {target!r}: a link to {link!r} would point outside"
+                    ) from None
+            moves.append((source, target, is_dir))
+            if is_dir:
+                pending.append((source, target))
+    return moves
+
+
+# -- multipart bodies ---------------------------------------------------------------------------
 
 
 def multipart_boundary(content_type: str) -> bytes | None:
@@ -8102,7 +8244,7 @@ class PullRefused(OSError):
 
 
 def is_internal_address(ip: str) -> bool:
-    """Loopback, private, link-local, shared, reserved, multicast... anything not the public Internet."""
+    """Loopback, private, link-local, shared, reserved, multicast: not the public Internet."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
@@ -8220,7 +8362,8 @@ class Pull:
             raise WingsliteError(str(exc.strerror), 400) from None
         except urllib.error.HTTPError as exc:
             raise BadRequest(
-                f"the remote server answered {exc.code} {exc.reason}, not 200 (redirects are not followed)"
+                f"the remote server answered {exc.code} {exc.reason}, not 200 "
+                "(redirects are not followed)"
             ) from None
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -8285,7 +8428,7 @@ class Pulls:
                     self._pulls.pop(pull.identifier, None)
 
 
-# -- routes ------------------------------------------------------------------------------------------
+# -- routes -------------------------------------------------------------------------------------
 
 FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", _FM_SERVER + r"/contents", "file_contents", True),
@@ -8296,6 +8439,8 @@ FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("POST", _FM_SERVER + r"/create-directory", "create_directory", True),
     ("POST", _FM_SERVER + r"/delete", "delete_files", True),
     ("POST", _FM_SERVER + r"/chmod", "chmod_files", True),
+    ("POST", _FM_SERVER + r"/compress", "compress_files", True),
+    ("POST", _FM_SERVER + r"/decompress", "decompress_file", True),
     ("GET", _FM_SERVER + r"/pull", "list_pulls", True),
     ("POST", _FM_SERVER + r"/pull", "pull_file", True),
     ("DELETE", _FM_SERVER + r"/pull/(?P<download>[^/]+)", "cancel_pull", True),
@@ -8305,7 +8450,7 @@ FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
 
 
 class FileManagerRoutes:
-    """The file routes of ``ApiHandler`` (a mix-in: uses its ``read_json``, ``_respond``, ``query``)."""
+    """The file routes of ``ApiHandler`` (a mix-in using its ``read_json``, ``query``, ...)."""
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -8426,9 +8571,7 @@ class FileManagerRoutes:
                 size = os.fstat(fd).st_size
                 headers = {"X-Mime-Type": info["mime"], "Content-Type": info["mime"]}
                 if self._param("download"):
-                    headers["Content-Disposition"] = (
-                        f"attachment; filename={json.dumps(info['name'])}"
-                    )
+                    headers["Content-Disposition"] = attachment_header(info["name"])
                     headers["Content-Type"] = "application/octet-stream"
                 self._send_file(fd, size, headers)
             finally:
@@ -8572,6 +8715,34 @@ class FileManagerRoutes:
                     jail.chmod(path, mode)
         return 204, None
 
+    def route_compress_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files were passed through to be compressed.")
+        if not all(isinstance(f, str) for f in files):
+            raise WingsliteError("files must be a list of names", 422)
+        if not server.fs.has_space():
+            raise Conflict(
+                "This server does not have enough available disk space to generate a compressed archive."
+            )
+        owner = node_owner(self.server.daemon)
+        with self._jail(server) as jail, self._jail(server, denylist=True) as write_jail:
+            with fs_errors():
+                path = compress_files(jail, write_jail, server.fs, root, files, owner)
+                info = stat_path(jail, path)
+        info["mime"] = "application/tar+gzip"  # as Wings answers it
+        return 200, info
+
+    def route_decompress_file(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root, file = self._text(body, "root", "/"), self._text(body, "file")
+        if not file:
+            raise WingsliteError("The file to decompress is required.", 422)
+        owner = node_owner(self.server.daemon)
+        with self._jail(server) as jail, fs_errors():
+            decompress_file(jail, server.fs, root, file, server.fs.is_denied, owner)
+        return 204, None
+
     # -- remote downloads ------------------------------------------------------------------------
 
     def _pulls_enabled(self) -> None:
@@ -8650,7 +8821,7 @@ class FileManagerRoutes:
             try:
                 name = posixpath.basename(jail.normalize(token.claim("file_path")))
                 headers = {
-                    "Content-Disposition": f"attachment; filename={json.dumps(name)}",
+                    "Content-Disposition": attachment_header(name),
                     "Content-Type": "application/octet-stream",
                 }
                 self._send_file(fd, os.fstat(fd).st_size, headers)
@@ -8659,10 +8830,15 @@ class FileManagerRoutes:
         return None, None
 
     def route_upload_file(self) -> tuple[int, Any]:
-        token, server = self._signed("file-upload")
-        boundary = multipart_boundary(self.headers.get("Content-Type", ""))
-        if boundary is None:
-            raise BadRequest("Failed to get multipart form data from request.")
+        try:
+            token, server = self._signed("file-upload")
+            boundary = multipart_boundary(self.headers.get("Content-Type", ""))
+            if boundary is None:
+                raise BadRequest("Failed to get multipart form data from request.")
+        except WingsliteError:
+            with contextlib.suppress(WingsliteError):  # read the refused body: the browser
+                self._discard_body(self._body_reader()[0])  # then sees the answer, not a reset
+            raise
         directory = self._param("directory", "/")
         limit_mb = self.server.daemon.config.get("api.upload_limit")
         owner = node_owner(self.server.daemon)
@@ -8670,13 +8846,20 @@ class FileManagerRoutes:
         read, _ = self._body_reader()
         with self._jail(server, denylist=True) as jail, fs_errors():
             try:
-                for headers, chunks in MultipartReader(read, boundary).parts():
+                for headers, chunks in MultipartReader(read, boundary, FM_CHUNK_BYTES).parts():
                     form = form_disposition(headers.get("content-disposition", ""))
                     if form.get("name") != "files" or "filename" not in form:
                         continue
+                    if not form["filename"]:
+                        continue  # a file input left empty: browsers send an empty part
                     name = posixpath.basename(form["filename"].replace("\\", "/"))
                     if name in ("", ".", ".."):
-                        raise BadRequest("An uploaded file has no name.")
+                        raise BadRequest(
+                            f"An uploaded file has no usable name: {form['filename']!r}"
+                        )
+                    for earlier in [t for n, t in staged if n == name]:
+                        earlier.abort()  # the same name twice in one form: the last one wins
+                    staged = [(n, t) for n, t in staged if n != name]
                     target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
                     staged.append((name, target))
                     for chunk in chunks:
@@ -8696,14 +8879,1119 @@ class FileManagerRoutes:
                 raise
         ip = self.client_address[0] if self.client_address else ""
         for name, _ in staged:
-            record_activity(
-                server,
+            server.record_activity(
                 "server:file.uploaded",
                 token.user_uuid,
                 ip,
                 {"file": name, "directory": "/" + "/".join(Jail.parts(directory))},
             )
         return 200, None
+
+
+# backups ##########################################################################################
+#
+# Wings v1.11's backups (router/router_server_backup.go, server/backup.go, server/backup/*.go;
+# the Panel side: DaemonBackupRepository, BackupRemoteUploadController, BackupStatusController):
+#
+#   POST   /api/servers/:server/backup                  {adapter, uuid, ignore} -> 202, then a
+#          tar.gz of the server directory (``write_tar_gz``) to ``system.backup_directory/<uuid>
+#          .tar.gz`` (written under a temporary name, renamed when complete, sha1 while writing);
+#          ``s3``: the parts PUT to the Panel's presigned URLs and the local file removed; then
+#          ``POST /api/remote/backups/<uuid>`` and the websocket event ``backup completed``.
+#   POST   /api/servers/:server/backup/:backup/restore  {adapter, truncate_directory,
+#          download_url} -> 202, then stop, empty, ``extract_archive``, ``POST .../restore``.
+#   DELETE /api/servers/:server/backup/:backup          -> 204, or 404 when there is none.
+#   GET    /download/backup?token=                      the Panel's one-time JWT -> the archive.
+#
+# The node keeps one small record per backup under ``<root_directory>/wingslite/backups``: which
+# server a local archive belongs to (so a token or a request for another server's backup is
+# refused, which Wings does not check) and which backups were running. A daemon stopped in the
+# middle of a backup leaves a record; at the next boot its temporary file is removed and the
+# Panel is told the backup failed.
+
+BACKUP_ADAPTERS = ("wings", "s3")
+_BACKUP_SERVER = r"/api/servers/(?P<server>[^/]+)"
+BACKUP_NOT_FOUND = "The requested backup was not found on this server."
+_COMPRESSION_LEVELS = {"none": 0, "best_speed": 1, "best_compression": 9}
+
+
+class BackupRecords:
+    """``<directory>/<backup uuid>.json``: ``{server, adapter, state}`` of each backup made here.
+
+    ``state`` is ``running`` while the archive is being made and ``done`` once a local archive is
+    kept; an s3 backup's record is removed when it ends.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def _path(self, backup_uuid: str) -> Path:
+        return self.directory / f"{backup_uuid}.json"
+
+    def write(self, backup_uuid: str, server_uuid: str, adapter: str, state: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {"server": server_uuid, "adapter": adapter, "state": state}
+        atomic_write(self._path(backup_uuid), json.dumps(record).encode())
+
+    def read(self, backup_uuid: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self._path(backup_uuid).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def remove(self, backup_uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(backup_uuid).unlink()
+
+    def running(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(backup uuid, record)`` of every backup whose record still says ``running``."""
+        out = []
+        for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else ():
+            record = self.read(path.stem)
+            if _UUID_RE.match(path.stem) and record and record.get("state") == "running":
+                out.append((path.stem, record))
+        return out
+
+
+class Backups:
+    """The node's backups: made, shipped, restored and deleted in background threads.
+
+    Methods for the caller: ``create(server, backup_uuid, adapter, ignore)``, ``restore(server,
+    backup_uuid, adapter, truncate, download_url)``, ``delete(server, backup_uuid)``,
+    ``locate(backup_uuid, server_uuid)``, ``recover()`` (boot: clean up and report interrupted
+    backups). ``node`` is the daemon (``config``, ``panel``, ``servers``).
+
+    Class variables that may be overridden: ``upload_attempts`` and ``upload_backoff_s`` (an s3
+    part is tried this many times, waiting ``backoff * 2**n`` between tries), ``upload_timeout_s``,
+    ``restore_lines_per_s`` (console lines naming restored files).
+    """
+
+    upload_attempts = 5
+    upload_backoff_s = 0.5
+    upload_timeout_s = 300.0
+    restore_lines_per_s = 10.0
+
+    def __init__(self, node: Any):
+        self.node = node
+        self.directory = Path(node.config.get("system.backup_directory"))
+        self.records = BackupRecords(node.config.root_dir / "wingslite" / "backups")
+        self._lock = threading.Lock()
+        self._running: set[str] = set()
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def path(self, backup_uuid: str) -> Path:
+        return self.directory / f"{backup_uuid}.tar.gz"
+
+    def temp_path(self, backup_uuid: str) -> Path:
+        return self.directory / f".{backup_uuid}.tar.gz.part"
+
+    def locate(self, backup_uuid: str, server_uuid: str) -> Path:
+        """The local archive of ``backup_uuid`` if it belongs to ``server_uuid``; ``NotFound`` else.
+
+        An archive without a record (made by Wings before this node ran wingslite) belongs to
+        whichever server asks, as in Wings.
+        """
+        if not isinstance(backup_uuid, str) or not _UUID_RE.match(backup_uuid):
+            raise NotFound(BACKUP_NOT_FOUND)
+        record = self.records.read(backup_uuid)
+        if record is not None and record.get("server") != server_uuid:
+            raise NotFound(BACKUP_NOT_FOUND)
+        path = self.path(backup_uuid)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise NotFound(BACKUP_NOT_FOUND) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(BACKUP_NOT_FOUND)
+        return path
+
+    def delete(self, server: Any, backup_uuid: str) -> None:
+        path = self.locate(backup_uuid, server.uuid)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.records.remove(backup_uuid)
+
+    # -- making a backup -------------------------------------------------------------------------
+
+    def create(self, server: Any, backup_uuid: Any, adapter: Any, ignore: Any) -> None:
+        """Check the request, then make the backup in the background (the caller answers 202)."""
+        if adapter not in BACKUP_ADAPTERS:
+            raise WingsliteError(
+                f"router/backups: provided adapter is not valid: {adapter!r} (wings or s3)",
+                422,
+            )
+        if not isinstance(backup_uuid, str) or not _UUID_RE.match(backup_uuid):
+            raise WingsliteError(f"the backup uuid {backup_uuid!r} is not a UUID", 422)
+        if ignore is not None and not isinstance(ignore, str):
+            raise WingsliteError("ignore must be a string of newline-separated patterns", 422)
+        with self._lock:
+            if backup_uuid in self._running or self.path(backup_uuid).exists():
+                raise Conflict(f"backup {backup_uuid} already exists on this node")
+            self._running.add(backup_uuid)
+        self.records.write(backup_uuid, server.uuid, adapter, "running")
+        job = BackupJob(self, server, backup_uuid, adapter, ignore or "")
+        threading.Thread(
+            target=job.run, name=f"wingslite-backup-{backup_uuid[:8]}", daemon=True
+        ).start()
+        server.metrics.count("backup")
+
+    def finished(self, backup_uuid: str) -> None:
+        with self._lock:
+            self._running.discard(backup_uuid)
+
+    def report(self, backup_uuid: str, body: dict[str, Any]) -> None:
+        """``POST /api/remote/backups/<uuid>``: the Panel learns how the backup ended."""
+        self.node.panel.request("POST", f"/backups/{backup_uuid}", body=body)
+
+    def recover(self) -> None:
+        """Boot: remove the temporary archive of every interrupted backup and report it failed."""
+        for backup_uuid, record in self.records.running():
+            LOG.warning(
+                "backup %s of server %s was interrupted by a restart: reporting it failed",
+                backup_uuid,
+                record.get("server"),
+            )
+            # The temporary file, and an archive renamed just before the restart: the Panel is
+            # told the backup failed, so nothing would ever ask for it.
+            for path in (self.temp_path(backup_uuid), self.path(backup_uuid)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            if self.report_failed(backup_uuid):
+                self.records.remove(backup_uuid)
+
+    def report_failed(self, backup_uuid: str) -> bool:
+        """Tell the Panel a backup failed; False when it should be tried again at the next boot
+        (the Panel is down). A 4xx is final: the Panel no longer knows the backup, or refuses."""
+        try:
+            self.report(backup_uuid, _failed_backup_body())
+        except PanelError as exc:
+            LOG.error("backup %s: the Panel was not told it failed: %s", backup_uuid, exc)
+            return 400 <= exc.http_status < 500
+        return True
+
+    # -- restoring ---------------------------------------------------------------------------------
+
+    def restore(
+        self, server: Any, backup_uuid: Any, adapter: Any, truncate: Any, download_url: Any
+    ) -> None:
+        """Check the request and open the archive, then restore in the background (202)."""
+        if adapter not in BACKUP_ADAPTERS:
+            raise WingsliteError(f"the adapter must be wings or s3, not {adapter!r}", 422)
+        if not isinstance(truncate, bool):
+            raise WingsliteError("truncate_directory must be true or false", 422)
+        if adapter == "s3" and (not isinstance(download_url, str) or not download_url):
+            raise BadRequest(
+                "The download_url field is required when the backup adapter is set to S3."
+            )
+        if adapter == "wings":
+            path = self.locate(backup_uuid, server.uuid)
+        if not server.begin_restore():
+            raise Conflict("server is currently restoring")
+        try:
+            if adapter == "wings":
+                source, name = (lambda: open(path, "rb")), path.name
+            else:
+                source, name = self._remote_source(download_url), f"{backup_uuid}.tar.gz"
+            job = RestoreJob(self, server, str(backup_uuid), source, name, truncate)
+            threading.Thread(
+                target=job.run, name=f"wingslite-restore-{str(backup_uuid)[:8]}", daemon=True
+            ).start()
+        except BaseException:
+            server.end_restore()
+            raise
+
+    def _remote_source(self, url: str) -> Callable[[], Any]:
+        """Open the s3 download now (a bad link is the request's error), read it in the job."""
+        if not re.match(r"^https?://", url):
+            raise BadRequest("download_url must be an http(s) URL")
+        try:
+            resp = urllib.request.urlopen(url, timeout=self.upload_timeout_s)
+        except urllib.error.HTTPError as exc:
+            raise BadRequest(f"the backup could not be downloaded: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise BadRequest(f"the backup could not be downloaded: {exc}") from None
+        return lambda: resp
+
+
+def _failed_backup_body() -> dict[str, Any]:
+    return {"checksum": "", "checksum_type": "sha1", "size": 0, "successful": False, "parts": None}
+
+
+class _PacedWriter:
+    """Writes at most ``bytes_per_s`` a second on average (Wings ``system.backups.write_limit``,
+    MiB/s: a backup must not starve the game servers' disk, panel#2798)."""
+
+    def __init__(self, out: Any, bytes_per_s: int):
+        self.out, self.bytes_per_s = out, bytes_per_s
+        self.started, self.written = time.monotonic(), 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.written += len(data)
+        ahead_s = self.written / self.bytes_per_s - (time.monotonic() - self.started)
+        if ahead_s > 0:
+            time.sleep(ahead_s)
+        return len(data)
+
+
+class _PartRetry(Exception):
+    """A part upload that may succeed when tried again (5xx, 429, timeout, connection error)."""
+
+
+class BackupJob:
+    """One backup, start to end: archive, ship, tell the Panel, tell the websockets."""
+
+    def __init__(self, backups: Backups, server: Any, backup_uuid: str, adapter: str, ignore: str):
+        self.backups, self.server = backups, server
+        self.uuid, self.adapter, self.ignore = backup_uuid, adapter, ignore
+
+    def run(self) -> None:
+        try:
+            checksum, size = self._archive()
+            parts = self._upload(size) if self.adapter == "s3" else None
+        except Exception as exc:
+            self._failed(exc)
+            return
+        finally:
+            self.backups.finished(self.uuid)
+            if self.adapter == "s3":  # staging only: never kept, whatever happened
+                with contextlib.suppress(FileNotFoundError):
+                    self.backups.path(self.uuid).unlink()
+        body = {
+            "checksum": checksum,
+            "checksum_type": "sha1",
+            "size": size,
+            "successful": True,
+            "parts": parts,
+        }
+        try:
+            self.backups.report(self.uuid, body)
+        except PanelError as exc:
+            # As Wings: a backup the Panel does not know about is deleted; the Panel cleans up.
+            LOG.error(
+                "backup %s: the Panel was not told it completed (%s); removing it", self.uuid, exc
+            )
+            with contextlib.suppress(FileNotFoundError):
+                self.backups.path(self.uuid).unlink()
+            self.backups.records.remove(self.uuid)
+            return
+        if self.adapter == "s3":
+            self.backups.records.remove(self.uuid)
+        else:
+            self.backups.records.write(self.uuid, self.server.uuid, self.adapter, "done")
+        LOG.info("backup %s of server %s completed (%d bytes)", self.uuid, self.server.uuid, size)
+        self._publish(True, checksum, size)
+
+    def _publish(self, successful: bool, checksum: str, size: int) -> None:
+        event = {
+            "uuid": self.uuid,
+            "is_successful": successful,
+            "checksum": checksum,
+            "checksum_type": "sha1",
+            "file_size": size,
+        }
+        self.server.events.publish("backup completed", json.dumps(event, separators=(",", ":")))
+
+    def _failed(self, exc: Exception) -> None:
+        text = exc.message if isinstance(exc, WingsliteError) else str(exc)
+        unexpected = not isinstance(exc, (WingsliteError, OSError))  # a bug: keep its traceback
+        LOG.error(
+            "backup %s of server %s failed: %s",
+            self.uuid,
+            self.server.uuid,
+            text,
+            exc_info=exc if unexpected else None,
+        )
+        for path in (self.backups.temp_path(self.uuid), self.backups.path(self.uuid)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self.backups.report_failed(self.uuid):  # else the next boot reports it
+            self.backups.records.remove(self.uuid)
+        self._publish(False, "", 0)
+
+    def _ignore_rules(self, jail: Jail) -> str:
+        """The request's ``ignore``, or when it is empty the server's ``.pteroignore`` (Wings)."""
+        if self.ignore.strip():
+            return self.ignore
+        try:
+            fd = jail.open("/.pteroignore", os.O_RDONLY)
+        except OSError:
+            return ""
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(1 << 20).decode("utf-8", "replace")
+
+    def _archive(self) -> tuple[str, int]:
+        """The tar.gz written under a temporary name and renamed; returns ``(sha1, size)``."""
+        directory, temp = self.backups.directory, self.backups.temp_path(self.uuid)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        level = _COMPRESSION_LEVELS.get(
+            self.backups.node.config.get("system.backups.compression_level"), 1
+        )
+        self.server.fs.ensure()
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        limit_mib = self.backups.node.config.get("system.backups.write_limit")
+        with (
+            os.fdopen(fd, "wb", buffering=1 << 20) as fh,
+            Jail(self.server.fs.root, is_denied=self.server.fs.is_denied) as jail,
+        ):
+            out = HashingWriter(_PacedWriter(fh, limit_mib << 20) if limit_mib > 0 else fh)
+            write_tar_gz(jail, out, ignore=self._ignore_rules(jail), compress_level=level)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, self.backups.path(self.uuid))
+        return out.hexdigest(), out.bytes_written
+
+    # -- s3 -------------------------------------------------------------------------------------
+
+    def _upload(self, size: int) -> list[dict[str, Any]]:
+        """PUT the archive to the Panel's presigned part URLs; the ETags in part order."""
+        answer = self.backups.node.panel.request(
+            "GET", f"/backups/{self.uuid}", query={"size": size}
+        )
+        urls = answer.get("parts") if isinstance(answer, dict) else None
+        part_size = answer.get("part_size") if isinstance(answer, dict) else None
+        if (
+            not isinstance(urls, list)
+            or not urls
+            or not all(isinstance(u, str) and re.match(r"^https?://", u) for u in urls)
+            or not isinstance(part_size, int)
+            or isinstance(part_size, bool)
+            or part_size <= 0
+            or -(-size // part_size) != len(urls)
+        ):
+            raise WingsliteError(
+                f"the Panel's upload answer for {size} bytes is not {{parts: [url...], part_size}}"
+                " with one URL per part"
+            )
+        parts = []
+        for index, url in enumerate(urls):
+            offset = index * part_size
+            length = min(part_size, size - offset)
+            etag = self._put_part(url, offset, length, index + 1)
+            parts.append({"etag": etag, "part_number": index + 1})
+        return parts
+
+    def _put_part(self, url: str, offset: int, length: int, number: int) -> str:
+        backups = self.backups
+        for attempt in range(1, backups.upload_attempts + 1):
+            try:
+                return self._put_once(url, offset, length)
+            except _PartRetry as exc:
+                if attempt == backups.upload_attempts:
+                    raise WingsliteError(
+                        f"part {number} could not be uploaded after {attempt} attempts: {exc}"
+                    ) from None
+                wait = backups.upload_backoff_s * 2 ** (attempt - 1)
+                LOG.warning(
+                    "backup %s: part %d failed (%s), retrying in %.1fs",
+                    self.uuid,
+                    number,
+                    exc,
+                    wait,
+                )
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _put_once(self, url: str, offset: int, length: int) -> str:
+        # The part is read again from the file on every try: a failed try consumed its body.
+        with open(self.backups.path(self.uuid), "rb") as fh:
+            fh.seek(offset)
+            body = _FixedSizeReader(fh.fileno(), length)
+            request = urllib.request.Request(
+                url,
+                data=body,
+                method="PUT",
+                headers={"Content-Length": str(length), "Content-Type": "application/x-gzip"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.backups.upload_timeout_s) as resp:
+                    resp.read()
+                    etag = resp.headers.get("ETag", "")
+            except urllib.error.HTTPError as exc:
+                if exc.code >= 500 or exc.code == 429:
+                    raise _PartRetry(f"HTTP {exc.code}") from None
+                raise WingsliteError(f"the storage refused a part: HTTP {exc.code}") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                raise _PartRetry(str(getattr(exc, "reason", exc))) from None
+        if not etag:
+            raise WingsliteError("the storage answered a part without an ETag")
+        return etag
+
+
+class RestoreJob:
+    """One restore: stop the server, empty its directory if asked, extract, report."""
+
+    def __init__(
+        self,
+        backups: Backups,
+        server: Any,
+        backup_uuid: str,
+        source: Callable[[], Any],
+        name: str,
+        truncate: bool,
+    ):
+        self.backups, self.server, self.uuid = backups, server, backup_uuid
+        self.source, self.name, self.truncate = source, name, truncate
+        self.restored = 0
+        self._skipped = 0
+        self._last_line = 0.0
+
+    def run(self) -> None:
+        server = self.server
+        successful = False
+        try:
+            server.console_message(f"Restoring the server from backup {self.uuid}...")
+            self._stop()
+            with Jail(server.fs.root, is_denied=server.fs.is_denied) as jail:
+                if self.truncate:
+                    empty_directory(jail, server.fs)
+                with contextlib.closing(self.source()) as src:
+                    owner = node_owner(server.daemon)
+                    extract_archive(
+                        jail, server.fs, src, name=self.name, on_entry=self._entry, owner=owner
+                    )
+            successful = True
+        except Exception as exc:
+            text = exc.message if isinstance(exc, WingsliteError) else str(exc)
+            LOG.error("restore of backup %s to server %s failed: %s", self.uuid, server.uuid, text)
+            server.console_message(
+                f"Restoring the backup failed after {self.restored} files were restored: {text}"
+            )
+        finally:
+            self._flush_skipped()
+            server.fs.recalculate()
+            server.end_restore()
+        if successful:
+            server.console_message(
+                f"Completed server restoration from backup ({self.restored} files)."
+            )
+        try:
+            self.backups.node.panel.request(
+                "POST", f"/backups/{self.uuid}/restore", body={"successful": successful}
+            )
+        except PanelError as exc:
+            LOG.error("backup %s: the Panel was not told how the restore ended: %s", self.uuid, exc)
+        server.events.publish("backup restore completed", "")
+
+    def _stop(self) -> None:
+        server = self.server
+        with server.power_lock:  # a start in flight finishes; power actions are refused meanwhile
+            server.env.stop(server.config, server.daemon.config.get("wingslite.stop_timeout_s"))
+
+    def _entry(self, path: str) -> None:
+        """One console line per restored file, at most ``restore_lines_per_s``; the rest counted."""
+        self.restored += 1
+        now = time.monotonic()
+        if now - self._last_line < 1.0 / self.backups.restore_lines_per_s:
+            self._skipped += 1
+            return
+        self._last_line = now
+        self._flush_skipped()
+        self.server.console_message(f"(restoring): {path}")
+
+    def _flush_skipped(self) -> None:
+        if self._skipped:
+            self.server.console_message(f"(restoring): ... and {self._skipped} more files")
+            self._skipped = 0
+
+
+def empty_directory(jail: Jail, fs: Filesystem) -> None:
+    """Remove everything beneath the jail's root (never following a link); usage is recounted."""
+    with jail.resolve("/") as where:
+        root_fd = os.open(".", Jail._DIR_FLAGS, dir_fd=where.dir_fd)
+    try:
+        for name in os.listdir(root_fd):
+            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, dir_fd=root_fd)  # fd-based: safe against symlink swaps
+            else:
+                os.unlink(name, dir_fd=root_fd)
+    finally:
+        os.close(root_fd)
+    fs.recalculate()
+
+
+class BackupRoutes:
+    """The backup routes of ``ApiHandler`` (a mix-in: ``read_json``, ``_respond`` come from it)."""
+
+    def route_backup_create(self, server: Any) -> tuple[int, Any]:
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise WingsliteError(
+                'expected {"adapter": "wings"|"s3", "uuid": "...", "ignore": "..."}', 422
+            )
+        self.server.daemon.backups.create(
+            server, body.get("uuid"), body.get("adapter"), body.get("ignore")
+        )
+        return 202, None
+
+    def route_backup_restore(self, server: Any, backup: str) -> tuple[int, Any]:
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise WingsliteError('expected {"adapter", "truncate_directory", "download_url"}', 422)
+        self.server.daemon.backups.restore(
+            server,
+            urllib.parse.unquote(backup),
+            body.get("adapter"),
+            body.get("truncate_directory", False),
+            body.get("download_url"),
+        )
+        return 202, None
+
+    def route_backup_delete(self, server: Any, backup: str) -> tuple[int, Any]:
+        self.server.daemon.backups.delete(server, urllib.parse.unquote(backup))
+        return 204, None
+
+    def route_download_backup(self) -> tuple[int | None, Any]:
+        daemon = self.server.daemon
+        token = (self.query.get("token") or [""])[0]
+        signed = daemon.signed_urls.verify(token, "backup-download", lambda u: u in daemon.servers)
+        path = daemon.backups.locate(signed.claim("backup_uuid"), signed.server_uuid)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            headers = {
+                "Content-Disposition": f"attachment; filename={json.dumps(path.name)}",
+                "Content-Type": "application/octet-stream",
+            }
+            self._send_file(fd, os.fstat(fd).st_size, headers)  # the file manager's
+        finally:
+            os.close(fd)
+        return None, None
+
+
+BACKUP_ROUTES = (
+    ("POST", _BACKUP_SERVER + r"/backup", "backup_create", True),
+    ("POST", _BACKUP_SERVER + r"/backup/(?P<backup>[^/]+)/restore", "backup_restore", True),
+    ("DELETE", _BACKUP_SERVER + r"/backup/(?P<backup>[^/]+)", "backup_delete", True),
+    ("GET", r"/download/backup", "download_backup", False),  # the one-time JWT in the query
+)
+
+
+# transfers ########################################################################################
+#
+# A transfer moves a server to another node (the Panel's admin "Transfer"). Wings v1.11's
+# protocol (router/router_server_transfer.go, router/router_transfer.go, server/transfer/*.go),
+# byte for byte, so that either side may be Wings:
+#
+#   Panel  -> source       POST /api/servers/:server/transfer {url, token, server}   202
+#   source -> destination  POST {url} (= destination/api/transfers), Authorization: <token>
+#                          (``Bearer <JWT>``: HS256 with the destination's node token, sub = server
+#                          uuid), Transfer-Encoding: chunked, multipart/form-data: the part
+#                          ``archive`` (archive.tar.gz, the server directory) then the part
+#                          ``checksum`` (hex sha256 of the archive bytes)
+#   destination            extracts while the bytes arrive, checks the sha256, then tells the
+#                          Panel: POST /api/remote/servers/{uuid}/transfer/success (or /failure)
+#   Panel  -> source       (inside that success call) DELETE /api/servers/:server
+#   destination -> source  200 once the Panel has answered
+#
+# Neither side writes a temporary archive or holds one in memory. wingslite keeps what Wings
+# loses: links arrive as links (refused if they would point out), empty directories and modes are
+# kept, and a failed transfer leaves nothing on the destination.
+
+TRANSFER_CHUNK_BYTES = 256 * 1024
+TRANSFER_NOT_RUNNING = "Server is not currently being transferred."
+
+
+def transfer_log_line(text: str, node: str = "Source Node") -> str:
+    """A ``transfer logs`` line as Wings colours it (colorstring "[yellow][bold]...[default]")."""
+    when = time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime())
+    return f"\x1b[33m\x1b[1m{when} [Transfer System] [{node}]:\x1b[39m {text}\x1b[0m"
+
+
+def progress_bar(done_bytes: int, total_bytes: int, width: int = 25) -> str:
+    """``[=====>      ] 12.00 MiB / 40.00 MiB`` (Wings internal/progress)."""
+    total = max(total_bytes, done_bytes, 1)
+    filled = min(width, done_bytes * width // total)
+    bar = "=" * filled + (">" if filled < width else "") + " " * max(0, width - filled - 1)
+    return f"[{bar}] {done_bytes / 1048576:.2f} MiB / {total_bytes / 1048576:.2f} MiB"
+
+
+class _ChunkedBody:
+    """A writable HTTP/1.1 request body in chunked transfer coding (RFC 9112 section 7.1).
+
+    Writes are gathered into chunks of ``TRANSFER_CHUNK_BYTES``, so memory stays bounded by one
+    chunk whatever the size of what goes through.
+    """
+
+    def __init__(self, send: Callable[[bytes], Any]):
+        self._send = send
+        self._buf = bytearray()
+        self.bytes_sent = 0
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        if len(self._buf) >= TRANSFER_CHUNK_BYTES:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._send(b"%x\r\n" % len(self._buf) + bytes(self._buf) + b"\r\n")
+            self.bytes_sent += len(self._buf)
+            self._buf.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._send(b"0\r\n\r\n")
+
+
+class _MultipartWriter:
+    """``multipart/form-data`` written as a stream (RFC 7578): ``file()`` then ``field()``."""
+
+    def __init__(self, out: Any):
+        self.out = out
+        self.boundary = uuidlib.uuid4().hex + uuidlib.uuid4().hex[:28]  # 60 chars, like Go's
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def _head(self, headers: str) -> None:
+        self.out.write(f"--{self.boundary}\r\n{headers}\r\n\r\n".encode())
+
+    def file(self, name: str, filename: str) -> None:
+        """Start a file part; its bytes are then written to ``out`` directly."""
+        self._head(
+            f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream"
+        )
+
+    def field(self, name: str, value: str) -> None:
+        self.out.write(b"\r\n")  # ends the part before
+        self._head(f'Content-Disposition: form-data; name="{name}"')
+        self.out.write(value.encode())
+
+    def close(self) -> None:
+        self.out.write(f"\r\n--{self.boundary}--\r\n".encode())
+
+
+class OutgoingTransfer:
+    """Sends one server to another node; ``run()`` in a thread of its own.
+
+    Methods for the caller: ``run()``, ``cancel()``. Class variables that may be overridden:
+    ``stop_wait_s`` (how long the server may take to stop before it is killed, Wings: 15 s),
+    ``progress_interval_s``, ``response_timeout_s``.
+
+    The server is stopped first (killed when it does not stop in time); its directory goes out
+    through ``write_tar_gz`` (links as links, never followed), hashed on its way into the request
+    body. Progress reaches sockets with ``admin.websocket.transfer`` as ``transfer logs`` and
+    ``transfer status`` events. On success nothing is sent to the Panel -- only the destination
+    reports success, and the Panel then deletes the server here. On failure or cancel the Panel
+    is told ``/transfer/failure`` and the server is usable again.
+    """
+
+    stop_wait_s = 15.0
+    progress_interval_s = 5.0
+    response_timeout_s = 600.0
+
+    def __init__(self, server: Any, url: str, token: str):
+        self.server, self.url, self.token = server, url, token
+        self._cancelled = threading.Event()
+        self._conn: http.client.HTTPConnection | None = None
+        self.sent_bytes = 0
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def message(self, text: str) -> None:
+        self.server.events.publish("transfer logs", transfer_log_line(text))
+
+    def status(self, value: str) -> None:
+        self.server.events.publish("transfer status", value)
+
+    def run(self) -> None:
+        try:
+            self._stop_server()
+            self.status("processing")
+            self.message("Preparing to stream server data to destination...")
+            answer = self._push()
+            LOG.info(
+                "server %s: transfer sent (%d bytes): %s", self.server.uuid, self.sent_bytes, answer
+            )
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self.server.daemon.transfers.outgoing.pop(self.server.uuid, None)
+
+    def _failed(self, exc: Exception) -> None:
+        cancelled = self._cancelled.is_set()
+        why = "canceled" if cancelled else str(exc) or type(exc).__name__
+        LOG.warning("server %s: transfer failed: %s", self.server.uuid, why)
+        self.message("Canceled." if cancelled else f"Transfer failed: {why}")
+        self.status("cancelled" if cancelled else "failed")
+        self.server.transferring = False
+        if not self.server.deleted:
+            self.server.daemon.transfers.report(self.server.uuid, successful=False)
+
+    def _stop_server(self) -> None:
+        env = self.server.env
+        if env.state == OFFLINE:
+            return
+        self.message("Stopping the server before it is transferred...")
+        try:
+            env.stop(self.server.config, self.stop_wait_s)
+        except Exception as exc:
+            LOG.info("server %s: stop before transfer: %s; killing it", self.server.uuid, exc)
+        if env.state != OFFLINE:
+            env.kill()
+
+    def _connect(self) -> tuple[http.client.HTTPConnection, str]:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise WingsliteError(f"the transfer URL {self.url!r} is not an http(s) URL", 422)
+        timeout = self.response_timeout_s
+        if parts.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return conn, path
+
+    def _push(self) -> str:
+        conn, path = self._connect()
+        self._conn = conn
+        try:
+            body = _ChunkedBody(conn.send)
+            form = _MultipartWriter(body)
+            conn.putrequest("POST", path, skip_accept_encoding=True)
+            for key, value in (
+                ("Authorization", self.token),
+                ("Content-Type", form.content_type),
+                ("Transfer-Encoding", "chunked"),
+                ("User-Agent", f"wingslite/{VERSION}"),
+            ):
+                conn.putheader(key, value)
+            conn.endheaders()
+            self.message("Streaming archive to destination...")
+            form.file("archive", "archive.tar.gz")
+            hashed = HashingWriter(body, "sha256")
+            with self._progress(body), Jail(self.server.fs.root) as jail:
+                write_tar_gz(jail, hashed, cancelled=self._cancelled.is_set)
+            form.field("checksum", hashed.hexdigest())
+            form.close()
+            body.close()
+            self.sent_bytes = body.bytes_sent
+            self.message("Finished streaming archive to destination.")
+            response = conn.getresponse()
+            text = response.read(65536).decode("utf-8", "replace")
+        finally:
+            self._conn = None
+            conn.close()
+        if self._cancelled.is_set():
+            raise WingsliteError("canceled")
+        if response.status != 200:
+            raise WingsliteError(f"the destination answered {response.status}: {text[:300]}")
+        return text
+
+    @contextlib.contextmanager
+    def _progress(self, body: _ChunkedBody) -> Iterator[None]:
+        done = threading.Event()
+        total = self.server.fs.usage_bytes()
+
+        def tick() -> None:
+            while not done.wait(self.progress_interval_s):
+                self.message("Uploading " + progress_bar(body.bytes_sent, total))
+
+        thread = threading.Thread(target=tick, name="wingslite-transfer-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+
+class IncomingTransfer:
+    """Receives one server from another node (``POST /api/transfers``).
+
+    Methods for the caller: ``receive(read, boundary)``, ``cancel()``, ``cleanup()``.
+
+    The archive is extracted while it arrives, through the server's jail and metered against its
+    disk limit (``extract_archive``), and hashed as it is read; the ``checksum`` part must equal
+    that sha256. Anything else -- no archive, no checksum, a mismatch, an entry that would escape,
+    the disk limit, a cancel -- removes everything received.
+    """
+
+    def __init__(self, server: Any):
+        self.server = server
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def receive(self, read: Callable[[int], bytes], boundary: bytes) -> None:
+        digest, checksum = None, None
+
+        def guarded(n: int) -> bytes:
+            if self._cancelled.is_set():
+                raise WingsliteError("the transfer was canceled", 409)
+            return read(n)
+
+        for headers, chunks in MultipartReader(guarded, boundary).parts():
+            name = form_disposition(headers.get("content-disposition", "")).get("name")
+            if name == "archive":
+                digest = self._extract(chunks)
+            elif name == "checksum":
+                if digest is None:
+                    raise BadRequest("archive must be sent before the checksum")
+                checksum = b"".join(_bounded_chunks(chunks, 1024)).decode("ascii", "replace")
+        if digest is None or checksum is None:
+            raise BadRequest("missing archive or checksum")
+        if not hmac.compare_digest(checksum.strip().lower(), digest):
+            raise BadRequest("checksums don't match")
+
+    def _extract(self, chunks: Iterator[bytes]) -> str:
+        stream = _HashingReader(chunks, "sha256")
+        fs = self.server.fs
+        fs.ensure()
+        with Jail(fs.root) as jail:
+            extract_archive(
+                jail, fs, stream, name="archive.tar.gz", owner=node_owner(self.server.daemon)
+            )
+        stream.drain()  # the sha256 covers every byte sent, past the end of the tar stream too
+        return stream.hexdigest()
+
+
+def _bounded_chunks(chunks: Iterator[bytes], most_bytes: int) -> Iterator[bytes]:
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > most_bytes:
+            raise BadRequest("the checksum part is too long")
+        yield chunk
+
+
+class _HashingReader:
+    """A readable stream over an iterator of byte chunks, hashing what it hands out."""
+
+    def __init__(self, chunks: Iterator[bytes], algorithm: str):
+        self._chunks = chunks
+        self._buf = b""
+        self.hash = hashlib.new(algorithm)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._buf += chunk
+        out, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+        self.hash.update(out)
+        return out
+
+    def drain(self) -> None:
+        while self.read(ARCHIVE_CHUNK_BYTES):
+            pass
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+
+class Transfers:
+    """The node's transfers in both directions, and the Panel calls that end them.
+
+    Attributes: ``outgoing`` / ``incoming`` (server uuid -> ``OutgoingTransfer`` /
+    ``IncomingTransfer``). Methods for the caller: ``start_outgoing(server, url, token)``,
+    ``check_token(authorization)`` -> server uuid, ``report(uuid, successful)``.
+    """
+
+    def __init__(self, daemon: Any):
+        self.daemon = daemon
+        self.outgoing: dict[str, OutgoingTransfer] = {}
+        self.incoming: dict[str, IncomingTransfer] = {}
+        self.lock = threading.Lock()
+
+    def start_outgoing(self, server: Any, url: str, token: str) -> OutgoingTransfer:
+        with self.lock:
+            if server.transferring or server.uuid in self.outgoing:
+                raise Conflict("A transfer is already in progress for this server.")
+            transfer = OutgoingTransfer(server, url, token)
+            self.outgoing[server.uuid] = transfer
+            server.transferring = True
+        # SFTP writes would change files that are on their way out; websockets stay, so that an
+        # admin sees the progress.
+        self.daemon.sessions.close_server(
+            server.uuid, 0, "server is being transferred", kind="sftp"
+        )
+        threading.Thread(
+            target=transfer.run, name=f"wingslite-transfer-{server.uuid[:8]}", daemon=True
+        ).start()
+        server.metrics.count("transfer")
+        return transfer
+
+    def check_token(self, authorization: str) -> str:
+        """The server uuid a destination may receive, from ``Authorization: Bearer <JWT>``.
+
+        The JWT is the Panel's transfer token (NodeJWTService: HS256 with this node's token,
+        ``sub`` = server uuid, no user claims). Refused (401 without a Bearer token, 403
+        otherwise): malformed, another key, expired, another kind of token, used before.
+        """
+        scheme, _, token = authorization.partition(" ")
+        if scheme != "Bearer" or not token.strip():
+            raise WingsliteError(
+                "The required authorization heads were not present in the request.", 401
+            )
+        try:
+            claims = decode_jwt(token.strip(), self.daemon.config.token)
+        except JwtError as exc:
+            raise WingsliteError(f"the transfer token is not valid: {exc}", 403) from None
+        sub = claims.get("sub")
+        scope = claims.get("scope")
+        if not isinstance(sub, str) or not _UUID_RE.match(sub):
+            raise WingsliteError("the transfer token names no server (sub)", 403)
+        if (scope is not None and scope != "transfer") or "user_uuid" in claims:
+            raise WingsliteError("the token was not issued for a transfer", 403)
+        once = claims.get("unique_id") or f"{claims.get('jti')}:{claims.get('iat')}"
+        if not self.daemon.signed_urls.first_use(f"transfer:{once}", claims["exp"]):
+            raise WingsliteError("the transfer token was used before", 403)
+        return sub.lower()
+
+    def report(self, uuid: str, successful: bool) -> None:
+        """Tell the Panel how a transfer ended (retried as every Panel call; failure only logged)."""
+        outcome = "success" if successful else "failure"
+        try:
+            self.daemon.panel.request("POST", f"/servers/{uuid}/transfer/{outcome}")
+        except PanelError as exc:
+            LOG.error(
+                "server %s: could not tell the Panel the transfer's %s: %s", uuid, outcome, exc
+            )
+            if successful:
+                raise
+
+    def receive(self, uuid: str, read: Callable[[int], bytes], content_type: str) -> None:
+        """The destination's side of ``POST /api/transfers``, from the Panel's document to success."""
+        boundary = multipart_boundary(content_type)
+        if boundary is None:
+            raise BadRequest(
+                f'invalid content type "{content_type.split(";")[0]}", expected "multipart/form-data"'
+            )
+        server = self.daemon.receive_server(uuid)  # Conflict when this node has it already
+        transfer = IncomingTransfer(server)
+        with self.lock:
+            self.incoming[uuid] = transfer
+        ok = False
+        try:
+            transfer.receive(read, boundary)
+            self.daemon.adopt_received(server)
+            self.report(uuid, successful=True)
+            ok = True
+            server.transferring = False
+            server.events.publish("transfer status", "success")
+            LOG.info("server %s: transfer received", uuid)
+        finally:
+            with self.lock:
+                self.incoming.pop(uuid, None)
+            if not ok:
+                server.events.publish("transfer status", "failure")
+                self.daemon.drop_received(server)
+                self.report(uuid, successful=False)
+
+
+class TransferRoutes:
+    """``route_*`` methods of the transfer routes, mixed into ``ApiHandler``."""
+
+    def route_start_transfer(self, server: Any) -> tuple[int, Any]:
+        body = self.read_json()
+        target = body.get("server") if isinstance(body, dict) else None
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("url"), str)
+            or not body["url"]
+            or not isinstance(body.get("token"), str)
+            or not body["token"]
+            or (target is not None and not isinstance(target, dict))
+        ):
+            raise WingsliteError("The data provided in the request could not be validated.", 422)
+        if not re.match(r"https?://[^\s/]+", body["url"]):
+            raise WingsliteError(f"the transfer URL {body['url']!r} is not an http(s) URL", 422)
+        self.server.daemon.transfers.start_outgoing(server, body["url"], body["token"])
+        return 202, None
+
+    def route_cancel_transfer(self, server: Any) -> tuple[int, Any]:
+        transfer = self.server.daemon.transfers.outgoing.get(server.uuid)
+        if not server.transferring or transfer is None:
+            raise Conflict(TRANSFER_NOT_RUNNING)
+        transfer.cancel()
+        return 202, None
+
+    def route_receive_transfer(self) -> tuple[int, Any]:
+        transfers = self.server.daemon.transfers
+        uuid = transfers.check_token(self.headers.get("Authorization", ""))
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.body_read = True
+            read = chunked_reader(self.rfile)
+        else:
+            read, _length = self._body_reader()
+        try:
+            transfers.receive(uuid, read, self.headers.get("Content-Type", ""))
+        except BaseException:
+            self.close_connection = True  # the rest of the body is not read
+            raise
+        return 200, None
+
+    def route_cancel_incoming_transfer(self, server: Any) -> tuple[int, Any]:
+        transfer = self.server.daemon.transfers.incoming.get(server.uuid)
+        if not server.transferring or transfer is None:
+            raise Conflict(TRANSFER_NOT_RUNNING)
+        transfer.cancel()
+        return 202, None
+
+
+TRANSFER_ROUTES = (
+    ("POST", r"/api/transfers", "receive_transfer", False),  # authenticated by the JWT inside
+    ("DELETE", r"/api/transfers/(?P<server>[^/]+)", "cancel_incoming_transfer", True),
+    ("POST", r"/api/servers/(?P<server>[^/]+)/transfer", "start_transfer", True),
+    ("DELETE", r"/api/servers/(?P<server>[^/]+)/transfer", "cancel_transfer", True),
+)
+
+
+def chunked_reader(rfile: Any, max_line_bytes: int = 4096) -> Callable[[int], bytes]:
+    """``read(n)`` over a request body in chunked transfer coding (RFC 9112 section 7.1).
+
+    Go's HTTP client (Wings sending a transfer) streams bodies of unknown length this way.
+    Chunk extensions are ignored, trailers read and dropped; a size line that is not hex, too
+    long, or a body that ends early is a ``BadRequest``.
+    """
+    state = {"left": 0, "done": False}
+
+    def line() -> bytes:
+        raw = rfile.readline(max_line_bytes + 1)
+        if len(raw) > max_line_bytes or not raw.endswith(b"\n"):
+            raise BadRequest("malformed chunked request body")
+        return raw.rstrip(b"\r\n")
+
+    def read(n: int) -> bytes:
+        if state["done"]:
+            return b""
+        if state["left"] == 0:
+            size = line().split(b";", 1)[0].strip()
+            if not size or not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size):
+                raise BadRequest("malformed chunked request body")
+            state["left"] = int(size, 16)
+            if state["left"] == 0:
+                while line():  # trailer fields, then the empty line
+                    pass
+                state["done"] = True
+                return b""
+        data = rfile.read(min(n, state["left"]))
+        if not data:
+            raise BadRequest("the request body ended early")
+        state["left"] -= len(data)
+        if state["left"] == 0 and rfile.read(2) != b"\r\n":
+            raise BadRequest("malformed chunked request body")
+        return data
+
+    return read
 
 
 # metrics ##########################################################################################
@@ -8984,6 +10272,8 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("POST", _SERVER + r"/ws/deny", "ws_deny", True),
         ("GET", _SERVER + r"/ws", "websocket", False),  # authenticated by the JWT inside
         *FILE_MANAGER_ROUTES,
+        *BACKUP_ROUTES,
+        *TRANSFER_ROUTES,
         *METRICS_ROUTES,
     )
 )
@@ -9138,7 +10428,13 @@ class ApiServer(http.server.ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
 
-class ApiHandler(FileManagerRoutes, MetricsRoutes, http.server.BaseHTTPRequestHandler):
+class ApiHandler(
+    FileManagerRoutes,
+    BackupRoutes,
+    TransferRoutes,
+    MetricsRoutes,
+    http.server.BaseHTTPRequestHandler,
+):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
     Every answer is written in one ``send`` (headers and body together) on a ``TCP_NODELAY``
@@ -9333,14 +10629,26 @@ class ApiHandler(FileManagerRoutes, MetricsRoutes, http.server.BaseHTTPRequestHa
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
-        if (
-            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-            or length < 0
-            or length > 65536
-        ):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._drain_chunked(65536)
+        elif length < 0 or length > 65536:
             self.close_connection = True
         elif length:
             self.rfile.read(length)
+
+    def _drain_chunked(self, most_bytes: int) -> None:
+        """Read a small chunked body to its end, so an error reaches a client still sending it
+        (closing with unread bytes would reset the connection and lose the answer)."""
+        read, seen = chunked_reader(self.rfile), 0
+        try:
+            while seen <= most_bytes:
+                data = read(65536)
+                if not data:
+                    return
+                seen += len(data)
+        except (BadRequest, OSError):
+            pass
+        self.close_connection = True
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -9523,6 +10831,18 @@ _NEXT_START_FIELDS = (
 )
 
 
+def _process_changes(new: ProcessConfig, old: ProcessConfig) -> dict[str, str]:
+    """What a changed process configuration leaves for the next start, config files by name
+    (they are rewritten by every start: ``Server._update_config_files``)."""
+    changes = {}
+    if new.configs != old.configs:
+        names = ", ".join(dict.fromkeys(cf.file for cf in new.configs)) or "none"
+        changes["configs"] = f"egg config files ({names})"
+    if dataclasses.replace(new, configs=()) != dataclasses.replace(old, configs=()):
+        changes["process"] = "process configuration (stop command, done lines)"
+    return changes
+
+
 class Server:
     """One game server on this node: its configuration, files, process and sessions' owner.
 
@@ -9575,6 +10895,10 @@ class Server:
         # suspended, as in Wings, so a socket or SFTP login racing the delete is refused, and a
         # sync or power action queued behind the delete does nothing.
         self.deleted = False
+        # True while the server's files are on their way to or from another node (transfers):
+        # power actions and SFTP logins are refused.
+        self.transferring = False
+        self._restoring = threading.Lock()  # held while a backup is restored (begin_restore)
         self.events.subscribe(self._on_event)
         self.metrics = ServerMetrics()
         self.env: Environment = daemon.environment_factory(self)
@@ -9588,6 +10912,17 @@ class Server:
     @property
     def suspended(self) -> bool:
         return self.config.suspended or self.deleted
+
+    @property
+    def restoring(self) -> bool:
+        return self._restoring.locked()
+
+    def begin_restore(self) -> bool:
+        """Mark the server restoring (power actions answer 409); False when it already is."""
+        return self._restoring.acquire(blocking=False)
+
+    def end_restore(self) -> None:
+        self._restoring.release()
 
     def console_message(self, text: str) -> None:
         """A daemon line on the server's console (seen by websockets and in the log ring)."""
@@ -9750,8 +11085,7 @@ class Server:
         for field, label in _NEXT_START_FIELDS:
             if getattr(new, field) != getattr(old, field):
                 self.pending_next_start[field] = label
-        if new.process != old.process:
-            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        self.pending_next_start.update(_process_changes(new.process, old.process))
         report.pending += [
             f"{label} (next start)"
             for label in self.pending_next_start.values()
@@ -9842,6 +11176,10 @@ class Server:
         """The HTTP form: refuse what is refused now, then run the action in the background (202)."""
         if action in ("start", "restart") and self.config.suspended:
             raise BadRequest("Cannot start or restart a server that is suspended.")
+        if self.transferring:
+            raise Conflict("server is currently being transferred")
+        if self.restoring:
+            raise Conflict("server is currently restoring")
         threading.Thread(
             target=self._power_logged,
             args=(action, wait_s),
@@ -9860,6 +11198,10 @@ class Server:
     def power(self, action: str, wait_s: float = 0) -> None:
         """Run a power action now under ``power_lock``. ``wait_s`` 0 tries the lock once (as
         Wings); kill never waits."""
+        if self.transferring:  # Wings power.go: even a kill is refused
+            raise Conflict("server is currently being transferred")
+        if self.restoring:  # Wings server/power.go: every action is refused while restoring
+            raise Conflict("server is currently restoring")
         if action == "kill":
             self.env.kill()
             return
@@ -9882,6 +11224,8 @@ class Server:
         try:
             if self.deleted:
                 raise NotFound("The requested resource does not exist on this instance.")
+            if self.transferring:
+                raise Conflict("server is currently being transferred")
             if action in ("stop", "restart"):
                 self.env.stop(self.config, self.daemon.config.get("wingslite.stop_timeout_s"))
             if action in ("start", "restart"):
@@ -9967,8 +11311,7 @@ class Server:
             for field, label in _NEXT_START_FIELDS
             if getattr(current, field) != getattr(started_with, field)
         }
-        if current.process != started_with.process:
-            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        self.pending_next_start.update(_process_changes(current.process, started_with.process))
         self._limits_pending = False
         if current.build == started_with.build:
             return
@@ -9996,7 +11339,11 @@ class Server:
             return
         with Jail(self.fs.root) as jail:
             writer = ConfigFileWriter(
-                jail, self.daemon.placeholders, self.fs.reserve, lambda n: self.fs.add_usage(-n)
+                jail,
+                self.daemon.placeholders,
+                self.fs.reserve,
+                lambda n: self.fs.add_usage(-n),
+                owner=node_owner(self.daemon),
             )
             writer.apply(config.process.configs, self.console_message)
 
@@ -10114,7 +11461,9 @@ class Daemon:
         self.servers: dict[str, Server] = {}
         self.sessions = SessionTable()
         self.revocations = Revocations()
+        self.backups = Backups(self)
         self.placeholders = NodePlaceholders(config)
+        self.transfers = Transfers(self)
         self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.pulls = Pulls()
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
@@ -10270,6 +11619,10 @@ class Daemon:
         self._restore_states()
         with contextlib.suppress(PanelError):
             self.panel.reset_servers()  # as Wings: the Panel clears installs left over from before
+        try:
+            self.backups.recover()  # backups a restart interrupted: files removed, Panel told
+        except Exception:
+            LOG.exception("cleaning up interrupted backups failed")
         self._booted.set()
 
     def load_from_panel(self) -> None:
@@ -10464,6 +11817,54 @@ class Daemon:
             server.request_power("start", 30)
         return server
 
+    def receive_server(self, uuid: str) -> Server:
+        """A server arriving by transfer: its configuration from the Panel, marked transferring.
+
+        Registered (so that ``DELETE /api/transfers/:server`` finds it) but not saved until
+        ``adopt_received``; a node that has the server already refuses it (409).
+        """
+        if uuid in self.servers:
+            raise Conflict(f"server {uuid} already exists on this node; the transfer is refused")
+        server = Server(self, self._fetch_config(uuid))
+        server.transferring = True
+        with self._servers_lock:
+            if uuid in self.servers:
+                raise Conflict(
+                    f"server {uuid} already exists on this node; the transfer is refused"
+                )
+            self.servers[uuid] = server
+        return server
+
+    def adopt_received(self, server: Server) -> None:
+        """Keep a server whose files arrived whole: its configuration is saved like a create's."""
+        self.store.save(server.config)
+
+    def drop_received(self, server: Server) -> None:
+        """Forget a server whose transfer failed, and every byte of it that arrived."""
+        with server.lock:
+            server.deleted = True
+            self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "transfer failed")
+            self._forget(server)
+        _remove_tree(server.fs.root)
+
+    def _fetch_config(self, uuid: str) -> ServerConfig:
+        try:
+            document = self.panel.get_server(uuid)
+        except PanelError as exc:
+            if exc.http_status == 404:
+                raise NotFound(f"the Panel does not know server {uuid}") from None
+            raise WingsliteError(
+                f"could not fetch server {uuid} from the Panel: {exc.message}"
+            ) from None
+        try:
+            return parse_server_document(
+                document,
+                expect_uuid=uuid,
+                crash_detection_default=self.config.get("system.crash_detection.enabled"),
+            )
+        except DocumentError as exc:
+            raise WingsliteError(exc.message) from None
+
     def delete_server(self, server: Server) -> None:
         """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config.
 
@@ -10479,6 +11880,10 @@ class Daemon:
                 True  # before closing: a socket registering now sees it and closes itself
             )
             self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "server deleted")
+            if (
+                server.transferring
+            ):  # the Panel deletes a transferred server here (Wings: "completed")
+                server.events.publish("transfer status", "completed")
             try:
                 server.env.destroy()
             except Exception:
@@ -10832,6 +12237,9 @@ class PanelStandIn:
         self.install_scripts: dict[str, dict[str, Any]] = {}
         self.backups: dict[str, dict[str, Any]] = {}
         self.transfers: dict[str, bool | None] = {}
+        # Servers answered by GET /servers/{uuid} but left out of the node's list: one arriving
+        # by transfer is on the old node until the transfer succeeds.
+        self.unlisted: set[str] = set()
         self.container_states: dict[str, str] = {}
         self.activity: list[dict[str, Any]] = []
         self.uploads: dict[tuple[str, int], bytes] = {}
@@ -11042,7 +12450,7 @@ class PanelStandIn:
         except ValueError:
             per_page = 15
         with self.lock:
-            items = list(self.servers.items())
+            items = [(u, d) for u, d in self.servers.items() if u not in self.unlisted]
         total, first = len(items), (page - 1) * per_page
         last = max(1, -(-total // per_page))
         chunk = items[first : first + per_page]
