@@ -2149,6 +2149,12 @@ class TestMetrics:
         assert sample(m, "wingslite_server_sync_failures_total", **server) == 1
         assert sample(m, "wingslite_server_sync_duration_seconds_count", **server) == 2
         assert sample(m, "wingslite_server_operations_total", **server, operation="install") == 0
+        daemon.get_server(uuid).fs.ensure()
+        TestBackups.backup(daemon, uuid)
+        counted = sample(
+            metrics_of(daemon), "wingslite_server_operations_total", **server, operation="backup"
+        )
+        assert counted == 1
         assert sample(m, "wingslite_servers") == 1
         path = {"method": "GET", "path": "/servers/{uuid}"}  # uuids folded: one series per route
         assert sample(m, "wingslite_panel_requests_total", **path, outcome="2xx") >= 2
