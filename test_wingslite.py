@@ -1915,9 +1915,17 @@ class TestTls:
         self, panel, tmp_path, certificates
     ):
         missing = tmp_path / "nope" / "fullchain.pem"
+        encrypted = tmp_path / "encrypted.pem"
+        _openssl(
+            "pkey", "-in", str(certificates.key), "-aes256", "-passout", "pass:secret",
+            "-out", str(encrypted),
+            cwd=tmp_path,
+        )  # fmt: skip
         for cert, key, named in (
             (missing, certificates.key, str(missing)),
             (certificates.cert, certificates.ca, str(certificates.ca)),  # no private key in it
+            (certificates.cert, encrypted, f"{encrypted} is encrypted"),  # never a prompt
+            (certificates.cert, certificates.dir / "ca.key", "cannot be used together"),
         ):
             raw = node_config(tmp_path, panel.url, api__ssl__enabled=True)
             raw["api"]["ssl"].update(cert=str(cert), key=str(key))

@@ -10332,12 +10332,15 @@ class TlsWrapper:
                 raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
             if marker not in pem:
                 raise ConfigError(f"{key}: {path} holds no PEM {marker.decode().strip('-')}")
+            if key == "api.ssl.key" and b"ENCRYPTED" in pem:  # nobody is there to type a password
+                raise ConfigError(f"{key}: {path} is encrypted; give the daemon an unencrypted key")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_ciphers(self.ciphers)
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
         try:
-            context.load_cert_chain(self.cert_path, self.key_path)
+            # A password callback, so that OpenSSL never prompts on a terminal for one.
+            context.load_cert_chain(self.cert_path, self.key_path, password=lambda: b"")
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(
                 f"api.ssl: the certificate {self.cert_path} and key {self.key_path} cannot be"
