@@ -6167,13 +6167,21 @@ class TestActivity:
         for n in range(4, 7):
             daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "::1", {"n": n})
         assert panel.activity == []
-        restarted = make_daemon(panel, boot=False, system__activity_send_interval=1)
+        restarted = make_daemon(
+            panel, boot=False, system__activity_send_interval=1, system__activity_send_count=3
+        )
         assert restarted.activity.pending() == 7
         panel.down = False
         events = activity_events(panel, count=7)
         wait_for(lambda: restarted.activity.pending() == 0, what="the queue to empty")
         time.sleep(2.5)  # two more rounds: nothing is sent a second time
         assert sorted(e["metadata"]["n"] for e in panel.activity) == list(range(7))
+        accepted = [
+            r.body["data"]
+            for r in panel.requests
+            if r.path == "/api/remote/activity" and r.body["data"][0]["metadata"]["n"] in range(7)
+        ]
+        assert max(len(batch) for batch in accepted) == 3  # system.activity_send_count per request
         assert {e["ip"] for e in events} == {"10.0.0.1", "::1"}
 
     def test_a_batch_the_panel_refuses_is_dropped_not_resent(self, panel, make_daemon, caplog):

@@ -7571,8 +7571,6 @@ class ActivityLog:
                 if not self._send(ids, events):
                     return sent
                 sent += len(events)
-                if len(events) < self.batch_size:
-                    break
         return sent
 
     def _rows(self, where: str, limit: int) -> list[tuple[Any, ...]]:
@@ -7603,7 +7601,8 @@ class ActivityLog:
                     continue  # the next batch takes it
                 merged[key] = _activity_event(user, server, event, None, ip, at_s)
                 merged[key]["metadata"] = {"files": []}
-            files = (json.loads(metadata) or {}).get("files") if metadata else None
+            files = _json_or_none(metadata)
+            files = files.get("files") if isinstance(files, dict) else None
             merged[key]["metadata"]["files"].extend(files if isinstance(files, list) else [])
             ids.append(row_id)
         return ids, list(merged.values())
@@ -7624,6 +7623,14 @@ class ActivityLog:
         return True
 
 
+def _json_or_none(text: str | None) -> Any:
+    """A stored metadata column: a damaged one is sent as null rather than blocking the queue."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
 def _activity_event(
     user: str | None, server: str, event: str, metadata: str | None, ip: str | None, at_s: float
 ) -> dict[str, Any]:
@@ -7632,7 +7639,7 @@ def _activity_event(
         "user": user,
         "server": server,
         "event": event,
-        "metadata": json.loads(metadata) if metadata else None,
+        "metadata": _json_or_none(metadata),
         "ip": ip,
         "timestamp": activity_timestamp(at_s),
     }
