@@ -10107,61 +10107,102 @@ def render_metrics(daemon: Any) -> str:
     return out.text()
 
 
+def _network(key: str) -> Callable[[Any, dict[str, Any], Any], float]:
+    return lambda s, u, d: (u.get("network") or {}).get(key) or 0
+
+
+# (name, type, help, the value of one server from (server, its utilization, daemon)), exported in
+# this order, one sample per server.
+_SERVER_FAMILIES: tuple[tuple[str, str, str, Callable[[Any, dict[str, Any], Any], float]], ...] = (
+    ("suspended", "gauge", "1 when the Panel suspended the server.", lambda s, u, d: s.suspended),
+    (
+        "cpu_percent",
+        "gauge",
+        "CPU use in percent of one core (Wings' cpu_absolute).",
+        lambda s, u, d: u.get("cpu_absolute") or 0,
+    ),
+    (
+        "memory_bytes",
+        "gauge",
+        "Memory used by the server's process.",
+        lambda s, u, d: u.get("memory_bytes") or 0,
+    ),
+    (
+        "memory_limit_bytes",
+        "gauge",
+        "Memory limit of the container.",
+        lambda s, u, d: u.get("memory_limit_bytes") or 0,
+    ),
+    (
+        "disk_bytes",
+        "gauge",
+        "Disk space the server's files use.",
+        lambda s, u, d: u.get("disk_bytes") or 0,
+    ),
+    (
+        "disk_limit_bytes",
+        "gauge",
+        "Disk limit of the server (0: none).",
+        lambda s, u, d: s.fs.limit_bytes or 0,
+    ),
+    (
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the server's process started (0 when offline).",
+        lambda s, u, d: (u.get("uptime") or 0) / 1000,
+    ),
+    (
+        "network_receive_bytes_total",
+        "counter",
+        "Bytes the container received since it started.",
+        _network("rx_bytes"),
+    ),
+    (
+        "network_transmit_bytes_total",
+        "counter",
+        "Bytes the container sent since it started.",
+        _network("tx_bytes"),
+    ),
+    (
+        "websocket_sessions",
+        "gauge",
+        "Open console websockets of the server.",
+        lambda s, u, d: d.sessions.count(s.uuid, kind="websocket"),
+    ),
+    (
+        "sftp_sessions",
+        "gauge",
+        "Open SFTP sessions of the server.",
+        lambda s, u, d: d.sessions.count(s.uuid, kind="sftp"),
+    ),
+)
+
+
 def _server_metrics(out: MetricsText, daemon: Any) -> None:
-    servers = sorted(daemon.all_servers(), key=lambda s: s.uuid)
-    views = [(s, {"server": s.uuid}, s.utilization()) for s in servers]
-    states = (OFFLINE, STARTING, RUNNING, STOPPING)
+    views = [(s, _utilization(s)) for s in sorted(daemon.all_servers(), key=lambda s: s.uuid)]
     out.family(
         "wingslite_server_state",
         "gauge",
         "1 for the state the server is in (offline, starting, running, stopping).",
-        [({**lb, "state": st}, u["state"] == st) for _, lb, u in views for st in states],
+        [
+            ({"server": s.uuid, "state": state}, u["state"] == state)
+            for s, u in views
+            for state in (OFFLINE, STARTING, RUNNING, STOPPING)
+        ],
     )
-    out.family(
-        "wingslite_server_suspended",
-        "gauge",
-        "1 when the Panel suspended the server.",
-        ((lb, s.config.suspended) for s, lb, _ in views),
-    )
-    for name, key, help_text in (
-        ("cpu_percent", "cpu_absolute", "CPU use in percent of one core (Wings' cpu_absolute)."),
-        ("memory_bytes", "memory_bytes", "Memory used by the server's process."),
-        ("memory_limit_bytes", "memory_limit_bytes", "Memory limit of the container."),
-        ("disk_bytes", "disk_bytes", "Disk space the server's files use."),
-    ):
-        out.family(
-            f"wingslite_server_{name}",
-            "gauge",
-            help_text,
-            ((lb, u.get(key) or 0) for _, lb, u in views),
-        )
-    out.family(
-        "wingslite_server_disk_limit_bytes",
-        "gauge",
-        "Disk limit of the server (0: none).",
-        ((lb, s.fs.limit_bytes or 0) for s, lb, _ in views),
-    )
-    out.family(
-        "wingslite_server_uptime_seconds",
-        "gauge",
-        "Seconds since the server's process started (0 when offline).",
-        ((lb, (u.get("uptime") or 0) / 1000) for _, lb, u in views),
-    )
-    for name, key, verb in (("receive", "rx_bytes", "received"), ("transmit", "tx_bytes", "sent")):
-        out.family(
-            f"wingslite_server_network_{name}_bytes_total",
-            "counter",
-            f"Bytes the container {verb} since it started.",
-            ((lb, (u.get("network") or {}).get(key) or 0) for _, lb, u in views),
-        )
-    for kind in ("websocket", "sftp"):
-        out.family(
-            f"wingslite_server_{kind}_sessions",
-            "gauge",
-            f"Open {kind} sessions of the server.",
-            ((lb, daemon.sessions.count(s.uuid, kind=kind)) for s, lb, _ in views),
-        )
-    _server_counters(out, [(s.metrics, lb) for s, lb, _ in views])
+    for name, kind, help_text, value in _SERVER_FAMILIES:
+        samples = [({"server": s.uuid}, value(s, u, daemon)) for s, u in views]
+        out.family(f"wingslite_server_{name}", kind, help_text, samples)
+    _server_counters(out, [(s.metrics, {"server": s.uuid}) for s, _ in views])
+
+
+def _utilization(server: Any) -> dict[str, Any]:
+    """A server's figures; one whose figures cannot be had shows its state and zeros."""
+    try:
+        return server.utilization()
+    except Exception as exc:  # one server's fault never fails the whole scrape
+        LOG.debug("metrics: server %s: %s", server.uuid, exc)
+        return {"state": server.state}
 
 
 def _server_counters(out: MetricsText, items: list[tuple[ServerMetrics, dict[str, Any]]]) -> None:
