@@ -1785,6 +1785,7 @@ class TestHttpHead:
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
 
+    @pytest.mark.docker  # the logs route asks the engine
     def test_head_answers_as_get_without_a_body_on_four_routes(self, panel, make_daemon):
         uuid = panel.add(panel_document())
         daemon = make_daemon(panel)
@@ -2759,6 +2760,7 @@ class TestPanelValidEdgeValues:
             lambda c: c.build.threads == "0",
             "",
             id="threads-trailing-comma",
+            marks=pytest.mark.docker,  # a cpuset change asks the engine about the container
         ),
         pytest.param(
             lambda d: d["settings"]["build"].update(threads="1-0"),
@@ -2854,6 +2856,7 @@ class TestPanelValidEdgeValues:
         assert daemon.get_server(uuid).state == "offline"
         assert docker_servers.container_id(uuid) is None
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_a_document_refused_at_boot_keeps_the_server_on_its_last_configuration(
         self, panel, make_daemon, caplog
     ):
@@ -2887,6 +2890,7 @@ class TestPanelValidEdgeValues:
         assert not (daemon.config.data_dir / "-").exists()
         assert not (daemon.config.root_dir / "wingslite" / "servers" / "-.json").exists()
 
+    @pytest.mark.docker  # the daemon asks the engine
     def test_a_repeated_create_is_a_sync_and_leaves_the_files_alone(self, panel, make_daemon):
         daemon = make_daemon(panel)
         uuid = panel.add(panel_document())
