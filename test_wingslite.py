@@ -657,6 +657,20 @@ class TestServerModel:
         assert cfg.process.stop_type == "command" and cfg.process.stop_value == "stop"
         assert cfg.process.configs[0].replace[0] == w.Replacement("server-port", "25565")
 
+    def test_a_null_object_gives_its_fields_defaults_and_a_wrong_type_is_named(self):
+        doc = panel_document(meta=None, container=None, allocations=None, egg=None, labels=None)
+        doc["process_configuration"] = {"startup": None, "stop": None, "configs": None}
+        cfg = w.parse_server_document(doc)
+        assert (cfg.name, cfg.image, cfg.egg_id, cfg.file_denylist) == ("", "", "", ())
+        assert cfg.allocations == w.Allocations("0.0.0.0", 0, (), False)
+        assert cfg.process.done == () and cfg.process.stop_value == "SIGKILL"
+        with pytest.raises(w.DocumentError, match=r"settings\.allocations: expected an object"):
+            w.parse_server_document(panel_document(allocations=[1]))
+        with pytest.raises(
+            w.DocumentError, match=r"mappings\.10\.0\.0\.1\[1\]: must be 1\.\.65535"
+        ):
+            w.parse_server_document(panel_document(allocations__mappings={"10.0.0.1": [1, 0]}))
+
     @pytest.mark.parametrize(
         "mb, expected",
         [
