@@ -13465,5 +13465,6 @@ def _exec_as_module() -> None:
 
 
 if __name__ == "__main__":
-    _exec_as_module()
+    if __spec__ is None:  # run as a script, not with -m (which compiles it as a module already)
+        _exec_as_module()
     raise SystemExit(main())
