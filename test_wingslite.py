@@ -897,6 +897,96 @@ class TestFilesystem:
         assert fs.is_denied("logs/latest.log") and not fs.is_denied("mylogs/x")
 
 
+def held_bytes(root: Path) -> int:
+    """What the files of ``root`` really hold: every regular file under it, plus the removed files
+    this process (the daemon under test) still holds open there."""
+    total = sum(
+        os.lstat(os.path.join(d, f)).st_size
+        for d, _, files in os.walk(root)
+        for f in files
+        if not os.path.islink(os.path.join(d, f))
+    )
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(f"{root}/") and target.endswith(" (deleted)"):
+                total += os.stat(f"/proc/self/fd/{fd}").st_size
+    return total
+
+
+class TestMetering:
+    """``Filesystem.open_metered`` / ``remove`` / ``rename``: the figure counts what is held."""
+
+    MIB = 1 << 20
+
+    @pytest.fixture
+    def fs(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        fs = w.Filesystem(root, 4 * self.MIB, check_interval_s=3600)
+        fs.recalculate()
+        with fs.jail() as jail:
+            yield fs, jail, root
+
+    def test_a_removed_file_counts_until_its_last_handle_closes(self, fs):
+        fs, jail, root = fs
+        handles = []
+        with pytest.raises(w.DiskLimitExceeded):
+            for i in range(8):
+                handle = fs.open_metered(jail, f"f{i}", os.O_WRONLY | os.O_CREAT)
+                handles.append(handle)
+                handle.write(b"x" * self.MIB)
+                fs.remove(jail, f"f{i}")
+        assert held_bytes(root) <= 4 * self.MIB and fs.usage_bytes() >= 4 * self.MIB - 1
+        assert fs.recalculate() >= 4 * self.MIB - 1  # the walk adds what the handles hold
+        for handle in handles:
+            handle.close()
+        assert fs.usage_bytes() == 0 and held_bytes(root) == 0
+        with fs.open_metered(jail, "after", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"y" * 4 * self.MIB)
+
+    def test_a_file_replaced_under_a_writer_counts_until_it_closes(self, fs):
+        fs, jail, root = fs
+        writer = fs.open_metered(jail, "live", os.O_WRONLY | os.O_CREAT)
+        writer.write(b"a" * 3 * self.MIB)
+        with fs.open_metered(jail, "next", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"b" * 10)
+        fs.rename(jail, "next", "live")
+        with pytest.raises(w.DiskLimitExceeded):
+            writer.write(b"a" * 2 * self.MIB)  # still held: 3 MiB + 10 bytes + 2 MiB > 4 MiB
+        writer.close()
+        assert fs.usage_bytes() == 10 == held_bytes(root)
+
+    def test_removing_a_file_nothing_booked_gives_back_nothing(self, fs):
+        fs, jail, root = fs
+        (root / "old.bin").write_bytes(b"o" * 3 * self.MIB)
+        fs.recalculate()
+        (root / "game.bin").write_bytes(b"g" * 3 * self.MIB)  # the game, since the walk
+        fs.remove(jail, "game.bin")
+        assert fs.usage_bytes() == 3 * self.MIB  # not 0: those bytes were never counted
+        with pytest.raises(w.DiskLimitExceeded):
+            with fs.open_metered(jail, "up", os.O_WRONLY | os.O_CREAT) as handle:
+                handle.write(b"u" * 2 * self.MIB)
+        fs.remove(jail, "old.bin")  # counted by the walk: given back whole
+        assert fs.usage_bytes() == 0
+
+    def test_truncation_and_append_are_metered(self, fs):
+        fs, jail, root = fs
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.truncate(2 * self.MIB)
+            assert fs.usage_bytes() == 2 * self.MIB
+            with pytest.raises(w.DiskLimitExceeded):
+                handle.truncate(5 * self.MIB)
+            handle.truncate(self.MIB)
+        assert fs.usage_bytes() == self.MIB
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_APPEND) as handle:
+            handle.pwrite(b"z" * 10, 0)  # appended, whatever the offset
+        assert (root / "f").stat().st_size == self.MIB + 10 == fs.usage_bytes()
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_TRUNC):
+            pass
+        assert fs.usage_bytes() == 0
+
+
 # session table ####################################################################################
 
 
@@ -3885,9 +3975,9 @@ SFTP_PASSWORD = "correct horse"
 SFTP_LIMIT_MB = 1
 
 
-def _sftp_daemon(panel, make_daemon, perms=("*",), **overrides):
+def _sftp_daemon(panel, make_daemon, perms=("*",), disk_mb=SFTP_LIMIT_MB, **overrides):
     """A daemon with SFTP on a free loopback port and one server (1 MiB disk) alice may log into."""
-    uuid = panel.add(panel_document(build__disk_space=SFTP_LIMIT_MB))
+    uuid = panel.add(panel_document(build__disk_space=disk_mb))
     panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = list(perms)
     settings = {
         "wingslite__sftp_enabled": True,
@@ -4501,6 +4591,90 @@ class TestSftpDiskLimit:
         done = openssh_sftp(daemon, server, ["put huge.bin"], cwd=tmp_path)
         assert done.returncode != 0
         assert (server.fs.root / "huge.bin").stat().st_size <= SFTP_LIMIT_MB * 1024 * 1024
+
+
+@needs_paramiko
+class TestSftpDiskHeld:
+    """What a client holds counts, however it holds it (open handles of removed or replaced files)."""
+
+    MIB = 1 << 20
+    LIMIT_MB = 4
+
+    def _write(self, fh, n_bytes):
+        """Write until done or refused; True when the node refused (status 15)."""
+        try:
+            for _ in range(n_bytes // 65536):
+                fh.write(b"x" * 65536)
+            fh.flush()
+        except OSError:
+            return True
+        return False
+
+    def test_open_write_remove_and_keep_the_handle_holds_the_limit(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        limit = self.LIMIT_MB * self.MIB
+        with sftp_client(daemon, server) as client:
+            handles, refused = [], False
+            for i in range(12):
+                try:
+                    fh = client.open(f"f{i}", "w")
+                except OSError:  # refused at open: already at the limit
+                    refused = True
+                    continue
+                handles.append(fh)
+                refused |= self._write(fh, self.MIB)
+                client.remove(f"f{i}")
+            assert refused, "no write was refused"
+            assert held_bytes(server.fs.root) <= limit + self.MIB
+            for fh in handles:
+                with contextlib.suppress(OSError):
+                    fh.close()
+            # closed: the bytes are free again, and given back
+            wait_for(lambda: held_bytes(server.fs.root) == 0, what="the handles to close")
+            with client.open("after", "w") as fh:
+                assert not self._write(fh, limit - self.MIB)
+
+    def test_posix_rename_over_a_file_another_handle_writes_holds_the_limit(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        limit = self.LIMIT_MB * self.MIB
+        with sftp_client(daemon, server) as client:
+            handles, refused = [], False
+            for _ in range(12):
+                try:
+                    fh = client.open("live", "w")
+                except OSError:  # refused at open: already at the limit
+                    refused = True
+                    continue
+                handles.append(fh)
+                refused |= self._write(fh, self.MIB)
+                with contextlib.suppress(OSError), client.open("next", "w") as small:
+                    small.write(b"n")
+                with contextlib.suppress(OSError):
+                    client.posix_rename("next", "live")  # replaces the file ``fh`` still writes
+                refused |= self._write(fh, self.MIB // 2)
+            assert refused, "no write was refused"
+            assert held_bytes(server.fs.root) <= limit + self.MIB
+            for fh in handles:
+                with contextlib.suppress(OSError):
+                    fh.close()
+
+    def test_removing_what_the_game_wrote_since_the_walk_frees_nothing_booked(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        limit = self.LIMIT_MB * self.MIB
+        (server.fs.root / "world.dat").write_bytes(b"w" * 3 * self.MIB)
+        server.fs.recalculate()
+        (server.fs.root / "game.log").write_bytes(b"g" * 3 * self.MIB)  # unmetered, since the walk
+        with sftp_client(daemon, server) as client:
+            client.remove("game.log")
+            with client.open("upload", "w") as fh:
+                assert self._write(fh, 3 * self.MIB), "the upload was not refused"
+        assert held_bytes(server.fs.root) <= limit + self.MIB
 
 
 @needs_paramiko
