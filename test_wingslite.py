@@ -4050,6 +4050,18 @@ def sftp_refused(action, *args) -> bool:
     return False
 
 
+def tree(root: Path) -> dict:
+    """Every entry under ``root`` (links not followed): path -> (mode, size, link target)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(d, name)
+            st = os.lstat(path)
+            link = os.readlink(path) if os.path.islink(path) else None
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_size, link)
+    return out
+
+
 class TestJail:
     """The path jail on its own (no paramiko needed): what SFTP's tests cannot reach directly."""
 
@@ -4104,6 +4116,47 @@ class TestJail:
         with pytest.raises(w.PathEscape):  # ... but from the root it would climb out
             jail.rename("d/e/l", "l")
         assert os.path.islink(root / "d" / "e" / "l")
+
+    def test_a_link_is_checked_from_where_it_really_sits(self, jail):
+        jail, root = jail
+        (root / "a" / "b").mkdir(parents=True)
+        jail.symlink("../..", "a/b/up")  # lands on the root: fine
+        before = tree(root)
+        # written as a/b/up/evil, it really sits in the root: two levels up is outside
+        for target in ("../../outside", "../outside", "x/../../..", "d/../../outside", "/etc"):
+            with pytest.raises(w.PathEscape):
+                jail.symlink(target, "a/b/up/evil")
+        assert tree(root) == before and not os.path.lexists(root / "evil")
+        os.symlink("../outside", root / "game-made")  # a link the game made, pointing out
+        with pytest.raises(w.PathEscape):
+            jail.symlink("game-made/x", "through")  # lands wherever that one leads: outside
+        jail.symlink("up/d/f", "a/b/ok")
+        assert self.read(jail, "a/b/ok") == b"hello"
+
+    def test_a_directory_move_that_would_carry_a_link_out_is_refused(self, jail):
+        jail, root = jail
+        (root / "a" / "b" / "c").mkdir(parents=True)
+        jail.symlink("../../d/f", "a/b/l")  # from a/b: two up is the root, then d/f
+        jail.symlink("../f", "a/b/c/inner")  # stays inside the moved directory
+        before = tree(root)
+        with pytest.raises(w.PathEscape):
+            jail.rename("a/b", "b")  # from /b, two up is outside
+        assert tree(root) == before
+        jail.rename("a/b", "d/b")  # as deep as before: still lands inside
+        assert self.read(jail, "d/b/l") == b"hello"
+
+    def test_walk_reports_links_as_links_and_never_follows_them(self, jail):
+        jail, root = jail
+        os.symlink("../outside", root / "out")
+        os.symlink("d", root / "dl")
+        (root / "d" / "e").mkdir()
+        (root / "d" / "e" / "g").write_text("g")
+        entries = {e.path: e for e in jail.walk()}
+        assert set(entries) == {"/d", "/d/f", "/d/e", "/d/e/g", "/out", "/dl"}
+        assert entries["/out"].is_symlink and entries["/dl"].is_symlink
+        assert [e.path for e in jail.walk("d/e")] == ["/d/e/g"]
+        fs = w.Filesystem(root)
+        assert fs.recalculate() == len("hello") + 1
 
     def test_the_denylist_is_checked_where_a_link_leads(self, tmp_path):
         root = tmp_path / "root"
@@ -4497,6 +4550,35 @@ class TestSftpJail:
         assert (outside / "secret.txt").read_text() == "OUTSIDE"
         assert (outside / "secret.txt").stat().st_mode & 0o777 == 0o640
         assert os.listdir(outside) == ["secret.txt"]
+
+    def test_a_chain_of_dot_dot_links_cannot_reach_outside(self, node):
+        daemon, server, _ = node
+        root = server.fs.root
+        with sftp_client(daemon, server) as client:
+            client.mkdir("a")
+            client.mkdir("a/b")
+            client.symlink("../..", "a/b/up")  # lands on the server's own directory: allowed
+            before = tree(root)
+            with pytest.raises(IOError):  # a/b/up/evil really sits at /evil: ../.. is outside
+                client.symlink("../../root/wingslite/servers", "a/b/up/evil")
+            assert client.open("a/b/up/inside.txt").read() == b"inside"
+        assert tree(root) == before
+
+    def test_renaming_a_directory_that_carries_a_relative_link_out_is_refused(self, node):
+        daemon, server, _ = node
+        root = server.fs.root
+        with sftp_client(daemon, server) as client:
+            client.mkdir("a")
+            client.mkdir("a/b")
+            client.symlink("../../inside.txt", "a/b/l")
+            before = tree(root)
+            for rename in (client.rename, client.posix_rename):
+                with pytest.raises(IOError):
+                    rename("a/b", "b")  # from /b, ../.. is outside
+            assert tree(root) == before
+            client.mkdir("c")
+            client.rename("a/b", "c/b")  # just as deep: the link still lands inside
+            assert client.open("c/b/l").read() == b"inside"
 
     def test_a_symlink_swapped_in_during_operations_is_never_followed(self, node):
         daemon, server, outside = node
