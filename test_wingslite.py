@@ -3991,9 +3991,13 @@ def _sftp_daemon(panel, make_daemon, perms=("*",), disk_mb=SFTP_LIMIT_MB, **over
 
 
 @contextlib.contextmanager
-def sftp_client(daemon, server, user=SFTP_USER, password=SFTP_PASSWORD, key=None):
-    """A real paramiko SFTP client logged in as ``<user>.<server id>``."""
-    transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
+def sftp_client(daemon, server, user=SFTP_USER, password=SFTP_PASSWORD, key=None, source_ip=None):
+    """A real paramiko SFTP client logged in as ``<user>.<server id>`` (from ``source_ip``, a
+    loopback address such as 127.0.0.2, when given)."""
+    address = ("127.0.0.1", daemon.sftp.port)
+    transport = paramiko.Transport(
+        socket.create_connection(address, source_address=(source_ip, 0)) if source_ip else address
+    )
     try:
         transport.connect(
             username=f"{user}.{server.uuid[:8]}", password=None if key else password, pkey=key
@@ -4874,6 +4878,104 @@ class TestSftpResourceLimits:
             for handle in opened:  # closing them gives the budget back
                 client._request(paramiko.sftp.CMD_CLOSE, handle)
             assert len(client.listdir("many")) == 400
+
+
+def closed_by_peer(sock: socket.socket, timeout_s: float = 10) -> bool:
+    """Read until the peer closes (True) or ``timeout_s`` passes with it still open (False)."""
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+@needs_paramiko
+class TestSftpStrangers:
+    """Connections that cost a stranger nothing cannot lock real users out."""
+
+    def test_silent_connections_are_capped_per_address_and_closed_after_the_handshake_timeout(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(
+            panel,
+            make_daemon,
+            wingslite__sftp_handshake_timeout_s=2,
+            wingslite__sftp_max_unauthenticated_per_ip=4,
+        )
+        port = daemon.sftp.port
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        try:
+            wait_for(lambda: daemon.sftp.connections() == 4, what="four silent connections")
+            with socket.create_connection(("127.0.0.1", port)) as fifth:  # same address: no slot
+                fifth.settimeout(10)
+                assert fifth.recv(256) == b""
+            with sftp_client(daemon, server, source_ip="127.0.0.2") as client:  # someone else
+                assert client.listdir("/") == []
+            for sock in silent:  # none of them said a word: closed at the deadline
+                assert closed_by_peer(sock), "a silent connection outlived the handshake timeout"
+        finally:
+            for sock in silent:
+                sock.close()
+        wait_for(lambda: daemon.sftp.connections() == 0, what="the silent connections to end")
+        with sftp_client(daemon, server) as client:  # the address has its slots back
+            assert client.listdir("/") == []
+
+    def test_a_banner_without_an_end_is_not_held(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_handshake_timeout_s=2)
+        with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
+            assert sock.recv(256).startswith(b"SSH-2.0-")
+            sent, chunk = 0, b"A" * 65536
+            with pytest.raises(ConnectionError):  # reset: the node stopped reading and closed
+                while sent < 64 << 20:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+        assert sent < 16 << 20, f"the node took {sent >> 20} MiB of one banner line"
+        with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
+            sock.recv(256)
+            sock.sendall(b"SSH-2.0-")  # then a byte now and then: each one resets no clock
+            with pytest.raises(OSError):
+                for _ in range(100):
+                    sock.sendall(b"x")
+                    time.sleep(0.2)
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_an_idle_session_is_closed(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_idle_timeout_s=2)
+        with sftp_client(daemon, server) as client:
+            transport = client.get_channel().get_transport()
+            for _ in range(20):  # 4 s of requests: never idle
+                client.listdir("/")
+                time.sleep(0.2)
+            assert transport.is_active()
+            wait_for(
+                lambda: not transport.is_active(), timeout_s=15, what="the idle session to close"
+            )
+        wait_for(lambda: daemon.sessions.count(server.uuid, "sftp") == 0, what="the table")
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_one_user_cannot_take_every_slot(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_max_sessions_per_user=2)
+        alice = panel.user_uuid
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(sftp_client(daemon, server))
+            stack.enter_context(sftp_client(daemon, server))
+            with pytest.raises(paramiko.AuthenticationException):
+                with sftp_client(daemon, server):
+                    pass
+            panel.user_uuid = "b0b00000-1111-4222-8333-444455556666"  # another Panel user
+            with sftp_client(daemon, server) as client:
+                assert client.listdir("/") == []
+            panel.user_uuid = alice
+            first.get_channel().get_transport().close()
+            wait_for(lambda: daemon.sftp.connections() == 1, what="the first connection to end")
+            with sftp_client(daemon, server) as client:  # her slot is free again
+                assert client.listdir("/") == []
 
 
 # disk quotas ######################################################################################

@@ -227,6 +227,10 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.sftp_enabled", bool, True),
     ("wingslite.sftp_login_attempts_per_minute", int, 10),
     ("wingslite.sftp_max_connections", int, 64),
+    ("wingslite.sftp_handshake_timeout_s", (int, float), 15),
+    ("wingslite.sftp_idle_timeout_s", (int, float), 600),
+    ("wingslite.sftp_max_unauthenticated_per_ip", int, 8),
+    ("wingslite.sftp_max_sessions_per_user", int, 12),
     ("wingslite.websocket_max_per_server", int, 30),
 )
 
@@ -254,6 +258,10 @@ _NON_NEGATIVE = {
     "wingslite.panel_retry_initial_ms",
     "wingslite.sftp_login_attempts_per_minute",
     "wingslite.sftp_max_connections",
+    "wingslite.sftp_handshake_timeout_s",
+    "wingslite.sftp_idle_timeout_s",
+    "wingslite.sftp_max_unauthenticated_per_ip",
+    "wingslite.sftp_max_sessions_per_user",
     "wingslite.websocket_max_per_server",
 }
 
@@ -5301,7 +5309,8 @@ class SftpServer:
     Methods for the caller: ``start()``, ``stop()``, ``port`` (bound port, after ``start``),
     ``connections()`` (how many are open). Class variables that may be overridden:
     ``max_channels``, ``max_handles``, ``max_read_bytes``, ``max_packet_bytes``,
-    ``max_ssh_packet_bytes``, ``handshake_timeout_s``, ``auth_timeout_s``, ``pubkey_failure_weight``.
+    ``max_ssh_packet_bytes``, ``max_banner_line_bytes``, ``auth_timeout_s``,
+    ``pubkey_failure_weight``.
 
     A login is ``<panel user>.<8-char server id>`` with a password or a public key; both are
     checked by ``POST /api/remote/sftp/auth`` (any Panel 4xx is bad credentials; a Panel that does
@@ -5315,9 +5324,17 @@ class SftpServer:
     server's ``Filesystem.reserve()`` before it is written, and refused with status 15 when it
     would pass the disk limit.
 
-    Threads: one accept thread; per connection one thread that runs it start to end, paramiko's
-    transport thread and one thread per SFTP channel. At most ``wingslite.sftp_max_connections``
-    connections are open; more are closed at once.
+    Threads: one accept thread; per connection one thread that runs it start to end (and watches
+    its deadlines), paramiko's transport thread and one thread per SFTP channel.
+
+    What a stranger can hold: at most ``wingslite.sftp_max_connections`` connections are open,
+    and at most ``wingslite.sftp_max_unauthenticated_per_ip`` of them from one address before they
+    log in; more are closed at once. The SSH banner exchange and key exchange must be done within
+    ``wingslite.sftp_handshake_timeout_s`` of the connect, and the login within
+    ``auth_timeout_s`` more (or the Panel's ``remote_query.timeout``, if longer); a banner line is
+    at most 255 bytes (RFC 4253 section 4.2). A logged-in connection with no SFTP request for
+    ``wingslite.sftp_idle_timeout_s`` is closed, and one Panel user holds at most
+    ``wingslite.sftp_max_sessions_per_user`` connections, so that no user can take every slot.
     """
 
     max_channels = 4  # per connection; OpenSSH and paramiko clients use one
@@ -5327,8 +5344,8 @@ class SftpServer:
     max_ssh_packet_bytes = (
         256 * 1024 + 1024
     )  # an SSH packet larger than this closes the connection (OpenSSH: 256 KiB)
-    handshake_timeout_s = 15.0
-    auth_timeout_s = 30.0
+    max_banner_line_bytes = 255  # RFC 4253 section 4.2, CR LF included
+    auth_timeout_s = 60.0  # after the handshake; OpenSSH's LoginGraceTime is 120 s for both
     pubkey_failure_weight = 0.25  # clients offer several keys before the right one
 
     def __init__(self, daemon: Any):
@@ -5344,10 +5361,21 @@ class SftpServer:
         self._slots = threading.BoundedSemaphore(
             max(1, self.config.get("wingslite.sftp_max_connections"))
         )
+        self.handshake_timeout_s = float(self.config.get("wingslite.sftp_handshake_timeout_s"))
+        self.idle_timeout_s = float(self.config.get("wingslite.sftp_idle_timeout_s"))
+        self.max_unauthenticated_per_ip = self.config.get(
+            "wingslite.sftp_max_unauthenticated_per_ip"
+        )
+        self.max_sessions_per_user = self.config.get("wingslite.sftp_max_sessions_per_user")
+        # A login waits on the Panel, whose calls may take the whole remote_query.timeout.
+        self.login_timeout_s = self.handshake_timeout_s + max(
+            self.auth_timeout_s, float(self.config.get("remote_query.timeout")) + 5
+        )
+        self._refusals = _RefusalLog()
         self._host_key: Any = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._live: set[Any] = set()
+        self._live: set[_SftpConnection] = set()
         self._live_lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -5391,13 +5419,13 @@ class SftpServer:
             self._thread.join(timeout=5)
         with self._live_lock:
             live = list(self._live)
-        for transport in live:
-            transport.close()
+        for connection in live:
+            connection.close()
 
     def connections(self) -> int:
         """How many client connections are open (a closed one stops counting at once)."""
         with self._live_lock:
-            return sum(1 for transport in self._live if transport.is_active())
+            return sum(1 for c in self._live if c.transport is not None and c.transport.is_active())
 
     def _load_host_key(self) -> Any:
         """The node's ed25519 host key, generated once (0600) so clients can pin it."""
@@ -5432,49 +5460,126 @@ class SftpServer:
                     return
                 time.sleep(0.05)  # EMFILE and friends: do not spin
                 continue
-            if not self._slots.acquire(blocking=False):
-                LOG.warning(
-                    "SFTP: refusing %s: %d connections are already open",
-                    addr[0],
-                    self.config.get("wingslite.sftp_max_connections"),
-                )
+            connection = self._admit(conn, addr)
+            if connection is None:
                 conn.close()
                 continue
             threading.Thread(
-                target=self._serve, args=(conn, addr), name=f"wingslite-sftp-{addr[0]}", daemon=True
+                target=self._serve,
+                args=(connection,),
+                name=f"wingslite-sftp-{addr[0]}",
+                daemon=True,
             ).start()
 
-    def _serve(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+    def _admit(self, sock: socket.socket, addr: tuple[Any, ...]) -> _SftpConnection | None:
+        """A new connection, counted; None when its address or the node is over its bound."""
+        ip = str(addr[0])
+        with self._live_lock:
+            waiting = sum(1 for c in self._live if c.ip == ip and c.waiting())
+            if self.max_unauthenticated_per_ip and waiting >= self.max_unauthenticated_per_ip:
+                self._refusals.note(
+                    "per-ip",
+                    f"SFTP: refusing connections from {ip}: {waiting} of its connections have "
+                    "not logged in yet (wingslite.sftp_max_unauthenticated_per_ip)",
+                )
+                return None
+            if not self._slots.acquire(blocking=False):
+                self._refusals.note(
+                    "total",
+                    f"SFTP: refusing {ip}: {self.config.get('wingslite.sftp_max_connections')} "
+                    "connections are already open (wingslite.sftp_max_connections)",
+                )
+                return None
+            connection = _SftpConnection(self, sock, addr)
+            self._live.add(connection)
+            return connection
+
+    def _serve(self, connection: _SftpConnection) -> None:
         """One connection, start to end. Nothing a client sends may take the daemon down."""
-        transport = None
+        sock = connection.sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             transport = self._paramiko.Transport(sock)
+            connection.transport = transport
             transport.local_version = f"SSH-2.0-wingslite_{VERSION}"
             transport.handshake_timeout = self.handshake_timeout_s
             transport.banner_timeout = self.handshake_timeout_s
-            transport.auth_timeout = self.auth_timeout_s
             transport.add_server_key(self._host_key)
             _bound_ssh_packets(transport, self.max_ssh_packet_bytes)
+            _bound_banner(transport, self.max_banner_line_bytes)
             transport.set_subsystem_handler("sftp", self._glue.Subsystem, _SftpSession)
-            with self._live_lock:
-                self._live.add(transport)
             if self._stopping.is_set():
                 return
-            connection = _SftpConnection(self, transport, addr)
-            transport.start_server(server=self._glue.SshServer(connection))
-            transport.join()
+            # With an event, start_server returns at once instead of waiting for the key
+            # exchange: the deadlines below must run while the handshake does.
+            transport.start_server(event=threading.Event(), server=self._glue.SshServer(connection))
+            self._watch(connection)
         except Exception as exc:  # a bad handshake, a reset, garbage: that connection only
-            LOG.debug("SFTP connection from %s ended: %s", addr[0], exc)
+            LOG.debug("SFTP connection from %s ended: %s", connection.ip, exc)
         finally:
-            if transport is not None:
-                with contextlib.suppress(Exception):
-                    transport.close()
-                with self._live_lock:
-                    self._live.discard(transport)
+            connection.close()
+            with self._live_lock:
+                self._live.discard(connection)
             with contextlib.suppress(OSError):
                 sock.close()
             self._slots.release()
+
+    def _watch(self, connection: _SftpConnection) -> None:
+        """Wait for the connection to end; close it when it passes one of its deadlines."""
+        transport = connection.transport
+        timeouts = [self.handshake_timeout_s, self.idle_timeout_s]
+        poll_s = min(1.0, max(0.05, min(t for t in timeouts if t > 0) / 4 if any(timeouts) else 1))
+        while transport.is_alive():
+            transport.join(poll_s)
+            reason = self._overdue(connection, time.monotonic())
+            if reason is not None:
+                if connection.authenticated():
+                    LOG.info("SFTP: closing the connection of %s: %s", connection.ip, reason)
+                else:
+                    self._refusals.note(
+                        "deadline", f"SFTP: closing a connection from {connection.ip}: {reason}"
+                    )
+                connection.close()
+                transport.join(5)
+                return
+
+    def _overdue(self, connection: _SftpConnection, now: float) -> str | None:
+        """Why this connection must be closed now, or None."""
+        transport, age_s = connection.transport, now - connection.accepted_at
+        if connection.authenticated():
+            idle_s = now - connection.last_activity
+            if self.idle_timeout_s and idle_s > self.idle_timeout_s:
+                return f"no SFTP request for {idle_s:.0f} s (wingslite.sftp_idle_timeout_s)"
+            return None
+        handshake_done = getattr(transport, "initial_kex_done", transport.session_id is not None)
+        if not handshake_done and self.handshake_timeout_s and age_s > self.handshake_timeout_s:
+            return (
+                f"the SSH handshake was not done within {self.handshake_timeout_s:g} s "
+                "(wingslite.sftp_handshake_timeout_s)"
+            )
+        if age_s > self.login_timeout_s:
+            return f"no login within {self.login_timeout_s:g} s of connecting"
+        return None
+
+    def claim_slot(self, connection: _SftpConnection, login: SftpLogin) -> bool:
+        """Count this connection as one of its user's (``wingslite.sftp_max_sessions_per_user``)."""
+        with self._live_lock:
+            if connection.user_uuid == login.user_uuid:
+                return True
+            held = sum(
+                1
+                for c in self._live
+                if c is not connection and c.user_uuid == login.user_uuid and c.is_open()
+            )
+            if self.max_sessions_per_user and held >= self.max_sessions_per_user:
+                self._refusals.note(
+                    "per-user",
+                    f"SFTP login {login.username!r} from {login.ip} refused: that user already "
+                    f"has {held} connections open (wingslite.sftp_max_sessions_per_user)",
+                )
+                return False
+            connection.user_uuid = login.user_uuid
+            return True
 
     # -- logins --------------------------------------------------------------------------------
 
@@ -5561,10 +5666,15 @@ class _SftpConnection:
     authenticated (paramiko ignores further attempts then).
     """
 
-    def __init__(self, sftp: SftpServer, transport: Any, addr: tuple[Any, ...]):
+    def __init__(self, sftp: SftpServer, sock: socket.socket, addr: tuple[Any, ...]):
         self.sftp = sftp
-        self.transport = transport
+        self.sock = sock
+        self.transport: Any = None  # paramiko's Transport, once the connection's thread made it
         self.addr = addr
+        self.ip = str(addr[0])
+        self.accepted_at = self.last_activity = time.monotonic()
+        self.user_uuid: str | None = None  # the Panel user whose connection this counts as
+        self.closed = False
         self.pending: SftpLogin | None = None
         self.channels = 0
         self.subsystems: set[int] = set()  # ids of the channels that run one already
@@ -5580,7 +5690,34 @@ class _SftpConnection:
                 kind, username, secret, self.addr, self.transport.session_id or b"", version
             )
         self.pending = self._answers[key]
+        if self.pending is not None and not self.sftp.claim_slot(self, self.pending):
+            self.pending = None
+        if self.pending is not None:
+            self.touch()  # the idle clock starts at the login
         return self.pending is not None
+
+    def touch(self) -> None:
+        """The client did something: the idle timeout starts again."""
+        self.last_activity = time.monotonic()
+
+    def authenticated(self) -> bool:
+        return self.transport is not None and self.transport.is_authenticated()
+
+    def is_open(self) -> bool:
+        return not self.closed and (self.transport is None or self.transport.is_active())
+
+    def waiting(self) -> bool:
+        """Open, and not logged in yet."""
+        return self.is_open() and not self.authenticated()
+
+    def close(self) -> None:
+        """Close the connection now, from any thread (a blocked read wakes up)."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.close()
 
     def login(self) -> SftpLogin | None:
         """The login this connection authenticated with, or None."""
@@ -5609,6 +5746,56 @@ def _bound_ssh_packets(transport: Any, max_bytes: int) -> None:
         return read_all(n, check_rekey)
 
     transport.packetizer.read_all = bounded
+
+
+def _bound_banner(transport: Any, max_line_bytes: int) -> None:
+    """Refuse an SSH banner line longer than ``max_line_bytes`` instead of buffering it.
+
+    paramiko reads the client's version line until a newline, however long, and keeps it all
+    (a 4 MiB line without one stayed held past the handshake limit). RFC 4253 section 4.2 bounds
+    the line at 255 bytes. With a paramiko whose internals differ, this bound is skipped; the
+    handshake deadline still holds.
+    """
+    packetizer = transport.packetizer
+    read = getattr(packetizer, "_read_timeout", None)
+    if read is None or not hasattr(packetizer, "_Packetizer__remainder"):
+        return
+
+    def readline(timeout: float) -> str:
+        buf = packetizer._Packetizer__remainder
+        while b"\n" not in buf[: max_line_bytes + 1]:
+            if len(buf) > max_line_bytes:
+                raise EOFError(f"SSH banner line longer than {max_line_bytes} bytes")
+            buf += read(timeout)
+        n = buf.index(b"\n")
+        packetizer._Packetizer__remainder = buf[n + 1 :]
+        return buf[:n].rstrip(b"\r").decode("utf-8", "replace")
+
+    packetizer.readline = readline
+
+
+class _RefusalLog:
+    """One log line per kind of refused or cut connection per minute, with how many were left out.
+
+    A flood of strangers must not turn into a flood of log lines.
+    """
+
+    interval_s = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, left out since)
+
+    def note(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            logged_at, left_out = self._last.get(kind, (-self.interval_s, 0))
+            if now - logged_at < self.interval_s:
+                self._last[kind] = (logged_at, left_out + 1)
+                return
+            self._last[kind] = (now, 0)
+        more = f" ({left_out} more like it in the last minute)" if left_out else ""
+        LOG.warning("%s%s", message, more)
 
 
 def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
@@ -5654,6 +5841,10 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
         # handlers); shells, exec, ptys, forwarding and agents keep paramiko's default "no".
 
     class Subsystem(paramiko.SFTPServer):
+        def _process(self, t: int, request_number: int, msg: Any) -> None:
+            self.server.connection.touch()  # an SFTP request: the session is not idle
+            super()._process(t, request_number, msg)
+
         def _read_packet(self) -> tuple[int, bytes]:
             size = int.from_bytes(self._read_all(4), "big")
             if size > self.server.sftp.max_packet_bytes:
@@ -5746,13 +5937,13 @@ class _SftpSession:
         # Runs in the channel's own thread, where closing the connection is safe; until then
         # every operation is refused anyway (no jail).
         if self.refused:
-            self.connection.transport.close()
+            self.connection.close()
 
     def _begin(self) -> None:
         daemon = self.sftp.daemon
         login = self.connection.login()
         server = self.sftp.server_of(login.server_uuid) if login else None
-        transport = self.connection.transport
+        connection = self.connection
         if login is None or server is None:
             self.refused = True
             return
@@ -5760,7 +5951,7 @@ class _SftpSession:
         # Registered before the checks below: a suspension that lands in between either is seen
         # here or closes this session itself (the sync marks the server suspended first).
         self.session = daemon.sessions.register(
-            server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close()
+            server.uuid, login.user_uuid, "sftp", lambda code, reason: connection.close()
         )
         revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
         if server.suspended or revoked:
