@@ -1507,8 +1507,7 @@ class Filesystem:
         if not self.root.is_dir():
             return 0, recent
         with Jail(self.root) as jail:
-            for entry in jail.walk("/", on_error=lambda path, exc: None):
-                st = entry.stat
+            for _, st in jail.walk("/", on_error=lambda path, exc: None):
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 total += st.st_size
@@ -1919,12 +1918,24 @@ class _Where:
     relpath: str  # the resolved path, relative to the jail root ("" for the root)
 
 
-@dataclasses.dataclass(frozen=True)
-class JailEntry:
-    """One entry met by ``Jail.walk``: its jail path (``/a/b``) and its lstat (links not followed)."""
+class JailEntry(tuple):
+    """One entry met by ``Jail.walk``: its jail path (``/a/b``) and its lstat (links not followed).
 
-    path: str
-    stat: os.stat_result
+    A tuple underneath: a walk makes one per file, and a tuple is the cheapest object to make.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, path: str, st: os.stat_result) -> JailEntry:
+        return tuple.__new__(cls, (path, st))
+
+    @property
+    def path(self) -> str:
+        return self[0]
+
+    @property
+    def stat(self) -> os.stat_result:
+        return self[1]
 
     @property
     def is_dir(self) -> bool:
@@ -2314,6 +2325,7 @@ class Jail:
         """Yield one directory's entries; push it (fd, path, subdirectories) for the walk."""
         subdirs: list[str] = []
         frames.append((fd, dirpath, subdirs))  # from here on the walk closes ``fd``
+        prefix = dirpath.rstrip("/") + "/"
         try:
             with os.scandir(fd) as entries:
                 for entry in entries:
@@ -2321,7 +2333,7 @@ class Jail:
                         st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    yield JailEntry(posixpath.join(dirpath, entry.name), st)
+                    yield JailEntry(prefix + entry.name, st)
                     if stat.S_ISDIR(st.st_mode):
                         subdirs.append(entry.name)
         except OSError as exc:
