@@ -912,6 +912,22 @@ class TestMetering:
         fs.remove(jail, "old.bin")  # counted by the walk: given back whole
         assert fs.usage_bytes() == 0
 
+    def test_remove_tree_gives_back_what_was_counted_and_follows_no_link(self, fs, tmp_path):
+        fs, jail, root = fs
+        (tmp_path / "outside").mkdir()
+        (tmp_path / "outside" / "keep").write_bytes(b"k")
+        jail.mkdir("d")
+        jail.mkdir("d/e")
+        with fs.open_metered(jail, "d/e/f", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"f" * self.MIB)
+        os.symlink(tmp_path / "outside", root / "d" / "out")
+        (root / "d" / "game.bin").write_bytes(b"g" * self.MIB)  # nothing booked this one
+        held = fs.open_metered(jail, "d/e/f")  # a client still reads it
+        assert fs.remove_tree(jail, "d") == 0 and fs.usage_bytes() == self.MIB
+        held.close()
+        assert fs.usage_bytes() == 0 and not (root / "d").exists()
+        assert (tmp_path / "outside" / "keep").read_bytes() == b"k"
+
     def test_truncation_and_append_are_metered(self, fs):
         fs, jail, root = fs
         with fs.open_metered(jail, "f", os.O_WRONLY | os.O_CREAT) as handle:

@@ -27,8 +27,10 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     config                 Wings' config.yml -> frozen ``Config`` (+ wingslite's own keys)
     Panel client           ``PanelClient``: the Panel's remote API, retries, pagination
     server model           Panel JSON -> ``ServerConfig``; validation; units and Docker maths
-    filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
-                           (paths that cannot leave a server's directory), quota backends
+    filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist, the
+                           metering every writer uses: ``open_metered`` -> ``MeteredFile``),
+                           ``Jail`` (paths that cannot leave a server's directory; ``walk``
+                           for every reader of a whole tree), quota backends
                            (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
     archives               ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
                            ``HashingWriter``), ``extract_archive`` (tar/gz/bz2/xz/zip into a jail,
@@ -1351,6 +1353,7 @@ class Filesystem:
                                              booked before it is written (``DiskLimitExceeded``,
                                              errno EDQUOT, when it would pass the limit)
         ``remove(jail, path)``               unlink a file and give back what was booked for it
+        ``remove_tree(jail, path)``          a file, link or whole directory, each file given back
         ``rename(jail, src, dst)``           move; a file it replaces is given back the same way
         ``release(st)``                      give back a file some other path removed (its lstat)
 
@@ -1588,6 +1591,48 @@ class Filesystem:
         st = jail.remove(path)
         self.release(st)
         return st
+
+    def remove_tree(self, jail: Jail, path: str) -> int:
+        """Remove ``path`` beneath ``jail``, a whole directory included, never following a link;
+        each file is given back as ``release`` says. Returns the bytes given back."""
+        with jail.resolve(path, follow=False) as where:
+            if where.name is None:
+                raise PermissionError(errno.EPERM, "the server's root directory cannot be removed")
+            st = os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(where.name, dir_fd=where.dir_fd)
+                return self.release(st)
+            return self._remove_dir_at(where.dir_fd, where.name)
+
+    def _remove_dir_at(self, parent_fd: int, name: str) -> int:
+        """Depth first from directory fds opened with ``O_NOFOLLOW``: one fd per level."""
+        freed = 0
+        frames: list[tuple[int, str, int, list[str]]] = []  # (parent fd, name, fd, names left)
+        try:
+            fd = os.open(name, Jail._DIR_FLAGS, dir_fd=parent_fd)
+            frames.append((parent_fd, name, fd, os.listdir(fd)))
+            while frames:
+                parent, own, fd, names = frames[-1]
+                if not names:
+                    frames.pop()
+                    os.close(fd)
+                    os.rmdir(own, dir_fd=parent)
+                    continue
+                child = names.pop()
+                try:
+                    st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        child_fd = os.open(child, Jail._DIR_FLAGS, dir_fd=fd)
+                        frames.append((fd, child, child_fd, os.listdir(child_fd)))
+                    else:
+                        os.unlink(child, dir_fd=fd)
+                        freed += self.release(st)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+        finally:
+            for _, _, fd, _ in frames:
+                os.close(fd)
+        return freed
 
     def rename(
         self, jail: Jail, src: str, dst: str, overwrite: bool = True
