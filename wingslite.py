@@ -1501,6 +1501,8 @@ class Filesystem:
             self._usage = max(0, total + raced + undo)
             self._ledger, self._walk_started_ns = recent, walk.started_ns
             self._measured_at = time.monotonic()
+            if undo:  # some of it may have been seen before it went: count again soon
+                self._measured_at -= self.check_interval_s - self.recheck_after_unknown_s
             return self._usage
 
     def _walk_sizes(self, walk: _WalkState) -> tuple[int, dict[tuple[int, int], int]]:
