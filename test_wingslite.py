@@ -6687,6 +6687,23 @@ class TestSftpStrangers:
         with sftp_client(daemon, server) as client:
             assert client.listdir("/") == []
 
+    def test_a_flood_of_bad_handshakes_logs_a_line_a_minute_not_a_traceback_each(
+        self, panel, make_daemon, caplog
+    ):
+        daemon, _ = _sftp_daemon(panel, make_daemon, wingslite__sftp_handshake_timeout_s=1)
+        caplog.set_level(logging.INFO)
+        for garbage in [b"GET / HTTP/1.1\r\n\r\n", b"\x00" * 600, b"SSH-1.0-old\r\n"] * 4:
+            with socket.create_connection(("127.0.0.1", daemon.sftp.port)) as sock:
+                sock.sendall(garbage)
+                closed_by_peer(sock)
+        silent = [socket.create_connection(("127.0.0.1", daemon.sftp.port)) for _ in range(3)]
+        for sock in silent:
+            closed_by_peer(sock)
+            sock.close()
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(loud) <= 1, [r.getMessage() for r in loud]
+        assert not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG)
+
     def test_an_idle_session_is_closed(self, panel, make_daemon):
         daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_idle_timeout_s=2)
         with sftp_client(daemon, server) as client:

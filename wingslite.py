@@ -7532,6 +7532,7 @@ class SftpServer:
             self.auth_timeout_s, float(self.config.get("remote_query.timeout")) + 5
         )
         self._refusals = _RefusalLog()
+        _quiet_paramiko()
         self._host_key: Any = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -7662,6 +7663,7 @@ class SftpServer:
             transport = self._paramiko.Transport(sock)
             connection.transport = transport
             transport.local_version = f"SSH-2.0-wingslite_{VERSION}"
+            transport.set_log_channel(_PARAMIKO_LOG)
             transport.handshake_timeout = self.handshake_timeout_s
             transport.banner_timeout = self.handshake_timeout_s
             transport.add_server_key(self._host_key)
@@ -7935,6 +7937,25 @@ def _bound_banner(transport: Any, max_line_bytes: int) -> None:
         return buf[:n].rstrip(b"\r").decode("utf-8", "replace")
 
     packetizer.readline = readline
+
+
+_PARAMIKO_LOG = "wingslite.sftp.paramiko"
+
+
+class _ParamikoAsDebug(logging.Filter):
+    """paramiko logs a traceback at ERROR for every client that sends garbage; a flood of them
+    would be a flood of log lines. What matters is logged by the daemon itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return LOG.isEnabledFor(logging.DEBUG)
+
+
+def _quiet_paramiko() -> None:
+    """Transports log to ``wingslite.sftp.paramiko``, at debug level only (idempotent)."""
+    logger = logging.getLogger(_PARAMIKO_LOG)
+    if not any(isinstance(f, _ParamikoAsDebug) for f in logger.filters):
+        logger.addFilter(_ParamikoAsDebug())
 
 
 class _RefusalLog:
