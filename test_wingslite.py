@@ -6491,6 +6491,23 @@ class TestSftpDiskHeld:
                 with contextlib.suppress(OSError):
                     fh.close()
 
+    def test_a_file_deleted_by_the_file_manager_counts_while_a_client_holds_it(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        with sftp_client(daemon, server) as client:
+            held = client.open("held", "w")
+            assert not self._write(held, 3 * self.MIB)
+            deletes = {"root": "/", "files": ["held"]}
+            assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+            with client.open("more", "w") as fh:
+                assert self._write(fh, 2 * self.MIB), "the deleted file's bytes were given back"
+            held.close()
+            wait_for(lambda: server.fs.usage_bytes() < 2 * self.MIB, what="the close")
+            with client.open("more", "w") as fh:
+                assert not self._write(fh, 2 * self.MIB)
+
     def test_removing_what_the_game_wrote_since_the_walk_frees_nothing_booked(
         self, panel, make_daemon
     ):

@@ -3674,9 +3674,7 @@ class _Extractor:
             return
         if stat.S_ISDIR(st.st_mode):
             raise ArchiveError(f"cannot extract {path!r}: a directory of that name exists")
-        gone = self.jail.remove(path)
-        if stat.S_ISREG(gone.st_mode) and gone.st_nlink <= 1:
-            self.fs.add_usage(-gone.st_size)
+        self.fs.remove(self.jail, path)
 
     def symlink(self, target: str, path: str) -> None:
         self._parents(path)
@@ -9068,9 +9066,7 @@ def decompress_file(
                     with contextlib.suppress(FileExistsError):
                         jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
                 else:
-                    replaced = jail.rename(source, target)
-                    if replaced is not None:
-                        fs.add_usage(-_freed_bytes(replaced))
+                    fs.rename(jail, source, target)  # a file it replaces is given back
                 if owner is not None:
                     jail.chown(target, *owner)
         finally:
@@ -9677,7 +9673,7 @@ class FileManagerRoutes:
                     raise BadRequest("Cannot delete the root server directory.")
             for path in paths:
                 try:
-                    server.fs.add_usage(-remove_tree(jail, path))
+                    server.fs.remove_tree(jail, path)  # what a client still holds stays counted
                 except FileNotFoundError:
                     continue  # already gone: what was asked for is true
         return 204, None
