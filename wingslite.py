@@ -7478,9 +7478,10 @@ class SftpServer:
 
     Each SFTP channel is a session in the daemon's ``SessionTable``: suspension, deletion and
     ``POST /api/deauthorize-user`` close its connection before they return. Every path goes
-    through a ``Jail`` over the server's directory; every written byte is booked with the
-    server's ``Filesystem.reserve()`` before it is written, and refused with status 15 when it
-    would pass the disk limit.
+    through a ``Jail`` over the server's directory; every file is opened as a ``MeteredFile``
+    (``Filesystem.open_metered``), which books each written byte before it is written -- refused
+    with status 15 when it would pass the disk limit -- and keeps a removed file counted while
+    the handle holds it.
 
     Threads: one accept thread; per connection one thread that runs it start to end (and watches
     its deadlines), paramiko's transport thread and one thread per SFTP channel.
