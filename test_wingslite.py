@@ -5905,6 +5905,36 @@ class TestJail:
         fs = w.Filesystem(root)
         assert fs.recalculate() == len("hello") + 1
 
+    def test_a_walk_racing_a_directory_swapped_for_a_link_never_leaves(self, jail, tmp_path):
+        jail, root = jail
+        outside = tmp_path / "outside"
+        with open(outside / "outside-only", "wb") as fh:
+            fh.truncate(1 << 40)  # 1 TiB apparent: counted once, the figure would show it
+        (root / "d" / "sub").mkdir()
+        os.symlink(str(outside), root / "link")
+        libc = ctypes.CDLL(None, use_errno=True)
+        stop = threading.Event()
+
+        def swap():
+            while not stop.is_set():  # "d" and "link" trade places, atomically (RENAME_EXCHANGE)
+                libc.renameat2(-100, bytes(root / "d"), -100, bytes(root / "link"), 2)
+
+        swapper = threading.Thread(target=swap)
+        swapper.start()
+        seen, figures = set(), []
+        try:
+            fs = w.Filesystem(root)
+            for _ in range(300):
+                seen.update(
+                    e.path.rsplit("/", 1)[-1] for e in jail.walk(on_error=lambda p, e: None)
+                )
+                figures.append(fs.recalculate())
+        finally:
+            stop.set()
+            swapper.join()
+        assert "outside-only" not in seen and "f" in seen
+        assert max(figures) < 1 << 20
+
     def test_the_denylist_is_checked_where_a_link_leads(self, tmp_path):
         root = tmp_path / "root"
         (root / "cfg").mkdir(parents=True)
