@@ -3616,12 +3616,15 @@ class TestWebsocketConsole:
         )
         assert status == 404
 
-    def test_thirty_sockets_per_server_then_429(self, console_node):
+    def test_thirty_authenticated_sockets_per_server_then_429(self, console_node):
         from websockets.exceptions import InvalidStatus
 
         daemon = console_node()
         with contextlib.ExitStack() as stack:
             conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(30)]
+            for conn in conns:
+                ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(conn) == ("auth success", [])
             with pytest.raises(InvalidStatus) as info:
                 ws_open(daemon, daemon.uuid)
             assert (
@@ -5480,7 +5483,11 @@ def _assemble_request(method, path, version, headers, body, length) -> tuple[byt
         "negative": "-1",
         "huge": str(2**62),
     }.get(length)
-    all_headers = headers + ([("Content-Length", value)] if value is not None else [])
+    all_headers = (
+        [("Host", "127.0.0.1")]
+        + headers
+        + ([("Content-Length", value)] if value is not None else [])
+    )
     head = (
         f"{method} {path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in all_headers) + "\r\n"
     )
@@ -5531,7 +5538,7 @@ def _exchange(port: int, raw: bytes, in_step: bool) -> None:
                 ), parsed
         if in_step and not resp.will_close:
             sock.sendall(
-                f"GET /api/system HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+                f"GET /api/system HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
             )
             follow = http.client.HTTPResponse(sock, method="GET")
             follow.begin()
