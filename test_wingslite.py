@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -1313,6 +1314,239 @@ class TestHttpApi:
             make_daemon(panel), "POST", "/api/servers", body={"uuid": str(uuidlib.uuid4())}
         )
         assert status == 404 and "does not know" in body["error"]
+
+
+# HTTP API: framing and connections ###############################################################
+
+
+def raw_exchange(port: int, data: bytes, timeout_s: float = 10):
+    """Send raw bytes on a new connection and read one answer:
+    (status, lower-cased headers, decoded JSON body or None, whether the server then closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock, method="GET")
+        resp.begin()
+        body = resp.read()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+    return resp.status, headers, (json.loads(body) if body else None), closed
+
+
+def stranger(port: int) -> socket.socket:
+    """A connection that says nothing (or whatever the test sends on it later)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def closed_by_server(sock: socket.socket, timeout_s: float = 10) -> bool:
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+class TestHttpFraming:
+    """RFC 9112 framing: whatever a proxy in front could read differently is a 400 and a close."""
+
+    AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+
+    def refused(self, daemon, head: str, body: bytes = b"") -> str:
+        status, headers, answer, closed = raw_exchange(daemon.port, head.encode() + body)
+        assert status == 400 and closed, (status, answer)
+        assert answer["request_id"] == headers["x-request-id"]
+        return answer["error"]
+
+    def test_two_different_content_lengths_are_refused_and_identical_ones_allowed(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        body = b'{"user": "u"}'
+        error = self.refused(
+            daemon, head + f"Content-Length: {len(body)}\r\nContent-Length: 40\r\n\r\n", body
+        )
+        assert "more than one Content-Length" in error
+        twice = f"Content-Length: {len(body)}\r\n" * 2 + "\r\n"
+        status, _, _, _ = raw_exchange(daemon.port, (head + twice).encode() + body)
+        assert status == 204
+
+    def test_transfer_encoding_other_than_a_single_chunked_is_refused(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        for coding in (
+            "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+        ):
+            assert "Transfer-Encoding" in self.refused(daemon, head + coding + "\r\n", b"{}")
+        status, _, answer, closed = raw_exchange(
+            daemon.port, (head + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
+        )
+        assert status == 411 and closed, answer
+
+    def test_a_content_length_that_is_not_plain_digits_is_refused(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        for value in ("+2", "0_2", "2.0", "0x2", "2, 2"):
+            error = self.refused(daemon, head + f"Content-Length: {value}\r\n\r\n", b"{}")
+            assert "plain digits" in error, value
+
+    def test_whitespace_before_a_colon_is_refused_not_read_as_the_end_of_the_headers(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        for bad in ("Content-Length : 2", "Authorization : Bearer x", "X Y: z"):
+            head = f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{bad}\r\n{self.AUTH}\r\n"
+            assert "malformed" in self.refused(daemon, head, b"{}"), bad
+
+    def test_http11_needs_exactly_one_host(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        assert "Host" in self.refused(daemon, f"GET /api/system HTTP/1.1\r\n{self.AUTH}\r\n")
+        two = f"GET /api/system HTTP/1.1\r\nHost: a\r\nHost: b\r\n{self.AUTH}\r\n"
+        assert "Host" in self.refused(daemon, two)
+        status, _, body, _ = raw_exchange(
+            daemon.port, f"GET /api/system HTTP/1.0\r\n{self.AUTH}\r\n".encode()
+        )
+        assert status == 200 and body["version"] == w.VERSION
+
+    def test_a_refused_request_never_lets_a_second_one_through(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        smuggled = f"GET /api/system HTTP/1.1\r\nHost: x\r\n{self.AUTH}\r\n"
+        head = (
+            f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{self.AUTH}"
+            f"Content-Length: 0\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+        )
+        with stranger(daemon.port) as sock:
+            sock.sendall((head + smuggled).encode())
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 400 ") and received.count(b"HTTP/1.1") == 1
+
+    def test_parser_errors_carry_a_request_id(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        for data in (
+            b"GARBAGE\r\n\r\n",
+            b"GET /api/system HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+            b"GET /api/system HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n",
+        ):
+            status, headers, body, closed = raw_exchange(daemon.port, data)
+            assert status in (400, 431) and closed, (status, body)
+            assert body["request_id"] and body["request_id"] == headers["x-request-id"]
+
+
+class TestHttpConnections:
+    """Connection cap, header deadline and what strangers can (not) do to the Panel's requests."""
+
+    def test_headers_dripped_past_the_deadline_are_answered_408_and_closed(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
+        with stranger(daemon.port) as sock:
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
+            dripped = 0
+            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
+                if select_readable(sock, 0.3):
+                    break
+                sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
+            assert dripped < 39, "the server waited for every dripped header"
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            body = json.loads(resp.read())
+            assert resp.status == 408 and "within 1 s" in body["error"] and body["request_id"]
+            assert closed_by_server(sock)
+
+    def test_a_silent_connection_is_closed_after_the_header_timeout(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
+        with stranger(daemon.port) as sock:
+            assert closed_by_server(sock, timeout_s=10)
+
+    def test_the_panel_is_served_while_strangers_hold_every_connection(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__max_connections=6, wingslite__header_timeout_s=60)
+        strangers = [stranger(daemon.port) for _ in range(12)]
+        try:
+            wait_for(
+                lambda: daemon.http.connection_counts()["headers"] == 6, what="six strangers held"
+            )
+            assert api(daemon, "GET", "/api/system")[0] == 200
+            assert api(daemon, "GET", "/api/servers")[0] == 200
+            # the oldest strangers were closed to make room, never more than the cap held open
+            assert closed_by_server(strangers[0]) and closed_by_server(strangers[6])
+            assert sum(daemon.http.connection_counts().values()) <= 6
+        finally:
+            for sock in strangers:
+                sock.close()
+
+    def test_an_idle_kept_alive_connection_is_closed_before_a_newer_stranger(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel, wingslite__max_connections=3, wingslite__header_timeout_s=60)
+        strangers = [stranger(daemon.port) for _ in range(2)]
+        kept = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["headers"] == 2, what="strangers")
+            kept.request("GET", "/api/system", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert kept.getresponse().read()
+            wait_for(lambda: daemon.http.connection_counts()["idle"] == 1, what="kept idle")
+            assert api(daemon, "GET", "/api/system")[0] == 200
+            assert closed_by_server(kept.sock)
+            assert not closed_by_server(strangers[0], timeout_s=0.5)
+        finally:
+            kept.close()
+            for sock in strangers:
+                sock.close()
+
+    def test_when_every_connection_is_busy_a_new_one_gets_503_retry_after_logged_once(
+        self, panel, make_daemon, caplog
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, wingslite__max_connections=2)
+        panel.hang_s[f"/api/remote/servers/{uuid}"] = 2.5
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        syncs = [pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync") for _ in range(2)]
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["busy"] == 2, what="two busy")
+            with caplog.at_level(logging.INFO, logger="wingslite"):
+                answers = []
+                for _ in range(5):
+                    with stranger(daemon.port) as sock:
+                        resp = http.client.HTTPResponse(sock)
+                        resp.begin()
+                        answers.append((resp.status, resp.getheader("Retry-After"), resp.read()))
+            for status, retry_after, body in answers:
+                assert status == 503 and int(retry_after) > 0
+                assert json.loads(body)["request_id"]
+            refusals = [r for r in caplog.records if "refusing API connections" in r.getMessage()]
+            assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
+        finally:
+            assert [f.result()[0] for f in syncs] == [204, 204]
+            pool.shutdown()
+
+    def test_connections_reset_by_clients_log_no_traceback(self, panel, make_daemon, caplog):
+        daemon = make_daemon(panel)
+        with caplog.at_level(logging.INFO, logger="wingslite"):
+            for _ in range(40):
+                sock = stranger(daemon.port)
+                sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\nX-Half: ")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # an RST, not a FIN
+            wait_for(lambda: sum(daemon.http.connection_counts().values()) == 0, what="drained")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert len([r for r in caplog.records if "reset" in r.getMessage()]) <= 1
+        assert api(daemon, "GET", "/api/system")[0] == 200
+
+
+def select_readable(sock: socket.socket, timeout_s: float) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], timeout_s)[0])
 
 
 # daemon: the sync #################################################################################

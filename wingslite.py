@@ -6093,7 +6093,6 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """http.server's own errors (bad request line, headers too long) as JSON, never HTML,
         with a request id like every other error."""
         self.close_connection = True
-        self.request_id = self.request_id or str(uuidlib.uuid4())
         self._error(code, message or http.HTTPStatus(code).phrase)
 
     def _respond(
@@ -6137,6 +6136,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return headers
 
     def _error(self, status: int, message: str) -> None:
+        self.request_id = self.request_id or str(uuidlib.uuid4())
         self._respond(status, {"error": message, "request_id": self.request_id})
 
     def do_OPTIONS(self) -> None:
@@ -7507,6 +7507,9 @@ def _demo(args: Any) -> int:
     import secrets
     import tempfile
 
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a service manager stops it with SIGTERM
+        signal.signal(sig, lambda *_: stop.set())
     token_id, token = secrets.token_hex(8), secrets.token_hex(32)
     servers = [
         demo_document(str(uuidlib.uuid4()), "Demo Survival", 1024),
@@ -7529,7 +7532,13 @@ def _demo(args: Any) -> int:
         "remote_query": {"timeout": 5},
     }
     daemon = Daemon(Config(raw, "--demo"))
-    daemon.start()
+    try:
+        daemon.start()
+    except OSError as exc:  # e.g. the port is taken
+        panel.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"wingslite: cannot start: {exc}", file=sys.stderr)
+        return 1
     daemon.wait_booted(10)
     base = f"http://127.0.0.1:{daemon.port}"
     first = servers[0]["settings"]["uuid"]
@@ -7557,9 +7566,8 @@ Press Ctrl-C to stop.""",
         flush=True,
     )
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        while not stop.wait(1):
+            pass
         print("\nstopping", flush=True)
     finally:
         daemon.stop()
