@@ -2031,6 +2031,34 @@ class TestDemo:
             with contextlib.suppress(Exception):
                 proc.communicate(timeout=5)
 
+    def test_sigterm_stops_the_demo_cleanly_and_removes_its_directory(self):
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, str(HERE / "wingslite.py"), "--demo"),
+                *("--port", str(_free_port()), "--sftp-port", str(_free_port())),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            lines = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+                lines.append(proc.stdout.readline())
+            root = Path(
+                next(line.split(": ", 1)[1].strip() for line in lines if "data directory" in line)
+            )
+            assert root.is_dir()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            assert not root.exists()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=5)
+
 
 # environments: Docker #############################################################################
 
@@ -4255,6 +4283,55 @@ class TestWebsocketBrowser:
             and "net 7" in report["text"]
             and "> from chromium" in report["text"]
         )
+
+
+class TestWebsocketStrangers:
+    """Sockets that never authenticate cost the owner nothing and their sender little."""
+
+    def test_a_socket_without_a_token_is_closed_4401_after_five_seconds(self, console_node):
+        daemon = console_node()
+        with ws_open(daemon, daemon.uuid) as conn:
+            assert ws_close_code(conn, timeout_s=15) == 4401
+        wait_for(lambda: daemon.sessions.count(daemon.uuid) == 0, what="the session to leave")
+
+    def test_strangers_do_not_take_the_owners_slots(self, console_node):
+        daemon = console_node(wingslite__websocket_max_per_server=3)
+        with contextlib.ExitStack() as stack:
+            for _ in range(6):
+                stack.enter_context(ws_open(daemon, daemon.uuid))
+            conn, first = ws_authed(daemon, daemon.uuid)
+            with conn:
+                assert first[0] == ("auth success", [])
+
+    def test_unauthenticated_sockets_are_capped_per_ip(self, console_node, caplog):
+        from websockets.exceptions import InvalidStatus
+
+        daemon = console_node(wingslite__websocket_unauthenticated_per_ip=3)
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(3)]
+            with caplog.at_level(logging.INFO, logger="wingslite"):
+                for _ in range(3):
+                    with pytest.raises(InvalidStatus) as info:
+                        ws_open(daemon, daemon.uuid)
+                    assert info.value.response.status_code == 429
+                    assert b"not authenticated yet" in info.value.response.body
+            assert len([r for r in caplog.records if "refusing websockets" in r.getMessage()]) == 1
+            ws_send(conns[0], "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_event(conns[0]) == ("auth success", [])
+            with ws_open(daemon, daemon.uuid) as again:  # the authenticated one gave its slot back
+                ws_send(again, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(again) == ("auth success", [])
+
+    def test_the_server_limit_counts_sockets_as_they_authenticate(self, console_node):
+        daemon = console_node(wingslite__websocket_max_per_server=2)
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(3)]
+            for conn in conns[:2]:
+                ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(conn) == ("auth success", [])
+            ws_send(conns[2], "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_close_code(conns[2]) == 1013
+            assert daemon.sessions.count(daemon.uuid) == 2
 
 
 # SFTP #############################################################################################
