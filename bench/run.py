@@ -18,6 +18,8 @@ Items (see README, "Performance"):
   suspend  1,000 websockets + 20 SFTP sessions on one server, then a suspending sync
   console  a container flooding stdout to 30 websockets vs the engine's own attach stream read
            directly; unthrottled, with Wings' default throttle and with a low one (and 1 socket)
+  backup   a 200 MiB server directory: backup (POST to the Panel's report) vs ``tar czf`` and
+           ``tar cf | gzip -1`` of it; restore (truncating) vs ``tar xzf`` of the same archive
   strangers  GET /api/system latency with 1,000 idle stranger connections held open (reopened as
            the daemon closes them) next to none, at a file limit of 1,024 and at the machine's
 
@@ -44,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import uuid as uuidlib
 from pathlib import Path
 
@@ -112,94 +113,66 @@ class _FastHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(head.encode() + data)
 
 
+class BenchPanel(w.PanelStandIn):
+    """The module's Panel stand-in, plus ``POST /bench/servers/{uuid}`` (merge into settings, 204)
+    and ``POST /bench/all`` (the same change for every server). It keeps no request log, and
+    caches each server's encoded document so that the Panel is never the bottleneck."""
+
+    ROUTES = (
+        *w.PanelStandIn.ROUTES,
+        w.PanelRoute("POST", r"/bench/servers/(?P<ident>[^/]+)", "bench_one", auth=False),
+        w.PanelRoute("POST", r"/bench/all", "bench_all", auth=False),
+        w.PanelRoute("POST", r"/bench/backups/(?P<backup>[^/]+)", "bench_backup", auth=False),
+        w.PanelRoute("GET", r"/bench/backups/(?P<backup>[^/]+)", "bench_backup_row", auth=False),
+    )
+
+    def __init__(self, docs: list[dict]):
+        super().__init__(TOKEN_ID, TOKEN, docs)
+        self.keep_requests = False
+        self.sftp_users[("bench", "bench")] = ["*"]
+        self.user_uuid = BENCH_USER
+        self.encoded: dict[str, bytes] = {}
+
+    def route_server(self, h, req, ident):
+        with self.lock:
+            data = self.encoded.get(ident)
+            if data is None and ident in self.servers:
+                data = self.encoded[ident] = self.encode(self.servers[ident])
+        if data is None:
+            return super().route_server(h, req, ident)
+        h.send_bytes(200, data)
+
+    def route_bench_one(self, h, req, ident):
+        self.merge_settings(ident, req.body)
+        with self.lock:
+            self.encoded.pop(ident, None)
+        h.send_json(204)
+
+    def route_bench_backup(self, h, req, backup):  # the row the Panel makes before it asks
+        self.add_backup(req.body["server"], backup)
+        h.send_json(204)
+
+    def route_bench_backup_row(self, h, req, backup):
+        with self.lock:
+            h.send_json(200, dict(self.backups.get(backup) or {}))
+
+    def route_bench_all(self, h, req):
+        for uuid in list(self.servers):
+            self.merge_settings(uuid, req.body)
+        with self.lock:
+            self.encoded.clear()
+        h.send_json(204)
+
+
 def serve_panel(servers: int, port_file: str) -> None:
-    """The Panel's remote API for ``servers`` generated servers, plus ``POST /bench/servers/{uuid}``."""
-    docs = {}
+    """The Panel's remote API for ``servers`` generated servers (see ``BenchPanel``)."""
+    docs = []
     for i in range(servers):
         uuid = str(uuidlib.UUID(int=(0x4BE4C000 << 96) | (i + 1), version=4))
-        docs[uuid] = panel_document(uuid, port=20000 + i)
-    encoded: dict[str, bytes] = {}
-    lock = threading.Lock()
-
-    class Handler(_FastHandler):
-        def do_GET(self):
-            parts = urllib.parse.urlsplit(self.path)
-            if parts.path == "/api/remote/servers":
-                q = urllib.parse.parse_qs(parts.query)
-                page = max(1, int(q.get("page", ["1"])[0] or 1))
-                per_page = int(q.get("per_page", ["50"])[0]) or 15
-                with lock:
-                    items = list(docs.items())
-                chunk = items[(page - 1) * per_page : page * per_page]
-                last = max(1, -(-len(items) // per_page))
-                body = {
-                    "data": [{"uuid": u, **d} for u, d in chunk],
-                    "links": {},
-                    "meta": {
-                        "current_page": page,
-                        "last_page": last,
-                        "per_page": per_page,
-                        "total": len(items),
-                    },
-                }
-                return self.answer(200, json.dumps(body).encode())
-            uuid = parts.path.rsplit("/", 1)[-1]
-            with lock:
-                if uuid not in docs:
-                    return self.answer(
-                        404,
-                        b'{"errors":[{"code":"RecordNotFoundException","status":"404","detail":""}]}',
-                    )
-                data = encoded.get(uuid)
-                if data is None:
-                    data = encoded[uuid] = json.dumps(docs[uuid]).encode()
-            self.answer(200, data)
-
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"null")
-            path = urllib.parse.urlsplit(self.path).path
-            if path == "/api/remote/servers/reset":
-                return self.answer(204)
-            if path == "/api/remote/sftp/auth":
-                user, _, short = str(body.get("username", "")).rpartition(".")
-                match = [u for u in docs if u.startswith(short) and short]
-                if user == "bench" and body.get("password") == "bench" and match:
-                    return self.answer(
-                        200,
-                        json.dumps(
-                            {"server": match[0], "user": BENCH_USER, "permissions": ["*"]}
-                        ).encode(),
-                    )
-                return self.answer(
-                    403,
-                    b'{"errors":[{"code":"HttpForbiddenException","status":"403","detail":"no"}]}',
-                )
-            uuid = path.rsplit("/", 1)[-1]
-            if path.startswith("/bench/servers/") and uuid in docs:
-                with lock:
-                    settings = docs[uuid]["settings"]
-                    for key, value in body.items():
-                        if isinstance(value, dict) and isinstance(settings.get(key), dict):
-                            settings[key].update(value)
-                        else:
-                            settings[key] = value
-                    encoded.pop(uuid, None)
-                return self.answer(204)
-            if path == "/bench/all":  # the same change for every server
-                with lock:
-                    for uuid, doc in docs.items():
-                        for key, value in body.items():
-                            doc["settings"][key].update(value)
-                        encoded.pop(uuid, None)
-                return self.answer(204)
-            self.answer(404, b"{}")
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.request_queue_size = 1024
-    Path(port_file).write_text(json.dumps({"port": httpd.server_address[1], "uuids": list(docs)}))
-    httpd.serve_forever(poll_interval=0.1)
+        docs.append(panel_document(uuid, port=20000 + i))
+    panel = BenchPanel(docs)
+    Path(port_file).write_text(json.dumps({"port": panel.port, "uuids": list(panel.servers)}))
+    panel.httpd.serve_forever(poll_interval=0.1)
 
 
 def serve_bare(body_file: str, port_file: str) -> None:
@@ -272,6 +245,7 @@ class Daemon:
             "system": {
                 "root_directory": str(self.root / "root"),
                 "data": str(self.root / "volumes"),
+                "backup_directory": str(self.root / "backups"),
                 "sftp": {"bind_address": "127.0.0.1", "bind_port": self.sftp_port},
             },
             "remote_query": {"timeout": 10},
@@ -1260,6 +1234,97 @@ def bench_console(workdir: Path, rounds: int) -> dict:
 # -- the table ----------------------------------------------------------------------------------
 
 
+# -- 7. backups ---------------------------------------------------------------------------------
+
+
+def fill_server_directory(root: Path, mib: int) -> None:
+    """``mib`` MiB in 1 MiB files: half random bytes (incompressible), half log-like text."""
+    line = b"[12:00:00 INFO]: Player joined the game at x=12 y=64 z=-30 (world)\n"
+    text = (line * ((1 << 20) // len(line) + 1))[: 1 << 20]
+    for i in range(mib):
+        folder = root / f"region{i // 32}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.dat").write_bytes(os.urandom(1 << 20) if i % 2 else text)
+
+
+def backup_row(panel_port: int, backup: str, key: str, timeout_s: float = 600) -> dict:
+    """The Panel's backup row once ``key`` (successful: the backup; restored: a restore) is set."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", panel_port, timeout=30)
+        conn.request("GET", f"/bench/backups/{backup}")
+        row = json.loads(conn.getresponse().read())
+        conn.close()
+        if row.get(key) is not None:
+            return row
+        time.sleep(0.02)
+    raise RuntimeError(f"the Panel got no {key} report for backup {backup}")
+
+
+def timed(args: list[str]) -> float:
+    t0 = time.monotonic()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def bench_backup(workdir: Path, rounds: int, mib: int = 200) -> dict:
+    """Backup and restore throughput of the daemon against tar on the same directory."""
+    panel = Child(["--serve-panel", "1"], workdir, "panel")
+    daemon = Daemon(panel.port, workdir)
+    try:
+        daemon.wait_booted()
+        server = panel.info["uuids"][0]
+        root = daemon.root / "volumes" / server
+        fill_server_directory(root, mib)
+        size_mb = mib * 1.048576
+        names = ("backup", "tar_czf", "tar_gzip1", "restore", "tar_xzf")
+        figures: dict[str, list[float]] = {k: [] for k in names}
+        peak = []
+        for _ in range(rounds):
+            backup = str(uuidlib.uuid4())
+            panel_post(panel.port, f"/bench/backups/{backup}", {"server": server})
+            t0 = time.monotonic()
+            body = {"adapter": "wings", "uuid": backup, "ignore": ""}
+            assert request(daemon.port, "POST", f"/api/servers/{server}/backup", body)[0] == 202
+            report = backup_row(panel.port, backup, "successful")
+            figures["backup"].append(time.monotonic() - t0)
+            assert report["successful"], report
+            archive = daemon.root / "backups" / f"{backup}.tar.gz"
+            out = workdir / "baseline.tar.gz"
+            figures["tar_czf"].append(timed(["tar", "czf", str(out), "-C", str(root), "."]))
+            figures["tar_gzip1"].append(
+                timed(["sh", "-c", f"tar cf - -C '{root}' . | gzip -1 > '{out}'"])
+            )
+            target = workdir / "untar"
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            figures["tar_xzf"].append(timed(["tar", "xzf", str(archive), "-C", str(target)]))
+            shutil.rmtree(target, ignore_errors=True)
+            t0 = time.monotonic()
+            body = {"adapter": "wings", "truncate_directory": True, "download_url": ""}
+            path = f"/api/servers/{server}/backup/{backup}/restore"
+            assert request(daemon.port, "POST", path, body)[0] == 202
+            assert backup_row(panel.port, backup, "restored")["restored"]
+            figures["restore"].append(time.monotonic() - t0)
+            restored = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+            assert restored == mib << 20, f"restored {restored} bytes, not {mib << 20}"
+            peak.append(daemon.memory_kb()["VmHWM"] / 1024)
+        med = {k: statistics.median(v) for k, v in figures.items()}
+        return {
+            "directory_mib": mib,
+            "seconds": {k: round(v, 2) for k, v in med.items()},
+            "mb_per_s": {k: round(size_mb / v, 1) for k, v in med.items()},
+            "backup_vs_tar_czf": round(med["tar_czf"] / med["backup"], 2),
+            "backup_vs_tar_gzip1": round(med["tar_gzip1"] / med["backup"], 2),
+            "restore_vs_tar_xzf": round(med["tar_xzf"] / med["restore"], 2),
+            "daemon_peak_rss_mb": round(max(peak), 1),
+            "archive_bytes": report["size"],
+        }
+    finally:
+        daemon.stop()
+        panel.stop()
+
+
 def table(results: dict) -> str:
     rows = []
 
@@ -1371,6 +1436,24 @@ def table(results: dict) -> str:
                 "every request answered",
                 v["with_strangers"]["failures"] == 0,
             )
+    b = results.get("backup")
+    if b:
+        mbs = b["mb_per_s"]
+        row(
+            f"7 backup, {b['directory_mib']} MiB",
+            "speed vs tar czf / gzip -1",
+            f"{b['backup_vs_tar_czf']}x / {b['backup_vs_tar_gzip1']}x ({mbs['backup']} vs "
+            f"{mbs['tar_czf']} / {mbs['tar_gzip1']} MB/s), peak RSS {b['daemon_peak_rss_mb']} MB",
+            "-",
+            None,
+        )
+        row(
+            f"7 restore, {b['directory_mib']} MiB",
+            "speed vs tar xzf",
+            f"{b['restore_vs_tar_xzf']}x ({mbs['restore']} vs {mbs['tar_xzf']} MB/s)",
+            "-",
+            None,
+        )
     i = results.get("idle")
     if i:
         row(
@@ -1394,7 +1477,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-ALL_ITEMS = ("sync", "scale", "suspend", "http", "idle", "console", "strangers")
+ALL_ITEMS = ("sync", "scale", "suspend", "http", "idle", "console", "backup", "strangers")
 
 
 def main() -> int:
@@ -1442,6 +1525,7 @@ def main() -> int:
             ("idle", lambda: bench_idle(workdir, 1 if q else 3)),
             ("strangers", lambda: bench_strangers(workdir, 1000, 50 if q else 300)),
             ("console", lambda: bench_console(workdir, 1 if q else 3)),
+            ("backup", lambda: bench_backup(workdir, 1 if q else 3)),
         ]
         for name, fn in steps:
             if name not in only:
