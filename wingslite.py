@@ -48,7 +48,8 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     transfers              ``Transfers``: ``OutgoingTransfer`` (a server streamed to another node
                            as chunked multipart tar.gz), ``IncomingTransfer`` (extracted as it
                            arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
-    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
+    HTTP API               ``ApiServer`` (connection cap, header deadline) / ``ApiHandler``:
+                           RFC 9112 framing (``framing_problem``), routes, auth, CORS, JSON errors
     daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
                            power, crash detection), ``Daemon`` (boot, servers, system info)
     Panel stand-in         ``PanelStandIn``: the Panel's remote API on loopback, for the demo,
