@@ -1943,7 +1943,7 @@ class TestHttpConnections:
     ):
         uuid = panel.add(panel_document())
         daemon = make_daemon(panel, wingslite__max_connections=2)
-        panel.hang_s[f"/api/remote/servers/{uuid}"] = 2.5
+        panel.hang_s[f"/api/remote/servers/{uuid}"] = 1.5
         pool = concurrent.futures.ThreadPoolExecutor(2)
         syncs = [pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync") for _ in range(2)]
         try:

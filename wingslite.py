@@ -9922,7 +9922,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
     resets are logged once a minute per kind (``notices``), never a traceback each.
 
     Class variables that may be overridden: ``daemon_threads``, ``allow_reuse_address``,
-    ``request_queue_size``, ``retry_after_s``, ``reap_interval_s``.
+    ``request_queue_size``, ``handler_class``, ``retry_after_s``, ``reap_interval_s``.
     """
 
     daemon_threads = True
