@@ -14,10 +14,12 @@ import copy
 import ctypes
 import errno
 import functools
+import gzip
 import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -29,11 +31,13 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import types
 import urllib.parse
 import uuid as uuidlib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -6197,6 +6201,126 @@ class TestFileManager:
         assert fm_write(daemon, server, "/keep.bin", b"n" * (limit // 2))[0] == 204
         assert server.fs.recalculate() == limit // 2 + 1000
 
+    def test_compress_and_decompress(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        (root / "world" / "region").mkdir(parents=True)
+        (root / "world" / "level.dat").write_bytes(b"L" * 3000)
+        (root / "world" / "region" / "r.0.0.mca").write_bytes(b"R" * 5000)
+        (root / "world" / "link").symlink_to("level.dat")
+        (root / "server.properties").write_text("motd=hi\n")
+        server.fs.recalculate()
+        body = {"root": "/", "files": ["world", "server.properties"]}
+        status, _, info = api(daemon, "POST", fm_path(server, "compress"), body)
+        assert status == 200 and set(info) == FM_STAT_KEYS
+        assert re.match(r"^archive-\d{4}-\d\d-\d\dT\d{6}Z\.tar\.gz$", info["name"])
+        assert info["mime"] == "application/tar+gzip" and info["size"] > 0
+        archive = root / info["name"]
+        with tarfile.open(archive) as tar:
+            assert {"world/level.dat", "world/region/r.0.0.mca", "server.properties"} <= set(
+                tar.getnames()
+            )
+        (root / "restore").mkdir()
+        os.rename(archive, root / "restore" / "a.tar.gz")
+        body = {"root": "/restore", "file": "a.tar.gz"}
+        assert api(daemon, "POST", fm_path(server, "decompress"), body)[0] == 204
+        assert (root / "restore/world/region/r.0.0.mca").read_bytes() == b"R" * 5000
+        assert os.readlink(root / "restore/world/link") == "level.dat"
+        assert (root / "restore/server.properties").read_text() == "motd=hi\n"
+        with zipfile.ZipFile(root / "mods.zip", "w") as zf:
+            zf.writestr("mods/a.jar", b"A" * 100)
+            zf.writestr("readme.txt", "hello")
+        (root / "readme.txt").write_text("old")  # overwritten by the archive, as Wings
+        with gzip.open(root / "latest.log.gz", "wb") as gz:
+            gz.write(b"[INFO] log\n")
+        server.fs.recalculate()
+        for name in ("mods.zip", "latest.log.gz"):
+            assert (
+                api(daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": name})[0]
+                == 204
+            )
+        assert (root / "mods/a.jar").read_bytes() == b"A" * 100
+        assert (root / "readme.txt").read_text() == "hello"
+        assert (root / "latest.log").read_bytes() == b"[INFO] log\n"
+        (root / "x.7z").write_bytes(b"7z\xbc\xaf\x27\x1c" + b"\x00" * 100)
+        server.fs.recalculate()
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": "x.7z"}
+        )
+        assert status == 400 and "unsupported archive format" in answer["error"]
+        status, _, _ = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": "no.zip"}
+        )
+        assert status == 404
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+        assert not list(root.rglob(".wingslite-*"))
+
+    def test_archive_escapes_and_bombs_change_nothing(self, panel, make_daemon, tmp_path):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["/config/secret.yml"])
+        root = server.fs.root
+        (root / "config").mkdir()
+        (root / "config" / "secret.yml").write_text("pw: 1")
+
+        def tar_with(path, *entries):
+            with tarfile.open(path, "w:gz") as tar:
+                for name, kind, data in entries:
+                    info = tarfile.TarInfo(name)
+                    if kind == "sym":
+                        info.type, info.linkname = tarfile.SYMTYPE, data
+                        tar.addfile(info)
+                    else:
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+
+        good = ("fine.txt", "file", b"ok")
+        (root / "sub").mkdir()
+        tar_with(root / "dotdot.tgz", good, ("../../evil.txt", "file", b"x"))
+        tar_with(root / "abs.tgz", good, ("/etc/evil.txt", "file", b"x"))
+        tar_with(root / "linkout.tgz", good, ("out", "sym", "../../../.."))
+        tar_with(root / "linkabs.tgz", good, ("out", "sym", "/etc"))
+        tar_with(root / "deny.tgz", good, ("config/secret.yml", "file", b"pw: stolen"))
+        tar_with(
+            root / "sub/linkup.tgz", good, ("up", "sym", "../..")
+        )  # fine in a staging dir, not in /sub
+        with zipfile.ZipFile(root / "slip.zip", "w") as zf:
+            zf.writestr("fine.txt", b"ok")
+            zf.writestr("../../evil.txt", b"x")
+        limit = FM_LIMIT_MB * 1048576
+        with gzip.open(root / "bomb.gz", "wb") as gz:
+            gz.write(b"\x00" * (limit * 3))
+        with tarfile.open(root / "bomb.tar.xz", "w:xz") as tar:
+            info = tarfile.TarInfo("zeros.bin")
+            info.size = limit * 3
+            tar.addfile(info, io.BytesIO(b"\x00" * info.size))
+        server.fs.recalculate()
+        before = tree_snapshot(tmp_path)
+        for name, expected in (
+            ("dotdot.tgz", 400),
+            ("abs.tgz", 400),
+            ("linkout.tgz", 400),
+            ("linkabs.tgz", 400),
+            ("deny.tgz", 403),
+            ("sub/linkup.tgz", 400),
+            ("slip.zip", 400),
+            ("bomb.gz", 400),
+            ("bomb.tar.xz", 400),
+        ):
+            parent, _, file = name.rpartition("/")
+            body = {"root": "/" + parent, "file": file}
+            status, _, answer = api(daemon, "POST", fm_path(server, "decompress"), body)
+            assert status == expected, (name, status, answer)
+            assert status != 204, name
+            assert tree_snapshot(tmp_path) == before, name
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+        # An archive that does not fit is refused and leaves nothing behind.
+        (root / "filler.bin").write_bytes(os.urandom(limit - 200_000))
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        body = {"root": "/", "files": ["filler.bin"]}
+        status, _, answer = api(daemon, "POST", fm_path(server, "compress"), body)
+        assert status == 400 and answer["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(root) == before
+
     def test_a_50_mib_write_is_streamed(self, panel, make_daemon):
         daemon, server = _fm_daemon(panel, make_daemon, disk_mb=0)
         chunk = bytes(range(256)) * 4096  # 1 MiB, sent 50 times: the client holds 1 MiB
@@ -6308,6 +6432,14 @@ class TestSignedUrls:
         other = signed_token(str(uuidlib.uuid4()), file_path="/logs/latest.log")
         status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={other}", token=None)
         assert status == 404
+        (server.fs.root / 'wörld "1".txt').write_text("x")
+        token = signed_token(server.uuid, file_path='/wörld "1".txt')
+        status, headers, _ = http_raw(
+            daemon.port, "GET", f"/download/file?token={token}", token=None
+        )
+        assert status == 200 and headers["content-disposition"] == (
+            "attachment; filename=\"w_rld _1_.txt\"; filename*=UTF-8''w%C3%B6rld%20%221%22.txt"
+        )
         for path in ("/logs", "/../../etc/passwd", "/missing"):
             token = signed_token(server.uuid, file_path=path)
             status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)
@@ -6318,12 +6450,17 @@ class TestSignedUrls:
         events = []
         server.record_activity = lambda *args: events.append(args)
         token = signed_token(server.uuid)
-        files = {"a.txt": b"alpha\r\n--not-a-boundary", "b.bin": os.urandom(200_000)}
+        near_miss = b"\r\n------wingsliteTestBoundary7MA4YWx" * 20_000  # straddles every read
+        files = {
+            "a.txt": b"alpha\r\n--not-a-boundary",
+            "b.bin": os.urandom(200_000),
+            "c.bin": near_miss,
+        }
         status, _, _ = upload(daemon, token, files, directory="/plugins")
         assert status == 200
         for name, data in files.items():
             assert (server.fs.root / "plugins" / name).read_bytes() == data
-        assert [e[0] for e in events] == ["server:file.uploaded"] * 2
+        assert [e[0] for e in events] == ["server:file.uploaded"] * 3
         assert (
             events[0][1] == "c0ffee00-1111-4222-8333-444455556666" and events[0][2] == "127.0.0.1"
         )

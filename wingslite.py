@@ -41,8 +41,12 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            ``ConsolePipeline`` (done detection)
     session table          ``SessionTable``: every websocket and SFTP session; ``Revocations``
     websocket              ``WebSocket`` (RFC 6455), ``decode_jwt``, ``ConsoleSocket`` (Wings'
-                           console protocol), ``serve_websocket``
+                           console protocol), ``serve_websocket``; ``SignedUrls`` (the browser's
+                           one-time download/upload tokens)
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
+    file manager           ``FileManagerRoutes`` (the Panel's Files tab, signed downloads and
+                           uploads), ``StagedFile`` (metered writes renamed into place),
+                           ``MultipartReader``, ``Pull``/``Pulls`` (downloads from a URL)
     backups                ``Backups`` (create, s3 parts, restore, delete, boot recovery),
                            ``BackupJob``, ``RestoreJob``, ``BackupRoutes`` (HTTP mix-in)
     transfers              ``Transfers``: ``OutgoingTransfer`` (a server streamed to another node
@@ -7703,7 +7707,7 @@ def detect_mime(head: bytes, name: str) -> str:
 
 
 def go_file_mode(mode: int) -> str:
-    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``drwxr-xr-x``, ``Lrwxrwxrwx``)."""
+    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``Lrwxrwxrwx``)."""
     kinds = [
         (stat.S_ISDIR(mode), "d"),
         (stat.S_ISLNK(mode), "L"),
@@ -7729,7 +7733,7 @@ def _rfc3339(timestamp: float) -> str:
 def stat_object(
     name: str, st: os.stat_result, mime: str, target: os.stat_result | None = None
 ) -> dict[str, Any]:
-    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads it.
+    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads.
 
     ``st`` is the entry itself (lstat); for a symlink, ``target`` is what it resolves to inside
     the jail (None when it dangles or leads out), which decides ``directory``/``file`` and the size.
@@ -7749,6 +7753,16 @@ def stat_object(
         "symlink": stat.S_ISLNK(st.st_mode),
         "mime": mime,
     }
+
+
+def attachment_header(name: str) -> str:
+    """``Content-Disposition`` for a download: an ASCII name, and the real one (RFC 6266/5987)."""
+    fallback = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        raw = name.encode("utf-8", "surrogateescape")
+        value += "; filename*=UTF-8''" + urllib.parse.quote_from_bytes(raw, safe="")
+    return value
 
 
 def _file_head(jail: Jail, path: str) -> bytes:
@@ -7793,7 +7807,7 @@ def list_directory(jail: Jail, path: str) -> list[dict[str, Any]]:
 
 
 def fs_error(exc: OSError) -> WingsliteError:
-    """An ``OSError`` from the jail as Wings' status and text; a missing file is 404 (Wings: 500)."""
+    """An ``OSError`` from the jail as Wings' status and text (a missing file: 404; Wings: 500)."""
     code = exc.errno
     if isinstance(exc, PathEscape) or code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
         return WingsliteError(FM_NOT_FOUND, 404)
@@ -7840,7 +7854,7 @@ def makedirs(jail: Jail, path: str, mode: int = 0o755) -> None:
 
 
 def node_owner(daemon: Any) -> tuple[int, int] | None:
-    """The uid/gid files made for a server belong to (Wings ``system.user``), when root can chown."""
+    """The uid/gid a server's new files belong to (Wings ``system.user``), when root can chown."""
     if os.geteuid() != 0:
         return None
     try:
@@ -7941,7 +7955,7 @@ class StagedFile:
         else:
             self.abort()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int:
         if not self.fs.reserve(len(data)):
             raise NotEnoughSpace()
         view = memoryview(data)
@@ -7949,6 +7963,10 @@ class StagedFile:
             n = os.write(self.fd, view)
             self.written += n
             view = view[n:]
+        return len(data)
+
+    def flush(self) -> None:  # a file-like sink for gzip and tarfile
+        pass
 
     def _close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -7979,7 +7997,7 @@ class StagedFile:
 
 
 def copy_name(jail: Jail, path: str) -> str:
-    """Wings' name for a copy beside the file: ``a copy.txt``, ``a copy 1.txt`` ... (``x.tar.gz`` kept whole)."""
+    """Wings' name for a copy: ``a copy.txt``, ``a copy 1.txt``, ``x copy.tar.gz``..."""
     parent, base = posixpath.split(jail.normalize(path))
     stem, ext = posixpath.splitext(base)
     if stem.endswith(".tar"):
@@ -7994,14 +8012,105 @@ def copy_name(jail: Jail, path: str) -> str:
     return posixpath.join(parent, f"{stem}copy.{stamp}{ext}")
 
 
-def record_activity(server: Any, event: str, user_uuid: str, ip: str, metadata: dict) -> None:
-    """Hand a user's file event to the server's activity log, when the node keeps one."""
-    record = getattr(server, "record_activity", None)
-    if record is not None:
-        record(event, user_uuid, ip, metadata)
+# -- archives: compress and decompress --------------------------------------------------------
 
 
-# -- multipart bodies -------------------------------------------------------------------------------
+def archive_name(now: float | None = None) -> str:
+    """Wings' name for a new archive: ``archive-2024-01-02T150405Z.tar.gz`` (RFC 3339, no ':')."""
+    moment = datetime.datetime.fromtimestamp(
+        time.time() if now is None else now, datetime.timezone.utc
+    )
+    return f"archive-{moment.strftime('%Y-%m-%dT%H%M%SZ')}.tar.gz"
+
+
+def compress_files(
+    jail: Jail, write_jail: Jail, fs: Filesystem, root: str, files: list[str], owner: Any = None
+) -> str:
+    """Stream ``files`` (names in ``root``) into a new tar.gz in ``root``; returns its jail path.
+
+    The archive is staged and metered like every other write: past the disk limit it is refused
+    and nothing is left behind.
+    """
+    target = posixpath.join(jail.normalize(root), archive_name())
+    with StagedFile(write_jail, fs, target, owner=owner) as staged:
+        write_tar_gz(jail, staged, root=root, files=files)
+    return target
+
+
+def decompress_file(
+    jail: Jail,
+    fs: Filesystem,
+    root: str,
+    file: str,
+    is_denied: Callable[[str], bool] | None = None,
+    owner: Any = None,
+) -> None:
+    """Extract ``root/file`` into ``root``, all or nothing.
+
+    The shared extractor (``extract_archive``: every entry checked, every byte metered) writes into
+    a hidden staging directory inside ``root``. Only when the whole archive came out, and every
+    entry passes the checks at its final place (the egg's denylist, links that must still point
+    inside from there, no file where a directory is), are the entries moved into place; otherwise
+    the staging directory is removed and the tree is as it was.
+    """
+    dest = jail.normalize(root)
+    staging = posixpath.join(dest, f".wingslite-{uuidlib.uuid4().hex[:16]}.extract")
+    fd = jail.open(f"{dest}/{file}", os.O_RDONLY)
+    with os.fdopen(fd, "rb") as src:
+        jail.mkdir(staging, 0o700)
+        try:
+            extract_archive(jail, fs, src, name=posixpath.basename(file), dest=staging)
+            moves = _staged_moves(jail, staging, dest, is_denied)
+            for source, target, is_dir in moves:
+                if is_dir:
+                    with contextlib.suppress(FileExistsError):
+                        jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
+                else:
+                    replaced = jail.rename(source, target)
+                    if replaced is not None:
+                        fs.add_usage(-_freed_bytes(replaced))
+                if owner is not None:
+                    jail.chown(target, *owner)
+        finally:
+            with contextlib.suppress(OSError):
+                fs.add_usage(-remove_tree(jail, staging))
+
+
+def _staged_moves(
+    jail: Jail, staging: str, dest: str, is_denied: Callable[[str], bool] | None
+) -> list[tuple[str, str, bool]]:
+    """Every staged entry with its final place, parents first; refuses what may not go there."""
+    moves: list[tuple[str, str, bool]] = []
+    pending = [(staging, dest)]
+    while pending:
+        source_dir, target_dir = pending.pop()
+        for name, st in sorted(jail.listdir(source_dir)):
+            source, target = f"{source_dir}/{name}", f"{target_dir}/{name}"
+            try:
+                existing = jail.lstat(target)
+            except FileNotFoundError:
+                existing = None
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if existing is not None and stat.S_ISDIR(existing.st_mode) != is_dir:
+                kind = "directory" if is_dir else "file"
+                raise ArchiveError(f"cannot extract the {kind} {target!r}: something else is there")
+            if not is_dir and is_denied is not None and is_denied(target):
+                raise PermissionError(errno.EACCES, "this file is in the egg's file_denylist")
+            if stat.S_ISLNK(st.st_mode):  # its target is relative to where it will live
+                link = jail.readlink(source)
+                try:
+                    jail._check_link_target(jail.parts(target), link)
+                except PathEscape:
+                    raise ArchiveError(
+                        f"refused archive entry {target!r}: a link to {link!r} would point outside"
+                    ) from None
+            moves.append((source, target, is_dir))
+            if is_dir:
+                pending.append((source, target))
+    return moves
+
+
+# -- multipart bodies ---------------------------------------------------------------------------
 
 
 def multipart_boundary(content_type: str) -> bytes | None:
@@ -8114,7 +8223,7 @@ class PullRefused(OSError):
 
 
 def is_internal_address(ip: str) -> bool:
-    """Loopback, private, link-local, shared, reserved, multicast... anything not the public Internet."""
+    """Loopback, private, link-local, shared, reserved, multicast: not the public Internet."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
@@ -8232,7 +8341,8 @@ class Pull:
             raise WingsliteError(str(exc.strerror), 400) from None
         except urllib.error.HTTPError as exc:
             raise BadRequest(
-                f"the remote server answered {exc.code} {exc.reason}, not 200 (redirects are not followed)"
+                f"the remote server answered {exc.code} {exc.reason}, not 200 "
+                "(redirects are not followed)"
             ) from None
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -8297,7 +8407,7 @@ class Pulls:
                     self._pulls.pop(pull.identifier, None)
 
 
-# -- routes ------------------------------------------------------------------------------------------
+# -- routes -------------------------------------------------------------------------------------
 
 FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", _FM_SERVER + r"/contents", "file_contents", True),
@@ -8308,6 +8418,8 @@ FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("POST", _FM_SERVER + r"/create-directory", "create_directory", True),
     ("POST", _FM_SERVER + r"/delete", "delete_files", True),
     ("POST", _FM_SERVER + r"/chmod", "chmod_files", True),
+    ("POST", _FM_SERVER + r"/compress", "compress_files", True),
+    ("POST", _FM_SERVER + r"/decompress", "decompress_file", True),
     ("GET", _FM_SERVER + r"/pull", "list_pulls", True),
     ("POST", _FM_SERVER + r"/pull", "pull_file", True),
     ("DELETE", _FM_SERVER + r"/pull/(?P<download>[^/]+)", "cancel_pull", True),
@@ -8317,7 +8429,7 @@ FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
 
 
 class FileManagerRoutes:
-    """The file routes of ``ApiHandler`` (a mix-in: uses its ``read_json``, ``_respond``, ``query``)."""
+    """The file routes of ``ApiHandler`` (a mix-in using its ``read_json``, ``query``, ...)."""
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -8438,9 +8550,7 @@ class FileManagerRoutes:
                 size = os.fstat(fd).st_size
                 headers = {"X-Mime-Type": info["mime"], "Content-Type": info["mime"]}
                 if self._param("download"):
-                    headers["Content-Disposition"] = (
-                        f"attachment; filename={json.dumps(info['name'])}"
-                    )
+                    headers["Content-Disposition"] = attachment_header(info["name"])
                     headers["Content-Type"] = "application/octet-stream"
                 self._send_file(fd, size, headers)
             finally:
@@ -8584,6 +8694,34 @@ class FileManagerRoutes:
                     jail.chmod(path, mode)
         return 204, None
 
+    def route_compress_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files were passed through to be compressed.")
+        if not all(isinstance(f, str) for f in files):
+            raise WingsliteError("files must be a list of names", 422)
+        if not server.fs.has_space():
+            raise Conflict(
+                "This server does not have enough available disk space to generate a compressed archive."
+            )
+        owner = node_owner(self.server.daemon)
+        with self._jail(server) as jail, self._jail(server, denylist=True) as write_jail:
+            with fs_errors():
+                path = compress_files(jail, write_jail, server.fs, root, files, owner)
+                info = stat_path(jail, path)
+        info["mime"] = "application/tar+gzip"  # as Wings answers it
+        return 200, info
+
+    def route_decompress_file(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root, file = self._text(body, "root", "/"), self._text(body, "file")
+        if not file:
+            raise WingsliteError("The file to decompress is required.", 422)
+        owner = node_owner(self.server.daemon)
+        with self._jail(server) as jail, fs_errors():
+            decompress_file(jail, server.fs, root, file, server.fs.is_denied, owner)
+        return 204, None
+
     # -- remote downloads ------------------------------------------------------------------------
 
     def _pulls_enabled(self) -> None:
@@ -8662,7 +8800,7 @@ class FileManagerRoutes:
             try:
                 name = posixpath.basename(jail.normalize(token.claim("file_path")))
                 headers = {
-                    "Content-Disposition": f"attachment; filename={json.dumps(name)}",
+                    "Content-Disposition": attachment_header(name),
                     "Content-Type": "application/octet-stream",
                 }
                 self._send_file(fd, os.fstat(fd).st_size, headers)
@@ -8671,10 +8809,15 @@ class FileManagerRoutes:
         return None, None
 
     def route_upload_file(self) -> tuple[int, Any]:
-        token, server = self._signed("file-upload")
-        boundary = multipart_boundary(self.headers.get("Content-Type", ""))
-        if boundary is None:
-            raise BadRequest("Failed to get multipart form data from request.")
+        try:
+            token, server = self._signed("file-upload")
+            boundary = multipart_boundary(self.headers.get("Content-Type", ""))
+            if boundary is None:
+                raise BadRequest("Failed to get multipart form data from request.")
+        except WingsliteError:
+            with contextlib.suppress(WingsliteError):  # read the refused body: the browser
+                self._discard_body(self._body_reader()[0])  # then sees the answer, not a reset
+            raise
         directory = self._param("directory", "/")
         limit_mb = self.server.daemon.config.get("api.upload_limit")
         owner = node_owner(self.server.daemon)
@@ -8682,13 +8825,20 @@ class FileManagerRoutes:
         read, _ = self._body_reader()
         with self._jail(server, denylist=True) as jail, fs_errors():
             try:
-                for headers, chunks in MultipartReader(read, boundary).parts():
+                for headers, chunks in MultipartReader(read, boundary, FM_CHUNK_BYTES).parts():
                     form = form_disposition(headers.get("content-disposition", ""))
                     if form.get("name") != "files" or "filename" not in form:
                         continue
+                    if not form["filename"]:
+                        continue  # a file input left empty: browsers send an empty part
                     name = posixpath.basename(form["filename"].replace("\\", "/"))
                     if name in ("", ".", ".."):
-                        raise BadRequest("An uploaded file has no name.")
+                        raise BadRequest(
+                            f"An uploaded file has no usable name: {form['filename']!r}"
+                        )
+                    for earlier in [t for n, t in staged if n == name]:
+                        earlier.abort()  # the same name twice in one form: the last one wins
+                    staged = [(n, t) for n, t in staged if n != name]
                     target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
                     staged.append((name, target))
                     for chunk in chunks:
@@ -8708,8 +8858,7 @@ class FileManagerRoutes:
                 raise
         ip = self.client_address[0] if self.client_address else ""
         for name, _ in staged:
-            record_activity(
-                server,
+            server.record_activity(
                 "server:file.uploaded",
                 token.user_uuid,
                 ip,
