@@ -1845,6 +1845,15 @@ class TestHttpFraming:
             head = f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{bad}\r\n{self.AUTH}\r\n"
             assert "malformed" in self.refused(daemon, head, b"{}"), bad
 
+    def test_multipart_and_message_content_types_are_not_mistaken_for_broken_headers(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        for content_type in ("multipart/form-data; boundary=bbb", "message/rfc822"):
+            head = f"GET /api/system HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            status, _, body, _ = raw_exchange(daemon.port, (head + self.AUTH + "\r\n").encode())
+            assert status == 200, (content_type, body)
+
     def test_http11_needs_exactly_one_host(self, panel, make_daemon):
         daemon = make_daemon(panel)
         assert "Host" in self.refused(daemon, f"GET /api/system HTTP/1.1\r\n{self.AUTH}\r\n")

@@ -87,6 +87,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import email.errors
 import errno
 import fcntl
 import functools
@@ -10244,7 +10245,11 @@ def framing_problem(version: str, headers: http.client.HTTPMessage) -> str | Non
     """
     if version not in ("HTTP/1.0", "HTTP/1.1"):
         return f"{version} requests are not served; send HTTP/1.1"
-    if headers.defects or headers.get_payload():
+    # The header parser stops at a line it cannot read as a header (a space before the colon) and
+    # keeps the rest as a "body"; defects about a multipart Content-Type's missing body are fine.
+    malformed = (email.errors.MissingHeaderBodySeparatorDefect, email.errors.InvalidHeaderDefect)
+    rest = headers.get_payload()  # a message/* Content-Type makes it a list of sub-messages
+    if any(isinstance(d, malformed) for d in headers.defects) or (isinstance(rest, str) and rest):
         return "a header line is malformed (no name, or whitespace before the colon)"
     if any("\n" in value for value in headers.values()):
         return "a header is folded over several lines (obsolete line folding)"
