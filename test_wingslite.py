@@ -7203,6 +7203,7 @@ class TestSftpStrangers:
         with sftp_client(daemon, server) as client:
             assert client.listdir("/") == []
 
+    @pytest.mark.docker  # the daemon asks the engine (an error would be logged)
     def test_a_flood_of_bad_handshakes_logs_a_line_a_minute_not_a_traceback_each(
         self, panel, make_daemon, caplog
     ):
