@@ -139,6 +139,8 @@ class FakePanel:
         self.garbage: set[str] = set()
         self.hang_s: dict[str, float] = {}
         self.down = False
+        self.install_scripts: dict[str, dict] = {}  # uuid -> GET .../install answer
+        self.install_reports: list[tuple[str, dict]] = []  # (uuid, POST .../install body)
         self.lock = threading.Lock()
         panel = self
 
@@ -251,6 +253,8 @@ class FakePanel:
             return h.send_json(204)
         if method == "POST" and path == "/api/remote/sftp/auth":
             return self.sftp_auth(h, json.loads(body or b"null"))
+        if path.startswith("/api/remote/servers/") and path.endswith("/install"):
+            return self.install(h, method, path.split("/")[-2], json.loads(body or b"null"))
         if method == "GET" and path.startswith("/api/remote/servers/"):
             ident = path.rsplit("/", 1)[-1]
             with self.lock:
@@ -308,6 +312,21 @@ class FakePanel:
                 "total": total,
             },
         }
+
+    def install(self, h, method, uuid, body):
+        """ServerInstallController (panel-contract.md §1.5-1.6): the egg's script; the report."""
+        if uuid not in self.servers:
+            return h.send_json(404, panel_error(404, "RecordNotFoundException", ""))
+        if method == "GET":
+            default = {"container_image": "alpine:3.4", "entrypoint": "ash", "script": None}
+            return h.send_json(200, self.install_scripts.get(uuid, default))
+        if not isinstance(body, dict) or not isinstance(body.get("successful"), bool):
+            return h.send_json(
+                422, panel_error(422, "ValidationException", "The successful field is required.")
+            )
+        with self.lock:
+            self.install_reports.append((uuid, body))
+        return h.send_json(204)
 
     def sftp_auth(self, h, body):
         username = str(body.get("username", ""))
@@ -371,6 +390,8 @@ def node_config(tmp_path: Path, panel_url: str, **overrides) -> dict:
         "system": {
             "root_directory": str(tmp_path / "root"),
             "data": str(tmp_path / "volumes"),
+            "log_directory": str(tmp_path / "logs"),
+            "tmp_directory": str(tmp_path / "tmp"),
             "sftp": {"bind_port": 2022},
         },
         "allowed_mounts": [],
@@ -1149,7 +1170,7 @@ class TestHttpApi:
         )
         assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
         status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
-        assert status == 409
+        assert status == 202  # as Wings; the configuration is re-read
         assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
         status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
         assert status == 204 and uuid not in daemon.servers
@@ -2715,6 +2736,338 @@ class DockerSocketProxy:
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
+
+
+# environments: installation #######################################################################
+
+# An install script for the test image (busybox; the egg's entrypoint is ``sh``). It waits for a
+# gate file when asked, so that a test can act while the install runs, then writes into the
+# server's directory and prints progress.
+INSTALL_SCRIPT = (
+    "#!/bin/sh\r\n"
+    'echo "installing for $GREETING"\r\n'
+    'while [ -n "$GATED" ] && [ ! -f /mnt/server/.gate ]; do sleep 0.05; done\r\n'
+    'echo "new-$RUN_MARK" > /mnt/server/installed.txt\r\n'
+    "mkdir -p /mnt/server/plugins && echo jar > /mnt/server/plugins/a.jar\r\n"
+    "echo 'step 2/2 done'\r\n"
+)
+
+
+def installer_name(uuid: str) -> str:
+    return f"{uuid}_installer"
+
+
+class TestInstallation:
+    """Create, install, reinstall and their faults, with the real engine and the test image."""
+
+    def add(self, docker_servers, script=INSTALL_SCRIPT, gated=False, **options) -> str:
+        env = {"RUN_MARK": "1", **({"GATED": "1"} if gated else {}), **options.pop("env", {})}
+        uuid = docker_servers.add(env=env, **options)
+        docker_servers.panel.install_scripts[uuid] = {
+            "container_image": TEST_IMAGE,
+            "entrypoint": "sh",
+            "script": script,
+        }
+        return uuid
+
+    def create(self, daemon, uuid, start=False) -> None:
+        body = {"uuid": uuid, "start_on_completion": start}
+        assert api(daemon, "POST", "/api/servers", body)[0] == 202
+
+    def report(self, panel, uuid, timeout_s: float = 30) -> dict:
+        return wait_until(
+            lambda: next((b for u, b in panel.install_reports if u == uuid), None),
+            timeout_s,
+            "the install report to the Panel",
+        )
+
+    def installer_exists(self, engine, uuid) -> bool:
+        try:
+            engine.inspect_container(installer_name(uuid))
+            return True
+        except Exception:
+            return False
+
+    def open_gate(self, daemon, uuid) -> None:
+        (daemon.config.data_dir / uuid / ".gate").write_text("")
+
+    def test_create_installs_streams_output_to_install_sockets_only_then_starts(
+        self, docker_servers
+    ):
+        daemon = docker_servers.boot()
+        uuid = self.add(docker_servers, gated=True)
+        self.create(daemon, uuid, start=True)
+        installer, _ = ws_authed(
+            daemon,
+            uuid,
+            permissions=["*", "admin.websocket.install"],
+            user_uuid=str(uuidlib.uuid4()),
+        )
+        plain, _ = ws_authed(daemon, uuid, permissions=["*"])
+        wait_until(lambda: self.installer_exists(docker_servers.engine, uuid), 30, "the installer")
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["installing"] is True
+        self.open_gate(daemon, uuid)
+
+        def events_until_completed(conn):
+            seen = []
+            while not seen or seen[-1][0] != "install completed":
+                seen.append(ws_event(conn, 30))
+            return seen
+
+        admin_events, plain_events = (
+            events_until_completed(installer),
+            events_until_completed(plain),
+        )
+        output = [a[0] for e, a in admin_events if e == "install output"]
+        assert "installing for hello" in output and "step 2/2 done" in output
+        assert not [e for e, _ in plain_events if e == "install output"]
+        messages = [a[0] for e, a in plain_events if e == "daemon message"]
+        assert "Starting installation process, this could take a few minutes..." in messages
+        assert "Installation process completed." in messages
+        assert ("install completed", [""]) in plain_events
+        assert self.report(docker_servers.panel, uuid) == {"successful": True, "reinstall": False}
+
+        root = daemon.config.data_dir / uuid
+        for path in (root, root / "installed.txt", root / "plugins", root / "plugins" / "a.jar"):
+            st = path.lstat()
+            assert (st.st_uid, st.st_gid) == (988, 988), path
+        assert (root / "installed.txt").read_text() == "new-1\n"
+        docker_servers.wait_state(uuid, "running", 30)  # start_on_completion
+        assert docker_servers.inspect(uuid)["Config"]["User"] == "988:988"
+        assert not self.installer_exists(docker_servers.engine, uuid)
+        assert not (daemon.config.root_dir.parent / "tmp" / uuid).exists()
+        log = (
+            Path(daemon.config.get("system.log_directory")) / "install" / f"{uuid}.log"
+        ).read_text()
+        assert log.startswith("Pterodactyl Server Installation Log")
+        assert (
+            f"Server UUID:          {uuid}" in log and f"Container Image:      {TEST_IMAGE}" in log
+        )
+        assert "Container Entrypoint: sh" in log and "  GREETING=hello" in log
+        assert "installing for hello" in log and "step 2/2 done" in log
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["installing"] is False
+        installer.close()
+        plain.close()
+
+    def test_a_failing_script_is_reported_and_nothing_starts(self, docker_servers):
+        daemon = docker_servers.boot()
+        uuid = self.add(docker_servers, script="echo about to fail\nexit 3\n")
+        self.create(daemon, uuid, start=True)
+        assert self.report(docker_servers.panel, uuid) == {"successful": False, "reinstall": False}
+        server = daemon.get_server(uuid)
+        wait_until(lambda: not server.installing, 10, "the install to end")
+        assert server.state == "offline" and docker_servers.container_id(uuid) is None
+        assert any("exited with code 3" in line for line in docker_servers.console(uuid))
+        log = server.install_log_path().read_text()
+        assert (
+            "about to fail" in log
+            and "Installation failed: the install script exited with code 3" in log
+        )
+        assert not self.installer_exists(docker_servers.engine, uuid)
+
+    @pytest.mark.parametrize(
+        "script, reason",
+        [
+            (
+                {
+                    "container_image": "wingslite-no-such-image:latest",
+                    "entrypoint": "sh",
+                    "script": "true",
+                },
+                "no-such-image",
+            ),
+            (None, "the egg has no install script"),
+        ],
+    )
+    def test_no_image_or_no_script_is_a_failed_install_with_the_reason(
+        self, docker_servers, script, reason
+    ):
+        daemon = docker_servers.boot()
+        uuid = self.add(docker_servers)
+        if script is None:
+            del docker_servers.panel.install_scripts[uuid]  # the Panel answers script: null
+        else:
+            docker_servers.panel.install_scripts[uuid] = script
+        self.create(daemon, uuid, start=True)
+        assert self.report(docker_servers.panel, uuid)["successful"] is False
+        server = daemon.get_server(uuid)
+        wait_until(lambda: not server.installing, 10, "the install to end")
+        assert any(reason in line for line in docker_servers.console(uuid))
+        assert reason in server.install_log_path().read_text()
+        assert server.state == "offline"
+
+    def test_skip_egg_scripts_reports_success_at_once_without_a_container(self, docker_servers):
+        daemon = docker_servers.boot()
+        uuid = self.add(docker_servers)
+        docker_servers.panel.servers[uuid]["settings"]["skip_egg_scripts"] = True
+        conn = None
+        self.create(daemon, uuid)
+        assert self.report(docker_servers.panel, uuid) == {"successful": True, "reinstall": False}
+        assert (
+            docker_servers.panel.calls.get(f"/api/remote/servers/{uuid}/install") == 1
+        )  # the POST
+        assert not (daemon.config.data_dir / uuid / "installed.txt").exists()
+        conn, _ = ws_authed(daemon, uuid, permissions=["*", "admin.websocket.install"])
+        conn.close()
+
+    def test_reinstall_stops_the_running_server_and_replaces_what_the_script_writes(
+        self, docker_servers
+    ):
+        uuid = self.add(docker_servers)
+        daemon = docker_servers.boot()
+        docker_servers.start(uuid)
+        root = daemon.config.data_dir / uuid
+        (root / "installed.txt").write_text("old\n")
+        (root / "world.dat").write_text("kept")
+        docker_servers.panel.servers[uuid]["settings"]["environment"]["RUN_MARK"] = "2"
+        assert api(daemon, "POST", f"/api/servers/{uuid}/reinstall")[0] == 202
+        assert self.report(docker_servers.panel, uuid) == {"successful": True, "reinstall": True}
+        server = daemon.get_server(uuid)
+        wait_until(lambda: not server.installing, 10, "the reinstall to end")
+        assert server.state == "offline"
+        assert (root / "installed.txt").read_text() == "new-2\n"  # synced before it ran
+        assert (root / "world.dat").read_text() == "kept"
+        assert (root / "world.dat").stat().st_uid == 988
+
+    def test_while_installing_power_and_a_second_install_are_refused(self, docker_servers):
+        daemon = docker_servers.boot()
+        uuid = self.add(docker_servers, gated=True)
+        self.create(daemon, uuid)
+        wait_until(lambda: self.installer_exists(docker_servers.engine, uuid), 30, "the installer")
+        for action in ("start", "stop", "restart", "kill"):
+            status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": action})
+            assert status == 409 and body["error"] == "server is currently installing", action
+        for route in ("reinstall", "install"):
+            status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/{route}")
+            assert status == 409 and "installing" in body["error"]
+        conn, _ = ws_authed(daemon, uuid, permissions=["*", "admin.websocket.errors"])
+        ws_send(conn, "set state", "start")
+        assert "server is currently installing" in ws_until(conn, "daemon error")[0]
+        conn.close()
+        self.open_gate(daemon, uuid)
+        assert self.report(docker_servers.panel, uuid)["successful"] is True
+        # a repeated create of an installed server re-reads it and does not reinstall
+        gets = docker_servers.panel.calls[f"/api/remote/servers/{uuid}/install"]
+        wait_until(lambda: not daemon.get_server(uuid).installing, 10, "the install to end")
+        self.create(daemon, uuid)
+        time.sleep(0.5)
+        assert docker_servers.panel.calls[f"/api/remote/servers/{uuid}/install"] == gets
+        assert len(docker_servers.panel.install_reports) == 1
+
+    def test_a_suspension_during_an_install_answers_and_removes_the_installer(self, docker_servers):
+        daemon = docker_servers.boot()
+        uuid = self.add(docker_servers, gated=True)
+        self.create(daemon, uuid, start=True)
+        wait_until(lambda: self.installer_exists(docker_servers.engine, uuid), 30, "the installer")
+        docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        wait_until(
+            lambda: not self.installer_exists(docker_servers.engine, uuid), 15, "no installer"
+        )
+        assert self.report(docker_servers.panel, uuid)["successful"] is False
+        server = daemon.get_server(uuid)
+        wait_until(lambda: not server.installing, 10, "the install to end")
+        assert server.state == "offline" and docker_servers.container_id(uuid) is None
+        assert "cancelled" in server.install_log_path().read_text()
+
+    def test_a_delete_during_an_install_kills_it_and_removes_everything(self, docker_servers):
+        daemon = docker_servers.boot()
+        uuid = self.add(docker_servers, gated=True)
+        self.create(daemon, uuid)
+        wait_until(lambda: self.installer_exists(docker_servers.engine, uuid), 30, "the installer")
+        assert api(daemon, "DELETE", f"/api/servers/{uuid}")[0] == 204
+        assert not self.installer_exists(docker_servers.engine, uuid)
+        wait_until(lambda: not (daemon.config.data_dir / uuid).exists(), 15, "the files removed")
+        time.sleep(0.5)  # the install thread ends without telling the Panel about a deleted server
+        assert not docker_servers.panel.install_reports
+        assert not (daemon.config.data_dir / uuid).exists()
+
+    def test_a_daemon_restart_during_an_install_leaves_no_installer(self, docker_servers):
+        daemon = docker_servers.boot()
+        uuid = self.add(docker_servers, gated=True)
+        self.create(daemon, uuid)
+        wait_until(lambda: self.installer_exists(docker_servers.engine, uuid), 30, "the installer")
+        daemon.stop()
+        # Another node's installer on the same engine is not touched by this daemon's boot.
+        stranger = f"{uuidlib.uuid4()}_installer"
+        docker_servers.engine.create_container(
+            TEST_IMAGE, "true", name=stranger, labels={"ContainerType": "server_installer"}
+        )
+        try:
+            again = docker_servers.boot()
+            assert not self.installer_exists(docker_servers.engine, uuid)
+            assert docker_servers.engine.inspect_container(stranger)
+            assert self.report(docker_servers.panel, uuid)["successful"] is False
+            assert uuid in again.servers
+        finally:
+            docker_servers.engine.remove_container(stranger, force=True)
+
+
+class TestNodeUser:
+    """Game containers run as the node user, and the files the daemon makes belong to it."""
+
+    def config(self, tmp_path, **overrides) -> w.Config:
+        return w.Config(node_config(tmp_path, "http://127.0.0.1:9", **overrides), "test")
+
+    def test_the_user_is_resolved_as_wings_does(self, tmp_path):
+        missing = "wingslite-no-such-user"
+        user = w.resolve_node_user(self.config(tmp_path, system__username=missing), {})
+        assert (user.uid, user.gid, user.container_user, user.exists) == (
+            988,
+            988,
+            "988:988",
+            False,
+        )
+        user = w.resolve_node_user(
+            self.config(tmp_path, system__username=missing),
+            {"WINGS_UID": "1500", "WINGS_GID": "1501"},
+        )
+        assert user.container_user == "1500:1501"
+        user = w.resolve_node_user(self.config(tmp_path, system__username="root"), {})
+        assert (user.uid, user.gid, user.exists) == (0, 0, True)
+        user = w.resolve_node_user(
+            self.config(tmp_path, system__user={"uid": 2000, "gid": 2001}), {"WINGS_UID": "7"}
+        )
+        assert user.container_user == "2000:2001"
+        rootless = {"rootless": {"enabled": True, "container_uid": 0, "container_gid": 0}}
+        user = w.resolve_node_user(self.config(tmp_path, system__user=rootless), {})
+        assert (user.uid, user.container_user) == (os.getuid(), "0:0")
+
+    def test_a_missing_host_user_is_said_at_start(self, panel, make_daemon, caplog):
+        with caplog.at_level(logging.INFO, logger="wingslite"):
+            make_daemon(panel, system__username="wingslite-no-such-user")
+        assert any("988:988 as numbers" in r.getMessage() for r in caplog.records)
+
+    def test_files_the_jail_creates_belong_to_the_owner(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        with w.Jail(root, owner=(988, 988)) as jail:
+            os.close(jail.open("/a.txt", os.O_WRONLY | os.O_CREAT))
+            jail.mkdir("/dir")
+            jail.symlink("a.txt", "/link")
+        for name in ("a.txt", "dir", "link"):
+            assert (root / name).lstat().st_uid == 988, name
+
+    def test_the_game_runs_as_the_node_user_and_its_files_and_the_tree_belong_to_it(
+        self, docker_servers, tmp_path
+    ):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        root = daemon.config.data_dir / uuid
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "root-owned.txt").write_text("x")
+        outside = tmp_path / "outside.txt"
+        outside.write_text("not the server's")
+        (root / "escape").symlink_to(outside)
+        server = docker_servers.start(uuid)
+        assert docker_servers.inspect(uuid)["Config"]["User"] == "988:988"
+        assert any("Ensuring file permissions" in line for line in docker_servers.console(uuid))
+        assert (root / "root-owned.txt").stat().st_uid == 988
+        assert (root / "escape").lstat().st_uid == 988 and outside.stat().st_uid == 0
+        server.send_command("id -u > /home/container/whoami; echo made")
+        docker_servers.wait_console(uuid, "made")
+        assert (root / "whoami").read_text().strip() == "988"
+        assert (root / "whoami").stat().st_uid == 988
 
 
 # websocket ########################################################################################

@@ -187,6 +187,12 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("system.disk_check_interval", int, 150),
     ("system.websocket_log_count", int, 150),
     ("system.check_permissions_on_boot", bool, True),
+    ("system.username", str, "pterodactyl"),
+    ("system.user.uid", int, -1),  # -1: not set (the user's, else WINGS_UID, else 988)
+    ("system.user.gid", int, -1),
+    ("system.user.rootless.enabled", bool, False),
+    ("system.user.rootless.container_uid", int, 0),
+    ("system.user.rootless.container_gid", int, 0),
     ("system.sftp.bind_address", str, "0.0.0.0"),
     ("system.sftp.bind_port", int, 2022),
     ("system.sftp.read_only", bool, False),
@@ -205,6 +211,8 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("docker.overhead.default_multiplier", (int, float), 1.05),
     ("docker.overhead.multipliers", dict, {}),
     ("docker.userns_mode", str, ""),
+    ("docker.installer_limits.memory", int, 1024),
+    ("docker.installer_limits.cpu", int, 100),
     ("throttles.enabled", bool, True),
     ("throttles.lines", int, 2000),
     ("throttles.line_reset_interval", int, 100),
@@ -242,6 +250,10 @@ _NON_NEGATIVE = {
     "system.crash_detection.timeout",
     "docker.tmpfs_size",
     "docker.container_pid_limit",
+    "docker.installer_limits.memory",
+    "docker.installer_limits.cpu",
+    "system.user.rootless.container_uid",
+    "system.user.rootless.container_gid",
     "throttles.lines",
     "throttles.line_reset_interval",
     "remote_query.timeout",
@@ -364,6 +376,61 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return Config(raw if raw is not None else {}, str(path))
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeUser:
+    """Who owns the servers' files on the host (``uid``, ``gid``) and who their processes run as
+    inside containers (``container_user``, Docker's ``uid:gid``). ``note`` says where it came from.
+    """
+
+    name: str
+    uid: int
+    gid: int
+    container_user: str
+    exists: bool
+    note: str
+
+
+def resolve_node_user(config: Config, environ: Mapping[str, str] | None = None) -> NodeUser:
+    """The node's user, as Wings settles it at boot (config/config.go ``EnsurePterodactylUser``).
+
+    ``system.user.uid``/``gid`` when set; else the host's user ``system.username``; else
+    ``WINGS_UID``/``WINGS_GID`` (default 988:988, what Wings uses in containers). Unlike Wings,
+    a missing user is not created (no ``useradd`` from a daemon): the numbers are used as they are.
+    Rootless (``system.user.rootless.enabled``): files are this process's, and containers run as
+    ``rootless.container_uid:container_gid``, as Wings does.
+    """
+    import pwd  # POSIX only; the daemon needs Linux anyway
+
+    environ = os.environ if environ is None else environ
+    name = config.get("system.username")
+    if config.get("system.user.rootless.enabled"):
+        uid, gid = os.getuid(), os.getgid()
+        inside = (
+            f"{config.get('system.user.rootless.container_uid')}:"
+            f"{config.get('system.user.rootless.container_gid')}"
+        )
+        return NodeUser(name, uid, gid, inside, True, "rootless: this process's own user")
+    uid, gid = config.get("system.user.uid"), config.get("system.user.gid")
+    note = "system.user.uid/gid"
+    if uid < 0 or gid < 0:
+        try:
+            entry = pwd.getpwnam(name)
+            uid, gid, note = entry.pw_uid, entry.pw_gid, f"the host's user {name}"
+        except KeyError:
+            try:
+                uid = int(environ.get("WINGS_UID") or 988)
+                gid = int(environ.get("WINGS_GID") or 988)
+            except ValueError:
+                raise ConfigError("WINGS_UID and WINGS_GID must be numbers") from None
+            note = "WINGS_UID/WINGS_GID" if environ.get("WINGS_UID") else "Wings' default"
+    try:
+        pwd.getpwuid(uid)
+        exists = True
+    except KeyError:
+        exists = False
+    return NodeUser(name, uid, gid, f"{uid}:{gid}", exists, note)
+
+
 # Panel client #####################################################################################
 
 
@@ -371,9 +438,10 @@ class PanelClient:
     """The Panel's remote API (``{remote}/api/remote/...``), as Wings calls it.
 
     Methods for the caller: ``get_server(uuid)``, ``list_servers()``, ``sftp_auth(...)``,
-    ``reset_servers()``. Every call sends Wings' headers; 2xx answers are decoded JSON; a 4xx is
-    final; 5xx, timeouts and connection errors are retried with exponential backoff until the
-    total budget (``remote_query.timeout``) runs out. Every failure is a ``PanelError``.
+    ``get_install_script(uuid)``, ``set_install_status(...)``, ``reset_servers()``. Every call
+    sends Wings' headers; 2xx answers are decoded JSON; a 4xx is final; 5xx, timeouts and
+    connection errors are retried with exponential backoff until the total budget
+    (``remote_query.timeout``) runs out. Every failure is a ``PanelError``.
 
     Class variables that may be overridden: ``backoff_factor``, ``backoff_max_s``.
     """
@@ -476,6 +544,26 @@ class PanelClient:
                 200, "_BadShape", "expected {server, user, permissions}", "POST /sftp/auth"
             )
         return answer
+
+    def get_install_script(self, uuid: str) -> dict[str, str]:
+        """``GET /servers/{uuid}/install``: the egg's install image, entrypoint and script.
+
+        ``PanelError`` when the answer lacks any of them (the Panel sends ``script: null`` for an
+        egg without one: there is nothing to install with).
+        """
+        what = f"GET /servers/{uuid}/install"
+        doc = self.request("GET", f"/servers/{urllib.parse.quote(uuid, safe='')}/install")
+        if not isinstance(doc, dict):
+            raise PanelError(200, "_BadShape", "expected a JSON object", what)
+        for key in ("container_image", "entrypoint", "script"):
+            if not isinstance(doc.get(key), str) or not doc[key].strip():
+                raise PanelError(200, "_BadShape", f"the egg has no install {key}", what)
+        return {k: doc[k] for k in ("container_image", "entrypoint", "script")}
+
+    def set_install_status(self, uuid: str, successful: bool, reinstall: bool) -> None:
+        """``POST /servers/{uuid}/install``: how the (re)install ended (ServerInstallController)."""
+        body = {"successful": successful, "reinstall": reinstall}
+        self.request("POST", f"/servers/{urllib.parse.quote(uuid, safe='')}/install", body=body)
 
     def reset_servers(self) -> None:
         """``POST /servers/reset``: Wings calls it once after boot; the Panel clears stale installs."""
@@ -1130,7 +1218,8 @@ class Filesystem:
 
     Methods for the caller: ``set_limit(limit_bytes)``, ``usage_bytes(allow_stale=True)``,
     ``recalculate()``, ``has_space(n_bytes)``, ``reserve(n_bytes)``, ``add_usage(delta_bytes)``,
-    ``set_denylist(patterns)``, ``is_denied(relpath)``.
+    ``set_denylist(patterns)``, ``is_denied(relpath)``, ``jail()``, ``chown_all(budget_s)``.
+    ``owner`` (``(uid, gid)`` or None) is the node user every file the daemon makes belongs to.
 
     Usage is the apparent size of every regular file under the root (as Wings), cached for
     ``check_interval_s`` seconds; a stale read returns the cached figure at once and refreshes in the
@@ -1144,10 +1233,12 @@ class Filesystem:
         limit_bytes: int = 0,
         check_interval_s: float = 150,
         quota: QuotaBackend | None = None,
+        owner: tuple[int, int] | None = None,
     ):
         self.root = Path(root)
         self.check_interval_s = check_interval_s
         self.quota = quota or QuotaBackend()
+        self.owner = owner
         self._limit = max(0, limit_bytes)
         self._usage = 0
         self._measured_at: float | None = None
@@ -1168,6 +1259,35 @@ class Filesystem:
             self.quota.prepare(self.root)
             self.quota.set_limit(self.root, self._limit)
             self._quota_limit = self._limit
+            if self.owner is not None:
+                os.chown(self.root, *self.owner, follow_symlinks=False)
+
+    def jail(self) -> Jail:
+        """A ``Jail`` on this directory with its denylist; what it creates belongs to ``owner``."""
+        return Jail(self.root, is_denied=self.is_denied, owner=self.owner)
+
+    def chown_all(self, budget_s: float = 60.0) -> tuple[int, bool]:
+        """Give every file and directory beneath the root to ``owner``; ``(entries, finished)``.
+
+        Walks by directory fd and changes each entry with no-follow semantics, so a symlink the
+        game made is changed itself and never leads the walk (or the chown) out of the directory.
+        Stops after ``budget_s`` so that a huge tree cannot hold a start forever (Wings chowns
+        everything before each start, system.check_permissions_on_boot).
+        """
+        if self.owner is None or not self.root.is_dir():
+            return 0, True
+        uid, gid = self.owner
+        deadline = time.monotonic() + budget_s
+        count = 0
+        os.chown(self.root, uid, gid, follow_symlinks=False)
+        for _, dirs, files, dir_fd in os.fwalk(self.root, follow_symlinks=False):
+            for name in dirs + files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                count += 1
+            if time.monotonic() > deadline:
+                return count, False
+        return count, True
 
     def set_limit(self, limit_bytes: int) -> list[str]:
         """The new limit governs the next write at once; the quota backend gets it too."""
@@ -1362,10 +1482,14 @@ class Jail:
     _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
     def __init__(
-        self, root: str | os.PathLike[str], is_denied: Callable[[str], bool] | None = None
+        self,
+        root: str | os.PathLike[str],
+        is_denied: Callable[[str], bool] | None = None,
+        owner: tuple[int, int] | None = None,
     ):
         self.root = os.fspath(root)
         self.is_denied = is_denied
+        self.owner = owner  # (uid, gid) given to every file, directory and link the jail creates
         self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
@@ -1512,6 +1636,8 @@ class Jail:
             if not stat.S_ISREG(st.st_mode):
                 kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
                 raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EPERM, kind, path)
+            if flags & os.O_CREAT and self.owner and (st.st_uid, st.st_gid) != self.owner:
+                os.fchown(fd, *self.owner)
             os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from hanging the open
         except BaseException:
             os.close(fd)
@@ -1554,6 +1680,7 @@ class Jail:
             if where.name is None:
                 raise FileExistsError(errno.EEXIST, "exists", path)
             os.mkdir(where.name, mode, dir_fd=where.dir_fd)
+            self._own(where)
 
     def rmdir(self, path: str) -> None:
         with self.resolve(path, follow=False) as where:
@@ -1597,6 +1724,7 @@ class Jail:
             if where.name is None:
                 raise FileExistsError(errno.EEXIST, "exists", path)
             os.symlink(target, where.name, dir_fd=where.dir_fd)
+            self._own(where)
 
     def readlink(self, path: str) -> str:
         with self.resolve(path, follow=False) as where:
@@ -1617,6 +1745,11 @@ class Jail:
             os.chmod(f"/proc/self/fd/{fd}", mode)
         finally:
             os.close(fd)
+
+    def _own(self, where: _Where) -> None:
+        """Give what was just created to the node user (the link itself for a symlink)."""
+        if self.owner is not None and where.name is not None:
+            os.chown(where.name, *self.owner, dir_fd=where.dir_fd, follow_symlinks=False)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self.resolve(path, follow=False) as where:
@@ -2059,7 +2192,8 @@ class Environment:
     Methods for the caller (the ``Server``): ``state``, ``exists()``, ``apply_limits(config)``,
     ``start(config)``, ``stop(config, timeout_s)``, ``kill()``, ``destroy()``,
     ``send_command(line)``, ``logs(lines)``, ``stats()``, ``attach_if_running(config)``,
-    ``prepare(config)``, ``exit_status()``, ``close()``. Subclasses override them all and publish ``("status", state)``, ``("console output", line)``
+    ``prepare(config)``, ``exit_status()``, ``install(...)``, ``abort_install()``, ``close()``.
+    Subclasses override them all and publish ``("status", state)``, ``("console output", line)``
     and ``("stats", json_text)`` on ``events``.
     """
 
@@ -2122,6 +2256,23 @@ class Environment:
     def exit_status(self) -> tuple[int, bool]:
         """The last process exit: ``(exit code, killed for running out of memory)``."""
         return 1, False
+
+    def install(
+        self,
+        config: ServerConfig,
+        script: Mapping[str, str],
+        on_output: Callable[[bytes], None],
+        log_path: Path,
+    ) -> int:
+        """Run the egg's install ``script`` against the server's files; its exit code."""
+        raise WingsliteError(
+            "this node has no environment that can run install scripts"
+            " (is the Docker engine reachable?)"
+        )
+
+    def abort_install(self) -> bool:
+        """Kill a running install now (from any thread); True when there was one."""
+        return False
 
     def close(self) -> None:
         return None
@@ -2435,9 +2586,12 @@ class DockerEnvironment(Environment):
         data_dir: Path,
         console: ConsolePipeline,
         disk_bytes: Callable[[], int] | None = None,
+        user: str = "",
     ):
         super().__init__(server_uuid, events)
         self.name = server_uuid
+        self.user = user  # "uid:gid" the game runs as ("" = the image's user)
+        self._installer: DockerInstaller | None = None
         self.client = client
         self.config = config
         self.data_dir = Path(data_dir)
@@ -2821,6 +2975,7 @@ class DockerEnvironment(Environment):
             domainname=node.get("docker.domainname") or None,
             environment=container_environment(config, _timezone(node)),
             labels=labels,
+            user=self.user or None,
             ports=[(int(key.split("/")[0]), key.split("/")[1]) for key in bindings],
             tty=True,
             stdin_open=True,
@@ -3142,6 +3297,33 @@ class DockerEnvironment(Environment):
         """Stop reading the console and stats; the container keeps running."""
         self._detach()
 
+    # -- installation (the installer itself is ``DockerInstaller`` below) -----------------------
+
+    def install(
+        self,
+        config: ServerConfig,
+        script: Mapping[str, str],
+        on_output: Callable[[bytes], None],
+        log_path: Path,
+    ) -> int:
+        installer = DockerInstaller(self)
+        with self._lock:
+            if self._installer is not None:
+                raise Conflict("server is currently installing")
+            self._installer = installer
+        try:
+            return installer.run(config, script, on_output, log_path)
+        finally:
+            with self._lock:
+                self._installer = None
+
+    def abort_install(self) -> bool:
+        installer = self._installer
+        if installer is None:
+            return False
+        installer.abort()
+        return True
+
 
 def _zero_stats() -> dict[str, Any]:
     return {
@@ -3222,6 +3404,233 @@ def _timezone(config: Config) -> str:
 
 def _pages(value: int | None) -> int | None:
     return None if value is None else value // _PAGE
+
+
+# -- installation --------------------------------------------------------------------------------
+#
+# An egg's install script runs in its own container, ``<uuid>_installer``, built from the egg's
+# install image with the server's files at /mnt/server and the script at /mnt/install/install.sh
+# (Wings server/install.go). It runs as the image's user -- install scripts install packages --
+# and the daemon gives the files to the node user afterwards.
+
+INSTALL_LOG_HEADER = """Pterodactyl Server Installation Log
+
+|
+| Details
+| ------------------------------
+  Server UUID:          {uuid}
+  Container Image:      {image}
+  Container Entrypoint: {entrypoint}
+
+|
+| Environment Variables
+| ------------------------------
+{environment}
+
+|
+| Install Script
+| ------------------------------
+{script}
+
+|
+| Script Output
+| ------------------------------
+"""
+
+# Wings' dropped capabilities, less those a root install script needs to write into files the
+# node user owns (a reinstall over existing files).
+_INSTALLER_CAP_DROP = tuple(c for c in _CAP_DROP if c not in ("dac_override", "fowner", "fsetid"))
+
+
+def installer_resources(build: Build, config: Config) -> dict[str, Any]:
+    """The installer's limits: the server's, raised to ``docker.installer_limits`` (Wings
+    ``resourceLimits``): memory at least its MB (an unlimited server gets exactly that), CPU at
+    least its percent unless the server's CPU is unlimited; installer CPU 0 = unlimited. No pids
+    limit: the script is the egg's, written by an administrator.
+    """
+    cpu_floor = config.get("docker.installer_limits.cpu")
+    cpu = 0 if cpu_floor == 0 or build.cpu_percent == 0 else max(build.cpu_percent, cpu_floor)
+    memory = max(build.memory_mb, config.get("docker.installer_limits.memory"))
+    resources = container_resources(
+        dataclasses.replace(build, memory_mb=memory, cpu_percent=cpu), config
+    )
+    del resources["PidsLimit"]
+    return resources
+
+
+class DockerInstaller:
+    """One run of a server's install script in a ``<uuid>_installer`` container.
+
+    Methods for the caller: ``run(config, script, on_output, log_path)`` returns the script's
+    exit code, or raises ``WingsliteError`` when it could not run (no image, Docker refused,
+    cancelled); ``abort()`` (any thread) removes the container, and ``run`` then raises. Whatever
+    happens, ``run`` leaves no container and no script directory behind, and writes the log file
+    (Wings' header, then the output, then the reason of a failure).
+    """
+
+    def __init__(self, env: DockerEnvironment):
+        self.env = env
+        self.client = env.client
+        self.name = f"{env.name}_installer"
+        self.tmp_dir = Path(env.config.get("system.tmp_directory")) / env.name
+        self._aborted = threading.Event()
+
+    def run(
+        self,
+        config: ServerConfig,
+        script: Mapping[str, str],
+        on_output: Callable[[bytes], None],
+        log_path: Path,
+    ) -> int:
+        docker = _docker()
+        output, error = b"", None
+        try:
+            self._write_script(script["script"])
+            image = self.env._ensure_image(script["container_image"])
+            self._remove()
+            self._create(config, script, image)
+            self._check_aborted()
+            self.client.start(self.name)
+            self.env.events.publish(
+                "daemon message", "Starting installation process, this could take a few minutes..."
+            )
+            for chunk in self.client.logs(
+                self.name, stdout=True, stderr=True, stream=True, follow=True
+            ):
+                on_output(chunk)
+            exit_code = int(self.client.wait(self.name).get("StatusCode", 1))
+            self._check_aborted()
+            output = self.client.logs(self.name, stdout=True, stderr=True)
+            self.env.events.publish("daemon message", "Installation process completed.")
+            if exit_code:
+                error = f"the install script exited with code {exit_code}"
+            return exit_code
+        except (WingsliteError, docker.errors.DockerException, OSError) as exc:
+            if self._aborted.is_set():
+                error = "the installation was cancelled"
+            elif isinstance(exc, WingsliteError):
+                error = exc.message
+            else:
+                error = _docker_error("running the install container", exc).message
+            raise WingsliteError(error) from None
+        finally:
+            self._remove()
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            write_install_log(log_path, config, script, output, error, _timezone(self.env.config))
+
+    def abort(self) -> None:
+        self._aborted.set()
+        self._remove()
+
+    def _check_aborted(self) -> None:
+        if self._aborted.is_set():
+            raise WingsliteError("the installation was cancelled")
+
+    def _write_script(self, text: str) -> None:
+        """The script as ``install.sh`` in a directory of its own; CRLF -> LF as Wings does."""
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.tmp_dir / "install.sh"
+        path.write_bytes(text.replace("\r\n", "\n").encode())
+        path.chmod(0o644)
+
+    def _remove(self) -> None:
+        docker = _docker()
+        try:
+            self.client.remove_container(self.name, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, OSError) as exc:
+            LOG.warning("server %s: removing %s failed: %s", self.env.name, self.name, exc)
+
+    def _create(self, config: ServerConfig, script: Mapping[str, str], image: str) -> None:
+        docker = _docker()
+        node = self.env.config
+        self.env.data_dir.mkdir(parents=True, exist_ok=True)
+        host_config = self.client.create_host_config(
+            mounts=[
+                docker.types.Mount("/mnt/server", str(self.env.data_dir), type="bind"),
+                docker.types.Mount("/mnt/install", str(self.tmp_dir), type="bind"),
+            ],
+            tmpfs={"/tmp": f"rw,exec,nosuid,size={node.get('docker.tmpfs_size')}M"},
+            security_opt=["no-new-privileges"],
+            cap_drop=list(_INSTALLER_CAP_DROP),
+            dns=[str(d) for d in node.get("docker.network.dns")],
+            network_mode=node.get("wingslite.docker_network"),
+            log_config=self.env.log_config,
+            userns_mode=node.get("docker.userns_mode") or None,
+        )
+        host_config.update(installer_resources(config.build, node))
+        container = self.client.create_container_config(
+            image,
+            [script["entrypoint"], "/mnt/install/install.sh"],
+            hostname="installer",
+            environment=container_environment(config, _timezone(node)),
+            labels={"Service": "Pterodactyl", "ContainerType": "server_installer"},
+            tty=True,  # stdin stays closed: a script that reads it gets EOF instead of hanging
+            host_config=host_config,
+        )
+        try:
+            self.client.create_container_from_config(container, self.name)
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _docker_error("creating the install container", exc) from None
+
+
+def write_install_log(
+    log_path: Path,
+    config: ServerConfig,
+    script: Mapping[str, str],
+    output: bytes,
+    error: str | None,
+    timezone: str = "UTC",
+) -> None:
+    """``<system.log_directory>/install/<uuid>.log``: Wings' header, the output, why it failed."""
+    header = INSTALL_LOG_HEADER.format(
+        uuid=config.uuid,
+        image=script.get("container_image", ""),
+        entrypoint=script.get("entrypoint", ""),
+        environment="\n".join(f"  {line}" for line in container_environment(config, timezone)),
+        script="\n".join(
+            f"  {line}" for line in script.get("script", "").replace("\r\n", "\n").split("\n")
+        ),
+    )
+    text = header.encode() + output
+    if error:
+        text += f"\nInstallation failed: {error}\n".encode()
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(log_path, text, 0o600)
+    except OSError as exc:
+        LOG.warning("server %s: cannot write %s: %s", config.uuid, log_path, exc)
+
+
+def remove_leftover_installers(client: Any, uuids: Iterable[str], tmp_directory: Path) -> list[str]:
+    """Remove the ``<uuid>_installer`` containers and script directories of these servers only.
+
+    An install that a daemon restart interrupted leaves them behind (Wings removes the container
+    before its next install). Other daemons' installers on the same engine are left alone.
+    """
+    docker = _docker()
+    wanted = set(uuids)
+    removed = []
+    try:
+        found = client.containers(all=True, filters={"label": "ContainerType=server_installer"})
+    except (docker.errors.DockerException, OSError) as exc:
+        LOG.warning("could not list leftover install containers: %s", exc)
+        return removed
+    for container in found:
+        names = [n.lstrip("/") for n in container.get("Names") or []]
+        uuid = next((n[: -len("_installer")] for n in names if n.endswith("_installer")), "")
+        if uuid not in wanted:
+            continue
+        with contextlib.suppress(docker.errors.NotFound):
+            try:
+                client.remove_container(container["Id"], force=True, v=True)
+            except (docker.errors.DockerException, OSError) as exc:
+                LOG.warning("could not remove leftover %s_installer: %s", uuid, exc)
+                continue
+        shutil.rmtree(Path(tmp_directory) / uuid, ignore_errors=True)
+        removed.append(uuid)
+    return removed
 
 
 # console and events ###############################################################################
@@ -5223,7 +5632,7 @@ class _SftpSession:
             return
         try:
             server.fs.ensure()
-            self.jail = Jail(server.fs.root, is_denied=server.fs.is_denied)
+            self.jail = server.fs.jail()
             server.fs.usage_bytes()  # a server never measured starts its walk now, before the first write
         except OSError as exc:
             LOG.error(
@@ -5520,6 +5929,8 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("GET", _SERVER, "get_server", True),
         ("DELETE", _SERVER, "delete_server", True),
         ("POST", _SERVER + r"/sync", "sync_server", True),
+        ("POST", _SERVER + r"/install", "install_server", True),
+        ("POST", _SERVER + r"/reinstall", "reinstall_server", True),
         ("POST", _SERVER + r"/power", "power", True),
         ("POST", _SERVER + r"/commands", "commands", True),
         ("GET", _SERVER + r"/logs", "logs", True),
@@ -5804,6 +6215,19 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.server.daemon.sync_server(server)
         return 204, None
 
+    def route_install_server(self, server: Server) -> tuple[int, Any]:
+        """Wings' ``POST /install``: sync, then run the install script (no stop first)."""
+        self._drain_unread_body()
+        self.server.daemon.sync_server(server)
+        server.request_install()
+        return 202, None
+
+    def route_reinstall_server(self, server: Server) -> tuple[int, Any]:
+        """The Panel's "Reinstall": stop the process, sync, run the install script again."""
+        self._drain_unread_body()
+        server.request_install(reinstall=True)
+        return 202, None
+
     def route_power(self, server: Server) -> tuple[int, Any]:
         body = self.read_json()
         action = body.get("action") if isinstance(body, dict) else None
@@ -5940,6 +6364,45 @@ class ConfigStore:
             self.path(uuid).unlink()
 
 
+class InstallRecords:
+    """How each server's last install went, one small JSON file per server, written atomically.
+
+    ``{"state": "installing" | "installed" | "failed", "reinstall": bool, "at": ..., "installed":
+    bool}``; ``installed`` stays true once any install has succeeded, so that a repeated
+    ``POST /api/servers`` never reinstalls over a server's files. A record still ``installing``
+    at boot is an install a daemon restart interrupted.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def read(self, uuid: str) -> dict[str, Any]:
+        try:
+            record = json.loads((self.directory / f"{uuid}.json").read_bytes())
+            return record if isinstance(record, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def installed(self, uuid: str) -> bool:
+        return bool(self.read(uuid).get("installed"))
+
+    def write(self, uuid: str, state: str, reinstall: bool) -> None:
+        installed = state == "installed" or self.installed(uuid)
+        record = {"state": state, "reinstall": reinstall, "at": _now_iso(), "installed": installed}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.directory / f"{uuid}.json", json.dumps(record).encode())
+        except OSError as exc:
+            LOG.error("server %s: cannot record its install state: %s", uuid, exc)
+
+    def interrupted(self, uuids: Iterable[str]) -> list[str]:
+        return [u for u in uuids if self.read(u).get("state") == "installing"]
+
+    def delete(self, uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / f"{uuid}.json").unlink()
+
+
 # Fields whose change needs a new container: they are stored now and take effect at the next start.
 _NEXT_START_FIELDS = (
     ("invocation", "startup command"),
@@ -5972,8 +6435,10 @@ class Server:
             config.disk_limit_bytes,
             daemon.config.get("system.disk_check_interval"),
             quota=daemon.quota,
+            owner=(daemon.node_user.uid, daemon.node_user.gid),
         )
         self.fs.set_denylist(config.file_denylist)
+        self.installing = False  # an install runs: power actions and a second install are refused
         self.last_sync: dict[str, Any] | None = None
         self._view_settings: tuple[ServerConfig, dict[str, Any]] | None = (
             None  # api_view()'s settings, per configuration
@@ -6142,6 +6607,13 @@ class Server:
                     closed,
                     (time.monotonic() - closing_started) * 1000,
                 )
+                if self.installing:
+                    applied.append("suspended: the install is cancelled")
+                    threading.Thread(
+                        target=self.env.abort_install,
+                        name=f"wingslite-abort-install-{self.uuid[:8]}",
+                        daemon=True,
+                    ).start()
                 if self.env.state != OFFLINE:
                     applied.append("suspended: stopping the process")
                     threading.Thread(
@@ -6185,6 +6657,8 @@ class Server:
         """The HTTP form: refuse what is refused now, then run the action in the background (202)."""
         if action in ("start", "restart") and self.config.suspended:
             raise BadRequest("Cannot start or restart a server that is suspended.")
+        if self.installing:
+            raise Conflict("server is currently installing")
         threading.Thread(
             target=self._power_logged,
             args=(action, wait_s),
@@ -6202,6 +6676,8 @@ class Server:
 
     def power(self, action: str, wait_s: float = 0) -> None:
         """Run a power action now. ``wait_s`` 0 tries the lock once (as Wings); kill never waits."""
+        if self.installing:  # kill too, as Wings (server/power.go)
+            raise Conflict("server is currently installing")
         if action == "kill":
             self.env.kill()
             return
@@ -6224,6 +6700,8 @@ class Server:
         try:
             if self.deleted:
                 raise NotFound("The requested resource does not exist on this instance.")
+            if self.installing:  # an install claimed the server while this waited for the lock
+                raise Conflict("server is currently installing")
             if action in ("stop", "restart"):
                 self.env.stop(self.config, self.daemon.config.get("wingslite.stop_timeout_s"))
             if action in ("start", "restart"):
@@ -6247,6 +6725,8 @@ class Server:
         if self.config.suspended:
             self.console_message("This server is suspended and cannot be started.")
             raise BadRequest("server is currently in a suspended state")
+        if self.daemon.config.get("system.check_permissions_on_boot"):
+            self.ensure_file_owner()
         if self.fs.limit_bytes:
             self.console_message(
                 "Checking server disk space usage, this could take a few seconds..."
@@ -6301,6 +6781,140 @@ class Server:
                 "Server crash was detected but an error occurred while handling it."
             )
 
+    def ensure_file_owner(self) -> None:
+        """Give the server's files to the node user (before a start and after an install)."""
+        self.console_message(
+            "Ensuring file permissions are set correctly, this could take a few seconds..."
+        )
+        started = time.monotonic()
+        try:
+            count, finished = self.fs.chown_all(self.chown_budget_s)
+        except OSError as exc:
+            LOG.warning("server %s: setting the owner of its files failed: %s", self.uuid, exc)
+            return
+        LOG.log(
+            logging.INFO if finished else logging.WARNING,
+            "server %s: %d entries given to %s in %.2f s%s",
+            self.uuid,
+            count,
+            self.daemon.node_user.container_user,
+            time.monotonic() - started,
+            "" if finished else f" (stopped after {self.chown_budget_s:g} s; the rest is left)",
+        )
+
+    chown_budget_s = 60.0
+
+    # -- installation ----------------------------------------------------------------------------
+
+    def request_install(self, reinstall: bool = False, *, start_after: bool = False) -> None:
+        """Claim the server for an install and run it in the background (create, ``/install``,
+        ``/reinstall``). 409 while a power action holds the lock or another install runs.
+
+        A reinstall first stops the process (10 s, then killed) and syncs, as Wings ``Reinstall``.
+        """
+        if not self.lock.acquire(blocking=False):
+            raise Conflict(
+                "Cannot execute server reinstall event while another power action is running."
+            )
+        try:
+            if self.deleted:
+                raise NotFound("The requested resource does not exist on this instance.")
+            if self.installing:
+                raise Conflict("server is currently installing")
+            self.installing = True
+        finally:
+            self.lock.release()
+        threading.Thread(
+            target=self._install_in_background,
+            args=(reinstall, start_after),
+            name=f"wingslite-install-{self.uuid[:8]}",
+            daemon=True,
+        ).start()
+
+    def _install_in_background(self, reinstall: bool, start_after: bool) -> None:
+        try:
+            ok = self.install(reinstall)
+        except Exception:
+            LOG.exception("server %s: the installation failed", self.uuid)
+            ok = False
+        finally:
+            self.installing = False
+        if ok and start_after and not self.deleted:
+            self._power_logged("start", 30)
+
+    def install(self, reinstall: bool = False) -> bool:
+        """Run the egg's install (the caller has set ``installing``); True when it succeeded.
+
+        As Wings (server/install.go): ``install started``, the script in its container, the
+        files given to the node user, ``POST /servers/{uuid}/install`` to the Panel (a failure
+        to tell it is logged), ``install completed``. A ``skip_egg_scripts`` egg runs nothing
+        and succeeds at once. Unlike Wings, a script that exits non-zero is a failed install.
+        """
+        self.daemon.installs.write(self.uuid, "installing", reinstall)
+        error = None
+        try:
+            if reinstall and self.env.state != OFFLINE:
+                self.env.stop(self.config, 10)  # Wings: WaitForStop(10 s, terminate)
+            if reinstall:
+                self.sync()
+            if self.config.suspended:
+                raise WingsliteError("the server is suspended")
+            self.fs.ensure()
+            if self.config.skip_egg_scripts:
+                LOG.info("server %s: the egg skips install scripts; nothing to run", self.uuid)
+            else:
+                self.events.publish("install started", "")
+                self._run_install_script()
+        except WingsliteError as exc:
+            error = exc.message
+        if self.deleted:
+            return False  # the server left the node while it installed: nobody to tell
+        self._finish_install(error, reinstall)
+        return error is None
+
+    def _run_install_script(self) -> None:
+        log_path = self.install_log_path()
+        try:
+            script = self.daemon.panel.get_install_script(self.uuid)
+        except PanelError as exc:
+            error = f"could not get the install script from the Panel: {exc.message}"
+            write_install_log(log_path, self.config, {}, b"", error, _timezone(self.daemon.config))
+            raise WingsliteError(error) from None
+        splitter = LineSplitter()
+
+        def on_output(data: bytes) -> None:
+            for line in splitter.feed(data):
+                self.events.publish("install output", line)
+
+        LOG.info("server %s: running its install script (%s)", self.uuid, script["container_image"])
+        exit_code = self.env.install(self.config, script, on_output, log_path)
+        for line in splitter.flush():
+            self.events.publish("install output", line)
+        if exit_code:
+            raise WingsliteError(f"the install script exited with code {exit_code}")
+
+    def _finish_install(self, error: str | None, reinstall: bool) -> None:
+        if error is None:
+            LOG.info("server %s: %s completed", self.uuid, "reinstall" if reinstall else "install")
+        else:
+            LOG.error("server %s: the installation failed: %s", self.uuid, error)
+            self.console_message(f"The installation failed: {error}")
+        if self.fs.root.is_dir():
+            self.ensure_file_owner()
+        self.daemon.installs.write(self.uuid, "failed" if error else "installed", reinstall)
+        try:
+            self.daemon.panel.set_install_status(self.uuid, error is None, reinstall)
+        except PanelError as exc:
+            LOG.warning(
+                "server %s: could not tell the Panel how the install ended: %s",
+                self.uuid,
+                exc.message,
+            )
+        self.events.publish("install completed", "")
+
+    def install_log_path(self) -> Path:
+        return Path(self.daemon.config.get("system.log_directory")) / "install" / f"{self.uuid}.log"
+
     # -- console -------------------------------------------------------------------------------
 
     def send_command(self, line: str) -> None:
@@ -6339,6 +6953,7 @@ class Server:
                 "pending_next_start": sorted(self.pending_next_start.values()),
                 "environment": self.env.kind,
                 "disk": {"limit_bytes": self.fs.limit_bytes, "quota": self.fs.quota.name},
+                "installing": self.installing,
             },
         }
 
@@ -6374,6 +6989,8 @@ class Daemon:
         self.sessions = SessionTable()
         self.revocations = Revocations()
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
+        self.installs = InstallRecords(config.root_dir / "wingslite" / "installs")
+        self.node_user = resolve_node_user(config)
         self.http: ApiServer | None = None
         self.sftp: SftpServer | None = None
         self._servers_lock = threading.Lock()
@@ -6395,6 +7012,7 @@ class Daemon:
             data_dir=server.fs.root,
             console=ConsolePipeline.from_config(server.events, self.config),
             disk_bytes=server.fs.usage_bytes,
+            user=self.node_user.container_user,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -6414,6 +7032,16 @@ class Daemon:
         LOG.info(
             "wingslite %s serving the API on %s:%d", VERSION, host, self.http.server_address[1]
         )
+        user = self.node_user
+        LOG.info("servers' files belong to %d:%d (%s)", user.uid, user.gid, user.note)
+        if not user.exists:
+            LOG.warning(
+                "no user with uid %d exists on this host: files and containers use %d:%d as "
+                "numbers",
+                user.uid,
+                user.uid,
+                user.gid,
+            )
         if not self.config.get("wingslite.sftp_enabled"):
             LOG.info("SFTP is off (wingslite.sftp_enabled is false)")
         elif not sftp_available():
@@ -6494,6 +7122,7 @@ class Daemon:
             LOG.info("loaded %d saved server configurations", len(self.servers))
 
     def _boot_loop(self) -> None:
+        self._remove_leftover_installers()
         delay = 1.0
         while not self._stopping.is_set():
             try:
@@ -6513,7 +7142,34 @@ class Daemon:
         self._restore_states()
         with contextlib.suppress(PanelError):
             self.panel.reset_servers()  # as Wings: the Panel clears installs left over from before
+        self._report_interrupted_installs()
         self._booted.set()
+
+    def _remove_leftover_installers(self) -> None:
+        """Installer containers of this node's servers that a restart interrupted (one call)."""
+        if self.environment_factory != self._default_environment or not self.servers:
+            return
+        if self._docker is None:
+            self._docker = docker_client(self.config)
+        idle = [uuid for uuid, server in self.servers.items() if not server.installing]
+        removed = remove_leftover_installers(
+            self._docker, idle, Path(self.config.get("system.tmp_directory"))
+        )
+        for uuid in removed:
+            LOG.warning("server %s: removed the install container a restart left behind", uuid)
+
+    def _report_interrupted_installs(self) -> None:
+        """Installs a restart cut short failed: the Panel is told so (its reset marked them)."""
+        for uuid in self.installs.interrupted(self.servers):
+            server = self.servers.get(uuid)
+            if server is None or server.installing:
+                continue
+            reinstall = bool(self.installs.read(uuid).get("reinstall"))
+            self.installs.write(uuid, "failed", reinstall)
+            try:
+                self.panel.set_install_status(uuid, False, reinstall)
+            except PanelError as exc:
+                LOG.warning("server %s: could not tell the Panel: %s", uuid, exc.message)
 
     def load_from_panel(self) -> None:
         """Fetch every server of the node; add, update or drop local servers to match."""
@@ -6578,6 +7234,7 @@ class Daemon:
             self.servers.pop(server.uuid, None)
         server.env.close()
         self.store.delete(server.uuid)
+        self.installs.delete(server.uuid)
 
     # -- states (which servers were running, for the next boot) -----------------------------
 
@@ -6642,9 +7299,18 @@ class Daemon:
             server.lock.release()
 
     def create_server(self, uuid: str, start_on_completion: bool = False) -> Server:
-        """``POST /api/servers``: fetch the configuration, make the directory, register the server."""
-        if uuid in self.servers:
-            raise Conflict(f"server {uuid} already exists on this node")
+        """``POST /api/servers``: fetch the configuration, make the directory, register the server,
+        then install it in the background (and start it after, when asked).
+
+        A server the node already has is re-read from the Panel; it is installed only if no
+        install of it ever succeeded and none runs now.
+        """
+        existing = self.servers.get(uuid)
+        if existing is not None:
+            self.sync_server(existing)
+            if not self.installs.installed(uuid) and not existing.installing:
+                existing.request_install(start_after=start_on_completion)
+            return existing
         try:
             document = self.panel.get_server(uuid)
         except PanelError as exc:
@@ -6674,8 +7340,7 @@ class Daemon:
                 raise Conflict(f"server {uuid} already exists on this node")
             self.servers[uuid] = server
         LOG.info("server %s created", uuid)
-        if start_on_completion:
-            server.request_power("start", 30)
+        server.request_install(start_after=start_on_completion)
         return server
 
     def delete_server(self, server: Server) -> None:
@@ -6691,6 +7356,7 @@ class Daemon:
                 True  # before closing: a socket registering now sees it and closes itself
             )
             self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "server deleted")
+            server.env.abort_install()  # before the files go: the installer writes into them
             try:
                 server.env.destroy()
             except Exception:
