@@ -21,13 +21,16 @@ import http.server
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import uuid as uuidlib
 from pathlib import Path
@@ -117,254 +120,20 @@ def panel_error(status: int, code: str, detail: str) -> dict:
     return {"errors": [{"code": code, "status": str(status), "detail": detail}]}
 
 
-class FakePanel:
-    """The Panel's remote API on loopback, answering as panel-contract.md says.
+class FakePanel(w.PanelStandIn):
+    """The module's Panel stand-in with the tests' node token, serving from construction, its
+    errors pretty-printed as the Panel's are (``app/Exceptions/Handler.php``).
 
-    ``servers`` maps uuid -> document. ``calls`` counts requests per path. Failure switches:
-    ``fail[path_prefix] = [status, ...]`` answers those statuses first (then normally);
-    ``garbage`` (paths answered 200 with a body that is not JSON); ``hang_s`` (paths that sleep);
-    ``down`` (every request 500).
+    ``servers`` maps uuid -> document; ``requests`` holds every ``w.PanelRequest`` (method, path,
+    headers, query, parsed JSON body, raw bytes); ``calls`` counts requests per path. Failure
+    switches: ``fail[path_prefix] = [status, ...]``, ``garbage``, ``hang_s``, ``down``.
     """
 
+    json_indent = 4
+
     def __init__(self, token_id: str = TOKEN_ID, token: str = TOKEN):
-        self.token_id, self.token = token_id, token
-        self.servers: dict[str, dict] = {}
-        self.sftp_users: dict[
-            tuple[str, str], list[str]
-        ] = {}  # (username, password) -> permissions
-        self.user_uuid = "c0ffee00-1111-4222-8333-444455556666"
-        self.calls: dict[str, int] = {}
-        self.requests: list[tuple[str, str, dict]] = []
-        self.fail: dict[str, list[int]] = {}
-        self.garbage: set[str] = set()
-        self.hang_s: dict[str, float] = {}
-        self.down = False
-        self.install_scripts: dict[str, dict] = {}  # uuid -> GET .../install answer
-        self.install_reports: list[tuple[str, dict]] = []  # (uuid, POST .../install body)
-        self.lock = threading.Lock()
-        panel = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def send_json(self, status, body=None, headers=None):
-                data = (
-                    b"" if body is None else json.dumps(body, indent=4).replace("/", "\\/").encode()
-                )
-                self.send_response(status)
-                if body is not None:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def handle_any(self, method):
-                path = urllib.parse.urlsplit(self.path).path
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with panel.lock:
-                    panel.calls[path] = panel.calls.get(path, 0) + 1
-                    panel.requests.append((method, path, dict(self.headers)))
-                    failures = next(
-                        (v for k, v in panel.fail.items() if path.startswith(k) and v), None
-                    )
-                    status = failures.pop(0) if failures else None
-                for prefix, seconds in panel.hang_s.items():
-                    if path.startswith(prefix):
-                        time.sleep(seconds)
-                # DaemonAuthenticate (panel-contract.md §1.1)
-                auth = self.headers.get("Authorization")
-                if not auth or not auth.lower().startswith("bearer "):
-                    return self.send_json(
-                        401,
-                        panel_error(
-                            401,
-                            "HttpException",
-                            "Access to this endpoint must include an Authorization header.",
-                        ),
-                        {"WWW-Authenticate": "Bearer"},
-                    )
-                parts = auth[7:].split(".")
-                if len(parts) != 2 or not all(parts):
-                    return self.send_json(
-                        400,
-                        panel_error(
-                            400,
-                            "BadRequestHttpException",
-                            "The Authorization header provided was not in a valid format.",
-                        ),
-                    )
-                if parts != [panel.token_id, panel.token]:
-                    return self.send_json(
-                        403,
-                        panel_error(
-                            403,
-                            "AccessDeniedHttpException",
-                            "You are not authorized to access this resource.",
-                        ),
-                    )
-                if panel.down or status:
-                    status = status or 500
-                    return self.send_json(
-                        status,
-                        panel_error(
-                            status,
-                            "HttpException",
-                            "An unexpected error was encountered while processing this request, please try again.",
-                        ),
-                    )
-                if any(path.startswith(g) for g in panel.garbage):
-                    data = b"<html>502 Bad Gateway</html>"
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    return self.wfile.write(data)
-                return panel.route(self, method, path, query, body)
-
-            def do_GET(self):
-                self.handle_any("GET")
-
-            def do_POST(self):
-                self.handle_any("POST")
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def add(self, doc: dict) -> str:
-        uuid = doc["settings"]["uuid"]
-        self.servers[uuid] = doc
-        return uuid
-
-    def route(self, h, method, path, query, body):
-        if method == "GET" and path == "/api/remote/servers":
-            return h.send_json(200, self.page(query))
-        if method == "POST" and path == "/api/remote/servers/reset":
-            return h.send_json(204)
-        if method == "POST" and path == "/api/remote/sftp/auth":
-            return self.sftp_auth(h, json.loads(body or b"null"))
-        if path.startswith("/api/remote/servers/") and path.endswith("/install"):
-            return self.install(h, method, path.split("/")[-2], json.loads(body or b"null"))
-        if method == "GET" and path.startswith("/api/remote/servers/"):
-            ident = path.rsplit("/", 1)[-1]
-            with self.lock:
-                doc = self.servers.get(ident) or next(
-                    (d for u, d in self.servers.items() if u[:8] == ident), None
-                )
-                doc = copy.deepcopy(doc)
-            if doc is None:
-                return h.send_json(404, panel_error(404, "RecordNotFoundException", ""))
-            return h.send_json(200, doc)
-        return h.send_json(
-            404,
-            panel_error(
-                404, "NotFoundHttpException", f"The route {path.lstrip('/')} could not be found."
-            ),
-        )
-
-    def page(self, query) -> dict:
-        """Laravel's paginated resource (panel-contract.md §1.3): page 0 means page 1."""
-        try:
-            page = max(1, int(query.get("page", ["1"])[0]))
-        except ValueError:
-            page = 1
-        per_page = int(query.get("per_page", ["50"])[0]) or 15
-        with self.lock:
-            items = list(self.servers.items())
-        total = len(items)
-        last = max(1, -(-total // per_page))
-        chunk = items[(page - 1) * per_page : page * per_page]
-        data = [
-            {
-                "uuid": u,
-                "settings": d["settings"],
-                "process_configuration": d["process_configuration"],
-            }
-            for u, d in chunk
-        ]
-        base = f"{self.url}/api/remote/servers"
-        return {
-            "data": data,
-            "links": {
-                "first": f"{base}?page=1",
-                "last": f"{base}?page={last}",
-                "prev": None,
-                "next": None,
-            },
-            "meta": {
-                "current_page": page,
-                "from": (page - 1) * per_page + 1 if chunk else None,
-                "last_page": last,
-                "links": [],
-                "path": base,
-                "per_page": per_page,
-                "to": (page - 1) * per_page + len(chunk) if chunk else None,
-                "total": total,
-            },
-        }
-
-    def install(self, h, method, uuid, body):
-        """ServerInstallController (panel-contract.md §1.5-1.6): the egg's script; the report."""
-        if uuid not in self.servers:
-            return h.send_json(404, panel_error(404, "RecordNotFoundException", ""))
-        if method == "GET":
-            default = {"container_image": "alpine:3.4", "entrypoint": "ash", "script": None}
-            return h.send_json(200, self.install_scripts.get(uuid, default))
-        if not isinstance(body, dict) or not isinstance(body.get("successful"), bool):
-            return h.send_json(
-                422, panel_error(422, "ValidationException", "The successful field is required.")
-            )
-        with self.lock:
-            self.install_reports.append((uuid, body))
-        return h.send_json(204)
-
-    def sftp_auth(self, h, body):
-        username = str(body.get("username", ""))
-        user, _, ident = username.rpartition(".")
-        if not ident:
-            return h.send_json(
-                400,
-                panel_error(
-                    400,
-                    "BadRequestHttpException",
-                    "No valid server identifier was included in the request.",
-                ),
-            )
-        server = next((u for u in self.servers if u == ident or u[:8] == ident), None)
-        perms = self.sftp_users.get((user, body.get("password")))
-        if server is None or perms is None:
-            return h.send_json(
-                403,
-                panel_error(
-                    403,
-                    "HttpForbiddenException",
-                    "Authorization credentials were not correct, please try again.",
-                ),
-            )
-        if self.servers[server]["settings"]["suspended"]:
-            return h.send_json(
-                409,
-                panel_error(
-                    409,
-                    "ServerStateConflictException",
-                    "This server is currently suspended and the functionality requested is unavailable.",
-                ),
-            )
-        return h.send_json(200, {"server": server, "user": self.user_uuid, "permissions": perms})
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(token_id, token)
+        self.start()
 
 
 @pytest.fixture
@@ -643,7 +412,7 @@ class TestPanelClient:
     def test_sends_wings_headers(self, panel):
         uuid = panel.add(panel_document())
         self.client(panel).get_server(uuid)
-        _, _, headers = panel.requests[-1]
+        headers = panel.requests[-1].headers
         assert headers["Authorization"] == f"Bearer {TOKEN_ID}.{TOKEN}"
         assert headers["Accept"] == "application/vnd.pterodactyl.v1+json"
         assert headers["Content-Type"] == "application/json"
@@ -708,6 +477,155 @@ class TestPanelClient:
         client = w.PanelClient(panel.url, TOKEN_ID, TOKEN, budget_s=1, max_document_bytes=100_000)
         with pytest.raises(w.PanelError, match="larger than 100000 bytes"):
             client.get_server(uuid)
+
+
+class ScriptedHttp:
+    """A loopback HTTP peer whose every connection is handed to ``script(sock, request_bytes)``:
+    for answers no well-behaved server gives (redirects, trickles, lies). ``requests`` keeps the
+    raw request heads it received."""
+
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        with sock:
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+            self.requests.append(head)
+            with contextlib.suppress(OSError):
+                self.script(sock, head)
+
+    def close(self):
+        self.stopping = True
+        self.listener.close()
+
+
+@pytest.fixture
+def scripted():
+    peers = []
+
+    def make(script):
+        peers.append(ScriptedHttp(script))
+        return peers[-1]
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+class TestPanelClientHostile:
+    """A Panel (or whatever answers in its place) that lies, redirects or trickles."""
+
+    def client(self, url, budget_s=2.0, **kwargs):
+        return w.PanelClient(
+            url, TOKEN_ID, TOKEN, budget_s=budget_s, retry_initial_s=0.01, **kwargs
+        )
+
+    def lying_pages(self, panel, **meta_changes):
+        honest = panel.page
+
+        def page(query):
+            doc = honest(query)
+            doc["meta"].update(meta_changes)
+            if "total" in meta_changes and meta_changes["total"] is None:
+                del doc["meta"]["total"]
+            return doc
+
+        panel.page = page
+
+    def test_a_last_page_that_does_not_fit_the_total_is_refused_before_any_page_is_queued(
+        self, panel
+    ):
+        for _ in range(4):
+            panel.add(panel_document())
+        self.lying_pages(panel, last_page=500)
+        with pytest.raises(w.PanelError, match=r"meta\.last_page 500 does not fit meta\.total 4"):
+            self.client(panel.url).list_servers(per_page=50)
+        assert panel.calls["/api/remote/servers"] == 1
+
+    def test_more_pages_than_max_panel_pages_is_a_clear_error(self, panel):
+        panel.add(panel_document())
+        self.lying_pages(panel, last_page=3_000_000, total=None)
+        with pytest.raises(w.PanelError, match=r"3000000 pages.*at most 1000 \(wingslite.max"):
+            self.client(panel.url).list_servers(per_page=50)
+        assert panel.calls["/api/remote/servers"] == 1
+
+    def test_the_first_empty_page_ends_the_list_and_only_a_few_pages_are_in_flight(self, panel):
+        uuids = {panel.add(panel_document()) for _ in range(4)}
+        self.lying_pages(panel, last_page=900, total=None)
+        items = self.client(panel.url).list_servers(per_page=2, concurrency=3)
+        assert {i["settings"]["uuid"] for i in items} == uuids
+        # pages 1-2 hold the servers, page 3 is empty: at most `concurrency` asked beyond it
+        assert 3 <= panel.calls["/api/remote/servers"] <= 3 + 3
+
+    def test_max_panel_pages_comes_from_the_config(self, panel, tmp_path):
+        config = w.Config(node_config(tmp_path, panel.url, wingslite__max_panel_pages=2), "t")
+        client = w.PanelClient.from_config(config)
+        for _ in range(5):
+            panel.add(panel_document())
+        with pytest.raises(w.PanelError, match="3 pages; wingslite reads at most 2"):
+            client.list_servers(per_page=2)
+
+    def test_a_redirect_to_another_origin_is_refused_and_never_carries_the_token(self, scripted):
+        elsewhere = scripted(
+            lambda sock, head: sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        )
+        redirect = (
+            f"HTTP/1.1 302 Found\r\nLocation: {elsewhere.url}/steal\r\nContent-Length: 0\r\n\r\n"
+        )
+        panel = scripted(lambda sock, head: sock.sendall(redirect.encode()))
+        with pytest.raises(w.PanelError) as info:
+            self.client(panel.url).get_server("x")
+        assert info.value.http_status == 302 and f"{elsewhere.url}/steal" in info.value.message
+        assert "redirect" in info.value.message
+        assert len(panel.requests) == 1, "a redirect is final, not retried"
+        assert elsewhere.requests == []
+
+    def test_a_trickled_body_is_cut_at_the_budget(self, scripted):
+        def trickle(sock, head):
+            body = b'{"settings": {}}' + b" " * 200
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)  # each read is far inside any per-read timeout
+
+        panel = scripted(trickle)
+        started = time.monotonic()
+        with pytest.raises(w.PanelError, match="did not answer within"):
+            self.client(panel.url, budget_s=1.0).get_server("x")
+        # 21 s of trickle; the budget (retries included) ends the call long before
+        assert time.monotonic() - started < 10
+
+    def test_trickled_headers_are_cut_at_the_budget(self, scripted):
+        def trickle(sock, head):
+            for line in [b"HTTP/1.1 200 OK\r\n"] + [b"X-Pad-%d: y\r\n" % i for i in range(60)]:
+                sock.sendall(line)
+                time.sleep(0.25)
+            sock.sendall(b"Content-Length: 2\r\n\r\n{}")
+
+        panel = scripted(trickle)
+        started = time.monotonic()
+        with pytest.raises(w.PanelError, match="did not answer within"):
+            self.client(panel.url, budget_s=1.0).get_server("x")
+        assert time.monotonic() - started < 10
 
 
 # server model #####################################################################################
@@ -916,6 +834,640 @@ class TestFilesystem:
         assert fs.is_denied("server.jar") and fs.is_denied("plugins/x.jar")
         assert fs.is_denied("config/secret.yml") and not fs.is_denied("other/config/secret.yml")
         assert fs.is_denied("logs/latest.log") and not fs.is_denied("mylogs/x")
+
+
+# archives #########################################################################################
+
+
+def _tar_bytes(entries, compression: str = "") -> bytes:
+    """A tar (``compression`` gz, bz2, xz or "") of ``(TarInfo fields, data)`` items."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}" if compression else "w") as tar:
+        for fields, data in entries:
+            info = tarfile.TarInfo(fields.pop("name"))
+            for key, value in fields.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _zip_bytes(entries) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return buf.getvalue()
+
+
+class TestArchives:
+    @pytest.fixture
+    def box(self, tmp_path):
+        """A server directory, its jail and its filesystem, beside an 'outside' directory."""
+        root = tmp_path / "srv"
+        root.mkdir()
+        (tmp_path / "outside").mkdir()
+        fs = w.Filesystem(root, 0, check_interval_s=60)
+        fs.recalculate()
+        jail = w.Jail(root, is_denied=fs.is_denied)
+        yield types.SimpleNamespace(root=root, fs=fs, jail=jail, outside=tmp_path / "outside")
+        jail.close()
+
+    def extract(self, box, data: bytes, name: str = "a.tar.gz", dest: str = "/") -> list[str]:
+        import io
+
+        seen: list[str] = []
+        w.extract_archive(
+            box.jail, box.fs, io.BytesIO(data), name=name, dest=dest, on_entry=seen.append
+        )
+        return seen
+
+    def test_tar_gz_out_and_back_keeps_files_modes_links_and_empty_dirs(self, box, tmp_path):
+        import io
+
+        (box.root / "a" / "b").mkdir(parents=True)
+        (box.root / "a" / "b" / "f.txt").write_bytes(b"hello" * 1000)
+        (box.root / "run.sh").write_bytes(b"#!/bin/sh\n")
+        os.chmod(box.root / "run.sh", 0o750)
+        (box.root / "empty").mkdir()
+        (box.root / "inside").symlink_to("a/b/f.txt")
+        (box.root / "zout").symlink_to("/etc/passwd")  # archived as a link, never followed
+        os.mkfifo(box.root / "pipe")
+        out = w.HashingWriter(io.BytesIO())
+        count = w.write_tar_gz(box.jail, out)
+        data = out.out.getvalue()
+        assert out.hexdigest() == hashlib.sha1(data).hexdigest() and out.bytes_written == len(data)
+        import tarfile
+
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+        assert count == len(members)
+        assert set(members) == {"a", "a/b", "a/b/f.txt", "run.sh", "empty", "inside", "zout"}
+        assert members["zout"].issym() and members["zout"].linkname == "/etc/passwd"
+        assert members["zout"].size == 0  # the target's bytes are not in the archive
+        assert members["run.sh"].mode == 0o750
+
+        other = tmp_path / "other"
+        other.mkdir()
+        fs2 = w.Filesystem(other, 0, check_interval_s=60)
+        with w.Jail(other) as jail2:
+            with pytest.raises(w.ArchiveError, match="would point outside"):
+                w.extract_archive(jail2, fs2, io.BytesIO(data), name="x.tar.gz")
+        assert (other / "a" / "b" / "f.txt").read_bytes() == b"hello" * 1000
+        assert (other / "run.sh").stat().st_mode & 0o777 == 0o750
+        assert (other / "empty").is_dir() and os.readlink(other / "inside") == "a/b/f.txt"
+        assert not (other / "zout").is_symlink()
+
+    def test_ignore_rules_follow_gitignore(self):
+        m = w.IgnoreMatcher("# comment\n*.log\n!keep.log\n/cache/\nbuild\ndocs/**/*.tmp\n\\#hash\n")
+        assert m.ignored("x.log") and m.ignored("deep/dir/y.log") and not m.ignored("keep.log")
+        assert m.ignored("cache", is_dir=True) and not m.ignored("cache", is_dir=False)
+        assert not m.ignored("sub/cache", is_dir=True)
+        assert m.ignored("build") and m.ignored("a/build", is_dir=True)
+        assert m.ignored("docs/a/b/c.tmp") and m.ignored("docs/c.tmp") and not m.ignored("c.tmp")
+        assert m.ignored("#hash") and not w.IgnoreMatcher("")
+
+    def test_write_tar_gz_leaves_out_ignored_and_denied_paths(self, box):
+        import io
+        import tarfile
+
+        for rel in ("logs/a.log", "logs/keep.log", "world/level.dat", "x.log", "keep.log", "s.jar"):
+            (box.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (box.root / rel).write_bytes(b"1")
+        box.fs.set_denylist(["*.jar"])
+        out = io.BytesIO()
+        w.write_tar_gz(box.jail, out, ignore="*.log\n!keep.log\n")
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            names = set(tar.getnames())
+        assert names == {"logs", "logs/keep.log", "world", "world/level.dat", "keep.log"}
+
+    def test_write_tar_gz_of_named_files_under_a_root(self, box):
+        import io
+        import tarfile
+
+        (box.root / "d" / "sub").mkdir(parents=True)
+        (box.root / "d" / "one").write_bytes(b"1")
+        (box.root / "d" / "sub" / "two").write_bytes(b"2")
+        (box.root / "d" / "three").write_bytes(b"3")
+        out = io.BytesIO()
+        w.write_tar_gz(box.jail, out, root="/d", files=["one", "sub"])
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            assert set(tar.getnames()) == {"one", "sub", "sub/two"}
+        with pytest.raises(w.PathEscape):
+            w.write_tar_gz(box.jail, io.BytesIO(), root="/d", files=["../../etc"])
+
+    @pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+    def test_each_tar_format_extracts(self, box, compression):
+        data = _tar_bytes(
+            [
+                ({"name": "dir", "type": b"5", "mode": 0o700}, None),
+                ({"name": "dir/f", "mode": 0o640}, b"payload"),
+                ({"name": "l", "type": b"2", "linkname": "dir/f"}, None),
+            ],
+            compression,
+        )
+        seen = self.extract(box, data, name="a.tar" + (f".{compression}" if compression else ""))
+        assert seen == ["dir", "dir/f", "l"]
+        assert (box.root / "dir" / "f").read_bytes() == b"payload"
+        assert (box.root / "dir" / "f").stat().st_mode & 0o777 == 0o640
+        assert os.readlink(box.root / "l") == "dir/f"
+
+    def test_zip_extracts_with_modes_and_directories(self, box):
+        data = _zip_bytes(
+            [("d/", b"", 0o40755), ("d/run.sh", b"#!", 0o100755), ("top.txt", b"t", 0)]
+        )
+        seen = self.extract(box, data, name="a.zip", dest="/into")
+        assert seen == ["into/d", "into/d/run.sh", "into/top.txt"]
+        assert (box.root / "into" / "d" / "run.sh").stat().st_mode & 0o777 == 0o755
+        assert (box.root / "into" / "top.txt").read_bytes() == b"t"
+
+    @pytest.mark.parametrize(
+        "suffix,compress",
+        [
+            (".gz", lambda b: __import__("gzip").compress(b)),
+            (".bz2", lambda b: __import__("bz2").compress(b)),
+            (".xz", lambda b: __import__("lzma").compress(b)),
+        ],
+    )
+    def test_a_single_compressed_file_becomes_its_name_without_the_suffix(
+        self, box, suffix, compress
+    ):
+        seen = self.extract(
+            box, compress(b"line\n" * 1000), name="logs/latest.log" + suffix, dest="/logs"
+        )
+        assert seen == ["logs/latest.log"]
+        assert (box.root / "logs" / "latest.log").read_bytes() == b"line\n" * 1000
+
+    @pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/evil", "C:\\evil"])
+    def test_zip_slip_and_absolute_names_are_refused(self, box, name):
+        for data, archive in (
+            (_zip_bytes([(name, b"x", 0)]), "a.zip"),
+            (_tar_bytes([({"name": name}, b"x")], "gz"), "a.tar.gz"),
+        ):
+            with pytest.raises(w.ArchiveError, match="refused archive entry"):
+                self.extract(box, data, name=archive)
+        assert not (box.outside.parent / "evil").exists() and list(box.root.iterdir()) == []
+
+    def test_links_that_point_out_are_refused_and_nothing_is_written_through_them(self, box):
+        for link in ("../outside", "/tmp", "a/../../outside"):
+            data = _tar_bytes(
+                [
+                    ({"name": "l", "type": b"2", "linkname": link}, None),
+                    ({"name": "l/pwned"}, b"x"),
+                ],
+                "gz",
+            )
+            with pytest.raises(w.ArchiveError, match="would point outside"):
+                self.extract(box, data)
+            assert list(box.outside.iterdir()) == [] and not (box.root / "l").is_symlink()
+        # a hard link to a file outside: its name climbs out, refused
+        data = _tar_bytes([({"name": "h", "type": b"1", "linkname": "../outside/x"}, None)])
+        with pytest.raises(w.ArchiveError, match="refused archive entry"):
+            self.extract(box, data, name="a.tar")
+
+    def test_an_existing_symlink_in_the_server_is_replaced_not_written_through(self, box):
+        (box.outside / "target").write_bytes(b"keep")
+        (box.root / "f").symlink_to(box.outside / "target")  # the game server made this
+        self.extract(box, _tar_bytes([({"name": "f"}, b"new")], "gz"))
+        assert (box.outside / "target").read_bytes() == b"keep"
+        assert not (box.root / "f").is_symlink() and (box.root / "f").read_bytes() == b"new"
+
+    def test_device_files_and_fifos_are_skipped(self, box):
+        data = _tar_bytes(
+            [
+                ({"name": "null", "type": b"3", "devmajor": 1, "devminor": 3}, None),
+                ({"name": "fifo", "type": b"6"}, None),
+                ({"name": "ok"}, b"1"),
+            ]
+        )
+        assert self.extract(box, data, name="a.tar") == ["ok"]
+        assert sorted(p.name for p in box.root.iterdir()) == ["ok"]
+
+    def test_setuid_bits_are_dropped(self, box):
+        self.extract(box, _tar_bytes([({"name": "s", "mode": 0o4755}, b"1")]), name="a.tar")
+        assert (box.root / "s").stat().st_mode & 0o7777 == 0o755
+
+    @pytest.mark.parametrize("kind", ["tar.gz", "zip", "gz"])
+    def test_a_bomb_stops_at_the_disk_limit(self, box, kind):
+        import gzip
+        import io
+        import zipfile
+
+        box.fs.set_limit(3 * 1024 * 1024)
+        big = bytes(20 * 1024 * 1024)  # compresses to ~20 KB
+        if kind == "tar.gz":
+            data = _tar_bytes([({"name": "small"}, b"x" * 1000), ({"name": "bomb"}, big)], "gz")
+        elif kind == "gz":
+            data = gzip.compress(big)
+        else:
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr("bomb", big)
+            data = buf.getvalue()
+            # a zip that lies about its size is still stopped while it is written
+            assert len(data) < 100_000
+        with pytest.raises(w.ArchiveError, match="not enough disk space"):
+            self.extract(box, data, name="bomb." + kind)
+        assert not (box.root / "bomb").exists()  # the partial file is gone
+        assert w.Filesystem(box.root).recalculate() <= 3 * 1024 * 1024
+        assert box.fs.usage_bytes() == w.Filesystem(box.root).recalculate()
+
+    def test_a_zip_whose_header_lies_about_the_size_is_stopped_while_writing(self, box):
+        import zipfile
+
+        box.fs.set_limit(1024 * 1024)
+        data = bytearray(_zip_bytes([("bomb", bytes(5 * 1024 * 1024), 0)]))
+        # patch the declared size (central directory and local header) down to 10 bytes
+        cd = data.rindex(b"PK\x01\x02")
+        struct_pos = cd + 24
+        data[struct_pos : struct_pos + 4] = (10).to_bytes(4, "little")
+        data[22:26] = (10).to_bytes(4, "little")
+        with pytest.raises(w.ArchiveError):
+            self.extract(box, bytes(data), name="a.zip")
+        assert w.Filesystem(box.root).recalculate() <= 1024 * 1024
+        del zipfile
+
+    @pytest.mark.parametrize(
+        "head",
+        [b"7z\xbc\xaf\x27\x1c" + bytes(100), b"Rar!\x1a\x07\x00" + bytes(100), b"plain text"],
+    )
+    def test_7z_rar_and_unknown_data_are_unsupported(self, box, head):
+        with pytest.raises(w.ArchiveError, match="unsupported archive format"):
+            self.extract(box, head, name="a.7z")
+        assert list(box.root.iterdir()) == []
+
+    def test_a_damaged_archive_is_a_clear_error(self, box):
+        data = _tar_bytes([({"name": "f"}, bytes(100_000))], "gz")
+        with pytest.raises(w.ArchiveError, match=r"damaged|cannot extract"):
+            self.extract(box, data[: len(data) // 2])
+
+    def test_extraction_from_a_file_in_the_jail_and_the_denylist(self, box):
+        (box.root / "up.zip").write_bytes(_zip_bytes([("ok.txt", b"1", 0), ("x.jar", b"2", 0)]))
+        box.fs.set_denylist(["*.jar"])
+        fd = box.jail.open("/up.zip", os.O_RDONLY)
+        with (
+            os.fdopen(fd, "rb") as src,
+            pytest.raises(w.ArchiveError, match=r"refused archive entry 'x\.jar'"),
+        ):
+            w.extract_archive(box.jail, box.fs, src, name="up.zip")
+        assert (box.root / "ok.txt").read_bytes() == b"1" and not (box.root / "x.jar").exists()
+
+
+# egg configuration files ##########################################################################
+
+PAPER_PROPERTIES = """#Minecraft server properties
+#Tue Dec 01 17:00:00 UTC 2026
+enable-jmx-monitoring=false
+rcon.port=25575
+level-seed=
+motd=\\u00A7aA Minecraft Server
+query.port=25565
+server-ip=
+# an operator's note in the middle
+server-port=25565
+max-players=20
+"""
+
+BUNGEE_YAML = """# BungeeCord configuration
+player_limit: -1
+listeners:
+- query_port: 25577
+  motd: '&1Another Bungee server'
+  host: 0.0.0.0:25577   # where players connect
+  max_players: 1
+servers:
+  lobby:
+    motd: '&1Just another BungeeCord - Forced Host'
+    address: localhost:25565
+    restricted: false
+  games:
+    address: 10.0.0.5:25566
+    restricted: false
+"""
+
+MURMUR_INI = """; Murmur configuration file.
+;
+; Path to database.
+database=
+;dbDriver=QMYSQL
+
+; How many clients
+users=100
+port=64738
+welcometext="<br />Welcome to this server"
+
+[Ice]
+Ice.Warn.UnknownProperties=1
+Ice.MessageSizeMax=65536
+"""
+
+GAME_XML = """<?xml version="1.0" encoding="utf-8"?>
+<!-- game settings -->
+<Settings>
+  <Server port="1">
+    <Name>Old</Name>
+    <!-- keep me -->
+  </Server>
+  <Maps>
+    <Map>a</Map>
+    <Map>b</Map>
+  </Maps>
+</Settings>
+"""
+
+GAME_JSON = """{
+  "server": {"port": 1234, "bind": "127.0.0.1", "public": false},
+  "worlds": [{"name": "a", "port": 1}, {"name": "b", "port": 2}],
+  "tags": ["x"]
+}
+"""
+
+
+def egg_replace(find: dict) -> list[dict]:
+    """An egg's ``config.files[...].find`` as the Panel sends it (EggConfigurationService):
+    a scalar gives ``{match, replace_with}``, an object one ``{match, if_value, replace_with}``
+    per inner pair."""
+    out = []
+    for match, value in find.items():
+        if isinstance(value, dict):
+            out += [{"match": match, "if_value": k, "replace_with": v} for k, v in value.items()]
+        else:
+            out.append({"match": match, "replace_with": value})
+    return out
+
+
+def replacements(find: dict) -> list[w.Replacement]:
+    return [
+        w.Replacement(r["match"], r["replace_with"], r.get("if_value")) for r in egg_replace(find)
+    ]
+
+
+class TestConfigFileParsers:
+    """Each parser against a realistic file of a real egg: exact bytes after the rewrite."""
+
+    def test_paper_server_properties_keeps_comments_and_order_and_appends_missing_keys(self):
+        find = {
+            "server-ip": "0.0.0.0",
+            "enable-query": "true",
+            "server-port": "25570",
+            "query.port": "25570",
+        }
+        out = w.rewrite_properties(PAPER_PROPERTIES, replacements(find))
+        assert (
+            out
+            == PAPER_PROPERTIES.replace("query.port=25565", "query.port=25570")
+            .replace("server-ip=\n", "server-ip=0.0.0.0\n")
+            .replace("server-port=25565", "server-port=25570")
+            + "enable-query=true\n"
+        )
+
+    def test_properties_values_are_escaped_as_java_writes_them(self):
+        out = w.rewrite_properties("motd=x\n", replacements({"motd": "§bHi: a=b #1"}))
+        assert out == "motd=\\u00A7bHi\\: a\\=b \\#1\n"
+
+    def test_properties_if_value_changes_only_a_matching_value(self):
+        text = "server-ip=127.0.0.1\nother=1\n"
+        find = {"server-ip": {"127.0.0.1": "0.0.0.0"}, "other": {"2": "3"}, "absent": {"x": "y"}}
+        assert w.rewrite_properties(text, replacements(find)) == "server-ip=0.0.0.0\nother=1\n"
+
+    def test_bungeecord_yaml_is_edited_in_place_with_comments_kept(self):
+        find = {
+            "listeners[0].query_port": "25599",
+            "listeners[0].host": "0.0.0.0:25599",
+            "servers.*.address": {
+                "regex:^(127\\.0\\.0\\.1|localhost)(:\\d{1,5})?$": "172.18.0.1$2"
+            },
+        }
+        out = w.rewrite_yaml(BUNGEE_YAML, replacements(find))
+        assert out == (
+            BUNGEE_YAML.replace("query_port: 25577", "query_port: 25599")
+            .replace("host: 0.0.0.0:25577", "host: 0.0.0.0:25599")
+            .replace("address: localhost:25565", "address: 172.18.0.1:25565")
+        )
+        assert yaml.safe_load(out)["listeners"][0]["query_port"] == 25599  # still a number
+
+    def test_yaml_that_needs_a_new_key_is_dumped_with_the_values_and_their_types(self):
+        out = w.rewrite_yaml("a: 1\n", replacements({"b.c": "7", "d": True, "e": "x"}))
+        assert yaml.safe_load(out) == {"a": 1, "b": {"c": 7}, "d": True, "e": "x"}
+
+    def test_mumble_murmur_ini_sets_keys_before_the_first_section(self):
+        find = {
+            "database": "/home/container/murmur.sqlite",
+            "logfile": "/home/container/murmur.log",
+            "port": "64800",
+            "host": "",
+            "users": "50",
+        }
+        out = w.rewrite_ini(MURMUR_INI, replacements(find))
+        assert out == (
+            MURMUR_INI.replace("database=\n", "database=/home/container/murmur.sqlite\n")
+            .replace("users=100", "users=50")
+            .replace("port=64738", "port=64800")
+            .replace(
+                'server"\n',
+                'server"\nlogfile=/home/container/murmur.log\nhost=\n',
+            )
+        )
+
+    def test_ini_section_keys_and_a_new_section(self):
+        text = "[Ice]\nIce.MessageSizeMax=65536 \n"
+        find = {"Ice.Ice.MessageSizeMax": "1024", "Extra.key": "v"}
+        out = w.rewrite_ini(text, replacements(find))
+        assert out == "[Ice]\nIce.MessageSizeMax=1024\n[Extra]\nkey=v\n"
+
+    def test_source_cfg_with_the_file_parser_replaces_whole_lines_and_keeps_crlf(self):
+        text = '// server.cfg\r\nhostname "Old Name"\r\nrcon_password "secret"\r\nsv_password "x"'
+        find = {"hostname": 'hostname "My Server"', "sv_password": 'sv_password ""'}
+        out = w.rewrite_plain_file(text, replacements(find))
+        assert (
+            out
+            == '// server.cfg\r\nhostname "My Server"\r\nrcon_password "secret"\r\nsv_password ""'
+        )
+
+    def test_json_paths_indexes_wildcards_and_types(self):
+        find = {
+            "server.port": "27015",
+            "server.bind": {"127.0.0.1": "0.0.0.0"},
+            "server.public": True,
+            "worlds.*.host": "172.18.0.1",
+            "worlds[1].port": "27016",
+            "motd": "25",
+            "admins[0]": "alice",
+            "tags[0]": "y",
+        }
+        data = json.loads(w.rewrite_json(GAME_JSON, replacements(find)))
+        assert data == {
+            "server": {"port": 27015, "bind": "0.0.0.0", "public": True},
+            "worlds": [
+                {"name": "a", "port": 1, "host": "172.18.0.1"},
+                {"name": "b", "port": 27016, "host": "172.18.0.1"},
+            ],
+            "tags": ["y"],
+            "motd": 25,
+            "admins": ["alice"],
+        }
+
+    def test_json_keeps_the_files_indent_and_leaves_an_unchanged_file_alone(self):
+        out = w.rewrite_json('{\n  "a": "x"\n}\n', replacements({"a": "y"}))
+        assert out == '{\n  "a": "y"\n}\n'
+        same = '{"a":   "x"}'
+        assert w.rewrite_json(same, replacements({"a": "x"})) is same
+
+    def test_xml_elements_attributes_and_wildcards_keep_comments_and_prolog(self):
+        find = {"Settings.Server.Name": "New", "Settings.Server": "[port='27016']"}
+        find2 = {"Settings.Maps.*": "c"}
+        out = w.rewrite_xml(GAME_XML, replacements(find) + replacements(find2))
+        assert out == (
+            GAME_XML.replace('port="1"', 'port="27016"')
+            .replace(">Old<", ">New<")
+            .replace(">a<", ">c<")
+            .replace(">b<", ">c<")
+        )
+
+    def test_xml_creates_missing_elements(self):
+        out = w.rewrite_xml(GAME_XML, replacements({"Settings.Server.Query.Port": "27017"}))
+        assert "<Query>\n      <Port>27017</Port>\n    </Query>" in out
+        assert "<!-- keep me -->" in out and out.startswith('<?xml version="1.0"')
+
+    def test_node_placeholders_come_from_the_node_config(self, tmp_path):
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        ph = w.NodePlaceholders(config)
+        assert ph.fill("{{config.docker.network.interface}}:1") == "172.18.0.1:1"
+        assert ph.fill("{{config.docker.interface}}") == "172.18.0.1"  # legacy spelling
+        assert ph.fill("{{ config.api.port }}") == str(config.get("api.port"))
+        assert ph.fill("{{config.no.such.key}}") == "{{config.no.such.key}}"
+        assert ph.fill(25565) == 25565
+
+
+def _write_config_doc(doc: dict, configs: list[dict]) -> dict:
+    doc["process_configuration"]["configs"] = configs
+    return doc
+
+
+NC_GAME = (
+    "P=$(grep '^server-port=' server.properties | cut -d= -f2); "
+    'echo "listening on $P"; echo ready; exec nc -l -p "$P"'
+)
+
+
+class TestConfigFilesOnStart:
+    """Config files written by a real start of a real container."""
+
+    def _add(self, docker_servers, configs, **options) -> str:
+        doc = _write_config_doc(docker_document(**options), configs)
+        uuid = docker_servers.panel.add(doc)
+        docker_servers.uuids.append(uuid)
+        return uuid
+
+    def test_an_allocation_change_reaches_the_game_through_server_properties(self, docker_servers):
+        port = free_port()
+        props = [{"parser": "properties", "file": "server.properties", "replace": []}]
+        uuid = self._add(
+            docker_servers, props, startup=NC_GAME, port=port, stop=("signal", "SIGKILL")
+        )
+        doc = docker_servers.panel.servers[uuid]
+
+        def egg_values(p: int) -> None:
+            doc["process_configuration"]["configs"][0]["replace"] = egg_replace(
+                {"server-ip": "0.0.0.0", "server-port": str(p), "query.port": str(p)}
+            )
+
+        egg_values(port)
+        daemon = docker_servers.boot()
+        root = daemon.get_server(uuid).fs.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "server.properties").write_text(PAPER_PROPERTIES)
+        docker_servers.start(uuid)
+        docker_servers.wait_console(uuid, f"listening on {port}")
+        console = docker_servers.console(uuid)
+        assert any("Updating process configuration files..." in line for line in console)
+
+        new_port = free_port()
+        doc["settings"]["allocations"] = {
+            "force_outgoing_ip": False,
+            "default": {"ip": "127.0.0.1", "port": new_port},
+            "mappings": {"127.0.0.1": [new_port]},
+        }
+        egg_values(new_port)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "restart"})[0] == 202
+        docker_servers.wait_console(uuid, f"listening on {new_port}", timeout_s=30)
+        assert (root / "server.properties").read_text() == (
+            PAPER_PROPERTIES.replace("query.port=25565", f"query.port={new_port}")
+            .replace("server-ip=\n", "server-ip=0.0.0.0\n")
+            .replace("server-port=25565", f"server-port={new_port}")
+        )
+
+        # the game really listens on the new port, reached through the new port binding
+        def sent() -> bool:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", new_port), timeout=2) as conn,
+            ):
+                conn.sendall(b"hello-new-port\n")
+                time.sleep(0.2)
+            return any("hello-new-port" in line for line in docker_servers.console(uuid))
+
+        wait_until(sent, 20, "the game to receive data on its new port", interval_s=0.5)
+
+    def test_a_symlink_out_and_a_fifo_are_not_touched_and_the_start_goes_on(
+        self, docker_servers, tmp_path
+    ):
+        outside = tmp_path / "outside.properties"
+        outside.write_text("server-port=1\n")
+        configs = [
+            {
+                "parser": "properties",
+                "file": "link.properties",
+                "replace": egg_replace({"server-port": "2"}),
+            },
+            {"parser": "yaml", "file": "fifo.yml", "replace": egg_replace({"a": "b"})},
+            {"parser": "json", "file": "nested/dir/new.json", "replace": egg_replace({"a.b": "3"})},
+        ]
+        uuid = self._add(docker_servers, configs)
+        daemon = docker_servers.boot()
+        root = daemon.get_server(uuid).fs.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "link.properties").symlink_to(outside)
+        os.mkfifo(root / "fifo.yml")
+        docker_servers.start(uuid)
+        assert outside.read_text() == "server-port=1\n"
+        assert (root / "link.properties").is_symlink()
+        assert stat.S_ISFIFO(os.lstat(root / "fifo.yml").st_mode)
+        assert json.loads((root / "nested/dir/new.json").read_text()) == {"a": {"b": 3}}
+        console = "\n".join(docker_servers.console(uuid))
+        assert "Failed to update configuration file link.properties" in console
+        assert "Failed to update configuration file fifo.yml: it is not a regular file" in console
+
+    def test_a_rewrite_that_would_pass_the_disk_limit_is_refused(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        (root / "big.properties").write_text("a=1\n")
+        fs = w.Filesystem(root, limit_bytes=4096)
+        fs.recalculate()
+        configs = [w.ConfigFile("big.properties", "properties", (w.Replacement("a", "x" * 8192),))]
+        said: list[str] = []
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        with w.Jail(root) as jail:
+            writer = w.ConfigFileWriter(
+                jail, w.NodePlaceholders(config), fs.reserve, lambda n: fs.add_usage(-n)
+            )
+            assert writer.apply(configs, said.append) == ["big.properties"]
+        assert said == [
+            "Failed to update configuration file big.properties: there is not enough disk space"
+        ]
+        assert (root / "big.properties").read_text() == "a=1\n"
+        assert [p.name for p in root.iterdir()] == ["big.properties"]  # no temp file left
 
 
 # session table ####################################################################################
@@ -1169,8 +1721,9 @@ class TestHttpApi:
             status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
         )
         assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
+        # A repeated create is a sync, as in Wings (the duplicate-create test covers the files).
         status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
-        assert status == 202  # as Wings; the configuration is re-read
+        assert status == 202
         assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
         status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
         assert status == 204 and uuid not in daemon.servers
@@ -1303,7 +1856,10 @@ class TestSync:
         mutate(panel.servers[uuid]["settings"])
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         assert status == 500 and field in body["error"], body
-        assert self.snapshot(daemon, uuid) == before
+        # Only the record changes: it shows the refusal on GET /api/servers/:server.
+        assert self.snapshot(daemon, uuid)[:3] == before[:3]
+        last_sync = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused" and field in last_sync["failed"][0], last_sync
 
     def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
         self, panel, make_daemon
@@ -1487,11 +2043,13 @@ class TestSync:
         make_daemon.daemons.append(daemon)
         assert daemon.wait_booted(10)
         server = daemon.servers[uuid]
-        server.lock = spy = SpyLock(server.lock)
+        server.config_lock = spy = SpyLock(server.config_lock)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
             assert entered.wait(5)
             sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
+            # The sync waits for the delete's configuration lock; the start does not wait (the
+            # delete holds no power lock): it sees the server deleted and does nothing.
             assert (
                 api(
                     daemon,
@@ -1501,9 +2059,8 @@ class TestSync:
                 )[0]
                 == 202
             )
-            wait_for(
-                lambda: spy.waiting == 2, 5, what="the sync and the start to wait for the lock"
-            )
+            wait_for(lambda: spy.waiting == 1, 5, what="the sync to wait for the delete")
+            wait_for(lambda: "power action start failed" in caplog.text, 5, what="the start")
             release.set()
             assert delete.result(10)[0] == 204
             assert sync.result(10)[0] == 404
@@ -1626,6 +2183,120 @@ class TestBoot:
         finally:
             d1.stop_all()
             d2.stop_all()
+
+
+# Panel stand-in ###################################################################################
+
+
+def panel_call(panel: FakePanel, method: str, path: str, body=None, token: str | None = None):
+    """One request to the Panel stand-in as Wings makes it: (status, headers, JSON or raw body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", panel.port, timeout=10)
+    headers = {"Authorization": f"Bearer {token or f'{TOKEN_ID}.{TOKEN}'}"}
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    is_json = resp.getheader("Content-Type", "").startswith("application/json")
+    parsed = json.loads(payload) if payload and is_json else payload
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
+
+
+class TestPanelStandIn:
+    """The remote routes the stand-in serves for the features, answering as the Panel does."""
+
+    def test_install_script_and_status(self, panel):
+        uuid = panel.add(panel_document())
+        panel.install_scripts[uuid] = {"container_image": "x", "entrypoint": "sh", "script": None}
+        assert panel_call(panel, "GET", f"/api/remote/servers/{uuid[:8]}/install")[2] == {
+            "container_image": "x",
+            "entrypoint": "sh",
+            "script": None,
+        }
+        status, _, body = panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", {})
+        assert status == 422 and body["errors"][0]["meta"]["source_field"] == "successful"
+        report = {"successful": False, "reinstall": True}
+        assert panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", report)[0] == 204
+        assert panel.status[uuid] == "reinstall_failed"
+        assert panel.requests[-1].body == report and panel.requests[-1].method == "POST"
+        assert panel_call(panel, "GET", "/api/remote/servers/nope/install")[0] == 404
+
+    def test_backup_upload_parts_status_and_restore(self, panel):
+        uuid = panel.add(panel_document())
+        backup = panel.add_backup(uuid)
+        panel.backup_part_size = 10
+        assert panel_call(panel, "GET", f"/api/remote/backups/{backup}")[0] == 400
+        status, _, body = panel_call(panel, "GET", f"/api/remote/backups/{backup}?size=25")
+        assert status == 200 and body["part_size"] == 10 and len(body["parts"]) == 3
+        assert panel.requests[-1].query == {"size": "25"}
+        part = urllib.parse.urlsplit(body["parts"][0]).path
+        status, headers, _ = panel_call(panel, "PUT", part, b"0123456789")
+        assert status == 200 and headers["etag"] and panel.uploads[(backup, 1)] == b"0123456789"
+        done = {"successful": True, "checksum": "ab", "checksum_type": "sha1", "size": 25}
+        path = f"/api/remote/backups/{backup}"
+        assert panel_call(panel, "POST", path, {"successful": True})[0] == 422
+        assert panel_call(panel, "POST", path, done)[0] == 204
+        assert panel_call(panel, "POST", path, done)[0] == 400  # already completed
+        panel.status[uuid] = "restoring_backup"
+        assert panel_call(panel, "POST", path + "/restore", {"successful": True})[0] == 204
+        assert panel.status[uuid] is None
+        assert panel_call(panel, "POST", "/api/remote/backups/nope/restore", done)[0] == 404
+
+    def test_transfer_outcome_needs_an_active_transfer(self, panel):
+        uuid = panel.add(panel_document())
+        path = f"/api/remote/servers/{uuid}/transfer/success"
+        status, _, body = panel_call(panel, "POST", path)
+        assert status == 409 and body["errors"][0]["detail"] == "Server is not being transferred."
+        panel.transfers[uuid] = None
+        assert panel_call(panel, "GET", path)[0] == 204 and panel.transfers[uuid] is True
+
+    def test_activity_keeps_server_events_of_this_node(self, panel):
+        uuid = panel.add(panel_document())
+        item = {"server": uuid, "event": "server:sftp.write", "metadata": None, "timestamp": "t"}
+        other = {**item, "server": str(uuidlib.uuid4())}
+        status, _, body = panel_call(
+            panel, "POST", "/api/remote/activity", {"data": [item, other, {**item, "event": "x"}]}
+        )
+        assert status == 200 and body == b"" and panel.activity == [item]
+        bad = {"data": [{"server": uuid, "event": "server:x", "timestamp": "t"}]}
+        assert panel_call(panel, "POST", "/api/remote/activity", bad)[0] == 422
+
+    def test_container_status_and_unknown_routes(self, panel):
+        uuid = panel.add(panel_document())
+        body = {"data": {"new_state": "running"}}
+        path = f"/api/remote/servers/{uuid}/container/status"
+        assert panel_call(panel, "POST", path, body)[0] == 204
+        assert panel.container_states[uuid] == "running"
+        status, headers, _ = panel_call(panel, "PUT", path, body)
+        assert status == 405 and headers["allow"] == "POST"
+        assert panel_call(panel, "GET", "/api/remote/nothing")[0] == 404
+        assert panel_call(panel, "GET", "/api/remote/nothing", token="no-dot")[0] == 400
+
+    def test_sftp_auth_refuses_servers_in_a_blocking_state(self, panel):
+        uuid = panel.add(panel_document())
+        panel.sftp_users[("alice.smith", "pw")] = ["*"]
+        login = {"username": f"alice.smith.{uuid[:8]}", "password": "pw"}
+        assert panel_call(panel, "POST", "/api/remote/sftp/auth", login)[2]["server"] == uuid
+        panel.status[uuid] = "installing"
+        status, _, body = panel_call(panel, "POST", "/api/remote/sftp/auth", login)
+        assert status == 409 and "installation" in body["errors"][0]["detail"]
+        assert (
+            panel_call(panel, "POST", "/api/remote/sftp/auth", {**login, "password": ""})[0] == 422
+        )
+
+    def test_a_subclass_adds_a_route(self):
+        class Extended(FakePanel):
+            ROUTES = (*FakePanel.ROUTES, w.PanelRoute("GET", r"/api/remote/ping", "ping"))
+
+            def route_ping(self, h, req):
+                h.send_json(200, {"pong": req.query.get("n")})
+
+        panel = Extended()
+        try:
+            assert panel_call(panel, "GET", "/api/remote/ping?n=1")[2] == {"pong": "1"}
+            assert panel_call(panel, "GET", "/api/remote/ping", token="a.b")[0] == 403
+        finally:
+            panel.close()
 
 
 # CLI: --demo ######################################################################################
@@ -2679,6 +3350,123 @@ class TestDockerEnvironment:
             log.close()
 
 
+class TestSyncDuringPower:
+    """A sync, a suspension and a delete never wait behind a power action (the two locks)."""
+
+    STUCK = ("command", "true")  # a stop command the game ignores: the stop waits its timeout
+
+    def stuck_stopping(self, docker_servers, **config):
+        """A running server whose stop (timeout 600 s) is in progress and will not end by itself."""
+        uuid = docker_servers.add(stop=self.STUCK)
+        daemon = docker_servers.boot(**config)
+        docker_servers.start(uuid)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "stop"})[0] == 202
+        server = docker_servers.wait_state(uuid, "stopping")
+        wait_until(lambda: not docker_servers.power_idle(server), 10, "the stop to hold its lock")
+        return daemon, uuid, server
+
+    def test_a_suspension_during_a_stuck_stop_answers_at_once_and_escalates_to_a_kill(
+        self, docker_servers
+    ):
+        daemon, uuid, server = self.stuck_stopping(
+            docker_servers, wingslite__suspend_stop_grace_s=2
+        )
+        conn, first = ws_authed(daemon, uuid)
+        assert first[0][0] == "auth success"
+        docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+        started = time.monotonic()
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        answered_s = time.monotonic() - started
+        assert status == 204 and answered_s < 2, (status, body, answered_s)
+        assert daemon.sessions.count(uuid) == 0  # closed before the 204 was written
+        assert ws_close_code(conn) == 4409
+        assert not docker_servers.power_idle(server)  # the 600 s stop is still under way
+        wait_until(
+            lambda: not docker_servers.inspect(uuid)["State"]["Running"],
+            2 + 5,
+            "the process to be killed after suspend_stop_grace_s",
+        )
+        docker_servers.wait_state(uuid, "offline")
+        assert docker_servers.inspect(uuid)["State"]["ExitCode"] == 137
+
+    def test_a_delete_during_a_stuck_stop_answers_and_removes_container_and_files(
+        self, docker_servers
+    ):
+        daemon, uuid, server = self.stuck_stopping(docker_servers)
+        (daemon.config.data_dir / uuid / "world.dat").write_text("x")
+        started = time.monotonic()
+        status, _, body = api(daemon, "DELETE", f"/api/servers/{uuid}")
+        assert status == 204 and time.monotonic() - started < 5, body
+        assert docker_servers.container_id(uuid) is None
+        wait_until(lambda: docker_servers.power_idle(server), 10, "the stop to end")
+        wait_until(lambda: not (daemon.config.data_dir / uuid).exists(), 10, "files removed")
+        time.sleep(1)  # nothing to poll for when nothing happens: no container comes back
+        assert docker_servers.container_id(uuid) is None
+        assert api(daemon, "GET", f"/api/servers/{uuid}")[0] == 404
+
+    def on_starting(self, server, action):
+        """Run ``action`` in the start's own thread the moment the state becomes ``starting``
+        (the container is then about to be made), once."""
+        done = threading.Event()
+
+        def listener(event, *args):
+            if event == "status" and args == ("starting",) and not done.is_set():
+                done.set()
+                action()
+
+        server.events.subscribe(listener)
+        return done
+
+    def test_a_suspension_during_a_start_abandons_it_and_kills_its_container(self, docker_servers):
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        answers = []
+
+        def suspend():
+            docker_servers.panel.servers[uuid]["settings"]["suspended"] = True
+            answers.append(api(daemon, "POST", f"/api/servers/{uuid}/sync")[0])
+
+        fired = self.on_starting(server, lambda: threading.Thread(target=suspend).start())
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        wait_until(fired.is_set, 10, "the start to begin")
+        wait_until(lambda: answers, 10, "the suspending sync to answer")
+        assert answers == [204]
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        wait_until(lambda: server.state == "offline", 10, "the server to be offline")
+        time.sleep(1)  # a start that was not abandoned would be running by now
+        assert server.state == "offline"
+        assert not (docker_servers.inspect(uuid)["State"]["Running"])
+
+    def test_a_memory_change_synced_while_the_container_is_made_ends_on_the_container(
+        self, docker_servers
+    ):
+        uuid = docker_servers.add(memory_mb=64)
+        daemon = docker_servers.boot()
+        server = daemon.get_server(uuid)
+        answers = []
+
+        def sync_more_memory():  # lands after the start read its configuration (64 MB)
+            docker_servers.panel.servers[uuid]["settings"]["build"]["memory_limit"] = 96
+            answers.append(api(daemon, "POST", f"/api/servers/{uuid}/sync"))
+
+        def sync_and_wait():  # the start thread waits until the sync answered: no race left
+            thread = threading.Thread(target=sync_more_memory)
+            thread.start()
+            thread.join(10)
+
+        self.on_starting(server, sync_and_wait)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        docker_servers.wait_state(uuid, "running")
+        wait_until(lambda: docker_servers.power_idle(server), 20, "the start to end")
+        assert answers and answers[0][0] == 204, answers
+        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert any("container being started" in a for a in record["applied"]), record
+        container = docker_servers.inspect(uuid)["Id"]
+        limit = int(cgroup_file("memory", container, "memory.limit_in_bytes"))
+        assert limit // 4096 == w.memory_limit_bytes(96) // 4096
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -2774,9 +3562,15 @@ class TestInstallation:
         body = {"uuid": uuid, "start_on_completion": start}
         assert api(daemon, "POST", "/api/servers", body)[0] == 202
 
+    @staticmethod
+    def reports(panel, uuid) -> list[dict]:
+        """The bodies of ``POST /api/remote/servers/{uuid}/install`` the Panel received."""
+        path = f"/api/remote/servers/{uuid}/install"
+        return [r.body for r in list(panel.requests) if r.method == "POST" and r.path == path]
+
     def report(self, panel, uuid, timeout_s: float = 30) -> dict:
         return wait_until(
-            lambda: next((b for u, b in panel.install_reports if u == uuid), None),
+            lambda: next(iter(self.reports(panel, uuid)), None),
             timeout_s,
             "the install report to the Panel",
         )
@@ -2884,10 +3678,9 @@ class TestInstallation:
     ):
         daemon = docker_servers.boot()
         uuid = self.add(docker_servers)
-        if script is None:
-            del docker_servers.panel.install_scripts[uuid]  # the Panel answers script: null
-        else:
-            docker_servers.panel.install_scripts[uuid] = script
+        if script is None:  # the Panel answers script: null
+            script = {"container_image": TEST_IMAGE, "entrypoint": "ash", "script": None}
+        docker_servers.panel.install_scripts[uuid] = script
         self.create(daemon, uuid, start=True)
         assert self.report(docker_servers.panel, uuid)["successful"] is False
         server = daemon.get_server(uuid)
@@ -2952,7 +3745,7 @@ class TestInstallation:
         self.create(daemon, uuid)
         time.sleep(0.5)
         assert docker_servers.panel.calls[f"/api/remote/servers/{uuid}/install"] == gets
-        assert len(docker_servers.panel.install_reports) == 1
+        assert len(self.reports(docker_servers.panel, uuid)) == 1
 
     def test_a_suspension_during_an_install_answers_and_removes_the_installer(self, docker_servers):
         daemon = docker_servers.boot()
@@ -2979,7 +3772,7 @@ class TestInstallation:
         assert not self.installer_exists(docker_servers.engine, uuid)
         wait_until(lambda: not (daemon.config.data_dir / uuid).exists(), 15, "the files removed")
         time.sleep(0.5)  # the install thread ends without telling the Panel about a deleted server
-        assert not docker_servers.panel.install_reports
+        assert not self.reports(docker_servers.panel, uuid)
         assert not (daemon.config.data_dir / uuid).exists()
 
     def test_a_daemon_restart_during_an_install_leaves_no_installer(self, docker_servers):
@@ -3064,8 +3857,8 @@ class TestNodeUser:
         assert any("Ensuring file permissions" in line for line in docker_servers.console(uuid))
         assert (root / "root-owned.txt").stat().st_uid == 988
         assert (root / "escape").lstat().st_uid == 988 and outside.stat().st_uid == 0
-        server.send_command("id -u > /home/container/whoami; echo made")
-        docker_servers.wait_console(uuid, "made")
+        server.send_command("id -u > /home/container/whoami; echo written-$((1 + 1))")
+        docker_servers.wait_console(uuid, "written-2")  # the terminal echoes the command itself
         assert (root / "whoami").read_text().strip() == "988"
         assert (root / "whoami").stat().st_uid == 988
 
@@ -4429,7 +5222,7 @@ class TestSftpLogin:
             lambda: daemon.sessions.count(server.uuid, "sftp") == 0,
             what="the session to leave the table",
         )
-        sent = [r for r in panel.requests if r[1] == "/api/remote/sftp/auth"]
+        sent = [r for r in panel.requests if r.path == "/api/remote/sftp/auth"]
         assert sent, "the Panel was not asked"
 
     def test_public_key_login_sends_the_authorized_keys_line(self, panel, make_daemon, tmp_path):
@@ -4971,6 +5764,827 @@ class TestSftpResourceLimits:
             for handle in opened:  # closing them gives the budget back
                 client._request(paramiko.sftp.CMD_CLOSE, handle)
             assert len(client.listdir("many")) == 400
+
+
+# activity #########################################################################################
+
+ACTIVITY_USER = "c0ffee00-1111-4222-8333-444455556666"
+_RFC3339_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def activity_events(panel, event_prefix: str = "server:", count: int = 1, timeout_s: float = 15):
+    """The events the fake Panel accepted whose name starts with ``event_prefix`` (waits for them)."""
+
+    def found():
+        with panel.lock:
+            items = [e for e in panel.activity if e["event"].startswith(event_prefix)]
+        return items if len(items) >= count else None
+
+    return wait_for(found, timeout_s, 0.05, f"{count} {event_prefix!r} activity event(s)")
+
+
+class TestActivity:
+    """Activity reaches the Panel's ``/activity`` with Wings' names and fields, exactly once."""
+
+    def test_console_command_and_power_from_the_websocket(self, console_node, panel):
+        import re
+
+        daemon = console_node(system__activity_send_interval=1)
+        conn, _ = ws_authed(daemon, daemon.uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            ws_send(conn, "send command", "say hello")
+            ws_until(conn, "console output", match="> say hello")
+        power = activity_events(panel, "server:power.")
+        command = activity_events(panel, "server:console.command")
+        assert power[0]["event"] == "server:power.start" and power[0]["metadata"] is None
+        assert command[0]["metadata"] == {"command": "say hello"}
+        for event in (power[0], command[0]):
+            assert set(event) == {"user", "server", "event", "metadata", "ip", "timestamp"}
+            assert event["user"] == ACTIVITY_USER and event["server"] == daemon.uuid
+            assert event["ip"] == "127.0.0.1"  # no port: the Panel refuses a batch over one
+            assert re.match(_RFC3339_Z, event["timestamp"])
+
+    def test_power_action_that_fails_and_http_power_are_not_recorded(self, console_node, panel):
+        daemon = console_node(system__activity_send_interval=3600)
+        conn, _ = ws_authed(daemon, daemon.uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            ws_send(conn, "set state", "start")  # already running: the action fails
+            ws_until(conn, "daemon error")
+        status, _, _ = api(daemon, "POST", f"/api/servers/{daemon.uuid}/power", {"action": "kill"})
+        assert status == 202
+        wait_for(lambda: daemon.get_server(daemon.uuid).state == w.OFFLINE, what="killed")
+        daemon.activity.send_pending()
+        # Only the start that worked; the Panel logs its own HTTP power calls itself.
+        assert [e["event"] for e in panel.activity] == ["server:power.start"]
+
+    @needs_paramiko
+    def test_sftp_operations_are_recorded_and_merged_per_minute(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, system__activity_send_interval=3600)
+        with sftp_client(daemon, server) as client:
+            for name in ("a.txt", "b.txt"):
+                with client.open(name, "w") as f:
+                    f.write(b"new")
+            with client.open("a.txt", "w") as f:
+                f.write(b"again")
+            client.mkdir("dir")
+            client.rename("b.txt", "dir/b.txt")
+            client.remove("a.txt")
+            with pytest.raises(OSError):
+                client.remove("missing.txt")  # failed operations are not activity
+        assert daemon.activity.send_pending() >= 5
+        by_event = {e["event"]: e for e in panel.activity}
+        assert by_event["server:sftp.create"]["metadata"] == {"files": ["/a.txt", "/b.txt"]}
+        assert by_event["server:sftp.write"]["metadata"] == {"files": ["/a.txt"]}
+        assert by_event["server:sftp.create-directory"]["metadata"] == {"files": ["/dir"]}
+        assert by_event["server:sftp.rename"]["metadata"] == {
+            "files": [{"from": "/b.txt", "to": "/dir/b.txt"}]
+        }
+        assert by_event["server:sftp.delete"]["metadata"] == {"files": ["/a.txt"]}
+        assert len(panel.activity) == 5  # two creates within a minute are one event
+        assert all(
+            e["user"] == panel.user_uuid and e["ip"] == "127.0.0.1" and e["server"] == server.uuid
+            for e in panel.activity
+        )
+        assert daemon.activity.pending() == 0
+
+    def test_panel_down_two_intervals_and_a_restart_delivers_each_event_once(
+        self, panel, make_daemon
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, system__activity_send_interval=1, system__activity_send_count=3)
+        server = daemon.get_server(uuid)
+        panel.down = True
+        for n in range(4):
+            server.record_activity(
+                w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "10.0.0.1:5", {"n": n}
+            )
+        wait_for(lambda: panel.calls.get("/api/remote/activity", 0) >= 2, 20, what="two rounds")
+        daemon.stop()  # restart while the Panel is still down
+        for n in range(4, 7):
+            daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "::1", {"n": n})
+        assert panel.activity == []
+        restarted = make_daemon(panel, boot=False, system__activity_send_interval=1)
+        assert restarted.activity.pending() == 7
+        panel.down = False
+        events = activity_events(panel, count=7)
+        wait_for(lambda: restarted.activity.pending() == 0, what="the queue to empty")
+        time.sleep(2.5)  # two more rounds: nothing is sent a second time
+        assert sorted(e["metadata"]["n"] for e in panel.activity) == list(range(7))
+        assert {e["ip"] for e in events} == {"10.0.0.1", "::1"}
+
+    def test_a_batch_the_panel_refuses_is_dropped_not_resent(self, panel, make_daemon, caplog):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, system__activity_send_interval=3600)
+        daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, None, {"command": "x"})
+        panel.fail["/api/remote/activity"] = [422]
+        with caplog.at_level(logging.ERROR, logger="wingslite"):
+            daemon.activity.send_pending()
+        assert "refused 1 event(s), dropped" in caplog.text
+        assert daemon.activity.pending() == 0 and panel.activity == []
+        daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, "not an ip", {})
+        assert daemon.activity.send_pending() == 1
+        assert panel.activity[0]["ip"] is None and panel.activity[0]["user"] is None
+
+    def test_addresses_and_timestamps_in_the_panels_forms(self):
+        assert w.activity_ip("203.0.113.9:51234") == "203.0.113.9"
+        assert w.activity_ip("[2001:db8::1]:22") == "2001:db8::1"
+        assert w.activity_ip("2001:db8::1") == "2001:db8::1"
+        assert w.activity_ip("") is None and w.activity_ip("host.example:22") is None
+        assert w.activity_timestamp(0) == "1970-01-01T00:00:00Z"
+
+
+# file manager #####################################################################################
+
+FM_LIMIT_MB = 2
+FM_STAT_KEYS = {
+    "name",
+    "created",
+    "modified",
+    "mode",
+    "mode_bits",
+    "size",
+    "directory",
+    "file",
+    "symlink",
+    "mime",
+}
+RFC3339_UTC = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def _fm_daemon(panel, make_daemon, disk_mb=FM_LIMIT_MB, denylist=(), **overrides):
+    """A daemon and one server (``disk_mb`` MiB of disk, the egg's ``denylist``) with its directory."""
+    doc = panel_document(build__disk_space=disk_mb)
+    doc["settings"]["egg"]["file_denylist"] = list(denylist)
+    uuid = panel.add(doc)
+    daemon = make_daemon(panel, **overrides)
+    server = daemon.get_server(uuid)
+    server.fs.ensure()
+    server.fs.recalculate()
+    return daemon, server
+
+
+def http_raw(port, method, path, body=None, headers=None, token=TOKEN):
+    """One request; (status, lower-cased headers, raw body bytes). ``body`` may be an iterable."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=body, headers=all_headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+def fm_path(server, route, **query) -> str:
+    qs = f"?{urllib.parse.urlencode(query)}" if query else ""
+    return f"/api/servers/{server.uuid}/files/{route}{qs}"
+
+
+def fm_write(daemon, server, path, data: bytes):
+    """POST files/write as the Panel sends it: a raw body labelled application/json."""
+    return http_raw(
+        daemon.port,
+        "POST",
+        fm_path(server, "write", file=path),
+        data,
+        {"Content-Type": "application/json", "Content-Length": str(len(data))},
+    )
+
+
+def tree_snapshot(*roots: Path) -> dict:
+    """Every entry under ``roots``: type, mode, size, content digest or link target."""
+    out = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                if p.is_symlink():
+                    out[str(p)] = ("link", os.readlink(p))
+                elif p.is_dir():
+                    out[str(p)] = ("dir", st.st_mode)
+                else:
+                    out[str(p)] = ("file", st.st_mode, hashlib.sha1(p.read_bytes()).hexdigest())
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class TestFileManager:
+    def test_list_directory_answers_wings_stat_objects(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        (root / "zeta").mkdir()
+        (root / "alpha").mkdir()
+        (root / "notes").write_text("hello\nwörld\n")
+        (root / "config.json").write_text('{"a": 1}')
+        (root / "server.jar").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+        (root / "pack.tar.gz").write_bytes(b"\x1f\x8b\x08" + b"\x00" * 40)
+        (root / "blob").write_bytes(b"\x00\x01\x02\xff" * 10)
+        (root / "empty.txt").write_bytes(b"")
+        (root / "link").symlink_to("notes")
+        (root / "dirlink").symlink_to("alpha")
+        (root / "dangling").symlink_to("/etc/passwd")
+        os.chmod(root / "notes", 0o640)
+        status, _, listing = api(daemon, "GET", fm_path(server, "list-directory", directory="/"))
+        assert status == 200
+        names = [e["name"] for e in listing]
+        assert names[:3] == ["alpha", "dirlink", "zeta"]  # directories first, then by name
+        assert names[3:] == sorted(names[3:])
+        by_name = {e["name"]: e for e in listing}
+        for entry in listing:
+            assert set(entry) == FM_STAT_KEYS
+            assert re.match(RFC3339_UTC, entry["created"]) and re.match(
+                RFC3339_UTC, entry["modified"]
+            )
+        notes = by_name["notes"]
+        assert notes["mime"] == "text/plain; charset=utf-8"
+        assert (notes["mode"], notes["mode_bits"], notes["size"]) == ("-rw-r-----", "640", 13)
+        assert (notes["file"], notes["directory"], notes["symlink"]) == (True, False, False)
+        assert by_name["alpha"]["mime"] == "inode/directory"
+        assert by_name["alpha"]["mode"].startswith("d") and by_name["alpha"]["file"] is False
+        assert by_name["config.json"]["mime"] == "application/json"
+        assert by_name["server.jar"]["mime"] == "application/jar"  # the Panel will not edit it
+        assert by_name["pack.tar.gz"]["mime"] == "application/gzip"  # the Panel offers Unarchive
+        assert by_name["blob"]["mime"] == "application/octet-stream"
+        assert by_name["empty.txt"]["mime"].startswith("text/plain")
+        assert by_name["link"]["symlink"] is True and by_name["link"]["mode"].startswith("L")
+        assert by_name["link"]["mime"] == "text/plain; charset=utf-8"
+        assert by_name["dirlink"]["directory"] is True and by_name["dirlink"]["symlink"] is True
+        assert by_name["dangling"]["mime"] == "inode/symlink"
+        status, _, inner = api(
+            daemon, "GET", fm_path(server, "list-directory", directory="/dirlink")
+        )
+        assert status == 200 and inner == []
+        status, _, body = api(daemon, "GET", fm_path(server, "list-directory", directory="/nope"))
+        assert status == 404 and body["error"] == w.FM_NOT_FOUND
+
+    def test_contents_streams_the_bytes_with_wings_headers(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        data = b"motd=A Minecraft Server\n" * 1000
+        (server.fs.root / "cfg").mkdir()
+        (server.fs.root / "cfg" / "server.properties").write_bytes(data)
+        status, headers, body = http_raw(
+            daemon.port, "GET", fm_path(server, "contents", file="/cfg/server.properties")
+        )
+        assert status == 200 and body == data
+        assert headers["x-mime-type"].startswith("text/")
+        assert headers["content-length"] == str(len(data))
+        status, headers, body = http_raw(
+            daemon.port,
+            "GET",
+            fm_path(server, "contents", file="cfg/server.properties", download="1"),
+        )
+        assert status == 200 and body == data
+        assert headers["content-disposition"] == 'attachment; filename="server.properties"'
+        assert headers["content-type"] == "application/octet-stream"
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/missing"))
+        assert status == 404 and json.loads(body)["error"] == w.FM_NOT_FOUND
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/cfg"))
+        assert status == 400 and json.loads(body)["error"] == w.FM_IS_DIR
+        os.mkfifo(server.fs.root / "pipe")
+        status, _, body = http_raw(daemon.port, "GET", fm_path(server, "contents", file="/pipe"))
+        assert status == 400 and json.loads(body)["error"] == "Cannot open files of this type."
+
+    def test_write_create_rename_copy_chmod_delete(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        status, _, _ = fm_write(daemon, server, "/plugins/Essentials/config.yml", b"a: 1\n")
+        assert status == 204 and (root / "plugins/Essentials/config.yml").read_bytes() == b"a: 1\n"
+        assert fm_write(daemon, server, "plugins/Essentials/config.yml", b"a: 22\n")[0] == 204
+        assert (root / "plugins/Essentials/config.yml").read_bytes() == b"a: 22\n"
+        assert fm_write(daemon, server, "/empty.txt", b"")[0] == 204  # a new empty file
+        assert (root / "empty.txt").read_bytes() == b""
+        status, _, body = fm_write(daemon, server, "/plugins", b"x")
+        assert status == 400 and "existing directory" in json.loads(body)["error"]
+        body = {"name": "world/region", "path": "/"}
+        assert api(daemon, "POST", fm_path(server, "create-directory"), body)[0] == 204
+        assert (root / "world/region").is_dir()
+        body = {"name": "sub", "path": "/empty.txt"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "create-directory"), body)
+        assert status == 400 and "ENOTDIR" in answer["error"]
+        moves = {
+            "root": "/plugins",
+            "files": [{"from": "Essentials/config.yml", "to": "../moved.yml"}],
+        }
+        assert api(daemon, "PUT", fm_path(server, "rename"), moves)[0] == 204
+        assert (root / "moved.yml").read_bytes() == b"a: 22\n"
+        clash = {"root": "/", "files": [{"from": "moved.yml", "to": "empty.txt"}]}
+        status, _, answer = api(daemon, "PUT", fm_path(server, "rename"), clash)
+        assert status == 400 and "already exists" in answer["error"]
+        status, _, answer = api(
+            daemon, "PUT", fm_path(server, "rename"), {"root": "/", "files": []}
+        )
+        assert status == 422 and answer["error"] == "No files to move or rename were provided."
+        (root / "world.tar.gz").write_bytes(b"\x1f\x8b" + b"0" * 100)
+        for location in ("/moved.yml", "/moved.yml", "world.tar.gz"):
+            assert api(daemon, "POST", fm_path(server, "copy"), {"location": location})[0] == 204
+        assert (root / "moved copy.yml").read_bytes() == b"a: 22\n"
+        assert (root / "moved copy 1.yml").read_bytes() == b"a: 22\n"
+        assert (root / "world copy.tar.gz").read_bytes() == b"\x1f\x8b" + b"0" * 100
+        status, _, _ = api(daemon, "POST", fm_path(server, "copy"), {"location": "/world"})
+        assert status == 404  # directories are not copied (Wings)
+        chmods = {"root": "/", "files": [{"file": "moved.yml", "mode": "755"}]}
+        assert api(daemon, "POST", fm_path(server, "chmod"), chmods)[0] == 204
+        assert (root / "moved.yml").stat().st_mode & 0o777 == 0o755
+        chmods["files"][0]["mode"] = "rwx"
+        status, _, answer = api(daemon, "POST", fm_path(server, "chmod"), chmods)
+        assert status == 400 and answer["error"] == "Invalid file mode."
+        (root / "world/region/r.0.0.mca").write_bytes(b"r" * 5000)
+        server.fs.recalculate()
+        before = server.fs.usage_bytes()
+        deletes = {"root": "/", "files": ["world", "moved copy.yml", "never-existed"]}
+        assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+        assert not (root / "world").exists() and not (root / "moved copy.yml").exists()
+        assert server.fs.usage_bytes() == before - 5000 - 6
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "delete"), {"root": "/", "files": ["/"]}
+        )
+        assert status == 400 and root.is_dir()
+        assert not [p for p in root.rglob("*.part")]
+
+    def test_every_escape_is_refused_and_changes_nothing(self, panel, make_daemon, tmp_path):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["*.jar", "/config/secret.yml"])
+        root = server.fs.root
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret.txt").write_text("host secret")
+        (root / "config").mkdir()
+        (root / "config" / "secret.yml").write_text("pw: 1")
+        (root / "server.jar").write_bytes(b"PK\x03\x04jar")
+        (root / "ok.txt").write_text("fine")
+        (root / "out").symlink_to(outside)  # absolute: leads out
+        (root / "up").symlink_to("../../../..")  # relative: climbs out
+        (root / "inner").symlink_to("config")  # stays inside, points at a denied file's folder
+        before = tree_snapshot(tmp_path)
+        port = daemon.port
+        reads = [
+            ("contents", {"file": "../outside/secret.txt"}),
+            ("contents", {"file": "/out/secret.txt"}),
+            ("contents", {"file": "/up/etc/passwd"}),
+            ("contents", {"file": "/ok.txt\x00.png"}),
+            ("list-directory", {"directory": "/out"}),
+            ("list-directory", {"directory": "/../"}),
+        ]
+        for route, query in reads:
+            status, _, _ = http_raw(port, "GET", fm_path(server, route, **query))
+            assert status == 404, (route, query, status)
+        for path, expected in (
+            ("../evil.txt", 404),
+            ("/out/evil.txt", 404),
+            ("/up/tmp/evil.txt", 404),
+            ("/ok.txt\x00", 404),
+            ("/server.jar", 403),
+            ("/plugins/other.jar", 403),
+            ("/config/secret.yml", 403),
+            ("/inner/secret.yml", 403),  # the same file through a symlink
+        ):
+            status, _, body = fm_write(daemon, server, path, b"overwritten")
+            assert status == expected, (path, status, body)
+            if expected == 403:
+                assert json.loads(body)["error"] == w.FM_DENYLIST
+        json_calls = [
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "../x.txt"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "out/x.txt"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "ok.txt", "to": "a.jar"}]}),
+            ("PUT", "rename", {"root": "/", "files": [{"from": "server.jar", "to": "s.zip"}]}),
+            ("POST", "copy", {"location": "/out/secret.txt"}),
+            ("POST", "copy", {"location": "/server.jar"}),
+            ("POST", "delete", {"root": "/", "files": ["../outside"]}),
+            ("POST", "delete", {"root": "/out", "files": ["secret.txt"]}),
+            ("POST", "chmod", {"root": "/", "files": [{"file": "out/secret.txt", "mode": "777"}]}),
+            ("POST", "create-directory", {"name": "x", "path": "/out"}),
+            ("POST", "create-directory", {"name": "../../x", "path": "/"}),
+        ]
+        for method, route, body in json_calls:
+            status, _, answer = api(daemon, method, fm_path(server, route), body)
+            assert status in (403, 404), (route, body, status, answer)
+        assert tree_snapshot(tmp_path) == before
+        # Deleting a symlink deletes the link only.
+        assert (
+            api(daemon, "POST", fm_path(server, "delete"), {"root": "/", "files": ["out"]})[0]
+            == 204
+        )
+        assert not (root / "out").exists() and (outside / "secret.txt").read_text() == "host secret"
+
+    def test_disk_limit_refusals_leave_nothing_behind(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        limit = FM_LIMIT_MB * 1048576
+        (root / "keep.bin").write_bytes(b"k" * (limit // 2))
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        status, _, body = fm_write(daemon, server, "/big.bin", b"b" * limit)
+        assert status == 400 and json.loads(body)["error"] == w.FM_NO_SPACE
+        status, _, body = fm_write(daemon, server, "/keep.bin", b"b" * (limit + 1))
+        assert status == 400  # the old file survives a refused rewrite
+        status, _, _ = api(daemon, "POST", fm_path(server, "copy"), {"location": "/keep.bin"})
+        assert status == 200 or status == 204  # exactly fits: half + half == limit
+        (root / "keep copy.bin").unlink()
+        (root / "more.bin").write_bytes(b"m" * 1000)
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        status, _, body = api(daemon, "POST", fm_path(server, "copy"), {"location": "/keep.bin"})
+        assert status == 400 and body["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(root) == before
+        # A rewrite costs only its growth, as in Wings.
+        assert fm_write(daemon, server, "/keep.bin", b"n" * (limit // 2))[0] == 204
+        assert server.fs.recalculate() == limit // 2 + 1000
+
+    def test_a_50_mib_write_is_streamed(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=0)
+        chunk = bytes(range(256)) * 4096  # 1 MiB, sent 50 times: the client holds 1 MiB
+        total = 50 * len(chunk)
+        peak = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_bytes())
+                time.sleep(0.005)
+
+        baseline = _rss_bytes()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            status, _, _ = http_raw(
+                daemon.port,
+                "POST",
+                fm_path(server, "write", file="/world.bin"),
+                (chunk for _ in range(50)),
+                {"Content-Type": "application/json", "Content-Length": str(total)},
+            )
+        finally:
+            done.set()
+            sampler.join()
+        assert status == 204
+        assert (server.fs.root / "world.bin").stat().st_size == total
+        assert peak[0] - baseline < 10 * 1048576, f"RSS grew by {(peak[0] - baseline) >> 20} MiB"
+        with open(server.fs.root / "world.bin", "rb") as fh:
+            assert fh.read(len(chunk)) == chunk
+            fh.seek(-len(chunk), os.SEEK_END)
+            assert fh.read() == chunk
+
+
+# -- signed URLs ------------------------------------------------------------------------------------
+
+
+def signed_token(server_uuid, secret=TOKEN, expires_in_s=900, **claims):
+    now = int(time.time())
+    body = {
+        "iss": "https://panel.example.com",
+        "aud": ["http://127.0.0.1"],
+        "jti": hashlib.md5(f"1{server_uuid}".encode()).hexdigest(),
+        "iat": now,
+        "nbf": now - 300,
+        "exp": now + expires_in_s,
+        "server_uuid": server_uuid,
+        "user_uuid": "c0ffee00-1111-4222-8333-444455556666",
+        "user_id": 1,
+        "unique_id": uuidlib.uuid4().hex[:16],
+        **claims,
+    }
+    return w.encode_jwt(body, secret)
+
+
+def multipart_body(files: dict[str, bytes], boundary: str = "----wingsliteTestBoundary7MA4YWxk"):
+    parts = []
+    for name, data in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def upload(daemon, token, files, directory="/"):
+    body, content_type = multipart_body(files)
+    query = urllib.parse.urlencode({"token": token, "directory": directory})
+    return http_raw(
+        daemon.port, "POST", f"/upload/file?{query}", body, {"Content-Type": content_type}, None
+    )
+
+
+class TestSignedUrls:
+    def test_download_once_with_a_valid_token_only(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        (server.fs.root / "logs").mkdir()
+        (server.fs.root / "logs" / "latest.log").write_bytes(b"[INFO] Done\n" * 100)
+        token = signed_token(server.uuid, file_path="/logs/latest.log")
+        status, headers, body = http_raw(
+            daemon.port, "GET", f"/download/file?token={token}", token=None
+        )
+        assert status == 200 and body == b"[INFO] Done\n" * 100
+        assert headers["content-disposition"] == 'attachment; filename="latest.log"'
+        assert headers["content-type"] == "application/octet-stream"
+        status, _, body = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)
+        assert status == 404 and json.loads(body)["error"] == w.SIGNED_URL_NOT_FOUND  # used once
+        refused = {
+            "expired": signed_token(server.uuid, expires_in_s=-5, file_path="/logs/latest.log"),
+            "wrong key": signed_token(server.uuid, secret="x" * 64, file_path="/logs/latest.log"),
+            "wrong scope": signed_token(
+                server.uuid, scope="file-upload", file_path="/logs/latest.log"
+            ),
+            "no path": signed_token(server.uuid),
+            "old": signed_token(
+                server.uuid, iat=int(time.time()) - 3600, file_path="/logs/latest.log"
+            ),
+        }
+        for what, bad in refused.items():
+            status, _, body = http_raw(
+                daemon.port, "GET", f"/download/file?token={bad}", token=None
+            )
+            assert status == 403, what
+            assert json.loads(body)["error"], what
+        other = signed_token(str(uuidlib.uuid4()), file_path="/logs/latest.log")
+        status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={other}", token=None)
+        assert status == 404
+        for path in ("/logs", "/../../etc/passwd", "/missing"):
+            token = signed_token(server.uuid, file_path=path)
+            status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)
+            assert status == 404, path
+
+    def test_upload_many_files_once_metered_and_limited(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["*.jar"], api__upload_limit=1)
+        events = []
+        server.record_activity = lambda *args: events.append(args)
+        token = signed_token(server.uuid)
+        files = {"a.txt": b"alpha\r\n--not-a-boundary", "b.bin": os.urandom(200_000)}
+        status, _, _ = upload(daemon, token, files, directory="/plugins")
+        assert status == 200
+        for name, data in files.items():
+            assert (server.fs.root / "plugins" / name).read_bytes() == data
+        assert [e[0] for e in events] == ["server:file.uploaded"] * 2
+        assert (
+            events[0][1] == "c0ffee00-1111-4222-8333-444455556666" and events[0][2] == "127.0.0.1"
+        )
+        assert events[0][3] == {"file": "a.txt", "directory": "/plugins"}
+        assert upload(daemon, token, {"c.txt": b"again"})[0] == 404  # the token was used
+        before = tree_snapshot(server.fs.root)
+        too_big = {"ok.txt": b"fine", "huge.bin": b"h" * (1048576 + 1)}
+        status, _, body = upload(daemon, signed_token(server.uuid), too_big)
+        assert status == 400 and "maximum file upload size of 1 MB" in json.loads(body)["error"]
+        status, _, body = upload(daemon, signed_token(server.uuid), {"x.txt": b"1", "p.jar": b"2"})
+        assert status == 403
+        limit = FM_LIMIT_MB * 1048576
+        (server.fs.root / "fill.bin").write_bytes(b"f" * (limit - 300_000))
+        server.fs.recalculate()
+        before = tree_snapshot(server.fs.root)
+        status, _, body = upload(
+            daemon,
+            signed_token(server.uuid),
+            {"one.bin": b"1" * 200_000, "two.bin": b"2" * 200_000},
+        )
+        assert status == 400 and json.loads(body)["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(server.fs.root) == before
+        status, _, body = upload(daemon, signed_token(server.uuid, scope="file-download"), files)
+        assert status == 403
+        query = urllib.parse.urlencode({"token": signed_token(server.uuid)})
+        status, _, body = http_raw(
+            daemon.port,
+            "POST",
+            f"/upload/file?{query}",
+            b"{}",
+            {"Content-Type": "application/json"},
+            None,
+        )
+        assert status == 400 and "multipart" in json.loads(body)["error"]
+
+    def test_headless_chromium_uploads_and_downloads_from_another_origin(
+        self, panel, make_daemon, tmp_path
+    ):
+        page_server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), http.server.BaseHTTPRequestHandler
+        )
+        origin = f"http://127.0.0.1:{page_server.server_address[1]}"
+        daemon, server = _fm_daemon(panel, make_daemon, allowed_origins=[origin])
+        (server.fs.root / "eula.txt").write_text("eula=true\n")
+        tokens = [signed_token(server.uuid) for _ in range(2)]
+        download = signed_token(server.uuid, file_path="/eula.txt")
+        node = f"http://127.0.0.1:{daemon.port}"
+        page = f"""<!doctype html><script>
+(async () => {{
+  const results = [];
+  try {{
+    const files = [new File(["first file\\n"], "one.txt"), new File([new Uint8Array([0, 1, 2, 255])], "two.bin")];
+    const tokens = {json.dumps(tokens)};
+    for (let i = 0; i < 2; i++) {{
+      const form = new FormData();
+      form.append("files", files[i]);
+      const r = await fetch("{node}/upload/file?token=" + tokens[i] + "&directory=%2Fuploads", {{method: "POST", body: form}});
+      results.push(r.status);
+    }}
+    const d = await fetch("{node}/download/file?token={download}");
+    results.push(d.status, await d.text());
+  }} catch (e) {{ results.push("error: " + e); }}
+  await fetch("/report", {{method: "POST", body: JSON.stringify(results)}});
+}})();
+</script>"""
+        reports = []
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                data = page.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+        page_server.RequestHandlerClass = Page
+        threading.Thread(target=page_server.serve_forever, daemon=True).start()
+        browser = subprocess.Popen(
+            [
+                "chromium",
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                origin + "/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: reports, timeout_s=60, what="the page's report")
+        finally:
+            browser.kill()
+            browser.wait()
+            page_server.shutdown()
+            page_server.server_close()
+        assert reports[0] == [200, 200, 200, "eula=true\n"]
+        assert (server.fs.root / "uploads" / "one.txt").read_bytes() == b"first file\n"
+        assert (server.fs.root / "uploads" / "two.bin").read_bytes() == bytes([0, 1, 2, 255])
+
+
+# -- remote downloads -------------------------------------------------------------------------------
+
+
+class _Origin:
+    """A loopback HTTP server for pulls: ``routes[path] = (status, headers, body or iterator)``."""
+
+    def __init__(self):
+        self.routes = {}
+        origin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                status, headers, body = origin.routes.get(self.path, (404, {}, b"no"))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_header("Connection", "close")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for piece in body:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def origin():
+    o = _Origin()
+    yield o
+    o.close()
+
+
+class TestFilePull:
+    def test_internal_addresses_are_refused_by_default(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        origin.routes["/mod.jar"] = (200, {}, b"jarbytes")
+        for url in (
+            origin.url + "/mod.jar",
+            origin.url.replace("127.0.0.1", "localhost") + "/mod.jar",
+        ):
+            body = {"url": url, "root": "/", "foreground": True}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 400 and "internal address" in answer["error"]
+        assert not (server.fs.root / "mod.jar").exists()
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "pull"), {"url": "file:///etc/passwd"}
+        )
+        assert status == 400
+        off, server2 = _fm_daemon(panel, make_daemon, api__disable_remote_download=True)
+        for method, route in (("GET", "pull"), ("POST", "pull"), ("DELETE", "pull/abc")):
+            status, _, answer = api(off, method, fm_path(server2, route), {"url": origin.url})
+            assert status == 400 and answer["error"] == w.FM_PULL_DISABLED
+
+    def test_pulls_when_allowed(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(
+            panel, make_daemon, wingslite__remote_download_allow_internal=True
+        )
+        origin.routes["/files/Geyser.jar"] = (200, {}, b"G" * 5000)
+        origin.routes["/dl?id=7"] = (
+            200,
+            {"Content-Disposition": 'attachment; filename="named.zip"'},
+            b"PK\x03\x04zip",
+        )
+        origin.routes["/moved"] = (302, {"Location": origin.url + "/files/Geyser.jar"}, b"")
+        body = {"url": origin.url + "/files/Geyser.jar", "root": "/plugins", "foreground": True}
+        status, _, stat_answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 200 and set(stat_answer) == FM_STAT_KEYS
+        assert stat_answer["name"] == "Geyser.jar" and stat_answer["size"] == 5000
+        assert (server.fs.root / "plugins" / "Geyser.jar").read_bytes() == b"G" * 5000
+        body = {"url": origin.url + "/dl?id=7", "root": "/", "use_header": True, "foreground": True}
+        assert api(daemon, "POST", fm_path(server, "pull"), body)[0] == 200
+        assert (server.fs.root / "named.zip").read_bytes() == b"PK\x03\x04zip"
+        body = {"url": origin.url + "/files/Geyser.jar", "root": "/", "file_name": "g.jar"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 202 and answer["identifier"]
+        wait_for(lambda: (server.fs.root / "g.jar").exists(), what="the background pull")
+        status, _, answer = api(
+            daemon,
+            "POST",
+            fm_path(server, "pull"),
+            {"url": origin.url + "/moved", "foreground": True},
+        )
+        assert status == 400 and "302" in answer["error"]  # redirects are not followed
+
+    def test_progress_cancel_limit_and_disk(self, panel, make_daemon, origin):
+        daemon, server = _fm_daemon(
+            panel, make_daemon, wingslite__remote_download_allow_internal=True
+        )
+        release = threading.Event()
+
+        def slow():
+            yield b"s" * 1000
+            release.wait(30)
+            yield b"s" * 1000
+
+        for i in range(4):
+            origin.routes[f"/slow{i}"] = (200, {"Content-Length": "2000"}, slow())
+        ids = []
+        for i in range(3):
+            body = {"url": f"{origin.url}/slow{i}", "root": "/", "file_name": f"slow{i}.bin"}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 202
+            ids.append(answer["identifier"])
+        body = {"url": f"{origin.url}/slow3", "root": "/"}
+        status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+        assert status == 400 and answer["error"] == w.FM_PULL_LIMIT
+
+        def progress():
+            listing = api(daemon, "GET", fm_path(server, "pull"))[2]["downloads"]
+            return len(listing) == 3 and all(d["Progress"] == 0.5 for d in listing) and listing
+
+        listing = wait_for(progress, what="three pulls at half way")
+        assert {d["Identifier"] for d in listing} == set(ids)
+        assert api(daemon, "DELETE", fm_path(server, f"pull/{ids[0]}"))[0] == 204
+        release.set()
+        wait_for(lambda: not api(daemon, "GET", fm_path(server, "pull"))[2]["downloads"])
+        assert not (server.fs.root / "slow0.bin").exists()  # cancelled: nothing left
+        assert (server.fs.root / "slow1.bin").read_bytes() == b"s" * 2000
+        assert not list(server.fs.root.glob(".wingslite-*"))
+        limit = FM_LIMIT_MB * 1048576
+        origin.routes["/big"] = (200, {}, b"b" * (limit + 1))
+        origin.routes["/big-unsized"] = (200, {}, iter([b"u" * 65536] * (limit // 65536 + 2)))
+        server.fs.recalculate()
+        before = tree_snapshot(server.fs.root)
+        for path in ("/big", "/big-unsized"):
+            body = {"url": origin.url + path, "root": "/", "foreground": True}
+            status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+            assert status == 400 and answer["error"] == w.FM_NO_SPACE, path
+        assert tree_snapshot(server.fs.root) == before
 
 
 # disk quotas ######################################################################################
@@ -5551,10 +7165,10 @@ def _streaming_route(panel: FakePanel, path: str, answer):
     """Make ``panel`` answer ``GET path`` with ``answer(handler)``; other paths as before."""
     original = panel.route
 
-    def route(h, method, p, query, body):
-        if p == path:
+    def route(h, req):
+        if req.path == path:
             return answer(h)
-        return original(h, method, p, query, body)
+        return original(h, req)
 
     panel.route = route
 

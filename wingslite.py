@@ -30,6 +30,11 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
                            (paths that cannot leave a server's directory), quota backends
                            (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
+    archives               ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
+                           ``HashingWriter``), ``extract_archive`` (tar/gz/bz2/xz/zip into a jail,
+                           checked and metered)
+    egg configuration files  ``ConfigFileWriter``: the egg's config files rewritten before each
+                           start (file, properties, ini, yaml, json, xml parsers), ``NodePlaceholders``
     environments           ``Environment`` (where a process runs), ``LimitReport``, ``Cgroup``
                            (v1/v2 files), ``DockerEnvironment`` (containers, live limits, stats)
     console and events     ``EventBus``, ``LogRing``, ``LineSplitter``, ``ConsoleThrottle``,
@@ -39,9 +44,11 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            console protocol), ``serve_websocket``
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
-    daemon                 ``ConfigStore``, ``Server`` (one game server: its lock, the sync, power,
-                           crash detection), ``Daemon`` (boot, servers, system info)
-    CLI                    ``main()``, ``--demo`` and its ``DemoPanel``
+    daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
+                           power, crash detection), ``Daemon`` (boot, servers, system info)
+    Panel stand-in         ``PanelStandIn``: the Panel's remote API on loopback, for the demo,
+                           the tests and the benchmarks
+    CLI                    ``main()``, ``--demo``
 
 Where to look first:
 
@@ -49,11 +56,18 @@ Where to look first:
     a start                  ``Server.power()`` -> ``Server._start()`` -> ``DockerEnvironment.start()``
     limits on a live server  ``DockerEnvironment.apply_limits()`` and ``Cgroup``
     suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
+
+Locks: each ``Server`` has two. Its **configuration lock** guards its configuration: held for one
+sync alone (Panel GET, validation, save, swap, live limits, closing sessions), by a delete, and by a
+start while it reads the configuration its container is created from; never across a stop, a
+start's wait or a pull. Its **power lock** serialises start, stop and restart. A sync, a suspension
+and a delete never wait for a power lock, so the Panel's suspension (15 s HTTP timeout) always lands.
 """
 
 from __future__ import annotations
 
 import base64
+import bz2
 import codecs
 import concurrent.futures
 import contextlib
@@ -63,13 +77,18 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
+import gzip
 import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
+import lzma
 import math
+import mimetypes
 import os
 import platform
 import posixpath
@@ -79,9 +98,12 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
+import tarfile
+import tempfile
 import threading
 import time
 import types
@@ -89,11 +111,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid as uuidlib
+import zipfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -110,9 +133,26 @@ CLOSE_SUSPENDED = 4409  # the Panel's browser client stops reconnecting on 4409 
 CLOSE_REVOKED = 4401
 CLOSE_SERVER_DELETED = 1001
 
+# Activity event names as Wings v1.11 sends them to the Panel (server/activity.go); the activity
+# section queues and sends them.
+ACTIVITY_CONSOLE_COMMAND = "server:console.command"
+ACTIVITY_POWER_PREFIX = "server:power."
+ACTIVITY_SFTP_WRITE = "server:sftp.write"
+ACTIVITY_SFTP_CREATE = "server:sftp.create"
+ACTIVITY_SFTP_CREATE_DIRECTORY = "server:sftp.create-directory"
+ACTIVITY_SFTP_RENAME = "server:sftp.rename"
+ACTIVITY_SFTP_DELETE = "server:sftp.delete"
+ACTIVITY_FILE_UPLOADED = "server:file.uploaded"
+
 _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
 )
+
+
+def is_server_uuid(text: str) -> bool:
+    """A server uuid as the Panel makes them (``Uuid::uuid4()``, 36 characters), nothing else:
+    it names a directory, a container and a saved file."""
+    return bool(_UUID_RE.fullmatch(text))
 
 
 class WingsliteError(Exception):
@@ -144,7 +184,14 @@ class ConfigError(WingsliteError):
 
 
 class DocumentError(WingsliteError):
-    """A Panel document that does not have the expected shape; the text names the field."""
+    """A Panel document that does not have the expected shape; the text names the field.
+
+    ``detail`` is the field and the reason alone (``settings.build.memory_limit: must be ...``).
+    """
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class PanelError(WingsliteError):
@@ -179,12 +226,15 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("api.ssl.cert", str, ""),
     ("api.ssl.key", str, ""),
     ("api.upload_limit", int, 100),
+    ("api.disable_remote_download", bool, False),
     ("system.root_directory", str, "/var/lib/pterodactyl"),
     ("system.log_directory", str, "/var/log/pterodactyl"),
     ("system.data", str, "/var/lib/pterodactyl/volumes"),
     ("system.tmp_directory", str, "/tmp/pterodactyl"),
     ("system.timezone", str, ""),
     ("system.disk_check_interval", int, 150),
+    ("system.activity_send_interval", int, 60),
+    ("system.activity_send_count", int, 100),
     ("system.websocket_log_count", int, 150),
     ("system.check_permissions_on_boot", bool, True),
     ("system.username", str, "pterodactyl"),
@@ -236,6 +286,11 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.sftp_login_attempts_per_minute", int, 10),
     ("wingslite.sftp_max_connections", int, 64),
     ("wingslite.websocket_max_per_server", int, 30),
+    ("wingslite.websocket_unauthenticated_per_ip", int, 32),
+    ("wingslite.max_panel_pages", int, 1000),
+    ("wingslite.max_connections", int, 0),  # 0: from the process's file limit (ApiServer)
+    ("wingslite.header_timeout_s", int, 10),
+    ("wingslite.remote_download_allow_internal", bool, False),
 )
 
 _CHOICES = {
@@ -246,6 +301,8 @@ _NON_NEGATIVE = {
     "api.port",
     "system.sftp.bind_port",
     "system.disk_check_interval",
+    "system.activity_send_interval",
+    "system.activity_send_count",
     "system.websocket_log_count",
     "system.crash_detection.timeout",
     "docker.tmpfs_size",
@@ -267,6 +324,10 @@ _NON_NEGATIVE = {
     "wingslite.sftp_login_attempts_per_minute",
     "wingslite.sftp_max_connections",
     "wingslite.websocket_max_per_server",
+    "wingslite.websocket_unauthenticated_per_ip",
+    "wingslite.max_panel_pages",
+    "wingslite.max_connections",
+    "wingslite.header_timeout_s",
 }
 
 
@@ -443,6 +504,11 @@ class PanelClient:
     connection errors are retried with exponential backoff until the total budget
     (``remote_query.timeout``) runs out. Every failure is a ``PanelError``.
 
+    The budget is one wall-clock deadline for the whole call -- connect, headers, body and every
+    retry: a Panel that trickles one byte at a time is cut when it passes, not when a single read
+    stalls. A redirect is never followed: it would carry the node token to whatever address the
+    ``Location`` names (the Panel's Guzzle client follows them; wingslite refuses, naming it).
+
     Class variables that may be overridden: ``backoff_factor``, ``backoff_max_s``.
     """
 
@@ -458,8 +524,10 @@ class PanelClient:
         budget_s: float = 30.0,
         retry_initial_s: float = 0.5,
         max_document_bytes: int = 8 << 20,
+        max_pages: int = 1000,
     ):
         self.base = remote.rstrip("/") + "/api/remote"
+        self.max_pages = max_pages
         self.budget_s = budget_s
         self.retry_initial_s = retry_initial_s
         self.max_document_bytes = max_document_bytes
@@ -479,6 +547,7 @@ class PanelClient:
             budget_s=config.get("remote_query.timeout"),
             retry_initial_s=config.get("wingslite.panel_retry_initial_ms") / 1000,
             max_document_bytes=config.get("wingslite.max_panel_document_bytes"),
+            max_pages=config.get("wingslite.max_panel_pages"),
         )
 
     # -- calls -------------------------------------------------------------------------------
@@ -498,23 +567,66 @@ class PanelClient:
         concurrency: int = 8,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Every server of this node: the first page, then the others concurrently (Laravel pages)."""
+        """Every server of this node: the first page, then the others, ``concurrency`` at a time.
+
+        The page count is the Panel's word, so it is checked before a page is queued: at most
+        ``max_pages`` pages, and no more than ``meta.total`` servers can fill. Pages are asked for
+        a few at a time, never all at once, and the first empty page ends the list (the count
+        promised more servers than there are).
+        """
         first = self._page(0, per_page)  # Wings asks for page 0, which Laravel reads as page 1
+        meta = first["meta"]
         items = list(first["data"])
-        last = first["meta"]["last_page"]
-        total = first["meta"].get("total") if isinstance(first["meta"].get("total"), int) else None
+        total = meta.get("total") if _is_count(meta.get("total")) else None
+        self._check_page_count(meta["last_page"], total, _page_size(meta, per_page))
         if progress:
             progress(len(items), total or len(items))
-        start = first["meta"]["current_page"] + 1
-        if last >= start:
-            with concurrent.futures.ThreadPoolExecutor(
-                max(1, concurrency), "wingslite-page"
-            ) as pool:
-                for page in pool.map(lambda n: self._page(n, per_page), range(start, last + 1)):
-                    items.extend(page["data"])
-                    if progress:
-                        progress(len(items), total or len(items))
+        numbers = range(meta["current_page"] + 1, meta["last_page"] + 1)
+        for page in self._pages(numbers, per_page, concurrency):
+            if not page["data"]:
+                break
+            items.extend(page["data"])
+            if progress:
+                progress(len(items), total or len(items))
         return items
+
+    def _check_page_count(self, last_page: int, total: int | None, page_size: int) -> None:
+        what = "GET /servers?page=0"
+        if last_page > self.max_pages:
+            raise PanelError(
+                200,
+                "_TooManyPages",
+                f"the Panel says the list has {last_page} pages; wingslite reads at most "
+                f"{self.max_pages} (wingslite.max_panel_pages)",
+                what,
+            )
+        if total is not None and last_page > max(1, -(-total // page_size)):
+            raise PanelError(
+                200,
+                "_BadShape",
+                f"meta.last_page {last_page} does not fit meta.total {total} at {page_size} "
+                "servers a page",
+                what,
+            )
+
+    def _pages(self, numbers: range, per_page: int, concurrency: int) -> Iterator[dict[str, Any]]:
+        """The pages in order, at most ``concurrency`` in flight; the rest are not even queued."""
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, concurrency), "wingslite-page")
+        pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
+        waiting = iter(numbers)
+        try:
+            for number in waiting:
+                pending.append(pool.submit(self._page, number, per_page))
+                if len(pending) >= max(1, concurrency):
+                    break
+            while pending:
+                page = pending.popleft().result()
+                number = next(waiting, None)
+                if number is not None:
+                    pending.append(pool.submit(self._page, number, per_page))
+                yield page
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def sftp_auth(
         self,
@@ -569,6 +681,10 @@ class PanelClient:
         """``POST /servers/reset``: Wings calls it once after boot; the Panel clears stale installs."""
         self.request("POST", "/servers/reset", body=None)
 
+    def send_activity(self, events: list[dict[str, Any]]) -> None:
+        """``POST /activity``: ``{"data": [{user, server, event, metadata, ip, timestamp}]}``."""
+        self.request("POST", "/activity", body={"data": events})
+
     # -- transport ---------------------------------------------------------------------------
 
     def _page(self, page: int, per_page: int) -> dict[str, Any]:
@@ -596,7 +712,9 @@ class PanelClient:
         budget_s: float | None = None,
     ) -> Any:
         """One call with retries; returns the decoded JSON body (``None`` when empty)."""
-        url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        target = urllib.parse.urlsplit(
+            self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        )
         what = f"{method} {path}"
         data = json.dumps(body).encode() if method != "GET" else None
         deadline = time.monotonic() + (self.budget_s if budget_s is None else budget_s)
@@ -604,9 +722,8 @@ class PanelClient:
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - time.monotonic()
             try:
-                return self._attempt(method, url, data, max(0.05, remaining), what)
+                return self._attempt(method, target, data, deadline, what)
             except _Retryable as exc:
                 remaining = deadline - time.monotonic()
                 wait = min(delay * random.uniform(0.5, 1.5), self.backoff_max_s)
@@ -618,37 +735,65 @@ class PanelClient:
                 delay *= self.backoff_factor
 
     def _attempt(
-        self, method: str, url: str, data: bytes | None, timeout_s: float, what: str
+        self,
+        method: str,
+        target: urllib.parse.SplitResult,
+        data: bytes | None,
+        deadline: float,
+        what: str,
     ) -> Any:
-        req = urllib.request.Request(url, data=data, method=method, headers=self._headers)
+        """One HTTP exchange, cut at ``deadline`` whatever the Panel is doing at that moment."""
+        timeout_s = max(0.05, deadline - time.monotonic())
+        kind = (
+            http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+        )
+        conn = kind(target.hostname or "", target.port, timeout=timeout_s)
+        cut = _ConnectionDeadline(conn, timeout_s)
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                raw = resp.read(self.max_document_bytes + 1)
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            try:
-                raw = exc.read(65536)
-            except OSError:
-                raw = b""
-            code, detail = _panel_error_body(raw)
-            error = PanelError(status, code, detail, what)
-            if 400 <= status < 500:
-                raise error from None
-            raise _Retryable(error) from None
-        except TimeoutError:
-            raise _Retryable(
-                PanelError(0, "_Timeout", f"the Panel did not answer within {timeout_s:.1f}s", what)
-            ) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise _Retryable(
-                PanelError(
-                    0, "_Unreachable", f"could not reach the Panel at {self.base}: {reason}", what
-                )
-            ) from None
+            path = target.path + (f"?{target.query}" if target.query else "")
+            conn.request(method, path, body=data, headers=self._headers)
+            resp = conn.getresponse()
+            limit = self.max_document_bytes if 200 <= resp.status < 300 else 65535
+            raw, status, location = resp.read(limit + 1), resp.status, resp.getheader("Location")
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Retryable(self._transport_error(exc, cut.fired, timeout_s, what)) from None
+        finally:
+            cut.cancel()
+            conn.close()
+        if cut.fired:  # a close-delimited body the deadline cut short is not an answer
+            raise _Retryable(self._transport_error(TimeoutError(), True, timeout_s, what))
+        return self._decode(status, raw, location, what)
+
+    def _transport_error(
+        self, exc: BaseException, cut: bool, timeout_s: float, what: str
+    ) -> PanelError:
+        if cut or isinstance(exc, TimeoutError):
+            return PanelError(
+                0, "_Timeout", f"the Panel did not answer within {timeout_s:.1f}s", what
+            )
+        reason = getattr(exc, "strerror", None) or exc
+        return PanelError(
+            0, "_Unreachable", f"could not reach the Panel at {self.base}: {reason}", what
+        )
+
+    def _decode(self, status: int, raw: bytes, location: str | None, what: str) -> Any:
+        if 300 <= status < 400:
+            raise PanelError(
+                status,
+                "_Redirect",
+                f"the answer is a redirect to {location!r}; wingslite does not follow redirects "
+                "(they would carry the node token elsewhere): set remote to the Panel's own URL",
+                what,
+            )
+        if 400 <= status < 500:
+            raise PanelError(status, *_panel_error_body(raw), what)
         if not 200 <= status < 300:
-            raise _Retryable(PanelError(status, "_Unexpected", "unexpected status", what))
+            error = PanelError(status, *_panel_error_body(raw), what)
+            raise _Retryable(
+                error
+                if status >= 500
+                else PanelError(status, "_Unexpected", "unexpected status", what)
+            )
         if len(raw) > self.max_document_bytes:
             raise PanelError(
                 status,
@@ -666,10 +811,46 @@ class PanelClient:
             ) from None
 
 
+class _ConnectionDeadline:
+    """Shuts an ``http.client`` connection's socket down when ``timeout_s`` have passed.
+
+    A socket timeout bounds each read, not their sum: a peer that sends one byte just inside it
+    keeps a call alive for ever. Shutting the socket down from a timer ends any read in progress,
+    whether the connection is plain or TLS.
+    """
+
+    def __init__(self, conn: http.client.HTTPConnection, timeout_s: float):
+        self.fired = False
+        self._conn = conn
+        self._timer = threading.Timer(timeout_s, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        self.fired = True
+        sock = self._conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class _Retryable(Exception):
     def __init__(self, error: PanelError):
         super().__init__(error.message)
         self.error = error
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _page_size(meta: Mapping[str, Any], asked: int) -> int:
+    """The page size the Panel used (``meta.per_page``), else the one asked for."""
+    size = meta.get("per_page")
+    return size if _is_count(size) and size > 0 else max(1, asked)
 
 
 def _panel_error_body(raw: bytes) -> tuple[str, str]:
@@ -782,6 +963,9 @@ class ServerConfig:
     crash_detection_enabled: bool
     process: ProcessConfig
     document: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+    # What validation adjusted rather than refused (a CPU list applied as no pinning, a CPU
+    # limit above the host's): shown in the sync record.
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def disk_limit_bytes(self) -> int:
@@ -795,7 +979,8 @@ class _Doc:
         self.value, self.path = value, path
 
     def fail(self, problem: str) -> DocumentError:
-        return DocumentError(f"the Panel's server document is invalid: {self.path}: {problem}")
+        detail = f"{self.path}: {problem}"
+        return DocumentError(f"the Panel's server document is invalid: {detail}", detail)
 
     def at(self, key: str, required: bool = False) -> _Doc:
         obj = self.obj(required=True)
@@ -900,7 +1085,11 @@ def _parse_threads(doc: _Doc) -> str:
 
 
 def parse_server_document(
-    document: Any, *, expect_uuid: str | None = None, crash_detection_default: bool = True
+    document: Any,
+    *,
+    expect_uuid: str | None = None,
+    crash_detection_default: bool = True,
+    host_cpus: int | None = None,
 ) -> ServerConfig:
     """Validate the Panel's ``{"settings", "process_configuration"}`` document as a whole.
 
@@ -915,8 +1104,8 @@ def parse_server_document(
     uuid = settings.at("uuid", required=True).str(required=True)
     if expect_uuid is not None and uuid != expect_uuid:
         raise settings.at("uuid").fail(f"describes server {uuid!r}, not {expect_uuid!r}")
-    if not re.fullmatch(r"[0-9A-Za-z-]{1,64}", uuid):
-        raise settings.at("uuid").fail(f"not a server uuid: {uuid!r}")
+    if not is_server_uuid(uuid):
+        raise settings.at("uuid").fail(f"not a server uuid: {uuid[:64]!r}")
 
     env_doc = settings.at("environment")
     environment: dict[str, Any] = {}
@@ -2174,6 +2363,1423 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
     )
 
 
+# archives #########################################################################################
+#
+# Archives leave a jail as tar.gz (backups, transfers, the file manager's compress) and come back
+# into one (restore, a received transfer, decompress). Both directions go through the ``Jail``:
+#
+#   out   ``write_tar_gz(jail, out, ignore=...)`` walks with directory fds opened O_NOFOLLOW, so a
+#         symlink is archived as a link and never followed out; an ``IgnoreMatcher`` (gitignore
+#         syntax, as ``.pteroignore``) leaves paths out; ``HashingWriter`` hashes while writing.
+#   in    ``extract_archive(jail, fs, src, name=...)`` reads tar (plain, gz, bz2, xz), zip and a
+#         single .gz/.bz2/.xz file from a stream or a file. Every entry is checked and written
+#         through the jail: no absolute names, no "..", no link that points out, no device files
+#         or FIFOs; modes are kept (without setuid/setgid); every byte is booked against the
+#         disk limit before it is written, so an archive bomb stops at the limit.
+
+UNSUPPORTED_ARCHIVE = "unsupported archive format"
+ARCHIVE_CHUNK_BYTES = 1 << 20
+
+
+class ArchiveError(WingsliteError):
+    """An archive that cannot be read or would break a rule; ``message`` says which entry and why."""
+
+    status = 400
+
+
+class IgnoreMatcher:
+    """gitignore rules (``.pteroignore``, a backup's ``ignore``) over paths relative to a root.
+
+    Supported: ``#`` comments, blank lines, ``!`` exceptions, trailing ``/`` (directories only),
+    a leading or middle ``/`` anchoring the rule at the root, ``*``, ``?``, ``[...]``, ``**``,
+    and ``\\`` escapes. The last rule that matches decides. As in git, nothing under an ignored
+    directory can be brought back by an exception (the walk never enters that directory).
+
+    Methods for the caller: ``ignored(relpath, is_dir)``; ``bool(matcher)`` is False when empty.
+    """
+
+    def __init__(self, text: str = ""):
+        self.rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, dirs only)
+        for line in text.splitlines():
+            rule = self._parse(line)
+            if rule is not None:
+                self.rules.append(rule)
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    @staticmethod
+    def _parse(line: str) -> tuple[re.Pattern[str], bool, bool] | None:
+        line = line.rstrip("\r")
+        while line.endswith(" ") and not line.endswith("\\ "):
+            line = line[:-1]
+        if not line or line.startswith("#"):
+            return None
+        negated = line.startswith("!")
+        if negated or line.startswith("\\!") or line.startswith("\\#"):
+            line = line[1:]
+        dirs_only = line.endswith("/")
+        line = line.rstrip("/")
+        if not line:
+            return None
+        anchored = "/" in line
+        body = _gitignore_body(line.lstrip("/"))
+        prefix = "^" if anchored else "^(?:.*/)?"
+        return re.compile(prefix + body + "$"), negated, dirs_only
+
+    def ignored(self, relpath: str, is_dir: bool = False) -> bool:
+        """True when ``relpath`` ('/'-separated, relative to the root) is left out."""
+        path = relpath.strip("/")
+        verdict = False
+        for regex, negated, dirs_only in self.rules:
+            if (is_dir or not dirs_only) and regex.match(path):
+                verdict = not negated
+        return verdict
+
+
+def _gitignore_body(glob: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        c = glob[i]
+        if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "\\" and i + 1 < len(glob):
+            out.append(re.escape(glob[i + 1]))
+            i += 2
+        elif c == "[" and "]" in glob[i + 2 :]:
+            end = glob.index("]", i + 2)
+            inner = glob[i + 1 : end]
+            if inner.startswith("!"):
+                inner = "^" + inner[1:]
+            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return "".join(out)
+
+
+class HashingWriter:
+    """A writable stream that hashes and counts every byte on its way to ``out``.
+
+    Attributes: ``bytes_written``; ``hexdigest()``. ``out`` may be any object with ``write``.
+    """
+
+    def __init__(self, out: Any, algorithm: str = "sha1"):
+        self.out = out
+        self.hash = hashlib.new(algorithm)
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.out.write(data)
+        self.bytes_written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        flush = getattr(self.out, "flush", None)
+        if flush is not None:
+            flush()
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+
+class _FixedSizeReader:
+    """Exactly ``size`` bytes of ``fd``: a file that shrank while archived is padded with zeros and
+    one that grew is cut, so the tar header written before the contents stays true."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        if n <= 0:
+            return b""
+        data = os.read(self.fd, n)
+        if not data:
+            data = bytes(n)
+        self.left -= len(data)
+        return data
+
+
+def write_tar_gz(
+    jail: Jail,
+    out: Any,
+    *,
+    root: str = "/",
+    files: Iterable[str] | None = None,
+    ignore: IgnoreMatcher | str | None = None,
+    compress_level: int = 1,
+    on_entry: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> int:
+    """Stream the tree under ``root`` of ``jail`` into ``out`` as tar.gz; returns the entry count.
+
+    ``files`` (names relative to ``root``) limits the archive to those entries, else everything
+    under ``root``. Names in the archive are relative to ``root``. Symlinks are stored as links
+    (never followed); sockets, FIFOs and device files are skipped; the egg's denylist and
+    ``ignore`` leave paths out. ``out`` only needs ``write`` (a file, a socket's file, a
+    ``HashingWriter``). ``cancelled()`` is asked between entries and stops the walk with
+    ``ArchiveError``. gzip level 1 by default, as Wings' ``compression_level: best_speed``.
+    """
+    matcher = ignore if isinstance(ignore, IgnoreMatcher) else IgnoreMatcher(ignore or "")
+    with jail.resolve(root) as where:
+        root_fd = os.open(where.name or ".", Jail._DIR_FLAGS, dir_fd=where.dir_fd)
+    gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=compress_level, mtime=0)
+    try:
+        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            walk = _TarWalk(tar, jail, matcher, on_entry, cancelled)
+            names = [n for n in (files or ()) if n.strip("/")]
+            if files is None:
+                walk.directory(root_fd, "")
+            for name in names:
+                walk.named(root_fd, "/".join(Jail.parts(name)))
+            count = walk.count
+        gz.close()
+    finally:
+        os.close(root_fd)
+    return count
+
+
+class _TarWalk:
+    """The walk of ``write_tar_gz``: one directory fd at a time, every open ``O_NOFOLLOW``."""
+
+    def __init__(
+        self,
+        tar: tarfile.TarFile,
+        jail: Jail,
+        matcher: IgnoreMatcher,
+        on_entry: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ):
+        self.tar, self.jail, self.matcher = tar, jail, matcher
+        self.on_entry, self.cancelled = on_entry, cancelled
+        self.count = 0
+
+    def _skip(self, relpath: str, is_dir: bool) -> bool:
+        if self.matcher.ignored(relpath, is_dir):
+            return True
+        return self.jail.is_denied is not None and self.jail.is_denied(relpath)
+
+    def named(self, dir_fd: int, relpath: str) -> None:
+        """One entry given by name (``files=``); its parents are walked without following links."""
+        *parents, name = relpath.split("/")
+        fds = [dir_fd]
+        try:
+            for part in parents:
+                fds.append(os.open(part, Jail._DIR_FLAGS, dir_fd=fds[-1]))
+            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            self.entry(fds[-1], name, relpath, st)
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)
+
+    def directory(self, dir_fd: int, relpath: str) -> None:
+        with os.scandir(dir_fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we walk
+            self.entry(dir_fd, entry.name, f"{relpath}/{entry.name}".lstrip("/"), st)
+
+    def entry(self, dir_fd: int, name: str, relpath: str, st: os.stat_result) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise ArchiveError("the archive was cancelled")
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if self._skip(relpath, is_dir):
+            return
+        info = tarfile.TarInfo(relpath)
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.mtime = int(st.st_mtime)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        if is_dir:
+            info.type = tarfile.DIRTYPE
+            self._add(info)
+            try:
+                fd = os.open(name, Jail._DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            try:
+                self.directory(fd, relpath)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(st.st_mode):
+            info.type = tarfile.SYMTYPE
+            try:
+                info.linkname = os.readlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            self._add(info)
+        elif stat.S_ISREG(st.st_mode):
+            self._file(dir_fd, name, info)
+
+    def _file(self, dir_fd: int, name: str, info: tarfile.TarInfo) -> None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno == errno.ELOOP:
+                return  # removed, or swapped for a link, since the listing
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            os.set_blocking(fd, True)
+            info.size = st.st_size
+            self._add(info, _FixedSizeReader(fd, st.st_size))
+        finally:
+            os.close(fd)
+
+    def _add(self, info: tarfile.TarInfo, reader: Any = None) -> None:
+        self.tar.addfile(info, reader)
+        self.count += 1
+        if self.on_entry is not None:
+            self.on_entry(info.name)
+
+
+# -- extraction -----------------------------------------------------------------------------------
+
+_MAGIC_7Z = b"7z\xbc\xaf\x27\x1c"
+_MAGIC_RAR = b"Rar!\x1a\x07"
+_COMPRESSORS: dict[str, tuple[bytes, Callable[[Any], Any], tuple[str, ...]]] = {
+    "gzip": (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), (".gz", ".tgz")),
+    "bzip2": (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb"), (".bz2", ".tbz2", ".tbz")),
+    "xz": (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb"), (".xz", ".txz")),
+}
+
+
+class _Prefixed:
+    """A reader that gives ``head`` first, then the rest of ``src`` (magic bytes looked at once)."""
+
+    def __init__(self, head: bytes, src: Any):
+        self.head = head
+        self.src = src
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                data, self.head = self.head + self.src.read(), b""
+                return data
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.src.read(n if n is not None else -1)
+
+
+def _read_exactly(src: Any, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = src.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _is_tar_header(block: bytes) -> bool:
+    return len(block) >= 263 and block[257:262] == b"ustar"
+
+
+def archive_format(head: bytes) -> str:
+    """What the first bytes of an archive are: tar, zip, gzip, bzip2, xz; else ``ArchiveError``."""
+    if head.startswith(_MAGIC_7Z) or head.startswith(_MAGIC_RAR):
+        raise ArchiveError(UNSUPPORTED_ARCHIVE)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    for kind, (magic, _, _) in _COMPRESSORS.items():
+        if head.startswith(magic):
+            return kind
+    if _is_tar_header(head):
+        return "tar"
+    raise ArchiveError(UNSUPPORTED_ARCHIVE)
+
+
+def extract_archive(
+    jail: Jail,
+    fs: Filesystem,
+    src: Any,
+    *,
+    name: str = "",
+    dest: str = "/",
+    on_entry: Callable[[str], None] | None = None,
+) -> int:
+    """Extract the archive read from ``src`` into ``dest`` of ``jail``; returns the entries written.
+
+    ``src`` is a readable binary stream (a response body, an open file); ``name`` is the archive's
+    file name, used only to name the output of a single compressed file (``log.txt.gz`` ->
+    ``log.txt``). The format is found from the bytes: tar, tar.gz/tgz, tar.bz2, tar.xz, zip, or a
+    single .gz/.bz2/.xz file; 7z, rar and anything else are ``ArchiveError("unsupported archive
+    format")``. A refused entry (absolute name, "..", a link out of the jail, the egg's denylist,
+    a file over the disk limit) stops the extraction with ``ArchiveError`` naming it; what was
+    written before it stays. ``on_entry(relpath)`` is called after each entry is written.
+    """
+    start = src.tell() if _seekable(src) else None
+    head = _read_exactly(src, 512)
+    kind = archive_format(head)
+    target = _Extractor(jail, fs, dest, on_entry)
+    if kind == "zip":
+        if start is not None:  # zip's directory is at its end: read it in place
+            src.seek(start)
+            target.zip(src)
+        else:
+            with tempfile.TemporaryFile() as spool:
+                spool.write(head)
+                shutil.copyfileobj(src, spool, ARCHIVE_CHUNK_BYTES)
+                spool.seek(0)
+                target.zip(spool)
+    elif kind == "tar":
+        target.tar(_Prefixed(head, src))
+    else:
+        _, opener, suffixes = _COMPRESSORS[kind]
+        inner = opener(_Prefixed(head, src))
+        try:
+            first = _read_exactly(inner, 512)
+        except (OSError, EOFError, lzma.LZMAError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        if _is_tar_header(first):
+            target.tar(_Prefixed(first, inner))
+        else:
+            base = posixpath.basename(name.rstrip("/")) or "archive"
+            single = next((base[: -len(s)] for s in suffixes if base.endswith(s)), "")
+            target.single(single or base + ".out", _Prefixed(first, inner))
+    return target.count
+
+
+def _seekable(src: Any) -> bool:
+    try:
+        return bool(src.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _Extractor:
+    """Writes checked entries into a jail; every byte booked with ``Filesystem.reserve`` first."""
+
+    def __init__(
+        self, jail: Jail, fs: Filesystem, dest: str, on_entry: Callable[[str], None] | None
+    ):
+        self.jail, self.fs, self.on_entry = jail, fs, on_entry
+        self.dest = "/".join(Jail.parts(dest))
+        self.count = 0
+
+    # -- names -------------------------------------------------------------------------------
+
+    def path(self, member: str) -> str:
+        """The jail path of an archive member; ``ArchiveError`` for absolute names and ``..``."""
+        if "\x00" in member:
+            raise ArchiveError(f"refused archive entry {member!r}: NUL byte in its name")
+        if member.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", member):
+            raise ArchiveError(f"refused archive entry {member!r}: absolute path")
+        parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise ArchiveError(f"refused archive entry {member!r}: it climbs out with '..'")
+        return "/".join([self.dest, *parts]).lstrip("/")
+
+    def _done(self, path: str) -> None:
+        self.count += 1
+        if self.on_entry is not None:
+            self.on_entry(path)
+
+    # -- formats -----------------------------------------------------------------------------
+
+    def tar(self, stream: Any) -> None:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            while True:
+                member = tar.next()
+                if member is None:
+                    return
+                tar.members = []  # stream mode keeps every header otherwise: memory would grow
+                self.entry(member.name, lambda m=member: self._tar_member(tar, m))
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        except OSError as exc:  # gzip and bz2 report bad data as OSError
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+
+    def entry(self, member: str, extract: Callable[[], None]) -> None:
+        """Run ``extract``; a refusal by the jail or the disk becomes ``ArchiveError`` naming ``member``."""
+        try:
+            extract()
+        except PathEscape as exc:
+            raise ArchiveError(f"refused archive entry {member!r}: {exc.strerror}") from None
+        except PermissionError as exc:
+            raise ArchiveError(f"refused archive entry {member!r}: {exc.strerror}") from None
+        except OSError as exc:
+            raise ArchiveError(f"cannot extract {member!r}: {exc.strerror or exc}") from None
+
+    def _tar_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        path = self.path(member.name)
+        if not path:
+            return  # "." or "./": the destination itself
+        mode = member.mode & 0o1777
+        if member.isdir():
+            self.mkdir(path, mode)
+        elif member.issym():
+            self.symlink(member.linkname, path)
+        elif member.islnk():
+            self.hardlink(self.path(member.linkname), path)
+        elif member.isreg():
+            reader = tar.extractfile(member)
+            self.file(path, reader, mode, member.mtime, member.size)
+        else:
+            LOG.debug("archive: skipped %s (device file or FIFO)", member.name)
+
+    def zip(self, fileobj: Any) -> None:
+        try:
+            archive = zipfile.ZipFile(fileobj)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        with archive:
+            infos = archive.infolist()
+            declared = sum(i.file_size for i in infos)
+            if self.fs.limit_bytes and not self.fs.has_space(declared):
+                raise ArchiveError(
+                    f"the archive holds {declared} bytes; there is not enough disk space for them"
+                )
+            for info in infos:
+                try:
+                    self.entry(info.filename, lambda i=info: self._zip_member(archive, i))
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise ArchiveError(
+                        f"the archive is damaged at {info.filename!r}: {exc}"
+                    ) from None
+                except RuntimeError as exc:  # an encrypted member
+                    raise ArchiveError(f"cannot extract {info.filename!r}: {exc}") from None
+
+    def _zip_member(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+        path = self.path(info.filename)
+        if not path:
+            return
+        unix_mode = info.external_attr >> 16
+        kind = stat.S_IFMT(unix_mode)
+        if info.is_dir() or kind == stat.S_IFDIR:
+            self.mkdir(path, stat.S_IMODE(unix_mode) or 0o755)
+        elif kind == stat.S_IFLNK:
+            with archive.open(info) as reader:
+                target = reader.read(4096).decode("utf-8", "surrogateescape")
+            self.symlink(target, path)
+        elif kind in (0, stat.S_IFREG):
+            mtime = time.mktime((*info.date_time, 0, 0, -1))
+            with archive.open(info) as reader:
+                self.file(path, reader, stat.S_IMODE(unix_mode) or 0o644, mtime, info.file_size)
+        else:
+            LOG.debug("archive: skipped %s (device file or FIFO)", info.filename)
+
+    def single(self, name: str, reader: Any) -> None:
+        path = self.path(name)
+        self.entry(name, lambda: self.file(path, reader, 0o644, time.time()))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _parents(self, path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            self._mkdir_one("/".join(parts[:i]), 0o755)
+
+    def _mkdir_one(self, path: str, mode: int) -> bool:
+        try:
+            self.jail.mkdir(path, mode)
+            return True
+        except FileExistsError:
+            if not stat.S_ISDIR(self.jail.stat(path).st_mode):
+                raise ArchiveError(f"cannot extract into {path!r}: it is not a directory") from None
+            return False
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._parents(path)
+        if self._mkdir_one(path, mode):
+            self.jail.chmod(path, mode | 0o700)  # the daemon must be able to fill it
+        self._done(path)
+
+    def _clear(self, path: str) -> None:
+        """Remove what is at ``path`` (a file or a link, never a directory), giving its bytes back."""
+        try:
+            st = self.jail.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise ArchiveError(f"cannot extract {path!r}: a directory of that name exists")
+        gone = self.jail.remove(path)
+        if stat.S_ISREG(gone.st_mode) and gone.st_nlink <= 1:
+            self.fs.add_usage(-gone.st_size)
+
+    def symlink(self, target: str, path: str) -> None:
+        self._parents(path)
+        self._clear(path)
+        try:
+            self.jail.symlink(target, path)
+        except PathEscape:
+            raise ArchiveError(
+                f"refused archive entry {path!r}: a link to {target!r} would point outside"
+            ) from None
+        self._done(path)
+
+    def hardlink(self, source: str, path: str) -> None:
+        st = self.jail.lstat(source)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArchiveError(f"refused archive entry {path!r}: a hard link to a non-file")
+        self._parents(path)
+        self._clear(path)
+        if not self.fs.reserve(st.st_size):  # the usage walk counts every link's apparent size
+            raise ArchiveError(_NO_SPACE)
+        with self.jail.resolve(source, follow=False) as a, self.jail.resolve(path, False) as b:
+            os.link(a.name, b.name, src_dir_fd=a.dir_fd, dst_dir_fd=b.dir_fd, follow_symlinks=False)
+        self._done(path)
+
+    def file(self, path: str, reader: Any, mode: int, mtime: float, size: int = 0) -> None:
+        """Write one file; its declared ``size`` is booked before the first byte, the rest as read."""
+        self._parents(path)
+        self._clear(path)
+        if not self.fs.reserve(size):
+            raise ArchiveError(f"cannot extract {path!r} ({size} bytes): {_NO_SPACE}")
+        try:
+            fd = self.jail.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            self.fs.add_usage(-size)
+            raise
+        try:
+            written = metered_copy(self.fs, reader, fd, prebooked=size)
+            os.fchmod(fd, mode & 0o1777)
+            os.utime(fd, (mtime, mtime))
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self.fs.add_usage(-self.jail.remove(path).st_size)
+            raise
+        os.close(fd)
+        LOG.debug("archive: wrote %s (%d bytes)", path, written)
+        self._done(path)
+
+
+_NO_SPACE = "There is not enough disk space available to perform that action."
+
+
+def metered_copy(fs: Filesystem, reader: Any, fd: int, prebooked: int = 0) -> int:
+    """Copy ``reader`` to the end of the open file ``fd``, booking every chunk with ``fs`` first.
+
+    ``prebooked`` bytes were already booked by the caller (a declared size): they are used up
+    first and what is left of them is given back at the end. Raises ``ArchiveError`` (nothing
+    more written) when the next chunk would pass the disk limit; the bytes written stay booked.
+    Returns the bytes written.
+    """
+    total = 0
+    try:
+        while True:
+            chunk = reader.read(ARCHIVE_CHUNK_BYTES)
+            if not chunk:
+                return total
+            beyond = total + len(chunk) - max(total, prebooked)
+            if beyond > 0 and not fs.reserve(beyond):
+                raise ArchiveError(_NO_SPACE)
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            total += len(chunk)
+    finally:
+        if prebooked > total:
+            fs.add_usage(total - prebooked)
+
+
+# egg configuration files ##########################################################################
+#
+# Every egg names files the node rewrites before each start (``process_configuration.configs``):
+# that is how an allocation change reaches the game (``server-port`` in server.properties,
+# ``listeners[0].host`` in BungeeCord's config.yml). The Panel has already put its own values in
+# (``{{server.*}}``, ``{{env.*}}``); the node fills ``{{config.*}}`` from its own config. Wings
+# v1.11 does this in parser/parser.go, parser/helpers.go and server/config_parser.go; where Wings
+# rewrites a whole file (dropping comments and order) or has a known slip, wingslite edits the
+# lines it must and keeps the rest, and says so next to the code.
+#
+#   parser       what a ``match`` names                      kept as it was
+#   file         lines starting with ``match``               every other line
+#   properties   a Java properties key                       comments, order, other lines
+#   ini          ``section.key`` (or ``key`` before any      comments, order, other lines
+#                section)
+#   yaml / yml   a dotted path with ``[n]`` and ``*``        comments and layout (unless a key
+#                                                            must be created)
+#   json         a dotted path with ``[n]`` and ``*``        key order, indent width
+#   xml          ``Root.child.child`` (``*`` allowed)        comments, prolog
+
+CONFIG_FILE_MAX_BYTES = 4 * 1024 * 1024  # an egg config file larger than this is left alone
+
+_CONFIG_PLACEHOLDER = re.compile(r"{{\s?config\.([\w.-]+)\s?}}")  # Wings parser/helpers.go
+_XML_ATTRIBUTE_VALUE = re.compile(r"^\[(\w+)='(.*)'\]$")  # ``[value='x']`` sets an attribute
+_PATH_INDEX = re.compile(r"\[(\d+)\]")
+
+
+class ConfigFileSkipped(Exception):
+    """A config file that was not rewritten; the message is shown on the server's console."""
+
+
+def replacement_text(value: Any) -> str:
+    """How a ``replace_with`` JSON value is written into a text file (properties, ini, xml)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _go_replacement(template: str) -> str:
+    """A Go ``regexp.ReplaceAllString`` template (``$1``, ``${name}``, ``$$``) for ``re.sub``."""
+    out, i = [], 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "$" and template[i + 1 : i + 2] == "$":
+            out.append("$")
+            i += 1
+        elif ch == "$":
+            m = re.match(r"\$(?:\{(\w+)\}|(\w+))", template[i:])
+            if m is None:
+                out.append("$")
+            else:
+                out.append(f"\\g<{m.group(1) or m.group(2)}>")
+                i += m.end() - 1
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def conditional_value(current: str | None, if_value: str | None, value: str) -> str | None:
+    """The text to write for a replacement given the value now in the file; None to leave it.
+
+    No ``if_value``: always ``value``. ``regex:<re>``: when the current value matches, every match
+    replaced by ``value`` (``$1`` groups as in Go). Otherwise: only when the current value equals
+    ``if_value``. A missing key never matches a condition. (Wings v1.11 inverts the regex check
+    for yaml/json and compares the literal against the whole document; this is what eggs expect.)
+    """
+    if if_value is None or if_value == "":
+        return value
+    if current is None:
+        return None
+    if if_value.startswith("regex:"):
+        try:
+            pattern = re.compile(if_value[6:])
+        except re.error as exc:
+            raise ConfigFileSkipped(f"if_value {if_value!r} is not a valid regex: {exc}") from None
+        if not pattern.search(current):
+            return None
+        return pattern.sub(_go_replacement(value), current)
+    return value if current == if_value else None
+
+
+class NodePlaceholders:
+    """``{{config.*}}`` placeholders filled from the node's own config (Wings parser/helpers.go).
+
+    Path components are snake-cased (``{{config.docker.networkInterface}}`` reads
+    ``docker.network_interface``); ``{{config.docker.interface}}`` is the Panel's legacy spelling
+    of ``docker.network.interface``. An unknown placeholder is left as it is and logged once.
+    """
+
+    def __init__(self, config: Config):
+        tree: dict[str, Any] = {}
+        for key, _kind, _default in _CONFIG_SCHEMA:
+            node = tree
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = config.get(key)
+        self._tree = _deep_merge(tree, config.raw)
+        self._warned: set[str] = set()
+
+    def lookup(self, path: str) -> str | None:
+        parts = [_snake_case(p) for p in path.split(".")]
+        value = _dig_plain(self._tree, parts)
+        if value is None and parts == ["docker", "interface"]:
+            value = _dig_plain(self._tree, ["docker", "network", "interface"])
+        if value is None:
+            return None
+        return value if isinstance(value, str) else replacement_text(value)
+
+    def fill(self, value: Any) -> Any:
+        """``value`` with every known ``{{config.*}}`` replaced; non-strings pass unchanged."""
+        if not isinstance(value, str) or "{{" not in value:
+            return value
+
+        def one(m: re.Match[str]) -> str:
+            found = self.lookup(m.group(1))
+            if found is None:
+                if m.group(1) not in self._warned:
+                    self._warned.add(m.group(1))
+                    LOG.warning("config file placeholder %s is not a node config key", m.group(0))
+                return m.group(0)
+            return found
+
+        return _CONFIG_PLACEHOLDER.sub(one, value)
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).replace("-", "_").lower()
+
+
+def _dig_plain(tree: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# -- text parsers: file, properties, ini ---------------------------------------------------------
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines with their endings kept, so untouched lines come back byte for byte."""
+    return text.splitlines(keepends=True)
+
+
+def _ending(line: str, default: str = "\n") -> str:
+    stripped = line.rstrip("\r\n")
+    return line[len(stripped) :] or default
+
+
+def _file_ending(lines: list[str]) -> str:
+    return next((_ending(line) for line in lines if line.endswith("\n")), "\n")
+
+
+def rewrite_plain_file(text: str, replaces: list[Replacement]) -> str:
+    """The ``file`` parser: a line that starts with ``match`` becomes ``replace_with`` entirely.
+
+    The first replacement that matches a line wins (Wings writes every match, glued together).
+    """
+    out = []
+    for line in _split_lines(text):
+        body = line.rstrip("\r\n")
+        for r in replaces:
+            if r.match and body.startswith(r.match):
+                line = replacement_text(r.replace_with) + line[len(body) :]
+                break
+        out.append(line)
+    return "".join(out)
+
+
+def _properties_unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\" or i + 1 >= len(text):
+            out.append(ch)
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2 : i + 6]):
+            out.append(chr(int(text[i + 2 : i + 6], 16)))
+            i += 6
+            continue
+        out.append({"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(nxt, nxt))
+        i += 2
+    return "".join(out)
+
+
+def properties_escape(text: str, is_key: bool = False) -> str:
+    """Escape as Java's ``Properties.store`` does: ``\\``, ``= : # !``, controls, non-ASCII.
+
+    Non-ASCII as ``\\uXXXX`` as Wings does too: ``§`` in a motd reaches Minecraft intact.
+    """
+    out = []
+    for i, ch in enumerate(text):
+        if ch == " " and (is_key or i == 0):
+            out.append("\\ ")
+        elif ch in "\\=:#!":
+            out.append("\\" + ch)
+        elif ch in "\t\n\r\f":
+            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r", "\f": "\\f"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) > 0x7E:
+            out.append("".join(f"\\u{u:04X}" for u in _utf16_units(ch)))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _utf16_units(ch: str) -> list[int]:
+    raw = ch.encode("utf-16-be")
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+def _properties_entries(lines: list[str]) -> list[tuple[int, int, str, str]]:
+    """``(first line, last line, key, value)`` of each logical line (continuations joined)."""
+    entries, i = [], 0
+    while i < len(lines):
+        start, logical = i, lines[i].rstrip("\r\n").lstrip(" \t\f")
+        while _continues(logical) and i + 1 < len(lines):
+            i += 1
+            logical = logical[:-1] + lines[i].rstrip("\r\n").lstrip(" \t\f")
+        i += 1
+        if not logical or logical[0] in "#!":
+            continue
+        m = re.match(r"((?:\\.|[^\\=:\s])*)\s*[=:]?\s*", logical)
+        assert m is not None  # the pattern matches any string
+        entries.append(
+            (
+                start,
+                i - 1,
+                _properties_unescape(m.group(1)),
+                _properties_unescape(logical[m.end() :]),
+            )
+        )
+    return entries
+
+
+def _continues(line: str) -> bool:
+    """A line ending in an odd number of backslashes continues on the next one."""
+    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
+
+
+def rewrite_properties(text: str, replaces: list[Replacement]) -> str:
+    """Java properties: set each ``match`` key, keep every other line, add missing keys at the end.
+
+    (Wings rewrites the file from its parsed keys: comments below the first key are lost.)
+    """
+    lines = _split_lines(text)
+    ending = _file_ending(lines)
+    entries = _properties_entries(lines)
+    appended: list[str] = []
+    for r in replaces:
+        value = replacement_text(r.replace_with)
+        found = [e for e in entries if e[2] == r.match]
+        if not found:
+            if conditional_value(None, r.if_value, value) is not None:
+                appended.append(f"{properties_escape(r.match, True)}={properties_escape(value)}")
+            continue
+        for first, last, key, current in found:
+            new = conditional_value(current, r.if_value, value)
+            if new is None or (new == current and first == last):
+                continue
+            lines[first] = f"{properties_escape(key, True)}={properties_escape(new)}" + _ending(
+                lines[last], ending
+            )
+            for k in range(first + 1, last + 1):
+                lines[k] = ""
+    if appended:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += ending
+        lines.extend(line + ending for line in appended)
+    return "".join(lines)
+
+
+_INI_SECTION = re.compile(r"^\s*\[([^\]]*)\]")
+_INI_KEY = re.compile(r"^(\s*)([^=:;#\[\s][^=:]*?)(\s*[=:]\s*)(.*?)(\s*)$")
+
+
+def _ini_path(match: str) -> tuple[str, str]:
+    """``section.key`` -> (section, key); the first dot outside brackets splits (Wings)."""
+    depth = 0
+    for i, ch in enumerate(match):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "." and depth == 0:
+            return match[:i], match[i + 1 :]
+    return "", match
+
+
+def _ini_unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'`":
+        return value[1:-1]
+    return value
+
+
+def rewrite_ini(text: str, replaces: list[Replacement]) -> str:
+    """INI: set ``section.key`` (or a key before any section); keep comments and order.
+
+    A missing key is added at the end of its section, a missing section at the end of the file.
+    """
+    lines = _split_lines(text)
+    ending = _file_ending(lines)
+    for r in replaces:
+        section, key = _ini_path(r.match)
+        value = replacement_text(r.replace_with)
+        if not _ini_set(lines, section, key, r.if_value, value):
+            if conditional_value(None, r.if_value, value) is not None:
+                _ini_add(lines, section, f"{key}={value}", ending)
+    return "".join(lines)
+
+
+def _ini_sections(lines: list[str]) -> Iterator[tuple[str, int, str]]:
+    """``(section, line index, line)`` for every line, section '' before the first header."""
+    section = ""
+    for i, line in enumerate(lines):
+        m = _INI_SECTION.match(line)
+        if m:
+            section = m.group(1).strip()
+        yield section, i, line
+
+
+def _ini_set(lines: list[str], section: str, key: str, if_value: str | None, value: str) -> bool:
+    found = False
+    for sec, i, line in _ini_sections(lines):
+        m = _INI_KEY.match(line.rstrip("\r\n"))
+        if sec != section or m is None or m.group(2) != key or _INI_SECTION.match(line):
+            continue
+        found = True
+        new = conditional_value(_ini_unquote(m.group(4)), if_value, value)
+        if new is not None:
+            lines[i] = m.group(1) + m.group(2) + m.group(3) + new + _ending(line)
+    return found
+
+
+def _ini_add(lines: list[str], section: str, entry: str, ending: str) -> None:
+    last_of_section = None
+    for sec, i, line in _ini_sections(lines):
+        if sec == section and (line.strip() and not line.lstrip().startswith((";", "#"))):
+            last_of_section = i
+    if last_of_section is None and section == "":
+        last_of_section = -1  # before the first header
+    if last_of_section is None:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += ending
+        lines.extend([f"[{section}]" + ending, entry + ending])
+        return
+    if 0 <= last_of_section and not lines[last_of_section].endswith("\n"):
+        lines[last_of_section] += ending
+    lines.insert(last_of_section + 1, entry + ending)
+
+
+# -- structured parsers: json, yaml, xml ---------------------------------------------------------
+
+
+def _path_steps(path: str) -> list[str | int]:
+    """``listeners[0].host`` -> ["listeners", 0, "host"]; ``servers.*.address`` keeps ``*``."""
+    steps: list[str | int] = []
+    for part in path.split("."):
+        name = part.split("[", 1)[0]
+        if name:
+            steps.append(name)
+        steps.extend(int(n) for n in _PATH_INDEX.findall(part[len(name) :]))
+    return steps
+
+
+def _typed(new: str, original: Any, current: Any, exists: bool) -> Any:
+    """The JSON value to store for the text ``new``.
+
+    A ``replace_with`` that is not a string keeps its own type. A string takes the type of the
+    value it replaces (a port that was a number stays a number); for a key that is created, a
+    whole number becomes a number as Wings does, since the Panel sends every placeholder it
+    filled as a string (``"25565"``).
+    """
+    if not isinstance(original, str) and new == replacement_text(original):
+        return original
+    if exists and isinstance(current, str):
+        return new
+    if exists and isinstance(current, bool):
+        return {"true": True, "false": False}.get(new, new)
+    if re.fullmatch(r"[+-]?\d{1,18}", new):
+        return int(new)
+    if exists and isinstance(current, float):
+        with contextlib.suppress(ValueError):
+            return float(new)
+    return new
+
+
+def _scalar_text(value: Any) -> str | None:
+    if isinstance(value, (dict, list)):
+        return None
+    return replacement_text(value)
+
+
+def set_structured(data: Any, replaces: list[Replacement]) -> tuple[Any, list[tuple]]:
+    """Apply replacements to parsed JSON/YAML data; returns it and the paths that changed.
+
+    Each change is ``(steps, created)``: ``created`` when a key or list item had to be made.
+    """
+    changes: list[tuple] = []
+    for r in replaces:
+        value = replacement_text(r.replace_with) if r.if_value else r.replace_with
+        for steps in _expand(data, _path_steps(r.match)):
+            data = _set_path(data, steps, r, value, changes)
+    return data, changes
+
+
+def _expand(data: Any, steps: list[str | int]) -> Iterator[list[str | int]]:
+    """Concrete paths for ``steps``: each ``*`` becomes every existing key or index there."""
+    if "*" not in steps:
+        yield steps
+        return
+    at = steps.index("*")
+    node: Any = data
+    for step in steps[:at]:
+        node = _child(node, step)
+        if node is _MISSING:
+            return
+    keys = (
+        range(len(node)) if isinstance(node, list) else list(node) if isinstance(node, dict) else ()
+    )
+    for key in keys:
+        yield from _expand(data, [*steps[:at], key, *steps[at + 1 :]])
+
+
+_MISSING = object()
+
+
+def _child(node: Any, step: str | int) -> Any:
+    if isinstance(node, dict):
+        if step in node:
+            return node[step]
+        return next((v for k, v in node.items() if str(k) == str(step)), _MISSING)
+    if isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+        return node[step]
+    return _MISSING
+
+
+def _set_path(data: Any, steps: list, r: Replacement, value: Any, changes: list) -> Any:
+    if not steps:
+        return data
+    root = data if isinstance(data, (dict, list)) else {}
+    node, created = root, False
+    for i, step in enumerate(steps[:-1]):
+        nxt = _child(node, step)
+        if nxt is _MISSING or not isinstance(nxt, (dict, list)):
+            if r.if_value:
+                return root  # a condition needs an existing value
+            nxt = [] if isinstance(steps[i + 1], int) else {}
+            if not _put(node, step, nxt):
+                return root
+            created = True
+        node = nxt
+    current = _child(node, steps[-1])
+    exists = current is not _MISSING
+    text = value if isinstance(value, str) else replacement_text(value)
+    if r.if_value:
+        text = conditional_value(_scalar_text(current) if exists else None, r.if_value, text)
+        if text is None:
+            return root
+    new = _typed(text, r.replace_with if not r.if_value else text, current, exists)
+    if exists and type(current) is type(new) and current == new:
+        return root
+    if _put(node, steps[-1], new):
+        changes.append((steps, created or not exists))
+    return root
+
+
+def _put(node: Any, step: str | int, value: Any) -> bool:
+    if isinstance(node, dict):
+        key = next((k for k in node if str(k) == str(step)), step)
+        node[key] = value
+        return True
+    if isinstance(node, list) and isinstance(step, int):
+        if step < len(node):
+            node[step] = value
+            return True
+        if step == len(node):
+            node.append(value)
+            return True
+    return False
+
+
+def rewrite_json(text: str, replaces: list[Replacement]) -> str:
+    """JSON: dotted paths with ``[n]`` and ``*``; key order and the indent width are kept."""
+    data = json.loads(text) if text.strip() else {}
+    data, changes = set_structured(data, replaces)
+    if not changes:
+        return text
+    m = re.search(r"\n([ \t]+)\S", text)
+    indent = m.group(1) if m else "    "
+    out = json.dumps(data, indent=indent, ensure_ascii=False)
+    return out + ("\n" if text.endswith("\n") or not text else "")
+
+
+def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
+    """YAML: as JSON, and each changed scalar is spliced into the original text in place, so
+    comments and layout survive. Only when a key must be created is the document dumped anew
+    (as Wings always does, losing comments).
+    """
+    data = yaml.safe_load(text) if text.strip() else {}
+    data, changes = set_structured(data if data is not None else {}, replaces)
+    if not changes:
+        return text
+    if not any(created for _steps, created in changes):
+        spliced = _yaml_splice(text, data, [steps for steps, _c in changes])
+        if spliced is not None:
+            return spliced
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
+    """Replace the changed scalars' text in place; None when that cannot be done exactly."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    edits: dict[int, tuple[int, str]] = {}
+    for steps in paths:
+        node = root
+        for step in steps:
+            node = _yaml_child(node, step)
+            if node is None:
+                return None
+        value = _dig_steps(after, steps)
+        if not isinstance(node, yaml.ScalarNode) or isinstance(value, (dict, list)):
+            return None
+        style = node.style if isinstance(value, str) and node.style in ("'", '"') else None
+        dumped = yaml.safe_dump(value, default_style=style, allow_unicode=True, width=1 << 30)
+        dumped = dumped.removesuffix("\n...\n").rstrip("\n")
+        if "\n" in dumped:
+            return None
+        edits[node.start_mark.index] = (node.end_mark.index, dumped)
+    out = text
+    for start in sorted(edits, reverse=True):
+        end, dumped = edits[start]
+        out = out[:start] + dumped + out[end:]
+    try:
+        if yaml.safe_load(out) != after:
+            return None
+    except yaml.YAMLError:
+        return None
+    return out
+
+
+def _yaml_child(node: Any, step: str | int) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        found = [
+            v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(step)
+        ]
+        return found[-1] if found else None
+    if isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+        return node.value[step]
+    return None
+
+
+def _dig_steps(data: Any, steps: list) -> Any:
+    for step in steps:
+        data = _child(data, step)
+    return data
+
+
+def rewrite_xml(text: str, replaces: list[Replacement]) -> str:
+    """XML: ``Root.child.child`` names elements (``*`` allowed); a value ``[name='x']`` sets an
+    attribute. Comments and the prolog (declaration, doctype) are kept; missing elements are
+    created (Wings parser.go) and only then is the document re-indented (two spaces, as Wings).
+    """
+    import xml.etree.ElementTree as ET  # only servers with xml configs load it
+
+    start = re.search(r"<(?![?!])", text)
+    prolog = text[: start.start()] if start else ""
+    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True, insert_pis=True))
+    root = ET.fromstring(text[start.start() :], parser=parser) if start else None
+    created = changed = False
+    for r in replaces:
+        parts = r.match.split(".")
+        if root is None:
+            root = ET.Element(parts[0])
+            created = changed = True
+        if root.tag != parts[0]:
+            continue
+        if "*" not in r.match and not r.if_value:
+            created |= _xml_make_path(root, parts[1:])
+        value = replacement_text(r.replace_with)
+        targets = root.findall("./" + "/".join(parts[1:])) if parts[1:] else [root]
+        for element in targets:
+            changed |= _xml_set(element, r.if_value, value)
+    if not changed:
+        return text
+    if created:
+        ET.indent(root, "  ")
+    body = ET.tostring(root, encoding="unicode")
+    return prolog + body + ("\n" if text.endswith("\n") or not text else "")
+
+
+def _xml_make_path(root: Any, tags: list[str]) -> bool:
+    import xml.etree.ElementTree as ET
+
+    element, created = root, False
+    for tag in tags:
+        if not re.fullmatch(r"[\w.-]+", tag):
+            return created  # a predicate or wildcard: only existing elements are changed
+        child = element.find(tag)
+        if child is None:
+            child = ET.SubElement(element, tag)
+            created = True
+        element = child
+    return created
+
+
+def _xml_set(element: Any, if_value: str | None, value: str) -> bool:
+    attribute = _XML_ATTRIBUTE_VALUE.match(value)
+    if attribute:
+        name, new = attribute.group(1), attribute.group(2)
+        current = element.get(name)
+        new = conditional_value(current, if_value, new)
+        if new is None or current == new:
+            return False
+        element.set(name, new)
+        return True
+    current = (element.text or "").strip()
+    new = conditional_value(current, if_value, value)
+    if new is None or element.text == new:
+        return False
+    element.text = new
+    return True
+
+
+CONFIG_PARSERS: dict[str, Callable[[str, list[Replacement]], str]] = {
+    "file": rewrite_plain_file,
+    "properties": rewrite_properties,
+    "ini": rewrite_ini,
+    "json": rewrite_json,
+    "yaml": rewrite_yaml,
+    "yml": rewrite_yaml,
+    "xml": rewrite_xml,
+}
+
+
+# -- writing them into a server's directory ------------------------------------------------------
+
+
+class ConfigFileWriter:
+    """Rewrites a server's egg config files inside its directory, before each start.
+
+    Methods for the caller: ``apply(configs, say)`` -> the names of the files that failed.
+    Class variables that may be overridden: ``max_bytes``.
+
+    Every file is reached through the server's ``Jail`` (a symlink that leads out is refused, a
+    FIFO or device is never opened for reading or writing), read up to ``max_bytes``, rewritten
+    in memory, and written back atomically (a temp file beside it, fsynced, renamed over it) with
+    its mode and owner kept; a new file gets ``owner``. Growth is booked against the disk limit
+    first (``reserve``). A file that does not exist is created with only the replaced keys, as
+    Wings does.
+    """
+
+    max_bytes = CONFIG_FILE_MAX_BYTES
+
+    def __init__(
+        self,
+        jail: Jail,
+        placeholders: NodePlaceholders,
+        reserve: Callable[[int], bool],
+        release: Callable[[int], None],
+        owner: tuple[int, int] | None = None,
+    ):
+        self.jail, self.placeholders = jail, placeholders
+        self.reserve, self.release, self.owner = reserve, release, owner
+
+    def apply(self, configs: Iterable[ConfigFile], say: Callable[[str], None]) -> list[str]:
+        failed = []
+        for cf in configs:
+            try:
+                self.rewrite(cf)
+            except (ConfigFileSkipped, OSError, ValueError, yaml.YAMLError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                say(f"Failed to update configuration file {cf.file}: {why}")
+                LOG.warning("config file %s (%s parser) not updated: %s", cf.file, cf.parser, why)
+                failed.append(cf.file)
+        return failed
+
+    def rewrite(self, cf: ConfigFile) -> bool:
+        """Rewrite one file; True when its bytes changed."""
+        parse = CONFIG_PARSERS.get(cf.parser)
+        if parse is None:
+            raise ConfigFileSkipped(f"unknown parser {cf.parser!r}")
+        replaces = [
+            dataclasses.replace(r, replace_with=self.placeholders.fill(r.replace_with))
+            for r in cf.replace
+        ]
+        self._make_parents(cf.file)
+        with self.jail.resolve(cf.file) as where:
+            if where.name is None:
+                raise ConfigFileSkipped("the path names the server's directory itself")
+            old, st = self._read(where)
+            text = old.decode("utf-8-sig", errors="surrogateescape")
+            try:
+                new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
+            except (ValueError, SyntaxError, yaml.YAMLError) as exc:
+                raise ConfigFileSkipped(f"cannot be parsed as {cf.parser}: {exc}") from None
+            if new == old and st is not None:
+                return False
+            self._write(where, new, st, len(old))
+            return True
+
+    def _make_parents(self, path: str) -> None:
+        parts = Jail.parts(path)
+        for i in range(1, len(parts)):
+            try:
+                self.jail.mkdir("/".join(parts[:i]))
+            except FileExistsError:
+                continue
+            if self.owner is not None:
+                self.jail.chown("/".join(parts[:i]), *self.owner)
+
+    def _read(self, where: _Where) -> tuple[bytes, os.stat_result | None]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(where.name, flags, dir_fd=where.dir_fd)
+        except FileNotFoundError:
+            return b"", None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigFileSkipped("it is a symlink that leads outside") from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigFileSkipped("it is not a regular file")
+            if st.st_size > self.max_bytes:
+                raise ConfigFileSkipped(f"it is larger than {self.max_bytes // 1048576} MiB")
+            return fh.read(self.max_bytes + 1), st
+
+    def _write(self, where: _Where, data: bytes, st: os.stat_result | None, old_size: int) -> None:
+        grow = len(data) - old_size
+        if grow > 0 and not self.reserve(grow):
+            raise ConfigFileSkipped("there is not enough disk space")
+        tmp = f".{where.name}.{uuidlib.uuid4().hex[:12]}.wingslite"
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=where.dir_fd,
+        )
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                if st is not None:
+                    os.fchmod(fh.fileno(), stat.S_IMODE(st.st_mode))
+                owner = (st.st_uid, st.st_gid) if st is not None else self.owner
+                if owner is not None:
+                    os.fchown(fh.fileno(), *owner)
+                os.fsync(fh.fileno())
+            os.rename(tmp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=where.dir_fd)
+            if grow > 0:
+                self.release(grow)
+            raise
+        if grow < 0:
+            self.release(-grow)
+
+
 # environments #####################################################################################
 
 
@@ -2250,7 +3856,7 @@ class Environment:
         return False
 
     def prepare(self, config: ServerConfig) -> None:
-        """Do the slow part of a coming start (e.g. fetch the image) without holding the server's lock."""
+        """Do the slow part of a coming start (e.g. fetch the image) without holding the power lock."""
         return None
 
     def exit_status(self) -> tuple[int, bool]:
@@ -2610,6 +4216,8 @@ class DockerEnvironment(Environment):
         self._stats = _zero_stats()
         self._driver: str | None = None
         self._running_info: dict[str, Any] | None = None  # inspect of the attached container
+        # Set by destroy(): a start that was making the container then makes nothing more.
+        self._destroyed = False
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -2857,7 +4465,9 @@ class DockerEnvironment(Environment):
         try:
             image = self._ensure_image(config.image)
             self._remove_container()
+            self._refuse_if_destroyed()
             self._create_container(config, image)
+            self._refuse_if_destroyed()  # a delete that ran while the container was created
             info = self._inspect()
             self._attach(info)  # before the start, so that no early output is lost
             if self._state == STARTING:
@@ -2886,6 +4496,11 @@ class DockerEnvironment(Environment):
             self.console.daemon_message(f"The server could not be started: {error.message}")
             self._set_state(OFFLINE)
             raise error from None
+
+    def _refuse_if_destroyed(self) -> None:
+        if self._destroyed:
+            self._remove_container()
+            raise WingsliteError("the start was cancelled: the server was deleted")
 
     def prepare(self, config: ServerConfig) -> None:
         """Pull the server's image now if it is not on the node (called before the start's lock)."""
@@ -3223,6 +4838,7 @@ class DockerEnvironment(Environment):
     def destroy(self) -> None:
         """Remove the container (forced, with its anonymous volumes); a missing one is fine."""
         docker = _docker()
+        self._destroyed = True
         with self._lock:
             if self._state != OFFLINE:
                 self._set_state(STOPPING)
@@ -3232,6 +4848,7 @@ class DockerEnvironment(Environment):
         except docker.errors.NotFound:
             pass
         except (docker.errors.DockerException, OSError) as exc:
+            self._destroyed = False  # the server stays on the node, and may start again
             raise _docker_error("removing the container", exc) from None
         self._set_state(OFFLINE)
         self._exited.set()
@@ -4592,6 +6209,116 @@ class WebsocketToken:
         )
 
 
+# -- signed URLs -----------------------------------------------------------------------------------
+#
+# The browser downloads and uploads files (and downloads backups) straight from the node, with a
+# JWT in the URL that the Panel signed with the node token (Panel NodeJWTService; Wings
+# router/tokens/{file,upload,backup}.go). The same HS256 check as the websocket's applies. Each
+# token is good for one request: Wings remembers every ``unique_id`` it has accepted
+# (router/tokens/token_store.go) and answers a second use -- or a token for a server this node
+# does not hold -- with 404. Tokens issued before the daemon started, or revoked by
+# ``POST /ws/deny`` / ``POST /api/deauthorize-user`` (their ``jti`` is the websocket's), are refused
+# too: the memory of used ids does not survive a restart, so an older token could otherwise be
+# replayed after one.
+
+SIGNED_URL_NOT_FOUND = "The requested resource was not found on this server."
+# kind -> the claims, besides server_uuid and unique_id, that a token of that kind must carry.
+SIGNED_URL_CLAIMS: Mapping[str, tuple[str, ...]] = {
+    "file-download": ("file_path",),
+    "file-upload": (),
+    "backup-download": ("backup_uuid",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedToken:
+    """An accepted one-time token: whose, for which server, and its claims (``file_path``...)."""
+
+    kind: str
+    server_uuid: str
+    user_uuid: str
+    unique_id: str
+    claims: Mapping[str, Any]
+
+    def claim(self, key: str) -> str:
+        value = self.claims.get(key)
+        return value if isinstance(value, str) else ""
+
+
+class SignedUrls:
+    """Verifies the one-time JWTs of ``/download/file``, ``/upload/file`` and ``/download/backup``.
+
+    ``verify(token, kind, has_server)`` returns a ``SignedToken`` or raises ``WingsliteError``:
+    403 for a token that is malformed, signed with another key, expired, revoked, of another kind
+    (a ``scope`` claim, sent by newer Panels, must name ``kind``) or missing a claim; 404 (Wings'
+    text) when ``has_server(server_uuid)`` is false or the ``unique_id`` was used before. Ids are
+    remembered until their token expires, so the memory is bounded by what the Panel issues.
+    """
+
+    prune_every_s = 60.0
+
+    def __init__(self, secret: Callable[[], str], revocations: Revocations | None = None):
+        self._secret = secret  # read per call: a node token that changes is honoured at once
+        self._revocations = revocations
+        self._seen: dict[str, float] = {}  # unique_id -> the token's exp
+        self._lock = threading.Lock()
+        self._pruned_at = time.time()
+
+    def verify(self, token: str, kind: str, has_server: Callable[[str], bool]) -> SignedToken:
+        if kind not in SIGNED_URL_CLAIMS:
+            raise ValueError(f"unknown signed URL kind {kind!r}")
+        if not token:
+            raise WingsliteError(f"the {kind} link has no token", 403)
+        try:
+            claims = decode_jwt(token, self._secret())
+        except JwtError as exc:
+            raise WingsliteError(f"the {kind} token is not valid: {exc}", 403) from None
+        scope = claims.get("scope")
+        if scope is not None and scope != kind:
+            raise WingsliteError(f"the token was issued for {scope!r}, not for {kind!r}", 403)
+        for key in ("server_uuid", "unique_id", *SIGNED_URL_CLAIMS[kind]):
+            if not isinstance(claims.get(key), str) or not claims[key]:
+                raise WingsliteError(f"the {kind} token has no {key} claim", 403)
+        signed = SignedToken(
+            kind,
+            claims["server_uuid"],
+            claims["user_uuid"] if isinstance(claims.get("user_uuid"), str) else "",
+            claims["unique_id"],
+            claims,
+        )
+        self._check_revoked(signed)
+        if not has_server(signed.server_uuid) or not self._first_use(
+            signed.unique_id, claims["exp"]
+        ):
+            raise WingsliteError(SIGNED_URL_NOT_FOUND, 404)
+        return signed
+
+    def _check_revoked(self, signed: SignedToken) -> None:
+        if self._revocations is None:
+            return
+        iat = signed.claims.get("iat")
+        jti = signed.claims.get("jti")
+        problem = self._revocations.check(
+            jti if isinstance(jti, str) else "",
+            signed.user_uuid,
+            signed.server_uuid,
+            iat if _is_number(iat) else -1.0,
+        )
+        if problem:
+            raise WingsliteError(f"the {signed.kind} token is not valid: {problem}", 403)
+
+    def _first_use(self, unique_id: str, exp: float) -> bool:
+        now = time.time()
+        with self._lock:
+            if now - self._pruned_at > self.prune_every_s:
+                self._seen = {k: v for k, v in self._seen.items() if v >= now}
+                self._pruned_at = now
+            if unique_id in self._seen:
+                return False
+            self._seen[unique_id] = exp
+            return True
+
+
 # -- rate limits -----------------------------------------------------------------------------------
 
 
@@ -4696,10 +6423,11 @@ class ConsoleSocket:
     expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
     power_wait_s = 0  # Wings' websocket power actions do not wait for the power lock
 
-    def __init__(self, ws: WebSocket, server: Any, daemon: Any):
+    def __init__(self, ws: WebSocket, server: Any, daemon: Any, ip: str = ""):
         self.ws = ws
         self.server = server
         self.daemon = daemon
+        self.ip = ip  # the client's address, for activity events
         self.token: WebsocketToken | None = None
         self.session: Any = None
         self._expiring_sent = False
@@ -4894,6 +6622,9 @@ class ConsoleSocket:
         if not self.token.can("control.console") or self.server.state == OFFLINE:
             return  # Wings ignores both silently
         self.server.send_command(line)
+        self.server.record_activity(
+            ACTIVITY_CONSOLE_COMMAND, self.token.user_uuid, self.ip, {"command": line}
+        )
 
     def _set_state(self, action: str) -> None:
         assert self.token is not None
@@ -4919,6 +6650,10 @@ class ConsoleSocket:
             self.server.power(action, self.power_wait_s)
         except Exception as exc:
             self._daemon_error(exc)
+            return
+        # Only a power action that succeeded, and only from here: the Panel logs its own HTTP calls.
+        user = self.token.user_uuid if self.token else None
+        self.server.record_activity(ACTIVITY_POWER_PREFIX + action, user, self.ip)
 
     # -- outbound -------------------------------------------------------------------------------
 
@@ -5053,7 +6788,7 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
     ):
         raise WingsliteError("Forbidden: this Origin may not open the server's websocket.", 403)
     ws = WebSocket(handler.connection, _drain_read_buffer(handler))
-    console = ConsoleSocket(ws, server, daemon)
+    console = ConsoleSocket(ws, server, daemon, ip=handler.client_address[0])
     # Registered before counting, so that concurrent upgrades can never exceed the limit together.
     console.register("")
     limit = daemon.config.get("wingslite.websocket_max_per_server")
@@ -5725,7 +7460,8 @@ class _SftpSession:
             return refused
         if not self.server.fs.has_space():
             return SFTP_QUOTA_EXCEEDED  # Wings refuses to open for writing over the limit
-        return self._run(permission, lambda: self._open(path, flags))
+        event = ACTIVITY_SFTP_WRITE if exists else ACTIVITY_SFTP_CREATE
+        return self._logged(event, [path], self._run(permission, lambda: self._open(path, flags)))
 
     def _open(self, path: str, flags: int) -> Any:
         if self.handles >= self.sftp.max_handles:
@@ -5746,29 +7482,36 @@ class _SftpSession:
     # -- changing ------------------------------------------------------------------------------
 
     def mkdir(self, path: str, attr: Any) -> int:
-        return self._run("file.create", lambda: self.jail.mkdir(path, 0o755) or 0)
+        status = self._run("file.create", lambda: self.jail.mkdir(path, 0o755) or 0)
+        return self._logged(ACTIVITY_SFTP_CREATE_DIRECTORY, [path], status)
 
     def rmdir(self, path: str) -> int:
-        return self._run("file.delete", lambda: self.jail.rmdir(path) or 0)
+        return self._logged(
+            ACTIVITY_SFTP_DELETE,
+            [path],
+            self._run("file.delete", lambda: self.jail.rmdir(path) or 0),
+        )
 
     def remove(self, path: str) -> int:
         def action() -> int:
             self._freed(self.jail.remove(path))
             return 0
 
-        return self._run("file.delete", action)
+        return self._logged(ACTIVITY_SFTP_DELETE, [path], self._run("file.delete", action))
 
     def rename(self, oldpath: str, newpath: str) -> int:
         # SFTP v3 rename never replaces an existing file; posix-rename@openssh.com does.
-        return self._run(
+        status = self._run(
             "file.update",
             lambda: self._freed(self.jail.rename(oldpath, newpath, overwrite=False)) or 0,
         )
+        return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
-        return self._run(
+        status = self._run(
             "file.update", lambda: self._freed(self.jail.rename(oldpath, newpath)) or 0
         )
+        return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
     def symlink(self, target_path: str, path: str) -> int:
         return self._run("file.create", lambda: self.jail.symlink(target_path, path) or 0)
@@ -5793,6 +7536,19 @@ class _SftpSession:
         return self._run("file.update", action)
 
     # -- accounting ----------------------------------------------------------------------------
+
+    def _logged(self, event: str, paths: list[Any], result: Any) -> Any:
+        """Record a successful change as Wings' SFTP activity (sftp/event.go); pass ``result`` on."""
+        if isinstance(result, int) and result != 0:
+            return result
+        files: list[Any] = [
+            {"from": self.canonicalize(p[0]), "to": self.canonicalize(p[1])}
+            if isinstance(p, tuple)
+            else self.canonicalize(p)
+            for p in paths
+        ]
+        self.server.record_activity(event, self.login.user_uuid, self.login.ip, {"files": files})
+        return result
 
     def _freed(self, st: os.stat_result | None) -> None:
         """Give back the bytes of a file that is gone (its last link was removed or replaced)."""
@@ -5913,6 +7669,1328 @@ class _SftpFile:
             self.session.handles -= 1
 
 
+# activity #########################################################################################
+#
+# What users did to a server, for the Panel's Activity tab. Events are written to a small SQLite
+# queue under ``system.root_directory`` the moment they happen, and a sender thread posts them to
+# ``POST /api/remote/activity`` every ``system.activity_send_interval`` seconds. A batch leaves
+# the queue only once the Panel accepted it, so a Panel outage or a daemon restart loses nothing.
+
+_ANY_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def activity_ip(address: str | None) -> str | None:
+    """A client address as the Panel accepts it: the IP alone, or None when there is none.
+
+    The Panel validates ``ip`` as an IP address and refuses the whole batch over one
+    ``1.2.3.4:5678`` (ActivityEventRequest), so a port or IPv6 brackets are taken off here.
+    """
+    text = (address or "").strip()
+    candidates = [text]
+    if text.startswith("[") and "]" in text:
+        candidates.append(text[1 : text.index("]")])
+    elif text.count(":") == 1:
+        candidates.append(text.split(":", 1)[0])
+    for candidate in candidates:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(candidate.split("%", 1)[0]))
+    return None
+
+
+def activity_timestamp(at_s: float) -> str:
+    """RFC 3339 in UTC with a ``Z``: the Panel replaces an offset it cannot parse with "now"."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at_s))
+
+
+class ActivityLog:
+    """The node's activity queue (SQLite) and the thread that sends it to the Panel.
+
+    Methods for the caller: ``record(server_uuid, event, user_uuid, ip, metadata)`` (never raises;
+    safe from any thread), ``start()`` / ``stop()`` (the sender thread), ``send_pending()`` (one
+    sending round now), ``pending()`` (events still queued).
+
+    Sending follows Wings' crons (internal/cron/activity_cron.go, sftp_cron.go): up to
+    ``batch_size`` ordinary events per request; SFTP events of one user, server, IP and kind
+    within one minute are merged into one event whose ``files`` lists them all, stamped with the
+    first one's time. A batch the Panel refuses with a 4xx can never succeed: it is logged and
+    dropped instead of being resent forever. Any other failure keeps it for the next round.
+    Deletes go one id at a time (``executemany``), so no batch size meets SQLite's limit on
+    variables per statement (the bug of GHSA-2497-gp99-2m74).
+    """
+
+    max_batches_per_round = 50  # drains a backlog after an outage without starving the interval
+
+    def __init__(self, path: Path, panel: Any, interval_s: float = 60, batch_size: int = 100):
+        self.path = Path(path)
+        self.panel = panel
+        self.interval_s = max(1.0, float(interval_s))
+        self.batch_size = max(1, int(batch_size))
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        """The queue's connection (``_lock`` held), opened on first use."""
+        if self._db is None:
+            self._db = self._open()
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
+            " ip TEXT, at_s REAL NOT NULL)"
+        )
+        return db
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def record(
+        self,
+        server_uuid: str,
+        event: str,
+        user_uuid: str | None = None,
+        ip: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Queue one event now; a failure is logged, never raised into the caller's action."""
+        try:
+            row = (
+                user_uuid if user_uuid and _ANY_UUID_RE.fullmatch(user_uuid) else None,
+                server_uuid,
+                event,
+                None if metadata is None else json.dumps(dict(metadata), separators=(",", ":")),
+                activity_ip(ip),
+                time.time(),
+            )
+            with self._lock:
+                self._conn().execute(
+                    "INSERT INTO activity (user, server, event, metadata, ip, at_s)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+        except (sqlite3.Error, OSError, TypeError, ValueError) as exc:
+            LOG.error("activity %s of server %s could not be queued: %s", event, server_uuid, exc)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._conn().execute("SELECT COUNT(*) FROM activity").fetchone()[0]
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="wingslite-activity", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.send_pending()
+            except Exception:  # the sender must outlive any one bad round
+                LOG.exception("sending activity to the Panel failed")
+
+    def send_pending(self) -> int:
+        """One round: send queued events until the queue is empty or the Panel fails; the count sent."""
+        sent = 0
+        for take in (self._take_ordinary, self._take_sftp):
+            for _ in range(self.max_batches_per_round):
+                if self._stop.is_set() and self._thread is not None:
+                    return sent
+                ids, events = take()
+                if not ids:
+                    break
+                if not self._send(ids, events):
+                    return sent
+                sent += len(events)
+                if len(events) < self.batch_size:
+                    break
+        return sent
+
+    def _rows(self, where: str, limit: int) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return (
+                self._conn()
+                .execute(
+                    "SELECT id, user, server, event, metadata, ip, at_s FROM activity"
+                    f" WHERE {where} ORDER BY id LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
+
+    def _take_ordinary(self) -> tuple[list[int], list[dict[str, Any]]]:
+        rows = self._rows("event NOT LIKE 'server:sftp.%'", self.batch_size)
+        return [r[0] for r in rows], [_activity_event(*r[1:]) for r in rows]
+
+    def _take_sftp(self) -> tuple[list[int], list[dict[str, Any]]]:
+        """SFTP rows merged per (user, server, ip, event, minute), at most ``batch_size`` events."""
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        ids: list[int] = []
+        rows = self._rows("event LIKE 'server:sftp.%'", self.batch_size * 20)
+        for row_id, user, server, event, metadata, ip, at_s in rows:
+            key = (user, server, ip, event, time.strftime("%Y-%m-%d_%H:%M", time.gmtime(at_s)))
+            if key not in merged:
+                if len(merged) >= self.batch_size:
+                    continue  # the next batch takes it
+                merged[key] = _activity_event(user, server, event, None, ip, at_s)
+                merged[key]["metadata"] = {"files": []}
+            files = (json.loads(metadata) or {}).get("files") if metadata else None
+            merged[key]["metadata"]["files"].extend(files if isinstance(files, list) else [])
+            ids.append(row_id)
+        return ids, list(merged.values())
+
+    def _send(self, ids: list[int], events: list[dict[str, Any]]) -> bool:
+        """POST one batch; True when it may leave the queue (accepted, or refused for good)."""
+        try:
+            self.panel.send_activity(events)
+        except PanelError as exc:
+            if not 400 <= exc.http_status < 500:
+                LOG.warning(
+                    "activity: %d event(s) kept for the next round: %s", len(ids), exc.message
+                )
+                return False
+            LOG.error("activity: the Panel refused %d event(s), dropped: %s", len(ids), exc.message)
+        with self._lock:
+            self._conn().executemany("DELETE FROM activity WHERE id = ?", [(i,) for i in ids])
+        return True
+
+
+def _activity_event(
+    user: str | None, server: str, event: str, metadata: str | None, ip: str | None, at_s: float
+) -> dict[str, Any]:
+    """One item of ``POST /api/remote/activity`` with Wings' field names."""
+    return {
+        "user": user,
+        "server": server,
+        "event": event,
+        "metadata": json.loads(metadata) if metadata else None,
+        "ip": ip,
+        "timestamp": activity_timestamp(at_s),
+    }
+
+
+# file manager #####################################################################################
+
+# The Panel's Files tab (Wings router/router_server_files.go, router/router_download.go,
+# server/filesystem/*). Every path goes through the server's ``Jail``: a leading "/" is the
+# server's own root, ".." cannot climb out of it, a symlink is followed only while it stays
+# inside. The egg's ``file_denylist`` refuses writes, renames, copies, uploads and extraction (as
+# Wings); reads, listings, deletes and chmod ignore it (as Wings). Every write is staged under a
+# temporary name beside its target, metered against the disk limit chunk by chunk, and renamed
+# over the target only when complete -- a refused or broken write leaves the old file as it was
+# and nothing new behind. Request bodies and answers are streamed; no file is held in memory.
+
+# Wings' texts (router/middleware/request_error.go, router/router_server_files.go).
+FM_NOT_FOUND = "The requested resources was not found on the system."
+FM_DENYLIST = "This file cannot be modified: present in egg denylist."
+FM_IS_DIR = "Cannot perform that action: file is a directory."
+FM_NO_SPACE = "There is not enough disk space available to perform that action."
+FM_NAME_TOO_LONG = "Cannot perform that action: file name is too long."
+FM_PULL_DISABLED = "This functionality is not currently enabled on this instance."
+FM_PULL_LIMIT = (
+    "This server has reached its limit of 3 simultaneous remote file downloads at once. "
+    "Please wait for one to complete before trying again."
+)
+FM_MAX_PULLS_PER_SERVER = 3
+FM_CHUNK_BYTES = 256 * 1024
+FM_DISCARD_BYTES = 64 * 1048576  # a refused body up to this size is read, so the client hears why
+FM_PULL_USER_AGENT = "Pterodactyl Panel (https://pterodactyl.io)"  # what Wings sends
+FM_PULL_READ_TIMEOUT_S = 60.0
+_FM_SERVER = r"/api/servers/(?P<server>[^/]+)/files"
+# Built-in tables only: the host's /etc/mime.types would make answers differ between nodes.
+_MIME_TYPES = mimetypes.MimeTypes()
+# (offset, magic, type) as gabriel-vasile/mimetype (Wings' detector) names them; the Panel offers
+# "Unarchive" for the archive types and refuses to edit the binary ones.
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x1f\x8b", "application/gzip"),
+    (0, b"PK\x03\x04", "application/zip"),
+    (0, b"PK\x05\x06", "application/zip"),
+    (0, b"BZh", "application/x-bzip2"),
+    (0, b"\xfd7zXZ\x00", "application/x-xz"),
+    (0, b"7z\xbc\xaf\x27\x1c", "application/x-7z-compressed"),
+    (0, b"Rar!\x1a\x07", "application/x-rar-compressed"),
+    (0, b"\x28\xb5\x2f\xfd", "application/zstd"),
+    (257, b"ustar", "application/x-tar"),
+    (0, b"\x89PNG\r\n\x1a\n", "image/png"),
+    (0, b"\xff\xd8\xff", "image/jpeg"),
+    (0, b"GIF8", "image/gif"),
+    (0, b"%PDF-", "application/pdf"),
+    (0, b"\x7fELF", "application/x-elf"),
+)
+_TEXT_APPLICATION_TYPES = frozenset(
+    ("application/json", "application/xml", "application/javascript", "application/x-sh")
+)
+
+
+class NotEnoughSpace(OSError):
+    """A write that would pass the server's disk limit (Wings' ``E_NODISK``)."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EDQUOT, "filesystem: not enough disk space")
+
+
+def detect_mime(head: bytes, name: str) -> str:
+    """The type the Panel's editor reads: magic numbers first, then UTF-8 text, then the name.
+
+    A UTF-8 file is ``text/plain; charset=utf-8`` unless its extension names a text type; an
+    empty file counts as text (the Panel can open it). Binary without magic or a known extension
+    is ``application/octet-stream``, which the Panel does not open in its editor.
+    """
+    for offset, magic, kind in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            if kind == "application/zip" and name.lower().endswith(".jar"):
+                return "application/jar"
+            return kind
+    guess = _MIME_TYPES.guess_type(name, strict=False)[0]
+    if b"\x00" not in head:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            pass
+        else:
+            if guess and guess.startswith("text/"):
+                return f"{guess}; charset=utf-8"
+            if guess in _TEXT_APPLICATION_TYPES or (guess or "").endswith(("+json", "+xml")):
+                return guess
+            return "text/plain; charset=utf-8"
+    if guess and not guess.startswith("text/"):
+        return guess
+    return "application/octet-stream"
+
+
+def go_file_mode(mode: int) -> str:
+    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``drwxr-xr-x``, ``Lrwxrwxrwx``)."""
+    kinds = [
+        (stat.S_ISDIR(mode), "d"),
+        (stat.S_ISLNK(mode), "L"),
+        (stat.S_ISBLK(mode) or stat.S_ISCHR(mode), "D"),
+        (stat.S_ISFIFO(mode), "p"),
+        (stat.S_ISSOCK(mode), "S"),
+        (bool(mode & stat.S_ISUID), "u"),
+        (bool(mode & stat.S_ISGID), "g"),
+        (stat.S_ISCHR(mode), "c"),
+        (bool(mode & stat.S_ISVTX), "t"),
+    ]
+    prefix = "".join(letter for on, letter in kinds if on) or "-"
+    perms = "".join(c if mode & (1 << (8 - i)) else "-" for i, c in enumerate("rwxrwxrwx"))
+    return prefix + perms
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+
+
+def stat_object(
+    name: str, st: os.stat_result, mime: str, target: os.stat_result | None = None
+) -> dict[str, Any]:
+    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads it.
+
+    ``st`` is the entry itself (lstat); for a symlink, ``target`` is what it resolves to inside
+    the jail (None when it dangles or leads out), which decides ``directory``/``file`` and the size.
+    Unlike Wings v1.11 (whose ``symlink`` is always false), a symlink says so.
+    """
+    shown = target if target is not None else st
+    is_dir = stat.S_ISDIR(shown.st_mode)
+    return {
+        "name": name,
+        "created": _rfc3339(st.st_ctime),
+        "modified": _rfc3339(st.st_mtime),
+        "mode": go_file_mode(st.st_mode),
+        "mode_bits": format(st.st_mode & 0o777, "o"),
+        "size": shown.st_size,
+        "directory": is_dir,
+        "file": not is_dir,
+        "symlink": stat.S_ISLNK(st.st_mode),
+        "mime": mime,
+    }
+
+
+def _file_head(jail: Jail, path: str) -> bytes:
+    fd = jail.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, 3072, 0)
+    finally:
+        os.close(fd)
+
+
+def stat_path(jail: Jail, path: str, st: os.stat_result | None = None) -> dict[str, Any]:
+    """The ``Stat`` of one jail path (``st``: its lstat, when the caller has it already)."""
+    st = st if st is not None else jail.lstat(path)
+    name = posixpath.basename(jail.normalize(path)) or "/"
+    target = None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = jail.stat(path)
+        except OSError:  # dangling, or leading out of the jail: shown as the link it is
+            return stat_object(name, st, "inode/symlink")
+    shown = target or st
+    if stat.S_ISDIR(shown.st_mode):
+        return stat_object(name, st, "inode/directory", target)
+    if not stat.S_ISREG(shown.st_mode):
+        return stat_object(name, st, "application/octet-stream", target)
+    try:
+        head = _file_head(jail, path)
+    except OSError:
+        head = b"\x00"  # vanished or unreadable meanwhile: binary, not editable
+    return stat_object(name, st, detect_mime(head, name), target)
+
+
+def list_directory(jail: Jail, path: str) -> list[dict[str, Any]]:
+    """Every entry of a directory as ``Stat``: directories first, then by name (byte order)."""
+    base = jail.normalize(path)
+    out = []
+    for name, st in jail.listdir(path):
+        with contextlib.suppress(FileNotFoundError):
+            out.append(stat_path(jail, posixpath.join(base, name), st))
+    out.sort(key=lambda s: (not s["directory"], s["name"].encode("utf-8", "surrogateescape")))
+    return out
+
+
+def fs_error(exc: OSError) -> WingsliteError:
+    """An ``OSError`` from the jail as Wings' status and text; a missing file is 404 (Wings: 500)."""
+    code = exc.errno
+    if isinstance(exc, PathEscape) or code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        return WingsliteError(FM_NOT_FOUND, 404)
+    if code == errno.EACCES and "denylist" in str(exc.strerror or ""):
+        return WingsliteError(FM_DENYLIST, 403)
+    if code == errno.EISDIR:
+        return WingsliteError(FM_IS_DIR, 400)
+    if code in (errno.EDQUOT, errno.ENOSPC):
+        return WingsliteError(FM_NO_SPACE, 400)
+    if code == errno.ENAMETOOLONG:
+        return WingsliteError(FM_NAME_TOO_LONG, 400)
+    if code == errno.EEXIST:
+        return WingsliteError("A file or directory already exists at that path.", 400)
+    if code in (errno.EPERM, errno.EACCES):
+        return WingsliteError(f"The operation was not permitted: {exc.strerror}.", 403)
+    if code == errno.ETXTBSY:
+        return WingsliteError(
+            "One or more files this action is attempting to overwrite are currently in use by "
+            "another process. Please try again.",
+            400,
+        )
+    LOG.error("file manager: unexpected filesystem error: %s", exc)
+    return WingsliteError("An unexpected error was encountered while processing this request")
+
+
+@contextlib.contextmanager
+def fs_errors() -> Iterator[None]:
+    """Turn the jail's ``OSError``s (and paths that are not text) into answers."""
+    try:
+        yield
+    except OSError as exc:
+        raise fs_error(exc) from None
+    except (UnicodeError, ValueError):
+        raise BadRequest("the path is not valid") from None
+
+
+def makedirs(jail: Jail, path: str, mode: int = 0o755) -> None:
+    """``mkdir -p`` inside the jail (an existing symlink to a directory inside it is walked)."""
+    current = ""
+    for part in jail.parts(path):
+        current += "/" + part
+        with contextlib.suppress(FileExistsError):
+            jail.mkdir(current, mode)
+
+
+def node_owner(daemon: Any) -> tuple[int, int] | None:
+    """The uid/gid files made for a server belong to (Wings ``system.user``), when root can chown."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid, gid = daemon.config.get("system.user.uid"), daemon.config.get("system.user.gid")
+    except KeyError:
+        return None
+    return (uid, gid) if isinstance(uid, int) and isinstance(gid, int) else None
+
+
+def remove_tree(jail: Jail, path: str) -> int:
+    """Remove a file, a symlink (never its target) or a whole directory; returns the bytes freed.
+
+    The walk holds each directory open and works on names relative to it with no-follow calls, so
+    a symlink swapped in while it runs is unlinked, never descended into.
+    """
+    with jail.resolve(path, follow=False) as where:
+        if where.name is None:
+            raise PermissionError(errno.EPERM, "the server's root directory cannot be deleted")
+        return _remove_at(where.dir_fd, where.name)
+
+
+def _freed_bytes(st: os.stat_result) -> int:
+    return st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1 else 0
+
+
+def _remove_at(dir_fd: int, name: str) -> int:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return _freed_bytes(st)
+    freed = 0
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    frames: list[tuple[int, str, int, list[str]]] = []  # (parent fd, name, fd, names left)
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+        frames.append((dir_fd, name, fd, os.listdir(fd)))
+        while frames:
+            parent, own, fd, names = frames[-1]
+            if not names:
+                frames.pop()
+                os.close(fd)
+                os.rmdir(own, dir_fd=parent)
+                continue
+            child = names.pop()
+            st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                child_fd = os.open(child, flags, dir_fd=fd)
+                frames.append((fd, child, child_fd, os.listdir(child_fd)))
+            else:
+                os.unlink(child, dir_fd=fd)
+                freed += _freed_bytes(st)
+    finally:
+        for _, _, fd, _ in frames:
+            os.close(fd)
+    return freed
+
+
+class StagedFile:
+    """A file written under a temporary name beside its target, metered, renamed over it at the end.
+
+    Methods for the caller: ``write(data)`` (books the bytes with ``Filesystem.reserve()`` first,
+    ``NotEnoughSpace`` if they do not fit), ``commit()``, ``abort()``; or use it as a context
+    manager (commit on success, abort on any error). A target that is a symlink inside the jail is
+    written through to where it points. The bytes of a file being replaced are credited for the
+    duration, so rewriting a file costs only its growth, as in Wings.
+    """
+
+    def __init__(self, jail: Jail, fs: Filesystem, path: str, mode: int = 0o644, owner: Any = None):
+        self.jail, self.fs, self.owner = jail, fs, owner
+        normalized = jail.normalize(path)
+        if jail.is_denied is not None and jail.is_denied(normalized):
+            raise PermissionError(errno.EACCES, "this file is in the egg's file_denylist", path)
+        makedirs(jail, posixpath.dirname(normalized))
+        with jail.resolve(normalized) as where:
+            if where.name is None:
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            self.target = "/" + where.relpath
+            try:
+                old = os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                old = None
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        self.old_bytes = _freed_bytes(old) if old is not None else 0
+        parent = posixpath.dirname(self.target)
+        self.tmp = posixpath.join(parent, f".wingslite-{uuidlib.uuid4().hex[:16]}.part")
+        self.written = 0
+        self.finished = False
+        self.fd = jail.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fs.add_usage(-self.old_bytes)
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def write(self, data: bytes) -> None:
+        if not self.fs.reserve(len(data)):
+            raise NotEnoughSpace()
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            self.written += n
+            view = view[n:]
+
+    def _close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def commit(self) -> None:
+        if self.finished:
+            return
+        self._close()
+        try:
+            if self.owner is not None:
+                self.jail.chown(self.tmp, *self.owner)
+            self.jail.rename(self.tmp, self.target)
+        except BaseException:
+            self.abort()
+            raise
+        self.finished = True
+
+    def abort(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._close()
+        with contextlib.suppress(OSError):
+            self.jail.remove(self.tmp)
+        self.fs.add_usage(self.old_bytes - self.written)
+
+
+def copy_name(jail: Jail, path: str) -> str:
+    """Wings' name for a copy beside the file: ``a copy.txt``, ``a copy 1.txt`` ... (``x.tar.gz`` kept whole)."""
+    parent, base = posixpath.split(jail.normalize(path))
+    stem, ext = posixpath.splitext(base)
+    if stem.endswith(".tar"):
+        stem, ext = stem[:-4], ".tar" + ext
+    for i in range(51):
+        candidate = posixpath.join(parent, f"{stem} copy{f' {i}' if i else ''}{ext}")
+        try:
+            jail.lstat(candidate)
+        except FileNotFoundError:
+            return candidate
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return posixpath.join(parent, f"{stem}copy.{stamp}{ext}")
+
+
+def record_activity(server: Any, event: str, user_uuid: str, ip: str, metadata: dict) -> None:
+    """Hand a user's file event to the server's activity log, when the node keeps one."""
+    record = getattr(server, "record_activity", None)
+    if record is not None:
+        record(event, user_uuid, ip, metadata)
+
+
+# -- multipart bodies -------------------------------------------------------------------------------
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    """The boundary of a ``multipart/form-data`` Content-Type (RFC 7578), or None."""
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        return None
+    for param in params.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary":
+            value = value.strip().strip('"')
+            if 0 < len(value) <= 200:
+                return value.encode("latin-1", "replace")
+    return None
+
+
+class MultipartReader:
+    """``multipart/form-data`` read as a stream (RFC 7578/2046): parts one after the other.
+
+    ``parts()`` yields ``(headers, chunks)`` where ``chunks`` is an iterator over the part's body;
+    a part not read to its end is skipped when the next one is asked for. Memory is bounded by
+    the chunk size plus one delimiter, whatever the size of the parts.
+    """
+
+    max_header_bytes = 16 * 1024
+
+    def __init__(self, read: Callable[[int], bytes], boundary: bytes, chunk_bytes: int = 65536):
+        self._read = read
+        self._delimiter = b"\r\n--" + boundary
+        self._chunk = chunk_bytes
+        self._buf = b"\r\n"  # so the first delimiter looks like every other one
+        self._eof = False
+
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        data = self._read(self._chunk)
+        if not data:
+            self._eof = True
+            return False
+        self._buf += data
+        return True
+
+    def _until(self, marker: bytes, limit: int) -> bytes:
+        while marker not in self._buf:
+            if len(self._buf) > limit or not self._fill():
+                raise BadRequest("Failed to get multipart form data from request.")
+        head, _, self._buf = self._buf.partition(marker)
+        return head
+
+    def parts(self) -> Iterator[tuple[dict[str, str], Iterator[bytes]]]:
+        self._until(self._delimiter, self.max_header_bytes)  # the preamble
+        while True:
+            while len(self._buf) < 2 and self._fill():
+                pass
+            if self._buf.startswith(b"--"):
+                return
+            if not self._buf.startswith(b"\r\n"):
+                raise BadRequest("Failed to get multipart form data from request.")
+            self._buf = self._buf[2:]
+            headers = self._headers(self._until(b"\r\n\r\n", self.max_header_bytes))
+            body = self._body()
+            yield headers, body
+            for _ in body:  # whatever the consumer left unread
+                pass
+
+    @staticmethod
+    def _headers(raw: bytes) -> dict[str, str]:
+        headers = {}
+        for line in raw.decode("utf-8", "replace").split("\r\n"):
+            key, sep, value = line.partition(":")
+            if sep:
+                headers[key.strip().lower()] = value.strip()
+        return headers
+
+    def _body(self) -> Iterator[bytes]:
+        keep = len(self._delimiter) - 1
+        while True:
+            at = self._buf.find(self._delimiter)
+            if at >= 0:
+                chunk, self._buf = self._buf[:at], self._buf[at + len(self._delimiter) :]
+                if chunk:
+                    yield chunk
+                return
+            if len(self._buf) > keep:
+                chunk, self._buf = self._buf[:-keep], self._buf[-keep:]
+                yield chunk
+            if not self._fill():
+                raise BadRequest("the multipart body ended before its closing boundary")
+
+
+def form_disposition(value: str) -> dict[str, str]:
+    """``Content-Disposition: form-data; name="files"; filename="a.txt"`` as a dict."""
+    out = {}
+    for param in re.finditer(r';\s*([\w*]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', value):
+        key, raw = param.group(1).lower(), param.group(2).strip()
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        out[key] = raw
+    if "filename*" in out and "''" in out["filename*"]:
+        out["filename"] = urllib.parse.unquote(out["filename*"].split("''", 1)[1])
+    return out
+
+
+# -- remote downloads (files/pull) --------------------------------------------------------------
+
+
+class PullRefused(OSError):
+    """A remote download that may not go where its URL leads."""
+
+
+def is_internal_address(ip: str) -> bool:
+    """Loopback, private, link-local, shared, reserved, multicast... anything not the public Internet."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return True
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not addr.is_global or addr.is_multicast
+
+
+def _connect_public(allow_internal: bool, address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+    # The address checked is the one the socket is connected to, not a DNS answer read earlier,
+    # so a name that resolves differently the second time (DNS rebinding) gains nothing.
+    sock = socket.create_connection(address, *args, **kwargs)
+    peer = sock.getpeername()[0]
+    if not allow_internal and is_internal_address(peer):
+        sock.close()
+        raise PullRefused(
+            errno.EACCES,
+            f"the URL's host is an internal address ({peer}); remote downloads may only reach "
+            "public addresses",
+        )
+    return sock
+
+
+class _PullHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, allow_internal: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_connect_public, allow_internal)
+
+
+class _PullHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, allow_internal: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_connect_public, allow_internal)
+
+
+class _PullHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allow_internal: bool):
+        super().__init__()
+        self.allow_internal = allow_internal
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(_PullHTTPConnection, req, allow_internal=self.allow_internal)
+
+
+class _PullHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow_internal: bool):
+        super().__init__()
+        self.allow_internal = allow_internal
+
+    def https_open(self, req: Any) -> Any:
+        return self.do_open(
+            _PullHTTPSConnection, req, context=self._context, allow_internal=self.allow_internal
+        )
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # Wings does not follow redirects either (router/downloader: ErrUseLastResponse): a redirect
+    # could lead anywhere, and the answer to it is a refused download.
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+def pull_opener(allow_internal: bool = False) -> urllib.request.OpenerDirector:
+    """urllib without proxies (the peer checked must be the real one) and without redirects."""
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        _PullHTTPHandler(allow_internal),
+        _PullHTTPSHandler(allow_internal),
+        _NoRedirects(),
+    )
+
+
+class Pull:
+    """One remote download into a server's directory (Wings router/downloader)."""
+
+    def __init__(self, server: Any, url: str, directory: str, file_name: str, use_header: bool):
+        self.identifier = str(uuidlib.uuid4())
+        self.server, self.url, self.directory = server, url, directory
+        self.file_name, self.use_header = file_name, use_header
+        self.progress = 0.0
+        self.path = ""
+        self.cancelled = threading.Event()
+
+    def view(self) -> dict[str, Any]:
+        return {"Identifier": self.identifier, "Progress": self.progress}  # Go's field names
+
+    def _name(self, response: Any) -> str:
+        name = ""
+        if self.use_header:
+            disposition = response.headers.get("Content-Disposition") or ""
+            name = form_disposition(";" + disposition.partition(";")[2]).get("filename", "")
+        if not name:
+            name = self.file_name or urllib.parse.unquote(
+                urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1]
+            )
+        name = posixpath.basename(name.replace("\\", "/"))
+        if name in ("", ".", ".."):
+            raise BadRequest("the download has no file name: give file_name")
+        return name
+
+    def run(self, opener: urllib.request.OpenerDirector, owner: Any) -> str:
+        """Download to the server; returns the jail path written. Raises ``WingsliteError``."""
+        request = urllib.request.Request(self.url, headers={"User-Agent": FM_PULL_USER_AGENT})
+        try:
+            with opener.open(request, timeout=FM_PULL_READ_TIMEOUT_S) as response:
+                if response.status != 200:
+                    raise BadRequest(f"the remote server answered {response.status}, not 200")
+                self.path = posixpath.join(self.directory or "/", self._name(response))
+                length = int(response.headers.get("Content-Length") or 0)
+                if length and not self.server.fs.has_space(length):
+                    raise fs_error(NotEnoughSpace())
+                self._copy(response, length, owner)
+        except PullRefused as exc:
+            raise WingsliteError(str(exc.strerror), 400) from None
+        except urllib.error.HTTPError as exc:
+            raise BadRequest(
+                f"the remote server answered {exc.code} {exc.reason}, not 200 (redirects are not followed)"
+            ) from None
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, PullRefused):
+                raise WingsliteError(str(reason.strerror), 400) from None
+            raise BadRequest(f"the download failed: {reason}") from None
+        except (
+            OSError,
+            ValueError,
+        ) as exc:  # a connection reset, a Content-Length that is not a number
+            raise BadRequest(f"the download failed: {exc}") from None
+        return self.path
+
+    def _read(self, response: Any) -> bytes:
+        if self.cancelled.is_set():
+            raise BadRequest("the download was cancelled")
+        try:
+            return response.read1(FM_CHUNK_BYTES)  # what has arrived: progress moves
+        except (OSError, http.client.HTTPException) as exc:
+            raise BadRequest(f"the download failed: {exc}") from None
+
+    def _copy(self, response: Any, length: int, owner: Any) -> None:
+        fs = self.server.fs
+        with Jail(fs.root, is_denied=fs.is_denied) as jail, fs_errors():
+            with StagedFile(jail, fs, self.path, owner=owner) as staged:
+                while chunk := self._read(response):
+                    staged.write(chunk)
+                    if length:
+                        self.progress = min(1.0, staged.written / length)
+            self.progress = 1.0
+
+
+class Pulls:
+    """The remote downloads running on this node, by server (at most three per server, as Wings)."""
+
+    def __init__(self) -> None:
+        self._pulls: dict[str, Pull] = {}
+        self._lock = threading.Lock()
+
+    def of(self, server_uuid: str) -> list[Pull]:
+        with self._lock:
+            return [p for p in self._pulls.values() if p.server.uuid == server_uuid]
+
+    def add(self, pull: Pull) -> None:
+        with self._lock:
+            if sum(p.server.uuid == pull.server.uuid for p in self._pulls.values()) >= (
+                FM_MAX_PULLS_PER_SERVER
+            ):
+                raise BadRequest(FM_PULL_LIMIT)
+            self._pulls[pull.identifier] = pull
+
+    def done(self, pull: Pull) -> None:
+        with self._lock:
+            self._pulls.pop(pull.identifier, None)
+
+    def cancel(self, server_uuid: str, identifier: str | None = None) -> None:
+        """Cancel one download of a server (or all of them when ``identifier`` is None)."""
+        with self._lock:
+            for pull in list(self._pulls.values()):
+                if pull.server.uuid == server_uuid and identifier in (None, pull.identifier):
+                    pull.cancelled.set()
+                    self._pulls.pop(pull.identifier, None)
+
+
+# -- routes ------------------------------------------------------------------------------------------
+
+FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
+    ("GET", _FM_SERVER + r"/contents", "file_contents", True),
+    ("GET", _FM_SERVER + r"/list-directory", "list_directory", True),
+    ("PUT", _FM_SERVER + r"/rename", "rename_files", True),
+    ("POST", _FM_SERVER + r"/copy", "copy_file", True),
+    ("POST", _FM_SERVER + r"/write", "write_file", True),
+    ("POST", _FM_SERVER + r"/create-directory", "create_directory", True),
+    ("POST", _FM_SERVER + r"/delete", "delete_files", True),
+    ("POST", _FM_SERVER + r"/chmod", "chmod_files", True),
+    ("GET", _FM_SERVER + r"/pull", "list_pulls", True),
+    ("POST", _FM_SERVER + r"/pull", "pull_file", True),
+    ("DELETE", _FM_SERVER + r"/pull/(?P<download>[^/]+)", "cancel_pull", True),
+    ("GET", r"/download/file", "download_file", False),  # a one-time JWT in the query
+    ("POST", r"/upload/file", "upload_file", False),  # a one-time JWT in the query
+)
+
+
+class FileManagerRoutes:
+    """The file routes of ``ApiHandler`` (a mix-in: uses its ``read_json``, ``_respond``, ``query``)."""
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _param(self, name: str, default: str = "") -> str:
+        return self.query.get(name, [default])[0]
+
+    def _jail(self, server: Any, denylist: bool = False) -> Jail:
+        try:
+            server.fs.ensure()
+            return Jail(server.fs.root, is_denied=server.fs.is_denied if denylist else None)
+        except OSError as exc:
+            raise WingsliteError(f"the server's directory cannot be opened: {exc}") from None
+
+    def _json_object(self) -> dict[str, Any]:
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise WingsliteError("The data provided in the request could not be validated.", 422)
+        return body
+
+    @staticmethod
+    def _text(body: Mapping[str, Any], key: str, default: str = "") -> str:
+        value = body.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise WingsliteError(f"{key} must be a string", 422)
+        return value
+
+    def _file_list(self, body: Mapping[str, Any], empty_error: str) -> list[Any]:
+        files = body.get("files")
+        if not isinstance(files, list) or not files:
+            raise WingsliteError(empty_error, 422)
+        return files
+
+    def _write_head(self, status: int, headers: Mapping[str, str]) -> None:
+        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+        all_headers = {"Date": self.date_time_string(), "Server": self.server_version}
+        all_headers.update(self._cors_headers())
+        all_headers["X-Request-Id"] = self.request_id
+        if self.close_connection:
+            all_headers["Connection"] = "close"
+        all_headers.update(headers)
+        lines += [f"{k}: {v}" for k, v in all_headers.items()]
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.last_status = status
+
+    def _send_file(self, fd: int, size: int, headers: Mapping[str, str]) -> None:
+        """Stream ``size`` bytes of an open file (``sendfile`` where the socket allows it)."""
+        self._drain_unread_body()
+        self._write_head(200, {"Content-Length": str(size), **headers})
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            try:
+                sent = self.connection.sendfile(fh, 0, size) if size else 0
+            except OSError:
+                sent = -1
+        if sent != size:  # the file shrank, or the client went away: the framing is broken
+            self.close_connection = True
+
+    def _body_reader(self) -> tuple[Callable[[int], bytes], int]:
+        """A ``read(n)`` over the request body bounded by Content-Length, and that length."""
+        self.body_read = True
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise WingsliteError(
+                "chunked request bodies are not supported; send Content-Length", 411
+            )
+        try:
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            self.close_connection = True
+            raise BadRequest("Missing Content-Length") from None
+        if length < 0:
+            self.close_connection = True
+            raise BadRequest("Missing Content-Length")
+        remaining = [length]
+
+        def read(n: int) -> bytes:
+            if remaining[0] <= 0:
+                return b""
+            data = self.rfile.read(min(n, remaining[0]))
+            if not data:
+                self.close_connection = True
+                raise BadRequest("the request body ended early")
+            remaining[0] -= len(data)
+            return data
+
+        return read, length
+
+    def _discard_body(self, read: Callable[[int], bytes]) -> None:
+        """Read what is left of a refused body (up to ``FM_DISCARD_BYTES``), else close."""
+        budget = FM_DISCARD_BYTES
+        try:
+            while budget > 0 and (data := read(FM_CHUNK_BYTES)):
+                budget -= len(data)
+        except (OSError, WingsliteError):
+            self.close_connection = True
+            return
+        if budget <= 0:
+            self.close_connection = True
+
+    # -- Bearer routes ---------------------------------------------------------------------------
+
+    def route_list_directory(self, server: Any) -> tuple[int, Any]:
+        with self._jail(server) as jail, fs_errors():
+            return 200, list_directory(jail, self._param("directory", "/"))
+
+    def route_file_contents(self, server: Any) -> tuple[int | None, Any]:
+        with self._jail(server) as jail, fs_errors():
+            path = self._param("file")
+            try:
+                fd = jail.open(path, os.O_RDONLY)
+            except OSError as exc:
+                if exc.errno == errno.EPERM:  # a FIFO, socket or device (panel#4059)
+                    raise BadRequest("Cannot open files of this type.") from None
+                raise
+            try:
+                info = stat_path(jail, path)
+                size = os.fstat(fd).st_size
+                headers = {"X-Mime-Type": info["mime"], "Content-Type": info["mime"]}
+                if self._param("download"):
+                    headers["Content-Disposition"] = (
+                        f"attachment; filename={json.dumps(info['name'])}"
+                    )
+                    headers["Content-Type"] = "application/octet-stream"
+                self._send_file(fd, size, headers)
+            finally:
+                os.close(fd)
+        return None, None
+
+    def route_write_file(self, server: Any) -> tuple[int, Any]:
+        read, length = self._body_reader()
+        try:
+            self._write_file(server, self._param("file"), read, length)
+        except BaseException:
+            self._discard_body(read)  # so that the client reads the answer, not a broken pipe
+            raise
+        return 204, None
+
+    def _write_file(
+        self, server: Any, path: str, read: Callable[[int], bytes], length: int
+    ) -> None:
+        owner = node_owner(self.server.daemon)
+        with self._jail(server, denylist=True) as jail, fs_errors():
+            normalized = jail.normalize(path)
+            if jail.is_denied(normalized):
+                raise WingsliteError(FM_DENYLIST, 403)
+            try:
+                old = jail.stat(normalized)
+                if stat.S_ISDIR(old.st_mode):
+                    raise BadRequest(
+                        "Cannot write file, name conflicts with an existing directory by the same name."
+                    )
+                old_size = old.st_size
+            except FileNotFoundError:
+                old_size = 0
+            if not server.fs.has_space(length - old_size):
+                raise NotEnoughSpace()
+            with StagedFile(jail, server.fs, normalized, owner=owner) as staged:
+                while chunk := read(FM_CHUNK_BYTES):
+                    staged.write(chunk)
+
+    def route_create_directory(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        name, parent = self._text(body, "name"), self._text(body, "path", "/")
+        if not name.strip("/"):
+            raise WingsliteError("A directory name is required.", 422)
+        with self._jail(server) as jail, fs_errors():
+            try:
+                makedirs(jail, f"{parent}/{name}")
+            except NotADirectoryError:
+                raise BadRequest(
+                    "Part of the path being created is not a directory (ENOTDIR)."
+                ) from None
+        return 204, None
+
+    def route_rename_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files to move or rename were provided.")
+        pairs = []
+        for item in files:
+            if not isinstance(item, dict):
+                raise WingsliteError('each file must be {"from": "...", "to": "..."}', 422)
+            source, target = self._text(item, "from"), self._text(item, "to")
+            if not source or not target:
+                raise WingsliteError(
+                    "Invalid paths were provided, did you forget to provide both a new and old path?",
+                    422,
+                )
+            pairs.append((f"{root}/{source}", f"{root}/{target}"))
+        with self._jail(server, denylist=True) as jail, fs_errors():
+            for source, target in pairs:
+                try:
+                    jail.lstat(source)
+                except FileNotFoundError:
+                    continue  # Wings: a source that does not exist is skipped, not an error
+                makedirs(jail, posixpath.dirname(jail.normalize(target)))
+                try:
+                    jail.rename(source, target, overwrite=False)
+                except FileExistsError:
+                    raise BadRequest(
+                        "Cannot move or rename file, destination already exists."
+                    ) from None
+        return 204, None
+
+    def route_copy_file(self, server: Any) -> tuple[int, Any]:
+        location = self._text(self._json_object(), "location")
+        owner = node_owner(self.server.daemon)
+        with self._jail(server, denylist=True) as jail, fs_errors():
+            try:
+                fd = jail.open(location, os.O_RDONLY)
+            except (IsADirectoryError, PermissionError) as exc:
+                if "denylist" in str(exc):
+                    raise
+                raise WingsliteError(FM_NOT_FOUND, 404) from None  # regular files only, as Wings
+            try:
+                st = os.fstat(fd)
+                if not server.fs.has_space(st.st_size):
+                    raise NotEnoughSpace()
+                target = copy_name(jail, location)
+                with StagedFile(jail, server.fs, target, st.st_mode & 0o777, owner) as staged:
+                    offset = 0
+                    while offset < st.st_size:
+                        chunk = os.pread(fd, min(FM_CHUNK_BYTES, st.st_size - offset), offset)
+                        if not chunk:
+                            break
+                        staged.write(chunk)
+                        offset += len(chunk)
+            finally:
+                os.close(fd)
+        return 204, None
+
+    def route_delete_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files were specified for deletion.")
+        if not all(isinstance(f, str) for f in files):
+            raise WingsliteError("files must be a list of names", 422)
+        with self._jail(server) as jail, fs_errors():
+            paths = [f"{root}/{name}" for name in files]
+            for path in paths:
+                if not jail.parts(path):
+                    raise BadRequest("Cannot delete the root server directory.")
+            for path in paths:
+                try:
+                    server.fs.add_usage(-remove_tree(jail, path))
+                except FileNotFoundError:
+                    continue  # already gone: what was asked for is true
+        return 204, None
+
+    def route_chmod_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files to chmod were provided.")
+        changes = []
+        for item in files:
+            mode_text = item.get("mode") if isinstance(item, dict) else None
+            if not isinstance(mode_text, str) or not re.fullmatch(r"[0-7]{1,4}", mode_text):
+                raise BadRequest("Invalid file mode.")
+            changes.append((f"{root}/{self._text(item, 'file')}", int(mode_text, 8) & 0o777))
+        with self._jail(server) as jail, fs_errors():
+            for path, mode in changes:
+                with contextlib.suppress(FileNotFoundError):  # Wings skips missing files
+                    jail.chmod(path, mode)
+        return 204, None
+
+    # -- remote downloads ------------------------------------------------------------------------
+
+    def _pulls_enabled(self) -> None:
+        if self.server.daemon.config.get("api.disable_remote_download"):
+            raise BadRequest(FM_PULL_DISABLED)
+
+    def route_list_pulls(self, server: Any) -> tuple[int, Any]:
+        self._pulls_enabled()
+        return 200, {"downloads": [p.view() for p in self.server.daemon.pulls.of(server.uuid)]}
+
+    def route_cancel_pull(self, server: Any, download: str) -> tuple[int, Any]:
+        self._pulls_enabled()
+        self.server.daemon.pulls.cancel(server.uuid, urllib.parse.unquote(download))
+        return 204, None
+
+    def route_pull_file(self, server: Any) -> tuple[int, Any]:
+        self._pulls_enabled()
+        body = self._json_object()
+        url = self._text(body, "url")
+        directory = self._text(body, "root") or self._text(body, "directory") or "/"
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BadRequest("An error occurred while parsing that URL: expected an http(s) URL")
+        if not server.fs.has_space():
+            raise fs_error(NotEnoughSpace())
+        daemon = self.server.daemon
+        pull = Pull(
+            server, url, directory, self._text(body, "file_name"), bool(body.get("use_header"))
+        )
+        daemon.pulls.add(pull)
+        opener = pull_opener(daemon.config.get("wingslite.remote_download_allow_internal"))
+        owner = node_owner(daemon)
+        if not body.get("foreground"):
+
+            def background() -> None:
+                try:
+                    pull.run(opener, owner)
+                    LOG.info("server %s: pulled %s to %s", server.uuid, url, pull.path)
+                except WingsliteError as exc:
+                    LOG.warning("server %s: pull of %s failed: %s", server.uuid, url, exc.message)
+                except Exception:
+                    LOG.exception("server %s: pull of %s failed", server.uuid, url)
+                finally:
+                    daemon.pulls.done(pull)
+
+            threading.Thread(target=background, name="wingslite-pull", daemon=True).start()
+            return 202, {"identifier": pull.identifier}
+        try:
+            path = pull.run(opener, owner)
+        finally:
+            daemon.pulls.done(pull)
+        with self._jail(server) as jail, fs_errors():
+            return 200, stat_path(jail, path)
+
+    # -- signed URLs (the browser) ---------------------------------------------------------------
+
+    def _signed(self, kind: str) -> tuple[SignedToken, Any]:
+        daemon = self.server.daemon
+        token = daemon.signed_urls.verify(
+            self._param("token"), kind, lambda uuid: uuid in daemon.servers
+        )
+        server = daemon.servers.get(token.server_uuid)
+        if server is None:
+            raise WingsliteError(SIGNED_URL_NOT_FOUND, 404)
+        if server.suspended:
+            raise Conflict("This server is suspended; its files cannot be transferred.")
+        return token, server
+
+    def route_download_file(self) -> tuple[int | None, Any]:
+        token, server = self._signed("file-download")
+        with self._jail(server) as jail, fs_errors():
+            try:
+                fd = jail.open(token.claim("file_path"), os.O_RDONLY)
+            except (IsADirectoryError, PermissionError):
+                raise WingsliteError(SIGNED_URL_NOT_FOUND, 404) from None
+            try:
+                name = posixpath.basename(jail.normalize(token.claim("file_path")))
+                headers = {
+                    "Content-Disposition": f"attachment; filename={json.dumps(name)}",
+                    "Content-Type": "application/octet-stream",
+                }
+                self._send_file(fd, os.fstat(fd).st_size, headers)
+            finally:
+                os.close(fd)
+        return None, None
+
+    def route_upload_file(self) -> tuple[int, Any]:
+        token, server = self._signed("file-upload")
+        boundary = multipart_boundary(self.headers.get("Content-Type", ""))
+        if boundary is None:
+            raise BadRequest("Failed to get multipart form data from request.")
+        directory = self._param("directory", "/")
+        limit_mb = self.server.daemon.config.get("api.upload_limit")
+        owner = node_owner(self.server.daemon)
+        staged: list[tuple[str, StagedFile]] = []
+        read, _ = self._body_reader()
+        with self._jail(server, denylist=True) as jail, fs_errors():
+            try:
+                for headers, chunks in MultipartReader(read, boundary).parts():
+                    form = form_disposition(headers.get("content-disposition", ""))
+                    if form.get("name") != "files" or "filename" not in form:
+                        continue
+                    name = posixpath.basename(form["filename"].replace("\\", "/"))
+                    if name in ("", ".", ".."):
+                        raise BadRequest("An uploaded file has no name.")
+                    target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
+                    staged.append((name, target))
+                    for chunk in chunks:
+                        if target.written + len(chunk) > limit_mb * 1048576:
+                            raise BadRequest(
+                                f"File {name} is larger than the maximum file upload size of {limit_mb} MB."
+                            )
+                        target.write(chunk)
+                if not staged:
+                    raise BadRequest("No files were found on the request body.")
+                for _, target in staged:
+                    target.commit()
+            except BaseException:
+                for _, target in staged:
+                    target.abort()
+                self._discard_body(read)
+                raise
+        ip = self.client_address[0] if self.client_address else ""
+        for name, _ in staged:
+            record_activity(
+                server,
+                "server:file.uploaded",
+                token.user_uuid,
+                ip,
+                {"file": name, "directory": "/" + "/".join(Jail.parts(directory))},
+            )
+        return 200, None
+
+
 # HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
@@ -5936,6 +9014,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("GET", _SERVER + r"/logs", "logs", True),
         ("POST", _SERVER + r"/ws/deny", "ws_deny", True),
         ("GET", _SERVER + r"/ws", "websocket", False),  # authenticated by the JWT inside
+        *FILE_MANAGER_ROUTES,
     )
 )
 
@@ -5977,7 +9056,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         )
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
+class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
     Every answer is written in one ``send`` (headers and body together) on a ``TCP_NODELAY``
@@ -6194,7 +9273,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("uuid"), str)
-            or not _UUID_RE.match(body["uuid"])
+            or not is_server_uuid(body["uuid"])
         ):
             raise WingsliteError("The data provided in the request could not be validated.", 422)
         start = body.get("start_on_completion", False)
@@ -6419,15 +9498,31 @@ class Server:
 
     Methods for the caller: ``sync()`` (fetch from the Panel and apply), ``apply(config)``,
     ``power(action, wait_s)`` / ``request_power(...)``, ``send_command(line)``, ``logs(n)``,
-    ``api_view()``. ``lock`` (re-entrant) serialises syncs and power actions on this server;
-    different servers never share a lock.
+    ``api_view()``.
+
+    Two re-entrant locks with different jobs (different servers never share one):
+
+    ``config_lock``  guards ``config``: held for one sync alone (the Panel GET, validation, save,
+                     swap, live limits, closing sessions), by a delete, and by a start for the
+                     moments it reads the configuration it creates the container from and then
+                     catches up with syncs that landed meanwhile. Never across a stop, a pull or
+                     a start's wait, so a sync answers within one Panel round trip.
+    ``power_lock``   serialises power actions (start, stop, restart). A sync, a suspension and a
+                     delete never wait for it (the Panel gives up after 15 s,
+                     ``SuspensionService::toggle`` then rolls a suspension back).
+                     ``lock`` is the same object.
     """
 
     def __init__(self, daemon: Daemon, config: ServerConfig):
         self.daemon = daemon
         self.uuid = config.uuid
         self.config = config
-        self.lock = threading.RLock()
+        self.config_lock = threading.RLock()
+        self.power_lock = self.lock = threading.RLock()
+        # The configuration a start is creating the container from (set and cleared under
+        # ``config_lock``): a sync landing meanwhile knows that limits and a suspension must
+        # reach a container that does not exist yet.
+        self._start_config: ServerConfig | None = None
         self.events = EventBus()
         self.console = LogRing(daemon.config.get("system.websocket_log_count"))
         self.fs = Filesystem(
@@ -6448,7 +9543,7 @@ class Server:
         self._last_state = OFFLINE
         self._last_crash: float | None = None
         self._disk_stop_sent = False
-        # Set (under ``lock``) when the server leaves this node. A deleted server counts as
+        # Set (under ``config_lock``) when the server leaves this node. A deleted server counts as
         # suspended, as in Wings, so a socket or SFTP login racing the delete is refused, and a
         # sync or power action queued behind the delete does nothing.
         self.deleted = False
@@ -6509,147 +9604,215 @@ class Server:
     # -- the sync ------------------------------------------------------------------------------
 
     def sync(self) -> dict[str, Any]:
-        """Re-read this server from the Panel and make the node match it (SPEC, "The sync")."""
-        with self.lock:
-            try:
-                document = self.daemon.panel.get_server(self.uuid)
-            except PanelError as exc:
-                if exc.http_status == 404:
-                    raise NotFound(
-                        f"the Panel no longer knows server {self.uuid} (it answered 404); nothing on this node was changed"
-                    ) from None
-                raise WingsliteError(
-                    f"could not fetch server {self.uuid} from the Panel: {exc.message}; nothing on this node was changed"
-                ) from None
-            try:
-                config = parse_server_document(
-                    document,
-                    expect_uuid=self.uuid,
-                    crash_detection_default=self.daemon.config.get(
-                        "system.crash_detection.enabled"
-                    ),
-                )
-            except DocumentError as exc:
-                raise WingsliteError(f"{exc.message}; nothing on this node was changed") from None
-            return self.apply(config)
+        """Re-read this server from the Panel and make the node match it (README, "The sync").
 
-    def apply(self, new: ServerConfig) -> dict[str, Any]:
-        """Swap in a validated configuration and apply it; the record says what happened."""
-        with self.lock:
+        Waits for nothing but ``config_lock``: a start or a stop in progress is not waited for.
+        """
+        with self.config_lock:
             if self.deleted:
                 raise NotFound("The requested resource does not exist on this instance.")
-            started = time.monotonic()
-            old = self.config
-            try:
-                self.daemon.store.save(new)  # persisted first: if this fails, nothing has changed
-            except OSError as exc:
-                raise WingsliteError(
-                    f"could not save the configuration of server {self.uuid}: {exc}; nothing on this node was changed"
+            return self.apply(self._fetch_document())
+
+    def _fetch_document(self) -> ServerConfig:
+        """The Panel's document for this server, validated. A refusal is recorded; nothing changes."""
+        try:
+            document = self.daemon.panel.get_server(self.uuid)
+        except PanelError as exc:
+            if exc.http_status == 404:
+                raise NotFound(
+                    f"the Panel no longer knows server {self.uuid} (it answered 404); "
+                    "nothing on this node was changed"
                 ) from None
-            self.config = new
-            applied: list[str] = []
-            pending: list[str] = []
-            failed: list[str] = []
+            raise WingsliteError(
+                f"could not fetch server {self.uuid} from the Panel: {exc.message}; "
+                "nothing on this node was changed"
+            ) from None
+        try:
+            return self.daemon.parse_document(document, expect_uuid=self.uuid)
+        except DocumentError as exc:
+            self.refuse(exc)
+            raise WingsliteError(f"{exc.message}; nothing on this node was changed") from None
 
-            try:
-                disk_notes = self.fs.set_limit(new.disk_limit_bytes)
-                applied.append(
-                    f"disk limit {new.disk_limit_bytes} bytes"
-                    if new.disk_limit_bytes
-                    else "disk limit removed"
-                )
-                applied.extend(disk_notes)  # e.g. usage over the new limit, soft for this server
-            except Exception as exc:  # a quota tool failing must not undo the swap
-                LOG.exception("server %s: setting the disk limit failed", self.uuid)
-                failed.append(f"disk limit: {exc}")
-            if new.file_denylist != old.file_denylist:
-                self.fs.set_denylist(new.file_denylist)
+    def refuse(self, exc: DocumentError) -> None:
+        """Record a Panel document the node refused: the server keeps its last configuration."""
+        LOG.error(
+            "refused the Panel's document for server %s: %s; keeping its last configuration",
+            self.uuid,
+            exc.detail,
+        )
+        self.last_sync = {
+            "at": _now_iso(),
+            "result": "refused",
+            "applied": [],
+            "pending": [],
+            "failed": [f"refused the Panel's document: {exc.detail}"],
+            "notes": ["the server keeps its last configuration"],
+            "duration_ms": 0,
+        }
 
-            if new.build != old.build or self._limits_pending:
-                try:
-                    report = self.env.apply_limits(new)
-                except Exception as exc:
-                    LOG.exception("server %s: applying resource limits failed", self.uuid)
-                    report = LimitReport(failed=[f"resource limits: {exc}"])
-                applied += report.applied
-                pending += report.pending
-                failed += report.failed
-                self._limits_pending = bool(report.failed or report.pending)
-                if self._limits_pending:
-                    self.pending_next_start["resource limits"] = "resource limits"
+    def apply(self, new: ServerConfig) -> dict[str, Any]:
+        """Swap in a validated configuration and apply it; the record says what happened.
 
-            for field, label in _NEXT_START_FIELDS:
-                if getattr(new, field) != getattr(old, field):
-                    self.pending_next_start[field] = label
-            if new.process != old.process:
-                self.pending_next_start["process"] = (
-                    "process configuration (stop, done, config files)"
-                )
-            pending += [
-                f"{label} (next start)"
-                for label in self.pending_next_start.values()
-                if label != "resource limits"
-            ]
-            if new.crash_detection_enabled != old.crash_detection_enabled:
-                applied.append(
-                    f"crash detection {'on' if new.crash_detection_enabled else 'off'} (next exit)"
-                )
+        One step per phase. A step failing after the swap keeps the new configuration (the Panel
+        is the source of truth); the record and the error name what was not applied.
+        """
+        with self.config_lock:
+            started = time.monotonic()
+            old = self._swap(new)
+            report = LimitReport()
+            self._apply_disk(new, old, report)
+            self._apply_limits(new, old, report)
+            self._note_next_start(new, old, report)
+            self._apply_suspension(new, report)
+            return self._record(new, report, started)
 
-            if new.suspended:
-                closing_started = time.monotonic()
-                closed = self.daemon.sessions.close_server(
-                    self.uuid, CLOSE_SUSPENDED, "server suspended"
-                )
-                applied.append(f"suspended: {closed} session(s) closed")
-                LOG.info(
-                    "server %s: %d session(s) closed in %.1f ms",
-                    self.uuid,
-                    closed,
-                    (time.monotonic() - closing_started) * 1000,
-                )
-                if self.installing:
-                    applied.append("suspended: the install is cancelled")
-                    threading.Thread(
-                        target=self.env.abort_install,
-                        name=f"wingslite-abort-install-{self.uuid[:8]}",
-                        daemon=True,
-                    ).start()
-                if self.env.state != OFFLINE:
-                    applied.append("suspended: stopping the process")
-                    threading.Thread(
-                        target=self._stop_suspended,
-                        name=f"wingslite-suspend-{self.uuid[:8]}",
-                        daemon=True,
-                    ).start()
+    def _swap(self, new: ServerConfig) -> ServerConfig:
+        """Persist, then swap (so a failed save changes nothing); returns the old configuration."""
+        if self.deleted:
+            raise NotFound("The requested resource does not exist on this instance.")
+        try:
+            self.daemon.store.save(new)
+        except OSError as exc:
+            raise WingsliteError(
+                f"could not save the configuration of server {self.uuid}: {exc}; "
+                "nothing on this node was changed"
+            ) from None
+        old, self.config = self.config, new
+        return old
 
-            record = {
-                "at": _now_iso(),
-                "result": "failed" if failed else "ok",
-                "applied": applied,
-                "pending": pending,
-                "failed": failed,
-                "duration_ms": round((time.monotonic() - started) * 1000, 2),
-            }
-            self.last_sync = record
-            LOG.info(
-                "server %s synced: applied %s; pending %s; failed %s",
-                self.uuid,
-                applied,
-                pending or "nothing",
-                failed or "nothing",
+    def _apply_disk(self, new: ServerConfig, old: ServerConfig, report: LimitReport) -> None:
+        try:
+            disk_notes = self.fs.set_limit(new.disk_limit_bytes)
+            report.applied.append(
+                f"disk limit {new.disk_limit_bytes} bytes"
+                if new.disk_limit_bytes
+                else "disk limit removed"
             )
-            if failed:
-                raise WingsliteError(
-                    f"the configuration of server {self.uuid} was updated, but not all of it was applied: {'; '.join(failed)}"
-                )
-            return record
+            report.applied.extend(disk_notes)  # e.g. usage over the new limit, soft for this server
+        except Exception as exc:  # a quota tool failing must not undo the swap
+            LOG.exception("server %s: setting the disk limit failed", self.uuid)
+            report.failed.append(f"disk limit: {exc}")
+        if new.file_denylist != old.file_denylist:
+            self.fs.set_denylist(new.file_denylist)
+
+    def _apply_limits(self, new: ServerConfig, old: ServerConfig, report: LimitReport) -> None:
+        """Resource limits onto the container now; a container being created gets them later."""
+        if new.build == old.build and not self._limits_pending:
+            return
+        if self._start_config is not None:
+            # A start is creating the container from the configuration it read before this sync;
+            # ``_finish_start`` applies these limits to it once it exists.
+            report.applied.append("resource limits: for the container being started (once made)")
+            return
+        try:
+            limits = self.env.apply_limits(new)
+        except Exception as exc:
+            LOG.exception("server %s: applying resource limits failed", self.uuid)
+            limits = LimitReport(failed=[f"resource limits: {exc}"])
+        report.applied += limits.applied
+        report.pending += limits.pending
+        report.failed += limits.failed
+        self._limits_pending = bool(limits.failed or limits.pending)
+        if self._limits_pending:
+            self.pending_next_start["resource limits"] = "resource limits"
+
+    def _note_next_start(self, new: ServerConfig, old: ServerConfig, report: LimitReport) -> None:
+        """What only a new container can carry: stored now, listed as pending until the start."""
+        for field, label in _NEXT_START_FIELDS:
+            if getattr(new, field) != getattr(old, field):
+                self.pending_next_start[field] = label
+        if new.process != old.process:
+            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        report.pending += [
+            f"{label} (next start)"
+            for label in self.pending_next_start.values()
+            if label != "resource limits"
+        ]
+        if new.crash_detection_enabled != old.crash_detection_enabled:
+            report.applied.append(
+                f"crash detection {'on' if new.crash_detection_enabled else 'off'} (next exit)"
+            )
+
+    def _apply_suspension(self, new: ServerConfig, report: LimitReport) -> None:
+        """Close every session before the answer; abandon a start, or stop the process."""
+        if not new.suspended:
+            return
+        closing_started = time.monotonic()
+        closed = self.daemon.sessions.close_server(self.uuid, CLOSE_SUSPENDED, "server suspended")
+        report.applied.append(f"suspended: {closed} session(s) closed")
+        LOG.info(
+            "server %s: %d session(s) closed in %.1f ms",
+            self.uuid,
+            closed,
+            (time.monotonic() - closing_started) * 1000,
+        )
+        if self.installing:
+            report.applied.append("suspended: the install is cancelled")
+            threading.Thread(
+                target=self.env.abort_install,
+                name=f"wingslite-abort-install-{self.uuid[:8]}",
+                daemon=True,
+            ).start()
+        if self._start_config is not None or self.env.state == STARTING:
+            report.applied.append("suspended: the start in progress is abandoned")
+            target, name = self._abandon_start, "abandon"
+        elif self.env.state != OFFLINE:
+            report.applied.append("suspended: stopping the process")
+            target, name = self._stop_suspended, "suspend"
+        else:
+            return
+        threading.Thread(
+            target=target, name=f"wingslite-{name}-{self.uuid[:8]}", daemon=True
+        ).start()
+
+    def _record(self, new: ServerConfig, report: LimitReport, started: float) -> dict[str, Any]:
+        """Keep and log what the sync did; a step that failed makes the answer a 500."""
+        record = {
+            "at": _now_iso(),
+            "result": "failed" if report.failed else "ok",
+            "applied": report.applied,
+            "pending": report.pending,
+            "failed": report.failed,
+            "notes": list(new.notes),
+            "duration_ms": round((time.monotonic() - started) * 1000, 2),
+        }
+        self.last_sync = record
+        LOG.info(
+            "server %s synced: applied %s; pending %s; failed %s%s",
+            self.uuid,
+            report.applied,
+            report.pending or "nothing",
+            report.failed or "nothing",
+            f"; notes {list(new.notes)}" if new.notes else "",
+        )
+        if report.failed:
+            raise WingsliteError(
+                f"the configuration of server {self.uuid} was updated, but not all of it was "
+                f"applied: {'; '.join(report.failed)}"
+            )
+        return record
 
     def _stop_suspended(self) -> None:
+        """A graceful stop that becomes a kill after ``wingslite.suspend_stop_grace_s``.
+
+        A stop already in progress (its own timeout up to ``wingslite.stop_timeout_s``) is
+        escalated the same way: both wait for the same exit, this one kills sooner.
+        """
         try:
             self.console_message("Server is suspended: stopping the process.")
             self.env.stop(self.config, self.daemon.config.get("wingslite.suspend_stop_grace_s"))
         except Exception:
             LOG.exception("server %s: stopping the suspended server failed", self.uuid)
+
+    def _abandon_start(self) -> None:
+        """Kill the container of a start that a suspension or a delete overtook."""
+        try:
+            if self.deleted:
+                self.env.destroy()
+            else:
+                self.env.kill()
+        except Exception:
+            LOG.exception("server %s: abandoning the start failed", self.uuid)
 
     # -- power ---------------------------------------------------------------------------------
 
@@ -6675,7 +9838,8 @@ class Server:
             LOG.exception("server %s: power action %s failed", self.uuid, action)
 
     def power(self, action: str, wait_s: float = 0) -> None:
-        """Run a power action now. ``wait_s`` 0 tries the lock once (as Wings); kill never waits."""
+        """Run a power action now under ``power_lock``. ``wait_s`` 0 tries the lock once (as
+        Wings); kill never waits."""
         if self.installing:  # kill too, as Wings (server/power.go)
             raise Conflict("server is currently installing")
         if action == "kill":
@@ -6684,18 +9848,18 @@ class Server:
         if action not in ("start", "stop", "restart"):
             raise WingsliteError(f"attempting to handle unknown power action {action!r}", 422)
         if action == "start" and not self.config.suspended and self.env.state == OFFLINE:
-            # The slow part of a start (pulling the image) runs before the lock is taken, so that a
-            # sync -- a suspension above all -- is not kept waiting behind a download.
+            # The slow part of a start (pulling the image) runs before the lock is taken, so that
+            # the next power action is not kept waiting behind a download.
             try:
                 self.env.prepare(self.config)
             except Exception as exc:  # the start itself, under the lock, reports what is wrong
                 LOG.debug("server %s: preparing the start failed: %s", self.uuid, exc)
-        acquired = (
-            self.lock.acquire(timeout=wait_s) if wait_s > 0 else self.lock.acquire(blocking=False)
-        )
+        lock = self.power_lock
+        acquired = lock.acquire(timeout=wait_s) if wait_s > 0 else lock.acquire(blocking=False)
         if not acquired:
             raise Conflict(
-                "another power action is currently being processed for this server, please try again later"
+                "another power action is currently being processed for this server, "
+                "please try again later"
             )
         try:
             if self.deleted:
@@ -6707,12 +9871,29 @@ class Server:
             if action in ("start", "restart"):
                 self._start()
         finally:
-            self.lock.release()
+            lock.release()
 
     def _start(self) -> None:
+        """Sync, check the disk, create and start the container from the configuration read under
+        ``config_lock``, then let syncs that landed meanwhile reach it (``_finish_start``)."""
         if self.env.state != OFFLINE:
             raise Conflict("the server is already running")
-        self.fs.ensure()  # before Docker would make the directory itself (not as a quota subvolume)
+        self._sync_for_start()
+        self._check_disk_for_start()
+        config = self._claim_start()
+        try:
+            self._update_config_files(config)
+            if self.daemon.config.get("system.check_permissions_on_boot"):
+                self.ensure_file_owner()
+            self.env.start(config)
+        except BaseException:
+            self._finish_start(config, started=False)
+            raise
+        overtaken = self._finish_start(config, started=True)
+        if overtaken:
+            raise Conflict(f"the start was abandoned: the server was {overtaken} meanwhile")
+
+    def _sync_for_start(self) -> None:
         try:
             self.sync()  # every start runs the sync first: the Panel is the source of truth
         except WingsliteError as exc:
@@ -6722,28 +9903,88 @@ class Server:
             raise WingsliteError(
                 f"unable to sync server data from Panel instance: {exc.message}", exc.status
             ) from None
-        if self.config.suspended:
-            self.console_message("This server is suspended and cannot be started.")
-            raise BadRequest("server is currently in a suspended state")
-        if self.daemon.config.get("system.check_permissions_on_boot"):
-            self.ensure_file_owner()
-        if self.fs.limit_bytes:
-            self.console_message(
-                "Checking server disk space usage, this could take a few seconds..."
+        self.fs.ensure()  # before Docker would make the directory itself (not as a quota subvolume)
+
+    def _check_disk_for_start(self) -> None:
+        if not self.fs.limit_bytes:
+            return
+        self.console_message("Checking server disk space usage, this could take a few seconds...")
+        # A kernel quota's own figure is cheap and exact; otherwise walk now (not the cached figure).
+        if self.fs.quota.enforced(self.fs.root):
+            over = not self.fs.has_space()
+        else:
+            over = self.fs.recalculate() > self.fs.limit_bytes
+        if over:
+            self.console_message("Not enough disk space is available to start this server.")
+            raise WingsliteError(
+                "There is not enough disk space available to perform that action.", 400
             )
-            # A kernel quota's own figure is cheap and exact; otherwise walk now (not the cached figure).
-            if self.fs.quota.enforced(self.fs.root):
-                over = not self.fs.has_space()
-            else:
-                over = self.fs.recalculate() > self.fs.limit_bytes
-            if over:
-                self.console_message("Not enough disk space is available to start this server.")
-                raise WingsliteError(
-                    "There is not enough disk space available to perform that action.", 400
-                )
-        self.env.start(self.config)
-        self.pending_next_start.clear()
+
+    def _claim_start(self) -> ServerConfig:
+        """The configuration the container is created from, read under ``config_lock``."""
+        with self.config_lock:
+            if self.deleted:
+                raise NotFound("The requested resource does not exist on this instance.")
+            if self.config.suspended:
+                self.console_message("This server is suspended and cannot be started.")
+                raise BadRequest("server is currently in a suspended state")
+            self._start_config = self.config
+            return self.config
+
+    def _finish_start(self, started_with: ServerConfig, started: bool) -> str:
+        """Catch up with syncs that landed while the container was made; ``"suspended"`` or
+        ``"deleted"`` when one of those overtook the start (its container is then killed)."""
+        with self.config_lock:
+            self._start_config = None
+            overtaken = "deleted" if self.deleted else "suspended" if self.config.suspended else ""
+            if started and not overtaken:
+                self._catch_up(started_with, self.config)
+        if overtaken:
+            self._abandon_start()
+            if self.deleted:  # a directory the start made again after the delete removed it
+                _remove_tree(self.fs.root)
+        return overtaken
+
+    def _catch_up(self, started_with: ServerConfig, current: ServerConfig) -> None:
+        """Under ``config_lock``: the new container carries ``started_with``; bring it to
+        ``current`` and list what only a later start can carry."""
+        self.pending_next_start = {
+            field: label
+            for field, label in _NEXT_START_FIELDS
+            if getattr(current, field) != getattr(started_with, field)
+        }
+        if current.process != started_with.process:
+            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
         self._limits_pending = False
+        if current.build == started_with.build:
+            return
+        try:
+            report = self.env.apply_limits(current)
+        except Exception as exc:
+            report = LimitReport(failed=[f"resource limits: {exc}"])
+        LOG.info(
+            "server %s: limits synced during its start, applied to the new container: %s%s",
+            self.uuid,
+            report.applied,
+            f"; failed {report.failed}" if report.failed else "",
+        )
+        if report.failed or report.pending:
+            self._limits_pending = True
+            self.pending_next_start["resource limits"] = "resource limits"
+
+    def _update_config_files(self, config: ServerConfig) -> None:
+        """Write the Panel's values into the egg's config files (Wings server/config_parser.go).
+
+        A file that cannot be updated is reported on the console; the start goes on, as in Wings.
+        """
+        self.console_message("Updating process configuration files...")
+        if not config.process.configs:
+            return
+        with Jail(self.fs.root, owner=self.fs.owner) as jail:
+            writer = ConfigFileWriter(
+                jail, self.daemon.placeholders, self.fs.reserve, lambda n: self.fs.add_usage(-n)
+            )
+            writer.apply(config.process.configs, self.console_message)
 
     def _handle_crash(self) -> None:
         """Restart a crashed server once per ``crash_detection.timeout`` window (Wings server/crash.go)."""
@@ -6812,7 +10053,7 @@ class Server:
 
         A reinstall first stops the process (10 s, then killed) and syncs, as Wings ``Reinstall``.
         """
-        if not self.lock.acquire(blocking=False):
+        if not self.power_lock.acquire(blocking=False):
             raise Conflict(
                 "Cannot execute server reinstall event while another power action is running."
             )
@@ -6823,7 +10064,7 @@ class Server:
                 raise Conflict("server is currently installing")
             self.installing = True
         finally:
-            self.lock.release()
+            self.power_lock.release()
         threading.Thread(
             target=self._install_in_background,
             args=(reinstall, start_after),
@@ -6925,6 +10166,12 @@ class Server:
     def logs(self, lines: int) -> list[str]:
         return self.env.logs(lines) or self.console.tail(lines)
 
+    def record_activity(
+        self, event: str, user_uuid: str | None, ip: str | None, metadata: Any = None
+    ) -> None:
+        """Queue an activity event of this server for the Panel (``ActivityLog.record``)."""
+        self.daemon.activity.record(self.uuid, event, user_uuid, ip, metadata)
+
     # -- views ---------------------------------------------------------------------------------
 
     def utilization(self) -> dict[str, Any]:
@@ -6988,9 +10235,18 @@ class Daemon:
         self.servers: dict[str, Server] = {}
         self.sessions = SessionTable()
         self.revocations = Revocations()
+        self.placeholders = NodePlaceholders(config)
+        self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
+        self.pulls = Pulls()
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
         self.installs = InstallRecords(config.root_dir / "wingslite" / "installs")
         self.node_user = resolve_node_user(config)
+        self.activity = ActivityLog(
+            config.root_dir / "wingslite" / "activity.db",
+            self.panel,
+            config.get("system.activity_send_interval"),
+            config.get("system.activity_send_count"),
+        )
         self.http: ApiServer | None = None
         self.sftp: SftpServer | None = None
         self._servers_lock = threading.Lock()
@@ -7059,6 +10315,7 @@ class Daemon:
                     exc,
                 )
         self._spawn(self._boot_loop, "wingslite-boot")
+        self.activity.start()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -7079,6 +10336,7 @@ class Daemon:
             )
         if self.sftp is not None:
             self.sftp.stop()
+        self.activity.stop()
         for server in self.all_servers():
             with contextlib.suppress(Exception):
                 server.env.close()
@@ -7107,12 +10365,9 @@ class Daemon:
     # -- boot ----------------------------------------------------------------------------------
 
     def _load_saved(self) -> None:
-        crash_default = self.config.get("system.crash_detection.enabled")
         for uuid, document in self.store.load_all():
             try:
-                config = parse_server_document(
-                    document, expect_uuid=uuid, crash_detection_default=crash_default
-                )
+                config = self.parse_document(document, expect_uuid=uuid)
             except DocumentError as exc:
                 LOG.error("ignoring saved configuration of %s: %s", uuid, exc.message)
                 continue
@@ -7186,52 +10441,77 @@ class Daemon:
             self.servers
         )  # one created (POST /api/servers) while the list is read is not in it
         items = self.panel.list_servers(per_page, concurrency, progress)
-        crash_default = self.config.get("system.crash_detection.enabled")
         seen = set()
         for item in items:
-            try:
-                if not isinstance(item, dict):
-                    raise DocumentError("a list item is not an object")
-                document = {
-                    "settings": item.get("settings"),
-                    "process_configuration": item.get("process_configuration"),
-                }
-                config = parse_server_document(document, crash_detection_default=crash_default)
-            except DocumentError as exc:
-                LOG.error("skipping a server the Panel listed: %s", exc.message)
-                continue
-            seen.add(config.uuid)
-            existing = self.servers.get(config.uuid)
-            try:
-                if existing is None:
-                    self.store.save(config)
-                    self._add(Server(self, config))
-                elif config.document != existing.config.document:
-                    existing.apply(config)
-            except Exception as exc:  # one server's fault never stops the boot
-                LOG.error("server %s: could not be loaded: %s", config.uuid, exc)
+            uuid = self._load_listed(item)
+            if uuid:
+                seen.add(uuid)
+        # Only a server absent from the list is dropped; one whose document was refused is listed.
         for uuid in (known_before & set(self.servers)) - seen:
             LOG.warning(
                 "server %s is no longer on this node according to the Panel; dropping it", uuid
             )
             server = self.servers[uuid]
-            with (
-                server.lock
-            ):  # as a delete: its sessions end and nothing queued behind brings it back
+            with server.config_lock:  # as a delete: sessions end, nothing queued brings it back
                 server.deleted = True
                 self.sessions.close_server(
                     uuid, CLOSE_SERVER_DELETED, "server removed from this node"
                 )
                 self._forget(server)
 
+    def _load_listed(self, item: Any) -> str:
+        """Add or update one server of the Panel's list; its uuid ("" when it has none).
+
+        A document the node refuses leaves a known server on its last configuration.
+        """
+        listed = item.get("uuid") if isinstance(item, dict) else None
+        settings = item.get("settings") if isinstance(item, dict) else None
+        if isinstance(settings, dict) and isinstance(settings.get("uuid"), str):
+            listed = settings["uuid"]
+        listed = listed if isinstance(listed, str) and is_server_uuid(listed) else ""
+        existing = self.servers.get(listed) if listed else None
+        try:
+            if not isinstance(item, dict):
+                raise DocumentError("a list item is not an object")
+            document = {
+                "settings": settings,
+                "process_configuration": item.get("process_configuration"),
+            }
+            config = self.parse_document(document)
+        except DocumentError as exc:
+            if existing is not None:
+                existing.refuse(exc)
+            else:
+                LOG.error("skipping a server the Panel listed: %s", exc.message)
+            return listed
+        try:
+            if existing is None:
+                self.store.save(config)
+                self._add(Server(self, config))
+            elif config.document != existing.config.document:
+                existing.apply(config)
+        except Exception as exc:  # one server's fault never stops the boot
+            LOG.error("server %s: could not be loaded: %s", config.uuid, exc)
+        return config.uuid
+
+    def parse_document(self, document: Any, expect_uuid: str | None = None) -> ServerConfig:
+        """``parse_server_document`` with this node's defaults (crash detection, host CPUs)."""
+        return parse_server_document(
+            document,
+            expect_uuid=expect_uuid,
+            crash_detection_default=self.config.get("system.crash_detection.enabled"),
+            host_cpus=os.cpu_count() or 1,
+        )
+
     def _add(self, server: Server) -> None:
         with self._servers_lock:
             self.servers[server.uuid] = server
 
     def _forget(self, server: Server) -> None:
-        """Take a server (marked deleted, its lock held) off the node: no object, no saved configuration."""
+        """Take a server (marked deleted, its config lock held) off the node: no object, no saved configuration."""
         with self._servers_lock:
             self.servers.pop(server.uuid, None)
+        self.pulls.cancel(server.uuid)
         server.env.close()
         self.store.delete(server.uuid)
         self.installs.delete(server.uuid)
@@ -7286,24 +10566,26 @@ class Daemon:
         return server
 
     def sync_server(self, server: Server) -> dict[str, Any]:
-        """``POST /api/servers/:server/sync``: waits its turn on the server's lock, then syncs."""
-        if not server.lock.acquire(
-            timeout=max(1.0, float(self.config.get("remote_query.timeout")))
-        ):
-            raise Conflict(
-                "another sync or power action is still running on this server; try again"
-            )
+        """``POST /api/servers/:server/sync``: waits for the server's configuration lock only
+        (a sync before it, one Panel round trip), never for a power action."""
+        if not server.config_lock.acquire(timeout=self._config_lock_wait_s()):
+            raise Conflict("another sync is still running on this server; try again")
         try:
             return server.sync()
         finally:
-            server.lock.release()
+            server.config_lock.release()
+
+    def _config_lock_wait_s(self) -> float:
+        # Whoever holds a configuration lock holds it for at most one Panel call.
+        return max(1.0, float(self.config.get("remote_query.timeout")))
 
     def create_server(self, uuid: str, start_on_completion: bool = False) -> Server:
         """``POST /api/servers``: fetch the configuration, make the directory, register the server,
         then install it in the background (and start it after, when asked).
 
-        A server the node already has is re-read from the Panel; it is installed only if no
-        install of it ever succeeded and none runs now.
+        For a server the node already has, this is a sync (Wings answers 202 too): the Panel
+        force-deletes a server whose create call fails, so a 409 here would lose it. It is
+        installed only if no install of it ever succeeded and none runs now.
         """
         existing = self.servers.get(uuid)
         if existing is not None:
@@ -7320,11 +10602,7 @@ class Daemon:
                 f"could not fetch server {uuid} from the Panel: {exc.message}"
             ) from None
         try:
-            config = parse_server_document(
-                document,
-                expect_uuid=uuid,
-                crash_detection_default=self.config.get("system.crash_detection.enabled"),
-            )
+            config = self.parse_document(document, expect_uuid=uuid)
         except DocumentError as exc:
             raise WingsliteError(exc.message) from None
         try:
@@ -7336,19 +10614,21 @@ class Daemon:
         server = Server(self, config)
         server.fs.ensure()
         with self._servers_lock:
-            if uuid in self.servers:
-                raise Conflict(f"server {uuid} already exists on this node")
+            if uuid in self.servers:  # a create that raced this one won: it is the same server
+                return self.servers[uuid]
             self.servers[uuid] = server
         LOG.info("server %s created", uuid)
         server.request_install(start_after=start_on_completion)
         return server
 
     def delete_server(self, server: Server) -> None:
-        """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config."""
-        if not server.lock.acquire(timeout=30):
-            raise Conflict(
-                "another sync or power action is still running on this server; try again"
-            )
+        """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config.
+
+        Takes the configuration lock, never the power lock: a stop or a start in progress ends
+        when its container is removed, and recreates nothing (``Server._finish_start``).
+        """
+        if not server.config_lock.acquire(timeout=self._config_lock_wait_s()):
+            raise Conflict("a sync is still running on this server; try again")
         try:
             if server.deleted:  # a second DELETE that waited behind the first
                 raise NotFound("The requested resource does not exist on this instance.")
@@ -7364,7 +10644,7 @@ class Daemon:
                 raise
             self._forget(server)
         finally:
-            server.lock.release()
+            server.config_lock.release()
         threading.Thread(
             target=_remove_tree, args=(server.fs.root,), name="wingslite-rm", daemon=True
         ).start()
@@ -7468,7 +10748,7 @@ def _remove_tree(path: Path) -> None:
         LOG.error("could not remove %s: %s", path, exc)
 
 
-# CLI ##############################################################################################
+# Panel stand-in ###################################################################################
 
 _DEMO_EGG_PROCESS = {
     "startup": {"done": ["Server ready"], "user_interaction": [], "strip_ansi": False},
@@ -7480,7 +10760,8 @@ _DEMO_EGG_PROCESS = {
 def demo_document(
     uuid: str, name: str, memory_mb: int, image: str = "wingslite-test:latest"
 ) -> dict[str, Any]:
-    """A Panel server document as the Panel builds it (panel-contract.md §1.4), for the demo."""
+    """A server document shaped as the Panel builds it (Panel: ``ServerConfigurationStructureService``
+    and ``EggConfigurationService``), running a shell loop that answers ``stop``."""
     startup = (
         'echo Server ready; while read line; do [ "$line" = stop ] && exit 0; echo "> $line"; done'
     )
@@ -7519,153 +10800,634 @@ def demo_document(
     }
 
 
-class DemoPanel:
-    """A tiny stand-in for the Panel's remote API on loopback, for ``--demo``.
+class PanelRequest(NamedTuple):
+    """One request the stand-in received. ``body`` is the parsed JSON (None when empty or not
+    JSON); ``raw`` the bytes as sent."""
 
-    It serves ``GET /api/remote/servers[/{uuid}]``, ``POST /api/remote/servers/reset`` and
-    ``POST /api/remote/sftp/auth`` (user ``demo``, password ``demo``) like the Panel, plus
-    ``POST /demo/servers/{uuid}`` which merges a JSON object into a server's ``settings`` so that
-    a sync has something to pick up.
+    method: str
+    path: str
+    headers: dict[str, str]
+    query: dict[str, str]
+    body: Any
+    raw: bytes
+
+
+class PanelRoute(NamedTuple):
+    """``method`` and a ``path`` regex (matched whole; named groups become keyword arguments) ->
+    the stand-in's ``route_<name>(handler, request, **groups)``; ``auth`` routes need the node's
+    Bearer token and are subject to the failure switches."""
+
+    method: str
+    path: str
+    name: str
+    auth: bool = True
+
+
+class PanelStandInHandler(http.server.BaseHTTPRequestHandler):
+    """One HTTP exchange with a ``PanelStandIn``, reached as ``self.server.panel``."""
+
+    protocol_version = "HTTP/1.1"
+    server: _PanelStandInServer
+
+    def setup(self) -> None:
+        super().setup()
+        # Answers are small and written at once: without NODELAY, Nagle's algorithm and the
+        # client's delayed ACK can hold an answer back for 40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.panel.handle(self, "GET")
+
+    def do_POST(self) -> None:
+        self.server.panel.handle(self, "POST")
+
+    def do_PUT(self) -> None:
+        self.server.panel.handle(self, "PUT")
+
+    def do_DELETE(self) -> None:
+        self.server.panel.handle(self, "DELETE")
+
+    def send_json(
+        self, status: int, body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Answer ``status`` with ``body`` as the Panel encodes it (no body when None)."""
+        if body is None:
+            return self.send_bytes(status, b"", None, headers)
+        self.send_bytes(status, self.server.panel.encode(body), "application/json", headers)
+
+    def send_bytes(
+        self,
+        status: int,
+        data: bytes,
+        content_type: str | None = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Answer in one write (status line, headers and body together)."""
+        head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+        if content_type:
+            head.append(f"Content-Type: {content_type}")
+        head.append(f"Content-Length: {len(data)}")
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+
+
+class _PanelStandInServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # a booting node fetches many pages at once
+
+    def __init__(self, address: tuple[str, int], panel: PanelStandIn):
+        self.panel = panel
+        super().__init__(address, PanelStandInHandler)
+
+
+def _panel_error(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """The Panel's error envelope (Panel: ``app/Exceptions/Handler.php``): status is a string."""
+    return {"errors": [{"code": code, "status": str(status), "detail": detail, **extra}]}
+
+
+_ANY_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")  # Laravel's uuid
+
+
+def _is_ip(text: Any) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _invalid(field: str, rule: str, detail: str) -> tuple[int, dict[str, Any]]:
+    """A Laravel validation failure: 422 with one entry naming the field and the rule."""
+    meta = {"source_field": field, "rule": rule}
+    return 422, _panel_error(422, "ValidationException", detail, meta=meta)
+
+
+# The Panel's answers to SFTP logins of servers in a state that forbids them (Panel:
+# ``Server::validateCurrentState()``), by ``servers.status``.
+_STATE_CONFLICTS = {
+    "suspended": "This server is currently suspended and the functionality requested is "
+    "unavailable.",
+    "installing": "This server has not yet completed its installation process, please try "
+    "again later.",
+    "install_failed": "This server has not yet completed its installation process, please try "
+    "again later.",
+    "restoring_backup": "This server is currently restoring from a backup, please try again later.",
+    "transferring": "This server is currently being transferred to a new machine, please try "
+    "again later.",
+}
+_SERVER = r"/api/remote/servers/(?P<ident>[^/]+)"
+_BACKUP = r"/api/remote/backups/(?P<backup>[^/]+)"
+
+
+class PanelStandIn:
+    """The Panel's remote API on loopback (Panel: ``routes/api-remote.php``), for the demo, the
+    tests and the benchmarks: every route Wings calls, answering as the Panel's controllers do.
+
+    State, all public and mutable under ``lock``: ``servers`` (uuid -> document as ``GET
+    /servers/{uuid}`` sends it), ``status`` (uuid -> the Panel's ``servers.status``:
+    ``installing``, ``install_failed``, ``reinstall_failed``, ``restoring_backup``),
+    ``sftp_users`` ((username, password) -> permissions), ``install_scripts`` (uuid -> the
+    ``GET /servers/{uuid}/install`` document; ``default_install_script`` otherwise),
+    ``backups`` (uuid -> {"server", "successful", ...}; see ``add_backup``), ``transfers``
+    (uuid -> None while active, then True/False), ``container_states``, ``activity`` (accepted
+    activity entries), ``uploads`` ((backup, part) -> bytes PUT to a presigned part URL).
+
+    What it saw: ``requests`` (every ``PanelRequest``; set ``keep_requests = False`` to keep none)
+    and ``calls`` (path -> count). Failure switches for authenticated routes:
+    ``fail[path_prefix] = [status, ...]`` answers those statuses first; ``garbage`` (path prefixes
+    answered 200 with a body that is not JSON); ``hang_s`` (path prefix -> seconds to sleep
+    first); ``down`` (every request 500).
+
+    Extend it by subclassing: add ``PanelRoute`` entries to ``ROUTES`` with a ``route_<name>``
+    method, or override ``route()`` (every request after auth and failures) or ``page()``.
+    Outside the Panel's API it serves ``POST /demo/servers/{uuid}`` (merge a JSON object into
+    ``settings``, as an admin's edit would) and ``PUT /s3/{backup}/{part}`` (the presigned part
+    URLs it hands out), both without auth.
     """
 
-    def __init__(self, token_id: str, token: str, documents: list[dict[str, Any]]):
+    ROUTES: tuple[PanelRoute, ...] = (
+        PanelRoute("POST", r"/api/remote/sftp/auth", "sftp_auth"),
+        PanelRoute("GET", r"/api/remote/servers", "servers"),
+        PanelRoute("POST", r"/api/remote/servers/reset", "reset"),
+        PanelRoute("POST", r"/api/remote/activity", "activity"),
+        PanelRoute("GET", _SERVER, "server"),
+        PanelRoute("GET", _SERVER + "/install", "install_script"),
+        PanelRoute("POST", _SERVER + "/install", "install_status"),
+        PanelRoute("POST", _SERVER + "/container/status", "container_status"),
+        PanelRoute("GET", _SERVER + "/transfer/(?P<outcome>success|failure)", "transfer"),
+        PanelRoute("POST", _SERVER + "/transfer/(?P<outcome>success|failure)", "transfer"),
+        PanelRoute("GET", _BACKUP, "backup_upload"),
+        PanelRoute("POST", _BACKUP, "backup_status"),
+        PanelRoute("POST", _BACKUP + "/restore", "backup_restore"),
+        PanelRoute("POST", r"/demo/servers/(?P<ident>[^/]+)", "merge_settings", auth=False),
+        PanelRoute("PUT", r"/s3/(?P<backup>[^/]+)/(?P<part>\d+)", "s3_part", auth=False),
+    )
+    json_indent: int | None = None
+    default_install_script: dict[str, Any] = {
+        "container_image": "wingslite-test:latest",
+        "entrypoint": "ash",
+        "script": "#!/bin/ash\necho installed > /mnt/server/installed.txt\n",
+    }
+    backup_part_size = 5 << 30  # the Panel's backups.max_part_size default
+
+    def __init__(
+        self,
+        token_id: str,
+        token: str,
+        documents: Iterable[dict[str, Any]] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         self.token_id, self.token = token_id, token
-        self.documents = {d["settings"]["uuid"]: d for d in documents}
         self.lock = threading.Lock()
-        panel = self
+        self.servers: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, str | None] = {}
+        self.sftp_users: dict[tuple[str, str], list[str]] = {}
+        self.user_uuid = "c0ffee00-1111-4222-8333-444455556666"
+        self.install_scripts: dict[str, dict[str, Any]] = {}
+        self.backups: dict[str, dict[str, Any]] = {}
+        self.transfers: dict[str, bool | None] = {}
+        self.container_states: dict[str, str] = {}
+        self.activity: list[dict[str, Any]] = []
+        self.uploads: dict[tuple[str, int], bytes] = {}
+        self.keep_requests = True
+        self.requests: list[PanelRequest] = []
+        self.calls: dict[str, int] = {}
+        self.fail: dict[str, list[int]] = {}
+        self.garbage: set[str] = set()
+        self.hang_s: dict[str, float] = {}
+        self.down = False
+        self._routes = [(r, re.compile(r.path)) for r in self.ROUTES]
+        for doc in documents:
+            self.add(doc)
+        self.httpd = _PanelStandInServer((host, port), self)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self._thread: threading.Thread | None = None
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: Any = None) -> None:
-                data = b"" if body is None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _authorized(self) -> bool:
-                if self.path.startswith("/demo/"):
-                    return True
-                if self.headers.get("Authorization") == f"Bearer {panel.token_id}.{panel.token}":
-                    return True
-                self._send(
-                    403,
-                    {
-                        "errors": [
-                            {
-                                "code": "AccessDeniedHttpException",
-                                "status": "403",
-                                "detail": "You are not authorized to access this resource.",
-                            }
-                        ]
-                    },
-                )
-                return False
-
-            def do_GET(self) -> None:
-                if not self._authorized():
-                    return
-                path = urllib.parse.urlsplit(self.path).path
-                with panel.lock:
-                    if path == "/api/remote/servers":
-                        data = [{"uuid": u, **copy.deepcopy(d)} for u, d in panel.documents.items()]
-                        n = len(data)
-                        meta = {
-                            "current_page": 1,
-                            "from": 1 if n else None,
-                            "last_page": 1,
-                            "per_page": 50,
-                            "to": n or None,
-                            "total": n,
-                        }
-                        return self._send(200, {"data": data, "links": {}, "meta": meta})
-                    uuid = path.rsplit("/", 1)[-1]
-                    if path.startswith("/api/remote/servers/") and uuid in panel.documents:
-                        return self._send(200, panel.documents[uuid])
-                self._send(
-                    404,
-                    {
-                        "errors": [
-                            {"code": "RecordNotFoundException", "status": "404", "detail": ""}
-                        ]
-                    },
-                )
-
-            def do_POST(self) -> None:
-                if not self._authorized():
-                    return
-                body = json.loads(
-                    self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null"
-                )
-                path = urllib.parse.urlsplit(self.path).path
-                if path == "/api/remote/servers/reset":
-                    return self._send(204)
-                if path == "/api/remote/sftp/auth":
-                    user, _, short = str(body.get("username", "")).rpartition(".")
-                    match = [u for u in panel.documents if u.startswith(short) and short]
-                    if user == "demo" and body.get("password") == "demo" and match:
-                        return self._send(
-                            200,
-                            {
-                                "server": match[0],
-                                "user": "00000000-0000-4000-8000-000000000000",
-                                "permissions": ["*"],
-                            },
-                        )
-                    return self._send(
-                        403,
-                        {
-                            "errors": [
-                                {
-                                    "code": "HttpForbiddenException",
-                                    "status": "403",
-                                    "detail": "Authorization credentials were not correct, please try again.",
-                                }
-                            ]
-                        },
-                    )
-                uuid = path.rsplit("/", 1)[-1]
-                if (
-                    path.startswith("/demo/servers/")
-                    and uuid in panel.documents
-                    and isinstance(body, dict)
-                ):
-                    with panel.lock:
-                        settings = panel.documents[uuid]["settings"]
-                        for key, value in body.items():
-                            if isinstance(value, dict) and isinstance(settings.get(key), dict):
-                                settings[key].update(value)
-                            else:
-                                settings[key] = value
-                        return self._send(200, panel.documents[uuid])
-                self._send(
-                    404,
-                    {
-                        "errors": [
-                            {
-                                "code": "NotFoundHttpException",
-                                "status": "404",
-                                "detail": "The requested resource could not be found on the server.",
-                            }
-                        ]
-                    },
-                )
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+    # -- methods for the caller
 
     def start(self) -> None:
-        threading.Thread(
-            target=self.httpd.serve_forever, name="wingslite-demo-panel", daemon=True
-        ).start()
+        """Serve in a background thread."""
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="wingslite-panel-stand-in",
+            daemon=True,
+        )
+        self._thread.start()
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    stop = close
+
+    def add(self, doc: dict[str, Any]) -> str:
+        """Put a server document on this node; returns its uuid."""
+        uuid = doc["settings"]["uuid"]
+        with self.lock:
+            self.servers[uuid] = doc
+        return uuid
+
+    def add_backup(self, server: str, backup: str | None = None) -> str:
+        """Create a backup row for ``server`` (the Panel does before it asks the node)."""
+        backup = backup or str(uuidlib.uuid4())
+        with self.lock:
+            self.backups[backup] = {"server": server, "successful": None}
+        return backup
+
+    def merge_settings(self, ident: str, changes: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Merge ``changes`` into a server's ``settings`` one level deep (``{"build": {...}}``
+        changes only the keys given); returns the document, None for an unknown server."""
+        with self.lock:
+            uuid = self.find(ident)
+            if uuid is None:
+                return None
+            settings = self.servers[uuid]["settings"]
+            for key, value in changes.items():
+                if isinstance(value, dict) and isinstance(settings.get(key), dict):
+                    settings[key].update(value)
+                else:
+                    settings[key] = value
+            return copy.deepcopy(self.servers[uuid])
+
+    def find(self, ident: str) -> str | None:
+        """The uuid of the server named by its uuid or 8-character short uuid, as the Panel's
+        ``ServerRepository::getByUuid()`` matches either."""
+        if ident in self.servers:
+            return ident
+        return next((u for u in self.servers if u[:8] == ident), None)
+
+    def encode(self, body: Any) -> bytes:
+        # PHP's json_encode escapes "/" (Laravel's JsonResponse default flags).
+        return json.dumps(body, indent=self.json_indent).replace("/", "\\/").encode()
+
+    # -- one request: record, faults, auth, route
+
+    def handle(self, h: PanelStandInHandler, method: str) -> None:
+        parts = urllib.parse.urlsplit(h.path)
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+        req = PanelRequest(method, parts.path, dict(h.headers), query, body, raw)
+        status = self._record(req)
+        matched = [r for r, rx in self._routes if rx.fullmatch(req.path)]
+        if not matched or any(r.auth for r in matched):
+            for prefix, seconds in list(self.hang_s.items()):
+                if req.path.startswith(prefix):
+                    time.sleep(seconds)
+            refusal = self.authenticate(h.headers.get("Authorization"))
+            if refusal:
+                return h.send_json(*refusal)
+            if self.down or status:
+                status = status or 500
+                detail = (
+                    "An unexpected error was encountered while processing this request, "
+                    "please try again."
+                )
+                return h.send_json(status, _panel_error(status, "HttpException", detail))
+            if any(req.path.startswith(g) for g in self.garbage):
+                return h.send_bytes(200, b"<html>502 Bad Gateway</html>", None)
+        self.route(h, req)
+
+    def _record(self, req: PanelRequest) -> int | None:
+        """Count and keep the request; the next failure status queued for its path, if any."""
+        with self.lock:
+            self.calls[req.path] = self.calls.get(req.path, 0) + 1
+            if self.keep_requests:
+                self.requests.append(req)
+            queued = next((v for k, v in self.fail.items() if req.path.startswith(k) and v), None)
+            return queued.pop(0) if queued else None
+
+    def authenticate(self, header: str | None) -> tuple[int, dict, dict] | None:
+        """Panel: ``DaemonAuthenticate``: the error answer, or None when the token is the node's."""
+        if not header or not header.lower().startswith("bearer "):
+            detail = "Access to this endpoint must include an Authorization header."
+            return 401, _panel_error(401, "HttpException", detail), {"WWW-Authenticate": "Bearer"}
+        parts = header[7:].split(",")[0].strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            detail = "The Authorization header provided was not in a valid format."
+            return 400, _panel_error(400, "BadRequestHttpException", detail), {}
+        id_ok = parts[0].lower() == self.token_id.lower()  # MySQL's collation ignores case
+        if not (id_ok and hmac.compare_digest(parts[1], self.token)):
+            detail = "You are not authorized to access this resource."
+            return 403, _panel_error(403, "AccessDeniedHttpException", detail), {}
+        return None
+
+    def route(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        """Answer one request that passed auth and the failure switches. Override to intercept."""
+        allowed = []
+        for route, rx in self._routes:
+            match = rx.fullmatch(req.path)
+            if match and route.method == req.method:
+                return getattr(self, "route_" + route.name)(h, req, **match.groupdict())
+            if match:
+                allowed.append(route.method)
+        if allowed:
+            detail = (
+                f"The {req.method} method is not supported for route {req.path.lstrip('/')}. "
+                f"Supported methods: {', '.join(allowed)}."
+            )
+            error = _panel_error(405, "MethodNotAllowedHttpException", detail)
+            return h.send_json(405, error, {"Allow": ", ".join(allowed)})
+        detail = f"The route {req.path.lstrip('/')} could not be found."
+        h.send_json(404, _panel_error(404, "NotFoundHttpException", detail))
+
+    def _server_or_404(self, h: PanelStandInHandler, ident: str) -> str | None:
+        with self.lock:
+            uuid = self.find(ident)
+        if uuid is None:
+            h.send_json(404, _panel_error(404, "RecordNotFoundException", ""))
+        return uuid
+
+    def _backup_or_404(self, h: PanelStandInHandler, backup: str) -> dict[str, Any] | None:
+        with self.lock:
+            row = self.backups.get(backup)
+        if row is None:
+            detail = "The requested resource could not be found on the server."
+            h.send_json(404, _panel_error(404, "NotFoundHttpException", detail))
+        return row
+
+    @staticmethod
+    def _validate(body: Any, rules: Mapping[str, str]) -> tuple[int, dict[str, Any]] | None:
+        """Laravel's validation of a JSON object: ``rules`` maps field -> ``required`` /
+        ``present`` / ``nullable`` / ``boolean`` / ``string`` / ``array`` / ``uuid`` / ``ip``
+        joined by ``|``; the first failure."""
+        body = body if isinstance(body, dict) else {}
+        for field, rule in rules.items():
+            value, words = body.get(field), rule.split("|")
+            name = field.replace("_", " ")
+            if "present" in words and field not in body:
+                return _invalid(field, "present", f"The {name} field must be present.")
+            if "required" in words and value in (None, "", [], {}):
+                return _invalid(field, "required", f"The {name} field is required.")
+            if field not in body or (value is None and "nullable" in words):
+                continue
+            if "boolean" in words and not isinstance(value, bool):
+                return _invalid(field, "boolean", f"The {name} field must be true or false.")
+            if "string" in words and not isinstance(value, str):
+                return _invalid(field, "string", f"The {name} field must be a string.")
+            if "array" in words and not isinstance(value, (dict, list)):
+                return _invalid(field, "array", f"The {name} field must be an array.")
+            if "uuid" in words and not (isinstance(value, str) and _ANY_UUID_RE.match(value)):
+                return _invalid(field, "uuid", f"The {name} field must be a valid UUID.")
+            if "ip" in words and not _is_ip(value):
+                return _invalid(field, "ip", f"The {name} field must be a valid IP address.")
+        return None
+
+    # -- the Panel's remote routes (Panel: app/Http/Controllers/Api/Remote/)
+
+    def route_servers(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        h.send_json(200, self.page(req.query))
+
+    def page(self, query: Mapping[str, str]) -> dict[str, Any]:
+        """Laravel's paginated resource (``ServerConfigurationCollection``): anything but an int
+        >= 1 (Wings starts at page 0) means page 1; ``per_page`` 0 means 15."""
+        try:
+            page = max(1, int(query.get("page", "1")))
+        except ValueError:
+            page = 1
+        try:
+            per_page = int(query.get("per_page", "50")) or 15
+        except ValueError:
+            per_page = 15
+        with self.lock:
+            items = list(self.servers.items())
+        total, first = len(items), (page - 1) * per_page
+        last = max(1, -(-total // per_page))
+        chunk = items[first : first + per_page]
+        base = f"{self.url}/api/remote/servers"
+        return {
+            "data": [
+                {
+                    "uuid": u,
+                    "settings": d["settings"],
+                    "process_configuration": d["process_configuration"],
+                }
+                for u, d in chunk
+            ],
+            "links": {
+                "first": f"{base}?page=1",
+                "last": f"{base}?page={last}",
+                "prev": f"{base}?page={page - 1}" if page > 1 else None,
+                "next": f"{base}?page={page + 1}" if page < last else None,
+            },
+            "meta": {
+                "current_page": page,
+                "from": first + 1 if chunk else None,
+                "last_page": last,
+                "links": [],
+                "path": base,
+                "per_page": per_page,
+                "to": first + len(chunk) if chunk else None,
+                "total": total,
+            },
+        }
+
+    def route_server(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        with self.lock:  # encoded under the lock: a test may be changing the document
+            uuid = self.find(ident)
+            data = self.encode(self.servers[uuid]) if uuid else None
+        if data is None:
+            return h.send_json(404, _panel_error(404, "RecordNotFoundException", ""))
+        h.send_bytes(200, data)
+
+    def route_reset(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        with self.lock:
+            for uuid, state in list(self.status.items()):
+                if state in ("installing", "restoring_backup"):
+                    self.status[uuid] = None
+        h.send_json(204)
+
+    def route_sftp_auth(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        """Panel: ``SftpAuthenticationController``: ``user.server`` split at the last dot."""
+        invalid = self._validate(req.body, {"username": "required|string", "password": "required"})
+        if invalid:
+            return h.send_json(*invalid)
+        user, _, ident = str(req.body["username"]).rpartition(".")
+        if not ident:
+            detail = "No valid server identifier was included in the request."
+            return h.send_json(400, _panel_error(400, "BadRequestHttpException", detail))
+        with self.lock:
+            uuid = self.find(ident)
+            perms = self.sftp_users.get((user, req.body["password"]))
+            conflict = self._state_conflict(uuid) if uuid else None
+        if uuid is None or perms is None:
+            detail = "Authorization credentials were not correct, please try again."
+            return h.send_json(403, _panel_error(403, "HttpForbiddenException", detail))
+        if conflict:
+            return h.send_json(409, _panel_error(409, "ServerStateConflictException", conflict))
+        h.send_json(200, {"server": uuid, "user": self.user_uuid, "permissions": perms})
+
+    def _state_conflict(self, uuid: str) -> str | None:
+        if self.servers[uuid]["settings"].get("suspended"):
+            return _STATE_CONFLICTS["suspended"]
+        if uuid in self.transfers and self.transfers[uuid] is None:
+            return _STATE_CONFLICTS["transferring"]
+        return _STATE_CONFLICTS.get(self.status.get(uuid) or "")
+
+    def route_install_script(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        uuid = self._server_or_404(h, ident)
+        if uuid:
+            with self.lock:
+                doc = copy.deepcopy(self.install_scripts.get(uuid, self.default_install_script))
+            h.send_json(200, doc)
+
+    def route_install_status(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        """Panel: ``ServerInstallController@store``: a suspended server stays suspended."""
+        uuid = self._server_or_404(h, ident)
+        if not uuid:
+            return
+        invalid = self._validate(
+            req.body, {"successful": "present|boolean", "reinstall": "boolean"}
+        )
+        if invalid:
+            return h.send_json(*invalid)
+        if req.body["successful"]:
+            state = None
+        else:
+            state = "reinstall_failed" if req.body.get("reinstall") else "install_failed"
+        with self.lock:
+            self.status[uuid] = state
+        h.send_json(204)
+
+    def route_container_status(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        """Pelican's ``POST /servers/{uuid}/container/status`` (``data.new_state``)."""
+        uuid = self._server_or_404(h, ident)
+        if uuid:
+            data = req.body.get("data") if isinstance(req.body, dict) else None
+            state = data.get("new_state") if isinstance(data, dict) else None
+            if not isinstance(state, str):
+                return h.send_json(
+                    *_invalid("data.new_state", "required", "The data.new state field is required.")
+                )
+            with self.lock:
+                self.container_states[uuid] = state
+            h.send_json(204)
+
+    def route_transfer(
+        self, h: PanelStandInHandler, req: PanelRequest, ident: str, outcome: str
+    ) -> None:
+        """Panel: ``ServerTransferController``: 409 unless a transfer of the server is active."""
+        uuid = self._server_or_404(h, ident)
+        if not uuid:
+            return
+        with self.lock:
+            active = uuid in self.transfers and self.transfers[uuid] is None
+            if active:
+                self.transfers[uuid] = outcome == "success"
+        if not active:
+            detail = "Server is not being transferred."
+            return h.send_json(409, _panel_error(409, "ConflictHttpException", detail))
+        h.send_json(204)
+
+    def route_activity(self, h: PanelStandInHandler, req: PanelRequest) -> None:
+        """Panel: ``ActivityProcessingController``: items of other servers, or whose event is
+        not ``server:*``, are dropped silently; the answer is 200 with an empty body."""
+        data = req.body.get("data") if isinstance(req.body, dict) else None
+        if not isinstance(data, list):
+            return h.send_json(*_invalid("data", "required", "The data field is required."))
+        rules = {
+            "server": "required|uuid",
+            "event": "required|string",
+            "metadata": "present|nullable|array",
+            "timestamp": "required|string",
+            "user": "nullable|uuid",
+            "ip": "nullable|ip",
+        }
+        for item in data:
+            invalid = self._validate(item, rules)
+            if invalid:
+                return h.send_json(*invalid)
+        with self.lock:
+            for item in data:
+                if item["server"] in self.servers and item["event"].startswith("server:"):
+                    self.activity.append(item)
+        h.send_bytes(200, b"", "text/html; charset=UTF-8")
+
+    def route_backup_upload(self, h: PanelStandInHandler, req: PanelRequest, backup: str) -> None:
+        """Panel: ``BackupRemoteUploadController``: presigned part URLs for an S3 upload."""
+        try:
+            size = int(req.query.get("size", "0"))
+        except ValueError:
+            size = 0
+        if size <= 0:
+            detail = 'A non-empty "size" query parameter must be provided.'
+            return h.send_json(400, _panel_error(400, "BadRequestHttpException", detail))
+        row = self._backup_or_404(h, backup)
+        if row is None:
+            return
+        if row.get("successful"):
+            detail = "This backup is already in a completed state."
+            return h.send_json(409, _panel_error(409, "ConflictHttpException", detail))
+        count = -(-size // self.backup_part_size)
+        parts = [self.presign(backup, n) for n in range(1, count + 1)]
+        h.send_json(200, {"parts": parts, "part_size": self.backup_part_size})
+
+    def presign(self, backup: str, part: int) -> str:
+        """The URL one part of an S3 upload goes to (override to point elsewhere)."""
+        return f"{self.url}/s3/{backup}/{part}"
+
+    def route_s3_part(
+        self, h: PanelStandInHandler, req: PanelRequest, backup: str, part: str
+    ) -> None:
+        with self.lock:
+            self.uploads[(backup, int(part))] = req.raw
+        h.send_bytes(200, b"", None, {"ETag": f'"{hashlib.md5(req.raw).hexdigest()}"'})
+
+    def route_backup_status(self, h: PanelStandInHandler, req: PanelRequest, backup: str) -> None:
+        """Panel: ``BackupStatusController@index``: a failed backup may be reported again."""
+        row = self._backup_or_404(h, backup)
+        if row is None:
+            return
+        invalid = self._validate(req.body, {"successful": "present|boolean"})
+        if not invalid and req.body["successful"]:
+            rules = {
+                "checksum": "required|string",
+                "checksum_type": "required|string",
+                "size": "required",
+            }
+            invalid = self._validate(req.body, rules)
+        if invalid:
+            return h.send_json(*invalid)
+        if row.get("successful"):
+            detail = "Cannot update the status of a backup that is already marked as completed."
+            return h.send_json(400, _panel_error(400, "BadRequestHttpException", detail))
+        with self.lock:
+            row.update(req.body)
+        h.send_json(204)
+
+    def route_backup_restore(self, h: PanelStandInHandler, req: PanelRequest, backup: str) -> None:
+        """Panel: ``BackupStatusController@restore``: the server leaves ``restoring_backup``."""
+        row = self._backup_or_404(h, backup)
+        if row is None:
+            return
+        invalid = self._validate(req.body, {"successful": "present|boolean"})
+        if invalid:
+            return h.send_json(*invalid)
+        with self.lock:
+            row["restored"] = req.body["successful"]
+            self.status[row["server"]] = None
+        h.send_json(204)
+
+    def route_merge_settings(self, h: PanelStandInHandler, req: PanelRequest, ident: str) -> None:
+        if not isinstance(req.body, dict):
+            return h.send_json(400, _panel_error(400, "BadRequestHttpException", "a JSON object"))
+        doc = self.merge_settings(ident, req.body)
+        if doc is None:
+            return h.send_json(404, _panel_error(404, "RecordNotFoundException", ""))
+        h.send_json(200, doc)
+
+
+# CLI ##############################################################################################
 
 
 def _demo(args: Any) -> int:
@@ -7677,7 +11439,8 @@ def _demo(args: Any) -> int:
         demo_document(str(uuidlib.uuid4()), "Demo Survival", 1024),
         demo_document(str(uuidlib.uuid4()), "Demo Creative", 2048),
     ]
-    panel = DemoPanel(token_id, token, servers)
+    panel = PanelStandIn(token_id, token, servers)
+    panel.sftp_users[("demo", "demo")] = ["*"]
     panel.start()
     root = Path(tempfile.mkdtemp(prefix="wingslite-demo-"))
     raw = {

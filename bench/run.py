@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import uuid as uuidlib
 from pathlib import Path
 
@@ -107,94 +106,56 @@ class _FastHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(head.encode() + data)
 
 
+class BenchPanel(w.PanelStandIn):
+    """The module's Panel stand-in, plus ``POST /bench/servers/{uuid}`` (merge into settings, 204)
+    and ``POST /bench/all`` (the same change for every server). It keeps no request log, and
+    caches each server's encoded document so that the Panel is never the bottleneck."""
+
+    ROUTES = (
+        *w.PanelStandIn.ROUTES,
+        w.PanelRoute("POST", r"/bench/servers/(?P<ident>[^/]+)", "bench_one", auth=False),
+        w.PanelRoute("POST", r"/bench/all", "bench_all", auth=False),
+    )
+
+    def __init__(self, docs: list[dict]):
+        super().__init__(TOKEN_ID, TOKEN, docs)
+        self.keep_requests = False
+        self.sftp_users[("bench", "bench")] = ["*"]
+        self.user_uuid = BENCH_USER
+        self.encoded: dict[str, bytes] = {}
+
+    def route_server(self, h, req, ident):
+        with self.lock:
+            data = self.encoded.get(ident)
+            if data is None and ident in self.servers:
+                data = self.encoded[ident] = self.encode(self.servers[ident])
+        if data is None:
+            return super().route_server(h, req, ident)
+        h.send_bytes(200, data)
+
+    def route_bench_one(self, h, req, ident):
+        self.merge_settings(ident, req.body)
+        with self.lock:
+            self.encoded.pop(ident, None)
+        h.send_json(204)
+
+    def route_bench_all(self, h, req):
+        for uuid in list(self.servers):
+            self.merge_settings(uuid, req.body)
+        with self.lock:
+            self.encoded.clear()
+        h.send_json(204)
+
+
 def serve_panel(servers: int, port_file: str) -> None:
-    """The Panel's remote API for ``servers`` generated servers, plus ``POST /bench/servers/{uuid}``."""
-    docs = {}
+    """The Panel's remote API for ``servers`` generated servers (see ``BenchPanel``)."""
+    docs = []
     for i in range(servers):
         uuid = str(uuidlib.UUID(int=(0x4BE4C000 << 96) | (i + 1), version=4))
-        docs[uuid] = panel_document(uuid, port=20000 + i)
-    encoded: dict[str, bytes] = {}
-    lock = threading.Lock()
-
-    class Handler(_FastHandler):
-        def do_GET(self):
-            parts = urllib.parse.urlsplit(self.path)
-            if parts.path == "/api/remote/servers":
-                q = urllib.parse.parse_qs(parts.query)
-                page = max(1, int(q.get("page", ["1"])[0] or 1))
-                per_page = int(q.get("per_page", ["50"])[0]) or 15
-                with lock:
-                    items = list(docs.items())
-                chunk = items[(page - 1) * per_page : page * per_page]
-                last = max(1, -(-len(items) // per_page))
-                body = {
-                    "data": [{"uuid": u, **d} for u, d in chunk],
-                    "links": {},
-                    "meta": {
-                        "current_page": page,
-                        "last_page": last,
-                        "per_page": per_page,
-                        "total": len(items),
-                    },
-                }
-                return self.answer(200, json.dumps(body).encode())
-            uuid = parts.path.rsplit("/", 1)[-1]
-            with lock:
-                if uuid not in docs:
-                    return self.answer(
-                        404,
-                        b'{"errors":[{"code":"RecordNotFoundException","status":"404","detail":""}]}',
-                    )
-                data = encoded.get(uuid)
-                if data is None:
-                    data = encoded[uuid] = json.dumps(docs[uuid]).encode()
-            self.answer(200, data)
-
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"null")
-            path = urllib.parse.urlsplit(self.path).path
-            if path == "/api/remote/servers/reset":
-                return self.answer(204)
-            if path == "/api/remote/sftp/auth":
-                user, _, short = str(body.get("username", "")).rpartition(".")
-                match = [u for u in docs if u.startswith(short) and short]
-                if user == "bench" and body.get("password") == "bench" and match:
-                    return self.answer(
-                        200,
-                        json.dumps(
-                            {"server": match[0], "user": BENCH_USER, "permissions": ["*"]}
-                        ).encode(),
-                    )
-                return self.answer(
-                    403,
-                    b'{"errors":[{"code":"HttpForbiddenException","status":"403","detail":"no"}]}',
-                )
-            uuid = path.rsplit("/", 1)[-1]
-            if path.startswith("/bench/servers/") and uuid in docs:
-                with lock:
-                    settings = docs[uuid]["settings"]
-                    for key, value in body.items():
-                        if isinstance(value, dict) and isinstance(settings.get(key), dict):
-                            settings[key].update(value)
-                        else:
-                            settings[key] = value
-                    encoded.pop(uuid, None)
-                return self.answer(204)
-            if path == "/bench/all":  # the same change for every server
-                with lock:
-                    for uuid, doc in docs.items():
-                        for key, value in body.items():
-                            doc["settings"][key].update(value)
-                        encoded.pop(uuid, None)
-                return self.answer(204)
-            self.answer(404, b"{}")
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.request_queue_size = 1024
-    Path(port_file).write_text(json.dumps({"port": httpd.server_address[1], "uuids": list(docs)}))
-    httpd.serve_forever(poll_interval=0.1)
+        docs.append(panel_document(uuid, port=20000 + i))
+    panel = BenchPanel(docs)
+    Path(port_file).write_text(json.dumps({"port": panel.port, "uuids": list(panel.servers)}))
+    panel.httpd.serve_forever(poll_interval=0.1)
 
 
 def serve_bare(body_file: str, port_file: str) -> None:
