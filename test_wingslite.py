@@ -3841,6 +3841,17 @@ class TestNodeUser:
         for name in ("a.txt", "dir", "link"):
             assert (root / name).lstat().st_uid == 988, name
 
+    def test_files_written_through_the_file_api_belong_to_the_node_user(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        base = f"/api/servers/{uuid}/files"
+        assert api(daemon, "POST", f"{base}/write?file=/cfg/a.txt", raw=b"hello")[0] == 204
+        body = {"name": "made", "path": "/"}
+        assert api(daemon, "POST", f"{base}/create-directory", body)[0] == 204
+        root = daemon.config.data_dir / uuid
+        for path in (root, root / "cfg", root / "cfg" / "a.txt", root / "made"):
+            assert (path.stat().st_uid, path.stat().st_gid) == (988, 988), path
+
     def test_the_game_runs_as_the_node_user_and_its_files_and_the_tree_belong_to_it(
         self, docker_servers, tmp_path
     ):

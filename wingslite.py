@@ -8113,14 +8113,8 @@ def makedirs(jail: Jail, path: str, mode: int = 0o755) -> None:
 
 
 def node_owner(daemon: Any) -> tuple[int, int] | None:
-    """The uid/gid files made for a server belong to (Wings ``system.user``), when root can chown."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        uid, gid = daemon.config.get("system.user.uid"), daemon.config.get("system.user.gid")
-    except KeyError:
-        return None
-    return (uid, gid) if isinstance(uid, int) and isinstance(gid, int) else None
+    """The uid/gid files made for a server belong to (Wings ``system.user``), when it can chown."""
+    return getattr(daemon, "file_owner", None)
 
 
 def remove_tree(jail: Jail, path: str) -> int:
@@ -8529,7 +8523,7 @@ class Pull:
 
     def _copy(self, response: Any, length: int, owner: Any) -> None:
         fs = self.server.fs
-        with Jail(fs.root, is_denied=fs.is_denied) as jail, fs_errors():
+        with Jail(fs.root, is_denied=fs.is_denied, owner=fs.owner) as jail, fs_errors():
             with StagedFile(jail, fs, self.path, owner=owner) as staged:
                 while chunk := self._read(response):
                     staged.write(chunk)
@@ -8600,7 +8594,11 @@ class FileManagerRoutes:
     def _jail(self, server: Any, denylist: bool = False) -> Jail:
         try:
             server.fs.ensure()
-            return Jail(server.fs.root, is_denied=server.fs.is_denied if denylist else None)
+            return Jail(
+                server.fs.root,
+                is_denied=server.fs.is_denied if denylist else None,
+                owner=server.fs.owner,
+            )
         except OSError as exc:
             raise WingsliteError(f"the server's directory cannot be opened: {exc}") from None
 
@@ -9530,7 +9528,7 @@ class Server:
             config.disk_limit_bytes,
             daemon.config.get("system.disk_check_interval"),
             quota=daemon.quota,
-            owner=(daemon.node_user.uid, daemon.node_user.gid),
+            owner=daemon.file_owner,
         )
         self.fs.set_denylist(config.file_denylist)
         self.installing = False  # an install runs: power actions and a second install are refused
@@ -9982,7 +9980,11 @@ class Server:
             return
         with Jail(self.fs.root, owner=self.fs.owner) as jail:
             writer = ConfigFileWriter(
-                jail, self.daemon.placeholders, self.fs.reserve, lambda n: self.fs.add_usage(-n)
+                jail,
+                self.daemon.placeholders,
+                self.fs.reserve,
+                lambda n: self.fs.add_usage(-n),
+                self.fs.owner,
             )
             writer.apply(config.process.configs, self.console_message)
 
@@ -10241,6 +10243,10 @@ class Daemon:
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
         self.installs = InstallRecords(config.root_dir / "wingslite" / "installs")
         self.node_user = resolve_node_user(config)
+        # Only root can give files away; a daemon run as the node user itself owns them anyway.
+        user = self.node_user
+        can_chown = os.geteuid() == 0 or user.uid == os.geteuid()
+        self.file_owner: tuple[int, int] | None = (user.uid, user.gid) if can_chown else None
         self.activity = ActivityLog(
             config.root_dir / "wingslite" / "activity.db",
             self.panel,
