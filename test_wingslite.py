@@ -3795,6 +3795,46 @@ class TestInstallation:
         finally:
             docker_servers.engine.remove_container(stranger, force=True)
 
+    def test_the_demo_creates_a_third_server_that_installs_from_a_script(self, docker_engine):
+        port, uuid = _free_port(), None
+        command = [sys.executable, str(HERE / "wingslite.py"), "--demo", "--port", str(port)]
+        proc = subprocess.Popen(
+            [*command, "--sftp-port", str(_free_port())],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            lines = []
+            while not any("Ctrl-C" in line for line in lines) and proc.poll() is None:
+                lines.append(proc.stdout.readline())
+            token = next(line.split(": ", 1)[1].strip() for line in lines if "node token:" in line)
+            root = Path(
+                next(line.split(": ", 1)[1].strip() for line in lines if "data dir" in line)
+            )
+
+            def modded():
+                servers = api(port, "GET", "/api/servers", token=token)[2]
+                found = [s for s in servers if s["configuration"]["meta"]["name"] == "Demo Modded"]
+                return found[0] if found and found[0]["state"] == "running" else None
+
+            uuid = wait_until(modded, 60, "the demo's third server installed and running")[
+                "configuration"
+            ]["uuid"]
+            assert "eula=true" in (root / "volumes" / uuid / "eula.txt").read_text()
+            log = (root / "logs" / "install" / f"{uuid}.log").read_text()
+            assert "downloading part 3/3" in log and "Install complete." in log
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=5)
+            if uuid:
+                with contextlib.suppress(Exception):
+                    docker_engine.remove_container(uuid, force=True)
+
 
 class TestNodeUser:
     """Game containers run as the node user, and the files the daemon makes belong to it."""

@@ -11436,6 +11436,30 @@ class PanelStandIn:
 # CLI ##############################################################################################
 
 
+_DEMO_INSTALL_SCRIPT = """#!/bin/sh
+# An egg install script: runs in <uuid>_installer with the server's files at /mnt/server.
+echo "Installing $SERVER_NAME..."
+for step in 1 2 3; do echo "downloading part $step/3"; sleep 1; done
+echo "eula=true" > /mnt/server/eula.txt
+echo "installed $(date -u)" > /mnt/server/installed.txt
+echo "Install complete."
+"""
+
+
+def _demo_installing_server(panel: PanelStandIn) -> dict[str, Any]:
+    """The demo's third server: the Panel has an install script for it (the test image, ``sh``)."""
+    doc = demo_document(str(uuidlib.uuid4()), "Demo Modded", 1024)
+    doc["settings"]["environment"]["SERVER_NAME"] = "Demo Modded"
+    doc["settings"]["allocations"]["default"]["port"] = 25567
+    doc["settings"]["allocations"]["mappings"] = {"127.0.0.1": [25567]}
+    panel.install_scripts[doc["settings"]["uuid"]] = {
+        "container_image": doc["settings"]["container"]["image"],
+        "entrypoint": "sh",
+        "script": _DEMO_INSTALL_SCRIPT,
+    }
+    return doc
+
+
 def _demo(args: Any) -> int:
     import secrets
     import tempfile
@@ -11448,6 +11472,7 @@ def _demo(args: Any) -> int:
     panel = PanelStandIn(token_id, token, servers)
     panel.sftp_users[("demo", "demo")] = ["*"]
     panel.start()
+    modded = _demo_installing_server(panel)
     root = Path(tempfile.mkdtemp(prefix="wingslite-demo-"))
     raw = {
         "uuid": str(uuidlib.uuid4()),
@@ -11458,6 +11483,8 @@ def _demo(args: Any) -> int:
         "system": {
             "root_directory": str(root),
             "data": str(root / "volumes"),
+            "log_directory": str(root / "logs"),
+            "tmp_directory": str(root / "tmp"),
             "sftp": {"bind_address": "127.0.0.1", "bind_port": args.sftp_port},
         },
         "remote_query": {"timeout": 5},
@@ -11466,6 +11493,16 @@ def _demo(args: Any) -> int:
     daemon.start()
     daemon.wait_booted(10)
     base = f"http://127.0.0.1:{daemon.port}"
+    # The Panel creates a server: it lists it, then calls POST /api/servers (which installs it).
+    panel.add(modded)
+    third = modded["settings"]["uuid"]
+    create = urllib.request.Request(
+        f"{base}/api/servers",
+        data=json.dumps({"uuid": third, "start_on_completion": True}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(create, timeout=10).close()
     first = servers[0]["settings"]["uuid"]
     auth = f"-H 'Authorization: Bearer {token}'"
     print(
@@ -11486,6 +11523,9 @@ node token: {token}
   # suspend it (every websocket and SFTP session of the server is closed by the sync):
   curl -s -X POST -d '{{"suspended": true}}' {panel.url}/demo/servers/{first} >/dev/null
   curl -si -X POST {auth} {base}/api/servers/{first}/sync
+  # a third server was just created and installs from its egg's script, then starts:
+  cat {root}/logs/install/{third}.log; ls -ln {root}/volumes/{third}
+  curl -si -X POST {auth} {base}/api/servers/{third}/reinstall
 
 Press Ctrl-C to stop.""",
         flush=True,
