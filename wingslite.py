@@ -36,7 +36,8 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     egg configuration files  ``ConfigFileWriter``: the egg's config files rewritten before each
                            start (file, properties, ini, yaml, json, xml parsers), ``NodePlaceholders``
     environments           ``Environment`` (where a process runs), ``LimitReport``, ``Cgroup``
-                           (v1/v2 files), ``DockerEnvironment`` (containers, live limits, stats)
+                           (v1/v2 files), ``DockerEnvironment`` (containers, live limits, stats);
+                           ``-- installation``: ``DockerInstaller`` (``<uuid>_installer``)
     console and events     ``EventBus``, ``LogRing``, ``LineSplitter``, ``ConsoleThrottle``,
                            ``ConsolePipeline`` (done detection)
     session table          ``SessionTable``: every websocket and SFTP session; ``Revocations``
@@ -56,12 +57,16 @@ Where to look first:
     a start                  ``Server.power()`` -> ``Server._start()`` -> ``DockerEnvironment.start()``
     limits on a live server  ``DockerEnvironment.apply_limits()`` and ``Cgroup``
     suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
+    an install               ``Daemon.create_server()`` -> ``Server.request_install()`` ->
+                             ``Server.install()`` -> ``DockerInstaller.run()``
 
 Locks: each ``Server`` has two. Its **configuration lock** guards its configuration: held for one
 sync alone (Panel GET, validation, save, swap, live limits, closing sessions), by a delete, and by a
 start while it reads the configuration its container is created from; never across a stop, a
 start's wait or a pull. Its **power lock** serialises start, stop and restart. A sync, a suspension
 and a delete never wait for a power lock, so the Panel's suspension (15 s HTTP timeout) always lands.
+An install claims the server under its power lock (``Server.installing``): power actions are then
+refused until it ends, while a sync still lands (a suspension cancels the install).
 """
 
 from __future__ import annotations
