@@ -3874,8 +3874,12 @@ class Environment:
         script: Mapping[str, str],
         on_output: Callable[[bytes], None],
         log_path: Path,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> int:
-        """Run the egg's install ``script`` against the server's files; its exit code."""
+        """Run the egg's install ``script`` against the server's files; its exit code.
+
+        ``cancelled()`` true (a suspension or a delete came first) stops it before anything runs.
+        """
         raise WingsliteError(
             "this node has no environment that can run install scripts"
             " (is the Docker engine reachable?)"
@@ -4927,8 +4931,9 @@ class DockerEnvironment(Environment):
         script: Mapping[str, str],
         on_output: Callable[[bytes], None],
         log_path: Path,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> int:
-        installer = DockerInstaller(self)
+        installer = DockerInstaller(self, cancelled)
         with self._lock:
             if self._installer is not None:
                 raise Conflict("server is currently installing")
@@ -5090,8 +5095,9 @@ class DockerInstaller:
     (Wings' header, then the output, then the reason of a failure).
     """
 
-    def __init__(self, env: DockerEnvironment):
+    def __init__(self, env: DockerEnvironment, cancelled: Callable[[], bool] = lambda: False):
         self.env = env
+        self.cancelled = cancelled  # asked before each step: a suspension or delete came first
         self.client = env.client
         self.name = f"{env.name}_installer"
         self.tmp_dir = Path(env.config.get("system.tmp_directory")) / env.name
@@ -5107,9 +5113,11 @@ class DockerInstaller:
         docker = _docker()
         output, error = b"", None
         try:
+            self._check_aborted()
             self._write_script(script["script"])
             image = self.env._ensure_image(script["container_image"])
             self._remove()
+            self._check_aborted()
             self._create(config, script, image)
             self._check_aborted()
             self.client.start(self.name)
@@ -5145,6 +5153,8 @@ class DockerInstaller:
         self._remove()
 
     def _check_aborted(self) -> None:
+        if self.cancelled():
+            self._aborted.set()
         if self._aborted.is_set():
             raise WingsliteError("the installation was cancelled")
 
@@ -10135,7 +10145,13 @@ class Server:
                 self.events.publish("install output", line)
 
         LOG.info("server %s: running its install script (%s)", self.uuid, script["container_image"])
-        exit_code = self.env.install(self.config, script, on_output, log_path)
+        exit_code = self.env.install(
+            self.config,
+            script,
+            on_output,
+            log_path,
+            cancelled=lambda: self.deleted or self.config.suspended,
+        )
         for line in splitter.flush():
             self.events.publish("install output", line)
         if exit_code:
