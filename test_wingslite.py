@@ -3690,17 +3690,20 @@ class TestInstallation:
         assert server.state == "offline"
 
     def test_skip_egg_scripts_reports_success_at_once_without_a_container(self, docker_servers):
-        daemon = docker_servers.boot()
         uuid = self.add(docker_servers)
         docker_servers.panel.servers[uuid]["settings"]["skip_egg_scripts"] = True
-        conn = None
-        self.create(daemon, uuid)
-        assert self.report(docker_servers.panel, uuid) == {"successful": True, "reinstall": False}
-        assert (
-            docker_servers.panel.calls.get(f"/api/remote/servers/{uuid}/install") == 1
-        )  # the POST
-        assert not (daemon.config.data_dir / uuid / "installed.txt").exists()
+        daemon = docker_servers.boot()
         conn, _ = ws_authed(daemon, uuid, permissions=["*", "admin.websocket.install"])
+        assert api(daemon, "POST", f"/api/servers/{uuid}/install")[0] == 202
+        events = []
+        while not events or events[-1][0] != "install completed":
+            events.append(ws_event(conn, 10))
+        assert "install started" not in [e for e, _ in events]
+        assert self.report(docker_servers.panel, uuid) == {"successful": True, "reinstall": False}
+        assert f"/api/remote/servers/{uuid}/install" not in [
+            r.path for r in docker_servers.panel.requests if r.method == "GET"
+        ]
+        assert not (daemon.config.data_dir / uuid / "installed.txt").exists()
         conn.close()
 
     def test_reinstall_stops_the_running_server_and_replaces_what_the_script_writes(
@@ -3713,8 +3716,16 @@ class TestInstallation:
         (root / "installed.txt").write_text("old\n")
         (root / "world.dat").write_text("kept")
         docker_servers.panel.servers[uuid]["settings"]["environment"]["RUN_MARK"] = "2"
+        conn, _ = ws_authed(daemon, uuid, permissions=["*", "admin.websocket.install"])
         assert api(daemon, "POST", f"/api/servers/{uuid}/reinstall")[0] == 202
+        events = []
+        while not events or events[-1][0] != "install completed":
+            events.append(ws_event(conn, 30))
+        names = [e for e, _ in events]
+        assert ("status", ["offline"]) in events  # stopped first
+        assert names.index("install started") < names.index("install output")
         assert self.report(docker_servers.panel, uuid) == {"successful": True, "reinstall": True}
+        conn.close()
         server = daemon.get_server(uuid)
         wait_until(lambda: not server.installing, 10, "the reinstall to end")
         assert server.state == "offline"
