@@ -161,6 +161,7 @@ def node_config(tmp_path: Path, panel_url: str, **overrides) -> dict:
             "data": str(tmp_path / "volumes"),
             "log_directory": str(tmp_path / "logs"),
             "tmp_directory": str(tmp_path / "tmp"),
+            "backup_directory": str(tmp_path / "backups"),
             "sftp": {"bind_port": 2022},
         },
         "allowed_mounts": [],
@@ -1052,6 +1053,17 @@ class TestArchives:
         )
         assert self.extract(box, data, name="a.tar") == ["ok"]
         assert sorted(p.name for p in box.root.iterdir()) == ["ok"]
+
+    def test_what_is_made_belongs_to_the_owner_given(self, box):
+        import io
+
+        data = _tar_bytes(
+            [({"name": "d/f"}, b"1"), ({"name": "d/l", "type": b"2", "linkname": "f"}, None)]
+        )
+        w.extract_archive(box.jail, box.fs, io.BytesIO(data), name="a.tar", owner=(1234, 4321))
+        for rel in ("d", "d/f", "d/l"):
+            st = os.lstat(box.root / rel)
+            assert (st.st_uid, st.st_gid) == (1234, 4321), rel
 
     def test_setuid_bits_are_dropped(self, box):
         self.extract(box, _tar_bytes([({"name": "s", "mode": 0o4755}, b"1")]), name="a.tar")
@@ -6647,6 +6659,463 @@ class TestFilePull:
             status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
             assert status == 400 and answer["error"] == w.FM_NO_SPACE, path
         assert tree_snapshot(server.fs.root) == before
+
+
+# backups ##########################################################################################
+
+
+class S3StandIn:
+    """Presigned S3 URLs on loopback: ``PUT ?partNumber=N`` stores a part and answers its ETag;
+    ``GET /<key>`` serves ``objects[key]`` (a restore's download_url).
+
+    ``fail[part_number] = [status, ...]`` answers those statuses first (then normally; an empty
+    list with ``always_fail`` set answers 500 forever). ``gate`` (an Event) holds GETs until set.
+    """
+
+    def __init__(self):
+        self.parts: dict[int, bytes] = {}
+        self.puts: list[tuple[int, int]] = []  # (part number, bytes received), every try
+        self.fail: dict[int, list[int]] = {}
+        self.always_fail: set[int] = set()
+        self.objects: dict[str, bytes] = {}
+        self.gate = threading.Event()
+        self.gate.set()
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def answer(self, status, body=b"", headers=None):
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self):
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                number = int(query["partNumber"][0])
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                stand_in.puts.append((number, len(data)))
+                queued = stand_in.fail.get(number)
+                if number in stand_in.always_fail or queued:
+                    return self.answer(queued.pop(0) if queued else 500, b"<Error/>")
+                stand_in.parts[number] = data
+                etag = '"' + hashlib.md5(data).hexdigest() + '"'
+                return self.answer(200, headers={"ETag": etag})
+
+            def do_GET(self):
+                stand_in.gate.wait(30)
+                data = stand_in.objects.get(urllib.parse.urlsplit(self.path).path.lstrip("/"))
+                if data is None:
+                    return self.answer(404, b"<Error>NoSuchKey</Error>")
+                return self.answer(200, data, {"Content-Type": "application/x-gzip"})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve_for(self, panel, part_size: int) -> None:
+        """Make the Panel stand-in hand out this stand-in's URLs, in parts of ``part_size``."""
+        panel.backup_part_size = part_size
+        panel.presign = lambda backup, n: f"{self.url}/{backup}.tar.gz?partNumber={n}&uploadId=u1"
+
+    def close(self):
+        self.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def s3():
+    stand_in = S3StandIn()
+    yield stand_in
+    stand_in.close()
+
+
+def panel_report(panel, backup: str) -> dict | None:
+    """The Panel's backup row once the node reported (``POST /backups/{uuid}``), else None."""
+    with panel.lock:
+        row = dict(panel.backups.get(backup) or {})
+    if row.get("successful") is None:
+        return None
+    row.pop("server", None)
+    row.pop("restored", None)
+    return row
+
+
+def restore_report(panel, backup: str) -> dict | None:
+    """``{"successful": ...}`` once the node reported a restore (``POST .../restore``)."""
+    with panel.lock:
+        row = panel.backups.get(backup) or {}
+        return {"successful": row["restored"]} if "restored" in row else None
+
+
+def backup_token(server: str, backup: str, secret: str = TOKEN, **changes) -> str:
+    """The JWT of the Panel's DownloadLinkService for a wings backup (panel-contract.md §4.3)."""
+    claims = ws_claims(server, backup_uuid=backup, unique_id=uuidlib.uuid4().hex, **changes)
+    del claims["permissions"]
+    return ws_token(claims, secret)
+
+
+def download(daemon, token: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    conn.request("GET", "/download/backup?token=" + urllib.parse.quote(token))
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+def tar_names(data: bytes) -> set[str]:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return set(tar.getnames())
+
+
+class TestBackups:
+    @pytest.fixture
+    def node(self, console_node):
+        daemon = console_node()
+        daemon.root = daemon.config.data_dir / daemon.uuid
+        daemon.root.mkdir(parents=True, exist_ok=True)
+        return daemon
+
+    @staticmethod
+    def fill(root: Path) -> dict[str, bytes]:
+        files = {
+            "server.properties": b"motd=hello\n",
+            "world/region/r.0.0.mca": os.urandom(70_000),
+            "world/level.dat": b"\x00level" * 100,
+            "plugins/a/config.yml": b"a: 1\n",
+            "logs/latest.log": b"log line\n" * 100,
+        }
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        return files
+
+    @staticmethod
+    def backup(daemon, server: str, adapter: str = "wings", ignore: str = "", uuid=None) -> dict:
+        panel = daemon.panel_fake
+        backup = panel.add_backup(server, uuid)  # the Panel makes the row before it asks
+        body = {"adapter": adapter, "uuid": backup, "ignore": ignore}
+        status, _, answer = api(daemon, "POST", f"/api/servers/{server}/backup", body)
+        assert status == 202, answer
+        report = wait_for(lambda: panel_report(panel, backup), 30, what="the backup report")
+        return {"uuid": backup, **report}
+
+    def test_a_backup_is_reported_with_the_sha1_of_the_bytes_the_token_downloads(self, node):
+        self.fill(node.root)
+        conn, _ = ws_authed(node, node.uuid, permissions=["websocket.connect", "backup.read"])
+        blind, _ = ws_authed(node, node.uuid, permissions=["websocket.connect"])
+        report = self.backup(node, node.uuid, ignore="*.log\n")
+        assert report["successful"] is True and report["checksum_type"] == "sha1"
+        assert report["parts"] is None
+        archive = node.config.get("system.backup_directory") + f"/{report['uuid']}.tar.gz"
+        assert os.path.getsize(archive) == report["size"]
+        assert [p.name for p in Path(archive).parent.iterdir()] == [Path(archive).name]
+
+        status, data = download(node, backup_token(node.uuid, report["uuid"]))
+        assert status == 200 and hashlib.sha1(data).hexdigest() == report["checksum"]
+        assert tar_names(data) == {
+            "server.properties",
+            "world",
+            "world/region",
+            "world/region/r.0.0.mca",
+            "world/level.dat",
+            "plugins",
+            "plugins/a",
+            "plugins/a/config.yml",
+            "logs",
+        }
+        event = json.loads(ws_until(conn, "backup completed")[0])
+        assert event == {
+            "uuid": report["uuid"],
+            "is_successful": True,
+            "checksum": report["checksum"],
+            "checksum_type": "sha1",
+            "file_size": report["size"],
+        }
+        # the socket without backup.read saw no backup event before a line sent after it
+        node.servers[node.uuid].console_message("marker after the backup")
+        names = []
+        while not names or names[-1] != "console output":
+            names.append(ws_event(blind, 5)[0])
+        assert "backup completed" not in names
+        conn.close()
+        blind.close()
+
+    def test_pteroignore_with_an_exception_is_used_when_ignore_is_empty(self, node):
+        self.fill(node.root)
+        (node.root / "logs" / "keep.log").write_bytes(b"keep")
+        (node.root / ".pteroignore").write_text("# comment\n*.log\n!keep.log\nworld/region/\n")
+        report = self.backup(node, node.uuid)
+        status, data = download(node, backup_token(node.uuid, report["uuid"]))
+        assert status == 200
+        names = tar_names(data)
+        assert "logs/keep.log" in names and "logs/latest.log" not in names
+        assert "world/region" not in names and "world/level.dat" in names
+        assert ".pteroignore" in names
+
+    def test_bad_requests_are_refused_and_write_nothing(self, node):
+        backups = Path(node.config.get("system.backup_directory"))
+        path = f"/api/servers/{node.uuid}/backup"
+        cases = [
+            ({"adapter": "wings", "uuid": "../../etc/passwd"}, 422),
+            ({"adapter": "wings", "uuid": "not-a-uuid"}, 422),
+            ({"adapter": "ftp", "uuid": str(uuidlib.uuid4())}, 422),
+            ({"adapter": "wings", "uuid": str(uuidlib.uuid4()), "ignore": 5}, 422),
+            (["adapter"], 422),
+        ]
+        for body, expected in cases:
+            status, _, answer = api(node, "POST", path, body)
+            assert status == expected and answer["error"], (body, answer)
+        body = {"adapter": "wings", "uuid": str(uuidlib.uuid4())}
+        status, _, answer = api(node, "POST", f"/api/servers/{uuidlib.uuid4()}/backup", body)
+        assert status == 404
+        time.sleep(0.2)
+        assert not backups.exists() or list(backups.iterdir()) == []
+        assert not any("/backups/" in r.path for r in node.panel_fake.requests)
+
+    def test_the_download_token_is_one_time_and_refused_when_wrong(self, node, panel):
+        other = panel.add(panel_document())
+        node.sync_server(node.servers.get(other) or node.create_server(other))
+        report = self.backup(node, node.uuid)
+        backup = report["uuid"]
+        token = backup_token(node.uuid, backup)
+        assert download(node, token)[0] == 200
+        assert download(node, token)[0] in (403, 404)  # used once already
+        assert download(node, backup_token(node.uuid, backup, lifetime=-10))[0] == 403
+        assert download(node, backup_token(node.uuid, backup, secret="another-node"))[0] == 403
+        # a token for another server of this node, naming this server's backup
+        assert download(node, backup_token(other, backup))[0] == 404
+        assert download(node, backup_token(node.uuid, "../" + backup))[0] == 404
+        assert download(node, "")[0] == 403
+        assert download(node, backup_token(node.uuid, backup))[0] == 200
+
+    def test_delete_removes_the_archive_and_unknown_backups_are_404(self, node, panel):
+        other = panel.add(panel_document())
+        node.create_server(other)
+        report = self.backup(node, node.uuid)
+        archive = Path(node.config.get("system.backup_directory")) / f"{report['uuid']}.tar.gz"
+        assert api(node, "DELETE", f"/api/servers/{other}/backup/{report['uuid']}")[0] == 404
+        assert archive.exists()
+        assert api(node, "DELETE", f"/api/servers/{node.uuid}/backup/{report['uuid']}")[0] == 204
+        assert not archive.exists()
+        status, _, answer = api(node, "DELETE", f"/api/servers/{node.uuid}/backup/{report['uuid']}")
+        assert (
+            status == 404
+            and answer["error"] == "The requested backup was not found on this server."
+        )
+        assert api(node, "DELETE", f"/api/servers/{node.uuid}/backup/..%2f..%2fetc")[0] == 404
+
+    def restore(self, daemon, server, backup, truncate, adapter="wings", url=""):
+        panel = daemon.panel_fake
+        with panel.lock:
+            panel.backups.setdefault(backup, {"server": server, "successful": None})
+            panel.backups[backup].pop("restored", None)
+        body = {"adapter": adapter, "truncate_directory": truncate, "download_url": url}
+        status, _, answer = api(
+            daemon, "POST", f"/api/servers/{server}/backup/{backup}/restore", body
+        )
+        assert status == 202, answer
+        return wait_for(lambda: restore_report(panel, backup), 30, what="the restore report")
+
+    def test_restore_with_and_without_truncate_brings_the_files_back(self, node):
+        files = self.fill(node.root)
+        report = self.backup(node, node.uuid)
+        (node.root / "world" / "level.dat").write_bytes(b"corrupted")
+        (node.root / "plugins" / "a" / "config.yml").unlink()
+        (node.root / "extra.txt").write_bytes(b"made after the backup")
+        conn, _ = ws_authed(node, node.uuid)
+        assert self.restore(node, node.uuid, report["uuid"], truncate=False) == {"successful": True}
+        ws_until(conn, "backup restore completed")
+        for rel, data in files.items():
+            assert (node.root / rel).read_bytes() == data, rel
+        assert (node.root / "extra.txt").exists()  # not truncated
+        console = node.servers[node.uuid].console.tail(200)
+        assert any("(restoring): " in line for line in console)
+
+        assert self.restore(node, node.uuid, report["uuid"], truncate=True) == {"successful": True}
+        assert not (node.root / "extra.txt").exists()
+        for rel, data in files.items():
+            assert (node.root / rel).read_bytes() == data, rel
+        usage = node.servers[node.uuid].fs.usage_bytes()
+        assert usage == w.Filesystem(node.root).recalculate()
+        conn.close()
+
+    def test_restore_of_an_unknown_backup_or_bad_body_is_refused(self, node):
+        path = f"/api/servers/{node.uuid}/backup/{uuidlib.uuid4()}/restore"
+        assert api(node, "POST", path, {"adapter": "wings", "truncate_directory": True})[0] == 404
+        status, _, answer = api(node, "POST", path, {"adapter": "s3", "truncate_directory": True})
+        assert status == 400 and "download_url" in answer["error"]
+        assert api(node, "POST", path, {"adapter": "wings", "truncate_directory": "yes"})[0] == 422
+        assert not any("/backups/" in r.path for r in node.panel_fake.requests)
+
+    def test_s3_parts_have_the_panels_part_size_and_their_etags_are_reported(self, node, s3):
+        (node.root / "big.bin").write_bytes(os.urandom(300_000))  # incompressible: several parts
+        s3.serve_for(node.panel_fake, 64 * 1024)
+        report = self.backup(node, node.uuid, adapter="s3")
+        assert report["successful"] is True
+        count = -(-report["size"] // (64 * 1024))
+        assert count >= 4 and sorted(s3.parts) == list(range(1, count + 1))
+        assert all(len(s3.parts[n]) == 64 * 1024 for n in range(1, count))
+        assert 0 < len(s3.parts[count]) <= 64 * 1024
+        whole = b"".join(s3.parts[n] for n in range(1, count + 1))
+        assert (
+            len(whole) == report["size"] and hashlib.sha1(whole).hexdigest() == report["checksum"]
+        )
+        assert report["parts"] == [
+            {"etag": '"' + hashlib.md5(s3.parts[n]).hexdigest() + '"', "part_number": n}
+            for n in range(1, count + 1)
+        ]
+        assert list(Path(node.config.get("system.backup_directory")).iterdir()) == []
+        # ...and the same archive restores from its download URL
+        (node.root / "big.bin").unlink()
+        s3.objects["restore.tar.gz"] = whole
+        result = self.restore(
+            node, node.uuid, report["uuid"], False, "s3", s3.url + "/restore.tar.gz"
+        )
+        assert result == {"successful": True} and (node.root / "big.bin").stat().st_size == 300_000
+
+    def test_an_s3_part_answered_500_is_retried_then_the_backup_fails_cleanly(
+        self, node, s3, monkeypatch
+    ):
+        monkeypatch.setattr(w.Backups, "upload_backoff_s", 0.01)
+        (node.root / "big.bin").write_bytes(os.urandom(200_000))
+        s3.serve_for(node.panel_fake, 64 * 1024)
+        s3.fail[1] = [503]  # a passing failure: retried, then accepted
+        s3.always_fail.add(2)
+        conn, _ = ws_authed(node, node.uuid)
+        report = self.backup(node, node.uuid, adapter="s3")
+        assert report == {"uuid": report["uuid"], **w._failed_backup_body()}
+        assert report["successful"] is False
+        assert [n for n, _ in s3.puts].count(1) == 2
+        assert [n for n, _ in s3.puts].count(2) == w.Backups.upload_attempts
+        assert all(size == 64 * 1024 for _, size in s3.puts)  # each try re-read the whole part
+        assert list(Path(node.config.get("system.backup_directory")).iterdir()) == []
+        assert json.loads(ws_until(conn, "backup completed")[0])["is_successful"] is False
+        conn.close()
+
+    def test_power_actions_answer_409_while_restoring(self, node, s3):
+        self.fill(node.root)
+        report = self.backup(node, node.uuid)
+        status, data = download(node, backup_token(node.uuid, report["uuid"]))
+        s3.objects["b.tar.gz"] = data
+        s3.gate.clear()  # the download hangs until the gate opens
+        body = {"adapter": "s3", "truncate_directory": True, "download_url": s3.url + "/b.tar.gz"}
+        restore = f"/api/servers/{node.uuid}/backup/{report['uuid']}/restore"
+        answer: list = []
+        thread = threading.Thread(target=lambda: answer.append(api(node, "POST", restore, body)))
+        thread.start()
+        server = node.servers[node.uuid]
+        wait_for(lambda: server.restoring, what="the restore to begin")
+        status, _, error = api(node, "POST", f"/api/servers/{node.uuid}/power", {"action": "start"})
+        assert status == 409 and error["error"] == "server is currently restoring"
+        assert api(node, "POST", restore, {**body, "truncate_directory": False})[0] == 409
+        s3.gate.set()
+        thread.join(30)
+        assert answer[0][0] == 202
+        wait_for(lambda: restore_report(node.panel_fake, report["uuid"]), 30)
+        wait_for(lambda: not server.restoring, what="the restore to end")
+        assert api(node, "POST", f"/api/servers/{node.uuid}/power", {"action": "start"})[0] == 202
+
+    def test_a_failed_restore_is_reported_and_says_what_was_restored(self, node, s3):
+        import io
+        import tarfile
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name, data in (("ok.txt", b"fine"), ("../escape.txt", b"bad")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        s3.objects["bad.tar.gz"] = buf.getvalue()
+        backup = str(uuidlib.uuid4())
+        result = self.restore(node, node.uuid, backup, False, "s3", s3.url + "/bad.tar.gz")
+        assert result == {"successful": False}
+        assert (node.root / "ok.txt").read_bytes() == b"fine"
+        assert not (node.root.parent / "escape.txt").exists()
+        console = "\n".join(node.servers[node.uuid].console.tail(50))
+        assert "after 1 files were restored" in console and "refused archive entry" in console
+
+    def test_restore_of_a_running_docker_server_stops_it_first(self, docker_daemon):
+        daemon, uuid = docker_daemon.daemon, docker_daemon.uuid
+        daemon.panel_fake = docker_daemon.panel
+        root = daemon.config.data_dir / uuid
+        files = self.fill(root)
+        report = self.backup(daemon, uuid)
+        assert report["successful"]
+        (root / "world" / "level.dat").write_bytes(b"broken by the game")
+        (root / "server.properties").unlink()
+        assert daemon.get_server(uuid).state == "running"
+        assert self.restore(daemon, uuid, report["uuid"], truncate=True) == {"successful": True}
+        assert daemon.get_server(uuid).state == "offline"
+        assert not docker_daemon.inspect(uuid)["State"]["Running"]
+        for rel, data in files.items():
+            assert (root / rel).read_bytes() == data, rel
+        assert any("(restoring): " in line for line in docker_daemon.console(uuid))
+        docker_daemon.start(uuid)  # and it runs again from the restored files
+
+    def test_a_backup_interrupted_by_a_restart_is_cleaned_and_reported_failed(
+        self, panel, make_daemon
+    ):
+        server = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        backup = panel.add_backup(server)
+        # what a daemon stopped mid-backup leaves: its record and the temporary archive
+        daemon.backups.records.write(backup, server, "wings", "running")
+        temp = daemon.backups.temp_path(backup)
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_bytes(b"\x1f\x8b half an archive")
+        other_run = panel.add_backup(server)  # renamed just before the restart, never reported
+        daemon.backups.records.write(other_run, server, "s3", "running")
+        daemon.backups.path(other_run).write_bytes(b"\x1f\x8b a whole archive")
+        unrelated = temp.parent / "someone-elses.tmp"
+        unrelated.write_bytes(b"x")
+        daemon.stop()
+        make_daemon(panel)
+        report = wait_for(lambda: panel_report(panel, backup), 10)
+        assert report == w._failed_backup_body()
+        assert wait_for(lambda: panel_report(panel, other_run), 10) == w._failed_backup_body()
+        assert not temp.exists() and not daemon.backups.path(other_run).exists()
+        assert unrelated.exists()
+        assert daemon.backups.records.running() == []
+
+    def test_a_write_limit_still_makes_the_same_archive(self, console_node):
+        daemon = console_node(system__backups={"write_limit": 1, "compression_level": "none"})
+        root = daemon.config.data_dir / daemon.uuid
+        root.mkdir(parents=True, exist_ok=True)
+        files = self.fill(root)
+        report = self.backup(daemon, daemon.uuid)
+        status, data = download(daemon, backup_token(daemon.uuid, report["uuid"]))
+        assert status == 200 and len(data) == report["size"]
+        assert len(data) > sum(len(d) for d in files.values())  # gzip level 0: stored
+        assert "world/region/r.0.0.mca" in tar_names(data)
+
+    def test_a_200_mib_directory_is_backed_up_in_bounded_memory(self, node):
+        for i in range(200):
+            (node.root / f"chunk{i // 50}").mkdir(exist_ok=True)
+            (node.root / f"chunk{i // 50}" / f"{i}.bin").write_bytes(os.urandom(1 << 20))
+
+        def rss_kib(field: str) -> int:
+            text = Path("/proc/self/status").read_text()
+            return int(text.split(field + ":")[1].split()[0])
+
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
+        before = rss_kib("VmRSS")
+        report = self.backup(node, node.uuid)
+        assert report["successful"] and report["size"] > 200 * (1 << 20)
+        growth_mib = (rss_kib("VmHWM") - before) / 1024
+        assert growth_mib < 20, f"RSS grew by {growth_mib:.1f} MiB"
 
 
 # disk quotas ######################################################################################

@@ -44,6 +44,8 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     websocket              ``WebSocket`` (RFC 6455), ``decode_jwt``, ``ConsoleSocket`` (Wings'
                            console protocol), ``serve_websocket``
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
+    backups                ``Backups`` (create, s3 parts, restore, delete, boot recovery),
+                           ``BackupJob``, ``RestoreJob``, ``BackupRoutes`` (HTTP mix-in)
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
     daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
                            power, crash detection), ``Daemon`` (boot, servers, system info)
@@ -59,6 +61,8 @@ Where to look first:
     suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
     an install               ``Daemon.create_server()`` -> ``Server.request_install()`` ->
                              ``Server.install()`` -> ``DockerInstaller.run()``
+    a backup / a restore     ``Backups.create()`` -> ``BackupJob.run()``; ``Backups.restore()`` ->
+                             ``RestoreJob.run()`` -> ``extract_archive()`` (archives section)
 
 Locks: each ``Server`` has two. Its **configuration lock** guards its configuration: held for one
 sync alone (Panel GET, validation, save, swap, live limits, closing sessions), by a delete, and by a
@@ -236,6 +240,9 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("system.log_directory", str, "/var/log/pterodactyl"),
     ("system.data", str, "/var/lib/pterodactyl/volumes"),
     ("system.tmp_directory", str, "/tmp/pterodactyl"),
+    ("system.backup_directory", str, "/var/lib/pterodactyl/backups"),
+    ("system.backups.compression_level", str, "best_speed"),
+    ("system.backups.write_limit", int, 0),
     ("system.timezone", str, ""),
     ("system.disk_check_interval", int, 150),
     ("system.activity_send_interval", int, 60),
@@ -300,12 +307,14 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
 
 _CHOICES = {
     "wingslite.disk_quota": ("auto", "btrfs", "project", "soft", "off"),
+    "system.backups.compression_level": ("none", "best_speed", "best_compression"),
 }
 
 _NON_NEGATIVE = {
     "api.port",
     "system.sftp.bind_port",
     "system.disk_check_interval",
+    "system.backups.write_limit",
     "system.activity_send_interval",
     "system.activity_send_count",
     "system.websocket_log_count",
@@ -2387,7 +2396,7 @@ ARCHIVE_CHUNK_BYTES = 1 << 20
 
 
 class ArchiveError(WingsliteError):
-    """An archive that cannot be read or would break a rule; ``message`` says which entry and why."""
+    """An archive that cannot be read or breaks a rule; ``message`` names the entry and why."""
 
     status = 400
 
@@ -2723,6 +2732,7 @@ def extract_archive(
     name: str = "",
     dest: str = "/",
     on_entry: Callable[[str], None] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> int:
     """Extract the archive read from ``src`` into ``dest`` of ``jail``; returns the entries written.
 
@@ -2733,11 +2743,12 @@ def extract_archive(
     format")``. A refused entry (absolute name, "..", a link out of the jail, the egg's denylist,
     a file over the disk limit) stops the extraction with ``ArchiveError`` naming it; what was
     written before it stays. ``on_entry(relpath)`` is called after each entry is written.
+    ``owner`` ``(uid, gid)``: what is made is chowned to it (the node's ``system.user``).
     """
     start = src.tell() if _seekable(src) else None
     head = _read_exactly(src, 512)
     kind = archive_format(head)
-    target = _Extractor(jail, fs, dest, on_entry)
+    target = _Extractor(jail, fs, dest, on_entry, owner)
     if kind == "zip":
         if start is not None:  # zip's directory is at its end: read it in place
             src.seek(start)
@@ -2777,9 +2788,14 @@ class _Extractor:
     """Writes checked entries into a jail; every byte booked with ``Filesystem.reserve`` first."""
 
     def __init__(
-        self, jail: Jail, fs: Filesystem, dest: str, on_entry: Callable[[str], None] | None
+        self,
+        jail: Jail,
+        fs: Filesystem,
+        dest: str,
+        on_entry: Callable[[str], None] | None,
+        owner: tuple[int, int] | None = None,
     ):
-        self.jail, self.fs, self.on_entry = jail, fs, on_entry
+        self.jail, self.fs, self.on_entry, self.owner = jail, fs, on_entry, owner
         self.dest = "/".join(Jail.parts(dest))
         self.count = 0
 
@@ -2797,6 +2813,8 @@ class _Extractor:
         return "/".join([self.dest, *parts]).lstrip("/")
 
     def _done(self, path: str) -> None:
+        if self.owner is not None:
+            self.jail.chown(path, *self.owner)  # never follows a link
         self.count += 1
         if self.on_entry is not None:
             self.on_entry(path)
@@ -2818,7 +2836,7 @@ class _Extractor:
             raise ArchiveError(f"the archive is damaged: {exc}") from None
 
     def entry(self, member: str, extract: Callable[[], None]) -> None:
-        """Run ``extract``; a refusal by the jail or the disk becomes ``ArchiveError`` naming ``member``."""
+        """Run ``extract``; a refusal by the jail or the disk becomes ``ArchiveError``."""
         try:
             extract()
         except PathEscape as exc:
@@ -2900,6 +2918,8 @@ class _Extractor:
     def _mkdir_one(self, path: str, mode: int) -> bool:
         try:
             self.jail.mkdir(path, mode)
+            if self.owner is not None:
+                self.jail.chown(path, *self.owner)
             return True
         except FileExistsError:
             if not stat.S_ISDIR(self.jail.stat(path).st_mode):
@@ -2913,7 +2933,7 @@ class _Extractor:
         self._done(path)
 
     def _clear(self, path: str) -> None:
-        """Remove what is at ``path`` (a file or a link, never a directory), giving its bytes back."""
+        """Remove the file or link (never a directory) at ``path``, giving its bytes back."""
         try:
             st = self.jail.lstat(path)
         except FileNotFoundError:
@@ -2948,7 +2968,7 @@ class _Extractor:
         self._done(path)
 
     def file(self, path: str, reader: Any, mode: int, mtime: float, size: int = 0) -> None:
-        """Write one file; its declared ``size`` is booked before the first byte, the rest as read."""
+        """Write one file: its declared ``size`` booked before the first byte, the rest as read."""
         self._parents(path)
         self._clear(path)
         if not self.fs.reserve(size):
@@ -6436,7 +6456,10 @@ class ConsoleSocket:
     auth_timeout_s = 30.0  # an unauthenticated socket only occupies one of the server's slots
     ping_interval_s = 30.0
     expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
-    power_wait_s = 0  # Wings' websocket power actions do not wait for the power lock
+    # Wings' websocket power actions do not wait for the power lock at all; the "offline" status
+    # reaches the browser a moment before the stop that sent it lets go of the lock, so a start
+    # clicked right then failed with "another power action". A few seconds' wait closes that gap.
+    power_wait_s = 5
 
     def __init__(self, ws: WebSocket, server: Any, daemon: Any, ip: str = ""):
         self.ws = ws
@@ -9004,6 +9027,588 @@ class FileManagerRoutes:
         return 200, None
 
 
+# backups ##########################################################################################
+#
+# Wings v1.11's backups (router/router_server_backup.go, server/backup.go, server/backup/*.go;
+# the Panel side: DaemonBackupRepository, BackupRemoteUploadController, BackupStatusController):
+#
+#   POST   /api/servers/:server/backup                  {adapter, uuid, ignore} -> 202, then a
+#          tar.gz of the server directory (``write_tar_gz``) to ``system.backup_directory/<uuid>
+#          .tar.gz`` (written under a temporary name, renamed when complete, sha1 while writing);
+#          ``s3``: the parts PUT to the Panel's presigned URLs and the local file removed; then
+#          ``POST /api/remote/backups/<uuid>`` and the websocket event ``backup completed``.
+#   POST   /api/servers/:server/backup/:backup/restore  {adapter, truncate_directory,
+#          download_url} -> 202, then stop, empty, ``extract_archive``, ``POST .../restore``.
+#   DELETE /api/servers/:server/backup/:backup          -> 204, or 404 when there is none.
+#   GET    /download/backup?token=                      the Panel's one-time JWT -> the archive.
+#
+# The node keeps one small record per backup under ``<root_directory>/wingslite/backups``: which
+# server a local archive belongs to (so a token or a request for another server's backup is
+# refused, which Wings does not check) and which backups were running. A daemon stopped in the
+# middle of a backup leaves a record; at the next boot its temporary file is removed and the
+# Panel is told the backup failed.
+
+BACKUP_ADAPTERS = ("wings", "s3")
+_BACKUP_SERVER = r"/api/servers/(?P<server>[^/]+)"
+BACKUP_NOT_FOUND = "The requested backup was not found on this server."
+_COMPRESSION_LEVELS = {"none": 0, "best_speed": 1, "best_compression": 9}
+
+
+class BackupRecords:
+    """``<directory>/<backup uuid>.json``: ``{server, adapter, state}`` of each backup made here.
+
+    ``state`` is ``running`` while the archive is being made and ``done`` once a local archive is
+    kept; an s3 backup's record is removed when it ends.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def _path(self, backup_uuid: str) -> Path:
+        return self.directory / f"{backup_uuid}.json"
+
+    def write(self, backup_uuid: str, server_uuid: str, adapter: str, state: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {"server": server_uuid, "adapter": adapter, "state": state}
+        atomic_write(self._path(backup_uuid), json.dumps(record).encode())
+
+    def read(self, backup_uuid: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self._path(backup_uuid).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def remove(self, backup_uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(backup_uuid).unlink()
+
+    def running(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(backup uuid, record)`` of every backup whose record still says ``running``."""
+        out = []
+        for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else ():
+            record = self.read(path.stem)
+            if _UUID_RE.match(path.stem) and record and record.get("state") == "running":
+                out.append((path.stem, record))
+        return out
+
+
+class Backups:
+    """The node's backups: made, shipped, restored and deleted in background threads.
+
+    Methods for the caller: ``create(server, backup_uuid, adapter, ignore)``, ``restore(server,
+    backup_uuid, adapter, truncate, download_url)``, ``delete(server, backup_uuid)``,
+    ``locate(backup_uuid, server_uuid)``, ``recover()`` (boot: clean up and report interrupted
+    backups). ``node`` is the daemon (``config``, ``panel``, ``servers``).
+
+    Class variables that may be overridden: ``upload_attempts`` and ``upload_backoff_s`` (an s3
+    part is tried this many times, waiting ``backoff * 2**n`` between tries), ``upload_timeout_s``,
+    ``restore_lines_per_s`` (console lines naming restored files).
+    """
+
+    upload_attempts = 5
+    upload_backoff_s = 0.5
+    upload_timeout_s = 300.0
+    restore_lines_per_s = 10.0
+
+    def __init__(self, node: Any):
+        self.node = node
+        self.directory = Path(node.config.get("system.backup_directory"))
+        self.records = BackupRecords(node.config.root_dir / "wingslite" / "backups")
+        self._lock = threading.Lock()
+        self._running: set[str] = set()
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def path(self, backup_uuid: str) -> Path:
+        return self.directory / f"{backup_uuid}.tar.gz"
+
+    def temp_path(self, backup_uuid: str) -> Path:
+        return self.directory / f".{backup_uuid}.tar.gz.part"
+
+    def locate(self, backup_uuid: str, server_uuid: str) -> Path:
+        """The local archive of ``backup_uuid`` if it belongs to ``server_uuid``; ``NotFound`` else.
+
+        An archive without a record (made by Wings before this node ran wingslite) belongs to
+        whichever server asks, as in Wings.
+        """
+        if not isinstance(backup_uuid, str) or not _UUID_RE.match(backup_uuid):
+            raise NotFound(BACKUP_NOT_FOUND)
+        record = self.records.read(backup_uuid)
+        if record is not None and record.get("server") != server_uuid:
+            raise NotFound(BACKUP_NOT_FOUND)
+        path = self.path(backup_uuid)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise NotFound(BACKUP_NOT_FOUND) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(BACKUP_NOT_FOUND)
+        return path
+
+    def delete(self, server: Any, backup_uuid: str) -> None:
+        path = self.locate(backup_uuid, server.uuid)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.records.remove(backup_uuid)
+
+    # -- making a backup -------------------------------------------------------------------------
+
+    def create(self, server: Any, backup_uuid: Any, adapter: Any, ignore: Any) -> None:
+        """Check the request, then make the backup in the background (the caller answers 202)."""
+        if adapter not in BACKUP_ADAPTERS:
+            raise WingsliteError(
+                f"router/backups: provided adapter is not valid: {adapter!r} (wings or s3)",
+                422,
+            )
+        if not isinstance(backup_uuid, str) or not _UUID_RE.match(backup_uuid):
+            raise WingsliteError(f"the backup uuid {backup_uuid!r} is not a UUID", 422)
+        if ignore is not None and not isinstance(ignore, str):
+            raise WingsliteError("ignore must be a string of newline-separated patterns", 422)
+        with self._lock:
+            if backup_uuid in self._running or self.path(backup_uuid).exists():
+                raise Conflict(f"backup {backup_uuid} already exists on this node")
+            self._running.add(backup_uuid)
+        self.records.write(backup_uuid, server.uuid, adapter, "running")
+        job = BackupJob(self, server, backup_uuid, adapter, ignore or "")
+        threading.Thread(
+            target=job.run, name=f"wingslite-backup-{backup_uuid[:8]}", daemon=True
+        ).start()
+
+    def finished(self, backup_uuid: str) -> None:
+        with self._lock:
+            self._running.discard(backup_uuid)
+
+    def report(self, backup_uuid: str, body: dict[str, Any]) -> None:
+        """``POST /api/remote/backups/<uuid>``: the Panel learns how the backup ended."""
+        self.node.panel.request("POST", f"/backups/{backup_uuid}", body=body)
+
+    def recover(self) -> None:
+        """Boot: remove the temporary archive of every interrupted backup and report it failed."""
+        for backup_uuid, record in self.records.running():
+            LOG.warning(
+                "backup %s of server %s was interrupted by a restart: reporting it failed",
+                backup_uuid,
+                record.get("server"),
+            )
+            # The temporary file, and an archive renamed just before the restart: the Panel is
+            # told the backup failed, so nothing would ever ask for it.
+            for path in (self.temp_path(backup_uuid), self.path(backup_uuid)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            if self.report_failed(backup_uuid):
+                self.records.remove(backup_uuid)
+
+    def report_failed(self, backup_uuid: str) -> bool:
+        """Tell the Panel a backup failed; False when it should be tried again at the next boot
+        (the Panel is down). A 4xx is final: the Panel no longer knows the backup, or refuses."""
+        try:
+            self.report(backup_uuid, _failed_backup_body())
+        except PanelError as exc:
+            LOG.error("backup %s: the Panel was not told it failed: %s", backup_uuid, exc)
+            return 400 <= exc.http_status < 500
+        return True
+
+    # -- restoring ---------------------------------------------------------------------------------
+
+    def restore(
+        self, server: Any, backup_uuid: Any, adapter: Any, truncate: Any, download_url: Any
+    ) -> None:
+        """Check the request and open the archive, then restore in the background (202)."""
+        if adapter not in BACKUP_ADAPTERS:
+            raise WingsliteError(f"the adapter must be wings or s3, not {adapter!r}", 422)
+        if not isinstance(truncate, bool):
+            raise WingsliteError("truncate_directory must be true or false", 422)
+        if adapter == "s3" and (not isinstance(download_url, str) or not download_url):
+            raise BadRequest(
+                "The download_url field is required when the backup adapter is set to S3."
+            )
+        if adapter == "wings":
+            path = self.locate(backup_uuid, server.uuid)
+        if server.installing:
+            raise Conflict("server is currently installing")
+        if not server.begin_restore():
+            raise Conflict("server is currently restoring")
+        try:
+            if adapter == "wings":
+                source, name = (lambda: open(path, "rb")), path.name
+            else:
+                source, name = self._remote_source(download_url), f"{backup_uuid}.tar.gz"
+            job = RestoreJob(self, server, str(backup_uuid), source, name, truncate)
+            threading.Thread(
+                target=job.run, name=f"wingslite-restore-{str(backup_uuid)[:8]}", daemon=True
+            ).start()
+        except BaseException:
+            server.end_restore()
+            raise
+
+    def _remote_source(self, url: str) -> Callable[[], Any]:
+        """Open the s3 download now (a bad link is the request's error), read it in the job."""
+        if not re.match(r"^https?://", url):
+            raise BadRequest("download_url must be an http(s) URL")
+        try:
+            resp = urllib.request.urlopen(url, timeout=self.upload_timeout_s)
+        except urllib.error.HTTPError as exc:
+            raise BadRequest(f"the backup could not be downloaded: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise BadRequest(f"the backup could not be downloaded: {exc}") from None
+        return lambda: resp
+
+
+def _failed_backup_body() -> dict[str, Any]:
+    return {"checksum": "", "checksum_type": "sha1", "size": 0, "successful": False, "parts": None}
+
+
+class _PacedWriter:
+    """Writes at most ``bytes_per_s`` a second on average (Wings ``system.backups.write_limit``,
+    MiB/s: a backup must not starve the game servers' disk, panel#2798)."""
+
+    def __init__(self, out: Any, bytes_per_s: int):
+        self.out, self.bytes_per_s = out, bytes_per_s
+        self.started, self.written = time.monotonic(), 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.written += len(data)
+        ahead_s = self.written / self.bytes_per_s - (time.monotonic() - self.started)
+        if ahead_s > 0:
+            time.sleep(ahead_s)
+        return len(data)
+
+
+class _PartRetry(Exception):
+    """A part upload that may succeed when tried again (5xx, 429, timeout, connection error)."""
+
+
+class BackupJob:
+    """One backup, start to end: archive, ship, tell the Panel, tell the websockets."""
+
+    def __init__(self, backups: Backups, server: Any, backup_uuid: str, adapter: str, ignore: str):
+        self.backups, self.server = backups, server
+        self.uuid, self.adapter, self.ignore = backup_uuid, adapter, ignore
+
+    def run(self) -> None:
+        try:
+            checksum, size = self._archive()
+            parts = self._upload(size) if self.adapter == "s3" else None
+        except Exception as exc:
+            self._failed(exc)
+            return
+        finally:
+            self.backups.finished(self.uuid)
+            if self.adapter == "s3":  # staging only: never kept, whatever happened
+                with contextlib.suppress(FileNotFoundError):
+                    self.backups.path(self.uuid).unlink()
+        body = {
+            "checksum": checksum,
+            "checksum_type": "sha1",
+            "size": size,
+            "successful": True,
+            "parts": parts,
+        }
+        try:
+            self.backups.report(self.uuid, body)
+        except PanelError as exc:
+            # As Wings: a backup the Panel does not know about is deleted; the Panel cleans up.
+            LOG.error(
+                "backup %s: the Panel was not told it completed (%s); removing it", self.uuid, exc
+            )
+            with contextlib.suppress(FileNotFoundError):
+                self.backups.path(self.uuid).unlink()
+            self.backups.records.remove(self.uuid)
+            return
+        if self.adapter == "s3":
+            self.backups.records.remove(self.uuid)
+        else:
+            self.backups.records.write(self.uuid, self.server.uuid, self.adapter, "done")
+        LOG.info("backup %s of server %s completed (%d bytes)", self.uuid, self.server.uuid, size)
+        self._publish(True, checksum, size)
+
+    def _publish(self, successful: bool, checksum: str, size: int) -> None:
+        event = {
+            "uuid": self.uuid,
+            "is_successful": successful,
+            "checksum": checksum,
+            "checksum_type": "sha1",
+            "file_size": size,
+        }
+        self.server.events.publish("backup completed", json.dumps(event, separators=(",", ":")))
+
+    def _failed(self, exc: Exception) -> None:
+        text = exc.message if isinstance(exc, WingsliteError) else str(exc)
+        unexpected = not isinstance(exc, (WingsliteError, OSError))  # a bug: keep its traceback
+        LOG.error(
+            "backup %s of server %s failed: %s",
+            self.uuid,
+            self.server.uuid,
+            text,
+            exc_info=exc if unexpected else None,
+        )
+        for path in (self.backups.temp_path(self.uuid), self.backups.path(self.uuid)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self.backups.report_failed(self.uuid):  # else the next boot reports it
+            self.backups.records.remove(self.uuid)
+        self._publish(False, "", 0)
+
+    def _ignore_rules(self, jail: Jail) -> str:
+        """The request's ``ignore``, or when it is empty the server's ``.pteroignore`` (Wings)."""
+        if self.ignore.strip():
+            return self.ignore
+        try:
+            fd = jail.open("/.pteroignore", os.O_RDONLY)
+        except OSError:
+            return ""
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(1 << 20).decode("utf-8", "replace")
+
+    def _archive(self) -> tuple[str, int]:
+        """The tar.gz written under a temporary name and renamed; returns ``(sha1, size)``."""
+        directory, temp = self.backups.directory, self.backups.temp_path(self.uuid)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        level = _COMPRESSION_LEVELS.get(
+            self.backups.node.config.get("system.backups.compression_level"), 1
+        )
+        self.server.fs.ensure()
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        limit_mib = self.backups.node.config.get("system.backups.write_limit")
+        with (
+            os.fdopen(fd, "wb", buffering=1 << 20) as fh,
+            Jail(self.server.fs.root, is_denied=self.server.fs.is_denied) as jail,
+        ):
+            out = HashingWriter(_PacedWriter(fh, limit_mib << 20) if limit_mib > 0 else fh)
+            write_tar_gz(jail, out, ignore=self._ignore_rules(jail), compress_level=level)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, self.backups.path(self.uuid))
+        return out.hexdigest(), out.bytes_written
+
+    # -- s3 -------------------------------------------------------------------------------------
+
+    def _upload(self, size: int) -> list[dict[str, Any]]:
+        """PUT the archive to the Panel's presigned part URLs; the ETags in part order."""
+        answer = self.backups.node.panel.request(
+            "GET", f"/backups/{self.uuid}", query={"size": size}
+        )
+        urls = answer.get("parts") if isinstance(answer, dict) else None
+        part_size = answer.get("part_size") if isinstance(answer, dict) else None
+        if (
+            not isinstance(urls, list)
+            or not urls
+            or not all(isinstance(u, str) and re.match(r"^https?://", u) for u in urls)
+            or not isinstance(part_size, int)
+            or isinstance(part_size, bool)
+            or part_size <= 0
+            or -(-size // part_size) != len(urls)
+        ):
+            raise WingsliteError(
+                f"the Panel's upload answer for {size} bytes is not {{parts: [url...], part_size}}"
+                " with one URL per part"
+            )
+        parts = []
+        for index, url in enumerate(urls):
+            offset = index * part_size
+            length = min(part_size, size - offset)
+            etag = self._put_part(url, offset, length, index + 1)
+            parts.append({"etag": etag, "part_number": index + 1})
+        return parts
+
+    def _put_part(self, url: str, offset: int, length: int, number: int) -> str:
+        backups = self.backups
+        for attempt in range(1, backups.upload_attempts + 1):
+            try:
+                return self._put_once(url, offset, length)
+            except _PartRetry as exc:
+                if attempt == backups.upload_attempts:
+                    raise WingsliteError(
+                        f"part {number} could not be uploaded after {attempt} attempts: {exc}"
+                    ) from None
+                wait = backups.upload_backoff_s * 2 ** (attempt - 1)
+                LOG.warning(
+                    "backup %s: part %d failed (%s), retrying in %.1fs",
+                    self.uuid,
+                    number,
+                    exc,
+                    wait,
+                )
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _put_once(self, url: str, offset: int, length: int) -> str:
+        # The part is read again from the file on every try: a failed try consumed its body.
+        with open(self.backups.path(self.uuid), "rb") as fh:
+            fh.seek(offset)
+            body = _FixedSizeReader(fh.fileno(), length)
+            request = urllib.request.Request(
+                url,
+                data=body,
+                method="PUT",
+                headers={"Content-Length": str(length), "Content-Type": "application/x-gzip"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.backups.upload_timeout_s) as resp:
+                    resp.read()
+                    etag = resp.headers.get("ETag", "")
+            except urllib.error.HTTPError as exc:
+                if exc.code >= 500 or exc.code == 429:
+                    raise _PartRetry(f"HTTP {exc.code}") from None
+                raise WingsliteError(f"the storage refused a part: HTTP {exc.code}") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                raise _PartRetry(str(getattr(exc, "reason", exc))) from None
+        if not etag:
+            raise WingsliteError("the storage answered a part without an ETag")
+        return etag
+
+
+class RestoreJob:
+    """One restore: stop the server, empty its directory if asked, extract, report."""
+
+    def __init__(
+        self,
+        backups: Backups,
+        server: Any,
+        backup_uuid: str,
+        source: Callable[[], Any],
+        name: str,
+        truncate: bool,
+    ):
+        self.backups, self.server, self.uuid = backups, server, backup_uuid
+        self.source, self.name, self.truncate = source, name, truncate
+        self.restored = 0
+        self._skipped = 0
+        self._last_line = 0.0
+
+    def run(self) -> None:
+        server = self.server
+        successful = False
+        try:
+            server.console_message(f"Restoring the server from backup {self.uuid}...")
+            self._stop()
+            with Jail(server.fs.root, is_denied=server.fs.is_denied) as jail:
+                if self.truncate:
+                    empty_directory(jail, server.fs)
+                with contextlib.closing(self.source()) as src:
+                    owner = node_owner(server.daemon)
+                    extract_archive(
+                        jail, server.fs, src, name=self.name, on_entry=self._entry, owner=owner
+                    )
+            successful = True
+        except Exception as exc:
+            text = exc.message if isinstance(exc, WingsliteError) else str(exc)
+            LOG.error("restore of backup %s to server %s failed: %s", self.uuid, server.uuid, text)
+            server.console_message(
+                f"Restoring the backup failed after {self.restored} files were restored: {text}"
+            )
+        finally:
+            self._flush_skipped()
+            server.fs.recalculate()
+            server.end_restore()
+        if successful:
+            server.console_message(
+                f"Completed server restoration from backup ({self.restored} files)."
+            )
+        try:
+            self.backups.node.panel.request(
+                "POST", f"/backups/{self.uuid}/restore", body={"successful": successful}
+            )
+        except PanelError as exc:
+            LOG.error("backup %s: the Panel was not told how the restore ended: %s", self.uuid, exc)
+        server.events.publish("backup restore completed", "")
+
+    def _stop(self) -> None:
+        server = self.server
+        with server.power_lock:  # a start in flight finishes; power actions are refused meanwhile
+            server.env.stop(server.config, server.daemon.config.get("wingslite.stop_timeout_s"))
+
+    def _entry(self, path: str) -> None:
+        """One console line per restored file, at most ``restore_lines_per_s``; the rest counted."""
+        self.restored += 1
+        now = time.monotonic()
+        if now - self._last_line < 1.0 / self.backups.restore_lines_per_s:
+            self._skipped += 1
+            return
+        self._last_line = now
+        self._flush_skipped()
+        self.server.console_message(f"(restoring): {path}")
+
+    def _flush_skipped(self) -> None:
+        if self._skipped:
+            self.server.console_message(f"(restoring): ... and {self._skipped} more files")
+            self._skipped = 0
+
+
+def empty_directory(jail: Jail, fs: Filesystem) -> None:
+    """Remove everything beneath the jail's root (never following a link); usage is recounted."""
+    with jail.resolve("/") as where:
+        root_fd = os.open(".", Jail._DIR_FLAGS, dir_fd=where.dir_fd)
+    try:
+        for name in os.listdir(root_fd):
+            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, dir_fd=root_fd)  # fd-based: safe against symlink swaps
+            else:
+                os.unlink(name, dir_fd=root_fd)
+    finally:
+        os.close(root_fd)
+    fs.recalculate()
+
+
+class BackupRoutes:
+    """The backup routes of ``ApiHandler`` (a mix-in: ``read_json``, ``_respond`` come from it)."""
+
+    def route_backup_create(self, server: Any) -> tuple[int, Any]:
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise WingsliteError(
+                'expected {"adapter": "wings"|"s3", "uuid": "...", "ignore": "..."}', 422
+            )
+        self.server.daemon.backups.create(
+            server, body.get("uuid"), body.get("adapter"), body.get("ignore")
+        )
+        return 202, None
+
+    def route_backup_restore(self, server: Any, backup: str) -> tuple[int, Any]:
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise WingsliteError('expected {"adapter", "truncate_directory", "download_url"}', 422)
+        self.server.daemon.backups.restore(
+            server,
+            urllib.parse.unquote(backup),
+            body.get("adapter"),
+            body.get("truncate_directory", False),
+            body.get("download_url"),
+        )
+        return 202, None
+
+    def route_backup_delete(self, server: Any, backup: str) -> tuple[int, Any]:
+        self.server.daemon.backups.delete(server, urllib.parse.unquote(backup))
+        return 204, None
+
+    def route_download_backup(self) -> tuple[int | None, Any]:
+        daemon = self.server.daemon
+        token = (self.query.get("token") or [""])[0]
+        signed = daemon.signed_urls.verify(token, "backup-download", lambda u: u in daemon.servers)
+        path = daemon.backups.locate(signed.claim("backup_uuid"), signed.server_uuid)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            headers = {
+                "Content-Disposition": f"attachment; filename={json.dumps(path.name)}",
+                "Content-Type": "application/octet-stream",
+            }
+            self._send_file(fd, os.fstat(fd).st_size, headers)  # the file manager's
+        finally:
+            os.close(fd)
+        return None, None
+
+
+BACKUP_ROUTES = (
+    ("POST", _BACKUP_SERVER + r"/backup", "backup_create", True),
+    ("POST", _BACKUP_SERVER + r"/backup/(?P<backup>[^/]+)/restore", "backup_restore", True),
+    ("DELETE", _BACKUP_SERVER + r"/backup/(?P<backup>[^/]+)", "backup_delete", True),
+    ("GET", r"/download/backup", "download_backup", False),  # the one-time JWT in the query
+)
+
+
 # HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
@@ -9028,6 +9633,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("POST", _SERVER + r"/ws/deny", "ws_deny", True),
         ("GET", _SERVER + r"/ws", "websocket", False),  # authenticated by the JWT inside
         *FILE_MANAGER_ROUTES,
+        *BACKUP_ROUTES,
     )
 )
 
@@ -9069,7 +9675,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         )
 
 
-class ApiHandler(FileManagerRoutes, http.server.BaseHTTPRequestHandler):
+class ApiHandler(FileManagerRoutes, BackupRoutes, http.server.BaseHTTPRequestHandler):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
     Every answer is written in one ``send`` (headers and body together) on a ``TCP_NODELAY``
@@ -9560,6 +10166,7 @@ class Server:
         # suspended, as in Wings, so a socket or SFTP login racing the delete is refused, and a
         # sync or power action queued behind the delete does nothing.
         self.deleted = False
+        self._restoring = threading.Lock()  # held while a backup is restored (begin_restore)
         self.events.subscribe(self._on_event)
         self.env: Environment = daemon.environment_factory(self)
 
@@ -9572,6 +10179,17 @@ class Server:
     @property
     def suspended(self) -> bool:
         return self.config.suspended or self.deleted
+
+    @property
+    def restoring(self) -> bool:
+        return self._restoring.locked()
+
+    def begin_restore(self) -> bool:
+        """Mark the server restoring (power actions answer 409); False when it already is."""
+        return self._restoring.acquire(blocking=False)
+
+    def end_restore(self) -> None:
+        self._restoring.release()
 
     def console_message(self, text: str) -> None:
         """A daemon line on the server's console (seen by websockets and in the log ring)."""
@@ -9835,6 +10453,8 @@ class Server:
             raise BadRequest("Cannot start or restart a server that is suspended.")
         if self.installing:
             raise Conflict("server is currently installing")
+        if self.restoring:
+            raise Conflict("server is currently restoring")
         threading.Thread(
             target=self._power_logged,
             args=(action, wait_s),
@@ -9855,6 +10475,8 @@ class Server:
         Wings); kill never waits."""
         if self.installing:  # kill too, as Wings (server/power.go)
             raise Conflict("server is currently installing")
+        if self.restoring:  # Wings server/power.go: every action is refused while restoring
+            raise Conflict("server is currently restoring")
         if action == "kill":
             self.env.kill()
             return
@@ -10079,6 +10701,8 @@ class Server:
                 raise NotFound("The requested resource does not exist on this instance.")
             if self.installing:
                 raise Conflict("server is currently installing")
+            if self.restoring:
+                raise Conflict("server is currently restoring")
             self.installing = True
         finally:
             self.power_lock.release()
@@ -10258,6 +10882,7 @@ class Daemon:
         self.servers: dict[str, Server] = {}
         self.sessions = SessionTable()
         self.revocations = Revocations()
+        self.backups = Backups(self)
         self.placeholders = NodePlaceholders(config)
         self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.pulls = Pulls()
@@ -10425,6 +11050,10 @@ class Daemon:
         with contextlib.suppress(PanelError):
             self.panel.reset_servers()  # as Wings: the Panel clears installs left over from before
         self._report_interrupted_installs()
+        try:
+            self.backups.recover()  # backups a restart interrupted: files removed, Panel told
+        except Exception:
+            LOG.exception("cleaning up interrupted backups failed")
         self._booted.set()
 
     def _remove_leftover_installers(self) -> None:

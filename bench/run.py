@@ -18,6 +18,8 @@ Items (see README, "Performance"):
   suspend  1,000 websockets + 20 SFTP sessions on one server, then a suspending sync
   console  a container flooding stdout to 30 websockets vs the engine's own attach stream read
            directly; unthrottled, with Wings' default throttle and with a low one (and 1 socket)
+  backup   a 200 MiB server directory: backup (POST to the Panel's report) vs ``tar czf`` and
+           ``tar cf | gzip -1`` of it; restore (truncating) vs ``tar xzf`` of the same archive
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class BenchPanel(w.PanelStandIn):
         *w.PanelStandIn.ROUTES,
         w.PanelRoute("POST", r"/bench/servers/(?P<ident>[^/]+)", "bench_one", auth=False),
         w.PanelRoute("POST", r"/bench/all", "bench_all", auth=False),
+        w.PanelRoute("POST", r"/bench/backups/(?P<backup>[^/]+)", "bench_backup", auth=False),
+        w.PanelRoute("GET", r"/bench/backups/(?P<backup>[^/]+)", "bench_backup_row", auth=False),
     )
 
     def __init__(self, docs: list[dict]):
@@ -138,6 +142,14 @@ class BenchPanel(w.PanelStandIn):
         with self.lock:
             self.encoded.pop(ident, None)
         h.send_json(204)
+
+    def route_bench_backup(self, h, req, backup):  # the row the Panel makes before it asks
+        self.add_backup(req.body["server"], backup)
+        h.send_json(204)
+
+    def route_bench_backup_row(self, h, req, backup):
+        with self.lock:
+            h.send_json(200, dict(self.backups.get(backup) or {}))
 
     def route_bench_all(self, h, req):
         for uuid in list(self.servers):
@@ -223,6 +235,7 @@ class Daemon:
             "system": {
                 "root_directory": str(self.root / "root"),
                 "data": str(self.root / "volumes"),
+                "backup_directory": str(self.root / "backups"),
                 "sftp": {"bind_address": "127.0.0.1", "bind_port": self.sftp_port},
             },
             "remote_query": {"timeout": 10},
@@ -1089,6 +1102,97 @@ def bench_console(workdir: Path, rounds: int) -> dict:
 # -- the table ----------------------------------------------------------------------------------
 
 
+# -- 7. backups ---------------------------------------------------------------------------------
+
+
+def fill_server_directory(root: Path, mib: int) -> None:
+    """``mib`` MiB in 1 MiB files: half random bytes (incompressible), half log-like text."""
+    line = b"[12:00:00 INFO]: Player joined the game at x=12 y=64 z=-30 (world)\n"
+    text = (line * ((1 << 20) // len(line) + 1))[: 1 << 20]
+    for i in range(mib):
+        folder = root / f"region{i // 32}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.dat").write_bytes(os.urandom(1 << 20) if i % 2 else text)
+
+
+def backup_row(panel_port: int, backup: str, key: str, timeout_s: float = 600) -> dict:
+    """The Panel's backup row once ``key`` (successful: the backup; restored: a restore) is set."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", panel_port, timeout=30)
+        conn.request("GET", f"/bench/backups/{backup}")
+        row = json.loads(conn.getresponse().read())
+        conn.close()
+        if row.get(key) is not None:
+            return row
+        time.sleep(0.02)
+    raise RuntimeError(f"the Panel got no {key} report for backup {backup}")
+
+
+def timed(args: list[str]) -> float:
+    t0 = time.monotonic()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def bench_backup(workdir: Path, rounds: int, mib: int = 200) -> dict:
+    """Backup and restore throughput of the daemon against tar on the same directory."""
+    panel = Child(["--serve-panel", "1"], workdir, "panel")
+    daemon = Daemon(panel.port, workdir)
+    try:
+        daemon.wait_booted()
+        server = panel.info["uuids"][0]
+        root = daemon.root / "volumes" / server
+        fill_server_directory(root, mib)
+        size_mb = mib * 1.048576
+        names = ("backup", "tar_czf", "tar_gzip1", "restore", "tar_xzf")
+        figures: dict[str, list[float]] = {k: [] for k in names}
+        peak = []
+        for _ in range(rounds):
+            backup = str(uuidlib.uuid4())
+            panel_post(panel.port, f"/bench/backups/{backup}", {"server": server})
+            t0 = time.monotonic()
+            body = {"adapter": "wings", "uuid": backup, "ignore": ""}
+            assert request(daemon.port, "POST", f"/api/servers/{server}/backup", body)[0] == 202
+            report = backup_row(panel.port, backup, "successful")
+            figures["backup"].append(time.monotonic() - t0)
+            assert report["successful"], report
+            archive = daemon.root / "backups" / f"{backup}.tar.gz"
+            out = workdir / "baseline.tar.gz"
+            figures["tar_czf"].append(timed(["tar", "czf", str(out), "-C", str(root), "."]))
+            figures["tar_gzip1"].append(
+                timed(["sh", "-c", f"tar cf - -C '{root}' . | gzip -1 > '{out}'"])
+            )
+            target = workdir / "untar"
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            figures["tar_xzf"].append(timed(["tar", "xzf", str(archive), "-C", str(target)]))
+            shutil.rmtree(target, ignore_errors=True)
+            t0 = time.monotonic()
+            body = {"adapter": "wings", "truncate_directory": True, "download_url": ""}
+            path = f"/api/servers/{server}/backup/{backup}/restore"
+            assert request(daemon.port, "POST", path, body)[0] == 202
+            assert backup_row(panel.port, backup, "restored")["restored"]
+            figures["restore"].append(time.monotonic() - t0)
+            restored = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+            assert restored == mib << 20, f"restored {restored} bytes, not {mib << 20}"
+            peak.append(daemon.memory_kb()["VmHWM"] / 1024)
+        med = {k: statistics.median(v) for k, v in figures.items()}
+        return {
+            "directory_mib": mib,
+            "seconds": {k: round(v, 2) for k, v in med.items()},
+            "mb_per_s": {k: round(size_mb / v, 1) for k, v in med.items()},
+            "backup_vs_tar_czf": round(med["tar_czf"] / med["backup"], 2),
+            "backup_vs_tar_gzip1": round(med["tar_gzip1"] / med["backup"], 2),
+            "restore_vs_tar_xzf": round(med["tar_xzf"] / med["restore"], 2),
+            "daemon_peak_rss_mb": round(max(peak), 1),
+            "archive_bytes": report["size"],
+        }
+    finally:
+        daemon.stop()
+        panel.stop()
+
+
 def table(results: dict) -> str:
     rows = []
 
@@ -1188,6 +1292,24 @@ def table(results: dict) -> str:
                 ">= 0.8x",
                 v["ratio"] >= 0.8,
             )
+    b = results.get("backup")
+    if b:
+        mbs = b["mb_per_s"]
+        row(
+            f"7 backup, {b['directory_mib']} MiB",
+            "speed vs tar czf / gzip -1",
+            f"{b['backup_vs_tar_czf']}x / {b['backup_vs_tar_gzip1']}x ({mbs['backup']} vs "
+            f"{mbs['tar_czf']} / {mbs['tar_gzip1']} MB/s), peak RSS {b['daemon_peak_rss_mb']} MB",
+            "-",
+            None,
+        )
+        row(
+            f"7 restore, {b['directory_mib']} MiB",
+            "speed vs tar xzf",
+            f"{b['restore_vs_tar_xzf']}x ({mbs['restore']} vs {mbs['tar_xzf']} MB/s)",
+            "-",
+            None,
+        )
     i = results.get("idle")
     if i:
         row(
@@ -1216,7 +1338,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--only", default="sync,scale,suspend,http,idle,console", help="comma-separated items"
+        "--only",
+        default="sync,scale,suspend,http,idle,console,backup",
+        help="comma-separated items",
     )
     parser.add_argument("--out", default=str(HERE / "results.json"))
     parser.add_argument(
@@ -1253,6 +1377,7 @@ def main() -> int:
             ("http", lambda: bench_http(workdir, 1 if q else 3, 1.0 if q else 3.0)),
             ("idle", lambda: bench_idle(workdir, 1 if q else 3)),
             ("console", lambda: bench_console(workdir, 1 if q else 3)),
+            ("backup", lambda: bench_backup(workdir, 1 if q else 3)),
         ]
         for name, fn in steps:
             if name not in only:
