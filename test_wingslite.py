@@ -3818,6 +3818,29 @@ class TestInstallation:
         finally:
             docker_servers.engine.remove_container(stranger, force=True)
 
+    def test_reinstall_is_refused_while_a_power_action_runs(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        server = daemon.get_server(uuid)
+        held = threading.Event()
+        release = threading.Event()
+
+        def hold():  # a power action in progress, on another thread (the lock is re-entrant)
+            with server.power_lock:
+                held.set()
+                release.wait(10)
+
+        threading.Thread(target=hold, daemon=True).start()
+        assert held.wait(5)
+        try:
+            status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/reinstall")
+            assert status == 409 and body["error"] == (
+                "Cannot execute server reinstall event while another power action is running."
+            )
+            assert server.installing is False
+        finally:
+            release.set()
+
     def test_the_demo_creates_a_third_server_that_installs_from_a_script(self, docker_engine):
         port, uuid = _free_port(), None
         command = [sys.executable, str(HERE / "wingslite.py"), "--demo", "--port", str(port)]
@@ -3914,6 +3937,18 @@ class TestNodeUser:
         root = daemon.config.data_dir / uuid
         for path in (root, root / "cfg", root / "cfg" / "a.txt", root / "made"):
             assert (path.stat().st_uid, path.stat().st_gid) == (988, 988), path
+
+    def test_files_uploaded_over_sftp_belong_to_the_node_user(self, panel, make_daemon):
+        pytest.importorskip("paramiko")
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        with sftp_client(daemon, server) as client:
+            client.mkdir("/uploads")
+            with client.open("/uploads/map.dat", "wb") as fh:
+                fh.write(b"x" * 100)
+            client.symlink("map.dat", "/uploads/link")
+        for name in ("uploads", "uploads/map.dat", "uploads/link"):
+            st = (server.fs.root / name).lstat()
+            assert (st.st_uid, st.st_gid) == (988, 988), name
 
     def test_the_game_runs_as_the_node_user_and_its_files_and_the_tree_belong_to_it(
         self, docker_servers, tmp_path
