@@ -3798,25 +3798,56 @@ class TestInstallation:
         assert not self.reports(docker_servers.panel, uuid)
         assert not (daemon.config.data_dir / uuid).exists()
 
-    def test_a_daemon_restart_during_an_install_leaves_no_installer(self, docker_servers):
-        daemon = docker_servers.boot()
+    def test_a_daemon_killed_during_an_install_leaves_no_installer_and_the_panel_is_told(
+        self, docker_servers, tmp_path
+    ):
         uuid = self.add(docker_servers, gated=True)
-        self.create(daemon, uuid)
-        wait_until(lambda: self.installer_exists(docker_servers.engine, uuid), 30, "the installer")
-        daemon.stop()
-        # Another node's installer on the same engine is not touched by this daemon's boot.
-        stranger = f"{uuidlib.uuid4()}_installer"
-        docker_servers.engine.create_container(
-            TEST_IMAGE, "true", name=stranger, labels={"ContainerType": "server_installer"}
-        )
+        config = node_config(tmp_path, docker_servers.panel.url)
+        port = config["api"]["port"] = free_port()
+        config_path = tmp_path / "config.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        with open(tmp_path / "daemon.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE / "wingslite.py"), "--config", str(config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        stranger = f"{uuidlib.uuid4()}_installer"  # another node's installer on the same engine
         try:
+            wait_until(
+                lambda: (
+                    _port_open(port) and api(port, "GET", "/api/system")[2]["wingslite"]["booted"]
+                ),
+                20,
+                "the daemon to boot",
+            )
+            self.create(port, uuid)
+            engine = docker_servers.engine
+            wait_until(lambda: self.installer_exists(engine, uuid), 30, "the installer")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            assert self.installer_exists(engine, uuid) and not self.reports(
+                docker_servers.panel, uuid
+            )
+            engine.create_container(
+                TEST_IMAGE, "true", name=stranger, labels={"ContainerType": "server_installer"}
+            )
             again = docker_servers.boot()
-            assert not self.installer_exists(docker_servers.engine, uuid)
-            assert docker_servers.engine.inspect_container(stranger)
-            assert self.report(docker_servers.panel, uuid)["successful"] is False
+            assert not self.installer_exists(engine, uuid)
+            assert not (tmp_path / "tmp" / uuid).exists()
+            assert engine.inspect_container(stranger)
+            assert self.report(docker_servers.panel, uuid) == {
+                "successful": False,
+                "reinstall": False,
+            }
             assert uuid in again.servers
         finally:
-            docker_servers.engine.remove_container(stranger, force=True)
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                docker_servers.engine.remove_container(stranger, force=True)
+            with contextlib.suppress(Exception):
+                docker_servers.engine.remove_container(installer_name(uuid), force=True)
 
     def test_reinstall_is_refused_while_a_power_action_runs(self, panel, make_daemon):
         uuid = panel.add(panel_document())

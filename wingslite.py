@@ -11160,8 +11160,8 @@ class Daemon:
         )
 
     def _add(self, server: Server) -> None:
-        with self._servers_lock:
-            self.servers[server.uuid] = server
+        with self._servers_lock:  # one created meanwhile (POST /api/servers) is the one kept
+            self.servers.setdefault(server.uuid, server)
 
     def _forget(self, server: Server) -> None:
         """Take a server (marked deleted, its config lock held) off the node: no object, no saved configuration."""
@@ -11246,8 +11246,7 @@ class Daemon:
         existing = self.servers.get(uuid)
         if existing is not None:
             self.sync_server(existing)
-            if not self.installs.installed(uuid) and not existing.installing:
-                existing.request_install(start_after=start_on_completion)
+            self._install_unless_installed(existing, start_on_completion)
             return existing
         try:
             document = self.panel.get_server(uuid)
@@ -11270,12 +11269,21 @@ class Daemon:
         server = Server(self, config)
         server.fs.ensure()
         with self._servers_lock:
-            if uuid in self.servers:  # a create that raced this one won: it is the same server
-                return self.servers[uuid]
-            self.servers[uuid] = server
-        LOG.info("server %s created", uuid)
-        server.request_install(start_after=start_on_completion)
-        return server
+            # A create (or the boot's list) that raced this one won: it is the same server.
+            raced = self.servers.setdefault(uuid, server)
+        if raced is server:
+            LOG.info("server %s created", uuid)
+        self._install_unless_installed(raced, start_on_completion)
+        return raced
+
+    def _install_unless_installed(self, server: Server, start_on_completion: bool) -> None:
+        """Install a server no install ever succeeded for (never over an installed server's files)."""
+        if self.installs.installed(server.uuid) or server.installing:
+            return
+        try:
+            server.request_install(start_after=start_on_completion)
+        except Conflict as exc:  # an install or a power action got there first: it stands
+            LOG.info("server %s: not installed now: %s", server.uuid, exc.message)
 
     def delete_server(self, server: Server) -> None:
         """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config.
