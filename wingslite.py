@@ -10661,8 +10661,12 @@ class Server:
                 "Server crash was detected but an error occurred while handling it."
             )
 
+    chown_budget_s = 60.0  # a tree bigger than this walk is left partly unchanged (and logged)
+
     def ensure_file_owner(self) -> None:
         """Give the server's files to the node user (before a start and after an install)."""
+        if self.fs.owner is None:
+            return  # a daemon that is not root cannot give files away
         self.console_message(
             "Ensuring file permissions are set correctly, this could take a few seconds..."
         )
@@ -10681,8 +10685,6 @@ class Server:
             time.monotonic() - started,
             "" if finished else f" (stopped after {self.chown_budget_s:g} s; the rest is left)",
         )
-
-    chown_budget_s = 60.0
 
     # -- installation ----------------------------------------------------------------------------
 
