@@ -10116,8 +10116,9 @@ class Server:
     """One game server on this node: its configuration, files, process and sessions' owner.
 
     Methods for the caller: ``sync()`` (fetch from the Panel and apply), ``apply(config)``,
-    ``power(action, wait_s)`` / ``request_power(...)``, ``send_command(line)``, ``logs(n)``,
-    ``api_view()``.
+    ``power(action, wait_s)`` / ``request_power(...)``, ``request_install(reinstall)`` /
+    ``install(reinstall)``, ``ensure_file_owner()``, ``send_command(line)``, ``logs(n)``,
+    ``api_view()``. ``installing`` is true while an install runs (power actions answer 409).
 
     Two re-entrant locks with different jobs (different servers never share one):
 
@@ -10129,7 +10130,8 @@ class Server:
     ``power_lock``   serialises power actions (start, stop, restart). A sync, a suspension and a
                      delete never wait for it (the Panel gives up after 15 s,
                      ``SuspensionService::toggle`` then rolls a suspension back).
-                     ``lock`` is the same object.
+                     ``lock`` is the same object. An install claims the server under it
+                     (sets ``installing``) and runs without it, so a suspension can cancel it.
     """
 
     def __init__(self, daemon: Daemon, config: ServerConfig):
