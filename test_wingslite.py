@@ -14,10 +14,12 @@ import copy
 import ctypes
 import errno
 import functools
+import gzip
 import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -28,11 +30,13 @@ import socket
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import types
 import urllib.parse
 import uuid as uuidlib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -1792,6 +1796,17 @@ class TestSync:
         assert any("resource limits" in p for p in record["pending"])  # no container on this node
         assert any("environment variables (next start)" in p for p in record["pending"])
         assert view["configuration"]["build"]["memory_limit"] == 8192
+
+    def test_a_sync_that_changes_config_files_names_them_as_pending(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        panel.servers[uuid]["process_configuration"]["configs"] = [
+            {"parser": "properties", "file": "server.properties", "replace": []},
+            {"parser": "yaml", "file": "config.yml", "replace": []},
+        ]
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert "egg config files (server.properties, config.yml) (next start)" in record["pending"]
+        assert not any("stop command" in p for p in record["pending"])
 
     def test_sync_of_a_server_unknown_here_is_404(self, panel, make_daemon):
         daemon, _ = self.booted(panel, make_daemon)
@@ -6339,6 +6354,126 @@ class TestFileManager:
         assert fm_write(daemon, server, "/keep.bin", b"n" * (limit // 2))[0] == 204
         assert server.fs.recalculate() == limit // 2 + 1000
 
+    def test_compress_and_decompress(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        (root / "world" / "region").mkdir(parents=True)
+        (root / "world" / "level.dat").write_bytes(b"L" * 3000)
+        (root / "world" / "region" / "r.0.0.mca").write_bytes(b"R" * 5000)
+        (root / "world" / "link").symlink_to("level.dat")
+        (root / "server.properties").write_text("motd=hi\n")
+        server.fs.recalculate()
+        body = {"root": "/", "files": ["world", "server.properties"]}
+        status, _, info = api(daemon, "POST", fm_path(server, "compress"), body)
+        assert status == 200 and set(info) == FM_STAT_KEYS
+        assert re.match(r"^archive-\d{4}-\d\d-\d\dT\d{6}Z\.tar\.gz$", info["name"])
+        assert info["mime"] == "application/tar+gzip" and info["size"] > 0
+        archive = root / info["name"]
+        with tarfile.open(archive) as tar:
+            assert {"world/level.dat", "world/region/r.0.0.mca", "server.properties"} <= set(
+                tar.getnames()
+            )
+        (root / "restore").mkdir()
+        os.rename(archive, root / "restore" / "a.tar.gz")
+        body = {"root": "/restore", "file": "a.tar.gz"}
+        assert api(daemon, "POST", fm_path(server, "decompress"), body)[0] == 204
+        assert (root / "restore/world/region/r.0.0.mca").read_bytes() == b"R" * 5000
+        assert os.readlink(root / "restore/world/link") == "level.dat"
+        assert (root / "restore/server.properties").read_text() == "motd=hi\n"
+        with zipfile.ZipFile(root / "mods.zip", "w") as zf:
+            zf.writestr("mods/a.jar", b"A" * 100)
+            zf.writestr("readme.txt", "hello")
+        (root / "readme.txt").write_text("old")  # overwritten by the archive, as Wings
+        with gzip.open(root / "latest.log.gz", "wb") as gz:
+            gz.write(b"[INFO] log\n")
+        server.fs.recalculate()
+        for name in ("mods.zip", "latest.log.gz"):
+            assert (
+                api(daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": name})[0]
+                == 204
+            )
+        assert (root / "mods/a.jar").read_bytes() == b"A" * 100
+        assert (root / "readme.txt").read_text() == "hello"
+        assert (root / "latest.log").read_bytes() == b"[INFO] log\n"
+        (root / "x.7z").write_bytes(b"7z\xbc\xaf\x27\x1c" + b"\x00" * 100)
+        server.fs.recalculate()
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": "x.7z"}
+        )
+        assert status == 400 and "unsupported archive format" in answer["error"]
+        status, _, _ = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": "no.zip"}
+        )
+        assert status == 404
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+        assert not list(root.rglob(".wingslite-*"))
+
+    def test_archive_escapes_and_bombs_change_nothing(self, panel, make_daemon, tmp_path):
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["/config/secret.yml"])
+        root = server.fs.root
+        (root / "config").mkdir()
+        (root / "config" / "secret.yml").write_text("pw: 1")
+
+        def tar_with(path, *entries):
+            with tarfile.open(path, "w:gz") as tar:
+                for name, kind, data in entries:
+                    info = tarfile.TarInfo(name)
+                    if kind == "sym":
+                        info.type, info.linkname = tarfile.SYMTYPE, data
+                        tar.addfile(info)
+                    else:
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+
+        good = ("fine.txt", "file", b"ok")
+        (root / "sub").mkdir()
+        tar_with(root / "dotdot.tgz", good, ("../../evil.txt", "file", b"x"))
+        tar_with(root / "abs.tgz", good, ("/etc/evil.txt", "file", b"x"))
+        tar_with(root / "linkout.tgz", good, ("out", "sym", "../../../.."))
+        tar_with(root / "linkabs.tgz", good, ("out", "sym", "/etc"))
+        tar_with(root / "deny.tgz", good, ("config/secret.yml", "file", b"pw: stolen"))
+        tar_with(
+            root / "sub/linkup.tgz", good, ("up", "sym", "../..")
+        )  # fine in a staging dir, not in /sub
+        with zipfile.ZipFile(root / "slip.zip", "w") as zf:
+            zf.writestr("fine.txt", b"ok")
+            zf.writestr("../../evil.txt", b"x")
+        limit = FM_LIMIT_MB * 1048576
+        with gzip.open(root / "bomb.gz", "wb") as gz:
+            gz.write(b"\x00" * (limit * 3))
+        with tarfile.open(root / "bomb.tar.xz", "w:xz") as tar:
+            info = tarfile.TarInfo("zeros.bin")
+            info.size = limit * 3
+            tar.addfile(info, io.BytesIO(b"\x00" * info.size))
+        server.fs.recalculate()
+        before = tree_snapshot(tmp_path)
+        for name, expected in (
+            ("dotdot.tgz", 400),
+            ("abs.tgz", 400),
+            ("linkout.tgz", 400),
+            ("linkabs.tgz", 400),
+            ("deny.tgz", 403),
+            ("sub/linkup.tgz", 400),
+            ("slip.zip", 400),
+            ("bomb.gz", 400),
+            ("bomb.tar.xz", 400),
+        ):
+            parent, _, file = name.rpartition("/")
+            body = {"root": "/" + parent, "file": file}
+            status, _, answer = api(daemon, "POST", fm_path(server, "decompress"), body)
+            assert status == expected, (name, status, answer)
+            assert status != 204, name
+            assert tree_snapshot(tmp_path) == before, name
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+        # An archive that does not fit is refused and leaves nothing behind.
+        (root / "filler.bin").write_bytes(os.urandom(limit - 200_000))
+        server.fs.recalculate()
+        before = tree_snapshot(root)
+        body = {"root": "/", "files": ["filler.bin"]}
+        status, _, answer = api(daemon, "POST", fm_path(server, "compress"), body)
+        assert status == 400 and answer["error"] == w.FM_NO_SPACE
+        assert tree_snapshot(root) == before
+
     def test_a_50_mib_write_is_streamed(self, panel, make_daemon):
         daemon, server = _fm_daemon(panel, make_daemon, disk_mb=0)
         chunk = bytes(range(256)) * 4096  # 1 MiB, sent 50 times: the client holds 1 MiB
@@ -6450,6 +6585,14 @@ class TestSignedUrls:
         other = signed_token(str(uuidlib.uuid4()), file_path="/logs/latest.log")
         status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={other}", token=None)
         assert status == 404
+        (server.fs.root / 'wörld "1".txt').write_text("x")
+        token = signed_token(server.uuid, file_path='/wörld "1".txt')
+        status, headers, _ = http_raw(
+            daemon.port, "GET", f"/download/file?token={token}", token=None
+        )
+        assert status == 200 and headers["content-disposition"] == (
+            "attachment; filename=\"w_rld _1_.txt\"; filename*=UTF-8''w%C3%B6rld%20%221%22.txt"
+        )
         for path in ("/logs", "/../../etc/passwd", "/missing"):
             token = signed_token(server.uuid, file_path=path)
             status, _, _ = http_raw(daemon.port, "GET", f"/download/file?token={token}", token=None)
@@ -6460,12 +6603,17 @@ class TestSignedUrls:
         events = []
         server.record_activity = lambda *args: events.append(args)
         token = signed_token(server.uuid)
-        files = {"a.txt": b"alpha\r\n--not-a-boundary", "b.bin": os.urandom(200_000)}
+        near_miss = b"\r\n------wingsliteTestBoundary7MA4YWx" * 20_000  # straddles every read
+        files = {
+            "a.txt": b"alpha\r\n--not-a-boundary",
+            "b.bin": os.urandom(200_000),
+            "c.bin": near_miss,
+        }
         status, _, _ = upload(daemon, token, files, directory="/plugins")
         assert status == 200
         for name, data in files.items():
             assert (server.fs.root / "plugins" / name).read_bytes() == data
-        assert [e[0] for e in events] == ["server:file.uploaded"] * 2
+        assert [e[0] for e in events] == ["server:file.uploaded"] * 3
         assert (
             events[0][1] == "c0ffee00-1111-4222-8333-444455556666" and events[0][2] == "127.0.0.1"
         )
@@ -7182,6 +7330,371 @@ class TestBackups:
         assert report["successful"] and report["size"] > 200 * (1 << 20)
         growth_mib = (rss_kib("VmHWM") - before) / 1024
         assert growth_mib < 20, f"RSS grew by {growth_mib:.1f} MiB"
+
+
+# transfers ########################################################################################
+
+DST_TOKEN_ID = "dstnode0000000ab"
+DST_TOKEN = "d" * 64
+
+
+def transfer_token(server: str, secret: str = DST_TOKEN, lifetime: int = 900, **changes) -> str:
+    """The JWT of the Panel's ServerTransferController (NodeJWTService): HS256 with the
+    destination's node token, sub = server uuid (claim and header), jti = sha256(uuid)."""
+    now = int(time.time())
+    claims = {
+        "iss": "https://panel.example.com",
+        "aud": ["http://127.0.0.1:8081"],
+        "jti": hashlib.sha256(server.encode()).hexdigest(),
+        "iat": now,
+        "nbf": now - 300,
+        "exp": now + lifetime,
+        "sub": server,
+        "unique_id": uuidlib.uuid4().hex[:16],
+    }
+    claims.update(changes)
+    return ws_token(claims, secret, header={"sub": server})
+
+
+class TransferPanel(FakePanel):
+    """The Panel as the destination node sees it: on ``/transfer/success`` it deletes the server
+    on the source node before answering, as ``ServerTransferController@success`` does."""
+
+    def __init__(self):
+        super().__init__(DST_TOKEN_ID, DST_TOKEN)
+        self.source: w.Daemon | None = None
+        self.delete_answers: list[int] = []
+
+    def route_transfer(self, h, req, ident, outcome):
+        if outcome == "success" and self.source is not None:
+            status = api(self.source, "DELETE", f"/api/servers/{ident}")[0]
+            self.delete_answers.append(status)
+        return super().route_transfer(h, req, ident, outcome)
+
+
+def tree_of(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root``: kind, mode and content (files) or target (links)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+        else:
+            out[rel] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
+    return out
+
+
+def send_archive(daemon, token, parts: list[tuple[str, bytes]], chunked: bool = True):
+    """POST /api/transfers as Wings' source does: multipart, optionally chunked."""
+    boundary = "b" * 30
+    body = b""
+    for name, data in parts:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
+        if name == "archive":
+            head += '; filename="archive.tar.gz"\r\nContent-Type: application/octet-stream'
+        body += head.encode() + b"\r\n\r\n" + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if token is not None:
+        headers["Authorization"] = token
+    if chunked:
+        conn.request(
+            "POST",
+            "/api/transfers",
+            body=iter([body[:100], body[100:]]),
+            headers=headers,
+            encode_chunked=True,
+        )
+    else:
+        conn.request("POST", "/api/transfers", body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, json.loads(data) if data else None
+
+
+def tar_gz(entries: list[tuple[str, bytes | None, str | None]]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data, link in entries:
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, link
+                tar.addfile(info)
+            else:
+                info.size = len(data or b"")
+                tar.addfile(info, io.BytesIO(data or b""))
+    return buf.getvalue()
+
+
+class TestTransfers:
+    """Two daemons on loopback, each with its own Panel view, moving a server between them."""
+
+    @pytest.fixture
+    def pair(self, panel, make_daemon, tmp_path):
+        dst_panel = TransferPanel()
+        doc = panel_document()
+        uuid = panel.add(doc)
+        source = make_daemon(panel)
+        dst_panel.add(copy.deepcopy(doc))
+        dst_panel.unlisted.add(uuid)
+        dst_panel.source = source
+        destination = make_daemon(
+            dst_panel,
+            token_id=DST_TOKEN_ID,
+            token=DST_TOKEN,
+            system__root_directory=str(tmp_path / "dst" / "root"),
+            system__data=str(tmp_path / "dst" / "volumes"),
+        )
+        src_root = source.get_server(uuid).fs.root
+        src_root.mkdir(parents=True, exist_ok=True)
+        yield types.SimpleNamespace(
+            uuid=uuid,
+            panel=panel,
+            dst_panel=dst_panel,
+            source=source,
+            destination=destination,
+            src_root=src_root,
+            dst_root=tmp_path / "dst" / "volumes" / uuid,
+        )
+        dst_panel.close()
+
+    @staticmethod
+    def fill(root: Path) -> None:
+        (root / "world" / "region").mkdir(parents=True)
+        (root / "world" / "region" / "r.0.0.mca").write_bytes(os.urandom(300_000))
+        (root / "server.properties").write_text("server-port=25565\n")
+        (root / "start.sh").write_text("#!/bin/sh\n")
+        (root / "start.sh").chmod(0o750)
+        (root / "empty").mkdir()
+        (root / "latest.log").symlink_to("world/region/r.0.0.mca")
+
+    @staticmethod
+    def start(pair, url=None, token=None) -> None:
+        body = {
+            "server_id": pair.uuid,
+            "url": url or f"http://127.0.0.1:{pair.destination.port}/api/transfers",
+            "token": token or "Bearer " + transfer_token(pair.uuid),
+            "server": {"uuid": pair.uuid, "start_on_completion": False},
+        }
+        with pair.dst_panel.lock:
+            pair.dst_panel.transfers[pair.uuid] = None  # the Panel's active ServerTransfer row
+        with pair.panel.lock:
+            pair.panel.transfers[pair.uuid] = None
+        status, _, answer = api(pair.source, "POST", f"/api/servers/{pair.uuid}/transfer", body)
+        assert status == 202, answer
+
+    def test_a_server_moves_with_its_files_links_modes_and_empty_directories(self, pair):
+        self.fill(pair.src_root)
+        before = tree_of(pair.src_root)
+        self.start(pair)
+        wait_until(lambda: pair.dst_panel.transfers.get(pair.uuid) is True, 30, "success")
+        assert tree_of(pair.dst_root) == before
+        assert pair.dst_panel.delete_answers == [204]  # the source deleted inside the success call
+        wait_until(lambda: not pair.src_root.exists(), 10, "the source's files to go")
+        assert api(pair.source, "GET", f"/api/servers/{pair.uuid}")[0] == 404
+        status = api(pair.destination, "GET", f"/api/servers/{pair.uuid}", token=DST_TOKEN)[0]
+        assert status == 200
+        assert pair.destination.get_server(pair.uuid).transferring is False
+        # the destination keeps it across a restart: its configuration was saved
+        assert (pair.destination.store.path(pair.uuid)).exists()
+        assert pair.panel.transfers[pair.uuid] is None  # the source never reports success
+
+    def test_power_actions_wait_out_a_transfer_and_a_failure_is_reported_by_the_source(self, pair):
+        self.fill(pair.src_root)
+        # nothing listens there: the push fails, the source tells its Panel, the server is usable
+        self.start(pair, url=f"http://127.0.0.1:{free_port()}/api/transfers")
+        wait_until(lambda: pair.panel.transfers.get(pair.uuid) is False, 20, "failure report")
+        server = pair.source.get_server(pair.uuid)
+        wait_until(lambda: not server.transferring, 5, "transferring to be cleared")
+        assert tree_of(pair.src_root)  # nothing lost on the source
+
+    def test_power_is_refused_while_transferring(self, pair):
+        server = pair.source.get_server(pair.uuid)
+        server.transferring = True
+        for action in ("start", "stop", "restart", "kill"):
+            status, _, body = api(
+                pair.source, "POST", f"/api/servers/{pair.uuid}/power", {"action": action}
+            )
+            assert (status, body["error"]) == (409, "server is currently being transferred")
+
+    def test_a_tampered_archive_fails_on_both_sides_and_leaves_nothing(self, pair):
+        archive = tar_gz([("a.txt", b"hello", None)])
+        digest = hashlib.sha256(archive + b"x").hexdigest()  # not what was sent
+        token = "Bearer " + transfer_token(pair.uuid)
+        pair.dst_panel.transfers[pair.uuid] = None
+        status, body = send_archive(
+            pair.destination, token, [("archive", archive), ("checksum", digest.encode())]
+        )
+        assert status == 400 and "checksums don't match" in body["error"]
+        assert pair.dst_panel.transfers[pair.uuid] is False
+        assert not pair.dst_root.exists()
+        assert api(pair.destination, "GET", f"/api/servers/{pair.uuid}", token=DST_TOKEN)[0] == 404
+
+    def test_a_good_archive_sent_by_hand_is_accepted_with_and_without_chunking(self, pair):
+        archive = tar_gz([("dir/a.txt", b"hello", None), ("ln", None, "dir/a.txt")])
+        digest = hashlib.sha256(archive).hexdigest().encode()
+        pair.dst_panel.transfers[pair.uuid] = None
+        status, _ = send_archive(
+            pair.destination,
+            "Bearer " + transfer_token(pair.uuid),
+            [("archive", archive), ("checksum", digest)],
+            chunked=False,
+        )
+        assert status == 200
+        assert (pair.dst_root / "dir" / "a.txt").read_bytes() == b"hello"
+        assert os.readlink(pair.dst_root / "ln") == "dir/a.txt"
+
+    @pytest.mark.parametrize(
+        "entries",
+        [
+            [("../evil.txt", b"x", None)],
+            [("ok.txt", b"x", None), ("out", None, "../../etc")],
+            [("/abs.txt", b"x", None)],
+        ],
+        ids=["dotdot", "link-out", "absolute"],
+    )
+    def test_an_entry_that_would_escape_is_refused_and_nothing_stays(self, pair, entries):
+        archive = tar_gz(entries)
+        pair.dst_panel.transfers[pair.uuid] = None
+        status, body = send_archive(
+            pair.destination,
+            "Bearer " + transfer_token(pair.uuid),
+            [("archive", archive), ("checksum", hashlib.sha256(archive).hexdigest().encode())],
+        )
+        assert status == 400, body
+        assert pair.dst_panel.transfers[pair.uuid] is False
+        assert not pair.dst_root.exists()
+        assert not (pair.dst_root.parent / "evil.txt").exists()
+
+    def test_a_destination_over_its_disk_limit_fails_the_transfer(self, pair):
+        pair.dst_panel.servers[pair.uuid]["settings"]["build"]["disk_space"] = 1  # 1 MiB
+        (pair.src_root / "big.bin").write_bytes(os.urandom(3 * 1048576))
+        self.start(pair)
+        wait_until(lambda: pair.dst_panel.transfers.get(pair.uuid) is False, 30, "failure")
+        wait_until(lambda: pair.panel.transfers.get(pair.uuid) is False, 30, "source failure")
+        assert not pair.dst_root.exists()
+        assert pair.source.get_server(pair.uuid).transferring is False
+        assert (pair.src_root / "big.bin").stat().st_size == 3 * 1048576
+
+    @pytest.mark.parametrize(
+        "token, status",
+        [
+            (None, 401),
+            ("Basic abc", 401),
+            ("Bearer " + "x.y.z", 403),
+            ("expired", 403),
+            ("other-key", 403),
+            ("websocket", 403),
+            ("unknown-server", 404),
+        ],
+        ids=["missing", "not-bearer", "garbage", "expired", "other-key", "websocket", "unknown"],
+    )
+    def test_bad_tokens_are_refused_before_anything_is_made(self, pair, token, status):
+        made = {
+            "expired": lambda: transfer_token(pair.uuid, lifetime=-10),
+            "other-key": lambda: transfer_token(pair.uuid, secret=TOKEN),
+            "websocket": lambda: ws_token(ws_claims(pair.uuid), DST_TOKEN),
+            "unknown-server": lambda: transfer_token(str(uuidlib.uuid4())),
+        }
+        if token in made:
+            token = "Bearer " + made[token]()
+        archive = tar_gz([("a.txt", b"x", None)])
+        got, body = send_archive(
+            pair.destination,
+            token,
+            [("archive", archive), ("checksum", hashlib.sha256(archive).hexdigest().encode())],
+        )
+        assert got == status, body
+        assert not pair.dst_root.exists()
+        assert api(pair.destination, "GET", f"/api/servers/{pair.uuid}", token=DST_TOKEN)[0] == 404
+
+    def test_a_token_is_used_once_and_a_server_the_node_has_is_refused(self, pair):
+        archive = tar_gz([("a.txt", b"x", None)])
+        parts = [("archive", archive), ("checksum", hashlib.sha256(archive).hexdigest().encode())]
+        token = "Bearer " + transfer_token(pair.uuid)
+        pair.dst_panel.transfers[pair.uuid] = None
+        assert send_archive(pair.destination, token, parts)[0] == 200
+        assert send_archive(pair.destination, token, parts)[0] == 403  # replayed
+        fresh = "Bearer " + transfer_token(pair.uuid)
+        assert send_archive(pair.destination, fresh, parts)[0] == 409  # already on this node
+        assert (pair.dst_root / "a.txt").read_bytes() == b"x"
+
+    def test_cancel_routes_answer_409_when_nothing_is_running(self, pair):
+        for path in (f"/api/servers/{pair.uuid}/transfer", f"/api/transfers/{pair.uuid}"):
+            status, _, body = api(pair.source, "DELETE", path)
+            assert (status, body["error"]) == (409, "Server is not currently being transferred.")
+
+    def test_a_500_mib_server_moves_with_both_daemons_rss_growing_less_than_20_mib(self, pair):
+        chunk = os.urandom(1 << 20)
+        for i in range(5):
+            with open(pair.src_root / f"part{i}.bin", "wb") as fh:
+                for j in range(100):
+                    fh.write(chunk[j:] + chunk[:j])  # 100 MiB that gzip cannot shrink
+        baseline, peak = _rss_bytes(), [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak[0] = max(peak[0], _rss_bytes())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            self.start(pair)
+            wait_until(lambda: pair.dst_panel.transfers.get(pair.uuid) is not None, 300, "the end")
+        finally:
+            done.set()
+            sampler.join()
+        assert pair.dst_panel.transfers[pair.uuid] is True
+        assert (pair.dst_root / "part4.bin").stat().st_size == 100 << 20
+        growth = peak[0] - baseline
+        assert growth < 20 << 20, f"RSS grew by {growth / 1048576:.1f} MiB during the transfer"
+
+    def test_a_running_server_is_stopped_before_it_leaves(self, docker_servers, tmp_path):
+        dst_panel = TransferPanel()
+        try:
+            uuid = docker_servers.add(stop=("command", "ignored"))  # never stops by itself
+            source = docker_servers.boot()
+            dst_panel.add(copy.deepcopy(docker_servers.panel.servers[uuid]))
+            dst_panel.unlisted.add(uuid)
+            dst_panel.source = source
+            destination = docker_servers.make_daemon(
+                dst_panel,
+                token_id=DST_TOKEN_ID,
+                token=DST_TOKEN,
+                system__root_directory=str(tmp_path / "dst" / "root"),
+                system__data=str(tmp_path / "dst" / "volumes"),
+            )
+            docker_servers.start(uuid)
+            (source.get_server(uuid).fs.root / "save.dat").write_bytes(b"state")
+            pair = types.SimpleNamespace(
+                uuid=uuid,
+                panel=docker_servers.panel,
+                dst_panel=dst_panel,
+                source=source,
+                destination=destination,
+            )
+            server = source.get_server(uuid)
+            OutgoingTransferWait = w.OutgoingTransfer.stop_wait_s
+            w.OutgoingTransfer.stop_wait_s = 2.0
+            try:
+                self.start(pair)
+                wait_until(lambda: dst_panel.transfers.get(uuid) is True, 60, "success")
+            finally:
+                w.OutgoingTransfer.stop_wait_s = OutgoingTransferWait
+            assert server.env.state == w.OFFLINE
+            assert (tmp_path / "dst" / "volumes" / uuid / "save.dat").read_bytes() == b"state"
+            wait_until(lambda: docker_servers.container_id(uuid) is None, 10, "container removed")
+        finally:
+            dst_panel.close()
 
 
 # disk quotas ######################################################################################

@@ -42,10 +42,17 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            ``ConsolePipeline`` (done detection)
     session table          ``SessionTable``: every websocket and SFTP session; ``Revocations``
     websocket              ``WebSocket`` (RFC 6455), ``decode_jwt``, ``ConsoleSocket`` (Wings'
-                           console protocol), ``serve_websocket``
+                           console protocol), ``serve_websocket``; ``SignedUrls`` (the browser's
+                           one-time download/upload tokens)
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
+    file manager           ``FileManagerRoutes`` (the Panel's Files tab, signed downloads and
+                           uploads), ``StagedFile`` (metered writes renamed into place),
+                           ``MultipartReader``, ``Pull``/``Pulls`` (downloads from a URL)
     backups                ``Backups`` (create, s3 parts, restore, delete, boot recovery),
                            ``BackupJob``, ``RestoreJob``, ``BackupRoutes`` (HTTP mix-in)
+    transfers              ``Transfers``: ``OutgoingTransfer`` (a server streamed to another node
+                           as chunked multipart tar.gz), ``IncomingTransfer`` (extracted as it
+                           arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
     HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
     daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
                            power, crash detection), ``Daemon`` (boot, servers, system info)
@@ -108,6 +115,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import stat
 import struct
 import subprocess
@@ -6342,6 +6350,10 @@ class SignedUrls:
         if problem:
             raise WingsliteError(f"the {signed.kind} token is not valid: {problem}", 403)
 
+    def first_use(self, unique_id: str, exp: float) -> bool:
+        """True the first time ``unique_id`` is seen (remembered until ``exp``), False after."""
+        return self._first_use(unique_id, exp)
+
     def _first_use(self, unique_id: str, exp: float) -> bool:
         now = time.time()
         with self._lock:
@@ -7171,9 +7183,12 @@ class SftpServer:
                 answer["server"],
             )
             return None
-        if server.suspended:
+        if server.suspended or server.transferring:
             LOG.info(
-                "SFTP login %r from %s refused: server %s is suspended", username, ip, server.uuid
+                "SFTP login %r from %s refused: server %s is suspended or being transferred",
+                username,
+                ip,
+                server.uuid,
             )
             return None
         return SftpLogin(
@@ -7395,9 +7410,9 @@ class _SftpSession:
             server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close()
         )
         revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
-        if server.suspended or revoked:
+        if server.suspended or server.transferring or revoked:
             LOG.info(
-                "SFTP session of %s refused: server %s is suspended or the user was deauthorized",
+                "SFTP session of %s refused: server %s is suspended, being transferred, or the user was deauthorized",
                 login.username,
                 server.uuid,
             )
@@ -8014,7 +8029,7 @@ def detect_mime(head: bytes, name: str) -> str:
 
 
 def go_file_mode(mode: int) -> str:
-    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``drwxr-xr-x``, ``Lrwxrwxrwx``)."""
+    """``st_mode`` as Go's ``FileMode.String()`` prints it (``-rw-r--r--``, ``Lrwxrwxrwx``)."""
     kinds = [
         (stat.S_ISDIR(mode), "d"),
         (stat.S_ISLNK(mode), "L"),
@@ -8040,7 +8055,7 @@ def _rfc3339(timestamp: float) -> str:
 def stat_object(
     name: str, st: os.stat_result, mime: str, target: os.stat_result | None = None
 ) -> dict[str, Any]:
-    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads it.
+    """Wings' ``Stat`` JSON (server/filesystem/stat.go), as the Panel's FileObjectTransformer reads.
 
     ``st`` is the entry itself (lstat); for a symlink, ``target`` is what it resolves to inside
     the jail (None when it dangles or leads out), which decides ``directory``/``file`` and the size.
@@ -8060,6 +8075,16 @@ def stat_object(
         "symlink": stat.S_ISLNK(st.st_mode),
         "mime": mime,
     }
+
+
+def attachment_header(name: str) -> str:
+    """``Content-Disposition`` for a download: an ASCII name, and the real one (RFC 6266/5987)."""
+    fallback = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        raw = name.encode("utf-8", "surrogateescape")
+        value += "; filename*=UTF-8''" + urllib.parse.quote_from_bytes(raw, safe="")
+    return value
 
 
 def _file_head(jail: Jail, path: str) -> bytes:
@@ -8104,7 +8129,7 @@ def list_directory(jail: Jail, path: str) -> list[dict[str, Any]]:
 
 
 def fs_error(exc: OSError) -> WingsliteError:
-    """An ``OSError`` from the jail as Wings' status and text; a missing file is 404 (Wings: 500)."""
+    """An ``OSError`` from the jail as Wings' status and text (a missing file: 404; Wings: 500)."""
     code = exc.errno
     if isinstance(exc, PathEscape) or code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
         return WingsliteError(FM_NOT_FOUND, 404)
@@ -8151,7 +8176,7 @@ def makedirs(jail: Jail, path: str, mode: int = 0o755) -> None:
 
 
 def node_owner(daemon: Any) -> tuple[int, int] | None:
-    """The uid/gid files made for a server belong to (Wings ``system.user``), when it can chown."""
+    """The uid/gid a server's new files belong to (Wings ``system.user``), when it can chown."""
     return getattr(daemon, "file_owner", None)
 
 
@@ -8246,7 +8271,7 @@ class StagedFile:
         else:
             self.abort()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int:
         if not self.fs.reserve(len(data)):
             raise NotEnoughSpace()
         view = memoryview(data)
@@ -8254,6 +8279,10 @@ class StagedFile:
             n = os.write(self.fd, view)
             self.written += n
             view = view[n:]
+        return len(data)
+
+    def flush(self) -> None:  # a file-like sink for gzip and tarfile
+        pass
 
     def _close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -8284,7 +8313,7 @@ class StagedFile:
 
 
 def copy_name(jail: Jail, path: str) -> str:
-    """Wings' name for a copy beside the file: ``a copy.txt``, ``a copy 1.txt`` ... (``x.tar.gz`` kept whole)."""
+    """Wings' name for a copy: ``a copy.txt``, ``a copy 1.txt``, ``x copy.tar.gz``..."""
     parent, base = posixpath.split(jail.normalize(path))
     stem, ext = posixpath.splitext(base)
     if stem.endswith(".tar"):
@@ -8299,14 +8328,105 @@ def copy_name(jail: Jail, path: str) -> str:
     return posixpath.join(parent, f"{stem}copy.{stamp}{ext}")
 
 
-def record_activity(server: Any, event: str, user_uuid: str, ip: str, metadata: dict) -> None:
-    """Hand a user's file event to the server's activity log, when the node keeps one."""
-    record = getattr(server, "record_activity", None)
-    if record is not None:
-        record(event, user_uuid, ip, metadata)
+# -- archives: compress and decompress --------------------------------------------------------
 
 
-# -- multipart bodies -------------------------------------------------------------------------------
+def archive_name(now: float | None = None) -> str:
+    """Wings' name for a new archive: ``archive-2024-01-02T150405Z.tar.gz`` (RFC 3339, no ':')."""
+    moment = datetime.datetime.fromtimestamp(
+        time.time() if now is None else now, datetime.timezone.utc
+    )
+    return f"archive-{moment.strftime('%Y-%m-%dT%H%M%SZ')}.tar.gz"
+
+
+def compress_files(
+    jail: Jail, write_jail: Jail, fs: Filesystem, root: str, files: list[str], owner: Any = None
+) -> str:
+    """Stream ``files`` (names in ``root``) into a new tar.gz in ``root``; returns its jail path.
+
+    The archive is staged and metered like every other write: past the disk limit it is refused
+    and nothing is left behind.
+    """
+    target = posixpath.join(jail.normalize(root), archive_name())
+    with StagedFile(write_jail, fs, target, owner=owner) as staged:
+        write_tar_gz(jail, staged, root=root, files=files)
+    return target
+
+
+def decompress_file(
+    jail: Jail,
+    fs: Filesystem,
+    root: str,
+    file: str,
+    is_denied: Callable[[str], bool] | None = None,
+    owner: Any = None,
+) -> None:
+    """Extract ``root/file`` into ``root``, all or nothing.
+
+    The shared extractor (``extract_archive``: every entry checked, every byte metered) writes into
+    a hidden staging directory inside ``root``. Only when the whole archive came out, and every
+    entry passes the checks at its final place (the egg's denylist, links that must still point
+    inside from there, no file where a directory is), are the entries moved into place; otherwise
+    the staging directory is removed and the tree is as it was.
+    """
+    dest = jail.normalize(root)
+    staging = posixpath.join(dest, f".wingslite-{uuidlib.uuid4().hex[:16]}.extract")
+    fd = jail.open(f"{dest}/{file}", os.O_RDONLY)
+    with os.fdopen(fd, "rb") as src:
+        jail.mkdir(staging, 0o700)
+        try:
+            extract_archive(jail, fs, src, name=posixpath.basename(file), dest=staging)
+            moves = _staged_moves(jail, staging, dest, is_denied)
+            for source, target, is_dir in moves:
+                if is_dir:
+                    with contextlib.suppress(FileExistsError):
+                        jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
+                else:
+                    replaced = jail.rename(source, target)
+                    if replaced is not None:
+                        fs.add_usage(-_freed_bytes(replaced))
+                if owner is not None:
+                    jail.chown(target, *owner)
+        finally:
+            with contextlib.suppress(OSError):
+                fs.add_usage(-remove_tree(jail, staging))
+
+
+def _staged_moves(
+    jail: Jail, staging: str, dest: str, is_denied: Callable[[str], bool] | None
+) -> list[tuple[str, str, bool]]:
+    """Every staged entry with its final place, parents first; refuses what may not go there."""
+    moves: list[tuple[str, str, bool]] = []
+    pending = [(staging, dest)]
+    while pending:
+        source_dir, target_dir = pending.pop()
+        for name, st in sorted(jail.listdir(source_dir)):
+            source, target = f"{source_dir}/{name}", f"{target_dir}/{name}"
+            try:
+                existing = jail.lstat(target)
+            except FileNotFoundError:
+                existing = None
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if existing is not None and stat.S_ISDIR(existing.st_mode) != is_dir:
+                kind = "directory" if is_dir else "file"
+                raise ArchiveError(f"cannot extract the {kind} {target!r}: something else is there")
+            if not is_dir and is_denied is not None and is_denied(target):
+                raise PermissionError(errno.EACCES, "this file is in the egg's file_denylist")
+            if stat.S_ISLNK(st.st_mode):  # its target is relative to where it will live
+                link = jail.readlink(source)
+                try:
+                    jail._check_link_target(jail.parts(target), link)
+                except PathEscape:
+                    raise ArchiveError(
+                        f"refused archive entry {target!r}: a link to {link!r} would point outside"
+                    ) from None
+            moves.append((source, target, is_dir))
+            if is_dir:
+                pending.append((source, target))
+    return moves
+
+
+# -- multipart bodies ---------------------------------------------------------------------------
 
 
 def multipart_boundary(content_type: str) -> bytes | None:
@@ -8419,7 +8539,7 @@ class PullRefused(OSError):
 
 
 def is_internal_address(ip: str) -> bool:
-    """Loopback, private, link-local, shared, reserved, multicast... anything not the public Internet."""
+    """Loopback, private, link-local, shared, reserved, multicast: not the public Internet."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
@@ -8537,7 +8657,8 @@ class Pull:
             raise WingsliteError(str(exc.strerror), 400) from None
         except urllib.error.HTTPError as exc:
             raise BadRequest(
-                f"the remote server answered {exc.code} {exc.reason}, not 200 (redirects are not followed)"
+                f"the remote server answered {exc.code} {exc.reason}, not 200 "
+                "(redirects are not followed)"
             ) from None
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -8602,7 +8723,7 @@ class Pulls:
                     self._pulls.pop(pull.identifier, None)
 
 
-# -- routes ------------------------------------------------------------------------------------------
+# -- routes -------------------------------------------------------------------------------------
 
 FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", _FM_SERVER + r"/contents", "file_contents", True),
@@ -8613,6 +8734,8 @@ FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("POST", _FM_SERVER + r"/create-directory", "create_directory", True),
     ("POST", _FM_SERVER + r"/delete", "delete_files", True),
     ("POST", _FM_SERVER + r"/chmod", "chmod_files", True),
+    ("POST", _FM_SERVER + r"/compress", "compress_files", True),
+    ("POST", _FM_SERVER + r"/decompress", "decompress_file", True),
     ("GET", _FM_SERVER + r"/pull", "list_pulls", True),
     ("POST", _FM_SERVER + r"/pull", "pull_file", True),
     ("DELETE", _FM_SERVER + r"/pull/(?P<download>[^/]+)", "cancel_pull", True),
@@ -8622,7 +8745,7 @@ FILE_MANAGER_ROUTES: tuple[tuple[str, str, str, bool], ...] = (
 
 
 class FileManagerRoutes:
-    """The file routes of ``ApiHandler`` (a mix-in: uses its ``read_json``, ``_respond``, ``query``)."""
+    """The file routes of ``ApiHandler`` (a mix-in using its ``read_json``, ``query``, ...)."""
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -8747,9 +8870,7 @@ class FileManagerRoutes:
                 size = os.fstat(fd).st_size
                 headers = {"X-Mime-Type": info["mime"], "Content-Type": info["mime"]}
                 if self._param("download"):
-                    headers["Content-Disposition"] = (
-                        f"attachment; filename={json.dumps(info['name'])}"
-                    )
+                    headers["Content-Disposition"] = attachment_header(info["name"])
                     headers["Content-Type"] = "application/octet-stream"
                 self._send_file(fd, size, headers)
             finally:
@@ -8893,6 +9014,34 @@ class FileManagerRoutes:
                     jail.chmod(path, mode)
         return 204, None
 
+    def route_compress_files(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root = self._text(body, "root", "/")
+        files = self._file_list(body, "No files were passed through to be compressed.")
+        if not all(isinstance(f, str) for f in files):
+            raise WingsliteError("files must be a list of names", 422)
+        if not server.fs.has_space():
+            raise Conflict(
+                "This server does not have enough available disk space to generate a compressed archive."
+            )
+        owner = node_owner(self.server.daemon)
+        with self._jail(server) as jail, self._jail(server, denylist=True) as write_jail:
+            with fs_errors():
+                path = compress_files(jail, write_jail, server.fs, root, files, owner)
+                info = stat_path(jail, path)
+        info["mime"] = "application/tar+gzip"  # as Wings answers it
+        return 200, info
+
+    def route_decompress_file(self, server: Any) -> tuple[int, Any]:
+        body = self._json_object()
+        root, file = self._text(body, "root", "/"), self._text(body, "file")
+        if not file:
+            raise WingsliteError("The file to decompress is required.", 422)
+        owner = node_owner(self.server.daemon)
+        with self._jail(server) as jail, fs_errors():
+            decompress_file(jail, server.fs, root, file, server.fs.is_denied, owner)
+        return 204, None
+
     # -- remote downloads ------------------------------------------------------------------------
 
     def _pulls_enabled(self) -> None:
@@ -8971,7 +9120,7 @@ class FileManagerRoutes:
             try:
                 name = posixpath.basename(jail.normalize(token.claim("file_path")))
                 headers = {
-                    "Content-Disposition": f"attachment; filename={json.dumps(name)}",
+                    "Content-Disposition": attachment_header(name),
                     "Content-Type": "application/octet-stream",
                 }
                 self._send_file(fd, os.fstat(fd).st_size, headers)
@@ -8980,10 +9129,15 @@ class FileManagerRoutes:
         return None, None
 
     def route_upload_file(self) -> tuple[int, Any]:
-        token, server = self._signed("file-upload")
-        boundary = multipart_boundary(self.headers.get("Content-Type", ""))
-        if boundary is None:
-            raise BadRequest("Failed to get multipart form data from request.")
+        try:
+            token, server = self._signed("file-upload")
+            boundary = multipart_boundary(self.headers.get("Content-Type", ""))
+            if boundary is None:
+                raise BadRequest("Failed to get multipart form data from request.")
+        except WingsliteError:
+            with contextlib.suppress(WingsliteError):  # read the refused body: the browser
+                self._discard_body(self._body_reader()[0])  # then sees the answer, not a reset
+            raise
         directory = self._param("directory", "/")
         limit_mb = self.server.daemon.config.get("api.upload_limit")
         owner = node_owner(self.server.daemon)
@@ -8991,13 +9145,20 @@ class FileManagerRoutes:
         read, _ = self._body_reader()
         with self._jail(server, denylist=True) as jail, fs_errors():
             try:
-                for headers, chunks in MultipartReader(read, boundary).parts():
+                for headers, chunks in MultipartReader(read, boundary, FM_CHUNK_BYTES).parts():
                     form = form_disposition(headers.get("content-disposition", ""))
                     if form.get("name") != "files" or "filename" not in form:
                         continue
+                    if not form["filename"]:
+                        continue  # a file input left empty: browsers send an empty part
                     name = posixpath.basename(form["filename"].replace("\\", "/"))
                     if name in ("", ".", ".."):
-                        raise BadRequest("An uploaded file has no name.")
+                        raise BadRequest(
+                            f"An uploaded file has no usable name: {form['filename']!r}"
+                        )
+                    for earlier in [t for n, t in staged if n == name]:
+                        earlier.abort()  # the same name twice in one form: the last one wins
+                    staged = [(n, t) for n, t in staged if n != name]
                     target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
                     staged.append((name, target))
                     for chunk in chunks:
@@ -9017,8 +9178,7 @@ class FileManagerRoutes:
                 raise
         ip = self.client_address[0] if self.client_address else ""
         for name, _ in staged:
-            record_activity(
-                server,
+            server.record_activity(
                 "server:file.uploaded",
                 token.user_uuid,
                 ip,
@@ -9609,6 +9769,530 @@ BACKUP_ROUTES = (
 )
 
 
+# transfers ########################################################################################
+#
+# A transfer moves a server to another node (the Panel's admin "Transfer"). Wings v1.11's
+# protocol (router/router_server_transfer.go, router/router_transfer.go, server/transfer/*.go),
+# byte for byte, so that either side may be Wings:
+#
+#   Panel  -> source       POST /api/servers/:server/transfer {url, token, server}   202
+#   source -> destination  POST {url} (= destination/api/transfers), Authorization: <token>
+#                          (``Bearer <JWT>``: HS256 with the destination's node token, sub = server
+#                          uuid), Transfer-Encoding: chunked, multipart/form-data: the part
+#                          ``archive`` (archive.tar.gz, the server directory) then the part
+#                          ``checksum`` (hex sha256 of the archive bytes)
+#   destination            extracts while the bytes arrive, checks the sha256, then tells the
+#                          Panel: POST /api/remote/servers/{uuid}/transfer/success (or /failure)
+#   Panel  -> source       (inside that success call) DELETE /api/servers/:server
+#   destination -> source  200 once the Panel has answered
+#
+# Neither side writes a temporary archive or holds one in memory. wingslite keeps what Wings
+# loses: links arrive as links (refused if they would point out), empty directories and modes are
+# kept, and a failed transfer leaves nothing on the destination.
+
+TRANSFER_CHUNK_BYTES = 256 * 1024
+TRANSFER_NOT_RUNNING = "Server is not currently being transferred."
+
+
+def transfer_log_line(text: str, node: str = "Source Node") -> str:
+    """A ``transfer logs`` line as Wings colours it (colorstring "[yellow][bold]...[default]")."""
+    when = time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime())
+    return f"\x1b[33m\x1b[1m{when} [Transfer System] [{node}]:\x1b[39m {text}\x1b[0m"
+
+
+def progress_bar(done_bytes: int, total_bytes: int, width: int = 25) -> str:
+    """``[=====>      ] 12.00 MiB / 40.00 MiB`` (Wings internal/progress)."""
+    total = max(total_bytes, done_bytes, 1)
+    filled = min(width, done_bytes * width // total)
+    bar = "=" * filled + (">" if filled < width else "") + " " * max(0, width - filled - 1)
+    return f"[{bar}] {done_bytes / 1048576:.2f} MiB / {total_bytes / 1048576:.2f} MiB"
+
+
+class _ChunkedBody:
+    """A writable HTTP/1.1 request body in chunked transfer coding (RFC 9112 section 7.1).
+
+    Writes are gathered into chunks of ``TRANSFER_CHUNK_BYTES``, so memory stays bounded by one
+    chunk whatever the size of what goes through.
+    """
+
+    def __init__(self, send: Callable[[bytes], Any]):
+        self._send = send
+        self._buf = bytearray()
+        self.bytes_sent = 0
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        if len(self._buf) >= TRANSFER_CHUNK_BYTES:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._send(b"%x\r\n" % len(self._buf) + bytes(self._buf) + b"\r\n")
+            self.bytes_sent += len(self._buf)
+            self._buf.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._send(b"0\r\n\r\n")
+
+
+class _MultipartWriter:
+    """``multipart/form-data`` written as a stream (RFC 7578): ``file()`` then ``field()``."""
+
+    def __init__(self, out: Any):
+        self.out = out
+        self.boundary = uuidlib.uuid4().hex + uuidlib.uuid4().hex[:28]  # 60 chars, like Go's
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def _head(self, headers: str) -> None:
+        self.out.write(f"--{self.boundary}\r\n{headers}\r\n\r\n".encode())
+
+    def file(self, name: str, filename: str) -> None:
+        """Start a file part; its bytes are then written to ``out`` directly."""
+        self._head(
+            f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream"
+        )
+
+    def field(self, name: str, value: str) -> None:
+        self.out.write(b"\r\n")  # ends the part before
+        self._head(f'Content-Disposition: form-data; name="{name}"')
+        self.out.write(value.encode())
+
+    def close(self) -> None:
+        self.out.write(f"\r\n--{self.boundary}--\r\n".encode())
+
+
+class OutgoingTransfer:
+    """Sends one server to another node; ``run()`` in a thread of its own.
+
+    Methods for the caller: ``run()``, ``cancel()``. Class variables that may be overridden:
+    ``stop_wait_s`` (how long the server may take to stop before it is killed, Wings: 15 s),
+    ``progress_interval_s``, ``response_timeout_s``.
+
+    The server is stopped first (killed when it does not stop in time); its directory goes out
+    through ``write_tar_gz`` (links as links, never followed), hashed on its way into the request
+    body. Progress reaches sockets with ``admin.websocket.transfer`` as ``transfer logs`` and
+    ``transfer status`` events. On success nothing is sent to the Panel -- only the destination
+    reports success, and the Panel then deletes the server here. On failure or cancel the Panel
+    is told ``/transfer/failure`` and the server is usable again.
+    """
+
+    stop_wait_s = 15.0
+    progress_interval_s = 5.0
+    response_timeout_s = 600.0
+
+    def __init__(self, server: Any, url: str, token: str):
+        self.server, self.url, self.token = server, url, token
+        self._cancelled = threading.Event()
+        self._conn: http.client.HTTPConnection | None = None
+        self.sent_bytes = 0
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def message(self, text: str) -> None:
+        self.server.events.publish("transfer logs", transfer_log_line(text))
+
+    def status(self, value: str) -> None:
+        self.server.events.publish("transfer status", value)
+
+    def run(self) -> None:
+        try:
+            self._stop_server()
+            self.status("processing")
+            self.message("Preparing to stream server data to destination...")
+            answer = self._push()
+            LOG.info(
+                "server %s: transfer sent (%d bytes): %s", self.server.uuid, self.sent_bytes, answer
+            )
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self.server.daemon.transfers.outgoing.pop(self.server.uuid, None)
+
+    def _failed(self, exc: Exception) -> None:
+        cancelled = self._cancelled.is_set()
+        why = "canceled" if cancelled else str(exc) or type(exc).__name__
+        LOG.warning("server %s: transfer failed: %s", self.server.uuid, why)
+        self.message("Canceled." if cancelled else f"Transfer failed: {why}")
+        self.status("cancelled" if cancelled else "failed")
+        self.server.transferring = False
+        if not self.server.deleted:
+            self.server.daemon.transfers.report(self.server.uuid, successful=False)
+
+    def _stop_server(self) -> None:
+        env = self.server.env
+        if env.state == OFFLINE:
+            return
+        self.message("Stopping the server before it is transferred...")
+        try:
+            env.stop(self.server.config, self.stop_wait_s)
+        except Exception as exc:
+            LOG.info("server %s: stop before transfer: %s; killing it", self.server.uuid, exc)
+        if env.state != OFFLINE:
+            env.kill()
+
+    def _connect(self) -> tuple[http.client.HTTPConnection, str]:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise WingsliteError(f"the transfer URL {self.url!r} is not an http(s) URL", 422)
+        timeout = self.response_timeout_s
+        if parts.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return conn, path
+
+    def _push(self) -> str:
+        conn, path = self._connect()
+        self._conn = conn
+        try:
+            body = _ChunkedBody(conn.send)
+            form = _MultipartWriter(body)
+            conn.putrequest("POST", path, skip_accept_encoding=True)
+            for key, value in (
+                ("Authorization", self.token),
+                ("Content-Type", form.content_type),
+                ("Transfer-Encoding", "chunked"),
+                ("User-Agent", f"wingslite/{VERSION}"),
+            ):
+                conn.putheader(key, value)
+            conn.endheaders()
+            self.message("Streaming archive to destination...")
+            form.file("archive", "archive.tar.gz")
+            hashed = HashingWriter(body, "sha256")
+            with self._progress(body), Jail(self.server.fs.root) as jail:
+                write_tar_gz(jail, hashed, cancelled=self._cancelled.is_set)
+            form.field("checksum", hashed.hexdigest())
+            form.close()
+            body.close()
+            self.sent_bytes = body.bytes_sent
+            self.message("Finished streaming archive to destination.")
+            response = conn.getresponse()
+            text = response.read(65536).decode("utf-8", "replace")
+        finally:
+            self._conn = None
+            conn.close()
+        if self._cancelled.is_set():
+            raise WingsliteError("canceled")
+        if response.status != 200:
+            raise WingsliteError(f"the destination answered {response.status}: {text[:300]}")
+        return text
+
+    @contextlib.contextmanager
+    def _progress(self, body: _ChunkedBody) -> Iterator[None]:
+        done = threading.Event()
+        total = self.server.fs.usage_bytes()
+
+        def tick() -> None:
+            while not done.wait(self.progress_interval_s):
+                self.message("Uploading " + progress_bar(body.bytes_sent, total))
+
+        thread = threading.Thread(target=tick, name="wingslite-transfer-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+
+class IncomingTransfer:
+    """Receives one server from another node (``POST /api/transfers``).
+
+    Methods for the caller: ``receive(read, boundary)``, ``cancel()``, ``cleanup()``.
+
+    The archive is extracted while it arrives, through the server's jail and metered against its
+    disk limit (``extract_archive``), and hashed as it is read; the ``checksum`` part must equal
+    that sha256. Anything else -- no archive, no checksum, a mismatch, an entry that would escape,
+    the disk limit, a cancel -- removes everything received.
+    """
+
+    def __init__(self, server: Any):
+        self.server = server
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def receive(self, read: Callable[[int], bytes], boundary: bytes) -> None:
+        digest, checksum = None, None
+
+        def guarded(n: int) -> bytes:
+            if self._cancelled.is_set():
+                raise WingsliteError("the transfer was canceled", 409)
+            return read(n)
+
+        for headers, chunks in MultipartReader(guarded, boundary).parts():
+            name = form_disposition(headers.get("content-disposition", "")).get("name")
+            if name == "archive":
+                digest = self._extract(chunks)
+            elif name == "checksum":
+                if digest is None:
+                    raise BadRequest("archive must be sent before the checksum")
+                checksum = b"".join(_bounded_chunks(chunks, 1024)).decode("ascii", "replace")
+        if digest is None or checksum is None:
+            raise BadRequest("missing archive or checksum")
+        if not hmac.compare_digest(checksum.strip().lower(), digest):
+            raise BadRequest("checksums don't match")
+
+    def _extract(self, chunks: Iterator[bytes]) -> str:
+        stream = _HashingReader(chunks, "sha256")
+        fs = self.server.fs
+        fs.ensure()
+        with Jail(fs.root) as jail:
+            extract_archive(
+                jail, fs, stream, name="archive.tar.gz", owner=node_owner(self.server.daemon)
+            )
+        stream.drain()  # the sha256 covers every byte sent, past the end of the tar stream too
+        return stream.hexdigest()
+
+
+def _bounded_chunks(chunks: Iterator[bytes], most_bytes: int) -> Iterator[bytes]:
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > most_bytes:
+            raise BadRequest("the checksum part is too long")
+        yield chunk
+
+
+class _HashingReader:
+    """A readable stream over an iterator of byte chunks, hashing what it hands out."""
+
+    def __init__(self, chunks: Iterator[bytes], algorithm: str):
+        self._chunks = chunks
+        self._buf = b""
+        self.hash = hashlib.new(algorithm)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._buf += chunk
+        out, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+        self.hash.update(out)
+        return out
+
+    def drain(self) -> None:
+        while self.read(ARCHIVE_CHUNK_BYTES):
+            pass
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+
+class Transfers:
+    """The node's transfers in both directions, and the Panel calls that end them.
+
+    Attributes: ``outgoing`` / ``incoming`` (server uuid -> ``OutgoingTransfer`` /
+    ``IncomingTransfer``). Methods for the caller: ``start_outgoing(server, url, token)``,
+    ``check_token(authorization)`` -> server uuid, ``report(uuid, successful)``.
+    """
+
+    def __init__(self, daemon: Any):
+        self.daemon = daemon
+        self.outgoing: dict[str, OutgoingTransfer] = {}
+        self.incoming: dict[str, IncomingTransfer] = {}
+        self.lock = threading.Lock()
+
+    def start_outgoing(self, server: Any, url: str, token: str) -> OutgoingTransfer:
+        with self.lock:
+            if server.transferring or server.uuid in self.outgoing:
+                raise Conflict("A transfer is already in progress for this server.")
+            transfer = OutgoingTransfer(server, url, token)
+            self.outgoing[server.uuid] = transfer
+            server.transferring = True
+        # SFTP writes would change files that are on their way out; websockets stay, so that an
+        # admin sees the progress.
+        self.daemon.sessions.close_server(
+            server.uuid, 0, "server is being transferred", kind="sftp"
+        )
+        threading.Thread(
+            target=transfer.run, name=f"wingslite-transfer-{server.uuid[:8]}", daemon=True
+        ).start()
+        return transfer
+
+    def check_token(self, authorization: str) -> str:
+        """The server uuid a destination may receive, from ``Authorization: Bearer <JWT>``.
+
+        The JWT is the Panel's transfer token (NodeJWTService: HS256 with this node's token,
+        ``sub`` = server uuid, no user claims). Refused (401 without a Bearer token, 403
+        otherwise): malformed, another key, expired, another kind of token, used before.
+        """
+        scheme, _, token = authorization.partition(" ")
+        if scheme != "Bearer" or not token.strip():
+            raise WingsliteError(
+                "The required authorization heads were not present in the request.", 401
+            )
+        try:
+            claims = decode_jwt(token.strip(), self.daemon.config.token)
+        except JwtError as exc:
+            raise WingsliteError(f"the transfer token is not valid: {exc}", 403) from None
+        sub = claims.get("sub")
+        scope = claims.get("scope")
+        if not isinstance(sub, str) or not _UUID_RE.match(sub):
+            raise WingsliteError("the transfer token names no server (sub)", 403)
+        if (scope is not None and scope != "transfer") or "user_uuid" in claims:
+            raise WingsliteError("the token was not issued for a transfer", 403)
+        once = claims.get("unique_id") or f"{claims.get('jti')}:{claims.get('iat')}"
+        if not self.daemon.signed_urls.first_use(f"transfer:{once}", claims["exp"]):
+            raise WingsliteError("the transfer token was used before", 403)
+        return sub.lower()
+
+    def report(self, uuid: str, successful: bool) -> None:
+        """Tell the Panel how a transfer ended (retried as every Panel call; failure only logged)."""
+        outcome = "success" if successful else "failure"
+        try:
+            self.daemon.panel.request("POST", f"/servers/{uuid}/transfer/{outcome}")
+        except PanelError as exc:
+            LOG.error(
+                "server %s: could not tell the Panel the transfer's %s: %s", uuid, outcome, exc
+            )
+            if successful:
+                raise
+
+    def receive(self, uuid: str, read: Callable[[int], bytes], content_type: str) -> None:
+        """The destination's side of ``POST /api/transfers``, from the Panel's document to success."""
+        boundary = multipart_boundary(content_type)
+        if boundary is None:
+            raise BadRequest(
+                f'invalid content type "{content_type.split(";")[0]}", expected "multipart/form-data"'
+            )
+        server = self.daemon.receive_server(uuid)  # Conflict when this node has it already
+        transfer = IncomingTransfer(server)
+        with self.lock:
+            self.incoming[uuid] = transfer
+        ok = False
+        try:
+            transfer.receive(read, boundary)
+            self.daemon.adopt_received(server)
+            self.report(uuid, successful=True)
+            ok = True
+            server.transferring = False
+            server.events.publish("transfer status", "success")
+            LOG.info("server %s: transfer received", uuid)
+        finally:
+            with self.lock:
+                self.incoming.pop(uuid, None)
+            if not ok:
+                server.events.publish("transfer status", "failure")
+                self.daemon.drop_received(server)
+                self.report(uuid, successful=False)
+
+
+class TransferRoutes:
+    """``route_*`` methods of the transfer routes, mixed into ``ApiHandler``."""
+
+    def route_start_transfer(self, server: Any) -> tuple[int, Any]:
+        body = self.read_json()
+        target = body.get("server") if isinstance(body, dict) else None
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("url"), str)
+            or not body["url"]
+            or not isinstance(body.get("token"), str)
+            or not body["token"]
+            or (target is not None and not isinstance(target, dict))
+        ):
+            raise WingsliteError("The data provided in the request could not be validated.", 422)
+        if not re.match(r"https?://[^\s/]+", body["url"]):
+            raise WingsliteError(f"the transfer URL {body['url']!r} is not an http(s) URL", 422)
+        self.server.daemon.transfers.start_outgoing(server, body["url"], body["token"])
+        return 202, None
+
+    def route_cancel_transfer(self, server: Any) -> tuple[int, Any]:
+        transfer = self.server.daemon.transfers.outgoing.get(server.uuid)
+        if not server.transferring or transfer is None:
+            raise Conflict(TRANSFER_NOT_RUNNING)
+        transfer.cancel()
+        return 202, None
+
+    def route_receive_transfer(self) -> tuple[int, Any]:
+        transfers = self.server.daemon.transfers
+        uuid = transfers.check_token(self.headers.get("Authorization", ""))
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.body_read = True
+            read = chunked_reader(self.rfile)
+        else:
+            read, _length = self._body_reader()
+        try:
+            transfers.receive(uuid, read, self.headers.get("Content-Type", ""))
+        except BaseException:
+            self.close_connection = True  # the rest of the body is not read
+            raise
+        return 200, None
+
+    def route_cancel_incoming_transfer(self, server: Any) -> tuple[int, Any]:
+        transfer = self.server.daemon.transfers.incoming.get(server.uuid)
+        if not server.transferring or transfer is None:
+            raise Conflict(TRANSFER_NOT_RUNNING)
+        transfer.cancel()
+        return 202, None
+
+
+TRANSFER_ROUTES = (
+    ("POST", r"/api/transfers", "receive_transfer", False),  # authenticated by the JWT inside
+    ("DELETE", r"/api/transfers/(?P<server>[^/]+)", "cancel_incoming_transfer", True),
+    ("POST", r"/api/servers/(?P<server>[^/]+)/transfer", "start_transfer", True),
+    ("DELETE", r"/api/servers/(?P<server>[^/]+)/transfer", "cancel_transfer", True),
+)
+
+
+def chunked_reader(rfile: Any, max_line_bytes: int = 4096) -> Callable[[int], bytes]:
+    """``read(n)`` over a request body in chunked transfer coding (RFC 9112 section 7.1).
+
+    Go's HTTP client (Wings sending a transfer) streams bodies of unknown length this way.
+    Chunk extensions are ignored, trailers read and dropped; a size line that is not hex, too
+    long, or a body that ends early is a ``BadRequest``.
+    """
+    state = {"left": 0, "done": False}
+
+    def line() -> bytes:
+        raw = rfile.readline(max_line_bytes + 1)
+        if len(raw) > max_line_bytes or not raw.endswith(b"\n"):
+            raise BadRequest("malformed chunked request body")
+        return raw.rstrip(b"\r\n")
+
+    def read(n: int) -> bytes:
+        if state["done"]:
+            return b""
+        if state["left"] == 0:
+            size = line().split(b";", 1)[0].strip()
+            if not size or not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size):
+                raise BadRequest("malformed chunked request body")
+            state["left"] = int(size, 16)
+            if state["left"] == 0:
+                while line():  # trailer fields, then the empty line
+                    pass
+                state["done"] = True
+                return b""
+        data = rfile.read(min(n, state["left"]))
+        if not data:
+            raise BadRequest("the request body ended early")
+        state["left"] -= len(data)
+        if state["left"] == 0 and rfile.read(2) != b"\r\n":
+            raise BadRequest("malformed chunked request body")
+        return data
+
+    return read
+
+
 # HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
@@ -9634,6 +10318,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("GET", _SERVER + r"/ws", "websocket", False),  # authenticated by the JWT inside
         *FILE_MANAGER_ROUTES,
         *BACKUP_ROUTES,
+        *TRANSFER_ROUTES,
     )
 )
 
@@ -9675,7 +10360,9 @@ class ApiServer(http.server.ThreadingHTTPServer):
         )
 
 
-class ApiHandler(FileManagerRoutes, BackupRoutes, http.server.BaseHTTPRequestHandler):
+class ApiHandler(
+    FileManagerRoutes, BackupRoutes, TransferRoutes, http.server.BaseHTTPRequestHandler
+):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
     Every answer is written in one ``send`` (headers and body together) on a ``TCP_NODELAY``
@@ -9870,14 +10557,26 @@ class ApiHandler(FileManagerRoutes, BackupRoutes, http.server.BaseHTTPRequestHan
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
-        if (
-            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-            or length < 0
-            or length > 65536
-        ):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._drain_chunked(65536)
+        elif length < 0 or length > 65536:
             self.close_connection = True
         elif length:
             self.rfile.read(length)
+
+    def _drain_chunked(self, most_bytes: int) -> None:
+        """Read a small chunked body to its end, so an error reaches a client still sending it
+        (closing with unread bytes would reset the connection and lose the answer)."""
+        read, seen = chunked_reader(self.rfile), 0
+        try:
+            while seen <= most_bytes:
+                data = read(65536)
+                if not data:
+                    return
+                seen += len(data)
+        except (BadRequest, OSError):
+            pass
+        self.close_connection = True
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -10112,6 +10811,18 @@ _NEXT_START_FIELDS = (
 )
 
 
+def _process_changes(new: ProcessConfig, old: ProcessConfig) -> dict[str, str]:
+    """What a changed process configuration leaves for the next start, config files by name
+    (they are rewritten by every start: ``Server._update_config_files``)."""
+    changes = {}
+    if new.configs != old.configs:
+        names = ", ".join(dict.fromkeys(cf.file for cf in new.configs)) or "none"
+        changes["configs"] = f"egg config files ({names})"
+    if dataclasses.replace(new, configs=()) != dataclasses.replace(old, configs=()):
+        changes["process"] = "process configuration (stop command, done lines)"
+    return changes
+
+
 class Server:
     """One game server on this node: its configuration, files, process and sessions' owner.
 
@@ -10168,6 +10879,9 @@ class Server:
         # suspended, as in Wings, so a socket or SFTP login racing the delete is refused, and a
         # sync or power action queued behind the delete does nothing.
         self.deleted = False
+        # True while the server's files are on their way to or from another node (transfers):
+        # power actions and SFTP logins are refused.
+        self.transferring = False
         self._restoring = threading.Lock()  # held while a backup is restored (begin_restore)
         self.events.subscribe(self._on_event)
         self.env: Environment = daemon.environment_factory(self)
@@ -10354,8 +11068,7 @@ class Server:
         for field, label in _NEXT_START_FIELDS:
             if getattr(new, field) != getattr(old, field):
                 self.pending_next_start[field] = label
-        if new.process != old.process:
-            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        self.pending_next_start.update(_process_changes(new.process, old.process))
         report.pending += [
             f"{label} (next start)"
             for label in self.pending_next_start.values()
@@ -10455,6 +11168,8 @@ class Server:
             raise BadRequest("Cannot start or restart a server that is suspended.")
         if self.installing:
             raise Conflict("server is currently installing")
+        if self.transferring:
+            raise Conflict("server is currently being transferred")
         if self.restoring:
             raise Conflict("server is currently restoring")
         threading.Thread(
@@ -10477,6 +11192,8 @@ class Server:
         Wings); kill never waits."""
         if self.installing:  # kill too, as Wings (server/power.go)
             raise Conflict("server is currently installing")
+        if self.transferring:  # Wings power.go: even a kill is refused
+            raise Conflict("server is currently being transferred")
         if self.restoring:  # Wings server/power.go: every action is refused while restoring
             raise Conflict("server is currently restoring")
         if action == "kill":
@@ -10503,6 +11220,8 @@ class Server:
                 raise NotFound("The requested resource does not exist on this instance.")
             if self.installing:  # an install claimed the server while this waited for the lock
                 raise Conflict("server is currently installing")
+            if self.transferring:
+                raise Conflict("server is currently being transferred")
             if action in ("stop", "restart"):
                 self.env.stop(self.config, self.daemon.config.get("wingslite.stop_timeout_s"))
             if action in ("start", "restart"):
@@ -10590,8 +11309,7 @@ class Server:
             for field, label in _NEXT_START_FIELDS
             if getattr(current, field) != getattr(started_with, field)
         }
-        if current.process != started_with.process:
-            self.pending_next_start["process"] = "process configuration (stop, done, config files)"
+        self.pending_next_start.update(_process_changes(current.process, started_with.process))
         self._limits_pending = False
         if current.build == started_with.build:
             return
@@ -10623,7 +11341,7 @@ class Server:
                 self.daemon.placeholders,
                 self.fs.reserve,
                 lambda n: self.fs.add_usage(-n),
-                self.fs.owner,
+                owner=self.fs.owner,
             )
             writer.apply(config.process.configs, self.console_message)
 
@@ -10707,6 +11425,8 @@ class Server:
                 raise Conflict("server is currently installing")
             if self.restoring:
                 raise Conflict("server is currently restoring")
+            if self.transferring:
+                raise Conflict("server is currently being transferred")
             self.installing = True
         finally:
             self.power_lock.release()
@@ -10888,6 +11608,7 @@ class Daemon:
         self.revocations = Revocations()
         self.backups = Backups(self)
         self.placeholders = NodePlaceholders(config)
+        self.transfers = Transfers(self)
         self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.pulls = Pulls()
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
@@ -11289,6 +12010,54 @@ class Daemon:
         except Conflict as exc:  # an install or a power action got there first: it stands
             LOG.info("server %s: not installed now: %s", server.uuid, exc.message)
 
+    def receive_server(self, uuid: str) -> Server:
+        """A server arriving by transfer: its configuration from the Panel, marked transferring.
+
+        Registered (so that ``DELETE /api/transfers/:server`` finds it) but not saved until
+        ``adopt_received``; a node that has the server already refuses it (409).
+        """
+        if uuid in self.servers:
+            raise Conflict(f"server {uuid} already exists on this node; the transfer is refused")
+        server = Server(self, self._fetch_config(uuid))
+        server.transferring = True
+        with self._servers_lock:
+            if uuid in self.servers:
+                raise Conflict(
+                    f"server {uuid} already exists on this node; the transfer is refused"
+                )
+            self.servers[uuid] = server
+        return server
+
+    def adopt_received(self, server: Server) -> None:
+        """Keep a server whose files arrived whole: its configuration is saved like a create's."""
+        self.store.save(server.config)
+
+    def drop_received(self, server: Server) -> None:
+        """Forget a server whose transfer failed, and every byte of it that arrived."""
+        with server.lock:
+            server.deleted = True
+            self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "transfer failed")
+            self._forget(server)
+        _remove_tree(server.fs.root)
+
+    def _fetch_config(self, uuid: str) -> ServerConfig:
+        try:
+            document = self.panel.get_server(uuid)
+        except PanelError as exc:
+            if exc.http_status == 404:
+                raise NotFound(f"the Panel does not know server {uuid}") from None
+            raise WingsliteError(
+                f"could not fetch server {uuid} from the Panel: {exc.message}"
+            ) from None
+        try:
+            return parse_server_document(
+                document,
+                expect_uuid=uuid,
+                crash_detection_default=self.config.get("system.crash_detection.enabled"),
+            )
+        except DocumentError as exc:
+            raise WingsliteError(exc.message) from None
+
     def delete_server(self, server: Server) -> None:
         """``DELETE /api/servers/:server``: close its sessions, remove its container, files, config.
 
@@ -11305,6 +12074,10 @@ class Daemon:
             )
             self.sessions.close_server(server.uuid, CLOSE_SERVER_DELETED, "server deleted")
             server.env.abort_install()  # before the files go: the installer writes into them
+            if (
+                server.transferring
+            ):  # the Panel deletes a transferred server here (Wings: "completed")
+                server.events.publish("transfer status", "completed")
             try:
                 server.env.destroy()
             except Exception:
@@ -11658,6 +12431,9 @@ class PanelStandIn:
         self.install_scripts: dict[str, dict[str, Any]] = {}
         self.backups: dict[str, dict[str, Any]] = {}
         self.transfers: dict[str, bool | None] = {}
+        # Servers answered by GET /servers/{uuid} but left out of the node's list: one arriving
+        # by transfer is on the old node until the transfer succeeds.
+        self.unlisted: set[str] = set()
         self.container_states: dict[str, str] = {}
         self.activity: list[dict[str, Any]] = []
         self.uploads: dict[tuple[str, int], bytes] = {}
@@ -11868,7 +12644,7 @@ class PanelStandIn:
         except ValueError:
             per_page = 15
         with self.lock:
-            items = list(self.servers.items())
+            items = [(u, d) for u, d in self.servers.items() if u not in self.unlisted]
         total, first = len(items), (page - 1) * per_page
         last = max(1, -(-total // per_page))
         chunk = items[first : first + per_page]

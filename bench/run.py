@@ -16,6 +16,7 @@ Items (see README, "Performance"):
   http   GET /api/servers/:server req/s against a bare ThreadingHTTPServer sending the same bytes
   idle   RSS with 100 servers loaded
   suspend  1,000 websockets + 20 SFTP sessions on one server, then a suspending sync
+  files  files/write, files/contents and /upload/file throughput of 96 MiB vs cp/cat
   console  a container flooding stdout to 30 websockets vs the engine's own attach stream read
            directly; unthrottled, with Wings' default throttle and with a low one (and 1 socket)
   backup   a 200 MiB server directory: backup (POST to the Panel's report) vs ``tar czf`` and
@@ -1193,6 +1194,153 @@ def bench_backup(workdir: Path, rounds: int, mib: int = 200) -> dict:
         panel.stop()
 
 
+# -- 8. file manager throughput -------------------------------------------------------------------
+
+FILE_BENCH_MIB = 96  # under the default api.upload_limit (100 MiB), so one size serves all three
+_MIB = 1048576
+
+
+def _timed_cmd(args: list[str], stdout=None) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True, stdout=stdout)
+    return time.perf_counter() - t0
+
+
+def _send_body(port: int, method: str, path: str, chunks, length: int, headers: dict) -> float:
+    """Seconds to send ``length`` bytes (an iterable of chunks) and read the answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300, blocksize=_MIB)
+    t0 = time.perf_counter()
+    conn.request(method, path, body=chunks, headers={**headers, "Content-Length": str(length)})
+    resp = conn.getresponse()
+    resp.read()
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    if resp.status not in (200, 204):
+        raise RuntimeError(f"{method} {path.split('?')[0]} answered {resp.status}")
+    return elapsed
+
+
+def _file_chunks(path: Path, prefix: bytes = b"", suffix: bytes = b""):
+    yield prefix
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_MIB):
+            yield chunk
+    yield suffix
+
+
+def _read_body(port: int, path: str, headers: dict) -> tuple[float, int]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    t0 = time.perf_counter()
+    conn.request("GET", path, headers=headers)
+    resp = conn.getresponse()
+    total = 0
+    while chunk := resp.read(_MIB):
+        total += len(chunk)
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    return elapsed, total
+
+
+def _pipe_read_s(path: Path) -> float:
+    """Seconds for this process to read ``cat path`` through a pipe in 1 MiB reads: the client's floor."""
+    t0 = time.perf_counter()
+    with subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE) as proc:
+        while proc.stdout.read(_MIB):
+            pass
+    return time.perf_counter() - t0
+
+
+def bench_files(workdir: Path, rounds: int, size_mib: int = FILE_BENCH_MIB) -> dict:
+    """Write, read and upload ``size_mib`` MiB through the file routes vs cp/cat on the same disk."""
+    panel = Child(["--serve-panel", "1"], workdir, "panel")
+    uuid = panel.info["uuids"][0]
+    daemon = Daemon(panel.port, workdir)
+    size = size_mib * _MIB
+    try:
+        daemon.wait_booted()
+        source = daemon.root / "source.bin"
+        with open(source, "wb") as fh:
+            block = os.urandom(_MIB)
+            for _ in range(size_mib):
+                fh.write(block)
+        server_dir = daemon.root / "volumes" / uuid
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        write_path = f"/api/servers/{uuid}/files/write?file=/bench.bin"
+        figures: dict[str, dict[str, list[float]]] = {
+            k: {"wingslite": [], "baseline": []} for k in ("write", "read", "upload")
+        }
+        client_floor: list[float] = []
+        for _ in range(rounds):  # alternate so that drift hits both alike
+            elapsed = _send_body(
+                daemon.port,
+                "POST",
+                write_path,
+                _file_chunks(source),
+                size,
+                {**auth, "Content-Type": "application/json"},
+            )
+            figures["write"]["wingslite"].append(elapsed)
+            figures["write"]["baseline"].append(
+                _timed_cmd(["cp", str(source), str(daemon.root / "cp.bin")])
+            )
+            elapsed, got = _read_body(
+                daemon.port, f"/api/servers/{uuid}/files/contents?file=/bench.bin", auth
+            )
+            assert got == size, got
+            figures["read"]["wingslite"].append(elapsed)
+            figures["read"]["baseline"].append(
+                _timed_cmd(["cat", str(server_dir / "bench.bin")], stdout=subprocess.DEVNULL)
+            )
+            client_floor.append(_pipe_read_s(server_dir / "bench.bin"))
+            token = w.encode_jwt(
+                {
+                    "exp": int(time.time()) + 600,
+                    "iat": int(time.time()),
+                    "server_uuid": uuid,
+                    "user_uuid": BENCH_USER,
+                    "unique_id": os.urandom(8).hex(),
+                },
+                TOKEN,
+            )
+            boundary = "wingsliteBench" + os.urandom(8).hex()
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+                f'filename="upload.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+            ).encode()
+            tail = f"\r\n--{boundary}--\r\n".encode()
+            elapsed = _send_body(
+                daemon.port,
+                "POST",
+                f"/upload/file?token={token}&directory=/",
+                _file_chunks(source, head, tail),
+                len(head) + size + len(tail),
+                {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            )
+            figures["upload"]["wingslite"].append(elapsed)
+            figures["upload"]["baseline"].append(
+                _timed_cmd(["cp", str(source), str(daemon.root / "cp.bin")])
+            )
+        result: dict = {
+            "bytes": size,
+            "rss_kb": daemon.memory_kb(),
+            "client_pipe_read_mib_s": round(size / _MIB / statistics.median(client_floor), 1),
+        }
+        for kind, pair in figures.items():
+            ours = size / _MIB / statistics.median(pair["wingslite"])
+            theirs = size / _MIB / statistics.median(pair["baseline"])
+            result[kind] = {
+                "wingslite_mib_s": round(ours, 1),
+                "baseline_mib_s": round(theirs, 1),
+                "baseline": "cat" if kind == "read" else "cp",
+                "ratio": round(ours / theirs, 3),
+                "seconds": [round(x, 3) for x in pair["wingslite"]],
+            }
+        return result
+    finally:
+        daemon.stop()
+        panel.stop()
+
+
 def table(results: dict) -> str:
     rows = []
 
@@ -1319,6 +1467,22 @@ def table(results: dict) -> str:
             "<= 40 MB",
             i["rss_mb"]["median"] <= 40,
         )
+    f = results.get("files")
+    if f:
+        for kind in ("write", "read", "upload"):
+            v = f[kind]
+            row(
+                f"8 files/{kind if kind != 'upload' else 'upload (multipart)'}",
+                f"{f['bytes'] >> 20} MiB vs {v['baseline']} on the same disk",
+                f"{v['ratio']}x ({v['wingslite_mib_s']} vs {v['baseline_mib_s']} MiB/s)"
+                + (
+                    f"; the client alone reads a pipe at {f['client_pipe_read_mib_s']} MiB/s"
+                    if kind == "read"
+                    else ""
+                ),
+                "-",
+                None,
+            )
     widths = [
         max(len(str(r[k])) for r in [("item", "figure", "value", "target", ""), *rows])
         for k in range(5)
@@ -1339,7 +1503,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        default="sync,scale,suspend,http,idle,console,backup",
+        default="sync,scale,suspend,http,idle,console,backup,files",
         help="comma-separated items",
     )
     parser.add_argument("--out", default=str(HERE / "results.json"))
@@ -1378,6 +1542,7 @@ def main() -> int:
             ("idle", lambda: bench_idle(workdir, 1 if q else 3)),
             ("console", lambda: bench_console(workdir, 1 if q else 3)),
             ("backup", lambda: bench_backup(workdir, 1 if q else 3)),
+            ("files", lambda: bench_files(workdir, 1 if q else 7)),
         ]
         for name, fn in steps:
             if name not in only:
