@@ -12029,8 +12029,10 @@ class Daemon:
         return server
 
     def adopt_received(self, server: Server) -> None:
-        """Keep a server whose files arrived whole: its configuration is saved like a create's."""
+        """Keep a server whose files arrived whole: its configuration is saved like a create's.
+        It counts as installed: a later ``POST /api/servers`` never reinstalls over its files."""
         self.store.save(server.config)
+        self.installs.write(server.uuid, "installed", False)
 
     def drop_received(self, server: Server) -> None:
         """Forget a server whose transfer failed, and every byte of it that arrived."""
