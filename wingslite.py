@@ -11473,6 +11473,9 @@ class Server:
                 self._run_install_script()
         except WingsliteError as exc:
             error = exc.message
+        except Exception as exc:  # e.g. the directory cannot be made: the Panel is still told
+            LOG.exception("server %s: the installation failed", self.uuid)
+            error = f"{type(exc).__name__}: {exc}"
         if self.deleted:
             return False  # the server left the node while it installed: nobody to tell
         self._finish_install(error, reinstall)
