@@ -3615,9 +3615,9 @@ class TestInstallation:
     def test_create_installs_streams_output_to_install_sockets_only_then_starts(
         self, docker_servers
     ):
-        daemon = docker_servers.boot()
+        # Listed by the Panel when the node boots, created after: sockets are open before it runs.
         uuid = self.add(docker_servers, gated=True)
-        self.create(daemon, uuid, start=True)
+        daemon = docker_servers.boot()
         installer, _ = ws_authed(
             daemon,
             uuid,
@@ -3625,6 +3625,7 @@ class TestInstallation:
             user_uuid=str(uuidlib.uuid4()),
         )
         plain, _ = ws_authed(daemon, uuid, permissions=["*"])
+        self.create(daemon, uuid, start=True)
         wait_until(lambda: self.installer_exists(docker_servers.engine, uuid), 30, "the installer")
         assert api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["installing"] is True
         self.open_gate(daemon, uuid)
@@ -3645,7 +3646,12 @@ class TestInstallation:
         messages = [a[0] for e, a in plain_events if e == "daemon message"]
         assert "Starting installation process, this could take a few minutes..." in messages
         assert "Installation process completed." in messages
-        assert ("install completed", [""]) in plain_events
+        names = [e for e, _ in admin_events]
+        assert names.index("install started") < names.index("install output")
+        assert ("install completed", [""]) in plain_events and (
+            "install started",
+            [""],
+        ) in plain_events
         assert self.report(docker_servers.panel, uuid) == {"successful": True, "reinstall": False}
 
         root = daemon.config.data_dir / uuid
