@@ -3787,7 +3787,7 @@ class TestInstallation:
         gets = docker_servers.panel.calls[f"/api/remote/servers/{uuid}/install"]
         wait_until(lambda: not daemon.get_server(uuid).installing, 10, "the install to end")
         self.create(daemon, uuid)
-        time.sleep(0.5)
+        assert daemon.get_server(uuid).installing is False  # an install is claimed before the 202
         assert docker_servers.panel.calls[f"/api/remote/servers/{uuid}/install"] == gets
         assert len(self.reports(docker_servers.panel, uuid)) == 1
 
@@ -3812,11 +3812,12 @@ class TestInstallation:
         uuid = self.add(docker_servers, gated=True)
         self.create(daemon, uuid)
         wait_until(lambda: self.installer_exists(docker_servers.engine, uuid), 30, "the installer")
+        server = daemon.get_server(uuid)
         assert api(daemon, "DELETE", f"/api/servers/{uuid}")[0] == 204
         assert not self.installer_exists(docker_servers.engine, uuid)
         wait_until(lambda: not (daemon.config.data_dir / uuid).exists(), 15, "the files removed")
-        time.sleep(0.5)  # the install thread ends without telling the Panel about a deleted server
-        assert not self.reports(docker_servers.panel, uuid)
+        wait_until(lambda: not server.installing, 15, "the install thread to end")
+        assert not self.reports(docker_servers.panel, uuid)  # nobody to tell about a deleted server
         assert not (daemon.config.data_dir / uuid).exists()
 
     def test_a_daemon_killed_during_an_install_leaves_no_installer_and_the_panel_is_told(
