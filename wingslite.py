@@ -45,6 +45,7 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            console protocol), ``serve_websocket``; ``SignedUrls`` (the browser's
                            one-time download/upload tokens)
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
+    activity               ``ActivityLog``: events queued in SQLite, sent to the Panel in batches
     file manager           ``FileManagerRoutes`` (the Panel's Files tab, signed downloads and
                            uploads), ``StagedFile`` (metered writes renamed into place),
                            ``MultipartReader``, ``Pull``/``Pulls`` (downloads from a URL)
@@ -53,12 +54,15 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     transfers              ``Transfers``: ``OutgoingTransfer`` (a server streamed to another node
                            as chunked multipart tar.gz), ``IncomingTransfer`` (extracted as it
                            arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
-    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
+    metrics                ``GET /metrics`` (Prometheus text): ``ServerMetrics``, ``render_metrics``
+    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors;
+                           ``TlsWrapper`` (``api.ssl``, certificate reloaded on renewal)
     daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
                            power, crash detection), ``Daemon`` (boot, servers, system info)
     Panel stand-in         ``PanelStandIn``: the Panel's remote API on loopback, for the demo,
                            the tests and the benchmarks
-    CLI                    ``main()``, ``--demo``
+    CLI                    ``main()``, ``--demo``, ``configure`` and ``diagnostics`` (the
+                           operator's commands)
 
 Where to look first:
 
@@ -166,10 +170,13 @@ _UUID_RE = re.compile(
 )
 
 
+_SERVER_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
 def is_server_uuid(text: str) -> bool:
     """A server uuid as the Panel makes them (``Uuid::uuid4()``, 36 characters), nothing else:
     it names a directory, a container and a saved file."""
-    return bool(_UUID_RE.fullmatch(text))
+    return bool(_SERVER_UUID_RE.fullmatch(text))
 
 
 class WingsliteError(Exception):
@@ -311,6 +318,8 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.max_connections", int, 0),  # 0: from the process's file limit (ApiServer)
     ("wingslite.header_timeout_s", int, 10),
     ("wingslite.remote_download_allow_internal", bool, False),
+    ("wingslite.metrics_token", str, ""),
+    ("wingslite.log_file", str, ""),
 )
 
 _CHOICES = {
@@ -517,6 +526,73 @@ def resolve_node_user(config: Config, environ: Mapping[str, str] | None = None) 
 # Panel client #####################################################################################
 
 
+class Histogram:
+    """Observations in cumulative buckets (Prometheus' histogram), safe from any thread.
+
+    Methods for the caller: ``observe(value)``, ``snapshot()`` -> ``(counts per upper bound,
+    count, sum)``; the counts are cumulative and the last bound is ``math.inf``.
+    """
+
+    default_bounds = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self, bounds: Iterable[float] | None = None):
+        self.bounds = (*sorted(bounds or self.default_bounds), math.inf)
+        self._counts = [0] * len(self.bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._sum += value
+            for i, bound in enumerate(self.bounds):
+                if value <= bound:
+                    self._counts[i] += 1
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], int, float]:
+        with self._lock:
+            return list(zip(self.bounds, self._counts, strict=True)), self._counts[-1], self._sum
+
+
+# A Panel path with its uuids folded, so that per-path figures do not grow with the servers.
+_PATH_UUID_RE = re.compile(r"/[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+class PanelCallStats:
+    """What ``PanelClient`` did, for ``GET /metrics``: attempts by outcome, latency, failures.
+
+    ``requests`` maps ``(method, path, outcome)`` to a count (outcome ``2xx``, ``4xx``, ``5xx``,
+    ``unreachable`` or ``invalid``); ``latency`` maps ``(method, path)`` to a ``Histogram`` of
+    seconds per attempt; ``failures`` maps ``(method, path)`` to calls that failed for good.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.failures: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, method: str, path: str, outcome: str, seconds: float) -> None:
+        key = (method, _PATH_UUID_RE.sub("/{uuid}", path))
+        with self._lock:
+            self.requests[(*key, outcome)] = self.requests.get((*key, outcome), 0) + 1
+            histogram = self.latency.setdefault(key, Histogram())
+        histogram.observe(seconds)
+
+    def failed(self, method: str, path: str) -> None:
+        key = (method, _PATH_UUID_RE.sub("/{uuid}", path))
+        with self._lock:
+            self.failures[key] = self.failures.get(key, 0) + 1
+
+    def copy(self) -> PanelCallStats:
+        """A consistent copy of the counters (histograms are shared; each is consistent itself)."""
+        other = PanelCallStats()
+        with self._lock:
+            other.requests = dict(self.requests)
+            other.latency = dict(self.latency)
+            other.failures = dict(self.failures)
+        return other
+
+
 class PanelClient:
     """The Panel's remote API (``{remote}/api/remote/...``), as Wings calls it.
 
@@ -553,6 +629,7 @@ class PanelClient:
         self.budget_s = budget_s
         self.retry_initial_s = retry_initial_s
         self.max_document_bytes = max_document_bytes
+        self.stats = PanelCallStats()
         self._headers = {
             "Authorization": f"Bearer {token_id}.{token}",
             "Accept": "application/vnd.pterodactyl.v1+json",
@@ -745,16 +822,42 @@ class PanelClient:
         while True:
             attempt += 1
             try:
-                return self._attempt(method, target, data, deadline, what)
+                return self._timed_attempt(method, path, target, data, deadline, what)
             except _Retryable as exc:
                 remaining = deadline - time.monotonic()
                 wait = min(delay * random.uniform(0.5, 1.5), self.backoff_max_s)
                 if remaining <= wait:
                     LOG.warning("%s failed after %d attempts: %s", what, attempt, exc.error.message)
+                    self.stats.failed(method, path)
                     raise exc.error from None
                 LOG.debug("%s failed (%s), retrying in %.2fs", what, exc.error.message, wait)
                 time.sleep(wait)
                 delay *= self.backoff_factor
+
+    def _timed_attempt(
+        self,
+        method: str,
+        path: str,
+        target: urllib.parse.SplitResult,
+        data: bytes | None,
+        deadline: float,
+        what: str,
+    ) -> Any:
+        """``_attempt`` counted in ``stats``: outcome and latency per attempt, final failures."""
+        started = time.monotonic()
+        outcome = "2xx"
+        try:
+            return self._attempt(method, target, data, deadline, what)
+        except (_Retryable, PanelError) as exc:
+            error = exc.error if isinstance(exc, _Retryable) else exc
+            outcome = f"{error.http_status // 100}xx" if error.http_status >= 300 else "unreachable"
+            if 0 < error.http_status < 300:
+                outcome = "invalid"  # a 2xx answer that was not what the API promises
+            if isinstance(exc, PanelError):
+                self.stats.failed(method, path)  # not retried: final
+            raise
+        finally:
+            self.stats.observe(method, path, outcome, time.monotonic() - started)
 
     def _attempt(
         self,
@@ -923,7 +1026,7 @@ class Allocations:
 @dataclasses.dataclass(frozen=True)
 class Replacement:
     match: str
-    replace_with: Any
+    replace_with: Any  # any JSON value (Wings' ReplaceValue is a json.RawMessage)
     if_value: str | None = None
 
 
@@ -1026,13 +1129,15 @@ class _Doc:
             raise self.fail(f"expected a list, got {_json_type(self.value)}")
         return self.value
 
-    def str(self, default: str = "", required: bool = False) -> str:
+    def str(self, default: str = "", required: bool = False, max_chars: int | None = None) -> str:
         if self.value is None:
             if required:
                 raise self.fail("required value is missing")
             return default
         if not isinstance(self.value, str):
             raise self.fail(f"expected a string, got {_json_type(self.value)}")
+        if max_chars is not None and len(self.value) > max_chars:
+            raise self.fail(f"longer than {max_chars} characters ({len(self.value)})")
         return self.value
 
     def bool(self, default: bool = False) -> bool:
@@ -1071,7 +1176,53 @@ def _json_type(value: Any) -> str:
     }.get(type(value), "a number")
 
 
-_THREADS_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+# What the Panel's own validation lets through, and so what this validator accepts (Pterodactyl
+# Panel v1.11: ``Server::$validationRules``, ``EggVariable::$validationRules``, the egg's JSON
+# fields, which it does not validate):
+#
+#   Server   memory   required|numeric|min:0            no upper bound
+#            swap     required|numeric|min:-1           -1 = unlimited
+#            disk     required|numeric|min:0
+#            io       required|numeric|between:10,1000
+#            cpu      required|numeric|min:0            no upper bound
+#            threads  nullable|regex:/^[0-9-,]+$/       so "0-3,", "3-1" and "0-9999" pass
+#            image    required|string|max:191           (later Panels: ^~?[\w\.\/\-:@ ]*$)
+#            startup  required|string
+#   EggVariable env_variable  required|regex:/^[\w]{1,191}$/   so "2FA_SECRET" passes
+#   Egg      config_files (replace_with and if_value maps): any JSON value
+#
+# Refused, naming the field, is only what would harm the node: a size above 2^53 bytes after unit
+# conversion (``_MAX_BYTES``), a string that is not a size a Panel sends (``_MAX_SHORT_CHARS``), a
+# server uuid that is not a uuid. Adjusted with a note in the sync record instead of refused: a CPU
+# list the node cannot apply (no pinning), a CPU limit above the host's (all of its CPUs), a mount
+# target that would shadow /, /proc, /sys or /dev (the mount is left out), an image name outside
+# Docker's reference grammar (kept, and a start refuses it before the engine is asked).
+_PANEL_THREADS_RE = re.compile(r"[0-9,-]+")
+_CPU_RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?")
+_ENV_KEY_RE = re.compile(r"\w{1,191}", re.ASCII)
+_MAX_BYTES = 2**53  # the largest count a JSON number (an IEEE double) carries exactly
+_MAX_SHORT_CHARS = 1024  # cpusets, image names, addresses, mount paths
+_SHADOWED_TARGETS = ("/proc", "/sys", "/dev")
+
+# Docker's reference grammar (distribution/reference, regexp.go): [domain[:port]/]path[:tag][@digest]
+_REF_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REF_DOMAIN = (
+    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+)
+_IMAGE_REFERENCE_RE = re.compile(
+    rf"(?P<name>(?:{_REF_DOMAIN}/)?{_REF_PATH}(?:/{_REF_PATH})*)"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
+
+def is_image_reference(image: str) -> bool:
+    """True for a name Docker's reference grammar accepts (``~`` first means local-only, as in
+    Wings); such a name is safe to put into an engine API path."""
+    match = _IMAGE_REFERENCE_RE.fullmatch(image.removeprefix("~"))
+    return bool(match) and len(match.group("name")) <= 255
+
 
 # A real Panel document is about six levels deep. Deeper ones are refused before anything
 # recursive (deepcopy, json.dumps) sees them: nesting of a few hundred levels parses as JSON
@@ -1091,19 +1242,93 @@ def _check_depth(document: Any, limit: int = _MAX_DOCUMENT_DEPTH) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
-def _parse_threads(doc: _Doc) -> str:
-    text = doc.str().replace(" ", "")
+def _parse_threads(doc: _Doc, host_cpus: int | None, notes: list[str]) -> str:
+    """The Panel's CPU list, normalised (``"0-3,"`` -> ``"0-3"``); one the node cannot apply
+    becomes no pinning, with a note (Docker would refuse the container)."""
+    text = doc.str(max_chars=_MAX_SHORT_CHARS).replace(" ", "")
     if not text:
         return ""
-    if not _THREADS_RE.match(text):
+    if not _PANEL_THREADS_RE.fullmatch(text):
         raise doc.fail(f"expected a CPU list such as '0-1,4', got {text!r}")
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        if hi and int(hi) < int(lo):
-            raise doc.fail(f"range {part!r} runs backwards")
-        if int(hi or lo) > 4095:
-            raise doc.fail(f"CPU {hi or lo} does not exist")
-    return text
+    parts = [part for part in text.split(",") if part]
+    problem = _cpu_list_problem(parts, host_cpus)
+    if problem:
+        notes.append(f"threads {text!r}: {problem}; applied as no CPU pinning")
+        return ""
+    return ",".join(parts)
+
+
+def _cpu_list_problem(parts: list[str], host_cpus: int | None) -> str:
+    if not parts:
+        return "no CPU listed"
+    for part in parts:
+        match = _CPU_RANGE_RE.fullmatch(part)
+        if not match:
+            return f"{part!r} is neither a CPU nor a range"
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if hi < lo:
+            return f"range {part!r} runs backwards"
+        if host_cpus and hi >= host_cpus:
+            return f"CPU {hi} does not exist on this node ({host_cpus} CPUs)"
+    return ""
+
+
+def _parse_size_mb(doc: _Doc, to_bytes: Callable[[int], int], lo: int = 0) -> int:
+    """A size in the Panel's MB, at most 2^53 bytes once converted (1e308 would overflow)."""
+    size_mb = doc.int(lo=lo)
+    if size_mb > _MAX_BYTES // 1_000_000 or to_bytes(size_mb) > _MAX_BYTES:
+        raise doc.fail(f"{json.dumps(doc.value)[:40]} MB is more than 2^53 bytes")
+    return size_mb
+
+
+def _parse_cpu_percent(doc: _Doc, host_cpus: int | None, notes: list[str]) -> int:
+    """CPU percent (100 per CPU). Above what the host has, Docker refuses the quota: all CPUs."""
+    percent = doc.int(lo=0)
+    if host_cpus and percent > 100 * host_cpus:
+        notes.append(
+            f"cpu_limit {json.dumps(doc.value)[:40]}% is more than this node's {host_cpus} "
+            f"CPUs; applied as {100 * host_cpus}%"
+        )
+        return 100 * host_cpus
+    return percent
+
+
+def _parse_build(b: _Doc, host_cpus: int | None, notes: list[str]) -> Build:
+    b.obj(required=True)
+    memory_mb = _parse_size_mb(b.at("memory_limit", required=True), memory_limit_bytes)
+    swap_doc = b.at("swap")
+    return Build(
+        memory_mb=memory_mb,
+        swap_mb=_parse_size_mb(swap_doc, lambda mb: mb * 1_000_000, -1)
+        if swap_doc.value is not None
+        else 0,
+        io_weight=b.at("io_weight").int(500, lo=10, hi=1000),
+        cpu_percent=_parse_cpu_percent(b.at("cpu_limit", required=True), host_cpus, notes),
+        threads=_parse_threads(b.at("threads"), host_cpus, notes),
+        disk_mb=_parse_size_mb(b.at("disk_space", required=True), disk_limit_bytes),
+        oom_disabled=b.at("oom_disabled").bool(True),
+    )
+
+
+def _parse_mounts(mounts_doc: _Doc, notes: list[str]) -> tuple[Mount, ...]:
+    """The Panel's mounts, targets normalised; one that would shadow the container's /, /proc,
+    /sys or /dev (``/home/container/../../proc``) is left out with a note."""
+    mounts = []
+    for i, item in enumerate(mounts_doc.list()):
+        md = _Doc(item, f"{mounts_doc.path}[{i}]")
+        md.obj(required=True)
+        source = md.at("source").str(required=True, max_chars=_MAX_SHORT_CHARS)
+        target = md.at("target").str(required=True, max_chars=_MAX_SHORT_CHARS)
+        normal = "/" + posixpath.normpath(target).lstrip("/") if target.startswith("/") else ""
+        shadows = normal == "/" or any(
+            normal == t or normal.startswith(t + "/") for t in _SHADOWED_TARGETS
+        )
+        if not normal or shadows:
+            why = "is not an absolute path" if not normal else f"would shadow {normal}"
+            notes.append(f"mount {source} -> {target} left out: the target {why}")
+            continue
+        mounts.append(Mount(source, normal, md.at("read_only").bool()))
+    return tuple(mounts)
 
 
 def parse_server_document(
@@ -1129,59 +1354,45 @@ def parse_server_document(
     if not is_server_uuid(uuid):
         raise settings.at("uuid").fail(f"not a server uuid: {uuid[:64]!r}")
 
+    notes: list[str] = []
     env_doc = settings.at("environment")
     environment: dict[str, Any] = {}
     for key, value in env_doc.obj().items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise _Doc(value, f"{env_doc.path}.{key}").fail("not a valid environment variable name")
+        if not _ENV_KEY_RE.fullmatch(key):  # the Panel's EggVariable rule: ^[\w]{1,191}$
+            raise _Doc(value, f"{env_doc.path}.{key[:64]}").fail(
+                "not a valid environment variable name"
+            )
         if value is not None and not isinstance(value, (str, int, float, bool)):
             raise _Doc(value, f"{env_doc.path}.{key}").fail(
                 f"expected a string or number, got {_json_type(value)}"
             )
         environment[key] = value
 
-    b = settings.at("build", required=True)
-    b.obj(required=True)
-    build = Build(
-        memory_mb=b.at("memory_limit", required=True).int(lo=0),
-        swap_mb=b.at("swap").int(0, lo=-1),
-        io_weight=b.at("io_weight").int(500, lo=10, hi=1000),
-        cpu_percent=b.at("cpu_limit", required=True).int(lo=0, hi=409_600),
-        threads=_parse_threads(b.at("threads")),
-        disk_mb=b.at("disk_space", required=True).int(lo=0),
-        oom_disabled=b.at("oom_disabled").bool(True),
-    )
+    build = _parse_build(settings.at("build", required=True), host_cpus, notes)
 
     a = settings.at("allocations")
     default = a.at("default")
     mappings: list[tuple[str, tuple[int, ...]]] = []
     m = a.at("mappings")
     for ip, ports in m.obj().items():
-        port_doc = _Doc(ports, f"{m.path}.{ip}")
+        port_doc = _Doc(ports, f"{m.path}.{ip[:64]}")
+        if len(ip) > _MAX_SHORT_CHARS:
+            raise port_doc.fail(f"the address is longer than {_MAX_SHORT_CHARS} characters")
         parsed = tuple(
             _Doc(p, f"{port_doc.path}[{i}]").int(lo=1, hi=65535)
             for i, p in enumerate(port_doc.list())
         )
         mappings.append((ip, parsed))
     allocations = Allocations(
-        default_ip=default.at("ip").str("0.0.0.0") if default.value is not None else "0.0.0.0",
+        default_ip=default.at("ip").str("0.0.0.0", max_chars=_MAX_SHORT_CHARS)
+        if default.value is not None
+        else "0.0.0.0",
         default_port=default.at("port").int(0, lo=0, hi=65535) if default.value is not None else 0,
         mappings=tuple(mappings),
         force_outgoing_ip=a.at("force_outgoing_ip").bool() if a.value is not None else False,
     )
 
-    mounts = []
-    mounts_doc = settings.at("mounts")
-    for i, item in enumerate(mounts_doc.list()):
-        md = _Doc(item, f"{mounts_doc.path}[{i}]")
-        md.obj(required=True)
-        mounts.append(
-            Mount(
-                md.at("source").str(required=True),
-                md.at("target").str(required=True),
-                md.at("read_only").bool(),
-            )
-        )
+    mounts = _parse_mounts(settings.at("mounts"), notes)
 
     egg = settings.at("egg")
     egg_obj = egg.obj()
@@ -1194,6 +1405,14 @@ def parse_server_document(
     labels = {k: _Doc(v, f"{labels_doc.path}.{k}").str() for k, v in labels_doc.obj().items()}
     meta = settings.at("meta")
     container = settings.at("container")
+    image = (
+        container.at("image").str(max_chars=_MAX_SHORT_CHARS) if container.value is not None else ""
+    )
+    if image.strip() and not is_image_reference(image.strip()):
+        notes.append(
+            f"image {image!r} is not a valid Docker image reference; the server cannot start "
+            "until the Panel names a valid one"
+        )
     return ServerConfig(
         uuid=uuid,
         name=meta.at("name").str() if meta.value is not None else "",
@@ -1203,9 +1422,9 @@ def parse_server_document(
         skip_egg_scripts=settings.at("skip_egg_scripts").bool(),
         environment=types.MappingProxyType(environment),
         build=build,
-        image=container.at("image").str() if container.value is not None else "",
+        image=image,
         allocations=allocations,
-        mounts=tuple(mounts),
+        mounts=mounts,
         egg_id=_Doc(egg_obj.get("id"), f"{egg.path}.id").str(),
         file_denylist=denylist,
         labels=types.MappingProxyType(labels),
@@ -1214,6 +1433,7 @@ def parse_server_document(
         ),
         process=_parse_process(root.at("process_configuration")),
         document=types.MappingProxyType(copy.deepcopy(document)),
+        notes=tuple(notes),
     )
 
 
@@ -1244,9 +1464,9 @@ def _parse_process(p: _Doc) -> ProcessConfig:
         for j, r in enumerate(rd.list()):
             rdoc = _Doc(r, f"{rd.path}[{j}]")
             robj = rdoc.obj(required=True)
+            # Any JSON value, as Wings' ReplaceValue (json.RawMessage) takes it; the
+            # config-file step decides what a list or an object means for its parser.
             with_value = robj.get("replace_with", robj.get("value"))
-            if isinstance(with_value, (dict, list)):
-                raise rdoc.at("replace_with").fail("expected a string, number or boolean")
             if_value = robj.get("if_value")
             replaces.append(
                 Replacement(
@@ -4334,7 +4554,7 @@ class DockerEnvironment(Environment):
     # -- limits ----------------------------------------------------------------------------------
 
     def apply_limits(self, config: ServerConfig) -> LimitReport:
-        """Make the running container's limits match ``config.build`` now (SPEC sync step 6).
+        """Make the running container's limits match ``config.build`` now (README, sync step 6).
 
         What Docker's update API can express goes through it (one raw ``POST /containers/{id}/update``
         so that ``PidsLimit`` goes too, which the SDK lacks); lifting a memory, swap or CPU limit or a
@@ -4342,68 +4562,86 @@ class DockerEnvironment(Environment):
         do not show is reported as failed. A stopped container is left alone: the next start
         re-creates it with the new limits.
         """
+        for _ in range(3):
+            try:
+                return self._apply_limits_once(config)
+            except _ContainerReplaced:  # replaced behind our back: look it up again
+                self._running_info = None
+        return LimitReport(pending=[f"{_ALL_LIMITS} (container being replaced; next start)"])
+
+    def _apply_limits_once(self, config: ServerConfig) -> LimitReport:
         build = config.build
-        everything = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
-        docker = _docker()
+        resources = container_resources(build, self.config)
+        try:
+            info = self._limits_target()
+            blkio_unsupported = self._post_limits(info, build, resources)
+            cgroup, kernel = self._lift_in_cgroup(info, build, resources)
+        except _LimitsSettled as settled:
+            return settled.report
+        report = _kernel_report(cgroup, kernel, build, resources)
+        if blkio_unsupported:
+            report.applied.append(
+                f"io weight {build.io_weight}: not supported by this kernel, skipped"
+            )
+        else:
+            report.applied.append(f"io weight {build.io_weight}")
+        return report
+
+    def _limits_target(self) -> dict[str, Any]:
+        """The running container (its inspect), or ``_LimitsSettled``: the next start applies them."""
         # The container this environment started or attached to: no inspect on the sync's path.
         info = self._running_info if self._state in (STARTING, RUNNING) else None
         try:
             info = info or self._inspect()
         except WingsliteError as exc:
-            return LimitReport(pending=[f"{everything} (next start)"], failed=[exc.message])
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (next start)"], failed=[exc.message])
+            ) from None
         if info is None:
-            return LimitReport(pending=[f"{everything} (no container yet; next start)"])
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (no container yet; next start)"])
+            )
         if not info["State"].get("Running"):
-            return LimitReport(
-                pending=[f"{everything} (container stopped; next start re-creates it)"]
+            raise _LimitsSettled(
+                LimitReport(
+                    pending=[f"{_ALL_LIMITS} (container stopped; next start re-creates it)"]
+                )
             )
+        return info
 
-        resources = container_resources(build, self.config)
-        body: dict[str, Any] = {
-            "BlkioWeight": build.io_weight,
-            "PidsLimit": resources["PidsLimit"] or -1,
-        }
-        if resources["Memory"]:
-            body.update(
-                Memory=resources["Memory"],
-                MemoryReservation=resources["MemoryReservation"],
-                MemorySwap=resources["MemorySwap"],
-            )
-        if build.cpu_percent:
-            body.update(
-                CpuQuota=resources["CpuQuota"],
-                CpuPeriod=resources["CpuPeriod"],
-                CpuShares=resources["CpuShares"],
-            )
-        else:
-            body["CpuQuota"] = -1
-        if build.threads:
-            body["CpusetCpus"] = build.threads
-        report = LimitReport()
+    def _post_limits(self, info: dict[str, Any], build: Build, resources: dict[str, Any]) -> bool:
+        """Docker's update API; True when the engine says this kernel has no block I/O weight."""
+        docker = _docker()
         try:
             answer = self.client._result(
                 self.client._post_json(
-                    self.client._url("/containers/{0}/update", info["Id"]), data=body
+                    self.client._url("/containers/{0}/update", info["Id"]),
+                    data=_limits_update_body(build, resources),
                 ),
                 True,
             )
         except docker.errors.NotFound:
             if info is not self._running_info:
-                return LimitReport(pending=[f"{everything} (no container yet; next start)"])
-            self._running_info = None  # replaced behind our back: look again
-            return self.apply_limits(config)
+                raise _LimitsSettled(
+                    LimitReport(pending=[f"{_ALL_LIMITS} (no container yet; next start)"])
+                ) from None
+            raise _ContainerReplaced() from None
         except (docker.errors.DockerException, OSError) as exc:
             error = _docker_error("updating the container's limits", exc)
-            report.failed.append(error.message)
-            report.pending.append(f"{everything} (next start)")
-            return report
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (next start)"], failed=[error.message])
+            ) from None
         warnings = [w for w in (answer or {}).get("Warnings") or [] if w]
-        blkio_unsupported = any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
         for warning in warnings:
             LOG.info(
                 "server %s: Docker warned while updating limits: %s", self.server_uuid, warning
             )
+        return any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
 
+    def _lift_in_cgroup(
+        self, info: dict[str, Any], build: Build, resources: dict[str, Any]
+    ) -> tuple[Cgroup, CgroupLimits]:
+        """Write what Docker cannot lift into the cgroup files; what the kernel then enforces."""
         try:
             cgroup = self.cgroup(info)
             kernel = cgroup.read()
@@ -4417,67 +4655,19 @@ class DockerEnvironment(Environment):
                 kernel.all_cpus
             ):
                 cgroup.lift_cpuset()
-            kernel = cgroup.read()
+            return cgroup, cgroup.read()
         except WingsliteError as exc:
             try:
                 still_running = bool((self._inspect() or {}).get("State", {}).get("Running"))
             except WingsliteError:
                 still_running = True
             if not still_running:  # the process exited under us: its cgroup went with it
-                return LimitReport(
-                    pending=[f"{everything} (container stopped; next start re-creates it)"]
-                )
-            report.failed.append(f"cgroup: {exc.message}")
-            return report
-
-        def check(what: str, ok: bool, shows: Any, text: str) -> None:
-            (report.applied if ok else report.failed).append(
-                text if ok else f"{what}: the kernel enforces {shows}, expected {text}"
-            )
-
-        memory, swap = resources["Memory"] or None, resources["MemorySwap"]
-        check(
-            "memory",
-            _pages(kernel.memory_bytes) == _pages(memory),
-            kernel.memory_bytes,
-            f"memory {memory} bytes" if memory else "memory unlimited",
-        )
-        if kernel.swap_bytes is not None or swap > 0:
-            expect_swap = (
-                None
-                if swap < 0 or memory is None
-                else (swap if cgroup.version == 1 else swap - memory)
-            )
-            shown = "memory+swap" if cgroup.version == 1 else "swap"
-            check(
-                "swap",
-                _pages(kernel.swap_bytes) == _pages(expect_swap),
-                kernel.swap_bytes,
-                f"{shown} {expect_swap} bytes" if expect_swap is not None else f"{shown} unlimited",
-            )
-        quota = resources.get("CpuQuota")
-        check(
-            "cpu",
-            kernel.cpu_quota_us == quota,
-            kernel.cpu_quota_us,
-            f"cpu quota {quota}/{kernel.cpu_period_us} us" if quota else "cpu quota unlimited",
-        )
-        expect_cpus = build.threads or kernel.all_cpus
-        check(
-            "cpuset",
-            _cpu_set(kernel.cpuset or kernel.all_cpus) == _cpu_set(expect_cpus),
-            kernel.cpuset,
-            f"cpuset {build.threads or 'all (' + kernel.all_cpus + ')'}",
-        )
-        pids = resources["PidsLimit"] or None
-        check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
-        if blkio_unsupported:
-            report.applied.append(
-                f"io weight {build.io_weight}: not supported by this kernel, skipped"
-            )
-        else:
-            report.applied.append(f"io weight {build.io_weight}")
-        return report
+                raise _LimitsSettled(
+                    LimitReport(
+                        pending=[f"{_ALL_LIMITS} (container stopped; next start re-creates it)"]
+                    )
+                ) from None
+            raise _LimitsSettled(LimitReport(failed=[f"cgroup: {exc.message}"])) from None
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -4553,6 +4743,8 @@ class DockerEnvironment(Environment):
         name = image.lstrip("~").strip()
         if not name:
             raise WingsliteError("the server has no Docker image configured")
+        if not is_image_reference(name):  # never put a name outside the grammar into an API path
+            raise WingsliteError(f"image {name[:200]!r} is not a valid Docker image reference")
         try:
             self.client.inspect_image(name)
             return name
@@ -4980,6 +5172,93 @@ class DockerEnvironment(Environment):
         return True
 
 
+_ALL_LIMITS = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
+
+
+class _LimitsSettled(Exception):
+    """A step of ``DockerEnvironment.apply_limits`` that already knows the whole report."""
+
+    def __init__(self, report: LimitReport):
+        super().__init__(report)
+        self.report = report
+
+
+class _ContainerReplaced(Exception):
+    """The container the environment knew is gone; another one may run under its name."""
+
+
+def _limits_update_body(build: Build, resources: dict[str, Any]) -> dict[str, Any]:
+    """The body of Docker's ``POST /containers/{id}/update`` for ``build``."""
+    body: dict[str, Any] = {
+        "BlkioWeight": build.io_weight,
+        "PidsLimit": resources["PidsLimit"] or -1,
+    }
+    if resources["Memory"]:
+        body.update(
+            Memory=resources["Memory"],
+            MemoryReservation=resources["MemoryReservation"],
+            MemorySwap=resources["MemorySwap"],
+        )
+    if build.cpu_percent:
+        body.update(
+            CpuQuota=resources["CpuQuota"],
+            CpuPeriod=resources["CpuPeriod"],
+            CpuShares=resources["CpuShares"],
+        )
+    else:
+        body["CpuQuota"] = -1
+    if build.threads:
+        body["CpusetCpus"] = build.threads
+    return body
+
+
+def _kernel_report(
+    cgroup: Cgroup, kernel: CgroupLimits, build: Build, resources: dict[str, Any]
+) -> LimitReport:
+    """Compare what the kernel enforces with what ``build`` asks: applied, or failed naming both."""
+    report = LimitReport()
+
+    def check(what: str, ok: bool, shows: Any, text: str) -> None:
+        (report.applied if ok else report.failed).append(
+            text if ok else f"{what}: the kernel enforces {shows}, expected {text}"
+        )
+
+    memory, swap = resources["Memory"] or None, resources["MemorySwap"]
+    check(
+        "memory",
+        _pages(kernel.memory_bytes) == _pages(memory),
+        kernel.memory_bytes,
+        f"memory {memory} bytes" if memory else "memory unlimited",
+    )
+    if kernel.swap_bytes is not None or swap > 0:
+        expect_swap = (
+            None if swap < 0 or memory is None else (swap if cgroup.version == 1 else swap - memory)
+        )
+        shown = "memory+swap" if cgroup.version == 1 else "swap"
+        check(
+            "swap",
+            _pages(kernel.swap_bytes) == _pages(expect_swap),
+            kernel.swap_bytes,
+            f"{shown} {expect_swap} bytes" if expect_swap is not None else f"{shown} unlimited",
+        )
+    quota = resources.get("CpuQuota")
+    check(
+        "cpu",
+        kernel.cpu_quota_us == quota,
+        kernel.cpu_quota_us,
+        f"cpu quota {quota}/{kernel.cpu_period_us} us" if quota else "cpu quota unlimited",
+    )
+    check(
+        "cpuset",
+        _cpu_set(kernel.cpuset or kernel.all_cpus) == _cpu_set(build.threads or kernel.all_cpus),
+        kernel.cpuset,
+        f"cpuset {build.threads or 'all (' + kernel.all_cpus + ')'}",
+    )
+    pids = resources["PidsLimit"] or None
+    check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
+    return report
+
+
 def _zero_stats() -> dict[str, Any]:
     return {
         "memory_bytes": 0,
@@ -5371,6 +5650,12 @@ def daemon_message(text: str, app_name: str = "Pterodactyl") -> str:
     return f"\x1b[33m\x1b[1m[{app_name} Daemon]:\x1b[39m {text}\x1b[0m"
 
 
+def configured_app_name(config: Config) -> str:
+    """The node's ``app_name`` (Wings' config.yml), which prefixes every daemon console line."""
+    name = config.raw.get("app_name")
+    return name if isinstance(name, str) and name else "Pterodactyl"
+
+
 # -- the console pipeline: process output -> lines -> done detection -> throttle -> events -------
 
 CONSOLE_LINE_MAX_BYTES = 64 * 1024  # Wings system/utils.go: longer lines are cut here
@@ -5504,16 +5789,11 @@ class ConsolePipeline:
     def from_config(cls, events: EventBus, config: Config) -> ConsolePipeline:
         # Wings never consults throttles.enabled; wingslite honours it (false = no limit).
         lines = config.get("throttles.lines") if config.get("throttles.enabled") else 0
-        app_name = (
-            config.raw.get("app_name")
-            if isinstance(config.raw.get("app_name"), str)
-            else "Pterodactyl"
-        )
         return cls(
             events,
             throttle_lines=lines,
             throttle_interval_ms=config.get("throttles.line_reset_interval"),
-            app_name=app_name,
+            app_name=configured_app_name(config),
         )
 
     def begin(
@@ -5889,7 +6169,11 @@ class WebSocket:
                 # must not stall for send_timeout_s on one stuck client).
                 # os.write, not socket.send: with a timeout set, CPython's send waits for the
                 # socket to become writable (up to the timeout) even when asked not to wait.
-                if os.write(self._sock.fileno(), frame) < len(frame):
+                # Over TLS the frame must pass through the TLS layer: a short timeout instead.
+                if isinstance(self._sock, ssl.SSLSocket):
+                    self._sock.settimeout(self.close_lock_timeout_s)
+                    self._sock.sendall(frame)
+                elif os.write(self._sock.fileno(), frame) < len(frame):
                     raise BlockingIOError
             except OSError:
                 self._finished.set()
@@ -6003,7 +6287,9 @@ class WebSocket:
         timeout_ms = (
             None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
         )
-        if not self._poll.poll(timeout_ms):
+        # Over TLS, decrypted bytes may already wait inside the TLS layer, where poll cannot see.
+        pending = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+        if not pending and not self._poll.poll(timeout_ms):
             return False
         try:
             data = self._sock.recv(65536)
@@ -6397,6 +6683,13 @@ class RateLimiter:
         self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
         return allowed
 
+    def refund(self, key: str) -> None:
+        """Give back the token an allowed message took (it turned out not to count)."""
+        count, _ = self._rates.get(key, self._default)
+        if key in self._buckets:
+            tokens, last = self._buckets[key]
+            self._buckets[key] = (min(float(count), tokens + 1.0), last)
+
 
 # -- Wings' console protocol -----------------------------------------------------------------------
 
@@ -6589,7 +6882,11 @@ class ConsoleSocket:
             return
         self._throttled.discard(key)
         if event == "auth":
-            self._on_auth("".join(args))
+            if not self._on_auth("".join(args)):
+                # A refused token does not use up the auth limit: the Panel's browser answers
+                # the "jwt error" with a new token at once, and one issued in the same second as
+                # a deny is refused too; counting those would leave the page without a console.
+                self._limiter.refund("auth")
             return
         problem = self._token_problem(self.token)
         if problem is not None:
@@ -6607,22 +6904,23 @@ class ConsoleSocket:
         except Exception as exc:  # reported to the client, as Wings does
             self._daemon_error(exc)
 
-    def _on_auth(self, jwt: str) -> None:
+    def _on_auth(self, jwt: str) -> bool:
+        """Accept a token (True) or answer ``jwt error`` (False)."""
         if not jwt:
             self._send("jwt error", self._prefixed(JWT_MISSING))
-            return
+            return False
         try:
             token = WebsocketToken.from_claims(decode_jwt(jwt, self.daemon.config.token))
         except JwtError as exc:
             self._send("jwt error", self._prefixed(str(exc)))
-            return
+            return False
         problem = self._token_problem(token)
         if problem is not None:
             self._send("jwt error", self._prefixed(problem))
-            return
+            return False
         if self.server.suspended:
             self.ws.close(CLOSE_SUSPENDED, "server is suspended")
-            return
+            return True
         first = self.token is None
         if self.token is None or self.token.user_uuid != token.user_uuid:
             self.register(token.user_uuid)
@@ -6641,6 +6939,7 @@ class ConsoleSocket:
         if problem is not None:
             self._muted = True
             self._send("jwt error", problem)
+        return True
 
     def _token_problem(self, token: WebsocketToken | None) -> str | None:
         # The order of Wings' TokenValid(): present, exp, denylist, connect, server.
@@ -6710,17 +7009,21 @@ class ConsoleSocket:
     def _on_event(self, event: str, *args: Any) -> None:
         # Called from whichever thread publishes; only queues, never blocks.
         token = self.token
-        if token is None or self._muted or self.ws.closed:
+        if token is None or self.ws.closed:
             return
         if event == WEBSOCKET_RECHECK_EVENT:
-            problem = self._token_problem(token)
+            problem = None if self._muted else self._token_problem(token)
             if problem is not None:
                 # The text the Panel's browser answers by fetching a new token (WebsocketHandler.tsx).
                 self._muted = True
                 self._send("jwt error", problem)
             return
-        if time.time() > token.exp:
-            return  # until the client re-authenticates ("token expired" is on its way)
+        if self._muted or time.time() > token.exp:
+            # As Wings' SendJson (router/websocket/websocket.go): every event for a socket whose
+            # token is no longer valid goes out as a "jwt error", so the page keeps asking for a
+            # new token until one is accepted, instead of falling silent.
+            self._send("jwt error", self._token_problem(token) or JWT_EXPIRED)
+            return
         needed = _EVENT_PERMISSIONS.get(event.split(":", 1)[0])
         if needed is not None and not token.can(needed):
             return
@@ -7791,15 +8094,32 @@ class ActivityLog:
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            # A damaged queue must not silence activity for good: keep it aside for inspection and
+            # start an empty one.
+            aside = f"{self.path.name}.damaged-{int(time.time())}"
+            LOG.error("activity queue %s is damaged (%s); moved to %s", self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):  # a stale log must not be replayed into the new one
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}{suffix}", self.path.with_name(aside + suffix))
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
-            " ip TEXT, at_s REAL NOT NULL)"
-        )
+        try:
+            # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
+                " ip TEXT, at_s REAL NOT NULL)"
+            )
+        except BaseException:
+            db.close()
+            raise
         return db
 
     # -- recording -----------------------------------------------------------------------------
@@ -7872,8 +8192,6 @@ class ActivityLog:
                 if not self._send(ids, events):
                     return sent
                 sent += len(events)
-                if len(events) < self.batch_size:
-                    break
         return sent
 
     def _rows(self, where: str, limit: int) -> list[tuple[Any, ...]]:
@@ -7904,7 +8222,8 @@ class ActivityLog:
                     continue  # the next batch takes it
                 merged[key] = _activity_event(user, server, event, None, ip, at_s)
                 merged[key]["metadata"] = {"files": []}
-            files = (json.loads(metadata) or {}).get("files") if metadata else None
+            files = _json_or_none(metadata)
+            files = files.get("files") if isinstance(files, dict) else None
             merged[key]["metadata"]["files"].extend(files if isinstance(files, list) else [])
             ids.append(row_id)
         return ids, list(merged.values())
@@ -7925,6 +8244,14 @@ class ActivityLog:
         return True
 
 
+def _json_or_none(text: str | None) -> Any:
+    """A stored metadata column: a damaged one is sent as null rather than blocking the queue."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
 def _activity_event(
     user: str | None, server: str, event: str, metadata: str | None, ip: str | None, at_s: float
 ) -> dict[str, Any]:
@@ -7933,7 +8260,7 @@ def _activity_event(
         "user": user,
         "server": server,
         "event": event,
-        "metadata": json.loads(metadata) if metadata else None,
+        "metadata": _json_or_none(metadata),
         "ip": ip,
         "timestamp": activity_timestamp(at_s),
     }
@@ -8800,6 +9127,8 @@ class FileManagerRoutes:
         """Stream ``size`` bytes of an open file (``sendfile`` where the socket allows it)."""
         self._drain_unread_body()
         self._write_head(200, {"Content-Length": str(size), **headers})
+        if self.command == "HEAD":  # the same head as GET, no body (RFC 9110 9.3.2)
+            return
         with os.fdopen(fd, "rb", closefd=False) as fh:
             try:
                 sent = self.connection.sendfile(fh, 0, size) if size else 0
@@ -9196,7 +9525,7 @@ class FileManagerRoutes:
 #          tar.gz of the server directory (``write_tar_gz``) to ``system.backup_directory/<uuid>
 #          .tar.gz`` (written under a temporary name, renamed when complete, sha1 while writing);
 #          ``s3``: the parts PUT to the Panel's presigned URLs and the local file removed; then
-#          ``POST /api/remote/backups/<uuid>`` and the websocket event ``backup completed``.
+#          ``POST /api/remote/backups/<uuid>`` and the websocket event ``backup completed:<uuid>``.
 #   POST   /api/servers/:server/backup/:backup/restore  {adapter, truncate_directory,
 #          download_url} -> 202, then stop, empty, ``extract_archive``, ``POST .../restore``.
 #   DELETE /api/servers/:server/backup/:backup          -> 204, or 404 when there is none.
@@ -9334,6 +9663,7 @@ class Backups:
         threading.Thread(
             target=job.run, name=f"wingslite-backup-{backup_uuid[:8]}", daemon=True
         ).start()
+        server.metrics.count("backup")
 
     def finished(self, backup_uuid: str) -> None:
         with self._lock:
@@ -9492,7 +9822,11 @@ class BackupJob:
             "checksum_type": "sha1",
             "file_size": size,
         }
-        self.server.events.publish("backup completed", json.dumps(event, separators=(",", ":")))
+        # The event name carries the backup's uuid, as Wings' (server/backup.go): the Panel's
+        # BackupRow.tsx listens for `backup completed:<uuid>`, one listener per backup row.
+        self.server.events.publish(
+            f"backup completed:{self.uuid}", json.dumps(event, separators=(",", ":"))
+        )
 
     def _failed(self, exc: Exception) -> None:
         text = exc.message if isinstance(exc, WingsliteError) else str(exc)
@@ -10126,6 +10460,7 @@ class Transfers:
         threading.Thread(
             target=transfer.run, name=f"wingslite-transfer-{server.uuid[:8]}", daemon=True
         ).start()
+        server.metrics.count("transfer")
         return transfer
 
     def check_token(self, authorization: str) -> str:
@@ -10293,6 +10628,303 @@ def chunked_reader(rfile: Any, max_line_bytes: int = 4096) -> Callable[[int], by
     return read
 
 
+# metrics ##########################################################################################
+#
+# ``GET /metrics``: the node's figures in Prometheus' text exposition format (version 0.0.4),
+# written by hand -- it is a few lines of text. Wings has no such endpoint; it sits behind the
+# node token, or ``wingslite.metrics_token`` so that a scraper need not hold the node's token.
+# This section sits before the HTTP API because its route mix-in is one of ``ApiHandler``'s bases.
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    """Counters of one server for ``GET /metrics`` (``Server.metrics``).
+
+    Methods for the caller: ``timed_sync()`` (a context manager around one sync: counted, timed,
+    a failure when it raises), ``count(operation)`` (one more ``install``, ``backup``,
+    ``transfer``... of this server; any name is exported).
+    """
+
+    operations = ("install", "backup", "transfer")  # always exported, 0 until one happens
+
+    def __init__(self) -> None:
+        self.syncs = 0
+        self.sync_failures = 0
+        self.sync_seconds = Histogram()
+        self.counts = dict.fromkeys(self.operations, 0)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def timed_sync(self) -> Iterator[None]:
+        started = time.monotonic()
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            with self._lock:
+                self.syncs += 1
+                self.sync_failures += failed
+            self.sync_seconds.observe(time.monotonic() - started)
+
+    def count(self, operation: str) -> None:
+        with self._lock:
+            self.counts[operation] = self.counts.get(operation, 0) + 1
+
+
+def _metric_value(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _metric_labels(labels: Mapping[str, Any]) -> str:
+    if not labels:
+        return ""
+    escaped = (
+        (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+        for k, v in labels.items()
+    )
+    return "{" + ",".join(f'{k}="{v}"' for k, v in escaped) + "}"
+
+
+class MetricsText:
+    """Builds one exposition: each family's ``# HELP`` and ``# TYPE`` once, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(
+        self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, Any], float]]
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{name}{_metric_labels(labels)} {_metric_value(value)}")
+
+    def histogram(
+        self, name: str, help_text: str, items: Iterable[tuple[dict[str, Any], Histogram]]
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, histogram in items:
+            buckets, count, total = histogram.snapshot()
+            for bound, cumulative in buckets:
+                le = {**labels, "le": _metric_value(bound)}
+                self.lines.append(f"{name}_bucket{_metric_labels(le)} {cumulative}")
+            self.lines.append(f"{name}_sum{_metric_labels(labels)} {_metric_value(total)}")
+            self.lines.append(f"{name}_count{_metric_labels(labels)} {count}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render_metrics(daemon: Any) -> str:
+    """The exposition of a node (``daemon`` as ``Daemon``): its servers, then the node itself."""
+    out = MetricsText()
+    _server_metrics(out, daemon)
+    _node_metrics(out, daemon)
+    return out.text()
+
+
+def _network(key: str) -> Callable[[Any, dict[str, Any], Any], float]:
+    return lambda s, u, d: (u.get("network") or {}).get(key) or 0
+
+
+# (name, type, help, the value of one server from (server, its utilization, daemon)), exported in
+# this order, one sample per server.
+_SERVER_FAMILIES: tuple[tuple[str, str, str, Callable[[Any, dict[str, Any], Any], float]], ...] = (
+    ("suspended", "gauge", "1 when the Panel suspended the server.", lambda s, u, d: s.suspended),
+    (
+        "cpu_percent",
+        "gauge",
+        "CPU use in percent of one core (Wings' cpu_absolute).",
+        lambda s, u, d: u.get("cpu_absolute") or 0,
+    ),
+    (
+        "memory_bytes",
+        "gauge",
+        "Memory used by the server's process.",
+        lambda s, u, d: u.get("memory_bytes") or 0,
+    ),
+    (
+        "memory_limit_bytes",
+        "gauge",
+        "Memory limit of the container.",
+        lambda s, u, d: u.get("memory_limit_bytes") or 0,
+    ),
+    (
+        "disk_bytes",
+        "gauge",
+        "Disk space the server's files use.",
+        lambda s, u, d: u.get("disk_bytes") or 0,
+    ),
+    (
+        "disk_limit_bytes",
+        "gauge",
+        "Disk limit of the server (0: none).",
+        lambda s, u, d: s.fs.limit_bytes or 0,
+    ),
+    (
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the server's process started (0 when offline).",
+        lambda s, u, d: (u.get("uptime") or 0) / 1000,
+    ),
+    (
+        "network_receive_bytes_total",
+        "counter",
+        "Bytes the container received since it started.",
+        _network("rx_bytes"),
+    ),
+    (
+        "network_transmit_bytes_total",
+        "counter",
+        "Bytes the container sent since it started.",
+        _network("tx_bytes"),
+    ),
+    (
+        "websocket_sessions",
+        "gauge",
+        "Open console websockets of the server.",
+        lambda s, u, d: d.sessions.count(s.uuid, kind="websocket"),
+    ),
+    (
+        "sftp_sessions",
+        "gauge",
+        "Open SFTP sessions of the server.",
+        lambda s, u, d: d.sessions.count(s.uuid, kind="sftp"),
+    ),
+)
+
+
+def _server_metrics(out: MetricsText, daemon: Any) -> None:
+    views = [(s, _utilization(s)) for s in sorted(daemon.all_servers(), key=lambda s: s.uuid)]
+    out.family(
+        "wingslite_server_state",
+        "gauge",
+        "1 for the state the server is in (offline, starting, running, stopping).",
+        [
+            ({"server": s.uuid, "state": state}, u["state"] == state)
+            for s, u in views
+            for state in (OFFLINE, STARTING, RUNNING, STOPPING)
+        ],
+    )
+    for name, kind, help_text, value in _SERVER_FAMILIES:
+        samples = [({"server": s.uuid}, value(s, u, daemon)) for s, u in views]
+        out.family(f"wingslite_server_{name}", kind, help_text, samples)
+    _server_counters(out, [(s.metrics, {"server": s.uuid}) for s, _ in views])
+
+
+def _utilization(server: Any) -> dict[str, Any]:
+    """A server's figures; one whose figures cannot be had shows its state and zeros."""
+    try:
+        return server.utilization()
+    except Exception as exc:  # one server's fault never fails the whole scrape
+        LOG.debug("metrics: server %s: %s", server.uuid, exc)
+        return {"state": server.state}
+
+
+def _server_counters(out: MetricsText, items: list[tuple[ServerMetrics, dict[str, Any]]]) -> None:
+    out.family(
+        "wingslite_server_syncs_total",
+        "counter",
+        "Syncs the Panel asked for (POST /api/servers/:server/sync).",
+        ((lb, m.syncs) for m, lb in items),
+    )
+    out.family(
+        "wingslite_server_sync_failures_total",
+        "counter",
+        "Syncs that failed or were applied only in part.",
+        ((lb, m.sync_failures) for m, lb in items),
+    )
+    out.histogram(
+        "wingslite_server_sync_duration_seconds",
+        "Time a sync took: the Panel's document fetched and applied.",
+        ((lb, m.sync_seconds) for m, lb in items),
+    )
+    out.family(
+        "wingslite_server_operations_total",
+        "counter",
+        "Installs, backups and transfers of the server started on this node.",
+        [({**lb, "operation": op}, n) for m, lb in items for op, n in sorted(m.counts.items())],
+    )
+
+
+def _queued_activity(daemon: Any) -> float:
+    try:
+        return daemon.activity.pending()
+    except (sqlite3.Error, OSError):  # the figure is missing, not the whole scrape
+        return math.nan
+
+
+def _node_metrics(out: MetricsText, daemon: Any) -> None:
+    out.family("wingslite_info", "gauge", "The running wingslite.", [({"version": VERSION}, 1)])
+    out.family("wingslite_servers", "gauge", "Servers on this node.", [({}, len(daemon.servers))])
+    out.family(
+        "wingslite_activity_queued_events",
+        "gauge",
+        "Activity events waiting to be sent to the Panel.",
+        [({}, _queued_activity(daemon))],
+    )
+    stats = daemon.panel.stats.copy()
+    out.family(
+        "wingslite_panel_requests_total",
+        "counter",
+        "Requests to the Panel's remote API by outcome (2xx, 4xx, 5xx, unreachable, invalid).",
+        (
+            ({"method": m, "path": p, "outcome": o}, n)
+            for (m, p, o), n in sorted(stats.requests.items())
+        ),
+    )
+    out.histogram(
+        "wingslite_panel_request_duration_seconds",
+        "Time one request to the Panel took.",
+        (({"method": m, "path": p}, h) for (m, p), h in sorted(stats.latency.items())),
+    )
+    out.family(
+        "wingslite_panel_failures_total",
+        "counter",
+        "Calls to the Panel that failed for good (after any retries).",
+        (({"method": m, "path": p}, n) for (m, p), n in sorted(stats.failures.items())),
+    )
+
+
+class MetricsRoutes:
+    """``GET /metrics`` for ``ApiHandler``: the node token or ``wingslite.metrics_token``."""
+
+    def route_metrics(self) -> tuple[int | None, Any]:
+        config = self.server.daemon.config
+        header = self.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme != "Bearer" or not token:
+            raise WingsliteError(
+                "The required authorization heads were not present in the request.", 401
+            )
+        accepted = [config.token, config.get("wingslite.metrics_token")]
+        if not any(t and hmac.compare_digest(token.encode(), t.encode()) for t in accepted):
+            raise WingsliteError("You are not authorized to access this endpoint.", 403)
+        body = render_metrics(self.server.daemon).encode()
+        self._drain_unread_body()
+        # The shared plumbing writes the headers (date, CORS, request id); the text follows.
+        self._respond(
+            200, None, {"Content-Type": METRICS_CONTENT_TYPE, "Content-Length": str(len(body))}
+        )
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+        return None, None
+
+
+METRICS_ROUTES = (("GET", r"/metrics", "metrics", False),)  # the token is checked by the route
+
+
 # HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
@@ -10319,6 +10951,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         *FILE_MANAGER_ROUTES,
         *BACKUP_ROUTES,
         *TRANSFER_ROUTES,
+        *METRICS_ROUTES,
     )
 )
 
@@ -10328,6 +10961,93 @@ _CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Accept, Accept-Encoding, Authorization, Cache-Control, Content-Type, Content-Length, Origin, X-Real-IP, X-CSRF-Token",
     "Access-Control-Max-Age": "7200",
 }
+
+
+class TlsWrapper:
+    """``api.ssl``: wraps accepted connections in TLS, reloading the certificate when it changes.
+
+    Methods for the caller: ``wrap(sock)`` (no I/O: the handshake runs on the connection's own
+    thread), ``load()`` (``ConfigError`` naming the file that cannot be read or used). Class
+    variables that may be overridden: ``recheck_s``, ``ciphers``.
+
+    The files are checked at most every ``recheck_s`` seconds (their size, inode and mtime); a
+    renewed certificate (certbot replaces both files) is used from the next connection on, and
+    a renewal that does not load is logged while the last good certificate stays in use.
+    """
+
+    recheck_s = 1.0
+    # TLS 1.2 limited to forward-secret AEAD suites; TLS 1.3 suites are OpenSSL's (all modern).
+    ciphers = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+    def __init__(self, cert_path: str, key_path: str):
+        self.cert_path, self.key_path = cert_path, key_path
+        self._context: ssl.SSLContext | None = None
+        self._signature: tuple[Any, ...] | None = None
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+
+    def _files_signature(self) -> tuple[Any, ...]:
+        marks = []
+        for path in (self.cert_path, self.key_path):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                marks.append((st.st_ino, st.st_size, st.st_mtime_ns))
+                continue
+            marks.append(None)
+        return tuple(marks)
+
+    def load(self) -> ssl.SSLContext:
+        """Build a context from the files now; ``ConfigError`` names the file that is wrong."""
+        signature = self._files_signature()
+        for key, path, marker in (
+            ("api.ssl.cert", self.cert_path, b"-----BEGIN CERTIFICATE-----"),
+            ("api.ssl.key", self.key_path, b"PRIVATE KEY-----"),
+        ):
+            try:
+                pem = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+            if marker not in pem:
+                raise ConfigError(f"{key}: {path} holds no PEM {marker.decode().strip('-')}")
+            if key == "api.ssl.key" and b"ENCRYPTED" in pem:  # nobody is there to type a password
+                raise ConfigError(f"{key}: {path} is encrypted; give the daemon an unencrypted key")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(self.ciphers)
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        try:
+            # A password callback, so that OpenSSL never prompts on a terminal for one.
+            context.load_cert_chain(self.cert_path, self.key_path, password=lambda: b"")
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"api.ssl: the certificate {self.cert_path} and key {self.key_path} cannot be"
+                f" used together: {getattr(exc, 'reason', None) or exc}"
+            ) from None
+        with self._lock:
+            self._context, self._signature = context, signature
+            self._checked_at = time.monotonic()
+        return context
+
+    def _current(self) -> ssl.SSLContext:
+        with self._lock:
+            context = self._context
+            due = time.monotonic() - self._checked_at >= self.recheck_s
+            if due:
+                self._checked_at = time.monotonic()
+        if context is None:
+            return self.load()
+        if due and self._files_signature() != self._signature:
+            try:
+                context = self.load()
+                LOG.info("api.ssl: reloaded the certificate %s", self.cert_path)
+            except ConfigError as exc:
+                with self._lock:  # logged once per change of the files, not per connection
+                    self._signature = self._files_signature()
+                LOG.error("api.ssl: keeping the previous certificate: %s", exc.message)
+        return context
+
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        return self._current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
 class ApiServer(http.server.ThreadingHTTPServer):
@@ -10359,9 +11079,41 @@ class ApiServer(http.server.ThreadingHTTPServer):
             "unhandled error on a connection from %s", client_address[0] if client_address else "?"
         )
 
+    # -- TLS (api.ssl) -------------------------------------------------------------------------
+
+    tls_handshake_timeout_s = 10.0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; with ``api.ssl`` it is wrapped in TLS here (no I/O yet)."""
+        sock, address = super().get_request()
+        tls = getattr(self.daemon, "tls", None)
+        if tls is not None:
+            try:
+                sock = tls.wrap(sock)
+            except (OSError, ValueError, ConfigError) as exc:
+                sock.close()
+                raise OSError(f"TLS is not available: {exc}") from None
+        return sock, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, on the connection's own thread, so a slow or broken client
+        # never holds up the accept loop; a failed handshake is a debug line, not a traceback.
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.tls_handshake_timeout_s)
+                request.do_handshake()
+            except (OSError, ValueError) as exc:
+                LOG.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
+
 
 class ApiHandler(
-    FileManagerRoutes, BackupRoutes, TransferRoutes, http.server.BaseHTTPRequestHandler
+    FileManagerRoutes,
+    BackupRoutes,
+    TransferRoutes,
+    MetricsRoutes,
+    http.server.BaseHTTPRequestHandler,
 ):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
@@ -10390,6 +11142,10 @@ class ApiHandler(
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, headers too long) as JSON, never HTML."""
+        if code == 501 and getattr(self, "command", None):
+            # A method with no ``do_`` method: answered as any route answers one it does not
+            # take (405 with Allow, or 404), never 501.
+            return self._dispatch(self.command)
         self.close_connection = True
         self._respond(code, {"error": message or http.HTTPStatus(code).phrase})
 
@@ -10397,6 +11153,7 @@ class ApiHandler(
         self, status: int, body: Any = None, headers: Mapping[str, str] | None = None
     ) -> None:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        head_only = getattr(self, "command", None) == "HEAD"  # GET's headers, no body
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
         second, date = self.server.date_header
         if second != int(time.time()):
@@ -10416,7 +11173,8 @@ class ApiHandler(
         all_headers.update(headers or {})
         lines += [f"{k}: {v}" for k, v in all_headers.items()]
         with contextlib.suppress(OSError):
-            self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            self.wfile.write(head if head_only else head + payload)
         self.last_status = status
 
     def _cors_headers(self) -> dict[str, str]:
@@ -10445,6 +11203,9 @@ class ApiHandler(
     def do_GET(self) -> None:
         self._dispatch("GET")
 
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
     def do_POST(self) -> None:
         self._dispatch("POST")
 
@@ -10465,14 +11226,16 @@ class ApiHandler(
             self.query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             matches = [(m, pattern.match(path), name, auth) for m, pattern, name, auth in _ROUTES]
             matches = [(m, match, name, auth) for m, match, name, auth in matches if match]
+            routed = "GET" if method == "HEAD" else method  # HEAD: every GET route, no body
             chosen = next(
-                ((match, name, auth) for m, match, name, auth in matches if m == method), None
+                ((match, name, auth) for m, match, name, auth in matches if m == routed), None
             )
             if chosen is None or chosen[2]:
                 self._authorize()  # as Wings: unknown routes answer 401 to strangers, not 404
             if chosen is None:
                 if matches:
-                    allowed = ", ".join(sorted({m for m, *_ in matches}))
+                    methods = {m for m, *_ in matches}
+                    allowed = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
                     raise WingsliteError(
                         f"method {method} is not allowed on {path} (allowed: {allowed})", 405
                     )
@@ -10827,6 +11590,7 @@ class Server:
     """One game server on this node: its configuration, files, process and sessions' owner.
 
     Methods for the caller: ``sync()`` (fetch from the Panel and apply), ``apply(config)``,
+    ``refuse(document_error)`` (record a refused document; the configuration stays),
     ``power(action, wait_s)`` / ``request_power(...)``, ``request_install(reinstall)`` /
     ``install(reinstall)``, ``ensure_file_owner()``, ``send_command(line)``, ``logs(n)``,
     ``api_view()``. ``installing`` is true while an install runs (power actions answer 409).
@@ -10884,6 +11648,7 @@ class Server:
         self.transferring = False
         self._restoring = threading.Lock()  # held while a backup is restored (begin_restore)
         self.events.subscribe(self._on_event)
+        self.metrics = ServerMetrics()
         self.env: Environment = daemon.environment_factory(self)
 
     # -- state ---------------------------------------------------------------------------------
@@ -10909,7 +11674,9 @@ class Server:
 
     def console_message(self, text: str) -> None:
         """A daemon line on the server's console (seen by websockets and in the log ring)."""
-        self.events.publish("console output", daemon_message(text))
+        self.events.publish(
+            "console output", daemon_message(text, configured_app_name(self.daemon.config))
+        )
 
     def _on_event(self, event: str, *args: Any) -> None:
         if event == "console output" and args:
@@ -11628,6 +12395,7 @@ class Daemon:
             config.get("system.activity_send_count"),
         )
         self.http: ApiServer | None = None
+        self.tls: TlsWrapper | None = None
         self.sftp: SftpServer | None = None
         self._servers_lock = threading.Lock()
         self._states: dict[str, str] = {}
@@ -11663,10 +12431,17 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         self._load_saved()
         host, port = self.config.get("api.host"), self.config.get("api.port")
+        if self.config.get("api.ssl.enabled"):
+            self.tls = TlsWrapper(self.config.get("api.ssl.cert"), self.config.get("api.ssl.key"))
+            self.tls.load()  # a certificate that cannot be used stops the start, naming the file
         self.http = ApiServer((host, port), self)
         self._spawn(lambda: self.http.serve_forever(poll_interval=0.1), "wingslite-http")
         LOG.info(
-            "wingslite %s serving the API on %s:%d", VERSION, host, self.http.server_address[1]
+            "wingslite %s serving the API on %s://%s:%d",
+            VERSION,
+            "https" if self.tls else "http",
+            host,
+            self.http.server_address[1],
         )
         user = self.node_user
         LOG.info("servers' files belong to %d:%d (%s)", user.uid, user.gid, user.note)
@@ -11955,7 +12730,8 @@ class Daemon:
         if not server.config_lock.acquire(timeout=self._config_lock_wait_s()):
             raise Conflict("another sync is still running on this server; try again")
         try:
-            return server.sync()
+            with server.metrics.timed_sync():
+                return server.sync()
         finally:
             server.config_lock.release()
 
@@ -12055,11 +12831,7 @@ class Daemon:
                 f"could not fetch server {uuid} from the Panel: {exc.message}"
             ) from None
         try:
-            return parse_server_document(
-                document,
-                expect_uuid=uuid,
-                crash_detection_default=self.config.get("system.crash_detection.enabled"),
-            )
+            return self.parse_document(document, expect_uuid=uuid)
         except DocumentError as exc:
             raise WingsliteError(exc.message) from None
 
@@ -12985,8 +13757,249 @@ Press Ctrl-C to stop.""",
     return 0
 
 
+# -- operator commands: configure, diagnostics ----------------------------------------------------
+
+
+def _configure(args: Any) -> int:
+    """``wingslite.py configure``: fetch this node's config.yml from the Panel, as ``wings configure``.
+
+    ``GET /api/application/nodes/{id}/configuration`` with an application API key answers the
+    node's configuration as JSON (the Panel's ``Node::getConfiguration()``); it is checked as a
+    config file and written as YAML, atomically and with mode 0600 because it holds the node's token.
+    """
+    import sys
+
+    path = Path(args.config or "/etc/pterodactyl/config.yml")
+    try:
+        if not re.fullmatch(r"[0-9]+", args.node):
+            raise ConfigError(f"--node: expected the node's numeric id, got {args.node!r}")
+        if path.exists() and not args.override:
+            raise ConfigError(f"{path} already exists; pass --override to replace it")
+        raw = fetch_node_configuration(
+            args.panel_url, args.token, args.node, verify_tls=not args.allow_insecure
+        )
+        Config(raw, f"the Panel's configuration of node {args.node}")  # refuses a broken one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, yaml.safe_dump(raw, sort_keys=False).encode(), mode=0o600)
+        os.chmod(path, 0o600)  # also when an umask narrowed the create mode
+    except (ConfigError, PanelError) as exc:
+        print(f"wingslite configure: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"wingslite configure: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote the configuration of node {args.node} from {args.panel_url} to {path} (mode 0600);"
+        f" start the daemon with: python3 wingslite.py --config {path}"
+    )
+    return 0
+
+
+def fetch_node_configuration(
+    panel_url: str, api_key: str, node_id: str, *, verify_tls: bool = True, timeout_s: float = 30
+) -> dict[str, Any]:
+    """The Panel's JSON configuration of a node; ``PanelError`` says why it could not be had."""
+    url = f"{panel_url.rstrip('/')}/api/application/nodes/{node_id}/configuration"
+    what = f"GET {url}"
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", panel_url):
+        raise ConfigError(f"--panel-url: expected the Panel's http(s) URL, got {panel_url!r}")
+    request = urllib.request.Request(
+        url,
+        headers={
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/vnd.pterodactyl.v1+json",
+            "User-Agent": f"wingslite/{VERSION} configure",
+        },
+    )
+    context = ssl.create_default_context()
+    if not verify_tls:  # --allow-insecure: a Panel with a self-signed certificate
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:
+            raw = resp.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        code, detail = _panel_error_body(exc.read(65536))
+        hints = {
+            401: "the API key was not accepted",
+            403: "the API key may not read nodes (r_nodes)",
+        }
+        hint = hints.get(exc.code) or ("no such node" if exc.code == 404 else "")
+        raise PanelError(exc.code, code, hint or detail, what) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PanelError(0, "_Unreachable", f"could not reach the Panel: {reason}", what) from None
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise PanelError(200, "_InvalidJSON", "the answer is not JSON", what) from None
+    if not isinstance(document, dict):
+        raise PanelError(200, "_BadShape", "the answer is not a JSON object", what)
+    return document
+
+
+_SECRET_KEY_RE = re.compile(r"token|secret|password|passphrase", re.IGNORECASE)
+
+
+def redacted(value: Any) -> Any:
+    """A copy of a config tree with every token, secret and password replaced."""
+    if isinstance(value, Mapping):
+        return {
+            k: "[redacted]" if _SECRET_KEY_RE.search(str(k)) and v else redacted(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
+
+def diagnostics_report(config: Config, log_lines: int = 200) -> str:
+    """What ``wingslite.py diagnostics`` prints: versions, the redacted config, quota, log, servers."""
+    parts = [
+        ("versions", _diagnostics_versions(config)),
+        ("configuration (" + config.source + ", secrets redacted)", _diagnostics_config(config)),
+        ("disk quota", _diagnostics_quota(config)),
+        ("servers", _diagnostics_servers(config)),
+        ("log", _diagnostics_log(config, log_lines)),
+    ]
+    text = "\n".join(f"== {title} ==\n{body.rstrip()}\n" for title, body in parts)
+    for secret in (config.token, config.token_id, config.get("wingslite.metrics_token")):
+        if secret:  # belt and braces: a secret that reached a log line or an error text
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _diagnostics_versions(config: Config) -> str:
+    import importlib.metadata
+
+    lines = [f"wingslite       {VERSION}", f"python          {platform.python_version()}"]
+    for package in ("docker", "pyyaml", "paramiko"):
+        try:
+            lines.append(f"{package:<15} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{package:<15} not installed")
+    lines.append(f"kernel          {platform.release()} ({platform.machine()})")
+    cgroup_root = Path(config.get("wingslite.cgroup_root"))
+    cgroup = "v2" if (cgroup_root / "cgroup.controllers").exists() else "v1"
+    try:
+        info = docker_client(config).info()
+        lines.append(f"docker engine   {info.get('ServerVersion', '?')}")
+        cgroup += (
+            f", driver {info.get('CgroupDriver', '?')} (engine: v{info.get('CgroupVersion', '?')})"
+        )
+    except Exception as exc:  # the report is most useful exactly when the engine is broken
+        lines.append(f"docker engine   not reachable: {exc}")
+    lines.append(f"cgroups         {cgroup}")
+    return "\n".join(lines)
+
+
+def _diagnostics_config(config: Config) -> str:
+    return yaml.safe_dump(redacted(config.raw), sort_keys=False)
+
+
+def _diagnostics_quota(config: Config) -> str:
+    try:
+        backend = select_quota_backend(config.get("wingslite.disk_quota"), config.data_dir)
+    except (WingsliteError, OSError) as exc:
+        return f"configured {config.get('wingslite.disk_quota')}: cannot be selected: {exc}"
+    return (
+        f"configured {config.get('wingslite.disk_quota')}, backend {backend.name}\n{backend.reason}"
+    )
+
+
+def _diagnostics_servers(config: Config) -> str:
+    """Each server's state, from the running daemon's API, else from what it last recorded."""
+    scheme = "https" if config.get("api.ssl.enabled") else "http"
+    host = config.get("api.host")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    request = urllib.request.Request(
+        f"{scheme}://{host}:{config.get('api.port')}/api/servers",
+        headers={"Authorization": f"Bearer {config.token}", "Accept": "application/json"},
+    )
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own daemon
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as resp:
+            servers = json.loads(resp.read())
+        rows = [
+            f"{s['configuration']['uuid']}  {s['state']:<9}"
+            f"{'  suspended' if s.get('is_suspended') else ''}"
+            for s in servers
+        ]
+        return "from the running daemon:\n" + ("\n".join(rows) or "(no servers)")
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as exc:
+        states_path = config.root_dir / "states.json"
+        try:
+            states = json.loads(states_path.read_text())
+        except (OSError, ValueError):
+            states = {}
+        rows = [f"{uuid}  {state}" for uuid, state in sorted(states.items())]
+        return f"the daemon's API did not answer ({exc}); last recorded in {states_path}:\n" + (
+            "\n".join(rows) or "(nothing recorded)"
+        )
+
+
+def _diagnostics_log(config: Config, lines: int) -> str:
+    path = config.get("wingslite.log_file")
+    if not path:
+        return "no log file configured (wingslite.log_file); under systemd: journalctl -u wingslite"
+    try:
+        with open(path, "rb") as fh:
+            tail = deque(fh, maxlen=lines)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    return f"last {len(tail)} lines of {path}:\n" + b"".join(tail).decode("utf-8", "replace")
+
+
+def _diagnostics(args: Any) -> int:
+    import sys
+
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as exc:
+        print(f"wingslite diagnostics: {exc.message}", file=sys.stderr)
+        return 2
+    print(diagnostics_report(config), end="")
+    return 0
+
+
+def _add_operator_commands(parser: Any) -> None:
+    import argparse
+
+    commands = parser.add_subparsers(dest="command", metavar="{configure,diagnostics}")
+    configure = commands.add_parser(
+        "configure", help="fetch this node's config.yml from the Panel (as wings configure)"
+    )
+    configure.add_argument("--panel-url", required=True, help="the Panel's URL")
+    configure.add_argument(
+        "--token", required=True, help="an application API key that may read nodes"
+    )
+    configure.add_argument("--node", required=True, help="the node's id in the Panel")
+    configure.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,  # else it would hide a --config given before the command
+        help="where to write it (default: /etc/pterodactyl/config.yml)",
+    )
+    configure.add_argument("--override", action="store_true", help="replace an existing file")
+    configure.add_argument(
+        "--allow-insecure", action="store_true", help="do not verify the Panel's TLS certificate"
+    )
+    diagnostics = commands.add_parser(
+        "diagnostics", help="print a report for a support request (secrets redacted)"
+    )
+    diagnostics.add_argument("--config", default=argparse.SUPPRESS, help="the node's config.yml")
+
+
+def _config_path(given: str | None) -> str:
+    return given or next(
+        (p for p in ("/etc/pterodactyl/config.yml", "wingslite.yml") if Path(p).exists()),
+        "/etc/pterodactyl/config.yml",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``wingslite.py [--config PATH] [--demo] [--debug] [--version]``."""
+    """The command line: ``wingslite.py [--config PATH] [--demo] [--debug] [--version]`` runs the
+    daemon; ``wingslite.py configure ...`` and ``wingslite.py diagnostics`` are the operator's."""
     import argparse
     import signal
     import sys
@@ -13007,30 +14020,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--debug", action="store_true", help="log at debug level")
     parser.add_argument("--version", action="version", version=f"wingslite {VERSION}")
+    _add_operator_commands(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "configure":
+        return _configure(args)
+    if args.command == "diagnostics":
+        return _diagnostics(args)
     if args.demo:
         return _demo(args)
-    path = args.config or next(
-        (p for p in ("/etc/pterodactyl/config.yml", "wingslite.yml") if Path(p).exists()),
-        "/etc/pterodactyl/config.yml",
-    )
     try:
-        config = load_config(path)
+        config = load_config(_config_path(args.config))
     except ConfigError as exc:
         print(f"wingslite: {exc.message}", file=sys.stderr)
         return 2
     if config.get("debug"):
         logging.getLogger().setLevel(logging.DEBUG)
+    if config.get("wingslite.log_file"):
+        try:
+            handler = logging.FileHandler(config.get("wingslite.log_file"), encoding="utf-8")
+        except OSError as exc:
+            print(f"wingslite: wingslite.log_file: cannot open: {exc}", file=sys.stderr)
+            return 2
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
     daemon = Daemon(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         daemon.start()
+    except ConfigError as exc:
+        print(f"wingslite: cannot start: {exc.message}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"wingslite: cannot start: {exc}", file=sys.stderr)
         return 1
