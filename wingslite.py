@@ -13751,10 +13751,25 @@ Press Ctrl-C to stop.""",
     except KeyboardInterrupt:
         print("\nstopping", flush=True)
     finally:
+        _demo_remove_containers(daemon)
         daemon.stop()
         panel.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def _demo_remove_containers(daemon: Daemon, wait_s: float = 10.0) -> None:
+    """The demo's files go when it ends, so its containers go too (an install is cancelled)."""
+    servers = daemon.all_servers()
+    for server in servers:
+        server.deleted = True  # an install between two steps stops at the next one
+        with contextlib.suppress(Exception):
+            server.env.abort_install()
+        with contextlib.suppress(Exception):
+            server.env.destroy()
+    deadline = time.monotonic() + wait_s
+    while any(s.installing for s in servers) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 # -- operator commands: configure, diagnostics ----------------------------------------------------
