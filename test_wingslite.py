@@ -4518,6 +4518,7 @@ class TestInstallation:
         uuid = self.add(docker_servers, script="echo about to fail\nexit 3\n")
         self.create(daemon, uuid, start=True)
         assert self.report(docker_servers.panel, uuid) == {"successful": False, "reinstall": False}
+        assert docker_servers.panel.status[uuid] == "install_failed"
         server = daemon.get_server(uuid)
         wait_until(lambda: not server.installing, 10, "the install to end")
         assert server.state == "offline" and docker_servers.container_id(uuid) is None
