@@ -850,6 +850,112 @@ class TestFilesystem:
         assert fs.is_denied("logs/latest.log") and not fs.is_denied("mylogs/x")
 
 
+def held_bytes(root: Path) -> int:
+    """What the files of ``root`` really hold: every regular file under it, plus the removed files
+    this process (the daemon under test) still holds open there."""
+    total = sum(
+        os.lstat(os.path.join(d, f)).st_size
+        for d, _, files in os.walk(root)
+        for f in files
+        if not os.path.islink(os.path.join(d, f))
+    )
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(f"{root}/") and target.endswith(" (deleted)"):
+                total += os.stat(f"/proc/self/fd/{fd}").st_size
+    return total
+
+
+class TestMetering:
+    """``Filesystem.open_metered`` / ``remove`` / ``rename``: the figure counts what is held."""
+
+    MIB = 1 << 20
+
+    @pytest.fixture
+    def fs(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        fs = w.Filesystem(root, 4 * self.MIB, check_interval_s=3600)
+        fs.recalculate()
+        with fs.jail() as jail:
+            yield fs, jail, root
+
+    def test_a_removed_file_counts_until_its_last_handle_closes(self, fs):
+        fs, jail, root = fs
+        handles = []
+        with pytest.raises(w.DiskLimitExceeded):
+            for i in range(8):
+                handle = fs.open_metered(jail, f"f{i}", os.O_WRONLY | os.O_CREAT)
+                handles.append(handle)
+                handle.write(b"x" * self.MIB)
+                fs.remove(jail, f"f{i}")
+        assert held_bytes(root) <= 4 * self.MIB and fs.usage_bytes() >= 4 * self.MIB - 1
+        assert fs.recalculate() >= 4 * self.MIB - 1  # the walk adds what the handles hold
+        for handle in handles:
+            handle.close()
+        assert fs.usage_bytes() == 0 and held_bytes(root) == 0
+        with fs.open_metered(jail, "after", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"y" * 4 * self.MIB)
+
+    def test_a_file_replaced_under_a_writer_counts_until_it_closes(self, fs):
+        fs, jail, root = fs
+        writer = fs.open_metered(jail, "live", os.O_WRONLY | os.O_CREAT)
+        writer.write(b"a" * 3 * self.MIB)
+        with fs.open_metered(jail, "next", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"b" * 10)
+        fs.rename(jail, "next", "live")
+        with pytest.raises(w.DiskLimitExceeded):
+            writer.write(b"a" * 2 * self.MIB)  # still held: 3 MiB + 10 bytes + 2 MiB > 4 MiB
+        writer.close()
+        assert fs.usage_bytes() == 10 == held_bytes(root)
+
+    def test_removing_a_file_nothing_booked_gives_back_nothing(self, fs):
+        fs, jail, root = fs
+        (root / "old.bin").write_bytes(b"o" * 3 * self.MIB)
+        fs.recalculate()
+        (root / "game.bin").write_bytes(b"g" * 3 * self.MIB)  # the game, since the walk
+        fs.remove(jail, "game.bin")
+        assert fs.usage_bytes() == 3 * self.MIB  # not 0: those bytes were never counted
+        with pytest.raises(w.DiskLimitExceeded):
+            with fs.open_metered(jail, "up", os.O_WRONLY | os.O_CREAT) as handle:
+                handle.write(b"u" * 2 * self.MIB)
+        fs.remove(jail, "old.bin")  # counted by the walk: given back whole
+        assert fs.usage_bytes() == 0
+
+    def test_remove_tree_gives_back_what_was_counted_and_follows_no_link(self, fs, tmp_path):
+        fs, jail, root = fs
+        (tmp_path / "outside").mkdir()
+        (tmp_path / "outside" / "keep").write_bytes(b"k")
+        jail.mkdir("d")
+        jail.mkdir("d/e")
+        with fs.open_metered(jail, "d/e/f", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"f" * self.MIB)
+        os.symlink(tmp_path / "outside", root / "d" / "out")
+        (root / "d" / "game.bin").write_bytes(b"g" * self.MIB)  # nothing booked this one
+        held = fs.open_metered(jail, "d/e/f")  # a client still reads it
+        assert fs.remove_tree(jail, "d") == 0 and fs.usage_bytes() == self.MIB
+        held.close()
+        assert fs.usage_bytes() == 0 and not (root / "d").exists()
+        assert (tmp_path / "outside" / "keep").read_bytes() == b"k"
+
+    def test_truncation_and_append_are_metered(self, fs):
+        fs, jail, root = fs
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.truncate(2 * self.MIB)
+            assert fs.usage_bytes() == 2 * self.MIB
+            with pytest.raises(w.DiskLimitExceeded):
+                handle.truncate(5 * self.MIB)
+            handle.truncate(self.MIB)
+        assert fs.usage_bytes() == self.MIB
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_APPEND) as handle:
+            handle.pwrite(b"z" * 10, 0)  # appended, whatever the offset
+        assert (root / "f").stat().st_size == self.MIB + 10 == fs.usage_bytes()
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_TRUNC):
+            pass
+        assert fs.usage_bytes() == 0
+
+
 # archives #########################################################################################
 
 
@@ -6087,9 +6193,9 @@ SFTP_PASSWORD = "correct horse"
 SFTP_LIMIT_MB = 1
 
 
-def _sftp_daemon(panel, make_daemon, perms=("*",), **overrides):
+def _sftp_daemon(panel, make_daemon, perms=("*",), disk_mb=SFTP_LIMIT_MB, **overrides):
     """A daemon with SFTP on a free loopback port and one server (1 MiB disk) alice may log into."""
-    uuid = panel.add(panel_document(build__disk_space=SFTP_LIMIT_MB))
+    uuid = panel.add(panel_document(build__disk_space=disk_mb))
     panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = list(perms)
     settings = {
         "wingslite__sftp_enabled": True,
@@ -6103,9 +6209,13 @@ def _sftp_daemon(panel, make_daemon, perms=("*",), **overrides):
 
 
 @contextlib.contextmanager
-def sftp_client(daemon, server, user=SFTP_USER, password=SFTP_PASSWORD, key=None):
-    """A real paramiko SFTP client logged in as ``<user>.<server id>``."""
-    transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
+def sftp_client(daemon, server, user=SFTP_USER, password=SFTP_PASSWORD, key=None, source_ip=None):
+    """A real paramiko SFTP client logged in as ``<user>.<server id>`` (from ``source_ip``, a
+    loopback address such as 127.0.0.2, when given)."""
+    address = ("127.0.0.1", daemon.sftp.port)
+    transport = paramiko.Transport(
+        socket.create_connection(address, source_address=(source_ip, 0)) if source_ip else address
+    )
     try:
         transport.connect(
             username=f"{user}.{server.uuid[:8]}", password=None if key else password, pkey=key
@@ -6162,6 +6272,18 @@ def sftp_refused(action, *args) -> bool:
     return False
 
 
+def tree(root: Path) -> dict:
+    """Every entry under ``root`` (links not followed): path -> (mode, size, link target)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(d, name)
+            st = os.lstat(path)
+            link = os.readlink(path) if os.path.islink(path) else None
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_size, link)
+    return out
+
+
 class TestJail:
     """The path jail on its own (no paramiko needed): what SFTP's tests cannot reach directly."""
 
@@ -6216,6 +6338,77 @@ class TestJail:
         with pytest.raises(w.PathEscape):  # ... but from the root it would climb out
             jail.rename("d/e/l", "l")
         assert os.path.islink(root / "d" / "e" / "l")
+
+    def test_a_link_is_checked_from_where_it_really_sits(self, jail):
+        jail, root = jail
+        (root / "a" / "b").mkdir(parents=True)
+        jail.symlink("../..", "a/b/up")  # lands on the root: fine
+        before = tree(root)
+        # written as a/b/up/evil, it really sits in the root: two levels up is outside
+        for target in ("../../outside", "../outside", "x/../../..", "d/../../outside", "/etc"):
+            with pytest.raises(w.PathEscape):
+                jail.symlink(target, "a/b/up/evil")
+        assert tree(root) == before and not os.path.lexists(root / "evil")
+        os.symlink("../outside", root / "game-made")  # a link the game made, pointing out
+        with pytest.raises(w.PathEscape):
+            jail.symlink("game-made/x", "through")  # lands wherever that one leads: outside
+        jail.symlink("up/d/f", "a/b/ok")
+        assert self.read(jail, "a/b/ok") == b"hello"
+
+    def test_a_directory_move_that_would_carry_a_link_out_is_refused(self, jail):
+        jail, root = jail
+        (root / "a" / "b" / "c").mkdir(parents=True)
+        jail.symlink("../../d/f", "a/b/l")  # from a/b: two up is the root, then d/f
+        jail.symlink("../f", "a/b/c/inner")  # stays inside the moved directory
+        before = tree(root)
+        with pytest.raises(w.PathEscape):
+            jail.rename("a/b", "b")  # from /b, two up is outside
+        assert tree(root) == before
+        jail.rename("a/b", "d/b")  # as deep as before: still lands inside
+        assert self.read(jail, "d/b/l") == b"hello"
+
+    def test_walk_reports_links_as_links_and_never_follows_them(self, jail):
+        jail, root = jail
+        os.symlink("../outside", root / "out")
+        os.symlink("d", root / "dl")
+        (root / "d" / "e").mkdir()
+        (root / "d" / "e" / "g").write_text("g")
+        entries = {e.path: e for e in jail.walk()}
+        assert set(entries) == {"/d", "/d/f", "/d/e", "/d/e/g", "/out", "/dl"}
+        assert entries["/out"].is_symlink and entries["/dl"].is_symlink
+        assert [e.path for e in jail.walk("d/e")] == ["/d/e/g"]
+        fs = w.Filesystem(root)
+        assert fs.recalculate() == len("hello") + 1
+
+    def test_a_walk_racing_a_directory_swapped_for_a_link_never_leaves(self, jail, tmp_path):
+        jail, root = jail
+        outside = tmp_path / "outside"
+        with open(outside / "outside-only", "wb") as fh:
+            fh.truncate(1 << 40)  # 1 TiB apparent: counted once, the figure would show it
+        (root / "d" / "sub").mkdir()
+        os.symlink(str(outside), root / "link")
+        libc = ctypes.CDLL(None, use_errno=True)
+        stop = threading.Event()
+
+        def swap():
+            while not stop.is_set():  # "d" and "link" trade places, atomically (RENAME_EXCHANGE)
+                libc.renameat2(-100, bytes(root / "d"), -100, bytes(root / "link"), 2)
+
+        swapper = threading.Thread(target=swap)
+        swapper.start()
+        seen, figures = set(), []
+        try:
+            fs = w.Filesystem(root)
+            for _ in range(300):
+                seen.update(
+                    e.path.rsplit("/", 1)[-1] for e in jail.walk(on_error=lambda p, e: None)
+                )
+                figures.append(fs.recalculate())
+        finally:
+            stop.set()
+            swapper.join()
+        assert "outside-only" not in seen and "f" in seen
+        assert max(figures) < 1 << 20
 
     def test_the_denylist_is_checked_where_a_link_leads(self, tmp_path):
         root = tmp_path / "root"
@@ -6610,6 +6803,35 @@ class TestSftpJail:
         assert (outside / "secret.txt").stat().st_mode & 0o777 == 0o640
         assert os.listdir(outside) == ["secret.txt"]
 
+    def test_a_chain_of_dot_dot_links_cannot_reach_outside(self, node):
+        daemon, server, _ = node
+        root = server.fs.root
+        with sftp_client(daemon, server) as client:
+            client.mkdir("a")
+            client.mkdir("a/b")
+            client.symlink("../..", "a/b/up")  # lands on the server's own directory: allowed
+            before = tree(root)
+            with pytest.raises(IOError):  # a/b/up/evil really sits at /evil: ../.. is outside
+                client.symlink("../../root/wingslite/servers", "a/b/up/evil")
+            assert client.open("a/b/up/inside.txt").read() == b"inside"
+        assert tree(root) == before
+
+    def test_renaming_a_directory_that_carries_a_relative_link_out_is_refused(self, node):
+        daemon, server, _ = node
+        root = server.fs.root
+        with sftp_client(daemon, server) as client:
+            client.mkdir("a")
+            client.mkdir("a/b")
+            client.symlink("../../inside.txt", "a/b/l")
+            before = tree(root)
+            for rename in (client.rename, client.posix_rename):
+                with pytest.raises(IOError):
+                    rename("a/b", "b")  # from /b, ../.. is outside
+            assert tree(root) == before
+            client.mkdir("c")
+            client.rename("a/b", "c/b")  # just as deep: the link still lands inside
+            assert client.open("c/b/l").read() == b"inside"
+
     def test_a_symlink_swapped_in_during_operations_is_never_followed(self, node):
         daemon, server, outside = node
         root = server.fs.root
@@ -6703,6 +6925,107 @@ class TestSftpDiskLimit:
         done = openssh_sftp(daemon, server, ["put huge.bin"], cwd=tmp_path)
         assert done.returncode != 0
         assert (server.fs.root / "huge.bin").stat().st_size <= SFTP_LIMIT_MB * 1024 * 1024
+
+
+@needs_paramiko
+class TestSftpDiskHeld:
+    """What a client holds counts, however it holds it (open handles of removed or replaced files)."""
+
+    MIB = 1 << 20
+    LIMIT_MB = 4
+
+    def _write(self, fh, n_bytes):
+        """Write until done or refused; True when the node refused (status 15)."""
+        try:
+            for _ in range(n_bytes // 65536):
+                fh.write(b"x" * 65536)
+            fh.flush()
+        except OSError:
+            return True
+        return False
+
+    def test_open_write_remove_and_keep_the_handle_holds_the_limit(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        limit = self.LIMIT_MB * self.MIB
+        with sftp_client(daemon, server) as client:
+            handles, refused = [], False
+            for i in range(12):
+                try:
+                    fh = client.open(f"f{i}", "w")
+                except OSError:  # refused at open: already at the limit
+                    refused = True
+                    continue
+                handles.append(fh)
+                refused |= self._write(fh, self.MIB)
+                client.remove(f"f{i}")
+            assert refused, "no write was refused"
+            assert held_bytes(server.fs.root) <= limit + self.MIB
+            for fh in handles:
+                with contextlib.suppress(OSError):
+                    fh.close()
+            # closed: the bytes are free again, and given back
+            wait_for(lambda: held_bytes(server.fs.root) == 0, what="the handles to close")
+            with client.open("after", "w") as fh:
+                assert not self._write(fh, limit - self.MIB)
+
+    def test_posix_rename_over_a_file_another_handle_writes_holds_the_limit(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        limit = self.LIMIT_MB * self.MIB
+        with sftp_client(daemon, server) as client:
+            handles, refused = [], False
+            for _ in range(12):
+                try:
+                    fh = client.open("live", "w")
+                except OSError:  # refused at open: already at the limit
+                    refused = True
+                    continue
+                handles.append(fh)
+                refused |= self._write(fh, self.MIB)
+                with contextlib.suppress(OSError), client.open("next", "w") as small:
+                    small.write(b"n")
+                with contextlib.suppress(OSError):
+                    client.posix_rename("next", "live")  # replaces the file ``fh`` still writes
+                refused |= self._write(fh, self.MIB // 2)
+            assert refused, "no write was refused"
+            assert held_bytes(server.fs.root) <= limit + self.MIB
+            for fh in handles:
+                with contextlib.suppress(OSError):
+                    fh.close()
+
+    def test_a_file_deleted_by_the_file_manager_counts_while_a_client_holds_it(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        with sftp_client(daemon, server) as client:
+            held = client.open("held", "w")
+            assert not self._write(held, 3 * self.MIB)
+            deletes = {"root": "/", "files": ["held"]}
+            assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+            with client.open("more", "w") as fh:
+                assert self._write(fh, 2 * self.MIB), "the deleted file's bytes were given back"
+            held.close()
+            wait_for(lambda: server.fs.usage_bytes() < 2 * self.MIB, what="the close")
+            with client.open("more", "w") as fh:
+                assert not self._write(fh, 2 * self.MIB)
+
+    def test_removing_what_the_game_wrote_since_the_walk_frees_nothing_booked(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        limit = self.LIMIT_MB * self.MIB
+        (server.fs.root / "world.dat").write_bytes(b"w" * 3 * self.MIB)
+        server.fs.recalculate()
+        (server.fs.root / "game.log").write_bytes(b"g" * 3 * self.MIB)  # unmetered, since the walk
+        with sftp_client(daemon, server) as client:
+            client.remove("game.log")
+            with client.open("upload", "w") as fh:
+                assert self._write(fh, 3 * self.MIB), "the upload was not refused"
+        assert held_bytes(server.fs.root) <= limit + self.MIB
 
 
 @needs_paramiko
@@ -6820,6 +7143,121 @@ class TestSftpResourceLimits:
             for handle in opened:  # closing them gives the budget back
                 client._request(paramiko.sftp.CMD_CLOSE, handle)
             assert len(client.listdir("many")) == 400
+
+
+def closed_by_peer(sock: socket.socket, timeout_s: float = 10) -> bool:
+    """Read until the peer closes (True) or ``timeout_s`` passes with it still open (False)."""
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+@needs_paramiko
+class TestSftpStrangers:
+    """Connections that cost a stranger nothing cannot lock real users out."""
+
+    def test_silent_connections_are_capped_per_address_and_closed_after_the_handshake_timeout(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(
+            panel,
+            make_daemon,
+            wingslite__sftp_handshake_timeout_s=2,
+            wingslite__sftp_max_unauthenticated_per_ip=4,
+        )
+        port = daemon.sftp.port
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        try:
+            wait_for(lambda: daemon.sftp.connections() == 4, what="four silent connections")
+            with socket.create_connection(("127.0.0.1", port)) as fifth:  # same address: no slot
+                fifth.settimeout(10)
+                assert fifth.recv(256) == b""
+            with sftp_client(daemon, server, source_ip="127.0.0.2") as client:  # someone else
+                assert client.listdir("/") == []
+            for sock in silent:  # none of them said a word: closed at the deadline
+                assert closed_by_peer(sock), "a silent connection outlived the handshake timeout"
+        finally:
+            for sock in silent:
+                sock.close()
+        wait_for(lambda: daemon.sftp.connections() == 0, what="the silent connections to end")
+        with sftp_client(daemon, server) as client:  # the address has its slots back
+            assert client.listdir("/") == []
+
+    def test_a_banner_without_an_end_is_not_held(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_handshake_timeout_s=2)
+        with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
+            assert sock.recv(256).startswith(b"SSH-2.0-")
+            sent, chunk = 0, b"A" * 65536
+            with pytest.raises(ConnectionError):  # reset: the node stopped reading and closed
+                while sent < 64 << 20:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+        assert sent < 16 << 20, f"the node took {sent >> 20} MiB of one banner line"
+        with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
+            sock.recv(256)
+            sock.sendall(b"SSH-2.0-")  # then a byte now and then: each one resets no clock
+            with pytest.raises(OSError):
+                for _ in range(100):
+                    sock.sendall(b"x")
+                    time.sleep(0.2)
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_a_flood_of_bad_handshakes_logs_a_line_a_minute_not_a_traceback_each(
+        self, panel, make_daemon, caplog
+    ):
+        daemon, _ = _sftp_daemon(panel, make_daemon, wingslite__sftp_handshake_timeout_s=1)
+        caplog.set_level(logging.INFO)
+        for garbage in [b"GET / HTTP/1.1\r\n\r\n", b"\x00" * 600, b"SSH-1.0-old\r\n"] * 4:
+            with socket.create_connection(("127.0.0.1", daemon.sftp.port)) as sock:
+                sock.sendall(garbage)
+                closed_by_peer(sock)
+        silent = [socket.create_connection(("127.0.0.1", daemon.sftp.port)) for _ in range(3)]
+        for sock in silent:
+            closed_by_peer(sock)
+            sock.close()
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(loud) <= 1, [r.getMessage() for r in loud]
+        assert not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG)
+
+    def test_an_idle_session_is_closed(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_idle_timeout_s=2)
+        with sftp_client(daemon, server) as client:
+            transport = client.get_channel().get_transport()
+            for _ in range(20):  # 4 s of requests: never idle
+                client.listdir("/")
+                time.sleep(0.2)
+            assert transport.is_active()
+            wait_for(
+                lambda: not transport.is_active(), timeout_s=15, what="the idle session to close"
+            )
+        wait_for(lambda: daemon.sessions.count(server.uuid, "sftp") == 0, what="the table")
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_one_user_cannot_take_every_slot(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_max_sessions_per_user=2)
+        alice = panel.user_uuid
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(sftp_client(daemon, server))
+            stack.enter_context(sftp_client(daemon, server))
+            with pytest.raises(paramiko.AuthenticationException):
+                with sftp_client(daemon, server):
+                    pass
+            panel.user_uuid = "b0b00000-1111-4222-8333-444455556666"  # another Panel user
+            with sftp_client(daemon, server) as client:
+                assert client.listdir("/") == []
+            panel.user_uuid = alice
+            first.get_channel().get_transport().close()
+            wait_for(lambda: daemon.sftp.connections() == 1, what="the first connection to end")
+            with sftp_client(daemon, server) as client:  # her slot is free again
+                assert client.listdir("/") == []
 
 
 # activity #########################################################################################

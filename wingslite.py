@@ -27,8 +27,10 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     config                 Wings' config.yml -> frozen ``Config`` (+ wingslite's own keys)
     Panel client           ``PanelClient``: the Panel's remote API, retries, pagination
     server model           Panel JSON -> ``ServerConfig``; validation; units and Docker maths
-    filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
-                           (paths that cannot leave a server's directory), quota backends
+    filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist, the
+                           metering every writer uses: ``open_metered`` -> ``MeteredFile``),
+                           ``Jail`` (paths that cannot leave a server's directory; ``walk``
+                           for every reader of a whole tree), quota backends
                            (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
     archives               ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
                            ``HashingWriter``), ``extract_archive`` (tar/gz/bz2/xz/zip into a jail,
@@ -312,6 +314,10 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.sftp_enabled", bool, True),
     ("wingslite.sftp_login_attempts_per_minute", int, 10),
     ("wingslite.sftp_max_connections", int, 64),
+    ("wingslite.sftp_handshake_timeout_s", (int, float), 15),
+    ("wingslite.sftp_idle_timeout_s", (int, float), 600),
+    ("wingslite.sftp_max_unauthenticated_per_ip", int, 8),
+    ("wingslite.sftp_max_sessions_per_user", int, 12),
     ("wingslite.websocket_max_per_server", int, 30),
     ("wingslite.websocket_unauthenticated_per_ip", int, 32),
     ("wingslite.max_panel_pages", int, 1000),
@@ -354,6 +360,10 @@ _NON_NEGATIVE = {
     "wingslite.panel_retry_initial_ms",
     "wingslite.sftp_login_attempts_per_minute",
     "wingslite.sftp_max_connections",
+    "wingslite.sftp_handshake_timeout_s",
+    "wingslite.sftp_idle_timeout_s",
+    "wingslite.sftp_max_unauthenticated_per_ip",
+    "wingslite.sftp_max_sessions_per_user",
     "wingslite.websocket_max_per_server",
     "wingslite.websocket_unauthenticated_per_ip",
     "wingslite.max_panel_pages",
@@ -1648,15 +1658,46 @@ class Filesystem:
     """One server's data directory, its disk limit and its usage accounting.
 
     Methods for the caller: ``set_limit(limit_bytes)``, ``usage_bytes(allow_stale=True)``,
-    ``recalculate()``, ``has_space(n_bytes)``, ``reserve(n_bytes)``, ``add_usage(delta_bytes)``,
-    ``set_denylist(patterns)``, ``is_denied(relpath)``, ``jail()``, ``chown_all(budget_s)``.
-    ``owner`` (``(uid, gid)`` or None) is the node user every file the daemon makes belongs to.
+    ``recalculate()``, ``has_space(n_bytes)``, ``set_denylist(patterns)``, ``is_denied(relpath)``,
+    ``jail()``, and the metering API every writer uses (SFTP, file manager, uploads, archives,
+    backup restores, transfers):
+
+        ``open_metered(jail, path, flags)``  a ``MeteredFile``: every byte it grows the file by is
+                                             booked before it is written (``DiskLimitExceeded``,
+                                             errno EDQUOT, when it would pass the limit)
+        ``remove(jail, path)``               unlink a file and give back what was booked for it
+        ``remove_tree(jail, path)``          a file, link or whole directory, each file given back
+        ``rename(jail, src, dst)``           move; a file it replaces is given back the same way
+        ``release(st)``                      give back a file some other path removed (its lstat)
+
+    Lower level, for callers that cannot name the file: ``reserve(n_bytes)`` (check and book in
+    one step, False when it does not fit) and ``add_usage(delta_bytes)``.
+
+    ``owner`` (``(uid, gid)`` or None) is the node user every file the daemon makes belongs to;
+    ``chown_all(budget_s)`` gives it the whole tree.
 
     Usage is the apparent size of every regular file under the root (as Wings), cached for
     ``check_interval_s`` seconds; a stale read returns the cached figure at once and refreshes in the
-    background, so no caller (boot included) waits on a walk unless it asks to. Metered writers
-    call ``reserve()`` before each write, which checks and books the bytes in one step.
+    background, so no caller (boot included) waits on a walk unless it asks to.
+
+    What the figure counts is what is really held: a file removed or replaced while a metered
+    handle still holds it keeps counting until that handle closes (its blocks are only freed
+    then), and the walk adds such files, which it cannot see. Removing a file gives back only what
+    the figure counts for it: its size when it has not changed since the last walk began, else
+    what that walk saw of it plus what was booked for it since (an inode ledger that holds only
+    files changed since the walk); a file the game wrote since then, which nothing booked, gives
+    back nothing until the next walk measures it -- so removing files can never free more than
+    the figure holds.
     """
+
+    # File timestamps lag the wall clock by up to a jiffy and some filesystems keep whole seconds:
+    # a file whose ctime is this close to a walk's start may have changed after the walk saw it.
+    _CTIME_SLACK_NS = 2_000_000_000
+    # The walk remembers the size of every file changed this close to its start (the ledger);
+    # beyond this many, such files give back nothing when removed, until the next walk.
+    max_ledger_entries = 100_000
+    # A removal whose file the figure cannot account for makes the next walk due this soon.
+    recheck_after_unknown_s = 5.0
 
     def __init__(
         self,
@@ -1676,6 +1717,12 @@ class Filesystem:
         self._lock = threading.Lock()
         self._walking = False
         self._booked_total = 0  # every byte ever booked or freed, so a walk can add what raced it
+        self._ledger: dict[
+            tuple[int, int], int
+        ] = {}  # inode -> bytes counted, if changed since the walk
+        self._walk_started_ns = 0  # wall clock; a file unchanged since then is counted at its size
+        self._walks: list[_WalkState] = []  # walks running now, to learn what raced them
+        self._open: dict[tuple[int, int], set[MeteredFile]] = {}  # inodes held by metered handles
         self._quota_limit: int | None = None  # the limit the quota backend last accepted
         self._denylist: tuple[str, ...] = ()
         self._deny_re: re.Pattern[str] | None = None
@@ -1694,7 +1741,8 @@ class Filesystem:
                 os.chown(self.root, *self.owner, follow_symlinks=False)
 
     def jail(self) -> Jail:
-        """A ``Jail`` on this directory with its denylist; what it creates belongs to ``owner``."""
+        """A ``Jail`` over this server's directory with its denylist (close it when done); what it
+        creates belongs to ``owner``."""
         return Jail(self.root, is_denied=self.is_denied, owner=self.owner)
 
     def chown_all(self, budget_s: float = 60.0) -> tuple[int, bool]:
@@ -1776,32 +1824,68 @@ class Filesystem:
                 self._walking = False
 
     def recalculate(self) -> int:
-        """Walk the directory now (lstat, symlinks not followed) and cache the figure.
+        """Walk the directory now (``Jail.walk``: symlinks never followed) and cache the figure.
 
         Bytes booked or freed while the walk runs are added to its result: a write that raced the
-        walk may be counted twice until the next walk, never zero times.
+        walk may be counted twice until the next walk, never zero times. A removal that raced it
+        and whose file the walk never saw is not given back twice. Files that metered handles hold
+        after their last link went are added: the walk cannot see them, the disk still holds them.
         """
+        walk = _WalkState(time.time_ns())
         with self._lock:
-            booked_at_start = self._booked_total
-        total = 0
-        stack = [str(self.root)]
-        while stack:
-            try:
-                with os.scandir(stack.pop()) as it:
-                    for entry in it:
-                        try:
-                            if entry.is_dir(follow_symlinks=False):
-                                stack.append(entry.path)
-                            elif entry.is_file(follow_symlinks=False):
-                                total += entry.stat(follow_symlinks=False).st_size
-                        except OSError:
-                            continue
-            except OSError:
-                continue
+            walk.booked_at_start = self._booked_total
+            self._walks.append(walk)
+        try:
+            total, recent = self._walk_sizes(walk)
+        finally:
+            with self._lock:
+                self._walks.remove(walk)
         with self._lock:
-            self._usage = max(0, total + self._booked_total - booked_at_start)
+            total += self._held_orphans(recent)
+            for key, delta in walk.booked.items():
+                recent[key] = max(0, recent.get(key, 0) + delta)
+            undo = sum(c for key, c in walk.removed.items() if key not in walk.seen_removed)
+            raced = self._booked_total - walk.booked_at_start
+            self._usage = max(0, total + raced + undo)
+            self._ledger, self._walk_started_ns = recent, walk.started_ns
             self._measured_at = time.monotonic()
+            if undo:  # some of it may have been seen before it went: count again soon
+                self._measured_at -= self.check_interval_s - self.recheck_after_unknown_s
             return self._usage
+
+    def _walk_sizes(self, walk: _WalkState) -> tuple[int, dict[tuple[int, int], int]]:
+        """The apparent size of every regular file, and the sizes of the recently changed ones."""
+        total, recent = 0, {}
+        recent_after_ns = walk.started_ns - self._CTIME_SLACK_NS
+        if not self.root.is_dir():
+            return 0, recent
+        with Jail(self.root) as jail:
+            for _, st in jail.walk("/", on_error=lambda path, exc: None):
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                total += st.st_size
+                key = (st.st_dev, st.st_ino)
+                if st.st_ctime_ns >= recent_after_ns and len(recent) < self.max_ledger_entries:
+                    recent[key] = st.st_size
+                if walk.removed and key in walk.removed:
+                    with self._lock:
+                        walk.seen_removed.add(key)
+        return total, recent
+
+    def _held_orphans(self, recent: dict[tuple[int, int], int]) -> int:
+        """Bytes of files metered handles hold after their last link went (lock held)."""
+        held = 0
+        for key, handles in self._open.items():
+            for handle in handles:
+                try:
+                    st = os.fstat(handle.fileno())
+                except (OSError, ValueError):
+                    continue
+                if st.st_nlink == 0:
+                    held += st.st_size
+                    recent[key] = st.st_size
+                break
+        return held
 
     def has_space(self, n_bytes: int = 0) -> bool:
         """True when ``n_bytes`` more still fit (usage == limit is allowed, as Wings)."""
@@ -1810,7 +1894,142 @@ class Filesystem:
         return self.usage_bytes() + max(0, n_bytes) <= self._limit
 
     def reserve(self, n_bytes: int) -> bool:
-        """Book ``n_bytes`` against the limit if they fit; False (nothing booked) if they do not."""
+        """Book ``n_bytes`` against the limit if they fit; False (nothing booked) if they do not.
+
+        For writers that cannot name the file they grow; ``open_metered`` books per file, so that
+        removing the file later gives back exactly what was booked for it.
+        """
+        return self._book(n_bytes)
+
+    def add_usage(self, delta_bytes: int) -> None:
+        """Change the figure by ``delta_bytes`` without a check (negative: bytes freed)."""
+        with self._lock:
+            self._usage = max(0, self._usage + delta_bytes)
+            self._booked_total += delta_bytes
+
+    # -- metering ------------------------------------------------------------------------------
+
+    def open_metered(
+        self, jail: Jail, path: str, flags: int = os.O_RDONLY, mode: int = 0o644
+    ) -> MeteredFile:
+        """Open a regular file beneath ``jail`` as a ``MeteredFile`` (a context manager).
+
+        ``flags`` as ``os.open``: ``O_TRUNC`` gives the freed bytes back, ``O_APPEND`` writes at
+        the end whatever offset is asked. Open read-only handles through here too: a file removed
+        while any handle of a client holds it keeps counting until that handle closes.
+        """
+        fd = jail.open(path, flags & ~os.O_APPEND, mode)
+        try:
+            handle = MeteredFile(self, fd, bool(flags & os.O_APPEND), path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+            try:
+                handle.truncate(0)
+            except BaseException:
+                handle.close()
+                raise
+        return handle
+
+    def remove(self, jail: Jail, path: str) -> os.stat_result:
+        """Unlink a file or symlink beneath ``jail``; its bytes are given back as ``release`` says."""
+        st = jail.remove(path)
+        self.release(st)
+        return st
+
+    def remove_tree(self, jail: Jail, path: str) -> int:
+        """Remove ``path`` beneath ``jail``, a whole directory included, never following a link;
+        each file is given back as ``release`` says. Returns the bytes given back."""
+        with jail.resolve(path, follow=False) as where:
+            if where.name is None:
+                raise PermissionError(errno.EPERM, "the server's root directory cannot be removed")
+            st = os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(where.name, dir_fd=where.dir_fd)
+                return self.release(st)
+            return self._remove_dir_at(where.dir_fd, where.name)
+
+    def _remove_dir_at(self, parent_fd: int, name: str) -> int:
+        """Depth first from directory fds opened with ``O_NOFOLLOW``: one fd per level."""
+        freed = 0
+        frames: list[tuple[int, str, int, list[str]]] = []  # (parent fd, name, fd, names left)
+        try:
+            fd = os.open(name, Jail._DIR_FLAGS, dir_fd=parent_fd)
+            frames.append((parent_fd, name, fd, os.listdir(fd)))
+            while frames:
+                parent, own, fd, names = frames[-1]
+                if not names:
+                    frames.pop()
+                    os.close(fd)
+                    os.rmdir(own, dir_fd=parent)
+                    continue
+                child = names.pop()
+                try:
+                    st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        child_fd = os.open(child, Jail._DIR_FLAGS, dir_fd=fd)
+                        frames.append((fd, child, child_fd, os.listdir(child_fd)))
+                    else:
+                        os.unlink(child, dir_fd=fd)
+                        freed += self.release(st)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+        finally:
+            for _, _, fd, _ in frames:
+                os.close(fd)
+        return freed
+
+    def rename(
+        self, jail: Jail, src: str, dst: str, overwrite: bool = True
+    ) -> os.stat_result | None:
+        """``Jail.rename``; a file it replaces is given back as ``release`` says."""
+        old = jail.rename(src, dst, overwrite=overwrite)
+        self.release(old)
+        return old
+
+    def release(self, st: os.stat_result | None) -> int:
+        """Give back what the figure counts for a file whose last link is gone; returns it.
+
+        ``st`` is the file's lstat taken before it went. Nothing is given back for a directory,
+        a symlink, a file with links left, or a file a metered handle still holds (that happens
+        when the last such handle closes).
+        """
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            return 0
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            if key in self._open:
+                return 0
+            return self._give_back(key, st)
+
+    def _give_back(self, key: tuple[int, int], st: os.stat_result) -> int:
+        """Forget a file that is gone and give back what the figure counted for it (lock held)."""
+        known = key in self._ledger or st.st_ctime_ns < self._walk_started_ns - self._CTIME_SLACK_NS
+        credit = self._counted(key, st)
+        self._ledger.pop(key, None)
+        self._usage = max(0, self._usage - credit)
+        self._booked_total -= credit
+        for walk in self._walks:
+            walk.removed[key] = walk.removed.get(key, 0) + credit
+        if not known and st.st_size and self._measured_at is not None:
+            # The game wrote it since the walk; nothing booked it. The next walk tells the truth.
+            due = time.monotonic() - self.check_interval_s + self.recheck_after_unknown_s
+            self._measured_at = min(self._measured_at, due)
+        return credit
+
+    def _counted(self, key: tuple[int, int], st: os.stat_result) -> int:
+        """What the figure counts for this inode, given its stat before a change (lock held)."""
+        if key in self._ledger:
+            return self._ledger[key]
+        if st.st_ctime_ns < self._walk_started_ns - self._CTIME_SLACK_NS:
+            return st.st_size  # unchanged since before the last walk began: it counted this
+        return 0
+
+    def _book(
+        self, n_bytes: int, key: tuple[int, int] | None = None, st: os.stat_result | None = None
+    ) -> bool:
+        """Check and book ``n_bytes`` (of the inode ``key`` whose stat was ``st``)."""
         if n_bytes <= 0:
             return True
         if self._limit and self._measured_at is None and self.quota.usage_bytes(self.root) is None:
@@ -1822,12 +2041,59 @@ class Filesystem:
                 return False
             self._usage += n_bytes
             self._booked_total += n_bytes
+            if key is not None and st is not None:
+                self._note(key, st, n_bytes)
             return True
 
-    def add_usage(self, delta_bytes: int) -> None:
+    def _unbook(self, key: tuple[int, int], st: os.stat_result, n_bytes: int) -> None:
+        """Give back bytes of an inode that it no longer holds (a failed write, a truncation)."""
         with self._lock:
-            self._usage = max(0, self._usage + delta_bytes)
-            self._booked_total += delta_bytes
+            credit = min(n_bytes, self._counted(key, st))
+            if credit <= 0:
+                return
+            self._usage = max(0, self._usage - credit)
+            self._booked_total -= credit
+            self._note(key, st, -credit)
+
+    def _shrunk(self, key: tuple[int, int], st: os.stat_result, size: int) -> None:
+        """A file cut to ``size`` counts at most that: give back what was counted above it."""
+        with self._lock:
+            credit = self._counted(key, st) - size
+            if credit > 0:
+                self._usage = max(0, self._usage - credit)
+                self._booked_total -= credit
+                self._note(key, st, -credit)
+
+    def _note(self, key: tuple[int, int], st: os.stat_result, delta: int) -> None:
+        """Record a booking in the ledger and in every running walk (lock held)."""
+        if key in self._ledger or len(self._ledger) < self.max_ledger_entries:
+            self._ledger[key] = max(0, self._counted(key, st) + delta)
+        for walk in self._walks:
+            walk.booked[key] = walk.booked.get(key, 0) + delta
+
+    def _opened(self, handle: MeteredFile, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._open.setdefault(key, set()).add(handle)
+            st = os.fstat(handle.fileno())
+            if st.st_nlink == 0 and key not in self._ledger:
+                # Removed between its open and now, and perhaps given back already: it is held.
+                self._usage += st.st_size
+                self._booked_total += st.st_size
+                self._ledger[key] = st.st_size
+
+    def _closing(
+        self, handle: MeteredFile, key: tuple[int, int], st: os.stat_result | None
+    ) -> None:
+        """The last metered handle of a file whose last link went gives its bytes back."""
+        with self._lock:
+            handles = self._open.get(key)
+            if handles is not None:
+                handles.discard(handle)
+                if handles:
+                    return
+                del self._open[key]
+            if st is not None and st.st_nlink == 0:
+                self._give_back(key, st)
 
     def set_denylist(self, patterns: Iterable[str]) -> None:
         """The egg's ``file_denylist`` (gitignore-like globs) that no file operation may touch."""
@@ -1864,6 +2130,164 @@ def _glob_to_regex(pattern: str) -> str:
     return f"(?:{prefix}{''.join(out)}(/|$))"
 
 
+# Python integers cannot overflow, but the kernel's offsets can: beyond off_t a write is refused.
+MAX_FILE_BYTES = (1 << 63) - 1
+
+
+class DiskLimitExceeded(OSError):
+    """A metered write or truncation that would pass the server's disk limit (errno EDQUOT).
+
+    Nothing of the refused call was written. SFTP answers it with status 15, "Quota Exceeded".
+    """
+
+    def __init__(self, limit_bytes: int, path: str = ""):
+        super().__init__(
+            errno.EDQUOT, f"the disk limit of {limit_bytes} bytes would be passed", path or None
+        )
+        self.limit_bytes = limit_bytes
+
+
+@dataclasses.dataclass
+class _WalkState:
+    """What raced one usage walk: bookings and removals by inode while it ran."""
+
+    started_ns: int
+    booked_at_start: int = 0
+    booked: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+    removed: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+    seen_removed: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+
+
+class MeteredFile:
+    """A regular file of a server, opened through its jail; every byte of growth is booked first.
+
+    Made by ``Filesystem.open_metered(jail, path, flags)``. Methods for the caller: ``write(data)``
+    (at the file position), ``pwrite(data, offset)``, ``read(n)``, ``pread(n, offset)``,
+    ``truncate(size)``, ``seek(offset)``, ``stat()``, ``fileno()``, ``close()``; use it as a
+    context manager. Thread-safe: one write or truncation at a time.
+
+    Growth is ``max(0, offset + len(data) - current size)``: a write inside the file books nothing,
+    a write past its end books the gap too (a sparse file counts its apparent size, as the usage
+    walk does). A call that does not fit raises ``DiskLimitExceeded`` and writes nothing, so the
+    file ends at the last write that fitted; bytes booked but not written (a failing disk) are
+    given back. While any metered handle holds a file, removing or replacing it gives nothing
+    back: its blocks stay on the disk until the last handle closes, and so does its count.
+    """
+
+    def __init__(self, fs: Filesystem, fd: int, append: bool = False, name: str = ""):
+        self._fs = fs
+        self._fd = fd
+        self.append = append
+        self.name = name
+        self._pos = 0
+        self._lock = threading.Lock()  # growth is computed from the size: one change at a time
+        st = os.fstat(fd)
+        self._key = (st.st_dev, st.st_ino)
+        fs._opened(self, self._key)
+
+    def __enter__(self) -> MeteredFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("I/O operation on a closed file")
+        return self._fd
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fileno())
+
+    def seek(self, offset: int) -> None:
+        self._pos = max(0, offset)
+
+    def read(self, n_bytes: int) -> bytes:
+        data = self.pread(n_bytes, self._pos)
+        self._pos += len(data)
+        return data
+
+    def pread(self, n_bytes: int, offset: int) -> bytes:
+        if n_bytes < 0 or offset < 0:
+            raise OSError(errno.EINVAL, "negative length or offset", self.name)
+        return os.pread(self.fileno(), n_bytes, offset)
+
+    def write(self, data: bytes) -> int:
+        with self._lock:
+            offset = self._pos
+            written = self._pwrite(data, offset)
+            self._pos = os.fstat(self._fd).st_size if self.append else offset + written
+            return written
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        """Write all of ``data`` at ``offset`` (at the end when opened for appending)."""
+        with self._lock:
+            return self._pwrite(data, offset)
+
+    def _pwrite(self, data: bytes, offset: int) -> int:
+        before = os.fstat(self.fileno())
+        if self.append:  # O_APPEND would make pwrite ignore the offset that was metered
+            offset = before.st_size
+        end = offset + len(data)
+        if offset < 0 or end > MAX_FILE_BYTES:
+            raise OSError(
+                errno.EFBIG, f"offset {offset} is outside what a file can hold", self.name
+            )
+        growth = max(0, end - before.st_size)
+        if growth and not self._fs._book(growth, self._key, before):
+            raise DiskLimitExceeded(self._fs.limit_bytes, self.name)
+        written = 0
+        try:
+            view = memoryview(data)
+            while written < len(data):
+                n = os.pwrite(self._fd, view[written:], offset + written)
+                if n <= 0:
+                    raise OSError(errno.EIO, "the file accepted no more bytes", self.name)
+                written += n
+        except BaseException:
+            unused = growth - max(0, offset + written - before.st_size)
+            if unused > 0:
+                self._fs._unbook(self._key, os.fstat(self._fd), unused)
+            raise
+        return written
+
+    def truncate(self, size: int) -> None:
+        """Set the size; growth is booked first, shrinking gives back what was counted."""
+        if size < 0 or size > MAX_FILE_BYTES:
+            raise OSError(errno.EINVAL, f"invalid file size {size}", self.name)
+        with self._lock:
+            before = os.fstat(self.fileno())
+            growth = size - before.st_size
+            if growth > 0 and not self._fs._book(growth, self._key, before):
+                raise DiskLimitExceeded(self._fs.limit_bytes, self.name)
+            try:
+                os.ftruncate(self._fd, size)
+            except BaseException:
+                if growth > 0:
+                    self._fs._unbook(self._key, os.fstat(self._fd), growth)
+                raise
+            if growth < 0:
+                self._fs._shrunk(self._key, before, size)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        try:
+            st: os.stat_result | None = os.fstat(fd)
+        except OSError:
+            st = None
+        try:
+            self._fs._closing(self, self._key, st)
+        finally:
+            os.close(fd)
+
+
 # -- the path jail ------------------------------------------------------------------------------
 #
 # A client's path (SFTP today) names something beneath a server's directory, and nothing else:
@@ -1885,13 +2309,81 @@ class _Where:
     relpath: str  # the resolved path, relative to the jail root ("" for the root)
 
 
+class JailEntry(tuple):
+    """One entry met by ``Jail.walk``: its jail path (``/a/b``) and its lstat (links not followed).
+
+    A tuple underneath: a walk makes one per file, and a tuple is the cheapest object to make.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, path: str, st: os.stat_result) -> JailEntry:
+        return tuple.__new__(cls, (path, st))
+
+    @property
+    def path(self) -> str:
+        return self[0]
+
+    @property
+    def stat(self) -> os.stat_result:
+        return self[1]
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.stat.st_mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.stat.st_mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.stat.st_mode)
+
+
+# openat2(2), Linux 5.6+: resolve a path under a directory fd with the kernel's own guarantees.
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "arm64": 437, "armv7l": 437, "ppc64le": 437}
+_OPEN_HOW = struct.Struct("=QQQ")  # struct open_how: flags, mode, resolve
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_BENEATH = 0x02, 0x08
+
+
+def _openat2_beneath(dir_fd: int, path: str) -> bool | None:
+    """Does ``path`` resolve beneath ``dir_fd`` (following links)? True: yes; False: it leads
+    outside (EXDEV); None: the kernel cannot tell (no openat2, or a component does not exist)."""
+    number = _SYS_OPENAT2.get(platform.machine())
+    if number is None:
+        return None
+    how = ctypes.create_string_buffer(
+        _OPEN_HOW.pack(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(
+        ctypes.c_long(number), ctypes.c_int(dir_fd), os.fsencode(path), how, ctypes.c_size_t(24)
+    )
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return (
+        False if ctypes.get_errno() == errno.EXDEV else None
+    )  # ENOSYS, ENOENT, ELOOP: ask the jail
+
+
 class Jail:
     """Every path resolved beneath one directory, never through a symlink that leads out of it.
 
     Methods for the caller (paths as a client writes them; ``/`` is the jail's root, ``..`` may not
     climb above it): ``normalize``, ``resolve``, ``open``, ``stat``, ``lstat``, ``listdir``,
-    ``mkdir``, ``rmdir``, ``remove``, ``rename``, ``symlink``, ``readlink``, ``chmod``, ``chown``,
-    ``utime``, ``close``. Errors are ``OSError``; escapes are ``PathEscape`` (EACCES).
+    ``walk``, ``mkdir``, ``rmdir``, ``remove``, ``rename``, ``symlink``, ``readlink``, ``chmod``,
+    ``chown``, ``utime``, ``close``. Errors are ``OSError``; escapes are ``PathEscape`` (EACCES).
+    Writers go through ``Filesystem.open_metered`` / ``remove`` / ``rename``, which call these
+    and keep the disk figure right; every reader of a whole tree (usage walk, backups, archives,
+    transfers) uses ``walk()``, which reports symlinks as links and never follows them.
+
+    Symlinks made through the jail (``symlink``) must land inside when resolved from where they
+    really sit -- not from the path as written, which may pass through other links -- and may
+    climb with leading ``..`` only; moving a link or a directory re-checks the relative links it
+    carries and refuses the move if one would land outside from the new place.
     ``is_denied(relpath)`` (the egg's ``file_denylist``) is asked about the path as written and the
     path a symlink resolves to; a match is refused (EACCES) before any operation.
 
@@ -1909,6 +2401,9 @@ class Jail:
 
     max_symlinks = 40
     max_entries = 100_000  # a listing larger than this is refused rather than built in memory
+    max_walk_depth = (
+        256  # ``walk`` holds one fd per level; deeper directories are reported, not entered
+    )
 
     _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -2035,20 +2530,92 @@ class Jail:
                 return None
             raise
 
+    def check_link(self, path: str, target: str) -> None:
+        """Refuse (``PathEscape``) a symlink ``path`` -> ``target`` that the jail would not make.
+
+        For a caller that makes links some other way (an archive staged elsewhere first, say):
+        ``path``'s directory is resolved as it really is (components that do not exist yet are
+        taken as written) and the target checked from there, as ``symlink`` does.
+        """
+        parts = self.parts(path)
+        self._check_new_link(self._real_dir(parts[:-1]), target)
+
     def _check_link_target(self, link_parts: list[str], target: str) -> None:
-        """Refuse a symlink target that would point outside the root from where the link sits."""
+        """Where a link at ``link_parts`` (as written) to ``target`` lands must be inside."""
+        self._check_landing(self._real_dir(link_parts[:-1]), target)
+
+    def _real_dir(self, parts: list[str]) -> list[str]:
+        """The real components of the directory ``parts`` names, links resolved; trailing
+        components that do not exist yet are kept as written."""
+        missing: list[str] = []
+        parts = list(parts)
+        while True:
+            try:
+                with self.resolve("/".join(parts)) as where:
+                    return [p for p in where.relpath.split("/") if p] + missing
+            except FileNotFoundError:
+                if not parts:
+                    raise
+                missing.insert(0, parts.pop())
+
+    def _check_new_link(self, parent: list[str], target: str) -> None:
+        """Refuse a target for a new symlink whose real directory is ``parent`` (components).
+
+        Only leading ``..`` are allowed: in ``a/../b`` the ``..`` climbs from wherever ``a``
+        leads at the time, which another link can change later; ``../b`` climbs from the link's
+        own directory, which only a rename can move (and a rename re-checks it).
+        """
         if not target or "\x00" in target:
-            raise OSError(errno.EINVAL, "empty symlink target")
+            raise OSError(errno.EINVAL, "empty symlink target or NUL byte in it")
+        parts = [p for p in target.split("/") if p not in ("", ".")]
+        climbs = next((i for i, p in enumerate(parts) if p != ".."), len(parts))
+        if ".." in parts[climbs:]:
+            raise PathEscape(f"symlink target {target!r}: '..' may only lead it, not follow a name")
+        self._check_landing(parent, target)
+
+    def _check_landing(self, parent: list[str], target: str) -> None:
+        """Refuse ``target`` when, read from the real directory ``parent``, it lands outside.
+
+        The kernel decides where it can (``openat2`` with ``RESOLVE_BENEATH`` from the root);
+        a target that does not exist (yet) is resolved step by step by the jail itself.
+        """
         if target.startswith("/"):
             raise PathEscape(f"symlink to an absolute path {target!r}")
-        depth = len(link_parts) - 1
-        for part in target.split("/"):
-            if part == "..":
-                depth -= 1
-                if depth < 0:
-                    raise PathEscape(f"symlink target {target!r} leads outside")
-            elif part not in ("", "."):
-                depth += 1
+        parts = [p for p in target.split("/") if p not in ("", ".")]
+        climbs = next((i for i, p in enumerate(parts) if p != ".."), len(parts))
+        if climbs > len(parent):
+            raise PathEscape(f"symlink target {target!r} leads outside from /{'/'.join(parent)}")
+        landing = "/".join([*parent, *parts])
+        verdict = _openat2_beneath(self._fd, landing or ".")
+        if verdict is False:
+            raise PathEscape(f"symlink target {target!r} leads outside from /{'/'.join(parent)}")
+        if verdict is None:
+            try:
+                with self.resolve(landing):
+                    pass
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # dangling: only names below a missing directory are left, which stay inside
+
+    def _check_carried_links(self, src: str, parent: list[str], name: str) -> None:
+        """Before directory ``src`` moves to ``parent``/``name``: every relative link inside it
+        that climbs above it must still land inside from there."""
+        for entry in self.walk(src):
+            if not stat.S_ISLNK(entry.stat.st_mode):
+                continue
+            with self.resolve(entry.path, follow=False) as where:
+                target = os.readlink(where.name, dir_fd=where.dir_fd)
+            if target.startswith("/"):
+                continue  # absolute: refused wherever it is followed, the move changes nothing
+            inner = self.parts(entry.path)[len(self.parts(src)) : -1]
+            parts = [p for p in target.split("/") if p not in ("", ".")]
+            climbs = next((i for i, p in enumerate(parts) if p != ".."), len(parts))
+            if climbs > len(inner):  # it climbs above the moved directory: its landing moves
+                try:
+                    self._check_landing([*parent, name, *inner], target)
+                except PathEscape:
+                    raise PathEscape(
+                        f"moving {src!r} would make the link {entry.path!r} -> {target!r} lead outside"
+                    ) from None
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -2106,6 +2673,78 @@ class Jail:
         finally:
             os.close(fd)
 
+    def walk(
+        self, path: str = "/", on_error: Callable[[str, OSError], None] | None = None
+    ) -> Iterator[JailEntry]:
+        """Every entry beneath the directory ``path``, each directory before what it holds.
+
+        Symlinks are yielded as links (their ``lstat``) and never followed; each directory is
+        entered with ``O_NOFOLLOW`` from its parent's fd, so one swapped for a link meanwhile is
+        skipped, never walked out of. Entries that vanish meanwhile are skipped. Errors on the way
+        (unreadable directories, nesting deeper than ``max_walk_depth``) go to ``on_error(path,
+        exc)`` and the walk goes on; without ``on_error`` they are raised. The denylist is not
+        applied: a caller that hands entries to a client checks ``is_denied`` itself.
+        """
+        with self.resolve(path) as where:
+            fd = os.open(where.name or ".", self._DIR_FLAGS, dir_fd=where.dir_fd)
+            top = "/" + where.relpath
+        frames: list[tuple[int, str, list[str]]] = []
+        try:
+            yield from self._walk_dir(fd, top, frames, on_error)
+            while frames:
+                fd, dirpath, pending = frames[-1]
+                if not pending:
+                    os.close(frames.pop()[0])
+                    continue
+                name = pending.pop()
+                child = posixpath.join(dirpath, name)
+                if len(frames) >= self.max_walk_depth:
+                    self._walk_error(on_error, child, OSError(errno.ELOOP, "nested too deep"))
+                    continue
+                try:
+                    child_fd = os.open(name, self._DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        self._walk_error(on_error, child, exc)
+                    continue
+                yield from self._walk_dir(child_fd, child, frames, on_error)
+        finally:
+            for frame in frames:
+                os.close(frame[0])
+
+    def _walk_dir(
+        self,
+        fd: int,
+        dirpath: str,
+        frames: list[tuple[int, str, list[str]]],
+        on_error: Callable[[str, OSError], None] | None,
+    ) -> Iterator[JailEntry]:
+        """Yield one directory's entries; push it (fd, path, subdirectories) for the walk."""
+        subdirs: list[str] = []
+        frames.append((fd, dirpath, subdirs))  # from here on the walk closes ``fd``
+        prefix = dirpath.rstrip("/") + "/"
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    yield JailEntry(prefix + entry.name, st)
+                    if stat.S_ISDIR(st.st_mode):
+                        subdirs.append(entry.name)
+        except OSError as exc:
+            self._walk_error(on_error, dirpath, exc)
+        subdirs.reverse()  # popped from the end: walk them in listing order
+
+    @staticmethod
+    def _walk_error(
+        on_error: Callable[[str, OSError], None] | None, path: str, exc: OSError
+    ) -> None:
+        if on_error is None:
+            raise exc
+        on_error(path, exc)
+
     def mkdir(self, path: str, mode: int = 0o755) -> None:
         with self.resolve(path, follow=False) as where:
             if where.name is None:
@@ -2132,13 +2771,15 @@ class Jail:
 
     def rename(self, src: str, dst: str, overwrite: bool = True) -> os.stat_result | None:
         """Move ``src`` to ``dst``; returns the lstat of a file that was replaced (for accounting)."""
-        dst_parts = self.parts(dst)
         with self.resolve(src, follow=False) as a, self.resolve(dst, follow=False) as b:
             if a.name is None or b.name is None:
                 raise PermissionError(errno.EPERM, "the root cannot be renamed or replaced")
             st = os.stat(a.name, dir_fd=a.dir_fd, follow_symlinks=False)
+            dst_parent = b.relpath.split("/")[:-1]  # where it really lands, links resolved
             if stat.S_ISLNK(st.st_mode):  # a relative link may point elsewhere from its new place
-                self._check_link_target(dst_parts, os.readlink(a.name, dir_fd=a.dir_fd))
+                self._check_landing(dst_parent, os.readlink(a.name, dir_fd=a.dir_fd))
+            elif stat.S_ISDIR(st.st_mode):  # ... and so may the links a directory carries
+                self._check_carried_links("/" + a.relpath, dst_parent, b.name)
             try:
                 old = os.stat(b.name, dir_fd=b.dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -2149,11 +2790,13 @@ class Jail:
             return old
 
     def symlink(self, target: str, path: str) -> None:
-        """Create ``path`` -> ``target``; refused when the target would point outside the root."""
-        self._check_link_target(self.parts(path), target)
+        """Create ``path`` -> ``target``; refused when the target would land outside the root
+        read from where the link really sits (``path``'s directory may itself be reached through
+        links), or climbs with ``..`` after a name (see ``_check_new_link``)."""
         with self.resolve(path, follow=False) as where:
             if where.name is None:
                 raise FileExistsError(errno.EEXIST, "exists", path)
+            self._check_new_link(where.relpath.split("/")[:-1], target)
             os.symlink(target, where.name, dir_fd=where.dir_fd)
             self._own(where)
 
@@ -3168,9 +3811,7 @@ class _Extractor:
             return
         if stat.S_ISDIR(st.st_mode):
             raise ArchiveError(f"cannot extract {path!r}: a directory of that name exists")
-        gone = self.jail.remove(path)
-        if stat.S_ISREG(gone.st_mode) and gone.st_nlink <= 1:
-            self.fs.add_usage(-gone.st_size)
+        self.fs.remove(self.jail, path)
 
     def symlink(self, target: str, path: str) -> None:
         self._parents(path)
@@ -7171,9 +7812,6 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
 SFTP_QUOTA_EXCEEDED = 15
 # Wings' username pre-check (sftp/server.go): "<panel user>.<first 8 characters of the server uuid>".
 _SFTP_USERNAME_RE = re.compile(r"^(.+)\.([a-z0-9]{8})$", re.IGNORECASE)
-_SFTP_MAX_FILE_BYTES = (
-    1 << 63
-) - 1  # the largest offset a file can have (off_t); beyond it a write is refused
 
 
 def sftp_available() -> bool:
@@ -7252,7 +7890,8 @@ class SftpServer:
     Methods for the caller: ``start()``, ``stop()``, ``port`` (bound port, after ``start``),
     ``connections()`` (how many are open). Class variables that may be overridden:
     ``max_channels``, ``max_handles``, ``max_read_bytes``, ``max_packet_bytes``,
-    ``max_ssh_packet_bytes``, ``handshake_timeout_s``, ``auth_timeout_s``, ``pubkey_failure_weight``.
+    ``max_ssh_packet_bytes``, ``max_banner_line_bytes``, ``auth_timeout_s``,
+    ``pubkey_failure_weight``.
 
     A login is ``<panel user>.<8-char server id>`` with a password or a public key; both are
     checked by ``POST /api/remote/sftp/auth`` (any Panel 4xx is bad credentials; a Panel that does
@@ -7262,13 +7901,22 @@ class SftpServer:
 
     Each SFTP channel is a session in the daemon's ``SessionTable``: suspension, deletion and
     ``POST /api/deauthorize-user`` close its connection before they return. Every path goes
-    through a ``Jail`` over the server's directory; every written byte is booked with the
-    server's ``Filesystem.reserve()`` before it is written, and refused with status 15 when it
-    would pass the disk limit.
+    through a ``Jail`` over the server's directory; every file is opened as a ``MeteredFile``
+    (``Filesystem.open_metered``), which books each written byte before it is written -- refused
+    with status 15 when it would pass the disk limit -- and keeps a removed file counted while
+    the handle holds it.
 
-    Threads: one accept thread; per connection one thread that runs it start to end, paramiko's
-    transport thread and one thread per SFTP channel. At most ``wingslite.sftp_max_connections``
-    connections are open; more are closed at once.
+    Threads: one accept thread; per connection one thread that runs it start to end (and watches
+    its deadlines), paramiko's transport thread and one thread per SFTP channel.
+
+    What a stranger can hold: at most ``wingslite.sftp_max_connections`` connections are open,
+    and at most ``wingslite.sftp_max_unauthenticated_per_ip`` of them from one address before they
+    log in; more are closed at once. The SSH banner exchange and key exchange must be done within
+    ``wingslite.sftp_handshake_timeout_s`` of the connect, and the login within
+    ``auth_timeout_s`` more (or the Panel's ``remote_query.timeout``, if longer); a banner line is
+    at most 255 bytes (RFC 4253 section 4.2). A logged-in connection with no SFTP request for
+    ``wingslite.sftp_idle_timeout_s`` is closed, and one Panel user holds at most
+    ``wingslite.sftp_max_sessions_per_user`` connections, so that no user can take every slot.
     """
 
     max_channels = 4  # per connection; OpenSSH and paramiko clients use one
@@ -7278,8 +7926,8 @@ class SftpServer:
     max_ssh_packet_bytes = (
         256 * 1024 + 1024
     )  # an SSH packet larger than this closes the connection (OpenSSH: 256 KiB)
-    handshake_timeout_s = 15.0
-    auth_timeout_s = 30.0
+    max_banner_line_bytes = 255  # RFC 4253 section 4.2, CR LF included
+    auth_timeout_s = 60.0  # after the handshake; OpenSSH's LoginGraceTime is 120 s for both
     pubkey_failure_weight = 0.25  # clients offer several keys before the right one
 
     def __init__(self, daemon: Any):
@@ -7295,10 +7943,22 @@ class SftpServer:
         self._slots = threading.BoundedSemaphore(
             max(1, self.config.get("wingslite.sftp_max_connections"))
         )
+        self.handshake_timeout_s = float(self.config.get("wingslite.sftp_handshake_timeout_s"))
+        self.idle_timeout_s = float(self.config.get("wingslite.sftp_idle_timeout_s"))
+        self.max_unauthenticated_per_ip = self.config.get(
+            "wingslite.sftp_max_unauthenticated_per_ip"
+        )
+        self.max_sessions_per_user = self.config.get("wingslite.sftp_max_sessions_per_user")
+        # A login waits on the Panel, whose calls may take the whole remote_query.timeout.
+        self.login_timeout_s = self.handshake_timeout_s + max(
+            self.auth_timeout_s, float(self.config.get("remote_query.timeout")) + 5
+        )
+        self._refusals = _RefusalLog()
+        _quiet_paramiko()
         self._host_key: Any = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._live: set[Any] = set()
+        self._live: set[_SftpConnection] = set()
         self._live_lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -7342,13 +8002,13 @@ class SftpServer:
             self._thread.join(timeout=5)
         with self._live_lock:
             live = list(self._live)
-        for transport in live:
-            transport.close()
+        for connection in live:
+            connection.close()
 
     def connections(self) -> int:
         """How many client connections are open (a closed one stops counting at once)."""
         with self._live_lock:
-            return sum(1 for transport in self._live if transport.is_active())
+            return sum(1 for c in self._live if c.transport is not None and c.transport.is_active())
 
     def _load_host_key(self) -> Any:
         """The node's ed25519 host key, generated once (0600) so clients can pin it."""
@@ -7383,49 +8043,127 @@ class SftpServer:
                     return
                 time.sleep(0.05)  # EMFILE and friends: do not spin
                 continue
-            if not self._slots.acquire(blocking=False):
-                LOG.warning(
-                    "SFTP: refusing %s: %d connections are already open",
-                    addr[0],
-                    self.config.get("wingslite.sftp_max_connections"),
-                )
+            connection = self._admit(conn, addr)
+            if connection is None:
                 conn.close()
                 continue
             threading.Thread(
-                target=self._serve, args=(conn, addr), name=f"wingslite-sftp-{addr[0]}", daemon=True
+                target=self._serve,
+                args=(connection,),
+                name=f"wingslite-sftp-{addr[0]}",
+                daemon=True,
             ).start()
 
-    def _serve(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+    def _admit(self, sock: socket.socket, addr: tuple[Any, ...]) -> _SftpConnection | None:
+        """A new connection, counted; None when its address or the node is over its bound."""
+        ip = str(addr[0])
+        with self._live_lock:
+            waiting = sum(1 for c in self._live if c.ip == ip and c.waiting())
+            if self.max_unauthenticated_per_ip and waiting >= self.max_unauthenticated_per_ip:
+                self._refusals.note(
+                    "per-ip",
+                    f"SFTP: refusing connections from {ip}: {waiting} of its connections have "
+                    "not logged in yet (wingslite.sftp_max_unauthenticated_per_ip)",
+                )
+                return None
+            if not self._slots.acquire(blocking=False):
+                self._refusals.note(
+                    "total",
+                    f"SFTP: refusing {ip}: {self.config.get('wingslite.sftp_max_connections')} "
+                    "connections are already open (wingslite.sftp_max_connections)",
+                )
+                return None
+            connection = _SftpConnection(self, sock, addr)
+            self._live.add(connection)
+            return connection
+
+    def _serve(self, connection: _SftpConnection) -> None:
         """One connection, start to end. Nothing a client sends may take the daemon down."""
-        transport = None
+        sock = connection.sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             transport = self._paramiko.Transport(sock)
+            connection.transport = transport
             transport.local_version = f"SSH-2.0-wingslite_{VERSION}"
+            transport.set_log_channel(_PARAMIKO_LOG)
             transport.handshake_timeout = self.handshake_timeout_s
             transport.banner_timeout = self.handshake_timeout_s
-            transport.auth_timeout = self.auth_timeout_s
             transport.add_server_key(self._host_key)
             _bound_ssh_packets(transport, self.max_ssh_packet_bytes)
+            _bound_banner(transport, self.max_banner_line_bytes)
             transport.set_subsystem_handler("sftp", self._glue.Subsystem, _SftpSession)
-            with self._live_lock:
-                self._live.add(transport)
             if self._stopping.is_set():
                 return
-            connection = _SftpConnection(self, transport, addr)
-            transport.start_server(server=self._glue.SshServer(connection))
-            transport.join()
+            # With an event, start_server returns at once instead of waiting for the key
+            # exchange: the deadlines below must run while the handshake does.
+            transport.start_server(event=threading.Event(), server=self._glue.SshServer(connection))
+            self._watch(connection)
         except Exception as exc:  # a bad handshake, a reset, garbage: that connection only
-            LOG.debug("SFTP connection from %s ended: %s", addr[0], exc)
+            LOG.debug("SFTP connection from %s ended: %s", connection.ip, exc)
         finally:
-            if transport is not None:
-                with contextlib.suppress(Exception):
-                    transport.close()
-                with self._live_lock:
-                    self._live.discard(transport)
+            connection.close()
+            with self._live_lock:
+                self._live.discard(connection)
             with contextlib.suppress(OSError):
                 sock.close()
             self._slots.release()
+
+    def _watch(self, connection: _SftpConnection) -> None:
+        """Wait for the connection to end; close it when it passes one of its deadlines."""
+        transport = connection.transport
+        timeouts = [self.handshake_timeout_s, self.idle_timeout_s]
+        poll_s = min(1.0, max(0.05, min(t for t in timeouts if t > 0) / 4 if any(timeouts) else 1))
+        while transport.is_alive():
+            transport.join(poll_s)
+            reason = self._overdue(connection, time.monotonic())
+            if reason is not None:
+                if connection.authenticated():
+                    LOG.info("SFTP: closing the connection of %s: %s", connection.ip, reason)
+                else:
+                    self._refusals.note(
+                        "deadline", f"SFTP: closing a connection from {connection.ip}: {reason}"
+                    )
+                connection.close()
+                transport.join(5)
+                return
+
+    def _overdue(self, connection: _SftpConnection, now: float) -> str | None:
+        """Why this connection must be closed now, or None."""
+        transport, age_s = connection.transport, now - connection.accepted_at
+        if connection.authenticated():
+            idle_s = now - connection.last_activity
+            if self.idle_timeout_s and idle_s > self.idle_timeout_s:
+                return f"no SFTP request for {idle_s:.0f} s (wingslite.sftp_idle_timeout_s)"
+            return None
+        handshake_done = getattr(transport, "initial_kex_done", transport.session_id is not None)
+        if not handshake_done and self.handshake_timeout_s and age_s > self.handshake_timeout_s:
+            return (
+                f"the SSH handshake was not done within {self.handshake_timeout_s:g} s "
+                "(wingslite.sftp_handshake_timeout_s)"
+            )
+        if age_s > self.login_timeout_s:
+            return f"no login within {self.login_timeout_s:g} s of connecting"
+        return None
+
+    def claim_slot(self, connection: _SftpConnection, login: SftpLogin) -> bool:
+        """Count this connection as one of its user's (``wingslite.sftp_max_sessions_per_user``)."""
+        with self._live_lock:
+            if connection.user_uuid == login.user_uuid:
+                return True
+            held = sum(
+                1
+                for c in self._live
+                if c is not connection and c.user_uuid == login.user_uuid and c.is_open()
+            )
+            if self.max_sessions_per_user and held >= self.max_sessions_per_user:
+                self._refusals.note(
+                    "per-user",
+                    f"SFTP login {login.username!r} from {login.ip} refused: that user already "
+                    f"has {held} connections open (wingslite.sftp_max_sessions_per_user)",
+                )
+                return False
+            connection.user_uuid = login.user_uuid
+            return True
 
     # -- logins --------------------------------------------------------------------------------
 
@@ -7515,10 +8253,15 @@ class _SftpConnection:
     authenticated (paramiko ignores further attempts then).
     """
 
-    def __init__(self, sftp: SftpServer, transport: Any, addr: tuple[Any, ...]):
+    def __init__(self, sftp: SftpServer, sock: socket.socket, addr: tuple[Any, ...]):
         self.sftp = sftp
-        self.transport = transport
+        self.sock = sock
+        self.transport: Any = None  # paramiko's Transport, once the connection's thread made it
         self.addr = addr
+        self.ip = str(addr[0])
+        self.accepted_at = self.last_activity = time.monotonic()
+        self.user_uuid: str | None = None  # the Panel user whose connection this counts as
+        self.closed = False
         self.pending: SftpLogin | None = None
         self.channels = 0
         self.subsystems: set[int] = set()  # ids of the channels that run one already
@@ -7534,7 +8277,34 @@ class _SftpConnection:
                 kind, username, secret, self.addr, self.transport.session_id or b"", version
             )
         self.pending = self._answers[key]
+        if self.pending is not None and not self.sftp.claim_slot(self, self.pending):
+            self.pending = None
+        if self.pending is not None:
+            self.touch()  # the idle clock starts at the login
         return self.pending is not None
+
+    def touch(self) -> None:
+        """The client did something: the idle timeout starts again."""
+        self.last_activity = time.monotonic()
+
+    def authenticated(self) -> bool:
+        return self.transport is not None and self.transport.is_authenticated()
+
+    def is_open(self) -> bool:
+        return not self.closed and (self.transport is None or self.transport.is_active())
+
+    def waiting(self) -> bool:
+        """Open, and not logged in yet."""
+        return self.is_open() and not self.authenticated()
+
+    def close(self) -> None:
+        """Close the connection now, from any thread (a blocked read wakes up)."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.close()
 
     def login(self) -> SftpLogin | None:
         """The login this connection authenticated with, or None."""
@@ -7563,6 +8333,75 @@ def _bound_ssh_packets(transport: Any, max_bytes: int) -> None:
         return read_all(n, check_rekey)
 
     transport.packetizer.read_all = bounded
+
+
+def _bound_banner(transport: Any, max_line_bytes: int) -> None:
+    """Refuse an SSH banner line longer than ``max_line_bytes`` instead of buffering it.
+
+    paramiko reads the client's version line until a newline, however long, and keeps it all
+    (a 4 MiB line without one stayed held past the handshake limit). RFC 4253 section 4.2 bounds
+    the line at 255 bytes. With a paramiko whose internals differ, this bound is skipped; the
+    handshake deadline still holds.
+    """
+    packetizer = transport.packetizer
+    read = getattr(packetizer, "_read_timeout", None)
+    if read is None or not hasattr(packetizer, "_Packetizer__remainder"):
+        return
+
+    def readline(timeout: float) -> str:
+        buf = packetizer._Packetizer__remainder
+        while b"\n" not in buf[: max_line_bytes + 1]:
+            if len(buf) > max_line_bytes:
+                raise EOFError(f"SSH banner line longer than {max_line_bytes} bytes")
+            buf += read(timeout)
+        n = buf.index(b"\n")
+        packetizer._Packetizer__remainder = buf[n + 1 :]
+        return buf[:n].rstrip(b"\r").decode("utf-8", "replace")
+
+    packetizer.readline = readline
+
+
+_PARAMIKO_LOG = "wingslite.sftp.paramiko"
+
+
+class _ParamikoAsDebug(logging.Filter):
+    """paramiko logs a traceback at ERROR for every client that sends garbage; a flood of them
+    would be a flood of log lines. What matters is logged by the daemon itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return LOG.isEnabledFor(logging.DEBUG)
+
+
+def _quiet_paramiko() -> None:
+    """Transports log to ``wingslite.sftp.paramiko``, at debug level only (idempotent)."""
+    logger = logging.getLogger(_PARAMIKO_LOG)
+    if not any(isinstance(f, _ParamikoAsDebug) for f in logger.filters):
+        logger.addFilter(_ParamikoAsDebug())
+
+
+class _RefusalLog:
+    """One log line per kind of refused or cut connection per minute, with how many were left out.
+
+    A flood of strangers must not turn into a flood of log lines.
+    """
+
+    interval_s = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, left out since)
+
+    def note(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            logged_at, left_out = self._last.get(kind, (-self.interval_s, 0))
+            if now - logged_at < self.interval_s:
+                self._last[kind] = (logged_at, left_out + 1)
+                return
+            self._last[kind] = (now, 0)
+        more = f" ({left_out} more like it in the last minute)" if left_out else ""
+        LOG.warning("%s%s", message, more)
 
 
 def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
@@ -7608,6 +8447,10 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
         # handlers); shells, exec, ptys, forwarding and agents keep paramiko's default "no".
 
     class Subsystem(paramiko.SFTPServer):
+        def _process(self, t: int, request_number: int, msg: Any) -> None:
+            self.server.connection.touch()  # an SFTP request: the session is not idle
+            super()._process(t, request_number, msg)
+
         def _read_packet(self) -> tuple[int, bytes]:
             size = int.from_bytes(self._read_all(4), "big")
             if size > self.server.sftp.max_packet_bytes:
@@ -7666,6 +8509,10 @@ def _sftp_status(exc: OSError) -> int:
     return 4  # SSH_FX_FAILURE
 
 
+def _done(_: object) -> int:
+    return 0  # SSH_FX_OK, whatever the operation returned
+
+
 class _SftpSession:
     """One SFTP channel: paramiko's ``SFTPServerInterface``, each operation checked and jailed.
 
@@ -7696,13 +8543,13 @@ class _SftpSession:
         # Runs in the channel's own thread, where closing the connection is safe; until then
         # every operation is refused anyway (no jail).
         if self.refused:
-            self.connection.transport.close()
+            self.connection.close()
 
     def _begin(self) -> None:
         daemon = self.sftp.daemon
         login = self.connection.login()
         server = self.sftp.server_of(login.server_uuid) if login else None
-        transport = self.connection.transport
+        connection = self.connection
         if login is None or server is None:
             self.refused = True
             return
@@ -7710,7 +8557,7 @@ class _SftpSession:
         # Registered before the checks below: a suspension that lands in between either is seen
         # here or closes this session itself (the sync marks the server suspended first).
         self.session = daemon.sessions.register(
-            server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close()
+            server.uuid, login.user_uuid, "sftp", lambda code, reason: connection.close()
         )
         revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
         if server.suspended or server.transferring or revoked:
@@ -7822,18 +8669,10 @@ class _SftpSession:
     def _open(self, path: str, flags: int) -> Any:
         if self.handles >= self.sftp.max_handles:
             return 4
-        append = bool(flags & os.O_APPEND)
-        fd = self.jail.open(path, flags & ~os.O_APPEND, 0o644)
-        try:
-            if flags & os.O_TRUNC:
-                freed = os.fstat(fd).st_size
-                os.ftruncate(fd, 0)
-                self.server.fs.add_usage(-freed)
-        except BaseException:
-            os.close(fd)
-            raise
+        # Read-only handles are metered too: a file removed while one holds it still counts.
+        file = self.server.fs.open_metered(self.jail, path, flags, 0o644)
         self.handles += 1
-        return self.sftp._glue.Handle(_SftpFile(self, fd, append))
+        return self.sftp._glue.Handle(_SftpFile(self, file))
 
     # -- changing ------------------------------------------------------------------------------
 
@@ -7849,23 +8688,20 @@ class _SftpSession:
         )
 
     def remove(self, path: str) -> int:
-        def action() -> int:
-            self._freed(self.jail.remove(path))
-            return 0
-
-        return self._logged(ACTIVITY_SFTP_DELETE, [path], self._run("file.delete", action))
+        status = self._run("file.delete", lambda: _done(self.server.fs.remove(self.jail, path)))
+        return self._logged(ACTIVITY_SFTP_DELETE, [path], status)
 
     def rename(self, oldpath: str, newpath: str) -> int:
         # SFTP v3 rename never replaces an existing file; posix-rename@openssh.com does.
         status = self._run(
             "file.update",
-            lambda: self._freed(self.jail.rename(oldpath, newpath, overwrite=False)) or 0,
+            lambda: _done(self.server.fs.rename(self.jail, oldpath, newpath, overwrite=False)),
         )
         return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
         status = self._run(
-            "file.update", lambda: self._freed(self.jail.rename(oldpath, newpath)) or 0
+            "file.update", lambda: _done(self.server.fs.rename(self.jail, oldpath, newpath))
         )
         return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
@@ -7875,13 +8711,8 @@ class _SftpSession:
     def chattr(self, path: str, attr: Any) -> int:
         def action() -> int:
             if attr.st_size is not None:
-                fd = self.jail.open(path, os.O_WRONLY)
-                try:
-                    status = self.truncate(fd, attr.st_size)
-                finally:
-                    os.close(fd)
-                if status:
-                    return status
+                with self.server.fs.open_metered(self.jail, path, os.O_WRONLY) as file:
+                    file.truncate(attr.st_size)
             if attr.st_mode is not None:
                 self.jail.chmod(path, attr.st_mode & 0o777)  # never setuid/setgid/sticky bits
             if attr.st_atime is not None and attr.st_mtime is not None:
@@ -7891,7 +8722,7 @@ class _SftpSession:
 
         return self._run("file.update", action)
 
-    # -- accounting ----------------------------------------------------------------------------
+    # -- activity ----------------------------------------------------------------------------
 
     def _logged(self, event: str, paths: list[Any], result: Any) -> Any:
         """Record a successful change as Wings' SFTP activity (sftp/event.go); pass ``result`` on."""
@@ -7906,122 +8737,66 @@ class _SftpSession:
         self.server.record_activity(event, self.login.user_uuid, self.login.ip, {"files": files})
         return result
 
-    def _freed(self, st: os.stat_result | None) -> None:
-        """Give back the bytes of a file that is gone (its last link was removed or replaced)."""
-        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
-            self.server.fs.add_usage(-st.st_size)
-
-    def truncate(self, fd: int, size: int) -> int:
-        """Set a file's size; growth is booked against the disk limit first."""
-        if size < 0 or size > _SFTP_MAX_FILE_BYTES:
-            return 4
-        old = os.fstat(fd).st_size
-        if size > old and not self.server.fs.reserve(size - old):
-            return SFTP_QUOTA_EXCEEDED
-        try:
-            os.ftruncate(fd, size)
-        except OSError:
-            if size > old:
-                self.server.fs.add_usage(old - size)
-            raise
-        if size < old:
-            self.server.fs.add_usage(size - old)
-        return 0
-
 
 class _SftpFile:
-    """An open file of a session. Every write books its growth with ``Filesystem.reserve()``.
+    """An open file of a session: a ``MeteredFile``, so every write books its growth first.
 
-    Growth is ``max(0, offset + len(data) - current size)``: a write inside the file books
-    nothing, a write past its end books the gap too (a sparse file still counts its apparent
-    size, as Wings' usage walk does). Python integers cannot overflow; offsets beyond ``off_t``
-    are refused. A write that does not fit is refused whole with status 15, so the file ends at
-    the last write that fitted and nothing else changes.
+    A write that does not fit is refused whole with status 15 (Wings' "Quota Exceeded").
     """
 
-    def __init__(self, session: _SftpSession, fd: int, append: bool):
+    def __init__(self, session: _SftpSession, file: MeteredFile):
         self.session = session
-        self.fd = fd
-        self.append = append
-        self._lock = threading.Lock()  # growth is computed from the size; one write at a time
+        self.file = file
 
     def read(self, offset: int, length: int) -> bytes | int:
         refused = self.session._refuse("file.read-content")
         if refused is not None:
             return refused
-        if offset < 0 or length < 0:
-            return 4
         try:
-            return os.pread(self.fd, min(length, self.session.sftp.max_read_bytes), offset)
-        except OSError as exc:
-            return _sftp_status(exc)
+            return self.file.pread(min(length, self.session.sftp.max_read_bytes), offset)
+        except (OSError, ValueError) as exc:
+            return _sftp_status(exc) if isinstance(exc, OSError) else 4
 
     def write(self, offset: int, data: bytes) -> int:
         if self.session.server.suspended or self.session.login is None:
             return 3
-        fs = self.session.server.fs
-        with self._lock:
-            try:
-                size = os.fstat(self.fd).st_size
-                if self.append:  # O_APPEND would make pwrite ignore the offset we metered
-                    offset = size
-                end = offset + len(data)
-                if offset < 0 or end > _SFTP_MAX_FILE_BYTES:
-                    return 4
-                growth = max(0, end - size)
-                if growth and not fs.reserve(growth):
-                    LOG.info(
-                        "SFTP write refused on server %s: the disk limit of %d bytes would be passed",
-                        self.session.server.uuid,
-                        fs.limit_bytes,
-                    )
-                    return SFTP_QUOTA_EXCEEDED
-                written = 0
-                try:
-                    while written < len(data):
-                        n = os.pwrite(self.fd, memoryview(data)[written:], offset + written)
-                        if n <= 0:
-                            raise OSError(errno.EIO, "the file accepted no more bytes")
-                        written += n
-                except OSError as exc:
-                    # Give back what was booked but not written.
-                    unused = growth - max(0, offset + written - size)
-                    if unused > 0:
-                        fs.add_usage(-unused)
-                    return _sftp_status(exc)
-                return 0
-            except OSError as exc:
-                return _sftp_status(exc)
+        try:
+            self.file.pwrite(data, offset)
+            return 0
+        except DiskLimitExceeded:
+            LOG.info(
+                "SFTP write refused on server %s: the disk limit of %d bytes would be passed",
+                self.session.server.uuid,
+                self.session.server.fs.limit_bytes,
+            )
+            return SFTP_QUOTA_EXCEEDED
+        except OSError as exc:
+            return _sftp_status(exc)
 
     def stat(self) -> Any:
         try:
-            return self.session._attributes(os.fstat(self.fd))
-        except OSError as exc:
-            return _sftp_status(exc)
+            return self.session._attributes(self.file.stat())
+        except (OSError, ValueError) as exc:
+            return _sftp_status(exc) if isinstance(exc, OSError) else 4
 
     def chattr(self, attr: Any) -> int:
         refused = self.session._refuse("file.update")
         if refused is not None:
             return refused
         try:
-            with self._lock:
-                if attr.st_size is not None:
-                    status = self.session.truncate(self.fd, attr.st_size)
-                    if status:
-                        return status
-                if attr.st_mode is not None:
-                    os.fchmod(self.fd, attr.st_mode & 0o777)
-                if attr.st_atime is not None and attr.st_mtime is not None:
-                    os.utime(self.fd, (attr.st_atime, attr.st_mtime))
+            if attr.st_size is not None:
+                self.file.truncate(attr.st_size)
+            if attr.st_mode is not None:
+                os.fchmod(self.file.fileno(), attr.st_mode & 0o777)
+            if attr.st_atime is not None and attr.st_mtime is not None:
+                os.utime(self.file.fileno(), (attr.st_atime, attr.st_mtime))
             return 0
         except OSError as exc:
             return _sftp_status(exc)
 
     def close(self) -> None:
-        with self._lock:
-            fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        if not self.file.closed:
+            self.file.close()
             self.session.handles -= 1
 
 
@@ -8709,9 +9484,7 @@ def decompress_file(
                     with contextlib.suppress(FileExistsError):
                         jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
                 else:
-                    replaced = jail.rename(source, target)
-                    if replaced is not None:
-                        fs.add_usage(-_freed_bytes(replaced))
+                    fs.rename(jail, source, target)  # a file it replaces is given back
                 if owner is not None:
                     jail.chown(target, *owner)
         finally:
@@ -9322,7 +10095,7 @@ class FileManagerRoutes:
                     raise BadRequest("Cannot delete the root server directory.")
             for path in paths:
                 try:
-                    server.fs.add_usage(-remove_tree(jail, path))
+                    server.fs.remove_tree(jail, path)  # what a client still holds stays counted
                 except FileNotFoundError:
                     continue  # already gone: what was asked for is true
         return 204, None
