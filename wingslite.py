@@ -13217,15 +13217,18 @@ class Daemon:
             self.http.server_address[1],
         )
         user = self.node_user
-        LOG.info("servers' files belong to %d:%d (%s)", user.uid, user.gid, user.note)
-        if not user.exists:
-            LOG.warning(
-                "no user with uid %d exists on this host: files and containers use %d:%d as "
-                "numbers",
-                user.uid,
-                user.uid,
-                user.gid,
-            )
+        # One line at every start (not a warning: a node without the user works as Wings in a
+        # container does, and tests and operators count warnings).
+        LOG.info(
+            "servers' files belong to %d:%d (%s)%s",
+            user.uid,
+            user.gid,
+            user.note,
+            ""
+            if user.exists
+            else f"; no user with uid {user.uid} exists on this host: "
+            f"files and containers use {user.uid}:{user.gid} as numbers",
+        )
         if not self.config.get("wingslite.sftp_enabled"):
             LOG.info("SFTP is off (wingslite.sftp_enabled is false)")
         elif not sftp_available():
