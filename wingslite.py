@@ -13217,8 +13217,8 @@ class Daemon:
             self.http.server_address[1],
         )
         user = self.node_user
-        # One line at every start (not a warning: a node without the user works as Wings in a
-        # container does, and tests and operators count warnings).
+        # One line at every start, not a warning: a node without the user works, as Wings does
+        # in a container.
         LOG.info(
             "servers' files belong to %d:%d (%s)%s",
             user.uid,
