@@ -11988,8 +11988,6 @@ class ApiHandler(
                 self._drain_unread_body()
                 self._respond(status, body)
         except WingsliteError as exc:
-            if exc.status in (401, 403):
-                self.close_connection = True  # a stranger's body is not waited for, nor read
             self._drain_unread_body()
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             if exc.status == 405:
