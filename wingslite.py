@@ -10955,33 +10955,43 @@ class Transfers:
             if successful:
                 raise
 
-    def receive(self, uuid: str, read: Callable[[int], bytes], content_type: str) -> None:
-        """The destination's side of ``POST /api/transfers``, from the Panel's document to success."""
+    def begin_incoming(self, uuid: str, content_type: str) -> tuple[IncomingTransfer, bytes]:
+        """Everything a ``POST /api/transfers`` checks before it reads a byte of the body: the
+        content type, the Panel's document, a server this node does not have yet (409)."""
         boundary = multipart_boundary(content_type)
         if boundary is None:
             raise BadRequest(
                 f'invalid content type "{content_type.split(";")[0]}", expected "multipart/form-data"'
             )
-        server = self.daemon.receive_server(uuid)  # Conflict when this node has it already
-        transfer = IncomingTransfer(server)
+        transfer = IncomingTransfer(self.daemon.receive_server(uuid))
         with self.lock:
             self.incoming[uuid] = transfer
-        ok = False
+        return transfer, boundary
+
+    def receive(
+        self,
+        transfer: IncomingTransfer,
+        body: Callable[[], Callable[[int], bytes]],
+        boundary: bytes,
+    ) -> None:
+        """The rest of the destination's side: extract ``body()``, tell the Panel, keep the server;
+        on any failure forget it and everything that arrived, and tell the Panel that too."""
+        server, ok = transfer.server, False
         try:
-            transfer.receive(read, boundary)
+            transfer.receive(body(), boundary)
             self.daemon.adopt_received(server)
-            self.report(uuid, successful=True)
+            self.report(server.uuid, successful=True)
             ok = True
             server.transferring = False
             server.events.publish("transfer status", "success")
-            LOG.info("server %s: transfer received", uuid)
+            LOG.info("server %s: transfer received", server.uuid)
         finally:
             with self.lock:
-                self.incoming.pop(uuid, None)
+                self.incoming.pop(server.uuid, None)
             if not ok:
                 server.events.publish("transfer status", "failure")
                 self.daemon.drop_received(server)
-                self.report(uuid, successful=False)
+                self.report(server.uuid, successful=False)
 
 
 class TransferRoutes:
@@ -11014,17 +11024,21 @@ class TransferRoutes:
     def route_receive_transfer(self) -> tuple[int, Any]:
         transfers = self.server.daemon.transfers
         uuid = transfers.check_token(self.headers.get("Authorization", ""))
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.body_read = True
-            read = chunked_reader(self.rfile)
-        else:
-            read, _length = self._body_reader()
+        # Refusals up to here leave the body unread, so that the answer reaches a client that is
+        # still sending (the dispatcher drains a small body; closing on unread bytes resets).
+        transfer, boundary = transfers.begin_incoming(uuid, self.headers.get("Content-Type", ""))
         try:
-            transfers.receive(uuid, read, self.headers.get("Content-Type", ""))
+            transfers.receive(transfer, self._transfer_body, boundary)
         except BaseException:
             self.close_connection = True  # the rest of the body is not read
             raise
         return 200, None
+
+    def _transfer_body(self) -> Callable[[int], bytes]:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.body_read = True
+            return chunked_reader(self.rfile)
+        return self._body_reader()[0]
 
     def route_cancel_incoming_transfer(self, server: Any) -> tuple[int, Any]:
         transfer = self.server.daemon.transfers.incoming.get(server.uuid)
