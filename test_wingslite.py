@@ -8663,23 +8663,24 @@ def send_archive(daemon, token, parts: list[tuple[str, bytes]], chunked: bool = 
             head += '; filename="archive.tar.gz"\r\nContent-Type: application/octet-stream'
         body += head.encode() + b"\r\n\r\n" + data + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
-    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    head = (
+        "POST /api/transfers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+    )
     if token is not None:
-        headers["Authorization"] = token
-    if chunked:
-        conn.request(
-            "POST",
-            "/api/transfers",
-            body=iter([body[:100], body[100:]]),
-            headers=headers,
-            encode_chunked=True,
-        )
+        head += f"Authorization: {token}\r\n"
+    if chunked:  # two chunks, as a streaming source sends them
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:100], body[100:]) if c)
+        head, body = head + "Transfer-Encoding: chunked\r\n", framed + b"0\r\n\r\n"
     else:
-        conn.request("POST", "/api/transfers", body=body, headers=headers)
-    resp = conn.getresponse()
-    data = resp.read()
-    conn.close()
+        head += f"Content-Length: {len(body)}\r\n"
+    # One write: a refusal then meets the whole (small) body in the daemon's buffer, as it would
+    # once a real source's first chunks are in flight.
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        data = resp.read()
     return resp.status, json.loads(data) if data else None
 
 
