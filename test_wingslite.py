@@ -7761,6 +7761,96 @@ class TestQuotaContainer:
         )  # nothing in the kernel stopped the writes
 
 
+# hostile input to the Panel features ###############################################################
+
+
+def _gz(*blocks: bytes) -> bytes:
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
+        for block in blocks:
+            gz.write(block)
+    return out.getvalue()
+
+
+def _tar_header(name: str, kind: bytes, size: int, pax: dict | None = None) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    if pax is not None:
+        info.pax_headers = pax
+        return info.tobuf(format=tarfile.PAX_FORMAT)
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def _tar_file(name: str, data: bytes, pax: dict | None = None) -> bytes:
+    padding = b"\0" * (-len(data) % 512)
+    return _tar_header(name, tarfile.REGTYPE, len(data), pax) + data + padding
+
+
+_TAR_END = b"\0" * 1024
+
+
+def _decompress(daemon, server, name: str, data: bytes):
+    (server.fs.root / name).write_bytes(data)
+    server.fs.recalculate()
+    before = tree_snapshot(server.fs.root)
+    status, _, answer = api(
+        daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": name}
+    )
+    return status, answer, before
+
+
+class TestHostileFeatureInput:
+    """What a hostile user or peer sends to the Panel features: a clear error, nothing changed."""
+
+    def test_a_tar_header_that_claims_megabytes_is_refused_before_it_is_read(
+        self, panel, make_daemon
+    ):
+        # tarfile reads a GNU long name / PAX header / sparse map into memory whole: a few
+        # hundred KB of gzip could claim gigabytes. Go's archive/tar stops at 1 MiB.
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=64)
+        huge = 8 << 20
+        long_name = _tar_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, huge)
+        sparse_map = _tar_header(
+            "s",
+            tarfile.REGTYPE,
+            0,
+            {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "1"},
+        )
+        bombs = {
+            "name.tar.gz": _gz(long_name, b"a" + bytes(huge - 1), _tar_file("x", b"x"), _TAR_END),
+            "pax.tar.gz": _gz(
+                _tar_header("p", tarfile.XGLTYPE, huge), bytes(huge), _tar_file("x", b"x")
+            ),
+            "sparse.tar.gz": _gz(sparse_map, b"%d\n" % huge, b"1\n" * (huge // 2), _TAR_END),
+        }
+        for name, data in bombs.items():
+            assert len(data) < huge // 50  # the point: tiny on the wire
+            status, answer, before = _decompress(daemon, server, name, data)
+            assert status == 400, (name, status, answer)
+            assert "header is larger than 1048576 bytes" in answer["error"]
+            assert tree_snapshot(server.fs.root) == before
+
+    def test_a_chain_of_thousands_of_long_name_headers_is_a_clear_refusal(self, panel, make_daemon):
+        # tarfile recurses once per extended header: 2,000 of them were a RecursionError (500).
+        daemon, server = _fm_daemon(panel, make_daemon)
+        one = _tar_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 2) + b"a" + bytes(511)
+        data = _gz(one * 2000, _tar_file("x", b"x"), _TAR_END)
+        status, answer, before = _decompress(daemon, server, "chain.tar.gz", data)
+        assert status == 400, answer
+        assert "more than 16 extended headers" in answer["error"]
+        assert tree_snapshot(server.fs.root) == before
+
+    def test_a_pax_mtime_the_kernel_cannot_hold_does_not_fail_the_archive(self, panel, make_daemon):
+        # PAX mtime is any decimal; "inf" was an OverflowError (500), "nan" a ValueError that
+        # came out as "the path is not valid".
+        daemon, server = _fm_daemon(panel, make_daemon)
+        for i, when in enumerate(("inf", "nan", "-1e30")):
+            data = _gz(_tar_file(f"f{i}.txt", b"kept", {"mtime": when}), _TAR_END)
+            status, answer, _ = _decompress(daemon, server, f"t{i}.tar.gz", data)
+            assert status == 204, (when, answer)
+            assert (server.fs.root / f"f{i}.txt").read_bytes() == b"kept"
+
+
 # fault drills #####################################################################################
 
 

@@ -2647,6 +2647,62 @@ def extract_archive(
     return target.count
 
 
+# Go's archive/tar (what Wings reads archives with) refuses a PAX header or GNU long name larger
+# than 1 MiB (``maxSpecialFileSize``). Python's tarfile reads such a header into memory whole,
+# whatever size it declares, and keeps a sparse file's map as a Python list: a few hundred KB of
+# gzip can claim gigabytes of memory. Every header block before a member's data is read through
+# this budget instead.
+ARCHIVE_HEADER_MAX_BYTES = 1 << 20
+_SPECIAL_TAR_TYPES = frozenset(
+    (
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.GNUTYPE_SPARSE,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    )
+)
+
+
+class _HeaderBudget:
+    """``tarfile``'s stream while it reads one member's header blocks: at most ``left`` bytes."""
+
+    def __init__(self, stream: Any, left: int):
+        self.stream, self.left = stream, left
+        self.depth = 0  # headers for the same member, nested (long name, then PAX, then ...)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.left:
+            raise ArchiveError(
+                f"refused archive: a header is larger than {ARCHIVE_HEADER_MAX_BYTES} bytes"
+            )
+        self.left -= n
+        return self.stream.read(n)
+
+    def __getattr__(self, name: str) -> Any:  # tell, seek, ... of the real stream
+        return getattr(self.stream, name)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` whose long names, PAX headers and sparse maps share one 1 MiB budget."""
+
+    def _proc_member(self, tar: Any) -> Any:
+        if self.type not in _SPECIAL_TAR_TYPES:
+            return super()._proc_member(tar)
+        if isinstance(tar.fileobj, _HeaderBudget):  # nested: the outer budget counts it
+            tar.fileobj.depth += 1  # tarfile recurses once per header: keep far off its limit
+            if tar.fileobj.depth > 16:
+                raise ArchiveError("refused archive: a member has more than 16 extended headers")
+            return super()._proc_member(tar)
+        real = tar.fileobj
+        tar.fileobj = _HeaderBudget(real, ARCHIVE_HEADER_MAX_BYTES)
+        try:
+            return super()._proc_member(tar)
+        finally:
+            tar.fileobj = real
+
+
 def _seekable(src: Any) -> bool:
     try:
         return bool(src.seekable())
@@ -2693,7 +2749,7 @@ class _Extractor:
 
     def tar(self, stream: Any) -> None:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)
             while True:
                 member = tar.next()
                 if member is None:
@@ -2851,7 +2907,10 @@ class _Extractor:
         try:
             written = metered_copy(self.fs, reader, fd, prebooked=size)
             os.fchmod(fd, mode & 0o1777)
-            os.utime(fd, (mtime, mtime))
+            # A PAX mtime may be any decimal ("inf", "nan", 1e30): one the kernel cannot hold is
+            # left as now, as GNU tar does with a warning, rather than failing the archive.
+            with contextlib.suppress(ValueError, OverflowError):
+                os.utime(fd, (mtime, mtime))
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
