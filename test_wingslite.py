@@ -7850,6 +7850,81 @@ class TestHostileFeatureInput:
             assert status == 204, (when, answer)
             assert (server.fs.root / f"f{i}.txt").read_bytes() == b"kept"
 
+    @staticmethod
+    def _rewrite_configs(tmp_path, files: dict, configs: list) -> tuple[list, list, dict]:
+        """Egg config files rewritten as before a start, under a watchdog: (failed, said, after)."""
+        root = tmp_path / "srv"
+        root.mkdir()
+        for name, text in files.items():
+            (root / name).write_text(text)
+        fs = w.Filesystem(root, limit_bytes=64 << 20)
+        fs.recalculate()
+        said: list[str] = []
+        placeholders = w.NodePlaceholders(w.Config(node_config(tmp_path, "http://127.0.0.1:1")))
+        result: list = []
+
+        def rewrite() -> None:
+            with w.Jail(root) as jail:
+                writer = w.ConfigFileWriter(
+                    jail, placeholders, fs.reserve, lambda n: fs.add_usage(-n)
+                )
+                result.append(writer.apply(configs, said.append))
+
+        worker = threading.Thread(target=rewrite, daemon=True)
+        worker.start()
+        worker.join(120)  # a watchdog, not a timing claim: the old code ran for hours
+        assert result, "the config files were still being rewritten after 120 s"
+        return result[0], said, {n: (root / n).read_text() for n in files}
+
+    def test_config_files_nested_too_deeply_are_skipped_with_a_clear_message(self, tmp_path):
+        # json, yaml and xml parsers recurse once per level; a RecursionError escaped the writer.
+        files = {
+            "deep.json": "[" * 100_000 + "]" * 100_000,
+            "deep.yml": "a: " + "[" * 100_000 + "]" * 100_000 + "\n",
+            "deep.xml": "<a>" * 100_000 + "</a>" * 100_000,
+        }
+        configs = [
+            w.ConfigFile(name, name.rsplit(".", 1)[1].replace("yml", "yaml"), (r,))
+            for name, r in zip(
+                files,
+                (w.Replacement("a", "1"), w.Replacement("a", "1"), w.Replacement("a.b", "1")),
+                strict=True,
+            )
+        ]
+        failed, said, after = self._rewrite_configs(tmp_path, files, configs)
+        assert failed == list(files)
+        for name, line in zip(files, said, strict=True):
+            assert line.startswith(f"Failed to update configuration file {name}: cannot be parsed")
+            assert line.endswith("it is nested too deeply")
+        assert after == files
+
+    def test_a_yaml_alias_bomb_is_refused_not_expanded(self, tmp_path):
+        # safe_load shares aliased nodes, so this loads at once; the in-place edit then compared
+        # 9**12 nodes. go-yaml refuses "excessive aliasing" likewise.
+        levels = [f"l0: &l0 [{', '.join(['x'] * 9)}]"]
+        for n in range(1, 13):
+            levels.append(f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]")
+        bomb = "\n".join(levels) + "\nport: 25565\n"
+        cycle = "a: &a\n  b: *a\nport: 25565\n"
+        files = {"bomb.yml": bomb, "cycle.yml": cycle, "fine.yml": "x: &x [1, 2]\ny: *x\nport: 1\n"}
+        configs = [w.ConfigFile(n, "yaml", (w.Replacement("port", "2"),)) for n in files]
+        failed, said, after = self._rewrite_configs(tmp_path, files, configs)
+        assert failed == ["bomb.yml", "cycle.yml"]
+        assert "aliases expand to more than 1000000 nodes" in said[0]
+        assert "an alias refers to a node that encloses it" in said[1]
+        assert after["bomb.yml"] == bomb and after["cycle.yml"] == cycle
+        assert after["fine.yml"] == "x: &x [1, 2]\ny: *x\nport: 2\n"  # modest aliases still work
+
+    def test_half_a_million_properties_continuation_lines_are_read_in_linear_time(self, tmp_path):
+        # Each continuation line was added to one growing string: 4 MiB of them ran for hours.
+        text = "motd=a\\\n" * 500_000 + "end\nserver-port=1\n"
+        configs = [
+            w.ConfigFile("server.properties", "properties", (w.Replacement("server-port", "2"),))
+        ]
+        failed, said, after = self._rewrite_configs(tmp_path, {"server.properties": text}, configs)
+        assert failed == [] and said == []
+        assert after["server.properties"] == text.replace("server-port=1", "server-port=2")
+
 
 # fault drills #####################################################################################
 

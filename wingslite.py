@@ -3188,10 +3188,15 @@ def _properties_entries(lines: list[str]) -> list[tuple[int, int, str, str]]:
     """``(first line, last line, key, value)`` of each logical line (continuations joined)."""
     entries, i = [], 0
     while i < len(lines):
-        start, logical = i, lines[i].rstrip("\r\n").lstrip(" \t\f")
-        while _continues(logical) and i + 1 < len(lines):
+        start, pieces = i, [lines[i].rstrip("\r\n").lstrip(" \t\f")]
+        # Joined once at the end: adding to a string per continuation line was quadratic, and a
+        # user's 4 MiB of "a\\" lines held a start for hours. The backslashes before the last
+        # one of a piece are even in number, so the last piece alone says whether it goes on.
+        while _continues(pieces[-1]) and i + 1 < len(lines):
             i += 1
-            logical = logical[:-1] + lines[i].rstrip("\r\n").lstrip(" \t\f")
+            pieces[-1] = pieces[-1][:-1]
+            pieces.append(lines[i].rstrip("\r\n").lstrip(" \t\f"))
+        logical = "".join(pieces)
         i += 1
         if not logical or logical[0] in "#!":
             continue
@@ -3470,6 +3475,7 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
     (as Wings always does, losing comments).
     """
     data = yaml.safe_load(text) if text.strip() else {}
+    _refuse_alias_bombs(data)
     data, changes = set_structured(data if data is not None else {}, replaces)
     if not changes:
         return text
@@ -3478,6 +3484,41 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
         if spliced is not None:
             return spliced
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+YAML_MAX_ALIAS_NODES = 1_000_000
+
+
+def _refuse_alias_bombs(data: Any) -> None:
+    """``ValueError`` when aliases make ``data`` more than a million nodes larger than its text.
+
+    safe_load shares an aliased node instead of copying it, so ten lines of ``&a [*b, *b, ...]``
+    load at once -- and then expand to billions of nodes in every walk, compare or dump. A user
+    writes this file; it is read before every start. go-yaml (Wings) refuses "excessive aliasing"
+    likewise. An alias to an enclosing node (a cycle) is refused too.
+    """
+    expanded: dict[int, int] = {}  # id -> nodes under it, counting every alias in full
+    visited = [0]  # nodes actually walked: the document's own size
+
+    def count(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            visited[0] += 1
+            return 1
+        key = id(node)
+        if key in expanded:
+            if expanded[key] < 0:
+                raise ValueError("an alias refers to a node that encloses it")
+            return expanded[key]
+        visited[0] += 1
+        expanded[key] = -1
+        items = node.values() if isinstance(node, dict) else node
+        total = 1 + sum(count(item) for item in items)
+        if total - visited[0] > YAML_MAX_ALIAS_NODES:
+            raise ValueError(f"its aliases expand to more than {YAML_MAX_ALIAS_NODES} nodes")
+        expanded[key] = total
+        return total
+
+    count(data)
 
 
 def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
@@ -3669,6 +3710,10 @@ class ConfigFileWriter:
                 new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
             except (ValueError, SyntaxError, yaml.YAMLError) as exc:
                 raise ConfigFileSkipped(f"cannot be parsed as {cf.parser}: {exc}") from None
+            except RecursionError:  # the parsers recurse once per level: "[[[[..." of 4 MiB
+                raise ConfigFileSkipped(
+                    f"cannot be parsed as {cf.parser}: it is nested too deeply"
+                ) from None
             if new == old and st is not None:
                 return False
             self._write(where, new, st, len(old))
