@@ -7925,6 +7925,29 @@ class TestHostileFeatureInput:
         assert failed == [] and said == []
         assert after["server.properties"] == text.replace("server-port=1", "server-port=2")
 
+    def test_a_token_of_another_kind_cannot_upload(self, panel, make_daemon):
+        # Every Panel token is signed with the node key and has server_uuid and unique_id; an
+        # upload token has nothing else. A download, backup or websocket token (a user without
+        # file.create) was accepted at /upload/file, as in Wings v1.11.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        others = {
+            "file download": {"file_path": "/server.properties"},
+            "backup download": {"backup_uuid": str(uuidlib.uuid4())},
+            "websocket": {"permissions": ["websocket.connect"]},
+        }
+        for kind, claims in others.items():
+            status, _, raw = upload(daemon, signed_token(server.uuid, **claims), {"x.jar": b"!"})
+            assert status == 403, (kind, status, raw)
+            assert "is not a file-upload token" in json.loads(raw)["error"]
+        assert not (server.fs.root / "x.jar").exists()
+        download_token = signed_token(server.uuid, backup_uuid="b", file_path="/x")
+        status, _, _ = http_raw(
+            daemon.port, "GET", f"/download/file?token={download_token}", token=None
+        )
+        assert status == 403
+        status, _, _ = upload(daemon, signed_token(server.uuid), {"x.jar": b"!"})
+        assert status == 200 and (server.fs.root / "x.jar").read_bytes() == b"!"
+
 
 # fault drills #####################################################################################
 
