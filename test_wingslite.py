@@ -22,11 +22,13 @@ import http.server
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -36,6 +38,7 @@ import time
 import types
 import urllib.parse
 import uuid as uuidlib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -753,7 +756,13 @@ class TestServerModel:
             ({"build__io_weight": 1001}, "settings.build.io_weight"),
             ({"build__swap": -2}, "settings.build.swap"),
             ({"build__threads": "0-a"}, "settings.build.threads"),
-            ({"build__threads": "3-1"}, "runs backwards"),
+            # Sizes beyond 2^53 bytes after conversion (1e308 MB once wedged a start).
+            ({"build__memory_limit": 1e308}, "settings.build.memory_limit: 1e+308 MB is more"),
+            ({"build__disk_space": 2**33 + 1}, "settings.build.disk_space"),
+            ({"build__swap": 2**60}, "settings.build.swap"),
+            ({"build__threads": "0," * 600}, "settings.build.threads: longer than 1024"),
+            ({"uuid": "-"}, "settings.uuid: not a server uuid"),
+            ({"uuid": "../../etc"}, "settings.uuid: not a server uuid"),
             ({"build__memory_limit": "1024"}, "expected a number, got a string"),
             (
                 {"allocations__default": {"ip": "1.2.3.4", "port": 70000}},
@@ -837,6 +846,112 @@ class TestFilesystem:
         assert fs.is_denied("server.jar") and fs.is_denied("plugins/x.jar")
         assert fs.is_denied("config/secret.yml") and not fs.is_denied("other/config/secret.yml")
         assert fs.is_denied("logs/latest.log") and not fs.is_denied("mylogs/x")
+
+
+def held_bytes(root: Path) -> int:
+    """What the files of ``root`` really hold: every regular file under it, plus the removed files
+    this process (the daemon under test) still holds open there."""
+    total = sum(
+        os.lstat(os.path.join(d, f)).st_size
+        for d, _, files in os.walk(root)
+        for f in files
+        if not os.path.islink(os.path.join(d, f))
+    )
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(f"{root}/") and target.endswith(" (deleted)"):
+                total += os.stat(f"/proc/self/fd/{fd}").st_size
+    return total
+
+
+class TestMetering:
+    """``Filesystem.open_metered`` / ``remove`` / ``rename``: the figure counts what is held."""
+
+    MIB = 1 << 20
+
+    @pytest.fixture
+    def fs(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        fs = w.Filesystem(root, 4 * self.MIB, check_interval_s=3600)
+        fs.recalculate()
+        with fs.jail() as jail:
+            yield fs, jail, root
+
+    def test_a_removed_file_counts_until_its_last_handle_closes(self, fs):
+        fs, jail, root = fs
+        handles = []
+        with pytest.raises(w.DiskLimitExceeded):
+            for i in range(8):
+                handle = fs.open_metered(jail, f"f{i}", os.O_WRONLY | os.O_CREAT)
+                handles.append(handle)
+                handle.write(b"x" * self.MIB)
+                fs.remove(jail, f"f{i}")
+        assert held_bytes(root) <= 4 * self.MIB and fs.usage_bytes() >= 4 * self.MIB - 1
+        assert fs.recalculate() >= 4 * self.MIB - 1  # the walk adds what the handles hold
+        for handle in handles:
+            handle.close()
+        assert fs.usage_bytes() == 0 and held_bytes(root) == 0
+        with fs.open_metered(jail, "after", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"y" * 4 * self.MIB)
+
+    def test_a_file_replaced_under_a_writer_counts_until_it_closes(self, fs):
+        fs, jail, root = fs
+        writer = fs.open_metered(jail, "live", os.O_WRONLY | os.O_CREAT)
+        writer.write(b"a" * 3 * self.MIB)
+        with fs.open_metered(jail, "next", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"b" * 10)
+        fs.rename(jail, "next", "live")
+        with pytest.raises(w.DiskLimitExceeded):
+            writer.write(b"a" * 2 * self.MIB)  # still held: 3 MiB + 10 bytes + 2 MiB > 4 MiB
+        writer.close()
+        assert fs.usage_bytes() == 10 == held_bytes(root)
+
+    def test_removing_a_file_nothing_booked_gives_back_nothing(self, fs):
+        fs, jail, root = fs
+        (root / "old.bin").write_bytes(b"o" * 3 * self.MIB)
+        fs.recalculate()
+        (root / "game.bin").write_bytes(b"g" * 3 * self.MIB)  # the game, since the walk
+        fs.remove(jail, "game.bin")
+        assert fs.usage_bytes() == 3 * self.MIB  # not 0: those bytes were never counted
+        with pytest.raises(w.DiskLimitExceeded):
+            with fs.open_metered(jail, "up", os.O_WRONLY | os.O_CREAT) as handle:
+                handle.write(b"u" * 2 * self.MIB)
+        fs.remove(jail, "old.bin")  # counted by the walk: given back whole
+        assert fs.usage_bytes() == 0
+
+    def test_remove_tree_gives_back_what_was_counted_and_follows_no_link(self, fs, tmp_path):
+        fs, jail, root = fs
+        (tmp_path / "outside").mkdir()
+        (tmp_path / "outside" / "keep").write_bytes(b"k")
+        jail.mkdir("d")
+        jail.mkdir("d/e")
+        with fs.open_metered(jail, "d/e/f", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.write(b"f" * self.MIB)
+        os.symlink(tmp_path / "outside", root / "d" / "out")
+        (root / "d" / "game.bin").write_bytes(b"g" * self.MIB)  # nothing booked this one
+        held = fs.open_metered(jail, "d/e/f")  # a client still reads it
+        assert fs.remove_tree(jail, "d") == 0 and fs.usage_bytes() == self.MIB
+        held.close()
+        assert fs.usage_bytes() == 0 and not (root / "d").exists()
+        assert (tmp_path / "outside" / "keep").read_bytes() == b"k"
+
+    def test_truncation_and_append_are_metered(self, fs):
+        fs, jail, root = fs
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_CREAT) as handle:
+            handle.truncate(2 * self.MIB)
+            assert fs.usage_bytes() == 2 * self.MIB
+            with pytest.raises(w.DiskLimitExceeded):
+                handle.truncate(5 * self.MIB)
+            handle.truncate(self.MIB)
+        assert fs.usage_bytes() == self.MIB
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_APPEND) as handle:
+            handle.pwrite(b"z" * 10, 0)  # appended, whatever the offset
+        assert (root / "f").stat().st_size == self.MIB + 10 == fs.usage_bytes()
+        with fs.open_metered(jail, "f", os.O_WRONLY | os.O_TRUNC):
+            pass
+        assert fs.usage_bytes() == 0
 
 
 # archives #########################################################################################
@@ -1754,6 +1869,503 @@ class TestHttpApi:
         assert status == 404 and "does not know" in body["error"]
 
 
+class TestHttpHead:
+    """HEAD is GET without a body on every GET route; no method is ever answered 501."""
+
+    def exchange(self, conn, method: str, path: str):
+        conn.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+    def test_head_answers_as_get_without_a_body_on_four_routes(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        try:
+            for path in (
+                "/api/system",
+                "/api/servers",
+                f"/api/servers/{uuid}",
+                f"/api/servers/{uuid}/logs",
+            ):
+                # One keep-alive connection: a body sent after a HEAD would be read as the
+                # next answer, and the GET after it would fail to parse.
+                head_status, head_headers, head_body = self.exchange(conn, "HEAD", path)
+                status, headers, body = self.exchange(conn, "GET", path)
+                assert head_status == status == 200 and head_body == b"", path
+                assert head_headers["content-type"] == headers["content-type"]
+                assert int(head_headers["content-length"]) > 0 and body, path
+        finally:
+            conn.close()
+
+    def test_head_elsewhere_answers_as_get_would_and_no_method_gets_501(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        assert api(daemon, "HEAD", "/api/nowhere")[0] == 404
+        assert api(daemon, "HEAD", f"/api/servers/{uuid}/sync")[:2][0] == 405
+        status, headers, _ = api(daemon, "GET", f"/api/servers/{uuid}/sync")
+        assert status == 405 and headers["allow"] == "POST"
+        status, headers, _ = api(daemon, "TRACE", f"/api/servers/{uuid}")
+        assert status == 405 and headers["allow"] == "DELETE, GET, HEAD"
+        for method in ("BREW", "CONNECT", "PROPFIND"):
+            assert api(daemon, method, "/api/system")[0] == 405
+            assert api(daemon, method, "/api/nowhere")[0] == 404
+        assert api(daemon, "HEAD", "/api/system", token=None)[0] == 401
+
+    def test_daemon_console_lines_carry_the_nodes_app_name(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, app_name="Acme Hosting")
+        panel.down = True  # the start's sync fails: the server says so on its console
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        server = daemon.servers[uuid]
+        line = wait_for(
+            lambda: next((x for x in server.console.tail(50) if "Unable to sync" in x), None),
+            what="the console line",
+        )
+        assert "[Acme Hosting Daemon]:" in line and "Pterodactyl" not in line
+
+
+# HTTP API: TLS #####################################################################################
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+class CertificateFiles:
+    """A test CA and node certificates made with the system's ``openssl``, as certbot lays them out."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = self.dir / "ca.pem"
+        self.cert = self.dir / "live" / "fullchain.pem"
+        self.key = self.dir / "live" / "privkey.pem"
+        self.cert.parent.mkdir()
+        _openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=wingslite test CA",
+            cwd=self.dir,
+        )  # fmt: skip
+        self.serial = 0
+        self.issue()
+
+    def issue(self) -> int:
+        """A new key and certificate for 127.0.0.1, swapped in as a renewal does; its serial."""
+        self.serial += 1
+        name = f"leaf{self.serial}"
+        (self.dir / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl(
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=127.0.0.1",
+            cwd=self.dir,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-set_serial", str(1000 + self.serial), "-days", "2", "-extfile", "ext.cnf",
+            "-out", f"{name}.pem",
+            cwd=self.dir,
+        )  # fmt: skip
+        chain = (self.dir / f"{name}.pem").read_bytes() + self.ca.read_bytes()
+        for target, data in (
+            (self.key, (self.dir / f"{name}.key").read_bytes()),
+            (self.cert, chain),
+        ):
+            tmp = target.with_suffix(".new")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return 1000 + self.serial
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+    def ca_spki_sha256(self) -> str:
+        """The CA key's SPKI hash, base64, for Chromium's --ignore-certificate-errors-spki-list."""
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.ca), "-pubkey", "-noout"],
+            check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        spki = subprocess.run(
+            ["openssl", "pkey", "-pubin", "-outform", "der"], input=der, check=True,
+            capture_output=True,
+        ).stdout  # fmt: skip
+        return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def https_get(daemon, path: str, context: ssl.SSLContext, token: str | None = TOKEN):
+    """One request over TLS: (status, decoded body, the server certificate's serial, TLS version)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=context)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    resp = conn.getresponse()
+    body = resp.read()
+    peer = conn.sock.getpeercert()
+    version = conn.sock.version()
+    conn.close()
+    return resp.status, json.loads(body) if body else None, int(peer["serialNumber"], 16), version
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (.ci/run installs it)")
+    return CertificateFiles(tmp_path / "certs")
+
+
+def _tls_overrides(certs) -> dict:
+    return {
+        "api__ssl__enabled": True,
+        "api__ssl__cert": str(certs.cert),
+        "api__ssl__key": str(certs.key),
+    }
+
+
+class TestTls:
+    """``api.ssl``: HTTPS and WSS with the standard ``ssl`` module; renewals without a restart."""
+
+    def test_https_answers_with_the_node_certificate(self, panel, make_daemon, certificates):
+        daemon = make_daemon(panel, **_tls_overrides(certificates))
+        status, body, serial, version = https_get(
+            daemon, "/api/system", certificates.client_context()
+        )
+        assert status == 200 and body["version"] == w.VERSION
+        assert serial == 1001 and version in ("TLSv1.2", "TLSv1.3")
+        # Plain HTTP on the TLS port gets no HTTP answer, and TLS 1.1 is refused.
+        with pytest.raises((http.client.HTTPException, OSError)):
+            api(daemon, "GET", "/api/system")
+        old = ssl.create_default_context(cafile=str(certificates.ca))
+        with warnings.catch_warnings():  # the ssl module warns about setting TLS 1.1 at all
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+        with pytest.raises(ssl.SSLError):
+            https_get(daemon, "/api/system", old)
+        assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+
+    def test_wss_console_through_the_websockets_client(self, console_node, certificates):
+        from websockets.sync.client import connect
+
+        daemon = console_node(**_tls_overrides(certificates))
+        daemon.get_server(daemon.uuid).env.start(None)
+        url = f"wss://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws"
+        with connect(
+            url,
+            ssl=certificates.client_context(),
+            origin=daemon.config.remote,
+            open_timeout=5,
+            proxy=None,
+        ) as conn:
+            ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_event(conn)[0] == "auth success"
+            ws_send(conn, "send logs")
+            ws_until(conn, "console output", match="server ready")
+            ws_send(conn, "send command", "over tls " + "x" * 3000)  # more than one TLS record
+            ws_until(conn, "console output", match="> over tls")
+
+    def test_a_renewed_certificate_is_served_without_a_restart(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, **_tls_overrides(certificates))
+        context = certificates.client_context()
+        assert https_get(daemon, "/api/system", context)[2] == 1001
+        renewed = certificates.issue()
+        wait_for(
+            lambda: https_get(daemon, "/api/system", context)[2] == renewed,
+            timeout_s=10,
+            interval_s=0.2,
+            what="the renewed certificate",
+        )
+        # A renewal that is not a certificate is logged; the last good one stays in use.
+        certificates.cert.write_text("not a certificate\n")
+        time.sleep(1.2)
+        assert https_get(daemon, "/api/system", context)[2] == renewed
+
+    def test_a_certificate_that_cannot_be_read_stops_the_start_naming_the_file(
+        self, panel, tmp_path, certificates
+    ):
+        missing = tmp_path / "nope" / "fullchain.pem"
+        encrypted = tmp_path / "encrypted.pem"
+        _openssl(
+            "pkey", "-in", str(certificates.key), "-aes256", "-passout", "pass:secret",
+            "-out", str(encrypted),
+            cwd=tmp_path,
+        )  # fmt: skip
+        for cert, key, named in (
+            (missing, certificates.key, str(missing)),
+            (certificates.cert, certificates.ca, str(certificates.ca)),  # no private key in it
+            (certificates.cert, encrypted, f"{encrypted} is encrypted"),  # never a prompt
+            (certificates.cert, certificates.dir / "ca.key", "cannot be used together"),
+        ):
+            raw = node_config(tmp_path, panel.url, api__ssl__enabled=True)
+            raw["api"]["ssl"].update(cert=str(cert), key=str(key))
+            path = tmp_path / "config.yml"
+            path.write_text(yaml.safe_dump(raw))
+            run = subprocess.run(
+                [sys.executable, str(HERE / "wingslite.py"), "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 2, run.stderr
+            assert named in run.stderr and "api.ssl" in run.stderr, run.stderr
+
+    def test_headless_chromium_trusting_the_test_ca_opens_the_console(
+        self, console_node, certificates, tmp_path
+    ):
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+        reports: list[dict] = []
+        got = threading.Event()
+        holder: dict = {}
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = (
+                    BROWSER_PAGE.replace("SOCKET", json.dumps(holder["socket"]))
+                    .replace("TOKEN", json.dumps(holder["token"]))
+                    .encode()
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+                got.set()
+
+        page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        threading.Thread(target=page.serve_forever, daemon=True).start()
+        page_origin = f"http://127.0.0.1:{page.server_address[1]}"
+        daemon = console_node(allowed_origins=[page_origin], **_tls_overrides(certificates))
+        daemon.get_server(daemon.uuid).env.start(None)
+        holder.update(
+            socket=f"wss://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws",
+            token=ws_token(ws_claims(daemon.uuid)),
+        )
+        browser = subprocess.Popen(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                # Trust anchored on the test CA's key: it is in the chain the node presents.
+                f"--ignore-certificate-errors-spki-list={certificates.ca_spki_sha256()}",
+                page_origin + "/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert got.wait(60), "the page never reported"
+        finally:
+            browser.kill()
+            browser.wait(10)
+            page.shutdown()
+            page.server_close()
+        assert reports[0]["result"] == "ok", reports[0]
+        assert "> from chromium" in reports[0]["text"]
+
+
+# metrics ##########################################################################################
+
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """A strict reader of Prometheus' text format 0.0.4; any deviation is an AssertionError.
+
+    Returns ``{family: {"type", "help", "samples": {(name, ((label, value), ...)): float}}}``.
+    """
+    import re
+
+    assert text.endswith("\n"), "the exposition must end with a line feed"
+    families: dict[str, dict] = {}
+    finished: set[str] = set()
+    current = None
+    sample_re = re.compile(rf"^({_METRIC_NAME})(\{{(.*)\}})? (\S+)( -?\d+)?$")
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {number}: {line!r}"
+        assert line, f"{where}: empty lines are not written"
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            assert parts[0] == "#" and parts[1] in ("HELP", "TYPE") and len(parts) >= 3, where
+            name = parts[2]
+            assert re.fullmatch(_METRIC_NAME, name), where
+            family = families.setdefault(name, {"type": None, "help": None, "samples": {}})
+            assert name not in finished and not family["samples"], f"{where}: family reopened"
+            key = parts[1].lower()
+            assert family[key] is None, f"{where}: second {parts[1]}"
+            family[key] = parts[3] if len(parts) > 3 else ""
+            if key == "type":
+                assert family["type"] in ("counter", "gauge", "histogram"), where
+            if current and current != name:
+                finished.add(current)
+            current = name
+            continue
+        match = sample_re.match(line)
+        assert match, f"{where}: not a sample"
+        name, _, label_text, value_text = match.group(1, 2, 3, 4)
+        family_name = current
+        assert family_name, f"{where}: a sample before any TYPE"
+        kind = families[family_name]["type"]
+        assert kind is not None, f"{where}: a sample before its TYPE"
+        allowed = (
+            {family_name + s for s in ("_bucket", "_sum", "_count")}
+            if kind == "histogram"
+            else {family_name}
+        )
+        assert name in allowed, f"{where}: {name} does not belong to family {family_name}"
+        labels = _parse_labels(label_text or "", where)
+        value = float(value_text) if value_text not in ("+Inf", "-Inf", "NaN") else None
+        if value is None:
+            value = {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}[value_text]
+        else:
+            assert re.fullmatch(r"-?\d+(\.\d+)?(e[+-]?\d+)?", value_text), where
+        key = (name, tuple(sorted(labels.items())))
+        samples = families[family_name]["samples"]
+        assert key not in samples, f"{where}: duplicate sample"
+        samples[key] = value
+    for name, family in families.items():
+        assert family["type"] and family["help"], f"{name}: HELP and TYPE are both written"
+        if family["type"] == "counter":
+            assert name.endswith("_total"), f"{name}: counters end in _total"
+            assert all(v >= 0 for v in family["samples"].values()), name
+        if family["type"] == "histogram":
+            _check_histogram(name, family["samples"])
+    return families
+
+
+def _parse_labels(text: str, where: str) -> dict[str, str]:
+    import re
+
+    labels: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        match = re.compile(rf'({_LABEL_NAME})="((?:[^"\\\n]|\\[\\"n])*)"').match(text, pos)
+        assert match, f"{where}: bad label at {text[pos:]!r}"
+        assert match.group(1) not in labels, f"{where}: label repeated"
+        labels[match.group(1)] = (
+            match.group(2).replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+        )
+        pos = match.end()
+        if pos < len(text):
+            assert text[pos] == ",", f"{where}: labels are separated by commas"
+            pos += 1
+    return labels
+
+
+def _check_histogram(name: str, samples: dict) -> None:
+    series: dict[tuple, dict] = {}
+    for (sample, labels), value in samples.items():
+        plain = tuple((k, v) for k, v in labels if k != "le")
+        entry = series.setdefault(plain, {"buckets": [], "sum": None, "count": None})
+        if sample.endswith("_bucket"):
+            le = dict(labels)["le"]
+            entry["buckets"].append((math.inf if le == "+Inf" else float(le), value))
+        else:
+            entry[sample.rsplit("_", 1)[1]] = value
+    for labels, entry in series.items():
+        buckets = sorted(entry["buckets"])
+        assert buckets and buckets[-1][0] == math.inf, f"{name}{labels}: no +Inf bucket"
+        counts = [c for _, c in buckets]
+        assert counts == sorted(counts), f"{name}{labels}: buckets are not cumulative"
+        assert entry["count"] == buckets[-1][1] and entry["sum"] is not None, name
+
+
+def metrics_of(daemon, token: str = TOKEN) -> dict[str, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status == 200, body
+    assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    return parse_exposition(body)
+
+
+def sample(families: dict, name: str, **labels) -> float:
+    family = next(f for n, f in families.items() if name.startswith(n))
+    return family["samples"][(name, tuple(sorted(labels.items())))]
+
+
+class TestMetrics:
+    """``GET /metrics``: Prometheus' text format, the figures of a running server."""
+
+    def test_the_figures_of_a_running_server(self, console_node, panel):
+        daemon = console_node(wingslite__metrics_token="scrape-me")
+        uuid = daemon.uuid
+        conn, _ = ws_authed(daemon, uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+            panel.fail[f"/api/remote/servers/{uuid}"] = [404]
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 404
+            m = metrics_of(daemon, "scrape-me")
+        server = {"server": uuid}
+        assert sample(m, "wingslite_server_state", **server, state="running") == 1
+        assert sample(m, "wingslite_server_state", **server, state="offline") == 0
+        assert sample(m, "wingslite_server_memory_bytes", **server) == 1234
+        assert sample(m, "wingslite_server_cpu_percent", **server) == 1.5
+        assert sample(m, "wingslite_server_network_receive_bytes_total", **server) == 7
+        assert sample(m, "wingslite_server_network_transmit_bytes_total", **server) == 9
+        assert sample(m, "wingslite_server_websocket_sessions", **server) == 1
+        assert sample(m, "wingslite_server_sftp_sessions", **server) == 0
+        assert sample(m, "wingslite_server_syncs_total", **server) == 2
+        assert sample(m, "wingslite_server_sync_failures_total", **server) == 1
+        assert sample(m, "wingslite_server_sync_duration_seconds_count", **server) == 2
+        assert sample(m, "wingslite_server_operations_total", **server, operation="install") == 0
+        daemon.get_server(uuid).fs.ensure()
+        TestBackups.backup(daemon, uuid)
+        counted = sample(
+            metrics_of(daemon), "wingslite_server_operations_total", **server, operation="backup"
+        )
+        assert counted == 1
+        assert sample(m, "wingslite_servers") == 1
+        path = {"method": "GET", "path": "/servers/{uuid}"}  # uuids folded: one series per route
+        assert sample(m, "wingslite_panel_requests_total", **path, outcome="2xx") >= 2
+        assert sample(m, "wingslite_panel_requests_total", **path, outcome="4xx") == 1
+        assert sample(m, "wingslite_panel_failures_total", **path) == 1
+        assert sample(m, "wingslite_panel_request_duration_seconds_count", **path) >= 3
+
+    def test_only_the_node_token_or_the_metrics_token_may_read(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__metrics_token="scrape-me")
+        assert metrics_of(daemon)["wingslite_info"]["samples"]
+        assert api(daemon, "GET", "/metrics", token=None)[0] == 401
+        assert api(daemon, "GET", "/metrics", token="scrape-me-not")[0] == 403
+        plain = make_daemon(panel)  # no metrics token: an empty one is never accepted
+        assert api(plain, "GET", "/metrics", token="")[0] == 401
+        assert api(plain, "GET", "/metrics", token="scrape-me")[0] == 403
+
+    def test_the_parser_refuses_what_the_format_forbids(self):
+        good = '# HELP a_total A.\n# TYPE a_total counter\na_total{x="1"} 2\n'
+        assert parse_exposition(good)["a_total"]["samples"]
+        for bad in (
+            good.rstrip("\n"),
+            good + 'a_total{x="1"} 3\n',
+            "# TYPE a counter\n# HELP a A.\na 1\n",
+            good.replace('x="1"', "x=1"),
+            good + "# HELP b B.\n# TYPE b gauge\nb 1\n# HELP a_total again\n",
+        ):
+            with pytest.raises(AssertionError):
+                parse_exposition(bad)
+
+    def test_label_values_are_escaped(self):
+        out = w.MetricsText()
+        out.family("x", "gauge", "X.", [({"v": 'a"b\\c\nd'}, 1)])
+        assert parse_exposition(out.text())["x"]["samples"] == {("x", (("v", 'a"b\\c\nd'),)): 1}
+
+
 # daemon: the sync #################################################################################
 
 
@@ -2210,6 +2822,168 @@ class TestBoot:
             d2.stop_all()
 
 
+HOST_CPUS = os.cpu_count() or 1
+
+
+def _set_config_file_replace(doc, replace_with):
+    doc["process_configuration"]["configs"][0]["replace"] = [
+        {"match": "motd", "replace_with": replace_with},
+        {"match": "difficulty", "if_value": "easy", "replace_with": {"hard": [1, None]}},
+    ]
+
+
+class TestPanelValidEdgeValues:
+    """Documents the Panel's own validation accepts are accepted, survive a daemon restart, and
+    a refused document never costs the node the server."""
+
+    EDGES = [
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads="0,"),
+            lambda c: c.build.threads == "0",
+            "",
+            id="threads-trailing-comma",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads="1-0"),
+            lambda c: c.build.threads == "",
+            "runs backwards; applied as no CPU pinning",
+            id="threads-reversed",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads=f"0-{HOST_CPUS}"),
+            lambda c: c.build.threads == "",
+            "does not exist on this node",
+            id="threads-beyond-the-host",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["environment"].update({"2FA_SECRET": "x"}),
+            lambda c: c.environment["2FA_SECRET"] == "x",
+            "",
+            id="variable-starting-with-a-digit",
+        ),
+        pytest.param(
+            lambda d: _set_config_file_replace(d, ["a", {"b": 2}]),
+            lambda c: c.process.configs[0].replace[0].replace_with == ["a", {"b": 2}],
+            "",
+            id="replace-with-a-list-and-an-object",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(cpu_limit=100 * HOST_CPUS + 1),
+            lambda c: c.build.cpu_percent == 100 * HOST_CPUS,
+            f"applied as {100 * HOST_CPUS}%",
+            id="cpu-above-the-host",
+        ),
+        pytest.param(
+            lambda d: d["settings"].update(
+                mounts=[{"source": "/srv", "target": "/home/container/../../proc"}]
+            ),
+            lambda c: c.mounts == (),
+            "the target would shadow /proc",
+            id="mount-shadowing-proc",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["container"].update(image="ghcr.io/x/y:java 21"),
+            lambda c: c.image == "ghcr.io/x/y:java 21",
+            "is not a valid Docker image reference",
+            id="image-with-a-space",
+        ),
+    ]
+
+    @pytest.mark.parametrize("edit, holds, note", EDGES)
+    def test_a_panel_valid_value_syncs_and_survives_a_restart(
+        self, panel, make_daemon, edit, holds, note
+    ):
+        uuid = panel.add(panel_document())
+        first = make_daemon(panel)
+        edit(panel.servers[uuid])
+        status, _, body = api(first, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 204, body
+        assert holds(first.servers[uuid].config)
+        record = api(first, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert record["result"] == "ok"
+        assert any(note in n for n in record["notes"]) if note else record["notes"] == []
+        first.stop()
+        second = make_daemon(panel)
+        listed = {s["configuration"]["uuid"]: s for s in api(second, "GET", "/api/servers")[2]}
+        assert uuid in listed and holds(second.servers[uuid].config)
+        assert listed[uuid]["configuration"] == panel.servers[uuid]["settings"] | {
+            "crash_detection_enabled": True
+        }
+
+    @pytest.mark.parametrize(
+        "image, valid",
+        [
+            ("ghcr.io/pterodactyl/yolks:java_21", True),
+            ("~wingslite-test:latest", True),
+            ("localhost:5000/games/minecraft@sha256:" + "a" * 64, True),
+            ("[::1]:5000/x/y:1.0", True),
+            ("busybox", True),
+            ("ghcr.io/x/y:java 21", False),
+            ("../../containers/json?all=1", False),
+            ("library/Busybox", False),
+            ("x:tag/y", False),
+            ("a" * 256, False),
+        ],
+    )
+    def test_image_names_follow_dockers_reference_grammar(self, image, valid):
+        assert w.is_image_reference(image) is valid
+
+    def test_an_image_outside_the_grammar_never_reaches_the_engine(self, docker_servers):
+        uuid = docker_servers.add(image="../../info?x=")
+        daemon = docker_servers.boot()
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        docker_servers.wait_console(uuid, "is not a valid Docker image reference")
+        assert daemon.get_server(uuid).state == "offline"
+        assert docker_servers.container_id(uuid) is None
+
+    def test_a_document_refused_at_boot_keeps_the_server_on_its_last_configuration(
+        self, panel, make_daemon, caplog
+    ):
+        uuid = panel.add(panel_document())
+        make_daemon(panel).stop()
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 2**60  # beyond 2^53 bytes
+        daemon = make_daemon(panel)
+        status, _, body = api(daemon, "GET", f"/api/servers/{uuid}")
+        assert status == 200 and body["configuration"]["build"]["memory_limit"] == 4096
+        last_sync = body["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused"
+        assert "settings.build.memory_limit" in last_sync["failed"][0]
+        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 4096
+        assert (
+            f"refused the Panel's document for server {uuid}: document.settings.build."
+            "memory_limit" in caplog.text
+        )
+        assert "keeping its last configuration" in caplog.text
+        # A later sync of a document the node accepts brings it up to date.
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1024
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert daemon.servers[uuid].config.build.memory_mb == 1024
+
+    def test_a_list_entry_with_uuid_dash_never_becomes_a_directory(self, panel, make_daemon):
+        good = panel.add(panel_document())
+        bad = panel_document()
+        bad["settings"]["uuid"] = "-"
+        panel.servers["-"] = bad
+        daemon = make_daemon(panel)
+        assert set(daemon.servers) == {good}
+        assert not (daemon.config.data_dir / "-").exists()
+        assert not (daemon.config.root_dir / "wingslite" / "servers" / "-.json").exists()
+
+    def test_a_repeated_create_is_a_sync_and_leaves_the_files_alone(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        uuid = panel.add(panel_document())
+        assert api(daemon, "POST", "/api/servers", body={"uuid": uuid})[0] == 202
+        world = daemon.config.data_dir / uuid / "world" / "level.dat"
+        world.parent.mkdir()
+        world.write_bytes(b"installed")
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 3000
+        status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
+        assert status == 202, body
+        assert world.read_bytes() == b"installed"
+        assert daemon.servers[uuid].config.build.memory_mb == 3000  # re-read, as a sync
+        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 3000
+
+
 # Panel stand-in ###################################################################################
 
 
@@ -2364,6 +3138,173 @@ class TestDemo:
                 proc.kill()
             with contextlib.suppress(Exception):
                 proc.communicate(timeout=5)
+
+
+# CLI: configure and diagnostics ###################################################################
+
+APPLICATION_KEY = "ptla_Zq8u2tN4vX7bC1mK5pL9sD3fG6hJ0wE2rT4yU8iO"
+
+
+def run_cli(*args, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(HERE / "wingslite.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+class NodeConfigurationEndpoint:
+    """The Panel's ``GET /api/application/nodes/{id}/configuration`` (application API key)."""
+
+    def __init__(self, configuration: dict, context: ssl.SSLContext | None = None):
+        self.configuration = configuration
+        self.requests: list[dict] = []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                endpoint.requests.append({"path": self.path, **dict(self.headers)})
+                if self.headers.get("Authorization") != f"Bearer {APPLICATION_KEY}":
+                    return self.answer(
+                        401, panel_error(401, "AuthenticationException", "Unauthenticated.")
+                    )
+                if self.path != "/api/application/nodes/3/configuration":
+                    return self.answer(404, panel_error(404, "NotFoundHttpException", ""))
+                self.answer(200, endpoint.configuration)
+
+            def answer(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        if context is not None:
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if context else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class TestOperatorCommands:
+    """``configure`` fetches the node's config from the Panel; ``diagnostics`` redacts secrets."""
+
+    def node_json(self, tmp_path, panel) -> dict:
+        """What Node::getConfiguration() answers, pointed at loopback and tmp_path."""
+        raw = node_config(tmp_path, panel.url)
+        raw["api"]["port"] = _free_port()
+        raw["system"]["sftp"]["bind_port"] = _free_port()
+        del raw["wingslite"], raw["remote_query"]
+        return raw
+
+    def test_configure_writes_the_panels_configuration_and_the_daemon_runs_on_it(
+        self, tmp_path, panel
+    ):
+        document = self.node_json(tmp_path, panel)
+        endpoint = NodeConfigurationEndpoint(document)
+        target = tmp_path / "etc" / "config.yml"
+        argv = ["configure", "--panel-url", endpoint.url, "--token", APPLICATION_KEY]
+        try:
+            run = run_cli(*argv, "--node", "3", "--config", str(target))
+            assert run.returncode == 0, run.stderr
+            assert str(target) in run.stdout
+            assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds the node's token
+            assert yaml.safe_load(target.read_text()) == document
+            assert endpoint.requests[0]["Authorization"] == f"Bearer {APPLICATION_KEY}"
+            # An existing file is kept unless --override; a wrong key or node changes nothing.
+            target.write_text("# hand edited\n")
+            run = run_cli(*argv, "--node", "3", "--config", str(target))
+            assert run.returncode == 1 and "--override" in run.stderr
+            wrong = run_cli(
+                *argv[:-1], "ptla_wrong", "--node", "3", "--config", str(target), "--override"
+            )
+            assert wrong.returncode == 1 and "API key was not accepted" in wrong.stderr
+            missing = run_cli(*argv, "--node", "9", "--config", str(target), "--override")
+            assert missing.returncode == 1 and "no such node" in missing.stderr
+            assert target.read_text() == "# hand edited\n"
+            run = run_cli(*argv, "--node", "3", "--config", str(target), "--override")
+            assert run.returncode == 0 and yaml.safe_load(target.read_text()) == document
+        finally:
+            endpoint.close()
+        # Without a subcommand, --config runs the daemon as before.
+        daemon = subprocess.Popen(
+            [sys.executable, str(HERE / "wingslite.py"), "--config", str(target)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            port = document["api"]["port"]
+            wait_for(lambda: _answers(port), 20, 0.1, "the daemon's API")
+            assert api(port, "GET", "/api/system")[0] == 200
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=20) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(10)
+
+    def test_configure_verifies_the_panels_certificate_unless_allowed_insecure(
+        self, tmp_path, panel, certificates
+    ):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificates.cert, certificates.key)
+        endpoint = NodeConfigurationEndpoint(self.node_json(tmp_path, panel), context)
+        target = tmp_path / "config.yml"
+        argv = ["configure", "--panel-url", endpoint.url, "--token", APPLICATION_KEY, "--node", "3"]
+        try:
+            run = run_cli(*argv, "--config", str(target))
+            assert run.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in run.stderr
+            assert not target.exists()
+            run = run_cli(*argv, "--config", str(target), "--allow-insecure")
+            assert run.returncode == 0, run.stderr
+            assert yaml.safe_load(target.read_text())["token"] == TOKEN
+        finally:
+            endpoint.close()
+
+    def test_diagnostics_shows_versions_quota_log_and_states_but_no_secret(
+        self, tmp_path, panel, make_daemon
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        log = tmp_path / "wingslite.log"
+        log.write_text("".join(f"log line {n}\n" for n in range(300)))
+        raw = node_config(tmp_path, panel.url, wingslite__metrics_token="metrics-secret-1")
+        raw["api"]["port"] = daemon.port
+        raw["wingslite"]["log_file"] = str(log)
+        path = tmp_path / "config.yml"
+        path.write_text(yaml.safe_dump(raw))
+        run = run_cli("diagnostics", "--config", str(path))
+        assert run.returncode == 0, run.stderr
+        out = run.stdout
+        for secret in (TOKEN, TOKEN_ID, "metrics-secret-1"):  # the id too, as Wings redacts it
+            assert secret not in out
+        assert "token: '[redacted]'" in out and "token_id: '[redacted]'" in out
+        for expected in (
+            f"wingslite       {w.VERSION}",
+            "python ",
+            "kernel ",
+            "cgroups ",
+            "docker engine ",
+        ):
+            assert expected in out, expected
+        assert "backend soft" in out
+        assert "log line 299" in out and "log line 100\n" in out and "log line 99\n" not in out
+        assert f"{uuid}  offline" in out
+        # The same command before --config, and without a daemon: the last recorded states.
+        daemon.stop()
+        again = run_cli("--config", str(path), "diagnostics")
+        assert again.returncode == 0 and "did not answer" in again.stdout
 
 
 # environments: Docker #############################################################################
@@ -3402,6 +4343,7 @@ class TestSyncDuringPower:
         started = time.monotonic()
         status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
         answered_s = time.monotonic() - started
+        print(f"suspending sync during a stuck stop: 204 after {answered_s * 1000:.1f} ms")
         assert status == 204 and answered_s < 2, (status, body, answered_s)
         assert daemon.sessions.count(uuid) == 0  # closed before the 204 was written
         assert ws_close_code(conn) == 4409
@@ -3421,6 +4363,7 @@ class TestSyncDuringPower:
         (daemon.config.data_dir / uuid / "world.dat").write_text("x")
         started = time.monotonic()
         status, _, body = api(daemon, "DELETE", f"/api/servers/{uuid}")
+        print(f"delete during a stuck stop: 204 after {(time.monotonic() - started) * 1000:.0f} ms")
         assert status == 204 and time.monotonic() - started < 5, body
         assert docker_servers.container_id(uuid) is None
         wait_until(lambda: docker_servers.power_idle(server), 10, "the stop to end")
@@ -4705,6 +5648,62 @@ class TestWebsocketBrowser:
         )
 
 
+class TestWebsocketTokenRecovery:
+    """A revoked token never strands the Panel's console (Wings' SendJson; the Panel's
+    WebsocketHandler.tsx answers a reconnect "jwt error" by fetching a token and sending auth)."""
+
+    RECONNECT_ERRORS = ("jwt: exp claim is invalid", "jwt: created too far in past (denylist)")
+
+    def test_every_event_to_a_revoked_socket_is_a_jwt_error(self, console_node):
+        daemon = console_node()
+        uuid = daemon.uuid
+        conn, first = ws_authed(daemon, uuid)
+        with conn:
+            assert first[0] == ("auth success", [])
+            jti = ws_claims(uuid)["jti"]
+            assert api(daemon, "POST", f"/api/servers/{uuid}/ws/deny", {"jtis": [jti]})[0] == 204
+            denied = ("jwt error", ["jwt: created too far in past (denylist)"])
+            assert ws_event(conn) == denied
+            server = daemon.get_server(uuid)
+            for line in ("one", "two"):  # each would-be event is a new nudge to fetch a token
+                server.events.publish("console output", f"not for a revoked token: {line}")
+                assert ws_event(conn) == denied
+
+    def test_after_a_deny_the_panels_page_gets_its_console_back(self, console_node):
+        daemon = console_node()
+        uuid = daemon.uuid
+        fetched: list[int] = []
+        refused = []
+
+        def fetch_token() -> str:  # the Panel's GET .../websocket: a token with a fresh iat
+            time.sleep(0.05)  # its round trip
+            # The first three are issued in the deny's own second (iat has whole seconds), as
+            # when the page asks at once; later ones carry the time they are issued.
+            iat = deny_second if len(fetched) < 3 else int(time.time())
+            fetched.append(iat)
+            return ws_token(ws_claims(uuid, iat=iat))
+
+        conn, first = ws_authed(daemon, uuid)
+        with conn:
+            assert first[0] == ("auth success", [])
+            jti = ws_claims(uuid)["jti"]  # the Panel's jti is the same for every token of a user
+            deny_second = int(time.time())  # read before the deny: never after its second
+            assert api(daemon, "POST", f"/api/servers/{uuid}/ws/deny", {"jtis": [jti]})[0] == 204
+            deadline = time.monotonic() + 5
+            while True:  # the page's handler: on a reconnect jwt error, fetch and auth again
+                event, args = ws_event(conn, max(0.05, deadline - time.monotonic()))
+                if event == "auth success":
+                    break
+                assert event != "daemon error", args  # e.g. the auth limit dropping the auth
+                if event == "jwt error" and any(e in args[0] for e in self.RECONNECT_ERRORS):
+                    if args[0].startswith("Error Event"):  # the answer to an auth
+                        refused.append(args[0])
+                    ws_send(conn, "auth", fetch_token())
+            assert len(refused) >= 3 and fetched[:3] == [deny_second] * 3, (refused, fetched)
+            daemon.get_server(uuid).events.publish("console output", "the console is back")
+            assert ws_until(conn, "console output", match="the console is back")
+
+
 # SFTP #############################################################################################
 
 
@@ -4719,9 +5718,9 @@ SFTP_PASSWORD = "correct horse"
 SFTP_LIMIT_MB = 1
 
 
-def _sftp_daemon(panel, make_daemon, perms=("*",), **overrides):
+def _sftp_daemon(panel, make_daemon, perms=("*",), disk_mb=SFTP_LIMIT_MB, **overrides):
     """A daemon with SFTP on a free loopback port and one server (1 MiB disk) alice may log into."""
-    uuid = panel.add(panel_document(build__disk_space=SFTP_LIMIT_MB))
+    uuid = panel.add(panel_document(build__disk_space=disk_mb))
     panel.sftp_users[(SFTP_USER, SFTP_PASSWORD)] = list(perms)
     settings = {
         "wingslite__sftp_enabled": True,
@@ -4735,9 +5734,13 @@ def _sftp_daemon(panel, make_daemon, perms=("*",), **overrides):
 
 
 @contextlib.contextmanager
-def sftp_client(daemon, server, user=SFTP_USER, password=SFTP_PASSWORD, key=None):
-    """A real paramiko SFTP client logged in as ``<user>.<server id>``."""
-    transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
+def sftp_client(daemon, server, user=SFTP_USER, password=SFTP_PASSWORD, key=None, source_ip=None):
+    """A real paramiko SFTP client logged in as ``<user>.<server id>`` (from ``source_ip``, a
+    loopback address such as 127.0.0.2, when given)."""
+    address = ("127.0.0.1", daemon.sftp.port)
+    transport = paramiko.Transport(
+        socket.create_connection(address, source_address=(source_ip, 0)) if source_ip else address
+    )
     try:
         transport.connect(
             username=f"{user}.{server.uuid[:8]}", password=None if key else password, pkey=key
@@ -4794,6 +5797,18 @@ def sftp_refused(action, *args) -> bool:
     return False
 
 
+def tree(root: Path) -> dict:
+    """Every entry under ``root`` (links not followed): path -> (mode, size, link target)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(d, name)
+            st = os.lstat(path)
+            link = os.readlink(path) if os.path.islink(path) else None
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_size, link)
+    return out
+
+
 class TestJail:
     """The path jail on its own (no paramiko needed): what SFTP's tests cannot reach directly."""
 
@@ -4848,6 +5863,77 @@ class TestJail:
         with pytest.raises(w.PathEscape):  # ... but from the root it would climb out
             jail.rename("d/e/l", "l")
         assert os.path.islink(root / "d" / "e" / "l")
+
+    def test_a_link_is_checked_from_where_it_really_sits(self, jail):
+        jail, root = jail
+        (root / "a" / "b").mkdir(parents=True)
+        jail.symlink("../..", "a/b/up")  # lands on the root: fine
+        before = tree(root)
+        # written as a/b/up/evil, it really sits in the root: two levels up is outside
+        for target in ("../../outside", "../outside", "x/../../..", "d/../../outside", "/etc"):
+            with pytest.raises(w.PathEscape):
+                jail.symlink(target, "a/b/up/evil")
+        assert tree(root) == before and not os.path.lexists(root / "evil")
+        os.symlink("../outside", root / "game-made")  # a link the game made, pointing out
+        with pytest.raises(w.PathEscape):
+            jail.symlink("game-made/x", "through")  # lands wherever that one leads: outside
+        jail.symlink("up/d/f", "a/b/ok")
+        assert self.read(jail, "a/b/ok") == b"hello"
+
+    def test_a_directory_move_that_would_carry_a_link_out_is_refused(self, jail):
+        jail, root = jail
+        (root / "a" / "b" / "c").mkdir(parents=True)
+        jail.symlink("../../d/f", "a/b/l")  # from a/b: two up is the root, then d/f
+        jail.symlink("../f", "a/b/c/inner")  # stays inside the moved directory
+        before = tree(root)
+        with pytest.raises(w.PathEscape):
+            jail.rename("a/b", "b")  # from /b, two up is outside
+        assert tree(root) == before
+        jail.rename("a/b", "d/b")  # as deep as before: still lands inside
+        assert self.read(jail, "d/b/l") == b"hello"
+
+    def test_walk_reports_links_as_links_and_never_follows_them(self, jail):
+        jail, root = jail
+        os.symlink("../outside", root / "out")
+        os.symlink("d", root / "dl")
+        (root / "d" / "e").mkdir()
+        (root / "d" / "e" / "g").write_text("g")
+        entries = {e.path: e for e in jail.walk()}
+        assert set(entries) == {"/d", "/d/f", "/d/e", "/d/e/g", "/out", "/dl"}
+        assert entries["/out"].is_symlink and entries["/dl"].is_symlink
+        assert [e.path for e in jail.walk("d/e")] == ["/d/e/g"]
+        fs = w.Filesystem(root)
+        assert fs.recalculate() == len("hello") + 1
+
+    def test_a_walk_racing_a_directory_swapped_for_a_link_never_leaves(self, jail, tmp_path):
+        jail, root = jail
+        outside = tmp_path / "outside"
+        with open(outside / "outside-only", "wb") as fh:
+            fh.truncate(1 << 40)  # 1 TiB apparent: counted once, the figure would show it
+        (root / "d" / "sub").mkdir()
+        os.symlink(str(outside), root / "link")
+        libc = ctypes.CDLL(None, use_errno=True)
+        stop = threading.Event()
+
+        def swap():
+            while not stop.is_set():  # "d" and "link" trade places, atomically (RENAME_EXCHANGE)
+                libc.renameat2(-100, bytes(root / "d"), -100, bytes(root / "link"), 2)
+
+        swapper = threading.Thread(target=swap)
+        swapper.start()
+        seen, figures = set(), []
+        try:
+            fs = w.Filesystem(root)
+            for _ in range(300):
+                seen.update(
+                    e.path.rsplit("/", 1)[-1] for e in jail.walk(on_error=lambda p, e: None)
+                )
+                figures.append(fs.recalculate())
+        finally:
+            stop.set()
+            swapper.join()
+        assert "outside-only" not in seen and "f" in seen
+        assert max(figures) < 1 << 20
 
     def test_the_denylist_is_checked_where_a_link_leads(self, tmp_path):
         root = tmp_path / "root"
@@ -5242,6 +6328,35 @@ class TestSftpJail:
         assert (outside / "secret.txt").stat().st_mode & 0o777 == 0o640
         assert os.listdir(outside) == ["secret.txt"]
 
+    def test_a_chain_of_dot_dot_links_cannot_reach_outside(self, node):
+        daemon, server, _ = node
+        root = server.fs.root
+        with sftp_client(daemon, server) as client:
+            client.mkdir("a")
+            client.mkdir("a/b")
+            client.symlink("../..", "a/b/up")  # lands on the server's own directory: allowed
+            before = tree(root)
+            with pytest.raises(IOError):  # a/b/up/evil really sits at /evil: ../.. is outside
+                client.symlink("../../root/wingslite/servers", "a/b/up/evil")
+            assert client.open("a/b/up/inside.txt").read() == b"inside"
+        assert tree(root) == before
+
+    def test_renaming_a_directory_that_carries_a_relative_link_out_is_refused(self, node):
+        daemon, server, _ = node
+        root = server.fs.root
+        with sftp_client(daemon, server) as client:
+            client.mkdir("a")
+            client.mkdir("a/b")
+            client.symlink("../../inside.txt", "a/b/l")
+            before = tree(root)
+            for rename in (client.rename, client.posix_rename):
+                with pytest.raises(IOError):
+                    rename("a/b", "b")  # from /b, ../.. is outside
+            assert tree(root) == before
+            client.mkdir("c")
+            client.rename("a/b", "c/b")  # just as deep: the link still lands inside
+            assert client.open("c/b/l").read() == b"inside"
+
     def test_a_symlink_swapped_in_during_operations_is_never_followed(self, node):
         daemon, server, outside = node
         root = server.fs.root
@@ -5335,6 +6450,107 @@ class TestSftpDiskLimit:
         done = openssh_sftp(daemon, server, ["put huge.bin"], cwd=tmp_path)
         assert done.returncode != 0
         assert (server.fs.root / "huge.bin").stat().st_size <= SFTP_LIMIT_MB * 1024 * 1024
+
+
+@needs_paramiko
+class TestSftpDiskHeld:
+    """What a client holds counts, however it holds it (open handles of removed or replaced files)."""
+
+    MIB = 1 << 20
+    LIMIT_MB = 4
+
+    def _write(self, fh, n_bytes):
+        """Write until done or refused; True when the node refused (status 15)."""
+        try:
+            for _ in range(n_bytes // 65536):
+                fh.write(b"x" * 65536)
+            fh.flush()
+        except OSError:
+            return True
+        return False
+
+    def test_open_write_remove_and_keep_the_handle_holds_the_limit(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        limit = self.LIMIT_MB * self.MIB
+        with sftp_client(daemon, server) as client:
+            handles, refused = [], False
+            for i in range(12):
+                try:
+                    fh = client.open(f"f{i}", "w")
+                except OSError:  # refused at open: already at the limit
+                    refused = True
+                    continue
+                handles.append(fh)
+                refused |= self._write(fh, self.MIB)
+                client.remove(f"f{i}")
+            assert refused, "no write was refused"
+            assert held_bytes(server.fs.root) <= limit + self.MIB
+            for fh in handles:
+                with contextlib.suppress(OSError):
+                    fh.close()
+            # closed: the bytes are free again, and given back
+            wait_for(lambda: held_bytes(server.fs.root) == 0, what="the handles to close")
+            with client.open("after", "w") as fh:
+                assert not self._write(fh, limit - self.MIB)
+
+    def test_posix_rename_over_a_file_another_handle_writes_holds_the_limit(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        limit = self.LIMIT_MB * self.MIB
+        with sftp_client(daemon, server) as client:
+            handles, refused = [], False
+            for _ in range(12):
+                try:
+                    fh = client.open("live", "w")
+                except OSError:  # refused at open: already at the limit
+                    refused = True
+                    continue
+                handles.append(fh)
+                refused |= self._write(fh, self.MIB)
+                with contextlib.suppress(OSError), client.open("next", "w") as small:
+                    small.write(b"n")
+                with contextlib.suppress(OSError):
+                    client.posix_rename("next", "live")  # replaces the file ``fh`` still writes
+                refused |= self._write(fh, self.MIB // 2)
+            assert refused, "no write was refused"
+            assert held_bytes(server.fs.root) <= limit + self.MIB
+            for fh in handles:
+                with contextlib.suppress(OSError):
+                    fh.close()
+
+    def test_a_file_deleted_by_the_file_manager_counts_while_a_client_holds_it(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        server.fs.recalculate()
+        with sftp_client(daemon, server) as client:
+            held = client.open("held", "w")
+            assert not self._write(held, 3 * self.MIB)
+            deletes = {"root": "/", "files": ["held"]}
+            assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+            with client.open("more", "w") as fh:
+                assert self._write(fh, 2 * self.MIB), "the deleted file's bytes were given back"
+            held.close()
+            wait_for(lambda: server.fs.usage_bytes() < 2 * self.MIB, what="the close")
+            with client.open("more", "w") as fh:
+                assert not self._write(fh, 2 * self.MIB)
+
+    def test_removing_what_the_game_wrote_since_the_walk_frees_nothing_booked(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        limit = self.LIMIT_MB * self.MIB
+        (server.fs.root / "world.dat").write_bytes(b"w" * 3 * self.MIB)
+        server.fs.recalculate()
+        (server.fs.root / "game.log").write_bytes(b"g" * 3 * self.MIB)  # unmetered, since the walk
+        with sftp_client(daemon, server) as client:
+            client.remove("game.log")
+            with client.open("upload", "w") as fh:
+                assert self._write(fh, 3 * self.MIB), "the upload was not refused"
+        assert held_bytes(server.fs.root) <= limit + self.MIB
 
 
 @needs_paramiko
@@ -5454,6 +6670,121 @@ class TestSftpResourceLimits:
             assert len(client.listdir("many")) == 400
 
 
+def closed_by_peer(sock: socket.socket, timeout_s: float = 10) -> bool:
+    """Read until the peer closes (True) or ``timeout_s`` passes with it still open (False)."""
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+@needs_paramiko
+class TestSftpStrangers:
+    """Connections that cost a stranger nothing cannot lock real users out."""
+
+    def test_silent_connections_are_capped_per_address_and_closed_after_the_handshake_timeout(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(
+            panel,
+            make_daemon,
+            wingslite__sftp_handshake_timeout_s=2,
+            wingslite__sftp_max_unauthenticated_per_ip=4,
+        )
+        port = daemon.sftp.port
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        try:
+            wait_for(lambda: daemon.sftp.connections() == 4, what="four silent connections")
+            with socket.create_connection(("127.0.0.1", port)) as fifth:  # same address: no slot
+                fifth.settimeout(10)
+                assert fifth.recv(256) == b""
+            with sftp_client(daemon, server, source_ip="127.0.0.2") as client:  # someone else
+                assert client.listdir("/") == []
+            for sock in silent:  # none of them said a word: closed at the deadline
+                assert closed_by_peer(sock), "a silent connection outlived the handshake timeout"
+        finally:
+            for sock in silent:
+                sock.close()
+        wait_for(lambda: daemon.sftp.connections() == 0, what="the silent connections to end")
+        with sftp_client(daemon, server) as client:  # the address has its slots back
+            assert client.listdir("/") == []
+
+    def test_a_banner_without_an_end_is_not_held(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_handshake_timeout_s=2)
+        with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
+            assert sock.recv(256).startswith(b"SSH-2.0-")
+            sent, chunk = 0, b"A" * 65536
+            with pytest.raises(ConnectionError):  # reset: the node stopped reading and closed
+                while sent < 64 << 20:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+        assert sent < 16 << 20, f"the node took {sent >> 20} MiB of one banner line"
+        with socket.create_connection(("127.0.0.1", daemon.sftp.port), timeout=10) as sock:
+            sock.recv(256)
+            sock.sendall(b"SSH-2.0-")  # then a byte now and then: each one resets no clock
+            with pytest.raises(OSError):
+                for _ in range(100):
+                    sock.sendall(b"x")
+                    time.sleep(0.2)
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_a_flood_of_bad_handshakes_logs_a_line_a_minute_not_a_traceback_each(
+        self, panel, make_daemon, caplog
+    ):
+        daemon, _ = _sftp_daemon(panel, make_daemon, wingslite__sftp_handshake_timeout_s=1)
+        caplog.set_level(logging.INFO)
+        for garbage in [b"GET / HTTP/1.1\r\n\r\n", b"\x00" * 600, b"SSH-1.0-old\r\n"] * 4:
+            with socket.create_connection(("127.0.0.1", daemon.sftp.port)) as sock:
+                sock.sendall(garbage)
+                closed_by_peer(sock)
+        silent = [socket.create_connection(("127.0.0.1", daemon.sftp.port)) for _ in range(3)]
+        for sock in silent:
+            closed_by_peer(sock)
+            sock.close()
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(loud) <= 1, [r.getMessage() for r in loud]
+        assert not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG)
+
+    def test_an_idle_session_is_closed(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_idle_timeout_s=2)
+        with sftp_client(daemon, server) as client:
+            transport = client.get_channel().get_transport()
+            for _ in range(20):  # 4 s of requests: never idle
+                client.listdir("/")
+                time.sleep(0.2)
+            assert transport.is_active()
+            wait_for(
+                lambda: not transport.is_active(), timeout_s=15, what="the idle session to close"
+            )
+        wait_for(lambda: daemon.sessions.count(server.uuid, "sftp") == 0, what="the table")
+        with sftp_client(daemon, server) as client:
+            assert client.listdir("/") == []
+
+    def test_one_user_cannot_take_every_slot(self, panel, make_daemon):
+        daemon, server = _sftp_daemon(panel, make_daemon, wingslite__sftp_max_sessions_per_user=2)
+        alice = panel.user_uuid
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(sftp_client(daemon, server))
+            stack.enter_context(sftp_client(daemon, server))
+            with pytest.raises(paramiko.AuthenticationException):
+                with sftp_client(daemon, server):
+                    pass
+            panel.user_uuid = "b0b00000-1111-4222-8333-444455556666"  # another Panel user
+            with sftp_client(daemon, server) as client:
+                assert client.listdir("/") == []
+            panel.user_uuid = alice
+            first.get_channel().get_transport().close()
+            wait_for(lambda: daemon.sftp.connections() == 1, what="the first connection to end")
+            with sftp_client(daemon, server) as client:  # her slot is free again
+                assert client.listdir("/") == []
+
+
 # activity #########################################################################################
 
 ACTIVITY_USER = "c0ffee00-1111-4222-8333-444455556666"
@@ -5550,18 +6881,27 @@ class TestActivity:
             server.record_activity(
                 w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "10.0.0.1:5", {"n": n}
             )
-        wait_for(lambda: panel.calls.get("/api/remote/activity", 0) >= 2, 20, what="two rounds")
+        time.sleep(2.2)  # two send intervals pass while the Panel is down...
+        wait_for(lambda: panel.calls.get("/api/remote/activity", 0) >= 2, 20, what="two tries")
         daemon.stop()  # restart while the Panel is still down
         for n in range(4, 7):
             daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, ACTIVITY_USER, "::1", {"n": n})
         assert panel.activity == []
-        restarted = make_daemon(panel, boot=False, system__activity_send_interval=1)
+        restarted = make_daemon(
+            panel, boot=False, system__activity_send_interval=1, system__activity_send_count=3
+        )
         assert restarted.activity.pending() == 7
         panel.down = False
         events = activity_events(panel, count=7)
         wait_for(lambda: restarted.activity.pending() == 0, what="the queue to empty")
         time.sleep(2.5)  # two more rounds: nothing is sent a second time
         assert sorted(e["metadata"]["n"] for e in panel.activity) == list(range(7))
+        accepted = [
+            r.body["data"]
+            for r in panel.requests
+            if r.path == "/api/remote/activity" and r.body["data"][0]["metadata"]["n"] in range(7)
+        ]
+        assert max(len(batch) for batch in accepted) == 3  # system.activity_send_count per request
         assert {e["ip"] for e in events} == {"10.0.0.1", "::1"}
 
     def test_a_batch_the_panel_refuses_is_dropped_not_resent(self, panel, make_daemon, caplog):
@@ -5576,6 +6916,18 @@ class TestActivity:
         daemon.activity.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, "not an ip", {})
         assert daemon.activity.send_pending() == 1
         assert panel.activity[0]["ip"] is None and panel.activity[0]["user"] is None
+
+    def test_a_damaged_queue_is_set_aside_and_recording_goes_on(self, panel, tmp_path, caplog):
+        uuid = panel.add(panel_document())
+        queue = tmp_path / "activity.db"
+        queue.write_bytes(b"this is not a database" * 100)
+        log = w.ActivityLog(queue, w.PanelClient(panel.url, TOKEN_ID, TOKEN), 3600)
+        with caplog.at_level(logging.ERROR, logger="wingslite"):
+            log.record(uuid, w.ACTIVITY_CONSOLE_COMMAND, None, "127.0.0.1", {"command": "x"})
+        assert "is damaged" in caplog.text and log.pending() == 1
+        assert list(tmp_path.glob("activity.db.damaged-*"))
+        assert log.send_pending() == 1 and panel.activity[0]["metadata"] == {"command": "x"}
+        log.stop()
 
     def test_addresses_and_timestamps_in_the_panels_forms(self):
         assert w.activity_ip("203.0.113.9:51234") == "203.0.113.9"
@@ -6583,7 +7935,7 @@ class TestBackups:
             "plugins/a/config.yml",
             "logs",
         }
-        event = json.loads(ws_until(conn, "backup completed")[0])
+        event = json.loads(ws_until(conn, f"backup completed:{report['uuid']}")[0])
         assert event == {
             "uuid": report["uuid"],
             "is_successful": True,
@@ -6596,7 +7948,7 @@ class TestBackups:
         names = []
         while not names or names[-1] != "console output":
             names.append(ws_event(blind, 5)[0])
-        assert "backup completed" not in names
+        assert not any(name.startswith("backup completed") for name in names)
         conn.close()
         blind.close()
 
@@ -6749,7 +8101,8 @@ class TestBackups:
         assert [n for n, _ in s3.puts].count(2) == w.Backups.upload_attempts
         assert all(size == 64 * 1024 for _, size in s3.puts)  # each try re-read the whole part
         assert list(Path(node.config.get("system.backup_directory")).iterdir()) == []
-        assert json.loads(ws_until(conn, "backup completed")[0])["is_successful"] is False
+        event = ws_until(conn, f"backup completed:{report['uuid']}")
+        assert json.loads(event[0])["is_successful"] is False
         conn.close()
 
     def test_power_actions_answer_409_while_restoring(self, node, s3):
@@ -7759,6 +9112,701 @@ class TestQuotaContainer:
         assert (
             daemon.get_server(uuid).fs.recalculate() > 2 * 1024 * 1024
         )  # nothing in the kernel stopped the writes
+
+
+# the Panel's buttons ##############################################################################
+#
+# Every call the Panel (pterodactyl/panel 1.11) makes on a node, sent exactly as it sends it --
+# app/Repositories/Wings/*.php through Guzzle 7: `Authorization: Bearer <node secret>`,
+# `Accept: application/json`, `Content-Type: application/json` on every call (GET, DELETE and the
+# raw file write too), bodies as PHP's json_encode writes them (`\/`, `\uXXXX`), queries encoded
+# as RFC 3986 -- plus the browser's own calls to the node (websocket, signed download/upload URLs).
+# Each test checks the status the Panel treats as success (any 2xx) and the fields the Panel or
+# its browser code reads from the answer.
+
+
+def php_json(body) -> bytes:
+    """JSON as PHP's json_encode writes it by default: ASCII only, "/" escaped, no spaces."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=True).replace("/", "\\/").encode()
+
+
+def from_panel(daemon, method: str, path: str, body=None, *, raw=None, query=None, headers=None):
+    """One request as the Panel's DaemonRepository sends it; (status, headers, raw body)."""
+    if query:
+        path += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
+    all_headers = {
+        "User-Agent": "GuzzleHttp/7",
+        "Authorization": f"Bearer {TOKEN}",
+        "Accept": "application/json",
+        "Content-Type": "application/json",
+        **(headers or {}),
+    }
+    data = raw if raw is not None else (php_json(body) if body is not None else None)
+    if data is None and method in ("POST", "PUT"):
+        data = b""  # Guzzle sends `Content-Length: 0` on a POST without a body
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    conn.request(method, path, body=data, headers=all_headers)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
+
+
+def from_panel_json(daemon, method: str, path: str, body=None, **kwargs):
+    """``from_panel`` with the answer decoded as the Panel does (json_decode, assoc arrays)."""
+    status, headers, payload = from_panel(daemon, method, path, body, **kwargs)
+    return status, headers, json.loads(payload) if payload else None
+
+
+def is_daemon_error(status: int, headers: dict, payload) -> bool:
+    """A 4xx the Panel can show: DaemonConnectionException reads ``error`` and X-Request-Id."""
+    body = json.loads(payload) if isinstance(payload, bytes) else payload
+    return (
+        400 <= status < 500
+        and isinstance(body, dict)
+        and isinstance(body.get("error"), str)
+        and bool(body["error"])
+        and bool(headers.get("x-request-id"))
+    )
+
+
+def carbon_parses(text) -> bool:
+    """Carbon::parse() of FileObjectTransformer: an RFC 3339 date-time."""
+    import datetime
+
+    if not isinstance(text, str):
+        return False
+    with contextlib.suppress(ValueError):
+        return bool(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")))
+    return False
+
+
+def posted_to_panel(panel, path: str, timeout_s: float = 15):
+    """The first POST the node made to ``path`` on the Panel stand-in (waits for it)."""
+
+    def find():
+        with panel.lock:
+            return next((r for r in panel.requests if r.path == path and r.method == "POST"), None)
+
+    return wait_for(find, timeout_s, what=f"POST {path}")
+
+
+def node_configuration(panel_url: str) -> dict:
+    """The body of POST /api/update: ``Node::getConfiguration()`` as NodeUpdateService sends it."""
+    return {
+        "debug": False,
+        "uuid": "5c5bd1c2-6a3e-4a4f-9d0e-1f0f6e2d8b47",
+        "token_id": TOKEN_ID,
+        "token": TOKEN,
+        "api": {
+            "host": "0.0.0.0",
+            "port": 8080,
+            "ssl": {
+                "enabled": False,
+                "cert": "/etc/letsencrypt/live/node1.example.com/fullchain.pem",
+                "key": "/etc/letsencrypt/live/node1.example.com/privkey.pem",
+            },
+            "upload_limit": 100,
+        },
+        "system": {"data": "/var/lib/pterodactyl/volumes", "sftp": {"bind_port": 2022}},
+        "allowed_mounts": [],
+        "remote": panel_url,
+    }
+
+
+_INSTALLATION_LANDED = hasattr(w.ApiHandler, "route_reinstall_server")
+
+
+class TestPanelButtons:
+    """Every Panel -> node call and every browser -> node call, as the Panel makes it."""
+
+    @pytest.fixture
+    def node(self, console_node):
+        """A daemon with one server (a console without Docker) and its directory."""
+        daemon = console_node()
+        server = daemon.get_server(daemon.uuid)
+        server.fs.ensure()
+        daemon.server = server
+        return daemon
+
+    # -- admin: nodes --------------------------------------------------------------------------
+
+    def test_admin_node_page_reads_the_system_information(self, node):
+        """Admin/Nodes/SystemInformationController reads version, os, architecture,
+        kernel_version and cpu_count; the admin node list pings it from the browser."""
+        status, _, info = from_panel_json(node, "GET", "/api/system")
+        assert status == 200
+        assert isinstance(info["version"], str) and info["version"]
+        assert info["os"] == "linux" and isinstance(info["architecture"], str)
+        assert isinstance(info["kernel_version"], str) and info["kernel_version"]
+        assert isinstance(info["cpu_count"], int) and info["cpu_count"] >= 1
+        # resources/views/admin/nodes/index.blade.php: a cross-origin GET with the node secret,
+        # so the browser asks first (preflight) and then needs its origin allowed on the answer
+        origin = node.config.remote
+        status, headers, _ = http_raw(
+            node.port,
+            "OPTIONS",
+            "/api/system",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization",
+            },
+            token=None,
+        )
+        assert status == 204 and headers["access-control-allow-origin"] == origin
+        assert "authorization" in headers["access-control-allow-headers"].lower()
+        assert "GET" in headers["access-control-allow-methods"]
+        status, headers, _ = from_panel(node, "GET", "/api/system", headers={"Origin": origin})
+        assert status == 200 and headers["access-control-allow-origin"] == origin
+
+    def test_telemetry_reads_the_v2_system_information(self, docker_engine, panel, make_daemon):
+        """Services/Telemetry/TelemetryCollectionService: GET /api/system?v=2."""
+        daemon = make_daemon(panel)
+        status, _, info = from_panel_json(daemon, "GET", "/api/system", query={"v": 2})
+        assert status == 200 and info["version"]
+        docker = info["docker"]
+        assert docker["version"] and docker["cgroups"]["driver"] and docker["cgroups"]["version"]
+        for key in ("total", "running", "paused", "stopped"):
+            assert isinstance(docker["containers"][key], int)
+        assert docker["storage"]["driver"] and isinstance(docker["runc"]["version"], str)
+        system = info["system"]
+        for key in ("architecture", "kernel_version", "os", "os_type"):
+            assert isinstance(system[key], str) and system[key], key
+        assert system["cpu_threads"] >= 1 and system["memory_bytes"] > 0
+
+    def test_node_settings_save_pushes_the_configuration(self, node):
+        """DaemonConfigurationRepository::update (NodeUpdateService): any 2xx is a success;
+        anything else shows ConfigurationNotPersistedException to the admin."""
+        status, _, _ = from_panel(
+            node, "POST", "/api/update", node_configuration(node.config.remote)
+        )
+        assert 200 <= status < 300
+
+    # -- admin: servers ------------------------------------------------------------------------
+
+    def test_create_server(self, panel, make_daemon):
+        """DaemonServerRepository::create (ServerCreationService): a failure here makes the
+        Panel force-delete the new server, so the create must succeed for a known server."""
+        daemon = make_daemon(panel)
+        uuid = panel.add(panel_document(skip_egg_scripts=True))
+        body = {"uuid": uuid, "start_on_completion": False}
+        status, _, _ = from_panel(daemon, "POST", "/api/servers", body)
+        assert status == 202
+        status, _, view = from_panel_json(daemon, "GET", f"/api/servers/{uuid}")
+        assert status == 200 and view["state"] == "offline"
+        assert (daemon.config.data_dir / uuid).is_dir()
+
+    def test_create_server_started_on_completion(self, node):
+        """ServerCreationService passes the admin form's "Start Server when Installed"."""
+        panel = node.panel_fake
+        uuid = panel.add(panel_document(skip_egg_scripts=True))
+        body = {"uuid": uuid, "start_on_completion": True}
+        assert from_panel(node, "POST", "/api/servers", body)[0] == 202
+        server = wait_for(lambda: node.servers.get(uuid), 10, what="the new server")
+        wait_for(lambda: server.state == "running", 15, what="the new server to start")
+
+    @pytest.mark.xfail(
+        not _INSTALLATION_LANDED,
+        strict=True,
+        reason="installation (POST /servers/{uuid}/install to the Panel) is not in this build",
+    )
+    def test_a_created_server_reports_its_installation(self, panel, make_daemon):
+        """The Panel shows a new server as `installing` until the node POSTs
+        /api/remote/servers/{uuid}/install (Remote/Servers/ServerInstallController@store);
+        an egg that skips its scripts is reported installed at once (Wings: server/install.go)."""
+        daemon = make_daemon(panel)
+        uuid = panel.add(panel_document(skip_egg_scripts=True))
+        assert (
+            from_panel(
+                daemon, "POST", "/api/servers", {"uuid": uuid, "start_on_completion": False}
+            )[0]
+            == 202
+        )
+        path = f"/api/remote/servers/{uuid}/install"
+        report = posted_to_panel(panel, path, 10)
+        assert report.body == {"successful": True, "reinstall": False}
+
+    @pytest.mark.xfail(
+        not _INSTALLATION_LANDED,
+        strict=True,
+        reason="POST /api/servers/{uuid}/reinstall is not in this build",
+    )
+    def test_reinstall(self, node):
+        """DaemonServerRepository::reinstall (ReinstallServerService, admin and client
+        "Reinstall"): no body; a non-2xx rolls the Panel's `installing` status back."""
+        status, _, _ = from_panel(node, "POST", f"/api/servers/{node.uuid}/reinstall")
+        assert status == 202
+        path = f"/api/remote/servers/{node.uuid}/install"
+        panel = node.panel_fake
+        report = posted_to_panel(panel, path, 15)
+        assert report.body["reinstall"] is True and isinstance(report.body["successful"], bool)
+
+    def test_build_change_and_suspension_sync(self, node):
+        """DaemonServerRepository::sync: BuildModificationService (result ignored) and
+        SuspensionService (a non-2xx rolls the suspension back and shows Wings' error)."""
+        panel, power = node.panel_fake, f"/api/servers/{node.uuid}/power"
+        assert from_panel(node, "POST", power, {"action": "start"})[0] == 202
+        wait_for(lambda: node.server.state == "running", 10, what="running")
+        conn, _ = ws_authed(node, node.uuid)
+        with conn:
+            panel.merge_settings(node.uuid, {"suspended": True, "build": {"memory_limit": 2048}})
+            status, _, _ = from_panel(node, "POST", f"/api/servers/{node.uuid}/sync")
+            assert status == 204
+            assert ws_close_code(conn) == 4409  # the console of a suspended server closes
+        status, _, view = from_panel_json(node, "GET", f"/api/servers/{node.uuid}")
+        assert view["is_suspended"] is True
+        wait_for(lambda: node.server.state == "offline", 15, what="the suspended server to stop")
+        status, headers, payload = from_panel(node, "POST", power, {"action": "start"})
+        assert status == 400 and is_daemon_error(status, headers, payload)
+        assert node.server.state == "offline"
+        panel.merge_settings(node.uuid, {"suspended": False})
+        assert from_panel(node, "POST", f"/api/servers/{node.uuid}/sync")[0] == 204
+        assert from_panel_json(node, "GET", f"/api/servers/{node.uuid}")[2]["is_suspended"] is False
+        assert from_panel(node, "POST", power, {"action": "start"})[0] == 202
+        wait_for(lambda: node.server.state == "running", 10, what="running again")
+        unknown = str(uuidlib.uuid4())
+        assert is_daemon_error(*from_panel(node, "POST", f"/api/servers/{unknown}/sync"))
+
+    def test_delete_server(self, node):
+        """DaemonServerRepository::delete (ServerDeletionService: a 404 counts as deleted;
+        Remote/ServerTransferController@success on the old node)."""
+        root = node.server.fs.root
+        (root / "world.dat").write_bytes(b"x")
+        assert from_panel(node, "DELETE", f"/api/servers/{node.uuid}")[0] == 204
+        wait_for(lambda: not root.exists(), 10, what="the server's files to go")
+        status, headers, payload = from_panel(node, "DELETE", f"/api/servers/{node.uuid}")
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_transfer_notify(self, panel, make_daemon, tmp_path):
+        """DaemonTransferRepository::notify (Admin/Servers/ServerTransferController@transfer):
+        the source node gets server_id, url, "Bearer <jwt>" and a server object."""
+        dst_panel = TransferPanel()
+        try:
+            doc = panel_document()
+            uuid = panel.add(doc)
+            source = make_daemon(panel)
+            dst_panel.add(copy.deepcopy(doc))
+            dst_panel.unlisted.add(uuid)
+            dst_panel.source = source
+            destination = make_daemon(
+                dst_panel,
+                token_id=DST_TOKEN_ID,
+                token=DST_TOKEN,
+                system__root_directory=str(tmp_path / "dst" / "root"),
+                system__data=str(tmp_path / "dst" / "volumes"),
+            )
+            root = source.get_server(uuid).fs.root
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "server.properties").write_text("motd=moved\n")
+            with dst_panel.lock:
+                dst_panel.transfers[uuid] = None
+            with panel.lock:
+                panel.transfers[uuid] = None
+            body = {
+                "server_id": uuid,
+                "url": f"http://127.0.0.1:{destination.port}/api/transfers",
+                "token": "Bearer " + transfer_token(uuid),
+                "server": {"uuid": uuid, "start_on_completion": False},
+            }
+            status, _, _ = from_panel(source, "POST", f"/api/servers/{uuid}/transfer", body)
+            assert status == 202
+            wait_until(lambda: dst_panel.transfers.get(uuid) is True, 30, "the transfer")
+            moved = tmp_path / "dst" / "volumes" / uuid / "server.properties"
+            assert moved.read_text() == "motd=moved\n"
+        finally:
+            dst_panel.close()
+
+    # -- client: console, power, resources -----------------------------------------------------
+
+    def test_resource_usage(self, node):
+        """DaemonServerRepository::getDetails: ResourceUtilizationController (StatsTransformer)
+        and ProcessScheduleService (`state` offline/stopping skips "only when online" tasks)."""
+        status, _, view = from_panel_json(node, "GET", f"/api/servers/{node.uuid}")
+        assert status == 200 and isinstance(view, dict)
+        assert view["state"] in ("offline", "starting", "running", "stopping")
+        assert view["is_suspended"] is False
+        use = view["utilization"]
+        for key in ("memory_bytes", "cpu_absolute", "disk_bytes", "uptime"):
+            assert isinstance(use[key], (int, float)) and not isinstance(use[key], bool), key
+        assert isinstance(use["network"]["rx_bytes"], int)
+        assert isinstance(use["network"]["tx_bytes"], int)
+        status, headers, payload = from_panel(node, "GET", f"/api/servers/{uuidlib.uuid4()}")
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_power_buttons(self, node):
+        """DaemonPowerRepository::send (PowerController, RunTaskJob, p:server:bulk-power)."""
+        server = node.server
+        for action, state in (
+            ("start", "running"),
+            ("restart", "running"),
+            ("stop", "offline"),
+            ("start", "running"),
+            ("kill", "offline"),
+        ):
+            status, _, _ = from_panel(
+                node, "POST", f"/api/servers/{node.uuid}/power", {"action": action}
+            )
+            assert status == 202, action
+            wait_for(lambda s=state: server.state == s, 10, what=f"{action} -> {state}")
+            wait_until(lambda: DockerServers.power_idle(server), 10, f"{action} to finish")
+        status, headers, payload = from_panel(
+            node, "POST", f"/api/servers/{node.uuid}/power", {"action": "explode"}
+        )
+        assert status == 422 and is_daemon_error(status, headers, payload)
+
+    def test_console_command(self, node):
+        """DaemonCommandRepository::send (CommandController, RunTaskJob): a 502 from the node
+        is what the Panel turns into "Server must be online in order to send commands."."""
+        path = f"/api/servers/{node.uuid}/commands"
+        assert from_panel(node, "POST", path, {"commands": ["say hi"]})[0] == 502
+        from_panel(node, "POST", f"/api/servers/{node.uuid}/power", {"action": "start"})
+        wait_for(lambda: node.server.state == "running", 10, what="running")
+        status, _, _ = from_panel(node, "POST", path, {"commands": ["say hi/there"]})
+        assert status == 204
+        assert "> say hi/there" in node.server.env.lines
+
+    def test_a_real_container_through_the_buttons(self, docker_servers):
+        """Start, console command, resource usage, stop and delete of a server in Docker."""
+        uuid = docker_servers.add()
+        daemon = docker_servers.boot()
+        power = f"/api/servers/{uuid}/power"
+        assert from_panel(daemon, "POST", power, {"action": "start"})[0] == 202
+        docker_servers.wait_state(uuid, "running")
+        body = {"commands": ["echo panel-says-hi"]}
+        assert from_panel(daemon, "POST", f"/api/servers/{uuid}/commands", body)[0] == 204
+        docker_servers.wait_console(uuid, "panel-says-hi")
+
+        def utilization():
+            view = from_panel_json(daemon, "GET", f"/api/servers/{uuid}")[2]
+            return view["utilization"] if view["utilization"]["memory_bytes"] else None
+
+        use = wait_for(utilization, 10, what="the container's memory figure")
+        assert use["memory_bytes"] > 0 and use["uptime"] > 0
+        # the console's stat block and charts are fed without asking while the server runs
+        conn = ws_open(daemon, uuid)
+        with conn:
+            ws_send(conn, "auth", ws_token(ws_claims(uuid)))
+            ws_until(conn, "auth success")
+            stats = json.loads(ws_until(conn, "stats", 10)[0])
+            assert stats["memory_bytes"] > 0 and stats["network"]["rx_bytes"] >= 0
+        assert from_panel(daemon, "POST", power, {"action": "stop"})[0] == 202
+        docker_servers.wait_state(uuid, "offline")
+        assert from_panel(daemon, "DELETE", f"/api/servers/{uuid}")[0] == 204
+        wait_for(lambda: docker_servers.container_id(uuid) is None, 15, what="the container to go")
+
+    def test_revoke_user_tokens(self, node):
+        """DaemonServerRepository::revokeUserJTI (DetailsModificationService,
+        SubuserController): jti = md5(user_id . server_uuid)."""
+        claims = ws_claims(node.uuid, user_id=7)
+        conn, first = ws_authed(node, node.uuid, user_id=7)
+        with conn:
+            assert first[0] == ("auth success", [])
+            jti = hashlib.md5(f"7{node.uuid}".encode()).hexdigest()
+            status, _, _ = from_panel(
+                node, "POST", f"/api/servers/{node.uuid}/ws/deny", {"jtis": [jti]}
+            )
+            assert status == 204
+            ws_until(conn, "jwt error")
+            ws_send(conn, "auth", ws_token(claims))
+            assert ws_until(conn, "jwt error")
+
+    # -- the browser's console -------------------------------------------------------------------
+
+    def test_browser_console_session(self, node):
+        """resources/scripts/plugins/Websocket.ts and components/server/**: auth, "send logs" and
+        "send stats" with args [null], `stats` as a JSON string the browser parses, power and
+        commands, and a token refresh re-sent on the same socket."""
+        conn = ws_open(node, node.uuid)
+        with conn:
+            ws_send(conn, "auth", ws_token(ws_claims(node.uuid)))
+            assert ws_until(conn, "auth success") == []
+            ws_send(conn, "send logs", None)
+            ws_send(conn, "send stats", None)
+            stats = json.loads(ws_until(conn, "stats")[0])
+            for key in ("memory_bytes", "cpu_absolute", "disk_bytes"):
+                assert isinstance(stats[key], (int, float)), key
+            assert isinstance(stats["network"]["rx_bytes"], int)
+            assert isinstance(stats["network"]["tx_bytes"], int)
+            assert isinstance(stats.get("uptime", 0), int)
+            ws_send(conn, "set state", "start")
+            assert ws_until(conn, "status", match="running") == ["running"]
+            ws_send(conn, "send command", "list")
+            assert ws_until(conn, "console output", match="> list") == ["> list"]
+            # a console opened later replays the log: "send logs" answers `console output` lines
+            late = ws_open(node, node.uuid)
+            with late:
+                ws_send(late, "auth", ws_token(ws_claims(node.uuid)))
+                ws_until(late, "auth success")
+                ws_send(late, "send logs", None)
+                assert ws_until(late, "console output", match="> list") == ["> list"]
+            ws_send(conn, "auth", ws_token(ws_claims(node.uuid)))  # the refresh on expiring
+            assert ws_until(conn, "auth success") == []
+            ws_send(conn, "set state", "kill")
+            assert ws_until(conn, "status", match="offline") == ["offline"]
+
+    # -- client: files -------------------------------------------------------------------------
+
+    def test_files_list_directory(self, node):
+        """DaemonFileRepository::getDirectory -> FileObjectTransformer (name, mode, mode_bits,
+        size, file, symlink, mime, created, modified) -> rawDataToFileObject in the browser."""
+        root = node.server.fs.root
+        (root / "plugins").mkdir()
+        (root / "server.properties").write_text("motd=hi\n")
+        (root / "latest.log").symlink_to("server.properties")
+        status, _, listing = from_panel_json(
+            node, "GET", f"/api/servers/{node.uuid}/files/list-directory", query={"directory": "/"}
+        )
+        assert status == 200 and isinstance(listing, list)
+        by_name = {item["name"]: item for item in listing}
+        assert set(by_name) == {"plugins", "server.properties", "latest.log"}
+        for item in listing:
+            assert isinstance(item["mode"], str) and re.fullmatch(r"[0-7]{3,4}", item["mode_bits"])
+            assert isinstance(item["size"], int)
+            assert isinstance(item["mime"], str) and "/" in item["mime"]
+            assert carbon_parses(item["created"]) and carbon_parses(item["modified"])
+        assert (
+            by_name["plugins"]["file"] is False and by_name["plugins"]["mime"] == "inode/directory"
+        )
+        assert by_name["server.properties"]["file"] is True
+        assert by_name["server.properties"]["size"] == len("motd=hi\n")
+        assert by_name["server.properties"]["mime"].startswith("text/")  # editable in the browser
+        assert by_name["latest.log"]["symlink"] is True
+        (root / "w\u00f6rld maps").mkdir()
+        (root / "w\u00f6rld maps" / "r.0.0.mca").write_bytes(b"r" * 10)
+        status, _, listing = from_panel_json(
+            node,
+            "GET",
+            f"/api/servers/{node.uuid}/files/list-directory",
+            query={"directory": "/w\u00f6rld maps"},
+        )
+        assert status == 200 and [(i["name"], i["size"]) for i in listing] == [("r.0.0.mca", 10)]
+        status, headers, payload = from_panel(
+            node,
+            "GET",
+            f"/api/servers/{node.uuid}/files/list-directory",
+            query={"directory": "/nope"},
+        )
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_files_contents_and_write(self, node):
+        """getContent (the Panel refuses a Content-Length over files.max_edit_size, so the answer
+        must carry one) and putContent (a raw body, still labelled application/json)."""
+        path = f"/api/servers/{node.uuid}/files/write"
+        text = 'motd=h\u00e9llo / {"not": "json"}\n'.encode()
+        status, _, _ = from_panel(node, "POST", path, raw=text, query={"file": "/conf/a b.txt"})
+        assert status == 204
+        assert (node.server.fs.root / "conf" / "a b.txt").read_bytes() == text
+        status, headers, payload = from_panel(
+            node, "GET", f"/api/servers/{node.uuid}/files/contents", query={"file": "/conf/a b.txt"}
+        )
+        assert status == 200 and payload == text
+        assert int(headers["content-length"]) == len(text)
+        status, headers, payload = from_panel(
+            node, "GET", f"/api/servers/{node.uuid}/files/contents", query={"file": "/missing"}
+        )
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_files_write_of_a_megabyte_waits_for_100_continue(self, node):
+        """Guzzle adds `Expect: 100-Continue` to bodies of 1 MiB and more
+        (PrepareBodyMiddleware) and holds the body until the node answers 100 or a second
+        passes: the editor saving a big file."""
+        data = os.urandom(3 * 1024 * 1024)
+        path = f"/api/servers/{node.uuid}/files/write?file=%2Fbig.bin"
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{node.port}\r\n"
+            f"User-Agent: GuzzleHttp/7\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Accept: application/json\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nExpect: 100-Continue\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            sock.sendall(head.encode())
+            interim = sock.recv(4096)
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+            sock.sendall(data)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 204 "), answer
+        assert (node.server.fs.root / "big.bin").read_bytes() == data
+
+    def test_files_create_directory_rename_copy_delete_chmod(self, node):
+        """createDirectory {name, path}, renameFiles (PUT {root, files:[{from,to}]}), copyFile
+        {location}, deleteFiles {root, files}, chmodFiles {root, files:[{file, mode}]} with the
+        mode as the browser's string."""
+        base, root = f"/api/servers/{node.uuid}/files", node.server.fs.root
+        body = {"name": "cfg", "path": "/plugins"}
+        assert from_panel(node, "POST", f"{base}/create-directory", body)[0] == 204
+        assert (root / "plugins" / "cfg").is_dir()
+        (root / "plugins" / "cfg" / "a.yml").write_text("a: 1\n")
+        body = {"root": "/plugins/cfg", "files": [{"from": "a.yml", "to": "b.yml"}]}
+        assert from_panel(node, "PUT", f"{base}/rename", body)[0] == 204
+        assert (root / "plugins" / "cfg" / "b.yml").read_text() == "a: 1\n"
+        # RenameFileModal's "Move": `to` relative to the directory, "../" allowed, parents made
+        (root / "plugins" / "cfg" / "m.yml").write_text("m\n")
+        body = {"root": "/plugins/cfg", "files": [{"from": "m.yml", "to": "../../moved/m.yml"}]}
+        assert from_panel(node, "PUT", f"{base}/rename", body)[0] == 204
+        assert (root / "moved" / "m.yml").read_text() == "m\n"
+        assert (
+            from_panel(node, "POST", f"{base}/copy", {"location": "/plugins/cfg/b.yml"})[0] == 204
+        )
+        assert (root / "plugins" / "cfg" / "b copy.yml").read_text() == "a: 1\n"
+        body = {"root": "/plugins/cfg", "files": [{"file": "b.yml", "mode": "600"}]}
+        assert from_panel(node, "POST", f"{base}/chmod", body)[0] == 204
+        assert stat.S_IMODE((root / "plugins" / "cfg" / "b.yml").stat().st_mode) == 0o600
+        body = {"root": "/plugins", "files": ["cfg"]}
+        assert from_panel(node, "POST", f"{base}/delete", body)[0] == 204
+        assert not (root / "plugins" / "cfg").exists()
+        assert is_daemon_error(*from_panel(node, "POST", f"{base}/copy", {"location": "/nope"}))
+
+    def test_files_compress_and_decompress(self, node):
+        """compressFiles answers one stat object (FileObjectTransformer; the browser adds it to
+        the list and offers to unarchive it when its mime is an archive type); decompressFile."""
+        base, root = f"/api/servers/{node.uuid}/files", node.server.fs.root
+        (root / "world").mkdir()
+        (root / "world" / "level.dat").write_bytes(b"level" * 100)
+        body = {"root": "/", "files": ["world"]}
+        status, _, info = from_panel_json(node, "POST", f"{base}/compress", body)
+        assert status == 200 and info["name"].endswith(".tar.gz") and info["file"] is True
+        assert info["mime"] == "application/tar+gzip"  # Wings: router_server_files.go
+        assert info["size"] == (root / info["name"]).stat().st_size > 0
+        assert carbon_parses(info["created"]) and carbon_parses(info["modified"])
+        # the listing the browser reloads offers "Unarchive" only for the mime types it knows
+        listing = from_panel_json(node, "GET", f"{base}/list-directory", query={"directory": "/"})
+        listed = next(item for item in listing[2] if item["name"] == info["name"])
+        assert listed["mime"] in ("application/gzip", "application/x-gzip")
+        (root / "restored").mkdir()
+        (root / info["name"]).rename(root / "restored" / info["name"])
+        body = {"root": "/restored", "file": info["name"]}
+        assert from_panel(node, "POST", f"{base}/decompress", body)[0] == 204
+        assert (root / "restored" / "world" / "level.dat").read_bytes() == b"level" * 100
+
+    def test_files_pull(self, panel, make_daemon, origin):
+        """DaemonFileRepository::pull: {url, root} with the null keys left out (array_filter)."""
+        daemon, server = _fm_daemon(
+            panel, make_daemon, wingslite__remote_download_allow_internal=True
+        )
+        origin.routes["/mods/Geyser.jar"] = (200, {}, b"G" * 3000)
+        body = {"url": origin.url + "/mods/Geyser.jar", "root": "/plugins"}
+        status, _, _ = from_panel(daemon, "POST", fm_path(server, "pull"), body)
+        assert 200 <= status < 300
+        target = server.fs.root / "plugins" / "Geyser.jar"
+        wait_for(lambda: target.exists() and target.stat().st_size == 3000, 10, what="the pull")
+        # every key the client API may add: file_name, use_header, foreground (answers a stat)
+        body = {
+            "url": origin.url + "/mods/Geyser.jar",
+            "root": "/plugins",
+            "file_name": "g.jar",
+            "use_header": True,
+            "foreground": True,
+        }
+        status, _, _ = from_panel(daemon, "POST", fm_path(server, "pull"), body)
+        assert 200 <= status < 300
+        assert (server.fs.root / "plugins" / "g.jar").read_bytes() == b"G" * 3000
+
+    # -- the browser's signed URLs ---------------------------------------------------------------
+
+    def test_signed_file_download(self, node):
+        """Client/Servers/FileController@download: the browser opens
+        {node}/download/file?token=<jwt with file_path (URL-decoded)>."""
+        (node.server.fs.root / "logs").mkdir()
+        (node.server.fs.root / "logs" / "latest log.txt").write_bytes(b"line\n" * 10)
+        token = signed_token(node.uuid, file_path="/logs/latest log.txt")
+        status, headers, data = http_raw(
+            node.port, "GET", f"/download/file?token={token}", token=None
+        )
+        assert status == 200 and data == b"line\n" * 10
+        assert "attachment" in headers.get("content-disposition", "")
+
+    def test_signed_file_upload_from_the_panel_page(self, node):
+        """FileUploadController + UploadButton.tsx: axios POSTs multipart field `files` to
+        {node}/upload/file?token=...&directory=... from the Panel's origin (CORS)."""
+        body, content_type = multipart_body({"a.txt": b"alpha", "b.bin": b"\x00" * 100})
+        query = urllib.parse.urlencode({"token": signed_token(node.uuid), "directory": "/up"})
+        origin = node.config.remote
+        headers = {"Content-Type": content_type, "Origin": origin}
+        status, answer_headers, _ = http_raw(
+            node.port, "POST", f"/upload/file?{query}", body, headers, token=None
+        )
+        assert status == 200 and answer_headers["access-control-allow-origin"] == origin
+        assert (node.server.fs.root / "up" / "a.txt").read_bytes() == b"alpha"
+        assert (node.server.fs.root / "up" / "b.bin").read_bytes() == b"\x00" * 100
+
+    def test_sftp_details(self, panel, make_daemon):
+        """The Settings tab's "SFTP Details": sftp://<username>.<uuidShort>@<node>:<port>; the
+        node asks the Panel (POST /api/remote/sftp/auth), which answers the full uuid."""
+        daemon, server = _sftp_daemon(panel, make_daemon)
+        with sftp_client(daemon, server) as client:
+            with client.open("/hello.txt", "w") as fh:
+                fh.write("from sftp\n")
+            assert client.listdir("/") == ["hello.txt"]
+        assert (server.fs.root / "hello.txt").read_text() == "from sftp\n"
+        auth = next(r for r in panel.requests if r.path == "/api/remote/sftp/auth")
+        assert auth.body["username"] == f"{SFTP_USER}.{server.uuid[:8]}"
+
+    # -- client: backups ---------------------------------------------------------------------------
+
+    def test_backup_create_download_restore_delete(self, node):
+        """DaemonBackupRepository: backup {adapter, uuid, ignore} (InitiateBackupService),
+        the wings download URL (DownloadLinkService), restore {adapter, truncate_directory,
+        download_url: ""} (BackupController@restore), delete (DeleteBackupService, 404 tolerated)."""
+        panel, root = node.panel_fake, node.server.fs.root
+        (root / "world").mkdir()
+        (root / "world" / "level.dat").write_bytes(b"level")
+        (root / "cache.tmp").write_bytes(b"tmp")
+        backup = panel.add_backup(node.uuid)
+        base = f"/api/servers/{node.uuid}/backup"
+        body = {"adapter": "wings", "uuid": backup, "ignore": "*.tmp\nlogs/"}
+        conn, _ = ws_authed(node, node.uuid)  # the Backups tab listens on the console socket
+        with conn:
+            assert from_panel(node, "POST", base, body)[0] == 202
+            # BackupRow.tsx: `backup completed:<uuid>` with a JSON string
+            event = json.loads(ws_until(conn, f"backup completed:{backup}", 20)[0])
+            assert event["uuid"] == backup and event["is_successful"] is True
+            assert event["checksum"] and event["checksum_type"] == "sha1"
+            assert isinstance(event["file_size"], int) and event["file_size"] > 0
+        report = wait_for(lambda: panel_report(panel, backup), 20, what="the backup report")
+        assert report["successful"] is True
+        status, data = download(node, backup_token(node.uuid, backup))
+        assert status == 200 and "world/level.dat" in tar_names(data)
+        assert "cache.tmp" not in tar_names(data)
+        (root / "world" / "level.dat").write_bytes(b"changed")
+        body = {"adapter": "wings", "truncate_directory": True, "download_url": ""}
+        conn, _ = ws_authed(node, node.uuid)
+        with conn:
+            assert from_panel(node, "POST", f"{base}/{backup}/restore", body)[0] == 202
+            ws_until(conn, "backup restore completed", 20)  # the browser reloads its file list
+        restored = wait_for(lambda: restore_report(panel, backup), 20, what="the restore report")
+        assert restored == {"successful": True}
+        assert (root / "world" / "level.dat").read_bytes() == b"level"
+        assert from_panel(node, "DELETE", f"{base}/{backup}")[0] == 204
+        status, headers, payload = from_panel(node, "DELETE", f"{base}/{backup}")
+        assert status == 404 and is_daemon_error(status, headers, payload)
+
+    def test_backup_to_s3(self, node, s3):
+        """The same call with adapter "s3": the node asks the Panel for presigned part URLs
+        (GET /api/remote/backups/{uuid}?size=) and reports the parts' ETags."""
+        panel = node.panel_fake
+        s3.serve_for(panel, part_size=5 << 20)
+        (node.server.fs.root / "server.properties").write_text("motd=s3\n")
+        backup = panel.add_backup(node.uuid)
+        body = {"adapter": "s3", "uuid": backup, "ignore": ""}
+        assert from_panel(node, "POST", f"/api/servers/{node.uuid}/backup", body)[0] == 202
+        report = wait_for(lambda: panel_report(panel, backup), 20, what="the backup report")
+        assert report["successful"] is True and s3.parts
+        # BackupController@restore hands the node a presigned S3 GET URL
+        s3.objects[f"{backup}.tar.gz"] = b"".join(s3.parts[n] for n in sorted(s3.parts))
+        (node.server.fs.root / "server.properties").write_text("motd=changed\n")
+        body = {
+            "adapter": "s3",
+            "truncate_directory": False,
+            "download_url": f"{s3.url}/{backup}.tar.gz?X-Amz-Signature=abc",
+        }
+        path = f"/api/servers/{node.uuid}/backup/{backup}/restore"
+        assert from_panel(node, "POST", path, body)[0] == 202
+        restored = wait_for(lambda: restore_report(panel, backup), 20, what="the restore report")
+        assert restored == {"successful": True}
+        assert (node.server.fs.root / "server.properties").read_text() == "motd=s3\n"
 
 
 # hostile input to the Panel features ###############################################################

@@ -27,8 +27,10 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     config                 Wings' config.yml -> frozen ``Config`` (+ wingslite's own keys)
     Panel client           ``PanelClient``: the Panel's remote API, retries, pagination
     server model           Panel JSON -> ``ServerConfig``; validation; units and Docker maths
-    filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist), ``Jail``
-                           (paths that cannot leave a server's directory), quota backends
+    filesystem and disk    ``atomic_write``, ``Filesystem`` (disk limit, usage, denylist, the
+                           metering every writer uses: ``open_metered`` -> ``MeteredFile``),
+                           ``Jail`` (paths that cannot leave a server's directory; ``walk``
+                           for every reader of a whole tree), quota backends
                            (``BtrfsQuota``, ``ProjectQuota``, soft) and ``select_quota_backend``
     archives               ``write_tar_gz`` (a jail's tree out, links as links, ``IgnoreMatcher``,
                            ``HashingWriter``), ``extract_archive`` (tar/gz/bz2/xz/zip into a jail,
@@ -44,6 +46,7 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            console protocol), ``serve_websocket``; ``SignedUrls`` (the browser's
                            one-time download/upload tokens)
     SFTP                   ``SftpServer`` (paramiko): Panel-checked logins, the jail, metered writes
+    activity               ``ActivityLog``: events queued in SQLite, sent to the Panel in batches
     file manager           ``FileManagerRoutes`` (the Panel's Files tab, signed downloads and
                            uploads), ``StagedFile`` (metered writes renamed into place),
                            ``MultipartReader``, ``Pull``/``Pulls`` (downloads from a URL)
@@ -52,12 +55,15 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
     transfers              ``Transfers``: ``OutgoingTransfer`` (a server streamed to another node
                            as chunked multipart tar.gz), ``IncomingTransfer`` (extracted as it
                            arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
-    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors
+    metrics                ``GET /metrics`` (Prometheus text): ``ServerMetrics``, ``render_metrics``
+    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors;
+                           ``TlsWrapper`` (``api.ssl``, certificate reloaded on renewal)
     daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
                            power, crash detection), ``Daemon`` (boot, servers, system info)
     Panel stand-in         ``PanelStandIn``: the Panel's remote API on loopback, for the demo,
                            the tests and the benchmarks
-    CLI                    ``main()``, ``--demo``
+    CLI                    ``main()``, ``--demo``, ``configure`` and ``diagnostics`` (the
+                           operator's commands)
 
 Where to look first:
 
@@ -161,10 +167,13 @@ _UUID_RE = re.compile(
 )
 
 
+_SERVER_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
 def is_server_uuid(text: str) -> bool:
     """A server uuid as the Panel makes them (``Uuid::uuid4()``, 36 characters), nothing else:
     it names a directory, a container and a saved file."""
-    return bool(_UUID_RE.fullmatch(text))
+    return bool(_SERVER_UUID_RE.fullmatch(text))
 
 
 class WingsliteError(Exception):
@@ -292,12 +301,18 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("wingslite.sftp_enabled", bool, True),
     ("wingslite.sftp_login_attempts_per_minute", int, 10),
     ("wingslite.sftp_max_connections", int, 64),
+    ("wingslite.sftp_handshake_timeout_s", (int, float), 15),
+    ("wingslite.sftp_idle_timeout_s", (int, float), 600),
+    ("wingslite.sftp_max_unauthenticated_per_ip", int, 8),
+    ("wingslite.sftp_max_sessions_per_user", int, 12),
     ("wingslite.websocket_max_per_server", int, 30),
     ("wingslite.websocket_unauthenticated_per_ip", int, 32),
     ("wingslite.max_panel_pages", int, 1000),
     ("wingslite.max_connections", int, 0),  # 0: from the process's file limit (ApiServer)
     ("wingslite.header_timeout_s", int, 10),
     ("wingslite.remote_download_allow_internal", bool, False),
+    ("wingslite.metrics_token", str, ""),
+    ("wingslite.log_file", str, ""),
 )
 
 _CHOICES = {
@@ -328,6 +343,10 @@ _NON_NEGATIVE = {
     "wingslite.panel_retry_initial_ms",
     "wingslite.sftp_login_attempts_per_minute",
     "wingslite.sftp_max_connections",
+    "wingslite.sftp_handshake_timeout_s",
+    "wingslite.sftp_idle_timeout_s",
+    "wingslite.sftp_max_unauthenticated_per_ip",
+    "wingslite.sftp_max_sessions_per_user",
     "wingslite.websocket_max_per_server",
     "wingslite.websocket_unauthenticated_per_ip",
     "wingslite.max_panel_pages",
@@ -445,6 +464,73 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 # Panel client #####################################################################################
 
 
+class Histogram:
+    """Observations in cumulative buckets (Prometheus' histogram), safe from any thread.
+
+    Methods for the caller: ``observe(value)``, ``snapshot()`` -> ``(counts per upper bound,
+    count, sum)``; the counts are cumulative and the last bound is ``math.inf``.
+    """
+
+    default_bounds = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self, bounds: Iterable[float] | None = None):
+        self.bounds = (*sorted(bounds or self.default_bounds), math.inf)
+        self._counts = [0] * len(self.bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._sum += value
+            for i, bound in enumerate(self.bounds):
+                if value <= bound:
+                    self._counts[i] += 1
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], int, float]:
+        with self._lock:
+            return list(zip(self.bounds, self._counts, strict=True)), self._counts[-1], self._sum
+
+
+# A Panel path with its uuids folded, so that per-path figures do not grow with the servers.
+_PATH_UUID_RE = re.compile(r"/[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+class PanelCallStats:
+    """What ``PanelClient`` did, for ``GET /metrics``: attempts by outcome, latency, failures.
+
+    ``requests`` maps ``(method, path, outcome)`` to a count (outcome ``2xx``, ``4xx``, ``5xx``,
+    ``unreachable`` or ``invalid``); ``latency`` maps ``(method, path)`` to a ``Histogram`` of
+    seconds per attempt; ``failures`` maps ``(method, path)`` to calls that failed for good.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.failures: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, method: str, path: str, outcome: str, seconds: float) -> None:
+        key = (method, _PATH_UUID_RE.sub("/{uuid}", path))
+        with self._lock:
+            self.requests[(*key, outcome)] = self.requests.get((*key, outcome), 0) + 1
+            histogram = self.latency.setdefault(key, Histogram())
+        histogram.observe(seconds)
+
+    def failed(self, method: str, path: str) -> None:
+        key = (method, _PATH_UUID_RE.sub("/{uuid}", path))
+        with self._lock:
+            self.failures[key] = self.failures.get(key, 0) + 1
+
+    def copy(self) -> PanelCallStats:
+        """A consistent copy of the counters (histograms are shared; each is consistent itself)."""
+        other = PanelCallStats()
+        with self._lock:
+            other.requests = dict(self.requests)
+            other.latency = dict(self.latency)
+            other.failures = dict(self.failures)
+        return other
+
+
 class PanelClient:
     """The Panel's remote API (``{remote}/api/remote/...``), as Wings calls it.
 
@@ -480,6 +566,7 @@ class PanelClient:
         self.budget_s = budget_s
         self.retry_initial_s = retry_initial_s
         self.max_document_bytes = max_document_bytes
+        self.stats = PanelCallStats()
         self._headers = {
             "Authorization": f"Bearer {token_id}.{token}",
             "Accept": "application/vnd.pterodactyl.v1+json",
@@ -652,16 +739,42 @@ class PanelClient:
         while True:
             attempt += 1
             try:
-                return self._attempt(method, target, data, deadline, what)
+                return self._timed_attempt(method, path, target, data, deadline, what)
             except _Retryable as exc:
                 remaining = deadline - time.monotonic()
                 wait = min(delay * random.uniform(0.5, 1.5), self.backoff_max_s)
                 if remaining <= wait:
                     LOG.warning("%s failed after %d attempts: %s", what, attempt, exc.error.message)
+                    self.stats.failed(method, path)
                     raise exc.error from None
                 LOG.debug("%s failed (%s), retrying in %.2fs", what, exc.error.message, wait)
                 time.sleep(wait)
                 delay *= self.backoff_factor
+
+    def _timed_attempt(
+        self,
+        method: str,
+        path: str,
+        target: urllib.parse.SplitResult,
+        data: bytes | None,
+        deadline: float,
+        what: str,
+    ) -> Any:
+        """``_attempt`` counted in ``stats``: outcome and latency per attempt, final failures."""
+        started = time.monotonic()
+        outcome = "2xx"
+        try:
+            return self._attempt(method, target, data, deadline, what)
+        except (_Retryable, PanelError) as exc:
+            error = exc.error if isinstance(exc, _Retryable) else exc
+            outcome = f"{error.http_status // 100}xx" if error.http_status >= 300 else "unreachable"
+            if 0 < error.http_status < 300:
+                outcome = "invalid"  # a 2xx answer that was not what the API promises
+            if isinstance(exc, PanelError):
+                self.stats.failed(method, path)  # not retried: final
+            raise
+        finally:
+            self.stats.observe(method, path, outcome, time.monotonic() - started)
 
     def _attempt(
         self,
@@ -830,7 +943,7 @@ class Allocations:
 @dataclasses.dataclass(frozen=True)
 class Replacement:
     match: str
-    replace_with: Any
+    replace_with: Any  # any JSON value (Wings' ReplaceValue is a json.RawMessage)
     if_value: str | None = None
 
 
@@ -933,13 +1046,15 @@ class _Doc:
             raise self.fail(f"expected a list, got {_json_type(self.value)}")
         return self.value
 
-    def str(self, default: str = "", required: bool = False) -> str:
+    def str(self, default: str = "", required: bool = False, max_chars: int | None = None) -> str:
         if self.value is None:
             if required:
                 raise self.fail("required value is missing")
             return default
         if not isinstance(self.value, str):
             raise self.fail(f"expected a string, got {_json_type(self.value)}")
+        if max_chars is not None and len(self.value) > max_chars:
+            raise self.fail(f"longer than {max_chars} characters ({len(self.value)})")
         return self.value
 
     def bool(self, default: bool = False) -> bool:
@@ -978,7 +1093,53 @@ def _json_type(value: Any) -> str:
     }.get(type(value), "a number")
 
 
-_THREADS_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+# What the Panel's own validation lets through, and so what this validator accepts (Pterodactyl
+# Panel v1.11: ``Server::$validationRules``, ``EggVariable::$validationRules``, the egg's JSON
+# fields, which it does not validate):
+#
+#   Server   memory   required|numeric|min:0            no upper bound
+#            swap     required|numeric|min:-1           -1 = unlimited
+#            disk     required|numeric|min:0
+#            io       required|numeric|between:10,1000
+#            cpu      required|numeric|min:0            no upper bound
+#            threads  nullable|regex:/^[0-9-,]+$/       so "0-3,", "3-1" and "0-9999" pass
+#            image    required|string|max:191           (later Panels: ^~?[\w\.\/\-:@ ]*$)
+#            startup  required|string
+#   EggVariable env_variable  required|regex:/^[\w]{1,191}$/   so "2FA_SECRET" passes
+#   Egg      config_files (replace_with and if_value maps): any JSON value
+#
+# Refused, naming the field, is only what would harm the node: a size above 2^53 bytes after unit
+# conversion (``_MAX_BYTES``), a string that is not a size a Panel sends (``_MAX_SHORT_CHARS``), a
+# server uuid that is not a uuid. Adjusted with a note in the sync record instead of refused: a CPU
+# list the node cannot apply (no pinning), a CPU limit above the host's (all of its CPUs), a mount
+# target that would shadow /, /proc, /sys or /dev (the mount is left out), an image name outside
+# Docker's reference grammar (kept, and a start refuses it before the engine is asked).
+_PANEL_THREADS_RE = re.compile(r"[0-9,-]+")
+_CPU_RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?")
+_ENV_KEY_RE = re.compile(r"\w{1,191}", re.ASCII)
+_MAX_BYTES = 2**53  # the largest count a JSON number (an IEEE double) carries exactly
+_MAX_SHORT_CHARS = 1024  # cpusets, image names, addresses, mount paths
+_SHADOWED_TARGETS = ("/proc", "/sys", "/dev")
+
+# Docker's reference grammar (distribution/reference, regexp.go): [domain[:port]/]path[:tag][@digest]
+_REF_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REF_DOMAIN = (
+    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+)
+_IMAGE_REFERENCE_RE = re.compile(
+    rf"(?P<name>(?:{_REF_DOMAIN}/)?{_REF_PATH}(?:/{_REF_PATH})*)"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
+
+def is_image_reference(image: str) -> bool:
+    """True for a name Docker's reference grammar accepts (``~`` first means local-only, as in
+    Wings); such a name is safe to put into an engine API path."""
+    match = _IMAGE_REFERENCE_RE.fullmatch(image.removeprefix("~"))
+    return bool(match) and len(match.group("name")) <= 255
+
 
 # A real Panel document is about six levels deep. Deeper ones are refused before anything
 # recursive (deepcopy, json.dumps) sees them: nesting of a few hundred levels parses as JSON
@@ -998,19 +1159,93 @@ def _check_depth(document: Any, limit: int = _MAX_DOCUMENT_DEPTH) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
-def _parse_threads(doc: _Doc) -> str:
-    text = doc.str().replace(" ", "")
+def _parse_threads(doc: _Doc, host_cpus: int | None, notes: list[str]) -> str:
+    """The Panel's CPU list, normalised (``"0-3,"`` -> ``"0-3"``); one the node cannot apply
+    becomes no pinning, with a note (Docker would refuse the container)."""
+    text = doc.str(max_chars=_MAX_SHORT_CHARS).replace(" ", "")
     if not text:
         return ""
-    if not _THREADS_RE.match(text):
+    if not _PANEL_THREADS_RE.fullmatch(text):
         raise doc.fail(f"expected a CPU list such as '0-1,4', got {text!r}")
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        if hi and int(hi) < int(lo):
-            raise doc.fail(f"range {part!r} runs backwards")
-        if int(hi or lo) > 4095:
-            raise doc.fail(f"CPU {hi or lo} does not exist")
-    return text
+    parts = [part for part in text.split(",") if part]
+    problem = _cpu_list_problem(parts, host_cpus)
+    if problem:
+        notes.append(f"threads {text!r}: {problem}; applied as no CPU pinning")
+        return ""
+    return ",".join(parts)
+
+
+def _cpu_list_problem(parts: list[str], host_cpus: int | None) -> str:
+    if not parts:
+        return "no CPU listed"
+    for part in parts:
+        match = _CPU_RANGE_RE.fullmatch(part)
+        if not match:
+            return f"{part!r} is neither a CPU nor a range"
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if hi < lo:
+            return f"range {part!r} runs backwards"
+        if host_cpus and hi >= host_cpus:
+            return f"CPU {hi} does not exist on this node ({host_cpus} CPUs)"
+    return ""
+
+
+def _parse_size_mb(doc: _Doc, to_bytes: Callable[[int], int], lo: int = 0) -> int:
+    """A size in the Panel's MB, at most 2^53 bytes once converted (1e308 would overflow)."""
+    size_mb = doc.int(lo=lo)
+    if size_mb > _MAX_BYTES // 1_000_000 or to_bytes(size_mb) > _MAX_BYTES:
+        raise doc.fail(f"{json.dumps(doc.value)[:40]} MB is more than 2^53 bytes")
+    return size_mb
+
+
+def _parse_cpu_percent(doc: _Doc, host_cpus: int | None, notes: list[str]) -> int:
+    """CPU percent (100 per CPU). Above what the host has, Docker refuses the quota: all CPUs."""
+    percent = doc.int(lo=0)
+    if host_cpus and percent > 100 * host_cpus:
+        notes.append(
+            f"cpu_limit {json.dumps(doc.value)[:40]}% is more than this node's {host_cpus} "
+            f"CPUs; applied as {100 * host_cpus}%"
+        )
+        return 100 * host_cpus
+    return percent
+
+
+def _parse_build(b: _Doc, host_cpus: int | None, notes: list[str]) -> Build:
+    b.obj(required=True)
+    memory_mb = _parse_size_mb(b.at("memory_limit", required=True), memory_limit_bytes)
+    swap_doc = b.at("swap")
+    return Build(
+        memory_mb=memory_mb,
+        swap_mb=_parse_size_mb(swap_doc, lambda mb: mb * 1_000_000, -1)
+        if swap_doc.value is not None
+        else 0,
+        io_weight=b.at("io_weight").int(500, lo=10, hi=1000),
+        cpu_percent=_parse_cpu_percent(b.at("cpu_limit", required=True), host_cpus, notes),
+        threads=_parse_threads(b.at("threads"), host_cpus, notes),
+        disk_mb=_parse_size_mb(b.at("disk_space", required=True), disk_limit_bytes),
+        oom_disabled=b.at("oom_disabled").bool(True),
+    )
+
+
+def _parse_mounts(mounts_doc: _Doc, notes: list[str]) -> tuple[Mount, ...]:
+    """The Panel's mounts, targets normalised; one that would shadow the container's /, /proc,
+    /sys or /dev (``/home/container/../../proc``) is left out with a note."""
+    mounts = []
+    for i, item in enumerate(mounts_doc.list()):
+        md = _Doc(item, f"{mounts_doc.path}[{i}]")
+        md.obj(required=True)
+        source = md.at("source").str(required=True, max_chars=_MAX_SHORT_CHARS)
+        target = md.at("target").str(required=True, max_chars=_MAX_SHORT_CHARS)
+        normal = "/" + posixpath.normpath(target).lstrip("/") if target.startswith("/") else ""
+        shadows = normal == "/" or any(
+            normal == t or normal.startswith(t + "/") for t in _SHADOWED_TARGETS
+        )
+        if not normal or shadows:
+            why = "is not an absolute path" if not normal else f"would shadow {normal}"
+            notes.append(f"mount {source} -> {target} left out: the target {why}")
+            continue
+        mounts.append(Mount(source, normal, md.at("read_only").bool()))
+    return tuple(mounts)
 
 
 def parse_server_document(
@@ -1036,59 +1271,45 @@ def parse_server_document(
     if not is_server_uuid(uuid):
         raise settings.at("uuid").fail(f"not a server uuid: {uuid[:64]!r}")
 
+    notes: list[str] = []
     env_doc = settings.at("environment")
     environment: dict[str, Any] = {}
     for key, value in env_doc.obj().items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise _Doc(value, f"{env_doc.path}.{key}").fail("not a valid environment variable name")
+        if not _ENV_KEY_RE.fullmatch(key):  # the Panel's EggVariable rule: ^[\w]{1,191}$
+            raise _Doc(value, f"{env_doc.path}.{key[:64]}").fail(
+                "not a valid environment variable name"
+            )
         if value is not None and not isinstance(value, (str, int, float, bool)):
             raise _Doc(value, f"{env_doc.path}.{key}").fail(
                 f"expected a string or number, got {_json_type(value)}"
             )
         environment[key] = value
 
-    b = settings.at("build", required=True)
-    b.obj(required=True)
-    build = Build(
-        memory_mb=b.at("memory_limit", required=True).int(lo=0),
-        swap_mb=b.at("swap").int(0, lo=-1),
-        io_weight=b.at("io_weight").int(500, lo=10, hi=1000),
-        cpu_percent=b.at("cpu_limit", required=True).int(lo=0, hi=409_600),
-        threads=_parse_threads(b.at("threads")),
-        disk_mb=b.at("disk_space", required=True).int(lo=0),
-        oom_disabled=b.at("oom_disabled").bool(True),
-    )
+    build = _parse_build(settings.at("build", required=True), host_cpus, notes)
 
     a = settings.at("allocations")
     default = a.at("default")
     mappings: list[tuple[str, tuple[int, ...]]] = []
     m = a.at("mappings")
     for ip, ports in m.obj().items():
-        port_doc = _Doc(ports, f"{m.path}.{ip}")
+        port_doc = _Doc(ports, f"{m.path}.{ip[:64]}")
+        if len(ip) > _MAX_SHORT_CHARS:
+            raise port_doc.fail(f"the address is longer than {_MAX_SHORT_CHARS} characters")
         parsed = tuple(
             _Doc(p, f"{port_doc.path}[{i}]").int(lo=1, hi=65535)
             for i, p in enumerate(port_doc.list())
         )
         mappings.append((ip, parsed))
     allocations = Allocations(
-        default_ip=default.at("ip").str("0.0.0.0") if default.value is not None else "0.0.0.0",
+        default_ip=default.at("ip").str("0.0.0.0", max_chars=_MAX_SHORT_CHARS)
+        if default.value is not None
+        else "0.0.0.0",
         default_port=default.at("port").int(0, lo=0, hi=65535) if default.value is not None else 0,
         mappings=tuple(mappings),
         force_outgoing_ip=a.at("force_outgoing_ip").bool() if a.value is not None else False,
     )
 
-    mounts = []
-    mounts_doc = settings.at("mounts")
-    for i, item in enumerate(mounts_doc.list()):
-        md = _Doc(item, f"{mounts_doc.path}[{i}]")
-        md.obj(required=True)
-        mounts.append(
-            Mount(
-                md.at("source").str(required=True),
-                md.at("target").str(required=True),
-                md.at("read_only").bool(),
-            )
-        )
+    mounts = _parse_mounts(settings.at("mounts"), notes)
 
     egg = settings.at("egg")
     egg_obj = egg.obj()
@@ -1101,6 +1322,14 @@ def parse_server_document(
     labels = {k: _Doc(v, f"{labels_doc.path}.{k}").str() for k, v in labels_doc.obj().items()}
     meta = settings.at("meta")
     container = settings.at("container")
+    image = (
+        container.at("image").str(max_chars=_MAX_SHORT_CHARS) if container.value is not None else ""
+    )
+    if image.strip() and not is_image_reference(image.strip()):
+        notes.append(
+            f"image {image!r} is not a valid Docker image reference; the server cannot start "
+            "until the Panel names a valid one"
+        )
     return ServerConfig(
         uuid=uuid,
         name=meta.at("name").str() if meta.value is not None else "",
@@ -1110,9 +1339,9 @@ def parse_server_document(
         skip_egg_scripts=settings.at("skip_egg_scripts").bool(),
         environment=types.MappingProxyType(environment),
         build=build,
-        image=container.at("image").str() if container.value is not None else "",
+        image=image,
         allocations=allocations,
-        mounts=tuple(mounts),
+        mounts=mounts,
         egg_id=_Doc(egg_obj.get("id"), f"{egg.path}.id").str(),
         file_denylist=denylist,
         labels=types.MappingProxyType(labels),
@@ -1121,6 +1350,7 @@ def parse_server_document(
         ),
         process=_parse_process(root.at("process_configuration")),
         document=types.MappingProxyType(copy.deepcopy(document)),
+        notes=tuple(notes),
     )
 
 
@@ -1151,9 +1381,9 @@ def _parse_process(p: _Doc) -> ProcessConfig:
         for j, r in enumerate(rd.list()):
             rdoc = _Doc(r, f"{rd.path}[{j}]")
             robj = rdoc.obj(required=True)
+            # Any JSON value, as Wings' ReplaceValue (json.RawMessage) takes it; the
+            # config-file step decides what a list or an object means for its parser.
             with_value = robj.get("replace_with", robj.get("value"))
-            if isinstance(with_value, (dict, list)):
-                raise rdoc.at("replace_with").fail("expected a string, number or boolean")
             if_value = robj.get("if_value")
             replaces.append(
                 Replacement(
@@ -1335,14 +1565,43 @@ class Filesystem:
     """One server's data directory, its disk limit and its usage accounting.
 
     Methods for the caller: ``set_limit(limit_bytes)``, ``usage_bytes(allow_stale=True)``,
-    ``recalculate()``, ``has_space(n_bytes)``, ``reserve(n_bytes)``, ``add_usage(delta_bytes)``,
-    ``set_denylist(patterns)``, ``is_denied(relpath)``.
+    ``recalculate()``, ``has_space(n_bytes)``, ``set_denylist(patterns)``, ``is_denied(relpath)``,
+    ``jail()``, and the metering API every writer uses (SFTP, file manager, uploads, archives,
+    backup restores, transfers):
+
+        ``open_metered(jail, path, flags)``  a ``MeteredFile``: every byte it grows the file by is
+                                             booked before it is written (``DiskLimitExceeded``,
+                                             errno EDQUOT, when it would pass the limit)
+        ``remove(jail, path)``               unlink a file and give back what was booked for it
+        ``remove_tree(jail, path)``          a file, link or whole directory, each file given back
+        ``rename(jail, src, dst)``           move; a file it replaces is given back the same way
+        ``release(st)``                      give back a file some other path removed (its lstat)
+
+    Lower level, for callers that cannot name the file: ``reserve(n_bytes)`` (check and book in
+    one step, False when it does not fit) and ``add_usage(delta_bytes)``.
 
     Usage is the apparent size of every regular file under the root (as Wings), cached for
     ``check_interval_s`` seconds; a stale read returns the cached figure at once and refreshes in the
-    background, so no caller (boot included) waits on a walk unless it asks to. Metered writers
-    call ``reserve()`` before each write, which checks and books the bytes in one step.
+    background, so no caller (boot included) waits on a walk unless it asks to.
+
+    What the figure counts is what is really held: a file removed or replaced while a metered
+    handle still holds it keeps counting until that handle closes (its blocks are only freed
+    then), and the walk adds such files, which it cannot see. Removing a file gives back only what
+    the figure counts for it: its size when it has not changed since the last walk began, else
+    what that walk saw of it plus what was booked for it since (an inode ledger that holds only
+    files changed since the walk); a file the game wrote since then, which nothing booked, gives
+    back nothing until the next walk measures it -- so removing files can never free more than
+    the figure holds.
     """
+
+    # File timestamps lag the wall clock by up to a jiffy and some filesystems keep whole seconds:
+    # a file whose ctime is this close to a walk's start may have changed after the walk saw it.
+    _CTIME_SLACK_NS = 2_000_000_000
+    # The walk remembers the size of every file changed this close to its start (the ledger);
+    # beyond this many, such files give back nothing when removed, until the next walk.
+    max_ledger_entries = 100_000
+    # A removal whose file the figure cannot account for makes the next walk due this soon.
+    recheck_after_unknown_s = 5.0
 
     def __init__(
         self,
@@ -1360,6 +1619,12 @@ class Filesystem:
         self._lock = threading.Lock()
         self._walking = False
         self._booked_total = 0  # every byte ever booked or freed, so a walk can add what raced it
+        self._ledger: dict[
+            tuple[int, int], int
+        ] = {}  # inode -> bytes counted, if changed since the walk
+        self._walk_started_ns = 0  # wall clock; a file unchanged since then is counted at its size
+        self._walks: list[_WalkState] = []  # walks running now, to learn what raced them
+        self._open: dict[tuple[int, int], set[MeteredFile]] = {}  # inodes held by metered handles
         self._quota_limit: int | None = None  # the limit the quota backend last accepted
         self._denylist: tuple[str, ...] = ()
         self._deny_re: re.Pattern[str] | None = None
@@ -1431,32 +1696,68 @@ class Filesystem:
                 self._walking = False
 
     def recalculate(self) -> int:
-        """Walk the directory now (lstat, symlinks not followed) and cache the figure.
+        """Walk the directory now (``Jail.walk``: symlinks never followed) and cache the figure.
 
         Bytes booked or freed while the walk runs are added to its result: a write that raced the
-        walk may be counted twice until the next walk, never zero times.
+        walk may be counted twice until the next walk, never zero times. A removal that raced it
+        and whose file the walk never saw is not given back twice. Files that metered handles hold
+        after their last link went are added: the walk cannot see them, the disk still holds them.
         """
+        walk = _WalkState(time.time_ns())
         with self._lock:
-            booked_at_start = self._booked_total
-        total = 0
-        stack = [str(self.root)]
-        while stack:
-            try:
-                with os.scandir(stack.pop()) as it:
-                    for entry in it:
-                        try:
-                            if entry.is_dir(follow_symlinks=False):
-                                stack.append(entry.path)
-                            elif entry.is_file(follow_symlinks=False):
-                                total += entry.stat(follow_symlinks=False).st_size
-                        except OSError:
-                            continue
-            except OSError:
-                continue
+            walk.booked_at_start = self._booked_total
+            self._walks.append(walk)
+        try:
+            total, recent = self._walk_sizes(walk)
+        finally:
+            with self._lock:
+                self._walks.remove(walk)
         with self._lock:
-            self._usage = max(0, total + self._booked_total - booked_at_start)
+            total += self._held_orphans(recent)
+            for key, delta in walk.booked.items():
+                recent[key] = max(0, recent.get(key, 0) + delta)
+            undo = sum(c for key, c in walk.removed.items() if key not in walk.seen_removed)
+            raced = self._booked_total - walk.booked_at_start
+            self._usage = max(0, total + raced + undo)
+            self._ledger, self._walk_started_ns = recent, walk.started_ns
             self._measured_at = time.monotonic()
+            if undo:  # some of it may have been seen before it went: count again soon
+                self._measured_at -= self.check_interval_s - self.recheck_after_unknown_s
             return self._usage
+
+    def _walk_sizes(self, walk: _WalkState) -> tuple[int, dict[tuple[int, int], int]]:
+        """The apparent size of every regular file, and the sizes of the recently changed ones."""
+        total, recent = 0, {}
+        recent_after_ns = walk.started_ns - self._CTIME_SLACK_NS
+        if not self.root.is_dir():
+            return 0, recent
+        with Jail(self.root) as jail:
+            for _, st in jail.walk("/", on_error=lambda path, exc: None):
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                total += st.st_size
+                key = (st.st_dev, st.st_ino)
+                if st.st_ctime_ns >= recent_after_ns and len(recent) < self.max_ledger_entries:
+                    recent[key] = st.st_size
+                if walk.removed and key in walk.removed:
+                    with self._lock:
+                        walk.seen_removed.add(key)
+        return total, recent
+
+    def _held_orphans(self, recent: dict[tuple[int, int], int]) -> int:
+        """Bytes of files metered handles hold after their last link went (lock held)."""
+        held = 0
+        for key, handles in self._open.items():
+            for handle in handles:
+                try:
+                    st = os.fstat(handle.fileno())
+                except (OSError, ValueError):
+                    continue
+                if st.st_nlink == 0:
+                    held += st.st_size
+                    recent[key] = st.st_size
+                break
+        return held
 
     def has_space(self, n_bytes: int = 0) -> bool:
         """True when ``n_bytes`` more still fit (usage == limit is allowed, as Wings)."""
@@ -1465,7 +1766,146 @@ class Filesystem:
         return self.usage_bytes() + max(0, n_bytes) <= self._limit
 
     def reserve(self, n_bytes: int) -> bool:
-        """Book ``n_bytes`` against the limit if they fit; False (nothing booked) if they do not."""
+        """Book ``n_bytes`` against the limit if they fit; False (nothing booked) if they do not.
+
+        For writers that cannot name the file they grow; ``open_metered`` books per file, so that
+        removing the file later gives back exactly what was booked for it.
+        """
+        return self._book(n_bytes)
+
+    def add_usage(self, delta_bytes: int) -> None:
+        """Change the figure by ``delta_bytes`` without a check (negative: bytes freed)."""
+        with self._lock:
+            self._usage = max(0, self._usage + delta_bytes)
+            self._booked_total += delta_bytes
+
+    # -- metering ------------------------------------------------------------------------------
+
+    def jail(self) -> Jail:
+        """A ``Jail`` over this server's directory with its denylist (close it when done)."""
+        return Jail(self.root, is_denied=self.is_denied)
+
+    def open_metered(
+        self, jail: Jail, path: str, flags: int = os.O_RDONLY, mode: int = 0o644
+    ) -> MeteredFile:
+        """Open a regular file beneath ``jail`` as a ``MeteredFile`` (a context manager).
+
+        ``flags`` as ``os.open``: ``O_TRUNC`` gives the freed bytes back, ``O_APPEND`` writes at
+        the end whatever offset is asked. Open read-only handles through here too: a file removed
+        while any handle of a client holds it keeps counting until that handle closes.
+        """
+        fd = jail.open(path, flags & ~os.O_APPEND, mode)
+        try:
+            handle = MeteredFile(self, fd, bool(flags & os.O_APPEND), path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+            try:
+                handle.truncate(0)
+            except BaseException:
+                handle.close()
+                raise
+        return handle
+
+    def remove(self, jail: Jail, path: str) -> os.stat_result:
+        """Unlink a file or symlink beneath ``jail``; its bytes are given back as ``release`` says."""
+        st = jail.remove(path)
+        self.release(st)
+        return st
+
+    def remove_tree(self, jail: Jail, path: str) -> int:
+        """Remove ``path`` beneath ``jail``, a whole directory included, never following a link;
+        each file is given back as ``release`` says. Returns the bytes given back."""
+        with jail.resolve(path, follow=False) as where:
+            if where.name is None:
+                raise PermissionError(errno.EPERM, "the server's root directory cannot be removed")
+            st = os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(where.name, dir_fd=where.dir_fd)
+                return self.release(st)
+            return self._remove_dir_at(where.dir_fd, where.name)
+
+    def _remove_dir_at(self, parent_fd: int, name: str) -> int:
+        """Depth first from directory fds opened with ``O_NOFOLLOW``: one fd per level."""
+        freed = 0
+        frames: list[tuple[int, str, int, list[str]]] = []  # (parent fd, name, fd, names left)
+        try:
+            fd = os.open(name, Jail._DIR_FLAGS, dir_fd=parent_fd)
+            frames.append((parent_fd, name, fd, os.listdir(fd)))
+            while frames:
+                parent, own, fd, names = frames[-1]
+                if not names:
+                    frames.pop()
+                    os.close(fd)
+                    os.rmdir(own, dir_fd=parent)
+                    continue
+                child = names.pop()
+                try:
+                    st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        child_fd = os.open(child, Jail._DIR_FLAGS, dir_fd=fd)
+                        frames.append((fd, child, child_fd, os.listdir(child_fd)))
+                    else:
+                        os.unlink(child, dir_fd=fd)
+                        freed += self.release(st)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+        finally:
+            for _, _, fd, _ in frames:
+                os.close(fd)
+        return freed
+
+    def rename(
+        self, jail: Jail, src: str, dst: str, overwrite: bool = True
+    ) -> os.stat_result | None:
+        """``Jail.rename``; a file it replaces is given back as ``release`` says."""
+        old = jail.rename(src, dst, overwrite=overwrite)
+        self.release(old)
+        return old
+
+    def release(self, st: os.stat_result | None) -> int:
+        """Give back what the figure counts for a file whose last link is gone; returns it.
+
+        ``st`` is the file's lstat taken before it went. Nothing is given back for a directory,
+        a symlink, a file with links left, or a file a metered handle still holds (that happens
+        when the last such handle closes).
+        """
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            return 0
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            if key in self._open:
+                return 0
+            return self._give_back(key, st)
+
+    def _give_back(self, key: tuple[int, int], st: os.stat_result) -> int:
+        """Forget a file that is gone and give back what the figure counted for it (lock held)."""
+        known = key in self._ledger or st.st_ctime_ns < self._walk_started_ns - self._CTIME_SLACK_NS
+        credit = self._counted(key, st)
+        self._ledger.pop(key, None)
+        self._usage = max(0, self._usage - credit)
+        self._booked_total -= credit
+        for walk in self._walks:
+            walk.removed[key] = walk.removed.get(key, 0) + credit
+        if not known and st.st_size and self._measured_at is not None:
+            # The game wrote it since the walk; nothing booked it. The next walk tells the truth.
+            due = time.monotonic() - self.check_interval_s + self.recheck_after_unknown_s
+            self._measured_at = min(self._measured_at, due)
+        return credit
+
+    def _counted(self, key: tuple[int, int], st: os.stat_result) -> int:
+        """What the figure counts for this inode, given its stat before a change (lock held)."""
+        if key in self._ledger:
+            return self._ledger[key]
+        if st.st_ctime_ns < self._walk_started_ns - self._CTIME_SLACK_NS:
+            return st.st_size  # unchanged since before the last walk began: it counted this
+        return 0
+
+    def _book(
+        self, n_bytes: int, key: tuple[int, int] | None = None, st: os.stat_result | None = None
+    ) -> bool:
+        """Check and book ``n_bytes`` (of the inode ``key`` whose stat was ``st``)."""
         if n_bytes <= 0:
             return True
         if self._limit and self._measured_at is None and self.quota.usage_bytes(self.root) is None:
@@ -1477,12 +1917,59 @@ class Filesystem:
                 return False
             self._usage += n_bytes
             self._booked_total += n_bytes
+            if key is not None and st is not None:
+                self._note(key, st, n_bytes)
             return True
 
-    def add_usage(self, delta_bytes: int) -> None:
+    def _unbook(self, key: tuple[int, int], st: os.stat_result, n_bytes: int) -> None:
+        """Give back bytes of an inode that it no longer holds (a failed write, a truncation)."""
         with self._lock:
-            self._usage = max(0, self._usage + delta_bytes)
-            self._booked_total += delta_bytes
+            credit = min(n_bytes, self._counted(key, st))
+            if credit <= 0:
+                return
+            self._usage = max(0, self._usage - credit)
+            self._booked_total -= credit
+            self._note(key, st, -credit)
+
+    def _shrunk(self, key: tuple[int, int], st: os.stat_result, size: int) -> None:
+        """A file cut to ``size`` counts at most that: give back what was counted above it."""
+        with self._lock:
+            credit = self._counted(key, st) - size
+            if credit > 0:
+                self._usage = max(0, self._usage - credit)
+                self._booked_total -= credit
+                self._note(key, st, -credit)
+
+    def _note(self, key: tuple[int, int], st: os.stat_result, delta: int) -> None:
+        """Record a booking in the ledger and in every running walk (lock held)."""
+        if key in self._ledger or len(self._ledger) < self.max_ledger_entries:
+            self._ledger[key] = max(0, self._counted(key, st) + delta)
+        for walk in self._walks:
+            walk.booked[key] = walk.booked.get(key, 0) + delta
+
+    def _opened(self, handle: MeteredFile, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._open.setdefault(key, set()).add(handle)
+            st = os.fstat(handle.fileno())
+            if st.st_nlink == 0 and key not in self._ledger:
+                # Removed between its open and now, and perhaps given back already: it is held.
+                self._usage += st.st_size
+                self._booked_total += st.st_size
+                self._ledger[key] = st.st_size
+
+    def _closing(
+        self, handle: MeteredFile, key: tuple[int, int], st: os.stat_result | None
+    ) -> None:
+        """The last metered handle of a file whose last link went gives its bytes back."""
+        with self._lock:
+            handles = self._open.get(key)
+            if handles is not None:
+                handles.discard(handle)
+                if handles:
+                    return
+                del self._open[key]
+            if st is not None and st.st_nlink == 0:
+                self._give_back(key, st)
 
     def set_denylist(self, patterns: Iterable[str]) -> None:
         """The egg's ``file_denylist`` (gitignore-like globs) that no file operation may touch."""
@@ -1519,6 +2006,164 @@ def _glob_to_regex(pattern: str) -> str:
     return f"(?:{prefix}{''.join(out)}(/|$))"
 
 
+# Python integers cannot overflow, but the kernel's offsets can: beyond off_t a write is refused.
+MAX_FILE_BYTES = (1 << 63) - 1
+
+
+class DiskLimitExceeded(OSError):
+    """A metered write or truncation that would pass the server's disk limit (errno EDQUOT).
+
+    Nothing of the refused call was written. SFTP answers it with status 15, "Quota Exceeded".
+    """
+
+    def __init__(self, limit_bytes: int, path: str = ""):
+        super().__init__(
+            errno.EDQUOT, f"the disk limit of {limit_bytes} bytes would be passed", path or None
+        )
+        self.limit_bytes = limit_bytes
+
+
+@dataclasses.dataclass
+class _WalkState:
+    """What raced one usage walk: bookings and removals by inode while it ran."""
+
+    started_ns: int
+    booked_at_start: int = 0
+    booked: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+    removed: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+    seen_removed: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+
+
+class MeteredFile:
+    """A regular file of a server, opened through its jail; every byte of growth is booked first.
+
+    Made by ``Filesystem.open_metered(jail, path, flags)``. Methods for the caller: ``write(data)``
+    (at the file position), ``pwrite(data, offset)``, ``read(n)``, ``pread(n, offset)``,
+    ``truncate(size)``, ``seek(offset)``, ``stat()``, ``fileno()``, ``close()``; use it as a
+    context manager. Thread-safe: one write or truncation at a time.
+
+    Growth is ``max(0, offset + len(data) - current size)``: a write inside the file books nothing,
+    a write past its end books the gap too (a sparse file counts its apparent size, as the usage
+    walk does). A call that does not fit raises ``DiskLimitExceeded`` and writes nothing, so the
+    file ends at the last write that fitted; bytes booked but not written (a failing disk) are
+    given back. While any metered handle holds a file, removing or replacing it gives nothing
+    back: its blocks stay on the disk until the last handle closes, and so does its count.
+    """
+
+    def __init__(self, fs: Filesystem, fd: int, append: bool = False, name: str = ""):
+        self._fs = fs
+        self._fd = fd
+        self.append = append
+        self.name = name
+        self._pos = 0
+        self._lock = threading.Lock()  # growth is computed from the size: one change at a time
+        st = os.fstat(fd)
+        self._key = (st.st_dev, st.st_ino)
+        fs._opened(self, self._key)
+
+    def __enter__(self) -> MeteredFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("I/O operation on a closed file")
+        return self._fd
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fileno())
+
+    def seek(self, offset: int) -> None:
+        self._pos = max(0, offset)
+
+    def read(self, n_bytes: int) -> bytes:
+        data = self.pread(n_bytes, self._pos)
+        self._pos += len(data)
+        return data
+
+    def pread(self, n_bytes: int, offset: int) -> bytes:
+        if n_bytes < 0 or offset < 0:
+            raise OSError(errno.EINVAL, "negative length or offset", self.name)
+        return os.pread(self.fileno(), n_bytes, offset)
+
+    def write(self, data: bytes) -> int:
+        with self._lock:
+            offset = self._pos
+            written = self._pwrite(data, offset)
+            self._pos = os.fstat(self._fd).st_size if self.append else offset + written
+            return written
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        """Write all of ``data`` at ``offset`` (at the end when opened for appending)."""
+        with self._lock:
+            return self._pwrite(data, offset)
+
+    def _pwrite(self, data: bytes, offset: int) -> int:
+        before = os.fstat(self.fileno())
+        if self.append:  # O_APPEND would make pwrite ignore the offset that was metered
+            offset = before.st_size
+        end = offset + len(data)
+        if offset < 0 or end > MAX_FILE_BYTES:
+            raise OSError(
+                errno.EFBIG, f"offset {offset} is outside what a file can hold", self.name
+            )
+        growth = max(0, end - before.st_size)
+        if growth and not self._fs._book(growth, self._key, before):
+            raise DiskLimitExceeded(self._fs.limit_bytes, self.name)
+        written = 0
+        try:
+            view = memoryview(data)
+            while written < len(data):
+                n = os.pwrite(self._fd, view[written:], offset + written)
+                if n <= 0:
+                    raise OSError(errno.EIO, "the file accepted no more bytes", self.name)
+                written += n
+        except BaseException:
+            unused = growth - max(0, offset + written - before.st_size)
+            if unused > 0:
+                self._fs._unbook(self._key, os.fstat(self._fd), unused)
+            raise
+        return written
+
+    def truncate(self, size: int) -> None:
+        """Set the size; growth is booked first, shrinking gives back what was counted."""
+        if size < 0 or size > MAX_FILE_BYTES:
+            raise OSError(errno.EINVAL, f"invalid file size {size}", self.name)
+        with self._lock:
+            before = os.fstat(self.fileno())
+            growth = size - before.st_size
+            if growth > 0 and not self._fs._book(growth, self._key, before):
+                raise DiskLimitExceeded(self._fs.limit_bytes, self.name)
+            try:
+                os.ftruncate(self._fd, size)
+            except BaseException:
+                if growth > 0:
+                    self._fs._unbook(self._key, os.fstat(self._fd), growth)
+                raise
+            if growth < 0:
+                self._fs._shrunk(self._key, before, size)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        try:
+            st: os.stat_result | None = os.fstat(fd)
+        except OSError:
+            st = None
+        try:
+            self._fs._closing(self, self._key, st)
+        finally:
+            os.close(fd)
+
+
 # -- the path jail ------------------------------------------------------------------------------
 #
 # A client's path (SFTP today) names something beneath a server's directory, and nothing else:
@@ -1540,13 +2185,81 @@ class _Where:
     relpath: str  # the resolved path, relative to the jail root ("" for the root)
 
 
+class JailEntry(tuple):
+    """One entry met by ``Jail.walk``: its jail path (``/a/b``) and its lstat (links not followed).
+
+    A tuple underneath: a walk makes one per file, and a tuple is the cheapest object to make.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, path: str, st: os.stat_result) -> JailEntry:
+        return tuple.__new__(cls, (path, st))
+
+    @property
+    def path(self) -> str:
+        return self[0]
+
+    @property
+    def stat(self) -> os.stat_result:
+        return self[1]
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.stat.st_mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.stat.st_mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.stat.st_mode)
+
+
+# openat2(2), Linux 5.6+: resolve a path under a directory fd with the kernel's own guarantees.
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "arm64": 437, "armv7l": 437, "ppc64le": 437}
+_OPEN_HOW = struct.Struct("=QQQ")  # struct open_how: flags, mode, resolve
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_BENEATH = 0x02, 0x08
+
+
+def _openat2_beneath(dir_fd: int, path: str) -> bool | None:
+    """Does ``path`` resolve beneath ``dir_fd`` (following links)? True: yes; False: it leads
+    outside (EXDEV); None: the kernel cannot tell (no openat2, or a component does not exist)."""
+    number = _SYS_OPENAT2.get(platform.machine())
+    if number is None:
+        return None
+    how = ctypes.create_string_buffer(
+        _OPEN_HOW.pack(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(
+        ctypes.c_long(number), ctypes.c_int(dir_fd), os.fsencode(path), how, ctypes.c_size_t(24)
+    )
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return (
+        False if ctypes.get_errno() == errno.EXDEV else None
+    )  # ENOSYS, ENOENT, ELOOP: ask the jail
+
+
 class Jail:
     """Every path resolved beneath one directory, never through a symlink that leads out of it.
 
     Methods for the caller (paths as a client writes them; ``/`` is the jail's root, ``..`` may not
     climb above it): ``normalize``, ``resolve``, ``open``, ``stat``, ``lstat``, ``listdir``,
-    ``mkdir``, ``rmdir``, ``remove``, ``rename``, ``symlink``, ``readlink``, ``chmod``, ``chown``,
-    ``utime``, ``close``. Errors are ``OSError``; escapes are ``PathEscape`` (EACCES).
+    ``walk``, ``mkdir``, ``rmdir``, ``remove``, ``rename``, ``symlink``, ``readlink``, ``chmod``,
+    ``chown``, ``utime``, ``close``. Errors are ``OSError``; escapes are ``PathEscape`` (EACCES).
+    Writers go through ``Filesystem.open_metered`` / ``remove`` / ``rename``, which call these
+    and keep the disk figure right; every reader of a whole tree (usage walk, backups, archives,
+    transfers) uses ``walk()``, which reports symlinks as links and never follows them.
+
+    Symlinks made through the jail (``symlink``) must land inside when resolved from where they
+    really sit -- not from the path as written, which may pass through other links -- and may
+    climb with leading ``..`` only; moving a link or a directory re-checks the relative links it
+    carries and refuses the move if one would land outside from the new place.
     ``is_denied(relpath)`` (the egg's ``file_denylist``) is asked about the path as written and the
     path a symlink resolves to; a match is refused (EACCES) before any operation.
 
@@ -1564,6 +2277,9 @@ class Jail:
 
     max_symlinks = 40
     max_entries = 100_000  # a listing larger than this is refused rather than built in memory
+    max_walk_depth = (
+        256  # ``walk`` holds one fd per level; deeper directories are reported, not entered
+    )
 
     _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -1686,20 +2402,92 @@ class Jail:
                 return None
             raise
 
+    def check_link(self, path: str, target: str) -> None:
+        """Refuse (``PathEscape``) a symlink ``path`` -> ``target`` that the jail would not make.
+
+        For a caller that makes links some other way (an archive staged elsewhere first, say):
+        ``path``'s directory is resolved as it really is (components that do not exist yet are
+        taken as written) and the target checked from there, as ``symlink`` does.
+        """
+        parts = self.parts(path)
+        self._check_new_link(self._real_dir(parts[:-1]), target)
+
     def _check_link_target(self, link_parts: list[str], target: str) -> None:
-        """Refuse a symlink target that would point outside the root from where the link sits."""
+        """Where a link at ``link_parts`` (as written) to ``target`` lands must be inside."""
+        self._check_landing(self._real_dir(link_parts[:-1]), target)
+
+    def _real_dir(self, parts: list[str]) -> list[str]:
+        """The real components of the directory ``parts`` names, links resolved; trailing
+        components that do not exist yet are kept as written."""
+        missing: list[str] = []
+        parts = list(parts)
+        while True:
+            try:
+                with self.resolve("/".join(parts)) as where:
+                    return [p for p in where.relpath.split("/") if p] + missing
+            except FileNotFoundError:
+                if not parts:
+                    raise
+                missing.insert(0, parts.pop())
+
+    def _check_new_link(self, parent: list[str], target: str) -> None:
+        """Refuse a target for a new symlink whose real directory is ``parent`` (components).
+
+        Only leading ``..`` are allowed: in ``a/../b`` the ``..`` climbs from wherever ``a``
+        leads at the time, which another link can change later; ``../b`` climbs from the link's
+        own directory, which only a rename can move (and a rename re-checks it).
+        """
         if not target or "\x00" in target:
-            raise OSError(errno.EINVAL, "empty symlink target")
+            raise OSError(errno.EINVAL, "empty symlink target or NUL byte in it")
+        parts = [p for p in target.split("/") if p not in ("", ".")]
+        climbs = next((i for i, p in enumerate(parts) if p != ".."), len(parts))
+        if ".." in parts[climbs:]:
+            raise PathEscape(f"symlink target {target!r}: '..' may only lead it, not follow a name")
+        self._check_landing(parent, target)
+
+    def _check_landing(self, parent: list[str], target: str) -> None:
+        """Refuse ``target`` when, read from the real directory ``parent``, it lands outside.
+
+        The kernel decides where it can (``openat2`` with ``RESOLVE_BENEATH`` from the root);
+        a target that does not exist (yet) is resolved step by step by the jail itself.
+        """
         if target.startswith("/"):
             raise PathEscape(f"symlink to an absolute path {target!r}")
-        depth = len(link_parts) - 1
-        for part in target.split("/"):
-            if part == "..":
-                depth -= 1
-                if depth < 0:
-                    raise PathEscape(f"symlink target {target!r} leads outside")
-            elif part not in ("", "."):
-                depth += 1
+        parts = [p for p in target.split("/") if p not in ("", ".")]
+        climbs = next((i for i, p in enumerate(parts) if p != ".."), len(parts))
+        if climbs > len(parent):
+            raise PathEscape(f"symlink target {target!r} leads outside from /{'/'.join(parent)}")
+        landing = "/".join([*parent, *parts])
+        verdict = _openat2_beneath(self._fd, landing or ".")
+        if verdict is False:
+            raise PathEscape(f"symlink target {target!r} leads outside from /{'/'.join(parent)}")
+        if verdict is None:
+            try:
+                with self.resolve(landing):
+                    pass
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # dangling: only names below a missing directory are left, which stay inside
+
+    def _check_carried_links(self, src: str, parent: list[str], name: str) -> None:
+        """Before directory ``src`` moves to ``parent``/``name``: every relative link inside it
+        that climbs above it must still land inside from there."""
+        for entry in self.walk(src):
+            if not stat.S_ISLNK(entry.stat.st_mode):
+                continue
+            with self.resolve(entry.path, follow=False) as where:
+                target = os.readlink(where.name, dir_fd=where.dir_fd)
+            if target.startswith("/"):
+                continue  # absolute: refused wherever it is followed, the move changes nothing
+            inner = self.parts(entry.path)[len(self.parts(src)) : -1]
+            parts = [p for p in target.split("/") if p not in ("", ".")]
+            climbs = next((i for i, p in enumerate(parts) if p != ".."), len(parts))
+            if climbs > len(inner):  # it climbs above the moved directory: its landing moves
+                try:
+                    self._check_landing([*parent, name, *inner], target)
+                except PathEscape:
+                    raise PathEscape(
+                        f"moving {src!r} would make the link {entry.path!r} -> {target!r} lead outside"
+                    ) from None
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -1755,6 +2543,78 @@ class Jail:
         finally:
             os.close(fd)
 
+    def walk(
+        self, path: str = "/", on_error: Callable[[str, OSError], None] | None = None
+    ) -> Iterator[JailEntry]:
+        """Every entry beneath the directory ``path``, each directory before what it holds.
+
+        Symlinks are yielded as links (their ``lstat``) and never followed; each directory is
+        entered with ``O_NOFOLLOW`` from its parent's fd, so one swapped for a link meanwhile is
+        skipped, never walked out of. Entries that vanish meanwhile are skipped. Errors on the way
+        (unreadable directories, nesting deeper than ``max_walk_depth``) go to ``on_error(path,
+        exc)`` and the walk goes on; without ``on_error`` they are raised. The denylist is not
+        applied: a caller that hands entries to a client checks ``is_denied`` itself.
+        """
+        with self.resolve(path) as where:
+            fd = os.open(where.name or ".", self._DIR_FLAGS, dir_fd=where.dir_fd)
+            top = "/" + where.relpath
+        frames: list[tuple[int, str, list[str]]] = []
+        try:
+            yield from self._walk_dir(fd, top, frames, on_error)
+            while frames:
+                fd, dirpath, pending = frames[-1]
+                if not pending:
+                    os.close(frames.pop()[0])
+                    continue
+                name = pending.pop()
+                child = posixpath.join(dirpath, name)
+                if len(frames) >= self.max_walk_depth:
+                    self._walk_error(on_error, child, OSError(errno.ELOOP, "nested too deep"))
+                    continue
+                try:
+                    child_fd = os.open(name, self._DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        self._walk_error(on_error, child, exc)
+                    continue
+                yield from self._walk_dir(child_fd, child, frames, on_error)
+        finally:
+            for frame in frames:
+                os.close(frame[0])
+
+    def _walk_dir(
+        self,
+        fd: int,
+        dirpath: str,
+        frames: list[tuple[int, str, list[str]]],
+        on_error: Callable[[str, OSError], None] | None,
+    ) -> Iterator[JailEntry]:
+        """Yield one directory's entries; push it (fd, path, subdirectories) for the walk."""
+        subdirs: list[str] = []
+        frames.append((fd, dirpath, subdirs))  # from here on the walk closes ``fd``
+        prefix = dirpath.rstrip("/") + "/"
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    yield JailEntry(prefix + entry.name, st)
+                    if stat.S_ISDIR(st.st_mode):
+                        subdirs.append(entry.name)
+        except OSError as exc:
+            self._walk_error(on_error, dirpath, exc)
+        subdirs.reverse()  # popped from the end: walk them in listing order
+
+    @staticmethod
+    def _walk_error(
+        on_error: Callable[[str, OSError], None] | None, path: str, exc: OSError
+    ) -> None:
+        if on_error is None:
+            raise exc
+        on_error(path, exc)
+
     def mkdir(self, path: str, mode: int = 0o755) -> None:
         with self.resolve(path, follow=False) as where:
             if where.name is None:
@@ -1780,13 +2640,15 @@ class Jail:
 
     def rename(self, src: str, dst: str, overwrite: bool = True) -> os.stat_result | None:
         """Move ``src`` to ``dst``; returns the lstat of a file that was replaced (for accounting)."""
-        dst_parts = self.parts(dst)
         with self.resolve(src, follow=False) as a, self.resolve(dst, follow=False) as b:
             if a.name is None or b.name is None:
                 raise PermissionError(errno.EPERM, "the root cannot be renamed or replaced")
             st = os.stat(a.name, dir_fd=a.dir_fd, follow_symlinks=False)
+            dst_parent = b.relpath.split("/")[:-1]  # where it really lands, links resolved
             if stat.S_ISLNK(st.st_mode):  # a relative link may point elsewhere from its new place
-                self._check_link_target(dst_parts, os.readlink(a.name, dir_fd=a.dir_fd))
+                self._check_landing(dst_parent, os.readlink(a.name, dir_fd=a.dir_fd))
+            elif stat.S_ISDIR(st.st_mode):  # ... and so may the links a directory carries
+                self._check_carried_links("/" + a.relpath, dst_parent, b.name)
             try:
                 old = os.stat(b.name, dir_fd=b.dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -1797,11 +2659,13 @@ class Jail:
             return old
 
     def symlink(self, target: str, path: str) -> None:
-        """Create ``path`` -> ``target``; refused when the target would point outside the root."""
-        self._check_link_target(self.parts(path), target)
+        """Create ``path`` -> ``target``; refused when the target would land outside the root
+        read from where the link really sits (``path``'s directory may itself be reached through
+        links), or climbs with ``..`` after a name (see ``_check_new_link``)."""
         with self.resolve(path, follow=False) as where:
             if where.name is None:
                 raise FileExistsError(errno.EEXIST, "exists", path)
+            self._check_new_link(where.relpath.split("/")[:-1], target)
             os.symlink(target, where.name, dir_fd=where.dir_fd)
 
     def readlink(self, path: str) -> str:
@@ -2866,9 +3730,7 @@ class _Extractor:
             return
         if stat.S_ISDIR(st.st_mode):
             raise ArchiveError(f"cannot extract {path!r}: a directory of that name exists")
-        gone = self.jail.remove(path)
-        if stat.S_ISREG(gone.st_mode) and gone.st_nlink <= 1:
-            self.fs.add_usage(-gone.st_size)
+        self.fs.remove(self.jail, path)
 
     def symlink(self, target: str, path: str) -> None:
         self._parents(path)
@@ -4275,7 +5137,7 @@ class DockerEnvironment(Environment):
     # -- limits ----------------------------------------------------------------------------------
 
     def apply_limits(self, config: ServerConfig) -> LimitReport:
-        """Make the running container's limits match ``config.build`` now (SPEC sync step 6).
+        """Make the running container's limits match ``config.build`` now (README, sync step 6).
 
         What Docker's update API can express goes through it (one raw ``POST /containers/{id}/update``
         so that ``PidsLimit`` goes too, which the SDK lacks); lifting a memory, swap or CPU limit or a
@@ -4283,68 +5145,86 @@ class DockerEnvironment(Environment):
         do not show is reported as failed. A stopped container is left alone: the next start
         re-creates it with the new limits.
         """
+        for _ in range(3):
+            try:
+                return self._apply_limits_once(config)
+            except _ContainerReplaced:  # replaced behind our back: look it up again
+                self._running_info = None
+        return LimitReport(pending=[f"{_ALL_LIMITS} (container being replaced; next start)"])
+
+    def _apply_limits_once(self, config: ServerConfig) -> LimitReport:
         build = config.build
-        everything = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
-        docker = _docker()
+        resources = container_resources(build, self.config)
+        try:
+            info = self._limits_target()
+            blkio_unsupported = self._post_limits(info, build, resources)
+            cgroup, kernel = self._lift_in_cgroup(info, build, resources)
+        except _LimitsSettled as settled:
+            return settled.report
+        report = _kernel_report(cgroup, kernel, build, resources)
+        if blkio_unsupported:
+            report.applied.append(
+                f"io weight {build.io_weight}: not supported by this kernel, skipped"
+            )
+        else:
+            report.applied.append(f"io weight {build.io_weight}")
+        return report
+
+    def _limits_target(self) -> dict[str, Any]:
+        """The running container (its inspect), or ``_LimitsSettled``: the next start applies them."""
         # The container this environment started or attached to: no inspect on the sync's path.
         info = self._running_info if self._state in (STARTING, RUNNING) else None
         try:
             info = info or self._inspect()
         except WingsliteError as exc:
-            return LimitReport(pending=[f"{everything} (next start)"], failed=[exc.message])
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (next start)"], failed=[exc.message])
+            ) from None
         if info is None:
-            return LimitReport(pending=[f"{everything} (no container yet; next start)"])
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (no container yet; next start)"])
+            )
         if not info["State"].get("Running"):
-            return LimitReport(
-                pending=[f"{everything} (container stopped; next start re-creates it)"]
+            raise _LimitsSettled(
+                LimitReport(
+                    pending=[f"{_ALL_LIMITS} (container stopped; next start re-creates it)"]
+                )
             )
+        return info
 
-        resources = container_resources(build, self.config)
-        body: dict[str, Any] = {
-            "BlkioWeight": build.io_weight,
-            "PidsLimit": resources["PidsLimit"] or -1,
-        }
-        if resources["Memory"]:
-            body.update(
-                Memory=resources["Memory"],
-                MemoryReservation=resources["MemoryReservation"],
-                MemorySwap=resources["MemorySwap"],
-            )
-        if build.cpu_percent:
-            body.update(
-                CpuQuota=resources["CpuQuota"],
-                CpuPeriod=resources["CpuPeriod"],
-                CpuShares=resources["CpuShares"],
-            )
-        else:
-            body["CpuQuota"] = -1
-        if build.threads:
-            body["CpusetCpus"] = build.threads
-        report = LimitReport()
+    def _post_limits(self, info: dict[str, Any], build: Build, resources: dict[str, Any]) -> bool:
+        """Docker's update API; True when the engine says this kernel has no block I/O weight."""
+        docker = _docker()
         try:
             answer = self.client._result(
                 self.client._post_json(
-                    self.client._url("/containers/{0}/update", info["Id"]), data=body
+                    self.client._url("/containers/{0}/update", info["Id"]),
+                    data=_limits_update_body(build, resources),
                 ),
                 True,
             )
         except docker.errors.NotFound:
             if info is not self._running_info:
-                return LimitReport(pending=[f"{everything} (no container yet; next start)"])
-            self._running_info = None  # replaced behind our back: look again
-            return self.apply_limits(config)
+                raise _LimitsSettled(
+                    LimitReport(pending=[f"{_ALL_LIMITS} (no container yet; next start)"])
+                ) from None
+            raise _ContainerReplaced() from None
         except (docker.errors.DockerException, OSError) as exc:
             error = _docker_error("updating the container's limits", exc)
-            report.failed.append(error.message)
-            report.pending.append(f"{everything} (next start)")
-            return report
+            raise _LimitsSettled(
+                LimitReport(pending=[f"{_ALL_LIMITS} (next start)"], failed=[error.message])
+            ) from None
         warnings = [w for w in (answer or {}).get("Warnings") or [] if w]
-        blkio_unsupported = any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
         for warning in warnings:
             LOG.info(
                 "server %s: Docker warned while updating limits: %s", self.server_uuid, warning
             )
+        return any("Block I/O weight" in w or "blkio" in w.lower() for w in warnings)
 
+    def _lift_in_cgroup(
+        self, info: dict[str, Any], build: Build, resources: dict[str, Any]
+    ) -> tuple[Cgroup, CgroupLimits]:
+        """Write what Docker cannot lift into the cgroup files; what the kernel then enforces."""
         try:
             cgroup = self.cgroup(info)
             kernel = cgroup.read()
@@ -4358,67 +5238,19 @@ class DockerEnvironment(Environment):
                 kernel.all_cpus
             ):
                 cgroup.lift_cpuset()
-            kernel = cgroup.read()
+            return cgroup, cgroup.read()
         except WingsliteError as exc:
             try:
                 still_running = bool((self._inspect() or {}).get("State", {}).get("Running"))
             except WingsliteError:
                 still_running = True
             if not still_running:  # the process exited under us: its cgroup went with it
-                return LimitReport(
-                    pending=[f"{everything} (container stopped; next start re-creates it)"]
-                )
-            report.failed.append(f"cgroup: {exc.message}")
-            return report
-
-        def check(what: str, ok: bool, shows: Any, text: str) -> None:
-            (report.applied if ok else report.failed).append(
-                text if ok else f"{what}: the kernel enforces {shows}, expected {text}"
-            )
-
-        memory, swap = resources["Memory"] or None, resources["MemorySwap"]
-        check(
-            "memory",
-            _pages(kernel.memory_bytes) == _pages(memory),
-            kernel.memory_bytes,
-            f"memory {memory} bytes" if memory else "memory unlimited",
-        )
-        if kernel.swap_bytes is not None or swap > 0:
-            expect_swap = (
-                None
-                if swap < 0 or memory is None
-                else (swap if cgroup.version == 1 else swap - memory)
-            )
-            shown = "memory+swap" if cgroup.version == 1 else "swap"
-            check(
-                "swap",
-                _pages(kernel.swap_bytes) == _pages(expect_swap),
-                kernel.swap_bytes,
-                f"{shown} {expect_swap} bytes" if expect_swap is not None else f"{shown} unlimited",
-            )
-        quota = resources.get("CpuQuota")
-        check(
-            "cpu",
-            kernel.cpu_quota_us == quota,
-            kernel.cpu_quota_us,
-            f"cpu quota {quota}/{kernel.cpu_period_us} us" if quota else "cpu quota unlimited",
-        )
-        expect_cpus = build.threads or kernel.all_cpus
-        check(
-            "cpuset",
-            _cpu_set(kernel.cpuset or kernel.all_cpus) == _cpu_set(expect_cpus),
-            kernel.cpuset,
-            f"cpuset {build.threads or 'all (' + kernel.all_cpus + ')'}",
-        )
-        pids = resources["PidsLimit"] or None
-        check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
-        if blkio_unsupported:
-            report.applied.append(
-                f"io weight {build.io_weight}: not supported by this kernel, skipped"
-            )
-        else:
-            report.applied.append(f"io weight {build.io_weight}")
-        return report
+                raise _LimitsSettled(
+                    LimitReport(
+                        pending=[f"{_ALL_LIMITS} (container stopped; next start re-creates it)"]
+                    )
+                ) from None
+            raise _LimitsSettled(LimitReport(failed=[f"cgroup: {exc.message}"])) from None
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -4494,6 +5326,8 @@ class DockerEnvironment(Environment):
         name = image.lstrip("~").strip()
         if not name:
             raise WingsliteError("the server has no Docker image configured")
+        if not is_image_reference(name):  # never put a name outside the grammar into an API path
+            raise WingsliteError(f"image {name[:200]!r} is not a valid Docker image reference")
         try:
             self.client.inspect_image(name)
             return name
@@ -4892,6 +5726,93 @@ class DockerEnvironment(Environment):
         self._detach()
 
 
+_ALL_LIMITS = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
+
+
+class _LimitsSettled(Exception):
+    """A step of ``DockerEnvironment.apply_limits`` that already knows the whole report."""
+
+    def __init__(self, report: LimitReport):
+        super().__init__(report)
+        self.report = report
+
+
+class _ContainerReplaced(Exception):
+    """The container the environment knew is gone; another one may run under its name."""
+
+
+def _limits_update_body(build: Build, resources: dict[str, Any]) -> dict[str, Any]:
+    """The body of Docker's ``POST /containers/{id}/update`` for ``build``."""
+    body: dict[str, Any] = {
+        "BlkioWeight": build.io_weight,
+        "PidsLimit": resources["PidsLimit"] or -1,
+    }
+    if resources["Memory"]:
+        body.update(
+            Memory=resources["Memory"],
+            MemoryReservation=resources["MemoryReservation"],
+            MemorySwap=resources["MemorySwap"],
+        )
+    if build.cpu_percent:
+        body.update(
+            CpuQuota=resources["CpuQuota"],
+            CpuPeriod=resources["CpuPeriod"],
+            CpuShares=resources["CpuShares"],
+        )
+    else:
+        body["CpuQuota"] = -1
+    if build.threads:
+        body["CpusetCpus"] = build.threads
+    return body
+
+
+def _kernel_report(
+    cgroup: Cgroup, kernel: CgroupLimits, build: Build, resources: dict[str, Any]
+) -> LimitReport:
+    """Compare what the kernel enforces with what ``build`` asks: applied, or failed naming both."""
+    report = LimitReport()
+
+    def check(what: str, ok: bool, shows: Any, text: str) -> None:
+        (report.applied if ok else report.failed).append(
+            text if ok else f"{what}: the kernel enforces {shows}, expected {text}"
+        )
+
+    memory, swap = resources["Memory"] or None, resources["MemorySwap"]
+    check(
+        "memory",
+        _pages(kernel.memory_bytes) == _pages(memory),
+        kernel.memory_bytes,
+        f"memory {memory} bytes" if memory else "memory unlimited",
+    )
+    if kernel.swap_bytes is not None or swap > 0:
+        expect_swap = (
+            None if swap < 0 or memory is None else (swap if cgroup.version == 1 else swap - memory)
+        )
+        shown = "memory+swap" if cgroup.version == 1 else "swap"
+        check(
+            "swap",
+            _pages(kernel.swap_bytes) == _pages(expect_swap),
+            kernel.swap_bytes,
+            f"{shown} {expect_swap} bytes" if expect_swap is not None else f"{shown} unlimited",
+        )
+    quota = resources.get("CpuQuota")
+    check(
+        "cpu",
+        kernel.cpu_quota_us == quota,
+        kernel.cpu_quota_us,
+        f"cpu quota {quota}/{kernel.cpu_period_us} us" if quota else "cpu quota unlimited",
+    )
+    check(
+        "cpuset",
+        _cpu_set(kernel.cpuset or kernel.all_cpus) == _cpu_set(build.threads or kernel.all_cpus),
+        kernel.cpuset,
+        f"cpuset {build.threads or 'all (' + kernel.all_cpus + ')'}",
+    )
+    pids = resources["PidsLimit"] or None
+    check("pids", kernel.pids == pids, kernel.pids, f"pids {pids or 'unlimited'}")
+    return report
+
+
 def _zero_stats() -> dict[str, Any]:
     return {
         "memory_bytes": 0,
@@ -5051,6 +5972,12 @@ def daemon_message(text: str, app_name: str = "Pterodactyl") -> str:
     return f"\x1b[33m\x1b[1m[{app_name} Daemon]:\x1b[39m {text}\x1b[0m"
 
 
+def configured_app_name(config: Config) -> str:
+    """The node's ``app_name`` (Wings' config.yml), which prefixes every daemon console line."""
+    name = config.raw.get("app_name")
+    return name if isinstance(name, str) and name else "Pterodactyl"
+
+
 # -- the console pipeline: process output -> lines -> done detection -> throttle -> events -------
 
 CONSOLE_LINE_MAX_BYTES = 64 * 1024  # Wings system/utils.go: longer lines are cut here
@@ -5184,16 +6111,11 @@ class ConsolePipeline:
     def from_config(cls, events: EventBus, config: Config) -> ConsolePipeline:
         # Wings never consults throttles.enabled; wingslite honours it (false = no limit).
         lines = config.get("throttles.lines") if config.get("throttles.enabled") else 0
-        app_name = (
-            config.raw.get("app_name")
-            if isinstance(config.raw.get("app_name"), str)
-            else "Pterodactyl"
-        )
         return cls(
             events,
             throttle_lines=lines,
             throttle_interval_ms=config.get("throttles.line_reset_interval"),
-            app_name=app_name,
+            app_name=configured_app_name(config),
         )
 
     def begin(
@@ -5569,7 +6491,11 @@ class WebSocket:
                 # must not stall for send_timeout_s on one stuck client).
                 # os.write, not socket.send: with a timeout set, CPython's send waits for the
                 # socket to become writable (up to the timeout) even when asked not to wait.
-                if os.write(self._sock.fileno(), frame) < len(frame):
+                # Over TLS the frame must pass through the TLS layer: a short timeout instead.
+                if isinstance(self._sock, ssl.SSLSocket):
+                    self._sock.settimeout(self.close_lock_timeout_s)
+                    self._sock.sendall(frame)
+                elif os.write(self._sock.fileno(), frame) < len(frame):
                     raise BlockingIOError
             except OSError:
                 self._finished.set()
@@ -5683,7 +6609,9 @@ class WebSocket:
         timeout_ms = (
             None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
         )
-        if not self._poll.poll(timeout_ms):
+        # Over TLS, decrypted bytes may already wait inside the TLS layer, where poll cannot see.
+        pending = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+        if not pending and not self._poll.poll(timeout_ms):
             return False
         try:
             data = self._sock.recv(65536)
@@ -6090,6 +7018,13 @@ class RateLimiter:
         self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
         return allowed
 
+    def refund(self, key: str) -> None:
+        """Give back the token an allowed message took (it turned out not to count)."""
+        count, _ = self._rates.get(key, self._default)
+        if key in self._buckets:
+            tokens, last = self._buckets[key]
+            self._buckets[key] = (min(float(count), tokens + 1.0), last)
+
 
 # -- Wings' console protocol -----------------------------------------------------------------------
 
@@ -6282,7 +7217,11 @@ class ConsoleSocket:
             return
         self._throttled.discard(key)
         if event == "auth":
-            self._on_auth("".join(args))
+            if not self._on_auth("".join(args)):
+                # A refused token does not use up the auth limit: the Panel's browser answers
+                # the "jwt error" with a new token at once, and one issued in the same second as
+                # a deny is refused too; counting those would leave the page without a console.
+                self._limiter.refund("auth")
             return
         problem = self._token_problem(self.token)
         if problem is not None:
@@ -6300,22 +7239,23 @@ class ConsoleSocket:
         except Exception as exc:  # reported to the client, as Wings does
             self._daemon_error(exc)
 
-    def _on_auth(self, jwt: str) -> None:
+    def _on_auth(self, jwt: str) -> bool:
+        """Accept a token (True) or answer ``jwt error`` (False)."""
         if not jwt:
             self._send("jwt error", self._prefixed(JWT_MISSING))
-            return
+            return False
         try:
             token = WebsocketToken.from_claims(decode_jwt(jwt, self.daemon.config.token))
         except JwtError as exc:
             self._send("jwt error", self._prefixed(str(exc)))
-            return
+            return False
         problem = self._token_problem(token)
         if problem is not None:
             self._send("jwt error", self._prefixed(problem))
-            return
+            return False
         if self.server.suspended:
             self.ws.close(CLOSE_SUSPENDED, "server is suspended")
-            return
+            return True
         first = self.token is None
         if self.token is None or self.token.user_uuid != token.user_uuid:
             self.register(token.user_uuid)
@@ -6334,6 +7274,7 @@ class ConsoleSocket:
         if problem is not None:
             self._muted = True
             self._send("jwt error", problem)
+        return True
 
     def _token_problem(self, token: WebsocketToken | None) -> str | None:
         # The order of Wings' TokenValid(): present, exp, denylist, connect, server.
@@ -6403,17 +7344,21 @@ class ConsoleSocket:
     def _on_event(self, event: str, *args: Any) -> None:
         # Called from whichever thread publishes; only queues, never blocks.
         token = self.token
-        if token is None or self._muted or self.ws.closed:
+        if token is None or self.ws.closed:
             return
         if event == WEBSOCKET_RECHECK_EVENT:
-            problem = self._token_problem(token)
+            problem = None if self._muted else self._token_problem(token)
             if problem is not None:
                 # The text the Panel's browser answers by fetching a new token (WebsocketHandler.tsx).
                 self._muted = True
                 self._send("jwt error", problem)
             return
-        if time.time() > token.exp:
-            return  # until the client re-authenticates ("token expired" is on its way)
+        if self._muted or time.time() > token.exp:
+            # As Wings' SendJson (router/websocket/websocket.go): every event for a socket whose
+            # token is no longer valid goes out as a "jwt error", so the page keeps asking for a
+            # new token until one is accepted, instead of falling silent.
+            self._send("jwt error", self._token_problem(token) or JWT_EXPIRED)
+            return
         needed = _EVENT_PERMISSIONS.get(event.split(":", 1)[0])
         if needed is not None and not token.can(needed):
             return
@@ -6561,9 +7506,6 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
 SFTP_QUOTA_EXCEEDED = 15
 # Wings' username pre-check (sftp/server.go): "<panel user>.<first 8 characters of the server uuid>".
 _SFTP_USERNAME_RE = re.compile(r"^(.+)\.([a-z0-9]{8})$", re.IGNORECASE)
-_SFTP_MAX_FILE_BYTES = (
-    1 << 63
-) - 1  # the largest offset a file can have (off_t); beyond it a write is refused
 
 
 def sftp_available() -> bool:
@@ -6642,7 +7584,8 @@ class SftpServer:
     Methods for the caller: ``start()``, ``stop()``, ``port`` (bound port, after ``start``),
     ``connections()`` (how many are open). Class variables that may be overridden:
     ``max_channels``, ``max_handles``, ``max_read_bytes``, ``max_packet_bytes``,
-    ``max_ssh_packet_bytes``, ``handshake_timeout_s``, ``auth_timeout_s``, ``pubkey_failure_weight``.
+    ``max_ssh_packet_bytes``, ``max_banner_line_bytes``, ``auth_timeout_s``,
+    ``pubkey_failure_weight``.
 
     A login is ``<panel user>.<8-char server id>`` with a password or a public key; both are
     checked by ``POST /api/remote/sftp/auth`` (any Panel 4xx is bad credentials; a Panel that does
@@ -6652,13 +7595,22 @@ class SftpServer:
 
     Each SFTP channel is a session in the daemon's ``SessionTable``: suspension, deletion and
     ``POST /api/deauthorize-user`` close its connection before they return. Every path goes
-    through a ``Jail`` over the server's directory; every written byte is booked with the
-    server's ``Filesystem.reserve()`` before it is written, and refused with status 15 when it
-    would pass the disk limit.
+    through a ``Jail`` over the server's directory; every file is opened as a ``MeteredFile``
+    (``Filesystem.open_metered``), which books each written byte before it is written -- refused
+    with status 15 when it would pass the disk limit -- and keeps a removed file counted while
+    the handle holds it.
 
-    Threads: one accept thread; per connection one thread that runs it start to end, paramiko's
-    transport thread and one thread per SFTP channel. At most ``wingslite.sftp_max_connections``
-    connections are open; more are closed at once.
+    Threads: one accept thread; per connection one thread that runs it start to end (and watches
+    its deadlines), paramiko's transport thread and one thread per SFTP channel.
+
+    What a stranger can hold: at most ``wingslite.sftp_max_connections`` connections are open,
+    and at most ``wingslite.sftp_max_unauthenticated_per_ip`` of them from one address before they
+    log in; more are closed at once. The SSH banner exchange and key exchange must be done within
+    ``wingslite.sftp_handshake_timeout_s`` of the connect, and the login within
+    ``auth_timeout_s`` more (or the Panel's ``remote_query.timeout``, if longer); a banner line is
+    at most 255 bytes (RFC 4253 section 4.2). A logged-in connection with no SFTP request for
+    ``wingslite.sftp_idle_timeout_s`` is closed, and one Panel user holds at most
+    ``wingslite.sftp_max_sessions_per_user`` connections, so that no user can take every slot.
     """
 
     max_channels = 4  # per connection; OpenSSH and paramiko clients use one
@@ -6668,8 +7620,8 @@ class SftpServer:
     max_ssh_packet_bytes = (
         256 * 1024 + 1024
     )  # an SSH packet larger than this closes the connection (OpenSSH: 256 KiB)
-    handshake_timeout_s = 15.0
-    auth_timeout_s = 30.0
+    max_banner_line_bytes = 255  # RFC 4253 section 4.2, CR LF included
+    auth_timeout_s = 60.0  # after the handshake; OpenSSH's LoginGraceTime is 120 s for both
     pubkey_failure_weight = 0.25  # clients offer several keys before the right one
 
     def __init__(self, daemon: Any):
@@ -6685,10 +7637,22 @@ class SftpServer:
         self._slots = threading.BoundedSemaphore(
             max(1, self.config.get("wingslite.sftp_max_connections"))
         )
+        self.handshake_timeout_s = float(self.config.get("wingslite.sftp_handshake_timeout_s"))
+        self.idle_timeout_s = float(self.config.get("wingslite.sftp_idle_timeout_s"))
+        self.max_unauthenticated_per_ip = self.config.get(
+            "wingslite.sftp_max_unauthenticated_per_ip"
+        )
+        self.max_sessions_per_user = self.config.get("wingslite.sftp_max_sessions_per_user")
+        # A login waits on the Panel, whose calls may take the whole remote_query.timeout.
+        self.login_timeout_s = self.handshake_timeout_s + max(
+            self.auth_timeout_s, float(self.config.get("remote_query.timeout")) + 5
+        )
+        self._refusals = _RefusalLog()
+        _quiet_paramiko()
         self._host_key: Any = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._live: set[Any] = set()
+        self._live: set[_SftpConnection] = set()
         self._live_lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -6732,13 +7696,13 @@ class SftpServer:
             self._thread.join(timeout=5)
         with self._live_lock:
             live = list(self._live)
-        for transport in live:
-            transport.close()
+        for connection in live:
+            connection.close()
 
     def connections(self) -> int:
         """How many client connections are open (a closed one stops counting at once)."""
         with self._live_lock:
-            return sum(1 for transport in self._live if transport.is_active())
+            return sum(1 for c in self._live if c.transport is not None and c.transport.is_active())
 
     def _load_host_key(self) -> Any:
         """The node's ed25519 host key, generated once (0600) so clients can pin it."""
@@ -6773,49 +7737,127 @@ class SftpServer:
                     return
                 time.sleep(0.05)  # EMFILE and friends: do not spin
                 continue
-            if not self._slots.acquire(blocking=False):
-                LOG.warning(
-                    "SFTP: refusing %s: %d connections are already open",
-                    addr[0],
-                    self.config.get("wingslite.sftp_max_connections"),
-                )
+            connection = self._admit(conn, addr)
+            if connection is None:
                 conn.close()
                 continue
             threading.Thread(
-                target=self._serve, args=(conn, addr), name=f"wingslite-sftp-{addr[0]}", daemon=True
+                target=self._serve,
+                args=(connection,),
+                name=f"wingslite-sftp-{addr[0]}",
+                daemon=True,
             ).start()
 
-    def _serve(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+    def _admit(self, sock: socket.socket, addr: tuple[Any, ...]) -> _SftpConnection | None:
+        """A new connection, counted; None when its address or the node is over its bound."""
+        ip = str(addr[0])
+        with self._live_lock:
+            waiting = sum(1 for c in self._live if c.ip == ip and c.waiting())
+            if self.max_unauthenticated_per_ip and waiting >= self.max_unauthenticated_per_ip:
+                self._refusals.note(
+                    "per-ip",
+                    f"SFTP: refusing connections from {ip}: {waiting} of its connections have "
+                    "not logged in yet (wingslite.sftp_max_unauthenticated_per_ip)",
+                )
+                return None
+            if not self._slots.acquire(blocking=False):
+                self._refusals.note(
+                    "total",
+                    f"SFTP: refusing {ip}: {self.config.get('wingslite.sftp_max_connections')} "
+                    "connections are already open (wingslite.sftp_max_connections)",
+                )
+                return None
+            connection = _SftpConnection(self, sock, addr)
+            self._live.add(connection)
+            return connection
+
+    def _serve(self, connection: _SftpConnection) -> None:
         """One connection, start to end. Nothing a client sends may take the daemon down."""
-        transport = None
+        sock = connection.sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             transport = self._paramiko.Transport(sock)
+            connection.transport = transport
             transport.local_version = f"SSH-2.0-wingslite_{VERSION}"
+            transport.set_log_channel(_PARAMIKO_LOG)
             transport.handshake_timeout = self.handshake_timeout_s
             transport.banner_timeout = self.handshake_timeout_s
-            transport.auth_timeout = self.auth_timeout_s
             transport.add_server_key(self._host_key)
             _bound_ssh_packets(transport, self.max_ssh_packet_bytes)
+            _bound_banner(transport, self.max_banner_line_bytes)
             transport.set_subsystem_handler("sftp", self._glue.Subsystem, _SftpSession)
-            with self._live_lock:
-                self._live.add(transport)
             if self._stopping.is_set():
                 return
-            connection = _SftpConnection(self, transport, addr)
-            transport.start_server(server=self._glue.SshServer(connection))
-            transport.join()
+            # With an event, start_server returns at once instead of waiting for the key
+            # exchange: the deadlines below must run while the handshake does.
+            transport.start_server(event=threading.Event(), server=self._glue.SshServer(connection))
+            self._watch(connection)
         except Exception as exc:  # a bad handshake, a reset, garbage: that connection only
-            LOG.debug("SFTP connection from %s ended: %s", addr[0], exc)
+            LOG.debug("SFTP connection from %s ended: %s", connection.ip, exc)
         finally:
-            if transport is not None:
-                with contextlib.suppress(Exception):
-                    transport.close()
-                with self._live_lock:
-                    self._live.discard(transport)
+            connection.close()
+            with self._live_lock:
+                self._live.discard(connection)
             with contextlib.suppress(OSError):
                 sock.close()
             self._slots.release()
+
+    def _watch(self, connection: _SftpConnection) -> None:
+        """Wait for the connection to end; close it when it passes one of its deadlines."""
+        transport = connection.transport
+        timeouts = [self.handshake_timeout_s, self.idle_timeout_s]
+        poll_s = min(1.0, max(0.05, min(t for t in timeouts if t > 0) / 4 if any(timeouts) else 1))
+        while transport.is_alive():
+            transport.join(poll_s)
+            reason = self._overdue(connection, time.monotonic())
+            if reason is not None:
+                if connection.authenticated():
+                    LOG.info("SFTP: closing the connection of %s: %s", connection.ip, reason)
+                else:
+                    self._refusals.note(
+                        "deadline", f"SFTP: closing a connection from {connection.ip}: {reason}"
+                    )
+                connection.close()
+                transport.join(5)
+                return
+
+    def _overdue(self, connection: _SftpConnection, now: float) -> str | None:
+        """Why this connection must be closed now, or None."""
+        transport, age_s = connection.transport, now - connection.accepted_at
+        if connection.authenticated():
+            idle_s = now - connection.last_activity
+            if self.idle_timeout_s and idle_s > self.idle_timeout_s:
+                return f"no SFTP request for {idle_s:.0f} s (wingslite.sftp_idle_timeout_s)"
+            return None
+        handshake_done = getattr(transport, "initial_kex_done", transport.session_id is not None)
+        if not handshake_done and self.handshake_timeout_s and age_s > self.handshake_timeout_s:
+            return (
+                f"the SSH handshake was not done within {self.handshake_timeout_s:g} s "
+                "(wingslite.sftp_handshake_timeout_s)"
+            )
+        if age_s > self.login_timeout_s:
+            return f"no login within {self.login_timeout_s:g} s of connecting"
+        return None
+
+    def claim_slot(self, connection: _SftpConnection, login: SftpLogin) -> bool:
+        """Count this connection as one of its user's (``wingslite.sftp_max_sessions_per_user``)."""
+        with self._live_lock:
+            if connection.user_uuid == login.user_uuid:
+                return True
+            held = sum(
+                1
+                for c in self._live
+                if c is not connection and c.user_uuid == login.user_uuid and c.is_open()
+            )
+            if self.max_sessions_per_user and held >= self.max_sessions_per_user:
+                self._refusals.note(
+                    "per-user",
+                    f"SFTP login {login.username!r} from {login.ip} refused: that user already "
+                    f"has {held} connections open (wingslite.sftp_max_sessions_per_user)",
+                )
+                return False
+            connection.user_uuid = login.user_uuid
+            return True
 
     # -- logins --------------------------------------------------------------------------------
 
@@ -6905,10 +7947,15 @@ class _SftpConnection:
     authenticated (paramiko ignores further attempts then).
     """
 
-    def __init__(self, sftp: SftpServer, transport: Any, addr: tuple[Any, ...]):
+    def __init__(self, sftp: SftpServer, sock: socket.socket, addr: tuple[Any, ...]):
         self.sftp = sftp
-        self.transport = transport
+        self.sock = sock
+        self.transport: Any = None  # paramiko's Transport, once the connection's thread made it
         self.addr = addr
+        self.ip = str(addr[0])
+        self.accepted_at = self.last_activity = time.monotonic()
+        self.user_uuid: str | None = None  # the Panel user whose connection this counts as
+        self.closed = False
         self.pending: SftpLogin | None = None
         self.channels = 0
         self.subsystems: set[int] = set()  # ids of the channels that run one already
@@ -6924,7 +7971,34 @@ class _SftpConnection:
                 kind, username, secret, self.addr, self.transport.session_id or b"", version
             )
         self.pending = self._answers[key]
+        if self.pending is not None and not self.sftp.claim_slot(self, self.pending):
+            self.pending = None
+        if self.pending is not None:
+            self.touch()  # the idle clock starts at the login
         return self.pending is not None
+
+    def touch(self) -> None:
+        """The client did something: the idle timeout starts again."""
+        self.last_activity = time.monotonic()
+
+    def authenticated(self) -> bool:
+        return self.transport is not None and self.transport.is_authenticated()
+
+    def is_open(self) -> bool:
+        return not self.closed and (self.transport is None or self.transport.is_active())
+
+    def waiting(self) -> bool:
+        """Open, and not logged in yet."""
+        return self.is_open() and not self.authenticated()
+
+    def close(self) -> None:
+        """Close the connection now, from any thread (a blocked read wakes up)."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.close()
 
     def login(self) -> SftpLogin | None:
         """The login this connection authenticated with, or None."""
@@ -6953,6 +8027,75 @@ def _bound_ssh_packets(transport: Any, max_bytes: int) -> None:
         return read_all(n, check_rekey)
 
     transport.packetizer.read_all = bounded
+
+
+def _bound_banner(transport: Any, max_line_bytes: int) -> None:
+    """Refuse an SSH banner line longer than ``max_line_bytes`` instead of buffering it.
+
+    paramiko reads the client's version line until a newline, however long, and keeps it all
+    (a 4 MiB line without one stayed held past the handshake limit). RFC 4253 section 4.2 bounds
+    the line at 255 bytes. With a paramiko whose internals differ, this bound is skipped; the
+    handshake deadline still holds.
+    """
+    packetizer = transport.packetizer
+    read = getattr(packetizer, "_read_timeout", None)
+    if read is None or not hasattr(packetizer, "_Packetizer__remainder"):
+        return
+
+    def readline(timeout: float) -> str:
+        buf = packetizer._Packetizer__remainder
+        while b"\n" not in buf[: max_line_bytes + 1]:
+            if len(buf) > max_line_bytes:
+                raise EOFError(f"SSH banner line longer than {max_line_bytes} bytes")
+            buf += read(timeout)
+        n = buf.index(b"\n")
+        packetizer._Packetizer__remainder = buf[n + 1 :]
+        return buf[:n].rstrip(b"\r").decode("utf-8", "replace")
+
+    packetizer.readline = readline
+
+
+_PARAMIKO_LOG = "wingslite.sftp.paramiko"
+
+
+class _ParamikoAsDebug(logging.Filter):
+    """paramiko logs a traceback at ERROR for every client that sends garbage; a flood of them
+    would be a flood of log lines. What matters is logged by the daemon itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return LOG.isEnabledFor(logging.DEBUG)
+
+
+def _quiet_paramiko() -> None:
+    """Transports log to ``wingslite.sftp.paramiko``, at debug level only (idempotent)."""
+    logger = logging.getLogger(_PARAMIKO_LOG)
+    if not any(isinstance(f, _ParamikoAsDebug) for f in logger.filters):
+        logger.addFilter(_ParamikoAsDebug())
+
+
+class _RefusalLog:
+    """One log line per kind of refused or cut connection per minute, with how many were left out.
+
+    A flood of strangers must not turn into a flood of log lines.
+    """
+
+    interval_s = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, left out since)
+
+    def note(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            logged_at, left_out = self._last.get(kind, (-self.interval_s, 0))
+            if now - logged_at < self.interval_s:
+                self._last[kind] = (logged_at, left_out + 1)
+                return
+            self._last[kind] = (now, 0)
+        more = f" ({left_out} more like it in the last minute)" if left_out else ""
+        LOG.warning("%s%s", message, more)
 
 
 def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
@@ -6998,6 +8141,10 @@ def _paramiko_glue(paramiko: types.ModuleType) -> types.SimpleNamespace:
         # handlers); shells, exec, ptys, forwarding and agents keep paramiko's default "no".
 
     class Subsystem(paramiko.SFTPServer):
+        def _process(self, t: int, request_number: int, msg: Any) -> None:
+            self.server.connection.touch()  # an SFTP request: the session is not idle
+            super()._process(t, request_number, msg)
+
         def _read_packet(self) -> tuple[int, bytes]:
             size = int.from_bytes(self._read_all(4), "big")
             if size > self.server.sftp.max_packet_bytes:
@@ -7056,6 +8203,10 @@ def _sftp_status(exc: OSError) -> int:
     return 4  # SSH_FX_FAILURE
 
 
+def _done(_: object) -> int:
+    return 0  # SSH_FX_OK, whatever the operation returned
+
+
 class _SftpSession:
     """One SFTP channel: paramiko's ``SFTPServerInterface``, each operation checked and jailed.
 
@@ -7086,13 +8237,13 @@ class _SftpSession:
         # Runs in the channel's own thread, where closing the connection is safe; until then
         # every operation is refused anyway (no jail).
         if self.refused:
-            self.connection.transport.close()
+            self.connection.close()
 
     def _begin(self) -> None:
         daemon = self.sftp.daemon
         login = self.connection.login()
         server = self.sftp.server_of(login.server_uuid) if login else None
-        transport = self.connection.transport
+        connection = self.connection
         if login is None or server is None:
             self.refused = True
             return
@@ -7100,7 +8251,7 @@ class _SftpSession:
         # Registered before the checks below: a suspension that lands in between either is seen
         # here or closes this session itself (the sync marks the server suspended first).
         self.session = daemon.sessions.register(
-            server.uuid, login.user_uuid, "sftp", lambda code, reason: transport.close()
+            server.uuid, login.user_uuid, "sftp", lambda code, reason: connection.close()
         )
         revoked = daemon.revocations.check("", login.user_uuid, server.uuid, int(login.at))
         if server.suspended or server.transferring or revoked:
@@ -7113,7 +8264,7 @@ class _SftpSession:
             return
         try:
             server.fs.ensure()
-            self.jail = Jail(server.fs.root, is_denied=server.fs.is_denied)
+            self.jail = server.fs.jail()
             server.fs.usage_bytes()  # a server never measured starts its walk now, before the first write
         except OSError as exc:
             LOG.error(
@@ -7212,18 +8363,10 @@ class _SftpSession:
     def _open(self, path: str, flags: int) -> Any:
         if self.handles >= self.sftp.max_handles:
             return 4
-        append = bool(flags & os.O_APPEND)
-        fd = self.jail.open(path, flags & ~os.O_APPEND, 0o644)
-        try:
-            if flags & os.O_TRUNC:
-                freed = os.fstat(fd).st_size
-                os.ftruncate(fd, 0)
-                self.server.fs.add_usage(-freed)
-        except BaseException:
-            os.close(fd)
-            raise
+        # Read-only handles are metered too: a file removed while one holds it still counts.
+        file = self.server.fs.open_metered(self.jail, path, flags, 0o644)
         self.handles += 1
-        return self.sftp._glue.Handle(_SftpFile(self, fd, append))
+        return self.sftp._glue.Handle(_SftpFile(self, file))
 
     # -- changing ------------------------------------------------------------------------------
 
@@ -7239,23 +8382,20 @@ class _SftpSession:
         )
 
     def remove(self, path: str) -> int:
-        def action() -> int:
-            self._freed(self.jail.remove(path))
-            return 0
-
-        return self._logged(ACTIVITY_SFTP_DELETE, [path], self._run("file.delete", action))
+        status = self._run("file.delete", lambda: _done(self.server.fs.remove(self.jail, path)))
+        return self._logged(ACTIVITY_SFTP_DELETE, [path], status)
 
     def rename(self, oldpath: str, newpath: str) -> int:
         # SFTP v3 rename never replaces an existing file; posix-rename@openssh.com does.
         status = self._run(
             "file.update",
-            lambda: self._freed(self.jail.rename(oldpath, newpath, overwrite=False)) or 0,
+            lambda: _done(self.server.fs.rename(self.jail, oldpath, newpath, overwrite=False)),
         )
         return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
         status = self._run(
-            "file.update", lambda: self._freed(self.jail.rename(oldpath, newpath)) or 0
+            "file.update", lambda: _done(self.server.fs.rename(self.jail, oldpath, newpath))
         )
         return self._logged(ACTIVITY_SFTP_RENAME, [(oldpath, newpath)], status)
 
@@ -7265,13 +8405,8 @@ class _SftpSession:
     def chattr(self, path: str, attr: Any) -> int:
         def action() -> int:
             if attr.st_size is not None:
-                fd = self.jail.open(path, os.O_WRONLY)
-                try:
-                    status = self.truncate(fd, attr.st_size)
-                finally:
-                    os.close(fd)
-                if status:
-                    return status
+                with self.server.fs.open_metered(self.jail, path, os.O_WRONLY) as file:
+                    file.truncate(attr.st_size)
             if attr.st_mode is not None:
                 self.jail.chmod(path, attr.st_mode & 0o777)  # never setuid/setgid/sticky bits
             if attr.st_atime is not None and attr.st_mtime is not None:
@@ -7281,7 +8416,7 @@ class _SftpSession:
 
         return self._run("file.update", action)
 
-    # -- accounting ----------------------------------------------------------------------------
+    # -- activity ----------------------------------------------------------------------------
 
     def _logged(self, event: str, paths: list[Any], result: Any) -> Any:
         """Record a successful change as Wings' SFTP activity (sftp/event.go); pass ``result`` on."""
@@ -7296,122 +8431,66 @@ class _SftpSession:
         self.server.record_activity(event, self.login.user_uuid, self.login.ip, {"files": files})
         return result
 
-    def _freed(self, st: os.stat_result | None) -> None:
-        """Give back the bytes of a file that is gone (its last link was removed or replaced)."""
-        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
-            self.server.fs.add_usage(-st.st_size)
-
-    def truncate(self, fd: int, size: int) -> int:
-        """Set a file's size; growth is booked against the disk limit first."""
-        if size < 0 or size > _SFTP_MAX_FILE_BYTES:
-            return 4
-        old = os.fstat(fd).st_size
-        if size > old and not self.server.fs.reserve(size - old):
-            return SFTP_QUOTA_EXCEEDED
-        try:
-            os.ftruncate(fd, size)
-        except OSError:
-            if size > old:
-                self.server.fs.add_usage(old - size)
-            raise
-        if size < old:
-            self.server.fs.add_usage(size - old)
-        return 0
-
 
 class _SftpFile:
-    """An open file of a session. Every write books its growth with ``Filesystem.reserve()``.
+    """An open file of a session: a ``MeteredFile``, so every write books its growth first.
 
-    Growth is ``max(0, offset + len(data) - current size)``: a write inside the file books
-    nothing, a write past its end books the gap too (a sparse file still counts its apparent
-    size, as Wings' usage walk does). Python integers cannot overflow; offsets beyond ``off_t``
-    are refused. A write that does not fit is refused whole with status 15, so the file ends at
-    the last write that fitted and nothing else changes.
+    A write that does not fit is refused whole with status 15 (Wings' "Quota Exceeded").
     """
 
-    def __init__(self, session: _SftpSession, fd: int, append: bool):
+    def __init__(self, session: _SftpSession, file: MeteredFile):
         self.session = session
-        self.fd = fd
-        self.append = append
-        self._lock = threading.Lock()  # growth is computed from the size; one write at a time
+        self.file = file
 
     def read(self, offset: int, length: int) -> bytes | int:
         refused = self.session._refuse("file.read-content")
         if refused is not None:
             return refused
-        if offset < 0 or length < 0:
-            return 4
         try:
-            return os.pread(self.fd, min(length, self.session.sftp.max_read_bytes), offset)
-        except OSError as exc:
-            return _sftp_status(exc)
+            return self.file.pread(min(length, self.session.sftp.max_read_bytes), offset)
+        except (OSError, ValueError) as exc:
+            return _sftp_status(exc) if isinstance(exc, OSError) else 4
 
     def write(self, offset: int, data: bytes) -> int:
         if self.session.server.suspended or self.session.login is None:
             return 3
-        fs = self.session.server.fs
-        with self._lock:
-            try:
-                size = os.fstat(self.fd).st_size
-                if self.append:  # O_APPEND would make pwrite ignore the offset we metered
-                    offset = size
-                end = offset + len(data)
-                if offset < 0 or end > _SFTP_MAX_FILE_BYTES:
-                    return 4
-                growth = max(0, end - size)
-                if growth and not fs.reserve(growth):
-                    LOG.info(
-                        "SFTP write refused on server %s: the disk limit of %d bytes would be passed",
-                        self.session.server.uuid,
-                        fs.limit_bytes,
-                    )
-                    return SFTP_QUOTA_EXCEEDED
-                written = 0
-                try:
-                    while written < len(data):
-                        n = os.pwrite(self.fd, memoryview(data)[written:], offset + written)
-                        if n <= 0:
-                            raise OSError(errno.EIO, "the file accepted no more bytes")
-                        written += n
-                except OSError as exc:
-                    # Give back what was booked but not written.
-                    unused = growth - max(0, offset + written - size)
-                    if unused > 0:
-                        fs.add_usage(-unused)
-                    return _sftp_status(exc)
-                return 0
-            except OSError as exc:
-                return _sftp_status(exc)
+        try:
+            self.file.pwrite(data, offset)
+            return 0
+        except DiskLimitExceeded:
+            LOG.info(
+                "SFTP write refused on server %s: the disk limit of %d bytes would be passed",
+                self.session.server.uuid,
+                self.session.server.fs.limit_bytes,
+            )
+            return SFTP_QUOTA_EXCEEDED
+        except OSError as exc:
+            return _sftp_status(exc)
 
     def stat(self) -> Any:
         try:
-            return self.session._attributes(os.fstat(self.fd))
-        except OSError as exc:
-            return _sftp_status(exc)
+            return self.session._attributes(self.file.stat())
+        except (OSError, ValueError) as exc:
+            return _sftp_status(exc) if isinstance(exc, OSError) else 4
 
     def chattr(self, attr: Any) -> int:
         refused = self.session._refuse("file.update")
         if refused is not None:
             return refused
         try:
-            with self._lock:
-                if attr.st_size is not None:
-                    status = self.session.truncate(self.fd, attr.st_size)
-                    if status:
-                        return status
-                if attr.st_mode is not None:
-                    os.fchmod(self.fd, attr.st_mode & 0o777)
-                if attr.st_atime is not None and attr.st_mtime is not None:
-                    os.utime(self.fd, (attr.st_atime, attr.st_mtime))
+            if attr.st_size is not None:
+                self.file.truncate(attr.st_size)
+            if attr.st_mode is not None:
+                os.fchmod(self.file.fileno(), attr.st_mode & 0o777)
+            if attr.st_atime is not None and attr.st_mtime is not None:
+                os.utime(self.file.fileno(), (attr.st_atime, attr.st_mtime))
             return 0
         except OSError as exc:
             return _sftp_status(exc)
 
     def close(self) -> None:
-        with self._lock:
-            fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        if not self.file.closed:
+            self.file.close()
             self.session.handles -= 1
 
 
@@ -7484,15 +8563,32 @@ class ActivityLog:
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            # A damaged queue must not silence activity for good: keep it aside for inspection and
+            # start an empty one.
+            aside = f"{self.path.name}.damaged-{int(time.time())}"
+            LOG.error("activity queue %s is damaged (%s); moved to %s", self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):  # a stale log must not be replayed into the new one
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}{suffix}", self.path.with_name(aside + suffix))
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
-            " ip TEXT, at_s REAL NOT NULL)"
-        )
+        try:
+            # WAL: a record is one small append; NORMAL sync survives a crash of the daemon.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " user TEXT, server TEXT NOT NULL, event TEXT NOT NULL, metadata TEXT,"
+                " ip TEXT, at_s REAL NOT NULL)"
+            )
+        except BaseException:
+            db.close()
+            raise
         return db
 
     # -- recording -----------------------------------------------------------------------------
@@ -7565,8 +8661,6 @@ class ActivityLog:
                 if not self._send(ids, events):
                     return sent
                 sent += len(events)
-                if len(events) < self.batch_size:
-                    break
         return sent
 
     def _rows(self, where: str, limit: int) -> list[tuple[Any, ...]]:
@@ -7597,7 +8691,8 @@ class ActivityLog:
                     continue  # the next batch takes it
                 merged[key] = _activity_event(user, server, event, None, ip, at_s)
                 merged[key]["metadata"] = {"files": []}
-            files = (json.loads(metadata) or {}).get("files") if metadata else None
+            files = _json_or_none(metadata)
+            files = files.get("files") if isinstance(files, dict) else None
             merged[key]["metadata"]["files"].extend(files if isinstance(files, list) else [])
             ids.append(row_id)
         return ids, list(merged.values())
@@ -7618,6 +8713,14 @@ class ActivityLog:
         return True
 
 
+def _json_or_none(text: str | None) -> Any:
+    """A stored metadata column: a damaged one is sent as null rather than blocking the queue."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
 def _activity_event(
     user: str | None, server: str, event: str, metadata: str | None, ip: str | None, at_s: float
 ) -> dict[str, Any]:
@@ -7626,7 +8729,7 @@ def _activity_event(
         "user": user,
         "server": server,
         "event": event,
-        "metadata": json.loads(metadata) if metadata else None,
+        "metadata": _json_or_none(metadata),
         "ip": ip,
         "timestamp": activity_timestamp(at_s),
     }
@@ -8081,9 +9184,7 @@ def decompress_file(
                     with contextlib.suppress(FileExistsError):
                         jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
                 else:
-                    replaced = jail.rename(source, target)
-                    if replaced is not None:
-                        fs.add_usage(-_freed_bytes(replaced))
+                    fs.rename(jail, source, target)  # a file it replaces is given back
                 if owner is not None:
                     jail.chown(target, *owner)
         finally:
@@ -8495,6 +9596,8 @@ class FileManagerRoutes:
         """Stream ``size`` bytes of an open file (``sendfile`` where the socket allows it)."""
         self._drain_unread_body()
         self._write_head(200, {"Content-Length": str(size), **headers})
+        if self.command == "HEAD":  # the same head as GET, no body (RFC 9110 9.3.2)
+            return
         with os.fdopen(fd, "rb", closefd=False) as fh:
             try:
                 sent = self.connection.sendfile(fh, 0, size) if size else 0
@@ -8688,7 +9791,7 @@ class FileManagerRoutes:
                     raise BadRequest("Cannot delete the root server directory.")
             for path in paths:
                 try:
-                    server.fs.add_usage(-remove_tree(jail, path))
+                    server.fs.remove_tree(jail, path)  # what a client still holds stays counted
                 except FileNotFoundError:
                     continue  # already gone: what was asked for is true
         return 204, None
@@ -8891,7 +9994,7 @@ class FileManagerRoutes:
 #          tar.gz of the server directory (``write_tar_gz``) to ``system.backup_directory/<uuid>
 #          .tar.gz`` (written under a temporary name, renamed when complete, sha1 while writing);
 #          ``s3``: the parts PUT to the Panel's presigned URLs and the local file removed; then
-#          ``POST /api/remote/backups/<uuid>`` and the websocket event ``backup completed``.
+#          ``POST /api/remote/backups/<uuid>`` and the websocket event ``backup completed:<uuid>``.
 #   POST   /api/servers/:server/backup/:backup/restore  {adapter, truncate_directory,
 #          download_url} -> 202, then stop, empty, ``extract_archive``, ``POST .../restore``.
 #   DELETE /api/servers/:server/backup/:backup          -> 204, or 404 when there is none.
@@ -9029,6 +10132,7 @@ class Backups:
         threading.Thread(
             target=job.run, name=f"wingslite-backup-{backup_uuid[:8]}", daemon=True
         ).start()
+        server.metrics.count("backup")
 
     def finished(self, backup_uuid: str) -> None:
         with self._lock:
@@ -9185,7 +10289,11 @@ class BackupJob:
             "checksum_type": "sha1",
             "file_size": size,
         }
-        self.server.events.publish("backup completed", json.dumps(event, separators=(",", ":")))
+        # The event name carries the backup's uuid, as Wings' (server/backup.go): the Panel's
+        # BackupRow.tsx listens for `backup completed:<uuid>`, one listener per backup row.
+        self.server.events.publish(
+            f"backup completed:{self.uuid}", json.dumps(event, separators=(",", ":"))
+        )
 
     def _failed(self, exc: Exception) -> None:
         text = exc.message if isinstance(exc, WingsliteError) else str(exc)
@@ -9819,6 +10927,7 @@ class Transfers:
         threading.Thread(
             target=transfer.run, name=f"wingslite-transfer-{server.uuid[:8]}", daemon=True
         ).start()
+        server.metrics.count("transfer")
         return transfer
 
     def check_token(self, authorization: str) -> str:
@@ -9986,6 +11095,303 @@ def chunked_reader(rfile: Any, max_line_bytes: int = 4096) -> Callable[[int], by
     return read
 
 
+# metrics ##########################################################################################
+#
+# ``GET /metrics``: the node's figures in Prometheus' text exposition format (version 0.0.4),
+# written by hand -- it is a few lines of text. Wings has no such endpoint; it sits behind the
+# node token, or ``wingslite.metrics_token`` so that a scraper need not hold the node's token.
+# This section sits before the HTTP API because its route mix-in is one of ``ApiHandler``'s bases.
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    """Counters of one server for ``GET /metrics`` (``Server.metrics``).
+
+    Methods for the caller: ``timed_sync()`` (a context manager around one sync: counted, timed,
+    a failure when it raises), ``count(operation)`` (one more ``install``, ``backup``,
+    ``transfer``... of this server; any name is exported).
+    """
+
+    operations = ("install", "backup", "transfer")  # always exported, 0 until one happens
+
+    def __init__(self) -> None:
+        self.syncs = 0
+        self.sync_failures = 0
+        self.sync_seconds = Histogram()
+        self.counts = dict.fromkeys(self.operations, 0)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def timed_sync(self) -> Iterator[None]:
+        started = time.monotonic()
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            with self._lock:
+                self.syncs += 1
+                self.sync_failures += failed
+            self.sync_seconds.observe(time.monotonic() - started)
+
+    def count(self, operation: str) -> None:
+        with self._lock:
+            self.counts[operation] = self.counts.get(operation, 0) + 1
+
+
+def _metric_value(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _metric_labels(labels: Mapping[str, Any]) -> str:
+    if not labels:
+        return ""
+    escaped = (
+        (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+        for k, v in labels.items()
+    )
+    return "{" + ",".join(f'{k}="{v}"' for k, v in escaped) + "}"
+
+
+class MetricsText:
+    """Builds one exposition: each family's ``# HELP`` and ``# TYPE`` once, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(
+        self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, Any], float]]
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{name}{_metric_labels(labels)} {_metric_value(value)}")
+
+    def histogram(
+        self, name: str, help_text: str, items: Iterable[tuple[dict[str, Any], Histogram]]
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, histogram in items:
+            buckets, count, total = histogram.snapshot()
+            for bound, cumulative in buckets:
+                le = {**labels, "le": _metric_value(bound)}
+                self.lines.append(f"{name}_bucket{_metric_labels(le)} {cumulative}")
+            self.lines.append(f"{name}_sum{_metric_labels(labels)} {_metric_value(total)}")
+            self.lines.append(f"{name}_count{_metric_labels(labels)} {count}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render_metrics(daemon: Any) -> str:
+    """The exposition of a node (``daemon`` as ``Daemon``): its servers, then the node itself."""
+    out = MetricsText()
+    _server_metrics(out, daemon)
+    _node_metrics(out, daemon)
+    return out.text()
+
+
+def _network(key: str) -> Callable[[Any, dict[str, Any], Any], float]:
+    return lambda s, u, d: (u.get("network") or {}).get(key) or 0
+
+
+# (name, type, help, the value of one server from (server, its utilization, daemon)), exported in
+# this order, one sample per server.
+_SERVER_FAMILIES: tuple[tuple[str, str, str, Callable[[Any, dict[str, Any], Any], float]], ...] = (
+    ("suspended", "gauge", "1 when the Panel suspended the server.", lambda s, u, d: s.suspended),
+    (
+        "cpu_percent",
+        "gauge",
+        "CPU use in percent of one core (Wings' cpu_absolute).",
+        lambda s, u, d: u.get("cpu_absolute") or 0,
+    ),
+    (
+        "memory_bytes",
+        "gauge",
+        "Memory used by the server's process.",
+        lambda s, u, d: u.get("memory_bytes") or 0,
+    ),
+    (
+        "memory_limit_bytes",
+        "gauge",
+        "Memory limit of the container.",
+        lambda s, u, d: u.get("memory_limit_bytes") or 0,
+    ),
+    (
+        "disk_bytes",
+        "gauge",
+        "Disk space the server's files use.",
+        lambda s, u, d: u.get("disk_bytes") or 0,
+    ),
+    (
+        "disk_limit_bytes",
+        "gauge",
+        "Disk limit of the server (0: none).",
+        lambda s, u, d: s.fs.limit_bytes or 0,
+    ),
+    (
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the server's process started (0 when offline).",
+        lambda s, u, d: (u.get("uptime") or 0) / 1000,
+    ),
+    (
+        "network_receive_bytes_total",
+        "counter",
+        "Bytes the container received since it started.",
+        _network("rx_bytes"),
+    ),
+    (
+        "network_transmit_bytes_total",
+        "counter",
+        "Bytes the container sent since it started.",
+        _network("tx_bytes"),
+    ),
+    (
+        "websocket_sessions",
+        "gauge",
+        "Open console websockets of the server.",
+        lambda s, u, d: d.sessions.count(s.uuid, kind="websocket"),
+    ),
+    (
+        "sftp_sessions",
+        "gauge",
+        "Open SFTP sessions of the server.",
+        lambda s, u, d: d.sessions.count(s.uuid, kind="sftp"),
+    ),
+)
+
+
+def _server_metrics(out: MetricsText, daemon: Any) -> None:
+    views = [(s, _utilization(s)) for s in sorted(daemon.all_servers(), key=lambda s: s.uuid)]
+    out.family(
+        "wingslite_server_state",
+        "gauge",
+        "1 for the state the server is in (offline, starting, running, stopping).",
+        [
+            ({"server": s.uuid, "state": state}, u["state"] == state)
+            for s, u in views
+            for state in (OFFLINE, STARTING, RUNNING, STOPPING)
+        ],
+    )
+    for name, kind, help_text, value in _SERVER_FAMILIES:
+        samples = [({"server": s.uuid}, value(s, u, daemon)) for s, u in views]
+        out.family(f"wingslite_server_{name}", kind, help_text, samples)
+    _server_counters(out, [(s.metrics, {"server": s.uuid}) for s, _ in views])
+
+
+def _utilization(server: Any) -> dict[str, Any]:
+    """A server's figures; one whose figures cannot be had shows its state and zeros."""
+    try:
+        return server.utilization()
+    except Exception as exc:  # one server's fault never fails the whole scrape
+        LOG.debug("metrics: server %s: %s", server.uuid, exc)
+        return {"state": server.state}
+
+
+def _server_counters(out: MetricsText, items: list[tuple[ServerMetrics, dict[str, Any]]]) -> None:
+    out.family(
+        "wingslite_server_syncs_total",
+        "counter",
+        "Syncs the Panel asked for (POST /api/servers/:server/sync).",
+        ((lb, m.syncs) for m, lb in items),
+    )
+    out.family(
+        "wingslite_server_sync_failures_total",
+        "counter",
+        "Syncs that failed or were applied only in part.",
+        ((lb, m.sync_failures) for m, lb in items),
+    )
+    out.histogram(
+        "wingslite_server_sync_duration_seconds",
+        "Time a sync took: the Panel's document fetched and applied.",
+        ((lb, m.sync_seconds) for m, lb in items),
+    )
+    out.family(
+        "wingslite_server_operations_total",
+        "counter",
+        "Installs, backups and transfers of the server started on this node.",
+        [({**lb, "operation": op}, n) for m, lb in items for op, n in sorted(m.counts.items())],
+    )
+
+
+def _queued_activity(daemon: Any) -> float:
+    try:
+        return daemon.activity.pending()
+    except (sqlite3.Error, OSError):  # the figure is missing, not the whole scrape
+        return math.nan
+
+
+def _node_metrics(out: MetricsText, daemon: Any) -> None:
+    out.family("wingslite_info", "gauge", "The running wingslite.", [({"version": VERSION}, 1)])
+    out.family("wingslite_servers", "gauge", "Servers on this node.", [({}, len(daemon.servers))])
+    out.family(
+        "wingslite_activity_queued_events",
+        "gauge",
+        "Activity events waiting to be sent to the Panel.",
+        [({}, _queued_activity(daemon))],
+    )
+    stats = daemon.panel.stats.copy()
+    out.family(
+        "wingslite_panel_requests_total",
+        "counter",
+        "Requests to the Panel's remote API by outcome (2xx, 4xx, 5xx, unreachable, invalid).",
+        (
+            ({"method": m, "path": p, "outcome": o}, n)
+            for (m, p, o), n in sorted(stats.requests.items())
+        ),
+    )
+    out.histogram(
+        "wingslite_panel_request_duration_seconds",
+        "Time one request to the Panel took.",
+        (({"method": m, "path": p}, h) for (m, p), h in sorted(stats.latency.items())),
+    )
+    out.family(
+        "wingslite_panel_failures_total",
+        "counter",
+        "Calls to the Panel that failed for good (after any retries).",
+        (({"method": m, "path": p}, n) for (m, p), n in sorted(stats.failures.items())),
+    )
+
+
+class MetricsRoutes:
+    """``GET /metrics`` for ``ApiHandler``: the node token or ``wingslite.metrics_token``."""
+
+    def route_metrics(self) -> tuple[int | None, Any]:
+        config = self.server.daemon.config
+        header = self.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme != "Bearer" or not token:
+            raise WingsliteError(
+                "The required authorization heads were not present in the request.", 401
+            )
+        accepted = [config.token, config.get("wingslite.metrics_token")]
+        if not any(t and hmac.compare_digest(token.encode(), t.encode()) for t in accepted):
+            raise WingsliteError("You are not authorized to access this endpoint.", 403)
+        body = render_metrics(self.server.daemon).encode()
+        self._drain_unread_body()
+        # The shared plumbing writes the headers (date, CORS, request id); the text follows.
+        self._respond(
+            200, None, {"Content-Type": METRICS_CONTENT_TYPE, "Content-Length": str(len(body))}
+        )
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+        return None, None
+
+
+METRICS_ROUTES = (("GET", r"/metrics", "metrics", False),)  # the token is checked by the route
+
+
 # HTTP API #########################################################################################
 
 _SERVER = r"/api/servers/(?P<server>[^/]+)"
@@ -10010,6 +11416,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         *FILE_MANAGER_ROUTES,
         *BACKUP_ROUTES,
         *TRANSFER_ROUTES,
+        *METRICS_ROUTES,
     )
 )
 
@@ -10019,6 +11426,93 @@ _CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Accept, Accept-Encoding, Authorization, Cache-Control, Content-Type, Content-Length, Origin, X-Real-IP, X-CSRF-Token",
     "Access-Control-Max-Age": "7200",
 }
+
+
+class TlsWrapper:
+    """``api.ssl``: wraps accepted connections in TLS, reloading the certificate when it changes.
+
+    Methods for the caller: ``wrap(sock)`` (no I/O: the handshake runs on the connection's own
+    thread), ``load()`` (``ConfigError`` naming the file that cannot be read or used). Class
+    variables that may be overridden: ``recheck_s``, ``ciphers``.
+
+    The files are checked at most every ``recheck_s`` seconds (their size, inode and mtime); a
+    renewed certificate (certbot replaces both files) is used from the next connection on, and
+    a renewal that does not load is logged while the last good certificate stays in use.
+    """
+
+    recheck_s = 1.0
+    # TLS 1.2 limited to forward-secret AEAD suites; TLS 1.3 suites are OpenSSL's (all modern).
+    ciphers = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+    def __init__(self, cert_path: str, key_path: str):
+        self.cert_path, self.key_path = cert_path, key_path
+        self._context: ssl.SSLContext | None = None
+        self._signature: tuple[Any, ...] | None = None
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+
+    def _files_signature(self) -> tuple[Any, ...]:
+        marks = []
+        for path in (self.cert_path, self.key_path):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                marks.append((st.st_ino, st.st_size, st.st_mtime_ns))
+                continue
+            marks.append(None)
+        return tuple(marks)
+
+    def load(self) -> ssl.SSLContext:
+        """Build a context from the files now; ``ConfigError`` names the file that is wrong."""
+        signature = self._files_signature()
+        for key, path, marker in (
+            ("api.ssl.cert", self.cert_path, b"-----BEGIN CERTIFICATE-----"),
+            ("api.ssl.key", self.key_path, b"PRIVATE KEY-----"),
+        ):
+            try:
+                pem = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+            if marker not in pem:
+                raise ConfigError(f"{key}: {path} holds no PEM {marker.decode().strip('-')}")
+            if key == "api.ssl.key" and b"ENCRYPTED" in pem:  # nobody is there to type a password
+                raise ConfigError(f"{key}: {path} is encrypted; give the daemon an unencrypted key")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(self.ciphers)
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        try:
+            # A password callback, so that OpenSSL never prompts on a terminal for one.
+            context.load_cert_chain(self.cert_path, self.key_path, password=lambda: b"")
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"api.ssl: the certificate {self.cert_path} and key {self.key_path} cannot be"
+                f" used together: {getattr(exc, 'reason', None) or exc}"
+            ) from None
+        with self._lock:
+            self._context, self._signature = context, signature
+            self._checked_at = time.monotonic()
+        return context
+
+    def _current(self) -> ssl.SSLContext:
+        with self._lock:
+            context = self._context
+            due = time.monotonic() - self._checked_at >= self.recheck_s
+            if due:
+                self._checked_at = time.monotonic()
+        if context is None:
+            return self.load()
+        if due and self._files_signature() != self._signature:
+            try:
+                context = self.load()
+                LOG.info("api.ssl: reloaded the certificate %s", self.cert_path)
+            except ConfigError as exc:
+                with self._lock:  # logged once per change of the files, not per connection
+                    self._signature = self._files_signature()
+                LOG.error("api.ssl: keeping the previous certificate: %s", exc.message)
+        return context
+
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        return self._current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
 class ApiServer(http.server.ThreadingHTTPServer):
@@ -10050,9 +11544,41 @@ class ApiServer(http.server.ThreadingHTTPServer):
             "unhandled error on a connection from %s", client_address[0] if client_address else "?"
         )
 
+    # -- TLS (api.ssl) -------------------------------------------------------------------------
+
+    tls_handshake_timeout_s = 10.0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; with ``api.ssl`` it is wrapped in TLS here (no I/O yet)."""
+        sock, address = super().get_request()
+        tls = getattr(self.daemon, "tls", None)
+        if tls is not None:
+            try:
+                sock = tls.wrap(sock)
+            except (OSError, ValueError, ConfigError) as exc:
+                sock.close()
+                raise OSError(f"TLS is not available: {exc}") from None
+        return sock, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, on the connection's own thread, so a slow or broken client
+        # never holds up the accept loop; a failed handshake is a debug line, not a traceback.
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.tls_handshake_timeout_s)
+                request.do_handshake()
+            except (OSError, ValueError) as exc:
+                LOG.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
+
 
 class ApiHandler(
-    FileManagerRoutes, BackupRoutes, TransferRoutes, http.server.BaseHTTPRequestHandler
+    FileManagerRoutes,
+    BackupRoutes,
+    TransferRoutes,
+    MetricsRoutes,
+    http.server.BaseHTTPRequestHandler,
 ):
     """Wings' HTTP API: Bearer auth, CORS, JSON bodies, JSON errors with request ids.
 
@@ -10081,6 +11607,10 @@ class ApiHandler(
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, headers too long) as JSON, never HTML."""
+        if code == 501 and getattr(self, "command", None):
+            # A method with no ``do_`` method: answered as any route answers one it does not
+            # take (405 with Allow, or 404), never 501.
+            return self._dispatch(self.command)
         self.close_connection = True
         self._respond(code, {"error": message or http.HTTPStatus(code).phrase})
 
@@ -10088,6 +11618,7 @@ class ApiHandler(
         self, status: int, body: Any = None, headers: Mapping[str, str] | None = None
     ) -> None:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        head_only = getattr(self, "command", None) == "HEAD"  # GET's headers, no body
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
         second, date = self.server.date_header
         if second != int(time.time()):
@@ -10107,7 +11638,8 @@ class ApiHandler(
         all_headers.update(headers or {})
         lines += [f"{k}: {v}" for k, v in all_headers.items()]
         with contextlib.suppress(OSError):
-            self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            self.wfile.write(head if head_only else head + payload)
         self.last_status = status
 
     def _cors_headers(self) -> dict[str, str]:
@@ -10136,6 +11668,9 @@ class ApiHandler(
     def do_GET(self) -> None:
         self._dispatch("GET")
 
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
     def do_POST(self) -> None:
         self._dispatch("POST")
 
@@ -10156,14 +11691,16 @@ class ApiHandler(
             self.query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             matches = [(m, pattern.match(path), name, auth) for m, pattern, name, auth in _ROUTES]
             matches = [(m, match, name, auth) for m, match, name, auth in matches if match]
+            routed = "GET" if method == "HEAD" else method  # HEAD: every GET route, no body
             chosen = next(
-                ((match, name, auth) for m, match, name, auth in matches if m == method), None
+                ((match, name, auth) for m, match, name, auth in matches if m == routed), None
             )
             if chosen is None or chosen[2]:
                 self._authorize()  # as Wings: unknown routes answer 401 to strangers, not 404
             if chosen is None:
                 if matches:
-                    allowed = ", ".join(sorted({m for m, *_ in matches}))
+                    methods = {m for m, *_ in matches}
+                    allowed = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
                     raise WingsliteError(
                         f"method {method} is not allowed on {path} (allowed: {allowed})", 405
                     )
@@ -10466,6 +12003,7 @@ class Server:
     """One game server on this node: its configuration, files, process and sessions' owner.
 
     Methods for the caller: ``sync()`` (fetch from the Panel and apply), ``apply(config)``,
+    ``refuse(document_error)`` (record a refused document; the configuration stays),
     ``power(action, wait_s)`` / ``request_power(...)``, ``send_command(line)``, ``logs(n)``,
     ``api_view()``.
 
@@ -10519,6 +12057,7 @@ class Server:
         self.transferring = False
         self._restoring = threading.Lock()  # held while a backup is restored (begin_restore)
         self.events.subscribe(self._on_event)
+        self.metrics = ServerMetrics()
         self.env: Environment = daemon.environment_factory(self)
 
     # -- state ---------------------------------------------------------------------------------
@@ -10544,7 +12083,9 @@ class Server:
 
     def console_message(self, text: str) -> None:
         """A daemon line on the server's console (seen by websockets and in the log ring)."""
-        self.events.publish("console output", daemon_message(text))
+        self.events.publish(
+            "console output", daemon_message(text, configured_app_name(self.daemon.config))
+        )
 
     def _on_event(self, event: str, *args: Any) -> None:
         if event == "console output" and args:
@@ -11092,6 +12633,7 @@ class Daemon:
             config.get("system.activity_send_count"),
         )
         self.http: ApiServer | None = None
+        self.tls: TlsWrapper | None = None
         self.sftp: SftpServer | None = None
         self._servers_lock = threading.Lock()
         self._states: dict[str, str] = {}
@@ -11126,10 +12668,17 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         self._load_saved()
         host, port = self.config.get("api.host"), self.config.get("api.port")
+        if self.config.get("api.ssl.enabled"):
+            self.tls = TlsWrapper(self.config.get("api.ssl.cert"), self.config.get("api.ssl.key"))
+            self.tls.load()  # a certificate that cannot be used stops the start, naming the file
         self.http = ApiServer((host, port), self)
         self._spawn(lambda: self.http.serve_forever(poll_interval=0.1), "wingslite-http")
         LOG.info(
-            "wingslite %s serving the API on %s:%d", VERSION, host, self.http.server_address[1]
+            "wingslite %s serving the API on %s://%s:%d",
+            VERSION,
+            "https" if self.tls else "http",
+            host,
+            self.http.server_address[1],
         )
         if not self.config.get("wingslite.sftp_enabled"):
             LOG.info("SFTP is off (wingslite.sftp_enabled is false)")
@@ -11379,7 +12928,8 @@ class Daemon:
         if not server.config_lock.acquire(timeout=self._config_lock_wait_s()):
             raise Conflict("another sync is still running on this server; try again")
         try:
-            return server.sync()
+            with server.metrics.timed_sync():
+                return server.sync()
         finally:
             server.config_lock.release()
 
@@ -11466,11 +13016,7 @@ class Daemon:
                 f"could not fetch server {uuid} from the Panel: {exc.message}"
             ) from None
         try:
-            return parse_server_document(
-                document,
-                expect_uuid=uuid,
-                crash_detection_default=self.config.get("system.crash_detection.enabled"),
-            )
+            return self.parse_document(document, expect_uuid=uuid)
         except DocumentError as exc:
             raise WingsliteError(exc.message) from None
 
@@ -12355,8 +13901,249 @@ Press Ctrl-C to stop.""",
     return 0
 
 
+# -- operator commands: configure, diagnostics ----------------------------------------------------
+
+
+def _configure(args: Any) -> int:
+    """``wingslite.py configure``: fetch this node's config.yml from the Panel, as ``wings configure``.
+
+    ``GET /api/application/nodes/{id}/configuration`` with an application API key answers the
+    node's configuration as JSON (the Panel's ``Node::getConfiguration()``); it is checked as a
+    config file and written as YAML, atomically and with mode 0600 because it holds the node's token.
+    """
+    import sys
+
+    path = Path(args.config or "/etc/pterodactyl/config.yml")
+    try:
+        if not re.fullmatch(r"[0-9]+", args.node):
+            raise ConfigError(f"--node: expected the node's numeric id, got {args.node!r}")
+        if path.exists() and not args.override:
+            raise ConfigError(f"{path} already exists; pass --override to replace it")
+        raw = fetch_node_configuration(
+            args.panel_url, args.token, args.node, verify_tls=not args.allow_insecure
+        )
+        Config(raw, f"the Panel's configuration of node {args.node}")  # refuses a broken one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, yaml.safe_dump(raw, sort_keys=False).encode(), mode=0o600)
+        os.chmod(path, 0o600)  # also when an umask narrowed the create mode
+    except (ConfigError, PanelError) as exc:
+        print(f"wingslite configure: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"wingslite configure: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote the configuration of node {args.node} from {args.panel_url} to {path} (mode 0600);"
+        f" start the daemon with: python3 wingslite.py --config {path}"
+    )
+    return 0
+
+
+def fetch_node_configuration(
+    panel_url: str, api_key: str, node_id: str, *, verify_tls: bool = True, timeout_s: float = 30
+) -> dict[str, Any]:
+    """The Panel's JSON configuration of a node; ``PanelError`` says why it could not be had."""
+    url = f"{panel_url.rstrip('/')}/api/application/nodes/{node_id}/configuration"
+    what = f"GET {url}"
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", panel_url):
+        raise ConfigError(f"--panel-url: expected the Panel's http(s) URL, got {panel_url!r}")
+    request = urllib.request.Request(
+        url,
+        headers={
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/vnd.pterodactyl.v1+json",
+            "User-Agent": f"wingslite/{VERSION} configure",
+        },
+    )
+    context = ssl.create_default_context()
+    if not verify_tls:  # --allow-insecure: a Panel with a self-signed certificate
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:
+            raw = resp.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        code, detail = _panel_error_body(exc.read(65536))
+        hints = {
+            401: "the API key was not accepted",
+            403: "the API key may not read nodes (r_nodes)",
+        }
+        hint = hints.get(exc.code) or ("no such node" if exc.code == 404 else "")
+        raise PanelError(exc.code, code, hint or detail, what) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PanelError(0, "_Unreachable", f"could not reach the Panel: {reason}", what) from None
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise PanelError(200, "_InvalidJSON", "the answer is not JSON", what) from None
+    if not isinstance(document, dict):
+        raise PanelError(200, "_BadShape", "the answer is not a JSON object", what)
+    return document
+
+
+_SECRET_KEY_RE = re.compile(r"token|secret|password|passphrase", re.IGNORECASE)
+
+
+def redacted(value: Any) -> Any:
+    """A copy of a config tree with every token, secret and password replaced."""
+    if isinstance(value, Mapping):
+        return {
+            k: "[redacted]" if _SECRET_KEY_RE.search(str(k)) and v else redacted(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
+
+def diagnostics_report(config: Config, log_lines: int = 200) -> str:
+    """What ``wingslite.py diagnostics`` prints: versions, the redacted config, quota, log, servers."""
+    parts = [
+        ("versions", _diagnostics_versions(config)),
+        ("configuration (" + config.source + ", secrets redacted)", _diagnostics_config(config)),
+        ("disk quota", _diagnostics_quota(config)),
+        ("servers", _diagnostics_servers(config)),
+        ("log", _diagnostics_log(config, log_lines)),
+    ]
+    text = "\n".join(f"== {title} ==\n{body.rstrip()}\n" for title, body in parts)
+    for secret in (config.token, config.token_id, config.get("wingslite.metrics_token")):
+        if secret:  # belt and braces: a secret that reached a log line or an error text
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _diagnostics_versions(config: Config) -> str:
+    import importlib.metadata
+
+    lines = [f"wingslite       {VERSION}", f"python          {platform.python_version()}"]
+    for package in ("docker", "pyyaml", "paramiko"):
+        try:
+            lines.append(f"{package:<15} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{package:<15} not installed")
+    lines.append(f"kernel          {platform.release()} ({platform.machine()})")
+    cgroup_root = Path(config.get("wingslite.cgroup_root"))
+    cgroup = "v2" if (cgroup_root / "cgroup.controllers").exists() else "v1"
+    try:
+        info = docker_client(config).info()
+        lines.append(f"docker engine   {info.get('ServerVersion', '?')}")
+        cgroup += (
+            f", driver {info.get('CgroupDriver', '?')} (engine: v{info.get('CgroupVersion', '?')})"
+        )
+    except Exception as exc:  # the report is most useful exactly when the engine is broken
+        lines.append(f"docker engine   not reachable: {exc}")
+    lines.append(f"cgroups         {cgroup}")
+    return "\n".join(lines)
+
+
+def _diagnostics_config(config: Config) -> str:
+    return yaml.safe_dump(redacted(config.raw), sort_keys=False)
+
+
+def _diagnostics_quota(config: Config) -> str:
+    try:
+        backend = select_quota_backend(config.get("wingslite.disk_quota"), config.data_dir)
+    except (WingsliteError, OSError) as exc:
+        return f"configured {config.get('wingslite.disk_quota')}: cannot be selected: {exc}"
+    return (
+        f"configured {config.get('wingslite.disk_quota')}, backend {backend.name}\n{backend.reason}"
+    )
+
+
+def _diagnostics_servers(config: Config) -> str:
+    """Each server's state, from the running daemon's API, else from what it last recorded."""
+    scheme = "https" if config.get("api.ssl.enabled") else "http"
+    host = config.get("api.host")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    request = urllib.request.Request(
+        f"{scheme}://{host}:{config.get('api.port')}/api/servers",
+        headers={"Authorization": f"Bearer {config.token}", "Accept": "application/json"},
+    )
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own daemon
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as resp:
+            servers = json.loads(resp.read())
+        rows = [
+            f"{s['configuration']['uuid']}  {s['state']:<9}"
+            f"{'  suspended' if s.get('is_suspended') else ''}"
+            for s in servers
+        ]
+        return "from the running daemon:\n" + ("\n".join(rows) or "(no servers)")
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as exc:
+        states_path = config.root_dir / "states.json"
+        try:
+            states = json.loads(states_path.read_text())
+        except (OSError, ValueError):
+            states = {}
+        rows = [f"{uuid}  {state}" for uuid, state in sorted(states.items())]
+        return f"the daemon's API did not answer ({exc}); last recorded in {states_path}:\n" + (
+            "\n".join(rows) or "(nothing recorded)"
+        )
+
+
+def _diagnostics_log(config: Config, lines: int) -> str:
+    path = config.get("wingslite.log_file")
+    if not path:
+        return "no log file configured (wingslite.log_file); under systemd: journalctl -u wingslite"
+    try:
+        with open(path, "rb") as fh:
+            tail = deque(fh, maxlen=lines)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    return f"last {len(tail)} lines of {path}:\n" + b"".join(tail).decode("utf-8", "replace")
+
+
+def _diagnostics(args: Any) -> int:
+    import sys
+
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as exc:
+        print(f"wingslite diagnostics: {exc.message}", file=sys.stderr)
+        return 2
+    print(diagnostics_report(config), end="")
+    return 0
+
+
+def _add_operator_commands(parser: Any) -> None:
+    import argparse
+
+    commands = parser.add_subparsers(dest="command", metavar="{configure,diagnostics}")
+    configure = commands.add_parser(
+        "configure", help="fetch this node's config.yml from the Panel (as wings configure)"
+    )
+    configure.add_argument("--panel-url", required=True, help="the Panel's URL")
+    configure.add_argument(
+        "--token", required=True, help="an application API key that may read nodes"
+    )
+    configure.add_argument("--node", required=True, help="the node's id in the Panel")
+    configure.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,  # else it would hide a --config given before the command
+        help="where to write it (default: /etc/pterodactyl/config.yml)",
+    )
+    configure.add_argument("--override", action="store_true", help="replace an existing file")
+    configure.add_argument(
+        "--allow-insecure", action="store_true", help="do not verify the Panel's TLS certificate"
+    )
+    diagnostics = commands.add_parser(
+        "diagnostics", help="print a report for a support request (secrets redacted)"
+    )
+    diagnostics.add_argument("--config", default=argparse.SUPPRESS, help="the node's config.yml")
+
+
+def _config_path(given: str | None) -> str:
+    return given or next(
+        (p for p in ("/etc/pterodactyl/config.yml", "wingslite.yml") if Path(p).exists()),
+        "/etc/pterodactyl/config.yml",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``wingslite.py [--config PATH] [--demo] [--debug] [--version]``."""
+    """The command line: ``wingslite.py [--config PATH] [--demo] [--debug] [--version]`` runs the
+    daemon; ``wingslite.py configure ...`` and ``wingslite.py diagnostics`` are the operator's."""
     import argparse
     import signal
     import sys
@@ -12377,30 +14164,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--debug", action="store_true", help="log at debug level")
     parser.add_argument("--version", action="version", version=f"wingslite {VERSION}")
+    _add_operator_commands(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "configure":
+        return _configure(args)
+    if args.command == "diagnostics":
+        return _diagnostics(args)
     if args.demo:
         return _demo(args)
-    path = args.config or next(
-        (p for p in ("/etc/pterodactyl/config.yml", "wingslite.yml") if Path(p).exists()),
-        "/etc/pterodactyl/config.yml",
-    )
     try:
-        config = load_config(path)
+        config = load_config(_config_path(args.config))
     except ConfigError as exc:
         print(f"wingslite: {exc.message}", file=sys.stderr)
         return 2
     if config.get("debug"):
         logging.getLogger().setLevel(logging.DEBUG)
+    if config.get("wingslite.log_file"):
+        try:
+            handler = logging.FileHandler(config.get("wingslite.log_file"), encoding="utf-8")
+        except OSError as exc:
+            print(f"wingslite: wingslite.log_file: cannot open: {exc}", file=sys.stderr)
+            return 2
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
     daemon = Daemon(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         daemon.start()
+    except ConfigError as exc:
+        print(f"wingslite: cannot start: {exc.message}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"wingslite: cannot start: {exc}", file=sys.stderr)
         return 1

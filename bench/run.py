@@ -757,7 +757,13 @@ def bench_suspend(workdir: Path, sockets: int, sftp_sessions: int) -> dict:
     time.sleep(
         1.1
     )  # JWTs issued in the daemon's first second are refused (iat before boot, as Wings)
-    daemon = Daemon(panel.port, workdir, websocket_max_per_server=sockets + 10, sftp_enabled=True)
+    daemon = Daemon(
+        panel.port,
+        workdir,
+        websocket_max_per_server=sockets + 10,
+        sftp_enabled=True,
+        sftp_max_sessions_per_user=sftp_sessions,  # one bench user holds them all
+    )
     result: dict = {"websockets": sockets, "sftp_sessions": sftp_sessions}
     sftp_clients = []
     try:
