@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -9995,6 +9996,21 @@ class TestHostileFeatureInput:
         assert status == 403
         status, _, _ = upload(daemon, signed_token(server.uuid), {"x.jar": b"!"})
         assert status == 200 and (server.fs.root / "x.jar").read_bytes() == b"!"
+
+    def test_an_upload_of_thousands_of_parts_holds_one_fd_at_a_time(self, panel, make_daemon):
+        # Every staged part kept its fd open to the end of the form: one request of more parts
+        # than the fd limit failed with EMFILE (500), for every server of the daemon meanwhile.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        files = {f"f{i:04}.txt": b"%d" % i for i in range(1500)}
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        try:
+            status, _, raw = upload(daemon, signed_token(server.uuid), files, "/many")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert status == 200, raw
+        assert sorted(p.name for p in (server.fs.root / "many").iterdir()) == sorted(files)
+        assert (server.fs.root / "many" / "f1499.txt").read_bytes() == b"1499"
 
 
 # fault drills #####################################################################################
