@@ -10012,6 +10012,22 @@ class TestHostileFeatureInput:
         assert sorted(p.name for p in (server.fs.root / "many").iterdir()) == sorted(files)
         assert (server.fs.root / "many" / "f1499.txt").read_bytes() == b"1499"
 
+    def test_a_backup_ignore_rule_of_many_stars_matches_in_linear_time(self, console_node):
+        # Both the backup's ignore and .pteroignore are the user's. As a backtracking regex,
+        # "*a*a...*b" against a long name of "a"s ran for hours (Wings uses RE2: linear).
+        daemon = console_node()
+        root = daemon.config.data_dir / daemon.uuid
+        root.mkdir(parents=True, exist_ok=True)
+        (root / ("a" * 200)).write_bytes(b"kept")
+        (root / ("a" * 199 + "b")).write_bytes(b"left out")
+        (root / "x.tmp").write_bytes(b"left out")
+        ignore = "*a" * 12 + "b\n*.tmp\n[z-a]\n"  # an empty range matches nothing, as in git
+        report = TestBackups.backup(daemon, daemon.uuid, ignore=ignore)
+        assert report["successful"] is True, report
+        status, data = download(daemon, backup_token(daemon.uuid, report["uuid"]))
+        assert status == 200
+        assert tar_names(data) == {"a" * 200}
+
 
 # fault drills #####################################################################################
 

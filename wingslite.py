@@ -3147,7 +3147,7 @@ class IgnoreMatcher:
     """
 
     def __init__(self, text: str = ""):
-        self.rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, dirs only)
+        self.rules: list[tuple[Any, bool, bool]] = []  # (matcher with .match, negated, dirs only)
         for line in text.splitlines():
             rule = self._parse(line)
             if rule is not None:
@@ -3157,7 +3157,7 @@ class IgnoreMatcher:
         return bool(self.rules)
 
     @staticmethod
-    def _parse(line: str) -> tuple[re.Pattern[str], bool, bool] | None:
+    def _parse(line: str) -> tuple[Any, bool, bool] | None:
         line = line.rstrip("\r")
         while line.endswith(" ") and not line.endswith("\\ "):
             line = line[:-1]
@@ -3171,9 +3171,14 @@ class IgnoreMatcher:
         if not line:
             return None
         anchored = "/" in line
-        body = _gitignore_body(line.lstrip("/"))
-        prefix = "^" if anchored else "^(?:.*/)?"
-        return re.compile(prefix + body + "$"), negated, dirs_only
+        tokens = [("dirs", "(?:.*/)?")] if not anchored else []
+        tokens += _gitignore_tokens(line.lstrip("/"))
+        try:
+            if sum(kind != "char" for kind, _ in tokens) <= 2:
+                return re.compile("^" + "".join(f for _, f in tokens) + "$"), negated, dirs_only
+            return _GlobAutomaton(tokens), negated, dirs_only
+        except re.error:  # "[z-a]": git's wildmatch matches nothing with it either
+            return None
 
     def ignored(self, relpath: str, is_dir: bool = False) -> bool:
         """True when ``relpath`` ('/'-separated, relative to the root) is left out."""
@@ -3185,37 +3190,92 @@ class IgnoreMatcher:
         return verdict
 
 
-def _gitignore_body(glob: str) -> str:
-    out: list[str] = []
+def _gitignore_tokens(glob: str) -> list[tuple[str, str]]:
+    """A glob as ``(kind, regex)``: kind "char" (one character), "star" (``[^/]*``), "any"
+    (``.*``) or "dirs" (``(?:.*/)?``, a leading or middle ``**/``)."""
+    out: list[tuple[str, str]] = []
     i = 0
     while i < len(glob):
         c = glob[i]
         if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
-            out.append("(?:.*/)?")
+            out.append(("dirs", "(?:.*/)?"))
             i += 3
         elif glob.startswith("**", i):
-            out.append(".*")
+            out.append(("any", ".*"))
             i += 2
         elif c == "*":
-            out.append("[^/]*")
+            out.append(("star", "[^/]*"))
             i += 1
         elif c == "?":
-            out.append("[^/]")
+            out.append(("char", "[^/]"))
             i += 1
         elif c == "\\" and i + 1 < len(glob):
-            out.append(re.escape(glob[i + 1]))
+            out.append(("char", re.escape(glob[i + 1])))
             i += 2
         elif c == "[" and "]" in glob[i + 2 :]:
             end = glob.index("]", i + 2)
             inner = glob[i + 1 : end]
             if inner.startswith("!"):
                 inner = "^" + inner[1:]
-            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            out.append(("char", "[" + inner.replace("\\", "\\\\") + "]"))
             i = end + 1
         else:
-            out.append(re.escape(c))
+            out.append(("char", re.escape(c)))
             i += 1
-    return "".join(out)
+    return out
+
+
+class _GlobAutomaton:
+    """A glob with three or more stars, matched in O(path x pattern) by following every state.
+
+    Python's ``re`` backtracks: ``*a*a*a*a*a*a*a*a*b`` against a name of 60 "a"s took minutes,
+    and both the backup's ``ignore`` and ``.pteroignore`` are written by the user. Wings matches
+    with Go's RE2, which never backtracks; so does this. Fewer stars stay ``re`` (at worst
+    quadratic over one path).
+    """
+
+    def __init__(self, tokens: list[tuple[str, str]]):
+        self.kinds = [kind for kind, _ in tokens]
+        self.chars = [re.compile(f) if kind == "char" else None for kind, f in tokens]
+
+    def _closure(self, states: set[int]) -> set[int]:
+        todo, out = list(states), set(states)
+        while todo:
+            i = todo.pop()
+            if 0 <= i < len(self.kinds) and self.kinds[i] != "char" and i + 1 not in out:
+                out.add(i + 1)  # every star may match nothing
+                todo.append(i + 1)
+        return out
+
+    def match(self, path: str) -> bool:
+        # State i: before token i. A "dirs" token, once it has read a character, is inside its
+        # ".*" (state -1 - i): only a "/" leads out of it.
+        states = self._closure({0})
+        for ch in path:
+            after: set[int] = set()
+            for i in states:
+                if i < 0:
+                    i = -1 - i
+                    after.add(-1 - i)
+                    if ch == "/":
+                        after.add(i + 1)
+                    continue
+                if i >= len(self.kinds):
+                    continue
+                kind = self.kinds[i]
+                if kind == "char":
+                    if self.chars[i].fullmatch(ch):
+                        after.add(i + 1)
+                elif kind == "any" or (kind == "star" and ch != "/"):
+                    after.add(i)
+                elif kind == "dirs":
+                    after.add(-1 - i)
+                    if ch == "/":
+                        after.add(i + 1)
+            states = self._closure(after)
+            if not states:
+                return False
+        return len(self.kinds) in states
 
 
 class HashingWriter:
