@@ -10028,6 +10028,40 @@ class TestHostileFeatureInput:
         assert status == 200
         assert tar_names(data) == {"a" * 200}
 
+    def test_parallel_rewrites_of_one_file_do_not_forget_the_servers_usage(
+        self, panel, make_daemon
+    ):
+        # Each staged rewrite credited the old file's bytes up front: ten at once credited them
+        # ten times, the figure fell to zero, and the server could then write its whole limit
+        # again on top of what it had -- over and over.
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=2)
+        root = server.fs.root
+        (root / "world.dat").write_bytes(bytes(1536 * 1024))
+        (root / "big.dat").write_bytes(bytes(256 * 1024))
+        server.fs.recalculate()
+        socks = []
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+            sock.sendall(
+                f"POST {fm_path(server, 'write', file='big.dat')} HTTP/1.1\r\n"
+                f"Host: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            socks.append(sock)
+        wait_for(
+            lambda: len(list(root.glob(".wingslite-*.part"))) == 10,
+            what="ten rewrites staged at once",
+        )
+        for sock in socks:
+            sock.sendall(b"x")
+            assert sock.makefile("rb").readline().split()[1] == b"204"
+            sock.close()
+        assert (root / "big.dat").read_bytes() == b"x"
+        status, _, _ = fm_write(daemon, server, "more.dat", bytes(1024 * 1024))
+        assert status == 400  # 1.5 MiB + 1 MiB is past the 2 MiB limit
+        assert not (root / "more.dat").exists()
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+
 
 # fault drills #####################################################################################
 

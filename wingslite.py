@@ -1628,6 +1628,7 @@ class Filesystem:
         self._quota_limit: int | None = None  # the limit the quota backend last accepted
         self._denylist: tuple[str, ...] = ()
         self._deny_re: re.Pattern[str] | None = None
+        self._replacing: set[str] = set()  # files whose old bytes a staged rewrite has credited
 
     @property
     def limit_bytes(self) -> int:
@@ -1778,6 +1779,19 @@ class Filesystem:
         with self._lock:
             self._usage = max(0, self._usage + delta_bytes)
             self._booked_total += delta_bytes
+
+    def claim_replacement(self, path: str) -> bool:
+        """True for the first of concurrent rewrites of ``path``: only it may credit the old bytes
+        in advance (each crediting them let N parallel rewrites forget N times the file)."""
+        with self._lock:
+            if path in self._replacing:
+                return False
+            self._replacing.add(path)
+            return True
+
+    def release_replacement(self, path: str) -> None:
+        with self._lock:
+            self._replacing.discard(path)
 
     # -- metering ------------------------------------------------------------------------------
 
@@ -9116,12 +9130,15 @@ class StagedFile:
                 old = None
         if old is not None and stat.S_ISDIR(old.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        self.old_bytes = _freed_bytes(old) if old is not None else 0
         parent = posixpath.dirname(self.target)
         self.tmp = posixpath.join(parent, f".wingslite-{uuidlib.uuid4().hex[:16]}.part")
         self.written = 0
         self.finished = False
         self.fd = jail.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        # The old bytes are credited now (a rewrite costs only its growth) by one writer at a
+        # time, and squared with what the rename really replaced at commit.
+        self.claimed = fs.claim_replacement(self.target)
+        self.old_bytes = _freed_bytes(old) if old is not None and self.claimed else 0
         fs.add_usage(-self.old_bytes)
 
     def __enter__(self) -> StagedFile:
@@ -9162,20 +9179,28 @@ class StagedFile:
         try:
             if self.owner is not None:
                 self.jail.chown(self.tmp, *self.owner)
-            self.jail.rename(self.tmp, self.target)
+            replaced = self.jail.rename(self.tmp, self.target)
         except BaseException:
             self.abort()
             raise
         self.finished = True
+        self._release()
+        self.fs.add_usage(self.old_bytes - (_freed_bytes(replaced) if replaced else 0))
 
     def abort(self) -> None:
         if self.finished:
             return
         self.finished = True
         self._close()
+        self._release()
         with contextlib.suppress(OSError):
             self.jail.remove(self.tmp)
         self.fs.add_usage(self.old_bytes - self.written)
+
+    def _release(self) -> None:
+        if self.claimed:
+            self.claimed = False
+            self.fs.release_replacement(self.target)
 
 
 def copy_name(jail: Jail, path: str) -> str:
