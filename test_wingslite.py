@@ -10062,6 +10062,27 @@ class TestHostileFeatureInput:
         assert not (root / "more.dat").exists()
         assert server.fs.usage_bytes() == server.fs.recalculate()
 
+    def test_decompress_through_a_symlinked_directory_still_honours_the_denylist(
+        self, panel, make_daemon
+    ):
+        # The staged entries were checked against the egg's denylist by the path as written
+        # ("/ln/server.jar"), but renamed through the link to "/config/server.jar".
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["config/server.jar"])
+        root = server.fs.root
+        (root / "config").mkdir()
+        (root / "config" / "server.jar").write_bytes(b"the egg's own")
+        (root / "ln").symlink_to("config")
+        (root / "config" / "x.tar.gz").write_bytes(
+            _gz(_tar_file("a.txt", b"fine"), _tar_file("server.jar", b"the user's"), _TAR_END)
+        )
+        before = tree_snapshot(root)
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/ln", "file": "x.tar.gz"}
+        )
+        assert status == 403, answer
+        assert answer["error"] == w.FM_DENYLIST
+        assert tree_snapshot(root) == before
+
 
 # fault drills #####################################################################################
 

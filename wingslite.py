@@ -9267,18 +9267,37 @@ def decompress_file(
         jail.mkdir(staging, 0o700)
         try:
             extract_archive(jail, fs, src, name=posixpath.basename(file), dest=staging)
-            moves = _staged_moves(jail, staging, dest, is_denied)
-            for source, target, is_dir in moves:
-                if is_dir:
-                    with contextlib.suppress(FileExistsError):
-                        jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
-                else:
-                    fs.rename(jail, source, target)  # a file it replaces is given back
-                if owner is not None:
-                    jail.chown(target, *owner)
+            # The denylist is asked about each path as written and where it really leads:
+            # "/ln/server.jar" is "/config/server.jar" when "ln" links to "config". Only ``dest``
+            # can be a link on the way (a link where a staged directory goes is refused), and
+            # the moves are checked all before the first; the mover checks again as it goes.
+            with jail.resolve(dest) as where:
+                real = "/" + where.relpath
+
+            def denied(path: str) -> bool:
+                return is_denied is not None and (
+                    is_denied(path) or is_denied(real + path[len(dest) :])
+                )
+
+            moves = _staged_moves(jail, staging, dest, denied)
+            with Jail(jail.root, is_denied=is_denied) as mover:
+                _move_staged(mover, fs, moves, owner)
         finally:
             with contextlib.suppress(OSError):
                 fs.add_usage(-remove_tree(jail, staging))
+
+
+def _move_staged(
+    jail: Jail, fs: Filesystem, moves: list[tuple[str, str, bool]], owner: Any
+) -> None:
+    for source, target, is_dir in moves:
+        if is_dir:
+            with contextlib.suppress(FileExistsError):
+                jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
+        else:
+            fs.rename(jail, source, target)  # a file it replaces is given back
+        if owner is not None:
+            jail.chown(target, *owner)
 
 
 def _staged_moves(
