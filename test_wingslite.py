@@ -10083,6 +10083,28 @@ class TestHostileFeatureInput:
         assert answer["error"] == w.FM_DENYLIST
         assert tree_snapshot(root) == before
 
+    def test_a_pull_to_an_internal_address_never_connects_to_it(self, panel, make_daemon):
+        # The address was checked after connect(): an open internal port answered "internal
+        # address", a closed one "connection refused" -- a port scanner for any user.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        listener = socket.create_server(("127.0.0.1", 0))
+        closed = socket.create_server(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()
+        answers = []
+        try:
+            for port in (listener.getsockname()[1], closed_port):
+                body = {"url": f"http://127.0.0.1:{port}/x", "root": "/", "foreground": True}
+                status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+                answers.append((status, answer["error"]))
+            listener.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                listener.accept()[0].close()  # nothing ever connected to it
+        finally:
+            listener.close()
+        assert answers[0] == answers[1]
+        assert answers[0][0] == 400 and "internal address (127.0.0.1)" in answers[0][1]
+
 
 # fault drills #####################################################################################
 

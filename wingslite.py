@@ -9458,18 +9458,26 @@ def is_internal_address(ip: str) -> bool:
 
 
 def _connect_public(allow_internal: bool, address: Any, *args: Any, **kwargs: Any) -> socket.socket:
-    # The address checked is the one the socket is connected to, not a DNS answer read earlier,
-    # so a name that resolves differently the second time (DNS rebinding) gains nothing.
-    sock = socket.create_connection(address, *args, **kwargs)
-    peer = sock.getpeername()[0]
-    if not allow_internal and is_internal_address(peer):
-        sock.close()
-        raise PullRefused(
-            errno.EACCES,
-            f"the URL's host is an internal address ({peer}); remote downloads may only reach "
-            "public addresses",
-        )
-    return sock
+    # Every address the name has is checked before a packet goes to it, and the socket connects
+    # to that very address, so a name that resolves differently the second time (DNS rebinding)
+    # gains nothing. Connecting first and looking at the peer after told an open internal port
+    # ("internal address") from a closed one ("connection refused"): a port scanner. Wings
+    # checks in its dialer's Control hook, before connect(2), likewise.
+    host, port = address[0], address[1]
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host!r}: {exc.strerror}") from None
+    refused = ""
+    for *_, sockaddr in found:
+        if allow_internal or not is_internal_address(sockaddr[0]):
+            return socket.create_connection((sockaddr[0], port), *args, **kwargs)
+        refused = refused or sockaddr[0]
+    raise PullRefused(
+        errno.EACCES,
+        f"the URL's host is an internal address ({refused}); remote downloads may only reach "
+        "public addresses",
+    )
 
 
 class _PullHTTPConnection(http.client.HTTPConnection):
