@@ -10105,6 +10105,16 @@ class TestHostileFeatureInput:
         assert answers[0] == answers[1]
         assert answers[0][0] == 400 and "internal address (127.0.0.1)" in answers[0][1]
 
+    def test_an_archive_name_past_path_max_is_refused(self, panel, make_daemon):
+        # A PAX path may be a megabyte: "a/" * 3000 was a tree 3,000 levels deep (Wings makes
+        # directories by full path and fails past PATH_MAX).
+        daemon, server = _fm_daemon(panel, make_daemon)
+        data = _gz(_tar_file("a/" * 3000 + "f", b"deep"), _TAR_END)
+        status, answer, before = _decompress(daemon, server, "deep.tar.gz", data)
+        assert status == 400, answer
+        assert "name is longer than 4096 bytes" in answer["error"]
+        assert tree_snapshot(server.fs.root) == before
+
 
 # fault drills #####################################################################################
 

@@ -3140,6 +3140,9 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
 #         disk limit before it is written, so an archive bomb stops at the limit.
 
 UNSUPPORTED_ARCHIVE = "unsupported archive format"
+# Linux's PATH_MAX. Wings makes each entry's directories by their full path, so longer names fail
+# there; here a longer name would be a tree thousands of levels deep.
+ARCHIVE_NAME_MAX_BYTES = 4096
 ARCHIVE_CHUNK_BYTES = 1 << 20
 
 
@@ -3662,6 +3665,7 @@ class _Extractor:
         self.jail, self.fs, self.on_entry, self.owner = jail, fs, on_entry, owner
         self.dest = "/".join(Jail.parts(dest))
         self.count = 0
+        self.made: set[str] = set()  # directories this extraction has made or found
 
     # -- names -------------------------------------------------------------------------------
 
@@ -3669,6 +3673,11 @@ class _Extractor:
         """The jail path of an archive member; ``ArchiveError`` for absolute names and ``..``."""
         if "\x00" in member:
             raise ArchiveError(f"refused archive entry {member!r}: NUL byte in its name")
+        if len(member.encode("utf-8", "surrogateescape")) > ARCHIVE_NAME_MAX_BYTES:
+            raise ArchiveError(
+                f"refused archive entry {member[:64]!r}...: its name is longer than "
+                f"{ARCHIVE_NAME_MAX_BYTES} bytes"
+            )
         if member.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", member):
             raise ArchiveError(f"refused archive entry {member!r}: absolute path")
         parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".")]
@@ -3775,9 +3784,14 @@ class _Extractor:
     # -- writing -----------------------------------------------------------------------------
 
     def _parents(self, path: str) -> None:
+        # Each directory is made (or found) once per extraction: walking every prefix of every
+        # entry from the root cost depth**2 opens per entry -- seconds for one deep name.
         parts = path.split("/")[:-1]
         for i in range(1, len(parts) + 1):
-            self._mkdir_one("/".join(parts[:i]), 0o755)
+            prefix = "/".join(parts[:i])
+            if prefix not in self.made:
+                self._mkdir_one(prefix, 0o755)
+                self.made.add(prefix)
 
     def _mkdir_one(self, path: str, mode: int) -> bool:
         try:
