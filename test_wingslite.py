@@ -31,6 +31,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1926,6 +1927,254 @@ class TestHttpHead:
         assert "[Acme Hosting Daemon]:" in line and "Pterodactyl" not in line
 
 
+# HTTP API: framing and connections ###############################################################
+
+
+def raw_exchange(port: int, data: bytes, timeout_s: float = 10):
+    """Send raw bytes on a new connection and read one answer:
+    (status, lower-cased headers, decoded JSON body or None, whether the server then closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock, method="GET")
+        resp.begin()
+        body = resp.read()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+    return resp.status, headers, (json.loads(body) if body else None), closed
+
+
+def stranger(port: int) -> socket.socket:
+    """A connection that says nothing (or whatever the test sends on it later)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def closed_by_server(sock: socket.socket, timeout_s: float = 10) -> bool:
+    """True when the server closes the connection within ``timeout_s`` (whatever it sends first,
+    such as a TLS alert)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if sock.recv(65536) == b"":
+                return True
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+class TestHttpFraming:
+    """RFC 9112 framing: whatever a proxy in front could read differently is a 400 and a close."""
+
+    AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+
+    def refused(self, daemon, head: str, body: bytes = b"") -> str:
+        status, headers, answer, closed = raw_exchange(daemon.port, head.encode() + body)
+        assert status == 400 and closed, (status, answer)
+        assert answer["request_id"] == headers["x-request-id"]
+        return answer["error"]
+
+    def test_two_different_content_lengths_are_refused_and_identical_ones_allowed(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        body = b'{"user": "u"}'
+        error = self.refused(
+            daemon, head + f"Content-Length: {len(body)}\r\nContent-Length: 40\r\n\r\n", body
+        )
+        assert "more than one Content-Length" in error
+        twice = f"Content-Length: {len(body)}\r\n" * 2 + "\r\n"
+        status, _, _, _ = raw_exchange(daemon.port, (head + twice).encode() + body)
+        assert status == 204
+
+    def test_transfer_encoding_other_than_a_single_chunked_is_refused(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        for coding in (
+            "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+        ):
+            assert "Transfer-Encoding" in self.refused(daemon, head + coding + "\r\n", b"{}")
+        status, _, answer, closed = raw_exchange(
+            daemon.port, (head + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
+        )
+        assert status == 411 and closed, answer
+
+    def test_a_content_length_that_is_not_plain_digits_is_refused(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        for value in ("+2", "0_2", "2.0", "0x2", "2, 2"):
+            error = self.refused(daemon, head + f"Content-Length: {value}\r\n\r\n", b"{}")
+            assert "plain digits" in error, value
+
+    def test_whitespace_before_a_colon_is_refused_not_read_as_the_end_of_the_headers(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        for bad in ("Content-Length : 2", "Authorization : Bearer x", "X Y: z"):
+            head = f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{bad}\r\n{self.AUTH}\r\n"
+            assert "malformed" in self.refused(daemon, head, b"{}"), bad
+
+    def test_multipart_and_message_content_types_are_not_mistaken_for_broken_headers(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        for content_type in ("multipart/form-data; boundary=bbb", "message/rfc822"):
+            head = f"GET /api/system HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            status, _, body, _ = raw_exchange(daemon.port, (head + self.AUTH + "\r\n").encode())
+            assert status == 200, (content_type, body)
+
+    def test_http11_needs_exactly_one_host(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        assert "Host" in self.refused(daemon, f"GET /api/system HTTP/1.1\r\n{self.AUTH}\r\n")
+        two = f"GET /api/system HTTP/1.1\r\nHost: a\r\nHost: b\r\n{self.AUTH}\r\n"
+        assert "Host" in self.refused(daemon, two)
+        status, _, body, _ = raw_exchange(
+            daemon.port, f"GET /api/system HTTP/1.0\r\n{self.AUTH}\r\n".encode()
+        )
+        assert status == 200 and body["version"] == w.VERSION
+
+    def test_a_refused_request_never_lets_a_second_one_through(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        smuggled = f"GET /api/system HTTP/1.1\r\nHost: x\r\n{self.AUTH}\r\n"
+        head = (
+            f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{self.AUTH}"
+            f"Content-Length: 0\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+        )
+        with stranger(daemon.port) as sock:
+            sock.sendall((head + smuggled).encode())
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 400 ") and received.count(b"HTTP/1.1") == 1
+
+    def test_parser_errors_carry_a_request_id(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        for data in (
+            b"GARBAGE\r\n\r\n",
+            b"GET /api/system HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+            b"GET /api/system HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n",
+        ):
+            status, headers, body, closed = raw_exchange(daemon.port, data)
+            assert status in (400, 431) and closed, (status, body)
+            assert body["request_id"] and body["request_id"] == headers["x-request-id"]
+
+
+class TestHttpConnections:
+    """Connection cap, header deadline and what strangers can (not) do to the Panel's requests."""
+
+    def test_headers_dripped_past_the_deadline_are_answered_408_and_closed(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
+        with stranger(daemon.port) as sock:
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
+            dripped = 0
+            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
+                if select_readable(sock, 0.3):
+                    break
+                sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
+            assert dripped < 39, "the server waited for every dripped header"
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            body = json.loads(resp.read())
+            assert resp.status == 408 and "within 1 s" in body["error"] and body["request_id"]
+            assert closed_by_server(sock)
+
+    def test_a_silent_connection_is_closed_after_the_header_timeout(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
+        with stranger(daemon.port) as sock:
+            assert closed_by_server(sock, timeout_s=10)
+
+    def test_the_panel_is_served_while_strangers_hold_every_connection(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__max_connections=6, wingslite__header_timeout_s=60)
+        strangers = [stranger(daemon.port) for _ in range(12)]
+        try:
+            wait_for(
+                lambda: daemon.http.connection_counts()["headers"] == 6, what="six strangers held"
+            )
+            assert api(daemon, "GET", "/api/system")[0] == 200
+            assert api(daemon, "GET", "/api/servers")[0] == 200
+            # the oldest strangers were closed to make room, never more than the cap held open
+            assert closed_by_server(strangers[0]) and closed_by_server(strangers[6])
+            assert sum(daemon.http.connection_counts().values()) <= 6
+        finally:
+            for sock in strangers:
+                sock.close()
+
+    def test_an_idle_kept_alive_connection_is_closed_before_a_newer_stranger(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel, wingslite__max_connections=3, wingslite__header_timeout_s=60)
+        strangers = [stranger(daemon.port) for _ in range(2)]
+        kept = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["headers"] == 2, what="strangers")
+            kept.request("GET", "/api/system", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert kept.getresponse().read()
+            wait_for(lambda: daemon.http.connection_counts()["idle"] == 1, what="kept idle")
+            assert api(daemon, "GET", "/api/system")[0] == 200
+            assert closed_by_server(kept.sock)
+            assert not closed_by_server(strangers[0], timeout_s=0.5)
+        finally:
+            kept.close()
+            for sock in strangers:
+                sock.close()
+
+    def test_when_every_connection_is_busy_a_new_one_gets_503_retry_after_logged_once(
+        self, panel, make_daemon, caplog
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, wingslite__max_connections=2)
+        panel.hang_s[f"/api/remote/servers/{uuid}"] = 1.5
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        syncs = [pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync") for _ in range(2)]
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["busy"] == 2, what="two busy")
+            with caplog.at_level(logging.INFO, logger="wingslite"):
+                answers = []
+                for _ in range(5):
+                    with stranger(daemon.port) as sock:
+                        resp = http.client.HTTPResponse(sock)
+                        resp.begin()
+                        answers.append((resp.status, resp.getheader("Retry-After"), resp.read()))
+            for status, retry_after, body in answers:
+                assert status == 503 and int(retry_after) > 0
+                assert json.loads(body)["request_id"]
+            refusals = [r for r in caplog.records if "refusing API connections" in r.getMessage()]
+            assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
+        finally:
+            assert [f.result()[0] for f in syncs] == [204, 204]
+            pool.shutdown()
+
+    def test_connections_reset_by_clients_log_no_traceback(self, panel, make_daemon, caplog):
+        daemon = make_daemon(panel)
+        with caplog.at_level(logging.INFO, logger="wingslite"):
+            for _ in range(40):
+                sock = stranger(daemon.port)
+                sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\nX-Half: ")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # an RST, not a FIN
+            wait_for(lambda: sum(daemon.http.connection_counts().values()) == 0, what="drained")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert len([r for r in caplog.records if "reset" in r.getMessage()]) <= 1
+        assert api(daemon, "GET", "/api/system")[0] == 200
+
+
+def select_readable(sock: socket.socket, timeout_s: float) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], timeout_s)[0])
+
+
 # HTTP API: TLS #####################################################################################
 
 
@@ -2174,6 +2423,51 @@ class TestTls:
             page.server_close()
         assert reports[0]["result"] == "ok", reports[0]
         assert "> from chromium" in reports[0]["text"]
+
+
+class TestTlsConnections:
+    """The connection cap and the header deadline hold over TLS too (the handshake counts as
+    header time)."""
+
+    def test_a_stranger_that_never_shakes_hands_is_closed_at_the_header_deadline(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1, **_tls_overrides(certificates))
+        with stranger(daemon.port) as sock:
+            assert closed_by_server(sock, timeout_s=10)
+        assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+
+    def test_headers_dripped_over_tls_past_the_deadline_close_the_connection(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1, **_tls_overrides(certificates))
+        raw = stranger(daemon.port)
+        with certificates.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
+            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
+                if select_readable(sock, 0.3):
+                    break
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
+            assert dripped < 39, "the server waited for every dripped header"
+            assert closed_by_server(sock)
+
+    def test_the_panel_is_served_over_tls_while_strangers_hold_every_connection(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(
+            panel,
+            wingslite__max_connections=4,
+            wingslite__header_timeout_s=60,
+            **_tls_overrides(certificates),
+        )
+        strangers = [stranger(daemon.port) for _ in range(6)]
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["headers"] == 4, what="strangers")
+            assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+        finally:
+            for sock in strangers:
+                sock.close()
 
 
 # metrics ##########################################################################################
@@ -3134,6 +3428,34 @@ class TestDemo:
             assert api(port, "POST", f"/api/servers/{uuid}/sync", token=token)[0] == 204
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=5)
+
+    def test_sigterm_stops_the_demo_cleanly_and_removes_its_directory(self):
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, str(HERE / "wingslite.py"), "--demo"),
+                *("--port", str(_free_port()), "--sftp-port", str(_free_port())),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            lines = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+                lines.append(proc.stdout.readline())
+            root = Path(
+                next(line.split(": ", 1)[1].strip() for line in lines if "data directory" in line)
+            )
+            assert root.is_dir()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            assert not root.exists()
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -5245,12 +5567,15 @@ class TestWebsocketConsole:
         )
         assert status == 404
 
-    def test_thirty_sockets_per_server_then_429(self, console_node):
+    def test_thirty_authenticated_sockets_per_server_then_429(self, console_node):
         from websockets.exceptions import InvalidStatus
 
         daemon = console_node()
         with contextlib.ExitStack() as stack:
             conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(30)]
+            for conn in conns:
+                ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(conn) == ("auth success", [])
             with pytest.raises(InvalidStatus) as info:
                 ws_open(daemon, daemon.uuid)
             assert (
@@ -5703,6 +6028,55 @@ class TestWebsocketTokenRecovery:
             assert len(refused) >= 3 and fetched[:3] == [deny_second] * 3, (refused, fetched)
             daemon.get_server(uuid).events.publish("console output", "the console is back")
             assert ws_until(conn, "console output", match="the console is back")
+
+
+class TestWebsocketStrangers:
+    """Sockets that never authenticate cost the owner nothing and their sender little."""
+
+    def test_a_socket_without_a_token_is_closed_4401_after_five_seconds(self, console_node):
+        daemon = console_node()
+        with ws_open(daemon, daemon.uuid) as conn:
+            assert ws_close_code(conn, timeout_s=15) == 4401
+        wait_for(lambda: daemon.sessions.count(daemon.uuid) == 0, what="the session to leave")
+
+    def test_strangers_do_not_take_the_owners_slots(self, console_node):
+        daemon = console_node(wingslite__websocket_max_per_server=3)
+        with contextlib.ExitStack() as stack:
+            for _ in range(6):
+                stack.enter_context(ws_open(daemon, daemon.uuid))
+            conn, first = ws_authed(daemon, daemon.uuid)
+            with conn:
+                assert first[0] == ("auth success", [])
+
+    def test_unauthenticated_sockets_are_capped_per_ip(self, console_node, caplog):
+        from websockets.exceptions import InvalidStatus
+
+        daemon = console_node(wingslite__websocket_unauthenticated_per_ip=3)
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(3)]
+            with caplog.at_level(logging.INFO, logger="wingslite"):
+                for _ in range(3):
+                    with pytest.raises(InvalidStatus) as info:
+                        ws_open(daemon, daemon.uuid)
+                    assert info.value.response.status_code == 429
+                    assert b"not authenticated yet" in info.value.response.body
+            assert len([r for r in caplog.records if "refusing websockets" in r.getMessage()]) == 1
+            ws_send(conns[0], "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_event(conns[0]) == ("auth success", [])
+            with ws_open(daemon, daemon.uuid) as again:  # the authenticated one gave its slot back
+                ws_send(again, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(again) == ("auth success", [])
+
+    def test_the_server_limit_counts_sockets_as_they_authenticate(self, console_node):
+        daemon = console_node(wingslite__websocket_max_per_server=2)
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(3)]
+            for conn in conns[:2]:
+                ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(conn) == ("auth success", [])
+            ws_send(conns[2], "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_close_code(conns[2]) == 1013
+            assert daemon.sessions.count(daemon.uuid) == 2
 
 
 # SFTP #############################################################################################
@@ -10296,7 +10670,11 @@ def _assemble_request(method, path, version, headers, body, length) -> tuple[byt
         "negative": "-1",
         "huge": str(2**62),
     }.get(length)
-    all_headers = headers + ([("Content-Length", value)] if value is not None else [])
+    all_headers = (
+        [("Host", "127.0.0.1")]
+        + headers
+        + ([("Content-Length", value)] if value is not None else [])
+    )
     head = (
         f"{method} {path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in all_headers) + "\r\n"
     )
@@ -10347,7 +10725,7 @@ def _exchange(port: int, raw: bytes, in_step: bool) -> None:
                 ), parsed
         if in_step and not resp.will_close:
             sock.sendall(
-                f"GET /api/system HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+                f"GET /api/system HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
             )
             follow = http.client.HTTPResponse(sock, method="GET")
             follow.begin()

@@ -56,7 +56,8 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            as chunked multipart tar.gz), ``IncomingTransfer`` (extracted as it
                            arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
     metrics                ``GET /metrics`` (Prometheus text): ``ServerMetrics``, ``render_metrics``
-    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors;
+    HTTP API               ``ApiServer`` (connection cap, header deadline) / ``ApiHandler``:
+                           RFC 9112 framing (``framing_problem``), routes, auth, CORS, JSON errors;
                            ``TlsWrapper`` (``api.ssl``, certificate reloaded on renewal)
     daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
                            power, crash detection), ``Daemon`` (boot, servers, system info)
@@ -92,6 +93,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import email.errors
 import errno
 import fcntl
 import functools
@@ -111,6 +113,7 @@ import platform
 import posixpath
 import random
 import re
+import resource
 import select
 import shutil
 import signal
@@ -120,6 +123,7 @@ import ssl
 import stat
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -149,6 +153,7 @@ OFFLINE, STARTING, RUNNING, STOPPING = "offline", "starting", "running", "stoppi
 # Websocket close codes wingslite uses beyond RFC 6455's own.
 CLOSE_SUSPENDED = 4409  # the Panel's browser client stops reconnecting on 4409 (panel#5464)
 CLOSE_REVOKED = 4401
+CLOSE_UNAUTHENTICATED = 4401  # no valid token within ConsoleSocket.auth_timeout_s
 CLOSE_SERVER_DELETED = 1001
 
 # Activity event names as Wings v1.11 sends them to the Panel (server/activity.go); the activity
@@ -6418,6 +6423,7 @@ CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN = 1013  # "Try Again Later" (IANA WebSocket close code registry)
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -7181,7 +7187,7 @@ class ConsoleSocket:
     accepted, so that suspension, deletion and deauthorisation can close it.
     """
 
-    auth_timeout_s = 30.0  # an unauthenticated socket only occupies one of the server's slots
+    auth_timeout_s = 5.0  # the Panel's browser sends its token at once; strangers are cut early
     ping_interval_s = 30.0
     expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
     # Wings' websocket power actions do not wait for the power lock at all; the "offline" status
@@ -7206,6 +7212,7 @@ class ConsoleSocket:
         self._throttled: set[str] = set()
         self._opened_at = time.monotonic()
         self._lock = threading.Lock()
+        self.on_authenticated: Callable[[], None] = lambda: None  # called once, at the first auth
 
     # -- session table --------------------------------------------------------------------------
 
@@ -7266,7 +7273,9 @@ class ConsoleSocket:
             self.ws.ping()
         if self.token is None:
             if now - self._opened_at >= self.auth_timeout_s:
-                self.ws.close(CLOSE_POLICY, f"no valid auth within {self.auth_timeout_s:.0f} s")
+                self.ws.close(
+                    CLOSE_UNAUTHENTICATED, f"no valid auth within {self.auth_timeout_s:.0f} s"
+                )
             return
         left = self.token.exp - time.time()
         if left <= 0 and not self._expired_sent:
@@ -7347,6 +7356,8 @@ class ConsoleSocket:
         first = self.token is None
         if self.token is None or self.token.user_uuid != token.user_uuid:
             self.register(token.user_uuid)
+        if first and not self._within_server_limit():
+            return
         self.token = token
         self._expiring_sent = self._expired_sent = self._muted = False
         self._send("auth success")
@@ -7363,6 +7374,20 @@ class ConsoleSocket:
             self._muted = True
             self._send("jwt error", problem)
         return True
+
+    def _within_server_limit(self) -> bool:
+        """At the first auth: only authenticated sockets count against the server's limit."""
+        limit = self.daemon.config.get("wingslite.websocket_max_per_server")
+        if authenticated_websockets(self.daemon.sessions, self.server.uuid) <= limit:
+            self.on_authenticated()
+            return True
+        self.daemon.sessions.unregister(self.session)
+        self.session = None
+        self.ws.close(
+            CLOSE_TRY_AGAIN,
+            f"too many open websocket connections for this server (the limit is {limit})",
+        )
+        return False
 
     def _token_problem(self, token: WebsocketToken | None) -> str | None:
         # The order of Wings' TokenValid(): present, exp, denylist, connect, server.
@@ -7545,11 +7570,90 @@ def _drain_read_buffer(handler: Any) -> bytes:
         sock.settimeout(timeout)
 
 
+def authenticated_websockets(sessions: SessionTable, server_uuid: str) -> int:
+    """A server's console sockets that carry an accepted token (those under a user)."""
+    return sum(1 for s in sessions.sessions(server_uuid, kind="websocket") if s.user_uuid)
+
+
+class PerIpCounter:
+    """How many of something each client IP holds at once, at most ``limit`` each (0: no limit).
+
+    Methods for the caller: ``acquire(ip)`` (False at the limit) and ``releaser(ip)`` (a callable
+    that gives the slot back once, however often it is called).
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, ip: str) -> bool:
+        with self._lock:
+            if self.limit and self._held.get(ip, 0) >= self.limit:
+                return False
+            self._held[ip] = self._held.get(ip, 0) + 1
+            return True
+
+    def releaser(self, ip: str) -> Callable[[], None]:
+        done = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if done.is_set():
+                    return
+                done.set()
+                left = self._held.get(ip, 1) - 1
+                if left > 0:
+                    self._held[ip] = left
+                else:
+                    self._held.pop(ip, None)
+
+        return release
+
+    def held(self, ip: str) -> int:
+        with self._lock:
+            return self._held.get(ip, 0)
+
+
 def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
     """``GET /api/servers/:server/ws``: accept the upgrade and speak Wings' console protocol on the
     request thread until the socket closes. Refusals before the upgrade raise ``WingsliteError``
-    (400 not a websocket request, 403 Origin, 426 version, 429 too many sockets for the server)."""
+    (400 not a websocket request, 403 Origin, 426 version, 429 too many sockets for the server or
+    too many not yet authenticated from the client's IP).
+
+    Until it authenticates, a socket counts against its client IP's allowance
+    (``wingslite.websocket_unauthenticated_per_ip``, through ``handler.server.websocket_strangers``
+    when there is one), not against the server's ``wingslite.websocket_max_per_server``: strangers
+    cannot take the owner's slots, and are closed after ``ConsoleSocket.auth_timeout_s``.
+    """
     handler.close_connection = True  # after the socket, this connection carries no more HTTP
+    strangers = getattr(handler.server, "websocket_strangers", None) or PerIpCounter(0)
+    ip = handler.client_address[0]
+    if not strangers.acquire(ip):
+        notices = getattr(handler.server, "notices", None)
+        if notices is not None:
+            notices.log(
+                "websocket strangers",
+                "refusing websockets from %s: %d not yet authenticated "
+                "(wingslite.websocket_unauthenticated_per_ip)",
+                ip,
+                strangers.limit,
+            )
+        raise WingsliteError(
+            f"Too many websocket connections from {ip} have not authenticated yet "
+            f"(the limit is {strangers.limit}).",
+            429,
+        )
+    release = strangers.releaser(ip)
+    try:
+        _serve_websocket(handler, daemon, server, release)
+    finally:
+        release()
+
+
+def _serve_websocket(
+    handler: Any, daemon: Any, server: Any, authenticated: Callable[[], None]
+) -> None:
     try:
         key = _upgrade_key(handler)
     except _UpgradeRefused as exc:
@@ -7563,16 +7667,15 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
         daemon.config.get("allowed_origins"),
     ):
         raise WingsliteError("Forbidden: this Origin may not open the server's websocket.", 403)
-    ws = WebSocket(handler.connection, _drain_read_buffer(handler))
-    console = ConsoleSocket(ws, server, daemon, ip=handler.client_address[0])
-    # Registered before counting, so that concurrent upgrades can never exceed the limit together.
-    console.register("")
     limit = daemon.config.get("wingslite.websocket_max_per_server")
-    if daemon.sessions.count(server.uuid, kind="websocket") > limit:
-        daemon.sessions.unregister(console.session)
+    if authenticated_websockets(daemon.sessions, server.uuid) >= limit:
         raise WingsliteError(
             f"Too many open websocket connections for this server (the limit is {limit}).", 429
         )
+    ws = WebSocket(handler.connection, _drain_read_buffer(handler))
+    console = ConsoleSocket(ws, server, daemon, ip=handler.client_address[0])
+    console.on_authenticated = authenticated
+    console.register("")  # in the table from now on, so that a suspension closes it too
     response = (
         f"HTTP/1.1 101 Switching Protocols\r\nServer: {handler.server_version}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {websocket_accept_key(key)}\r\n\r\n"
@@ -11104,33 +11207,43 @@ class Transfers:
             if successful:
                 raise
 
-    def receive(self, uuid: str, read: Callable[[int], bytes], content_type: str) -> None:
-        """The destination's side of ``POST /api/transfers``, from the Panel's document to success."""
+    def begin_incoming(self, uuid: str, content_type: str) -> tuple[IncomingTransfer, bytes]:
+        """Everything a ``POST /api/transfers`` checks before it reads a byte of the body: the
+        content type, the Panel's document, a server this node does not have yet (409)."""
         boundary = multipart_boundary(content_type)
         if boundary is None:
             raise BadRequest(
                 f'invalid content type "{content_type.split(";")[0]}", expected "multipart/form-data"'
             )
-        server = self.daemon.receive_server(uuid)  # Conflict when this node has it already
-        transfer = IncomingTransfer(server)
+        transfer = IncomingTransfer(self.daemon.receive_server(uuid))
         with self.lock:
             self.incoming[uuid] = transfer
-        ok = False
+        return transfer, boundary
+
+    def receive(
+        self,
+        transfer: IncomingTransfer,
+        body: Callable[[], Callable[[int], bytes]],
+        boundary: bytes,
+    ) -> None:
+        """The rest of the destination's side: extract ``body()``, tell the Panel, keep the server;
+        on any failure forget it and everything that arrived, and tell the Panel that too."""
+        server, ok = transfer.server, False
         try:
-            transfer.receive(read, boundary)
+            transfer.receive(body(), boundary)
             self.daemon.adopt_received(server)
-            self.report(uuid, successful=True)
+            self.report(server.uuid, successful=True)
             ok = True
             server.transferring = False
             server.events.publish("transfer status", "success")
-            LOG.info("server %s: transfer received", uuid)
+            LOG.info("server %s: transfer received", server.uuid)
         finally:
             with self.lock:
-                self.incoming.pop(uuid, None)
+                self.incoming.pop(server.uuid, None)
             if not ok:
                 server.events.publish("transfer status", "failure")
                 self.daemon.drop_received(server)
-                self.report(uuid, successful=False)
+                self.report(server.uuid, successful=False)
 
 
 class TransferRoutes:
@@ -11163,17 +11276,21 @@ class TransferRoutes:
     def route_receive_transfer(self) -> tuple[int, Any]:
         transfers = self.server.daemon.transfers
         uuid = transfers.check_token(self.headers.get("Authorization", ""))
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.body_read = True
-            read = chunked_reader(self.rfile)
-        else:
-            read, _length = self._body_reader()
+        # Refusals up to here leave the body unread, so that the answer reaches a client that is
+        # still sending (the dispatcher drains a small body; closing on unread bytes resets).
+        transfer, boundary = transfers.begin_incoming(uuid, self.headers.get("Content-Type", ""))
         try:
-            transfers.receive(uuid, read, self.headers.get("Content-Type", ""))
+            transfers.receive(transfer, self._transfer_body, boundary)
         except BaseException:
             self.close_connection = True  # the rest of the body is not read
             raise
         return 200, None
+
+    def _transfer_body(self) -> Callable[[int], bytes]:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.body_read = True
+            return chunked_reader(self.rfile)
+        return self._body_reader()[0]
 
     def route_cancel_incoming_transfer(self, server: Any) -> tuple[int, Any]:
         transfer = self.server.daemon.transfers.incoming.get(server.uuid)
@@ -11650,16 +11767,79 @@ class TlsWrapper:
         return self._current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
+class LogOncePerMinute:
+    """One log line per kind of event per minute, saying how many were not logged since.
+
+    For what strangers can cause at will (refused, reset and timed-out connections): a line per
+    connection would let them fill the disk and bury everything else in the log.
+    """
+
+    interval_s = 60.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def log(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, unlogged = self._last.get(kind, (-math.inf, 0))
+            if now - last < self.interval_s:
+                self._last[kind] = (last, unlogged + 1)
+                return
+            self._last[kind] = (now, 0)
+        if unlogged:
+            message += f" ({unlogged} more in the minute before)"
+        LOG.warning(message, *args)
+
+
+class _Connection:
+    """One accepted API connection as ``ApiServer`` accounts for it.
+
+    ``phase`` is ``headers`` (a request line and headers are due by ``deadline``), ``idle`` (a
+    kept-alive connection between requests) or ``busy`` (a request is being answered, or the
+    connection carries a websocket). ``cut`` says why the server ended it early, if it did.
+    """
+
+    __slots__ = ("cut", "deadline", "ip", "phase", "since", "sock")
+
+    def __init__(self, sock: Any, ip: str, deadline: float):
+        self.sock, self.ip = sock, ip
+        self.phase, self.since, self.deadline = "headers", time.monotonic(), deadline
+        self.cut = ""
+
+
+def default_max_connections(sftp_connections: int) -> int:
+    """API connections allowed when ``wingslite.max_connections`` is 0: the process's soft file
+    limit less a reserve for the daemon's own files, Docker and SFTP (a socket and some open
+    files per SFTP connection), between 16 and 4096 (each connection is a thread)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft - 128 - 4 * sftp_connections))
+
+
 class ApiServer(http.server.ThreadingHTTPServer):
     """The node's HTTP API server: one thread per connection, bound to ``daemon``.
 
+    Connections are accounted for (``admit_connection`` / ``connection_phase`` /
+    ``release_connection``): at most ``max_connections`` are open; at the cap a new one closes the
+    connection idle the longest (kept-alive first, then one still sending its first request) and,
+    when every connection is busy, is answered ``503`` with ``Retry-After``. A request line and its
+    headers must arrive within ``header_timeout_s`` of the connection (or of the first byte of a
+    kept-alive request), or the connection is answered ``408`` and closed; a kept-alive
+    connection is closed after ``ApiHandler.timeout`` without a request. Refusals, timeouts and
+    resets are logged once a minute per kind (``notices``), never a traceback each.
+
     Class variables that may be overridden: ``daemon_threads``, ``allow_reuse_address``,
-    ``request_queue_size``, ``handler_class``.
+    ``request_queue_size``, ``handler_class``, ``retry_after_s``, ``reap_interval_s``.
     """
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    retry_after_s = 5
+    reap_interval_s = 0.25
 
     def __init__(
         self,
@@ -11672,20 +11852,38 @@ class ApiServer(http.server.ThreadingHTTPServer):
             0,
             "",
         )  # (second, its HTTP date): formatted once a second, not per answer
+        config = daemon.config
+        self.max_connections = config.get("wingslite.max_connections") or default_max_connections(
+            config.get("wingslite.sftp_max_connections")
+        )
+        self.header_timeout_s = float(config.get("wingslite.header_timeout_s"))
+        self.websocket_strangers = PerIpCounter(
+            config.get("wingslite.websocket_unauthenticated_per_ip")
+        )
+        self.notices = LogOncePerMinute()
+        self._connections: dict[Any, _Connection] = {}
+        self._connections_lock = threading.Lock()
+        self._next_reap = 0.0
         super().__init__(address, handler_class or ApiHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        LOG.exception(
-            "unhandled error on a connection from %s", client_address[0] if client_address else "?"
-        )
+        ip = client_address[0] if client_address else "?"
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            self.notices.log("reset", "API connections reset or timed out mid-request (%s)", ip)
+            return
+        LOG.exception("unhandled error on a connection from %s", ip)
 
-    # -- TLS (api.ssl) -------------------------------------------------------------------------
+    # -- connection accounting -----------------------------------------------------------------
 
-    tls_handshake_timeout_s = 10.0
-
-    def get_request(self) -> tuple[socket.socket, Any]:
+    def get_request(self) -> tuple[Any, Any]:
         """Accept a connection; with ``api.ssl`` it is wrapped in TLS here (no I/O yet)."""
-        sock, address = super().get_request()
+        try:
+            sock, address = super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.notices.log("accept", "cannot accept API connections: %s", exc.strerror)
+                time.sleep(0.1)  # the listener stays readable: without a pause this loop spins
+            raise
         tls = getattr(self.daemon, "tls", None)
         if tls is not None:
             try:
@@ -11694,6 +11892,134 @@ class ApiServer(http.server.ThreadingHTTPServer):
                 sock.close()
                 raise OSError(f"TLS is not available: {exc}") from None
         return sock, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.admit_connection(request, client_address):
+            self.refuse_connection(request, client_address)
+            return
+        super().process_request(request, client_address)
+
+    def admit_connection(self, sock: Any, client_address: Any) -> bool:
+        """Account for a new connection; at the cap, close the idlest one to make room."""
+        record = _Connection(sock, client_address[0], time.monotonic() + self.header_timeout_s)
+        with self._connections_lock:
+            if len(self._connections) >= self.max_connections:
+                victim = self._idlest_connection()
+                if victim is None:
+                    return False
+                del self._connections[victim.sock]
+                victim.cut = "evicted"
+            else:
+                victim = None
+            self._connections[sock] = record
+        if victim is not None:
+            self.notices.log(
+                "evicted",
+                "at the cap of %d API connections (wingslite.max_connections): closing the "
+                "longest idle to admit new ones",
+                self.max_connections,
+            )
+            with contextlib.suppress(OSError):
+                # the plain socket's shutdown, also under TLS: SSLSocket's own would drop its
+                # TLS state under the handler thread still using it
+                socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)
+        return True
+
+    def _idlest_connection(self) -> _Connection | None:
+        for phase in ("idle", "headers"):
+            waiting = [c for c in self._connections.values() if c.phase == phase]
+            if waiting:
+                return min(waiting, key=lambda c: c.since)
+        return None
+
+    def refuse_connection(self, sock: Any, client_address: Any) -> None:
+        """Answer 503 with ``Retry-After`` without waiting for the request, and close (a TLS
+        connection is closed without an answer: it has not had its handshake)."""
+        if isinstance(sock, ssl.SSLSocket):
+            self.notices.log(
+                "refused", "refusing API connections: all %d are busy", self.max_connections
+            )
+            self.shutdown_request(sock)
+            return
+        request_id = str(uuidlib.uuid4())
+        body = json.dumps(
+            {
+                "error": f"the node is serving its maximum of {self.max_connections} connections; "
+                "try again later",
+                "request_id": request_id,
+            }
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Retry-After: {self.retry_after_s}\r\nX-Request-Id: {request_id}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):
+            sock.send(head.encode() + body, socket.MSG_DONTWAIT)
+            sock.recv(65536, socket.MSG_DONTWAIT)  # unread bytes would turn the close into a reset
+        self.notices.log(
+            "refused",
+            "refusing API connections: all %d are busy (wingslite.max_connections); answered 503",
+            self.max_connections,
+        )
+        self.shutdown_request(sock)
+
+    def connection_record(self, sock: Any) -> _Connection | None:
+        with self._connections_lock:
+            return self._connections.get(sock)
+
+    def connection_phase(self, sock: Any, phase: str) -> bool:
+        """Move a connection to ``phase``; False when the server has already cut it."""
+        now = time.monotonic()
+        with self._connections_lock:
+            record = self._connections.get(sock)
+            if record is None or record.cut:
+                return False
+            record.phase, record.since = phase, now
+            record.deadline = now + self.header_timeout_s if phase == "headers" else math.inf
+            return True
+
+    def release_connection(self, sock: Any) -> None:
+        with self._connections_lock:
+            self._connections.pop(sock, None)
+
+    def connection_counts(self) -> dict[str, int]:
+        """How many connections are in each phase (for tests, benchmarks and the curious)."""
+        with self._connections_lock:
+            phases = [c.phase for c in self._connections.values()]
+        return {phase: phases.count(phase) for phase in ("headers", "idle", "busy")}
+
+    def shutdown_request(self, request: Any) -> None:
+        self.release_connection(request)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` between accepts: cut connections late with their headers."""
+        now = time.monotonic()
+        if now < self._next_reap:
+            return
+        self._next_reap = now + self.reap_interval_s
+        with self._connections_lock:
+            late = [c for c in self._connections.values() if c.deadline < now and not c.cut]
+            for record in late:
+                record.cut = "header timeout"
+        for record in late:
+            self.notices.log(
+                "header timeout",
+                "closing API connections that did not send their headers within %.0f s "
+                "(wingslite.header_timeout_s), e.g. from %s",
+                self.header_timeout_s,
+                record.ip,
+            )
+            # The handler still answers 408 on a plain connection; a TLS session does not
+            # survive its reader seeing the end of the stream, so it is closed without one.
+            how = socket.SHUT_RDWR if isinstance(record.sock, ssl.SSLSocket) else socket.SHUT_RD
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(record.sock, how)
+
+    # -- TLS (api.ssl) -------------------------------------------------------------------------
+
+    tls_handshake_timeout_s = 10.0
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake runs here, on the connection's own thread, so a slow or broken client
@@ -11706,6 +12032,38 @@ class ApiServer(http.server.ThreadingHTTPServer):
                 LOG.debug("TLS handshake with %s failed: %s", client_address[0], exc)
                 return
         super().finish_request(request, client_address)
+
+
+def framing_problem(version: str, headers: http.client.HTTPMessage) -> str | None:
+    """Why a request's framing is refused (RFC 9112 §3.2, §5, §6), or ``None``.
+
+    Any reading of a message that a proxy in front could read differently lets a second request
+    hide in the first (request smuggling), so every ambiguity is a 400 and the connection closes.
+    """
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        return f"{version} requests are not served; send HTTP/1.1"
+    # The header parser stops at a line it cannot read as a header (a space before the colon) and
+    # keeps the rest as a "body"; defects about a multipart Content-Type's missing body are fine.
+    malformed = (email.errors.MissingHeaderBodySeparatorDefect, email.errors.InvalidHeaderDefect)
+    rest = headers.get_payload()  # a message/* Content-Type makes it a list of sub-messages
+    if any(isinstance(d, malformed) for d in headers.defects) or (isinstance(rest, str) and rest):
+        return "a header line is malformed (no name, or whitespace before the colon)"
+    if any("\n" in value for value in headers.values()):
+        return "a header is folded over several lines (obsolete line folding)"
+    lengths = headers.get_all("Content-Length") or []
+    if any(not re.fullmatch(r"[0-9]+", value) for value in lengths):
+        return "the Content-Length header must be plain digits"
+    if len(set(lengths)) > 1:
+        return "the request has more than one Content-Length, with different values"
+    codings = headers.get_all("Transfer-Encoding") or []
+    if codings and (len(codings) > 1 or codings[0].strip().lower() != "chunked"):
+        return "Transfer-Encoding other than a single chunked is not supported"
+    if codings and version == "HTTP/1.0":
+        return "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+    hosts = headers.get_all("Host") or []
+    if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+        return "an HTTP/1.1 request needs exactly one Host header"
+    return None
 
 
 class ApiHandler(
@@ -11734,6 +12092,51 @@ class ApiHandler(
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request_id = ""
+        self.requests_served = 0
+
+    # -- connection phases (accounted for by ApiServer) -------------------------------------------
+
+    def handle_one_request(self) -> None:
+        self.request_id = ""
+        if self.requests_served and not self._await_next_request():
+            self.close_connection = True
+            return
+        super().handle_one_request()
+        self.requests_served += 1
+
+    def _await_next_request(self) -> bool:
+        """Keep-alive: idle (the first to be closed at the cap) until the next request's first
+        byte, which starts its header deadline. False: closed, timed out or cut by the server."""
+        if not self.server.connection_phase(self.request, "idle"):
+            return False
+        try:
+            first = self.rfile.peek(1)
+        except OSError:  # the idle timeout (``timeout``), a reset, or the server's own cut
+            return False
+        return bool(first) and self.server.connection_phase(self.request, "headers")
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, then RFC 9112's framing rules (``framing_problem``); a request
+        whose headers came too late is answered 408."""
+        parsed = not self._headers_late() and super().parse_request()
+        if self._headers_late():
+            self.close_connection = True
+            self._error(
+                408,
+                f"the request headers did not arrive within {self.server.header_timeout_s:.0f} s",
+            )
+            return False
+        if not parsed:
+            return False
+        problem = framing_problem(self.request_version, self.headers)
+        if problem is not None:
+            self.send_error(400, problem)
+            return False
+        return self.server.connection_phase(self.request, "busy")
+
+    def _headers_late(self) -> bool:
+        record = self.server.connection_record(self.request)
+        return record is None or record.cut == "header timeout"
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -11741,13 +12144,14 @@ class ApiHandler(
         LOG.debug("%s %s", self.address_string(), format % args)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too long) as JSON, never HTML."""
+        """http.server's own errors (bad request line, headers too long) as JSON, never HTML,
+        with a request id like every other error."""
         if code == 501 and getattr(self, "command", None):
             # A method with no ``do_`` method: answered as any route answers one it does not
             # take (405 with Allow, or 404), never 501.
             return self._dispatch(self.command)
         self.close_connection = True
-        self._respond(code, {"error": message or http.HTTPStatus(code).phrase})
+        self._error(code, message or http.HTTPStatus(code).phrase)
 
     def _respond(
         self, status: int, body: Any = None, headers: Mapping[str, str] | None = None
@@ -11792,6 +12196,7 @@ class ApiHandler(
         return headers
 
     def _error(self, status: int, message: str) -> None:
+        self.request_id = self.request_id or str(uuidlib.uuid4())
         self._respond(status, {"error": message, "request_id": self.request_id})
 
     def do_OPTIONS(self) -> None:
@@ -11849,6 +12254,8 @@ class ApiHandler(
                 self._drain_unread_body()
                 self._respond(status, body)
         except WingsliteError as exc:
+            if exc.status in (401, 403):
+                self.close_connection = True  # a stranger's body is not waited for, nor read
             self._drain_unread_body()
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             if exc.status == 405:
@@ -13974,6 +14381,9 @@ def _demo(args: Any) -> int:
     import secrets
     import tempfile
 
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a service manager stops it with SIGTERM
+        signal.signal(sig, lambda *_: stop.set())
     token_id, token = secrets.token_hex(8), secrets.token_hex(32)
     servers = [
         demo_document(str(uuidlib.uuid4()), "Demo Survival", 1024),
@@ -13997,7 +14407,13 @@ def _demo(args: Any) -> int:
         "remote_query": {"timeout": 5},
     }
     daemon = Daemon(Config(raw, "--demo"))
-    daemon.start()
+    try:
+        daemon.start()
+    except OSError as exc:  # e.g. the port is taken
+        panel.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"wingslite: cannot start: {exc}", file=sys.stderr)
+        return 1
     daemon.wait_booted(10)
     base = f"http://127.0.0.1:{daemon.port}"
     first = servers[0]["settings"]["uuid"]
@@ -14025,9 +14441,8 @@ Press Ctrl-C to stop.""",
         flush=True,
     )
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        while not stop.wait(1):
+            pass
         print("\nstopping", flush=True)
     finally:
         daemon.stop()
