@@ -22,6 +22,7 @@ import http.server
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
@@ -42,6 +43,7 @@ import urllib.parse
 import uuid as uuidlib
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -10488,6 +10490,29 @@ class TestHostileFeatureInput:
         assert status == 400, answer
         assert "name is longer than 4096 bytes" in answer["error"]
         assert tree_snapshot(server.fs.root) == before
+
+    def test_an_xz_archive_that_asks_for_gigabytes_of_dictionary_is_refused(
+        self, panel, make_daemon
+    ):
+        # The decoder allocates the dictionary the header names (up to 4 GiB) and fills it as
+        # data passes; a tar member the extractor skips passes without touching the disk
+        # limit: 80 KB of xz held 512 MiB. A normal archive (xz -9: 64 MiB) still extracts.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        tar = _tar_file("f.txt", b"xz") + _TAR_END
+        for dict_byte, name, expected in ((0x10, "ok.tar.xz", 204), (39, "big.tar.xz", 400)):
+            xz = bytearray(
+                lzma.compress(
+                    tar,
+                    format=lzma.FORMAT_XZ,
+                    filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}],
+                )
+            )
+            xz[16] = dict_byte  # the block header's LZMA2 dictionary size: 39 is 3 GiB
+            xz[20:24] = zlib.crc32(bytes(xz[12:20])).to_bytes(4, "little")
+            status, answer, _ = _decompress(daemon, server, name, bytes(xz))
+            assert status == expected, (name, answer)
+        assert "needs more than 256 MiB of memory" in answer["error"]
+        assert (server.fs.root / "f.txt").read_bytes() == b"xz"
 
 
 # fault drills #####################################################################################

@@ -102,6 +102,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -3490,8 +3491,26 @@ _MAGIC_RAR = b"Rar!\x1a\x07"
 _COMPRESSORS: dict[str, tuple[bytes, Callable[[Any], Any], tuple[str, ...]]] = {
     "gzip": (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), (".gz", ".tgz")),
     "bzip2": (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb"), (".bz2", ".tbz2", ".tbz")),
-    "xz": (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb"), (".xz", ".txz")),
+    "xz": (b"\xfd7zXZ\x00", lambda raw: _xz_reader(raw), (".xz", ".txz")),
 }
+# An .xz header names the dictionary the decoder allocates: up to 4 GiB, filled as data passes,
+# and a tar member the extractor skips (a device, an unknown type) passes without being written,
+# so the disk limit does not bound it -- 80 KB of xz held 512 MiB. ``xz -9`` needs 65 MiB.
+ARCHIVE_XZ_MEMLIMIT_BYTES = 256 << 20
+
+
+def _xz_reader(raw: Any) -> Any:
+    """``lzma.LZMAFile`` with a memory limit (LZMAFile has no parameter for it)."""
+    import _compression  # what gzip, bz2 and lzma build their readers from
+
+    return io.BufferedReader(
+        _compression.DecompressReader(
+            raw,
+            lzma.LZMADecompressor,
+            trailing_error=lzma.LZMAError,
+            memlimit=ARCHIVE_XZ_MEMLIMIT_BYTES,
+        )
+    )
 
 
 class _Prefixed:
@@ -3582,7 +3601,14 @@ def extract_archive(
         inner = opener(_Prefixed(head, src))
         try:
             first = _read_exactly(inner, 512)
-        except (OSError, EOFError, lzma.LZMAError) as exc:
+        except lzma.LZMAError as exc:
+            if "memory usage limit" in str(exc).lower():  # liblzma's LZMA_MEMLIMIT_ERROR text
+                raise ArchiveError(
+                    "refused archive: it needs more than "
+                    f"{ARCHIVE_XZ_MEMLIMIT_BYTES >> 20} MiB of memory to decompress"
+                ) from None
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        except (OSError, EOFError) as exc:
             raise ArchiveError(f"the archive is damaged: {exc}") from None
         if _is_tar_header(first):
             target.tar(_Prefixed(first, inner))
