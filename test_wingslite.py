@@ -10514,6 +10514,31 @@ class TestHostileFeatureInput:
         assert "needs more than 256 MiB of memory" in answer["error"]
         assert (server.fs.root / "f.txt").read_bytes() == b"xz"
 
+    def test_a_peer_sending_a_zip_stream_cannot_fill_the_hosts_temporary_directory(
+        self, make_daemon, tmp_path
+    ):
+        # A zip's directory is at its end, so a zip that arrives as a stream is spooled to a
+        # temporary file first -- without any bound: a transfer peer could fill the host's /tmp.
+        dst_panel = TransferPanel()
+        doc = panel_document(build__disk_space=1)  # 1 MiB
+        dst_panel.add(doc)
+        uuid = doc["settings"]["uuid"]
+        dst_panel.unlisted.add(uuid)
+        destination = make_daemon(dst_panel, token_id=DST_TOKEN_ID, token=DST_TOKEN)
+        dst_panel.transfers[uuid] = None
+        try:
+            archive = b"PK\x03\x04" + bytes(4 << 20)
+            status, body = send_archive(
+                destination,
+                "Bearer " + transfer_token(uuid),
+                [("archive", archive), ("checksum", hashlib.sha256(archive).hexdigest().encode())],
+            )
+        finally:
+            dst_panel.close()
+        assert status == 400, body
+        assert "larger than the server's free disk space" in body["error"]
+        assert dst_panel.transfers[uuid] is False
+
 
 # fault drills #####################################################################################
 

@@ -3591,7 +3591,7 @@ def extract_archive(
         else:
             with tempfile.TemporaryFile() as spool:
                 spool.write(head)
-                shutil.copyfileobj(src, spool, ARCHIVE_CHUNK_BYTES)
+                _spool_within_limit(src, spool, fs)
                 spool.seek(0)
                 target.zip(spool)
     elif kind == "tar":
@@ -3673,6 +3673,23 @@ class _BoundedTarInfo(tarfile.TarInfo):
             return super()._proc_member(tar)
         finally:
             tar.fileobj = real
+
+
+def _spool_within_limit(src: Any, spool: Any, fs: Filesystem) -> None:
+    """Copy a zip that arrives as a stream (a transfer, an s3 restore) into ``spool``.
+
+    The spool is the host's temporary directory, not the server's: without a bound, a peer
+    could send gigabytes that fill it. It may hold no more than the server has room for --
+    what the zip holds must fit there anyway.
+    """
+    spooled = 0
+    while chunk := src.read(ARCHIVE_CHUNK_BYTES):
+        spooled += len(chunk)
+        if fs.limit_bytes and not fs.has_space(spooled):
+            raise ArchiveError(
+                f"the zip archive is larger than the server's free disk space ({_NO_SPACE})"
+            )
+        spool.write(chunk)
 
 
 def _seekable(src: Any) -> bool:
