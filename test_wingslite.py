@@ -10372,6 +10372,8 @@ class TestHostileFeatureInput:
         assert status == 403
         status, _, _ = upload(daemon, signed_token(server.uuid), {"x.jar": b"!"})
         assert status == 200 and (server.fs.root / "x.jar").read_bytes() == b"!"
+        scoped = signed_token(server.uuid, scope="file-upload", permissions=["file.create"])
+        assert upload(daemon, scoped, {"y.jar": b"!"})[0] == 200  # a newer Panel's scope decides
 
     def test_an_upload_of_thousands_of_parts_holds_one_fd_at_a_time(self, panel, make_daemon):
         # Every staged part kept its fd open to the end of the form: one request of more parts

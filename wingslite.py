@@ -7020,7 +7020,8 @@ SIGNED_URL_CLAIMS: Mapping[str, tuple[str, ...]] = {
 # The Panel's tokens of every kind are signed with the same node key, and older Panels send no
 # ``scope``: an upload token is told apart only by what it lacks. Wings v1.11 accepts any of them
 # at /upload/file, so a user allowed to download one file, a backup, or to open the console
-# could upload. A claim that marks another kind (``permissions``: a websocket token) refuses it.
+# could upload. A claim that marks another kind (``permissions``: a websocket token) refuses it;
+# a token with a ``scope`` (newer Panels) is judged by that alone.
 SIGNED_URL_FOREIGN_CLAIMS: Mapping[str, tuple[str, ...]] = {
     "file-download": ("backup_uuid", "permissions"),
     "file-upload": ("file_path", "backup_uuid", "permissions"),
@@ -7077,7 +7078,7 @@ class SignedUrls:
         for key in ("server_uuid", "unique_id", *SIGNED_URL_CLAIMS[kind]):
             if not isinstance(claims.get(key), str) or not claims[key]:
                 raise WingsliteError(f"the {kind} token has no {key} claim", 403)
-        for key in SIGNED_URL_FOREIGN_CLAIMS[kind]:
+        for key in SIGNED_URL_FOREIGN_CLAIMS[kind] if scope is None else ():  # scope decides
             if key in claims:
                 raise WingsliteError(f"a token with a {key} claim is not a {kind} token", 403)
         signed = SignedToken(
