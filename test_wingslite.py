@@ -2160,9 +2160,15 @@ class TestHttpConnections:
     def test_connections_reset_by_clients_log_no_traceback(self, panel, make_daemon, caplog):
         daemon = make_daemon(panel)
         with caplog.at_level(logging.INFO, logger="wingslite"):
-            for _ in range(40):
+            half_body = (
+                "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n"
+                f"Authorization: Bearer {TOKEN}\r\n\r\n" + '{"user": "'
+            ).encode()
+            for i in range(40):
                 sock = stranger(daemon.port)
-                sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\nX-Half: ")
+                # cut in the headers, or in the body of an authorised request
+                sock.sendall(half_body if i % 2 else b"GET /api/system HTTP/1.1\r\nX-Half: ")
+                time.sleep(0.01)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()  # an RST, not a FIN
             wait_for(lambda: sum(daemon.http.connection_counts().values()) == 0, what="drained")

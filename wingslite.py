@@ -12298,8 +12298,6 @@ class ApiHandler(
                 self._drain_unread_body()
                 self._respond(status, body)
         except WingsliteError as exc:
-            if exc.status in (401, 403):
-                self.close_connection = True  # a stranger's body is not waited for, nor read
             self._drain_unread_body()
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             if exc.status == 405:
@@ -12307,6 +12305,15 @@ class ApiHandler(
             self._respond(
                 exc.status, {"error": exc.message, "request_id": self.request_id}, headers
             )
+        except (ConnectionResetError, BrokenPipeError, TimeoutError):
+            # Almost always the client going away mid-body: a line a minute, not a traceback each.
+            self.server.notices.log(
+                "reset",
+                "API connections reset or timed out mid-request (%s)",
+                self.client_address[0],
+            )
+            self.close_connection = True
+            self._error(500, "the connection was reset or timed out while the request was read")
         except Exception:
             LOG.exception(
                 "request %s %s failed (request id %s)", method, self.path, self.request_id
