@@ -22,9 +22,11 @@ import http.server
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -41,6 +43,7 @@ import urllib.parse
 import uuid as uuidlib
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -10188,6 +10191,362 @@ class TestPanelButtons:
         restored = wait_for(lambda: restore_report(panel, backup), 20, what="the restore report")
         assert restored == {"successful": True}
         assert (node.server.fs.root / "server.properties").read_text() == "motd=s3\n"
+
+
+# hostile input to the Panel features ###############################################################
+
+
+def _gz(*blocks: bytes) -> bytes:
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
+        for block in blocks:
+            gz.write(block)
+    return out.getvalue()
+
+
+def _tar_header(name: str, kind: bytes, size: int, pax: dict | None = None) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    if pax is not None:
+        info.pax_headers = pax
+        return info.tobuf(format=tarfile.PAX_FORMAT)
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def _tar_file(name: str, data: bytes, pax: dict | None = None) -> bytes:
+    padding = b"\0" * (-len(data) % 512)
+    return _tar_header(name, tarfile.REGTYPE, len(data), pax) + data + padding
+
+
+_TAR_END = b"\0" * 1024
+
+
+def _decompress(daemon, server, name: str, data: bytes):
+    (server.fs.root / name).write_bytes(data)
+    server.fs.recalculate()
+    before = tree_snapshot(server.fs.root)
+    status, _, answer = api(
+        daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": name}
+    )
+    return status, answer, before
+
+
+class TestHostileFeatureInput:
+    """What a hostile user or peer sends to the Panel features: a clear error, nothing changed."""
+
+    def test_a_tar_header_that_claims_megabytes_is_refused_before_it_is_read(
+        self, panel, make_daemon
+    ):
+        # tarfile reads a GNU long name / PAX header / sparse map into memory whole: a few
+        # hundred KB of gzip could claim gigabytes. Go's archive/tar stops at 1 MiB.
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=64)
+        huge = 8 << 20
+        long_name = _tar_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, huge)
+        sparse_map = _tar_header(
+            "s",
+            tarfile.REGTYPE,
+            0,
+            {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "1"},
+        )
+        bombs = {
+            "name.tar.gz": _gz(long_name, b"a" + bytes(huge - 1), _tar_file("x", b"x"), _TAR_END),
+            "pax.tar.gz": _gz(
+                _tar_header("p", tarfile.XGLTYPE, huge), bytes(huge), _tar_file("x", b"x")
+            ),
+            "sparse.tar.gz": _gz(sparse_map, b"%d\n" % huge, b"1\n" * (huge // 2), _TAR_END),
+        }
+        for name, data in bombs.items():
+            assert len(data) < huge // 50  # the point: tiny on the wire
+            status, answer, before = _decompress(daemon, server, name, data)
+            assert status == 400, (name, status, answer)
+            assert "header is larger than 1048576 bytes" in answer["error"]
+            assert tree_snapshot(server.fs.root) == before
+
+    def test_a_chain_of_thousands_of_long_name_headers_is_a_clear_refusal(self, panel, make_daemon):
+        # tarfile recurses once per extended header: 2,000 of them were a RecursionError (500).
+        daemon, server = _fm_daemon(panel, make_daemon)
+        one = _tar_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 2) + b"a" + bytes(511)
+        data = _gz(one * 2000, _tar_file("x", b"x"), _TAR_END)
+        status, answer, before = _decompress(daemon, server, "chain.tar.gz", data)
+        assert status == 400, answer
+        assert "more than 16 extended headers" in answer["error"]
+        assert tree_snapshot(server.fs.root) == before
+
+    def test_a_pax_mtime_the_kernel_cannot_hold_does_not_fail_the_archive(self, panel, make_daemon):
+        # PAX mtime is any decimal; "inf" was an OverflowError (500), "nan" a ValueError that
+        # came out as "the path is not valid".
+        daemon, server = _fm_daemon(panel, make_daemon)
+        for i, when in enumerate(("inf", "nan", "-1e30")):
+            data = _gz(_tar_file(f"f{i}.txt", b"kept", {"mtime": when}), _TAR_END)
+            status, answer, _ = _decompress(daemon, server, f"t{i}.tar.gz", data)
+            assert status == 204, (when, answer)
+            assert (server.fs.root / f"f{i}.txt").read_bytes() == b"kept"
+
+    @staticmethod
+    def _rewrite_configs(tmp_path, files: dict, configs: list) -> tuple[list, list, dict]:
+        """Egg config files rewritten as before a start, under a watchdog: (failed, said, after)."""
+        root = tmp_path / "srv"
+        root.mkdir()
+        for name, text in files.items():
+            (root / name).write_text(text)
+        fs = w.Filesystem(root, limit_bytes=64 << 20)
+        fs.recalculate()
+        said: list[str] = []
+        placeholders = w.NodePlaceholders(w.Config(node_config(tmp_path, "http://127.0.0.1:1")))
+        result: list = []
+
+        def rewrite() -> None:
+            with w.Jail(root) as jail:
+                writer = w.ConfigFileWriter(
+                    jail, placeholders, fs.reserve, lambda n: fs.add_usage(-n)
+                )
+                result.append(writer.apply(configs, said.append))
+
+        worker = threading.Thread(target=rewrite, daemon=True)
+        worker.start()
+        worker.join(120)  # a watchdog, not a timing claim: the old code ran for hours
+        assert result, "the config files were still being rewritten after 120 s"
+        return result[0], said, {n: (root / n).read_text() for n in files}
+
+    def test_config_files_nested_too_deeply_are_skipped_with_a_clear_message(self, tmp_path):
+        # json, yaml and xml parsers recurse once per level; a RecursionError escaped the writer.
+        files = {
+            "deep.json": "[" * 100_000 + "]" * 100_000,
+            "deep.yml": "a: " + "[" * 100_000 + "]" * 100_000 + "\n",
+            "deep.xml": "<a>" * 100_000 + "</a>" * 100_000,
+        }
+        configs = [
+            w.ConfigFile(name, name.rsplit(".", 1)[1].replace("yml", "yaml"), (r,))
+            for name, r in zip(
+                files,
+                (w.Replacement("a", "1"), w.Replacement("a", "1"), w.Replacement("a.b", "1")),
+                strict=True,
+            )
+        ]
+        failed, said, after = self._rewrite_configs(tmp_path, files, configs)
+        assert failed == list(files)
+        for name, line in zip(files, said, strict=True):
+            assert line.startswith(f"Failed to update configuration file {name}: cannot be parsed")
+            assert line.endswith("it is nested too deeply")
+        assert after == files
+
+    def test_a_yaml_alias_bomb_is_refused_not_expanded(self, tmp_path):
+        # safe_load shares aliased nodes, so this loads at once; the in-place edit then compared
+        # 9**12 nodes. go-yaml refuses "excessive aliasing" likewise.
+        levels = [f"l0: &l0 [{', '.join(['x'] * 9)}]"]
+        for n in range(1, 13):
+            levels.append(f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]")
+        bomb = "\n".join(levels) + "\nport: 25565\n"
+        cycle = "a: &a\n  b: *a\nport: 25565\n"
+        files = {"bomb.yml": bomb, "cycle.yml": cycle, "fine.yml": "x: &x [1, 2]\ny: *x\nport: 1\n"}
+        configs = [w.ConfigFile(n, "yaml", (w.Replacement("port", "2"),)) for n in files]
+        failed, said, after = self._rewrite_configs(tmp_path, files, configs)
+        assert failed == ["bomb.yml", "cycle.yml"]
+        assert "aliases expand to more than 1000000 nodes" in said[0]
+        assert "an alias refers to a node that encloses it" in said[1]
+        assert after["bomb.yml"] == bomb and after["cycle.yml"] == cycle
+        assert after["fine.yml"] == "x: &x [1, 2]\ny: *x\nport: 2\n"  # modest aliases still work
+
+    def test_half_a_million_properties_continuation_lines_are_read_in_linear_time(self, tmp_path):
+        # Each continuation line was added to one growing string: 4 MiB of them ran for hours.
+        text = "motd=a\\\n" * 500_000 + "end\nserver-port=1\n"
+        configs = [
+            w.ConfigFile("server.properties", "properties", (w.Replacement("server-port", "2"),))
+        ]
+        failed, said, after = self._rewrite_configs(tmp_path, {"server.properties": text}, configs)
+        assert failed == [] and said == []
+        assert after["server.properties"] == text.replace("server-port=1", "server-port=2")
+
+    def test_a_token_of_another_kind_cannot_upload(self, panel, make_daemon):
+        # Every Panel token is signed with the node key and has server_uuid and unique_id; an
+        # upload token has nothing else. A download, backup or websocket token (a user without
+        # file.create) was accepted at /upload/file, as in Wings v1.11.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        others = {
+            "file download": {"file_path": "/server.properties"},
+            "backup download": {"backup_uuid": str(uuidlib.uuid4())},
+            "websocket": {"permissions": ["websocket.connect"]},
+        }
+        for kind, claims in others.items():
+            status, _, raw = upload(daemon, signed_token(server.uuid, **claims), {"x.jar": b"!"})
+            assert status == 403, (kind, status, raw)
+            assert "is not a file-upload token" in json.loads(raw)["error"]
+        assert not (server.fs.root / "x.jar").exists()
+        download_token = signed_token(server.uuid, backup_uuid="b", file_path="/x")
+        status, _, _ = http_raw(
+            daemon.port, "GET", f"/download/file?token={download_token}", token=None
+        )
+        assert status == 403
+        status, _, _ = upload(daemon, signed_token(server.uuid), {"x.jar": b"!"})
+        assert status == 200 and (server.fs.root / "x.jar").read_bytes() == b"!"
+        scoped = signed_token(server.uuid, scope="file-upload", permissions=["file.create"])
+        assert upload(daemon, scoped, {"y.jar": b"!"})[0] == 200  # a newer Panel's scope decides
+
+    def test_an_upload_of_thousands_of_parts_holds_one_fd_at_a_time(self, panel, make_daemon):
+        # Every staged part kept its fd open to the end of the form: one request of more parts
+        # than the fd limit failed with EMFILE (500), for every server of the daemon meanwhile.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        files = {f"f{i:04}.txt": b"%d" % i for i in range(1500)}
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        try:
+            status, _, raw = upload(daemon, signed_token(server.uuid), files, "/many")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert status == 200, raw
+        assert sorted(p.name for p in (server.fs.root / "many").iterdir()) == sorted(files)
+        assert (server.fs.root / "many" / "f1499.txt").read_bytes() == b"1499"
+
+    def test_a_backup_ignore_rule_of_many_stars_matches_in_linear_time(self, console_node):
+        # Both the backup's ignore and .pteroignore are the user's. As a backtracking regex,
+        # "*a*a...*b" against a long name of "a"s ran for hours (Wings uses RE2: linear).
+        daemon = console_node()
+        root = daemon.config.data_dir / daemon.uuid
+        root.mkdir(parents=True, exist_ok=True)
+        (root / ("a" * 200)).write_bytes(b"kept")
+        (root / ("a" * 199 + "b")).write_bytes(b"left out")
+        (root / "x.tmp").write_bytes(b"left out")
+        ignore = "*a" * 12 + "b\n*.tmp\n[z-a]\n"  # an empty range matches nothing, as in git
+        report = TestBackups.backup(daemon, daemon.uuid, ignore=ignore)
+        assert report["successful"] is True, report
+        status, data = download(daemon, backup_token(daemon.uuid, report["uuid"]))
+        assert status == 200
+        assert tar_names(data) == {"a" * 200}
+
+    def test_parallel_rewrites_of_one_file_do_not_forget_the_servers_usage(
+        self, panel, make_daemon
+    ):
+        # Each staged rewrite credited the old file's bytes up front: ten at once credited them
+        # ten times, the figure fell to zero, and the server could then write its whole limit
+        # again on top of what it had -- over and over.
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=2)
+        root = server.fs.root
+        (root / "world.dat").write_bytes(bytes(1536 * 1024))
+        (root / "big.dat").write_bytes(bytes(256 * 1024))
+        server.fs.recalculate()
+        socks = []
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+            sock.sendall(
+                f"POST {fm_path(server, 'write', file='big.dat')} HTTP/1.1\r\n"
+                f"Host: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            socks.append(sock)
+        wait_for(
+            lambda: len(list(root.glob(".wingslite-*.part"))) == 10,
+            what="ten rewrites staged at once",
+        )
+        for sock in socks:
+            sock.sendall(b"x")
+            assert sock.makefile("rb").readline().split()[1] == b"204"
+            sock.close()
+        assert (root / "big.dat").read_bytes() == b"x"
+        status, _, _ = fm_write(daemon, server, "more.dat", bytes(1024 * 1024))
+        assert status == 400  # 1.5 MiB + 1 MiB is past the 2 MiB limit
+        assert not (root / "more.dat").exists()
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+
+    def test_decompress_through_a_symlinked_directory_still_honours_the_denylist(
+        self, panel, make_daemon
+    ):
+        # The staged entries were checked against the egg's denylist by the path as written
+        # ("/ln/server.jar"), but renamed through the link to "/config/server.jar".
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["config/server.jar"])
+        root = server.fs.root
+        (root / "config").mkdir()
+        (root / "config" / "server.jar").write_bytes(b"the egg's own")
+        (root / "ln").symlink_to("config")
+        (root / "config" / "x.tar.gz").write_bytes(
+            _gz(_tar_file("a.txt", b"fine"), _tar_file("server.jar", b"the user's"), _TAR_END)
+        )
+        before = tree_snapshot(root)
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/ln", "file": "x.tar.gz"}
+        )
+        assert status == 403, answer
+        assert answer["error"] == w.FM_DENYLIST
+        assert tree_snapshot(root) == before
+
+    def test_a_pull_to_an_internal_address_never_connects_to_it(self, panel, make_daemon):
+        # The address was checked after connect(): an open internal port answered "internal
+        # address", a closed one "connection refused" -- a port scanner for any user.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        listener = socket.create_server(("127.0.0.1", 0))
+        closed = socket.create_server(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()
+        answers = []
+        try:
+            for port in (listener.getsockname()[1], closed_port):
+                body = {"url": f"http://127.0.0.1:{port}/x", "root": "/", "foreground": True}
+                status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+                answers.append((status, answer["error"]))
+            listener.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                listener.accept()[0].close()  # nothing ever connected to it
+        finally:
+            listener.close()
+        assert answers[0] == answers[1]
+        assert answers[0][0] == 400 and "internal address (127.0.0.1)" in answers[0][1]
+
+    def test_an_archive_name_past_path_max_is_refused(self, panel, make_daemon):
+        # A PAX path may be a megabyte: "a/" * 3000 was a tree 3,000 levels deep (Wings makes
+        # directories by full path and fails past PATH_MAX).
+        daemon, server = _fm_daemon(panel, make_daemon)
+        data = _gz(_tar_file("a/" * 3000 + "f", b"deep"), _TAR_END)
+        status, answer, before = _decompress(daemon, server, "deep.tar.gz", data)
+        assert status == 400, answer
+        assert "name is longer than 4096 bytes" in answer["error"]
+        assert tree_snapshot(server.fs.root) == before
+
+    def test_an_xz_archive_that_asks_for_gigabytes_of_dictionary_is_refused(
+        self, panel, make_daemon
+    ):
+        # The decoder allocates the dictionary the header names (up to 4 GiB) and fills it as
+        # data passes; a tar member the extractor skips passes without touching the disk
+        # limit: 80 KB of xz held 512 MiB. A normal archive (xz -9: 64 MiB) still extracts.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        tar = _tar_file("f.txt", b"xz") + _TAR_END
+        for dict_byte, name, expected in ((0x10, "ok.tar.xz", 204), (39, "big.tar.xz", 400)):
+            xz = bytearray(
+                lzma.compress(
+                    tar,
+                    format=lzma.FORMAT_XZ,
+                    filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}],
+                )
+            )
+            xz[16] = dict_byte  # the block header's LZMA2 dictionary size: 39 is 3 GiB
+            xz[20:24] = zlib.crc32(bytes(xz[12:20])).to_bytes(4, "little")
+            status, answer, _ = _decompress(daemon, server, name, bytes(xz))
+            assert status == expected, (name, answer)
+        assert "needs more than 256 MiB of memory" in answer["error"]
+        assert (server.fs.root / "f.txt").read_bytes() == b"xz"
+
+    def test_a_peer_sending_a_zip_stream_cannot_fill_the_hosts_temporary_directory(
+        self, make_daemon, tmp_path
+    ):
+        # A zip's directory is at its end, so a zip that arrives as a stream is spooled to a
+        # temporary file first -- without any bound: a transfer peer could fill the host's /tmp.
+        dst_panel = TransferPanel()
+        doc = panel_document(build__disk_space=1)  # 1 MiB
+        dst_panel.add(doc)
+        uuid = doc["settings"]["uuid"]
+        dst_panel.unlisted.add(uuid)
+        destination = make_daemon(dst_panel, token_id=DST_TOKEN_ID, token=DST_TOKEN)
+        dst_panel.transfers[uuid] = None
+        try:
+            archive = b"PK\x03\x04" + bytes(4 << 20)
+            status, body = send_archive(
+                destination,
+                "Bearer " + transfer_token(uuid),
+                [("archive", archive), ("checksum", hashlib.sha256(archive).hexdigest().encode())],
+            )
+        finally:
+            dst_panel.close()
+        assert status == 400, body
+        assert "larger than the server's free disk space" in body["error"]
+        assert dst_panel.transfers[uuid] is False
 
 
 # fault drills #####################################################################################

@@ -102,6 +102,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -1633,6 +1634,7 @@ class Filesystem:
         self._quota_limit: int | None = None  # the limit the quota backend last accepted
         self._denylist: tuple[str, ...] = ()
         self._deny_re: re.Pattern[str] | None = None
+        self._replacing: set[str] = set()  # files whose old bytes a staged rewrite has credited
 
     @property
     def limit_bytes(self) -> int:
@@ -1783,6 +1785,19 @@ class Filesystem:
         with self._lock:
             self._usage = max(0, self._usage + delta_bytes)
             self._booked_total += delta_bytes
+
+    def claim_replacement(self, path: str) -> bool:
+        """True for the first of concurrent rewrites of ``path``: only it may credit the old bytes
+        in advance (each crediting them let N parallel rewrites forget N times the file)."""
+        with self._lock:
+            if path in self._replacing:
+                return False
+            self._replacing.add(path)
+            return True
+
+    def release_replacement(self, path: str) -> None:
+        with self._lock:
+            self._replacing.discard(path)
 
     # -- metering ------------------------------------------------------------------------------
 
@@ -3131,6 +3146,9 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
 #         disk limit before it is written, so an archive bomb stops at the limit.
 
 UNSUPPORTED_ARCHIVE = "unsupported archive format"
+# Linux's PATH_MAX. Wings makes each entry's directories by their full path, so longer names fail
+# there; here a longer name would be a tree thousands of levels deep.
+ARCHIVE_NAME_MAX_BYTES = 4096
 ARCHIVE_CHUNK_BYTES = 1 << 20
 
 
@@ -3152,7 +3170,7 @@ class IgnoreMatcher:
     """
 
     def __init__(self, text: str = ""):
-        self.rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, dirs only)
+        self.rules: list[tuple[Any, bool, bool]] = []  # (matcher with .match, negated, dirs only)
         for line in text.splitlines():
             rule = self._parse(line)
             if rule is not None:
@@ -3162,7 +3180,7 @@ class IgnoreMatcher:
         return bool(self.rules)
 
     @staticmethod
-    def _parse(line: str) -> tuple[re.Pattern[str], bool, bool] | None:
+    def _parse(line: str) -> tuple[Any, bool, bool] | None:
         line = line.rstrip("\r")
         while line.endswith(" ") and not line.endswith("\\ "):
             line = line[:-1]
@@ -3176,9 +3194,14 @@ class IgnoreMatcher:
         if not line:
             return None
         anchored = "/" in line
-        body = _gitignore_body(line.lstrip("/"))
-        prefix = "^" if anchored else "^(?:.*/)?"
-        return re.compile(prefix + body + "$"), negated, dirs_only
+        tokens = [("dirs", "(?:.*/)?")] if not anchored else []
+        tokens += _gitignore_tokens(line.lstrip("/"))
+        try:
+            if sum(kind != "char" for kind, _ in tokens) <= 2:
+                return re.compile("^" + "".join(f for _, f in tokens) + "$"), negated, dirs_only
+            return _GlobAutomaton(tokens), negated, dirs_only
+        except re.error:  # "[z-a]": git's wildmatch matches nothing with it either
+            return None
 
     def ignored(self, relpath: str, is_dir: bool = False) -> bool:
         """True when ``relpath`` ('/'-separated, relative to the root) is left out."""
@@ -3190,37 +3213,92 @@ class IgnoreMatcher:
         return verdict
 
 
-def _gitignore_body(glob: str) -> str:
-    out: list[str] = []
+def _gitignore_tokens(glob: str) -> list[tuple[str, str]]:
+    """A glob as ``(kind, regex)``: kind "char" (one character), "star" (``[^/]*``), "any"
+    (``.*``) or "dirs" (``(?:.*/)?``, a leading or middle ``**/``)."""
+    out: list[tuple[str, str]] = []
     i = 0
     while i < len(glob):
         c = glob[i]
         if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
-            out.append("(?:.*/)?")
+            out.append(("dirs", "(?:.*/)?"))
             i += 3
         elif glob.startswith("**", i):
-            out.append(".*")
+            out.append(("any", ".*"))
             i += 2
         elif c == "*":
-            out.append("[^/]*")
+            out.append(("star", "[^/]*"))
             i += 1
         elif c == "?":
-            out.append("[^/]")
+            out.append(("char", "[^/]"))
             i += 1
         elif c == "\\" and i + 1 < len(glob):
-            out.append(re.escape(glob[i + 1]))
+            out.append(("char", re.escape(glob[i + 1])))
             i += 2
         elif c == "[" and "]" in glob[i + 2 :]:
             end = glob.index("]", i + 2)
             inner = glob[i + 1 : end]
             if inner.startswith("!"):
                 inner = "^" + inner[1:]
-            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            out.append(("char", "[" + inner.replace("\\", "\\\\") + "]"))
             i = end + 1
         else:
-            out.append(re.escape(c))
+            out.append(("char", re.escape(c)))
             i += 1
-    return "".join(out)
+    return out
+
+
+class _GlobAutomaton:
+    """A glob with three or more stars, matched in O(path x pattern) by following every state.
+
+    Python's ``re`` backtracks: ``*a*a*a*a*a*a*a*a*b`` against a name of 60 "a"s took minutes,
+    and both the backup's ``ignore`` and ``.pteroignore`` are written by the user. Wings matches
+    with Go's RE2, which never backtracks; so does this. Fewer stars stay ``re`` (at worst
+    quadratic over one path).
+    """
+
+    def __init__(self, tokens: list[tuple[str, str]]):
+        self.kinds = [kind for kind, _ in tokens]
+        self.chars = [re.compile(f) if kind == "char" else None for kind, f in tokens]
+
+    def _closure(self, states: set[int]) -> set[int]:
+        todo, out = list(states), set(states)
+        while todo:
+            i = todo.pop()
+            if 0 <= i < len(self.kinds) and self.kinds[i] != "char" and i + 1 not in out:
+                out.add(i + 1)  # every star may match nothing
+                todo.append(i + 1)
+        return out
+
+    def match(self, path: str) -> bool:
+        # State i: before token i. A "dirs" token, once it has read a character, is inside its
+        # ".*" (state -1 - i): only a "/" leads out of it.
+        states = self._closure({0})
+        for ch in path:
+            after: set[int] = set()
+            for i in states:
+                if i < 0:
+                    i = -1 - i
+                    after.add(-1 - i)
+                    if ch == "/":
+                        after.add(i + 1)
+                    continue
+                if i >= len(self.kinds):
+                    continue
+                kind = self.kinds[i]
+                if kind == "char":
+                    if self.chars[i].fullmatch(ch):
+                        after.add(i + 1)
+                elif kind == "any" or (kind == "star" and ch != "/"):
+                    after.add(i)
+                elif kind == "dirs":
+                    after.add(-1 - i)
+                    if ch == "/":
+                        after.add(i + 1)
+            states = self._closure(after)
+            if not states:
+                return False
+        return len(self.kinds) in states
 
 
 class HashingWriter:
@@ -3413,8 +3491,26 @@ _MAGIC_RAR = b"Rar!\x1a\x07"
 _COMPRESSORS: dict[str, tuple[bytes, Callable[[Any], Any], tuple[str, ...]]] = {
     "gzip": (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), (".gz", ".tgz")),
     "bzip2": (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb"), (".bz2", ".tbz2", ".tbz")),
-    "xz": (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb"), (".xz", ".txz")),
+    "xz": (b"\xfd7zXZ\x00", lambda raw: _xz_reader(raw), (".xz", ".txz")),
 }
+# An .xz header names the dictionary the decoder allocates: up to 4 GiB, filled as data passes,
+# and a tar member the extractor skips (a device, an unknown type) passes without being written,
+# so the disk limit does not bound it -- 80 KB of xz held 512 MiB. ``xz -9`` needs 65 MiB.
+ARCHIVE_XZ_MEMLIMIT_BYTES = 256 << 20
+
+
+def _xz_reader(raw: Any) -> Any:
+    """``lzma.LZMAFile`` with a memory limit (LZMAFile has no parameter for it)."""
+    import _compression  # what gzip, bz2 and lzma build their readers from
+
+    return io.BufferedReader(
+        _compression.DecompressReader(
+            raw,
+            lzma.LZMADecompressor,
+            trailing_error=lzma.LZMAError,
+            memlimit=ARCHIVE_XZ_MEMLIMIT_BYTES,
+        )
+    )
 
 
 class _Prefixed:
@@ -3495,7 +3591,7 @@ def extract_archive(
         else:
             with tempfile.TemporaryFile() as spool:
                 spool.write(head)
-                shutil.copyfileobj(src, spool, ARCHIVE_CHUNK_BYTES)
+                _spool_within_limit(src, spool, fs)
                 spool.seek(0)
                 target.zip(spool)
     elif kind == "tar":
@@ -3505,7 +3601,14 @@ def extract_archive(
         inner = opener(_Prefixed(head, src))
         try:
             first = _read_exactly(inner, 512)
-        except (OSError, EOFError, lzma.LZMAError) as exc:
+        except lzma.LZMAError as exc:
+            if "memory usage limit" in str(exc).lower():  # liblzma's LZMA_MEMLIMIT_ERROR text
+                raise ArchiveError(
+                    "refused archive: it needs more than "
+                    f"{ARCHIVE_XZ_MEMLIMIT_BYTES >> 20} MiB of memory to decompress"
+                ) from None
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        except (OSError, EOFError) as exc:
             raise ArchiveError(f"the archive is damaged: {exc}") from None
         if _is_tar_header(first):
             target.tar(_Prefixed(first, inner))
@@ -3514,6 +3617,79 @@ def extract_archive(
             single = next((base[: -len(s)] for s in suffixes if base.endswith(s)), "")
             target.single(single or base + ".out", _Prefixed(first, inner))
     return target.count
+
+
+# Go's archive/tar (what Wings reads archives with) refuses a PAX header or GNU long name larger
+# than 1 MiB (``maxSpecialFileSize``). Python's tarfile reads such a header into memory whole,
+# whatever size it declares, and keeps a sparse file's map as a Python list: a few hundred KB of
+# gzip can claim gigabytes of memory. Every header block before a member's data is read through
+# this budget instead.
+ARCHIVE_HEADER_MAX_BYTES = 1 << 20
+_SPECIAL_TAR_TYPES = frozenset(
+    (
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.GNUTYPE_SPARSE,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    )
+)
+
+
+class _HeaderBudget:
+    """``tarfile``'s stream while it reads one member's header blocks: at most ``left`` bytes."""
+
+    def __init__(self, stream: Any, left: int):
+        self.stream, self.left = stream, left
+        self.depth = 0  # headers for the same member, nested (long name, then PAX, then ...)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.left:
+            raise ArchiveError(
+                f"refused archive: a header is larger than {ARCHIVE_HEADER_MAX_BYTES} bytes"
+            )
+        self.left -= n
+        return self.stream.read(n)
+
+    def __getattr__(self, name: str) -> Any:  # tell, seek, ... of the real stream
+        return getattr(self.stream, name)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` whose long names, PAX headers and sparse maps share one 1 MiB budget."""
+
+    def _proc_member(self, tar: Any) -> Any:
+        if self.type not in _SPECIAL_TAR_TYPES:
+            return super()._proc_member(tar)
+        if isinstance(tar.fileobj, _HeaderBudget):  # nested: the outer budget counts it
+            tar.fileobj.depth += 1  # tarfile recurses once per header: keep far off its limit
+            if tar.fileobj.depth > 16:
+                raise ArchiveError("refused archive: a member has more than 16 extended headers")
+            return super()._proc_member(tar)
+        real = tar.fileobj
+        tar.fileobj = _HeaderBudget(real, ARCHIVE_HEADER_MAX_BYTES)
+        try:
+            return super()._proc_member(tar)
+        finally:
+            tar.fileobj = real
+
+
+def _spool_within_limit(src: Any, spool: Any, fs: Filesystem) -> None:
+    """Copy a zip that arrives as a stream (a transfer, an s3 restore) into ``spool``.
+
+    The spool is the host's temporary directory, not the server's: without a bound, a peer
+    could send gigabytes that fill it. It may hold no more than the server has room for --
+    what the zip holds must fit there anyway.
+    """
+    spooled = 0
+    while chunk := src.read(ARCHIVE_CHUNK_BYTES):
+        spooled += len(chunk)
+        if fs.limit_bytes and not fs.has_space(spooled):
+            raise ArchiveError(
+                f"the zip archive is larger than the server's free disk space ({_NO_SPACE})"
+            )
+        spool.write(chunk)
 
 
 def _seekable(src: Any) -> bool:
@@ -3537,6 +3713,7 @@ class _Extractor:
         self.jail, self.fs, self.on_entry, self.owner = jail, fs, on_entry, owner
         self.dest = "/".join(Jail.parts(dest))
         self.count = 0
+        self.made: set[str] = set()  # directories this extraction has made or found
 
     # -- names -------------------------------------------------------------------------------
 
@@ -3544,6 +3721,11 @@ class _Extractor:
         """The jail path of an archive member; ``ArchiveError`` for absolute names and ``..``."""
         if "\x00" in member:
             raise ArchiveError(f"refused archive entry {member!r}: NUL byte in its name")
+        if len(member.encode("utf-8", "surrogateescape")) > ARCHIVE_NAME_MAX_BYTES:
+            raise ArchiveError(
+                f"refused archive entry {member[:64]!r}...: its name is longer than "
+                f"{ARCHIVE_NAME_MAX_BYTES} bytes"
+            )
         if member.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", member):
             raise ArchiveError(f"refused archive entry {member!r}: absolute path")
         parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".")]
@@ -3562,7 +3744,7 @@ class _Extractor:
 
     def tar(self, stream: Any) -> None:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)
             while True:
                 member = tar.next()
                 if member is None:
@@ -3650,9 +3832,14 @@ class _Extractor:
     # -- writing -----------------------------------------------------------------------------
 
     def _parents(self, path: str) -> None:
+        # Each directory is made (or found) once per extraction: walking every prefix of every
+        # entry from the root cost depth**2 opens per entry -- seconds for one deep name.
         parts = path.split("/")[:-1]
         for i in range(1, len(parts) + 1):
-            self._mkdir_one("/".join(parts[:i]), 0o755)
+            prefix = "/".join(parts[:i])
+            if prefix not in self.made:
+                self._mkdir_one(prefix, 0o755)
+                self.made.add(prefix)
 
     def _mkdir_one(self, path: str, mode: int) -> bool:
         try:
@@ -3718,7 +3905,10 @@ class _Extractor:
         try:
             written = metered_copy(self.fs, reader, fd, prebooked=size)
             os.fchmod(fd, mode & 0o1777)
-            os.utime(fd, (mtime, mtime))
+            # A PAX mtime may be any decimal ("inf", "nan", 1e30): one the kernel cannot hold is
+            # left as now, as GNU tar does with a warning, rather than failing the archive.
+            with contextlib.suppress(ValueError, OverflowError):
+                os.utime(fd, (mtime, mtime))
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -3996,10 +4186,15 @@ def _properties_entries(lines: list[str]) -> list[tuple[int, int, str, str]]:
     """``(first line, last line, key, value)`` of each logical line (continuations joined)."""
     entries, i = [], 0
     while i < len(lines):
-        start, logical = i, lines[i].rstrip("\r\n").lstrip(" \t\f")
-        while _continues(logical) and i + 1 < len(lines):
+        start, pieces = i, [lines[i].rstrip("\r\n").lstrip(" \t\f")]
+        # Joined once at the end: adding to a string per continuation line was quadratic, and a
+        # user's 4 MiB of "a\\" lines held a start for hours. The backslashes before the last
+        # one of a piece are even in number, so the last piece alone says whether it goes on.
+        while _continues(pieces[-1]) and i + 1 < len(lines):
             i += 1
-            logical = logical[:-1] + lines[i].rstrip("\r\n").lstrip(" \t\f")
+            pieces[-1] = pieces[-1][:-1]
+            pieces.append(lines[i].rstrip("\r\n").lstrip(" \t\f"))
+        logical = "".join(pieces)
         i += 1
         if not logical or logical[0] in "#!":
             continue
@@ -4278,6 +4473,7 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
     (as Wings always does, losing comments).
     """
     data = yaml.safe_load(text) if text.strip() else {}
+    _refuse_alias_bombs(data)
     data, changes = set_structured(data if data is not None else {}, replaces)
     if not changes:
         return text
@@ -4286,6 +4482,41 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
         if spliced is not None:
             return spliced
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+YAML_MAX_ALIAS_NODES = 1_000_000
+
+
+def _refuse_alias_bombs(data: Any) -> None:
+    """``ValueError`` when aliases make ``data`` more than a million nodes larger than its text.
+
+    safe_load shares an aliased node instead of copying it, so ten lines of ``&a [*b, *b, ...]``
+    load at once -- and then expand to billions of nodes in every walk, compare or dump. A user
+    writes this file; it is read before every start. go-yaml (Wings) refuses "excessive aliasing"
+    likewise. An alias to an enclosing node (a cycle) is refused too.
+    """
+    expanded: dict[int, int] = {}  # id -> nodes under it, counting every alias in full
+    visited = [0]  # nodes actually walked: the document's own size
+
+    def count(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            visited[0] += 1
+            return 1
+        key = id(node)
+        if key in expanded:
+            if expanded[key] < 0:
+                raise ValueError("an alias refers to a node that encloses it")
+            return expanded[key]
+        visited[0] += 1
+        expanded[key] = -1
+        items = node.values() if isinstance(node, dict) else node
+        total = 1 + sum(count(item) for item in items)
+        if total - visited[0] > YAML_MAX_ALIAS_NODES:
+            raise ValueError(f"its aliases expand to more than {YAML_MAX_ALIAS_NODES} nodes")
+        expanded[key] = total
+        return total
+
+    count(data)
 
 
 def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
@@ -4477,6 +4708,10 @@ class ConfigFileWriter:
                 new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
             except (ValueError, SyntaxError, yaml.YAMLError) as exc:
                 raise ConfigFileSkipped(f"cannot be parsed as {cf.parser}: {exc}") from None
+            except RecursionError:  # the parsers recurse once per level: "[[[[..." of 4 MiB
+                raise ConfigFileSkipped(
+                    f"cannot be parsed as {cf.parser}: it is nested too deeply"
+                ) from None
             if new == old and st is not None:
                 return False
             self._write(where, new, st, len(old))
@@ -6782,6 +7017,17 @@ SIGNED_URL_CLAIMS: Mapping[str, tuple[str, ...]] = {
     "backup-download": ("backup_uuid",),
 }
 
+# The Panel's tokens of every kind are signed with the same node key, and older Panels send no
+# ``scope``: an upload token is told apart only by what it lacks. Wings v1.11 accepts any of them
+# at /upload/file, so a user allowed to download one file, a backup, or to open the console
+# could upload. A claim that marks another kind (``permissions``: a websocket token) refuses it;
+# a token with a ``scope`` (newer Panels) is judged by that alone.
+SIGNED_URL_FOREIGN_CLAIMS: Mapping[str, tuple[str, ...]] = {
+    "file-download": ("backup_uuid", "permissions"),
+    "file-upload": ("file_path", "backup_uuid", "permissions"),
+    "backup-download": ("file_path", "permissions"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class SignedToken:
@@ -6832,6 +7078,9 @@ class SignedUrls:
         for key in ("server_uuid", "unique_id", *SIGNED_URL_CLAIMS[kind]):
             if not isinstance(claims.get(key), str) or not claims[key]:
                 raise WingsliteError(f"the {kind} token has no {key} claim", 403)
+        for key in SIGNED_URL_FOREIGN_CLAIMS[kind] if scope is None else ():  # scope decides
+            if key in claims:
+                raise WingsliteError(f"a token with a {key} claim is not a {kind} token", 403)
         signed = SignedToken(
             kind,
             claims["server_uuid"],
@@ -9042,12 +9291,15 @@ class StagedFile:
                 old = None
         if old is not None and stat.S_ISDIR(old.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        self.old_bytes = _freed_bytes(old) if old is not None else 0
         parent = posixpath.dirname(self.target)
         self.tmp = posixpath.join(parent, f".wingslite-{uuidlib.uuid4().hex[:16]}.part")
         self.written = 0
         self.finished = False
         self.fd = jail.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        # The old bytes are credited now (a rewrite costs only its growth) by one writer at a
+        # time, and squared with what the rename really replaced at commit.
+        self.claimed = fs.claim_replacement(self.target)
+        self.old_bytes = _freed_bytes(old) if old is not None and self.claimed else 0
         fs.add_usage(-self.old_bytes)
 
     def __enter__(self) -> StagedFile:
@@ -9072,6 +9324,10 @@ class StagedFile:
     def flush(self) -> None:  # a file-like sink for gzip and tarfile
         pass
 
+    def finish_writing(self) -> None:
+        """Close the file now (``commit``/``abort`` still to come): many staged files, few fds."""
+        self._close()
+
     def _close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
@@ -9084,20 +9340,28 @@ class StagedFile:
         try:
             if self.owner is not None:
                 self.jail.chown(self.tmp, *self.owner)
-            self.jail.rename(self.tmp, self.target)
+            replaced = self.jail.rename(self.tmp, self.target)
         except BaseException:
             self.abort()
             raise
         self.finished = True
+        self._release()
+        self.fs.add_usage(self.old_bytes - (_freed_bytes(replaced) if replaced else 0))
 
     def abort(self) -> None:
         if self.finished:
             return
         self.finished = True
         self._close()
+        self._release()
         with contextlib.suppress(OSError):
             self.jail.remove(self.tmp)
         self.fs.add_usage(self.old_bytes - self.written)
+
+    def _release(self) -> None:
+        if self.claimed:
+            self.claimed = False
+            self.fs.release_replacement(self.target)
 
 
 def copy_name(jail: Jail, path: str) -> str:
@@ -9164,18 +9428,37 @@ def decompress_file(
         jail.mkdir(staging, 0o700)
         try:
             extract_archive(jail, fs, src, name=posixpath.basename(file), dest=staging)
-            moves = _staged_moves(jail, staging, dest, is_denied)
-            for source, target, is_dir in moves:
-                if is_dir:
-                    with contextlib.suppress(FileExistsError):
-                        jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
-                else:
-                    fs.rename(jail, source, target)  # a file it replaces is given back
-                if owner is not None:
-                    jail.chown(target, *owner)
+            # The denylist is asked about each path as written and where it really leads:
+            # "/ln/server.jar" is "/config/server.jar" when "ln" links to "config". Only ``dest``
+            # can be a link on the way (a link where a staged directory goes is refused), and
+            # the moves are checked all before the first; the mover checks again as it goes.
+            with jail.resolve(dest) as where:
+                real = "/" + where.relpath
+
+            def denied(path: str) -> bool:
+                return is_denied is not None and (
+                    is_denied(path) or is_denied(real + path[len(dest) :])
+                )
+
+            moves = _staged_moves(jail, staging, dest, denied)
+            with Jail(jail.root, is_denied=is_denied) as mover:
+                _move_staged(mover, fs, moves, owner)
         finally:
             with contextlib.suppress(OSError):
                 fs.add_usage(-remove_tree(jail, staging))
+
+
+def _move_staged(
+    jail: Jail, fs: Filesystem, moves: list[tuple[str, str, bool]], owner: Any
+) -> None:
+    for source, target, is_dir in moves:
+        if is_dir:
+            with contextlib.suppress(FileExistsError):
+                jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
+        else:
+            fs.rename(jail, source, target)  # a file it replaces is given back
+        if owner is not None:
+            jail.chown(target, *owner)
 
 
 def _staged_moves(
@@ -9336,18 +9619,26 @@ def is_internal_address(ip: str) -> bool:
 
 
 def _connect_public(allow_internal: bool, address: Any, *args: Any, **kwargs: Any) -> socket.socket:
-    # The address checked is the one the socket is connected to, not a DNS answer read earlier,
-    # so a name that resolves differently the second time (DNS rebinding) gains nothing.
-    sock = socket.create_connection(address, *args, **kwargs)
-    peer = sock.getpeername()[0]
-    if not allow_internal and is_internal_address(peer):
-        sock.close()
-        raise PullRefused(
-            errno.EACCES,
-            f"the URL's host is an internal address ({peer}); remote downloads may only reach "
-            "public addresses",
-        )
-    return sock
+    # Every address the name has is checked before a packet goes to it, and the socket connects
+    # to that very address, so a name that resolves differently the second time (DNS rebinding)
+    # gains nothing. Connecting first and looking at the peer after told an open internal port
+    # ("internal address") from a closed one ("connection refused"): a port scanner. Wings
+    # checks in its dialer's Control hook, before connect(2), likewise.
+    host, port = address[0], address[1]
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host!r}: {exc.strerror}") from None
+    refused = ""
+    for *_, sockaddr in found:
+        if allow_internal or not is_internal_address(sockaddr[0]):
+            return socket.create_connection((sockaddr[0], port), *args, **kwargs)
+        refused = refused or sockaddr[0]
+    raise PullRefused(
+        errno.EACCES,
+        f"the URL's host is an internal address ({refused}); remote downloads may only reach "
+        "public addresses",
+    )
 
 
 class _PullHTTPConnection(http.client.HTTPConnection):
@@ -9925,7 +10216,9 @@ class FileManagerRoutes:
         directory = self._param("directory", "/")
         limit_mb = self.server.daemon.config.get("api.upload_limit")
         owner = node_owner(self.server.daemon)
-        staged: list[tuple[str, StagedFile]] = []
+        # By name: the same name twice in one form is replaced (the last one wins) without a
+        # scan per part, which made a form of 20,000 tiny parts quadratic.
+        staged: dict[str, StagedFile] = {}
         read, _ = self._body_reader()
         with self._jail(server, denylist=True) as jail, fs_errors():
             try:
@@ -9940,28 +10233,31 @@ class FileManagerRoutes:
                         raise BadRequest(
                             f"An uploaded file has no usable name: {form['filename']!r}"
                         )
-                    for earlier in [t for n, t in staged if n == name]:
-                        earlier.abort()  # the same name twice in one form: the last one wins
-                    staged = [(n, t) for n, t in staged if n != name]
+                    earlier = staged.pop(name, None)
+                    if earlier is not None:
+                        earlier.abort()
                     target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
-                    staged.append((name, target))
+                    staged[name] = target
                     for chunk in chunks:
                         if target.written + len(chunk) > limit_mb * 1048576:
                             raise BadRequest(
                                 f"File {name} is larger than the maximum file upload size of {limit_mb} MB."
                             )
                         target.write(chunk)
+                    # Its fd closed at once: one per part held to the end let one form of many
+                    # parts take every fd of the daemon (EMFILE for every server).
+                    target.finish_writing()
                 if not staged:
                     raise BadRequest("No files were found on the request body.")
-                for _, target in staged:
+                for target in staged.values():
                     target.commit()
             except BaseException:
-                for _, target in staged:
+                for target in staged.values():
                     target.abort()
                 self._discard_body(read)
                 raise
         ip = self.client_address[0] if self.client_address else ""
-        for name, _ in staged:
+        for name in staged:
             server.record_activity(
                 "server:file.uploaded",
                 token.user_uuid,
