@@ -22,14 +22,17 @@ import http.server
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -40,6 +43,7 @@ import urllib.parse
 import uuid as uuidlib
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -1927,6 +1931,260 @@ class TestHttpHead:
         assert "[Acme Hosting Daemon]:" in line and "Pterodactyl" not in line
 
 
+# HTTP API: framing and connections ###############################################################
+
+
+def raw_exchange(port: int, data: bytes, timeout_s: float = 10):
+    """Send raw bytes on a new connection and read one answer:
+    (status, lower-cased headers, decoded JSON body or None, whether the server then closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock, method="GET")
+        resp.begin()
+        body = resp.read()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+    return resp.status, headers, (json.loads(body) if body else None), closed
+
+
+def stranger(port: int) -> socket.socket:
+    """A connection that says nothing (or whatever the test sends on it later)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def closed_by_server(sock: socket.socket, timeout_s: float = 10) -> bool:
+    """True when the server closes the connection within ``timeout_s`` (whatever it sends first,
+    such as a TLS alert)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if sock.recv(65536) == b"":
+                return True
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+class TestHttpFraming:
+    """RFC 9112 framing: whatever a proxy in front could read differently is a 400 and a close."""
+
+    AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+
+    def refused(self, daemon, head: str, body: bytes = b"") -> str:
+        status, headers, answer, closed = raw_exchange(daemon.port, head.encode() + body)
+        assert status == 400 and closed, (status, answer)
+        assert answer["request_id"] == headers["x-request-id"]
+        return answer["error"]
+
+    def test_two_different_content_lengths_are_refused_and_identical_ones_allowed(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        body = b'{"user": "u"}'
+        error = self.refused(
+            daemon, head + f"Content-Length: {len(body)}\r\nContent-Length: 40\r\n\r\n", body
+        )
+        assert "more than one Content-Length" in error
+        twice = f"Content-Length: {len(body)}\r\n" * 2 + "\r\n"
+        status, _, _, _ = raw_exchange(daemon.port, (head + twice).encode() + body)
+        assert status == 204
+
+    def test_transfer_encoding_other_than_a_single_chunked_is_refused(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        for coding in (
+            "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+        ):
+            assert "Transfer-Encoding" in self.refused(daemon, head + coding + "\r\n", b"{}")
+        status, _, answer, closed = raw_exchange(
+            daemon.port, (head + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
+        )
+        assert status == 411 and closed, answer
+
+    def test_a_content_length_that_is_not_plain_digits_is_refused(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        for value in ("+2", "0_2", "2.0", "0x2", "2, 2"):
+            error = self.refused(daemon, head + f"Content-Length: {value}\r\n\r\n", b"{}")
+            assert "plain digits" in error, value
+
+    def test_whitespace_before_a_colon_is_refused_not_read_as_the_end_of_the_headers(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        for bad in ("Content-Length : 2", "Authorization : Bearer x", "X Y: z"):
+            head = f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{bad}\r\n{self.AUTH}\r\n"
+            assert "malformed" in self.refused(daemon, head, b"{}"), bad
+
+    def test_multipart_and_message_content_types_are_not_mistaken_for_broken_headers(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        for content_type in ("multipart/form-data; boundary=bbb", "message/rfc822"):
+            head = f"GET /api/system HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            status, _, body, _ = raw_exchange(daemon.port, (head + self.AUTH + "\r\n").encode())
+            assert status == 200, (content_type, body)
+
+    def test_http11_needs_exactly_one_host(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        assert "Host" in self.refused(daemon, f"GET /api/system HTTP/1.1\r\n{self.AUTH}\r\n")
+        two = f"GET /api/system HTTP/1.1\r\nHost: a\r\nHost: b\r\n{self.AUTH}\r\n"
+        assert "Host" in self.refused(daemon, two)
+        status, _, body, _ = raw_exchange(
+            daemon.port, f"GET /api/system HTTP/1.0\r\n{self.AUTH}\r\n".encode()
+        )
+        assert status == 200 and body["version"] == w.VERSION
+
+    def test_a_refused_request_never_lets_a_second_one_through(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        smuggled = f"GET /api/system HTTP/1.1\r\nHost: x\r\n{self.AUTH}\r\n"
+        head = (
+            f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{self.AUTH}"
+            f"Content-Length: 0\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+        )
+        with stranger(daemon.port) as sock:
+            sock.sendall((head + smuggled).encode())
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 400 ") and received.count(b"HTTP/1.1") == 1
+
+    def test_parser_errors_carry_a_request_id(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        for data in (
+            b"GARBAGE\r\n\r\n",
+            b"GET /api/system HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+            b"GET /api/system HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n",
+        ):
+            status, headers, body, closed = raw_exchange(daemon.port, data)
+            assert status in (400, 431) and closed, (status, body)
+            assert body["request_id"] and body["request_id"] == headers["x-request-id"]
+
+
+class TestHttpConnections:
+    """Connection cap, header deadline and what strangers can (not) do to the Panel's requests."""
+
+    def test_headers_dripped_past_the_deadline_are_answered_408_and_closed(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
+        with stranger(daemon.port) as sock:
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
+            dripped = 0
+            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
+                if select_readable(sock, 0.3):
+                    break
+                sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
+            assert dripped < 39, "the server waited for every dripped header"
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            body = json.loads(resp.read())
+            assert resp.status == 408 and "within 1 s" in body["error"] and body["request_id"]
+            assert closed_by_server(sock)
+
+    def test_a_silent_connection_is_closed_after_the_header_timeout(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
+        with stranger(daemon.port) as sock:
+            assert closed_by_server(sock, timeout_s=10)
+
+    def test_the_panel_is_served_while_strangers_hold_every_connection(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__max_connections=6, wingslite__header_timeout_s=60)
+        strangers = [stranger(daemon.port) for _ in range(12)]
+        try:
+            wait_for(
+                lambda: daemon.http.connection_counts()["headers"] == 6, what="six strangers held"
+            )
+            assert api(daemon, "GET", "/api/system")[0] == 200
+            assert api(daemon, "GET", "/api/servers")[0] == 200
+            # the oldest strangers were closed to make room, never more than the cap held open
+            assert closed_by_server(strangers[0]) and closed_by_server(strangers[6])
+            assert sum(daemon.http.connection_counts().values()) <= 6
+        finally:
+            for sock in strangers:
+                sock.close()
+
+    def test_an_idle_kept_alive_connection_is_closed_before_a_newer_stranger(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel, wingslite__max_connections=3, wingslite__header_timeout_s=60)
+        strangers = [stranger(daemon.port) for _ in range(2)]
+        kept = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["headers"] == 2, what="strangers")
+            kept.request("GET", "/api/system", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert kept.getresponse().read()
+            wait_for(lambda: daemon.http.connection_counts()["idle"] == 1, what="kept idle")
+            assert api(daemon, "GET", "/api/system")[0] == 200
+            assert closed_by_server(kept.sock)
+            assert not closed_by_server(strangers[0], timeout_s=0.5)
+        finally:
+            kept.close()
+            for sock in strangers:
+                sock.close()
+
+    def test_when_every_connection_is_busy_a_new_one_gets_503_retry_after_logged_once(
+        self, panel, make_daemon, caplog
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, wingslite__max_connections=2)
+        panel.hang_s[f"/api/remote/servers/{uuid}"] = 1.5
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        syncs = [pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync") for _ in range(2)]
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["busy"] == 2, what="two busy")
+            with caplog.at_level(logging.INFO, logger="wingslite"):
+                answers = []
+                for _ in range(5):
+                    with stranger(daemon.port) as sock:
+                        resp = http.client.HTTPResponse(sock)
+                        resp.begin()
+                        answers.append((resp.status, resp.getheader("Retry-After"), resp.read()))
+            for status, retry_after, body in answers:
+                assert status == 503 and int(retry_after) > 0
+                assert json.loads(body)["request_id"]
+            refusals = [r for r in caplog.records if "refusing API connections" in r.getMessage()]
+            assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
+        finally:
+            assert [f.result()[0] for f in syncs] == [204, 204]
+            pool.shutdown()
+
+    def test_connections_reset_by_clients_log_no_traceback(self, panel, make_daemon, caplog):
+        daemon = make_daemon(panel)
+        with caplog.at_level(logging.INFO, logger="wingslite"):
+            half_body = (
+                "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n"
+                f"Authorization: Bearer {TOKEN}\r\n\r\n" + '{"user": "'
+            ).encode()
+            for i in range(40):
+                sock = stranger(daemon.port)
+                # cut in the headers, or in the body of an authorised request
+                sock.sendall(half_body if i % 2 else b"GET /api/system HTTP/1.1\r\nX-Half: ")
+                time.sleep(0.01)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # an RST, not a FIN
+            wait_for(lambda: sum(daemon.http.connection_counts().values()) == 0, what="drained")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert len([r for r in caplog.records if "reset" in r.getMessage()]) <= 1
+        assert api(daemon, "GET", "/api/system")[0] == 200
+
+
+def select_readable(sock: socket.socket, timeout_s: float) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], timeout_s)[0])
+
+
 # HTTP API: TLS #####################################################################################
 
 
@@ -2175,6 +2433,51 @@ class TestTls:
             page.server_close()
         assert reports[0]["result"] == "ok", reports[0]
         assert "> from chromium" in reports[0]["text"]
+
+
+class TestTlsConnections:
+    """The connection cap and the header deadline hold over TLS too (the handshake counts as
+    header time)."""
+
+    def test_a_stranger_that_never_shakes_hands_is_closed_at_the_header_deadline(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1, **_tls_overrides(certificates))
+        with stranger(daemon.port) as sock:
+            assert closed_by_server(sock, timeout_s=10)
+        assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+
+    def test_headers_dripped_over_tls_past_the_deadline_close_the_connection(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1, **_tls_overrides(certificates))
+        raw = stranger(daemon.port)
+        with certificates.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
+            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
+                if select_readable(sock, 0.3):
+                    break
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
+            assert dripped < 39, "the server waited for every dripped header"
+            assert closed_by_server(sock)
+
+    def test_the_panel_is_served_over_tls_while_strangers_hold_every_connection(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(
+            panel,
+            wingslite__max_connections=4,
+            wingslite__header_timeout_s=60,
+            **_tls_overrides(certificates),
+        )
+        strangers = [stranger(daemon.port) for _ in range(6)]
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["headers"] == 4, what="strangers")
+            assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+        finally:
+            for sock in strangers:
+                sock.close()
 
 
 # metrics ##########################################################################################
@@ -3135,6 +3438,34 @@ class TestDemo:
             assert api(port, "POST", f"/api/servers/{uuid}/sync", token=token)[0] == 204
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=5)
+
+    def test_sigterm_stops_the_demo_cleanly_and_removes_its_directory(self):
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, str(HERE / "wingslite.py"), "--demo"),
+                *("--port", str(_free_port()), "--sftp-port", str(_free_port())),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            lines = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+                lines.append(proc.stdout.readline())
+            root = Path(
+                next(line.split(": ", 1)[1].strip() for line in lines if "data directory" in line)
+            )
+            assert root.is_dir()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            assert not root.exists()
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -5719,12 +6050,15 @@ class TestWebsocketConsole:
         )
         assert status == 404
 
-    def test_thirty_sockets_per_server_then_429(self, console_node):
+    def test_thirty_authenticated_sockets_per_server_then_429(self, console_node):
         from websockets.exceptions import InvalidStatus
 
         daemon = console_node()
         with contextlib.ExitStack() as stack:
             conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(30)]
+            for conn in conns:
+                ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(conn) == ("auth success", [])
             with pytest.raises(InvalidStatus) as info:
                 ws_open(daemon, daemon.uuid)
             assert (
@@ -6177,6 +6511,55 @@ class TestWebsocketTokenRecovery:
             assert len(refused) >= 3 and fetched[:3] == [deny_second] * 3, (refused, fetched)
             daemon.get_server(uuid).events.publish("console output", "the console is back")
             assert ws_until(conn, "console output", match="the console is back")
+
+
+class TestWebsocketStrangers:
+    """Sockets that never authenticate cost the owner nothing and their sender little."""
+
+    def test_a_socket_without_a_token_is_closed_4401_after_five_seconds(self, console_node):
+        daemon = console_node()
+        with ws_open(daemon, daemon.uuid) as conn:
+            assert ws_close_code(conn, timeout_s=15) == 4401
+        wait_for(lambda: daemon.sessions.count(daemon.uuid) == 0, what="the session to leave")
+
+    def test_strangers_do_not_take_the_owners_slots(self, console_node):
+        daemon = console_node(wingslite__websocket_max_per_server=3)
+        with contextlib.ExitStack() as stack:
+            for _ in range(6):
+                stack.enter_context(ws_open(daemon, daemon.uuid))
+            conn, first = ws_authed(daemon, daemon.uuid)
+            with conn:
+                assert first[0] == ("auth success", [])
+
+    def test_unauthenticated_sockets_are_capped_per_ip(self, console_node, caplog):
+        from websockets.exceptions import InvalidStatus
+
+        daemon = console_node(wingslite__websocket_unauthenticated_per_ip=3)
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(3)]
+            with caplog.at_level(logging.INFO, logger="wingslite"):
+                for _ in range(3):
+                    with pytest.raises(InvalidStatus) as info:
+                        ws_open(daemon, daemon.uuid)
+                    assert info.value.response.status_code == 429
+                    assert b"not authenticated yet" in info.value.response.body
+            assert len([r for r in caplog.records if "refusing websockets" in r.getMessage()]) == 1
+            ws_send(conns[0], "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_event(conns[0]) == ("auth success", [])
+            with ws_open(daemon, daemon.uuid) as again:  # the authenticated one gave its slot back
+                ws_send(again, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(again) == ("auth success", [])
+
+    def test_the_server_limit_counts_sockets_as_they_authenticate(self, console_node):
+        daemon = console_node(wingslite__websocket_max_per_server=2)
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(ws_open(daemon, daemon.uuid)) for _ in range(3)]
+            for conn in conns[:2]:
+                ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+                assert ws_event(conn) == ("auth success", [])
+            ws_send(conns[2], "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_close_code(conns[2]) == 1013
+            assert daemon.sessions.count(daemon.uuid) == 2
 
 
 # SFTP #############################################################################################
@@ -8758,23 +9141,24 @@ def send_archive(daemon, token, parts: list[tuple[str, bytes]], chunked: bool = 
             head += '; filename="archive.tar.gz"\r\nContent-Type: application/octet-stream'
         body += head.encode() + b"\r\n\r\n" + data + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
-    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    head = (
+        "POST /api/transfers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+    )
     if token is not None:
-        headers["Authorization"] = token
-    if chunked:
-        conn.request(
-            "POST",
-            "/api/transfers",
-            body=iter([body[:100], body[100:]]),
-            headers=headers,
-            encode_chunked=True,
-        )
+        head += f"Authorization: {token}\r\n"
+    if chunked:  # two chunks, as a streaming source sends them
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:100], body[100:]) if c)
+        head, body = head + "Transfer-Encoding: chunked\r\n", framed + b"0\r\n\r\n"
     else:
-        conn.request("POST", "/api/transfers", body=body, headers=headers)
-    resp = conn.getresponse()
-    data = resp.read()
-    conn.close()
+        head += f"Content-Length: {len(body)}\r\n"
+    # One write: a refusal then meets the whole (small) body in the daemon's buffer, as it would
+    # once a real source's first chunks are in flight.
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        data = resp.read()
     return resp.status, json.loads(data) if data else None
 
 
@@ -10284,6 +10668,362 @@ class TestPanelButtons:
         assert (node.server.fs.root / "server.properties").read_text() == "motd=s3\n"
 
 
+# hostile input to the Panel features ###############################################################
+
+
+def _gz(*blocks: bytes) -> bytes:
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
+        for block in blocks:
+            gz.write(block)
+    return out.getvalue()
+
+
+def _tar_header(name: str, kind: bytes, size: int, pax: dict | None = None) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    if pax is not None:
+        info.pax_headers = pax
+        return info.tobuf(format=tarfile.PAX_FORMAT)
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def _tar_file(name: str, data: bytes, pax: dict | None = None) -> bytes:
+    padding = b"\0" * (-len(data) % 512)
+    return _tar_header(name, tarfile.REGTYPE, len(data), pax) + data + padding
+
+
+_TAR_END = b"\0" * 1024
+
+
+def _decompress(daemon, server, name: str, data: bytes):
+    (server.fs.root / name).write_bytes(data)
+    server.fs.recalculate()
+    before = tree_snapshot(server.fs.root)
+    status, _, answer = api(
+        daemon, "POST", fm_path(server, "decompress"), {"root": "/", "file": name}
+    )
+    return status, answer, before
+
+
+class TestHostileFeatureInput:
+    """What a hostile user or peer sends to the Panel features: a clear error, nothing changed."""
+
+    def test_a_tar_header_that_claims_megabytes_is_refused_before_it_is_read(
+        self, panel, make_daemon
+    ):
+        # tarfile reads a GNU long name / PAX header / sparse map into memory whole: a few
+        # hundred KB of gzip could claim gigabytes. Go's archive/tar stops at 1 MiB.
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=64)
+        huge = 8 << 20
+        long_name = _tar_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, huge)
+        sparse_map = _tar_header(
+            "s",
+            tarfile.REGTYPE,
+            0,
+            {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "1"},
+        )
+        bombs = {
+            "name.tar.gz": _gz(long_name, b"a" + bytes(huge - 1), _tar_file("x", b"x"), _TAR_END),
+            "pax.tar.gz": _gz(
+                _tar_header("p", tarfile.XGLTYPE, huge), bytes(huge), _tar_file("x", b"x")
+            ),
+            "sparse.tar.gz": _gz(sparse_map, b"%d\n" % huge, b"1\n" * (huge // 2), _TAR_END),
+        }
+        for name, data in bombs.items():
+            assert len(data) < huge // 50  # the point: tiny on the wire
+            status, answer, before = _decompress(daemon, server, name, data)
+            assert status == 400, (name, status, answer)
+            assert "header is larger than 1048576 bytes" in answer["error"]
+            assert tree_snapshot(server.fs.root) == before
+
+    def test_a_chain_of_thousands_of_long_name_headers_is_a_clear_refusal(self, panel, make_daemon):
+        # tarfile recurses once per extended header: 2,000 of them were a RecursionError (500).
+        daemon, server = _fm_daemon(panel, make_daemon)
+        one = _tar_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 2) + b"a" + bytes(511)
+        data = _gz(one * 2000, _tar_file("x", b"x"), _TAR_END)
+        status, answer, before = _decompress(daemon, server, "chain.tar.gz", data)
+        assert status == 400, answer
+        assert "more than 16 extended headers" in answer["error"]
+        assert tree_snapshot(server.fs.root) == before
+
+    def test_a_pax_mtime_the_kernel_cannot_hold_does_not_fail_the_archive(self, panel, make_daemon):
+        # PAX mtime is any decimal; "inf" was an OverflowError (500), "nan" a ValueError that
+        # came out as "the path is not valid".
+        daemon, server = _fm_daemon(panel, make_daemon)
+        for i, when in enumerate(("inf", "nan", "-1e30")):
+            data = _gz(_tar_file(f"f{i}.txt", b"kept", {"mtime": when}), _TAR_END)
+            status, answer, _ = _decompress(daemon, server, f"t{i}.tar.gz", data)
+            assert status == 204, (when, answer)
+            assert (server.fs.root / f"f{i}.txt").read_bytes() == b"kept"
+
+    @staticmethod
+    def _rewrite_configs(tmp_path, files: dict, configs: list) -> tuple[list, list, dict]:
+        """Egg config files rewritten as before a start, under a watchdog: (failed, said, after)."""
+        root = tmp_path / "srv"
+        root.mkdir()
+        for name, text in files.items():
+            (root / name).write_text(text)
+        fs = w.Filesystem(root, limit_bytes=64 << 20)
+        fs.recalculate()
+        said: list[str] = []
+        placeholders = w.NodePlaceholders(w.Config(node_config(tmp_path, "http://127.0.0.1:1")))
+        result: list = []
+
+        def rewrite() -> None:
+            with w.Jail(root) as jail:
+                writer = w.ConfigFileWriter(
+                    jail, placeholders, fs.reserve, lambda n: fs.add_usage(-n)
+                )
+                result.append(writer.apply(configs, said.append))
+
+        worker = threading.Thread(target=rewrite, daemon=True)
+        worker.start()
+        worker.join(120)  # a watchdog, not a timing claim: the old code ran for hours
+        assert result, "the config files were still being rewritten after 120 s"
+        return result[0], said, {n: (root / n).read_text() for n in files}
+
+    def test_config_files_nested_too_deeply_are_skipped_with_a_clear_message(self, tmp_path):
+        # json, yaml and xml parsers recurse once per level; a RecursionError escaped the writer.
+        files = {
+            "deep.json": "[" * 100_000 + "]" * 100_000,
+            "deep.yml": "a: " + "[" * 100_000 + "]" * 100_000 + "\n",
+            "deep.xml": "<a>" * 100_000 + "</a>" * 100_000,
+        }
+        configs = [
+            w.ConfigFile(name, name.rsplit(".", 1)[1].replace("yml", "yaml"), (r,))
+            for name, r in zip(
+                files,
+                (w.Replacement("a", "1"), w.Replacement("a", "1"), w.Replacement("a.b", "1")),
+                strict=True,
+            )
+        ]
+        failed, said, after = self._rewrite_configs(tmp_path, files, configs)
+        assert failed == list(files)
+        for name, line in zip(files, said, strict=True):
+            assert line.startswith(f"Failed to update configuration file {name}: cannot be parsed")
+            assert line.endswith("it is nested too deeply")
+        assert after == files
+
+    def test_a_yaml_alias_bomb_is_refused_not_expanded(self, tmp_path):
+        # safe_load shares aliased nodes, so this loads at once; the in-place edit then compared
+        # 9**12 nodes. go-yaml refuses "excessive aliasing" likewise.
+        levels = [f"l0: &l0 [{', '.join(['x'] * 9)}]"]
+        for n in range(1, 13):
+            levels.append(f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]")
+        bomb = "\n".join(levels) + "\nport: 25565\n"
+        cycle = "a: &a\n  b: *a\nport: 25565\n"
+        files = {"bomb.yml": bomb, "cycle.yml": cycle, "fine.yml": "x: &x [1, 2]\ny: *x\nport: 1\n"}
+        configs = [w.ConfigFile(n, "yaml", (w.Replacement("port", "2"),)) for n in files]
+        failed, said, after = self._rewrite_configs(tmp_path, files, configs)
+        assert failed == ["bomb.yml", "cycle.yml"]
+        assert "aliases expand to more than 1000000 nodes" in said[0]
+        assert "an alias refers to a node that encloses it" in said[1]
+        assert after["bomb.yml"] == bomb and after["cycle.yml"] == cycle
+        assert after["fine.yml"] == "x: &x [1, 2]\ny: *x\nport: 2\n"  # modest aliases still work
+
+    def test_half_a_million_properties_continuation_lines_are_read_in_linear_time(self, tmp_path):
+        # Each continuation line was added to one growing string: 4 MiB of them ran for hours.
+        text = "motd=a\\\n" * 500_000 + "end\nserver-port=1\n"
+        configs = [
+            w.ConfigFile("server.properties", "properties", (w.Replacement("server-port", "2"),))
+        ]
+        failed, said, after = self._rewrite_configs(tmp_path, {"server.properties": text}, configs)
+        assert failed == [] and said == []
+        assert after["server.properties"] == text.replace("server-port=1", "server-port=2")
+
+    def test_a_token_of_another_kind_cannot_upload(self, panel, make_daemon):
+        # Every Panel token is signed with the node key and has server_uuid and unique_id; an
+        # upload token has nothing else. A download, backup or websocket token (a user without
+        # file.create) was accepted at /upload/file, as in Wings v1.11.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        others = {
+            "file download": {"file_path": "/server.properties"},
+            "backup download": {"backup_uuid": str(uuidlib.uuid4())},
+            "websocket": {"permissions": ["websocket.connect"]},
+        }
+        for kind, claims in others.items():
+            status, _, raw = upload(daemon, signed_token(server.uuid, **claims), {"x.jar": b"!"})
+            assert status == 403, (kind, status, raw)
+            assert "is not a file-upload token" in json.loads(raw)["error"]
+        assert not (server.fs.root / "x.jar").exists()
+        download_token = signed_token(server.uuid, backup_uuid="b", file_path="/x")
+        status, _, _ = http_raw(
+            daemon.port, "GET", f"/download/file?token={download_token}", token=None
+        )
+        assert status == 403
+        status, _, _ = upload(daemon, signed_token(server.uuid), {"x.jar": b"!"})
+        assert status == 200 and (server.fs.root / "x.jar").read_bytes() == b"!"
+        scoped = signed_token(server.uuid, scope="file-upload", permissions=["file.create"])
+        assert upload(daemon, scoped, {"y.jar": b"!"})[0] == 200  # a newer Panel's scope decides
+
+    def test_an_upload_of_thousands_of_parts_holds_one_fd_at_a_time(self, panel, make_daemon):
+        # Every staged part kept its fd open to the end of the form: one request of more parts
+        # than the fd limit failed with EMFILE (500), for every server of the daemon meanwhile.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        files = {f"f{i:04}.txt": b"%d" % i for i in range(1500)}
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        try:
+            status, _, raw = upload(daemon, signed_token(server.uuid), files, "/many")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert status == 200, raw
+        assert sorted(p.name for p in (server.fs.root / "many").iterdir()) == sorted(files)
+        assert (server.fs.root / "many" / "f1499.txt").read_bytes() == b"1499"
+
+    def test_a_backup_ignore_rule_of_many_stars_matches_in_linear_time(self, console_node):
+        # Both the backup's ignore and .pteroignore are the user's. As a backtracking regex,
+        # "*a*a...*b" against a long name of "a"s ran for hours (Wings uses RE2: linear).
+        daemon = console_node()
+        root = daemon.config.data_dir / daemon.uuid
+        root.mkdir(parents=True, exist_ok=True)
+        (root / ("a" * 200)).write_bytes(b"kept")
+        (root / ("a" * 199 + "b")).write_bytes(b"left out")
+        (root / "x.tmp").write_bytes(b"left out")
+        ignore = "*a" * 12 + "b\n*.tmp\n[z-a]\n"  # an empty range matches nothing, as in git
+        report = TestBackups.backup(daemon, daemon.uuid, ignore=ignore)
+        assert report["successful"] is True, report
+        status, data = download(daemon, backup_token(daemon.uuid, report["uuid"]))
+        assert status == 200
+        assert tar_names(data) == {"a" * 200}
+
+    def test_parallel_rewrites_of_one_file_do_not_forget_the_servers_usage(
+        self, panel, make_daemon
+    ):
+        # Each staged rewrite credited the old file's bytes up front: ten at once credited them
+        # ten times, the figure fell to zero, and the server could then write its whole limit
+        # again on top of what it had -- over and over.
+        daemon, server = _fm_daemon(panel, make_daemon, disk_mb=2)
+        root = server.fs.root
+        (root / "world.dat").write_bytes(bytes(1536 * 1024))
+        (root / "big.dat").write_bytes(bytes(256 * 1024))
+        server.fs.recalculate()
+        socks = []
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+            sock.sendall(
+                f"POST {fm_path(server, 'write', file='big.dat')} HTTP/1.1\r\n"
+                f"Host: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            socks.append(sock)
+        wait_for(
+            lambda: len(list(root.glob(".wingslite-*.part"))) == 10,
+            what="ten rewrites staged at once",
+        )
+        for sock in socks:
+            sock.sendall(b"x")
+            assert sock.makefile("rb").readline().split()[1] == b"204"
+            sock.close()
+        assert (root / "big.dat").read_bytes() == b"x"
+        status, _, _ = fm_write(daemon, server, "more.dat", bytes(1024 * 1024))
+        assert status == 400  # 1.5 MiB + 1 MiB is past the 2 MiB limit
+        assert not (root / "more.dat").exists()
+        assert server.fs.usage_bytes() == server.fs.recalculate()
+
+    def test_decompress_through_a_symlinked_directory_still_honours_the_denylist(
+        self, panel, make_daemon
+    ):
+        # The staged entries were checked against the egg's denylist by the path as written
+        # ("/ln/server.jar"), but renamed through the link to "/config/server.jar".
+        daemon, server = _fm_daemon(panel, make_daemon, denylist=["config/server.jar"])
+        root = server.fs.root
+        (root / "config").mkdir()
+        (root / "config" / "server.jar").write_bytes(b"the egg's own")
+        (root / "ln").symlink_to("config")
+        (root / "config" / "x.tar.gz").write_bytes(
+            _gz(_tar_file("a.txt", b"fine"), _tar_file("server.jar", b"the user's"), _TAR_END)
+        )
+        before = tree_snapshot(root)
+        status, _, answer = api(
+            daemon, "POST", fm_path(server, "decompress"), {"root": "/ln", "file": "x.tar.gz"}
+        )
+        assert status == 403, answer
+        assert answer["error"] == w.FM_DENYLIST
+        assert tree_snapshot(root) == before
+
+    def test_a_pull_to_an_internal_address_never_connects_to_it(self, panel, make_daemon):
+        # The address was checked after connect(): an open internal port answered "internal
+        # address", a closed one "connection refused" -- a port scanner for any user.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        listener = socket.create_server(("127.0.0.1", 0))
+        closed = socket.create_server(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()
+        answers = []
+        try:
+            for port in (listener.getsockname()[1], closed_port):
+                body = {"url": f"http://127.0.0.1:{port}/x", "root": "/", "foreground": True}
+                status, _, answer = api(daemon, "POST", fm_path(server, "pull"), body)
+                answers.append((status, answer["error"]))
+            listener.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                listener.accept()[0].close()  # nothing ever connected to it
+        finally:
+            listener.close()
+        assert answers[0] == answers[1]
+        assert answers[0][0] == 400 and "internal address (127.0.0.1)" in answers[0][1]
+
+    def test_an_archive_name_past_path_max_is_refused(self, panel, make_daemon):
+        # A PAX path may be a megabyte: "a/" * 3000 was a tree 3,000 levels deep (Wings makes
+        # directories by full path and fails past PATH_MAX).
+        daemon, server = _fm_daemon(panel, make_daemon)
+        data = _gz(_tar_file("a/" * 3000 + "f", b"deep"), _TAR_END)
+        status, answer, before = _decompress(daemon, server, "deep.tar.gz", data)
+        assert status == 400, answer
+        assert "name is longer than 4096 bytes" in answer["error"]
+        assert tree_snapshot(server.fs.root) == before
+
+    def test_an_xz_archive_that_asks_for_gigabytes_of_dictionary_is_refused(
+        self, panel, make_daemon
+    ):
+        # The decoder allocates the dictionary the header names (up to 4 GiB) and fills it as
+        # data passes; a tar member the extractor skips passes without touching the disk
+        # limit: 80 KB of xz held 512 MiB. A normal archive (xz -9: 64 MiB) still extracts.
+        daemon, server = _fm_daemon(panel, make_daemon)
+        tar = _tar_file("f.txt", b"xz") + _TAR_END
+        for dict_byte, name, expected in ((0x10, "ok.tar.xz", 204), (39, "big.tar.xz", 400)):
+            xz = bytearray(
+                lzma.compress(
+                    tar,
+                    format=lzma.FORMAT_XZ,
+                    filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}],
+                )
+            )
+            xz[16] = dict_byte  # the block header's LZMA2 dictionary size: 39 is 3 GiB
+            xz[20:24] = zlib.crc32(bytes(xz[12:20])).to_bytes(4, "little")
+            status, answer, _ = _decompress(daemon, server, name, bytes(xz))
+            assert status == expected, (name, answer)
+        assert "needs more than 256 MiB of memory" in answer["error"]
+        assert (server.fs.root / "f.txt").read_bytes() == b"xz"
+
+    def test_a_peer_sending_a_zip_stream_cannot_fill_the_hosts_temporary_directory(
+        self, make_daemon, tmp_path
+    ):
+        # A zip's directory is at its end, so a zip that arrives as a stream is spooled to a
+        # temporary file first -- without any bound: a transfer peer could fill the host's /tmp.
+        dst_panel = TransferPanel()
+        doc = panel_document(build__disk_space=1)  # 1 MiB
+        dst_panel.add(doc)
+        uuid = doc["settings"]["uuid"]
+        dst_panel.unlisted.add(uuid)
+        destination = make_daemon(dst_panel, token_id=DST_TOKEN_ID, token=DST_TOKEN)
+        dst_panel.transfers[uuid] = None
+        try:
+            archive = b"PK\x03\x04" + bytes(4 << 20)
+            status, body = send_archive(
+                destination,
+                "Bearer " + transfer_token(uuid),
+                [("archive", archive), ("checksum", hashlib.sha256(archive).hexdigest().encode())],
+            )
+        finally:
+            dst_panel.close()
+        assert status == 400, body
+        assert "larger than the server's free disk space" in body["error"]
+        assert dst_panel.transfers[uuid] is False
+
+
 # fault drills #####################################################################################
 
 
@@ -10464,7 +11204,11 @@ def _assemble_request(method, path, version, headers, body, length) -> tuple[byt
         "negative": "-1",
         "huge": str(2**62),
     }.get(length)
-    all_headers = headers + ([("Content-Length", value)] if value is not None else [])
+    all_headers = (
+        [("Host", "127.0.0.1")]
+        + headers
+        + ([("Content-Length", value)] if value is not None else [])
+    )
     head = (
         f"{method} {path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in all_headers) + "\r\n"
     )
@@ -10515,7 +11259,7 @@ def _exchange(port: int, raw: bytes, in_step: bool) -> None:
                 ), parsed
         if in_step and not resp.will_close:
             sock.sendall(
-                f"GET /api/system HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+                f"GET /api/system HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
             )
             follow = http.client.HTTPResponse(sock, method="GET")
             follow.begin()

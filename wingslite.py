@@ -57,7 +57,8 @@ Map of this file (each section sits under a ``#####`` banner; search for its tit
                            as chunked multipart tar.gz), ``IncomingTransfer`` (extracted as it
                            arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
     metrics                ``GET /metrics`` (Prometheus text): ``ServerMetrics``, ``render_metrics``
-    HTTP API               ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors;
+    HTTP API               ``ApiServer`` (connection cap, header deadline) / ``ApiHandler``:
+                           RFC 9112 framing (``framing_problem``), routes, auth, CORS, JSON errors;
                            ``TlsWrapper`` (``api.ssl``, certificate reloaded on renewal)
     daemon                 ``ConfigStore``, ``Server`` (one game server: its two locks, the sync,
                            power, crash detection), ``Daemon`` (boot, servers, system info)
@@ -97,6 +98,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import email.errors
 import errno
 import fcntl
 import functools
@@ -105,6 +107,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -116,6 +119,7 @@ import platform
 import posixpath
 import random
 import re
+import resource
 import select
 import shutil
 import signal
@@ -125,6 +129,7 @@ import ssl
 import stat
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -154,6 +159,7 @@ OFFLINE, STARTING, RUNNING, STOPPING = "offline", "starting", "running", "stoppi
 # Websocket close codes wingslite uses beyond RFC 6455's own.
 CLOSE_SUSPENDED = 4409  # the Panel's browser client stops reconnecting on 4409 (panel#5464)
 CLOSE_REVOKED = 4401
+CLOSE_UNAUTHENTICATED = 4401  # no valid token within ConsoleSocket.auth_timeout_s
 CLOSE_SERVER_DELETED = 1001
 
 # Activity event names as Wings v1.11 sends them to the Panel (server/activity.go); the activity
@@ -1726,6 +1732,7 @@ class Filesystem:
         self._quota_limit: int | None = None  # the limit the quota backend last accepted
         self._denylist: tuple[str, ...] = ()
         self._deny_re: re.Pattern[str] | None = None
+        self._replacing: set[str] = set()  # files whose old bytes a staged rewrite has credited
 
     @property
     def limit_bytes(self) -> int:
@@ -1906,6 +1913,19 @@ class Filesystem:
         with self._lock:
             self._usage = max(0, self._usage + delta_bytes)
             self._booked_total += delta_bytes
+
+    def claim_replacement(self, path: str) -> bool:
+        """True for the first of concurrent rewrites of ``path``: only it may credit the old bytes
+        in advance (each crediting them let N parallel rewrites forget N times the file)."""
+        with self._lock:
+            if path in self._replacing:
+                return False
+            self._replacing.add(path)
+            return True
+
+    def release_replacement(self, path: str) -> None:
+        with self._lock:
+            self._replacing.discard(path)
 
     # -- metering ------------------------------------------------------------------------------
 
@@ -3263,6 +3283,9 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
 #         disk limit before it is written, so an archive bomb stops at the limit.
 
 UNSUPPORTED_ARCHIVE = "unsupported archive format"
+# Linux's PATH_MAX. Wings makes each entry's directories by their full path, so longer names fail
+# there; here a longer name would be a tree thousands of levels deep.
+ARCHIVE_NAME_MAX_BYTES = 4096
 ARCHIVE_CHUNK_BYTES = 1 << 20
 
 
@@ -3284,7 +3307,7 @@ class IgnoreMatcher:
     """
 
     def __init__(self, text: str = ""):
-        self.rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, dirs only)
+        self.rules: list[tuple[Any, bool, bool]] = []  # (matcher with .match, negated, dirs only)
         for line in text.splitlines():
             rule = self._parse(line)
             if rule is not None:
@@ -3294,7 +3317,7 @@ class IgnoreMatcher:
         return bool(self.rules)
 
     @staticmethod
-    def _parse(line: str) -> tuple[re.Pattern[str], bool, bool] | None:
+    def _parse(line: str) -> tuple[Any, bool, bool] | None:
         line = line.rstrip("\r")
         while line.endswith(" ") and not line.endswith("\\ "):
             line = line[:-1]
@@ -3308,9 +3331,14 @@ class IgnoreMatcher:
         if not line:
             return None
         anchored = "/" in line
-        body = _gitignore_body(line.lstrip("/"))
-        prefix = "^" if anchored else "^(?:.*/)?"
-        return re.compile(prefix + body + "$"), negated, dirs_only
+        tokens = [("dirs", "(?:.*/)?")] if not anchored else []
+        tokens += _gitignore_tokens(line.lstrip("/"))
+        try:
+            if sum(kind != "char" for kind, _ in tokens) <= 2:
+                return re.compile("^" + "".join(f for _, f in tokens) + "$"), negated, dirs_only
+            return _GlobAutomaton(tokens), negated, dirs_only
+        except re.error:  # "[z-a]": git's wildmatch matches nothing with it either
+            return None
 
     def ignored(self, relpath: str, is_dir: bool = False) -> bool:
         """True when ``relpath`` ('/'-separated, relative to the root) is left out."""
@@ -3322,37 +3350,92 @@ class IgnoreMatcher:
         return verdict
 
 
-def _gitignore_body(glob: str) -> str:
-    out: list[str] = []
+def _gitignore_tokens(glob: str) -> list[tuple[str, str]]:
+    """A glob as ``(kind, regex)``: kind "char" (one character), "star" (``[^/]*``), "any"
+    (``.*``) or "dirs" (``(?:.*/)?``, a leading or middle ``**/``)."""
+    out: list[tuple[str, str]] = []
     i = 0
     while i < len(glob):
         c = glob[i]
         if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
-            out.append("(?:.*/)?")
+            out.append(("dirs", "(?:.*/)?"))
             i += 3
         elif glob.startswith("**", i):
-            out.append(".*")
+            out.append(("any", ".*"))
             i += 2
         elif c == "*":
-            out.append("[^/]*")
+            out.append(("star", "[^/]*"))
             i += 1
         elif c == "?":
-            out.append("[^/]")
+            out.append(("char", "[^/]"))
             i += 1
         elif c == "\\" and i + 1 < len(glob):
-            out.append(re.escape(glob[i + 1]))
+            out.append(("char", re.escape(glob[i + 1])))
             i += 2
         elif c == "[" and "]" in glob[i + 2 :]:
             end = glob.index("]", i + 2)
             inner = glob[i + 1 : end]
             if inner.startswith("!"):
                 inner = "^" + inner[1:]
-            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            out.append(("char", "[" + inner.replace("\\", "\\\\") + "]"))
             i = end + 1
         else:
-            out.append(re.escape(c))
+            out.append(("char", re.escape(c)))
             i += 1
-    return "".join(out)
+    return out
+
+
+class _GlobAutomaton:
+    """A glob with three or more stars, matched in O(path x pattern) by following every state.
+
+    Python's ``re`` backtracks: ``*a*a*a*a*a*a*a*a*b`` against a name of 60 "a"s took minutes,
+    and both the backup's ``ignore`` and ``.pteroignore`` are written by the user. Wings matches
+    with Go's RE2, which never backtracks; so does this. Fewer stars stay ``re`` (at worst
+    quadratic over one path).
+    """
+
+    def __init__(self, tokens: list[tuple[str, str]]):
+        self.kinds = [kind for kind, _ in tokens]
+        self.chars = [re.compile(f) if kind == "char" else None for kind, f in tokens]
+
+    def _closure(self, states: set[int]) -> set[int]:
+        todo, out = list(states), set(states)
+        while todo:
+            i = todo.pop()
+            if 0 <= i < len(self.kinds) and self.kinds[i] != "char" and i + 1 not in out:
+                out.add(i + 1)  # every star may match nothing
+                todo.append(i + 1)
+        return out
+
+    def match(self, path: str) -> bool:
+        # State i: before token i. A "dirs" token, once it has read a character, is inside its
+        # ".*" (state -1 - i): only a "/" leads out of it.
+        states = self._closure({0})
+        for ch in path:
+            after: set[int] = set()
+            for i in states:
+                if i < 0:
+                    i = -1 - i
+                    after.add(-1 - i)
+                    if ch == "/":
+                        after.add(i + 1)
+                    continue
+                if i >= len(self.kinds):
+                    continue
+                kind = self.kinds[i]
+                if kind == "char":
+                    if self.chars[i].fullmatch(ch):
+                        after.add(i + 1)
+                elif kind == "any" or (kind == "star" and ch != "/"):
+                    after.add(i)
+                elif kind == "dirs":
+                    after.add(-1 - i)
+                    if ch == "/":
+                        after.add(i + 1)
+            states = self._closure(after)
+            if not states:
+                return False
+        return len(self.kinds) in states
 
 
 class HashingWriter:
@@ -3545,8 +3628,26 @@ _MAGIC_RAR = b"Rar!\x1a\x07"
 _COMPRESSORS: dict[str, tuple[bytes, Callable[[Any], Any], tuple[str, ...]]] = {
     "gzip": (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), (".gz", ".tgz")),
     "bzip2": (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb"), (".bz2", ".tbz2", ".tbz")),
-    "xz": (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb"), (".xz", ".txz")),
+    "xz": (b"\xfd7zXZ\x00", lambda raw: _xz_reader(raw), (".xz", ".txz")),
 }
+# An .xz header names the dictionary the decoder allocates: up to 4 GiB, filled as data passes,
+# and a tar member the extractor skips (a device, an unknown type) passes without being written,
+# so the disk limit does not bound it -- 80 KB of xz held 512 MiB. ``xz -9`` needs 65 MiB.
+ARCHIVE_XZ_MEMLIMIT_BYTES = 256 << 20
+
+
+def _xz_reader(raw: Any) -> Any:
+    """``lzma.LZMAFile`` with a memory limit (LZMAFile has no parameter for it)."""
+    import _compression  # what gzip, bz2 and lzma build their readers from
+
+    return io.BufferedReader(
+        _compression.DecompressReader(
+            raw,
+            lzma.LZMADecompressor,
+            trailing_error=lzma.LZMAError,
+            memlimit=ARCHIVE_XZ_MEMLIMIT_BYTES,
+        )
+    )
 
 
 class _Prefixed:
@@ -3627,7 +3728,7 @@ def extract_archive(
         else:
             with tempfile.TemporaryFile() as spool:
                 spool.write(head)
-                shutil.copyfileobj(src, spool, ARCHIVE_CHUNK_BYTES)
+                _spool_within_limit(src, spool, fs)
                 spool.seek(0)
                 target.zip(spool)
     elif kind == "tar":
@@ -3637,7 +3738,14 @@ def extract_archive(
         inner = opener(_Prefixed(head, src))
         try:
             first = _read_exactly(inner, 512)
-        except (OSError, EOFError, lzma.LZMAError) as exc:
+        except lzma.LZMAError as exc:
+            if "memory usage limit" in str(exc).lower():  # liblzma's LZMA_MEMLIMIT_ERROR text
+                raise ArchiveError(
+                    "refused archive: it needs more than "
+                    f"{ARCHIVE_XZ_MEMLIMIT_BYTES >> 20} MiB of memory to decompress"
+                ) from None
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        except (OSError, EOFError) as exc:
             raise ArchiveError(f"the archive is damaged: {exc}") from None
         if _is_tar_header(first):
             target.tar(_Prefixed(first, inner))
@@ -3646,6 +3754,79 @@ def extract_archive(
             single = next((base[: -len(s)] for s in suffixes if base.endswith(s)), "")
             target.single(single or base + ".out", _Prefixed(first, inner))
     return target.count
+
+
+# Go's archive/tar (what Wings reads archives with) refuses a PAX header or GNU long name larger
+# than 1 MiB (``maxSpecialFileSize``). Python's tarfile reads such a header into memory whole,
+# whatever size it declares, and keeps a sparse file's map as a Python list: a few hundred KB of
+# gzip can claim gigabytes of memory. Every header block before a member's data is read through
+# this budget instead.
+ARCHIVE_HEADER_MAX_BYTES = 1 << 20
+_SPECIAL_TAR_TYPES = frozenset(
+    (
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.GNUTYPE_SPARSE,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    )
+)
+
+
+class _HeaderBudget:
+    """``tarfile``'s stream while it reads one member's header blocks: at most ``left`` bytes."""
+
+    def __init__(self, stream: Any, left: int):
+        self.stream, self.left = stream, left
+        self.depth = 0  # headers for the same member, nested (long name, then PAX, then ...)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.left:
+            raise ArchiveError(
+                f"refused archive: a header is larger than {ARCHIVE_HEADER_MAX_BYTES} bytes"
+            )
+        self.left -= n
+        return self.stream.read(n)
+
+    def __getattr__(self, name: str) -> Any:  # tell, seek, ... of the real stream
+        return getattr(self.stream, name)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` whose long names, PAX headers and sparse maps share one 1 MiB budget."""
+
+    def _proc_member(self, tar: Any) -> Any:
+        if self.type not in _SPECIAL_TAR_TYPES:
+            return super()._proc_member(tar)
+        if isinstance(tar.fileobj, _HeaderBudget):  # nested: the outer budget counts it
+            tar.fileobj.depth += 1  # tarfile recurses once per header: keep far off its limit
+            if tar.fileobj.depth > 16:
+                raise ArchiveError("refused archive: a member has more than 16 extended headers")
+            return super()._proc_member(tar)
+        real = tar.fileobj
+        tar.fileobj = _HeaderBudget(real, ARCHIVE_HEADER_MAX_BYTES)
+        try:
+            return super()._proc_member(tar)
+        finally:
+            tar.fileobj = real
+
+
+def _spool_within_limit(src: Any, spool: Any, fs: Filesystem) -> None:
+    """Copy a zip that arrives as a stream (a transfer, an s3 restore) into ``spool``.
+
+    The spool is the host's temporary directory, not the server's: without a bound, a peer
+    could send gigabytes that fill it. It may hold no more than the server has room for --
+    what the zip holds must fit there anyway.
+    """
+    spooled = 0
+    while chunk := src.read(ARCHIVE_CHUNK_BYTES):
+        spooled += len(chunk)
+        if fs.limit_bytes and not fs.has_space(spooled):
+            raise ArchiveError(
+                f"the zip archive is larger than the server's free disk space ({_NO_SPACE})"
+            )
+        spool.write(chunk)
 
 
 def _seekable(src: Any) -> bool:
@@ -3669,6 +3850,7 @@ class _Extractor:
         self.jail, self.fs, self.on_entry, self.owner = jail, fs, on_entry, owner
         self.dest = "/".join(Jail.parts(dest))
         self.count = 0
+        self.made: set[str] = set()  # directories this extraction has made or found
 
     # -- names -------------------------------------------------------------------------------
 
@@ -3676,6 +3858,11 @@ class _Extractor:
         """The jail path of an archive member; ``ArchiveError`` for absolute names and ``..``."""
         if "\x00" in member:
             raise ArchiveError(f"refused archive entry {member!r}: NUL byte in its name")
+        if len(member.encode("utf-8", "surrogateescape")) > ARCHIVE_NAME_MAX_BYTES:
+            raise ArchiveError(
+                f"refused archive entry {member[:64]!r}...: its name is longer than "
+                f"{ARCHIVE_NAME_MAX_BYTES} bytes"
+            )
         if member.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", member):
             raise ArchiveError(f"refused archive entry {member!r}: absolute path")
         parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".")]
@@ -3694,7 +3881,7 @@ class _Extractor:
 
     def tar(self, stream: Any) -> None:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)
             while True:
                 member = tar.next()
                 if member is None:
@@ -3782,9 +3969,14 @@ class _Extractor:
     # -- writing -----------------------------------------------------------------------------
 
     def _parents(self, path: str) -> None:
+        # Each directory is made (or found) once per extraction: walking every prefix of every
+        # entry from the root cost depth**2 opens per entry -- seconds for one deep name.
         parts = path.split("/")[:-1]
         for i in range(1, len(parts) + 1):
-            self._mkdir_one("/".join(parts[:i]), 0o755)
+            prefix = "/".join(parts[:i])
+            if prefix not in self.made:
+                self._mkdir_one(prefix, 0o755)
+                self.made.add(prefix)
 
     def _mkdir_one(self, path: str, mode: int) -> bool:
         try:
@@ -3850,7 +4042,10 @@ class _Extractor:
         try:
             written = metered_copy(self.fs, reader, fd, prebooked=size)
             os.fchmod(fd, mode & 0o1777)
-            os.utime(fd, (mtime, mtime))
+            # A PAX mtime may be any decimal ("inf", "nan", 1e30): one the kernel cannot hold is
+            # left as now, as GNU tar does with a warning, rather than failing the archive.
+            with contextlib.suppress(ValueError, OverflowError):
+                os.utime(fd, (mtime, mtime))
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -4128,10 +4323,15 @@ def _properties_entries(lines: list[str]) -> list[tuple[int, int, str, str]]:
     """``(first line, last line, key, value)`` of each logical line (continuations joined)."""
     entries, i = [], 0
     while i < len(lines):
-        start, logical = i, lines[i].rstrip("\r\n").lstrip(" \t\f")
-        while _continues(logical) and i + 1 < len(lines):
+        start, pieces = i, [lines[i].rstrip("\r\n").lstrip(" \t\f")]
+        # Joined once at the end: adding to a string per continuation line was quadratic, and a
+        # user's 4 MiB of "a\\" lines held a start for hours. The backslashes before the last
+        # one of a piece are even in number, so the last piece alone says whether it goes on.
+        while _continues(pieces[-1]) and i + 1 < len(lines):
             i += 1
-            logical = logical[:-1] + lines[i].rstrip("\r\n").lstrip(" \t\f")
+            pieces[-1] = pieces[-1][:-1]
+            pieces.append(lines[i].rstrip("\r\n").lstrip(" \t\f"))
+        logical = "".join(pieces)
         i += 1
         if not logical or logical[0] in "#!":
             continue
@@ -4409,7 +4609,8 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
     comments and layout survive. Only when a key must be created is the document dumped anew
     (as Wings always does, losing comments).
     """
-    data = yaml.safe_load(text) if text.strip() else {}
+    data = yaml.load(text, Loader=_YAML_LOADER) if text.strip() else {}
+    _refuse_alias_bombs(data)
     data, changes = set_structured(data if data is not None else {}, replaces)
     if not changes:
         return text
@@ -4420,10 +4621,48 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
+YAML_MAX_ALIAS_NODES = 1_000_000
+# libyaml's safe loader where pyyaml was built with it: a 4 MiB file a user wrote costs seconds
+# instead of the pure-Python loader's ~40 s, before every start. Same rules, same marks.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _refuse_alias_bombs(data: Any) -> None:
+    """``ValueError`` when aliases make ``data`` more than a million nodes larger than its text.
+
+    safe_load shares an aliased node instead of copying it, so ten lines of ``&a [*b, *b, ...]``
+    load at once -- and then expand to billions of nodes in every walk, compare or dump. A user
+    writes this file; it is read before every start. go-yaml (Wings) refuses "excessive aliasing"
+    likewise. An alias to an enclosing node (a cycle) is refused too.
+    """
+    expanded: dict[int, int] = {}  # id -> nodes under it, counting every alias in full
+    visited = [0]  # nodes actually walked: the document's own size
+
+    def count(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            visited[0] += 1
+            return 1
+        key = id(node)
+        if key in expanded:
+            if expanded[key] < 0:
+                raise ValueError("an alias refers to a node that encloses it")
+            return expanded[key]
+        visited[0] += 1
+        expanded[key] = -1
+        items = node.values() if isinstance(node, dict) else node
+        total = 1 + sum(count(item) for item in items)
+        if total - visited[0] > YAML_MAX_ALIAS_NODES:
+            raise ValueError(f"its aliases expand to more than {YAML_MAX_ALIAS_NODES} nodes")
+        expanded[key] = total
+        return total
+
+    count(data)
+
+
 def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
     """Replace the changed scalars' text in place; None when that cannot be done exactly."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.YAMLError:
         return None
     edits: dict[int, tuple[int, str]] = {}
@@ -4447,7 +4686,7 @@ def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
         end, dumped = edits[start]
         out = out[:start] + dumped + out[end:]
     try:
-        if yaml.safe_load(out) != after:
+        if yaml.load(out, Loader=_YAML_LOADER) != after:
             return None
     except yaml.YAMLError:
         return None
@@ -4609,6 +4848,10 @@ class ConfigFileWriter:
                 new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
             except (ValueError, SyntaxError, yaml.YAMLError) as exc:
                 raise ConfigFileSkipped(f"cannot be parsed as {cf.parser}: {exc}") from None
+            except RecursionError:  # the parsers recurse once per level: "[[[[..." of 4 MiB
+                raise ConfigFileSkipped(
+                    f"cannot be parsed as {cf.parser}: it is nested too deeply"
+                ) from None
             if new == old and st is not None:
                 return False
             self._write(where, new, st, len(old))
@@ -6649,6 +6892,7 @@ CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN = 1013  # "Try Again Later" (IANA WebSocket close code registry)
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -7199,6 +7443,17 @@ SIGNED_URL_CLAIMS: Mapping[str, tuple[str, ...]] = {
     "backup-download": ("backup_uuid",),
 }
 
+# The Panel's tokens of every kind are signed with the same node key, and older Panels send no
+# ``scope``: an upload token is told apart only by what it lacks. Wings v1.11 accepts any of them
+# at /upload/file, so a user allowed to download one file, a backup, or to open the console
+# could upload. A claim that marks another kind (``permissions``: a websocket token) refuses it;
+# a token with a ``scope`` (newer Panels) is judged by that alone.
+SIGNED_URL_FOREIGN_CLAIMS: Mapping[str, tuple[str, ...]] = {
+    "file-download": ("backup_uuid", "permissions"),
+    "file-upload": ("file_path", "backup_uuid", "permissions"),
+    "backup-download": ("file_path", "permissions"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class SignedToken:
@@ -7249,6 +7504,9 @@ class SignedUrls:
         for key in ("server_uuid", "unique_id", *SIGNED_URL_CLAIMS[kind]):
             if not isinstance(claims.get(key), str) or not claims[key]:
                 raise WingsliteError(f"the {kind} token has no {key} claim", 403)
+        for key in SIGNED_URL_FOREIGN_CLAIMS[kind] if scope is None else ():  # scope decides
+            if key in claims:
+                raise WingsliteError(f"a token with a {key} claim is not a {kind} token", 403)
         signed = SignedToken(
             kind,
             claims["server_uuid"],
@@ -7399,7 +7657,7 @@ class ConsoleSocket:
     accepted, so that suspension, deletion and deauthorisation can close it.
     """
 
-    auth_timeout_s = 30.0  # an unauthenticated socket only occupies one of the server's slots
+    auth_timeout_s = 5.0  # the Panel's browser sends its token at once; strangers are cut early
     ping_interval_s = 30.0
     expiring_window_s = 60.0  # Wings sends "token expiring" with <= 60 s left (listeners.go)
     # Wings' websocket power actions do not wait for the power lock at all; the "offline" status
@@ -7424,6 +7682,7 @@ class ConsoleSocket:
         self._throttled: set[str] = set()
         self._opened_at = time.monotonic()
         self._lock = threading.Lock()
+        self.on_authenticated: Callable[[], None] = lambda: None  # called once, at the first auth
 
     # -- session table --------------------------------------------------------------------------
 
@@ -7484,7 +7743,9 @@ class ConsoleSocket:
             self.ws.ping()
         if self.token is None:
             if now - self._opened_at >= self.auth_timeout_s:
-                self.ws.close(CLOSE_POLICY, f"no valid auth within {self.auth_timeout_s:.0f} s")
+                self.ws.close(
+                    CLOSE_UNAUTHENTICATED, f"no valid auth within {self.auth_timeout_s:.0f} s"
+                )
             return
         left = self.token.exp - time.time()
         if left <= 0 and not self._expired_sent:
@@ -7565,6 +7826,8 @@ class ConsoleSocket:
         first = self.token is None
         if self.token is None or self.token.user_uuid != token.user_uuid:
             self.register(token.user_uuid)
+        if first and not self._within_server_limit():
+            return
         self.token = token
         self._expiring_sent = self._expired_sent = self._muted = False
         self._send("auth success")
@@ -7581,6 +7844,20 @@ class ConsoleSocket:
             self._muted = True
             self._send("jwt error", problem)
         return True
+
+    def _within_server_limit(self) -> bool:
+        """At the first auth: only authenticated sockets count against the server's limit."""
+        limit = self.daemon.config.get("wingslite.websocket_max_per_server")
+        if authenticated_websockets(self.daemon.sessions, self.server.uuid) <= limit:
+            self.on_authenticated()
+            return True
+        self.daemon.sessions.unregister(self.session)
+        self.session = None
+        self.ws.close(
+            CLOSE_TRY_AGAIN,
+            f"too many open websocket connections for this server (the limit is {limit})",
+        )
+        return False
 
     def _token_problem(self, token: WebsocketToken | None) -> str | None:
         # The order of Wings' TokenValid(): present, exp, denylist, connect, server.
@@ -7763,11 +8040,90 @@ def _drain_read_buffer(handler: Any) -> bytes:
         sock.settimeout(timeout)
 
 
+def authenticated_websockets(sessions: SessionTable, server_uuid: str) -> int:
+    """A server's console sockets that carry an accepted token (those under a user)."""
+    return sum(1 for s in sessions.sessions(server_uuid, kind="websocket") if s.user_uuid)
+
+
+class PerIpCounter:
+    """How many of something each client IP holds at once, at most ``limit`` each (0: no limit).
+
+    Methods for the caller: ``acquire(ip)`` (False at the limit) and ``releaser(ip)`` (a callable
+    that gives the slot back once, however often it is called).
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, ip: str) -> bool:
+        with self._lock:
+            if self.limit and self._held.get(ip, 0) >= self.limit:
+                return False
+            self._held[ip] = self._held.get(ip, 0) + 1
+            return True
+
+    def releaser(self, ip: str) -> Callable[[], None]:
+        done = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if done.is_set():
+                    return
+                done.set()
+                left = self._held.get(ip, 1) - 1
+                if left > 0:
+                    self._held[ip] = left
+                else:
+                    self._held.pop(ip, None)
+
+        return release
+
+    def held(self, ip: str) -> int:
+        with self._lock:
+            return self._held.get(ip, 0)
+
+
 def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
     """``GET /api/servers/:server/ws``: accept the upgrade and speak Wings' console protocol on the
     request thread until the socket closes. Refusals before the upgrade raise ``WingsliteError``
-    (400 not a websocket request, 403 Origin, 426 version, 429 too many sockets for the server)."""
+    (400 not a websocket request, 403 Origin, 426 version, 429 too many sockets for the server or
+    too many not yet authenticated from the client's IP).
+
+    Until it authenticates, a socket counts against its client IP's allowance
+    (``wingslite.websocket_unauthenticated_per_ip``, through ``handler.server.websocket_strangers``
+    when there is one), not against the server's ``wingslite.websocket_max_per_server``: strangers
+    cannot take the owner's slots, and are closed after ``ConsoleSocket.auth_timeout_s``.
+    """
     handler.close_connection = True  # after the socket, this connection carries no more HTTP
+    strangers = getattr(handler.server, "websocket_strangers", None) or PerIpCounter(0)
+    ip = handler.client_address[0]
+    if not strangers.acquire(ip):
+        notices = getattr(handler.server, "notices", None)
+        if notices is not None:
+            notices.log(
+                "websocket strangers",
+                "refusing websockets from %s: %d not yet authenticated "
+                "(wingslite.websocket_unauthenticated_per_ip)",
+                ip,
+                strangers.limit,
+            )
+        raise WingsliteError(
+            f"Too many websocket connections from {ip} have not authenticated yet "
+            f"(the limit is {strangers.limit}).",
+            429,
+        )
+    release = strangers.releaser(ip)
+    try:
+        _serve_websocket(handler, daemon, server, release)
+    finally:
+        release()
+
+
+def _serve_websocket(
+    handler: Any, daemon: Any, server: Any, authenticated: Callable[[], None]
+) -> None:
     try:
         key = _upgrade_key(handler)
     except _UpgradeRefused as exc:
@@ -7781,16 +8137,15 @@ def serve_websocket(handler: Any, daemon: Any, server: Any) -> None:
         daemon.config.get("allowed_origins"),
     ):
         raise WingsliteError("Forbidden: this Origin may not open the server's websocket.", 403)
-    ws = WebSocket(handler.connection, _drain_read_buffer(handler))
-    console = ConsoleSocket(ws, server, daemon, ip=handler.client_address[0])
-    # Registered before counting, so that concurrent upgrades can never exceed the limit together.
-    console.register("")
     limit = daemon.config.get("wingslite.websocket_max_per_server")
-    if daemon.sessions.count(server.uuid, kind="websocket") > limit:
-        daemon.sessions.unregister(console.session)
+    if authenticated_websockets(daemon.sessions, server.uuid) >= limit:
         raise WingsliteError(
             f"Too many open websocket connections for this server (the limit is {limit}).", 429
         )
+    ws = WebSocket(handler.connection, _drain_read_buffer(handler))
+    console = ConsoleSocket(ws, server, daemon, ip=handler.client_address[0])
+    console.on_authenticated = authenticated
+    console.register("")  # in the table from now on, so that a suspension closes it too
     response = (
         f"HTTP/1.1 101 Switching Protocols\r\nServer: {handler.server_version}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {websocket_accept_key(key)}\r\n\r\n"
@@ -9356,12 +9711,15 @@ class StagedFile:
                 old = None
         if old is not None and stat.S_ISDIR(old.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        self.old_bytes = _freed_bytes(old) if old is not None else 0
         parent = posixpath.dirname(self.target)
         self.tmp = posixpath.join(parent, f".wingslite-{uuidlib.uuid4().hex[:16]}.part")
         self.written = 0
         self.finished = False
         self.fd = jail.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        # The old bytes are credited now (a rewrite costs only its growth) by one writer at a
+        # time, and squared with what the rename really replaced at commit.
+        self.claimed = fs.claim_replacement(self.target)
+        self.old_bytes = _freed_bytes(old) if old is not None and self.claimed else 0
         fs.add_usage(-self.old_bytes)
 
     def __enter__(self) -> StagedFile:
@@ -9386,6 +9744,10 @@ class StagedFile:
     def flush(self) -> None:  # a file-like sink for gzip and tarfile
         pass
 
+    def finish_writing(self) -> None:
+        """Close the file now (``commit``/``abort`` still to come): many staged files, few fds."""
+        self._close()
+
     def _close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
@@ -9398,20 +9760,28 @@ class StagedFile:
         try:
             if self.owner is not None:
                 self.jail.chown(self.tmp, *self.owner)
-            self.jail.rename(self.tmp, self.target)
+            replaced = self.jail.rename(self.tmp, self.target)
         except BaseException:
             self.abort()
             raise
         self.finished = True
+        self._release()
+        self.fs.add_usage(self.old_bytes - (_freed_bytes(replaced) if replaced else 0))
 
     def abort(self) -> None:
         if self.finished:
             return
         self.finished = True
         self._close()
+        self._release()
         with contextlib.suppress(OSError):
             self.jail.remove(self.tmp)
         self.fs.add_usage(self.old_bytes - self.written)
+
+    def _release(self) -> None:
+        if self.claimed:
+            self.claimed = False
+            self.fs.release_replacement(self.target)
 
 
 def copy_name(jail: Jail, path: str) -> str:
@@ -9478,18 +9848,37 @@ def decompress_file(
         jail.mkdir(staging, 0o700)
         try:
             extract_archive(jail, fs, src, name=posixpath.basename(file), dest=staging)
-            moves = _staged_moves(jail, staging, dest, is_denied)
-            for source, target, is_dir in moves:
-                if is_dir:
-                    with contextlib.suppress(FileExistsError):
-                        jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
-                else:
-                    fs.rename(jail, source, target)  # a file it replaces is given back
-                if owner is not None:
-                    jail.chown(target, *owner)
+            # The denylist is asked about each path as written and where it really leads:
+            # "/ln/server.jar" is "/config/server.jar" when "ln" links to "config". Only ``dest``
+            # can be a link on the way (a link where a staged directory goes is refused), and
+            # the moves are checked all before the first; the mover checks again as it goes.
+            with jail.resolve(dest) as where:
+                real = "/" + where.relpath
+
+            def denied(path: str) -> bool:
+                return is_denied is not None and (
+                    is_denied(path) or is_denied(real + path[len(dest) :])
+                )
+
+            moves = _staged_moves(jail, staging, dest, denied)
+            with Jail(jail.root, is_denied=is_denied) as mover:
+                _move_staged(mover, fs, moves, owner)
         finally:
             with contextlib.suppress(OSError):
                 fs.add_usage(-remove_tree(jail, staging))
+
+
+def _move_staged(
+    jail: Jail, fs: Filesystem, moves: list[tuple[str, str, bool]], owner: Any
+) -> None:
+    for source, target, is_dir in moves:
+        if is_dir:
+            with contextlib.suppress(FileExistsError):
+                jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
+        else:
+            fs.rename(jail, source, target)  # a file it replaces is given back
+        if owner is not None:
+            jail.chown(target, *owner)
 
 
 def _staged_moves(
@@ -9650,18 +10039,26 @@ def is_internal_address(ip: str) -> bool:
 
 
 def _connect_public(allow_internal: bool, address: Any, *args: Any, **kwargs: Any) -> socket.socket:
-    # The address checked is the one the socket is connected to, not a DNS answer read earlier,
-    # so a name that resolves differently the second time (DNS rebinding) gains nothing.
-    sock = socket.create_connection(address, *args, **kwargs)
-    peer = sock.getpeername()[0]
-    if not allow_internal and is_internal_address(peer):
-        sock.close()
-        raise PullRefused(
-            errno.EACCES,
-            f"the URL's host is an internal address ({peer}); remote downloads may only reach "
-            "public addresses",
-        )
-    return sock
+    # Every address the name has is checked before a packet goes to it, and the socket connects
+    # to that very address, so a name that resolves differently the second time (DNS rebinding)
+    # gains nothing. Connecting first and looking at the peer after told an open internal port
+    # ("internal address") from a closed one ("connection refused"): a port scanner. Wings
+    # checks in its dialer's Control hook, before connect(2), likewise.
+    host, port = address[0], address[1]
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host!r}: {exc.strerror}") from None
+    refused = ""
+    for *_, sockaddr in found:
+        if allow_internal or not is_internal_address(sockaddr[0]):
+            return socket.create_connection((sockaddr[0], port), *args, **kwargs)
+        refused = refused or sockaddr[0]
+    raise PullRefused(
+        errno.EACCES,
+        f"the URL's host is an internal address ({refused}); remote downloads may only reach "
+        "public addresses",
+    )
 
 
 class _PullHTTPConnection(http.client.HTTPConnection):
@@ -10243,7 +10640,9 @@ class FileManagerRoutes:
         directory = self._param("directory", "/")
         limit_mb = self.server.daemon.config.get("api.upload_limit")
         owner = node_owner(self.server.daemon)
-        staged: list[tuple[str, StagedFile]] = []
+        # By name: the same name twice in one form is replaced (the last one wins) without a
+        # scan per part, which made a form of 20,000 tiny parts quadratic.
+        staged: dict[str, StagedFile] = {}
         read, _ = self._body_reader()
         with self._jail(server, denylist=True) as jail, fs_errors():
             try:
@@ -10258,28 +10657,31 @@ class FileManagerRoutes:
                         raise BadRequest(
                             f"An uploaded file has no usable name: {form['filename']!r}"
                         )
-                    for earlier in [t for n, t in staged if n == name]:
-                        earlier.abort()  # the same name twice in one form: the last one wins
-                    staged = [(n, t) for n, t in staged if n != name]
+                    earlier = staged.pop(name, None)
+                    if earlier is not None:
+                        earlier.abort()
                     target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
-                    staged.append((name, target))
+                    staged[name] = target
                     for chunk in chunks:
                         if target.written + len(chunk) > limit_mb * 1048576:
                             raise BadRequest(
                                 f"File {name} is larger than the maximum file upload size of {limit_mb} MB."
                             )
                         target.write(chunk)
+                    # Its fd closed at once: one per part held to the end let one form of many
+                    # parts take every fd of the daemon (EMFILE for every server).
+                    target.finish_writing()
                 if not staged:
                     raise BadRequest("No files were found on the request body.")
-                for _, target in staged:
+                for target in staged.values():
                     target.commit()
             except BaseException:
-                for _, target in staged:
+                for target in staged.values():
                     target.abort()
                 self._discard_body(read)
                 raise
         ip = self.client_address[0] if self.client_address else ""
-        for name, _ in staged:
+        for name in staged:
             server.record_activity(
                 "server:file.uploaded",
                 token.user_uuid,
@@ -11275,33 +11677,43 @@ class Transfers:
             if successful:
                 raise
 
-    def receive(self, uuid: str, read: Callable[[int], bytes], content_type: str) -> None:
-        """The destination's side of ``POST /api/transfers``, from the Panel's document to success."""
+    def begin_incoming(self, uuid: str, content_type: str) -> tuple[IncomingTransfer, bytes]:
+        """Everything a ``POST /api/transfers`` checks before it reads a byte of the body: the
+        content type, the Panel's document, a server this node does not have yet (409)."""
         boundary = multipart_boundary(content_type)
         if boundary is None:
             raise BadRequest(
                 f'invalid content type "{content_type.split(";")[0]}", expected "multipart/form-data"'
             )
-        server = self.daemon.receive_server(uuid)  # Conflict when this node has it already
-        transfer = IncomingTransfer(server)
+        transfer = IncomingTransfer(self.daemon.receive_server(uuid))
         with self.lock:
             self.incoming[uuid] = transfer
-        ok = False
+        return transfer, boundary
+
+    def receive(
+        self,
+        transfer: IncomingTransfer,
+        body: Callable[[], Callable[[int], bytes]],
+        boundary: bytes,
+    ) -> None:
+        """The rest of the destination's side: extract ``body()``, tell the Panel, keep the server;
+        on any failure forget it and everything that arrived, and tell the Panel that too."""
+        server, ok = transfer.server, False
         try:
-            transfer.receive(read, boundary)
+            transfer.receive(body(), boundary)
             self.daemon.adopt_received(server)
-            self.report(uuid, successful=True)
+            self.report(server.uuid, successful=True)
             ok = True
             server.transferring = False
             server.events.publish("transfer status", "success")
-            LOG.info("server %s: transfer received", uuid)
+            LOG.info("server %s: transfer received", server.uuid)
         finally:
             with self.lock:
-                self.incoming.pop(uuid, None)
+                self.incoming.pop(server.uuid, None)
             if not ok:
                 server.events.publish("transfer status", "failure")
                 self.daemon.drop_received(server)
-                self.report(uuid, successful=False)
+                self.report(server.uuid, successful=False)
 
 
 class TransferRoutes:
@@ -11334,17 +11746,21 @@ class TransferRoutes:
     def route_receive_transfer(self) -> tuple[int, Any]:
         transfers = self.server.daemon.transfers
         uuid = transfers.check_token(self.headers.get("Authorization", ""))
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.body_read = True
-            read = chunked_reader(self.rfile)
-        else:
-            read, _length = self._body_reader()
+        # Refusals up to here leave the body unread, so that the answer reaches a client that is
+        # still sending (the dispatcher drains a small body; closing on unread bytes resets).
+        transfer, boundary = transfers.begin_incoming(uuid, self.headers.get("Content-Type", ""))
         try:
-            transfers.receive(uuid, read, self.headers.get("Content-Type", ""))
+            transfers.receive(transfer, self._transfer_body, boundary)
         except BaseException:
             self.close_connection = True  # the rest of the body is not read
             raise
         return 200, None
+
+    def _transfer_body(self) -> Callable[[int], bytes]:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.body_read = True
+            return chunked_reader(self.rfile)
+        return self._body_reader()[0]
 
     def route_cancel_incoming_transfer(self, server: Any) -> tuple[int, Any]:
         transfer = self.server.daemon.transfers.incoming.get(server.uuid)
@@ -11823,16 +12239,79 @@ class TlsWrapper:
         return self._current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
+class LogOncePerMinute:
+    """One log line per kind of event per minute, saying how many were not logged since.
+
+    For what strangers can cause at will (refused, reset and timed-out connections): a line per
+    connection would let them fill the disk and bury everything else in the log.
+    """
+
+    interval_s = 60.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def log(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, unlogged = self._last.get(kind, (-math.inf, 0))
+            if now - last < self.interval_s:
+                self._last[kind] = (last, unlogged + 1)
+                return
+            self._last[kind] = (now, 0)
+        if unlogged:
+            message += f" ({unlogged} more in the minute before)"
+        LOG.warning(message, *args)
+
+
+class _Connection:
+    """One accepted API connection as ``ApiServer`` accounts for it.
+
+    ``phase`` is ``headers`` (a request line and headers are due by ``deadline``), ``idle`` (a
+    kept-alive connection between requests) or ``busy`` (a request is being answered, or the
+    connection carries a websocket). ``cut`` says why the server ended it early, if it did.
+    """
+
+    __slots__ = ("cut", "deadline", "ip", "phase", "since", "sock")
+
+    def __init__(self, sock: Any, ip: str, deadline: float):
+        self.sock, self.ip = sock, ip
+        self.phase, self.since, self.deadline = "headers", time.monotonic(), deadline
+        self.cut = ""
+
+
+def default_max_connections(sftp_connections: int) -> int:
+    """API connections allowed when ``wingslite.max_connections`` is 0: the process's soft file
+    limit less a reserve for the daemon's own files, Docker and SFTP (a socket and some open
+    files per SFTP connection), between 16 and 4096 (each connection is a thread)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft - 128 - 4 * sftp_connections))
+
+
 class ApiServer(http.server.ThreadingHTTPServer):
     """The node's HTTP API server: one thread per connection, bound to ``daemon``.
 
+    Connections are accounted for (``admit_connection`` / ``connection_phase`` /
+    ``release_connection``): at most ``max_connections`` are open; at the cap a new one closes the
+    connection idle the longest (kept-alive first, then one still sending its first request) and,
+    when every connection is busy, is answered ``503`` with ``Retry-After``. A request line and its
+    headers must arrive within ``header_timeout_s`` of the connection (or of the first byte of a
+    kept-alive request), or the connection is answered ``408`` and closed; a kept-alive
+    connection is closed after ``ApiHandler.timeout`` without a request. Refusals, timeouts and
+    resets are logged once a minute per kind (``notices``), never a traceback each.
+
     Class variables that may be overridden: ``daemon_threads``, ``allow_reuse_address``,
-    ``request_queue_size``, ``handler_class``.
+    ``request_queue_size``, ``handler_class``, ``retry_after_s``, ``reap_interval_s``.
     """
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    retry_after_s = 5
+    reap_interval_s = 0.25
 
     def __init__(
         self,
@@ -11845,20 +12324,38 @@ class ApiServer(http.server.ThreadingHTTPServer):
             0,
             "",
         )  # (second, its HTTP date): formatted once a second, not per answer
+        config = daemon.config
+        self.max_connections = config.get("wingslite.max_connections") or default_max_connections(
+            config.get("wingslite.sftp_max_connections")
+        )
+        self.header_timeout_s = float(config.get("wingslite.header_timeout_s"))
+        self.websocket_strangers = PerIpCounter(
+            config.get("wingslite.websocket_unauthenticated_per_ip")
+        )
+        self.notices = LogOncePerMinute()
+        self._connections: dict[Any, _Connection] = {}
+        self._connections_lock = threading.Lock()
+        self._next_reap = 0.0
         super().__init__(address, handler_class or ApiHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        LOG.exception(
-            "unhandled error on a connection from %s", client_address[0] if client_address else "?"
-        )
+        ip = client_address[0] if client_address else "?"
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            self.notices.log("reset", "API connections reset or timed out mid-request (%s)", ip)
+            return
+        LOG.exception("unhandled error on a connection from %s", ip)
 
-    # -- TLS (api.ssl) -------------------------------------------------------------------------
+    # -- connection accounting -----------------------------------------------------------------
 
-    tls_handshake_timeout_s = 10.0
-
-    def get_request(self) -> tuple[socket.socket, Any]:
+    def get_request(self) -> tuple[Any, Any]:
         """Accept a connection; with ``api.ssl`` it is wrapped in TLS here (no I/O yet)."""
-        sock, address = super().get_request()
+        try:
+            sock, address = super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.notices.log("accept", "cannot accept API connections: %s", exc.strerror)
+                time.sleep(0.1)  # the listener stays readable: without a pause this loop spins
+            raise
         tls = getattr(self.daemon, "tls", None)
         if tls is not None:
             try:
@@ -11867,6 +12364,134 @@ class ApiServer(http.server.ThreadingHTTPServer):
                 sock.close()
                 raise OSError(f"TLS is not available: {exc}") from None
         return sock, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.admit_connection(request, client_address):
+            self.refuse_connection(request, client_address)
+            return
+        super().process_request(request, client_address)
+
+    def admit_connection(self, sock: Any, client_address: Any) -> bool:
+        """Account for a new connection; at the cap, close the idlest one to make room."""
+        record = _Connection(sock, client_address[0], time.monotonic() + self.header_timeout_s)
+        with self._connections_lock:
+            if len(self._connections) >= self.max_connections:
+                victim = self._idlest_connection()
+                if victim is None:
+                    return False
+                del self._connections[victim.sock]
+                victim.cut = "evicted"
+            else:
+                victim = None
+            self._connections[sock] = record
+        if victim is not None:
+            self.notices.log(
+                "evicted",
+                "at the cap of %d API connections (wingslite.max_connections): closing the "
+                "longest idle to admit new ones",
+                self.max_connections,
+            )
+            with contextlib.suppress(OSError):
+                # the plain socket's shutdown, also under TLS: SSLSocket's own would drop its
+                # TLS state under the handler thread still using it
+                socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)
+        return True
+
+    def _idlest_connection(self) -> _Connection | None:
+        for phase in ("idle", "headers"):
+            waiting = [c for c in self._connections.values() if c.phase == phase]
+            if waiting:
+                return min(waiting, key=lambda c: c.since)
+        return None
+
+    def refuse_connection(self, sock: Any, client_address: Any) -> None:
+        """Answer 503 with ``Retry-After`` without waiting for the request, and close (a TLS
+        connection is closed without an answer: it has not had its handshake)."""
+        if isinstance(sock, ssl.SSLSocket):
+            self.notices.log(
+                "refused", "refusing API connections: all %d are busy", self.max_connections
+            )
+            self.shutdown_request(sock)
+            return
+        request_id = str(uuidlib.uuid4())
+        body = json.dumps(
+            {
+                "error": f"the node is serving its maximum of {self.max_connections} connections; "
+                "try again later",
+                "request_id": request_id,
+            }
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Retry-After: {self.retry_after_s}\r\nX-Request-Id: {request_id}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):
+            sock.send(head.encode() + body, socket.MSG_DONTWAIT)
+            sock.recv(65536, socket.MSG_DONTWAIT)  # unread bytes would turn the close into a reset
+        self.notices.log(
+            "refused",
+            "refusing API connections: all %d are busy (wingslite.max_connections); answered 503",
+            self.max_connections,
+        )
+        self.shutdown_request(sock)
+
+    def connection_record(self, sock: Any) -> _Connection | None:
+        with self._connections_lock:
+            return self._connections.get(sock)
+
+    def connection_phase(self, sock: Any, phase: str) -> bool:
+        """Move a connection to ``phase``; False when the server has already cut it."""
+        now = time.monotonic()
+        with self._connections_lock:
+            record = self._connections.get(sock)
+            if record is None or record.cut:
+                return False
+            record.phase, record.since = phase, now
+            record.deadline = now + self.header_timeout_s if phase == "headers" else math.inf
+            return True
+
+    def release_connection(self, sock: Any) -> None:
+        with self._connections_lock:
+            self._connections.pop(sock, None)
+
+    def connection_counts(self) -> dict[str, int]:
+        """How many connections are in each phase (for tests, benchmarks and the curious)."""
+        with self._connections_lock:
+            phases = [c.phase for c in self._connections.values()]
+        return {phase: phases.count(phase) for phase in ("headers", "idle", "busy")}
+
+    def shutdown_request(self, request: Any) -> None:
+        self.release_connection(request)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` between accepts: cut connections late with their headers."""
+        now = time.monotonic()
+        if now < self._next_reap:
+            return
+        self._next_reap = now + self.reap_interval_s
+        with self._connections_lock:
+            late = [c for c in self._connections.values() if c.deadline < now and not c.cut]
+            for record in late:
+                record.cut = "header timeout"
+        for record in late:
+            self.notices.log(
+                "header timeout",
+                "closing API connections that did not send their headers within %.0f s "
+                "(wingslite.header_timeout_s), e.g. from %s",
+                self.header_timeout_s,
+                record.ip,
+            )
+            # The handler still answers 408 on a plain connection; a TLS session does not
+            # survive its reader seeing the end of the stream, so it is closed without one.
+            how = socket.SHUT_RDWR if isinstance(record.sock, ssl.SSLSocket) else socket.SHUT_RD
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(record.sock, how)
+
+    # -- TLS (api.ssl) -------------------------------------------------------------------------
+
+    tls_handshake_timeout_s = 10.0
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake runs here, on the connection's own thread, so a slow or broken client
@@ -11879,6 +12504,38 @@ class ApiServer(http.server.ThreadingHTTPServer):
                 LOG.debug("TLS handshake with %s failed: %s", client_address[0], exc)
                 return
         super().finish_request(request, client_address)
+
+
+def framing_problem(version: str, headers: http.client.HTTPMessage) -> str | None:
+    """Why a request's framing is refused (RFC 9112 §3.2, §5, §6), or ``None``.
+
+    Any reading of a message that a proxy in front could read differently lets a second request
+    hide in the first (request smuggling), so every ambiguity is a 400 and the connection closes.
+    """
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        return f"{version} requests are not served; send HTTP/1.1"
+    # The header parser stops at a line it cannot read as a header (a space before the colon) and
+    # keeps the rest as a "body"; defects about a multipart Content-Type's missing body are fine.
+    malformed = (email.errors.MissingHeaderBodySeparatorDefect, email.errors.InvalidHeaderDefect)
+    rest = headers.get_payload()  # a message/* Content-Type makes it a list of sub-messages
+    if any(isinstance(d, malformed) for d in headers.defects) or (isinstance(rest, str) and rest):
+        return "a header line is malformed (no name, or whitespace before the colon)"
+    if any("\n" in value for value in headers.values()):
+        return "a header is folded over several lines (obsolete line folding)"
+    lengths = headers.get_all("Content-Length") or []
+    if any(not re.fullmatch(r"[0-9]+", value) for value in lengths):
+        return "the Content-Length header must be plain digits"
+    if len(set(lengths)) > 1:
+        return "the request has more than one Content-Length, with different values"
+    codings = headers.get_all("Transfer-Encoding") or []
+    if codings and (len(codings) > 1 or codings[0].strip().lower() != "chunked"):
+        return "Transfer-Encoding other than a single chunked is not supported"
+    if codings and version == "HTTP/1.0":
+        return "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+    hosts = headers.get_all("Host") or []
+    if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+        return "an HTTP/1.1 request needs exactly one Host header"
+    return None
 
 
 class ApiHandler(
@@ -11907,6 +12564,51 @@ class ApiHandler(
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request_id = ""
+        self.requests_served = 0
+
+    # -- connection phases (accounted for by ApiServer) -------------------------------------------
+
+    def handle_one_request(self) -> None:
+        self.request_id = ""
+        if self.requests_served and not self._await_next_request():
+            self.close_connection = True
+            return
+        super().handle_one_request()
+        self.requests_served += 1
+
+    def _await_next_request(self) -> bool:
+        """Keep-alive: idle (the first to be closed at the cap) until the next request's first
+        byte, which starts its header deadline. False: closed, timed out or cut by the server."""
+        if not self.server.connection_phase(self.request, "idle"):
+            return False
+        try:
+            first = self.rfile.peek(1)
+        except OSError:  # the idle timeout (``timeout``), a reset, or the server's own cut
+            return False
+        return bool(first) and self.server.connection_phase(self.request, "headers")
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, then RFC 9112's framing rules (``framing_problem``); a request
+        whose headers came too late is answered 408."""
+        parsed = not self._headers_late() and super().parse_request()
+        if self._headers_late():
+            self.close_connection = True
+            self._error(
+                408,
+                f"the request headers did not arrive within {self.server.header_timeout_s:.0f} s",
+            )
+            return False
+        if not parsed:
+            return False
+        problem = framing_problem(self.request_version, self.headers)
+        if problem is not None:
+            self.send_error(400, problem)
+            return False
+        return self.server.connection_phase(self.request, "busy")
+
+    def _headers_late(self) -> bool:
+        record = self.server.connection_record(self.request)
+        return record is None or record.cut == "header timeout"
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -11914,13 +12616,14 @@ class ApiHandler(
         LOG.debug("%s %s", self.address_string(), format % args)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too long) as JSON, never HTML."""
+        """http.server's own errors (bad request line, headers too long) as JSON, never HTML,
+        with a request id like every other error."""
         if code == 501 and getattr(self, "command", None):
             # A method with no ``do_`` method: answered as any route answers one it does not
             # take (405 with Allow, or 404), never 501.
             return self._dispatch(self.command)
         self.close_connection = True
-        self._respond(code, {"error": message or http.HTTPStatus(code).phrase})
+        self._error(code, message or http.HTTPStatus(code).phrase)
 
     def _respond(
         self, status: int, body: Any = None, headers: Mapping[str, str] | None = None
@@ -11965,6 +12668,7 @@ class ApiHandler(
         return headers
 
     def _error(self, status: int, message: str) -> None:
+        self.request_id = self.request_id or str(uuidlib.uuid4())
         self._respond(status, {"error": message, "request_id": self.request_id})
 
     def do_OPTIONS(self) -> None:
@@ -12029,6 +12733,15 @@ class ApiHandler(
             self._respond(
                 exc.status, {"error": exc.message, "request_id": self.request_id}, headers
             )
+        except (ConnectionResetError, BrokenPipeError, TimeoutError):
+            # Almost always the client going away mid-body: a line a minute, not a traceback each.
+            self.server.notices.log(
+                "reset",
+                "API connections reset or timed out mid-request (%s)",
+                self.client_address[0],
+            )
+            self.close_connection = True
+            self._error(500, "the connection was reset or timed out while the request was read")
         except Exception:
             LOG.exception(
                 "request %s %s failed (request id %s)", method, self.path, self.request_id
@@ -14455,6 +15168,9 @@ def _demo(args: Any) -> int:
     import secrets
     import tempfile
 
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a service manager stops it with SIGTERM
+        signal.signal(sig, lambda *_: stop.set())
     token_id, token = secrets.token_hex(8), secrets.token_hex(32)
     servers = [
         demo_document(str(uuidlib.uuid4()), "Demo Survival", 1024),
@@ -14481,7 +15197,13 @@ def _demo(args: Any) -> int:
         "remote_query": {"timeout": 5},
     }
     daemon = Daemon(Config(raw, "--demo"))
-    daemon.start()
+    try:
+        daemon.start()
+    except OSError as exc:  # e.g. the port is taken
+        panel.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"wingslite: cannot start: {exc}", file=sys.stderr)
+        return 1
     daemon.wait_booted(10)
     base = f"http://127.0.0.1:{daemon.port}"
     # The Panel creates a server: it lists it, then calls POST /api/servers (which installs it).
@@ -14522,9 +15244,8 @@ Press Ctrl-C to stop.""",
         flush=True,
     )
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        while not stop.wait(1):
+            pass
         print("\nstopping", flush=True)
     finally:
         _demo_remove_containers(daemon)

@@ -21,6 +21,10 @@ Items (see README, "Performance"):
            directly; unthrottled, with Wings' default throttle and with a low one (and 1 socket)
   backup   a 200 MiB server directory: backup (POST to the Panel's report) vs ``tar czf`` and
            ``tar cf | gzip -1`` of it; restore (truncating) vs ``tar xzf`` of the same archive
+  strangers  GET /api/system latency with 1,000 idle stranger connections held open (reopened as
+           the daemon closes them) next to none, at a file limit of 1,024 and at the machine's
+
+A run of some items (``--only``) keeps the other items' figures already in the output file.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -222,7 +227,12 @@ class Daemon:
     """wingslite run through its CLI against a panel, in a fresh root directory."""
 
     def __init__(
-        self, panel_port: int, workdir: Path, node_keys: dict | None = None, **wingslite_keys
+        self,
+        panel_port: int,
+        workdir: Path,
+        node_keys: dict | None = None,
+        nofile: int | None = None,
+        **wingslite_keys,
     ):
         self.root = Path(tempfile.mkdtemp(prefix="root-", dir=workdir))
         self.port = free_port()
@@ -250,9 +260,10 @@ class Daemon:
         self.log = open(self.root / "daemon.log", "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "wingslite.py"), "--config", str(config)],
+            [sys.executable, str(DAEMON_SCRIPT[0]), "--config", str(config)],
             stdout=self.log,
             stderr=self.log,
+            preexec_fn=None if nofile is None else lambda: _limit_files(nofile),
         )
 
     def wait_api(self, timeout_s: float = 60) -> float:
@@ -296,6 +307,16 @@ class Daemon:
             self.proc.wait()
         self.log.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+DAEMON_SCRIPT = [ROOT / "wingslite.py"]  # --daemon: another wingslite.py to measure
+
+
+def _limit_files(nofile: int) -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
 
 
 def free_port() -> int:
@@ -652,6 +673,138 @@ def bench_http(workdir: Path, rounds: int, seconds: float) -> dict:
         if bare is not None:
             bare.stop()
         panel.stop()
+
+
+# -- /api/system next to idle strangers -----------------------------------------------------------
+
+
+class StrangerCrowd:
+    """``count`` connections to the API that never send a byte, reopened as the daemon closes them
+    (at its header deadline, or to make room at its connection cap) -- as a slowloris would."""
+
+    def __init__(self, port: int, count: int):
+        import selectors
+
+        self.port, self.count = port, count
+        self.selector = selectors.DefaultSelector()  # epoll: select() stops at 1,024 descriptors
+        self.opened = self.failed = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+
+    def __enter__(self) -> StrangerCrowd:
+        for _ in range(self.count):
+            self._open()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join()
+        for key in list(self.selector.get_map().values()):
+            key.fileobj.close()
+        self.selector.close()
+
+    def _open(self) -> None:
+        import selectors
+
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        except OSError:
+            self.failed += 1
+            return
+        self.selector.register(sock, selectors.EVENT_READ)
+        self.opened += 1
+
+    def _hold(self) -> None:
+        while not self.stopping.is_set():
+            for key, _ in self.selector.select(0.2):
+                self.selector.unregister(key.fileobj)
+                key.fileobj.close()
+            for _ in range(self.count - len(self.selector.get_map())):
+                self._open()
+            self.stopping.wait(0.2)  # an attacker's pace, not a connection flood
+
+    def open_now(self) -> int:
+        return len(self.selector.get_map())
+
+
+def system_latencies(port: int, count: int, give_up_after: int = 10) -> dict:
+    """``GET /api/system`` on a new connection each time (as the Panel calls): latencies of the
+    answers, and how many failed (no answer within 10 s, refused, or not 200); it stops after
+    ``give_up_after`` failures."""
+    latencies, failures = [], 0
+    for _ in range(count):
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            status, _ = request(port, "GET", "/api/system", conn=conn)
+        except (OSError, http.client.HTTPException):
+            status = 0
+        finally:
+            conn.close()
+        if status == 200:
+            latencies.append(time.perf_counter() - started)
+        else:
+            failures += 1
+            if failures >= give_up_after:
+                break
+    return {
+        "p50_ms": ms(pct(latencies, 0.5)),
+        "p99_ms": ms(pct(latencies, 0.99)),
+        "answered": len(latencies),
+        "failures": failures,
+    }
+
+
+def _strangers_round(daemon: Daemon, strangers: int, count: int) -> dict:
+    quiet = system_latencies(daemon.port, count)
+    with StrangerCrowd(daemon.port, strangers) as crowd:
+        time.sleep(1.0)
+        crowded = system_latencies(daemon.port, count)
+        crowd_figures = {
+            "strangers_open_at_end": crowd.open_now(),
+            "stranger_connections_opened": crowd.opened,
+            "stranger_connections_failed": crowd.failed,
+            "daemon_threads": daemon.memory_kb()["Threads"],
+        }
+    time.sleep(1.0)  # the daemon lets go of the crowd before the next round
+    return {"none": quiet, "with_strangers": crowded, **crowd_figures}
+
+
+def bench_strangers(workdir: Path, strangers: int, count: int, rounds: int) -> dict:
+    import resource
+
+    panel = Child(["--serve-panel", "10"], workdir, "panel")
+    result: dict = {"strangers": strangers, "requests": count, "rounds": rounds, "file_limits": {}}
+    try:
+        for nofile in (1024, None):  # the usual default, then this machine's
+            daemon = Daemon(panel.port, workdir, nofile=nofile)
+            try:
+                daemon.wait_booted()
+                system_latencies(daemon.port, 20)  # warm-up
+                runs = [_strangers_round(daemon, strangers, count) for _ in range(rounds)]
+            finally:
+                daemon.stop()
+            p50 = {
+                k: statistics.median(r[k]["p50_ms"] for r in runs)
+                for k in ("none", "with_strangers")
+            }
+            p99 = {
+                k: statistics.median(r[k]["p99_ms"] for r in runs)
+                for k in ("none", "with_strangers")
+            }
+            limit = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            result["file_limits"][str(limit)] = {
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "ratio_p50": round(p50["with_strangers"] / p50["none"], 2),
+                "ratio_p99": round(p99["with_strangers"] / p99["none"], 2),
+                "failures": sum(r["with_strangers"]["failures"] for r in runs),
+                "rounds": runs,
+            }
+    finally:
+        panel.stop()
+    return result
 
 
 def import_floor_mb() -> float:
@@ -1448,6 +1601,18 @@ def table(results: dict) -> str:
                 ">= 0.8x",
                 v["ratio"] >= 0.8,
             )
+    st = results.get("strangers")
+    if st:
+        for limit, v in st["file_limits"].items():
+            row(
+                f"7 GET /api/system, {st['strangers']:,} idle strangers",
+                f"p50 / p99 vs none (file limit {limit})",
+                f"{v['ratio_p50']}x / {v['ratio_p99']}x ({v['p50_ms']['with_strangers']} / "
+                f"{v['p99_ms']['with_strangers']} ms vs {v['p50_ms']['none']} / "
+                f"{v['p99_ms']['none']} ms), {v['failures']} failed",
+                "every request answered",
+                v["failures"] == 0,
+            )
     b = results.get("backup")
     if b:
         mbs = b["mb_per_s"]
@@ -1505,16 +1670,32 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+ALL_ITEMS = (
+    "sync",
+    "scale",
+    "suspend",
+    "http",
+    "idle",
+    "console",
+    "backup",
+    "files",
+    "strangers",
+)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--only",
-        default="sync,scale,suspend,http,idle,console,backup,files",
+        default=",".join(ALL_ITEMS),
         help="comma-separated items",
     )
     parser.add_argument("--out", default=str(HERE / "results.json"))
+    parser.add_argument(
+        "--daemon", help="the wingslite.py the daemon runs (default: this repository's)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="fewer repetitions (a smoke run, not for quoting)"
     )
@@ -1529,6 +1710,8 @@ def main() -> int:
         serve_bare(args.serve_bare, args.port_file)
         return 0
     only = set(args.only.split(","))
+    if args.daemon:
+        DAEMON_SCRIPT[0] = Path(args.daemon).resolve()
     q = args.quick
     workdir = Path(tempfile.mkdtemp(prefix="wingslite-bench-"))
     results: dict = {
@@ -1548,6 +1731,7 @@ def main() -> int:
             ("suspend", lambda: bench_suspend(workdir, 100 if q else 1000, 20)),
             ("http", lambda: bench_http(workdir, 1 if q else 3, 1.0 if q else 3.0)),
             ("idle", lambda: bench_idle(workdir, 1 if q else 3)),
+            ("strangers", lambda: bench_strangers(workdir, 1000, 50 if q else 300, 1 if q else 3)),
             ("console", lambda: bench_console(workdir, 1 if q else 3)),
             ("backup", lambda: bench_backup(workdir, 1 if q else 3)),
             ("files", lambda: bench_files(workdir, 1 if q else 7)),
@@ -1566,7 +1750,11 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["duration_s"] = round(time.monotonic() - started, 1)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    out = Path(args.out)
+    if out.exists() and only != set(ALL_ITEMS):  # a partial run keeps the other items' figures
+        with contextlib.suppress(ValueError):
+            results = {**json.loads(out.read_text()), **results}
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table(results))
     print(f"\nfigures written to {args.out} ({results['duration_s']} s)")
