@@ -1491,7 +1491,7 @@ def _write_config_doc(doc: dict, configs: list[dict]) -> dict:
 
 NC_GAME = (
     "P=$(grep '^server-port=' server.properties | cut -d= -f2); "
-    'echo "listening on $P"; echo ready; exec nc -l -p "$P"'
+    'echo "listening on $P"; echo ready; while :; do nc -l -p "$P"; done'
 )
 
 
@@ -1554,6 +1554,8 @@ class TestConfigFilesOnStart:
             return any("hello-new-port" in line for line in docker_servers.console(uuid))
 
         wait_until(sent, 20, "the game to receive data on its new port", interval_s=0.5)
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "kill"})[0] == 202
+        docker_servers.wait_state(uuid, "offline")
 
     def test_a_symlink_out_and_a_fifo_are_not_touched_and_the_start_goes_on(
         self, docker_servers, tmp_path
@@ -1580,6 +1582,11 @@ class TestConfigFilesOnStart:
         assert (root / "link.properties").is_symlink()
         assert stat.S_ISFIFO(os.lstat(root / "fifo.yml").st_mode)
         assert json.loads((root / "nested/dir/new.json").read_text()) == {"a": {"b": 3}}
+        owner = daemon.file_owner  # the node user: files the start creates belong to it
+        assert owner is not None
+        for made in ("nested", "nested/dir", "nested/dir/new.json"):
+            st = os.stat(root / made)
+            assert (st.st_uid, st.st_gid) == owner, made
         console = "\n".join(docker_servers.console(uuid))
         assert "Failed to update configuration file link.properties" in console
         assert "Failed to update configuration file fifo.yml: it is not a regular file" in console
