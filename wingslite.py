@@ -7676,7 +7676,7 @@ class ConsoleSocket:
         self._expired_sent = False
         self._muted = False  # token expired or revoked: nothing is forwarded until a new auth
         self._subscription: Any = None
-        self._power_thread: threading.Thread | None = None
+        self._power_threads: list[threading.Thread] = []
         self._limiter = RateLimiter(WEBSOCKET_EVENT_RATES, WEBSOCKET_DEFAULT_RATE)
         self._total = RateLimiter({}, WEBSOCKET_TOTAL_RATE)
         self._throttled: set[str] = set()
@@ -7901,16 +7901,22 @@ class ConsoleSocket:
         if not self.token.can(permission):
             return  # Wings ignores it silently
         with self._lock:
-            if self._power_thread is not None and self._power_thread.is_alive():
+            # Two at most per socket (the "set state" rate limit bounds them too). One more than
+            # one: a start clicked as a stop's status turns offline finds the stop's thread still
+            # finishing (activity record, lock release); the server's power lock decides between
+            # them, waiting ``power_wait_s``.
+            self._power_threads = [t for t in self._power_threads if t.is_alive()]
+            if len(self._power_threads) >= 2:
                 raise Conflict(
                     "another power action is currently being processed for this server, please try again later"
                 )
             # In its own thread, as Wings handles each message in its own goroutine: the reader
             # keeps answering pings and close frames while the container starts.
-            self._power_thread = threading.Thread(
+            thread = threading.Thread(
                 target=self._power, args=(action,), name="wingslite-ws-power", daemon=True
             )
-            self._power_thread.start()
+            self._power_threads.append(thread)
+            thread.start()
 
     def _power(self, action: str) -> None:
         try:
