@@ -4954,6 +4954,13 @@ class TestInstallation:
         assert "Container Entrypoint: sh" in log and "  GREETING=hello" in log
         assert "installing for hello" in log and "step 2/2 done" in log
         assert api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["installing"] is False
+        installs = sample(
+            metrics_of(daemon),
+            "wingslite_server_operations_total",
+            server=uuid,
+            operation="install",
+        )
+        assert installs == 1
         installer.close()
         plain.close()
 

@@ -13716,6 +13716,7 @@ class Server:
         and succeeds at once. Unlike Wings, a script that exits non-zero is a failed install.
         """
         self.daemon.installs.write(self.uuid, "installing", reinstall)
+        self.metrics.count("install")
         error = None
         try:
             if reinstall and self.env.state != OFFLINE:
