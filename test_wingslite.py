@@ -10803,12 +10803,19 @@ class TestHostileFeatureInput:
             "deep.json": "[" * 100_000 + "]" * 100_000,
             "deep.yml": "a: " + "[" * 100_000 + "]" * 100_000 + "\n",
             "deep.xml": "<a>" * 100_000 + "</a>" * 100_000,
+            # block style: libyaml's C loader dies of SIGSEGV on this (the daemon with it)
+            "dashes.yml": "- " * 100_000 + "x\n",
         }
         configs = [
             w.ConfigFile(name, name.rsplit(".", 1)[1].replace("yml", "yaml"), (r,))
             for name, r in zip(
                 files,
-                (w.Replacement("a", "1"), w.Replacement("a", "1"), w.Replacement("a.b", "1")),
+                (
+                    w.Replacement("a", "1"),
+                    w.Replacement("a", "1"),
+                    w.Replacement("a.b", "1"),
+                    w.Replacement("a", "1"),
+                ),
                 strict=True,
             )
         ]
@@ -10817,6 +10824,16 @@ class TestHostileFeatureInput:
         for name, line in zip(files, said, strict=True):
             assert line.startswith(f"Failed to update configuration file {name}: cannot be parsed")
             assert line.endswith("it is nested too deeply")
+        assert after == files
+
+    def test_a_yaml_config_over_its_cap_is_skipped_unread(self, tmp_path):
+        # The safe loader costs ~10 s per MiB; a yaml file is read only up to YAML_MAX_BYTES.
+        big = "k: v\n" * (w.YAML_MAX_BYTES // 5 + 1)
+        files = {"big.yml": big}
+        configs = [w.ConfigFile("big.yml", "yaml", (w.Replacement("k", "x"),))]
+        failed, said, after = self._rewrite_configs(tmp_path, files, configs)
+        assert failed == ["big.yml"]
+        assert said == ["Failed to update configuration file big.yml: it is larger than 1 MiB"]
         assert after == files
 
     def test_a_yaml_alias_bomb_is_refused_not_expanded(self, tmp_path):

@@ -4622,9 +4622,12 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
 
 
 YAML_MAX_ALIAS_NODES = 1_000_000
-# libyaml's safe loader where pyyaml was built with it: a 4 MiB file a user wrote costs seconds
-# instead of the pure-Python loader's ~40 s, before every start. Same rules, same marks.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# The pure-Python safe loader, on purpose: libyaml's (CSafeLoader) recurses in C once per
+# nesting level and crashes the whole daemon (SIGSEGV) on "[[[[..." or "- - - -..." a user wrote,
+# where this one raises RecursionError. Its cost (~10 s per MiB) is why yaml files are capped at
+# YAML_MAX_BYTES.
+_YAML_LOADER = yaml.SafeLoader
+YAML_MAX_BYTES = 1024 * 1024
 
 
 def _refuse_alias_bombs(data: Any) -> None:
@@ -4842,7 +4845,8 @@ class ConfigFileWriter:
         with self.jail.resolve(cf.file) as where:
             if where.name is None:
                 raise ConfigFileSkipped("the path names the server's directory itself")
-            old, st = self._read(where)
+            limit = YAML_MAX_BYTES if cf.parser in ("yaml", "yml") else self.max_bytes
+            old, st = self._read(where, min(limit, self.max_bytes))
             text = old.decode("utf-8-sig", errors="surrogateescape")
             try:
                 new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
@@ -4867,7 +4871,7 @@ class ConfigFileWriter:
             if self.owner is not None:
                 self.jail.chown("/".join(parts[:i]), *self.owner)
 
-    def _read(self, where: _Where) -> tuple[bytes, os.stat_result | None]:
+    def _read(self, where: _Where, max_bytes: int) -> tuple[bytes, os.stat_result | None]:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(where.name, flags, dir_fd=where.dir_fd)
@@ -4881,9 +4885,12 @@ class ConfigFileWriter:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ConfigFileSkipped("it is not a regular file")
-            if st.st_size > self.max_bytes:
-                raise ConfigFileSkipped(f"it is larger than {self.max_bytes // 1048576} MiB")
-            return fh.read(self.max_bytes + 1), st
+            if st.st_size > max_bytes:
+                raise ConfigFileSkipped(f"it is larger than {max_bytes / 1048576:g} MiB")
+            data = fh.read(max_bytes + 1)
+            if len(data) > max_bytes:  # it grew while we read it
+                raise ConfigFileSkipped(f"it is larger than {max_bytes / 1048576:g} MiB")
+            return data, st
 
     def _write(self, where: _Where, data: bytes, st: os.stat_result | None, old_size: int) -> None:
         grow = len(data) - old_size
