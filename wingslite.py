@@ -46,6 +46,7 @@ Map of this file. Each section sits under a banner ``# <title> ####...``, each s
     environments             ``Environment`` (where a process runs), ``LimitReport``
       -- cgroups             ``Cgroup`` (v1/v2 files): lifting what Docker cannot
       -- Docker              ``DockerEnvironment``: containers, live limits, attach, stats
+      -- installation        ``DockerInstaller`` (``<uuid>_installer``)
     console and events       ``EventBus``, ``LogRing``
       -- the console pipeline: ``LineSplitter``, ``ConsoleThrottle``, ``ConsolePipeline`` (done
                              detection)
@@ -72,7 +73,8 @@ Map of this file. Each section sits under a banner ``# <title> ####...``, each s
                              as it arrives, sha256 checked), ``TransferRoutes`` (HTTP mix-in)
     metrics                  ``GET /metrics`` (Prometheus text): ``ServerMetrics``,
                              ``render_metrics``
-    HTTP API                 ``ApiServer`` / ``ApiHandler``: routes, auth, CORS, JSON errors;
+    HTTP API                 ``ApiServer`` (connection cap, header deadline) / ``ApiHandler``:
+                             RFC 9112 framing (``framing_problem``), routes, auth, CORS, errors;
                              ``TlsWrapper`` (``api.ssl``, certificate reloaded on renewal)
     daemon                   ``ConfigStore``, ``Server`` (one game server: its two locks, the
                              sync, power, crash detection), ``Daemon`` (boot, servers, system)
@@ -88,6 +90,8 @@ Where to look first:
                              ``DockerEnvironment.start()``
     limits on a live server  ``DockerEnvironment.apply_limits()`` and ``Cgroup``
     suspension               ``Server.apply()`` -> ``SessionTable.close_server()``
+    an install               ``Daemon.create_server()`` -> ``Server.request_install()`` ->
+                             ``Server.install()`` -> ``DockerInstaller.run()``
     a backup / a restore     ``Backups.create()`` -> ``BackupJob.run()``; ``Backups.restore()`` ->
                              ``RestoreJob.run()`` -> ``extract_archive()`` (archives section)
 
@@ -97,6 +101,8 @@ a start while it reads the configuration its container is created from; never ac
 start's wait or a pull. Its **power lock** serialises start, stop and restart. A sync, a
 suspension and a delete never wait for a power lock, so the Panel's suspension (15 s HTTP
 timeout) always lands.
+An install claims the server under its power lock (``Server.installing``): power actions are
+then refused until it ends, while a sync still lands (a suspension cancels the install).
 """
 
 from __future__ import annotations
@@ -120,6 +126,7 @@ import hmac
 import http.client
 import http.server
 import importlib.util
+import io
 import ipaddress
 import json
 import logging
@@ -316,6 +323,12 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("system.activity_send_count", int, 100),
     ("system.websocket_log_count", int, 150),
     ("system.check_permissions_on_boot", bool, True),
+    ("system.username", str, "pterodactyl"),
+    ("system.user.uid", int, -1),  # -1: not set (the user's, else WINGS_UID, else 988)
+    ("system.user.gid", int, -1),
+    ("system.user.rootless.enabled", bool, False),
+    ("system.user.rootless.container_uid", int, 0),
+    ("system.user.rootless.container_gid", int, 0),
     ("system.sftp.bind_address", str, "0.0.0.0"),
     ("system.sftp.bind_port", int, 2022),
     ("system.sftp.read_only", bool, False),
@@ -334,6 +347,8 @@ _CONFIG_SCHEMA: tuple[tuple[str, type | tuple[type, ...], Any], ...] = (
     ("docker.overhead.default_multiplier", (int, float), 1.05),
     ("docker.overhead.multipliers", dict, {}),
     ("docker.userns_mode", str, ""),
+    ("docker.installer_limits.memory", int, 1024),
+    ("docker.installer_limits.cpu", int, 100),
     ("throttles.enabled", bool, True),
     ("throttles.lines", int, 2000),
     ("throttles.line_reset_interval", int, 100),
@@ -386,6 +401,10 @@ _NON_NEGATIVE = {
     "system.crash_detection.timeout",
     "docker.tmpfs_size",
     "docker.container_pid_limit",
+    "docker.installer_limits.memory",
+    "docker.installer_limits.cpu",
+    "system.user.rootless.container_uid",
+    "system.user.rootless.container_gid",
     "throttles.lines",
     "throttles.line_reset_interval",
     "remote_query.timeout",
@@ -516,6 +535,61 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return Config(raw if raw is not None else {}, str(path))
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeUser:
+    """Who owns the servers' files on the host (``uid``, ``gid``) and who their processes run as
+    inside containers (``container_user``, Docker's ``uid:gid``). ``note`` says where it came from.
+    """
+
+    name: str
+    uid: int
+    gid: int
+    container_user: str
+    exists: bool
+    note: str
+
+
+def resolve_node_user(config: Config, environ: Mapping[str, str] | None = None) -> NodeUser:
+    """The node's user, as Wings settles it at boot (config/config.go ``EnsurePterodactylUser``).
+
+    ``system.user.uid``/``gid`` when set; else the host's user ``system.username``; else
+    ``WINGS_UID``/``WINGS_GID`` (default 988:988, what Wings uses in containers). Unlike Wings,
+    a missing user is not created (no ``useradd`` from a daemon): the numbers are used as they are.
+    Rootless (``system.user.rootless.enabled``): files are this process's, and containers run as
+    ``rootless.container_uid:container_gid``, as Wings does.
+    """
+    import pwd  # POSIX only; the daemon needs Linux anyway
+
+    environ = os.environ if environ is None else environ
+    name = config.get("system.username")
+    if config.get("system.user.rootless.enabled"):
+        uid, gid = os.getuid(), os.getgid()
+        inside = (
+            f"{config.get('system.user.rootless.container_uid')}:"
+            f"{config.get('system.user.rootless.container_gid')}"
+        )
+        return NodeUser(name, uid, gid, inside, True, "rootless: this process's own user")
+    uid, gid = config.get("system.user.uid"), config.get("system.user.gid")
+    note = "system.user.uid/gid"
+    if uid < 0 or gid < 0:
+        try:
+            entry = pwd.getpwnam(name)
+            uid, gid, note = entry.pw_uid, entry.pw_gid, f"the host's user {name}"
+        except KeyError:
+            try:
+                uid = int(environ.get("WINGS_UID") or 988)
+                gid = int(environ.get("WINGS_GID") or 988)
+            except ValueError:
+                raise ConfigError("WINGS_UID and WINGS_GID must be numbers") from None
+            note = "WINGS_UID/WINGS_GID" if environ.get("WINGS_UID") else "Wings' default"
+    try:
+        pwd.getpwuid(uid)
+        exists = True
+    except KeyError:
+        exists = False
+    return NodeUser(name, uid, gid, f"{uid}:{gid}", exists, note)
+
+
 # Panel client #####################################################################################
 
 
@@ -590,9 +664,10 @@ class PanelClient:
     """The Panel's remote API (``{remote}/api/remote/...``), as Wings calls it.
 
     Methods for the caller: ``get_server(uuid)``, ``list_servers()``, ``sftp_auth(...)``,
-    ``reset_servers()``. Every call sends Wings' headers; 2xx answers are decoded JSON; a 4xx is
-    final; 5xx, timeouts and connection errors are retried with exponential backoff until the
-    total budget (``remote_query.timeout``) runs out. Every failure is a ``PanelError``.
+    ``get_install_script(uuid)``, ``set_install_status(...)``, ``reset_servers()``. Every call
+    sends Wings' headers; 2xx answers are decoded JSON; a 4xx is final; 5xx, timeouts and
+    connection errors are retried with exponential backoff until the total budget
+    (``remote_query.timeout``) runs out. Every failure is a ``PanelError``.
 
     The budget is one wall-clock deadline for the whole call -- connect, headers, body and every
     retry: a Panel that trickles one byte at a time is cut when it passes, not when a single read
@@ -747,6 +822,26 @@ class PanelClient:
                 200, "_BadShape", "expected {server, user, permissions}", "POST /sftp/auth"
             )
         return answer
+
+    def get_install_script(self, uuid: str) -> dict[str, str]:
+        """``GET /servers/{uuid}/install``: the egg's install image, entrypoint and script.
+
+        ``PanelError`` when the answer lacks any of them (the Panel sends ``script: null`` for an
+        egg without one: there is nothing to install with).
+        """
+        what = f"GET /servers/{uuid}/install"
+        doc = self.request("GET", f"/servers/{urllib.parse.quote(uuid, safe='')}/install")
+        if not isinstance(doc, dict):
+            raise PanelError(200, "_BadShape", "expected a JSON object", what)
+        for key in ("container_image", "entrypoint", "script"):
+            if not isinstance(doc.get(key), str) or not doc[key].strip():
+                raise PanelError(200, "_BadShape", f"the egg has no install {key}", what)
+        return {k: doc[k] for k in ("container_image", "entrypoint", "script")}
+
+    def set_install_status(self, uuid: str, successful: bool, reinstall: bool) -> None:
+        """``POST /servers/{uuid}/install``: how the (re)install ended (ServerInstallController)."""
+        body = {"successful": successful, "reinstall": reinstall}
+        self.request("POST", f"/servers/{urllib.parse.quote(uuid, safe='')}/install", body=body)
 
     def reset_servers(self) -> None:
         """``POST /servers/reset``: Wings calls it once after boot; the Panel clears stale
@@ -1633,6 +1728,9 @@ class Filesystem:
     Lower level, for callers that cannot name the file: ``reserve(n_bytes)`` (check and book in
     one step, False when it does not fit) and ``add_usage(delta_bytes)``.
 
+    ``owner`` (``(uid, gid)`` or None) is the node user every file the daemon makes belongs to;
+    ``chown_all(budget_s)`` gives it the whole tree.
+
     Usage is the apparent size of every regular file under the root (as Wings), cached for
     ``check_interval_s`` seconds; a stale read returns the cached figure at once and refreshes in
     the background, so no caller (boot included) waits on a walk unless it asks to.
@@ -1662,10 +1760,12 @@ class Filesystem:
         limit_bytes: int = 0,
         check_interval_s: float = 150,
         quota: QuotaBackend | None = None,
+        owner: tuple[int, int] | None = None,
     ):
         self.root = Path(root)
         self.check_interval_s = check_interval_s
         self.quota = quota or QuotaBackend()
+        self.owner = owner
         self._limit = max(0, limit_bytes)
         self._usage = 0
         self._measured_at: float | None = None
@@ -1681,6 +1781,7 @@ class Filesystem:
         self._quota_limit: int | None = None  # the limit the quota backend last accepted
         self._denylist: tuple[str, ...] = ()
         self._deny_re: re.Pattern[str] | None = None
+        self._replacing: set[str] = set()  # files whose old bytes a staged rewrite has credited
 
     @property
     def limit_bytes(self) -> int:
@@ -1692,6 +1793,36 @@ class Filesystem:
             self.quota.prepare(self.root)
             self.quota.set_limit(self.root, self._limit)
             self._quota_limit = self._limit
+            if self.owner is not None:
+                os.chown(self.root, *self.owner, follow_symlinks=False)
+
+    def jail(self) -> Jail:
+        """A ``Jail`` over this server's directory with its denylist (close it when done); what it
+        creates belongs to ``owner``."""
+        return Jail(self.root, is_denied=self.is_denied, owner=self.owner)
+
+    def chown_all(self, budget_s: float = 60.0) -> tuple[int, bool]:
+        """Give every file and directory beneath the root to ``owner``; ``(entries, finished)``.
+
+        Walks by directory fd and changes each entry with no-follow semantics, so a symlink the
+        game made is changed itself and never leads the walk (or the chown) out of the directory.
+        Stops after ``budget_s`` so that a huge tree cannot hold a start forever (Wings chowns
+        everything before each start, system.check_permissions_on_boot).
+        """
+        if self.owner is None or not self.root.is_dir():
+            return 0, True
+        uid, gid = self.owner
+        deadline = time.monotonic() + budget_s
+        count = 0
+        os.chown(self.root, uid, gid, follow_symlinks=False)
+        for _, dirs, files, dir_fd in os.fwalk(self.root, follow_symlinks=False):
+            for name in dirs + files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                count += 1
+            if time.monotonic() > deadline:
+                return count, False
+        return count, True
 
     def set_limit(self, limit_bytes: int) -> list[str]:
         """The new limit governs the next write at once; the quota backend gets it too."""
@@ -1829,11 +1960,20 @@ class Filesystem:
             self._usage = max(0, self._usage + delta_bytes)
             self._booked_total += delta_bytes
 
-    # -- metering ------------------------------------------------------------------------------
+    def claim_replacement(self, path: str) -> bool:
+        """True for the first of concurrent rewrites of ``path``: only it may credit the old bytes
+        in advance (each crediting them let N parallel rewrites forget N times the file)."""
+        with self._lock:
+            if path in self._replacing:
+                return False
+            self._replacing.add(path)
+            return True
 
-    def jail(self) -> Jail:
-        """A ``Jail`` over this server's directory with its denylist (close it when done)."""
-        return Jail(self.root, is_denied=self.is_denied)
+    def release_replacement(self, path: str) -> None:
+        with self._lock:
+            self._replacing.discard(path)
+
+    # -- metering ------------------------------------------------------------------------------
 
     def open_metered(
         self, jail: Jail, path: str, flags: int = os.O_RDONLY, mode: int = 0o644
@@ -2337,10 +2477,14 @@ class Jail:
     _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
     def __init__(
-        self, root: str | os.PathLike[str], is_denied: Callable[[str], bool] | None = None
+        self,
+        root: str | os.PathLike[str],
+        is_denied: Callable[[str], bool] | None = None,
+        owner: tuple[int, int] | None = None,
     ):
         self.root = os.fspath(root)
         self.is_denied = is_denied
+        self.owner = owner  # (uid, gid) given to every file, directory and link the jail creates
         self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
@@ -2561,6 +2705,8 @@ class Jail:
             if not stat.S_ISREG(st.st_mode):
                 kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
                 raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EPERM, kind, path)
+            if flags & os.O_CREAT and self.owner and (st.st_uid, st.st_gid) != self.owner:
+                os.fchown(fd, *self.owner)
             os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from hanging the open
         except BaseException:
             os.close(fd)
@@ -2676,6 +2822,7 @@ class Jail:
             if where.name is None:
                 raise FileExistsError(errno.EEXIST, "exists", path)
             os.mkdir(where.name, mode, dir_fd=where.dir_fd)
+            self._own(where)
 
     def rmdir(self, path: str) -> None:
         with self.resolve(path, follow=False) as where:
@@ -2724,6 +2871,7 @@ class Jail:
                 raise FileExistsError(errno.EEXIST, "exists", path)
             self._check_new_link(where.relpath.split("/")[:-1], target)
             os.symlink(target, where.name, dir_fd=where.dir_fd)
+            self._own(where)
 
     def readlink(self, path: str) -> str:
         with self.resolve(path, follow=False) as where:
@@ -2744,6 +2892,11 @@ class Jail:
             os.chmod(f"/proc/self/fd/{fd}", mode)
         finally:
             os.close(fd)
+
+    def _own(self, where: _Where) -> None:
+        """Give what was just created to the node user (the link itself for a symlink)."""
+        if self.owner is not None and where.name is not None:
+            os.chown(where.name, *self.owner, dir_fd=where.dir_fd, follow_symlinks=False)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self.resolve(path, follow=False) as where:
@@ -3211,6 +3364,9 @@ def must_stop_for_disk(fs: Filesystem) -> bool:
 #         disk limit before it is written, so an archive bomb stops at the limit.
 
 UNSUPPORTED_ARCHIVE = "unsupported archive format"
+# Linux's PATH_MAX. Wings makes each entry's directories by their full path, so longer names fail
+# there; here a longer name would be a tree thousands of levels deep.
+ARCHIVE_NAME_MAX_BYTES = 4096
 ARCHIVE_CHUNK_BYTES = 1 << 20
 
 
@@ -3232,7 +3388,7 @@ class IgnoreMatcher:
     """
 
     def __init__(self, text: str = ""):
-        self.rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, dirs only)
+        self.rules: list[tuple[Any, bool, bool]] = []  # (matcher with .match, negated, dirs only)
         for line in text.splitlines():
             rule = self._parse(line)
             if rule is not None:
@@ -3242,7 +3398,7 @@ class IgnoreMatcher:
         return bool(self.rules)
 
     @staticmethod
-    def _parse(line: str) -> tuple[re.Pattern[str], bool, bool] | None:
+    def _parse(line: str) -> tuple[Any, bool, bool] | None:
         line = line.rstrip("\r")
         while line.endswith(" ") and not line.endswith("\\ "):
             line = line[:-1]
@@ -3256,9 +3412,14 @@ class IgnoreMatcher:
         if not line:
             return None
         anchored = "/" in line
-        body = _gitignore_body(line.lstrip("/"))
-        prefix = "^" if anchored else "^(?:.*/)?"
-        return re.compile(prefix + body + "$"), negated, dirs_only
+        tokens = [("dirs", "(?:.*/)?")] if not anchored else []
+        tokens += _gitignore_tokens(line.lstrip("/"))
+        try:
+            if sum(kind != "char" for kind, _ in tokens) <= 2:
+                return re.compile("^" + "".join(f for _, f in tokens) + "$"), negated, dirs_only
+            return _GlobAutomaton(tokens), negated, dirs_only
+        except re.error:  # "[z-a]": git's wildmatch matches nothing with it either
+            return None
 
     def ignored(self, relpath: str, is_dir: bool = False) -> bool:
         """True when ``relpath`` ('/'-separated, relative to the root) is left out."""
@@ -3270,37 +3431,92 @@ class IgnoreMatcher:
         return verdict
 
 
-def _gitignore_body(glob: str) -> str:
-    out: list[str] = []
+def _gitignore_tokens(glob: str) -> list[tuple[str, str]]:
+    """A glob as ``(kind, regex)``: kind "char" (one character), "star" (``[^/]*``), "any"
+    (``.*``) or "dirs" (``(?:.*/)?``, a leading or middle ``**/``)."""
+    out: list[tuple[str, str]] = []
     i = 0
     while i < len(glob):
         c = glob[i]
         if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
-            out.append("(?:.*/)?")
+            out.append(("dirs", "(?:.*/)?"))
             i += 3
         elif glob.startswith("**", i):
-            out.append(".*")
+            out.append(("any", ".*"))
             i += 2
         elif c == "*":
-            out.append("[^/]*")
+            out.append(("star", "[^/]*"))
             i += 1
         elif c == "?":
-            out.append("[^/]")
+            out.append(("char", "[^/]"))
             i += 1
         elif c == "\\" and i + 1 < len(glob):
-            out.append(re.escape(glob[i + 1]))
+            out.append(("char", re.escape(glob[i + 1])))
             i += 2
         elif c == "[" and "]" in glob[i + 2 :]:
             end = glob.index("]", i + 2)
             inner = glob[i + 1 : end]
             if inner.startswith("!"):
                 inner = "^" + inner[1:]
-            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            out.append(("char", "[" + inner.replace("\\", "\\\\") + "]"))
             i = end + 1
         else:
-            out.append(re.escape(c))
+            out.append(("char", re.escape(c)))
             i += 1
-    return "".join(out)
+    return out
+
+
+class _GlobAutomaton:
+    """A glob with three or more stars, matched in O(path x pattern) by following every state.
+
+    Python's ``re`` backtracks: ``*a*a*a*a*a*a*a*a*b`` against a name of 60 "a"s took minutes,
+    and both the backup's ``ignore`` and ``.pteroignore`` are written by the user. Wings matches
+    with Go's RE2, which never backtracks; so does this. Fewer stars stay ``re`` (at worst
+    quadratic over one path).
+    """
+
+    def __init__(self, tokens: list[tuple[str, str]]):
+        self.kinds = [kind for kind, _ in tokens]
+        self.chars = [re.compile(f) if kind == "char" else None for kind, f in tokens]
+
+    def _closure(self, states: set[int]) -> set[int]:
+        todo, out = list(states), set(states)
+        while todo:
+            i = todo.pop()
+            if 0 <= i < len(self.kinds) and self.kinds[i] != "char" and i + 1 not in out:
+                out.add(i + 1)  # every star may match nothing
+                todo.append(i + 1)
+        return out
+
+    def match(self, path: str) -> bool:
+        # State i: before token i. A "dirs" token, once it has read a character, is inside its
+        # ".*" (state -1 - i): only a "/" leads out of it.
+        states = self._closure({0})
+        for ch in path:
+            after: set[int] = set()
+            for i in states:
+                if i < 0:
+                    i = -1 - i
+                    after.add(-1 - i)
+                    if ch == "/":
+                        after.add(i + 1)
+                    continue
+                if i >= len(self.kinds):
+                    continue
+                kind = self.kinds[i]
+                if kind == "char":
+                    if self.chars[i].fullmatch(ch):
+                        after.add(i + 1)
+                elif kind == "any" or (kind == "star" and ch != "/"):
+                    after.add(i)
+                elif kind == "dirs":
+                    after.add(-1 - i)
+                    if ch == "/":
+                        after.add(i + 1)
+            states = self._closure(after)
+            if not states:
+                return False
+        return len(self.kinds) in states
 
 
 class HashingWriter:
@@ -3493,8 +3709,26 @@ _MAGIC_RAR = b"Rar!\x1a\x07"
 _COMPRESSORS: dict[str, tuple[bytes, Callable[[Any], Any], tuple[str, ...]]] = {
     "gzip": (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), (".gz", ".tgz")),
     "bzip2": (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb"), (".bz2", ".tbz2", ".tbz")),
-    "xz": (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb"), (".xz", ".txz")),
+    "xz": (b"\xfd7zXZ\x00", lambda raw: _xz_reader(raw), (".xz", ".txz")),
 }
+# An .xz header names the dictionary the decoder allocates: up to 4 GiB, filled as data passes,
+# and a tar member the extractor skips (a device, an unknown type) passes without being written,
+# so the disk limit does not bound it -- 80 KB of xz held 512 MiB. ``xz -9`` needs 65 MiB.
+ARCHIVE_XZ_MEMLIMIT_BYTES = 256 << 20
+
+
+def _xz_reader(raw: Any) -> Any:
+    """``lzma.LZMAFile`` with a memory limit (LZMAFile has no parameter for it)."""
+    import _compression  # what gzip, bz2 and lzma build their readers from
+
+    return io.BufferedReader(
+        _compression.DecompressReader(
+            raw,
+            lzma.LZMADecompressor,
+            trailing_error=lzma.LZMAError,
+            memlimit=ARCHIVE_XZ_MEMLIMIT_BYTES,
+        )
+    )
 
 
 class _Prefixed:
@@ -3575,7 +3809,7 @@ def extract_archive(
         else:
             with tempfile.TemporaryFile() as spool:
                 spool.write(head)
-                shutil.copyfileobj(src, spool, ARCHIVE_CHUNK_BYTES)
+                _spool_within_limit(src, spool, fs)
                 spool.seek(0)
                 target.zip(spool)
     elif kind == "tar":
@@ -3585,7 +3819,14 @@ def extract_archive(
         inner = opener(_Prefixed(head, src))
         try:
             first = _read_exactly(inner, 512)
-        except (OSError, EOFError, lzma.LZMAError) as exc:
+        except lzma.LZMAError as exc:
+            if "memory usage limit" in str(exc).lower():  # liblzma's LZMA_MEMLIMIT_ERROR text
+                raise ArchiveError(
+                    "refused archive: it needs more than "
+                    f"{ARCHIVE_XZ_MEMLIMIT_BYTES >> 20} MiB of memory to decompress"
+                ) from None
+            raise ArchiveError(f"the archive is damaged: {exc}") from None
+        except (OSError, EOFError) as exc:
             raise ArchiveError(f"the archive is damaged: {exc}") from None
         if _is_tar_header(first):
             target.tar(_Prefixed(first, inner))
@@ -3594,6 +3835,79 @@ def extract_archive(
             single = next((base[: -len(s)] for s in suffixes if base.endswith(s)), "")
             target.single(single or base + ".out", _Prefixed(first, inner))
     return target.count
+
+
+# Go's archive/tar (what Wings reads archives with) refuses a PAX header or GNU long name larger
+# than 1 MiB (``maxSpecialFileSize``). Python's tarfile reads such a header into memory whole,
+# whatever size it declares, and keeps a sparse file's map as a Python list: a few hundred KB of
+# gzip can claim gigabytes of memory. Every header block before a member's data is read through
+# this budget instead.
+ARCHIVE_HEADER_MAX_BYTES = 1 << 20
+_SPECIAL_TAR_TYPES = frozenset(
+    (
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.GNUTYPE_SPARSE,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    )
+)
+
+
+class _HeaderBudget:
+    """``tarfile``'s stream while it reads one member's header blocks: at most ``left`` bytes."""
+
+    def __init__(self, stream: Any, left: int):
+        self.stream, self.left = stream, left
+        self.depth = 0  # headers for the same member, nested (long name, then PAX, then ...)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.left:
+            raise ArchiveError(
+                f"refused archive: a header is larger than {ARCHIVE_HEADER_MAX_BYTES} bytes"
+            )
+        self.left -= n
+        return self.stream.read(n)
+
+    def __getattr__(self, name: str) -> Any:  # tell, seek, ... of the real stream
+        return getattr(self.stream, name)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` whose long names, PAX headers and sparse maps share one 1 MiB budget."""
+
+    def _proc_member(self, tar: Any) -> Any:
+        if self.type not in _SPECIAL_TAR_TYPES:
+            return super()._proc_member(tar)
+        if isinstance(tar.fileobj, _HeaderBudget):  # nested: the outer budget counts it
+            tar.fileobj.depth += 1  # tarfile recurses once per header: keep far off its limit
+            if tar.fileobj.depth > 16:
+                raise ArchiveError("refused archive: a member has more than 16 extended headers")
+            return super()._proc_member(tar)
+        real = tar.fileobj
+        tar.fileobj = _HeaderBudget(real, ARCHIVE_HEADER_MAX_BYTES)
+        try:
+            return super()._proc_member(tar)
+        finally:
+            tar.fileobj = real
+
+
+def _spool_within_limit(src: Any, spool: Any, fs: Filesystem) -> None:
+    """Copy a zip that arrives as a stream (a transfer, an s3 restore) into ``spool``.
+
+    The spool is the host's temporary directory, not the server's: without a bound, a peer
+    could send gigabytes that fill it. It may hold no more than the server has room for --
+    what the zip holds must fit there anyway.
+    """
+    spooled = 0
+    while chunk := src.read(ARCHIVE_CHUNK_BYTES):
+        spooled += len(chunk)
+        if fs.limit_bytes and not fs.has_space(spooled):
+            raise ArchiveError(
+                f"the zip archive is larger than the server's free disk space ({_NO_SPACE})"
+            )
+        spool.write(chunk)
 
 
 def _seekable(src: Any) -> bool:
@@ -3617,6 +3931,7 @@ class _Extractor:
         self.jail, self.fs, self.on_entry, self.owner = jail, fs, on_entry, owner
         self.dest = "/".join(Jail.parts(dest))
         self.count = 0
+        self.made: set[str] = set()  # directories this extraction has made or found
 
     # -- names -------------------------------------------------------------------------------
 
@@ -3624,6 +3939,11 @@ class _Extractor:
         """The jail path of an archive member; ``ArchiveError`` for absolute names and ``..``."""
         if "\x00" in member:
             raise ArchiveError(f"refused archive entry {member!r}: NUL byte in its name")
+        if len(member.encode("utf-8", "surrogateescape")) > ARCHIVE_NAME_MAX_BYTES:
+            raise ArchiveError(
+                f"refused archive entry {member[:64]!r}...: its name is longer than "
+                f"{ARCHIVE_NAME_MAX_BYTES} bytes"
+            )
         if member.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", member):
             raise ArchiveError(f"refused archive entry {member!r}: absolute path")
         parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".")]
@@ -3642,7 +3962,7 @@ class _Extractor:
 
     def tar(self, stream: Any) -> None:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)
             while True:
                 member = tar.next()
                 if member is None:
@@ -3730,9 +4050,14 @@ class _Extractor:
     # -- writing -----------------------------------------------------------------------------
 
     def _parents(self, path: str) -> None:
+        # Each directory is made (or found) once per extraction: walking every prefix of every
+        # entry from the root cost depth**2 opens per entry -- seconds for one deep name.
         parts = path.split("/")[:-1]
         for i in range(1, len(parts) + 1):
-            self._mkdir_one("/".join(parts[:i]), 0o755)
+            prefix = "/".join(parts[:i])
+            if prefix not in self.made:
+                self._mkdir_one(prefix, 0o755)
+                self.made.add(prefix)
 
     def _mkdir_one(self, path: str, mode: int) -> bool:
         try:
@@ -3798,7 +4123,10 @@ class _Extractor:
         try:
             written = metered_copy(self.fs, reader, fd, prebooked=size)
             os.fchmod(fd, mode & 0o1777)
-            os.utime(fd, (mtime, mtime))
+            # A PAX mtime may be any decimal ("inf", "nan", 1e30): one the kernel cannot hold is
+            # left as now, as GNU tar does with a warning, rather than failing the archive.
+            with contextlib.suppress(ValueError, OverflowError):
+                os.utime(fd, (mtime, mtime))
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -4076,10 +4404,15 @@ def _properties_entries(lines: list[str]) -> list[tuple[int, int, str, str]]:
     """``(first line, last line, key, value)`` of each logical line (continuations joined)."""
     entries, i = [], 0
     while i < len(lines):
-        start, logical = i, lines[i].rstrip("\r\n").lstrip(" \t\f")
-        while _continues(logical) and i + 1 < len(lines):
+        start, pieces = i, [lines[i].rstrip("\r\n").lstrip(" \t\f")]
+        # Joined once at the end: adding to a string per continuation line was quadratic, and a
+        # user's 4 MiB of "a\\" lines held a start for hours. The backslashes before the last
+        # one of a piece are even in number, so the last piece alone says whether it goes on.
+        while _continues(pieces[-1]) and i + 1 < len(lines):
             i += 1
-            logical = logical[:-1] + lines[i].rstrip("\r\n").lstrip(" \t\f")
+            pieces[-1] = pieces[-1][:-1]
+            pieces.append(lines[i].rstrip("\r\n").lstrip(" \t\f"))
+        logical = "".join(pieces)
         i += 1
         if not logical or logical[0] in "#!":
             continue
@@ -4357,7 +4690,8 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
     comments and layout survive. Only when a key must be created is the document dumped anew
     (as Wings always does, losing comments).
     """
-    data = yaml.safe_load(text) if text.strip() else {}
+    data = yaml.load(text, Loader=_YAML_LOADER) if text.strip() else {}
+    _refuse_alias_bombs(data)
     data, changes = set_structured(data if data is not None else {}, replaces)
     if not changes:
         return text
@@ -4368,10 +4702,51 @@ def rewrite_yaml(text: str, replaces: list[Replacement]) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
+YAML_MAX_ALIAS_NODES = 1_000_000
+# The pure-Python safe loader, on purpose: libyaml's (CSafeLoader) recurses in C once per
+# nesting level and crashes the whole daemon (SIGSEGV) on "[[[[..." or "- - - -..." a user wrote,
+# where this one raises RecursionError. Its cost (~10 s per MiB) is why yaml files are capped at
+# YAML_MAX_BYTES.
+_YAML_LOADER = yaml.SafeLoader
+YAML_MAX_BYTES = 1024 * 1024
+
+
+def _refuse_alias_bombs(data: Any) -> None:
+    """``ValueError`` when aliases make ``data`` more than a million nodes larger than its text.
+
+    safe_load shares an aliased node instead of copying it, so ten lines of ``&a [*b, *b, ...]``
+    load at once -- and then expand to billions of nodes in every walk, compare or dump. A user
+    writes this file; it is read before every start. go-yaml (Wings) refuses "excessive aliasing"
+    likewise. An alias to an enclosing node (a cycle) is refused too.
+    """
+    expanded: dict[int, int] = {}  # id -> nodes under it, counting every alias in full
+    visited = [0]  # nodes actually walked: the document's own size
+
+    def count(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            visited[0] += 1
+            return 1
+        key = id(node)
+        if key in expanded:
+            if expanded[key] < 0:
+                raise ValueError("an alias refers to a node that encloses it")
+            return expanded[key]
+        visited[0] += 1
+        expanded[key] = -1
+        items = node.values() if isinstance(node, dict) else node
+        total = 1 + sum(count(item) for item in items)
+        if total - visited[0] > YAML_MAX_ALIAS_NODES:
+            raise ValueError(f"its aliases expand to more than {YAML_MAX_ALIAS_NODES} nodes")
+        expanded[key] = total
+        return total
+
+    count(data)
+
+
 def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
     """Replace the changed scalars' text in place; None when that cannot be done exactly."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.YAMLError:
         return None
     edits: dict[int, tuple[int, str]] = {}
@@ -4395,7 +4770,7 @@ def _yaml_splice(text: str, after: Any, paths: list[list]) -> str | None:
         end, dumped = edits[start]
         out = out[:start] + dumped + out[end:]
     try:
-        if yaml.safe_load(out) != after:
+        if yaml.load(out, Loader=_YAML_LOADER) != after:
             return None
     except yaml.YAMLError:
         return None
@@ -4551,12 +4926,17 @@ class ConfigFileWriter:
         with self.jail.resolve(cf.file) as where:
             if where.name is None:
                 raise ConfigFileSkipped("the path names the server's directory itself")
-            old, st = self._read(where)
+            limit = YAML_MAX_BYTES if cf.parser in ("yaml", "yml") else self.max_bytes
+            old, st = self._read(where, min(limit, self.max_bytes))
             text = old.decode("utf-8-sig", errors="surrogateescape")
             try:
                 new = parse(text, replaces).encode("utf-8", errors="surrogateescape")
             except (ValueError, SyntaxError, yaml.YAMLError) as exc:
                 raise ConfigFileSkipped(f"cannot be parsed as {cf.parser}: {exc}") from None
+            except RecursionError:  # the parsers recurse once per level: "[[[[..." of 4 MiB
+                raise ConfigFileSkipped(
+                    f"cannot be parsed as {cf.parser}: it is nested too deeply"
+                ) from None
             if new == old and st is not None:
                 return False
             self._write(where, new, st, len(old))
@@ -4572,7 +4952,7 @@ class ConfigFileWriter:
             if self.owner is not None:
                 self.jail.chown("/".join(parts[:i]), *self.owner)
 
-    def _read(self, where: _Where) -> tuple[bytes, os.stat_result | None]:
+    def _read(self, where: _Where, max_bytes: int) -> tuple[bytes, os.stat_result | None]:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(where.name, flags, dir_fd=where.dir_fd)
@@ -4586,9 +4966,12 @@ class ConfigFileWriter:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ConfigFileSkipped("it is not a regular file")
-            if st.st_size > self.max_bytes:
-                raise ConfigFileSkipped(f"it is larger than {self.max_bytes // 1048576} MiB")
-            return fh.read(self.max_bytes + 1), st
+            if st.st_size > max_bytes:
+                raise ConfigFileSkipped(f"it is larger than {max_bytes / 1048576:g} MiB")
+            data = fh.read(max_bytes + 1)
+            if len(data) > max_bytes:  # it grew while we read it
+                raise ConfigFileSkipped(f"it is larger than {max_bytes / 1048576:g} MiB")
+            return data, st
 
     def _write(self, where: _Where, data: bytes, st: os.stat_result | None, old_size: int) -> None:
         grow = len(data) - old_size
@@ -4640,9 +5023,9 @@ class Environment:
     Methods for the caller (the ``Server``): ``state``, ``exists()``, ``apply_limits(config)``,
     ``start(config)``, ``stop(config, timeout_s)``, ``kill()``, ``destroy()``,
     ``send_command(line)``, ``logs(lines)``, ``stats()``, ``attach_if_running(config)``,
-    ``prepare(config)``, ``exit_status()``, ``close()``. Subclasses override them all and
-    publish ``("status", state)``, ``("console output", line)`` and ``("stats", json_text)`` on
-    ``events``.
+    ``prepare(config)``, ``exit_status()``, ``install(...)``, ``abort_install()``, ``close()``.
+    Subclasses override them all and publish ``("status", state)``, ``("console output", line)``
+    and ``("stats", json_text)`` on ``events``.
     """
 
     kind = "none"
@@ -4706,6 +5089,27 @@ class Environment:
     def exit_status(self) -> tuple[int, bool]:
         """The last process exit: ``(exit code, killed for running out of memory)``."""
         return 1, False
+
+    def install(
+        self,
+        config: ServerConfig,
+        script: Mapping[str, str],
+        on_output: Callable[[bytes], None],
+        log_path: Path,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Run the egg's install ``script`` against the server's files; its exit code.
+
+        ``cancelled()`` true (a suspension or a delete came first) stops it before anything runs.
+        """
+        raise WingsliteError(
+            "this node has no environment that can run install scripts"
+            " (is the Docker engine reachable?)"
+        )
+
+    def abort_install(self) -> bool:
+        """Kill a running install now (from any thread); True when there was one."""
+        return False
 
     def close(self) -> None:
         return None
@@ -5042,9 +5446,12 @@ class DockerEnvironment(Environment):
         data_dir: Path,
         console: ConsolePipeline,
         disk_bytes: Callable[[], int] | None = None,
+        user: str = "",
     ):
         super().__init__(server_uuid, events)
         self.name = server_uuid
+        self.user = user  # "uid:gid" the game runs as ("" = the image's user)
+        self._installer: DockerInstaller | None = None
         self.client = client
         self.config = config
         self.data_dir = Path(data_dir)
@@ -5414,6 +5821,7 @@ class DockerEnvironment(Environment):
             domainname=node.get("docker.domainname") or None,
             environment=container_environment(config, _timezone(node)),
             labels=labels,
+            user=self.user or None,
             ports=[(int(key.split("/")[0]), key.split("/")[1]) for key in bindings],
             tty=True,
             stdin_open=True,
@@ -5730,6 +6138,34 @@ class DockerEnvironment(Environment):
         """Stop reading the console and stats; the container keeps running."""
         self._detach()
 
+    # -- installation (the installer itself is ``DockerInstaller`` below) -----------------------
+
+    def install(
+        self,
+        config: ServerConfig,
+        script: Mapping[str, str],
+        on_output: Callable[[bytes], None],
+        log_path: Path,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> int:
+        installer = DockerInstaller(self, cancelled)
+        with self._lock:
+            if self._installer is not None:
+                raise Conflict("server is currently installing")
+            self._installer = installer
+        try:
+            return installer.run(config, script, on_output, log_path)
+        finally:
+            with self._lock:
+                self._installer = None
+
+    def abort_install(self) -> bool:
+        installer = self._installer
+        if installer is None:
+            return False
+        installer.abort()
+        return True
+
 
 _ALL_LIMITS = "resource limits (memory, swap, cpu, cpuset, io weight, pids)"
 
@@ -5897,6 +6333,238 @@ def _timezone(config: Config) -> str:
 
 def _pages(value: int | None) -> int | None:
     return None if value is None else value // _PAGE
+
+
+# -- installation --------------------------------------------------------------------------------
+#
+# An egg's install script runs in its own container, ``<uuid>_installer``, built from the egg's
+# install image with the server's files at /mnt/server and the script at /mnt/install/install.sh
+# (Wings server/install.go). It runs as the image's user -- install scripts install packages --
+# and the daemon gives the files to the node user afterwards.
+
+INSTALL_LOG_HEADER = """Pterodactyl Server Installation Log
+
+|
+| Details
+| ------------------------------
+  Server UUID:          {uuid}
+  Container Image:      {image}
+  Container Entrypoint: {entrypoint}
+
+|
+| Environment Variables
+| ------------------------------
+{environment}
+
+|
+| Install Script
+| ------------------------------
+{script}
+
+|
+| Script Output
+| ------------------------------
+"""
+
+# Wings' dropped capabilities, less those a root install script needs to write into files the
+# node user owns (a reinstall over existing files).
+_INSTALLER_CAP_DROP = tuple(c for c in _CAP_DROP if c not in ("dac_override", "fowner", "fsetid"))
+
+
+def installer_resources(build: Build, config: Config) -> dict[str, Any]:
+    """The installer's limits: the server's, raised to ``docker.installer_limits`` (Wings
+    ``resourceLimits``): memory at least its MB (an unlimited server gets exactly that), CPU at
+    least its percent unless the server's CPU is unlimited; installer CPU 0 = unlimited. No pids
+    limit: the script is the egg's, written by an administrator.
+    """
+    cpu_floor = config.get("docker.installer_limits.cpu")
+    cpu = 0 if cpu_floor == 0 or build.cpu_percent == 0 else max(build.cpu_percent, cpu_floor)
+    memory = max(build.memory_mb, config.get("docker.installer_limits.memory"))
+    resources = container_resources(
+        dataclasses.replace(build, memory_mb=memory, cpu_percent=cpu), config
+    )
+    del resources["PidsLimit"]
+    return resources
+
+
+class DockerInstaller:
+    """One run of a server's install script in a ``<uuid>_installer`` container.
+
+    Methods for the caller: ``run(config, script, on_output, log_path)`` returns the script's
+    exit code, or raises ``WingsliteError`` when it could not run (no image, Docker refused,
+    cancelled); ``abort()`` (any thread) removes the container, and ``run`` then raises. Whatever
+    happens, ``run`` leaves no container and no script directory behind, and writes the log file
+    (Wings' header, then the output, then the reason of a failure).
+    """
+
+    def __init__(self, env: DockerEnvironment, cancelled: Callable[[], bool] = lambda: False):
+        self.env = env
+        self.cancelled = cancelled  # asked before each step: a suspension or delete came first
+        self.client = env.client
+        self.name = f"{env.name}_installer"
+        self.tmp_dir = Path(env.config.get("system.tmp_directory")) / env.name
+        self._aborted = threading.Event()
+
+    def run(
+        self,
+        config: ServerConfig,
+        script: Mapping[str, str],
+        on_output: Callable[[bytes], None],
+        log_path: Path,
+    ) -> int:
+        docker = _docker()
+        output, error = b"", None
+        try:
+            self._check_aborted()
+            self._write_script(script["script"])
+            image = self.env._ensure_image(script["container_image"])
+            self._remove()
+            self._check_aborted()
+            self._create(config, script, image)
+            self._check_aborted()
+            self.client.start(self.name)
+            self.env.events.publish(
+                "daemon message", "Starting installation process, this could take a few minutes..."
+            )
+            for chunk in self.client.logs(
+                self.name, stdout=True, stderr=True, stream=True, follow=True
+            ):
+                on_output(chunk)
+            exit_code = int(self.client.wait(self.name).get("StatusCode", 1))
+            self._check_aborted()
+            output = self.client.logs(self.name, stdout=True, stderr=True)
+            self.env.events.publish("daemon message", "Installation process completed.")
+            if exit_code:
+                error = f"the install script exited with code {exit_code}"
+            return exit_code
+        except (WingsliteError, docker.errors.DockerException, OSError) as exc:
+            if self._aborted.is_set():
+                error = "the installation was cancelled"
+            elif isinstance(exc, WingsliteError):
+                error = exc.message
+            else:
+                error = _docker_error("running the install container", exc).message
+            raise WingsliteError(error) from None
+        finally:
+            self._remove()
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            write_install_log(log_path, config, script, output, error, _timezone(self.env.config))
+
+    def abort(self) -> None:
+        self._aborted.set()
+        self._remove()
+
+    def _check_aborted(self) -> None:
+        if self.cancelled():
+            self._aborted.set()
+        if self._aborted.is_set():
+            raise WingsliteError("the installation was cancelled")
+
+    def _write_script(self, text: str) -> None:
+        """The script as ``install.sh`` in a directory of its own; CRLF -> LF as Wings does."""
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.tmp_dir / "install.sh"
+        path.write_bytes(text.replace("\r\n", "\n").encode())
+        path.chmod(0o644)
+
+    def _remove(self) -> None:
+        docker = _docker()
+        try:
+            self.client.remove_container(self.name, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, OSError) as exc:
+            LOG.warning("server %s: removing %s failed: %s", self.env.name, self.name, exc)
+
+    def _create(self, config: ServerConfig, script: Mapping[str, str], image: str) -> None:
+        docker = _docker()
+        node = self.env.config
+        self.env.data_dir.mkdir(parents=True, exist_ok=True)
+        host_config = self.client.create_host_config(
+            mounts=[
+                docker.types.Mount("/mnt/server", str(self.env.data_dir), type="bind"),
+                docker.types.Mount("/mnt/install", str(self.tmp_dir), type="bind"),
+            ],
+            tmpfs={"/tmp": f"rw,exec,nosuid,size={node.get('docker.tmpfs_size')}M"},
+            security_opt=["no-new-privileges"],
+            cap_drop=list(_INSTALLER_CAP_DROP),
+            dns=[str(d) for d in node.get("docker.network.dns")],
+            network_mode=node.get("wingslite.docker_network"),
+            log_config=self.env.log_config,
+            userns_mode=node.get("docker.userns_mode") or None,
+        )
+        host_config.update(installer_resources(config.build, node))
+        container = self.client.create_container_config(
+            image,
+            [script["entrypoint"], "/mnt/install/install.sh"],
+            hostname="installer",
+            environment=container_environment(config, _timezone(node)),
+            labels={"Service": "Pterodactyl", "ContainerType": "server_installer"},
+            tty=True,  # stdin stays closed: a script that reads it gets EOF instead of hanging
+            host_config=host_config,
+        )
+        try:
+            self.client.create_container_from_config(container, self.name)
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _docker_error("creating the install container", exc) from None
+
+
+def write_install_log(
+    log_path: Path,
+    config: ServerConfig,
+    script: Mapping[str, str],
+    output: bytes,
+    error: str | None,
+    timezone: str = "UTC",
+) -> None:
+    """``<system.log_directory>/install/<uuid>.log``: Wings' header, the output, why it failed."""
+    header = INSTALL_LOG_HEADER.format(
+        uuid=config.uuid,
+        image=script.get("container_image", ""),
+        entrypoint=script.get("entrypoint", ""),
+        environment="\n".join(f"  {line}" for line in container_environment(config, timezone)),
+        script="\n".join(
+            f"  {line}" for line in script.get("script", "").replace("\r\n", "\n").split("\n")
+        ),
+    )
+    text = header.encode() + output
+    if error:
+        text += f"\nInstallation failed: {error}\n".encode()
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(log_path, text, 0o600)
+    except OSError as exc:
+        LOG.warning("server %s: cannot write %s: %s", config.uuid, log_path, exc)
+
+
+def remove_leftover_installers(client: Any, uuids: Iterable[str], tmp_directory: Path) -> list[str]:
+    """Remove the ``<uuid>_installer`` containers and script directories of these servers only.
+
+    An install that a daemon restart interrupted leaves them behind (Wings removes the container
+    before its next install). Other daemons' installers on the same engine are left alone.
+    """
+    docker = _docker()
+    wanted = set(uuids)
+    removed = []
+    try:
+        found = client.containers(all=True, filters={"label": "ContainerType=server_installer"})
+    except (docker.errors.DockerException, OSError) as exc:
+        LOG.warning("could not list leftover install containers: %s", exc)
+        return removed
+    for container in found:
+        names = [n.lstrip("/") for n in container.get("Names") or []]
+        uuid = next((n[: -len("_installer")] for n in names if n.endswith("_installer")), "")
+        if uuid not in wanted:
+            continue
+        with contextlib.suppress(docker.errors.NotFound):
+            try:
+                client.remove_container(container["Id"], force=True, v=True)
+            except (docker.errors.DockerException, OSError) as exc:
+                LOG.warning("could not remove leftover %s_installer: %s", uuid, exc)
+                continue
+        shutil.rmtree(Path(tmp_directory) / uuid, ignore_errors=True)
+        removed.append(uuid)
+    return removed
 
 
 # console and events ###############################################################################
@@ -6872,6 +7540,17 @@ SIGNED_URL_CLAIMS: Mapping[str, tuple[str, ...]] = {
     "backup-download": ("backup_uuid",),
 }
 
+# The Panel's tokens of every kind are signed with the same node key, and older Panels send no
+# ``scope``: an upload token is told apart only by what it lacks. Wings v1.11 accepts any of them
+# at /upload/file, so a user allowed to download one file, a backup, or to open the console
+# could upload. A claim that marks another kind (``permissions``: a websocket token) refuses it;
+# a token with a ``scope`` (newer Panels) is judged by that alone.
+SIGNED_URL_FOREIGN_CLAIMS: Mapping[str, tuple[str, ...]] = {
+    "file-download": ("backup_uuid", "permissions"),
+    "file-upload": ("file_path", "backup_uuid", "permissions"),
+    "backup-download": ("file_path", "permissions"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class SignedToken:
@@ -6922,6 +7601,9 @@ class SignedUrls:
         for key in ("server_uuid", "unique_id", *SIGNED_URL_CLAIMS[kind]):
             if not isinstance(claims.get(key), str) or not claims[key]:
                 raise WingsliteError(f"the {kind} token has no {key} claim", 403)
+        for key in SIGNED_URL_FOREIGN_CLAIMS[kind] if scope is None else ():  # scope decides
+            if key in claims:
+                raise WingsliteError(f"a token with a {key} claim is not a {kind} token", 403)
         signed = SignedToken(
             kind,
             claims["server_uuid"],
@@ -7092,7 +7774,7 @@ class ConsoleSocket:
         self._expired_sent = False
         self._muted = False  # token expired or revoked: nothing is forwarded until a new auth
         self._subscription: Any = None
-        self._power_thread: threading.Thread | None = None
+        self._power_threads: list[threading.Thread] = []
         self._limiter = RateLimiter(WEBSOCKET_EVENT_RATES, WEBSOCKET_DEFAULT_RATE)
         self._total = RateLimiter({}, WEBSOCKET_TOTAL_RATE)
         self._throttled: set[str] = set()
@@ -7317,14 +7999,19 @@ class ConsoleSocket:
         if not self.token.can(permission):
             return  # Wings ignores it silently
         with self._lock:
-            if self._power_thread is not None and self._power_thread.is_alive():
+            # Two at most per socket (the "set state" rate limit bounds them too). One more than
+            # one: a start clicked as a stop's status turns offline finds the stop's thread still
+            # finishing (activity record, lock release); the server's power lock decides between
+            # them, waiting ``power_wait_s``.
+            self._power_threads = [t for t in self._power_threads if t.is_alive()]
+            if len(self._power_threads) >= 2:
                 raise Conflict(
                     "another power action is currently being processed for this server, please "
                     "try again later"
                 )
             # In its own thread, as Wings handles each message in its own goroutine: the reader
             # keeps answering pings and close frames while the container starts.
-            self._power_thread = spawn(self._power, action, name="wingslite-ws-power")
+            self._power_threads.append(spawn(self._power, action, name="wingslite-ws-power"))
 
     def _power(self, action: str) -> None:
         try:
@@ -9077,14 +9764,8 @@ def makedirs(jail: Jail, path: str, mode: int = 0o755) -> None:
 
 
 def node_owner(daemon: Any) -> tuple[int, int] | None:
-    """The uid/gid a server's new files belong to (Wings ``system.user``), when root can chown."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        uid, gid = daemon.config.get("system.user.uid"), daemon.config.get("system.user.gid")
-    except KeyError:
-        return None
-    return (uid, gid) if isinstance(uid, int) and isinstance(gid, int) else None
+    """The uid/gid a server's new files belong to (Wings ``system.user``), when it can chown."""
+    return getattr(daemon, "file_owner", None)
 
 
 def remove_tree(jail: Jail, path: str) -> int:
@@ -9161,12 +9842,15 @@ class StagedFile:
                 old = None
         if old is not None and stat.S_ISDIR(old.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        self.old_bytes = _freed_bytes(old) if old is not None else 0
         parent = posixpath.dirname(self.target)
         self.tmp = posixpath.join(parent, f".wingslite-{uuidlib.uuid4().hex[:16]}.part")
         self.written = 0
         self.finished = False
         self.fd = jail.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        # The old bytes are credited now (a rewrite costs only its growth) by one writer at a
+        # time, and squared with what the rename really replaced at commit.
+        self.claimed = fs.claim_replacement(self.target)
+        self.old_bytes = _freed_bytes(old) if old is not None and self.claimed else 0
         fs.add_usage(-self.old_bytes)
 
     def __enter__(self) -> StagedFile:
@@ -9191,6 +9875,10 @@ class StagedFile:
     def flush(self) -> None:  # a file-like sink for gzip and tarfile
         pass
 
+    def finish_writing(self) -> None:
+        """Close the file now (``commit``/``abort`` still to come): many staged files, few fds."""
+        self._close()
+
     def _close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
@@ -9203,20 +9891,28 @@ class StagedFile:
         try:
             if self.owner is not None:
                 self.jail.chown(self.tmp, *self.owner)
-            self.jail.rename(self.tmp, self.target)
+            replaced = self.jail.rename(self.tmp, self.target)
         except BaseException:
             self.abort()
             raise
         self.finished = True
+        self._release()
+        self.fs.add_usage(self.old_bytes - (_freed_bytes(replaced) if replaced else 0))
 
     def abort(self) -> None:
         if self.finished:
             return
         self.finished = True
         self._close()
+        self._release()
         with contextlib.suppress(OSError):
             self.jail.remove(self.tmp)
         self.fs.add_usage(self.old_bytes - self.written)
+
+    def _release(self) -> None:
+        if self.claimed:
+            self.claimed = False
+            self.fs.release_replacement(self.target)
 
 
 def copy_name(jail: Jail, path: str) -> str:
@@ -9283,18 +9979,37 @@ def decompress_file(
         jail.mkdir(staging, 0o700)
         try:
             extract_archive(jail, fs, src, name=posixpath.basename(file), dest=staging)
-            moves = _staged_moves(jail, staging, dest, is_denied)
-            for source, target, is_dir in moves:
-                if is_dir:
-                    with contextlib.suppress(FileExistsError):
-                        jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
-                else:
-                    fs.rename(jail, source, target)  # a file it replaces is given back
-                if owner is not None:
-                    jail.chown(target, *owner)
+            # The denylist is asked about each path as written and where it really leads:
+            # "/ln/server.jar" is "/config/server.jar" when "ln" links to "config". Only ``dest``
+            # can be a link on the way (a link where a staged directory goes is refused), and
+            # the moves are checked all before the first; the mover checks again as it goes.
+            with jail.resolve(dest) as where:
+                real = "/" + where.relpath
+
+            def denied(path: str) -> bool:
+                return is_denied is not None and (
+                    is_denied(path) or is_denied(real + path[len(dest) :])
+                )
+
+            moves = _staged_moves(jail, staging, dest, denied)
+            with Jail(jail.root, is_denied=is_denied) as mover:
+                _move_staged(mover, fs, moves, owner)
         finally:
             with contextlib.suppress(OSError):
                 fs.add_usage(-remove_tree(jail, staging))
+
+
+def _move_staged(
+    jail: Jail, fs: Filesystem, moves: list[tuple[str, str, bool]], owner: Any
+) -> None:
+    for source, target, is_dir in moves:
+        if is_dir:
+            with contextlib.suppress(FileExistsError):
+                jail.mkdir(target, jail.lstat(source).st_mode & 0o777 | 0o700)
+        else:
+            fs.rename(jail, source, target)  # a file it replaces is given back
+        if owner is not None:
+            jail.chown(target, *owner)
 
 
 def _staged_moves(
@@ -9455,18 +10170,26 @@ def is_internal_address(ip: str) -> bool:
 
 
 def _connect_public(allow_internal: bool, address: Any, *args: Any, **kwargs: Any) -> socket.socket:
-    # The address checked is the one the socket is connected to, not a DNS answer read earlier,
-    # so a name that resolves differently the second time (DNS rebinding) gains nothing.
-    sock = socket.create_connection(address, *args, **kwargs)
-    peer = sock.getpeername()[0]
-    if not allow_internal and is_internal_address(peer):
-        sock.close()
-        raise PullRefused(
-            errno.EACCES,
-            f"the URL's host is an internal address ({peer}); remote downloads may only reach "
-            "public addresses",
-        )
-    return sock
+    # Every address the name has is checked before a packet goes to it, and the socket connects
+    # to that very address, so a name that resolves differently the second time (DNS rebinding)
+    # gains nothing. Connecting first and looking at the peer after told an open internal port
+    # ("internal address") from a closed one ("connection refused"): a port scanner. Wings
+    # checks in its dialer's Control hook, before connect(2), likewise.
+    host, port = address[0], address[1]
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host!r}: {exc.strerror}") from None
+    refused = ""
+    for *_, sockaddr in found:
+        if allow_internal or not is_internal_address(sockaddr[0]):
+            return socket.create_connection((sockaddr[0], port), *args, **kwargs)
+        refused = refused or sockaddr[0]
+    raise PullRefused(
+        errno.EACCES,
+        f"the URL's host is an internal address ({refused}); remote downloads may only reach "
+        "public addresses",
+    )
 
 
 class _PullHTTPConnection(http.client.HTTPConnection):
@@ -9587,7 +10310,7 @@ class Pull:
 
     def _copy(self, response: Any, length: int, owner: Any) -> None:
         fs = self.server.fs
-        with Jail(fs.root, is_denied=fs.is_denied) as jail, fs_errors():
+        with Jail(fs.root, is_denied=fs.is_denied, owner=fs.owner) as jail, fs_errors():
             with StagedFile(jail, fs, self.path, owner=owner) as staged:
                 while chunk := self._read(response):
                     staged.write(chunk)
@@ -9660,7 +10383,11 @@ class FileManagerRoutes:
     def _jail(self, server: Any, denylist: bool = False) -> Jail:
         try:
             server.fs.ensure()
-            return Jail(server.fs.root, is_denied=server.fs.is_denied if denylist else None)
+            return Jail(
+                server.fs.root,
+                is_denied=server.fs.is_denied if denylist else None,
+                owner=server.fs.owner,
+            )
         except OSError as exc:
             raise WingsliteError(f"the server's directory cannot be opened: {exc}") from None
 
@@ -10047,7 +10774,9 @@ class FileManagerRoutes:
         directory = self._param("directory", "/")
         limit_mb = self.server.daemon.config.get("api.upload_limit")
         owner = node_owner(self.server.daemon)
-        staged: list[tuple[str, StagedFile]] = []
+        # By name: the same name twice in one form is replaced (the last one wins) without a
+        # scan per part, which made a form of 20,000 tiny parts quadratic.
+        staged: dict[str, StagedFile] = {}
         read, _ = self._body_reader()
         with self._jail(server, denylist=True) as jail, fs_errors():
             try:
@@ -10062,11 +10791,11 @@ class FileManagerRoutes:
                         raise BadRequest(
                             f"An uploaded file has no usable name: {form['filename']!r}"
                         )
-                    for earlier in [t for n, t in staged if n == name]:
-                        earlier.abort()  # the same name twice in one form: the last one wins
-                    staged = [(n, t) for n, t in staged if n != name]
+                    earlier = staged.pop(name, None)
+                    if earlier is not None:
+                        earlier.abort()
                     target = StagedFile(jail, server.fs, f"{directory}/{name}", owner=owner)
-                    staged.append((name, target))
+                    staged[name] = target
                     for chunk in chunks:
                         if target.written + len(chunk) > limit_mb * 1048576:
                             raise BadRequest(
@@ -10074,17 +10803,20 @@ class FileManagerRoutes:
                                 f"{limit_mb} MB."
                             )
                         target.write(chunk)
+                    # Its fd closed at once: one per part held to the end let one form of many
+                    # parts take every fd of the daemon (EMFILE for every server).
+                    target.finish_writing()
                 if not staged:
                     raise BadRequest("No files were found on the request body.")
-                for _, target in staged:
+                for target in staged.values():
                     target.commit()
             except BaseException:
-                for _, target in staged:
+                for target in staged.values():
                     target.abort()
                 self._discard_body(read)
                 raise
         ip = self.client_address[0] if self.client_address else ""
-        for name, _ in staged:
+        for name in staged:
             server.record_activity(
                 "server:file.uploaded",
                 token.user_uuid,
@@ -10291,6 +11023,8 @@ class Backups:
             )
         if adapter == "wings":
             path = self.locate(backup_uuid, server.uuid)
+        if server.installing:
+            raise Conflict("server is currently installing")
         if not server.begin_restore():
             raise Conflict("server is currently restoring")
         try:
@@ -11526,6 +12260,8 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, bool], ...] = tuple(
         ("GET", _SERVER, "get_server", True),
         ("DELETE", _SERVER, "delete_server", True),
         ("POST", _SERVER + r"/sync", "sync_server", True),
+        ("POST", _SERVER + r"/install", "install_server", True),
+        ("POST", _SERVER + r"/reinstall", "reinstall_server", True),
         ("POST", _SERVER + r"/power", "power", True),
         ("POST", _SERVER + r"/commands", "commands", True),
         ("GET", _SERVER + r"/logs", "logs", True),
@@ -12123,13 +12859,20 @@ class ApiHandler(
                 self._drain_unread_body()
                 self._respond(status, body)
         except WingsliteError as exc:
-            if exc.status in (401, 403):
-                self.close_connection = True  # a stranger's body is not waited for, nor read
             self._drain_unread_body()
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else dict(exc.headers)
             self._respond(
                 exc.status, {"error": exc.message, "request_id": self.request_id}, headers
             )
+        except (ConnectionResetError, BrokenPipeError, TimeoutError):
+            # Almost always the client going away mid-body: a line a minute, not a traceback each.
+            self.server.notices.log(
+                "reset",
+                "API connections reset or timed out mid-request (%s)",
+                self.client_address[0],
+            )
+            self.close_connection = True
+            self._error(500, "the connection was reset or timed out while the request was read")
         except Exception:
             LOG.exception(
                 "request %s %s failed (request id %s)", method, self.path, self.request_id
@@ -12248,6 +12991,19 @@ class ApiHandler(
         self._drain_unread_body()  # the sync takes no body; one sent anyway is ignored
         self.server.daemon.sync_server(server)
         return 204, None
+
+    def route_install_server(self, server: Server) -> tuple[int, Any]:
+        """Wings' ``POST /install``: sync, then run the install script (no stop first)."""
+        self._drain_unread_body()
+        self.server.daemon.sync_server(server)
+        server.request_install()
+        return 202, None
+
+    def route_reinstall_server(self, server: Server) -> tuple[int, Any]:
+        """The Panel's "Reinstall": stop the process, sync, run the install script again."""
+        self._drain_unread_body()
+        server.request_install(reinstall=True)
+        return 202, None
 
     def route_power(self, server: Server) -> tuple[int, Any]:
         body = self.read_json()
@@ -12398,6 +13154,45 @@ class ConfigStore:
             self.path(uuid).unlink()
 
 
+class InstallRecords:
+    """How each server's last install went, one small JSON file per server, written atomically.
+
+    ``{"state": "installing" | "installed" | "failed", "reinstall": bool, "at": ..., "installed":
+    bool}``; ``installed`` stays true once any install has succeeded, so that a repeated
+    ``POST /api/servers`` never reinstalls over a server's files. A record still ``installing``
+    at boot is an install a daemon restart interrupted.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def read(self, uuid: str) -> dict[str, Any]:
+        try:
+            record = json.loads((self.directory / f"{uuid}.json").read_bytes())
+            return record if isinstance(record, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def installed(self, uuid: str) -> bool:
+        return bool(self.read(uuid).get("installed"))
+
+    def write(self, uuid: str, state: str, reinstall: bool) -> None:
+        installed = state == "installed" or self.installed(uuid)
+        record = {"state": state, "reinstall": reinstall, "at": _now_iso(), "installed": installed}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.directory / f"{uuid}.json", json.dumps(record).encode())
+        except OSError as exc:
+            LOG.error("server %s: cannot record its install state: %s", uuid, exc)
+
+    def interrupted(self, uuids: Iterable[str]) -> list[str]:
+        return [u for u in uuids if self.read(u).get("state") == "installing"]
+
+    def delete(self, uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / f"{uuid}.json").unlink()
+
+
 # Fields whose change needs a new container: they are stored now and take effect at the next start.
 _NEXT_START_FIELDS = (
     ("invocation", "startup command"),
@@ -12426,8 +13221,9 @@ class Server:
 
     Methods for the caller: ``sync()`` (fetch from the Panel and apply), ``apply(config)``,
     ``refuse(document_error)`` (record a refused document; the configuration stays),
-    ``power(action, wait_s)`` / ``request_power(...)``, ``send_command(line)``, ``logs(n)``,
-    ``api_view()``.
+    ``power(action, wait_s)`` / ``request_power(...)``, ``request_install(reinstall)`` /
+    ``install(reinstall)``, ``ensure_file_owner()``, ``send_command(line)``, ``logs(n)``,
+    ``api_view()``. ``installing`` is true while an install runs (power actions answer 409).
 
     Two re-entrant locks with different jobs (different servers never share one):
 
@@ -12439,7 +13235,8 @@ class Server:
     ``power_lock``   serialises power actions (start, stop, restart). A sync, a suspension and a
                      delete never wait for it (the Panel gives up after 15 s,
                      ``SuspensionService::toggle`` then rolls a suspension back).
-                     ``lock`` is the same object.
+                     ``lock`` is the same object. An install claims the server under it
+                     (sets ``installing``) and runs without it, so a suspension can cancel it.
     """
 
     def __init__(self, daemon: Daemon, config: ServerConfig):
@@ -12459,8 +13256,10 @@ class Server:
             config.disk_limit_bytes,
             daemon.config.get("system.disk_check_interval"),
             quota=daemon.quota,
+            owner=daemon.file_owner,
         )
         self.fs.set_denylist(config.file_denylist)
+        self.installing = False  # an install runs: power actions and a second install are refused
         self.last_sync: dict[str, Any] | None = None
         self._view_settings: tuple[ServerConfig, dict[str, Any]] | None = (
             None  # api_view()'s settings, per configuration
@@ -12686,6 +13485,9 @@ class Server:
             closed,
             (time.monotonic() - closing_started) * 1000,
         )
+        if self.installing:
+            report.applied.append("suspended: the install is cancelled")
+            spawn(self.env.abort_install, name=f"wingslite-abort-install-{self.uuid[:8]}")
         if self._start_config is not None or self.env.state == STARTING:
             report.applied.append("suspended: the start in progress is abandoned")
             target, name = self._abandon_start, "abandon"
@@ -12752,6 +13554,8 @@ class Server:
         (202)."""
         if action in ("start", "restart") and self.config.suspended:
             raise BadRequest("Cannot start or restart a server that is suspended.")
+        if self.installing:
+            raise Conflict("server is currently installing")
         if self.transferring:
             raise Conflict("server is currently being transferred")
         if self.restoring:
@@ -12769,6 +13573,8 @@ class Server:
     def power(self, action: str, wait_s: float = 0) -> None:
         """Run a power action now under ``power_lock``. ``wait_s`` 0 tries the lock once (as
         Wings); kill never waits."""
+        if self.installing:  # kill too, as Wings (server/power.go)
+            raise Conflict("server is currently installing")
         if self.transferring:  # Wings power.go: even a kill is refused
             raise Conflict("server is currently being transferred")
         if self.restoring:  # Wings server/power.go: every action is refused while restoring
@@ -12795,6 +13601,8 @@ class Server:
         try:
             if self.deleted:
                 raise NotFound("The requested resource does not exist on this instance.")
+            if self.installing:  # an install claimed the server while this waited for the lock
+                raise Conflict("server is currently installing")
             if self.transferring:
                 raise Conflict("server is currently being transferred")
             if action in ("stop", "restart"):
@@ -12814,6 +13622,8 @@ class Server:
         config = self._claim_start()
         try:
             self._update_config_files(config)
+            if self.daemon.config.get("system.check_permissions_on_boot"):
+                self.ensure_file_owner()
             self.env.start(config)
         except BaseException:
             self._finish_start(config, started=False)
@@ -12909,13 +13719,13 @@ class Server:
         self.console_message("Updating process configuration files...")
         if not config.process.configs:
             return
-        with Jail(self.fs.root) as jail:
+        with Jail(self.fs.root, owner=self.fs.owner) as jail:
             writer = ConfigFileWriter(
                 jail,
                 self.daemon.placeholders,
                 self.fs.reserve,
                 lambda n: self.fs.add_usage(-n),
-                owner=node_owner(self.daemon),
+                owner=self.fs.owner,
             )
             writer.apply(config.process.configs, self.console_message)
 
@@ -12955,6 +13765,156 @@ class Server:
             self.console_message(
                 "Server crash was detected but an error occurred while handling it."
             )
+
+    chown_budget_s = 60.0  # a tree bigger than this walk is left partly unchanged (and logged)
+
+    def ensure_file_owner(self) -> None:
+        """Give the server's files to the node user (before a start and after an install)."""
+        if self.fs.owner is None:
+            return  # a daemon that is not root cannot give files away
+        self.console_message(
+            "Ensuring file permissions are set correctly, this could take a few seconds..."
+        )
+        started = time.monotonic()
+        try:
+            count, finished = self.fs.chown_all(self.chown_budget_s)
+        except OSError as exc:
+            LOG.warning("server %s: setting the owner of its files failed: %s", self.uuid, exc)
+            return
+        LOG.log(
+            logging.INFO if finished else logging.WARNING,
+            "server %s: %d entries given to %s in %.2f s%s",
+            self.uuid,
+            count,
+            self.daemon.node_user.container_user,
+            time.monotonic() - started,
+            "" if finished else f" (stopped after {self.chown_budget_s:g} s; the rest is left)",
+        )
+
+    # -- installation ----------------------------------------------------------------------------
+
+    def request_install(self, reinstall: bool = False, *, start_after: bool = False) -> None:
+        """Claim the server for an install and run it in the background (create, ``/install``,
+        ``/reinstall``). 409 while a power action holds the lock or another install runs.
+
+        A reinstall first stops the process (10 s, then killed) and syncs, as Wings ``Reinstall``.
+        """
+        if not self.power_lock.acquire(blocking=False):
+            raise Conflict(
+                "Cannot execute server reinstall event while another power action is running."
+            )
+        try:
+            if self.deleted:
+                raise NotFound("The requested resource does not exist on this instance.")
+            if self.installing:
+                raise Conflict("server is currently installing")
+            if self.restoring:
+                raise Conflict("server is currently restoring")
+            if self.transferring:
+                raise Conflict("server is currently being transferred")
+            self.installing = True
+        finally:
+            self.power_lock.release()
+        spawn(
+            self._install_in_background,
+            reinstall,
+            start_after,
+            name=f"wingslite-install-{self.uuid[:8]}",
+        )
+
+    def _install_in_background(self, reinstall: bool, start_after: bool) -> None:
+        try:
+            ok = self.install(reinstall)
+        except Exception:
+            LOG.exception("server %s: the installation failed", self.uuid)
+            ok = False
+        finally:
+            self.installing = False
+        if ok and start_after and not self.deleted:
+            self._power_logged("start", 30)
+
+    def install(self, reinstall: bool = False) -> bool:
+        """Run the egg's install (the caller has set ``installing``); True when it succeeded.
+
+        As Wings (server/install.go): ``install started``, the script in its container, the
+        files given to the node user, ``POST /servers/{uuid}/install`` to the Panel (a failure
+        to tell it is logged), ``install completed``. A ``skip_egg_scripts`` egg runs nothing
+        and succeeds at once. Unlike Wings, a script that exits non-zero is a failed install.
+        """
+        self.daemon.installs.write(self.uuid, "installing", reinstall)
+        self.metrics.count("install")
+        error = None
+        try:
+            if reinstall and self.env.state != OFFLINE:
+                self.env.stop(self.config, 10)  # Wings: WaitForStop(10 s, terminate)
+            if reinstall:
+                self.sync()
+            if self.config.suspended:
+                raise WingsliteError("the server is suspended")
+            self.fs.ensure()
+            if self.config.skip_egg_scripts:
+                LOG.info("server %s: the egg skips install scripts; nothing to run", self.uuid)
+            else:
+                self.events.publish("install started", "")
+                self._run_install_script()
+        except WingsliteError as exc:
+            error = exc.message
+        except Exception as exc:  # e.g. the directory cannot be made: the Panel is still told
+            LOG.exception("server %s: the installation failed", self.uuid)
+            error = f"{type(exc).__name__}: {exc}"
+        if self.deleted:
+            return False  # the server left the node while it installed: nobody to tell
+        self._finish_install(error, reinstall)
+        return error is None
+
+    def _run_install_script(self) -> None:
+        log_path = self.install_log_path()
+        try:
+            script = self.daemon.panel.get_install_script(self.uuid)
+        except PanelError as exc:
+            error = f"could not get the install script from the Panel: {exc.message}"
+            write_install_log(log_path, self.config, {}, b"", error, _timezone(self.daemon.config))
+            raise WingsliteError(error) from None
+        splitter = LineSplitter()
+
+        def on_output(data: bytes) -> None:
+            for line in splitter.feed(data):
+                self.events.publish("install output", line)
+
+        LOG.info("server %s: running its install script (%s)", self.uuid, script["container_image"])
+        exit_code = self.env.install(
+            self.config,
+            script,
+            on_output,
+            log_path,
+            cancelled=lambda: self.deleted or self.config.suspended,
+        )
+        for line in splitter.flush():
+            self.events.publish("install output", line)
+        if exit_code:
+            raise WingsliteError(f"the install script exited with code {exit_code}")
+
+    def _finish_install(self, error: str | None, reinstall: bool) -> None:
+        if error is None:
+            LOG.info("server %s: %s completed", self.uuid, "reinstall" if reinstall else "install")
+        else:
+            LOG.error("server %s: the installation failed: %s", self.uuid, error)
+            self.console_message(f"The installation failed: {error}")
+        if self.fs.root.is_dir():
+            self.ensure_file_owner()
+        self.daemon.installs.write(self.uuid, "failed" if error else "installed", reinstall)
+        try:
+            self.daemon.panel.set_install_status(self.uuid, error is None, reinstall)
+        except PanelError as exc:
+            LOG.warning(
+                "server %s: could not tell the Panel how the install ended: %s",
+                self.uuid,
+                exc.message,
+            )
+        self.events.publish("install completed", "")
+
+    def install_log_path(self) -> Path:
+        return Path(self.daemon.config.get("system.log_directory")) / "install" / f"{self.uuid}.log"
 
     # -- console -------------------------------------------------------------------------------
 
@@ -13000,6 +13960,7 @@ class Server:
                 "pending_next_start": sorted(self.pending_next_start.values()),
                 "environment": self.env.kind,
                 "disk": {"limit_bytes": self.fs.limit_bytes, "quota": self.fs.quota.name},
+                "installing": self.installing,
             },
         }
 
@@ -13040,6 +14001,12 @@ class Daemon:
         self.signed_urls = SignedUrls(lambda: self.config.token, self.revocations)
         self.pulls = Pulls()
         self.store = ConfigStore(config.root_dir / "wingslite" / "servers")
+        self.installs = InstallRecords(config.root_dir / "wingslite" / "installs")
+        self.node_user = resolve_node_user(config)
+        # Only root can give files away; a daemon run as the node user itself owns them anyway.
+        user = self.node_user
+        can_chown = os.geteuid() == 0 or user.uid == os.geteuid()
+        self.file_owner: tuple[int, int] | None = (user.uid, user.gid) if can_chown else None
         self.activity = ActivityLog(
             config.root_dir / "wingslite" / "activity.db",
             self.panel,
@@ -13068,6 +14035,7 @@ class Daemon:
             data_dir=server.fs.root,
             console=ConsolePipeline.from_config(server.events, self.config),
             disk_bytes=server.fs.usage_bytes,
+            user=self.node_user.container_user,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -13093,6 +14061,19 @@ class Daemon:
             "https" if self.tls else "http",
             host,
             self.http.server_address[1],
+        )
+        user = self.node_user
+        # One line at every start, not a warning: a node without the user works, as Wings does
+        # in a container.
+        LOG.info(
+            "servers' files belong to %d:%d (%s)%s",
+            user.uid,
+            user.gid,
+            user.note,
+            ""
+            if user.exists
+            else f"; no user with uid {user.uid} exists on this host: "
+            f"files and containers use {user.uid}:{user.gid} as numbers",
         )
         if not self.config.get("wingslite.sftp_enabled"):
             LOG.info("SFTP is off (wingslite.sftp_enabled is false)")
@@ -13171,6 +14152,7 @@ class Daemon:
             LOG.info("loaded %d saved server configurations", len(self.servers))
 
     def _boot_loop(self) -> None:
+        self._remove_leftover_installers()
         delay = 1.0
         while not self._stopping.is_set():
             try:
@@ -13191,12 +14173,39 @@ class Daemon:
         self._restore_states()
         with contextlib.suppress(PanelError):
             self.panel.reset_servers()  # as Wings: the Panel clears installs left over from before
+        self._report_interrupted_installs()
         try:
             self.backups.recover()  # backups a restart interrupted: files removed, Panel told
         except Exception:
             LOG.exception("cleaning up interrupted backups failed")
         release_free_heap()
         self._booted.set()
+
+    def _remove_leftover_installers(self) -> None:
+        """Installer containers of this node's servers that a restart interrupted (one call)."""
+        if self.environment_factory != self._default_environment or not self.servers:
+            return
+        if self._docker is None:
+            self._docker = docker_client(self.config)
+        idle = [uuid for uuid, server in self.servers.items() if not server.installing]
+        removed = remove_leftover_installers(
+            self._docker, idle, Path(self.config.get("system.tmp_directory"))
+        )
+        for uuid in removed:
+            LOG.warning("server %s: removed the install container a restart left behind", uuid)
+
+    def _report_interrupted_installs(self) -> None:
+        """Installs a restart cut short failed: the Panel is told so (its reset marked them)."""
+        for uuid in self.installs.interrupted(self.servers):
+            server = self.servers.get(uuid)
+            if server is None or server.installing:
+                continue
+            reinstall = bool(self.installs.read(uuid).get("reinstall"))
+            self.installs.write(uuid, "failed", reinstall)
+            try:
+                self.panel.set_install_status(uuid, False, reinstall)
+            except PanelError as exc:
+                LOG.warning("server %s: could not tell the Panel: %s", uuid, exc.message)
 
     def load_from_panel(self) -> None:
         """Fetch every server of the node; add, update or drop local servers to match."""
@@ -13274,8 +14283,8 @@ class Daemon:
         )
 
     def _add(self, server: Server) -> None:
-        with self._servers_lock:
-            self.servers[server.uuid] = server
+        with self._servers_lock:  # one created meanwhile (POST /api/servers) is the one kept
+            self.servers.setdefault(server.uuid, server)
 
     def _forget(self, server: Server) -> None:
         """Take a server (marked deleted, its config lock held) off the node: no object, no saved
@@ -13285,6 +14294,7 @@ class Daemon:
         self.pulls.cancel(server.uuid)
         server.env.close()
         self.store.delete(server.uuid)
+        self.installs.delete(server.uuid)
 
     # -- states (which servers were running, for the next boot) -----------------------------
 
@@ -13351,14 +14361,17 @@ class Daemon:
         return max(1.0, float(self.config.get("remote_query.timeout")))
 
     def create_server(self, uuid: str, start_on_completion: bool = False) -> Server:
-        """``POST /api/servers``: fetch the configuration, make the directory, register the server.
+        """``POST /api/servers``: fetch the configuration, make the directory, register the server,
+        then install it in the background (and start it after, when asked).
 
         For a server the node already has, this is a sync (Wings answers 202 too): the Panel
-        force-deletes a server whose create call fails, so a 409 here would lose it.
+        force-deletes a server whose create call fails, so a 409 here would lose it. It is
+        installed only if no install of it ever succeeded and none runs now.
         """
         existing = self.servers.get(uuid)
         if existing is not None:
             self.sync_server(existing)
+            self._install_unless_installed(existing, start_on_completion)
             return existing
         try:
             document = self.panel.get_server(uuid)
@@ -13381,13 +14394,22 @@ class Daemon:
         server = Server(self, config)
         server.fs.ensure()
         with self._servers_lock:
-            if uuid in self.servers:  # a create that raced this one won: it is the same server
-                return self.servers[uuid]
-            self.servers[uuid] = server
-        LOG.info("server %s created", uuid)
-        if start_on_completion:
-            server.request_power("start", 30)
-        return server
+            # A create (or the boot's list) that raced this one won: it is the same server.
+            raced = self.servers.setdefault(uuid, server)
+        if raced is server:
+            LOG.info("server %s created", uuid)
+        self._install_unless_installed(raced, start_on_completion)
+        return raced
+
+    def _install_unless_installed(self, server: Server, start_on_completion: bool) -> None:
+        """Install a server no install ever succeeded for (never over an installed server's
+        files)."""
+        if self.installs.installed(server.uuid) or server.installing:
+            return
+        try:
+            server.request_install(start_after=start_on_completion)
+        except Conflict as exc:  # an install or a power action got there first: it stands
+            LOG.info("server %s: not installed now: %s", server.uuid, exc.message)
 
     def receive_server(self, uuid: str) -> Server:
         """A server arriving by transfer: its configuration from the Panel, marked transferring.
@@ -13408,8 +14430,10 @@ class Daemon:
         return server
 
     def adopt_received(self, server: Server) -> None:
-        """Keep a server whose files arrived whole: its configuration is saved like a create's."""
+        """Keep a server whose files arrived whole: its configuration is saved like a create's.
+        It counts as installed: a later ``POST /api/servers`` never reinstalls over its files."""
         self.store.save(server.config)
+        self.installs.write(server.uuid, "installed", False)
 
     def drop_received(self, server: Server) -> None:
         """Forget a server whose transfer failed, and every byte of it that arrived."""
@@ -13448,6 +14472,7 @@ class Daemon:
                 True  # before closing: a socket registering now sees it and closes itself
             )
             self.sessions.close_server(server.uuid, CLOSE_GOING_AWAY, "server deleted")
+            server.env.abort_install()  # before the files go: the installer writes into them
             if (
                 server.transferring
             ):  # the Panel deletes a transferred server here (Wings: "completed")
@@ -14244,6 +15269,30 @@ class PanelStandIn:
 # CLI ##############################################################################################
 
 
+_DEMO_INSTALL_SCRIPT = """#!/bin/sh
+# An egg install script: runs in <uuid>_installer with the server's files at /mnt/server.
+echo "Installing $SERVER_NAME..."
+for step in 1 2 3; do echo "downloading part $step/3"; sleep 1; done
+echo "eula=true" > /mnt/server/eula.txt
+echo "installed $(date -u)" > /mnt/server/installed.txt
+echo "Install complete."
+"""
+
+
+def _demo_installing_server(panel: PanelStandIn) -> dict[str, Any]:
+    """The demo's third server: the Panel has an install script for it (the test image, ``sh``)."""
+    doc = demo_document(str(uuidlib.uuid4()), "Demo Modded", 1024)
+    doc["settings"]["environment"]["SERVER_NAME"] = "Demo Modded"
+    doc["settings"]["allocations"]["default"]["port"] = 25567
+    doc["settings"]["allocations"]["mappings"] = {"127.0.0.1": [25567]}
+    panel.install_scripts[doc["settings"]["uuid"]] = {
+        "container_image": doc["settings"]["container"]["image"],
+        "entrypoint": "sh",
+        "script": _DEMO_INSTALL_SCRIPT,
+    }
+    return doc
+
+
 def _demo(args: Any) -> int:
     import secrets
     import tempfile
@@ -14259,6 +15308,7 @@ def _demo(args: Any) -> int:
     panel = PanelStandIn(token_id, token, servers)
     panel.sftp_users[("demo", "demo")] = ["*"]
     panel.start()
+    modded = _demo_installing_server(panel)
     root = Path(tempfile.mkdtemp(prefix="wingslite-demo-"))
     raw = {
         "uuid": str(uuidlib.uuid4()),
@@ -14269,6 +15319,8 @@ def _demo(args: Any) -> int:
         "system": {
             "root_directory": str(root),
             "data": str(root / "volumes"),
+            "log_directory": str(root / "logs"),
+            "tmp_directory": str(root / "tmp"),
             "sftp": {"bind_address": "127.0.0.1", "bind_port": args.sftp_port},
         },
         "remote_query": {"timeout": 5},
@@ -14283,6 +15335,16 @@ def _demo(args: Any) -> int:
         return 1
     daemon.wait_booted(10)
     base = f"http://127.0.0.1:{daemon.port}"
+    # The Panel creates a server: it lists it, then calls POST /api/servers (which installs it).
+    panel.add(modded)
+    third = modded["settings"]["uuid"]
+    create = urllib.request.Request(
+        f"{base}/api/servers",
+        data=json.dumps({"uuid": third, "start_on_completion": True}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(create, timeout=10).close()
     first = servers[0]["settings"]["uuid"]
     auth = f"-H 'Authorization: Bearer {token}'"
     print(
@@ -14304,6 +15366,9 @@ node token: {token}
   # suspend it (every websocket and SFTP session of the server is closed by the sync):
   curl -s -X POST -d '{{"suspended": true}}' {panel.url}/demo/servers/{first} >/dev/null
   curl -si -X POST {auth} {base}/api/servers/{first}/sync
+  # a third server was just created and installs from its egg's script, then starts:
+  cat {root}/logs/install/{third}.log; ls -ln {root}/volumes/{third}
+  curl -si -X POST {auth} {base}/api/servers/{third}/reinstall
 
 Press Ctrl-C to stop.""",
         flush=True,
@@ -14313,10 +15378,25 @@ Press Ctrl-C to stop.""",
             pass
         print("\nstopping", flush=True)
     finally:
+        _demo_remove_containers(daemon)
         daemon.stop()
         panel.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def _demo_remove_containers(daemon: Daemon, wait_s: float = 10.0) -> None:
+    """The demo's files go when it ends, so its containers go too (an install is cancelled)."""
+    servers = daemon.all_servers()
+    for server in servers:
+        server.deleted = True  # an install between two steps stops at the next one
+        with contextlib.suppress(Exception):
+            server.env.abort_install()
+        with contextlib.suppress(Exception):
+            server.env.destroy()
+    deadline = time.monotonic() + wait_s
+    while any(s.installing for s in servers) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 # -- operator commands: configure, diagnostics ----------------------------------------------------

@@ -259,6 +259,8 @@ class Daemon:
                 "root_directory": str(self.root / "root"),
                 "data": str(self.root / "volumes"),
                 "backup_directory": str(self.root / "backups"),
+                "log_directory": str(self.root / "logs"),
+                "tmp_directory": str(self.root / "tmp"),
                 "sftp": {"bind_address": "127.0.0.1", "bind_port": self.sftp_port},
             },
             "remote_query": {"timeout": 10},
