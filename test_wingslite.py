@@ -2409,68 +2409,18 @@ class TestTls:
     def test_headless_chromium_trusting_the_test_ca_opens_the_console(
         self, console_node, certificates, tmp_path
     ):
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-        reports: list[dict] = []
-        got = threading.Event()
-        holder: dict = {}
-
-        class Page(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                body = (
-                    BROWSER_PAGE.replace("SOCKET", json.dumps(holder["socket"]))
-                    .replace("TOKEN", json.dumps(holder["token"]))
-                    .encode()
-                )
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):
-                reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-                got.set()
-
-        page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-        threading.Thread(target=page.serve_forever, daemon=True).start()
-        page_origin = f"http://127.0.0.1:{page.server_address[1]}"
-        daemon = console_node(allowed_origins=[page_origin], **_tls_overrides(certificates))
-        daemon.get_server(daemon.uuid).env.start(None)
-        holder.update(
-            socket=f"wss://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws",
-            token=ws_token(ws_claims(daemon.uuid)),
-        )
-        browser = subprocess.Popen(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                f"--user-data-dir={tmp_path / 'chromium'}",
-                # Trust anchored on the test CA's key: it is in the chain the node presents.
-                f"--ignore-certificate-errors-spki-list={certificates.ca_spki_sha256()}",
-                page_origin + "/",
+        report = browser_console_report(
+            console_node,
+            tmp_path,
+            scheme="wss",
+            # Trust anchored on the test CA's key: it is in the chain the node presents.
+            chromium_flags=[
+                f"--ignore-certificate-errors-spki-list={certificates.ca_spki_sha256()}"
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            **_tls_overrides(certificates),
         )
-        try:
-            assert got.wait(60), "the page never reported"
-        finally:
-            browser.kill()
-            browser.wait(10)
-            page.shutdown()
-            page.server_close()
-        assert reports[0]["result"] == "ok", reports[0]
-        assert "> from chromium" in reports[0]["text"]
+        assert report["result"] == "ok", report
+        assert "> from chromium" in report["text"]
 
 
 class TestTlsConnections:
@@ -6466,46 +6416,49 @@ ws.onclose = (e) => { if (e.code !== 1000) report("closed " + e.code); };
 </script></body></html>"""
 
 
-class TestWebsocketBrowser:
-    def test_headless_chromium_speaks_the_panel_flow(self, console_node, tmp_path):
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-        reports: list[dict] = []
-        got = threading.Event()
-        holder: dict = {}
+def browser_console_report(
+    console_node, tmp_path, scheme: str = "ws", chromium_flags=(), **node_overrides
+) -> dict:
+    """Serve ``BROWSER_PAGE`` from an origin of its own, open it in headless Chromium against a
+    console node's websocket (as the Panel's browser does) and return what the page reported."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    reports: list[dict] = []
+    got = threading.Event()
+    holder: dict = {}
 
-        class Page(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    class Page(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
 
-            def do_GET(self):
-                body = (
-                    BROWSER_PAGE.replace("SOCKET", json.dumps(holder["socket"]))
-                    .replace("TOKEN", json.dumps(holder["token"]))
-                    .encode()
-                )
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def do_GET(self):
+            body = (
+                BROWSER_PAGE.replace("SOCKET", json.dumps(holder["socket"]))
+                .replace("TOKEN", json.dumps(holder["token"]))
+                .encode()
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-            def do_POST(self):
-                reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-                got.set()
+        def do_POST(self):
+            reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+            got.set()
 
-        page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-        threading.Thread(target=page.serve_forever, daemon=True).start()
-        page_origin = f"http://127.0.0.1:{page.server_address[1]}"
-        daemon = console_node(
-            allowed_origins=[page_origin]
-        )  # the page is not the Panel: allowed by allowed_origins
+    page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    page_origin = f"http://127.0.0.1:{page.server_address[1]}"
+    try:
+        # the page is not the Panel: allowed by allowed_origins
+        daemon = console_node(allowed_origins=[page_origin], **node_overrides)
         daemon.get_server(daemon.uuid).env.start(None)
         holder.update(
-            socket=f"ws://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws",
+            socket=f"{scheme}://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws",
             token=ws_token(ws_claims(daemon.uuid)),
         )
         browser = subprocess.Popen(
@@ -6516,6 +6469,7 @@ class TestWebsocketBrowser:
                 "--disable-gpu",
                 "--no-first-run",
                 f"--user-data-dir={tmp_path / 'chromium'}",
+                *chromium_flags,
                 page_origin + "/",
             ],
             stdout=subprocess.DEVNULL,
@@ -6526,9 +6480,15 @@ class TestWebsocketBrowser:
         finally:
             browser.kill()
             browser.wait(10)
-            page.shutdown()
-            page.server_close()
-        report = reports[0]
+    finally:
+        page.shutdown()
+        page.server_close()
+    return reports[0]
+
+
+class TestWebsocketBrowser:
+    def test_headless_chromium_speaks_the_panel_flow(self, console_node, tmp_path):
+        report = browser_console_report(console_node, tmp_path)
         assert report["result"] == "ok", report
         assert report["seen"][:3] == ["auth success", "status", "console output"]
         assert (
