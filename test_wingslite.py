@@ -9268,37 +9268,44 @@ def tar_gz(entries: list[tuple[str, bytes | None, str | None]]) -> bytes:
     return buf.getvalue()
 
 
+def transfer_pair(panel, make_daemon, tmp_path, uuid: str, source=None) -> types.SimpleNamespace:
+    """A source daemon (``source``, or a new one against ``panel``) with server ``uuid``, and a
+    destination daemon with a node token and a ``TransferPanel`` of its own (the caller closes
+    ``dst_panel``) that answers for the server without listing it, as the Panel does while the
+    transfer runs."""
+    source = source or make_daemon(panel)
+    dst_panel = TransferPanel()
+    dst_panel.add(copy.deepcopy(panel.servers[uuid]))
+    dst_panel.unlisted.add(uuid)
+    dst_panel.source = source
+    destination = make_daemon(
+        dst_panel,
+        token_id=DST_TOKEN_ID,
+        token=DST_TOKEN,
+        system__root_directory=str(tmp_path / "dst" / "root"),
+        system__data=str(tmp_path / "dst" / "volumes"),
+    )
+    src_root = source.get_server(uuid).fs.root
+    src_root.mkdir(parents=True, exist_ok=True)
+    return types.SimpleNamespace(
+        uuid=uuid,
+        panel=panel,
+        dst_panel=dst_panel,
+        source=source,
+        destination=destination,
+        src_root=src_root,
+        dst_root=tmp_path / "dst" / "volumes" / uuid,
+    )
+
+
 class TestTransfers:
     """Two daemons on loopback, each with its own Panel view, moving a server between them."""
 
     @pytest.fixture
     def pair(self, panel, make_daemon, tmp_path):
-        dst_panel = TransferPanel()
-        doc = panel_document()
-        uuid = panel.add(doc)
-        source = make_daemon(panel)
-        dst_panel.add(copy.deepcopy(doc))
-        dst_panel.unlisted.add(uuid)
-        dst_panel.source = source
-        destination = make_daemon(
-            dst_panel,
-            token_id=DST_TOKEN_ID,
-            token=DST_TOKEN,
-            system__root_directory=str(tmp_path / "dst" / "root"),
-            system__data=str(tmp_path / "dst" / "volumes"),
-        )
-        src_root = source.get_server(uuid).fs.root
-        src_root.mkdir(parents=True, exist_ok=True)
-        yield types.SimpleNamespace(
-            uuid=uuid,
-            panel=panel,
-            dst_panel=dst_panel,
-            source=source,
-            destination=destination,
-            src_root=src_root,
-            dst_root=tmp_path / "dst" / "volumes" / uuid,
-        )
-        dst_panel.close()
+        pair = transfer_pair(panel, make_daemon, tmp_path, panel.add(panel_document()))
+        yield pair
+        pair.dst_panel.close()
 
     @staticmethod
     def fill(root: Path) -> None:
@@ -9497,29 +9504,15 @@ class TestTransfers:
 
     @pytest.mark.docker
     def test_a_running_server_is_stopped_before_it_leaves(self, docker_servers, tmp_path):
-        dst_panel = TransferPanel()
+        uuid = docker_servers.add(stop=("command", "ignored"))  # never stops by itself
+        source = docker_servers.boot()
+        pair = transfer_pair(
+            docker_servers.panel, docker_servers.make_daemon, tmp_path, uuid, source=source
+        )
+        dst_panel = pair.dst_panel
         try:
-            uuid = docker_servers.add(stop=("command", "ignored"))  # never stops by itself
-            source = docker_servers.boot()
-            dst_panel.add(copy.deepcopy(docker_servers.panel.servers[uuid]))
-            dst_panel.unlisted.add(uuid)
-            dst_panel.source = source
-            destination = docker_servers.make_daemon(
-                dst_panel,
-                token_id=DST_TOKEN_ID,
-                token=DST_TOKEN,
-                system__root_directory=str(tmp_path / "dst" / "root"),
-                system__data=str(tmp_path / "dst" / "volumes"),
-            )
             docker_servers.start(uuid)
             (source.get_server(uuid).fs.root / "save.dat").write_bytes(b"state")
-            pair = types.SimpleNamespace(
-                uuid=uuid,
-                panel=docker_servers.panel,
-                dst_panel=dst_panel,
-                source=source,
-                destination=destination,
-            )
             server = source.get_server(uuid)
             OutgoingTransferWait = w.OutgoingTransfer.stop_wait_s
             w.OutgoingTransfer.stop_wait_s = 2.0
@@ -10344,23 +10337,15 @@ class TestPanelButtons:
     def test_transfer_notify(self, panel, make_daemon, tmp_path):
         """DaemonTransferRepository::notify (Admin/Servers/ServerTransferController@transfer):
         the source node gets server_id, url, "Bearer <jwt>" and a server object."""
-        dst_panel = TransferPanel()
+        pair = transfer_pair(panel, make_daemon, tmp_path, panel.add(panel_document()))
+        uuid, source, destination, dst_panel = (
+            pair.uuid,
+            pair.source,
+            pair.destination,
+            pair.dst_panel,
+        )
         try:
-            doc = panel_document()
-            uuid = panel.add(doc)
-            source = make_daemon(panel)
-            dst_panel.add(copy.deepcopy(doc))
-            dst_panel.unlisted.add(uuid)
-            dst_panel.source = source
-            destination = make_daemon(
-                dst_panel,
-                token_id=DST_TOKEN_ID,
-                token=DST_TOKEN,
-                system__root_directory=str(tmp_path / "dst" / "root"),
-                system__data=str(tmp_path / "dst" / "volumes"),
-            )
-            root = source.get_server(uuid).fs.root
-            root.mkdir(parents=True, exist_ok=True)
+            root = pair.src_root
             (root / "server.properties").write_text("motd=moved\n")
             with dst_panel.lock:
                 dst_panel.transfers[uuid] = None
