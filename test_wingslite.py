@@ -3,7 +3,9 @@ as the Panel does (``wingslite.PanelStandIn``), real websocket and SFTP clients,
 engine.
 
 Shared fixtures come first (fake Panel, daemon factory, HTTP helper); then one class per area in
-the order of the sections of wingslite.py.
+the order of the sections of wingslite.py; after them the tests that cross areas: the Panel's
+buttons end to end, hostile input to the Panel features, and the fault drills (the Docker engine
+drill last of all).
 
 Tests that need the Docker engine (and the ``wingslite-test`` image) are marked ``docker``:
 ``pytest -m 'not docker'`` runs the others on a machine without one. A test that uses the
@@ -985,6 +987,545 @@ class TestMetering:
         assert fs.usage_bytes() == 0
 
 
+# disk quotas ######################################################################################
+
+
+@pytest.fixture(scope="session")
+def btrfs_mount(tmp_path_factory):
+    """A loop-mounted btrfs image (under /tmp) for the whole session; unmounted and deleted at
+    the end."""
+    if os.geteuid() != 0:
+        print("SKIP btrfs quota tests: not root (a loop mount needs root)")
+        pytest.skip("btrfs quota tests need root (loop mount)")
+    if not (shutil.which("mkfs.btrfs") and shutil.which("btrfs")):
+        print("SKIP btrfs quota tests: btrfs-progs (mkfs.btrfs, btrfs) is not installed")
+        pytest.skip("btrfs quota tests need btrfs-progs (mkfs.btrfs, btrfs)")
+    base = tmp_path_factory.mktemp("btrfs")
+    image, mnt = base / "disk.img", base / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(400 * 1024 * 1024)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        image.unlink()
+
+
+def write_until_refused(
+    path: Path, chunk: int = 1024 * 1024, most: int = 64
+) -> tuple[int, int | None]:
+    """Append ``chunk``-byte blocks (fsynced) until the kernel refuses; (bytes written, errno or
+    None)."""
+    written = 0
+    try:
+        fh = open(path, "ab")  # creating the file may be what is refused
+    except OSError as exc:
+        return 0, exc.errno
+    with fh:
+        for _ in range(most):
+            try:
+                fh.write(b"\0" * chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as exc:
+                return written, exc.errno
+            written += chunk
+    return written, None
+
+
+class FakeQuotaCalls:
+    """Records the ioctls and quotactls the project backend builds; keeps project ids per inode."""
+
+    def __init__(self, quotactl_errno: int | None = None):
+        self.calls: list[tuple] = []
+        self.projids: dict[int, int] = {}
+        self.space: dict[int, int] = {}
+        self.quotactl_errno = quotactl_errno
+
+    def ioctl(self, fd, request, buf):
+        ino = os.fstat(fd).st_ino
+        if request == w.FS_IOC_FSGETXATTR:
+            buf[:] = w.FSXATTR.pack(0, 0, 0, self.projids.get(ino, 0), 0)
+        elif request == w.FS_IOC_FSSETXATTR:
+            xflags, _, _, projid, _ = w.FSXATTR.unpack(buf)
+            self.projids[ino] = projid
+            self.calls.append(("setxattr", ino, xflags, projid))
+        else:
+            raise AssertionError(f"unexpected ioctl {request:#x}")
+
+    def quotactl(self, cmd, device, ident, buf):
+        if self.quotactl_errno:
+            raise OSError(self.quotactl_errno, os.strerror(self.quotactl_errno))
+        self.calls.append(("quotactl", cmd, device, ident, bytes(buf)))
+        if cmd == w.qcmd(w.Q_GETQUOTA, w.PRJQUOTA):
+            buf[:] = w.IF_DQBLK.pack(0, 0, self.space.get(ident, 0), 0, 0, 0, 0, 0, 0x1FF)
+
+
+class TestQuotaSelection:
+    MOUNTINFO = (
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "44 27 0:39 / /srv/data\\040disk rw,relatime - btrfs /dev/loop0 rw,subvolid=5\n"
+        "45 27 0:40 / /srv rw - xfs /dev/sdb1 rw\n"
+    )
+
+    def test_mount_of_takes_the_longest_mount_point_and_decodes_escapes(self):
+        assert w.mount_of("/srv/data disk/x", self.MOUNTINFO) == (
+            "/srv/data disk",
+            "btrfs",
+            "/dev/loop0",
+        )
+        assert w.mount_of("/srv/other", self.MOUNTINFO) == ("/srv", "xfs", "/dev/sdb1")
+        assert w.mount_of("/srvx", self.MOUNTINFO) == ("/", "ext4", "/dev/vda")
+
+    def test_qgroup_show_output_is_parsed_for_referenced_bytes(self):
+        out = (
+            "Qgroupid    Referenced    Exclusive   Path\n--------    ----------    ---------   "
+            "----\n1/100  999 999 x\n0/257   10469376   10469376   data/s\n"
+        )
+        assert w.parse_qgroup_referenced(out) == 10469376
+        assert w.parse_qgroup_referenced(out, "1/100") == 999
+        with pytest.raises(ValueError):
+            w.parse_qgroup_referenced("Qgroupid Referenced\n")
+
+    def test_auto_takes_project_quotas_on_ext4_when_the_kernel_has_them_else_soft_with_the_reason(
+        self, tmp_path
+    ):
+        mi = "27 1 254:0 / / rw - ext4 /dev/sdz rw\n"
+        assert (
+            w.select_quota_backend("auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls()).name
+            == "project"
+        )
+        soft = w.select_quota_backend(
+            "auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls(errno.ENOSYS)
+        )
+        assert (
+            soft.name == "soft" and "no quota support" in soft.reason and soft.stops_running_servers
+        )
+        tmpfs = w.select_quota_backend(
+            "project", tmp_path, mountinfo="1 1 0:1 / / rw - tmpfs tmpfs rw\n"
+        )
+        assert tmpfs.name == "soft" and "not ext4 or xfs" in tmpfs.reason
+
+    def test_btrfs_requested_on_ext4_falls_back_to_soft_and_says_why(self, tmp_path):
+        backend = w.select_quota_backend(
+            "btrfs", tmp_path, mountinfo="27 1 254:0 / / rw - ext4 /dev/vda rw\n"
+        )
+        assert backend.name == "soft" and "not btrfs" in backend.reason
+
+    def test_off_never_stops_a_server_and_bad_modes_are_refused(self, tmp_path):
+        off = w.select_quota_backend("off", tmp_path)
+        assert off.name == "off" and not off.stops_running_servers
+        with pytest.raises(w.ConfigError):
+            w.select_quota_backend("zfs", tmp_path)
+        with pytest.raises(
+            w.ConfigError, match=r"node\.yml: wingslite\.disk_quota: must be one of auto, btrfs"
+        ):
+            w.Config(
+                node_config(tmp_path, "http://127.0.0.1:9", wingslite__disk_quota="zfs"), "node.yml"
+            )  # CLI: exit 2
+
+    def test_system_reports_the_backend_in_force_and_why(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__disk_quota="off")
+        status, _, body = api(daemon, "GET", "/api/system")
+        assert status == 200
+        assert body["wingslite"]["disk_quota"]["configured"] == "off"
+        assert (
+            body["wingslite"]["disk_quota"]["backend"] == "off"
+            and "off" in body["wingslite"]["disk_quota"]["reason"]
+        )
+
+
+class TestProjectQuota:
+    def test_request_numbers_match_the_kernel_headers(self):
+        # linux/fs.h and linux/quota.h on every architecture with the generic ioctl layout
+        assert (w.FS_IOC_FSGETXATTR, w.FS_IOC_FSSETXATTR) == (0x801C581F, 0x401C5820)
+        assert (
+            w.qcmd(w.Q_SETQUOTA, w.PRJQUOTA) == 0x80000802
+            and w.qcmd(w.Q_GETQUOTA, w.PRJQUOTA) == 0x80000702
+        )
+        assert (w.IF_DQBLK.size, w.FSXATTR.size, w.IF_DQINFO.size) == (72, 28, 24)
+
+    def test_block_limit_rounds_up_to_whole_kib_and_zero_removes_it(self):
+        hard, soft, *_, valid = w.IF_DQBLK.unpack(w.setquota_block(10 * 1024 * 1024 + 1))
+        assert (hard, soft, valid) == (10241, 10241, w.QIF_BLIMITS)
+        assert w.IF_DQBLK.unpack(w.setquota_block(0))[:2] == (0, 0)
+
+    def test_prepare_tags_the_directory_to_inherit_and_tags_what_is_already_there_once(
+        self, tmp_path
+    ):
+        calls = FakeQuotaCalls()
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
+        root = tmp_path / "3f1c8a"
+        (root / "sub").mkdir(parents=True)
+        (root / "sub" / "file").write_bytes(b"x")
+        (root / "link").symlink_to("/etc/passwd")
+        backend.prepare(root)
+        pid = backend.project_id(root)
+        assert pid != 0 and backend.enforced(root)
+        tagged = {
+            ino: (flags, projid)
+            for _, ino, flags, projid in (c for c in calls.calls if c[0] == "setxattr")
+        }
+        assert tagged == {
+            root.stat().st_ino: (w.FS_XFLAG_PROJINHERIT, pid),
+            (root / "sub").stat().st_ino: (w.FS_XFLAG_PROJINHERIT, pid),
+            (root / "sub" / "file").stat().st_ino: (0, pid),
+        }
+        calls.calls.clear()
+        backend.prepare(root)
+        assert calls.calls == []
+
+    def test_prepare_does_not_hang_on_a_fifo_the_game_server_made(self, tmp_path):
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=FakeQuotaCalls())
+        root = tmp_path / "srv"
+        root.mkdir()
+        os.mkfifo(
+            root / "pipe"
+        )  # no writer: a blocking open would wait forever, holding the server's lock
+        worker = threading.Thread(target=backend.prepare, args=(root,), daemon=True)
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive() and backend.enforced(root)
+
+    def test_project_ids_are_stable_and_never_shared(self, tmp_path):
+        calls = FakeQuotaCalls()
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
+        a, b = tmp_path / "a", tmp_path / "b"
+        backend.prepare(a)
+        calls.projids[a.stat().st_ino] = backend.choose_project_id(
+            b
+        )  # b's natural id is taken by a
+        backend.prepare(b)
+        assert backend.project_id(a) != backend.project_id(b) != 0
+        assert backend.choose_project_id(tmp_path / "c") == backend.choose_project_id(
+            tmp_path / "c"
+        )
+
+    def test_set_limit_builds_setquota_for_the_directory_project_and_usage_comes_from_getquota(
+        self, tmp_path
+    ):
+        calls = FakeQuotaCalls()
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
+        root = tmp_path / "srv"
+        root.mkdir()
+        notes = backend.set_limit(root, 5 * 1024 * 1024)  # an untagged directory is tagged first
+        pid = backend.project_id(root)
+        _, cmd, device, ident, buf = calls.calls[-1]
+        assert (cmd, device, ident, w.IF_DQBLK.unpack(buf)[0]) == (
+            0x80000802,
+            "/dev/sdz",
+            pid,
+            5120,
+        )
+        assert "5242880 bytes" in notes[0]
+        assert (
+            "removed" in backend.set_limit(root, 0)[0]
+            and w.IF_DQBLK.unpack(calls.calls[-1][4])[0] == 0
+        )
+        calls.space[pid] = 12345
+        assert backend.usage_bytes(root) == 12345
+
+    @pytest.mark.parametrize(
+        "err, text",
+        [(errno.ENOSYS, "no quota support"), (errno.ESRCH, "prjquota"), (errno.EPERM, "root")],
+    )
+    def test_probe_explains_why_project_quotas_are_unavailable(self, tmp_path, err, text):
+        backend, why = w.ProjectQuota.probe(tmp_path, "ext4", "/dev/sdz", FakeQuotaCalls(err))
+        assert backend is None and text in why
+
+    def test_filesystem_reads_usage_from_the_quota_not_the_walk(self, tmp_path):
+        calls = FakeQuotaCalls()
+        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
+        fs = w.Filesystem(tmp_path / "srv", 10_000, check_interval_s=60, quota=backend)
+        fs.ensure()
+        (fs.root / "f").write_bytes(b"x" * 9000)
+        calls.space[backend.project_id(fs.root)] = 4096
+        assert (
+            fs.usage_bytes() == 4096 and fs.reserve(5904) and not fs.reserve(5905)
+        )  # checked against the kernel's figure
+        assert not w.must_stop_for_disk(fs)  # the kernel holds it: no stop
+
+    def test_kernel_project_quota_refuses_a_write_past_the_limit(self, tmp_path):
+        _, fstype, device = w.mount_of(tmp_path)
+        backend, why = w.ProjectQuota.probe(tmp_path, fstype, device)
+        if backend is None:
+            print(f"SKIP kernel project quota test: {why}")
+            pytest.skip(f"no kernel project quotas here: {why}")
+        root = tmp_path / "srv"
+        backend.prepare(root)
+        backend.set_limit(root, 1024 * 1024)
+        written, err = write_until_refused(root / "f", 256 * 1024, 16)
+        assert err == errno.EDQUOT and written <= 1024 * 1024
+
+
+class TestBtrfsQuota:
+    def test_limit_holds_any_writer_and_follows_raise_lower_and_removal(self, btrfs_mount):
+        data = btrfs_mount / f"data-{uuidlib.uuid4().hex[:8]}"
+        backend = w.select_quota_backend("auto", data)
+        assert backend.name == "btrfs", backend.reason
+        backend.usage_ttl_s = 0
+        root = data / "srv"
+        backend.prepare(root)
+        assert backend.enforced(root)
+        assert "4194304 bytes" in backend.set_limit(root, 4 * 1024 * 1024)[0]
+        written, err = write_until_refused(root / "a")
+        assert err == errno.EDQUOT and 3 * 1024 * 1024 <= written <= 4 * 1024 * 1024
+        os.sync()
+        assert 3 * 1024 * 1024 <= backend.usage_bytes(root) <= 4 * 1024 * 1024
+        backend.set_limit(root, 8 * 1024 * 1024)
+        written, err = write_until_refused(root / "b")
+        assert err == errno.EDQUOT and 3 * 1024 * 1024 <= written <= 5 * 1024 * 1024
+        backend.set_limit(root, 1024 * 1024)  # far below usage: accepted, and nothing more fits
+        assert write_until_refused(root / "c", 4096, 4) == (0, errno.EDQUOT)
+        assert "removed" in backend.set_limit(root, 0)[0]
+        assert write_until_refused(root / "d", most=16) == (16 * 1024 * 1024, None)
+        os.sync()
+        assert backend.usage_bytes(root) > 20 * 1024 * 1024
+
+    def test_plain_directory_is_soft_for_that_server_and_stopped_when_over(self, btrfs_mount):
+        data = btrfs_mount / f"data-{uuidlib.uuid4().hex[:8]}"
+        backend = w.select_quota_backend("btrfs", data)
+        root = data / "plain"
+        root.mkdir(parents=True)
+        backend.prepare(root)  # cannot make it a subvolume: logs, does not fail
+        assert not backend.enforced(root) and backend.usage_bytes(root) is None
+        fs = w.Filesystem(root, 0, check_interval_s=60, quota=backend)
+        (root / "f").write_bytes(b"x" * 5000)
+        fs.recalculate()
+        notes = fs.set_limit(1000)
+        assert any("soft for this server" in n for n in notes) and any(
+            "over the new limit" in n for n in notes
+        )
+        assert w.must_stop_for_disk(fs)
+
+
+class _RunningEnvironment(w.Environment):
+    """A process that is running until stopped; the test publishes its stats ticks."""
+
+    kind = "test"
+
+    def __init__(self, server_uuid, events):
+        super().__init__(server_uuid, events)
+        self._state = w.OFFLINE
+        self.stops: list[float] = []
+
+    @property
+    def state(self):
+        return self._state
+
+    def start(self, config):
+        for state in (w.STARTING, w.RUNNING):
+            self._state = state
+            self.events.publish("status", state)
+
+    def stop(self, config, timeout_s):
+        self.stops.append(timeout_s)
+        for state in (w.STOPPING, w.OFFLINE):
+            self._state = state
+            self.events.publish("status", state)
+
+    def tick(self):
+        self.events.publish("stats", json.dumps({"state": self._state}))
+
+
+class TestQuotaDaemon:
+    def _daemon(self, make_daemon, panel, **overrides) -> w.Daemon:
+        daemon = w.Daemon(
+            w.Config(node_config(make_daemon.tmp_path, panel.url, **overrides), "test"),
+            environment_factory=lambda server: _RunningEnvironment(server.uuid, server.events),
+        )
+        daemon.start()
+        make_daemon.daemons.append(daemon)
+        assert daemon.wait_booted(10)
+        return daemon
+
+    @pytest.mark.parametrize("mode, stops", [("soft", True), ("off", False)])
+    def test_a_running_server_over_its_limit_is_stopped_with_a_console_message_unless_off(
+        self, panel, make_daemon, mode, stops
+    ):
+        uuid = panel.add(panel_document(build__disk_space=1))
+        daemon = self._daemon(make_daemon, panel, wingslite__disk_quota=mode)
+        server = daemon.get_server(uuid)
+        server.power("start", 5)
+        server.env.tick()
+        assert server.state == w.RUNNING and server.env.stops == []  # under the limit: runs on
+        (server.fs.root / "world.dat").write_bytes(
+            b"\0" * (2 * 1024 * 1024)
+        )  # the game writes past 1 MiB
+        server.fs.recalculate()
+        server.env.tick()
+        if stops:
+            wait_for(
+                lambda: server.state == w.OFFLINE, 5, what="the server over its disk limit to stop"
+            )
+            assert server.env.stops == [60]
+            assert any(
+                "exceeding the assigned disk space limit" in line
+                for line in server.console.tail(20)
+            )
+        else:
+            time.sleep(
+                0.2
+            )  # nothing to wait for: give a wrongly started stop thread the chance to run
+            assert server.state == w.RUNNING and server.env.stops == []
+
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_sync_sets_the_btrfs_limit_at_once_and_disk_bytes_comes_from_the_quota(
+        self, panel, make_daemon, btrfs_mount
+    ):
+        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
+        daemon = make_daemon(panel, system__data=str(data), wingslite__disk_quota="auto")
+        _, _, info = api(daemon, "GET", "/api/system")
+        assert info["wingslite"]["disk_quota"]["backend"] == "btrfs", info["wingslite"][
+            "disk_quota"
+        ]
+        assert "subvolume" in info["wingslite"]["disk_quota"]["reason"]
+        new = panel_document(build__disk_space=4)
+        new_uuid = panel.add(new)
+        assert (
+            api(daemon, "POST", "/api/servers", {"uuid": new_uuid, "start_on_completion": False})[0]
+            == 202
+        )
+        root = data / new_uuid
+        wait_for(
+            lambda: daemon.quota.enforced(root), 5, what="the server directory to be a subvolume"
+        )
+        assert (
+            write_until_refused(root / "a")[1] == errno.EDQUOT
+        )  # created with its limit already set
+
+        new["settings"]["build"]["disk_space"] = 8
+        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
+        assert write_until_refused(root / "b")[1] == errno.EDQUOT
+        _, _, view = api(daemon, "GET", f"/api/servers/{new_uuid}")
+        assert any(
+            "btrfs qgroup 0/" in n and "8388608 bytes" in n
+            for n in view["wingslite"]["last_sync"]["applied"]
+        )
+        assert view["wingslite"]["disk"]["quota"] == "btrfs"
+
+        new["settings"]["build"]["disk_space"] = (
+            1  # below usage: accepted, reported, writes refused
+        )
+        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
+        _, _, view = api(daemon, "GET", f"/api/servers/{new_uuid}")
+        assert any("over the new limit" in n for n in view["wingslite"]["last_sync"]["applied"])
+        assert write_until_refused(root / "c", 4096, 4) == (0, errno.EDQUOT)
+
+        new["settings"]["build"]["disk_space"] = 0
+        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
+        assert write_until_refused(root / "d", most=12)[1] is None
+        with open(
+            root / "sparse", "wb"
+        ) as fh:  # 1 GiB apparent, no blocks: the walk and the quota disagree
+            fh.truncate(1 << 30)
+        os.sync()
+        disk_bytes = wait_for(
+            lambda: (
+                (
+                    b := api(daemon, "GET", f"/api/servers/{new_uuid}")[2]["utilization"][
+                        "disk_bytes"
+                    ]
+                )
+                > 16 * 1024 * 1024
+                and b
+            ),
+            5,
+            what="disk_bytes to follow the qgroup",
+        )
+        assert (
+            disk_bytes < 64 * 1024 * 1024
+        )  # the qgroup's referenced bytes, not the 1 GiB a walk would count
+
+    def test_an_existing_plain_directory_is_reported_as_soft_for_that_server(
+        self, panel, make_daemon, btrfs_mount
+    ):
+        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
+        doc = panel_document(build__disk_space=4)
+        uuid = panel.add(doc)
+        (data / uuid).mkdir(parents=True)
+        daemon = make_daemon(panel, system__data=str(data), wingslite__disk_quota="btrfs")
+        assert daemon.quota.name == "btrfs"
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
+        assert any("soft for this server" in n for n in view["wingslite"]["last_sync"]["applied"])
+
+
+# The game server itself writes 1 MiB files with dd, retrying a refused one every 0.1 s and printing
+# the first refusal of each streak.
+DD_WRITER = (
+    "echo ready; n=0; b=0; while [ $n -lt 40 ]; do "
+    "if dd if=/dev/zero of=f$n bs=1M count=1 2>/tmp/e; then n=$((n+1)); b=0; echo wrote $n; "
+    "else [ $b = 0 ] && echo refused $n: $(cat /tmp/e); b=1; sleep 0.1; fi; done; echo finished; "
+    "sleep 600"
+)
+
+
+@pytest.mark.docker
+class TestQuotaContainer:
+    def test_a_container_writing_with_dd_stops_at_the_limit_and_follows_every_sync(
+        self, docker_servers, btrfs_mount
+    ):
+        mib = 1024 * 1024
+        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
+        uuid = docker_servers.add(startup=DD_WRITER)
+        doc = docker_servers.panel.servers[uuid]
+        doc["settings"]["build"]["disk_space"] = 4
+        daemon = docker_servers.boot(system__data=str(data), wingslite__disk_quota="auto")
+        assert daemon.quota.name == "btrfs", daemon.quota.reason
+        docker_servers.start(uuid)
+        root = data / uuid
+
+        def written() -> int:
+            return sum(p.stat().st_size for p in root.glob("f*"))
+
+        def sync(disk_mb: int) -> dict:
+            doc["settings"]["build"]["disk_space"] = disk_mb
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+            return api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+
+        assert "Disk quota exceeded" in docker_servers.wait_console(uuid, "refused")
+        assert 2 * mib <= written() <= 4 * mib
+
+        sync(12)  # raised: the same process carries on
+        docker_servers.wait_console(uuid, "wrote 8")
+        wait_for(
+            lambda: sum("refused" in line for line in docker_servers.console(uuid)) >= 2,
+            15,
+            what="the second refusal",
+        )
+        assert 10 * mib <= written() <= 12 * mib
+
+        record = sync(4)  # lowered below usage: accepted, reported, and nothing more is written
+        assert any("over the new limit" in n for n in record["applied"]), record
+        before = written()
+        time.sleep(1)  # the writer retries every 0.1 s: ten chances to get a byte through
+        assert written() == before and docker_servers.daemon.get_server(uuid).state == "running"
+
+        sync(0)  # removed: it writes freely to the end
+        docker_servers.wait_console(uuid, "finished", 20)
+        assert written() == 40 * mib
+
+    def test_soft_stops_a_container_that_writes_past_its_limit(self, docker_servers):
+        uuid = docker_servers.add(
+            startup=DD_WRITER, stop=("signal", "SIGKILL")
+        )  # the writer reads no stop command
+        docker_servers.panel.servers[uuid]["settings"]["build"]["disk_space"] = 2
+        daemon = docker_servers.boot(system__disk_check_interval=1, wingslite__disk_quota="soft")
+        docker_servers.start(uuid)
+        docker_servers.wait_console(
+            uuid, "exceeding the assigned disk space limit, stopping process now", 20
+        )
+        docker_servers.wait_state(uuid, "offline", 20)
+        assert (
+            daemon.get_server(uuid).fs.recalculate() > 2 * 1024 * 1024
+        )  # nothing in the kernel stopped the writes
+
+
 # archives #########################################################################################
 
 
@@ -1284,6 +1825,7 @@ class TestArchives:
 
 
 # egg configuration files ##########################################################################
+
 
 PAPER_PROPERTIES = """#Minecraft server properties
 #Tue Dec 01 17:00:00 UTC 2026
@@ -1639,2006 +2181,6 @@ class TestConfigFilesOnStart:
         assert [p.name for p in root.iterdir()] == ["big.properties"]  # no temp file left
 
 
-# session table ####################################################################################
-
-
-class TestEventBus:
-    def test_an_event_is_encoded_once_for_all_its_subscribers(self):
-        bus = w.EventBus()
-        encodes, frames = [], []
-
-        def encode(event, args):
-            encodes.append(args)
-            return f"{event}:{args}".encode()
-
-        for _ in range(30):
-            bus.subscribe(lambda event, *args: frames.append(bus.encoded(event, args, encode)))
-        line = "".join(["a line ", "from the console"])  # built at run time: its own object
-        bus.publish("console output", line)
-        assert len(frames) == 30 and len(set(frames)) == 1 and len(encodes) == 1
-        bus.publish(
-            "console output", "".join(["a line ", "from the console"])
-        )  # equal text, new event
-        bus.publish("status", line)  # same object, other event
-        assert len(encodes) == 3 and len(frames) == 90
-
-    def test_a_failing_subscriber_does_not_stop_the_others(self):
-        bus = w.EventBus()
-        seen = []
-
-        def broken(event, *args):
-            raise RuntimeError("boom")
-
-        bus.subscribe(broken)
-        bus.subscribe(lambda event, *args: seen.append(args))
-        bus.publish("stats", "{}")
-        assert seen == [("{}",)]
-
-
-class TestSessionTable:
-    def test_close_server_closes_exactly_that_servers_sessions(self):
-        table = w.SessionTable()
-        closed = []
-        for server, user, kind in [
-            ("s1", "u1", "websocket"),
-            ("s1", "u2", "sftp"),
-            ("s2", "u1", "websocket"),
-        ]:
-            table.register(
-                server,
-                user,
-                kind,
-                lambda code, reason, t=(server, user, kind): closed.append((t, code)),
-            )
-        assert table.close_server("s1", 4409, "suspended") == 2
-        assert sorted(closed) == [(("s1", "u1", "websocket"), 4409), (("s1", "u2", "sftp"), 4409)]
-        assert table.count() == 1 and table.count("s2") == 1
-
-    def test_close_user_by_servers_and_everywhere(self):
-        table = w.SessionTable()
-        for server in ("s1", "s2", "s3"):
-            table.register(server, "u1", "websocket", lambda c, r: None)
-        table.register("s1", "u2", "sftp", lambda c, r: None)
-        assert table.close_user("u1", ["s1", "s2"]) == 2
-        assert table.close_user("u1") == 1
-        assert table.count() == 1
-
-    def test_a_failing_closer_does_not_stop_the_others(self):
-        table = w.SessionTable()
-        closed = []
-
-        def broken(code, reason):
-            raise RuntimeError("socket already gone")
-
-        table.register("s", "u", "websocket", broken)
-        table.register("s", "u", "sftp", lambda c, r: closed.append(c))
-        assert table.close_server("s", 4409, "x") == 2 and closed == [4409] and table.count() == 0
-
-    def test_revocations_refuse_older_tokens_only(self):
-        rev = w.Revocations()
-        now = int(time.time()) + 1
-        assert rev.check("j", "u", "s", now) is None
-        assert (
-            rev.check("j", "u", "s", rev.boot_time - 10)
-            == "jwt: created too far in past (denylist)"
-        )
-        rev.deny_jtis(["j"])
-        assert rev.check("j", "u", "s", int(time.time())) is not None
-        assert rev.check("other", "u", "s", int(time.time())) is None
-        rev.revoke_user("u", ["s"])
-        assert rev.check("x", "u", "s", int(time.time())) is not None
-        assert rev.check("x", "u", "s2", int(time.time())) is None
-        assert rev.check("x", "u", "s", int(time.time()) + 2) is None
-
-    def test_a_re_registration_never_counts_a_connection_twice(self):
-        # A websocket re-registers when it authenticates; counted twice for an instant, a busy
-        # server refused a legitimate upgrade with 429 (seen with 1,000 sockets authenticating).
-        table = w.SessionTable()
-        sessions = [table.register("s", "", "websocket", lambda c, r: None) for _ in range(4)]
-        seen, stop = [], threading.Event()
-
-        def reauth(i):
-            while not stop.is_set():
-                sessions[i] = table.register(
-                    "s", "u", "websocket", lambda c, r: None, replaces=sessions[i]
-                )
-
-        threads = [threading.Thread(target=reauth, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
-            seen.append(table.count("s", kind="websocket"))
-        stop.set()
-        for t in threads:
-            t.join()
-        assert set(seen) == {4}, f"counts seen: {sorted(set(seen))}"
-        assert set(table.sessions("s")) == set(sessions)
-
-
-# HTTP API #########################################################################################
-
-
-class TestHttpApi:
-    def test_missing_or_malformed_auth_is_401_with_www_authenticate(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        for token_header in (
-            None,
-            "Basic abc",
-            f"bearer {TOKEN}",
-            "Bearer",
-            f"Bearer {TOKEN} extra",
-        ):
-            headers = {"Authorization": token_header} if token_header else {}
-            status, hdrs, body = api(daemon, "GET", "/api/servers", token=None, headers=headers)
-            assert status == 401 and hdrs["www-authenticate"] == "Bearer", token_header
-            assert (
-                body["error"] == "The required authorization heads were not present in the request."
-            )
-            assert body["request_id"] == hdrs["x-request-id"]
-
-    def test_wrong_token_is_403(self, panel, make_daemon):
-        status, _, body = api(make_daemon(panel), "GET", "/api/system", token="nope")
-        assert status == 403 and body["error"] == "You are not authorized to access this endpoint."
-
-    def test_options_is_204_with_cors_and_no_auth(self, panel, make_daemon):
-        daemon = make_daemon(panel, allowed_origins=["https://other.example"])
-        status, hdrs, body = api(
-            daemon,
-            "OPTIONS",
-            "/api/servers/x/sync",
-            token=None,
-            headers={"Origin": "https://other.example"},
-        )
-        assert status == 204 and body is None
-        assert hdrs["access-control-allow-origin"] == "https://other.example"
-        assert (
-            "POST" in hdrs["access-control-allow-methods"]
-            and hdrs["access-control-max-age"] == "7200"
-        )
-        status, hdrs, _ = api(
-            daemon, "GET", "/api/system", headers={"Origin": "https://evil.example"}
-        )
-        assert hdrs["access-control-allow-origin"] == panel.url
-
-    def test_a_pushed_node_configuration_is_acknowledged_and_not_applied(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        pushed = {
-            "token": "new-token-from-a-reset",
-            "remote": "https://evil.example",
-            "system": {"data": "/"},
-        }
-        status, _, body = api(daemon, "POST", "/api/update", body=pushed)
-        assert status == 200 and body == {"applied": False}
-        assert daemon.config.token == TOKEN and daemon.config.remote == panel.url
-        assert api(daemon, "GET", "/api/system")[0] == 200  # the old token still works
-        assert api(daemon, "POST", "/api/update", raw=b"[1]")[0] == 422
-        assert (
-            api(daemon, "POST", "/api/update", body=pushed, token="new-token-from-a-reset")[0]
-            == 403
-        )
-
-    def test_system_info(self, panel, make_daemon):
-        status, _, body = api(make_daemon(panel), "GET", "/api/system")
-        assert (
-            status == 200
-            and body["os"] == "linux"
-            and body["version"] == w.VERSION
-            and body["cpu_count"] >= 1
-        )
-        assert body["wingslite"]["disk_quota"]["backend"]
-
-    def test_unknown_route_and_wrong_method_are_json_errors(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        status, _, body = api(daemon, "GET", "/api/nothing/here")
-        assert status == 404 and "no route" in body["error"] and body["request_id"]
-        status, _, _ = api(daemon, "GET", "/api/nothing/here", token=None)
-        assert status == 401  # strangers learn nothing about routes
-        status, hdrs, body = api(daemon, "PUT", "/api/servers")
-        assert status == 405 and "GET" in hdrs["allow"] and "not allowed" in body["error"]
-
-    def test_oversized_and_unparsable_bodies(self, panel, make_daemon):
-        daemon = make_daemon(panel, wingslite__max_request_bytes=1000)
-        status, _, body = api(daemon, "POST", "/api/servers", raw=b"{" + b" " * 2000 + b"}")
-        assert status == 413 and "limit is 1000" in body["error"]
-        status, _, body = api(daemon, "POST", "/api/servers", raw=b"{not json")
-        assert status == 400 and "parsable" in body["error"]
-        status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": "not-a-uuid"})
-        assert status == 422
-
-    def test_keep_alive_connection_serves_many_requests(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
-        for _ in range(20):
-            conn.request("GET", "/api/system", headers={"Authorization": f"Bearer {TOKEN}"})
-            resp = conn.getresponse()
-            assert resp.status == 200 and json.loads(resp.read())["os"] == "linux"
-        conn.close()
-
-    def test_malformed_request_line_gets_json_not_html(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
-            s.sendall(b"GARBAGE\r\n\r\n")
-            data = s.recv(65536)
-        assert (
-            data.startswith(b"HTTP/1.1 400") and b'"error"' in data and b"<html" not in data.lower()
-        )
-
-    def test_server_routes_404_for_unknown_servers(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        for method, path in [
-            ("GET", "/api/servers/x"),
-            ("POST", "/api/servers/x/sync"),
-            ("DELETE", "/api/servers/x"),
-        ]:
-            status, _, body = api(daemon, method, path)
-            assert (
-                status == 404
-                and body["error"] == "The requested resource does not exist on this instance."
-            )
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_create_get_list_and_delete_a_server(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        uuid = panel.add(panel_document())
-        status, _, _ = api(
-            daemon, "POST", "/api/servers", body={"uuid": uuid, "start_on_completion": False}
-        )
-        assert status == 202
-        assert (daemon.config.data_dir / uuid).is_dir()
-        status, _, body = api(daemon, "GET", f"/api/servers/{uuid}")
-        assert (
-            status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
-        )
-        assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
-        # A repeated create is a sync, as in Wings (the duplicate-create test covers the files).
-        status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
-        assert status == 202
-        assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
-        status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
-        assert status == 204 and uuid not in daemon.servers
-        wait_for(
-            lambda: not (daemon.config.data_dir / uuid).exists(),
-            what="the data directory to be removed",
-        )
-        assert not (daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").exists()
-
-    def test_create_of_a_server_the_panel_does_not_know_is_404(self, panel, make_daemon):
-        status, _, body = api(
-            make_daemon(panel), "POST", "/api/servers", body={"uuid": str(uuidlib.uuid4())}
-        )
-        assert status == 404 and "does not know" in body["error"]
-
-
-class TestHttpHead:
-    """HEAD is GET without a body on every GET route; no method is ever answered 501."""
-
-    def exchange(self, conn, method: str, path: str):
-        conn.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-
-    @pytest.mark.docker  # the logs route asks the engine
-    def test_head_answers_as_get_without_a_body_on_four_routes(self, panel, make_daemon):
-        uuid = panel.add(panel_document())
-        daemon = make_daemon(panel)
-        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
-        try:
-            for path in (
-                "/api/system",
-                "/api/servers",
-                f"/api/servers/{uuid}",
-                f"/api/servers/{uuid}/logs",
-            ):
-                # One keep-alive connection: a body sent after a HEAD would be read as the
-                # next answer, and the GET after it would fail to parse.
-                head_status, head_headers, head_body = self.exchange(conn, "HEAD", path)
-                status, headers, body = self.exchange(conn, "GET", path)
-                assert head_status == status == 200 and head_body == b"", path
-                assert head_headers["content-type"] == headers["content-type"]
-                assert int(head_headers["content-length"]) > 0 and body, path
-        finally:
-            conn.close()
-
-    def test_head_elsewhere_answers_as_get_would_and_no_method_gets_501(self, panel, make_daemon):
-        uuid = panel.add(panel_document())
-        daemon = make_daemon(panel)
-        assert api(daemon, "HEAD", "/api/nowhere")[0] == 404
-        assert api(daemon, "HEAD", f"/api/servers/{uuid}/sync")[:2][0] == 405
-        status, headers, _ = api(daemon, "GET", f"/api/servers/{uuid}/sync")
-        assert status == 405 and headers["allow"] == "POST"
-        status, headers, _ = api(daemon, "TRACE", f"/api/servers/{uuid}")
-        assert status == 405 and headers["allow"] == "DELETE, GET, HEAD"
-        for method in ("BREW", "CONNECT", "PROPFIND"):
-            assert api(daemon, method, "/api/system")[0] == 405
-            assert api(daemon, method, "/api/nowhere")[0] == 404
-        assert api(daemon, "HEAD", "/api/system", token=None)[0] == 401
-
-    def test_daemon_console_lines_carry_the_nodes_app_name(self, panel, make_daemon):
-        uuid = panel.add(panel_document())
-        daemon = make_daemon(panel, app_name="Acme Hosting")
-        panel.down = True  # the start's sync fails: the server says so on its console
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
-        server = daemon.servers[uuid]
-        line = wait_for(
-            lambda: next((x for x in server.console.tail(50) if "Unable to sync" in x), None),
-            what="the console line",
-        )
-        assert "[Acme Hosting Daemon]:" in line and "Pterodactyl" not in line
-
-
-# HTTP API: framing and connections ################################################################
-
-
-def raw_exchange(port: int, data: bytes, timeout_s: float = 10):
-    """Send raw bytes on a new connection and read one answer:
-    (status, lower-cased headers, decoded JSON body or None, whether the server then closed)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-        sock.sendall(data)
-        resp = http.client.HTTPResponse(sock, method="GET")
-        resp.begin()
-        body = resp.read()
-        headers = {k.lower(): v for k, v in resp.getheaders()}
-        try:
-            closed = sock.recv(1) == b""
-        except TimeoutError:
-            closed = False
-        except ConnectionResetError:
-            closed = True
-    return resp.status, headers, (json.loads(body) if body else None), closed
-
-
-def stranger(port: int) -> socket.socket:
-    """A connection that says nothing (or whatever the test sends on it later)."""
-    return socket.create_connection(("127.0.0.1", port), timeout=10)
-
-
-def closed_by_server(sock: socket.socket, timeout_s: float = 10) -> bool:
-    """True when the server closes the connection within ``timeout_s`` (whatever it sends first,
-    such as a TLS alert)."""
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            if sock.recv(65536) == b"":
-                return True
-    except (ConnectionResetError, ssl.SSLError):
-        return True
-    except TimeoutError:
-        return False
-    return False
-
-
-class TestHttpFraming:
-    """RFC 9112 framing: whatever a proxy in front could read differently is a 400 and a close."""
-
-    AUTH = f"Authorization: Bearer {TOKEN}\r\n"
-
-    def refused(self, daemon, head: str, body: bytes = b"") -> str:
-        status, headers, answer, closed = raw_exchange(daemon.port, head.encode() + body)
-        assert status == 400 and closed, (status, answer)
-        assert answer["request_id"] == headers["x-request-id"]
-        return answer["error"]
-
-    def test_two_different_content_lengths_are_refused_and_identical_ones_allowed(
-        self, panel, make_daemon
-    ):
-        daemon = make_daemon(panel)
-        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
-        body = b'{"user": "u"}'
-        error = self.refused(
-            daemon, head + f"Content-Length: {len(body)}\r\nContent-Length: 40\r\n\r\n", body
-        )
-        assert "more than one Content-Length" in error
-        twice = f"Content-Length: {len(body)}\r\n" * 2 + "\r\n"
-        status, _, _, _ = raw_exchange(daemon.port, (head + twice).encode() + body)
-        assert status == 204
-
-    def test_transfer_encoding_other_than_a_single_chunked_is_refused(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
-        for coding in (
-            "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n",
-            "Transfer-Encoding: gzip, chunked\r\n",
-            "Transfer-Encoding: identity\r\n",
-        ):
-            assert "Transfer-Encoding" in self.refused(daemon, head + coding + "\r\n", b"{}")
-        status, _, answer, closed = raw_exchange(
-            daemon.port, (head + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
-        )
-        assert status == 411 and closed, answer
-
-    def test_a_content_length_that_is_not_plain_digits_is_refused(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
-        for value in ("+2", "0_2", "2.0", "0x2", "2, 2"):
-            error = self.refused(daemon, head + f"Content-Length: {value}\r\n\r\n", b"{}")
-            assert "plain digits" in error, value
-
-    def test_whitespace_before_a_colon_is_refused_not_read_as_the_end_of_the_headers(
-        self, panel, make_daemon
-    ):
-        daemon = make_daemon(panel)
-        for bad in ("Content-Length : 2", "Authorization : Bearer x", "X Y: z"):
-            head = f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{bad}\r\n{self.AUTH}\r\n"
-            assert "malformed" in self.refused(daemon, head, b"{}"), bad
-
-    def test_multipart_and_message_content_types_are_not_mistaken_for_broken_headers(
-        self, panel, make_daemon
-    ):
-        daemon = make_daemon(panel)
-        for content_type in ("multipart/form-data; boundary=bbb", "message/rfc822"):
-            head = f"GET /api/system HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
-            status, _, body, _ = raw_exchange(daemon.port, (head + self.AUTH + "\r\n").encode())
-            assert status == 200, (content_type, body)
-
-    def test_http11_needs_exactly_one_host(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        assert "Host" in self.refused(daemon, f"GET /api/system HTTP/1.1\r\n{self.AUTH}\r\n")
-        two = f"GET /api/system HTTP/1.1\r\nHost: a\r\nHost: b\r\n{self.AUTH}\r\n"
-        assert "Host" in self.refused(daemon, two)
-        status, _, body, _ = raw_exchange(
-            daemon.port, f"GET /api/system HTTP/1.0\r\n{self.AUTH}\r\n".encode()
-        )
-        assert status == 200 and body["version"] == w.VERSION
-
-    def test_a_refused_request_never_lets_a_second_one_through(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        smuggled = f"GET /api/system HTTP/1.1\r\nHost: x\r\n{self.AUTH}\r\n"
-        head = (
-            f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{self.AUTH}"
-            f"Content-Length: 0\r\nContent-Length: {len(smuggled)}\r\n\r\n"
-        )
-        with stranger(daemon.port) as sock:
-            sock.sendall((head + smuggled).encode())
-            received = b""
-            while chunk := sock.recv(65536):
-                received += chunk
-        assert received.startswith(b"HTTP/1.1 400 ") and received.count(b"HTTP/1.1") == 1
-
-    def test_parser_errors_carry_a_request_id(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        for data in (
-            b"GARBAGE\r\n\r\n",
-            b"GET /api/system HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
-            b"GET /api/system HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n",
-        ):
-            status, headers, body, closed = raw_exchange(daemon.port, data)
-            assert status in (400, 431) and closed, (status, body)
-            assert body["request_id"] and body["request_id"] == headers["x-request-id"]
-
-
-class TestHttpConnections:
-    """Connection cap, header deadline and what strangers can (not) do to the Panel's requests."""
-
-    def test_headers_dripped_past_the_deadline_are_answered_408_and_closed(
-        self, panel, make_daemon
-    ):
-        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
-        with stranger(daemon.port) as sock:
-            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
-            dripped = 0
-            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
-                if select_readable(sock, 0.3):
-                    break
-                sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
-            assert dripped < 39, "the server waited for every dripped header"
-            resp = http.client.HTTPResponse(sock)
-            resp.begin()
-            body = json.loads(resp.read())
-            assert resp.status == 408 and "within 1 s" in body["error"] and body["request_id"]
-            assert closed_by_server(sock)
-
-    def test_a_silent_connection_is_closed_after_the_header_timeout(self, panel, make_daemon):
-        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
-        with stranger(daemon.port) as sock:
-            assert closed_by_server(sock, timeout_s=10)
-
-    def test_the_panel_is_served_while_strangers_hold_every_connection(self, panel, make_daemon):
-        daemon = make_daemon(panel, wingslite__max_connections=6, wingslite__header_timeout_s=60)
-        strangers = [stranger(daemon.port) for _ in range(12)]
-        try:
-            wait_for(
-                lambda: daemon.http.connection_counts()["headers"] == 6, what="six strangers held"
-            )
-            assert api(daemon, "GET", "/api/system")[0] == 200
-            assert api(daemon, "GET", "/api/servers")[0] == 200
-            # the oldest strangers were closed to make room, never more than the cap held open
-            assert closed_by_server(strangers[0]) and closed_by_server(strangers[6])
-            assert sum(daemon.http.connection_counts().values()) <= 6
-        finally:
-            for sock in strangers:
-                sock.close()
-
-    def test_an_idle_kept_alive_connection_is_closed_before_a_newer_stranger(
-        self, panel, make_daemon
-    ):
-        daemon = make_daemon(panel, wingslite__max_connections=3, wingslite__header_timeout_s=60)
-        strangers = [stranger(daemon.port) for _ in range(2)]
-        kept = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
-        try:
-            wait_for(lambda: daemon.http.connection_counts()["headers"] == 2, what="strangers")
-            kept.request("GET", "/api/system", headers={"Authorization": f"Bearer {TOKEN}"})
-            assert kept.getresponse().read()
-            wait_for(lambda: daemon.http.connection_counts()["idle"] == 1, what="kept idle")
-            assert api(daemon, "GET", "/api/system")[0] == 200
-            assert closed_by_server(kept.sock)
-            assert not closed_by_server(strangers[0], timeout_s=0.5)
-        finally:
-            kept.close()
-            for sock in strangers:
-                sock.close()
-
-    def test_when_every_connection_is_busy_a_new_one_gets_503_retry_after_logged_once(
-        self, panel, make_daemon, caplog
-    ):
-        uuid = panel.add(panel_document())
-        daemon = make_daemon(panel, wingslite__max_connections=2)
-        panel.hang_s[f"/api/remote/servers/{uuid}"] = 1.5
-        pool = concurrent.futures.ThreadPoolExecutor(2)
-        syncs = [pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync") for _ in range(2)]
-        try:
-            wait_for(lambda: daemon.http.connection_counts()["busy"] == 2, what="two busy")
-            with caplog.at_level(logging.INFO, logger="wingslite"):
-                answers = []
-                for _ in range(5):
-                    with stranger(daemon.port) as sock:
-                        resp = http.client.HTTPResponse(sock)
-                        resp.begin()
-                        answers.append((resp.status, resp.getheader("Retry-After"), resp.read()))
-            for status, retry_after, body in answers:
-                assert status == 503 and int(retry_after) > 0
-                assert json.loads(body)["request_id"]
-            refusals = [r for r in caplog.records if "refusing API connections" in r.getMessage()]
-            assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
-        finally:
-            assert [f.result()[0] for f in syncs] == [204, 204]
-            pool.shutdown()
-
-    def test_connections_reset_by_clients_log_no_traceback(self, panel, make_daemon, caplog):
-        daemon = make_daemon(panel)
-        with caplog.at_level(logging.INFO, logger="wingslite"):
-            half_body = (
-                "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n"
-                f"Authorization: Bearer {TOKEN}\r\n\r\n" + '{"user": "'
-            ).encode()
-            for i in range(40):
-                sock = stranger(daemon.port)
-                # cut in the headers, or in the body of an authorised request
-                sock.sendall(half_body if i % 2 else b"GET /api/system HTTP/1.1\r\nX-Half: ")
-                time.sleep(0.01)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()  # an RST, not a FIN
-            wait_for(lambda: sum(daemon.http.connection_counts().values()) == 0, what="drained")
-        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-        assert len([r for r in caplog.records if "reset" in r.getMessage()]) <= 1
-        assert api(daemon, "GET", "/api/system")[0] == 200
-
-
-def select_readable(sock: socket.socket, timeout_s: float) -> bool:
-    import select
-
-    return bool(select.select([sock], [], [], timeout_s)[0])
-
-
-# HTTP API: TLS ####################################################################################
-
-
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-class CertificateFiles:
-    """A test CA and node certificates made with the system's ``openssl``, as certbot lays them
-    out."""
-
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.ca = self.dir / "ca.pem"
-        self.cert = self.dir / "live" / "fullchain.pem"
-        self.key = self.dir / "live" / "privkey.pem"
-        self.cert.parent.mkdir()
-        _openssl(
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=wingslite test CA",
-            cwd=self.dir,
-        )  # fmt: skip
-        self.serial = 0
-        self.issue()
-
-    def issue(self) -> int:
-        """A new key and certificate for 127.0.0.1, swapped in as a renewal does; its serial."""
-        self.serial += 1
-        name = f"leaf{self.serial}"
-        (self.dir / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        _openssl(
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=127.0.0.1",
-            cwd=self.dir,
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-set_serial", str(1000 + self.serial), "-days", "2", "-extfile", "ext.cnf",
-            "-out", f"{name}.pem",
-            cwd=self.dir,
-        )  # fmt: skip
-        chain = (self.dir / f"{name}.pem").read_bytes() + self.ca.read_bytes()
-        for target, data in (
-            (self.key, (self.dir / f"{name}.key").read_bytes()),
-            (self.cert, chain),
-        ):
-            tmp = target.with_suffix(".new")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        return 1000 + self.serial
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca))
-
-    def ca_spki_sha256(self) -> str:
-        """The CA key's SPKI hash, base64, for Chromium's --ignore-certificate-errors-spki-list."""
-        der = subprocess.run(
-            ["openssl", "x509", "-in", str(self.ca), "-pubkey", "-noout"],
-            check=True, capture_output=True,
-        ).stdout  # fmt: skip
-        spki = subprocess.run(
-            ["openssl", "pkey", "-pubin", "-outform", "der"], input=der, check=True,
-            capture_output=True,
-        ).stdout  # fmt: skip
-        return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
-def https_get(daemon, path: str, context: ssl.SSLContext, token: str | None = TOKEN):
-    """One request over TLS: (status, decoded body, the server certificate's serial, TLS
-    version)."""
-    conn = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=context)
-    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
-    resp = conn.getresponse()
-    body = resp.read()
-    peer = conn.sock.getpeercert()
-    version = conn.sock.version()
-    conn.close()
-    return resp.status, json.loads(body) if body else None, int(peer["serialNumber"], 16), version
-
-
-@pytest.fixture
-def certificates(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed (.ci/run installs it)")
-    return CertificateFiles(tmp_path / "certs")
-
-
-def _tls_overrides(certs) -> dict:
-    return {
-        "api__ssl__enabled": True,
-        "api__ssl__cert": str(certs.cert),
-        "api__ssl__key": str(certs.key),
-    }
-
-
-class TestTls:
-    """``api.ssl``: HTTPS and WSS with the standard ``ssl`` module; renewals without a restart."""
-
-    def test_https_answers_with_the_node_certificate(self, panel, make_daemon, certificates):
-        daemon = make_daemon(panel, **_tls_overrides(certificates))
-        status, body, serial, version = https_get(
-            daemon, "/api/system", certificates.client_context()
-        )
-        assert status == 200 and body["version"] == w.VERSION
-        assert serial == 1001 and version in ("TLSv1.2", "TLSv1.3")
-        # Plain HTTP on the TLS port gets no HTTP answer, and TLS 1.1 is refused.
-        with pytest.raises((http.client.HTTPException, OSError)):
-            api(daemon, "GET", "/api/system")
-        old = ssl.create_default_context(cafile=str(certificates.ca))
-        with warnings.catch_warnings():  # the ssl module warns about setting TLS 1.1 at all
-            warnings.simplefilter("ignore", DeprecationWarning)
-            old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
-        old.set_ciphers("ALL:@SECLEVEL=0")
-        with pytest.raises(ssl.SSLError):
-            https_get(daemon, "/api/system", old)
-        assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
-
-    def test_wss_console_through_the_websockets_client(self, console_node, certificates):
-        from websockets.sync.client import connect
-
-        daemon = console_node(**_tls_overrides(certificates))
-        daemon.get_server(daemon.uuid).env.start(None)
-        url = f"wss://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws"
-        with connect(
-            url,
-            ssl=certificates.client_context(),
-            origin=daemon.config.remote,
-            open_timeout=5,
-            proxy=None,
-        ) as conn:
-            ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
-            assert ws_event(conn)[0] == "auth success"
-            ws_send(conn, "send logs")
-            ws_until(conn, "console output", match="server ready")
-            ws_send(conn, "send command", "over tls " + "x" * 3000)  # more than one TLS record
-            ws_until(conn, "console output", match="> over tls")
-
-    def test_a_renewed_certificate_is_served_without_a_restart(
-        self, panel, make_daemon, certificates
-    ):
-        daemon = make_daemon(panel, **_tls_overrides(certificates))
-        context = certificates.client_context()
-        assert https_get(daemon, "/api/system", context)[2] == 1001
-        renewed = certificates.issue()
-        wait_for(
-            lambda: https_get(daemon, "/api/system", context)[2] == renewed,
-            timeout_s=10,
-            interval_s=0.2,
-            what="the renewed certificate",
-        )
-        # A renewal that is not a certificate is logged; the last good one stays in use.
-        certificates.cert.write_text("not a certificate\n")
-        time.sleep(1.2)
-        assert https_get(daemon, "/api/system", context)[2] == renewed
-
-    def test_a_certificate_that_cannot_be_read_stops_the_start_naming_the_file(
-        self, panel, tmp_path, certificates
-    ):
-        missing = tmp_path / "nope" / "fullchain.pem"
-        encrypted = tmp_path / "encrypted.pem"
-        _openssl(
-            "pkey", "-in", str(certificates.key), "-aes256", "-passout", "pass:secret",
-            "-out", str(encrypted),
-            cwd=tmp_path,
-        )  # fmt: skip
-        for cert, key, named in (
-            (missing, certificates.key, str(missing)),
-            (certificates.cert, certificates.ca, str(certificates.ca)),  # no private key in it
-            (certificates.cert, encrypted, f"{encrypted} is encrypted"),  # never a prompt
-            (certificates.cert, certificates.dir / "ca.key", "cannot be used together"),
-        ):
-            raw = node_config(tmp_path, panel.url, api__ssl__enabled=True)
-            raw["api"]["ssl"].update(cert=str(cert), key=str(key))
-            path = tmp_path / "config.yml"
-            path.write_text(yaml.safe_dump(raw))
-            run = subprocess.run(
-                [sys.executable, str(HERE / "wingslite.py"), "--config", str(path)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert run.returncode == 2, run.stderr
-            assert named in run.stderr and "api.ssl" in run.stderr, run.stderr
-
-    def test_headless_chromium_trusting_the_test_ca_opens_the_console(
-        self, console_node, certificates, tmp_path
-    ):
-        report = browser_console_report(
-            console_node,
-            tmp_path,
-            scheme="wss",
-            # Trust anchored on the test CA's key: it is in the chain the node presents.
-            chromium_flags=[
-                f"--ignore-certificate-errors-spki-list={certificates.ca_spki_sha256()}"
-            ],
-            **_tls_overrides(certificates),
-        )
-        assert report["result"] == "ok", report
-        assert "> from chromium" in report["text"]
-
-
-class TestTlsConnections:
-    """The connection cap and the header deadline hold over TLS too (the handshake counts as
-    header time)."""
-
-    def test_a_stranger_that_never_shakes_hands_is_closed_at_the_header_deadline(
-        self, panel, make_daemon, certificates
-    ):
-        daemon = make_daemon(panel, wingslite__header_timeout_s=1, **_tls_overrides(certificates))
-        with stranger(daemon.port) as sock:
-            assert closed_by_server(sock, timeout_s=10)
-        assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
-
-    def test_headers_dripped_over_tls_past_the_deadline_close_the_connection(
-        self, panel, make_daemon, certificates
-    ):
-        daemon = make_daemon(panel, wingslite__header_timeout_s=1, **_tls_overrides(certificates))
-        raw = stranger(daemon.port)
-        with certificates.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
-            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
-                if select_readable(sock, 0.3):
-                    break
-                with contextlib.suppress(OSError):
-                    sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
-            assert dripped < 39, "the server waited for every dripped header"
-            assert closed_by_server(sock)
-
-    def test_the_panel_is_served_over_tls_while_strangers_hold_every_connection(
-        self, panel, make_daemon, certificates
-    ):
-        daemon = make_daemon(
-            panel,
-            wingslite__max_connections=4,
-            wingslite__header_timeout_s=60,
-            **_tls_overrides(certificates),
-        )
-        strangers = [stranger(daemon.port) for _ in range(6)]
-        try:
-            wait_for(lambda: daemon.http.connection_counts()["headers"] == 4, what="strangers")
-            assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
-        finally:
-            for sock in strangers:
-                sock.close()
-
-
-# metrics ##########################################################################################
-
-_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
-
-
-def parse_exposition(text: str) -> dict[str, dict]:
-    """A strict reader of Prometheus' text format 0.0.4; any deviation is an AssertionError.
-
-    Returns ``{family: {"type", "help", "samples": {(name, ((label, value), ...)): float}}}``.
-    """
-    import re
-
-    assert text.endswith("\n"), "the exposition must end with a line feed"
-    families: dict[str, dict] = {}
-    finished: set[str] = set()
-    current = None
-    sample_re = re.compile(rf"^({_METRIC_NAME})(\{{(.*)\}})? (\S+)( -?\d+)?$")
-    for number, line in enumerate(text[:-1].split("\n"), 1):
-        where = f"line {number}: {line!r}"
-        assert line, f"{where}: empty lines are not written"
-        if line.startswith("#"):
-            parts = line.split(" ", 3)
-            assert parts[0] == "#" and parts[1] in ("HELP", "TYPE") and len(parts) >= 3, where
-            name = parts[2]
-            assert re.fullmatch(_METRIC_NAME, name), where
-            family = families.setdefault(name, {"type": None, "help": None, "samples": {}})
-            assert name not in finished and not family["samples"], f"{where}: family reopened"
-            key = parts[1].lower()
-            assert family[key] is None, f"{where}: second {parts[1]}"
-            family[key] = parts[3] if len(parts) > 3 else ""
-            if key == "type":
-                assert family["type"] in ("counter", "gauge", "histogram"), where
-            if current and current != name:
-                finished.add(current)
-            current = name
-            continue
-        match = sample_re.match(line)
-        assert match, f"{where}: not a sample"
-        name, _, label_text, value_text = match.group(1, 2, 3, 4)
-        family_name = current
-        assert family_name, f"{where}: a sample before any TYPE"
-        kind = families[family_name]["type"]
-        assert kind is not None, f"{where}: a sample before its TYPE"
-        allowed = (
-            {family_name + s for s in ("_bucket", "_sum", "_count")}
-            if kind == "histogram"
-            else {family_name}
-        )
-        assert name in allowed, f"{where}: {name} does not belong to family {family_name}"
-        labels = _parse_labels(label_text or "", where)
-        value = float(value_text) if value_text not in ("+Inf", "-Inf", "NaN") else None
-        if value is None:
-            value = {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}[value_text]
-        else:
-            assert re.fullmatch(r"-?\d+(\.\d+)?(e[+-]?\d+)?", value_text), where
-        key = (name, tuple(sorted(labels.items())))
-        samples = families[family_name]["samples"]
-        assert key not in samples, f"{where}: duplicate sample"
-        samples[key] = value
-    for name, family in families.items():
-        assert family["type"] and family["help"], f"{name}: HELP and TYPE are both written"
-        if family["type"] == "counter":
-            assert name.endswith("_total"), f"{name}: counters end in _total"
-            assert all(v >= 0 for v in family["samples"].values()), name
-        if family["type"] == "histogram":
-            _check_histogram(name, family["samples"])
-    return families
-
-
-def _parse_labels(text: str, where: str) -> dict[str, str]:
-    import re
-
-    labels: dict[str, str] = {}
-    pos = 0
-    while pos < len(text):
-        match = re.compile(rf'({_LABEL_NAME})="((?:[^"\\\n]|\\[\\"n])*)"').match(text, pos)
-        assert match, f"{where}: bad label at {text[pos:]!r}"
-        assert match.group(1) not in labels, f"{where}: label repeated"
-        labels[match.group(1)] = (
-            match.group(2).replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
-        )
-        pos = match.end()
-        if pos < len(text):
-            assert text[pos] == ",", f"{where}: labels are separated by commas"
-            pos += 1
-    return labels
-
-
-def _check_histogram(name: str, samples: dict) -> None:
-    series: dict[tuple, dict] = {}
-    for (sample, labels), value in samples.items():
-        plain = tuple((k, v) for k, v in labels if k != "le")
-        entry = series.setdefault(plain, {"buckets": [], "sum": None, "count": None})
-        if sample.endswith("_bucket"):
-            le = dict(labels)["le"]
-            entry["buckets"].append((math.inf if le == "+Inf" else float(le), value))
-        else:
-            entry[sample.rsplit("_", 1)[1]] = value
-    for labels, entry in series.items():
-        buckets = sorted(entry["buckets"])
-        assert buckets and buckets[-1][0] == math.inf, f"{name}{labels}: no +Inf bucket"
-        counts = [c for _, c in buckets]
-        assert counts == sorted(counts), f"{name}{labels}: buckets are not cumulative"
-        assert entry["count"] == buckets[-1][1] and entry["sum"] is not None, name
-
-
-def metrics_of(daemon, token: str = TOKEN) -> dict[str, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
-    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
-    resp = conn.getresponse()
-    body = resp.read().decode()
-    conn.close()
-    assert resp.status == 200, body
-    assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
-    return parse_exposition(body)
-
-
-def sample(families: dict, name: str, **labels) -> float:
-    family = next(f for n, f in families.items() if name.startswith(n))
-    return family["samples"][(name, tuple(sorted(labels.items())))]
-
-
-class TestMetrics:
-    """``GET /metrics``: Prometheus' text format, the figures of a running server."""
-
-    def test_the_figures_of_a_running_server(self, console_node, panel):
-        daemon = console_node(wingslite__metrics_token="scrape-me")
-        uuid = daemon.uuid
-        conn, _ = ws_authed(daemon, uuid)
-        with conn:
-            ws_send(conn, "set state", "start")
-            ws_until(conn, "status", match="running")
-            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-            panel.fail[f"/api/remote/servers/{uuid}"] = [404]
-            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 404
-            m = metrics_of(daemon, "scrape-me")
-        server = {"server": uuid}
-        assert sample(m, "wingslite_server_state", **server, state="running") == 1
-        assert sample(m, "wingslite_server_state", **server, state="offline") == 0
-        assert sample(m, "wingslite_server_memory_bytes", **server) == 1234
-        assert sample(m, "wingslite_server_cpu_percent", **server) == 1.5
-        assert sample(m, "wingslite_server_network_receive_bytes_total", **server) == 7
-        assert sample(m, "wingslite_server_network_transmit_bytes_total", **server) == 9
-        assert sample(m, "wingslite_server_websocket_sessions", **server) == 1
-        assert sample(m, "wingslite_server_sftp_sessions", **server) == 0
-        assert sample(m, "wingslite_server_syncs_total", **server) == 2
-        assert sample(m, "wingslite_server_sync_failures_total", **server) == 1
-        assert sample(m, "wingslite_server_sync_duration_seconds_count", **server) == 2
-        assert sample(m, "wingslite_server_operations_total", **server, operation="install") == 0
-        daemon.get_server(uuid).fs.ensure()
-        TestBackups.backup(daemon, uuid)
-        counted = sample(
-            metrics_of(daemon), "wingslite_server_operations_total", **server, operation="backup"
-        )
-        assert counted == 1
-        assert sample(m, "wingslite_servers") == 1
-        path = {"method": "GET", "path": "/servers/{uuid}"}  # uuids folded: one series per route
-        assert sample(m, "wingslite_panel_requests_total", **path, outcome="2xx") >= 2
-        assert sample(m, "wingslite_panel_requests_total", **path, outcome="4xx") == 1
-        assert sample(m, "wingslite_panel_failures_total", **path) == 1
-        assert sample(m, "wingslite_panel_request_duration_seconds_count", **path) >= 3
-
-    def test_only_the_node_token_or_the_metrics_token_may_read(self, panel, make_daemon):
-        daemon = make_daemon(panel, wingslite__metrics_token="scrape-me")
-        assert metrics_of(daemon)["wingslite_info"]["samples"]
-        assert api(daemon, "GET", "/metrics", token=None)[0] == 401
-        assert api(daemon, "GET", "/metrics", token="scrape-me-not")[0] == 403
-        plain = make_daemon(panel)  # no metrics token: an empty one is never accepted
-        assert api(plain, "GET", "/metrics", token="")[0] == 401
-        assert api(plain, "GET", "/metrics", token="scrape-me")[0] == 403
-
-    def test_the_parser_refuses_what_the_format_forbids(self):
-        good = '# HELP a_total A.\n# TYPE a_total counter\na_total{x="1"} 2\n'
-        assert parse_exposition(good)["a_total"]["samples"]
-        for bad in (
-            good.rstrip("\n"),
-            good + 'a_total{x="1"} 3\n',
-            "# TYPE a counter\n# HELP a A.\na 1\n",
-            good.replace('x="1"', "x=1"),
-            good + "# HELP b B.\n# TYPE b gauge\nb 1\n# HELP a_total again\n",
-        ):
-            with pytest.raises(AssertionError):
-                parse_exposition(bad)
-
-    def test_label_values_are_escaped(self):
-        out = w.MetricsText()
-        out.family("x", "gauge", "X.", [({"v": 'a"b\\c\nd'}, 1)])
-        assert parse_exposition(out.text())["x"]["samples"] == {("x", (("v", 'a"b\\c\nd'),)): 1}
-
-
-# daemon: the sync #################################################################################
-
-
-class TestSync:
-    def booted(self, panel, make_daemon, **changes):
-        uuid = panel.add(panel_document(**changes))
-        daemon = make_daemon(panel)
-        assert uuid in daemon.servers
-        return daemon, uuid
-
-    def snapshot(self, daemon, uuid):
-        server = daemon.servers[uuid]
-        return (
-            server.config.document,
-            server.fs.limit_bytes,
-            saved_document(daemon, uuid),
-            server.last_sync,
-        )
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_sync_applies_the_panels_configuration_and_answers_204(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        panel.servers[uuid]["settings"]["build"].update(memory_limit=8192, disk_space=100)
-        panel.servers[uuid]["settings"]["environment"]["NEW_VAR"] = "hello"
-        status, hdrs, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
-        assert status == 204 and body is None and hdrs["x-request-id"]
-        server = daemon.servers[uuid]
-        assert (
-            server.config.build.memory_mb == 8192
-            and server.config.environment["NEW_VAR"] == "hello"
-        )
-        assert server.fs.limit_bytes == 100 * 1_048_576
-        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 8192
-        _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
-        record = view["wingslite"]["last_sync"]
-        assert record["result"] == "ok" and any(
-            "disk limit 104857600" in a for a in record["applied"]
-        )
-        assert any("resource limits" in p for p in record["pending"])  # no container on this node
-        assert any("environment variables (next start)" in p for p in record["pending"])
-        assert view["configuration"]["build"]["memory_limit"] == 8192
-
-    def test_a_sync_that_changes_config_files_names_them_as_pending(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        panel.servers[uuid]["process_configuration"]["configs"] = [
-            {"parser": "properties", "file": "server.properties", "replace": []},
-            {"parser": "yaml", "file": "config.yml", "replace": []},
-        ]
-        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
-        assert "egg config files (server.properties, config.yml) (next start)" in record["pending"]
-        assert not any("stop command" in p for p in record["pending"])
-
-    def test_sync_of_a_server_unknown_here_is_404(self, panel, make_daemon):
-        daemon, _ = self.booted(panel, make_daemon)
-        assert api(daemon, "POST", f"/api/servers/{uuidlib.uuid4()}/sync")[0] == 404
-
-    @pytest.mark.parametrize("token, expected", [(None, 401), ("wrong", 403)])
-    def test_sync_needs_the_node_token(self, panel, make_daemon, token, expected):
-        daemon, uuid = self.booted(panel, make_daemon)
-        before = self.snapshot(daemon, uuid)
-        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1
-        assert api(daemon, "POST", f"/api/servers/{uuid}/sync", token=token)[0] == expected
-        assert self.snapshot(daemon, uuid) == before
-
-    def test_server_gone_from_the_panel_is_404_and_changes_nothing(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        before = self.snapshot(daemon, uuid)
-        del panel.servers[uuid]
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
-        assert status == 404 and "no longer knows" in body["error"] and body["request_id"]
-        assert self.snapshot(daemon, uuid) == before and uuid in daemon.servers
-
-    def test_panel_5xx_is_retried_then_500_and_changes_nothing(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        before = self.snapshot(daemon, uuid)
-        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1
-        calls_before = panel.calls.get(f"/api/remote/servers/{uuid}", 0)
-        panel.down = True
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
-        panel.down = False
-        retries = panel.calls[f"/api/remote/servers/{uuid}"] - calls_before
-        assert (
-            status == 500
-            and "HTTP 500" in body["error"]
-            and "nothing on this node was changed" in body["error"]
-        )
-        assert retries >= 3, f"the Panel was asked only {retries} times"
-        assert self.snapshot(daemon, uuid) == before
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_panel_5xx_then_recovery_within_the_budget_is_204(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1234
-        panel.fail[f"/api/remote/servers/{uuid}"] = [500, 503]
-        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        assert daemon.servers[uuid].config.build.memory_mb == 1234
-
-    def test_body_that_is_not_json_is_500_and_changes_nothing(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        before = self.snapshot(daemon, uuid)
-        panel.garbage.add(f"/api/remote/servers/{uuid}")
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
-        assert status == 500 and "not valid JSON" in body["error"]
-        assert self.snapshot(daemon, uuid) == before
-
-    @pytest.mark.parametrize(
-        "mutate, field",
-        [
-            (lambda s: s["build"].update(memory_limit=-512), "settings.build.memory_limit"),
-            (lambda s: s["build"].update(io_weight=5000), "settings.build.io_weight"),
-            (
-                lambda s: s["allocations"]["default"].update(port=99999),
-                "settings.allocations.default.port",
-            ),
-            (lambda s: s.update(uuid=str(uuidlib.uuid4())), "settings.uuid"),
-        ],
-    )
-    def test_invalid_document_is_500_naming_the_field_and_changes_nothing(
-        self, panel, make_daemon, mutate, field
-    ):
-        daemon, uuid = self.booted(panel, make_daemon)
-        before = self.snapshot(daemon, uuid)
-        panel.servers[uuid]["settings"]["build"]["disk_space"] = (
-            1  # would change the disk limit if applied
-        )
-        mutate(panel.servers[uuid]["settings"])
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
-        assert status == 500 and field in body["error"], body
-        # Only the record changes: it shows the refusal on GET /api/servers/:server.
-        assert self.snapshot(daemon, uuid)[:3] == before[:3]
-        last_sync = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
-        assert last_sync["result"] == "refused" and field in last_sync["failed"][0], last_sync
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
-        self, panel, make_daemon
-    ):
-        daemon, uuid = self.booted(panel, make_daemon)
-        counter = iter(range(1, 10_000))
-        lock = threading.Lock()
-
-        def bump_then_sync(_):
-            with lock:  # the Panel changes while syncs are in flight
-                panel.servers[uuid]["settings"]["build"]["memory_limit"] = next(counter)
-            return api(daemon, "POST", f"/api/servers/{uuid}/sync")[0]
-
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            statuses = list(pool.map(bump_then_sync, range(50)))
-        assert statuses == [204] * 50
-        assert (
-            api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        )  # one more after the last change
-        final = panel.servers[uuid]["settings"]["build"]["memory_limit"]
-        assert daemon.servers[uuid].config.build.memory_mb == final
-        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == final
-
-    def test_syncs_of_different_servers_run_in_parallel(self, panel, make_daemon):
-        a = panel.add(panel_document())
-        b = panel.add(panel_document())
-        daemon = make_daemon(panel)
-        panel.hang_s[f"/api/remote/servers/{a}"] = 1.0
-        panel.hang_s[f"/api/remote/servers/{b}"] = 1.0
-        started = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            statuses = list(
-                pool.map(lambda u: api(daemon, "POST", f"/api/servers/{u}/sync")[0], [a, b])
-            )
-        assert statuses == [204, 204] and time.monotonic() - started < 1.9
-
-    def test_suspension_closes_every_session_before_the_204(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        other = panel.add(panel_document())
-        daemon.load_from_panel()
-        closed = []
-        for i in range(5):
-            daemon.sessions.register(
-                uuid, f"user{i}", "websocket", lambda code, reason: closed.append(code)
-            )
-        daemon.sessions.register(uuid, "user9", "sftp", lambda code, reason: closed.append(code))
-        daemon.sessions.register(
-            other, "user0", "websocket", lambda code, reason: closed.append(("other", code))
-        )
-        panel.servers[uuid]["settings"]["suspended"] = True
-        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        assert (
-            closed == [4409] * 6
-            and daemon.sessions.count(uuid) == 0
-            and daemon.sessions.count(other) == 1
-        )
-        _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
-        assert (
-            view["is_suspended"] is True
-            and "suspended: 6 session(s) closed" in view["wingslite"]["last_sync"]["applied"]
-        )
-        status, _, body = api(
-            daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "start"}
-        )
-        assert (
-            status == 400 and body["error"] == "Cannot start or restart a server that is suspended."
-        )
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_a_failing_disk_quota_keeps_the_new_configuration_and_answers_500(
-        self, panel, make_daemon
-    ):
-        daemon, uuid = self.booted(panel, make_daemon)
-
-        class BrokenQuota(w.QuotaBackend):
-            name = "broken"
-
-            def set_limit(self, root, limit_bytes):
-                raise OSError("qgroup limit refused")
-
-        daemon.servers[uuid].fs.ensure()
-        daemon.servers[uuid].fs.quota = BrokenQuota()
-        panel.servers[uuid]["settings"]["build"].update(memory_limit=777, disk_space=512)
-        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
-        assert status == 500 and "disk limit: qgroup limit refused" in body["error"]
-        assert (
-            daemon.servers[uuid].config.build.memory_mb == 777
-        )  # the Panel is the source of truth
-        assert daemon.servers[uuid].last_sync["failed"] == ["disk limit: qgroup limit refused"]
-        assert not any(
-            a.startswith("disk limit") for a in daemon.servers[uuid].last_sync["applied"]
-        )
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_the_quota_backend_is_asked_only_when_the_disk_limit_changes(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        calls = []
-
-        class CountingQuota(w.QuotaBackend):
-            def set_limit(self, root, limit_bytes):
-                calls.append(limit_bytes)
-                return []
-
-        server = daemon.servers[uuid]
-        server.fs.quota = CountingQuota()
-        server.fs.ensure()
-        calls.clear()
-        for memory in (100, 200):
-            panel.servers[uuid]["settings"]["build"]["memory_limit"] = memory
-            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        panel.servers[uuid]["settings"]["build"]["disk_space"] = 7
-        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        assert calls == [7 * 1_048_576]
-
-    def test_power_with_an_unknown_action_is_422(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        status, _, body = api(
-            daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "explode"}
-        )
-        assert status == 422 and "power action" in body["error"]
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_commands_to_a_stopped_server_are_502(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        status, _, body = api(
-            daemon, "POST", f"/api/servers/{uuid}/commands", body={"commands": ["say hi"]}
-        )
-        assert (
-            status == 502 and body["error"] == "Cannot send commands to a stopped server instance."
-        )
-
-    def test_deauthorize_user_closes_that_users_sessions(self, panel, make_daemon):
-        daemon, uuid = self.booted(panel, make_daemon)
-        closed = []
-        daemon.sessions.register(
-            uuid, "alice", "websocket", lambda c, r: closed.append(("alice", c))
-        )
-        daemon.sessions.register(uuid, "bob", "sftp", lambda c, r: closed.append(("bob", c)))
-        assert (
-            api(daemon, "POST", "/api/deauthorize-user", body={"user": "alice", "servers": [uuid]})[
-                0
-            ]
-            == 204
-        )
-        assert closed == [("alice", w.CLOSE_UNAUTHORIZED)] and daemon.sessions.count(uuid) == 1
-        assert api(daemon, "POST", "/api/deauthorize-user", body={"servers": "x"})[0] == 422
-
-    def test_a_sync_or_start_queued_behind_a_delete_does_not_bring_the_server_back(
-        self, panel, make_daemon, tmp_path, caplog
-    ):
-        entered, release = threading.Event(), threading.Event()
-
-        class SlowDestroy(ConsoleEnvironment):
-            def destroy(self):
-                entered.set()
-                release.wait(10)
-
-        # counts who waits for the server's lock, so the test knows the queue is formed
-        class SpyLock:
-            def __init__(self, inner):
-                self.inner, self.waiting = inner, 0
-
-            def acquire(self, *args, **kwargs):
-                self.waiting += 1
-                try:
-                    return self.inner.acquire(*args, **kwargs)
-                finally:
-                    self.waiting -= 1
-
-            def release(self):
-                self.inner.release()
-
-            def __enter__(self):
-                return self.acquire()
-
-            def __exit__(self, *exc):
-                self.release()
-
-        uuid = panel.add(panel_document())
-        daemon = w.Daemon(
-            w.Config(node_config(tmp_path, panel.url), "test"),
-            environment_factory=lambda s: SlowDestroy(s.uuid, s.events),
-        )
-        daemon.start()
-        make_daemon.daemons.append(daemon)
-        assert daemon.wait_booted(10)
-        server = daemon.servers[uuid]
-        server.config_lock = spy = SpyLock(server.config_lock)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
-            assert entered.wait(5)
-            sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
-            # The sync waits for the delete's configuration lock; the start does not wait (the
-            # delete holds no power lock): it sees the server deleted and does nothing.
-            assert (
-                api(
-                    daemon,
-                    "POST",
-                    f"/api/servers/{uuid}/power",
-                    body={"action": "start", "wait_seconds": 30},
-                )[0]
-                == 202
-            )
-            wait_for(lambda: spy.waiting == 1, 5, what="the sync to wait for the delete")
-            wait_for(lambda: "power action start failed" in caplog.text, 5, what="the start")
-            release.set()
-            assert delete.result(10)[0] == 204
-            assert sync.result(10)[0] == 404
-        wait_for(
-            lambda: server.state != w.OFFLINE or "power action start failed" in caplog.text,
-            5,
-            what="the queued start to run",
-        )
-        assert server.state == w.OFFLINE and uuid not in daemon.servers
-        assert not (daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").exists()
-
-
-# daemon: boot #####################################################################################
-
-
-class TestBoot:
-    def test_boot_loads_every_page(self, panel, make_daemon):
-        uuids = {panel.add(panel_document()) for _ in range(7)}
-        daemon = make_daemon(panel, remote_query__boot_servers_per_page=3)
-        assert set(daemon.servers) == uuids
-        assert panel.calls["/api/remote/servers"] == 3
-        assert panel.calls.get("/api/remote/servers/reset") == 1
-        for uuid in uuids:
-            assert saved_document(daemon, uuid)["settings"]["uuid"] == uuid
-
-    def test_one_bad_server_in_the_list_does_not_stop_the_boot(self, panel, make_daemon):
-        good = panel.add(panel_document())
-        bad = panel.add(panel_document(build__memory_limit=-1))
-        daemon = make_daemon(panel)
-        assert good in daemon.servers and bad not in daemon.servers
-
-    def test_panel_down_at_boot_serves_saved_configurations_then_catches_up(
-        self, panel, make_daemon, tmp_path
-    ):
-        uuid = panel.add(panel_document())
-        first = make_daemon(panel)
-        first.stop()
-        panel.down = True
-        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 2222
-        newcomer = panel.add(panel_document())
-        second = make_daemon(panel, boot=False)
-        status, _, body = api(second, "GET", "/api/servers")
-        assert status == 200 and [s["configuration"]["uuid"] for s in body] == [uuid]
-        assert body[0]["configuration"]["build"]["memory_limit"] == 4096  # the saved one
-        assert not second.wait_booted(0.5)
-        panel.down = False
-        assert second.wait_booted(10)
-        assert second.servers[uuid].config.build.memory_mb == 2222 and newcomer in second.servers
-
-    def test_boot_drops_servers_the_panel_no_longer_lists(self, panel, make_daemon):
-        keep = panel.add(panel_document())
-        gone = panel.add(panel_document())
-        make_daemon(panel).stop()
-        del panel.servers[gone]
-        daemon = make_daemon(panel)
-        assert set(daemon.servers) == {keep}
-
-    def test_a_server_created_while_the_boot_reads_the_list_is_kept(self, panel, make_daemon):
-        panel.add(panel_document())
-        listed, go = threading.Event(), threading.Event()
-        page = panel.page
-
-        def slow_page(query):  # the list is read before the Panel creates the new server
-            answer = page(query)
-            listed.set()
-            go.wait(5)
-            return answer
-
-        panel.page = slow_page
-        daemon = make_daemon(panel, boot=False)
-        assert listed.wait(5)
-        created = panel.add(panel_document())
-        assert api(daemon, "POST", "/api/servers", body={"uuid": created})[0] == 202
-        go.set()
-        assert daemon.wait_booted(10)
-        assert (
-            created in daemon.servers
-            and saved_document(daemon, created)["settings"]["uuid"] == created
-        )
-
-    def test_a_dropped_server_loses_its_open_sockets(self, panel, make_daemon, tmp_path):
-        gone = panel.add(panel_document())
-        make_daemon(panel).stop()
-        panel.down = True  # the node comes up from its saved configurations and serves them
-        daemon = w.Daemon(
-            w.Config(node_config(tmp_path, panel.url), "test"),
-            environment_factory=lambda s: ConsoleEnvironment(s.uuid, s.events),
-        )
-        daemon.start()
-        make_daemon.daemons.append(daemon)
-        conn, first = ws_authed(daemon, gone)
-        with conn:
-            assert first[0] == ("auth success", [])
-            del panel.servers[gone]
-            panel.down = False
-            assert daemon.wait_booted(10) and gone not in daemon.servers
-            assert ws_close_code(conn) == w.CLOSE_GOING_AWAY
-        assert daemon.sessions.count(gone) == 0
-
-    def test_a_torn_saved_file_is_ignored_not_fatal(self, panel, make_daemon):
-        uuid = panel.add(panel_document())
-        make_daemon(panel).stop()
-        saved = Path(make_daemon.tmp_path / "root" / "wingslite" / "servers" / f"{uuid}.json")
-        saved.write_bytes(saved.read_bytes()[:50])
-        panel.down = True
-        daemon = make_daemon(panel, boot=False)
-        assert api(daemon, "GET", "/api/servers")[2] == []
-        panel.down = False
-        assert daemon.wait_booted(10) and uuid in daemon.servers
-
-    def test_two_daemons_in_one_process_do_not_collide(self, panel, tmp_path):
-        a, b = panel.add(panel_document()), panel.add(panel_document())
-        d1 = DaemonFactory(tmp_path / "one")
-        d2 = DaemonFactory(tmp_path / "two")
-        try:
-            one, two = d1(panel), d2(panel)
-            assert one.port != two.port and set(one.servers) == set(two.servers) == {a, b}
-            assert api(one, "POST", f"/api/servers/{a}/sync")[0] == 204
-            assert one.servers[a].last_sync and two.servers[a].last_sync is None
-        finally:
-            d1.stop_all()
-            d2.stop_all()
-
-
-HOST_CPUS = os.cpu_count() or 1
-
-
-def _set_config_file_replace(doc, replace_with):
-    doc["process_configuration"]["configs"][0]["replace"] = [
-        {"match": "motd", "replace_with": replace_with},
-        {"match": "difficulty", "if_value": "easy", "replace_with": {"hard": [1, None]}},
-    ]
-
-
-class TestPanelValidEdgeValues:
-    """Documents the Panel's own validation accepts are accepted, survive a daemon restart, and
-    a refused document never costs the node the server."""
-
-    EDGES = [
-        pytest.param(
-            lambda d: d["settings"]["build"].update(threads="0,"),
-            lambda c: c.build.threads == "0",
-            "",
-            id="threads-trailing-comma",
-            marks=pytest.mark.docker,  # a cpuset change asks the engine about the container
-        ),
-        pytest.param(
-            lambda d: d["settings"]["build"].update(threads="1-0"),
-            lambda c: c.build.threads == "",
-            "runs backwards; applied as no CPU pinning",
-            id="threads-reversed",
-        ),
-        pytest.param(
-            lambda d: d["settings"]["build"].update(threads=f"0-{HOST_CPUS}"),
-            lambda c: c.build.threads == "",
-            "does not exist on this node",
-            id="threads-beyond-the-host",
-        ),
-        pytest.param(
-            lambda d: d["settings"]["environment"].update({"2FA_SECRET": "x"}),
-            lambda c: c.environment["2FA_SECRET"] == "x",
-            "",
-            id="variable-starting-with-a-digit",
-        ),
-        pytest.param(
-            lambda d: _set_config_file_replace(d, ["a", {"b": 2}]),
-            lambda c: c.process.configs[0].replace[0].replace_with == ["a", {"b": 2}],
-            "",
-            id="replace-with-a-list-and-an-object",
-        ),
-        pytest.param(
-            lambda d: d["settings"]["build"].update(cpu_limit=100 * HOST_CPUS + 1),
-            lambda c: c.build.cpu_percent == 100 * HOST_CPUS,
-            f"applied as {100 * HOST_CPUS}%",
-            id="cpu-above-the-host",
-        ),
-        pytest.param(
-            lambda d: d["settings"].update(
-                mounts=[{"source": "/srv", "target": "/home/container/../../proc"}]
-            ),
-            lambda c: c.mounts == (),
-            "the target would shadow /proc",
-            id="mount-shadowing-proc",
-        ),
-        pytest.param(
-            lambda d: d["settings"]["container"].update(image="ghcr.io/x/y:java 21"),
-            lambda c: c.image == "ghcr.io/x/y:java 21",
-            "is not a valid Docker image reference",
-            id="image-with-a-space",
-        ),
-    ]
-
-    @pytest.mark.parametrize("edit, holds, note", EDGES)
-    def test_a_panel_valid_value_syncs_and_survives_a_restart(
-        self, panel, make_daemon, edit, holds, note
-    ):
-        uuid = panel.add(panel_document())
-        first = make_daemon(panel)
-        edit(panel.servers[uuid])
-        status, _, body = api(first, "POST", f"/api/servers/{uuid}/sync")
-        assert status == 204, body
-        assert holds(first.servers[uuid].config)
-        record = api(first, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
-        assert record["result"] == "ok"
-        assert any(note in n for n in record["notes"]) if note else record["notes"] == []
-        first.stop()
-        second = make_daemon(panel)
-        listed = {s["configuration"]["uuid"]: s for s in api(second, "GET", "/api/servers")[2]}
-        assert uuid in listed and holds(second.servers[uuid].config)
-        assert listed[uuid]["configuration"] == panel.servers[uuid]["settings"] | {
-            "crash_detection_enabled": True
-        }
-
-    @pytest.mark.parametrize(
-        "image, valid",
-        [
-            ("ghcr.io/pterodactyl/yolks:java_21", True),
-            ("~wingslite-test:latest", True),
-            ("localhost:5000/games/minecraft@sha256:" + "a" * 64, True),
-            ("[::1]:5000/x/y:1.0", True),
-            ("busybox", True),
-            ("ghcr.io/x/y:java 21", False),
-            ("../../containers/json?all=1", False),
-            ("library/Busybox", False),
-            ("x:tag/y", False),
-            ("a" * 256, False),
-        ],
-    )
-    def test_image_names_follow_dockers_reference_grammar(self, image, valid):
-        assert w.is_image_reference(image) is valid
-
-    @pytest.mark.docker
-    def test_an_image_outside_the_grammar_never_reaches_the_engine(self, docker_servers):
-        uuid = docker_servers.add(image="../../info?x=")
-        daemon = docker_servers.boot()
-        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
-        docker_servers.wait_console(uuid, "is not a valid Docker image reference")
-        assert daemon.get_server(uuid).state == "offline"
-        assert docker_servers.container_id(uuid) is None
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_a_document_refused_at_boot_keeps_the_server_on_its_last_configuration(
-        self, panel, make_daemon, caplog
-    ):
-        uuid = panel.add(panel_document())
-        make_daemon(panel).stop()
-        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 2**60  # beyond 2^53 bytes
-        daemon = make_daemon(panel)
-        status, _, body = api(daemon, "GET", f"/api/servers/{uuid}")
-        assert status == 200 and body["configuration"]["build"]["memory_limit"] == 4096
-        last_sync = body["wingslite"]["last_sync"]
-        assert last_sync["result"] == "refused"
-        assert "settings.build.memory_limit" in last_sync["failed"][0]
-        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 4096
-        assert (
-            f"refused the Panel's document for server {uuid}: document.settings.build."
-            "memory_limit" in caplog.text
-        )
-        assert "keeping its last configuration" in caplog.text
-        # A later sync of a document the node accepts brings it up to date.
-        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1024
-        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        assert daemon.servers[uuid].config.build.memory_mb == 1024
-
-    def test_a_list_entry_with_uuid_dash_never_becomes_a_directory(self, panel, make_daemon):
-        good = panel.add(panel_document())
-        bad = panel_document()
-        bad["settings"]["uuid"] = "-"
-        panel.servers["-"] = bad
-        daemon = make_daemon(panel)
-        assert set(daemon.servers) == {good}
-        assert not (daemon.config.data_dir / "-").exists()
-        assert not (daemon.config.root_dir / "wingslite" / "servers" / "-.json").exists()
-
-    @pytest.mark.docker  # the daemon asks the engine
-    def test_a_repeated_create_is_a_sync_and_leaves_the_files_alone(self, panel, make_daemon):
-        daemon = make_daemon(panel)
-        uuid = panel.add(panel_document())
-        assert api(daemon, "POST", "/api/servers", body={"uuid": uuid})[0] == 202
-        world = daemon.config.data_dir / uuid / "world" / "level.dat"
-        world.parent.mkdir()
-        world.write_bytes(b"installed")
-        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 3000
-        status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
-        assert status == 202, body
-        assert world.read_bytes() == b"installed"
-        assert daemon.servers[uuid].config.build.memory_mb == 3000  # re-read, as a sync
-        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 3000
-
-
-# Panel stand-in ###################################################################################
-
-
-def panel_call(panel: FakePanel, method: str, path: str, body=None, token: str | None = None):
-    """One request to the Panel stand-in as Wings makes it: (status, headers, JSON or raw body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", panel.port, timeout=10)
-    headers = {"Authorization": f"Bearer {token or f'{TOKEN_ID}.{TOKEN}'}"}
-    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers=headers)
-    resp = conn.getresponse()
-    payload = resp.read()
-    conn.close()
-    is_json = resp.getheader("Content-Type", "").startswith("application/json")
-    parsed = json.loads(payload) if payload and is_json else payload
-    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
-
-
-class TestPanelStandIn:
-    """The remote routes the stand-in serves for the features, answering as the Panel does."""
-
-    def test_install_script_and_status(self, panel):
-        uuid = panel.add(panel_document())
-        panel.install_scripts[uuid] = {"container_image": "x", "entrypoint": "sh", "script": None}
-        assert panel_call(panel, "GET", f"/api/remote/servers/{uuid[:8]}/install")[2] == {
-            "container_image": "x",
-            "entrypoint": "sh",
-            "script": None,
-        }
-        status, _, body = panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", {})
-        assert status == 422 and body["errors"][0]["meta"]["source_field"] == "successful"
-        report = {"successful": False, "reinstall": True}
-        assert panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", report)[0] == 204
-        assert panel.status[uuid] == "reinstall_failed"
-        assert panel.requests[-1].body == report and panel.requests[-1].method == "POST"
-        assert panel_call(panel, "GET", "/api/remote/servers/nope/install")[0] == 404
-
-    def test_backup_upload_parts_status_and_restore(self, panel):
-        uuid = panel.add(panel_document())
-        backup = panel.add_backup(uuid)
-        panel.backup_part_size = 10
-        assert panel_call(panel, "GET", f"/api/remote/backups/{backup}")[0] == 400
-        status, _, body = panel_call(panel, "GET", f"/api/remote/backups/{backup}?size=25")
-        assert status == 200 and body["part_size"] == 10 and len(body["parts"]) == 3
-        assert panel.requests[-1].query == {"size": "25"}
-        part = urllib.parse.urlsplit(body["parts"][0]).path
-        status, headers, _ = panel_call(panel, "PUT", part, b"0123456789")
-        assert status == 200 and headers["etag"] and panel.uploads[(backup, 1)] == b"0123456789"
-        done = {"successful": True, "checksum": "ab", "checksum_type": "sha1", "size": 25}
-        path = f"/api/remote/backups/{backup}"
-        assert panel_call(panel, "POST", path, {"successful": True})[0] == 422
-        assert panel_call(panel, "POST", path, done)[0] == 204
-        assert panel_call(panel, "POST", path, done)[0] == 400  # already completed
-        panel.status[uuid] = "restoring_backup"
-        assert panel_call(panel, "POST", path + "/restore", {"successful": True})[0] == 204
-        assert panel.status[uuid] is None
-        assert panel_call(panel, "POST", "/api/remote/backups/nope/restore", done)[0] == 404
-
-    def test_transfer_outcome_needs_an_active_transfer(self, panel):
-        uuid = panel.add(panel_document())
-        path = f"/api/remote/servers/{uuid}/transfer/success"
-        status, _, body = panel_call(panel, "POST", path)
-        assert status == 409 and body["errors"][0]["detail"] == "Server is not being transferred."
-        panel.transfers[uuid] = None
-        assert panel_call(panel, "GET", path)[0] == 204 and panel.transfers[uuid] is True
-
-    def test_activity_keeps_server_events_of_this_node(self, panel):
-        uuid = panel.add(panel_document())
-        item = {"server": uuid, "event": "server:sftp.write", "metadata": None, "timestamp": "t"}
-        other = {**item, "server": str(uuidlib.uuid4())}
-        status, _, body = panel_call(
-            panel, "POST", "/api/remote/activity", {"data": [item, other, {**item, "event": "x"}]}
-        )
-        assert status == 200 and body == b"" and panel.activity == [item]
-        bad = {"data": [{"server": uuid, "event": "server:x", "timestamp": "t"}]}
-        assert panel_call(panel, "POST", "/api/remote/activity", bad)[0] == 422
-
-    def test_container_status_and_unknown_routes(self, panel):
-        uuid = panel.add(panel_document())
-        body = {"data": {"new_state": "running"}}
-        path = f"/api/remote/servers/{uuid}/container/status"
-        assert panel_call(panel, "POST", path, body)[0] == 204
-        assert panel.container_states[uuid] == "running"
-        status, headers, _ = panel_call(panel, "PUT", path, body)
-        assert status == 405 and headers["allow"] == "POST"
-        assert panel_call(panel, "GET", "/api/remote/nothing")[0] == 404
-        assert panel_call(panel, "GET", "/api/remote/nothing", token="no-dot")[0] == 400
-
-    def test_sftp_auth_refuses_servers_in_a_blocking_state(self, panel):
-        uuid = panel.add(panel_document())
-        panel.sftp_users[("alice.smith", "pw")] = ["*"]
-        login = {"username": f"alice.smith.{uuid[:8]}", "password": "pw"}
-        assert panel_call(panel, "POST", "/api/remote/sftp/auth", login)[2]["server"] == uuid
-        panel.status[uuid] = "installing"
-        status, _, body = panel_call(panel, "POST", "/api/remote/sftp/auth", login)
-        assert status == 409 and "installation" in body["errors"][0]["detail"]
-        assert (
-            panel_call(panel, "POST", "/api/remote/sftp/auth", {**login, "password": ""})[0] == 422
-        )
-
-    def test_a_subclass_adds_a_route(self):
-        class Extended(FakePanel):
-            ROUTES = (*FakePanel.ROUTES, w.PanelRoute("GET", r"/api/remote/ping", "ping"))
-
-            def route_ping(self, h, req):
-                h.send_json(200, {"pong": req.query.get("n")})
-
-        panel = Extended()
-        try:
-            assert panel_call(panel, "GET", "/api/remote/ping?n=1")[2] == {"pong": "1"}
-            assert panel_call(panel, "GET", "/api/remote/ping", token="a.b")[0] == 403
-        finally:
-            panel.close()
-
-
-# CLI: --demo ######################################################################################
-
-
-class TestDemo:
-    def test_demo_prints_token_and_curl_lines_and_its_sync_works(self):
-        port = free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "wingslite.py"),
-                "--demo",
-                "--port",
-                str(port),
-                "--sftp-port",
-                str(free_port()),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            lines = []
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
-                lines.append(proc.stdout.readline())
-            text = "".join(lines)
-            token = next(
-                line.split(": ", 1)[1].strip() for line in lines if line.startswith("node token:")
-            )
-            assert f"http://127.0.0.1:{port}" in text and "/sync" in text
-            _, _, servers = api(port, "GET", "/api/servers", token=token)
-            uuid = servers[0]["configuration"]["uuid"]
-            assert api(port, "POST", f"/api/servers/{uuid}/sync", token=token)[0] == 204
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=15) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(Exception):
-                proc.communicate(timeout=5)
-
-    def test_sigterm_stops_the_demo_cleanly_and_removes_its_directory(self):
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, str(HERE / "wingslite.py"), "--demo"),
-                *("--port", str(free_port()), "--sftp-port", str(free_port())),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            lines = []
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
-                lines.append(proc.stdout.readline())
-            root = Path(
-                next(line.split(": ", 1)[1].strip() for line in lines if "data directory" in line)
-            )
-            assert root.is_dir()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=15) == 0
-            assert not root.exists()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(Exception):
-                proc.communicate(timeout=5)
-
-
-# CLI: configure and diagnostics ###################################################################
-
-APPLICATION_KEY = "ptla_Zq8u2tN4vX7bC1mK5pL9sD3fG6hJ0wE2rT4yU8iO"
-
-
-def run_cli(*args, timeout_s: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(HERE / "wingslite.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-
-
-class NodeConfigurationEndpoint:
-    """The Panel's ``GET /api/application/nodes/{id}/configuration`` (application API key)."""
-
-    def __init__(self, configuration: dict, context: ssl.SSLContext | None = None):
-        self.configuration = configuration
-        self.requests: list[dict] = []
-        endpoint = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                endpoint.requests.append({"path": self.path, **dict(self.headers)})
-                if self.headers.get("Authorization") != f"Bearer {APPLICATION_KEY}":
-                    return self.answer(
-                        401, panel_error(401, "AuthenticationException", "Unauthenticated.")
-                    )
-                if self.path != "/api/application/nodes/3/configuration":
-                    return self.answer(404, panel_error(404, "NotFoundHttpException", ""))
-                self.answer(200, endpoint.configuration)
-
-            def answer(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        if context is not None:
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        scheme = "https" if context else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class TestOperatorCommands:
-    """``configure`` fetches the node's config from the Panel; ``diagnostics`` redacts secrets."""
-
-    def node_json(self, tmp_path, panel) -> dict:
-        """What Node::getConfiguration() answers, pointed at loopback and tmp_path."""
-        raw = node_config(tmp_path, panel.url)
-        raw["api"]["port"] = free_port()
-        raw["system"]["sftp"]["bind_port"] = free_port()
-        del raw["wingslite"], raw["remote_query"]
-        return raw
-
-    def test_configure_writes_the_panels_configuration_and_the_daemon_runs_on_it(
-        self, tmp_path, panel
-    ):
-        document = self.node_json(tmp_path, panel)
-        endpoint = NodeConfigurationEndpoint(document)
-        target = tmp_path / "etc" / "config.yml"
-        argv = ["configure", "--panel-url", endpoint.url, "--token", APPLICATION_KEY]
-        try:
-            run = run_cli(*argv, "--node", "3", "--config", str(target))
-            assert run.returncode == 0, run.stderr
-            assert str(target) in run.stdout
-            assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds the node's token
-            assert yaml.safe_load(target.read_text()) == document
-            assert endpoint.requests[0]["Authorization"] == f"Bearer {APPLICATION_KEY}"
-            # An existing file is kept unless --override; a wrong key or node changes nothing.
-            target.write_text("# hand edited\n")
-            run = run_cli(*argv, "--node", "3", "--config", str(target))
-            assert run.returncode == 1 and "--override" in run.stderr
-            wrong = run_cli(
-                *argv[:-1], "ptla_wrong", "--node", "3", "--config", str(target), "--override"
-            )
-            assert wrong.returncode == 1 and "API key was not accepted" in wrong.stderr
-            missing = run_cli(*argv, "--node", "9", "--config", str(target), "--override")
-            assert missing.returncode == 1 and "no such node" in missing.stderr
-            assert target.read_text() == "# hand edited\n"
-            run = run_cli(*argv, "--node", "3", "--config", str(target), "--override")
-            assert run.returncode == 0 and yaml.safe_load(target.read_text()) == document
-        finally:
-            endpoint.close()
-        # Without a subcommand, --config runs the daemon as before.
-        daemon = subprocess.Popen(
-            [sys.executable, str(HERE / "wingslite.py"), "--config", str(target)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            port = document["api"]["port"]
-            wait_for(lambda: _answers(port), 20, interval_s=0.1, what="the daemon's API")
-            assert api(port, "GET", "/api/system")[0] == 200
-            daemon.send_signal(signal.SIGTERM)
-            assert daemon.wait(timeout=20) == 0
-        finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait(10)
-
-    def test_configure_verifies_the_panels_certificate_unless_allowed_insecure(
-        self, tmp_path, panel, certificates
-    ):
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certificates.cert, certificates.key)
-        endpoint = NodeConfigurationEndpoint(self.node_json(tmp_path, panel), context)
-        target = tmp_path / "config.yml"
-        argv = ["configure", "--panel-url", endpoint.url, "--token", APPLICATION_KEY, "--node", "3"]
-        try:
-            run = run_cli(*argv, "--config", str(target))
-            assert run.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in run.stderr
-            assert not target.exists()
-            run = run_cli(*argv, "--config", str(target), "--allow-insecure")
-            assert run.returncode == 0, run.stderr
-            assert yaml.safe_load(target.read_text())["token"] == TOKEN
-        finally:
-            endpoint.close()
-
-    def test_diagnostics_shows_versions_quota_log_and_states_but_no_secret(
-        self, tmp_path, panel, make_daemon
-    ):
-        uuid = panel.add(panel_document())
-        daemon = make_daemon(panel)
-        log = tmp_path / "wingslite.log"
-        log.write_text("".join(f"log line {n}\n" for n in range(300)))
-        raw = node_config(tmp_path, panel.url, wingslite__metrics_token="metrics-secret-1")
-        raw["api"]["port"] = daemon.port
-        raw["wingslite"]["log_file"] = str(log)
-        path = tmp_path / "config.yml"
-        path.write_text(yaml.safe_dump(raw))
-        run = run_cli("diagnostics", "--config", str(path))
-        assert run.returncode == 0, run.stderr
-        out = run.stdout
-        for secret in (TOKEN, TOKEN_ID, "metrics-secret-1"):  # the id too, as Wings redacts it
-            assert secret not in out
-        assert "token: '[redacted]'" in out and "token_id: '[redacted]'" in out
-        for expected in (
-            f"wingslite       {w.VERSION}",
-            "python ",
-            "kernel ",
-            "cgroups ",
-            "docker engine ",
-        ):
-            assert expected in out, expected
-        assert "backend soft" in out
-        assert "log line 299" in out and "log line 100\n" in out and "log line 99\n" not in out
-        assert f"{uuid}  offline" in out
-        # The same command before --config, and without a daemon: the last recorded states.
-        daemon.stop()
-        again = run_cli("--config", str(path), "diagnostics")
-        assert again.returncode == 0 and "did not answer" in again.stdout
-
-
 # environments: Docker #############################################################################
 
 
@@ -3800,66 +2342,6 @@ def docker_daemon(docker_servers):
 
 def cgroup_file(controller: str, container_id: str, name: str) -> str:
     return Path(f"/sys/fs/cgroup/{controller}/docker/{container_id}/{name}").read_text().strip()
-
-
-class TestConsolePipeline:
-    def test_lines_are_cut_at_the_limit_and_the_rest_of_the_line_is_dropped(self):
-        # Wings' own test case (system/utils_test.go) with a 10-byte limit.
-        splitter = w.LineSplitter(10)
-        lines = splitter.feed(
-            b"hello world this is a long line\nof text that should be truncated\n"
-            b"not here\nbut definitely on this line"
-        )
-        assert lines + splitter.flush() == ["hello worl", "of text th", "not here", "but defini"]
-
-    def test_space_carriage_return_becomes_a_line_break_and_empty_lines_are_dropped(self):
-        splitter = w.LineSplitter()
-        assert splitter.feed(b"50% \r60%\r\n\r\npart") == ["50%\r\n60%"]
-        assert splitter.feed(b"ial\n") == ["partial"]
-
-    def test_an_endless_line_does_not_grow_the_buffer(self):
-        splitter = w.LineSplitter()
-        for _ in range(100):
-            out = splitter.feed(b"x" * 10_000)
-            assert all(len(line) == w.CONSOLE_LINE_MAX_BYTES for line in out)
-        assert len(splitter._buffer) <= w.CONSOLE_LINE_MAX_BYTES
-        assert splitter.feed(b"end\nnext\n") == ["next"]
-
-    def test_throttle_allows_the_window_then_strikes_once_per_flood(self):
-        now = [0.0]
-        strikes = []
-        throttle = w.ConsoleThrottle(2, 100, lambda: strikes.append(now[0]), clock=lambda: now[0])
-        assert [throttle.allow() for _ in range(5)] == [True, True, False, False, False]
-        assert strikes == [0.0]
-        now[0] = 0.15  # a new window
-        assert throttle.allow() and throttle.allow() and not throttle.allow()
-        assert strikes == [0.0, 0.15]
-
-    def test_done_matches_before_the_throttle_and_only_once(self):
-        bus = w.EventBus()
-        seen = []
-        bus.subscribe(lambda event, *args: seen.append((event, *args)))
-        console = w.ConsolePipeline(bus, throttle_lines=1, throttle_interval_ms=60_000)
-        done = []
-        process = w.ProcessConfig(done=("regex:^Done \\(\\d+s\\)",))
-        console.begin(process.done_matchers(), False, lambda: done.append(1))
-        console.feed(b"line one\nDone (3s)!\nDone (4s)!\n")
-        assert done == [1]
-        published = [args[0] for event, *args in seen if event == "console output"]
-        assert published[0] == "line one" and "throttling" in published[1] and len(published) == 2
-
-    def test_signal_names_are_sent_as_docker_expects_them(self):
-        assert [
-            w.signal_name(v) for v in ("SIGTERM", "sigint", "C", "ABRT", "SIGKILL", "bogus", "")
-        ] == [
-            "SIGTERM",
-            "SIGINT",
-            "SIGINT",
-            "SIGABRT",
-            "SIGKILL",
-            "SIGKILL",
-            "SIGKILL",
-        ]
 
 
 class TestCgroups:
@@ -4827,6 +3309,7 @@ class DockerSocketProxy:
 
 # environments: installation #######################################################################
 
+
 # An install script for the test image (busybox; the egg's entrypoint is ``sh``). It waits for a
 # gate file when asked, so that a test can act while the install runs, then writes into the
 # server's directory and prints progress.
@@ -5313,6 +3796,186 @@ class TestNodeUser:
         docker_servers.wait_console(uuid, "written-2")  # the terminal echoes the command itself
         assert (root / "whoami").read_text().strip() == "988"
         assert (root / "whoami").stat().st_uid == 988
+
+
+# console and events ###############################################################################
+
+
+class TestEventBus:
+    def test_an_event_is_encoded_once_for_all_its_subscribers(self):
+        bus = w.EventBus()
+        encodes, frames = [], []
+
+        def encode(event, args):
+            encodes.append(args)
+            return f"{event}:{args}".encode()
+
+        for _ in range(30):
+            bus.subscribe(lambda event, *args: frames.append(bus.encoded(event, args, encode)))
+        line = "".join(["a line ", "from the console"])  # built at run time: its own object
+        bus.publish("console output", line)
+        assert len(frames) == 30 and len(set(frames)) == 1 and len(encodes) == 1
+        bus.publish(
+            "console output", "".join(["a line ", "from the console"])
+        )  # equal text, new event
+        bus.publish("status", line)  # same object, other event
+        assert len(encodes) == 3 and len(frames) == 90
+
+    def test_a_failing_subscriber_does_not_stop_the_others(self):
+        bus = w.EventBus()
+        seen = []
+
+        def broken(event, *args):
+            raise RuntimeError("boom")
+
+        bus.subscribe(broken)
+        bus.subscribe(lambda event, *args: seen.append(args))
+        bus.publish("stats", "{}")
+        assert seen == [("{}",)]
+
+
+class TestConsolePipeline:
+    def test_lines_are_cut_at_the_limit_and_the_rest_of_the_line_is_dropped(self):
+        # Wings' own test case (system/utils_test.go) with a 10-byte limit.
+        splitter = w.LineSplitter(10)
+        lines = splitter.feed(
+            b"hello world this is a long line\nof text that should be truncated\n"
+            b"not here\nbut definitely on this line"
+        )
+        assert lines + splitter.flush() == ["hello worl", "of text th", "not here", "but defini"]
+
+    def test_space_carriage_return_becomes_a_line_break_and_empty_lines_are_dropped(self):
+        splitter = w.LineSplitter()
+        assert splitter.feed(b"50% \r60%\r\n\r\npart") == ["50%\r\n60%"]
+        assert splitter.feed(b"ial\n") == ["partial"]
+
+    def test_an_endless_line_does_not_grow_the_buffer(self):
+        splitter = w.LineSplitter()
+        for _ in range(100):
+            out = splitter.feed(b"x" * 10_000)
+            assert all(len(line) == w.CONSOLE_LINE_MAX_BYTES for line in out)
+        assert len(splitter._buffer) <= w.CONSOLE_LINE_MAX_BYTES
+        assert splitter.feed(b"end\nnext\n") == ["next"]
+
+    def test_throttle_allows_the_window_then_strikes_once_per_flood(self):
+        now = [0.0]
+        strikes = []
+        throttle = w.ConsoleThrottle(2, 100, lambda: strikes.append(now[0]), clock=lambda: now[0])
+        assert [throttle.allow() for _ in range(5)] == [True, True, False, False, False]
+        assert strikes == [0.0]
+        now[0] = 0.15  # a new window
+        assert throttle.allow() and throttle.allow() and not throttle.allow()
+        assert strikes == [0.0, 0.15]
+
+    def test_done_matches_before_the_throttle_and_only_once(self):
+        bus = w.EventBus()
+        seen = []
+        bus.subscribe(lambda event, *args: seen.append((event, *args)))
+        console = w.ConsolePipeline(bus, throttle_lines=1, throttle_interval_ms=60_000)
+        done = []
+        process = w.ProcessConfig(done=("regex:^Done \\(\\d+s\\)",))
+        console.begin(process.done_matchers(), False, lambda: done.append(1))
+        console.feed(b"line one\nDone (3s)!\nDone (4s)!\n")
+        assert done == [1]
+        published = [args[0] for event, *args in seen if event == "console output"]
+        assert published[0] == "line one" and "throttling" in published[1] and len(published) == 2
+
+    def test_signal_names_are_sent_as_docker_expects_them(self):
+        assert [
+            w.signal_name(v) for v in ("SIGTERM", "sigint", "C", "ABRT", "SIGKILL", "bogus", "")
+        ] == [
+            "SIGTERM",
+            "SIGINT",
+            "SIGINT",
+            "SIGABRT",
+            "SIGKILL",
+            "SIGKILL",
+            "SIGKILL",
+        ]
+
+
+# session table ####################################################################################
+
+
+class TestSessionTable:
+    def test_close_server_closes_exactly_that_servers_sessions(self):
+        table = w.SessionTable()
+        closed = []
+        for server, user, kind in [
+            ("s1", "u1", "websocket"),
+            ("s1", "u2", "sftp"),
+            ("s2", "u1", "websocket"),
+        ]:
+            table.register(
+                server,
+                user,
+                kind,
+                lambda code, reason, t=(server, user, kind): closed.append((t, code)),
+            )
+        assert table.close_server("s1", 4409, "suspended") == 2
+        assert sorted(closed) == [(("s1", "u1", "websocket"), 4409), (("s1", "u2", "sftp"), 4409)]
+        assert table.count() == 1 and table.count("s2") == 1
+
+    def test_close_user_by_servers_and_everywhere(self):
+        table = w.SessionTable()
+        for server in ("s1", "s2", "s3"):
+            table.register(server, "u1", "websocket", lambda c, r: None)
+        table.register("s1", "u2", "sftp", lambda c, r: None)
+        assert table.close_user("u1", ["s1", "s2"]) == 2
+        assert table.close_user("u1") == 1
+        assert table.count() == 1
+
+    def test_a_failing_closer_does_not_stop_the_others(self):
+        table = w.SessionTable()
+        closed = []
+
+        def broken(code, reason):
+            raise RuntimeError("socket already gone")
+
+        table.register("s", "u", "websocket", broken)
+        table.register("s", "u", "sftp", lambda c, r: closed.append(c))
+        assert table.close_server("s", 4409, "x") == 2 and closed == [4409] and table.count() == 0
+
+    def test_revocations_refuse_older_tokens_only(self):
+        rev = w.Revocations()
+        now = int(time.time()) + 1
+        assert rev.check("j", "u", "s", now) is None
+        assert (
+            rev.check("j", "u", "s", rev.boot_time - 10)
+            == "jwt: created too far in past (denylist)"
+        )
+        rev.deny_jtis(["j"])
+        assert rev.check("j", "u", "s", int(time.time())) is not None
+        assert rev.check("other", "u", "s", int(time.time())) is None
+        rev.revoke_user("u", ["s"])
+        assert rev.check("x", "u", "s", int(time.time())) is not None
+        assert rev.check("x", "u", "s2", int(time.time())) is None
+        assert rev.check("x", "u", "s", int(time.time()) + 2) is None
+
+    def test_a_re_registration_never_counts_a_connection_twice(self):
+        # A websocket re-registers when it authenticates; counted twice for an instant, a busy
+        # server refused a legitimate upgrade with 429 (seen with 1,000 sockets authenticating).
+        table = w.SessionTable()
+        sessions = [table.register("s", "", "websocket", lambda c, r: None) for _ in range(4)]
+        seen, stop = [], threading.Event()
+
+        def reauth(i):
+            while not stop.is_set():
+                sessions[i] = table.register(
+                    "s", "u", "websocket", lambda c, r: None, replaces=sessions[i]
+                )
+
+        threads = [threading.Thread(target=reauth, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            seen.append(table.count("s", kind="websocket"))
+        stop.set()
+        for t in threads:
+            t.join()
+        assert set(seen) == {4}, f"counts seen: {sorted(set(seen))}"
+        assert set(table.sessions("s")) == set(sessions)
 
 
 # websocket ########################################################################################
@@ -7725,6 +6388,7 @@ class TestSftpStrangers:
 
 # activity #########################################################################################
 
+
 ACTIVITY_USER = "c0ffee00-1111-4222-8333-444455556666"
 _RFC3339_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
 
@@ -7879,6 +6543,7 @@ class TestActivity:
 
 
 # file manager #####################################################################################
+
 
 FM_LIMIT_MB = 2
 FM_STAT_KEYS = {
@@ -9167,6 +7832,7 @@ class TestBackups:
 
 # transfers ########################################################################################
 
+
 DST_TOKEN_ID = "dstnode0000000ab"
 DST_TOKEN = "d" * 64
 
@@ -9530,546 +8196,1894 @@ class TestTransfers:
             dst_panel.close()
 
 
-# disk quotas ######################################################################################
+# metrics ##########################################################################################
 
 
-@pytest.fixture(scope="session")
-def btrfs_mount(tmp_path_factory):
-    """A loop-mounted btrfs image (under /tmp) for the whole session; unmounted and deleted at
-    the end."""
-    if os.geteuid() != 0:
-        print("SKIP btrfs quota tests: not root (a loop mount needs root)")
-        pytest.skip("btrfs quota tests need root (loop mount)")
-    if not (shutil.which("mkfs.btrfs") and shutil.which("btrfs")):
-        print("SKIP btrfs quota tests: btrfs-progs (mkfs.btrfs, btrfs) is not installed")
-        pytest.skip("btrfs quota tests need btrfs-progs (mkfs.btrfs, btrfs)")
-    base = tmp_path_factory.mktemp("btrfs")
-    image, mnt = base / "disk.img", base / "mnt"
-    mnt.mkdir()
-    with open(image, "wb") as fh:
-        fh.truncate(400 * 1024 * 1024)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-        image.unlink()
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
 
 
-def write_until_refused(
-    path: Path, chunk: int = 1024 * 1024, most: int = 64
-) -> tuple[int, int | None]:
-    """Append ``chunk``-byte blocks (fsynced) until the kernel refuses; (bytes written, errno or
-    None)."""
-    written = 0
-    try:
-        fh = open(path, "ab")  # creating the file may be what is refused
-    except OSError as exc:
-        return 0, exc.errno
-    with fh:
-        for _ in range(most):
-            try:
-                fh.write(b"\0" * chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            except OSError as exc:
-                return written, exc.errno
-            written += chunk
-    return written, None
+def parse_exposition(text: str) -> dict[str, dict]:
+    """A strict reader of Prometheus' text format 0.0.4; any deviation is an AssertionError.
 
+    Returns ``{family: {"type", "help", "samples": {(name, ((label, value), ...)): float}}}``.
+    """
+    import re
 
-class FakeQuotaCalls:
-    """Records the ioctls and quotactls the project backend builds; keeps project ids per inode."""
-
-    def __init__(self, quotactl_errno: int | None = None):
-        self.calls: list[tuple] = []
-        self.projids: dict[int, int] = {}
-        self.space: dict[int, int] = {}
-        self.quotactl_errno = quotactl_errno
-
-    def ioctl(self, fd, request, buf):
-        ino = os.fstat(fd).st_ino
-        if request == w.FS_IOC_FSGETXATTR:
-            buf[:] = w.FSXATTR.pack(0, 0, 0, self.projids.get(ino, 0), 0)
-        elif request == w.FS_IOC_FSSETXATTR:
-            xflags, _, _, projid, _ = w.FSXATTR.unpack(buf)
-            self.projids[ino] = projid
-            self.calls.append(("setxattr", ino, xflags, projid))
+    assert text.endswith("\n"), "the exposition must end with a line feed"
+    families: dict[str, dict] = {}
+    finished: set[str] = set()
+    current = None
+    sample_re = re.compile(rf"^({_METRIC_NAME})(\{{(.*)\}})? (\S+)( -?\d+)?$")
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {number}: {line!r}"
+        assert line, f"{where}: empty lines are not written"
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            assert parts[0] == "#" and parts[1] in ("HELP", "TYPE") and len(parts) >= 3, where
+            name = parts[2]
+            assert re.fullmatch(_METRIC_NAME, name), where
+            family = families.setdefault(name, {"type": None, "help": None, "samples": {}})
+            assert name not in finished and not family["samples"], f"{where}: family reopened"
+            key = parts[1].lower()
+            assert family[key] is None, f"{where}: second {parts[1]}"
+            family[key] = parts[3] if len(parts) > 3 else ""
+            if key == "type":
+                assert family["type"] in ("counter", "gauge", "histogram"), where
+            if current and current != name:
+                finished.add(current)
+            current = name
+            continue
+        match = sample_re.match(line)
+        assert match, f"{where}: not a sample"
+        name, _, label_text, value_text = match.group(1, 2, 3, 4)
+        family_name = current
+        assert family_name, f"{where}: a sample before any TYPE"
+        kind = families[family_name]["type"]
+        assert kind is not None, f"{where}: a sample before its TYPE"
+        allowed = (
+            {family_name + s for s in ("_bucket", "_sum", "_count")}
+            if kind == "histogram"
+            else {family_name}
+        )
+        assert name in allowed, f"{where}: {name} does not belong to family {family_name}"
+        labels = _parse_labels(label_text or "", where)
+        value = float(value_text) if value_text not in ("+Inf", "-Inf", "NaN") else None
+        if value is None:
+            value = {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}[value_text]
         else:
-            raise AssertionError(f"unexpected ioctl {request:#x}")
+            assert re.fullmatch(r"-?\d+(\.\d+)?(e[+-]?\d+)?", value_text), where
+        key = (name, tuple(sorted(labels.items())))
+        samples = families[family_name]["samples"]
+        assert key not in samples, f"{where}: duplicate sample"
+        samples[key] = value
+    for name, family in families.items():
+        assert family["type"] and family["help"], f"{name}: HELP and TYPE are both written"
+        if family["type"] == "counter":
+            assert name.endswith("_total"), f"{name}: counters end in _total"
+            assert all(v >= 0 for v in family["samples"].values()), name
+        if family["type"] == "histogram":
+            _check_histogram(name, family["samples"])
+    return families
 
-    def quotactl(self, cmd, device, ident, buf):
-        if self.quotactl_errno:
-            raise OSError(self.quotactl_errno, os.strerror(self.quotactl_errno))
-        self.calls.append(("quotactl", cmd, device, ident, bytes(buf)))
-        if cmd == w.qcmd(w.Q_GETQUOTA, w.PRJQUOTA):
-            buf[:] = w.IF_DQBLK.pack(0, 0, self.space.get(ident, 0), 0, 0, 0, 0, 0, 0x1FF)
 
+def _parse_labels(text: str, where: str) -> dict[str, str]:
+    import re
 
-class TestQuotaSelection:
-    MOUNTINFO = (
-        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
-        "44 27 0:39 / /srv/data\\040disk rw,relatime - btrfs /dev/loop0 rw,subvolid=5\n"
-        "45 27 0:40 / /srv rw - xfs /dev/sdb1 rw\n"
-    )
-
-    def test_mount_of_takes_the_longest_mount_point_and_decodes_escapes(self):
-        assert w.mount_of("/srv/data disk/x", self.MOUNTINFO) == (
-            "/srv/data disk",
-            "btrfs",
-            "/dev/loop0",
+    labels: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        match = re.compile(rf'({_LABEL_NAME})="((?:[^"\\\n]|\\[\\"n])*)"').match(text, pos)
+        assert match, f"{where}: bad label at {text[pos:]!r}"
+        assert match.group(1) not in labels, f"{where}: label repeated"
+        labels[match.group(1)] = (
+            match.group(2).replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
         )
-        assert w.mount_of("/srv/other", self.MOUNTINFO) == ("/srv", "xfs", "/dev/sdb1")
-        assert w.mount_of("/srvx", self.MOUNTINFO) == ("/", "ext4", "/dev/vda")
+        pos = match.end()
+        if pos < len(text):
+            assert text[pos] == ",", f"{where}: labels are separated by commas"
+            pos += 1
+    return labels
 
-    def test_qgroup_show_output_is_parsed_for_referenced_bytes(self):
-        out = (
-            "Qgroupid    Referenced    Exclusive   Path\n--------    ----------    ---------   "
-            "----\n1/100  999 999 x\n0/257   10469376   10469376   data/s\n"
-        )
-        assert w.parse_qgroup_referenced(out) == 10469376
-        assert w.parse_qgroup_referenced(out, "1/100") == 999
-        with pytest.raises(ValueError):
-            w.parse_qgroup_referenced("Qgroupid Referenced\n")
 
-    def test_auto_takes_project_quotas_on_ext4_when_the_kernel_has_them_else_soft_with_the_reason(
-        self, tmp_path
-    ):
-        mi = "27 1 254:0 / / rw - ext4 /dev/sdz rw\n"
-        assert (
-            w.select_quota_backend("auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls()).name
-            == "project"
-        )
-        soft = w.select_quota_backend(
-            "auto", tmp_path, mountinfo=mi, calls=FakeQuotaCalls(errno.ENOSYS)
-        )
-        assert (
-            soft.name == "soft" and "no quota support" in soft.reason and soft.stops_running_servers
-        )
-        tmpfs = w.select_quota_backend(
-            "project", tmp_path, mountinfo="1 1 0:1 / / rw - tmpfs tmpfs rw\n"
-        )
-        assert tmpfs.name == "soft" and "not ext4 or xfs" in tmpfs.reason
+def _check_histogram(name: str, samples: dict) -> None:
+    series: dict[tuple, dict] = {}
+    for (sample, labels), value in samples.items():
+        plain = tuple((k, v) for k, v in labels if k != "le")
+        entry = series.setdefault(plain, {"buckets": [], "sum": None, "count": None})
+        if sample.endswith("_bucket"):
+            le = dict(labels)["le"]
+            entry["buckets"].append((math.inf if le == "+Inf" else float(le), value))
+        else:
+            entry[sample.rsplit("_", 1)[1]] = value
+    for labels, entry in series.items():
+        buckets = sorted(entry["buckets"])
+        assert buckets and buckets[-1][0] == math.inf, f"{name}{labels}: no +Inf bucket"
+        counts = [c for _, c in buckets]
+        assert counts == sorted(counts), f"{name}{labels}: buckets are not cumulative"
+        assert entry["count"] == buckets[-1][1] and entry["sum"] is not None, name
 
-    def test_btrfs_requested_on_ext4_falls_back_to_soft_and_says_why(self, tmp_path):
-        backend = w.select_quota_backend(
-            "btrfs", tmp_path, mountinfo="27 1 254:0 / / rw - ext4 /dev/vda rw\n"
-        )
-        assert backend.name == "soft" and "not btrfs" in backend.reason
 
-    def test_off_never_stops_a_server_and_bad_modes_are_refused(self, tmp_path):
-        off = w.select_quota_backend("off", tmp_path)
-        assert off.name == "off" and not off.stops_running_servers
-        with pytest.raises(w.ConfigError):
-            w.select_quota_backend("zfs", tmp_path)
-        with pytest.raises(
-            w.ConfigError, match=r"node\.yml: wingslite\.disk_quota: must be one of auto, btrfs"
+def metrics_of(daemon, token: str = TOKEN) -> dict[str, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status == 200, body
+    assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    return parse_exposition(body)
+
+
+def sample(families: dict, name: str, **labels) -> float:
+    family = next(f for n, f in families.items() if name.startswith(n))
+    return family["samples"][(name, tuple(sorted(labels.items())))]
+
+
+class TestMetrics:
+    """``GET /metrics``: Prometheus' text format, the figures of a running server."""
+
+    def test_the_figures_of_a_running_server(self, console_node, panel):
+        daemon = console_node(wingslite__metrics_token="scrape-me")
+        uuid = daemon.uuid
+        conn, _ = ws_authed(daemon, uuid)
+        with conn:
+            ws_send(conn, "set state", "start")
+            ws_until(conn, "status", match="running")
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+            panel.fail[f"/api/remote/servers/{uuid}"] = [404]
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 404
+            m = metrics_of(daemon, "scrape-me")
+        server = {"server": uuid}
+        assert sample(m, "wingslite_server_state", **server, state="running") == 1
+        assert sample(m, "wingslite_server_state", **server, state="offline") == 0
+        assert sample(m, "wingslite_server_memory_bytes", **server) == 1234
+        assert sample(m, "wingslite_server_cpu_percent", **server) == 1.5
+        assert sample(m, "wingslite_server_network_receive_bytes_total", **server) == 7
+        assert sample(m, "wingslite_server_network_transmit_bytes_total", **server) == 9
+        assert sample(m, "wingslite_server_websocket_sessions", **server) == 1
+        assert sample(m, "wingslite_server_sftp_sessions", **server) == 0
+        assert sample(m, "wingslite_server_syncs_total", **server) == 2
+        assert sample(m, "wingslite_server_sync_failures_total", **server) == 1
+        assert sample(m, "wingslite_server_sync_duration_seconds_count", **server) == 2
+        assert sample(m, "wingslite_server_operations_total", **server, operation="install") == 0
+        daemon.get_server(uuid).fs.ensure()
+        TestBackups.backup(daemon, uuid)
+        counted = sample(
+            metrics_of(daemon), "wingslite_server_operations_total", **server, operation="backup"
+        )
+        assert counted == 1
+        assert sample(m, "wingslite_servers") == 1
+        path = {"method": "GET", "path": "/servers/{uuid}"}  # uuids folded: one series per route
+        assert sample(m, "wingslite_panel_requests_total", **path, outcome="2xx") >= 2
+        assert sample(m, "wingslite_panel_requests_total", **path, outcome="4xx") == 1
+        assert sample(m, "wingslite_panel_failures_total", **path) == 1
+        assert sample(m, "wingslite_panel_request_duration_seconds_count", **path) >= 3
+
+    def test_only_the_node_token_or_the_metrics_token_may_read(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__metrics_token="scrape-me")
+        assert metrics_of(daemon)["wingslite_info"]["samples"]
+        assert api(daemon, "GET", "/metrics", token=None)[0] == 401
+        assert api(daemon, "GET", "/metrics", token="scrape-me-not")[0] == 403
+        plain = make_daemon(panel)  # no metrics token: an empty one is never accepted
+        assert api(plain, "GET", "/metrics", token="")[0] == 401
+        assert api(plain, "GET", "/metrics", token="scrape-me")[0] == 403
+
+    def test_the_parser_refuses_what_the_format_forbids(self):
+        good = '# HELP a_total A.\n# TYPE a_total counter\na_total{x="1"} 2\n'
+        assert parse_exposition(good)["a_total"]["samples"]
+        for bad in (
+            good.rstrip("\n"),
+            good + 'a_total{x="1"} 3\n',
+            "# TYPE a counter\n# HELP a A.\na 1\n",
+            good.replace('x="1"', "x=1"),
+            good + "# HELP b B.\n# TYPE b gauge\nb 1\n# HELP a_total again\n",
         ):
-            w.Config(
-                node_config(tmp_path, "http://127.0.0.1:9", wingslite__disk_quota="zfs"), "node.yml"
-            )  # CLI: exit 2
+            with pytest.raises(AssertionError):
+                parse_exposition(bad)
 
-    def test_system_reports_the_backend_in_force_and_why(self, panel, make_daemon):
-        daemon = make_daemon(panel, wingslite__disk_quota="off")
-        status, _, body = api(daemon, "GET", "/api/system")
-        assert status == 200
-        assert body["wingslite"]["disk_quota"]["configured"] == "off"
-        assert (
-            body["wingslite"]["disk_quota"]["backend"] == "off"
-            and "off" in body["wingslite"]["disk_quota"]["reason"]
+    def test_label_values_are_escaped(self):
+        out = w.MetricsText()
+        out.family("x", "gauge", "X.", [({"v": 'a"b\\c\nd'}, 1)])
+        assert parse_exposition(out.text())["x"]["samples"] == {("x", (("v", 'a"b\\c\nd'),)): 1}
+
+
+# HTTP API #########################################################################################
+
+
+class TestHttpApi:
+    def test_missing_or_malformed_auth_is_401_with_www_authenticate(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        for token_header in (
+            None,
+            "Basic abc",
+            f"bearer {TOKEN}",
+            "Bearer",
+            f"Bearer {TOKEN} extra",
+        ):
+            headers = {"Authorization": token_header} if token_header else {}
+            status, hdrs, body = api(daemon, "GET", "/api/servers", token=None, headers=headers)
+            assert status == 401 and hdrs["www-authenticate"] == "Bearer", token_header
+            assert (
+                body["error"] == "The required authorization heads were not present in the request."
+            )
+            assert body["request_id"] == hdrs["x-request-id"]
+
+    def test_wrong_token_is_403(self, panel, make_daemon):
+        status, _, body = api(make_daemon(panel), "GET", "/api/system", token="nope")
+        assert status == 403 and body["error"] == "You are not authorized to access this endpoint."
+
+    def test_options_is_204_with_cors_and_no_auth(self, panel, make_daemon):
+        daemon = make_daemon(panel, allowed_origins=["https://other.example"])
+        status, hdrs, body = api(
+            daemon,
+            "OPTIONS",
+            "/api/servers/x/sync",
+            token=None,
+            headers={"Origin": "https://other.example"},
         )
-
-
-class TestProjectQuota:
-    def test_request_numbers_match_the_kernel_headers(self):
-        # linux/fs.h and linux/quota.h on every architecture with the generic ioctl layout
-        assert (w.FS_IOC_FSGETXATTR, w.FS_IOC_FSSETXATTR) == (0x801C581F, 0x401C5820)
+        assert status == 204 and body is None
+        assert hdrs["access-control-allow-origin"] == "https://other.example"
         assert (
-            w.qcmd(w.Q_SETQUOTA, w.PRJQUOTA) == 0x80000802
-            and w.qcmd(w.Q_GETQUOTA, w.PRJQUOTA) == 0x80000702
+            "POST" in hdrs["access-control-allow-methods"]
+            and hdrs["access-control-max-age"] == "7200"
         )
-        assert (w.IF_DQBLK.size, w.FSXATTR.size, w.IF_DQINFO.size) == (72, 28, 24)
+        status, hdrs, _ = api(
+            daemon, "GET", "/api/system", headers={"Origin": "https://evil.example"}
+        )
+        assert hdrs["access-control-allow-origin"] == panel.url
 
-    def test_block_limit_rounds_up_to_whole_kib_and_zero_removes_it(self):
-        hard, soft, *_, valid = w.IF_DQBLK.unpack(w.setquota_block(10 * 1024 * 1024 + 1))
-        assert (hard, soft, valid) == (10241, 10241, w.QIF_BLIMITS)
-        assert w.IF_DQBLK.unpack(w.setquota_block(0))[:2] == (0, 0)
-
-    def test_prepare_tags_the_directory_to_inherit_and_tags_what_is_already_there_once(
-        self, tmp_path
-    ):
-        calls = FakeQuotaCalls()
-        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
-        root = tmp_path / "3f1c8a"
-        (root / "sub").mkdir(parents=True)
-        (root / "sub" / "file").write_bytes(b"x")
-        (root / "link").symlink_to("/etc/passwd")
-        backend.prepare(root)
-        pid = backend.project_id(root)
-        assert pid != 0 and backend.enforced(root)
-        tagged = {
-            ino: (flags, projid)
-            for _, ino, flags, projid in (c for c in calls.calls if c[0] == "setxattr")
+    def test_a_pushed_node_configuration_is_acknowledged_and_not_applied(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        pushed = {
+            "token": "new-token-from-a-reset",
+            "remote": "https://evil.example",
+            "system": {"data": "/"},
         }
-        assert tagged == {
-            root.stat().st_ino: (w.FS_XFLAG_PROJINHERIT, pid),
-            (root / "sub").stat().st_ino: (w.FS_XFLAG_PROJINHERIT, pid),
-            (root / "sub" / "file").stat().st_ino: (0, pid),
-        }
-        calls.calls.clear()
-        backend.prepare(root)
-        assert calls.calls == []
-
-    def test_prepare_does_not_hang_on_a_fifo_the_game_server_made(self, tmp_path):
-        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=FakeQuotaCalls())
-        root = tmp_path / "srv"
-        root.mkdir()
-        os.mkfifo(
-            root / "pipe"
-        )  # no writer: a blocking open would wait forever, holding the server's lock
-        worker = threading.Thread(target=backend.prepare, args=(root,), daemon=True)
-        worker.start()
-        worker.join(5)
-        assert not worker.is_alive() and backend.enforced(root)
-
-    def test_project_ids_are_stable_and_never_shared(self, tmp_path):
-        calls = FakeQuotaCalls()
-        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
-        a, b = tmp_path / "a", tmp_path / "b"
-        backend.prepare(a)
-        calls.projids[a.stat().st_ino] = backend.choose_project_id(
-            b
-        )  # b's natural id is taken by a
-        backend.prepare(b)
-        assert backend.project_id(a) != backend.project_id(b) != 0
-        assert backend.choose_project_id(tmp_path / "c") == backend.choose_project_id(
-            tmp_path / "c"
-        )
-
-    def test_set_limit_builds_setquota_for_the_directory_project_and_usage_comes_from_getquota(
-        self, tmp_path
-    ):
-        calls = FakeQuotaCalls()
-        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
-        root = tmp_path / "srv"
-        root.mkdir()
-        notes = backend.set_limit(root, 5 * 1024 * 1024)  # an untagged directory is tagged first
-        pid = backend.project_id(root)
-        _, cmd, device, ident, buf = calls.calls[-1]
-        assert (cmd, device, ident, w.IF_DQBLK.unpack(buf)[0]) == (
-            0x80000802,
-            "/dev/sdz",
-            pid,
-            5120,
-        )
-        assert "5242880 bytes" in notes[0]
+        status, _, body = api(daemon, "POST", "/api/update", body=pushed)
+        assert status == 200 and body == {"applied": False}
+        assert daemon.config.token == TOKEN and daemon.config.remote == panel.url
+        assert api(daemon, "GET", "/api/system")[0] == 200  # the old token still works
+        assert api(daemon, "POST", "/api/update", raw=b"[1]")[0] == 422
         assert (
-            "removed" in backend.set_limit(root, 0)[0]
-            and w.IF_DQBLK.unpack(calls.calls[-1][4])[0] == 0
+            api(daemon, "POST", "/api/update", body=pushed, token="new-token-from-a-reset")[0]
+            == 403
         )
-        calls.space[pid] = 12345
-        assert backend.usage_bytes(root) == 12345
+
+    def test_system_info(self, panel, make_daemon):
+        status, _, body = api(make_daemon(panel), "GET", "/api/system")
+        assert (
+            status == 200
+            and body["os"] == "linux"
+            and body["version"] == w.VERSION
+            and body["cpu_count"] >= 1
+        )
+        assert body["wingslite"]["disk_quota"]["backend"]
+
+    def test_unknown_route_and_wrong_method_are_json_errors(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        status, _, body = api(daemon, "GET", "/api/nothing/here")
+        assert status == 404 and "no route" in body["error"] and body["request_id"]
+        status, _, _ = api(daemon, "GET", "/api/nothing/here", token=None)
+        assert status == 401  # strangers learn nothing about routes
+        status, hdrs, body = api(daemon, "PUT", "/api/servers")
+        assert status == 405 and "GET" in hdrs["allow"] and "not allowed" in body["error"]
+
+    def test_oversized_and_unparsable_bodies(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__max_request_bytes=1000)
+        status, _, body = api(daemon, "POST", "/api/servers", raw=b"{" + b" " * 2000 + b"}")
+        assert status == 413 and "limit is 1000" in body["error"]
+        status, _, body = api(daemon, "POST", "/api/servers", raw=b"{not json")
+        assert status == 400 and "parsable" in body["error"]
+        status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": "not-a-uuid"})
+        assert status == 422
+
+    def test_keep_alive_connection_serves_many_requests(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        for _ in range(20):
+            conn.request("GET", "/api/system", headers={"Authorization": f"Bearer {TOKEN}"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["os"] == "linux"
+        conn.close()
+
+    def test_malformed_request_line_gets_json_not_html(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
+            s.sendall(b"GARBAGE\r\n\r\n")
+            data = s.recv(65536)
+        assert (
+            data.startswith(b"HTTP/1.1 400") and b'"error"' in data and b"<html" not in data.lower()
+        )
+
+    def test_server_routes_404_for_unknown_servers(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        for method, path in [
+            ("GET", "/api/servers/x"),
+            ("POST", "/api/servers/x/sync"),
+            ("DELETE", "/api/servers/x"),
+        ]:
+            status, _, body = api(daemon, method, path)
+            assert (
+                status == 404
+                and body["error"] == "The requested resource does not exist on this instance."
+            )
+
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_create_get_list_and_delete_a_server(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        uuid = panel.add(panel_document())
+        status, _, _ = api(
+            daemon, "POST", "/api/servers", body={"uuid": uuid, "start_on_completion": False}
+        )
+        assert status == 202
+        assert (daemon.config.data_dir / uuid).is_dir()
+        status, _, body = api(daemon, "GET", f"/api/servers/{uuid}")
+        assert (
+            status == 200 and body["state"] == "offline" and body["configuration"]["uuid"] == uuid
+        )
+        assert body["utilization"]["network"] == {"rx_bytes": 0, "tx_bytes": 0}
+        # A repeated create is a sync, as in Wings (the duplicate-create test covers the files).
+        status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
+        assert status == 202
+        assert [s["configuration"]["uuid"] for s in api(daemon, "GET", "/api/servers")[2]] == [uuid]
+        status, _, _ = api(daemon, "DELETE", f"/api/servers/{uuid}")
+        assert status == 204 and uuid not in daemon.servers
+        wait_for(
+            lambda: not (daemon.config.data_dir / uuid).exists(),
+            what="the data directory to be removed",
+        )
+        assert not (daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").exists()
+
+    def test_create_of_a_server_the_panel_does_not_know_is_404(self, panel, make_daemon):
+        status, _, body = api(
+            make_daemon(panel), "POST", "/api/servers", body={"uuid": str(uuidlib.uuid4())}
+        )
+        assert status == 404 and "does not know" in body["error"]
+
+
+class TestHttpHead:
+    """HEAD is GET without a body on every GET route; no method is ever answered 501."""
+
+    def exchange(self, conn, method: str, path: str):
+        conn.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+    @pytest.mark.docker  # the logs route asks the engine
+    def test_head_answers_as_get_without_a_body_on_four_routes(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        try:
+            for path in (
+                "/api/system",
+                "/api/servers",
+                f"/api/servers/{uuid}",
+                f"/api/servers/{uuid}/logs",
+            ):
+                # One keep-alive connection: a body sent after a HEAD would be read as the
+                # next answer, and the GET after it would fail to parse.
+                head_status, head_headers, head_body = self.exchange(conn, "HEAD", path)
+                status, headers, body = self.exchange(conn, "GET", path)
+                assert head_status == status == 200 and head_body == b"", path
+                assert head_headers["content-type"] == headers["content-type"]
+                assert int(head_headers["content-length"]) > 0 and body, path
+        finally:
+            conn.close()
+
+    def test_head_elsewhere_answers_as_get_would_and_no_method_gets_501(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        assert api(daemon, "HEAD", "/api/nowhere")[0] == 404
+        assert api(daemon, "HEAD", f"/api/servers/{uuid}/sync")[:2][0] == 405
+        status, headers, _ = api(daemon, "GET", f"/api/servers/{uuid}/sync")
+        assert status == 405 and headers["allow"] == "POST"
+        status, headers, _ = api(daemon, "TRACE", f"/api/servers/{uuid}")
+        assert status == 405 and headers["allow"] == "DELETE, GET, HEAD"
+        for method in ("BREW", "CONNECT", "PROPFIND"):
+            assert api(daemon, method, "/api/system")[0] == 405
+            assert api(daemon, method, "/api/nowhere")[0] == 404
+        assert api(daemon, "HEAD", "/api/system", token=None)[0] == 401
+
+    def test_daemon_console_lines_carry_the_nodes_app_name(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, app_name="Acme Hosting")
+        panel.down = True  # the start's sync fails: the server says so on its console
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        server = daemon.servers[uuid]
+        line = wait_for(
+            lambda: next((x for x in server.console.tail(50) if "Unable to sync" in x), None),
+            what="the console line",
+        )
+        assert "[Acme Hosting Daemon]:" in line and "Pterodactyl" not in line
+
+
+# HTTP API: framing and connections ################################################################
+
+
+def raw_exchange(port: int, data: bytes, timeout_s: float = 10):
+    """Send raw bytes on a new connection and read one answer:
+    (status, lower-cased headers, decoded JSON body or None, whether the server then closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock, method="GET")
+        resp.begin()
+        body = resp.read()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+    return resp.status, headers, (json.loads(body) if body else None), closed
+
+
+def stranger(port: int) -> socket.socket:
+    """A connection that says nothing (or whatever the test sends on it later)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def closed_by_server(sock: socket.socket, timeout_s: float = 10) -> bool:
+    """True when the server closes the connection within ``timeout_s`` (whatever it sends first,
+    such as a TLS alert)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if sock.recv(65536) == b"":
+                return True
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+class TestHttpFraming:
+    """RFC 9112 framing: whatever a proxy in front could read differently is a 400 and a close."""
+
+    AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+
+    def refused(self, daemon, head: str, body: bytes = b"") -> str:
+        status, headers, answer, closed = raw_exchange(daemon.port, head.encode() + body)
+        assert status == 400 and closed, (status, answer)
+        assert answer["request_id"] == headers["x-request-id"]
+        return answer["error"]
+
+    def test_two_different_content_lengths_are_refused_and_identical_ones_allowed(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        body = b'{"user": "u"}'
+        error = self.refused(
+            daemon, head + f"Content-Length: {len(body)}\r\nContent-Length: 40\r\n\r\n", body
+        )
+        assert "more than one Content-Length" in error
+        twice = f"Content-Length: {len(body)}\r\n" * 2 + "\r\n"
+        status, _, _, _ = raw_exchange(daemon.port, (head + twice).encode() + body)
+        assert status == 204
+
+    def test_transfer_encoding_other_than_a_single_chunked_is_refused(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        for coding in (
+            "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+        ):
+            assert "Transfer-Encoding" in self.refused(daemon, head + coding + "\r\n", b"{}")
+        status, _, answer, closed = raw_exchange(
+            daemon.port, (head + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
+        )
+        assert status == 411 and closed, answer
+
+    def test_a_content_length_that_is_not_plain_digits_is_refused(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        head = "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n" + self.AUTH
+        for value in ("+2", "0_2", "2.0", "0x2", "2, 2"):
+            error = self.refused(daemon, head + f"Content-Length: {value}\r\n\r\n", b"{}")
+            assert "plain digits" in error, value
+
+    def test_whitespace_before_a_colon_is_refused_not_read_as_the_end_of_the_headers(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        for bad in ("Content-Length : 2", "Authorization : Bearer x", "X Y: z"):
+            head = f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{bad}\r\n{self.AUTH}\r\n"
+            assert "malformed" in self.refused(daemon, head, b"{}"), bad
+
+    def test_multipart_and_message_content_types_are_not_mistaken_for_broken_headers(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel)
+        for content_type in ("multipart/form-data; boundary=bbb", "message/rfc822"):
+            head = f"GET /api/system HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            status, _, body, _ = raw_exchange(daemon.port, (head + self.AUTH + "\r\n").encode())
+            assert status == 200, (content_type, body)
+
+    def test_http11_needs_exactly_one_host(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        assert "Host" in self.refused(daemon, f"GET /api/system HTTP/1.1\r\n{self.AUTH}\r\n")
+        two = f"GET /api/system HTTP/1.1\r\nHost: a\r\nHost: b\r\n{self.AUTH}\r\n"
+        assert "Host" in self.refused(daemon, two)
+        status, _, body, _ = raw_exchange(
+            daemon.port, f"GET /api/system HTTP/1.0\r\n{self.AUTH}\r\n".encode()
+        )
+        assert status == 200 and body["version"] == w.VERSION
+
+    def test_a_refused_request_never_lets_a_second_one_through(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        smuggled = f"GET /api/system HTTP/1.1\r\nHost: x\r\n{self.AUTH}\r\n"
+        head = (
+            f"POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\n{self.AUTH}"
+            f"Content-Length: 0\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+        )
+        with stranger(daemon.port) as sock:
+            sock.sendall((head + smuggled).encode())
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 400 ") and received.count(b"HTTP/1.1") == 1
+
+    def test_parser_errors_carry_a_request_id(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        for data in (
+            b"GARBAGE\r\n\r\n",
+            b"GET /api/system HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+            b"GET /api/system HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n",
+        ):
+            status, headers, body, closed = raw_exchange(daemon.port, data)
+            assert status in (400, 431) and closed, (status, body)
+            assert body["request_id"] and body["request_id"] == headers["x-request-id"]
+
+
+class TestHttpConnections:
+    """Connection cap, header deadline and what strangers can (not) do to the Panel's requests."""
+
+    def test_headers_dripped_past_the_deadline_are_answered_408_and_closed(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
+        with stranger(daemon.port) as sock:
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
+            dripped = 0
+            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
+                if select_readable(sock, 0.3):
+                    break
+                sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
+            assert dripped < 39, "the server waited for every dripped header"
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            body = json.loads(resp.read())
+            assert resp.status == 408 and "within 1 s" in body["error"] and body["request_id"]
+            assert closed_by_server(sock)
+
+    def test_a_silent_connection_is_closed_after_the_header_timeout(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1)
+        with stranger(daemon.port) as sock:
+            assert closed_by_server(sock, timeout_s=10)
+
+    def test_the_panel_is_served_while_strangers_hold_every_connection(self, panel, make_daemon):
+        daemon = make_daemon(panel, wingslite__max_connections=6, wingslite__header_timeout_s=60)
+        strangers = [stranger(daemon.port) for _ in range(12)]
+        try:
+            wait_for(
+                lambda: daemon.http.connection_counts()["headers"] == 6, what="six strangers held"
+            )
+            assert api(daemon, "GET", "/api/system")[0] == 200
+            assert api(daemon, "GET", "/api/servers")[0] == 200
+            # the oldest strangers were closed to make room, never more than the cap held open
+            assert closed_by_server(strangers[0]) and closed_by_server(strangers[6])
+            assert sum(daemon.http.connection_counts().values()) <= 6
+        finally:
+            for sock in strangers:
+                sock.close()
+
+    def test_an_idle_kept_alive_connection_is_closed_before_a_newer_stranger(
+        self, panel, make_daemon
+    ):
+        daemon = make_daemon(panel, wingslite__max_connections=3, wingslite__header_timeout_s=60)
+        strangers = [stranger(daemon.port) for _ in range(2)]
+        kept = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["headers"] == 2, what="strangers")
+            kept.request("GET", "/api/system", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert kept.getresponse().read()
+            wait_for(lambda: daemon.http.connection_counts()["idle"] == 1, what="kept idle")
+            assert api(daemon, "GET", "/api/system")[0] == 200
+            assert closed_by_server(kept.sock)
+            assert not closed_by_server(strangers[0], timeout_s=0.5)
+        finally:
+            kept.close()
+            for sock in strangers:
+                sock.close()
+
+    def test_when_every_connection_is_busy_a_new_one_gets_503_retry_after_logged_once(
+        self, panel, make_daemon, caplog
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel, wingslite__max_connections=2)
+        panel.hang_s[f"/api/remote/servers/{uuid}"] = 1.5
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        syncs = [pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync") for _ in range(2)]
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["busy"] == 2, what="two busy")
+            with caplog.at_level(logging.INFO, logger="wingslite"):
+                answers = []
+                for _ in range(5):
+                    with stranger(daemon.port) as sock:
+                        resp = http.client.HTTPResponse(sock)
+                        resp.begin()
+                        answers.append((resp.status, resp.getheader("Retry-After"), resp.read()))
+            for status, retry_after, body in answers:
+                assert status == 503 and int(retry_after) > 0
+                assert json.loads(body)["request_id"]
+            refusals = [r for r in caplog.records if "refusing API connections" in r.getMessage()]
+            assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
+        finally:
+            assert [f.result()[0] for f in syncs] == [204, 204]
+            pool.shutdown()
+
+    def test_connections_reset_by_clients_log_no_traceback(self, panel, make_daemon, caplog):
+        daemon = make_daemon(panel)
+        with caplog.at_level(logging.INFO, logger="wingslite"):
+            half_body = (
+                "POST /api/deauthorize-user HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n"
+                f"Authorization: Bearer {TOKEN}\r\n\r\n" + '{"user": "'
+            ).encode()
+            for i in range(40):
+                sock = stranger(daemon.port)
+                # cut in the headers, or in the body of an authorised request
+                sock.sendall(half_body if i % 2 else b"GET /api/system HTTP/1.1\r\nX-Half: ")
+                time.sleep(0.01)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # an RST, not a FIN
+            wait_for(lambda: sum(daemon.http.connection_counts().values()) == 0, what="drained")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert len([r for r in caplog.records if "reset" in r.getMessage()]) <= 1
+        assert api(daemon, "GET", "/api/system")[0] == 200
+
+
+def select_readable(sock: socket.socket, timeout_s: float) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], timeout_s)[0])
+
+
+# HTTP API: TLS ####################################################################################
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+class CertificateFiles:
+    """A test CA and node certificates made with the system's ``openssl``, as certbot lays them
+    out."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = self.dir / "ca.pem"
+        self.cert = self.dir / "live" / "fullchain.pem"
+        self.key = self.dir / "live" / "privkey.pem"
+        self.cert.parent.mkdir()
+        _openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=wingslite test CA",
+            cwd=self.dir,
+        )  # fmt: skip
+        self.serial = 0
+        self.issue()
+
+    def issue(self) -> int:
+        """A new key and certificate for 127.0.0.1, swapped in as a renewal does; its serial."""
+        self.serial += 1
+        name = f"leaf{self.serial}"
+        (self.dir / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl(
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=127.0.0.1",
+            cwd=self.dir,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-set_serial", str(1000 + self.serial), "-days", "2", "-extfile", "ext.cnf",
+            "-out", f"{name}.pem",
+            cwd=self.dir,
+        )  # fmt: skip
+        chain = (self.dir / f"{name}.pem").read_bytes() + self.ca.read_bytes()
+        for target, data in (
+            (self.key, (self.dir / f"{name}.key").read_bytes()),
+            (self.cert, chain),
+        ):
+            tmp = target.with_suffix(".new")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return 1000 + self.serial
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+    def ca_spki_sha256(self) -> str:
+        """The CA key's SPKI hash, base64, for Chromium's --ignore-certificate-errors-spki-list."""
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.ca), "-pubkey", "-noout"],
+            check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        spki = subprocess.run(
+            ["openssl", "pkey", "-pubin", "-outform", "der"], input=der, check=True,
+            capture_output=True,
+        ).stdout  # fmt: skip
+        return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def https_get(daemon, path: str, context: ssl.SSLContext, token: str | None = TOKEN):
+    """One request over TLS: (status, decoded body, the server certificate's serial, TLS
+    version)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=context)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    resp = conn.getresponse()
+    body = resp.read()
+    peer = conn.sock.getpeercert()
+    version = conn.sock.version()
+    conn.close()
+    return resp.status, json.loads(body) if body else None, int(peer["serialNumber"], 16), version
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (.ci/run installs it)")
+    return CertificateFiles(tmp_path / "certs")
+
+
+def _tls_overrides(certs) -> dict:
+    return {
+        "api__ssl__enabled": True,
+        "api__ssl__cert": str(certs.cert),
+        "api__ssl__key": str(certs.key),
+    }
+
+
+class TestTls:
+    """``api.ssl``: HTTPS and WSS with the standard ``ssl`` module; renewals without a restart."""
+
+    def test_https_answers_with_the_node_certificate(self, panel, make_daemon, certificates):
+        daemon = make_daemon(panel, **_tls_overrides(certificates))
+        status, body, serial, version = https_get(
+            daemon, "/api/system", certificates.client_context()
+        )
+        assert status == 200 and body["version"] == w.VERSION
+        assert serial == 1001 and version in ("TLSv1.2", "TLSv1.3")
+        # Plain HTTP on the TLS port gets no HTTP answer, and TLS 1.1 is refused.
+        with pytest.raises((http.client.HTTPException, OSError)):
+            api(daemon, "GET", "/api/system")
+        old = ssl.create_default_context(cafile=str(certificates.ca))
+        with warnings.catch_warnings():  # the ssl module warns about setting TLS 1.1 at all
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+        with pytest.raises(ssl.SSLError):
+            https_get(daemon, "/api/system", old)
+        assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+
+    def test_wss_console_through_the_websockets_client(self, console_node, certificates):
+        from websockets.sync.client import connect
+
+        daemon = console_node(**_tls_overrides(certificates))
+        daemon.get_server(daemon.uuid).env.start(None)
+        url = f"wss://127.0.0.1:{daemon.port}/api/servers/{daemon.uuid}/ws"
+        with connect(
+            url,
+            ssl=certificates.client_context(),
+            origin=daemon.config.remote,
+            open_timeout=5,
+            proxy=None,
+        ) as conn:
+            ws_send(conn, "auth", ws_token(ws_claims(daemon.uuid)))
+            assert ws_event(conn)[0] == "auth success"
+            ws_send(conn, "send logs")
+            ws_until(conn, "console output", match="server ready")
+            ws_send(conn, "send command", "over tls " + "x" * 3000)  # more than one TLS record
+            ws_until(conn, "console output", match="> over tls")
+
+    def test_a_renewed_certificate_is_served_without_a_restart(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, **_tls_overrides(certificates))
+        context = certificates.client_context()
+        assert https_get(daemon, "/api/system", context)[2] == 1001
+        renewed = certificates.issue()
+        wait_for(
+            lambda: https_get(daemon, "/api/system", context)[2] == renewed,
+            timeout_s=10,
+            interval_s=0.2,
+            what="the renewed certificate",
+        )
+        # A renewal that is not a certificate is logged; the last good one stays in use.
+        certificates.cert.write_text("not a certificate\n")
+        time.sleep(1.2)
+        assert https_get(daemon, "/api/system", context)[2] == renewed
+
+    def test_a_certificate_that_cannot_be_read_stops_the_start_naming_the_file(
+        self, panel, tmp_path, certificates
+    ):
+        missing = tmp_path / "nope" / "fullchain.pem"
+        encrypted = tmp_path / "encrypted.pem"
+        _openssl(
+            "pkey", "-in", str(certificates.key), "-aes256", "-passout", "pass:secret",
+            "-out", str(encrypted),
+            cwd=tmp_path,
+        )  # fmt: skip
+        for cert, key, named in (
+            (missing, certificates.key, str(missing)),
+            (certificates.cert, certificates.ca, str(certificates.ca)),  # no private key in it
+            (certificates.cert, encrypted, f"{encrypted} is encrypted"),  # never a prompt
+            (certificates.cert, certificates.dir / "ca.key", "cannot be used together"),
+        ):
+            raw = node_config(tmp_path, panel.url, api__ssl__enabled=True)
+            raw["api"]["ssl"].update(cert=str(cert), key=str(key))
+            path = tmp_path / "config.yml"
+            path.write_text(yaml.safe_dump(raw))
+            run = subprocess.run(
+                [sys.executable, str(HERE / "wingslite.py"), "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 2, run.stderr
+            assert named in run.stderr and "api.ssl" in run.stderr, run.stderr
+
+    def test_headless_chromium_trusting_the_test_ca_opens_the_console(
+        self, console_node, certificates, tmp_path
+    ):
+        report = browser_console_report(
+            console_node,
+            tmp_path,
+            scheme="wss",
+            # Trust anchored on the test CA's key: it is in the chain the node presents.
+            chromium_flags=[
+                f"--ignore-certificate-errors-spki-list={certificates.ca_spki_sha256()}"
+            ],
+            **_tls_overrides(certificates),
+        )
+        assert report["result"] == "ok", report
+        assert "> from chromium" in report["text"]
+
+
+class TestTlsConnections:
+    """The connection cap and the header deadline hold over TLS too (the handshake counts as
+    header time)."""
+
+    def test_a_stranger_that_never_shakes_hands_is_closed_at_the_header_deadline(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1, **_tls_overrides(certificates))
+        with stranger(daemon.port) as sock:
+            assert closed_by_server(sock, timeout_s=10)
+        assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+
+    def test_headers_dripped_over_tls_past_the_deadline_close_the_connection(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(panel, wingslite__header_timeout_s=1, **_tls_overrides(certificates))
+        raw = stranger(daemon.port)
+        with certificates.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: x\r\n")
+            for dripped in range(1, 40):  # 12 s of headers at one line every 0.3 s
+                if select_readable(sock, 0.3):
+                    break
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X-Drip-%d: y\r\n" % dripped)
+            assert dripped < 39, "the server waited for every dripped header"
+            assert closed_by_server(sock)
+
+    def test_the_panel_is_served_over_tls_while_strangers_hold_every_connection(
+        self, panel, make_daemon, certificates
+    ):
+        daemon = make_daemon(
+            panel,
+            wingslite__max_connections=4,
+            wingslite__header_timeout_s=60,
+            **_tls_overrides(certificates),
+        )
+        strangers = [stranger(daemon.port) for _ in range(6)]
+        try:
+            wait_for(lambda: daemon.http.connection_counts()["headers"] == 4, what="strangers")
+            assert https_get(daemon, "/api/system", certificates.client_context())[0] == 200
+        finally:
+            for sock in strangers:
+                sock.close()
+
+
+# daemon: the sync #################################################################################
+
+
+class TestSync:
+    def booted(self, panel, make_daemon, **changes):
+        uuid = panel.add(panel_document(**changes))
+        daemon = make_daemon(panel)
+        assert uuid in daemon.servers
+        return daemon, uuid
+
+    def snapshot(self, daemon, uuid):
+        server = daemon.servers[uuid]
+        return (
+            server.config.document,
+            server.fs.limit_bytes,
+            saved_document(daemon, uuid),
+            server.last_sync,
+        )
+
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_sync_applies_the_panels_configuration_and_answers_204(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        panel.servers[uuid]["settings"]["build"].update(memory_limit=8192, disk_space=100)
+        panel.servers[uuid]["settings"]["environment"]["NEW_VAR"] = "hello"
+        status, hdrs, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 204 and body is None and hdrs["x-request-id"]
+        server = daemon.servers[uuid]
+        assert (
+            server.config.build.memory_mb == 8192
+            and server.config.environment["NEW_VAR"] == "hello"
+        )
+        assert server.fs.limit_bytes == 100 * 1_048_576
+        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 8192
+        _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
+        record = view["wingslite"]["last_sync"]
+        assert record["result"] == "ok" and any(
+            "disk limit 104857600" in a for a in record["applied"]
+        )
+        assert any("resource limits" in p for p in record["pending"])  # no container on this node
+        assert any("environment variables (next start)" in p for p in record["pending"])
+        assert view["configuration"]["build"]["memory_limit"] == 8192
+
+    def test_a_sync_that_changes_config_files_names_them_as_pending(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        panel.servers[uuid]["process_configuration"]["configs"] = [
+            {"parser": "properties", "file": "server.properties", "replace": []},
+            {"parser": "yaml", "file": "config.yml", "replace": []},
+        ]
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        record = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert "egg config files (server.properties, config.yml) (next start)" in record["pending"]
+        assert not any("stop command" in p for p in record["pending"])
+
+    def test_sync_of_a_server_unknown_here_is_404(self, panel, make_daemon):
+        daemon, _ = self.booted(panel, make_daemon)
+        assert api(daemon, "POST", f"/api/servers/{uuidlib.uuid4()}/sync")[0] == 404
+
+    @pytest.mark.parametrize("token, expected", [(None, 401), ("wrong", 403)])
+    def test_sync_needs_the_node_token(self, panel, make_daemon, token, expected):
+        daemon, uuid = self.booted(panel, make_daemon)
+        before = self.snapshot(daemon, uuid)
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync", token=token)[0] == expected
+        assert self.snapshot(daemon, uuid) == before
+
+    def test_server_gone_from_the_panel_is_404_and_changes_nothing(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        before = self.snapshot(daemon, uuid)
+        del panel.servers[uuid]
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 404 and "no longer knows" in body["error"] and body["request_id"]
+        assert self.snapshot(daemon, uuid) == before and uuid in daemon.servers
+
+    def test_panel_5xx_is_retried_then_500_and_changes_nothing(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        before = self.snapshot(daemon, uuid)
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1
+        calls_before = panel.calls.get(f"/api/remote/servers/{uuid}", 0)
+        panel.down = True
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        panel.down = False
+        retries = panel.calls[f"/api/remote/servers/{uuid}"] - calls_before
+        assert (
+            status == 500
+            and "HTTP 500" in body["error"]
+            and "nothing on this node was changed" in body["error"]
+        )
+        assert retries >= 3, f"the Panel was asked only {retries} times"
+        assert self.snapshot(daemon, uuid) == before
+
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_panel_5xx_then_recovery_within_the_budget_is_204(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1234
+        panel.fail[f"/api/remote/servers/{uuid}"] = [500, 503]
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert daemon.servers[uuid].config.build.memory_mb == 1234
+
+    def test_body_that_is_not_json_is_500_and_changes_nothing(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        before = self.snapshot(daemon, uuid)
+        panel.garbage.add(f"/api/remote/servers/{uuid}")
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 500 and "not valid JSON" in body["error"]
+        assert self.snapshot(daemon, uuid) == before
 
     @pytest.mark.parametrize(
-        "err, text",
-        [(errno.ENOSYS, "no quota support"), (errno.ESRCH, "prjquota"), (errno.EPERM, "root")],
+        "mutate, field",
+        [
+            (lambda s: s["build"].update(memory_limit=-512), "settings.build.memory_limit"),
+            (lambda s: s["build"].update(io_weight=5000), "settings.build.io_weight"),
+            (
+                lambda s: s["allocations"]["default"].update(port=99999),
+                "settings.allocations.default.port",
+            ),
+            (lambda s: s.update(uuid=str(uuidlib.uuid4())), "settings.uuid"),
+        ],
     )
-    def test_probe_explains_why_project_quotas_are_unavailable(self, tmp_path, err, text):
-        backend, why = w.ProjectQuota.probe(tmp_path, "ext4", "/dev/sdz", FakeQuotaCalls(err))
-        assert backend is None and text in why
-
-    def test_filesystem_reads_usage_from_the_quota_not_the_walk(self, tmp_path):
-        calls = FakeQuotaCalls()
-        backend = w.ProjectQuota(tmp_path, "/dev/sdz", calls=calls)
-        fs = w.Filesystem(tmp_path / "srv", 10_000, check_interval_s=60, quota=backend)
-        fs.ensure()
-        (fs.root / "f").write_bytes(b"x" * 9000)
-        calls.space[backend.project_id(fs.root)] = 4096
-        assert (
-            fs.usage_bytes() == 4096 and fs.reserve(5904) and not fs.reserve(5905)
-        )  # checked against the kernel's figure
-        assert not w.must_stop_for_disk(fs)  # the kernel holds it: no stop
-
-    def test_kernel_project_quota_refuses_a_write_past_the_limit(self, tmp_path):
-        _, fstype, device = w.mount_of(tmp_path)
-        backend, why = w.ProjectQuota.probe(tmp_path, fstype, device)
-        if backend is None:
-            print(f"SKIP kernel project quota test: {why}")
-            pytest.skip(f"no kernel project quotas here: {why}")
-        root = tmp_path / "srv"
-        backend.prepare(root)
-        backend.set_limit(root, 1024 * 1024)
-        written, err = write_until_refused(root / "f", 256 * 1024, 16)
-        assert err == errno.EDQUOT and written <= 1024 * 1024
-
-
-class TestBtrfsQuota:
-    def test_limit_holds_any_writer_and_follows_raise_lower_and_removal(self, btrfs_mount):
-        data = btrfs_mount / f"data-{uuidlib.uuid4().hex[:8]}"
-        backend = w.select_quota_backend("auto", data)
-        assert backend.name == "btrfs", backend.reason
-        backend.usage_ttl_s = 0
-        root = data / "srv"
-        backend.prepare(root)
-        assert backend.enforced(root)
-        assert "4194304 bytes" in backend.set_limit(root, 4 * 1024 * 1024)[0]
-        written, err = write_until_refused(root / "a")
-        assert err == errno.EDQUOT and 3 * 1024 * 1024 <= written <= 4 * 1024 * 1024
-        os.sync()
-        assert 3 * 1024 * 1024 <= backend.usage_bytes(root) <= 4 * 1024 * 1024
-        backend.set_limit(root, 8 * 1024 * 1024)
-        written, err = write_until_refused(root / "b")
-        assert err == errno.EDQUOT and 3 * 1024 * 1024 <= written <= 5 * 1024 * 1024
-        backend.set_limit(root, 1024 * 1024)  # far below usage: accepted, and nothing more fits
-        assert write_until_refused(root / "c", 4096, 4) == (0, errno.EDQUOT)
-        assert "removed" in backend.set_limit(root, 0)[0]
-        assert write_until_refused(root / "d", most=16) == (16 * 1024 * 1024, None)
-        os.sync()
-        assert backend.usage_bytes(root) > 20 * 1024 * 1024
-
-    def test_plain_directory_is_soft_for_that_server_and_stopped_when_over(self, btrfs_mount):
-        data = btrfs_mount / f"data-{uuidlib.uuid4().hex[:8]}"
-        backend = w.select_quota_backend("btrfs", data)
-        root = data / "plain"
-        root.mkdir(parents=True)
-        backend.prepare(root)  # cannot make it a subvolume: logs, does not fail
-        assert not backend.enforced(root) and backend.usage_bytes(root) is None
-        fs = w.Filesystem(root, 0, check_interval_s=60, quota=backend)
-        (root / "f").write_bytes(b"x" * 5000)
-        fs.recalculate()
-        notes = fs.set_limit(1000)
-        assert any("soft for this server" in n for n in notes) and any(
-            "over the new limit" in n for n in notes
+    def test_invalid_document_is_500_naming_the_field_and_changes_nothing(
+        self, panel, make_daemon, mutate, field
+    ):
+        daemon, uuid = self.booted(panel, make_daemon)
+        before = self.snapshot(daemon, uuid)
+        panel.servers[uuid]["settings"]["build"]["disk_space"] = (
+            1  # would change the disk limit if applied
         )
-        assert w.must_stop_for_disk(fs)
+        mutate(panel.servers[uuid]["settings"])
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 500 and field in body["error"], body
+        # Only the record changes: it shows the refusal on GET /api/servers/:server.
+        assert self.snapshot(daemon, uuid)[:3] == before[:3]
+        last_sync = api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused" and field in last_sync["failed"][0], last_sync
 
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_50_concurrent_syncs_on_one_server_end_in_the_panels_final_state(
+        self, panel, make_daemon
+    ):
+        daemon, uuid = self.booted(panel, make_daemon)
+        counter = iter(range(1, 10_000))
+        lock = threading.Lock()
 
-class _RunningEnvironment(w.Environment):
-    """A process that is running until stopped; the test publishes its stats ticks."""
+        def bump_then_sync(_):
+            with lock:  # the Panel changes while syncs are in flight
+                panel.servers[uuid]["settings"]["build"]["memory_limit"] = next(counter)
+            return api(daemon, "POST", f"/api/servers/{uuid}/sync")[0]
 
-    kind = "test"
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(bump_then_sync, range(50)))
+        assert statuses == [204] * 50
+        assert (
+            api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        )  # one more after the last change
+        final = panel.servers[uuid]["settings"]["build"]["memory_limit"]
+        assert daemon.servers[uuid].config.build.memory_mb == final
+        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == final
 
-    def __init__(self, server_uuid, events):
-        super().__init__(server_uuid, events)
-        self._state = w.OFFLINE
-        self.stops: list[float] = []
+    def test_syncs_of_different_servers_run_in_parallel(self, panel, make_daemon):
+        a = panel.add(panel_document())
+        b = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        panel.hang_s[f"/api/remote/servers/{a}"] = 1.0
+        panel.hang_s[f"/api/remote/servers/{b}"] = 1.0
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            statuses = list(
+                pool.map(lambda u: api(daemon, "POST", f"/api/servers/{u}/sync")[0], [a, b])
+            )
+        assert statuses == [204, 204] and time.monotonic() - started < 1.9
 
-    @property
-    def state(self):
-        return self._state
+    def test_suspension_closes_every_session_before_the_204(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        other = panel.add(panel_document())
+        daemon.load_from_panel()
+        closed = []
+        for i in range(5):
+            daemon.sessions.register(
+                uuid, f"user{i}", "websocket", lambda code, reason: closed.append(code)
+            )
+        daemon.sessions.register(uuid, "user9", "sftp", lambda code, reason: closed.append(code))
+        daemon.sessions.register(
+            other, "user0", "websocket", lambda code, reason: closed.append(("other", code))
+        )
+        panel.servers[uuid]["settings"]["suspended"] = True
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert (
+            closed == [4409] * 6
+            and daemon.sessions.count(uuid) == 0
+            and daemon.sessions.count(other) == 1
+        )
+        _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
+        assert (
+            view["is_suspended"] is True
+            and "suspended: 6 session(s) closed" in view["wingslite"]["last_sync"]["applied"]
+        )
+        status, _, body = api(
+            daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "start"}
+        )
+        assert (
+            status == 400 and body["error"] == "Cannot start or restart a server that is suspended."
+        )
 
-    def start(self, config):
-        for state in (w.STARTING, w.RUNNING):
-            self._state = state
-            self.events.publish("status", state)
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_a_failing_disk_quota_keeps_the_new_configuration_and_answers_500(
+        self, panel, make_daemon
+    ):
+        daemon, uuid = self.booted(panel, make_daemon)
 
-    def stop(self, config, timeout_s):
-        self.stops.append(timeout_s)
-        for state in (w.STOPPING, w.OFFLINE):
-            self._state = state
-            self.events.publish("status", state)
+        class BrokenQuota(w.QuotaBackend):
+            name = "broken"
 
-    def tick(self):
-        self.events.publish("stats", json.dumps({"state": self._state}))
+            def set_limit(self, root, limit_bytes):
+                raise OSError("qgroup limit refused")
 
+        daemon.servers[uuid].fs.ensure()
+        daemon.servers[uuid].fs.quota = BrokenQuota()
+        panel.servers[uuid]["settings"]["build"].update(memory_limit=777, disk_space=512)
+        status, _, body = api(daemon, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 500 and "disk limit: qgroup limit refused" in body["error"]
+        assert (
+            daemon.servers[uuid].config.build.memory_mb == 777
+        )  # the Panel is the source of truth
+        assert daemon.servers[uuid].last_sync["failed"] == ["disk limit: qgroup limit refused"]
+        assert not any(
+            a.startswith("disk limit") for a in daemon.servers[uuid].last_sync["applied"]
+        )
 
-class TestQuotaDaemon:
-    def _daemon(self, make_daemon, panel, **overrides) -> w.Daemon:
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_the_quota_backend_is_asked_only_when_the_disk_limit_changes(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        calls = []
+
+        class CountingQuota(w.QuotaBackend):
+            def set_limit(self, root, limit_bytes):
+                calls.append(limit_bytes)
+                return []
+
+        server = daemon.servers[uuid]
+        server.fs.quota = CountingQuota()
+        server.fs.ensure()
+        calls.clear()
+        for memory in (100, 200):
+            panel.servers[uuid]["settings"]["build"]["memory_limit"] = memory
+            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        panel.servers[uuid]["settings"]["build"]["disk_space"] = 7
+        assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
+        assert calls == [7 * 1_048_576]
+
+    def test_power_with_an_unknown_action_is_422(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        status, _, body = api(
+            daemon, "POST", f"/api/servers/{uuid}/power", body={"action": "explode"}
+        )
+        assert status == 422 and "power action" in body["error"]
+
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_commands_to_a_stopped_server_are_502(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        status, _, body = api(
+            daemon, "POST", f"/api/servers/{uuid}/commands", body={"commands": ["say hi"]}
+        )
+        assert (
+            status == 502 and body["error"] == "Cannot send commands to a stopped server instance."
+        )
+
+    def test_deauthorize_user_closes_that_users_sessions(self, panel, make_daemon):
+        daemon, uuid = self.booted(panel, make_daemon)
+        closed = []
+        daemon.sessions.register(
+            uuid, "alice", "websocket", lambda c, r: closed.append(("alice", c))
+        )
+        daemon.sessions.register(uuid, "bob", "sftp", lambda c, r: closed.append(("bob", c)))
+        assert (
+            api(daemon, "POST", "/api/deauthorize-user", body={"user": "alice", "servers": [uuid]})[
+                0
+            ]
+            == 204
+        )
+        assert closed == [("alice", w.CLOSE_UNAUTHORIZED)] and daemon.sessions.count(uuid) == 1
+        assert api(daemon, "POST", "/api/deauthorize-user", body={"servers": "x"})[0] == 422
+
+    def test_a_sync_or_start_queued_behind_a_delete_does_not_bring_the_server_back(
+        self, panel, make_daemon, tmp_path, caplog
+    ):
+        entered, release = threading.Event(), threading.Event()
+
+        class SlowDestroy(ConsoleEnvironment):
+            def destroy(self):
+                entered.set()
+                release.wait(10)
+
+        # counts who waits for the server's lock, so the test knows the queue is formed
+        class SpyLock:
+            def __init__(self, inner):
+                self.inner, self.waiting = inner, 0
+
+            def acquire(self, *args, **kwargs):
+                self.waiting += 1
+                try:
+                    return self.inner.acquire(*args, **kwargs)
+                finally:
+                    self.waiting -= 1
+
+            def release(self):
+                self.inner.release()
+
+            def __enter__(self):
+                return self.acquire()
+
+            def __exit__(self, *exc):
+                self.release()
+
+        uuid = panel.add(panel_document())
         daemon = w.Daemon(
-            w.Config(node_config(make_daemon.tmp_path, panel.url, **overrides), "test"),
-            environment_factory=lambda server: _RunningEnvironment(server.uuid, server.events),
+            w.Config(node_config(tmp_path, panel.url), "test"),
+            environment_factory=lambda s: SlowDestroy(s.uuid, s.events),
         )
         daemon.start()
         make_daemon.daemons.append(daemon)
         assert daemon.wait_booted(10)
-        return daemon
+        server = daemon.servers[uuid]
+        server.config_lock = spy = SpyLock(server.config_lock)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            delete = pool.submit(api, daemon, "DELETE", f"/api/servers/{uuid}")
+            assert entered.wait(5)
+            sync = pool.submit(api, daemon, "POST", f"/api/servers/{uuid}/sync")
+            # The sync waits for the delete's configuration lock; the start does not wait (the
+            # delete holds no power lock): it sees the server deleted and does nothing.
+            assert (
+                api(
+                    daemon,
+                    "POST",
+                    f"/api/servers/{uuid}/power",
+                    body={"action": "start", "wait_seconds": 30},
+                )[0]
+                == 202
+            )
+            wait_for(lambda: spy.waiting == 1, 5, what="the sync to wait for the delete")
+            wait_for(lambda: "power action start failed" in caplog.text, 5, what="the start")
+            release.set()
+            assert delete.result(10)[0] == 204
+            assert sync.result(10)[0] == 404
+        wait_for(
+            lambda: server.state != w.OFFLINE or "power action start failed" in caplog.text,
+            5,
+            what="the queued start to run",
+        )
+        assert server.state == w.OFFLINE and uuid not in daemon.servers
+        assert not (daemon.config.root_dir / "wingslite" / "servers" / f"{uuid}.json").exists()
 
-    @pytest.mark.parametrize("mode, stops", [("soft", True), ("off", False)])
-    def test_a_running_server_over_its_limit_is_stopped_with_a_console_message_unless_off(
-        self, panel, make_daemon, mode, stops
+
+# daemon: boot #####################################################################################
+
+
+class TestBoot:
+    def test_boot_loads_every_page(self, panel, make_daemon):
+        uuids = {panel.add(panel_document()) for _ in range(7)}
+        daemon = make_daemon(panel, remote_query__boot_servers_per_page=3)
+        assert set(daemon.servers) == uuids
+        assert panel.calls["/api/remote/servers"] == 3
+        assert panel.calls.get("/api/remote/servers/reset") == 1
+        for uuid in uuids:
+            assert saved_document(daemon, uuid)["settings"]["uuid"] == uuid
+
+    def test_one_bad_server_in_the_list_does_not_stop_the_boot(self, panel, make_daemon):
+        good = panel.add(panel_document())
+        bad = panel.add(panel_document(build__memory_limit=-1))
+        daemon = make_daemon(panel)
+        assert good in daemon.servers and bad not in daemon.servers
+
+    def test_panel_down_at_boot_serves_saved_configurations_then_catches_up(
+        self, panel, make_daemon, tmp_path
     ):
-        uuid = panel.add(panel_document(build__disk_space=1))
-        daemon = self._daemon(make_daemon, panel, wingslite__disk_quota=mode)
-        server = daemon.get_server(uuid)
-        server.power("start", 5)
-        server.env.tick()
-        assert server.state == w.RUNNING and server.env.stops == []  # under the limit: runs on
-        (server.fs.root / "world.dat").write_bytes(
-            b"\0" * (2 * 1024 * 1024)
-        )  # the game writes past 1 MiB
-        server.fs.recalculate()
-        server.env.tick()
-        if stops:
-            wait_for(
-                lambda: server.state == w.OFFLINE, 5, what="the server over its disk limit to stop"
-            )
-            assert server.env.stops == [60]
-            assert any(
-                "exceeding the assigned disk space limit" in line
-                for line in server.console.tail(20)
-            )
-        else:
-            time.sleep(
-                0.2
-            )  # nothing to wait for: give a wrongly started stop thread the chance to run
-            assert server.state == w.RUNNING and server.env.stops == []
+        uuid = panel.add(panel_document())
+        first = make_daemon(panel)
+        first.stop()
+        panel.down = True
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 2222
+        newcomer = panel.add(panel_document())
+        second = make_daemon(panel, boot=False)
+        status, _, body = api(second, "GET", "/api/servers")
+        assert status == 200 and [s["configuration"]["uuid"] for s in body] == [uuid]
+        assert body[0]["configuration"]["build"]["memory_limit"] == 4096  # the saved one
+        assert not second.wait_booted(0.5)
+        panel.down = False
+        assert second.wait_booted(10)
+        assert second.servers[uuid].config.build.memory_mb == 2222 and newcomer in second.servers
+
+    def test_boot_drops_servers_the_panel_no_longer_lists(self, panel, make_daemon):
+        keep = panel.add(panel_document())
+        gone = panel.add(panel_document())
+        make_daemon(panel).stop()
+        del panel.servers[gone]
+        daemon = make_daemon(panel)
+        assert set(daemon.servers) == {keep}
+
+    def test_a_server_created_while_the_boot_reads_the_list_is_kept(self, panel, make_daemon):
+        panel.add(panel_document())
+        listed, go = threading.Event(), threading.Event()
+        page = panel.page
+
+        def slow_page(query):  # the list is read before the Panel creates the new server
+            answer = page(query)
+            listed.set()
+            go.wait(5)
+            return answer
+
+        panel.page = slow_page
+        daemon = make_daemon(panel, boot=False)
+        assert listed.wait(5)
+        created = panel.add(panel_document())
+        assert api(daemon, "POST", "/api/servers", body={"uuid": created})[0] == 202
+        go.set()
+        assert daemon.wait_booted(10)
+        assert (
+            created in daemon.servers
+            and saved_document(daemon, created)["settings"]["uuid"] == created
+        )
+
+    def test_a_dropped_server_loses_its_open_sockets(self, panel, make_daemon, tmp_path):
+        gone = panel.add(panel_document())
+        make_daemon(panel).stop()
+        panel.down = True  # the node comes up from its saved configurations and serves them
+        daemon = w.Daemon(
+            w.Config(node_config(tmp_path, panel.url), "test"),
+            environment_factory=lambda s: ConsoleEnvironment(s.uuid, s.events),
+        )
+        daemon.start()
+        make_daemon.daemons.append(daemon)
+        conn, first = ws_authed(daemon, gone)
+        with conn:
+            assert first[0] == ("auth success", [])
+            del panel.servers[gone]
+            panel.down = False
+            assert daemon.wait_booted(10) and gone not in daemon.servers
+            assert ws_close_code(conn) == w.CLOSE_GOING_AWAY
+        assert daemon.sessions.count(gone) == 0
+
+    def test_a_torn_saved_file_is_ignored_not_fatal(self, panel, make_daemon):
+        uuid = panel.add(panel_document())
+        make_daemon(panel).stop()
+        saved = Path(make_daemon.tmp_path / "root" / "wingslite" / "servers" / f"{uuid}.json")
+        saved.write_bytes(saved.read_bytes()[:50])
+        panel.down = True
+        daemon = make_daemon(panel, boot=False)
+        assert api(daemon, "GET", "/api/servers")[2] == []
+        panel.down = False
+        assert daemon.wait_booted(10) and uuid in daemon.servers
+
+    def test_two_daemons_in_one_process_do_not_collide(self, panel, tmp_path):
+        a, b = panel.add(panel_document()), panel.add(panel_document())
+        d1 = DaemonFactory(tmp_path / "one")
+        d2 = DaemonFactory(tmp_path / "two")
+        try:
+            one, two = d1(panel), d2(panel)
+            assert one.port != two.port and set(one.servers) == set(two.servers) == {a, b}
+            assert api(one, "POST", f"/api/servers/{a}/sync")[0] == 204
+            assert one.servers[a].last_sync and two.servers[a].last_sync is None
+        finally:
+            d1.stop_all()
+            d2.stop_all()
+
+
+HOST_CPUS = os.cpu_count() or 1
+
+
+def _set_config_file_replace(doc, replace_with):
+    doc["process_configuration"]["configs"][0]["replace"] = [
+        {"match": "motd", "replace_with": replace_with},
+        {"match": "difficulty", "if_value": "easy", "replace_with": {"hard": [1, None]}},
+    ]
+
+
+class TestPanelValidEdgeValues:
+    """Documents the Panel's own validation accepts are accepted, survive a daemon restart, and
+    a refused document never costs the node the server."""
+
+    EDGES = [
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads="0,"),
+            lambda c: c.build.threads == "0",
+            "",
+            id="threads-trailing-comma",
+            marks=pytest.mark.docker,  # a cpuset change asks the engine about the container
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads="1-0"),
+            lambda c: c.build.threads == "",
+            "runs backwards; applied as no CPU pinning",
+            id="threads-reversed",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(threads=f"0-{HOST_CPUS}"),
+            lambda c: c.build.threads == "",
+            "does not exist on this node",
+            id="threads-beyond-the-host",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["environment"].update({"2FA_SECRET": "x"}),
+            lambda c: c.environment["2FA_SECRET"] == "x",
+            "",
+            id="variable-starting-with-a-digit",
+        ),
+        pytest.param(
+            lambda d: _set_config_file_replace(d, ["a", {"b": 2}]),
+            lambda c: c.process.configs[0].replace[0].replace_with == ["a", {"b": 2}],
+            "",
+            id="replace-with-a-list-and-an-object",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["build"].update(cpu_limit=100 * HOST_CPUS + 1),
+            lambda c: c.build.cpu_percent == 100 * HOST_CPUS,
+            f"applied as {100 * HOST_CPUS}%",
+            id="cpu-above-the-host",
+        ),
+        pytest.param(
+            lambda d: d["settings"].update(
+                mounts=[{"source": "/srv", "target": "/home/container/../../proc"}]
+            ),
+            lambda c: c.mounts == (),
+            "the target would shadow /proc",
+            id="mount-shadowing-proc",
+        ),
+        pytest.param(
+            lambda d: d["settings"]["container"].update(image="ghcr.io/x/y:java 21"),
+            lambda c: c.image == "ghcr.io/x/y:java 21",
+            "is not a valid Docker image reference",
+            id="image-with-a-space",
+        ),
+    ]
+
+    @pytest.mark.parametrize("edit, holds, note", EDGES)
+    def test_a_panel_valid_value_syncs_and_survives_a_restart(
+        self, panel, make_daemon, edit, holds, note
+    ):
+        uuid = panel.add(panel_document())
+        first = make_daemon(panel)
+        edit(panel.servers[uuid])
+        status, _, body = api(first, "POST", f"/api/servers/{uuid}/sync")
+        assert status == 204, body
+        assert holds(first.servers[uuid].config)
+        record = api(first, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+        assert record["result"] == "ok"
+        assert any(note in n for n in record["notes"]) if note else record["notes"] == []
+        first.stop()
+        second = make_daemon(panel)
+        listed = {s["configuration"]["uuid"]: s for s in api(second, "GET", "/api/servers")[2]}
+        assert uuid in listed and holds(second.servers[uuid].config)
+        assert listed[uuid]["configuration"] == panel.servers[uuid]["settings"] | {
+            "crash_detection_enabled": True
+        }
+
+    @pytest.mark.parametrize(
+        "image, valid",
+        [
+            ("ghcr.io/pterodactyl/yolks:java_21", True),
+            ("~wingslite-test:latest", True),
+            ("localhost:5000/games/minecraft@sha256:" + "a" * 64, True),
+            ("[::1]:5000/x/y:1.0", True),
+            ("busybox", True),
+            ("ghcr.io/x/y:java 21", False),
+            ("../../containers/json?all=1", False),
+            ("library/Busybox", False),
+            ("x:tag/y", False),
+            ("a" * 256, False),
+        ],
+    )
+    def test_image_names_follow_dockers_reference_grammar(self, image, valid):
+        assert w.is_image_reference(image) is valid
+
+    @pytest.mark.docker
+    def test_an_image_outside_the_grammar_never_reaches_the_engine(self, docker_servers):
+        uuid = docker_servers.add(image="../../info?x=")
+        daemon = docker_servers.boot()
+        assert api(daemon, "POST", f"/api/servers/{uuid}/power", {"action": "start"})[0] == 202
+        docker_servers.wait_console(uuid, "is not a valid Docker image reference")
+        assert daemon.get_server(uuid).state == "offline"
+        assert docker_servers.container_id(uuid) is None
 
     @pytest.mark.docker  # the daemon asks the engine
-    def test_sync_sets_the_btrfs_limit_at_once_and_disk_bytes_comes_from_the_quota(
-        self, panel, make_daemon, btrfs_mount
+    def test_a_document_refused_at_boot_keeps_the_server_on_its_last_configuration(
+        self, panel, make_daemon, caplog
     ):
-        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
-        daemon = make_daemon(panel, system__data=str(data), wingslite__disk_quota="auto")
-        _, _, info = api(daemon, "GET", "/api/system")
-        assert info["wingslite"]["disk_quota"]["backend"] == "btrfs", info["wingslite"][
-            "disk_quota"
-        ]
-        assert "subvolume" in info["wingslite"]["disk_quota"]["reason"]
-        new = panel_document(build__disk_space=4)
-        new_uuid = panel.add(new)
+        uuid = panel.add(panel_document())
+        make_daemon(panel).stop()
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 2**60  # beyond 2^53 bytes
+        daemon = make_daemon(panel)
+        status, _, body = api(daemon, "GET", f"/api/servers/{uuid}")
+        assert status == 200 and body["configuration"]["build"]["memory_limit"] == 4096
+        last_sync = body["wingslite"]["last_sync"]
+        assert last_sync["result"] == "refused"
+        assert "settings.build.memory_limit" in last_sync["failed"][0]
+        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 4096
         assert (
-            api(daemon, "POST", "/api/servers", {"uuid": new_uuid, "start_on_completion": False})[0]
-            == 202
+            f"refused the Panel's document for server {uuid}: document.settings.build."
+            "memory_limit" in caplog.text
         )
-        root = data / new_uuid
-        wait_for(
-            lambda: daemon.quota.enforced(root), 5, what="the server directory to be a subvolume"
-        )
-        assert (
-            write_until_refused(root / "a")[1] == errno.EDQUOT
-        )  # created with its limit already set
-
-        new["settings"]["build"]["disk_space"] = 8
-        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
-        assert write_until_refused(root / "b")[1] == errno.EDQUOT
-        _, _, view = api(daemon, "GET", f"/api/servers/{new_uuid}")
-        assert any(
-            "btrfs qgroup 0/" in n and "8388608 bytes" in n
-            for n in view["wingslite"]["last_sync"]["applied"]
-        )
-        assert view["wingslite"]["disk"]["quota"] == "btrfs"
-
-        new["settings"]["build"]["disk_space"] = (
-            1  # below usage: accepted, reported, writes refused
-        )
-        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
-        _, _, view = api(daemon, "GET", f"/api/servers/{new_uuid}")
-        assert any("over the new limit" in n for n in view["wingslite"]["last_sync"]["applied"])
-        assert write_until_refused(root / "c", 4096, 4) == (0, errno.EDQUOT)
-
-        new["settings"]["build"]["disk_space"] = 0
-        assert api(daemon, "POST", f"/api/servers/{new_uuid}/sync")[0] == 204
-        assert write_until_refused(root / "d", most=12)[1] is None
-        with open(
-            root / "sparse", "wb"
-        ) as fh:  # 1 GiB apparent, no blocks: the walk and the quota disagree
-            fh.truncate(1 << 30)
-        os.sync()
-        disk_bytes = wait_for(
-            lambda: (
-                (
-                    b := api(daemon, "GET", f"/api/servers/{new_uuid}")[2]["utilization"][
-                        "disk_bytes"
-                    ]
-                )
-                > 16 * 1024 * 1024
-                and b
-            ),
-            5,
-            what="disk_bytes to follow the qgroup",
-        )
-        assert (
-            disk_bytes < 64 * 1024 * 1024
-        )  # the qgroup's referenced bytes, not the 1 GiB a walk would count
-
-    def test_an_existing_plain_directory_is_reported_as_soft_for_that_server(
-        self, panel, make_daemon, btrfs_mount
-    ):
-        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
-        doc = panel_document(build__disk_space=4)
-        uuid = panel.add(doc)
-        (data / uuid).mkdir(parents=True)
-        daemon = make_daemon(panel, system__data=str(data), wingslite__disk_quota="btrfs")
-        assert daemon.quota.name == "btrfs"
+        assert "keeping its last configuration" in caplog.text
+        # A later sync of a document the node accepts brings it up to date.
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 1024
         assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-        _, _, view = api(daemon, "GET", f"/api/servers/{uuid}")
-        assert any("soft for this server" in n for n in view["wingslite"]["last_sync"]["applied"])
+        assert daemon.servers[uuid].config.build.memory_mb == 1024
+
+    def test_a_list_entry_with_uuid_dash_never_becomes_a_directory(self, panel, make_daemon):
+        good = panel.add(panel_document())
+        bad = panel_document()
+        bad["settings"]["uuid"] = "-"
+        panel.servers["-"] = bad
+        daemon = make_daemon(panel)
+        assert set(daemon.servers) == {good}
+        assert not (daemon.config.data_dir / "-").exists()
+        assert not (daemon.config.root_dir / "wingslite" / "servers" / "-.json").exists()
+
+    @pytest.mark.docker  # the daemon asks the engine
+    def test_a_repeated_create_is_a_sync_and_leaves_the_files_alone(self, panel, make_daemon):
+        daemon = make_daemon(panel)
+        uuid = panel.add(panel_document())
+        assert api(daemon, "POST", "/api/servers", body={"uuid": uuid})[0] == 202
+        world = daemon.config.data_dir / uuid / "world" / "level.dat"
+        world.parent.mkdir()
+        world.write_bytes(b"installed")
+        panel.servers[uuid]["settings"]["build"]["memory_limit"] = 3000
+        status, _, body = api(daemon, "POST", "/api/servers", body={"uuid": uuid})
+        assert status == 202, body
+        assert world.read_bytes() == b"installed"
+        assert daemon.servers[uuid].config.build.memory_mb == 3000  # re-read, as a sync
+        assert saved_document(daemon, uuid)["settings"]["build"]["memory_limit"] == 3000
 
 
-# The game server itself writes 1 MiB files with dd, retrying a refused one every 0.1 s and printing
-# the first refusal of each streak.
-DD_WRITER = (
-    "echo ready; n=0; b=0; while [ $n -lt 40 ]; do "
-    "if dd if=/dev/zero of=f$n bs=1M count=1 2>/tmp/e; then n=$((n+1)); b=0; echo wrote $n; "
-    "else [ $b = 0 ] && echo refused $n: $(cat /tmp/e); b=1; sleep 0.1; fi; done; echo finished; "
-    "sleep 600"
-)
+# Panel stand-in ###################################################################################
 
 
-@pytest.mark.docker
-class TestQuotaContainer:
-    def test_a_container_writing_with_dd_stops_at_the_limit_and_follows_every_sync(
-        self, docker_servers, btrfs_mount
-    ):
-        mib = 1024 * 1024
-        data = btrfs_mount / f"volumes-{uuidlib.uuid4().hex[:8]}"
-        uuid = docker_servers.add(startup=DD_WRITER)
-        doc = docker_servers.panel.servers[uuid]
-        doc["settings"]["build"]["disk_space"] = 4
-        daemon = docker_servers.boot(system__data=str(data), wingslite__disk_quota="auto")
-        assert daemon.quota.name == "btrfs", daemon.quota.reason
-        docker_servers.start(uuid)
-        root = data / uuid
+def panel_call(panel: FakePanel, method: str, path: str, body=None, token: str | None = None):
+    """One request to the Panel stand-in as Wings makes it: (status, headers, JSON or raw body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", panel.port, timeout=10)
+    headers = {"Authorization": f"Bearer {token or f'{TOKEN_ID}.{TOKEN}'}"}
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    is_json = resp.getheader("Content-Type", "").startswith("application/json")
+    parsed = json.loads(payload) if payload and is_json else payload
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
 
-        def written() -> int:
-            return sum(p.stat().st_size for p in root.glob("f*"))
 
-        def sync(disk_mb: int) -> dict:
-            doc["settings"]["build"]["disk_space"] = disk_mb
-            assert api(daemon, "POST", f"/api/servers/{uuid}/sync")[0] == 204
-            return api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["last_sync"]
+class TestPanelStandIn:
+    """The remote routes the stand-in serves for the features, answering as the Panel does."""
 
-        assert "Disk quota exceeded" in docker_servers.wait_console(uuid, "refused")
-        assert 2 * mib <= written() <= 4 * mib
+    def test_install_script_and_status(self, panel):
+        uuid = panel.add(panel_document())
+        panel.install_scripts[uuid] = {"container_image": "x", "entrypoint": "sh", "script": None}
+        assert panel_call(panel, "GET", f"/api/remote/servers/{uuid[:8]}/install")[2] == {
+            "container_image": "x",
+            "entrypoint": "sh",
+            "script": None,
+        }
+        status, _, body = panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", {})
+        assert status == 422 and body["errors"][0]["meta"]["source_field"] == "successful"
+        report = {"successful": False, "reinstall": True}
+        assert panel_call(panel, "POST", f"/api/remote/servers/{uuid}/install", report)[0] == 204
+        assert panel.status[uuid] == "reinstall_failed"
+        assert panel.requests[-1].body == report and panel.requests[-1].method == "POST"
+        assert panel_call(panel, "GET", "/api/remote/servers/nope/install")[0] == 404
 
-        sync(12)  # raised: the same process carries on
-        docker_servers.wait_console(uuid, "wrote 8")
-        wait_for(
-            lambda: sum("refused" in line for line in docker_servers.console(uuid)) >= 2,
-            15,
-            what="the second refusal",
+    def test_backup_upload_parts_status_and_restore(self, panel):
+        uuid = panel.add(panel_document())
+        backup = panel.add_backup(uuid)
+        panel.backup_part_size = 10
+        assert panel_call(panel, "GET", f"/api/remote/backups/{backup}")[0] == 400
+        status, _, body = panel_call(panel, "GET", f"/api/remote/backups/{backup}?size=25")
+        assert status == 200 and body["part_size"] == 10 and len(body["parts"]) == 3
+        assert panel.requests[-1].query == {"size": "25"}
+        part = urllib.parse.urlsplit(body["parts"][0]).path
+        status, headers, _ = panel_call(panel, "PUT", part, b"0123456789")
+        assert status == 200 and headers["etag"] and panel.uploads[(backup, 1)] == b"0123456789"
+        done = {"successful": True, "checksum": "ab", "checksum_type": "sha1", "size": 25}
+        path = f"/api/remote/backups/{backup}"
+        assert panel_call(panel, "POST", path, {"successful": True})[0] == 422
+        assert panel_call(panel, "POST", path, done)[0] == 204
+        assert panel_call(panel, "POST", path, done)[0] == 400  # already completed
+        panel.status[uuid] = "restoring_backup"
+        assert panel_call(panel, "POST", path + "/restore", {"successful": True})[0] == 204
+        assert panel.status[uuid] is None
+        assert panel_call(panel, "POST", "/api/remote/backups/nope/restore", done)[0] == 404
+
+    def test_transfer_outcome_needs_an_active_transfer(self, panel):
+        uuid = panel.add(panel_document())
+        path = f"/api/remote/servers/{uuid}/transfer/success"
+        status, _, body = panel_call(panel, "POST", path)
+        assert status == 409 and body["errors"][0]["detail"] == "Server is not being transferred."
+        panel.transfers[uuid] = None
+        assert panel_call(panel, "GET", path)[0] == 204 and panel.transfers[uuid] is True
+
+    def test_activity_keeps_server_events_of_this_node(self, panel):
+        uuid = panel.add(panel_document())
+        item = {"server": uuid, "event": "server:sftp.write", "metadata": None, "timestamp": "t"}
+        other = {**item, "server": str(uuidlib.uuid4())}
+        status, _, body = panel_call(
+            panel, "POST", "/api/remote/activity", {"data": [item, other, {**item, "event": "x"}]}
         )
-        assert 10 * mib <= written() <= 12 * mib
+        assert status == 200 and body == b"" and panel.activity == [item]
+        bad = {"data": [{"server": uuid, "event": "server:x", "timestamp": "t"}]}
+        assert panel_call(panel, "POST", "/api/remote/activity", bad)[0] == 422
 
-        record = sync(4)  # lowered below usage: accepted, reported, and nothing more is written
-        assert any("over the new limit" in n for n in record["applied"]), record
-        before = written()
-        time.sleep(1)  # the writer retries every 0.1 s: ten chances to get a byte through
-        assert written() == before and docker_servers.daemon.get_server(uuid).state == "running"
+    def test_container_status_and_unknown_routes(self, panel):
+        uuid = panel.add(panel_document())
+        body = {"data": {"new_state": "running"}}
+        path = f"/api/remote/servers/{uuid}/container/status"
+        assert panel_call(panel, "POST", path, body)[0] == 204
+        assert panel.container_states[uuid] == "running"
+        status, headers, _ = panel_call(panel, "PUT", path, body)
+        assert status == 405 and headers["allow"] == "POST"
+        assert panel_call(panel, "GET", "/api/remote/nothing")[0] == 404
+        assert panel_call(panel, "GET", "/api/remote/nothing", token="no-dot")[0] == 400
 
-        sync(0)  # removed: it writes freely to the end
-        docker_servers.wait_console(uuid, "finished", 20)
-        assert written() == 40 * mib
-
-    def test_soft_stops_a_container_that_writes_past_its_limit(self, docker_servers):
-        uuid = docker_servers.add(
-            startup=DD_WRITER, stop=("signal", "SIGKILL")
-        )  # the writer reads no stop command
-        docker_servers.panel.servers[uuid]["settings"]["build"]["disk_space"] = 2
-        daemon = docker_servers.boot(system__disk_check_interval=1, wingslite__disk_quota="soft")
-        docker_servers.start(uuid)
-        docker_servers.wait_console(
-            uuid, "exceeding the assigned disk space limit, stopping process now", 20
-        )
-        docker_servers.wait_state(uuid, "offline", 20)
+    def test_sftp_auth_refuses_servers_in_a_blocking_state(self, panel):
+        uuid = panel.add(panel_document())
+        panel.sftp_users[("alice.smith", "pw")] = ["*"]
+        login = {"username": f"alice.smith.{uuid[:8]}", "password": "pw"}
+        assert panel_call(panel, "POST", "/api/remote/sftp/auth", login)[2]["server"] == uuid
+        panel.status[uuid] = "installing"
+        status, _, body = panel_call(panel, "POST", "/api/remote/sftp/auth", login)
+        assert status == 409 and "installation" in body["errors"][0]["detail"]
         assert (
-            daemon.get_server(uuid).fs.recalculate() > 2 * 1024 * 1024
-        )  # nothing in the kernel stopped the writes
+            panel_call(panel, "POST", "/api/remote/sftp/auth", {**login, "password": ""})[0] == 422
+        )
+
+    def test_a_subclass_adds_a_route(self):
+        class Extended(FakePanel):
+            ROUTES = (*FakePanel.ROUTES, w.PanelRoute("GET", r"/api/remote/ping", "ping"))
+
+            def route_ping(self, h, req):
+                h.send_json(200, {"pong": req.query.get("n")})
+
+        panel = Extended()
+        try:
+            assert panel_call(panel, "GET", "/api/remote/ping?n=1")[2] == {"pong": "1"}
+            assert panel_call(panel, "GET", "/api/remote/ping", token="a.b")[0] == 403
+        finally:
+            panel.close()
+
+
+# CLI: --demo ######################################################################################
+
+
+class TestDemo:
+    def test_demo_prints_token_and_curl_lines_and_its_sync_works(self):
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "wingslite.py"),
+                "--demo",
+                "--port",
+                str(port),
+                "--sftp-port",
+                str(free_port()),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            lines = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+                lines.append(proc.stdout.readline())
+            text = "".join(lines)
+            token = next(
+                line.split(": ", 1)[1].strip() for line in lines if line.startswith("node token:")
+            )
+            assert f"http://127.0.0.1:{port}" in text and "/sync" in text
+            _, _, servers = api(port, "GET", "/api/servers", token=token)
+            uuid = servers[0]["configuration"]["uuid"]
+            assert api(port, "POST", f"/api/servers/{uuid}/sync", token=token)[0] == 204
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=5)
+
+    def test_sigterm_stops_the_demo_cleanly_and_removes_its_directory(self):
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, str(HERE / "wingslite.py"), "--demo"),
+                *("--port", str(free_port()), "--sftp-port", str(free_port())),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            lines = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+                lines.append(proc.stdout.readline())
+            root = Path(
+                next(line.split(": ", 1)[1].strip() for line in lines if "data directory" in line)
+            )
+            assert root.is_dir()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            assert not root.exists()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=5)
+
+
+# CLI: configure and diagnostics ###################################################################
+
+
+APPLICATION_KEY = "ptla_Zq8u2tN4vX7bC1mK5pL9sD3fG6hJ0wE2rT4yU8iO"
+
+
+def run_cli(*args, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(HERE / "wingslite.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+class NodeConfigurationEndpoint:
+    """The Panel's ``GET /api/application/nodes/{id}/configuration`` (application API key)."""
+
+    def __init__(self, configuration: dict, context: ssl.SSLContext | None = None):
+        self.configuration = configuration
+        self.requests: list[dict] = []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                endpoint.requests.append({"path": self.path, **dict(self.headers)})
+                if self.headers.get("Authorization") != f"Bearer {APPLICATION_KEY}":
+                    return self.answer(
+                        401, panel_error(401, "AuthenticationException", "Unauthenticated.")
+                    )
+                if self.path != "/api/application/nodes/3/configuration":
+                    return self.answer(404, panel_error(404, "NotFoundHttpException", ""))
+                self.answer(200, endpoint.configuration)
+
+            def answer(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        if context is not None:
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if context else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class TestOperatorCommands:
+    """``configure`` fetches the node's config from the Panel; ``diagnostics`` redacts secrets."""
+
+    def node_json(self, tmp_path, panel) -> dict:
+        """What Node::getConfiguration() answers, pointed at loopback and tmp_path."""
+        raw = node_config(tmp_path, panel.url)
+        raw["api"]["port"] = free_port()
+        raw["system"]["sftp"]["bind_port"] = free_port()
+        del raw["wingslite"], raw["remote_query"]
+        return raw
+
+    def test_configure_writes_the_panels_configuration_and_the_daemon_runs_on_it(
+        self, tmp_path, panel
+    ):
+        document = self.node_json(tmp_path, panel)
+        endpoint = NodeConfigurationEndpoint(document)
+        target = tmp_path / "etc" / "config.yml"
+        argv = ["configure", "--panel-url", endpoint.url, "--token", APPLICATION_KEY]
+        try:
+            run = run_cli(*argv, "--node", "3", "--config", str(target))
+            assert run.returncode == 0, run.stderr
+            assert str(target) in run.stdout
+            assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds the node's token
+            assert yaml.safe_load(target.read_text()) == document
+            assert endpoint.requests[0]["Authorization"] == f"Bearer {APPLICATION_KEY}"
+            # An existing file is kept unless --override; a wrong key or node changes nothing.
+            target.write_text("# hand edited\n")
+            run = run_cli(*argv, "--node", "3", "--config", str(target))
+            assert run.returncode == 1 and "--override" in run.stderr
+            wrong = run_cli(
+                *argv[:-1], "ptla_wrong", "--node", "3", "--config", str(target), "--override"
+            )
+            assert wrong.returncode == 1 and "API key was not accepted" in wrong.stderr
+            missing = run_cli(*argv, "--node", "9", "--config", str(target), "--override")
+            assert missing.returncode == 1 and "no such node" in missing.stderr
+            assert target.read_text() == "# hand edited\n"
+            run = run_cli(*argv, "--node", "3", "--config", str(target), "--override")
+            assert run.returncode == 0 and yaml.safe_load(target.read_text()) == document
+        finally:
+            endpoint.close()
+        # Without a subcommand, --config runs the daemon as before.
+        daemon = subprocess.Popen(
+            [sys.executable, str(HERE / "wingslite.py"), "--config", str(target)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            port = document["api"]["port"]
+            wait_for(lambda: _answers(port), 20, interval_s=0.1, what="the daemon's API")
+            assert api(port, "GET", "/api/system")[0] == 200
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=20) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(10)
+
+    def test_configure_verifies_the_panels_certificate_unless_allowed_insecure(
+        self, tmp_path, panel, certificates
+    ):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificates.cert, certificates.key)
+        endpoint = NodeConfigurationEndpoint(self.node_json(tmp_path, panel), context)
+        target = tmp_path / "config.yml"
+        argv = ["configure", "--panel-url", endpoint.url, "--token", APPLICATION_KEY, "--node", "3"]
+        try:
+            run = run_cli(*argv, "--config", str(target))
+            assert run.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in run.stderr
+            assert not target.exists()
+            run = run_cli(*argv, "--config", str(target), "--allow-insecure")
+            assert run.returncode == 0, run.stderr
+            assert yaml.safe_load(target.read_text())["token"] == TOKEN
+        finally:
+            endpoint.close()
+
+    def test_diagnostics_shows_versions_quota_log_and_states_but_no_secret(
+        self, tmp_path, panel, make_daemon
+    ):
+        uuid = panel.add(panel_document())
+        daemon = make_daemon(panel)
+        log = tmp_path / "wingslite.log"
+        log.write_text("".join(f"log line {n}\n" for n in range(300)))
+        raw = node_config(tmp_path, panel.url, wingslite__metrics_token="metrics-secret-1")
+        raw["api"]["port"] = daemon.port
+        raw["wingslite"]["log_file"] = str(log)
+        path = tmp_path / "config.yml"
+        path.write_text(yaml.safe_dump(raw))
+        run = run_cli("diagnostics", "--config", str(path))
+        assert run.returncode == 0, run.stderr
+        out = run.stdout
+        for secret in (TOKEN, TOKEN_ID, "metrics-secret-1"):  # the id too, as Wings redacts it
+            assert secret not in out
+        assert "token: '[redacted]'" in out and "token_id: '[redacted]'" in out
+        for expected in (
+            f"wingslite       {w.VERSION}",
+            "python ",
+            "kernel ",
+            "cgroups ",
+            "docker engine ",
+        ):
+            assert expected in out, expected
+        assert "backend soft" in out
+        assert "log line 299" in out and "log line 100\n" in out and "log line 99\n" not in out
+        assert f"{uuid}  offline" in out
+        # The same command before --config, and without a daemon: the last recorded states.
+        daemon.stop()
+        again = run_cli("--config", str(path), "diagnostics")
+        assert again.returncode == 0 and "did not answer" in again.stdout
 
 
 # the Panel's buttons ##############################################################################
+
+
 #
 # Every call the Panel (pterodactyl/panel 1.11) makes on a node, sent exactly as it sends it --
 # app/Repositories/Wings/*.php through Guzzle 7: `Authorization: Bearer <node secret>`,
@@ -11929,6 +11943,7 @@ class TestFaultDrills:
 
 
 # fault drill: the Docker engine stopped and started again -- keep this LAST in the file ###########
+
 
 DOCKERD_LOG = "/tmp/wingslite-dockerd.log"  # where .ci/run starts it
 # The engine's shutdown sends each container SIGTERM and SIGKILLs it 10 s later; a console program
