@@ -7467,7 +7467,8 @@ def restore_report(panel, backup: str) -> dict | None:
 
 
 def backup_token(server: str, backup: str, secret: str = TOKEN, **changes) -> str:
-    """The JWT of the Panel's DownloadLinkService for a wings backup (the Panel's NodeJWTService)."""
+    """The JWT of the Panel's DownloadLinkService for a wings backup (the Panel's
+    NodeJWTService)."""
     claims = ws_claims(server, backup_uuid=backup, unique_id=uuidlib.uuid4().hex, **changes)
     del claims["permissions"]
     return ws_token(claims, secret)
