@@ -8526,12 +8526,7 @@ class SftpServer:
             if connection is None:
                 conn.close()
                 continue
-            threading.Thread(
-                target=self._serve,
-                args=(connection,),
-                name=f"wingslite-sftp-{addr[0]}",
-                daemon=True,
-            ).start()
+            spawn(self._serve, connection, name=f"wingslite-sftp-{addr[0]}")
 
     def _admit(self, sock: socket.socket, addr: tuple[Any, ...]) -> _SftpConnection | None:
         """A new connection, counted; None when its address or the node is over its bound."""
