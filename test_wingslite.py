@@ -6118,6 +6118,34 @@ class TestSftpDiskHeld:
                 with contextlib.suppress(OSError):
                     fh.close()
 
+    def _no_walks(self, server):
+        """Measure now, then keep the figure: what follows is booked and given back, not walked."""
+        server.fs.check_interval_s = server.fs.recheck_after_unknown_s = 3600
+        return server.fs.recalculate()
+
+    def test_a_file_manager_write_removed_by_sftp_gives_back_what_it_booked(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        before = self._no_walks(server)
+        assert fm_write(daemon, server, "/written.bin", b"w" * self.MIB)[0] == 204
+        assert server.fs.usage_bytes() == before + self.MIB
+        with sftp_client(daemon, server) as client:
+            client.remove("written.bin")
+        assert server.fs.usage_bytes() == before
+
+    def test_a_file_manager_rewrite_deleted_by_the_file_manager_gives_back_its_size(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        before = self._no_walks(server)
+        assert fm_write(daemon, server, "/a.bin", b"a" * self.MIB)[0] == 204
+        assert fm_write(daemon, server, "/a.bin", b"b" * (2 * self.MIB))[0] == 204
+        assert server.fs.usage_bytes() == before + 2 * self.MIB
+        deletes = {"root": "/", "files": ["a.bin"]}
+        assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+        assert server.fs.usage_bytes() == before
+
     def test_a_file_deleted_by_the_file_manager_counts_while_a_client_holds_it(
         self, panel, make_daemon
     ):
@@ -6845,6 +6873,20 @@ class TestFileManager:
         # A rewrite costs only its growth, as in Wings.
         assert fm_write(daemon, server, "/keep.bin", b"n" * (limit // 2))[0] == 204
         assert server.fs.recalculate() == limit // 2 + 1000
+
+    def test_a_decompressed_file_deleted_gives_back_what_it_booked(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        data = os.urandom(300_000)  # random: the archive is far smaller than what it holds
+        (root / "in.tar.gz").write_bytes(_tar_bytes([({"name": "big.bin"}, data)], "gz"))
+        server.fs.check_interval_s = server.fs.recheck_after_unknown_s = 3600  # no walks now
+        before = server.fs.recalculate()
+        body = {"root": "/", "file": "in.tar.gz"}
+        assert api(daemon, "POST", fm_path(server, "decompress"), body)[0] == 204
+        assert server.fs.usage_bytes() == before + len(data)
+        deletes = {"root": "/", "files": ["big.bin"]}
+        assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+        assert server.fs.usage_bytes() == before
 
     def test_compress_and_decompress(self, panel, make_daemon):
         daemon, server = _fm_daemon(panel, make_daemon)
@@ -7662,6 +7704,20 @@ class TestBackups:
         usage = node.servers[node.uuid].fs.usage_bytes()
         assert usage == w.Filesystem(node.root).recalculate()
         conn.close()
+
+    def test_a_restored_file_deleted_gives_back_what_it_booked(self, node):
+        files = self.fill(node.root)
+        report = self.backup(node, node.uuid)
+        (node.root / "world" / "region" / "r.0.0.mca").unlink()
+        fs = node.servers[node.uuid].fs
+        fs.check_interval_s = fs.recheck_after_unknown_s = 3600  # no walks from here on
+        before = fs.recalculate()
+        assert self.restore(node, node.uuid, report["uuid"], truncate=False) == {"successful": True}
+        size = len(files["world/region/r.0.0.mca"])
+        assert fs.usage_bytes() == before + size
+        deletes = {"root": "/world/region", "files": ["r.0.0.mca"]}
+        assert api(node, "POST", fm_path(node, "delete"), deletes)[0] == 204
+        assert fs.usage_bytes() == before
 
     def test_restore_of_an_unknown_backup_or_bad_body_is_refused(self, node):
         path = f"/api/servers/{node.uuid}/backup/{uuidlib.uuid4()}/restore"
