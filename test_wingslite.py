@@ -2160,6 +2160,24 @@ class TestConfigFilesOnStart:
         assert "Failed to update configuration file link.properties" in console
         assert "Failed to update configuration file fifo.yml: it is not a regular file" in console
 
+    def test_a_rewritten_file_removed_gives_back_what_it_cost(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        (root / "s.properties").write_text("a=1\n")
+        fs = w.Filesystem(root, limit_bytes=1 << 20, check_interval_s=3600)
+        fs.recheck_after_unknown_s = 3600  # no walks from here on
+        assert fs.recalculate() == 4
+        configs = [w.ConfigFile("s.properties", "properties", (w.Replacement("a", "x" * 999),))]
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        with w.Jail(root) as jail:
+            writer = w.ConfigFileWriter(jail, w.NodePlaceholders(config), fs)
+            assert writer.apply(configs, print) == []
+            size = (root / "s.properties").stat().st_size
+            assert fs.usage_bytes() == size > 999
+            fs.remove(jail, "s.properties")
+        assert fs.usage_bytes() == 0
+        assert list(root.iterdir()) == []  # no temp file left
+
     def test_a_rewrite_that_would_pass_the_disk_limit_is_refused(self, tmp_path):
         root = tmp_path / "srv"
         root.mkdir()
@@ -2170,9 +2188,7 @@ class TestConfigFilesOnStart:
         said: list[str] = []
         config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
         with w.Jail(root) as jail:
-            writer = w.ConfigFileWriter(
-                jail, w.NodePlaceholders(config), fs.reserve, lambda n: fs.add_usage(-n)
-            )
+            writer = w.ConfigFileWriter(jail, w.NodePlaceholders(config), fs)
             assert writer.apply(configs, said.append) == ["big.properties"]
         assert said == [
             "Failed to update configuration file big.properties: there is not enough disk space"
@@ -10934,9 +10950,7 @@ class TestHostileFeatureInput:
 
         def rewrite() -> None:
             with w.Jail(root) as jail:
-                writer = w.ConfigFileWriter(
-                    jail, placeholders, fs.reserve, lambda n: fs.add_usage(-n)
-                )
+                writer = w.ConfigFileWriter(jail, placeholders, fs)
                 result.append(writer.apply(configs, said.append))
 
         worker = threading.Thread(target=rewrite, daemon=True)

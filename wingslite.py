@@ -4889,9 +4889,10 @@ class ConfigFileWriter:
     Every file is reached through the server's ``Jail`` (a symlink that leads out is refused, a
     FIFO or device is never opened for reading or writing), read up to ``max_bytes``, rewritten
     in memory, and written back atomically (a temp file beside it, fsynced, renamed over it) with
-    its mode and owner kept; a new file gets ``owner``. Growth is booked against the disk limit
-    first (``reserve``). A file that does not exist is created with only the replaced keys, as
-    Wings does.
+    its mode and owner kept; a new file gets ``owner``. The new bytes are booked for the new file
+    (a ``MeteredFile``) with the old file's bytes credited meanwhile, so a rewrite costs only its
+    growth and removing the file later gives back what it cost. A file that does not exist is
+    created with only the replaced keys, as Wings does.
     """
 
     max_bytes = CONFIG_FILE_MAX_BYTES
@@ -4900,12 +4901,10 @@ class ConfigFileWriter:
         self,
         jail: Jail,
         placeholders: NodePlaceholders,
-        reserve: Callable[[int], bool],
-        release: Callable[[int], None],
+        fs: Filesystem,
         owner: tuple[int, int] | None = None,
     ):
-        self.jail, self.placeholders = jail, placeholders
-        self.reserve, self.release, self.owner = reserve, release, owner
+        self.jail, self.placeholders, self.fs, self.owner = jail, placeholders, fs, owner
 
     def apply(self, configs: Iterable[ConfigFile], say: Callable[[str], None]) -> list[str]:
         failed = []
@@ -4945,7 +4944,7 @@ class ConfigFileWriter:
                 ) from None
             if new == old and st is not None:
                 return False
-            self._write(where, new, st, len(old))
+            self._replace(where, new, st)
             return True
 
     def _make_parents(self, path: str) -> None:
@@ -4979,10 +4978,21 @@ class ConfigFileWriter:
                 raise ConfigFileSkipped(f"it is larger than {max_bytes / 1048576:g} MiB")
             return data, st
 
-    def _write(self, where: _Where, data: bytes, st: os.stat_result | None, old_size: int) -> None:
-        grow = len(data) - old_size
-        if grow > 0 and not self.reserve(grow):
-            raise ConfigFileSkipped("there is not enough disk space")
+    def _replace(self, where: _Where, data: bytes, st: os.stat_result | None) -> None:
+        """``_write`` with the old file's bytes credited meanwhile (a rewrite costs its growth);
+        only the first of parallel rewrites of one file may credit them."""
+        path = "/" + where.relpath
+        claimed = st is not None and self.fs.claim_replacement(path)
+        credit = st.st_size if claimed and st is not None and st.st_nlink <= 1 else 0
+        self.fs.add_usage(-credit)
+        try:
+            self._write(where, data, st)
+        finally:
+            self.fs.add_usage(credit)
+            if claimed:
+                self.fs.release_replacement(path)
+
+    def _write(self, where: _Where, data: bytes, st: os.stat_result | None) -> None:
         tmp = f".{where.name}.{uuidlib.uuid4().hex[:12]}.wingslite"
         fd = os.open(
             tmp,
@@ -4990,25 +5000,38 @@ class ConfigFileWriter:
             0o644,
             dir_fd=where.dir_fd,
         )
+        # Opened by dir_fd (the directory resolved once, beneath the jail), metered as
+        # ``Filesystem.open_metered`` would: the bytes are booked for this file.
+        handle = MeteredFile(self.fs, fd, name=tmp)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                if st is not None:
-                    os.fchmod(fh.fileno(), stat.S_IMODE(st.st_mode))
-                owner = (st.st_uid, st.st_gid) if st is not None else self.owner
-                if owner is not None:
-                    os.fchown(fh.fileno(), *owner)
-                os.fsync(fh.fileno())
+            try:
+                handle.write(data)
+            except DiskLimitExceeded:
+                raise ConfigFileSkipped("there is not enough disk space") from None
+            if st is not None:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            owner = (st.st_uid, st.st_gid) if st is not None else self.owner
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fsync(fd)
+            handle.close()
+            old = self._lstat(where)
             os.rename(tmp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
         except BaseException:
+            handle.close()
             with contextlib.suppress(OSError):
+                gone = os.stat(tmp, dir_fd=where.dir_fd, follow_symlinks=False)
                 os.unlink(tmp, dir_fd=where.dir_fd)
-            if grow > 0:
-                self.release(grow)
+                self.fs.release(gone)
             raise
-        if grow < 0:
-            self.release(-grow)
+        self.fs.release(old)  # what the figure counts for the file it replaced
+
+    @staticmethod
+    def _lstat(where: _Where) -> os.stat_result | None:
+        try:
+            return os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
 
 
 # environments #####################################################################################
@@ -13730,8 +13753,7 @@ class Server:
             writer = ConfigFileWriter(
                 jail,
                 self.daemon.placeholders,
-                self.fs.reserve,
-                lambda n: self.fs.add_usage(-n),
+                self.fs,
                 owner=self.fs.owner,
             )
             writer.apply(config.process.configs, self.console_message)
