@@ -3918,7 +3918,7 @@ def _seekable(src: Any) -> bool:
 
 
 class _Extractor:
-    """Writes checked entries into a jail; every byte booked with ``Filesystem.reserve`` first."""
+    """Writes checked entries into a jail; every byte booked first (``Filesystem.open_metered``)."""
 
     def __init__(
         self,
@@ -10026,7 +10026,7 @@ def decompress_file(
                 _move_staged(mover, fs, moves, owner)
         finally:
             with contextlib.suppress(OSError):
-                fs.add_usage(-remove_tree(jail, staging))
+                fs.remove_tree(jail, staging)  # what is left gives back what it was booked
 
 
 def _move_staged(
