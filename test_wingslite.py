@@ -2700,8 +2700,15 @@ class TestDockerEnvironment:
         docker_servers.wait_console(uuid, "booting second")
         docker_servers.wait_state(uuid, "running")
         assert "GREETING=second" in docker_servers.inspect(uuid)["Config"]["Env"]
-        assert (
-            api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["pending_next_start"] == []
+        # "running" comes from the game's done line, a moment before the start that made the
+        # container catches its record up (Server._finish_start): wait for that, not a sleep.
+        wait_for(
+            lambda: (
+                api(daemon, "GET", f"/api/servers/{uuid}")[2]["wingslite"]["pending_next_start"]
+                == []
+            ),
+            10,
+            what="the start to clear what was pending",
         )
 
     def test_a_crash_restarts_once_and_a_second_crash_inside_the_window_does_not(
