@@ -3048,23 +3048,34 @@ class TestDockerEnvironment:
         keeps_running = docker_servers.add()
         was_running = docker_servers.add()
         never_started = docker_servers.add()
+        # Port 0, the port read from each process's log: a port picked in advance (free_port())
+        # is free only until then, and after the SIGKILL any process on the machine may take it
+        # before the second daemon binds it; the test would then talk to that process.
         config = node_config(tmp_path, docker_servers.panel.url)
-        port = free_port()
-        config["api"]["port"] = port
         config_path = tmp_path / "config.yml"
         config_path.write_text(yaml.safe_dump(config))
-        log = open(tmp_path / "daemon.log", "wb")
+        log_path = tmp_path / "daemon.log"
+        log = open(log_path, "wb")
+        port = 0
 
         def spawn():
+            nonlocal port
+            log_start = log_path.stat().st_size
             proc = subprocess.Popen(
                 [sys.executable, str(HERE / "wingslite.py"), "--config", str(config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+            serving = re.compile(rb"serving the API on http://127\.0\.0\.1:(\d+)")
+            port = int(
+                wait_for(
+                    lambda: serving.search(log_path.read_bytes()[log_start:]),
+                    20,
+                    what="the daemon to listen",
+                ).group(1)
+            )
             wait_for(
-                lambda: (
-                    _port_open(port) and api(port, "GET", f"/api/servers/{never_started}")[0] == 200
-                ),
+                lambda: api(port, "GET", f"/api/servers/{never_started}")[0] == 200,
                 20,
                 what="the daemon's API",
             )
