@@ -515,15 +515,20 @@ class ScriptedHttp:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.stopping = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self):
-        while not self.stopping:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+        with self.listener:  # closed here, by the only thread that accepts on it (see close())
+            while True:
+                try:
+                    sock, _ = self.listener.accept()
+                except OSError:
+                    return
+                if self.stopping:
+                    sock.close()
+                    return
+                threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock):
         with sock:
@@ -539,8 +544,14 @@ class ScriptedHttp:
                 self.script(sock, head)
 
     def close(self):
+        # Closing the listener from here raced with the accepting thread: it could read the
+        # descriptor number just before, then accept on whatever socket reused that number next
+        # (the next test's daemon API) and answer one of its requests with this script (a 302).
+        # Instead, wake the accepting thread with a connection and let it close the listener.
         self.stopping = True
-        self.listener.close()
+        with contextlib.suppress(OSError):
+            socket.create_connection(self.listener.getsockname(), timeout=5).close()
+        self._acceptor.join(10)
 
 
 @pytest.fixture
