@@ -2171,6 +2171,24 @@ class TestConfigFilesOnStart:
         assert "Failed to update configuration file link.properties" in console
         assert "Failed to update configuration file fifo.yml: it is not a regular file" in console
 
+    def test_a_rewritten_file_removed_gives_back_what_it_cost(self, tmp_path):
+        root = tmp_path / "srv"
+        root.mkdir()
+        (root / "s.properties").write_text("a=1\n")
+        fs = w.Filesystem(root, limit_bytes=1 << 20, check_interval_s=3600)
+        fs.recheck_after_unknown_s = 3600  # no walks from here on
+        assert fs.recalculate() == 4
+        configs = [w.ConfigFile("s.properties", "properties", (w.Replacement("a", "x" * 999),))]
+        config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
+        with w.Jail(root) as jail:
+            writer = w.ConfigFileWriter(jail, w.NodePlaceholders(config), fs)
+            assert writer.apply(configs, print) == []
+            size = (root / "s.properties").stat().st_size
+            assert fs.usage_bytes() == size > 999
+            fs.remove(jail, "s.properties")
+        assert fs.usage_bytes() == 0
+        assert list(root.iterdir()) == []  # no temp file left
+
     def test_a_rewrite_that_would_pass_the_disk_limit_is_refused(self, tmp_path):
         root = tmp_path / "srv"
         root.mkdir()
@@ -2181,9 +2199,7 @@ class TestConfigFilesOnStart:
         said: list[str] = []
         config = w.Config(node_config(tmp_path, "http://127.0.0.1:1"))
         with w.Jail(root) as jail:
-            writer = w.ConfigFileWriter(
-                jail, w.NodePlaceholders(config), fs.reserve, lambda n: fs.add_usage(-n)
-            )
+            writer = w.ConfigFileWriter(jail, w.NodePlaceholders(config), fs)
             assert writer.apply(configs, said.append) == ["big.properties"]
         assert said == [
             "Failed to update configuration file big.properties: there is not enough disk space"
@@ -6140,6 +6156,34 @@ class TestSftpDiskHeld:
                 with contextlib.suppress(OSError):
                     fh.close()
 
+    def _no_walks(self, server):
+        """Measure now, then keep the figure: what follows is booked and given back, not walked."""
+        server.fs.check_interval_s = server.fs.recheck_after_unknown_s = 3600
+        return server.fs.recalculate()
+
+    def test_a_file_manager_write_removed_by_sftp_gives_back_what_it_booked(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        before = self._no_walks(server)
+        assert fm_write(daemon, server, "/written.bin", b"w" * self.MIB)[0] == 204
+        assert server.fs.usage_bytes() == before + self.MIB
+        with sftp_client(daemon, server) as client:
+            client.remove("written.bin")
+        assert server.fs.usage_bytes() == before
+
+    def test_a_file_manager_rewrite_deleted_by_the_file_manager_gives_back_its_size(
+        self, panel, make_daemon
+    ):
+        daemon, server = _sftp_daemon(panel, make_daemon, disk_mb=self.LIMIT_MB)
+        before = self._no_walks(server)
+        assert fm_write(daemon, server, "/a.bin", b"a" * self.MIB)[0] == 204
+        assert fm_write(daemon, server, "/a.bin", b"b" * (2 * self.MIB))[0] == 204
+        assert server.fs.usage_bytes() == before + 2 * self.MIB
+        deletes = {"root": "/", "files": ["a.bin"]}
+        assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+        assert server.fs.usage_bytes() == before
+
     def test_a_file_deleted_by_the_file_manager_counts_while_a_client_holds_it(
         self, panel, make_daemon
     ):
@@ -6874,6 +6918,20 @@ class TestFileManager:
         # A rewrite costs only its growth, as in Wings.
         assert fm_write(daemon, server, "/keep.bin", b"n" * (limit // 2))[0] == 204
         assert server.fs.recalculate() == limit // 2 + 1000
+
+    def test_a_decompressed_file_deleted_gives_back_what_it_booked(self, panel, make_daemon):
+        daemon, server = _fm_daemon(panel, make_daemon)
+        root = server.fs.root
+        data = os.urandom(300_000)  # random: the archive is far smaller than what it holds
+        (root / "in.tar.gz").write_bytes(_tar_bytes([({"name": "big.bin"}, data)], "gz"))
+        server.fs.check_interval_s = server.fs.recheck_after_unknown_s = 3600  # no walks now
+        before = server.fs.recalculate()
+        body = {"root": "/", "file": "in.tar.gz"}
+        assert api(daemon, "POST", fm_path(server, "decompress"), body)[0] == 204
+        assert server.fs.usage_bytes() == before + len(data)
+        deletes = {"root": "/", "files": ["big.bin"]}
+        assert api(daemon, "POST", fm_path(server, "delete"), deletes)[0] == 204
+        assert server.fs.usage_bytes() == before
 
     def test_compress_and_decompress(self, panel, make_daemon):
         daemon, server = _fm_daemon(panel, make_daemon)
@@ -7691,6 +7749,20 @@ class TestBackups:
         usage = node.servers[node.uuid].fs.usage_bytes()
         assert usage == w.Filesystem(node.root).recalculate()
         conn.close()
+
+    def test_a_restored_file_deleted_gives_back_what_it_booked(self, node):
+        files = self.fill(node.root)
+        report = self.backup(node, node.uuid)
+        (node.root / "world" / "region" / "r.0.0.mca").unlink()
+        fs = node.servers[node.uuid].fs
+        fs.check_interval_s = fs.recheck_after_unknown_s = 3600  # no walks from here on
+        before = fs.recalculate()
+        assert self.restore(node, node.uuid, report["uuid"], truncate=False) == {"successful": True}
+        size = len(files["world/region/r.0.0.mca"])
+        assert fs.usage_bytes() == before + size
+        deletes = {"root": "/world/region", "files": ["r.0.0.mca"]}
+        assert api(node, "POST", fm_path(node, "delete"), deletes)[0] == 204
+        assert fs.usage_bytes() == before
 
     def test_restore_of_an_unknown_backup_or_bad_body_is_refused(self, node):
         path = f"/api/servers/{node.uuid}/backup/{uuidlib.uuid4()}/restore"
@@ -10907,9 +10979,7 @@ class TestHostileFeatureInput:
 
         def rewrite() -> None:
             with w.Jail(root) as jail:
-                writer = w.ConfigFileWriter(
-                    jail, placeholders, fs.reserve, lambda n: fs.add_usage(-n)
-                )
+                writer = w.ConfigFileWriter(jail, placeholders, fs)
                 result.append(writer.apply(configs, said.append))
 
         worker = threading.Thread(target=rewrite, daemon=True)

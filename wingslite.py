@@ -3918,7 +3918,7 @@ def _seekable(src: Any) -> bool:
 
 
 class _Extractor:
-    """Writes checked entries into a jail; every byte booked with ``Filesystem.reserve`` first."""
+    """Writes checked entries into a jail; every byte booked first (``Filesystem.open_metered``)."""
 
     def __init__(
         self,
@@ -4110,61 +4110,67 @@ class _Extractor:
         self._done(path)
 
     def file(self, path: str, reader: Any, mode: int, mtime: float, size: int = 0) -> None:
-        """Write one file: its declared ``size`` booked before the first byte, the rest as read."""
+        """Write one file: its declared ``size`` booked before the first byte, the rest as read.
+
+        Every byte is booked for this file (``Filesystem.open_metered``), so removing it later
+        gives back exactly what it cost.
+        """
         self._parents(path)
         self._clear(path)
-        if not self.fs.reserve(size):
-            raise ArchiveError(f"cannot extract {path!r} ({size} bytes): {_NO_SPACE}")
+        refused = f"cannot extract {path!r} ({size} bytes): {_NO_SPACE}"
+        if self.fs.limit_bytes and size > self.fs.limit_bytes:
+            raise ArchiveError(refused)
+        handle = self.fs.open_metered(self.jail, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = self.jail.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except BaseException:
-            self.fs.add_usage(-size)
-            raise
-        try:
-            written = metered_copy(self.fs, reader, fd, prebooked=size)
-            os.fchmod(fd, mode & 0o1777)
+            self._prebook(handle, size, refused)
+            written = metered_copy(reader, handle)
+            if written < size:
+                handle.truncate(written)  # gives back what the declared size booked beyond it
+            os.fchmod(handle.fileno(), mode & 0o1777)
             # A PAX mtime may be any decimal ("inf", "nan", 1e30): one the kernel cannot hold is
             # left as now, as GNU tar does with a warning, rather than failing the archive.
             with contextlib.suppress(ValueError, OverflowError):
-                os.utime(fd, (mtime, mtime))
+                os.utime(handle.fileno(), (mtime, mtime))
         except BaseException:
-            os.close(fd)
+            handle.close()
             with contextlib.suppress(OSError):
-                self.fs.add_usage(-self.jail.remove(path).st_size)
+                self.fs.remove(self.jail, path)
             raise
-        os.close(fd)
+        handle.close()
         LOG.debug("archive: wrote %s (%d bytes)", path, written)
         self._done(path)
+
+    def _prebook(self, handle: MeteredFile, size: int, refused: str) -> None:
+        """Book the declared size before the first byte: the file is set to it (sparse), so a
+        write within it books nothing more. Without a limit there is nothing to refuse."""
+        if not size or not self.fs.limit_bytes:
+            return
+        try:
+            handle.truncate(size)
+        except DiskLimitExceeded:
+            raise ArchiveError(refused) from None
 
 
 _NO_SPACE = "There is not enough disk space available to perform that action."
 
 
-def metered_copy(fs: Filesystem, reader: Any, fd: int, prebooked: int = 0) -> int:
-    """Copy ``reader`` to the end of the open file ``fd``, booking every chunk with ``fs`` first.
+def metered_copy(reader: Any, handle: MeteredFile) -> int:
+    """Copy ``reader`` into the metered file from its start; returns the bytes written.
 
-    ``prebooked`` bytes were already booked by the caller (a declared size): they are used up
-    first and what is left of them is given back at the end. Raises ``ArchiveError`` (nothing
-    more written) when the next chunk would pass the disk limit; the bytes written stay booked.
-    Returns the bytes written.
+    ``MeteredFile`` books every byte the file grows by before it is written; a chunk that would
+    pass the disk limit raises ``ArchiveError`` and is not written (what was written stays
+    booked, for the file it belongs to).
     """
     total = 0
-    try:
-        while True:
-            chunk = reader.read(ARCHIVE_CHUNK_BYTES)
-            if not chunk:
-                return total
-            beyond = total + len(chunk) - max(total, prebooked)
-            if beyond > 0 and not fs.reserve(beyond):
-                raise ArchiveError(_NO_SPACE)
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            total += len(chunk)
-    finally:
-        if prebooked > total:
-            fs.add_usage(total - prebooked)
+    while True:
+        chunk = reader.read(ARCHIVE_CHUNK_BYTES)
+        if not chunk:
+            return total
+        try:
+            handle.pwrite(chunk, total)
+        except DiskLimitExceeded:
+            raise ArchiveError(_NO_SPACE) from None
+        total += len(chunk)
 
 
 # egg configuration files ##########################################################################
@@ -4883,9 +4889,10 @@ class ConfigFileWriter:
     Every file is reached through the server's ``Jail`` (a symlink that leads out is refused, a
     FIFO or device is never opened for reading or writing), read up to ``max_bytes``, rewritten
     in memory, and written back atomically (a temp file beside it, fsynced, renamed over it) with
-    its mode and owner kept; a new file gets ``owner``. Growth is booked against the disk limit
-    first (``reserve``). A file that does not exist is created with only the replaced keys, as
-    Wings does.
+    its mode and owner kept; a new file gets ``owner``. The new bytes are booked for the new file
+    (a ``MeteredFile``) with the old file's bytes credited meanwhile, so a rewrite costs only its
+    growth and removing the file later gives back what it cost. A file that does not exist is
+    created with only the replaced keys, as Wings does.
     """
 
     max_bytes = CONFIG_FILE_MAX_BYTES
@@ -4894,12 +4901,10 @@ class ConfigFileWriter:
         self,
         jail: Jail,
         placeholders: NodePlaceholders,
-        reserve: Callable[[int], bool],
-        release: Callable[[int], None],
+        fs: Filesystem,
         owner: tuple[int, int] | None = None,
     ):
-        self.jail, self.placeholders = jail, placeholders
-        self.reserve, self.release, self.owner = reserve, release, owner
+        self.jail, self.placeholders, self.fs, self.owner = jail, placeholders, fs, owner
 
     def apply(self, configs: Iterable[ConfigFile], say: Callable[[str], None]) -> list[str]:
         failed = []
@@ -4939,7 +4944,7 @@ class ConfigFileWriter:
                 ) from None
             if new == old and st is not None:
                 return False
-            self._write(where, new, st, len(old))
+            self._replace(where, new, st)
             return True
 
     def _make_parents(self, path: str) -> None:
@@ -4973,10 +4978,21 @@ class ConfigFileWriter:
                 raise ConfigFileSkipped(f"it is larger than {max_bytes / 1048576:g} MiB")
             return data, st
 
-    def _write(self, where: _Where, data: bytes, st: os.stat_result | None, old_size: int) -> None:
-        grow = len(data) - old_size
-        if grow > 0 and not self.reserve(grow):
-            raise ConfigFileSkipped("there is not enough disk space")
+    def _replace(self, where: _Where, data: bytes, st: os.stat_result | None) -> None:
+        """``_write`` with the old file's bytes credited meanwhile (a rewrite costs its growth);
+        only the first of parallel rewrites of one file may credit them."""
+        path = "/" + where.relpath
+        claimed = st is not None and self.fs.claim_replacement(path)
+        credit = st.st_size if claimed and st is not None and st.st_nlink <= 1 else 0
+        self.fs.add_usage(-credit)
+        try:
+            self._write(where, data, st)
+        finally:
+            self.fs.add_usage(credit)
+            if claimed:
+                self.fs.release_replacement(path)
+
+    def _write(self, where: _Where, data: bytes, st: os.stat_result | None) -> None:
         tmp = f".{where.name}.{uuidlib.uuid4().hex[:12]}.wingslite"
         fd = os.open(
             tmp,
@@ -4984,25 +5000,38 @@ class ConfigFileWriter:
             0o644,
             dir_fd=where.dir_fd,
         )
+        # Opened by dir_fd (the directory resolved once, beneath the jail), metered as
+        # ``Filesystem.open_metered`` would: the bytes are booked for this file.
+        handle = MeteredFile(self.fs, fd, name=tmp)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                if st is not None:
-                    os.fchmod(fh.fileno(), stat.S_IMODE(st.st_mode))
-                owner = (st.st_uid, st.st_gid) if st is not None else self.owner
-                if owner is not None:
-                    os.fchown(fh.fileno(), *owner)
-                os.fsync(fh.fileno())
+            try:
+                handle.write(data)
+            except DiskLimitExceeded:
+                raise ConfigFileSkipped("there is not enough disk space") from None
+            if st is not None:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            owner = (st.st_uid, st.st_gid) if st is not None else self.owner
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fsync(fd)
+            handle.close()
+            old = self._lstat(where)
             os.rename(tmp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
         except BaseException:
+            handle.close()
             with contextlib.suppress(OSError):
+                gone = os.stat(tmp, dir_fd=where.dir_fd, follow_symlinks=False)
                 os.unlink(tmp, dir_fd=where.dir_fd)
-            if grow > 0:
-                self.release(grow)
+                self.fs.release(gone)
             raise
-        if grow < 0:
-            self.release(-grow)
+        self.fs.release(old)  # what the figure counts for the file it replaced
+
+    @staticmethod
+    def _lstat(where: _Where) -> os.stat_result | None:
+        try:
+            return os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
 
 
 # environments #####################################################################################
@@ -9824,11 +9853,12 @@ def _remove_at(dir_fd: int, name: str) -> int:
 class StagedFile:
     """A file written under a temporary name beside its target, metered, renamed over it at the end.
 
-    Methods for the caller: ``write(data)`` (books the bytes with ``Filesystem.reserve()`` first,
-    ``NotEnoughSpace`` if they do not fit), ``commit()``, ``abort()``; or use it as a context
-    manager (commit on success, abort on any error). A target that is a symlink inside the jail is
-    written through to where it points. The bytes of a file being replaced are credited for the
-    duration, so rewriting a file costs only its growth, as in Wings.
+    Methods for the caller: ``write(data)`` (through ``Filesystem.open_metered``, which books the
+    bytes for this file first; ``NotEnoughSpace`` if they do not fit), ``commit()``, ``abort()``;
+    or use it as a context manager (commit on success, abort on any error). A target that is a
+    symlink inside the jail is written through to where it points. The bytes of a file being
+    replaced are credited for the duration, so rewriting a file costs only its growth, as in
+    Wings. What was booked belongs to the file: removing it later gives exactly that back.
     """
 
     def __init__(self, jail: Jail, fs: Filesystem, path: str, mode: int = 0o644, owner: Any = None):
@@ -9851,7 +9881,9 @@ class StagedFile:
         self.tmp = posixpath.join(parent, f".wingslite-{uuidlib.uuid4().hex[:16]}.part")
         self.written = 0
         self.finished = False
-        self.fd = jail.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        self.file: MeteredFile | None = fs.open_metered(
+            jail, self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode
+        )
         # The old bytes are credited now (a rewrite costs only its growth) by one writer at a
         # time, and squared with what the rename really replaced at commit.
         self.claimed = fs.claim_replacement(self.target)
@@ -9868,13 +9900,13 @@ class StagedFile:
             self.abort()
 
     def write(self, data: bytes) -> int:
-        if not self.fs.reserve(len(data)):
-            raise NotEnoughSpace()
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            self.written += n
-            view = view[n:]
+        if self.file is None:
+            raise ValueError("write to a staged file that is closed")
+        try:
+            self.file.write(data)
+        except DiskLimitExceeded:
+            raise NotEnoughSpace() from None
+        self.written += len(data)
         return len(data)
 
     def flush(self) -> None:  # a file-like sink for gzip and tarfile
@@ -9885,9 +9917,9 @@ class StagedFile:
         self._close()
 
     def _close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        file, self.file = self.file, None
+        if file is not None:
+            file.close()
 
     def commit(self) -> None:
         if self.finished:
@@ -9896,13 +9928,16 @@ class StagedFile:
         try:
             if self.owner is not None:
                 self.jail.chown(self.tmp, *self.owner)
-            replaced = self.jail.rename(self.tmp, self.target)
+            # The advance credit is undone first; the rename then gives back what the figure
+            # really counts for the file it replaces.
+            self.fs.add_usage(self.old_bytes)
+            self.old_bytes = 0
+            self.fs.rename(self.jail, self.tmp, self.target)
         except BaseException:
             self.abort()
             raise
         self.finished = True
         self._release()
-        self.fs.add_usage(self.old_bytes - (_freed_bytes(replaced) if replaced else 0))
 
     def abort(self) -> None:
         if self.finished:
@@ -9911,8 +9946,8 @@ class StagedFile:
         self._close()
         self._release()
         with contextlib.suppress(OSError):
-            self.jail.remove(self.tmp)
-        self.fs.add_usage(self.old_bytes - self.written)
+            self.fs.remove(self.jail, self.tmp)  # gives back what was booked for it
+        self.fs.add_usage(self.old_bytes)
 
     def _release(self) -> None:
         if self.claimed:
@@ -10001,7 +10036,7 @@ def decompress_file(
                 _move_staged(mover, fs, moves, owner)
         finally:
             with contextlib.suppress(OSError):
-                fs.add_usage(-remove_tree(jail, staging))
+                fs.remove_tree(jail, staging)  # what is left gives back what it was booked
 
 
 def _move_staged(
@@ -13728,8 +13763,7 @@ class Server:
             writer = ConfigFileWriter(
                 jail,
                 self.daemon.placeholders,
-                self.fs.reserve,
-                lambda n: self.fs.add_usage(-n),
+                self.fs,
                 owner=self.fs.owner,
             )
             writer.apply(config.process.configs, self.console_message)
