@@ -515,15 +515,20 @@ class ScriptedHttp:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.stopping = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self):
-        while not self.stopping:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+        with self.listener:  # closed here, by the only thread that accepts on it (see close())
+            while True:
+                try:
+                    sock, _ = self.listener.accept()
+                except OSError:
+                    return
+                if self.stopping:
+                    sock.close()
+                    return
+                threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock):
         with sock:
@@ -539,8 +544,14 @@ class ScriptedHttp:
                 self.script(sock, head)
 
     def close(self):
+        # Closing the listener from here raced with the accepting thread: it could read the
+        # descriptor number just before, then accept on whatever socket reused that number next
+        # (the next test's daemon API) and answer one of its requests with this script (a 302).
+        # Instead, wake the accepting thread with a connection and let it close the listener.
         self.stopping = True
-        self.listener.close()
+        with contextlib.suppress(OSError):
+            socket.create_connection(self.listener.getsockname(), timeout=5).close()
+        self._acceptor.join(10)
 
 
 @pytest.fixture
@@ -3071,23 +3082,34 @@ class TestDockerEnvironment:
         keeps_running = docker_servers.add()
         was_running = docker_servers.add()
         never_started = docker_servers.add()
+        # Port 0, the port read from each process's log: a port picked in advance (free_port())
+        # is free only until then, and after the SIGKILL any process on the machine may take it
+        # before the second daemon binds it; the test would then talk to that process.
         config = node_config(tmp_path, docker_servers.panel.url)
-        port = free_port()
-        config["api"]["port"] = port
         config_path = tmp_path / "config.yml"
         config_path.write_text(yaml.safe_dump(config))
-        log = open(tmp_path / "daemon.log", "wb")
+        log_path = tmp_path / "daemon.log"
+        log = open(log_path, "wb")
+        port = 0
 
         def spawn():
+            nonlocal port
+            log_start = log_path.stat().st_size
             proc = subprocess.Popen(
                 [sys.executable, str(HERE / "wingslite.py"), "--config", str(config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+            serving = re.compile(rb"serving the API on http://127\.0\.0\.1:(\d+)")
+            port = int(
+                wait_for(
+                    lambda: serving.search(log_path.read_bytes()[log_start:]),
+                    20,
+                    what="the daemon to listen",
+                ).group(1)
+            )
             wait_for(
-                lambda: (
-                    _port_open(port) and api(port, "GET", f"/api/servers/{never_started}")[0] == 200
-                ),
+                lambda: api(port, "GET", f"/api/servers/{never_started}")[0] == 200,
                 20,
                 what="the daemon's API",
             )
@@ -6283,7 +6305,9 @@ class TestSftpResourceLimits:
 
     def test_one_channel_serves_one_subsystem(self, panel, make_daemon):
         daemon, server = _sftp_daemon(panel, make_daemon)
-        threads_before = threading.active_count()
+        # Count the subsystem threads only: the process-wide thread count also moves with other
+        # daemons' threads (a du walk, an earlier test's daemon still winding down) under load.
+        before = set(threading.enumerate())
         transport = paramiko.Transport(("127.0.0.1", daemon.sftp.port))
         try:
             transport.connect(username=f"{SFTP_USER}.{server.uuid[:8]}", password=SFTP_PASSWORD)
@@ -6293,7 +6317,12 @@ class TestSftpResourceLimits:
                 with pytest.raises(paramiko.SSHException):
                     channel.invoke_subsystem("sftp")
             assert daemon.sessions.count(server.uuid, "sftp") == 1
-            assert threading.active_count() < threads_before + 10
+            subsystem_threads = [
+                t
+                for t in set(threading.enumerate()) - before
+                if isinstance(t, paramiko.SubsystemHandler)
+            ]
+            assert len(subsystem_threads) == 1, subsystem_threads
         finally:
             transport.close()
 

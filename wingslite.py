@@ -7152,13 +7152,19 @@ class WebSocket:
         """True once a close frame was sent or the connection dropped."""
         return self._close_sent or self._finished.is_set()
 
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+    def close(
+        self, code: int = CLOSE_NORMAL, reason: str = "", lock_timeout_s: float | None = None
+    ) -> None:
         """Send the close frame now (it is on the wire when this returns) and end the connection.
 
         The client's close reply is awaited for ``close_timeout_s``; then TCP is shut down. Safe to
-        call from any thread and more than once (only the first call sends a frame).
+        call from any thread and more than once (only the first call sends a frame). The writer
+        is waited for ``lock_timeout_s`` (default ``close_lock_timeout_s``) before the connection
+        is dropped without a frame.
         """
-        if not self._send_lock.acquire(timeout=self.close_lock_timeout_s):
+        if lock_timeout_s is None:
+            lock_timeout_s = self.close_lock_timeout_s
+        if not self._send_lock.acquire(timeout=lock_timeout_s):
             # The writer is stuck in a sendall to a client that does not read: nothing we send
             # would reach it, so drop the connection.
             self.close_code, self.close_reason = code, reason
@@ -7287,7 +7293,7 @@ class WebSocket:
                     return message
         except _Violation as exc:
             LOG.debug("websocket: closing with %d: %s", exc.code, exc.reason)
-            self.close(exc.code, exc.reason)
+            self.close(exc.code, exc.reason, lock_timeout_s=self.send_timeout_s)
             self.abort()  # "fail the connection": no need to wait for the client's reply
             raise WebSocketClosed(exc.code, exc.reason) from None
 
@@ -7420,7 +7426,11 @@ class WebSocket:
             except UnicodeDecodeError:
                 raise _Violation(CLOSE_INVALID_DATA, "close reason is not valid UTF-8") from None
         if not self._close_sent:
-            self.close(code, reason)  # echo the client's code, as the RFC suggests
+            # Echo the client's code, as the RFC suggests. This is the connection's own reader:
+            # it may wait for the writer's sendall (bounded by send_timeout_s). The short default
+            # wait is for other threads; under load a writer merely descheduled while holding the
+            # lock would exceed it, and the connection would drop without its close frame.
+            self.close(code, reason, lock_timeout_s=self.send_timeout_s)
         # The handshake is complete: the server closes TCP first (RFC 6455 section 7.1.1).
         self.abort()
         raise WebSocketClosed(*self._ending())
